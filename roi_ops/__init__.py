@@ -1,0 +1,42 @@
+"""roi_ops: exact, fast, batched region-of-interest max pooling for PyTorch.
+
+    >>> import torch, roi_ops
+    >>> x = torch.randn(2, 256, 50, 68)
+    >>> boxes = [torch.tensor([[0.0, 0.0, 320.0, 240.0]]), torch.tensor([[64.0, 32.0, 500.0, 400.0]])]
+    >>> roi_ops.roi_pool(x, boxes, output_size=7, spatial_scale=1 / 16).shape
+    torch.Size([2, 256, 7, 7])
+"""
+
+from . import ops as _ops  # noqa: F401  (registers the torch.library ops)
+from .backend import ALL_FLOAT_DTYPES, Backend, RoIPoolProblem
+from .config import set_value_checks, value_checks, value_checks_enabled
+from .dispatch import (
+    BackendNotFoundError,
+    BackendUnavailableError,
+    resolve_backend,
+    use_backend,
+)
+from .functional import RoIPool, roi_pool, roi_pool_with_argmax
+from .registry import BackendInfo, list_backends, register_backend, unregister_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_FLOAT_DTYPES",
+    "Backend",
+    "BackendInfo",
+    "BackendNotFoundError",
+    "BackendUnavailableError",
+    "RoIPool",
+    "RoIPoolProblem",
+    "list_backends",
+    "register_backend",
+    "resolve_backend",
+    "roi_pool",
+    "roi_pool_with_argmax",
+    "set_value_checks",
+    "unregister_backend",
+    "use_backend",
+    "value_checks",
+    "value_checks_enabled",
+]

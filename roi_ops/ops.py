@@ -1,0 +1,192 @@
+"""The `roi_ops::roi_pool` custom op, its fake kernel and autograd, and the shared backward.
+
+The op takes the backend request as a string and resolves it inside, on real tensors, so the
+choice (including `use_backend` and ``ROI_OPS_BACKEND``) is made at run time even inside a
+compiled graph. Backward is a second op, `roi_ops::roi_pool_backward`, whose own gradient is a
+gather at the argmax, so double backward works.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backend import Backend, RoIPoolProblem
+from .config import poisoning_enabled, value_checks_enabled
+from .dispatch import resolve_backend
+from .validation import check_roi_values
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _empty_argmax(shape, device: torch.device, needs_argmax: bool) -> Tensor:
+    return torch.empty(shape if needs_argmax else (0,), dtype=torch.int32, device=device)
+
+
+@torch.library.custom_op("roi_ops::roi_pool", mutates_args=())
+def roi_pool_op(
+    input: Tensor,
+    rois: Tensor,
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    backend: str,
+    needs_argmax: bool,
+) -> tuple[Tensor, Tensor]:
+    """(output, argmax) for validated arguments; argmax is empty when not `needs_argmax`."""
+    problem = RoIPoolProblem(
+        input, rois, pooled_height, pooled_width, spatial_scale, needs_argmax
+    )
+    if value_checks_enabled() and not _capturing(input.device):
+        check_roi_values(rois, input.shape[0])
+    chosen = resolve_backend(backend, problem)
+    output = torch.empty(problem.output_shape, dtype=input.dtype, device=input.device)
+    argmax = _empty_argmax(problem.output_shape, input.device, needs_argmax)
+    if poisoning_enabled():
+        output.fill_(float("nan"))
+        argmax.fill_(-7)
+    chosen.forward(problem, output, argmax if needs_argmax else None)
+    return output, argmax
+
+
+@roi_pool_op.register_fake
+def _roi_pool_fake(input, rois, pooled_height, pooled_width, spatial_scale, backend, needs_argmax):
+    shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
+    output = input.new_empty(shape)
+    return output, _empty_argmax(shape, input.device, needs_argmax)
+
+
+def batch_indices(rois: Tensor, num_images: int) -> Tensor:
+    """(K,) int64 batch index of each ROI, clamped into [0, N) (NaN -> 0)."""
+    batch = torch.trunc(torch.nan_to_num(rois[:, 0].float(), nan=0.0, posinf=0.0, neginf=0.0))
+    return batch.clamp(0, max(num_images - 1, 0)).to(torch.int64)
+
+
+def _flat_positions(argmax: Tensor, batch_index: Tensor, channels: int, plane: int) -> Tensor:
+    """(K, C, PH, PW) int64 index of each argmax in the flattened (N*C*H*W) input."""
+    channel = torch.arange(channels, device=argmax.device)
+    base = (batch_index[:, None] * channels + channel[None, :]) * plane
+    return base[:, :, None, None] + argmax.clamp(min=0).to(torch.int64)
+
+
+def scatter_backward(
+    grad_output: Tensor,
+    argmax: Tensor,
+    batch_index: Tensor,
+    input_shape: tuple[int, int, int, int],
+    input_dtype: torch.dtype,
+) -> Tensor:
+    """The shared backward: grad_input[b_k, c].flat[argmax] += grad_output.
+
+    Accumulates float16/bfloat16 in float32 and rounds once. `index_put_` with accumulate is
+    run-to-run deterministic under ``torch.use_deterministic_algorithms(True)``.
+
+    Returns:
+        (N, C, H, W) contiguous tensor of `input_dtype`.
+    """
+    num_images, channels, height, width = input_shape
+    accumulate = torch.float32 if input_dtype in _HALF_DTYPES else input_dtype
+    grad = torch.zeros(
+        num_images * channels * height * width, dtype=accumulate, device=grad_output.device
+    )
+    if argmax.numel():
+        positions = _flat_positions(argmax, batch_index, channels, height * width)
+        hit = argmax >= 0
+        grad.index_put_((positions[hit],), grad_output.to(accumulate)[hit], accumulate=True)
+    return grad.view(input_shape).to(input_dtype)
+
+
+def gather_at_argmax(grad_input_grad: Tensor, argmax: Tensor, batch_index: Tensor) -> Tensor:
+    """Gradient of the backward: grad_input_grad[b_k, c].flat[argmax] (0 where argmax is -1)."""
+    _, channels, height, width = grad_input_grad.shape
+    positions = _flat_positions(argmax, batch_index, channels, height * width)
+    gathered = grad_input_grad.reshape(-1)[positions]
+    return torch.where(argmax >= 0, gathered, torch.zeros_like(gathered))
+
+
+def _check_plugin_gradient(backend: Backend, grad: Tensor, shape, dtype, device) -> Tensor:
+    if grad.shape != shape or grad.dtype != dtype or grad.device != device:
+        raise RuntimeError(
+            f"backend {backend.name!r}: backward returned a {tuple(grad.shape)} "
+            f"{grad.dtype} tensor on {grad.device}, expected {tuple(shape)} {dtype} on {device}"
+        )
+    return grad
+
+
+@torch.library.custom_op("roi_ops::roi_pool_backward", mutates_args=())
+def roi_pool_backward_op(
+    grad_output: Tensor,
+    rois: Tensor,
+    argmax: Tensor,
+    num_images: int,
+    channels: int,
+    height: int,
+    width: int,
+    input_dtype: torch.dtype,
+    backend: str,
+) -> Tensor:
+    """grad_input (N, C, H, W) of `input_dtype` from `grad_output` and the forward's argmax."""
+    shape = torch.Size((num_images, channels, height, width))
+    batch_index = batch_indices(rois, num_images)
+    # A zero-stride stand-in: backends choose by device and dtype, no memory is touched.
+    stand_in = torch.empty((), dtype=input_dtype, device=grad_output.device).expand(shape)
+    problem = RoIPoolProblem(
+        stand_in, rois, argmax.shape[2], argmax.shape[3], 1.0, needs_argmax=True
+    )
+    chosen = resolve_backend(backend, problem)
+    grad = chosen.backward(grad_output, argmax, batch_index, tuple(shape), input_dtype)
+    if grad is None:
+        return scatter_backward(grad_output, argmax, batch_index, tuple(shape), input_dtype)
+    return _check_plugin_gradient(chosen, grad, shape, input_dtype, grad_output.device).clone()
+
+
+@roi_pool_backward_op.register_fake
+def _roi_pool_backward_fake(
+    grad_output, rois, argmax, num_images, channels, height, width, input_dtype, backend
+):
+    return grad_output.new_empty((num_images, channels, height, width), dtype=input_dtype)
+
+
+def _backward_setup(ctx, inputs, output) -> None:
+    grad_output, rois, argmax, num_images, *_ = inputs
+    ctx.num_images = num_images
+    ctx.save_for_backward(rois, argmax)
+
+
+def _backward_backward(ctx, grad_grad_input):
+    rois, argmax = ctx.saved_tensors
+    batch_index = batch_indices(rois, ctx.num_images)
+    grad_grad_output = gather_at_argmax(grad_grad_input, argmax, batch_index)
+    return grad_grad_output, None, None, None, None, None, None, None, None
+
+
+roi_pool_backward_op.register_autograd(_backward_backward, setup_context=_backward_setup)
+
+
+def _forward_setup(ctx, inputs, output) -> None:
+    input, rois, _, _, _, backend, needs_argmax = inputs
+    ctx.input_shape = tuple(input.shape)
+    ctx.input_dtype = input.dtype
+    ctx.backend = backend
+    ctx.needs_argmax = needs_argmax
+    ctx.save_for_backward(rois, output[1])
+
+
+def _forward_backward(ctx, grad_output, _grad_argmax):
+    if not ctx.needs_argmax:
+        raise RuntimeError(
+            "roi_ops::roi_pool was called with needs_argmax=False, so it cannot be "
+            "differentiated; call roi_ops.roi_pool with an input that requires grad"
+        )
+    rois, argmax = ctx.saved_tensors
+    grad_input = roi_pool_backward_op(
+        grad_output, rois, argmax, *ctx.input_shape, ctx.input_dtype, ctx.backend
+    )
+    return grad_input, None, None, None, None, None, None
+
+
+roi_pool_op.register_autograd(_forward_backward, setup_context=_forward_setup)
