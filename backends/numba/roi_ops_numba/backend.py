@@ -1,0 +1,79 @@
+"""`NumbaBackend`: the roi_ops backend declaration. numba is imported lazily, never here."""
+
+from __future__ import annotations
+
+import torch
+from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolProblem
+
+_MIN_NUMBA = (0, 57)  # numba.set_parallel_chunksize
+
+
+class NumbaBackend(Backend):
+    """Parallel CPU roi_pool compiled with numba; exact to the contract in all float dtypes.
+
+    Reads contiguous and channels_last inputs in place (any strides work), splits the work into
+    (ROI, channel block) tasks scheduled dynamically over ``torch.get_num_threads()`` threads
+    (or numba's own setting when ``NUMBA_NUM_THREADS`` is set), and has its own deterministic
+    backward. Kernels are compiled on first use and cached on disk.
+    """
+
+    name = "numba"
+    priority = 50
+    device_types = frozenset({"cpu"})
+    dtypes = ALL_FLOAT_DTYPES
+    deterministic = True
+    description = "parallel CPU kernels compiled with numba (cached on disk)"
+
+    def check_available(self) -> str | None:
+        """Return why numba cannot be used (missing, too old or broken), or None."""
+        try:
+            import numba
+        except Exception as exc:  # ImportError, or a broken install raising anything
+            return f"numba cannot be imported ({type(exc).__name__}: {exc})"
+        version = tuple(int(part) for part in numba.__version__.split(".")[:2] if part.isdigit())
+        if version < _MIN_NUMBA:
+            wanted = ".".join(map(str, _MIN_NUMBA))
+            return f"numba {numba.__version__} is too old (need >= {wanted})"
+        try:
+            from roi_ops_numba import ops  # noqa: F401
+        except Exception as exc:
+            return f"the numba kernels cannot be loaded ({type(exc).__name__}: {exc})"
+        return None
+
+    def not_supported_reasons(self, problem: RoIPoolProblem) -> list[str]:
+        """Extend the device/dtype checks with rois placement, rois dtype and tensor layout."""
+        reasons = super().not_supported_reasons(problem)
+        if problem.rois.device.type != "cpu":
+            reasons.append(f"rois on device type {problem.rois.device.type!r} (needs 'cpu')")
+        if problem.rois.dtype not in ALL_FLOAT_DTYPES:
+            rois_dtype = str(problem.rois.dtype).removeprefix("torch.")
+            reasons.append(f"rois dtype {rois_dtype} not supported")
+        for label, tensor in (("input", problem.input), ("rois", problem.rois)):
+            if tensor.layout != torch.strided:
+                reasons.append(f"{label} layout {tensor.layout} not supported (needs strided)")
+        return reasons
+
+    def forward(
+        self, problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
+    ) -> None:
+        """Fill `output` (K, C, PH, PW) and, unless None, the int32 `argmax`; see `Backend`."""
+        from roi_ops_numba import ops
+
+        ops.forward(problem, output, argmax)
+
+    def backward(
+        self,
+        grad_output: torch.Tensor,
+        argmax: torch.Tensor,
+        batch_index: torch.Tensor,
+        input_shape: tuple[int, int, int, int],
+        input_dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """Deterministic grad_input: each (image, channel) plane is summed by one thread.
+
+        Returns a contiguous (N, C, H, W) tensor of `input_dtype`; float16/bfloat16 gradients
+        are accumulated in float32 and rounded once.
+        """
+        from roi_ops_numba import ops
+
+        return ops.backward(grad_output, argmax, batch_index, input_shape, input_dtype)

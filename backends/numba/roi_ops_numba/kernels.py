@@ -1,0 +1,345 @@
+"""numba kernels for roi_pool: ROI geometry, the forward reduction and a deterministic backward.
+
+Importing this module imports numba; `roi_ops_numba.backend` only does so lazily.
+
+Every kernel is compiled with ``cache=True``. Shapes, strides and the per-dtype constants are
+runtime arguments and every array argument is one-dimensional and C-contiguous, so each kernel
+compiles once per element width (16, 32 or 64 bits), never once per call shape.
+
+Elements are compared through integer *keys* of their raw bits (`_key`), which works the same
+way for float16, bfloat16, float32 and float64 and needs no half-precision arithmetic. Since the
+output is always an input element (or 0), the winning element's bits are copied unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+INDEX_LIMIT = 2**40
+_INDEX_LIMIT_F = float(2**40)
+
+# Geometry dtype G, as passed to `roi_geometry`.
+MODE_HALF = 0
+MODE_FLOAT = 1
+MODE_DOUBLE = 2
+
+_HALF_OVERFLOW = 65520.0  # the smallest magnitude that rounds to inf in float16
+_HALF_MIN_NORMAL = 2.0**-14
+_HALF_SUBNORMAL_SCALE = 2.0**24  # 1 / (float16 subnormal spacing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+
+
+@njit(cache=True)
+def _round_half(x):
+    """float64 `x` rounded to the nearest float16 value (ties to even), returned as float64."""
+    if not math.isfinite(x):
+        return x
+    a = abs(x)
+    if a >= _HALF_OVERFLOW:
+        r = math.inf
+    elif a < _HALF_MIN_NORMAL:
+        # Scaling by a power of two is exact; np.rint rounds halves to even.
+        r = np.rint(a * _HALF_SUBNORMAL_SCALE) / _HALF_SUBNORMAL_SCALE
+    else:
+        _, e = math.frexp(a)  # a in [2^(e-1), 2^e): float16 spacing there is 2^(e-11)
+        q = math.ldexp(1.0, e - 11)
+        r = np.rint(a / q) * q
+    return math.copysign(r, x)
+
+
+@njit(cache=True)
+def _to_g(x, mode):
+    """Round float64 `x` to the geometry dtype (float16, float32 or float64), as float64.
+
+    One float64 operation on G values followed by this rounding equals the operation done in G:
+    float64 carries more than 2p + 2 bits for p = 11 and p = 24.
+    """
+    if mode == MODE_DOUBLE:
+        return x
+    if mode == MODE_FLOAT:
+        return np.float64(np.float32(x))
+    return _round_half(x)
+
+
+@njit(cache=True)
+def _c_round(v):
+    """C `round`: halves away from zero; NaN and infinities unchanged."""
+    if not math.isfinite(v):
+        return v
+    t = np.trunc(v)
+    if abs(v - t) >= 0.5:  # v - t is exact
+        t += math.copysign(1.0, v)
+    return t
+
+
+@njit(cache=True)
+def _index(v):
+    """The contract's `index(v)`: NaN -> 0, saturated to [-2^40, 2^40], as int64."""
+    if v != v:
+        return np.int64(0)
+    if v >= _INDEX_LIMIT_F:
+        return np.int64(INDEX_LIMIT)
+    if v <= -_INDEX_LIMIT_F:
+        return np.int64(-INDEX_LIMIT)
+    return np.int64(v)
+
+
+@njit(cache=True)
+def _bin_edges(corner, roi_size, bins, limit, mode, start, end, row0):
+    """Fill start[row0:row0+bins], end[...] with the clamped bin edges along one axis."""
+    bin_size = _to_g(_to_g(np.float64(roi_size), mode) / _to_g(np.float64(bins), mode), mode)
+    for p in range(bins):
+        lo = _index(np.floor(_to_g(_to_g(np.float64(p), mode) * bin_size, mode))) + corner
+        hi = _index(np.ceil(_to_g(_to_g(np.float64(p + 1), mode) * bin_size, mode))) + corner
+        start[row0 + p] = min(max(lo, 0), limit)
+        end[row0 + p] = min(max(hi, 0), limit)
+
+
+@njit(cache=True)
+def roi_geometry(
+    rois, num_images, height, width, pooled_h, pooled_w, spatial_scale, mode,
+    batch, hstart, hend, wstart, wend,
+):  # fmt: skip
+    """Per-ROI batch index and bin edges, computed in the geometry dtype given by `mode`.
+
+    Args:
+        rois: (K, 5) float64, the ROI rows converted exactly from their dtype.
+        num_images, height, width: N, H, W of the input.
+        pooled_h, pooled_w: PH, PW.
+        spatial_scale: the Python float.
+        mode: MODE_HALF, MODE_FLOAT or MODE_DOUBLE.
+        batch: (K,) int64 out; -1 marks an invalid ROI (whose bins are all empty).
+        hstart, hend: (K * PH,) int64 out; row edges clamped to [0, H].
+        wstart, wend: (K * PW,) int64 out; column edges clamped to [0, W].
+    """
+    if mode == MODE_DOUBLE:
+        scale = spatial_scale
+    else:
+        scale = _to_g(np.float64(np.float32(spatial_scale)), mode)
+    for k in range(rois.shape[0]):
+        valid = True
+        for j in range(5):
+            if not math.isfinite(rois[k, j]):
+                valid = False
+        b = np.trunc(rois[k, 0])
+        if not (valid and b >= 0.0 and b < num_images):
+            batch[k] = -1
+            for p in range(pooled_h):
+                hstart[k * pooled_h + p] = 0
+                hend[k * pooled_h + p] = 0
+            for p in range(pooled_w):
+                wstart[k * pooled_w + p] = 0
+                wend[k * pooled_w + p] = 0
+            continue
+        batch[k] = np.int64(b)
+        x1 = _index(_c_round(_to_g(rois[k, 1] * scale, mode)))
+        y1 = _index(_c_round(_to_g(rois[k, 2] * scale, mode)))
+        x2 = _index(_c_round(_to_g(rois[k, 3] * scale, mode)))
+        y2 = _index(_c_round(_to_g(rois[k, 4] * scale, mode)))
+        roi_w = max(x2 - x1 + 1, 1)
+        roi_h = max(y2 - y1 + 1, 1)
+        _bin_edges(y1, roi_h, pooled_h, height, mode, hstart, hend, k * pooled_h)
+        _bin_edges(x1, roi_w, pooled_w, width, mode, wstart, wend, k * pooled_w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+
+
+@njit(cache=True, inline="always")
+def _key(bits, mag_mask, nan_threshold):
+    """Order-preserving int64 key of a float's raw bits (a signed integer view).
+
+    Sign-magnitude becomes two's complement, so -0.0 and +0.0 share key 0 (they are equal, and
+    the first one scanned wins). Every NaN gets the key ``nan_threshold + 1``, above +inf: NaN is
+    maximal and, all NaN keys being equal, the first NaN wins.
+    """
+    x = np.int64(bits)
+    m = x & mag_mask
+    if m > nan_threshold:
+        return nan_threshold + 1
+    if x < 0:
+        return -m
+    return m
+
+
+@njit(parallel=True, cache=True)
+def pool_planes(
+    src, s_n, s_c, s_h, s_w, channels, width,
+    batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
+    mag_mask, nan_threshold, out, argmax, need_argmax, block,
+):  # fmt: skip
+    """Forward for layouts with a dense plane (NCHW): one (ROI, channel) plane scan at a time.
+
+    Args:
+        src: the input's storage as a flat signed-integer view (int16/int32/int64), starting at
+            the input's storage offset; element (n, c, h, w) is at
+            ``n * s_n + c * s_c + h * s_h + w * s_w``.
+        channels, width: C and W.
+        batch, hstart, hend, wstart, wend: from `roi_geometry`.
+        pooled_h, pooled_w: PH, PW.
+        mag_mask, nan_threshold: the dtype's magnitude mask and +inf bit pattern (see `_key`).
+        out: (K * C * PH * PW,) output, same integer view type as `src`.
+        argmax: (K * C * PH * PW,) int32, or anything when `need_argmax` is False.
+        need_argmax: whether to compute and write `argmax`.
+        block: channels per parallel task; tasks are (ROI, channel block) pairs.
+    """
+    num_rois = batch.shape[0]
+    num_blocks = (channels + block - 1) // block
+    plane_out = pooled_h * pooled_w
+    for task in prange(num_rois * num_blocks):
+        k = task // num_blocks
+        c0 = (task % num_blocks) * block
+        c1 = min(c0 + block, channels)
+        b = batch[k]
+        for c in range(c0, c1):
+            o_base = (k * channels + c) * plane_out
+            if b < 0:
+                for o in range(o_base, o_base + plane_out):
+                    out[o] = 0
+                    if need_argmax:
+                        argmax[o] = -1
+                continue
+            p_base = b * s_n + c * s_c
+            for ph in range(pooled_h):
+                h0 = hstart[k * pooled_h + ph]
+                h1 = hend[k * pooled_h + ph]
+                for pw in range(pooled_w):
+                    w0 = wstart[k * pooled_w + pw]
+                    w1 = wend[k * pooled_w + pw]
+                    o = o_base + ph * pooled_w + pw
+                    if h1 <= h0 or w1 <= w0:
+                        out[o] = 0
+                        if need_argmax:
+                            argmax[o] = -1
+                        continue
+                    best_off = p_base + h0 * s_h + w0 * s_w
+                    best = _key(src[best_off], mag_mask, nan_threshold)
+                    if need_argmax:
+                        best_hw = h0 * width + w0
+                        for h in range(h0, h1):
+                            row = p_base + h * s_h
+                            for w in range(w0, w1):
+                                off = row + w * s_w
+                                key = _key(src[off], mag_mask, nan_threshold)
+                                if key > best:
+                                    best = key
+                                    best_off = off
+                                    best_hw = h * width + w
+                        argmax[o] = best_hw
+                    else:
+                        for h in range(h0, h1):
+                            row = p_base + h * s_h
+                            for w in range(w0, w1):
+                                off = row + w * s_w
+                                key = _key(src[off], mag_mask, nan_threshold)
+                                if key > best:
+                                    best = key
+                                    best_off = off
+                    out[o] = src[best_off]
+
+
+@njit(parallel=True, cache=True)
+def pool_channels_last(
+    src, s_n, s_c, s_h, s_w, channels, width,
+    batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
+    mag_mask, nan_threshold, out, argmax, need_argmax, block,
+):  # fmt: skip
+    """Forward for channels-innermost layouts (channels_last): channels are the inner loop.
+
+    Same arguments as `pool_planes`. Each task keeps a running key and position per channel of
+    its block, so the inner loop reads consecutive channels of one pixel.
+    """
+    num_rois = batch.shape[0]
+    num_blocks = (channels + block - 1) // block
+    plane_out = pooled_h * pooled_w
+    for task in prange(num_rois * num_blocks):
+        k = task // num_blocks
+        c0 = (task % num_blocks) * block
+        nc = min(c0 + block, channels) - c0
+        b = batch[k]
+        best = np.empty(nc, np.int64)
+        best_hw = np.empty(nc, np.int64)
+        for ph in range(pooled_h):
+            h0 = hstart[k * pooled_h + ph]
+            h1 = hend[k * pooled_h + ph]
+            for pw in range(pooled_w):
+                w0 = wstart[k * pooled_w + pw]
+                w1 = wend[k * pooled_w + pw]
+                o_base = (k * channels + c0) * plane_out + ph * pooled_w + pw
+                if b < 0 or h1 <= h0 or w1 <= w0:
+                    for j in range(nc):
+                        out[o_base + j * plane_out] = 0
+                        if need_argmax:
+                            argmax[o_base + j * plane_out] = -1
+                    continue
+                px = b * s_n + h0 * s_h + w0 * s_w + c0 * s_c
+                hw = h0 * width + w0
+                for j in range(nc):
+                    best[j] = _key(src[px + j * s_c], mag_mask, nan_threshold)
+                    best_hw[j] = hw
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        px = b * s_n + h * s_h + w * s_w + c0 * s_c
+                        hw = h * width + w
+                        for j in range(nc):
+                            key = _key(src[px + j * s_c], mag_mask, nan_threshold)
+                            greater = key > best[j]
+                            best[j] = key if greater else best[j]
+                            best_hw[j] = hw if greater else best_hw[j]
+                for j in range(nc):
+                    h = best_hw[j] // width
+                    w = best_hw[j] - h * width
+                    o = o_base + j * plane_out
+                    out[o] = src[b * s_n + h * s_h + w * s_w + (c0 + j) * s_c]
+                    if need_argmax:
+                        argmax[o] = best_hw[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+
+@njit(parallel=True, cache=True)
+def scatter_backward(
+    grad, g_k, g_c, g_h, g_w, argmax, order, image_start,
+    channels, plane, pooled_h, pooled_w, out,
+):  # fmt: skip
+    """grad_input[n, c].flat[argmax] += grad_output, one (image, channel) plane per task.
+
+    Each plane is owned by one task, which zeroes it and adds its ROIs' gradients in increasing
+    ROI order, so the result is run-to-run identical.
+
+    Args:
+        grad: grad_output's storage as a flat float32/float64 array; element (k, c, ph, pw) is at
+            ``k * g_k + c * g_c + ph * g_h + pw * g_w`` (zero strides allowed).
+        argmax: (K * C * PH * PW,) int32 from the forward; -1 gets no gradient.
+        order: ROI indices sorted (stably) by batch index.
+        image_start: (N + 1,) offsets into `order`: image n owns order[image_start[n]:...[n+1]].
+        channels, plane: C and H * W.
+        pooled_h, pooled_w: PH, PW.
+        out: (N * C * H * W,) float32/float64 accumulator, fully overwritten.
+    """
+    num_images = image_start.shape[0] - 1
+    plane_out = pooled_h * pooled_w
+    for task in prange(num_images * channels):
+        n = task // channels
+        c = task - n * channels
+        base = task * plane
+        for i in range(base, base + plane):
+            out[i] = 0
+        for j in range(image_start[n], image_start[n + 1]):
+            k = order[j]
+            a_base = (k * channels + c) * plane_out
+            g_base = k * g_k + c * g_c
+            for ph in range(pooled_h):
+                for pw in range(pooled_w):
+                    a = argmax[a_base + ph * pooled_w + pw]
+                    if a >= 0 and a < plane:  # never trust an index with memory
+                        out[base + a] += grad[g_base + ph * g_h + pw * g_w]
