@@ -1,0 +1,35 @@
+"""roi_ops' public conformance kit.
+
+- `reference_roi_pool` / `reference_roi_pool_backward`: the slow scalar reference.
+- `contract_cases`, `check_case`, `RoiPoolCase`: hand-picked inputs and exact comparison.
+- `roi_pool_cases` (hypothesis strategy; needs `hypothesis`).
+- `BackendConformance`: a pytest base class for a plugin's own test suite (needs `pytest`).
+"""
+
+from __future__ import annotations
+
+from .cases import RoiPoolCase, check_case, contract_cases
+from .reference import reference_roi_pool, reference_roi_pool_backward
+
+__all__ = [
+    "BackendConformance",
+    "RoiPoolCase",
+    "check_case",
+    "contract_cases",
+    "reference_roi_pool",
+    "reference_roi_pool_backward",
+    "roi_pool_cases",
+]
+
+
+def __getattr__(name: str):
+    # pytest and hypothesis are test-only dependencies: import them on first use.
+    if name == "BackendConformance":
+        from .conformance import BackendConformance
+
+        return BackendConformance
+    if name == "roi_pool_cases":
+        from .strategies import roi_pool_cases
+
+        return roi_pool_cases
+    raise AttributeError(f"module 'roi_ops.testing' has no attribute {name!r}")

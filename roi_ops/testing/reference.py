@@ -153,9 +153,9 @@ def reference_roi_pool_backward(
     grad = np.zeros((num_images, channels, height * width), dtype=np.float64)
     go = grad_output.detach().cpu().to(torch.float64).numpy()
     am = argmax.cpu().numpy()
-    batches = [math.trunc(r[0]) for r in rois.detach().cpu().to(torch.float64).tolist()]
+    rows = rois.detach().cpu().to(torch.float64).tolist()
     for k, c, ph, pw in np.ndindex(*am.shape):
         index = am[k, c, ph, pw]
-        if index >= 0:
-            grad[batches[k], c, index] += go[k, c, ph, pw]
+        if index >= 0:  # only valid ROIs have an argmax, so the batch index is finite
+            grad[math.trunc(rows[k][0]), c, index] += go[k, c, ph, pw]
     return torch.from_numpy(grad.reshape(num_images, channels, height, width))
