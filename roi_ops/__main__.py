@@ -1,0 +1,101 @@
+"""Command line: ``python -m roi_ops info`` and ``python -m roi_ops bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+def _progress(total: int):
+    state = {"done": 0}
+    interactive = sys.stderr.isatty()
+
+    def report(label: str) -> None:
+        state["done"] += 1
+        width = 30
+        filled = min(width, width * state["done"] // max(total, 1))
+        text = f"[{'#' * filled}{'.' * (width - filled)}] {state['done']}/{total} {label}"
+        if interactive:
+            sys.stderr.write("\r" + text.ljust(100))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    return report
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.runner import (
+        MODES,
+        format_table,
+        resolve_workloads,
+        run_benchmark,
+        to_json,
+        value_check_cost_ms,
+    )
+    from .registry import list_backends
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workloads = resolve_workloads(args.workload, device)
+    dtypes = [DTYPES[d] for d in args.dtype]
+    backends = args.backend
+    estimated = len(workloads) * len(dtypes) * (len(backends or list_backends()) + 1) * len(MODES)
+    budget = args.budget if args.budget else (0.5 if device.type == "cpu" else 0.25)
+    results, bandwidth = run_benchmark(
+        device, dtypes, workloads, backends, budget, channels_last=args.channels_last,
+        progress=_progress(estimated),
+    )
+    sys.stderr.write("\n")
+    check_ms = value_check_cost_ms(device, workloads[0], budget)
+    print(f"device {device}  threads {torch.get_num_threads()}  copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s  layout "
+          f"{'channels_last' if args.channels_last else 'contiguous'}")
+    for w in workloads:
+        print(f"  {w.name}: {w.describe()}")
+    print(format_table(results))
+    print(f"value checks ({workloads[0].name}, K={workloads[0].num_rois}): {check_ms:.3f} ms "
+          "median per call (disabled while timing the table)")
+    if args.json:
+        extra = {"device": str(device), "threads": torch.get_num_threads(),
+                 "value_check_ms": check_ms, "command": " ".join(sys.argv)}
+        with open(args.json, "w") as f:
+            json.dump(to_json(results, bandwidth, extra), f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m roi_ops", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, backends and what auto picks")
+    bench = sub.add_parser("bench", help="time every usable backend side by side")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(DTYPES))
+    bench.add_argument("--workload", nargs="+", default=None,
+                       help="frcnn-c4 fpn-p2 fpn-p4 mask-14 big-batch (default: all)")
+    bench.add_argument("--backend", nargs="+", default=None,
+                       help="backend names, and 'torchvision' (default: every usable one)")
+    bench.add_argument("--channels-last", action="store_true")
+    bench.add_argument("--threads", type=int, default=0, help="torch/numba threads (CPU)")
+    bench.add_argument("--budget", type=float, default=0.0,
+                       help="seconds of repeats per measurement")
+    bench.add_argument("--json", default=None, metavar="PATH", help="write raw medians here")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from .info import info_text
+
+        print(info_text())
+        return 0
+    return _bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
