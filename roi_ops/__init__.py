@@ -11,6 +11,7 @@ from . import ops as _ops  # noqa: F401  (registers the torch.library ops)
 from .backend import ALL_FLOAT_DTYPES, Backend, RoIPoolProblem
 from .config import set_value_checks, value_checks, value_checks_enabled
 from .dispatch import (
+    BackendError,
     BackendNotFoundError,
     BackendUnavailableError,
     resolve_backend,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ALL_FLOAT_DTYPES",
     "Backend",
+    "BackendError",
     "BackendInfo",
     "BackendNotFoundError",
     "BackendUnavailableError",

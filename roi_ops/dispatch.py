@@ -22,6 +22,10 @@ AUTO = "auto"
 _context_backend: ContextVar[str | None] = ContextVar("roi_ops_backend", default=None)
 
 
+class BackendError(RuntimeError):
+    """A backend failed while running (the message names it)."""
+
+
 class BackendNotFoundError(ValueError):
     """A backend name that no installed or registered backend has."""
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .backend import Backend, RoIPoolProblem
 from .config import poisoning_enabled, value_checks_enabled
-from .dispatch import resolve_backend
+from .dispatch import BackendError, resolve_backend
 from .validation import check_roi_values
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -49,7 +49,12 @@ def roi_pool_op(
     if poisoning_enabled():
         output.fill_(float("nan"))
         argmax.fill_(-7)
-    chosen.forward(problem, output, argmax if needs_argmax else None)
+    try:
+        chosen.forward(problem, output, argmax if needs_argmax else None)
+    except Exception as error:
+        raise BackendError(
+            f"backend {chosen.name!r} failed in forward: {type(error).__name__}: {error}"
+        ) from error
     return output, argmax
 
 
@@ -108,9 +113,14 @@ def gather_at_argmax(grad_input_grad: Tensor, argmax: Tensor, batch_index: Tenso
     return torch.where(argmax >= 0, gathered, torch.zeros_like(gathered))
 
 
-def _check_plugin_gradient(backend: Backend, grad: Tensor, shape, dtype, device) -> Tensor:
+def _check_plugin_gradient(backend: Backend, grad: object, shape, dtype, device) -> Tensor:
+    if not isinstance(grad, Tensor):
+        raise BackendError(
+            f"backend {backend.name!r}: backward returned {type(grad).__name__}, expected a "
+            "Tensor or None"
+        )
     if grad.shape != shape or grad.dtype != dtype or grad.device != device:
-        raise RuntimeError(
+        raise BackendError(
             f"backend {backend.name!r}: backward returned a {tuple(grad.shape)} "
             f"{grad.dtype} tensor on {grad.device}, expected {tuple(shape)} {dtype} on {device}"
         )
@@ -138,7 +148,12 @@ def roi_pool_backward_op(
         stand_in, rois, argmax.shape[2], argmax.shape[3], 1.0, needs_argmax=True
     )
     chosen = resolve_backend(backend, problem)
-    grad = chosen.backward(grad_output, argmax, batch_index, tuple(shape), input_dtype)
+    try:
+        grad = chosen.backward(grad_output, argmax, batch_index, tuple(shape), input_dtype)
+    except Exception as error:
+        raise BackendError(
+            f"backend {chosen.name!r} failed in backward: {type(error).__name__}: {error}"
+        ) from error
     if grad is None:
         return scatter_backward(grad_output, argmax, batch_index, tuple(shape), input_dtype)
     return _check_plugin_gradient(chosen, grad, shape, input_dtype, grad_output.device).clone()

@@ -1,0 +1,1 @@
+"""An example roi_ops backend plugin (see docs/plugins.md)."""

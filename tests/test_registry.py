@@ -1,0 +1,314 @@
+"""Registry, discovery through real entry-point metadata, resolution and plugin isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import roi_ops
+from roi_ops.registry import REGISTRY
+from roi_ops.testing import check_case, contract_cases
+
+EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "plugin"
+
+
+def _install_distribution(root: Path, name: str, entry_points: dict[str, str],
+                          modules: dict[str, str] | None = None) -> None:
+    """Write `modules` and a real .dist-info with `entry_points` under `root` (on sys.path)."""
+    for module, source in (modules or {}).items():
+        (root / f"{module}.py").write_text(source)
+    info = root / f"{name.replace('-', '_')}-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[roi_ops.backends]\n{lines}\n")
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A fresh site directory on sys.path; the registry rediscovers before and after."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    REGISTRY.reset()
+    before = set(sys.modules)
+    yield tmp_path
+    for name in set(sys.modules) - before:
+        if name.startswith(("roi_ops_example", "plugin_")):
+            del sys.modules[name]
+    REGISTRY.reset()
+
+
+@pytest.fixture
+def example_plugin(site):
+    """The repository's example plugin, exposed through real entry-point metadata."""
+    shutil.copytree(EXAMPLE_PLUGIN / "roi_ops_example", site / "roi_ops_example")
+    _install_distribution(site, "roi-ops-example",
+                          {"example": "roi_ops_example.backend:ExampleBackend"})
+    return site
+
+
+def _x_rois(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 9, generator=g)
+    rois = torch.tensor([[0, 0.0, 0, 5, 6], [1, 2.0, 1, 8, 7]])
+    return x, rois
+
+
+def test_torch_backend_is_registered_through_the_entry_point_group():
+    info = {i.name: i for i in roi_ops.list_backends()}["torch"]
+    assert info.origin == "entry point"
+    assert info.distribution == "roi-ops"
+    assert info.available and info.device_types == ("*",)
+
+
+def test_example_plugin_is_discovered_listed_and_selectable(example_plugin, monkeypatch):
+    info = {i.name: i for i in roi_ops.list_backends()}
+    assert info["example"].distribution == "roi-ops-example"
+    assert info["example"].version == "0.1.0"
+    x, rois = _x_rois()
+    expected = roi_ops.roi_pool(x, rois, 3, backend="torch")
+    chosen = []
+    original = REGISTRY.get("example").backend.forward
+
+    def spy(problem, output, argmax):
+        chosen.append("example")
+        original(problem, output, argmax)
+
+    monkeypatch.setattr(REGISTRY.get("example").backend, "forward", spy)
+    assert torch.equal(roi_ops.roi_pool(x, rois, 3, backend="example"), expected)
+    with roi_ops.use_backend("example"):
+        assert torch.equal(roi_ops.roi_pool(x, rois, 3), expected)
+    monkeypatch.setenv("ROI_OPS_BACKEND", "example")
+    assert torch.equal(roi_ops.roi_pool(x, rois, 3), expected)
+    assert chosen == ["example"] * 3
+
+
+def test_example_plugin_conforms(example_plugin):
+    for dtype in (torch.float32, torch.float16):
+        for case in contract_cases("cpu", dtype):
+            check_case(case, "example")
+
+
+def test_broken_plugin_is_isolated_and_warns_once(site):
+    _install_distribution(
+        site, "plugin-broken", {"broken": "plugin_broken:Backend"},
+        {"plugin_broken": "raise ImportError('kernel library missing')\n"},
+    )
+    with pytest.warns(RuntimeWarning, match="kernel library missing"):
+        infos = {i.name: i for i in roi_ops.list_backends()}
+    assert not infos["broken"].available
+    assert "ImportError: kernel library missing" in infos["broken"].reasons[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        roi_ops.list_backends()
+    x, rois = _x_rois()
+    assert roi_ops.roi_pool(x, rois, 2).shape == (2, 3, 2, 2)
+    with pytest.raises(roi_ops.BackendUnavailableError, match="kernel library missing"):
+        roi_ops.roi_pool(x, rois, 2, backend="broken")
+
+
+PLUGIN_SOURCE = """
+import roi_ops
+from roi_ops.torch_backend import TorchBackend
+
+class Failing(roi_ops.Backend):
+    name = "{name}"
+    priority = 1000
+    device_types = frozenset({{"cpu"}})
+
+    def check_available(self):
+        {check}
+
+    def forward(self, problem, output, argmax):
+        {forward}
+"""
+
+
+def _plugin(site, name, check="return None", forward="raise ValueError('kernel exploded')"):
+    module = f"plugin_{name}"
+    _install_distribution(site, f"plugin-{name}", {name: f"{module}:Failing"},
+                          {module: PLUGIN_SOURCE.format(name=name, check=check, forward=forward)})
+
+
+def test_plugin_whose_availability_check_raises_is_unavailable(site):
+    _plugin(site, "flaky", check="raise RuntimeError('driver too old')")
+    with pytest.warns(RuntimeWarning, match="driver too old"):
+        infos = {i.name: i for i in roi_ops.list_backends()}
+    assert not infos["flaky"].available
+    x, rois = _x_rois()
+    assert roi_ops.roi_pool(x, rois, 2).shape == (2, 3, 2, 2)  # auto skips it
+
+
+def test_plugin_that_raises_at_call_time_is_named(site):
+    _plugin(site, "exploding")
+    x, rois = _x_rois()
+    with pytest.raises(roi_ops.BackendError, match="'exploding' failed in forward.*exploded"):
+        roi_ops.roi_pool(x, rois, 2)  # highest priority, so auto picks it
+    assert roi_ops.roi_pool(x, rois, 2, backend="torch").shape == (2, 3, 2, 2)
+
+
+def test_plugin_with_mismatched_name_is_rejected(site):
+    _install_distribution(site, "plugin-misnamed", {"misnamed": "plugin_misnamed:Failing"},
+                          {"plugin_misnamed": PLUGIN_SOURCE.format(
+                              name="other", check="return None", forward="pass")})
+    with pytest.warns(RuntimeWarning, match="differs from the backend's name"):
+        infos = {i.name: i for i in roi_ops.list_backends()}
+    assert not infos["misnamed"].available
+
+
+def test_two_plugins_cannot_share_a_name_silently(site):
+    for dist in ("plugin-one", "plugin-two"):
+        _install_distribution(site, dist, {"twin": "roi_ops.torch_backend:TorchBackend"})
+    with pytest.warns(RuntimeWarning, match="claimed by several plugins"):
+        infos = {i.name: i for i in roi_ops.list_backends()}
+    assert not infos["twin"].available
+    x, rois = _x_rois()
+    with pytest.raises(roi_ops.BackendUnavailableError, match="claimed by several"):
+        roi_ops.roi_pool(x, rois, 2, backend="twin")
+
+
+def test_a_plugin_cannot_replace_the_core_torch_backend(site):
+    _install_distribution(site, "plugin-impostor", {"torch": "plugin_impostor:Failing"},
+                          {"plugin_impostor": PLUGIN_SOURCE.format(
+                              name="torch", check="return None", forward="raise ValueError")})
+    with pytest.warns(RuntimeWarning, match="the core's wins"):
+        infos = {i.name: i for i in roi_ops.list_backends()}
+    assert infos["torch"].distribution == "roi-ops"
+
+
+class Tiny(roi_ops.Backend):
+    name = "tiny"
+    priority = 5
+    device_types = frozenset({"cpu"})
+    dtypes = frozenset({torch.float64})
+
+    def forward(self, problem, output, argmax):
+        from roi_ops.torch_backend import TorchBackend
+
+        TorchBackend().forward(problem, output, argmax)
+
+
+@pytest.fixture
+def tiny():
+    REGISTRY.reset()
+    roi_ops.register_backend(Tiny)
+    yield
+    REGISTRY.reset()
+
+
+def test_register_backend_refuses_clashes_unless_replacing(tiny):
+    with pytest.raises(ValueError, match="'tiny' is already registered"):
+        roi_ops.register_backend(Tiny())
+    roi_ops.register_backend(Tiny(), replace=True)
+    with pytest.raises(ValueError, match="'torch' is already registered"):
+        roi_ops.register_backend(type("T", (Tiny,), {"name": "torch"}))
+    with pytest.raises(TypeError, match="expected a roi_ops.Backend"):
+        roi_ops.register_backend(object())
+    roi_ops.unregister_backend("tiny")
+    assert "tiny" not in [i.name for i in roi_ops.list_backends()]
+
+
+def test_auto_picks_highest_priority_usable(tiny):
+    x, rois = _x_rois()
+    problem = roi_ops.RoIPoolProblem(x.double(), rois.double(), 2, 2, 1.0, False)
+    assert roi_ops.resolve_backend("auto", problem).name in ("tiny", "numba")
+    best = max((i for i in roi_ops.list_backends() if i.available and
+                ("cpu" in i.device_types or "*" in i.device_types)), key=lambda i: i.priority)
+    assert roi_ops.resolve_backend("auto", problem).name == best.name
+    float32_problem = roi_ops.RoIPoolProblem(x, rois, 2, 2, 1.0, False)
+    assert roi_ops.resolve_backend("tiny,torch", float32_problem).name == "torch"
+    assert roi_ops.resolve_backend("tiny,torch", problem).name == "tiny"
+
+
+def test_named_backend_never_falls_back_silently(tiny):
+    x, rois = _x_rois()
+    with pytest.raises(roi_ops.BackendUnavailableError) as error:
+        roi_ops.roi_pool(x, rois, 2, backend="tiny")
+    message = str(error.value)
+    assert "dtype float32 not supported (supports: float64)" in message
+    assert "torch (priority 0): usable" in message  # every backend is listed
+
+
+def test_unknown_backend_lists_known_names(monkeypatch):
+    x, rois = _x_rois()
+    with pytest.raises(roi_ops.BackendNotFoundError, match="known backends: auto, .*torch"):
+        roi_ops.roi_pool(x, rois, 2, backend="nope")
+    monkeypatch.setenv("ROI_OPS_BACKEND", "nope")
+    with pytest.raises(roi_ops.BackendNotFoundError, match="ROI_OPS_BACKEND"):
+        roi_ops.roi_pool(x, rois, 2)
+
+
+def test_resolution_precedence(tiny, monkeypatch):
+    x, rois = _x_rois()
+    problem = roi_ops.RoIPoolProblem(x.double(), rois.double(), 2, 2, 1.0, False)
+    monkeypatch.setenv("ROI_OPS_BACKEND", "torch")  # read at call time, not at import
+    assert roi_ops.resolve_backend("auto", problem).name == "torch"
+    with roi_ops.use_backend("tiny"):
+        assert roi_ops.resolve_backend("auto", problem).name == "tiny"
+        with roi_ops.use_backend("torch"):
+            assert roi_ops.resolve_backend("auto", problem).name == "torch"
+        assert roi_ops.resolve_backend("auto", problem).name == "tiny"
+        assert roi_ops.resolve_backend("torch", problem).name == "torch"  # argument wins
+    monkeypatch.delenv("ROI_OPS_BACKEND")
+    assert roi_ops.resolve_backend("torch", problem).name == "torch"
+
+
+def test_use_backend_is_thread_and_task_safe(tiny):
+    x, rois = _x_rois()
+    problem = roi_ops.RoIPoolProblem(x.double(), rois.double(), 2, 2, 1.0, False)
+    seen: dict[str, list[str]] = {"tiny": [], "torch": []}
+    barrier = threading.Barrier(8)
+
+    def worker(name):
+        with roi_ops.use_backend(name):
+            barrier.wait()
+            for _ in range(50):
+                seen[name].append(roi_ops.resolve_backend("auto", problem).name)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ["tiny", "torch"] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(seen["tiny"]) == {"tiny"} and set(seen["torch"]) == {"torch"}
+
+    async def task(name):
+        with roi_ops.use_backend(name):
+            await asyncio.sleep(0)
+            return roi_ops.resolve_backend("auto", problem).name
+
+    async def both():
+        return await asyncio.gather(task("tiny"), task("torch"))
+
+    assert asyncio.run(both()) == ["tiny", "torch"]
+
+
+def test_backend_choice_is_not_baked_into_compiled_graphs(tiny, monkeypatch):
+    x, rois = _x_rois()
+    x, rois = x.double(), rois.double()
+    calls = []
+    backend = REGISTRY.get("tiny").backend
+    original = backend.forward
+    monkeypatch.setattr(backend, "forward", lambda *a: (calls.append(1), original(*a)))
+    compiled = torch.compile(lambda a, b: roi_ops.roi_pool(a, b, 2), fullgraph=True)
+    monkeypatch.setenv("ROI_OPS_BACKEND", "torch")
+    first = compiled(x, rois)
+    assert calls == []
+    monkeypatch.setenv("ROI_OPS_BACKEND", "tiny")
+    assert torch.equal(compiled(x, rois), first)
+    assert calls == [1]
+
+
+def test_info_cli_lists_backends_and_auto_choice(capsys):
+    from roi_ops.__main__ import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "roi-ops" in out
+    assert "cpu: float32:" in out
