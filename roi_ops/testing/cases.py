@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,10 @@ import torch
 from ..config import poisoned_outputs, value_checks
 from ..functional import roi_pool, roi_pool_with_argmax
 from .reference import reference_roi_pool, reference_roi_pool_backward
+
+
+# How many calls `check_case` compared against the reference, per backend (for test reports).
+COMPARISONS: Counter[str] = Counter()
 
 
 @dataclass
@@ -183,6 +188,7 @@ def check_case(case: RoiPoolCase, backend: str, check_backward: bool = True) -> 
     Outputs are poisoned before the backend runs. The gradient uses small-integer grad_output
     values, so any summation order is exact and the comparison is exact too.
     """
+    COMPARISONS[backend] += 1
     rois = case.rois_tensor()
     expected, expected_argmax = reference_roi_pool(
         case.input, rois, case.output_size, case.spatial_scale
