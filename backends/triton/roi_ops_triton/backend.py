@@ -1,0 +1,99 @@
+"""`TritonBackend`: roi_ops' default GPU backend, bit-exact Triton kernels.
+
+This module does not import Triton; `roi_ops_triton.kernels` is imported on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+import torch
+
+from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolProblem
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonBackend(Backend):
+    """roi_pool with Triton kernels on CUDA devices (and on CPU tensors under the interpreter).
+
+    Forward: one kernel, argmax on request (inference stores none). Backward: an atomic scatter
+    kernel, or, under ``torch.use_deterministic_algorithms(True)``, roi_ops' shared deterministic
+    backward.
+    """
+
+    name: ClassVar[str] = "triton"
+    priority: ClassVar[int] = 100
+    device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
+    dtypes: ClassVar[frozenset[torch.dtype]] = ALL_FLOAT_DTYPES
+    deterministic: ClassVar[bool] = True
+    description: ClassVar[str] = "Triton kernels for CUDA GPUs (default GPU backend)"
+
+    def check_available(self) -> str | None:
+        """Return why Triton cannot run here (missing, broken, or no CUDA device), else None."""
+        try:
+            import triton  # noqa: F401
+
+            from roi_ops_triton import kernels  # noqa: F401
+        except Exception as exc:  # a broken install can raise more than ImportError
+            return f"triton is not usable: {type(exc).__name__}: {exc}"
+        if interpreting():
+            return None
+        if not torch.cuda.is_available():
+            return "no CUDA device is available (torch.cuda.is_available() is False)"
+        return None
+
+    def not_supported_reasons(self, problem: RoIPoolProblem) -> list[str]:
+        """The base checks, with CPU tensors accepted while ``TRITON_INTERPRET=1``."""
+        # The base class reads self.device_types; shadow it per call so that the environment
+        # variable is honoured whenever it is set or cleared.
+        extra = {"cpu"} if interpreting() else set()
+        self.device_types = type(self).device_types | extra
+        return super().not_supported_reasons(problem)
+
+    def forward(
+        self, problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
+    ) -> None:
+        """Write roi_pool of `problem` into `output` (and `argmax` unless None).
+
+        Launches on ``problem.device`` and torch's current stream. Invalid ROIs (batch index
+        outside [0, N) or non-finite values) give zeros and argmax -1 without any
+        out-of-bounds access, so this is safe with roi_ops' value checks off.
+        """
+        from roi_ops_triton import kernels
+
+        kernels.roi_pool_forward(
+            problem.input,
+            problem.rois,
+            problem.pooled_height,
+            problem.pooled_width,
+            problem.spatial_scale,
+            output,
+            argmax,
+        )
+
+    def backward(
+        self,
+        grad_output: torch.Tensor,
+        argmax: torch.Tensor,
+        batch_index: torch.Tensor,
+        input_shape: tuple[int, int, int, int],
+        input_dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """Atomic scatter of `grad_output` at `argmax`; None (shared backward) when deterministic.
+
+        Shapes and dtypes as in `Backend.backward`. Atomic float adds make the summation order
+        run-dependent, so under ``torch.are_deterministic_algorithms_enabled()`` this returns None
+        and roi_ops' deterministic backward is used instead.
+        """
+        if torch.are_deterministic_algorithms_enabled():
+            return None
+        from roi_ops_triton import kernels
+
+        return kernels.roi_pool_backward(
+            grad_output, argmax, batch_index, input_shape, input_dtype
+        )

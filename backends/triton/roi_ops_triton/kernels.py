@@ -1,0 +1,585 @@
+"""Triton kernels for roi_pool and the host code that launches them.
+
+Importing this module imports Triton and defines (does not compile) the kernels; whether they run
+compiled or under the interpreter is decided here, at import, by ``TRITON_INTERPRET``.
+
+Design (see the package README for the reasoning):
+
+* One program per (ROI, block of outputs). Grid axis 0 is the ROI, so programs that run at the
+  same time share a block of channels and read the same feature planes (L2 reuse); axis 1 is the
+  block of outputs of that ROI.
+* Each lane of a program owns one output element (channel, bin) and scans its own bin; a
+  program's bins all come from one ROI, so they differ in size by at most a row or column (or are
+  cut by the map border), and the loop runs to the largest bin of the program with masks.
+* Two tile shapes, chosen per call by the input strides:
+  - flat (NCHW and any other strides): lanes walk the contiguous (C, PH, PW) output block of the
+    ROI, so stores are fully coalesced; with a unit W stride, SPLIT lanes share a bin and read
+    SPLIT adjacent columns (coalesced loads), then a (value, index) reduction merges them;
+  - channels-fast (channels_last): a [BLOCK_C, BLOCK_B] tile whose loads are contiguous along C;
+    Triton converts the layout for the (bins-contiguous) store.
+* Geometry is computed in the kernel per ROI and per bin, exactly as docs/contract.md says:
+  float16 geometry is carried in float32 and rounded to half after every operation, float32
+  division is ``tl.math.div_rn`` (Triton's ``/`` is approximate on GPUs), float64 is native, and
+  kernels are launched with ``enable_fp_fusion=False`` so that no multiply is fused into an add.
+* NaN tests look at the bits: Triton compiles with no-NaNs FP math, so ``x != x`` may be folded.
+* Only dtypes, block sizes, layout flags and the argmax flag are compile-time constants. Shapes
+  and strides are runtime arguments marked ``do_not_specialize``, so new K, N, C, H or W do not
+  recompile (a value passing 2^31 still selects a 64-bit variant).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+INDEX_LIMIT = tl.constexpr(1099511627776.0)  # 2**40: the contract's index() saturation bound
+
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1; larger launches are split
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _is_nan(x, F64: tl.constexpr):
+    # On the bits: Triton's code generator assumes no NaNs, so `x != x` may fold to False.
+    if F64:
+        bits = x.to(tl.int64, bitcast=True)
+        return (bits & 0x7FFFFFFFFFFFFFFF) > 0x7FF0000000000000
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        return (bits & 0x7FFFFFFF) > 0x7F800000
+
+
+@triton.jit
+def _is_finite(x, F64: tl.constexpr):
+    if F64:
+        bits = x.to(tl.int64, bitcast=True)
+        return (bits & 0x7FF0000000000000) != 0x7FF0000000000000
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        return (bits & 0x7F800000) != 0x7F800000
+
+
+@triton.jit
+def _to_geom(x, HALF: tl.constexpr):
+    # float16 geometry is carried in float32; round to half after every operation.
+    if HALF:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _c_round(v):
+    # C round (halves away from zero). v - trunc(v) is exact because fp fusion is off.
+    # Infinities give inf on both branches; NaN stays NaN (index() maps it to 0).
+    pos = v >= 0.0
+    t = tl.where(pos, tl.math.floor(v), tl.math.ceil(v))
+    frac = tl.abs(v - t)
+    return tl.where(frac >= 0.5, tl.where(pos, t + 1.0, t - 1.0), t)
+
+
+@triton.jit
+def _index(v, F64: tl.constexpr):
+    # The contract's index(v): NaN -> 0, saturate to [-2^40, 2^40], then a 64-bit integer.
+    v = tl.where(_is_nan(v, F64), 0.0, v)
+    v = tl.where(v > INDEX_LIMIT, INDEX_LIMIT, v)
+    v = tl.where(v < -INDEX_LIMIT, -INDEX_LIMIT, v)
+    return v.to(tl.int64)
+
+
+@triton.jit
+def _to_work(x, F64: tl.constexpr):
+    if F64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _corner(coord, scale, HALF: tl.constexpr, F64: tl.constexpr):
+    return _index(_c_round(_to_geom(coord * scale, HALF)), F64)
+
+
+@triton.jit
+def _bin_size(roi_size, pooled, HALF: tl.constexpr, F64: tl.constexpr):
+    if F64:
+        return roi_size.to(tl.float64) / tl.cast(pooled, tl.float64)  # fp64 division is always exact
+    else:
+        num = _to_geom(roi_size.to(tl.float32), HALF)
+        den = _to_geom(tl.cast(pooled, tl.float32), HALF)
+        # Correctly rounded in float32; for half geometry, rounding that to half is the correctly
+        # rounded half quotient (float32 has more than 2 * 11 + 2 bits).
+        return _to_geom(tl.math.div_rn(num, den), HALF)
+
+
+@triton.jit
+def _roi_geometry(
+    rois_ptr, k, s_rk, s_rj, N, PH, PW, scale_f32, scale_bits, HALF: tl.constexpr, F64: tl.constexpr
+):
+    """(valid, batch, x1, y1, bin_h, bin_w) of ROI k; batch/x1/y1 are int64."""
+    row = rois_ptr + k.to(tl.int64) * s_rk
+    r0 = _to_work(tl.load(row), F64)
+    r1 = _to_work(tl.load(row + s_rj), F64)
+    r2 = _to_work(tl.load(row + 2 * s_rj), F64)
+    r3 = _to_work(tl.load(row + 3 * s_rj), F64)
+    r4 = _to_work(tl.load(row + 4 * s_rj), F64)
+    if F64:
+        scale = tl.cast(tl.cast(scale_bits, tl.int64), tl.float64, bitcast=True)
+    else:
+        scale = _to_geom(tl.cast(scale_f32, tl.float32), HALF)
+    finite = _is_finite(r0, F64) & _is_finite(r1, F64) & _is_finite(r2, F64)
+    finite = finite & _is_finite(r3, F64) & _is_finite(r4, F64)
+    batch = _index(tl.where(r0 >= 0.0, tl.math.floor(r0), tl.math.ceil(r0)), F64)
+    valid = finite & (batch >= 0) & (batch < N)
+    x1 = _corner(r1, scale, HALF, F64)
+    y1 = _corner(r2, scale, HALF, F64)
+    x2 = _corner(r3, scale, HALF, F64)
+    y2 = _corner(r4, scale, HALF, F64)
+    bin_w = _bin_size(tl.maximum(x2 - x1 + 1, 1), PW, HALF, F64)
+    bin_h = _bin_size(tl.maximum(y2 - y1 + 1, 1), PH, HALF, F64)
+    return valid, batch, x1, y1, bin_h, bin_w
+
+
+@triton.jit
+def _bin_edges(p, bin_size, corner, limit, HALF: tl.constexpr, F64: tl.constexpr):
+    """[start, end) along one axis for bin indices p (int32 tensor), clamped to [0, limit]."""
+    if F64:
+        lo = p.to(tl.float64)
+        hi = (p + 1).to(tl.float64)
+    else:
+        lo = _to_geom(p.to(tl.float32), HALF)
+        hi = _to_geom((p + 1).to(tl.float32), HALF)
+    start = _index(tl.math.floor(_to_geom(lo * bin_size, HALF)), F64) + corner
+    end = _index(tl.math.ceil(_to_geom(hi * bin_size, HALF)), F64) + corner
+    start = tl.minimum(tl.maximum(start, 0), limit)
+    end = tl.minimum(tl.maximum(end, 0), limit)
+    return start.to(tl.int32), end.to(tl.int32)
+
+
+@triton.jit
+def _second_wins(a, ia, b, ib, F64: tl.constexpr):
+    # Contract order: NaN above all, then value, then the smaller (earlier) index; -1 = nothing.
+    na = _is_nan(a, F64)
+    nb = _is_nan(b, F64)
+    better = ~na & (nb | (b > a))
+    tie = (na & nb) | (~na & ~nb & (a == b))
+    return (ia < 0) | ((ib >= 0) & (better | (tie & (ib < ia))))
+
+
+@triton.jit
+def _first_max_f32(a, ia, b, ib):
+    second = _second_wins(a, ia, b, ib, False)
+    return tl.where(second, b, a), tl.where(second, ib, ia)
+
+
+@triton.jit
+def _first_max_f64(a, ia, b, ib):
+    second = _second_wins(a, ia, b, ib, True)
+    return tl.where(second, b, a), tl.where(second, ib, ia)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(
+    do_not_specialize=[
+        "N", "C", "H", "W", "PH", "PW", "s_n", "s_c", "s_h", "s_w", "scale_bits", "blk_offset"
+    ]
+)  # fmt: skip
+def _roi_pool_fwd_kernel(
+    inp_ptr,
+    rois_ptr,
+    out_ptr,
+    arg_ptr,
+    N,
+    C,
+    H,
+    W,
+    PH,
+    PW,
+    s_n,
+    s_c,
+    s_h,
+    s_w,
+    s_rk,
+    s_rj,
+    scale_f32,
+    scale_bits,
+    blk_offset,
+    GEOM_HALF: tl.constexpr,
+    GEOM_F64: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    CHANNELS_FAST: tl.constexpr,
+    W_UNIT: tl.constexpr,
+    C_UNIT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    SPLIT: tl.constexpr,
+    TRACK_INDEX: tl.constexpr,
+    NEEDS_ARGMAX: tl.constexpr,
+):
+    k = tl.program_id(0)
+    blk = tl.program_id(1) + blk_offset
+    phpw = PH * PW
+    valid, batch, x1, y1, bin_h, bin_w = _roi_geometry(
+        rois_ptr, k, s_rk, s_rj, N, PH, PW, scale_f32, scale_bits, GEOM_HALF, GEOM_F64
+    )
+
+    # Which (channel, bin) each lane owns. chan2 is int64, [BLOCK_C, 1] or [1, BLOCK_B].
+    lanes = tl.arange(0, BLOCK_B)
+    if CHANNELS_FAST:
+        bin_blocks = tl.cdiv(phpw, BLOCK_B)
+        bins = (blk % bin_blocks) * BLOCK_B + lanes
+        chan = (blk // bin_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        chan2 = chan[:, None]
+        lane_ok = (chan2 < C) & (bins < phpw)[None, :]
+    else:
+        first = blk.to(tl.int64) * BLOCK_B
+        c0 = first // phpw
+        local = (first - c0 * phpw).to(tl.int32) + lanes
+        bins = local % phpw
+        chan2 = (c0 + local // phpw)[None, :]
+        lane_ok = chan2 < C
+
+    # Bin edges, per lane (int32, clamped to the map); bh = bw = 0 for empty bins and bad ROIs.
+    ph = bins // PW
+    pw = bins - ph * PW
+    hs, he = _bin_edges(ph, bin_h, y1, H, GEOM_HALF, GEOM_F64)
+    ws, we = _bin_edges(pw, bin_w, x1, W, GEOM_HALF, GEOM_F64)
+    filled = valid & (he > hs) & (we > ws) & (bins < phpw)
+    bh = tl.where(filled, he - hs, 0)
+    bw = tl.where(filled, we - ws, 0)
+    max_bh = tl.max(bh, 0)
+    max_bw = tl.max(bw, 0)
+
+    # 64-bit element offsets of each lane's first pixel; invalid ROIs never load (bh = 0).
+    batch = tl.where(valid, batch, 0)
+    if C_UNIT:
+        plane = batch * s_n + chan2
+    else:
+        plane = batch * s_n + chan2 * s_c
+    if W_UNIT:
+        corner = hs.to(tl.int64) * s_h + ws.to(tl.int64)
+    else:
+        corner = hs.to(tl.int64) * s_h + ws.to(tl.int64) * s_w
+    row_ptr = inp_ptr + (plane + corner[None, :])[:, :, None]
+    row_index = (hs * W + ws)[None, :, None]
+    chan_ok = lane_ok[:, :, None]
+    bh3 = bh[None, :, None]
+    bw3 = bw[None, :, None]
+    split = tl.arange(0, SPLIT)[None, None, :]
+
+    if ACC_F64:
+        best = tl.full([BLOCK_C, BLOCK_B, SPLIT], float("-inf"), tl.float64)
+    else:
+        best = tl.full([BLOCK_C, BLOCK_B, SPLIT], float("-inf"), tl.float32)
+    best_index = tl.full([BLOCK_C, BLOCK_B, SPLIT], -1, tl.int32)
+
+    # Rows outer, columns inner: each lane sees its elements in increasing h * W + w order, so a
+    # strict comparison keeps the first maximum.
+    for i in range(0, max_bh):
+        row_ok = chan_ok & (i < bh3)
+        for j0 in range(0, max_bw, SPLIT):
+            j = j0 + split
+            mask = row_ok & (j < bw3)
+            if W_UNIT:
+                ptrs = row_ptr + j
+            else:
+                ptrs = row_ptr + j.to(tl.int64) * s_w
+            if ACC_F64:
+                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
+            else:
+                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            take = mask & ~_is_nan(best, ACC_F64) & (_is_nan(x, ACC_F64) | (x > best))
+            if TRACK_INDEX:
+                take = take | (mask & (best_index < 0))
+                best_index = tl.where(take, row_index + j, best_index)
+            best = tl.where(take, x, best)
+        row_ptr += s_h
+        row_index += W
+
+    if SPLIT > 1:
+        if ACC_F64:
+            best, best_index = tl.reduce((best, best_index), 2, _first_max_f64)
+        else:
+            best, best_index = tl.reduce((best, best_index), 2, _first_max_f32)
+    else:
+        best = tl.reshape(best, [BLOCK_C, BLOCK_B])
+        best_index = tl.reshape(best_index, [BLOCK_C, BLOCK_B])
+
+    filled2 = filled[None, :]
+    offsets = k.to(tl.int64) * C * phpw + chan2 * phpw + bins[None, :]
+    value = tl.where(filled2, best, 0.0).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, value, mask=lane_ok)
+    if NEEDS_ARGMAX:
+        tl.store(arg_ptr + offsets, tl.where(filled2, best_index, -1), mask=lane_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward (scatter with atomics; only used outside deterministic mode)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["C", "HW", "PH", "PW", "s_k", "s_c", "s_h", "s_w", "blk_offset"])
+def _roi_pool_bwd_kernel(
+    grad_out_ptr,
+    arg_ptr,
+    batch_ptr,
+    grad_in_ptr,
+    C,
+    HW,
+    PH,
+    PW,
+    s_k,
+    s_c,
+    s_h,
+    s_w,
+    blk_offset,
+    BLOCK: tl.constexpr,
+):
+    k = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1) + blk_offset
+    phpw = PH * PW
+    first = blk.to(tl.int64) * BLOCK
+    c0 = first // phpw
+    local = (first - c0 * phpw).to(tl.int32) + tl.arange(0, BLOCK)
+    chan = c0 + local // phpw
+    bins = local % phpw
+    ph = bins // PW
+    pw = bins - ph * PW
+    ok = chan < C
+    index = tl.load(arg_ptr + k * C * phpw + first + tl.arange(0, BLOCK), mask=ok, other=-1)
+    hit = ok & (index >= 0)
+    g_off = k * s_k + chan * s_c + ph.to(tl.int64) * s_h + pw.to(tl.int64) * s_w
+    grad = tl.load(grad_out_ptr + g_off, mask=hit, other=0.0)
+    batch = tl.load(batch_ptr + k)
+    dst = grad_in_ptr + (batch * C + chan) * HW + index
+    tl.atomic_add(dst, grad.to(grad_in_ptr.dtype.element_ty), mask=hit, sem="relaxed")
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardConfig:
+    """Launch parameters of the forward kernel (see `forward_config`)."""
+
+    channels_fast: bool
+    block_c: int
+    block_b: int
+    split: int
+    num_warps: int
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def _env_overrides(name: str) -> dict[str, int]:
+    """Parse ``NAME=key=value,key=value`` (integers) for tuning runs; empty when unset."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return {}
+    overrides = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = int(value)
+    return overrides
+
+
+def forward_config(input: torch.Tensor, pooled_height: int, pooled_width: int) -> ForwardConfig:
+    """Pick tile sizes for one call from the input's shape, strides and dtype (no device sync).
+
+    The values that depend on runtime shapes are bounded (split is 1, 2, 4 or 8; block sizes are
+    capped), so shape changes select among a few compiled variants instead of recompiling.
+    ``ROI_OPS_TRITON_FWD="block_b=256,split=4,num_warps=8"`` overrides fields, for tuning.
+    """
+    _, channels, _, width = input.shape
+    s_c, s_w = input.stride(1), input.stride(3)
+    bins = pooled_height * pooled_width
+    if s_c == 1 and s_w != 1 and channels >= 8:
+        block_c = min(_pow2_ceil(channels), 64 if input.element_size() <= 2 else 32)
+        block_b = min(_pow2_ceil(bins), max(1, 2048 // block_c))
+        config = ForwardConfig(True, block_c, block_b, 1, 8 if block_c * block_b >= 2048 else 4)
+    else:
+        split = 1
+        if s_w == 1:
+            # Lanes of one bin read `split` adjacent columns; sized for bins about a quarter of
+            # the widest possible bin (the whole map), which keeps masked lanes few.
+            split = min(8, _pow2_floor(max(1, width // (4 * pooled_width))))
+        block_b = min(1024 // split if split > 1 else 512, _pow2_ceil(channels * bins))
+        config = ForwardConfig(False, 1, max(16, block_b), split, 4)
+    overrides = _env_overrides("ROI_OPS_TRITON_FWD")
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+        if config.channels_fast:
+            config = dataclasses.replace(config, split=1)
+        else:
+            config = dataclasses.replace(config, block_c=1)
+    return config
+
+
+def _device_context(tensor: torch.Tensor):
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return _NullContext()
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _scale_arguments(spatial_scale: float) -> tuple[float, int]:
+    """(float32(spatial_scale), the float64's bits as int64): the kernel takes either exactly."""
+    as_float32 = float(torch.tensor(spatial_scale, dtype=torch.float32))
+    bits = struct.unpack("<q", struct.pack("<d", float(spatial_scale)))[0]
+    return as_float32, bits
+
+
+def roi_pool_forward(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    output: torch.Tensor,
+    argmax: torch.Tensor | None,
+) -> None:
+    """Fill ``output`` (and ``argmax`` unless None) with roi_pool of ``input`` over ``rois``.
+
+    Args:
+        input: (N, C, H, W) float16/bfloat16/float32/float64, any strides, H * W < 2^31.
+        rois: (K, 5) rows (batch, x1, y1, x2, y2); input's dtype, or float32 for 16-bit input.
+        pooled_height, pooled_width: bins per ROI, each >= 1.
+        spatial_scale: finite and > 0.
+        output: contiguous (K, C, PH, PW) of input's dtype; every element is written.
+        argmax: contiguous (K, C, PH, PW) int32, or None to skip the argmax.
+    """
+    num_images, channels, height, width = input.shape
+    num_rois = rois.shape[0]
+    if num_rois == 0 or channels == 0:
+        return
+    if input.numel() == 0:  # no pixel at all: every bin is empty
+        output.zero_()
+        if argmax is not None:
+            argmax.fill_(-1)
+        return
+    config = forward_config(input, pooled_height, pooled_width)
+    bins = pooled_height * pooled_width
+    if config.channels_fast:
+        blocks = triton.cdiv(channels, config.block_c) * triton.cdiv(bins, config.block_b)
+    else:
+        blocks = triton.cdiv(channels * bins, config.block_b)
+    scale_f32, scale_bits = _scale_arguments(spatial_scale)
+    s_n, s_c, s_h, s_w = input.stride()
+    geom = rois.dtype
+    with _device_context(input):
+        for start in range(0, blocks, MAX_GRID_Y):
+            grid = (num_rois, min(MAX_GRID_Y, blocks - start))
+            _roi_pool_fwd_kernel[grid](
+                input,
+                rois,
+                output,
+                argmax if argmax is not None else output,
+                num_images,
+                channels,
+                height,
+                width,
+                pooled_height,
+                pooled_width,
+                s_n,
+                s_c,
+                s_h,
+                s_w,
+                rois.stride(0),
+                rois.stride(1),
+                scale_f32,
+                scale_bits,
+                start,
+                GEOM_HALF=geom == torch.float16,
+                GEOM_F64=geom == torch.float64,
+                ACC_F64=input.dtype == torch.float64,
+                CHANNELS_FAST=config.channels_fast,
+                W_UNIT=s_w == 1,
+                C_UNIT=s_c == 1,
+                BLOCK_C=config.block_c,
+                BLOCK_B=config.block_b,
+                SPLIT=config.split,
+                TRACK_INDEX=argmax is not None or config.split > 1,
+                NEEDS_ARGMAX=argmax is not None,
+                num_warps=config.num_warps,
+                enable_fp_fusion=False,
+            )
+
+
+BACKWARD_BLOCK = 1024
+
+
+def roi_pool_backward(
+    grad_output: torch.Tensor,
+    argmax: torch.Tensor,
+    batch_index: torch.Tensor,
+    input_shape: tuple[int, int, int, int],
+    input_dtype: torch.dtype,
+) -> torch.Tensor:
+    """grad_input by scattering ``grad_output`` at ``argmax`` with atomic adds (not deterministic).
+
+    Args:
+        grad_output: (K, C, PH, PW), any strides (zero strides included).
+        argmax: contiguous (K, C, PH, PW) int32; -1 entries get no gradient.
+        batch_index: (K,) int64, each in [0, N).
+        input_shape: (N, C, H, W).
+        input_dtype: dtype of the result; float16/bfloat16 accumulate in float32, rounded once.
+
+    Returns:
+        Contiguous (N, C, H, W) gradient of ``input_dtype``.
+    """
+    num_images, channels, height, width = input_shape
+    num_rois, _, pooled_height, pooled_width = argmax.shape
+    accumulate = torch.float64 if input_dtype == torch.float64 else torch.float32
+    grad_input = torch.zeros(input_shape, dtype=accumulate, device=grad_output.device)
+    if num_rois > 0 and grad_input.numel() > 0 and argmax.numel() > 0:
+        blocks = triton.cdiv(channels * pooled_height * pooled_width, BACKWARD_BLOCK)
+        batch_index = batch_index.to(device=grad_output.device, dtype=torch.int64).contiguous()
+        s_k, s_c, s_h, s_w = grad_output.stride()
+        with _device_context(grad_output):
+            for start in range(0, blocks, MAX_GRID_Y):
+                grid = (num_rois, min(MAX_GRID_Y, blocks - start))
+                _roi_pool_bwd_kernel[grid](
+                    grad_output,
+                    argmax,
+                    batch_index,
+                    grad_input,
+                    channels,
+                    height * width,
+                    pooled_height,
+                    pooled_width,
+                    s_k,
+                    s_c,
+                    s_h,
+                    s_w,
+                    start,
+                    BLOCK=BACKWARD_BLOCK,
+                    num_warps=4,
+                )
+    return grad_input if grad_input.dtype == input_dtype else grad_input.to(input_dtype)
