@@ -94,6 +94,4 @@ class TritonBackend(Backend):
             return None
         from roi_ops_triton import kernels
 
-        return kernels.roi_pool_backward(
-            grad_output, argmax, batch_index, input_shape, input_dtype
-        )
+        return kernels.roi_pool_backward(grad_output, argmax, batch_index, input_shape, input_dtype)

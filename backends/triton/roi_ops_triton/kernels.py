@@ -111,7 +111,8 @@ def _corner(coord, scale, HALF: tl.constexpr, F64: tl.constexpr):
 @triton.jit
 def _bin_size(roi_size, pooled, HALF: tl.constexpr, F64: tl.constexpr):
     if F64:
-        return roi_size.to(tl.float64) / tl.cast(pooled, tl.float64)  # fp64 division is always exact
+        # float64 division is always correctly rounded (PTX has no approximate one).
+        return roi_size.to(tl.float64) / tl.cast(pooled, tl.float64)
     else:
         num = _to_geom(roi_size.to(tl.float32), HALF)
         den = _to_geom(tl.cast(pooled, tl.float32), HALF)
