@@ -1,0 +1,101 @@
+"""`CupyBackend`: the roi_ops backend declaration. CuPy is imported lazily, never here."""
+
+from __future__ import annotations
+
+import torch
+from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolProblem
+
+from . import kernels
+
+
+class CupyBackend(Backend):
+    """CUDA C kernels compiled at run time by CuPy (NVRTC), launched on torch's current stream.
+
+    Exact to the contract in all four float dtypes. One block per (ROI, channel block) computes
+    the ROI's geometry once; NCHW-like inputs map threads to output elements (coalesced stores),
+    channels_last inputs map lanes to channels (coalesced loads). Kernels are compiled once per
+    device and dtype pair. The backward is an atomic scatter outside deterministic mode; under
+    ``torch.use_deterministic_algorithms(True)`` roi_ops' shared deterministic backward runs.
+    """
+
+    name = "cupy"
+    priority = 90
+    device_types = frozenset({"cuda"})
+    dtypes = ALL_FLOAT_DTYPES
+    deterministic = True
+    description = "CUDA C kernels compiled by CuPy/NVRTC, run on torch's stream"
+
+    def check_available(self) -> str | None:
+        """Return why CuPy cannot run here (missing, broken, no CUDA device, no NVRTC), or None.
+
+        Never raises.
+        """
+        try:
+            import cupy
+        except ImportError as error:
+            return (
+                f"CuPy is not installed ({error}); install cupy-cuda13x or the cupy-cudaXX wheel "
+                "matching your CUDA"
+            )
+        except Exception as error:  # a broken install can raise anything on import
+            return f"CuPy cannot be imported ({type(error).__name__}: {error})"
+        if not torch.cuda.is_available():
+            return "no CUDA device: torch.cuda.is_available() is False"
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as error:
+            return f"no CUDA device usable by CuPy ({type(error).__name__}: {error})"
+        if count == 0:
+            return "no CUDA device visible to CuPy"
+        try:
+            from cupy_backends.cuda.libs import nvrtc
+
+            nvrtc.getVersion()
+        except ImportError:
+            pass  # a CuPy layout without this module: NVRTC problems surface at compile time
+        except Exception as error:
+            return f"CuPy cannot load NVRTC to compile kernels ({type(error).__name__}: {error})"
+        try:
+            from . import launch  # noqa: F401
+        except Exception as error:
+            return f"the CuPy launcher cannot be loaded ({type(error).__name__}: {error})"
+        return None
+
+    def not_supported_reasons(self, problem: RoIPoolProblem) -> list[str]:
+        """Extend the device/dtype checks with layouts, dtype pairs and size limits."""
+        reasons = super().not_supported_reasons(problem)
+        for label, tensor in (("input", problem.input), ("rois", problem.rois)):
+            if tensor.layout != torch.strided:
+                reasons.append(f"{label} layout {tensor.layout} not supported (needs strided)")
+        if problem.rois.device != problem.input.device:
+            reasons.append(f"rois on {problem.rois.device}, input on {problem.input.device}")
+        return reasons + kernels.unsupported_reasons(problem)
+
+    def forward(
+        self, problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
+    ) -> None:
+        """Fill `output` (K, C, PH, PW) and, unless None, the int32 `argmax`; see `Backend`."""
+        from . import launch
+
+        launch.forward(problem, output, argmax)
+
+    def backward(
+        self,
+        grad_output: torch.Tensor,
+        argmax: torch.Tensor,
+        batch_index: torch.Tensor,
+        input_shape: tuple[int, int, int, int],
+        input_dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """grad_input by an atomic scatter kernel, or None in deterministic mode.
+
+        Atomics make the summation order, and so the last bits of float sums, vary between
+        runs; under ``torch.are_deterministic_algorithms_enabled()`` this returns None and
+        roi_ops' shared deterministic backward runs instead. Otherwise returns a contiguous
+        (N, C, H, W) tensor of `input_dtype` (float16/bfloat16 accumulated in float32).
+        """
+        if torch.are_deterministic_algorithms_enabled():
+            return None
+        from . import launch
+
+        return launch.backward(grad_output, argmax, batch_index, input_shape, input_dtype)

@@ -1,0 +1,218 @@
+"""The kernel table and launch plans of roi_pool.cu. Imports no CuPy.
+
+Which template instantiations exist (one NVRTC module per device and (input, rois) dtype pair,
+one per input dtype for the backward), and how a call maps to a kernel, a grid, a block, dynamic
+shared memory and the argument list. `launch.py` hands a `Launch` to CuPy; the tests hand the
+same `Launch` to a CPU emulator of the kernels (``tools/host_emulator.cpp``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import torch
+from roi_ops.backend import RoIPoolProblem
+
+SOURCE_NAME = "roi_pool.cu"
+# --fmad=false: no contraction into FMA anywhere (the geometry also uses _rn intrinsics).
+COMPILE_OPTIONS = ("--fmad=false", "-std=c++17")
+
+C_TYPES: dict[torch.dtype, str] = {
+    torch.float16: "roi_half",
+    torch.bfloat16: "roi_bf16",
+    torch.float32: "float",
+    torch.float64: "double",
+}
+# (input dtype, rois dtype) pairs the contract allows; roi_pool.cu instantiates the same list.
+FORWARD_PAIRS: tuple[tuple[torch.dtype, torch.dtype], ...] = (
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float32),
+)
+BACKWARD_TYPES: tuple[torch.dtype, ...] = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+)
+FORWARD_KERNELS = ("roi_pool_forward_plane", "roi_pool_forward_chan")
+BACKWARD_KERNEL = "roi_pool_backward_atomic"
+
+THREADS = 256  # every kernel's block size (kThreads in roi_pool.cu)
+CHAN_LANES = 32  # channels per block of the chan kernel (kChanLanes)
+CHAN_MIN_CHANNELS = 16  # below this, idle lanes make the chan kernel the worse choice
+MAX_CACHED_EDGES = 2048  # PH + PW up to this: bin edges cached in 16 KiB of shared memory
+TARGET_BLOCK_ELEMENTS = 2048  # outputs per block of the plane and backward kernels
+MIN_BLOCKS_PER_SM = 8
+MAX_GRID_Y = 65535
+INT32_LIMIT = 2**31
+
+
+@functools.cache
+def source() -> str:
+    """The CUDA C++ source of every kernel (read once)."""
+    return resources.files("roi_ops_cupy").joinpath(SOURCE_NAME).read_text(encoding="utf-8")
+
+
+def forward_name(kernel: str, input_dtype: torch.dtype, rois_dtype: torch.dtype, argmax: bool):
+    """The name expression of one forward instantiation, e.g. ``k<float, float, true>``."""
+    flag = "true" if argmax else "false"
+    return f"{kernel}<{C_TYPES[input_dtype]}, {C_TYPES[rois_dtype]}, {flag}>"
+
+
+def forward_names(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> tuple[str, ...]:
+    """Every forward instantiation of one dtype pair: what one NVRTC module compiles."""
+    return tuple(
+        forward_name(kernel, input_dtype, rois_dtype, argmax)
+        for kernel in FORWARD_KERNELS
+        for argmax in (True, False)
+    )
+
+
+def backward_name(dtype: torch.dtype) -> str:
+    """The name expression of the backward kernel for gradients of `dtype`."""
+    return f"{BACKWARD_KERNEL}<{C_TYPES[dtype]}>"
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the backward accumulates `dtype` gradients in (float32 for half types)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: every argument is 8 bytes (pointers, int64, double)."""
+
+    name: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_mem: int
+    args: tuple[np.generic, ...]
+
+
+def _pointer(tensor: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if tensor is None else tensor.data_ptr())
+
+
+def _ints(*values: int) -> tuple[np.int64, ...]:
+    return tuple(np.int64(v) for v in values)
+
+
+def _channels_per_block(num_rois: int, channels: int, bins: int, multiprocessors: int) -> int:
+    """Channels per block: ~TARGET_BLOCK_ELEMENTS outputs, but enough blocks for the GPU."""
+    per_block = max(1, min(channels, TARGET_BLOCK_ELEMENTS // bins))
+    while per_block > 1 and num_rois * math.ceil(channels / per_block) < (
+        MIN_BLOCKS_PER_SM * multiprocessors
+    ):
+        per_block = (per_block + 1) // 2
+    return per_block
+
+
+def unsupported_reasons(problem: RoIPoolProblem) -> list[str]:
+    """Size and dtype limits of these kernels (beyond what roi_ops validates)."""
+    reasons = []
+    pair = (problem.input.dtype, problem.rois.dtype)
+    if pair not in FORWARD_PAIRS and problem.input.dtype in C_TYPES:
+        names = [str(d).removeprefix("torch.") for d in pair]
+        reasons.append(f"input dtype {names[0]} with rois dtype {names[1]} not supported")
+    bins = problem.pooled_height * problem.pooled_width
+    if bins >= INT32_LIMIT - THREADS:
+        reasons.append(f"output_size with {bins} bins per ROI (needs fewer than 2^31 - 256)")
+    if problem.num_rois >= INT32_LIMIT:
+        reasons.append(f"{problem.num_rois} ROIs (needs fewer than 2^31: one grid row each)")
+    return reasons
+
+
+def uses_channel_kernel(input: torch.Tensor) -> bool:
+    """Whether lanes should run over channels: channels adjacent in memory (channels_last)."""
+    return input.shape[1] >= CHAN_MIN_CHANNELS and input.stride(1) == 1 and input.stride(3) != 1
+
+
+def plan_forward(
+    problem: RoIPoolProblem,
+    output: torch.Tensor,
+    argmax: torch.Tensor | None,
+    multiprocessors: int,
+) -> Launch | None:
+    """The forward launch for `problem` (None when the output is empty).
+
+    Args:
+        problem: the validated call; input and rois may have any strides.
+        output: contiguous (K, C, PH, PW) tensor of the input's dtype.
+        argmax: contiguous int32 tensor of the same shape, or None to skip the argmax.
+        multiprocessors: the device's SM count (sizes the channel blocks).
+    """
+    input, rois = problem.input, problem.rois
+    num_images, channels, height, width = input.shape
+    ph, pw = problem.pooled_height, problem.pooled_width
+    num_rois = problem.num_rois
+    if output.numel() == 0:
+        return None
+    cache_edges = ph + pw <= MAX_CACHED_EDGES
+    shared_mem = 8 * (ph + pw) if cache_edges else 0
+    with_argmax = argmax is not None
+    head = (
+        _pointer(input),
+        *_ints(num_images, channels, height, width, *input.stride()),
+        _pointer(rois),
+        *_ints(*rois.stride()),
+        np.float64(problem.spatial_scale),
+        *_ints(ph, pw, int(cache_edges)),
+    )
+    tail = (_pointer(output), _pointer(argmax))
+    if uses_channel_kernel(input):
+        name = forward_name("roi_pool_forward_chan", input.dtype, rois.dtype, with_argmax)
+        grid_y = min(math.ceil(channels / CHAN_LANES), MAX_GRID_Y)
+        return Launch(
+            name,
+            (num_rois, grid_y, 1),
+            (CHAN_LANES, THREADS // CHAN_LANES, 1),
+            shared_mem,
+            head + tail,
+        )
+    per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors)
+    name = forward_name("roi_pool_forward_plane", input.dtype, rois.dtype, with_argmax)
+    grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
+    return Launch(
+        name, (num_rois, grid_y, 1), (THREADS, 1, 1), shared_mem, head + _ints(per_block) + tail
+    )
+
+
+def plan_backward(
+    grad_output: torch.Tensor,
+    argmax: torch.Tensor,
+    batch_index: torch.Tensor,
+    grad_input: torch.Tensor,
+    multiprocessors: int,
+) -> Launch | None:
+    """The atomic backward launch (None when there is nothing to scatter).
+
+    Args:
+        grad_output: (K, C, PH, PW) of the input's dtype, any strides (zero strides too).
+        argmax: contiguous int32 (K, C, PH, PW).
+        batch_index: (K,) int64, each in [0, N).
+        grad_input: zero-filled contiguous (N, C, H, W) of `accumulate_dtype(grad_output.dtype)`.
+        multiprocessors: the device's SM count.
+    """
+    num_rois, channels, ph, pw = argmax.shape
+    if argmax.numel() == 0 or grad_input.numel() == 0:
+        return None
+    _, _, height, width = grad_input.shape
+    per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors)
+    grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
+    args = (
+        _pointer(grad_output),
+        *_ints(*grad_output.stride()),
+        _pointer(argmax),
+        _pointer(batch_index),
+        *_ints(batch_index.stride(0), channels, height * width, ph, pw, per_block),
+        _pointer(grad_input),
+    )
+    return Launch(backward_name(grad_output.dtype), (num_rois, grid_y, 1), (THREADS, 1, 1), 0, args)

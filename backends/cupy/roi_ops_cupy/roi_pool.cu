@@ -1,0 +1,461 @@
+// RoI max pooling (the Fast R-CNN op) for roi_ops, exact to docs/contract.md.
+//
+// Compiled at run time by NVRTC through CuPy (roi_ops_cupy/launch.py), once per device and
+// (input, rois) dtype pair; every shape is a run-time argument. The file includes no header at
+// all, so NVRTC needs no CUDA include path: float16 and bfloat16 are handled as their bit
+// patterns (roi_half, roi_bf16) with PTX conversions, which avoids mixing CuPy's bundled
+// cuda_fp16.h with a toolkit's cuda_bf16.h of another version.
+//
+// Kernels (T: input type, R: rois type; the geometry type G follows from R):
+//   roi_pool_forward_plane<T, R, kArgmax>  one block per (ROI, channel block); threads run over
+//       (channel, bin) in output order, so stores are coalesced. For inputs whose width stride is
+//       the smallest (NCHW contiguous and most other layouts).
+//   roi_pool_forward_chan<T, R, kArgmax>   one block per (ROI, 32 channels); lanes run over
+//       channels, so loads are coalesced when the channel stride is the smallest (channels_last);
+//       results are staged in shared memory and stored in output order.
+//   roi_pool_backward_atomic<T>            grad_input[b, c].flat[argmax] += grad_output with
+//       atomics (not run-to-run deterministic; the Python side never uses it in deterministic
+//       mode).
+// Both forward kernels compute the ROI's geometry once per block and cache the bin edges in
+// shared memory (dynamic, 8 * (PH + PW) bytes) unless the launcher passes cache_edges = 0, in
+// which case every thread computes the edges it needs.
+//
+// Build flags: --fmad=false. The geometry uses the _rn intrinsics anyway, so no contraction into
+// FMA can change a rounding.
+
+typedef long long i64;
+
+struct roi_half {
+  unsigned short bits;
+};
+struct roi_bf16 {
+  unsigned short bits;
+};
+
+namespace roi_ops_cuda {
+
+constexpr i64 kIndexLimit = 1099511627776LL;  // 2^40, the contract's index() saturation
+constexpr int kThreads = 256;                  // every kernel runs 256-thread blocks
+constexpr int kChanLanes = 32;                 // channels per block of the chan kernel
+constexpr int kChanWarps = kThreads / kChanLanes;
+constexpr int kChanBins = 64;                  // bins staged in shared memory per round
+
+#ifndef ROI_OPS_HOST_EMULATION  // tools/host_emulator.cpp supplies CPU versions
+__device__ __forceinline__ float half_to_float(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ unsigned short float_to_half(float f) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+#endif
+
+__device__ __forceinline__ float bf16_to_float(unsigned short b) {
+  return __uint_as_float(static_cast<unsigned int>(b) << 16);
+}
+
+template <class A>
+__device__ __forceinline__ A clamp_to(A v, A lo, A hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// ---- Reduction view of an element: an exact comparison key ------------------------------------
+
+template <class T>
+struct Elem;
+template <>
+struct Elem<float> {
+  typedef float key;
+  static __device__ __forceinline__ float key_of(float v) { return v; }
+};
+template <>
+struct Elem<double> {
+  typedef double key;
+  static __device__ __forceinline__ double key_of(double v) { return v; }
+};
+template <>
+struct Elem<roi_half> {
+  typedef float key;
+  static __device__ __forceinline__ float key_of(roi_half v) { return half_to_float(v.bits); }
+};
+template <>
+struct Elem<roi_bf16> {
+  typedef float key;
+  static __device__ __forceinline__ float key_of(roi_bf16 v) { return bf16_to_float(v.bits); }
+};
+
+// ---- Geometry dtypes: every operation rounded to G, as C++ does with a variable of type G ----
+
+struct GeomFloat {
+  typedef float V;
+  static __device__ __forceinline__ V mul(V a, V b) { return __fmul_rn(a, b); }
+  static __device__ __forceinline__ V div(V a, V b) { return __fdiv_rn(a, b); }
+  static __device__ __forceinline__ V from_int(i64 v) { return __ll2float_rn(v); }
+  static __device__ __forceinline__ V scale(double s) { return __double2float_rn(s); }
+  static __device__ __forceinline__ V floor_(V x) { return floorf(x); }
+  static __device__ __forceinline__ V ceil_(V x) { return ceilf(x); }
+  static __device__ __forceinline__ V round_(V x) { return roundf(x); }  // halves away from 0
+  static __device__ __forceinline__ bool finite(V x) { return fabsf(x) <= 3.40282347e+38f; }
+};
+
+struct GeomDouble {
+  typedef double V;
+  static __device__ __forceinline__ V mul(V a, V b) { return __dmul_rn(a, b); }
+  static __device__ __forceinline__ V div(V a, V b) { return __ddiv_rn(a, b); }
+  static __device__ __forceinline__ V from_int(i64 v) { return __ll2double_rn(v); }
+  static __device__ __forceinline__ V scale(double s) { return s; }
+  static __device__ __forceinline__ V floor_(V x) { return floor(x); }
+  static __device__ __forceinline__ V ceil_(V x) { return ceil(x); }
+  static __device__ __forceinline__ V round_(V x) { return round(x); }
+  static __device__ __forceinline__ bool finite(V x) {
+    return fabs(x) <= 1.7976931348623157e+308;
+  }
+};
+
+// float16 geometry, held in float registers whose values are always float16 values. A float16
+// product of two float16 values is exact in float, so rounding it to float16 once is the
+// float16 product; for quotients float has more than 2 * 11 + 2 bits, so float-then-float16
+// double rounding equals a direct float16 division. Conversions from integers: exact in float
+// below 2^24, and anything from 2^24 up is +-inf in float16 either way.
+struct GeomHalf {
+  typedef float V;
+  static __device__ __forceinline__ V to_half(float x) { return half_to_float(float_to_half(x)); }
+  static __device__ __forceinline__ V mul(V a, V b) { return to_half(__fmul_rn(a, b)); }
+  static __device__ __forceinline__ V div(V a, V b) { return to_half(__fdiv_rn(a, b)); }
+  static __device__ __forceinline__ V from_int(i64 v) { return to_half(__ll2float_rn(v)); }
+  static __device__ __forceinline__ V scale(double s) { return to_half(__double2float_rn(s)); }
+  static __device__ __forceinline__ V floor_(V x) { return floorf(x); }  // exact in float16
+  static __device__ __forceinline__ V ceil_(V x) { return ceilf(x); }
+  static __device__ __forceinline__ V round_(V x) { return roundf(x); }
+  static __device__ __forceinline__ bool finite(V x) { return fabsf(x) <= 65504.0f; }
+};
+
+// The geometry dtype of each rois dtype (bfloat16 rois use float32) and how to read one value.
+template <class R>
+struct Rois;
+template <>
+struct Rois<roi_half> {
+  typedef GeomHalf G;
+  static __device__ __forceinline__ float load(roi_half r) { return half_to_float(r.bits); }
+};
+template <>
+struct Rois<roi_bf16> {
+  typedef GeomFloat G;
+  static __device__ __forceinline__ float load(roi_bf16 r) { return bf16_to_float(r.bits); }
+};
+template <>
+struct Rois<float> {
+  typedef GeomFloat G;
+  static __device__ __forceinline__ float load(float r) { return r; }
+};
+template <>
+struct Rois<double> {
+  typedef GeomDouble G;
+  static __device__ __forceinline__ double load(double r) { return r; }
+};
+
+// The contract's index(v) for an integral G value: NaN -> 0, saturate to [-2^40, 2^40].
+template <class V>
+__device__ __forceinline__ i64 to_index(V v) {
+  if (!(v == v)) return 0;
+  if (v >= static_cast<V>(kIndexLimit)) return kIndexLimit;
+  if (v <= -static_cast<V>(kIndexLimit)) return -kIndexLimit;
+  return static_cast<i64>(v);
+}
+
+template <class G>
+struct RoiGeometry {
+  i64 batch;  // image index, or -1 for an invalid ROI (every bin empty)
+  i64 x1, y1;
+  typename G::V bin_w, bin_h;
+};
+
+// Steps 1-4 of the contract for the ROI whose five values start at `row` (stride `stride`).
+template <class R>
+__device__ __forceinline__ RoiGeometry<typename Rois<R>::G> roi_geometry(
+    const R* __restrict__ row, i64 stride, i64 num_images, double spatial_scale, i64 PH, i64 PW) {
+  typedef typename Rois<R>::G G;
+  typedef typename G::V V;
+  V v[5];
+  bool valid = true;
+#pragma unroll
+  for (int j = 0; j < 5; ++j) {
+    v[j] = Rois<R>::load(row[j * stride]);
+    valid = valid && G::finite(v[j]);
+  }
+  const double batch = trunc(static_cast<double>(v[0]));
+  valid = valid && batch >= 0.0 && batch < static_cast<double>(num_images);
+  const V s = G::scale(spatial_scale);
+  const i64 x1 = to_index(G::round_(G::mul(v[1], s)));
+  const i64 y1 = to_index(G::round_(G::mul(v[2], s)));
+  const i64 x2 = to_index(G::round_(G::mul(v[3], s)));
+  const i64 y2 = to_index(G::round_(G::mul(v[4], s)));
+  const i64 roi_w = x2 - x1 + 1 > 1 ? x2 - x1 + 1 : 1;
+  const i64 roi_h = y2 - y1 + 1 > 1 ? y2 - y1 + 1 : 1;
+  RoiGeometry<G> g;
+  g.batch = valid ? static_cast<i64>(batch) : -1;
+  g.x1 = x1;
+  g.y1 = y1;
+  g.bin_w = G::div(G::from_int(roi_w), G::from_int(PW));
+  g.bin_h = G::div(G::from_int(roi_h), G::from_int(PH));
+  return g;
+}
+
+// Step 5: [start, end) of bin p along one axis, clamped to [0, limit]; empty for invalid ROIs.
+template <class G>
+__device__ __forceinline__ int2 bin_span(i64 p, typename G::V bin, i64 corner, i64 limit,
+                                         bool valid) {
+  if (!valid) return make_int2(0, 0);
+  const i64 lo = to_index(G::floor_(G::mul(G::from_int(p), bin))) + corner;
+  const i64 hi = to_index(G::ceil_(G::mul(G::from_int(p + 1), bin))) + corner;
+  return make_int2(static_cast<int>(clamp_to<i64>(lo, 0, limit)),
+                   static_cast<int>(clamp_to<i64>(hi, 0, limit)));
+}
+
+// Shared-memory edge cache: rows [0, PH) then columns [PH, PH + PW).
+#ifndef ROI_OPS_HOST_EMULATION
+extern __shared__ int2 roi_edges[];
+#endif
+
+template <class G>
+__device__ __forceinline__ void fill_edge_cache(const RoiGeometry<G>& g, i64 PH, i64 PW, i64 H,
+                                                i64 W, int tid) {
+  const bool valid = g.batch >= 0;
+  for (i64 i = tid; i < PH + PW; i += kThreads) {
+    roi_edges[i] = i < PH ? bin_span<G>(i, g.bin_h, g.y1, H, valid)
+                          : bin_span<G>(i - PH, g.bin_w, g.x1, W, valid);
+  }
+  __syncthreads();
+}
+
+template <class G>
+__device__ __forceinline__ int2 row_span(const RoiGeometry<G>& g, bool cached, int ph, i64 H) {
+  return cached ? roi_edges[ph] : bin_span<G>(ph, g.bin_h, g.y1, H, g.batch >= 0);
+}
+
+template <class G>
+__device__ __forceinline__ int2 col_span(const RoiGeometry<G>& g, bool cached, i64 PH, int pw,
+                                         i64 W) {
+  return cached ? roi_edges[PH + pw] : bin_span<G>(pw, g.bin_w, g.x1, W, g.batch >= 0);
+}
+
+template <class T>
+struct BinMax {
+  T value;
+  int index;  // h * W + w, or -1 for an empty bin
+};
+
+// The first maximal element of one bin in row-major scan order; NaN is maximal (first NaN wins),
+// -inf is ordinary. An empty bin gives +0 and -1. The value is copied, never converted.
+template <class T>
+__device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 rows, int2 cols,
+                                             i64 sH, i64 sW, i64 W) {
+  typedef typename Elem<T>::key K;
+  BinMax<T> m;
+  m.value = T();
+  m.index = -1;
+  K best = K(0);
+  for (int h = rows.x; h < rows.y; ++h) {
+    const T* __restrict__ line = plane + h * sH;
+    const int base = h * static_cast<int>(W);  // < H * W < 2^31 (checked by roi_ops)
+#pragma unroll 4
+    for (int w = cols.x; w < cols.y; ++w) {
+      const T v = line[w * sW];
+      const K key = Elem<T>::key_of(v);
+      // Take v if it is the first element, or if best is not NaN and v is NaN or larger.
+      if (m.index < 0 || (!(key <= best) && best == best)) {
+        best = key;
+        m.value = v;
+        m.index = base + w;
+      }
+    }
+  }
+  return m;
+}
+
+}  // namespace roi_ops_cuda
+
+// ---- Kernels ----------------------------------------------------------------------------------
+// 256 threads, at least 6 blocks per SM: ptxas then keeps every kernel within 40 registers
+// without spills (its unconstrained choice spilled on sm_80).
+#define ROI_OPS_LAUNCH_BOUNDS __launch_bounds__(256, 6)
+
+// Shapes and strides are in elements. Launch: grid (K, channel blocks), 256 threads per block
+// ((256) for plane and backward, (32, 8) for chan), dynamic shared memory 8 * (PH + PW) bytes
+// when cache_edges != 0, else 0. argmax may be null when kArgmax is false.
+
+template <class T, class R, bool kArgmax>
+__global__ void ROI_OPS_LAUNCH_BOUNDS
+    roi_pool_forward_plane(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
+                           const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
+                           const R* __restrict__ rois, const i64 rs0, const i64 rs1,
+                           const double spatial_scale, const i64 PH, const i64 PW,
+                           const i64 cache_edges, const i64 channels_per_block,
+                           T* __restrict__ output, int* __restrict__ argmax) {
+  using namespace roi_ops_cuda;
+  typedef typename Rois<R>::G G;
+  const i64 k = blockIdx.x;
+  const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
+  const bool cached = cache_edges != 0;
+  if (cached) fill_edge_cache<G>(g, PH, PW, H, W, threadIdx.x);
+  const unsigned int nb = static_cast<unsigned int>(PH * PW);  // < 2^31 (launcher checks)
+  const unsigned int pw_count = static_cast<unsigned int>(PW);
+  const T* __restrict__ image = input + (g.batch > 0 ? g.batch : 0) * sN;
+  for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
+    const i64 channels = C - c0 < channels_per_block ? C - c0 : channels_per_block;
+    const i64 count = channels * nb;  // < 2^31 (launcher checks)
+    const i64 out0 = (k * C + c0) * nb;
+    for (i64 e = threadIdx.x; e < count; e += kThreads) {
+      const unsigned int eu = static_cast<unsigned int>(e);
+      const unsigned int cl = eu / nb;
+      const unsigned int q = eu - cl * nb;
+      const unsigned int ph = q / pw_count;
+      const unsigned int pw = q - ph * pw_count;
+      const BinMax<T> m = bin_max<T>(image + (c0 + cl) * sC, row_span<G>(g, cached, ph, H),
+                                     col_span<G>(g, cached, PH, pw, W), sH, sW, W);
+      output[out0 + e] = m.value;
+      if (kArgmax) argmax[out0 + e] = m.index;
+    }
+  }
+}
+
+template <class T, class R, bool kArgmax>
+__global__ void ROI_OPS_LAUNCH_BOUNDS
+    roi_pool_forward_chan(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
+                          const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
+                          const R* __restrict__ rois, const i64 rs0, const i64 rs1,
+                          const double spatial_scale, const i64 PH, const i64 PW,
+                          const i64 cache_edges, T* __restrict__ output,
+                          int* __restrict__ argmax) {
+  using namespace roi_ops_cuda;
+  typedef typename Rois<R>::G G;
+  // [bin][channel], padded so that both the lane-per-channel writes and the bin-major reads
+  // are free of bank conflicts.
+  __shared__ T tile_value[kChanBins][kChanLanes + 1];
+  __shared__ int tile_index[kChanBins][kChanLanes + 1];
+  const int lane = threadIdx.x;
+  const int warp = threadIdx.y;
+  const int tid = warp * kChanLanes + lane;
+  const i64 k = blockIdx.x;
+  const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
+  const bool cached = cache_edges != 0;
+  if (cached) fill_edge_cache<G>(g, PH, PW, H, W, tid);
+  const int nb = static_cast<int>(PH * PW);  // < 2^31 (launcher checks)
+  const int pw_count = static_cast<int>(PW);
+  const T* __restrict__ image = input + (g.batch > 0 ? g.batch : 0) * sN;
+  for (i64 c0 = static_cast<i64>(blockIdx.y) * kChanLanes; c0 < C;
+       c0 += static_cast<i64>(gridDim.y) * kChanLanes) {
+    const int channels = C - c0 < kChanLanes ? static_cast<int>(C - c0) : kChanLanes;
+    const bool active = lane < channels;
+    const T* __restrict__ plane = image + (c0 + (active ? lane : 0)) * sC;
+    for (int q0 = 0; q0 < nb; q0 += kChanBins) {
+      const int bins = nb - q0 < kChanBins ? nb - q0 : kChanBins;
+      for (int qi = warp; qi < bins; qi += kChanWarps) {
+        const int ph = (q0 + qi) / pw_count;
+        const int pw = q0 + qi - ph * pw_count;
+        if (active) {
+          const BinMax<T> m = bin_max<T>(plane, row_span<G>(g, cached, ph, H),
+                                         col_span<G>(g, cached, PH, pw, W), sH, sW, W);
+          tile_value[qi][lane] = m.value;
+          if (kArgmax) tile_index[qi][lane] = m.index;
+        }
+      }
+      __syncthreads();
+      // Store channel by channel, bins contiguous: all of it contiguous when nb <= kChanBins.
+      const i64 out0 = (k * C + c0) * nb + q0;
+      for (int e = tid; e < channels * bins; e += kThreads) {
+        const int cl = e / bins;
+        const int qi = e - cl * bins;
+        const i64 o = out0 + static_cast<i64>(cl) * nb + qi;
+        output[o] = tile_value[qi][cl];
+        if (kArgmax) argmax[o] = tile_index[qi][cl];
+      }
+      __syncthreads();
+    }
+  }
+}
+
+namespace roi_ops_cuda {
+template <class T>
+struct Accum {
+  typedef float type;  // float16/bfloat16 gradients accumulate in float32
+};
+template <>
+struct Accum<double> {
+  typedef double type;
+};
+}  // namespace roi_ops_cuda
+
+// grad_input (N, C, H, W) contiguous, zero-filled, of Accum<T>::type; grad_output any strides
+// (zero strides too); argmax contiguous (K, C, PH, PW); batch_index (K,) int64 in [0, N).
+template <class T>
+__global__ void ROI_OPS_LAUNCH_BOUNDS
+    roi_pool_backward_atomic(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
+                             const i64 gs2, const i64 gs3, const int* __restrict__ argmax,
+                             const i64* __restrict__ batch_index, const i64 bs0, const i64 C,
+                             const i64 HW, const i64 PH, const i64 PW,
+                             const i64 channels_per_block,
+                             typename roi_ops_cuda::Accum<T>::type* __restrict__ grad_input) {
+  using namespace roi_ops_cuda;
+  const i64 k = blockIdx.x;
+  const i64 b = batch_index[k * bs0];
+  const unsigned int nb = static_cast<unsigned int>(PH * PW);
+  const unsigned int pw_count = static_cast<unsigned int>(PW);
+  for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
+    const i64 channels = C - c0 < channels_per_block ? C - c0 : channels_per_block;
+    const i64 count = channels * nb;
+    const i64 arg0 = (k * C + c0) * nb;
+    for (i64 e = threadIdx.x; e < count; e += kThreads) {
+      const int a = argmax[arg0 + e];
+      if (a < 0) continue;
+      const unsigned int eu = static_cast<unsigned int>(e);
+      const unsigned int cl = eu / nb;
+      const unsigned int q = eu - cl * nb;
+      const unsigned int ph = q / pw_count;
+      const unsigned int pw = q - ph * pw_count;
+      const T grad = grad_output[k * gs0 + (c0 + cl) * gs1 + ph * gs2 + pw * gs3];
+      atomicAdd(grad_input + (b * C + c0 + cl) * HW + a,
+                static_cast<typename Accum<T>::type>(Elem<T>::key_of(grad)));
+    }
+  }
+}
+
+#ifdef ROI_OPS_INSTANTIATE_ALL
+// For offline compile checks (tools/check_compile.sh): instantiate every kernel that
+// roi_ops_cupy/kernels.py asks NVRTC for. tests/test_backend_cupy.py checks that these two lists
+// match kernels.FORWARD_PAIRS and kernels.BACKWARD_TYPES.
+template <class T, class R>
+const void* roi_ops_forward_kernels(int i) {
+  const void* kernels[] = {
+      reinterpret_cast<const void*>(&roi_pool_forward_plane<T, R, true>),
+      reinterpret_cast<const void*>(&roi_pool_forward_plane<T, R, false>),
+      reinterpret_cast<const void*>(&roi_pool_forward_chan<T, R, true>),
+      reinterpret_cast<const void*>(&roi_pool_forward_chan<T, R, false>),
+  };
+  return kernels[i];
+}
+
+template <class T>
+const void* roi_ops_backward_kernel() {
+  return reinterpret_cast<const void*>(&roi_pool_backward_atomic<T>);
+}
+
+#define ROI_OPS_FORWARD_PAIR(T, R) template const void* roi_ops_forward_kernels<T, R>(int);
+#define ROI_OPS_BACKWARD_TYPE(T) template const void* roi_ops_backward_kernel<T>();
+
+ROI_OPS_FORWARD_PAIR(roi_half, roi_half)
+ROI_OPS_FORWARD_PAIR(roi_bf16, roi_bf16)
+ROI_OPS_FORWARD_PAIR(float, float)
+ROI_OPS_FORWARD_PAIR(double, double)
+ROI_OPS_FORWARD_PAIR(roi_half, float)
+ROI_OPS_FORWARD_PAIR(roi_bf16, float)
+
+ROI_OPS_BACKWARD_TYPE(roi_half)
+ROI_OPS_BACKWARD_TYPE(roi_bf16)
+ROI_OPS_BACKWARD_TYPE(float)
+ROI_OPS_BACKWARD_TYPE(double)
+#endif

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Compile roi_ops_cupy/roi_pool.cu with this machine's nvcc for sm_80 and sm_90, every kernel
+# template instantiated (-DROI_OPS_INSTANTIATE_ALL), all warnings as errors, and the flags the
+# run-time NVRTC build uses (--fmad=false, C++17). Prints what it compiled and, for sm_90, the
+# registers, shared memory and spills of every kernel. Exits non-zero on any failure.
+#
+# Usage: backends/cupy/tools/check_compile.sh [ARCH...]   (default: 80 90; NVCC=... to override)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source_file="$here/../roi_ops_cupy/roi_pool.cu"
+nvcc="${NVCC:-nvcc}"
+archs=("$@")
+[ ${#archs[@]} -gt 0 ] || archs=(80 90)
+
+if ! command -v "$nvcc" >/dev/null 2>&1; then
+  echo "check_compile: nvcc not found (set NVCC or put it on PATH)" >&2
+  exit 2
+fi
+# NVRTC gets no include path from roi_ops_cupy: the source must stay self-contained.
+if grep -nE '^[[:space:]]*#[[:space:]]*include' "$source_file"; then
+  echo "check_compile: roi_pool.cu must not #include anything (NVRTC has no include path)" >&2
+  exit 1
+fi
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+echo "check_compile: $("$nvcc" --version | tail -n 1)"
+for arch in "${archs[@]}"; do
+  flags=(-std=c++17 --fmad=false -DROI_OPS_INSTANTIATE_ALL -Werror all-warnings
+         -Xcompiler -Wall -Xptxas -warn-spills,-warn-lmem-usage
+         -gencode "arch=compute_${arch},code=sm_${arch}" -x cu -c "$source_file"
+         -o "$work/roi_pool_sm${arch}.o")
+  [ "$arch" = 90 ] && flags+=(-Xptxas -v)
+  echo "check_compile: nvcc ${flags[*]}"
+  "$nvcc" "${flags[@]}" >"$work/log" 2>&1 || { cat "$work/log" >&2; exit 1; }
+  if [ "$arch" = 90 ]; then
+    # ptxas -v prints one "Compiling entry function '<mangled>'" line, then its resources.
+    python3 - "$work/log" <<'PY'
+import re, subprocess, sys
+
+# ptxas -v prints, per kernel: "Compiling entry function '<mangled>'", then a line with its
+# stack frame and spills, then one with "Used N registers ... smem".
+name, spills = None, ""
+for line in open(sys.argv[1]).read().splitlines():
+    entry = re.search(r"Compiling entry function '([^']+)'", line)
+    if entry:
+        demangled = subprocess.run(["c++filt", entry.group(1)], capture_output=True, text=True)
+        name = re.sub(r"\(.*", "", demangled.stdout.strip()) or entry.group(1)
+        continue
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                      line)
+    if frame:
+        spills = f"{frame.group(2)} B spill stores, {frame.group(3)} B spill loads"
+        continue
+    used = re.search(r"Used (\d+) registers", line)
+    if used and name:
+        smem = re.search(r"(\d+) bytes smem", line)
+        print(f"  sm_90 {name}: {used.group(1)} registers, "
+              f"{smem.group(1) if smem else 0} B static smem, {spills}")
+        name, spills = None, ""
+PY
+  fi
+  echo "check_compile: sm_${arch} ok"
+done
+echo "check_compile: all ok (${archs[*]})"
