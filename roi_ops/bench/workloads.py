@@ -28,8 +28,8 @@ class Workload:
         return replace(
             self,
             num_images=max(1, self.num_images // 4),
-            channels=max(16, self.channels // 8),
-            num_rois=max(32, self.num_rois // 16),
+            channels=max(16, self.channels // 16),
+            num_rois=max(32, self.num_rois // 32),
         )
 
     def describe(self) -> str:
