@@ -44,14 +44,15 @@ def _bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    workloads = resolve_workloads(args.workload, device)
+    workloads = resolve_workloads(args.workload, device, args.full_size)
     dtypes = [DTYPES[d] for d in args.dtype]
     backends = args.backend
     estimated = len(workloads) * len(dtypes) * (len(backends or list_backends()) + 1) * len(MODES)
     budget = args.budget if args.budget else (0.5 if device.type == "cpu" else 0.25)
+    modes = tuple(args.mode) if args.mode else MODES
     results, bandwidth = run_benchmark(
         device, dtypes, workloads, backends, budget, channels_last=args.channels_last,
-        progress=_progress(estimated),
+        progress=_progress(estimated), min_reps=args.min_reps, modes=modes,
     )
     sys.stderr.write("\n")
     check_ms = value_check_cost_ms(device, workloads[0], budget)
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=0, help="torch/numba threads (CPU)")
     bench.add_argument("--budget", type=float, default=0.0,
                        help="seconds of repeats per measurement")
+    bench.add_argument("--full-size", action="store_true",
+                       help="on the CPU, use the GPU-sized workloads instead of scaled-down ones")
+    bench.add_argument("--min-reps", type=int, default=3, help="timed repeats at least")
+    bench.add_argument("--mode", nargs="+", default=None, choices=["infer", "fwd", "fwd+bwd"])
     bench.add_argument("--json", default=None, metavar="PATH", help="write raw medians here")
     args = parser.parse_args(argv)
     if args.command == "info":

@@ -157,6 +157,8 @@ def run_benchmark(
     budget_s: float,
     channels_last: bool = False,
     progress: Callable[[str], None] | None = None,
+    min_reps: int = 3,
+    modes: tuple[str, ...] = MODES,
 ) -> tuple[list[Measurement], float]:
     """Time every (workload, dtype, backend, mode). Returns (measurements, copy bandwidth B/s)."""
     bandwidth = copy_bandwidth(device, budget_s)
@@ -172,13 +174,14 @@ def run_benchmark(
                 m = Measurement(workload.name, workload.describe(), str(device),
                                 str(dtype).removeprefix("torch."), backend, layout)
                 m.floor_ms = {k: v / bandwidth * 1e3 for k, v in floors.items()}
-                for mode in MODES:
+                for mode in modes:
                     if progress:
                         progress(f"{workload.name} {m.dtype} {backend} {mode}")
                     try:
                         with value_checks(False):
                             fn = _runner(backend, x, rois, workload, mode)
-                            m.times_ms[mode] = median_time_ms(fn, device, budget_s)
+                            m.times_ms[mode] = median_time_ms(fn, device, budget_s,
+                                                              min_reps=min_reps)
                     except Exception as error:  # a rival without this dtype, say
                         m.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                         break
@@ -212,10 +215,11 @@ def format_table(results: list[Measurement]) -> str:
         torch_m = index.get((m.workload, m.dtype, "torch"))
         tv = index.get((m.workload, m.dtype, TORCHVISION))
         t = m.times_ms
-        floor = f"{100 * m.floor_ms['fwd'] / t['fwd']:.0f}" if "fwd" in t else "-"
+        floor = f"{100 * m.floor_ms['fwd'] / t['fwd']:.0f}" if t.get("fwd") else "-"
+        ms = {mode: f"{t[mode]:9.3f}" if mode in t else f"{'-':>9}" for mode in MODES}
         lines.append(
-            f"{m.workload:<10} {m.dtype:<9} {m.backend:<12} {t.get('infer', 0):9.3f} "
-            f"{t.get('fwd', 0):9.3f} {t.get('fwd+bwd', 0):9.3f} {ratio(torch_m, m, 'fwd'):>9} "
+            f"{m.workload:<10} {m.dtype:<9} {m.backend:<12} {ms['infer']} "
+            f"{ms['fwd']} {ms['fwd+bwd']} {ratio(torch_m, m, 'fwd'):>9} "
             f"{ratio(tv, m, 'fwd'):>7} {ratio(tv, m, 'fwd+bwd'):>7} "
             f"{ratio(tv, m, 'infer', 'fwd'):>7} {floor:>6}"
         )
@@ -237,7 +241,9 @@ def to_json(results: list[Measurement], bandwidth: float, extra: dict) -> dict:
     }
 
 
-def resolve_workloads(names: list[str] | None, device: torch.device) -> list[Workload]:
-    """The named workloads (all by default), scaled down on the CPU."""
+def resolve_workloads(
+    names: list[str] | None, device: torch.device, full_size: bool = False
+) -> list[Workload]:
+    """The named workloads (all by default), scaled down on the CPU unless `full_size`."""
     chosen = [WORKLOADS[n] for n in names] if names else list(WORKLOADS.values())
-    return [w.scaled_for_cpu() if device.type == "cpu" else w for w in chosen]
+    return [w.scaled_for_cpu() if device.type == "cpu" and not full_size else w for w in chosen]

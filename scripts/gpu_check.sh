@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: install, backend report, GPU tests, GPU (and 16-core CPU)
+# benchmarks. Logs and JSON go to $OUT (default ./gpu-out). Stages: install info tests bench
+# cpubench (default: all but cpubench). Example: bash scripts/gpu_check.sh install info tests
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+stages=${*:-install info tests bench}
+status=0
+
+for stage in $stages; do
+  echo "=== $stage"
+  case $stage in
+    install)
+      "$PYTHON" -m pip install -q --no-deps --no-build-isolation \
+        -e . -e backends/numba -e backends/triton -e backends/cupy 2>&1 | grep -v WARNING
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+      ;;
+    info)
+      "$PYTHON" -m roi_ops info 2>&1 | tee "$OUT/info.txt"
+      ;;
+    tests)
+      timeout 420 "$PYTHON" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} \
+        --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/tests.log" | tail -40
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      ;;
+    bench)
+      "$PYTHON" -m roi_ops bench --device cuda --dtype float32 float16 bfloat16 \
+        ${BENCH_ARGS:-} --json "$OUT/bench-cuda.json" 2>"$OUT/bench-progress.log" \
+        | tee "$OUT/bench-cuda.txt"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      ;;
+    cpubench)
+      for threads in 16 1; do
+        "$PYTHON" -m roi_ops bench --device cpu --full-size --threads "$threads" \
+          --backend numba torchvision --mode fwd fwd+bwd --min-reps 2 --budget 1 \
+          ${CPU_BENCH_ARGS:-} --json "$OUT/bench-cpu-$threads.json" \
+          2>>"$OUT/bench-progress.log" | tee "$OUT/bench-cpu-$threads.txt"
+      done
+      ;;
+    *) echo "unknown stage $stage"; status=1 ;;
+  esac
+done
+exit $status

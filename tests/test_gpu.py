@@ -1,0 +1,160 @@
+"""GPU-only checks: torchvision as an oracle, cross-backend equality on real workloads, streams,
+CUDA graphs. Skipped without CUDA; run on the GPU machine by scripts/gpu_check.sh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import roi_ops
+from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
+from roi_ops.testing import check_case, contract_cases
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _gpu_backends() -> list[str]:
+    if not torch.cuda.is_available():
+        return []
+    probe = roi_ops.RoIPoolProblem(
+        torch.empty(1, 1, 1, 1, device="cuda"), torch.zeros(1, 5, device="cuda"), 1, 1, 1.0, True
+    )
+    from roi_ops.dispatch import reasons_against
+    from roi_ops.registry import REGISTRY
+
+    return [e.name for e in REGISTRY.entries() if not reasons_against(e, probe)]
+
+
+GPU_BACKENDS = _gpu_backends()
+
+
+def _torchvision_ops():
+    tv = pytest.importorskip("torchvision")
+    return tv, torch.ops.torchvision.roi_pool
+
+
+def _medium(workload: str):
+    w = WORKLOADS[workload]
+    from dataclasses import replace
+
+    return replace(w, channels=min(w.channels, 64), num_rois=min(w.num_rois, 600))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_matches_torchvision_on_workloads(backend, dtype, workload):
+    _, tv_roi_pool = _torchvision_ops()
+    w = _medium(workload)
+    x = make_input(w, dtype, "cuda", seed=3)
+    rois = make_rois(w, dtype, "cuda", seed=4)
+    expected, expected_argmax = tv_roi_pool(x, rois, w.spatial_scale, w.output_size,
+                                            w.output_size)
+    output, argmax = roi_ops.roi_pool_with_argmax(x, rois, w.output_size, w.spatial_scale,
+                                                  backend=backend)
+    assert torch.equal(output, expected)
+    assert torch.equal(argmax, expected_argmax.to(torch.int32))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_matches_torchvision_on_finite_contract_cases(backend, dtype):
+    _, tv_roi_pool = _torchvision_ops()
+    for case in contract_cases("cuda", dtype, seed=21):
+        rois = case.rois_tensor()
+        if case.needs_unchecked or not bool(torch.isfinite(case.input).all()):
+            continue  # torchvision is undefined there
+        expected, expected_argmax = tv_roi_pool(case.input, rois, case.spatial_scale,
+                                                *((case.output_size,) * 2
+                                                  if isinstance(case.output_size, int)
+                                                  else case.output_size))
+        output, argmax = roi_ops.roi_pool_with_argmax(case.input, case.rois, case.output_size,
+                                                      case.spatial_scale, backend=backend)
+        assert torch.equal(output, expected), case
+        assert torch.equal(argmax, expected_argmax.to(torch.int32)), case
+
+
+def test_torch_backend_on_cuda_matches_reference():
+    for dtype in DTYPES:
+        for case in contract_cases("cuda", dtype, seed=8):
+            check_case(case, "torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[str(d)[6:] for d in DTYPES])
+@pytest.mark.parametrize("workload", ["frcnn-c4", "mask-14", "big-batch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_gpu_backends_agree_bitwise_on_workloads(dtype, workload, channels_last):
+    if len(GPU_BACKENDS) < 2:
+        pytest.skip("fewer than two GPU backends")
+    w = _medium(workload)
+    x = make_input(w, dtype, "cuda", seed=5, channels_last=channels_last)
+    rois = make_rois(w, torch.float32 if dtype == torch.bfloat16 else dtype, "cuda", seed=6)
+    results = {}
+    for backend in GPU_BACKENDS:
+        out, arg = roi_ops.roi_pool_with_argmax(x, rois, w.output_size, w.spatial_scale,
+                                                backend=backend)
+        results[backend] = (out, arg)
+    (first, (out0, arg0)), *rest = results.items()
+    for name, (out, arg) in rest:
+        assert torch.equal(arg, arg0), f"{name} vs {first}: argmax"
+        assert torch.equal(out.view(torch.int8), out0.view(torch.int8)), f"{name} vs {first}"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_non_default_stream(backend):
+    w = _medium("fpn-p4")
+    x = make_input(w, torch.float32, "cuda")
+    rois = make_rois(w, torch.float32, "cuda")
+    expected = roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            out = roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_and_replay(backend):
+    if backend == "torch":
+        pytest.skip("the torch backend reads bin sizes on the host, which capture forbids")
+    w = _medium("fpn-p4")
+    x = make_input(w, torch.float32, "cuda")
+    rois = make_rois(w, torch.float32, "cuda")
+    expected = roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend)  # warm-up / compile
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # value checks are skipped during capture
+        captured = roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend)
+    x.mul_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend))
+    assert not torch.equal(captured, expected)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_deterministic_backward_on_workload(backend):
+    w = _medium("big-batch")
+    x = make_input(w, torch.float32, "cuda")
+    rois = make_rois(w, torch.float32, "cuda")
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            leaf = x.clone().requires_grad_(True)
+            out = roi_ops.roi_pool(leaf, rois, 7, w.spatial_scale, backend=backend)
+            out.backward(torch.randn(out.shape, device="cuda",
+                                     generator=torch.Generator("cuda").manual_seed(0)))
+            grads.append(leaf.grad)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(grads[0], grads[1])
