@@ -1,10 +1,10 @@
 """roi_ops: exact, fast, batched region-of-interest max pooling for PyTorch.
 
-    >>> import torch, roi_ops
-    >>> x = torch.randn(2, 256, 50, 68)
-    >>> boxes = [torch.tensor([[0.0, 0.0, 320.0, 240.0]]), torch.tensor([[64.0, 32.0, 500.0, 400.0]])]
-    >>> roi_ops.roi_pool(x, boxes, output_size=7, spatial_scale=1 / 16).shape
-    torch.Size([2, 256, 7, 7])
+>>> import torch, roi_ops
+>>> x = torch.randn(2, 256, 50, 68)
+>>> boxes = [torch.tensor([[0.0, 0.0, 320.0, 240.0]]), torch.tensor([[64.0, 32.0, 500.0, 400.0]])]
+>>> roi_ops.roi_pool(x, boxes, output_size=7, spatial_scale=1 / 16).shape
+torch.Size([2, 256, 7, 7])
 """
 
 from . import ops as _ops  # noqa: F401  (registers the torch.library ops)

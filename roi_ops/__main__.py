@@ -8,8 +8,12 @@ import sys
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def _progress(total: int):
@@ -51,22 +55,37 @@ def _bench(args: argparse.Namespace) -> int:
     budget = args.budget if args.budget else (0.5 if device.type == "cpu" else 0.25)
     modes = tuple(args.mode) if args.mode else MODES
     results, bandwidth = run_benchmark(
-        device, dtypes, workloads, backends, budget, channels_last=args.channels_last,
-        progress=_progress(estimated), min_reps=args.min_reps, modes=modes,
+        device,
+        dtypes,
+        workloads,
+        backends,
+        budget,
+        channels_last=args.channels_last,
+        progress=_progress(estimated),
+        min_reps=args.min_reps,
+        modes=modes,
     )
     sys.stderr.write("\n")
     check_ms = value_check_cost_ms(device, workloads[0], budget)
-    print(f"device {device}  threads {torch.get_num_threads()}  copy bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s  layout "
-          f"{'channels_last' if args.channels_last else 'contiguous'}")
+    print(
+        f"device {device}  threads {torch.get_num_threads()}  copy bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s  layout "
+        f"{'channels_last' if args.channels_last else 'contiguous'}"
+    )
     for w in workloads:
         print(f"  {w.name}: {w.describe()}")
     print(format_table(results))
-    print(f"value checks ({workloads[0].name}, K={workloads[0].num_rois}): {check_ms:.3f} ms "
-          "median per call (disabled while timing the table)")
+    print(
+        f"value checks ({workloads[0].name}, K={workloads[0].num_rois}): {check_ms:.3f} ms "
+        "median per call (disabled while timing the table)"
+    )
     if args.json:
-        extra = {"device": str(device), "threads": torch.get_num_threads(),
-                 "value_check_ms": check_ms, "command": " ".join(sys.argv)}
+        extra = {
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "value_check_ms": check_ms,
+            "command": " ".join(sys.argv),
+        }
         with open(args.json, "w") as f:
             json.dump(to_json(results, bandwidth, extra), f, indent=1)
         print(f"wrote {args.json}")
@@ -80,16 +99,28 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="time every usable backend side by side")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(DTYPES))
-    bench.add_argument("--workload", nargs="+", default=None,
-                       help="frcnn-c4 fpn-p2 fpn-p4 mask-14 big-batch (default: all)")
-    bench.add_argument("--backend", nargs="+", default=None,
-                       help="backend names, and 'torchvision' (default: every usable one)")
+    bench.add_argument(
+        "--workload",
+        nargs="+",
+        default=None,
+        help="frcnn-c4 fpn-p2 fpn-p4 mask-14 big-batch (default: all)",
+    )
+    bench.add_argument(
+        "--backend",
+        nargs="+",
+        default=None,
+        help="backend names, and 'torchvision' (default: every usable one)",
+    )
     bench.add_argument("--channels-last", action="store_true")
     bench.add_argument("--threads", type=int, default=0, help="torch/numba threads (CPU)")
-    bench.add_argument("--budget", type=float, default=0.0,
-                       help="seconds of repeats per measurement")
-    bench.add_argument("--full-size", action="store_true",
-                       help="on the CPU, use the GPU-sized workloads instead of scaled-down ones")
+    bench.add_argument(
+        "--budget", type=float, default=0.0, help="seconds of repeats per measurement"
+    )
+    bench.add_argument(
+        "--full-size",
+        action="store_true",
+        help="on the CPU, use the GPU-sized workloads instead of scaled-down ones",
+    )
     bench.add_argument("--min-reps", type=int, default=3, help="timed repeats at least")
     bench.add_argument("--mode", nargs="+", default=None, choices=["infer", "fwd", "fwd+bwd"])
     bench.add_argument("--json", default=None, metavar="PATH", help="write raw medians here")

@@ -54,7 +54,9 @@ def c_round(values: torch.Tensor) -> torch.Tensor:
 
 def to_index(values: torch.Tensor) -> torch.Tensor:
     """The contract's `index(v)`: NaN -> 0, saturate to [-2^40, 2^40], as int64."""
-    wide = torch.nan_to_num(values.to(torch.float64), nan=0.0, posinf=INDEX_LIMIT, neginf=-INDEX_LIMIT)
+    wide = torch.nan_to_num(
+        values.to(torch.float64), nan=0.0, posinf=INDEX_LIMIT, neginf=-INDEX_LIMIT
+    )
     return wide.clamp(-INDEX_LIMIT, INDEX_LIMIT).to(torch.int64)
 
 

@@ -23,7 +23,12 @@ def auto_choice(device: torch.device, dtype: torch.dtype) -> str:
     rois_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     problem = RoIPoolProblem(
         torch.empty((1, 1, 1, 1), dtype=dtype, device=device),
-        torch.zeros((1, 5), dtype=rois_dtype, device=device), 1, 1, 1.0, True)
+        torch.zeros((1, 5), dtype=rois_dtype, device=device),
+        1,
+        1,
+        1.0,
+        True,
+    )
     try:
         return resolve_backend("auto", problem).name
     except BackendUnavailableError:

@@ -38,9 +38,7 @@ def roi_pool_op(
     needs_argmax: bool,
 ) -> tuple[Tensor, Tensor]:
     """(output, argmax) for validated arguments; argmax is empty when not `needs_argmax`."""
-    problem = RoIPoolProblem(
-        input, rois, pooled_height, pooled_width, spatial_scale, needs_argmax
-    )
+    problem = RoIPoolProblem(input, rois, pooled_height, pooled_width, spatial_scale, needs_argmax)
     if value_checks_enabled() and not _capturing(input.device):
         check_roi_values(rois, input.shape[0])
     chosen = resolve_backend(backend, problem)

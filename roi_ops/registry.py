@@ -106,7 +106,9 @@ class Registry:
         providers = ", ".join(f"{e.distribution or e.origin} ({e.target})" for e in entries)
         if core:
             self._entries[name] = core[0]
-            message = f"backend name {name!r} is claimed by several plugins: {providers}; the core's wins"
+            message = (
+                f"backend name {name!r} is claimed by several plugins: {providers}; the core's wins"
+            )
         else:
             message = (
                 f"backend name {name!r} is claimed by several plugins: {providers}; uninstall "
@@ -234,9 +236,7 @@ class Registry:
         backend = entry.backend
         dtype_names = ()
         if backend is not None:
-            dtype_names = tuple(
-                sorted(str(d).removeprefix("torch.") for d in backend.dtypes)
-            )
+            dtype_names = tuple(sorted(str(d).removeprefix("torch.") for d in backend.dtypes))
         return BackendInfo(
             name=entry.name,
             origin=entry.origin,

@@ -62,7 +62,9 @@ def _pool_chunk(
     k_index = torch.arange(len(rois), device=device)[:, None, None]
     per_bin = row_max[k_index, offsets]  # (k, PH, Lh, PW, C)
     value, row_pick = _first_max(per_bin, row_valid[:, :, :, None, None], dim=2)  # (k, PH, PW, C)
-    chosen_offset = torch.gather(offsets[:, :, :, None, None].expand_as(per_bin), 2, row_pick[:, :, None])
+    chosen_offset = torch.gather(
+        offsets[:, :, :, None, None].expand_as(per_bin), 2, row_pick[:, :, None]
+    )
     chosen_offset = chosen_offset.squeeze(2)  # (k, PH, PW, C)
     pw_index = torch.arange(best_col.shape[2], device=device)[None, None, :, None]
     c_index = torch.arange(best_col.shape[3], device=device)[None, None, None, :]
@@ -119,7 +121,9 @@ class TorchBackend(Backend):
         col_len = (bins.wend - bins.wstart).amax(dim=1).clamp(min=0)
         row_len = (bins.hend - bins.hstart).amax(dim=1).clamp(min=0)
         gathered = span * col_len + row_len * problem.pooled_height
-        cost = torch.where((span > 0) & (col_len > 0), channels * problem.pooled_width * gathered, 0)
+        cost = torch.where(
+            (span > 0) & (col_len > 0), channels * problem.pooled_width * gathered, 0
+        )
         order = torch.argsort(cost)
         sorted_cost = cost[order].tolist()
         first_busy = next((i for i, c in enumerate(sorted_cost) if c > 0), len(sorted_cost))

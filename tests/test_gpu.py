@@ -50,10 +50,10 @@ def test_matches_torchvision_on_workloads(backend, dtype, workload):
     w = _medium(workload)
     x = make_input(w, dtype, "cuda", seed=3)
     rois = make_rois(w, dtype, "cuda", seed=4)
-    expected, expected_argmax = tv_roi_pool(x, rois, w.spatial_scale, w.output_size,
-                                            w.output_size)
-    output, argmax = roi_ops.roi_pool_with_argmax(x, rois, w.output_size, w.spatial_scale,
-                                                  backend=backend)
+    expected, expected_argmax = tv_roi_pool(x, rois, w.spatial_scale, w.output_size, w.output_size)
+    output, argmax = roi_ops.roi_pool_with_argmax(
+        x, rois, w.output_size, w.spatial_scale, backend=backend
+    )
     assert torch.equal(output, expected)
     assert torch.equal(argmax, expected_argmax.to(torch.int32))
 
@@ -66,12 +66,15 @@ def test_matches_torchvision_on_finite_contract_cases(backend, dtype):
         rois = case.rois_tensor()
         if case.needs_unchecked or not bool(torch.isfinite(case.input).all()):
             continue  # torchvision is undefined there
-        expected, expected_argmax = tv_roi_pool(case.input, rois, case.spatial_scale,
-                                                *((case.output_size,) * 2
-                                                  if isinstance(case.output_size, int)
-                                                  else case.output_size))
-        output, argmax = roi_ops.roi_pool_with_argmax(case.input, case.rois, case.output_size,
-                                                      case.spatial_scale, backend=backend)
+        expected, expected_argmax = tv_roi_pool(
+            case.input,
+            rois,
+            case.spatial_scale,
+            *((case.output_size,) * 2 if isinstance(case.output_size, int) else case.output_size),
+        )
+        output, argmax = roi_ops.roi_pool_with_argmax(
+            case.input, case.rois, case.output_size, case.spatial_scale, backend=backend
+        )
         assert torch.equal(output, expected), case
         assert torch.equal(argmax, expected_argmax.to(torch.int32)), case
 
@@ -93,8 +96,9 @@ def test_gpu_backends_agree_bitwise_on_workloads(dtype, workload, channels_last)
     rois = make_rois(w, torch.float32 if dtype == torch.bfloat16 else dtype, "cuda", seed=6)
     results = {}
     for backend in GPU_BACKENDS:
-        out, arg = roi_ops.roi_pool_with_argmax(x, rois, w.output_size, w.spatial_scale,
-                                                backend=backend)
+        out, arg = roi_ops.roi_pool_with_argmax(
+            x, rois, w.output_size, w.spatial_scale, backend=backend
+        )
         results[backend] = (out, arg)
     (first, (out0, arg0)), *rest = results.items()
     for name, (out, arg) in rest:
@@ -152,8 +156,11 @@ def test_deterministic_backward_on_workload(backend):
         for _ in range(2):
             leaf = x.clone().requires_grad_(True)
             out = roi_ops.roi_pool(leaf, rois, 7, w.spatial_scale, backend=backend)
-            out.backward(torch.randn(out.shape, device="cuda",
-                                     generator=torch.Generator("cuda").manual_seed(0)))
+            out.backward(
+                torch.randn(
+                    out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0)
+                )
+            )
             grads.append(leaf.grad)
     finally:
         torch.use_deterministic_algorithms(False)

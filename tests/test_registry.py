@@ -19,8 +19,9 @@ from roi_ops.testing import check_case, contract_cases
 EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "plugin"
 
 
-def _install_distribution(root: Path, name: str, entry_points: dict[str, str],
-                          modules: dict[str, str] | None = None) -> None:
+def _install_distribution(
+    root: Path, name: str, entry_points: dict[str, str], modules: dict[str, str] | None = None
+) -> None:
     """Write `modules` and a real .dist-info with `entry_points` under `root` (on sys.path)."""
     for module, source in (modules or {}).items():
         (root / f"{module}.py").write_text(source)
@@ -48,8 +49,9 @@ def site(tmp_path, monkeypatch):
 def example_plugin(site):
     """The repository's example plugin, exposed through real entry-point metadata."""
     shutil.copytree(EXAMPLE_PLUGIN / "roi_ops_example", site / "roi_ops_example")
-    _install_distribution(site, "roi-ops-example",
-                          {"example": "roi_ops_example.backend:ExampleBackend"})
+    _install_distribution(
+        site, "roi-ops-example", {"example": "roi_ops_example.backend:ExampleBackend"}
+    )
     return site
 
 
@@ -97,7 +99,9 @@ def test_example_plugin_conforms(example_plugin):
 
 def test_broken_plugin_is_isolated_and_warns_once(site):
     _install_distribution(
-        site, "plugin-broken", {"broken": "plugin_broken:Backend"},
+        site,
+        "plugin-broken",
+        {"broken": "plugin_broken:Backend"},
         {"plugin_broken": "raise ImportError('kernel library missing')\n"},
     )
     with pytest.warns(RuntimeWarning, match="kernel library missing"):
@@ -132,8 +136,12 @@ class Failing(roi_ops.Backend):
 
 def _plugin(site, name, check="return None", forward="raise ValueError('kernel exploded')"):
     module = f"plugin_{name}"
-    _install_distribution(site, f"plugin-{name}", {name: f"{module}:Failing"},
-                          {module: PLUGIN_SOURCE.format(name=name, check=check, forward=forward)})
+    _install_distribution(
+        site,
+        f"plugin-{name}",
+        {name: f"{module}:Failing"},
+        {module: PLUGIN_SOURCE.format(name=name, check=check, forward=forward)},
+    )
 
 
 def test_plugin_whose_availability_check_raises_is_unavailable(site):
@@ -154,9 +162,16 @@ def test_plugin_that_raises_at_call_time_is_named(site):
 
 
 def test_plugin_with_mismatched_name_is_rejected(site):
-    _install_distribution(site, "plugin-misnamed", {"misnamed": "plugin_misnamed:Failing"},
-                          {"plugin_misnamed": PLUGIN_SOURCE.format(
-                              name="other", check="return None", forward="pass")})
+    _install_distribution(
+        site,
+        "plugin-misnamed",
+        {"misnamed": "plugin_misnamed:Failing"},
+        {
+            "plugin_misnamed": PLUGIN_SOURCE.format(
+                name="other", check="return None", forward="pass"
+            )
+        },
+    )
     with pytest.warns(RuntimeWarning, match="differs from the backend's name"):
         infos = {i.name: i for i in roi_ops.list_backends()}
     assert not infos["misnamed"].available
@@ -174,9 +189,16 @@ def test_two_plugins_cannot_share_a_name_silently(site):
 
 
 def test_a_plugin_cannot_replace_the_core_torch_backend(site):
-    _install_distribution(site, "plugin-impostor", {"torch": "plugin_impostor:Failing"},
-                          {"plugin_impostor": PLUGIN_SOURCE.format(
-                              name="torch", check="return None", forward="raise ValueError")})
+    _install_distribution(
+        site,
+        "plugin-impostor",
+        {"torch": "plugin_impostor:Failing"},
+        {
+            "plugin_impostor": PLUGIN_SOURCE.format(
+                name="torch", check="return None", forward="raise ValueError"
+            )
+        },
+    )
     with pytest.warns(RuntimeWarning, match="the core's wins"):
         infos = {i.name: i for i in roi_ops.list_backends()}
     assert infos["torch"].distribution == "roi-ops"
@@ -218,8 +240,14 @@ def test_auto_picks_highest_priority_usable(tiny):
     x, rois = _x_rois()
     problem = roi_ops.RoIPoolProblem(x.double(), rois.double(), 2, 2, 1.0, False)
     assert roi_ops.resolve_backend("auto", problem).name in ("tiny", "numba")
-    best = max((i for i in roi_ops.list_backends() if i.available and
-                ("cpu" in i.device_types or "*" in i.device_types)), key=lambda i: i.priority)
+    best = max(
+        (
+            i
+            for i in roi_ops.list_backends()
+            if i.available and ("cpu" in i.device_types or "*" in i.device_types)
+        ),
+        key=lambda i: i.priority,
+    )
     assert roi_ops.resolve_backend("auto", problem).name == best.name
     float32_problem = roi_ops.RoIPoolProblem(x, rois, 2, 2, 1.0, False)
     assert roi_ops.resolve_backend("tiny,torch", float32_problem).name == "torch"

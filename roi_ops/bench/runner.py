@@ -47,8 +47,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time_ms(fn: Callable[[], object], device: torch.device, budget_s: float,
-                   warmup: int = 2, min_reps: int = 3, max_reps: int = 200) -> float:
+def median_time_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    budget_s: float,
+    warmup: int = 2,
+    min_reps: int = 3,
+    max_reps: int = 200,
+) -> float:
     """Median wall time of `fn` in milliseconds (CUDA events on GPUs, perf_counter on CPUs).
 
     Runs `warmup` untimed calls (one if a call takes over a third of the budget), then repeats
@@ -106,10 +112,17 @@ def _torchvision_roi_pool():
     return tv_roi_pool
 
 
-def _candidates(device: torch.device, dtype: torch.dtype, names: list[str] | None,
-                x: torch.Tensor, rois: torch.Tensor, workload: Workload) -> list[str]:
-    problem = RoIPoolProblem(x, rois, workload.output_size, workload.output_size,
-                             workload.spatial_scale, True)
+def _candidates(
+    device: torch.device,
+    dtype: torch.dtype,
+    names: list[str] | None,
+    x: torch.Tensor,
+    rois: torch.Tensor,
+    workload: Workload,
+) -> list[str]:
+    problem = RoIPoolProblem(
+        x, rois, workload.output_size, workload.output_size, workload.spatial_scale, True
+    )
     chosen = []
     for entry in REGISTRY.entries():
         if names and entry.name not in names:
@@ -130,13 +143,16 @@ def _runner(backend: str, x: torch.Tensor, rois: torch.Tensor, workload: Workloa
         def call(inp):
             return tv(inp, rois_tv, size, scale)
     else:
+
         def call(inp):
             return roi_pool(inp, rois, size, scale, backend=backend)
 
     if mode == "infer":
+
         def infer():
             with torch.no_grad():
                 return call(x)
+
         return infer
     leaf = x.detach().requires_grad_(True)
     if mode == "fwd":
@@ -146,6 +162,7 @@ def _runner(backend: str, x: torch.Tensor, rois: torch.Tensor, workload: Workloa
     def forward_backward():
         leaf.grad = None
         call(leaf).backward(grad)
+
     return forward_backward
 
 
@@ -171,8 +188,14 @@ def run_benchmark(
             rois = make_rois(workload, rois_dtype, device)
             floors = _floor_bytes(workload, x.element_size())
             for backend in _candidates(device, dtype, backends, x, rois, workload):
-                m = Measurement(workload.name, workload.describe(), str(device),
-                                str(dtype).removeprefix("torch."), backend, layout)
+                m = Measurement(
+                    workload.name,
+                    workload.describe(),
+                    str(device),
+                    str(dtype).removeprefix("torch."),
+                    backend,
+                    layout,
+                )
                 m.floor_ms = {k: v / bandwidth * 1e3 for k, v in floors.items()}
                 for mode in modes:
                     if progress:
@@ -180,8 +203,9 @@ def run_benchmark(
                     try:
                         with value_checks(False):
                             fn = _runner(backend, x, rois, workload, mode)
-                            m.times_ms[mode] = median_time_ms(fn, device, budget_s,
-                                                              min_reps=min_reps)
+                            m.times_ms[mode] = median_time_ms(
+                                fn, device, budget_s, min_reps=min_reps
+                            )
                     except Exception as error:  # a rival without this dtype, say
                         m.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                         break
@@ -197,9 +221,11 @@ def value_check_cost_ms(device: torch.device, workload: Workload, budget_s: floa
 
 def format_table(results: list[Measurement]) -> str:
     """A readable table: times, ratios against the torch backend and torchvision, floor share."""
-    header = (f"{'workload':<10} {'dtype':<9} {'backend':<12} {'infer ms':>9} {'fwd ms':>9} "
-              f"{'f+b ms':>9} {'fwd/torch':>9} {'fwd/tv':>7} {'f+b/tv':>7} {'inf/tv':>7} "
-              f"{'floor%':>6}")
+    header = (
+        f"{'workload':<10} {'dtype':<9} {'backend':<12} {'infer ms':>9} {'fwd ms':>9} "
+        f"{'f+b ms':>9} {'fwd/torch':>9} {'fwd/tv':>7} {'f+b/tv':>7} {'inf/tv':>7} "
+        f"{'floor%':>6}"
+    )
     lines = [header, "-" * len(header)]
     index = {(m.workload, m.dtype, m.backend): m for m in results}
 
@@ -223,9 +249,11 @@ def format_table(results: list[Measurement]) -> str:
             f"{ratio(tv, m, 'fwd'):>7} {ratio(tv, m, 'fwd+bwd'):>7} "
             f"{ratio(tv, m, 'infer', 'fwd'):>7} {floor:>6}"
         )
-    lines.append("ratios are the other's median time over this row's (higher is faster); "
-                 "inf/tv compares inference with torchvision's forward (it always computes the "
-                 "argmax); floor% = bytes-moved floor of fwd over measured fwd")
+    lines.append(
+        "ratios are the other's median time over this row's (higher is faster); "
+        "inf/tv compares inference with torchvision's forward (it always computes the "
+        "argmax); floor% = bytes-moved floor of fwd over measured fwd"
+    )
     return "\n".join(lines)
 
 

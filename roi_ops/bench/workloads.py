@@ -58,7 +58,9 @@ def make_rois(workload: Workload, dtype: torch.dtype, device, seed: int = 0) -> 
     image_w = workload.width / workload.spatial_scale
     image_h = workload.height / workload.spatial_scale
     log_lo, log_hi = math.log(workload.box_min), math.log(workload.box_max)
-    sides = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(k, 2, generator=g, dtype=torch.float64))
+    sides = torch.exp(
+        log_lo + (log_hi - log_lo) * torch.rand(k, 2, generator=g, dtype=torch.float64)
+    )
     box_w = torch.minimum(sides[:, 0], torch.tensor(image_w))
     box_h = torch.minimum(sides[:, 1], torch.tensor(image_h))
     x1 = torch.rand(k, generator=g, dtype=torch.float64) * (image_w - box_w)
@@ -68,8 +70,9 @@ def make_rois(workload: Workload, dtype: torch.dtype, device, seed: int = 0) -> 
     return rois.to(dtype).to(device)
 
 
-def make_input(workload: Workload, dtype: torch.dtype, device, seed: int = 0,
-               channels_last: bool = False) -> torch.Tensor:
+def make_input(
+    workload: Workload, dtype: torch.dtype, device, seed: int = 0, channels_last: bool = False
+) -> torch.Tensor:
     """(N, C, H, W) random normal features."""
     g = torch.Generator().manual_seed(seed + 1)
     shape = (workload.num_images, workload.channels, workload.height, workload.width)

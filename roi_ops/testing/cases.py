@@ -12,7 +12,6 @@ from ..config import poisoned_outputs, value_checks
 from ..functional import roi_pool, roi_pool_with_argmax
 from .reference import reference_roi_pool, reference_roi_pool_backward
 
-
 # How many calls `check_case` compared against the reference, per backend (for test reports).
 COMPARISONS: Counter[str] = Counter()
 
@@ -68,8 +67,9 @@ def _features(shape, dtype, device, generator) -> torch.Tensor:
 def _boxes(count, width, height, scale, generator, margin=0.25) -> torch.Tensor:
     """(count, 4) random image-pixel boxes, partly off-map."""
     size = torch.tensor([width, height, width, height], dtype=torch.float64) / scale
-    corners = (torch.rand(count, 4, generator=generator, dtype=torch.float64) * (1 + 2 * margin)
-               - margin) * size
+    corners = (
+        torch.rand(count, 4, generator=generator, dtype=torch.float64) * (1 + 2 * margin) - margin
+    ) * size
     low = torch.minimum(corners[:, :2], corners[:, 2:])
     high = torch.maximum(corners[:, :2], corners[:, 2:])
     return torch.cat([low, high], dim=1)
@@ -103,24 +103,43 @@ def contract_cases(
     x = _features((2, 4, 12, 10), dtype, device, g)
     boxes = _boxes(10, 10, 12, 0.5, g)
     cases.append(
-        RoiPoolCase("non-square-output", x, _rows(torch.arange(10) % 2, boxes, rdt, device),
-                    (3, 5), 0.5)
+        RoiPoolCase(
+            "non-square-output", x, _rows(torch.arange(10) % 2, boxes, rdt, device), (3, 5), 0.5
+        )
     )
 
     # Coordinates whose scaled value ends in exactly .5, positive and negative.
     x = _features((1, 2, 10, 10), dtype, device, g)
     halves = torch.tensor(
-        [[1.0, 1.0, 5.0, 7.0], [-3.0, -1.0, 3.0, 5.0], [3.0, 5.0, 9.0, 11.0],
-         [-5.0, -5.0, -1.0, 1.0], [0.0, 1.0, 15.0, 13.0]], dtype=torch.float64)
+        [
+            [1.0, 1.0, 5.0, 7.0],
+            [-3.0, -1.0, 3.0, 5.0],
+            [3.0, 5.0, 9.0, 11.0],
+            [-5.0, -5.0, -1.0, 1.0],
+            [0.0, 1.0, 15.0, 13.0],
+        ],
+        dtype=torch.float64,
+    )
     cases.append(RoiPoolCase("half-rounding", x, _rows([0] * 5, halves, rdt, device), 2, 0.5))
 
     # Off-map (partly and wholly) and malformed (inverted) boxes.
     x = _features((2, 2, 8, 8), dtype, device, g)
     odd = torch.tensor(
-        [[-20.0, -20.0, -2.0, -3.0], [6.0, 6.0, 30.0, 30.0], [40.0, 1.0, 60.0, 5.0],
-         [5.0, 6.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0], [-4.0, 2.0, 12.0, 5.0]], dtype=torch.float64)
-    cases.append(RoiPoolCase("off-map-and-malformed", x, _rows([0, 1, 0, 1, 0, 1], odd, rdt,
-                                                                  device), (3, 2), 1.0))
+        [
+            [-20.0, -20.0, -2.0, -3.0],
+            [6.0, 6.0, 30.0, 30.0],
+            [40.0, 1.0, 60.0, 5.0],
+            [5.0, 6.0, 1.0, 2.0],
+            [3.0, 3.0, 3.0, 3.0],
+            [-4.0, 2.0, 12.0, 5.0],
+        ],
+        dtype=torch.float64,
+    )
+    cases.append(
+        RoiPoolCase(
+            "off-map-and-malformed", x, _rows([0, 1, 0, 1, 0, 1], odd, rdt, device), (3, 2), 1.0
+        )
+    )
 
     # Ties: small integer values repeat inside every bin.
     ties = torch.randint(-2, 3, (2, 3, 9, 9), generator=g).to(dtype).to(device)
@@ -135,35 +154,59 @@ def contract_cases(
     x[0, 1] = float("-inf")
     x[0, 2, :4, :4] = float("-inf")
     x[0, 2, 6, 6] = float("nan")
-    whole = torch.tensor([[0.0, 0.0, 7.0, 7.0], [1.0, 1.0, 4.0, 4.0], [0.0, 2.0, 7.0, 2.0]],
-                         dtype=torch.float64)
+    whole = torch.tensor(
+        [[0.0, 0.0, 7.0, 7.0], [1.0, 1.0, 4.0, 4.0], [0.0, 2.0, 7.0, 2.0]], dtype=torch.float64
+    )
     cases.append(RoiPoolCase("nan-and-inf", x, _rows([0, 0, 0], whole, rdt, device), 2))
 
     # Float bin edges: in float32, roi height 57 with PH 7 gives a longer last bin.
     x = _features((1, 2, 64, 6), dtype, device, g)
-    tall = torch.tensor([[0.0, 0.0, 5.0, 56.0], [0.0, 3.0, 4.0, 59.0], [1.0, 0.0, 2.0, 63.0]],
-                        dtype=torch.float64)
+    tall = torch.tensor(
+        [[0.0, 0.0, 5.0, 56.0], [0.0, 3.0, 4.0, 59.0], [1.0, 0.0, 2.0, 63.0]], dtype=torch.float64
+    )
     cases.append(RoiPoolCase("float-edges", x, _rows([0, 0, 0], tall, rdt, device), (7, 2)))
 
     # A list of per-image boxes, with an empty entry.
     x = _features((3, 2, 7, 9), dtype, device, g)
-    per_image = [_boxes(3, 9, 7, 0.5, g).to(rdt).to(device), torch.empty(0, 4, dtype=rdt,
-                 device=device), _boxes(2, 9, 7, 0.5, g).to(rdt).to(device)]
+    per_image = [
+        _boxes(3, 9, 7, 0.5, g).to(rdt).to(device),
+        torch.empty(0, 4, dtype=rdt, device=device),
+        _boxes(2, 9, 7, 0.5, g).to(rdt).to(device),
+    ]
     cases.append(RoiPoolCase("list-rois", x, per_image, 2, 0.5))
 
-    cases.append(RoiPoolCase("no-rois", _features((2, 3, 5, 5), dtype, device, g),
-                             torch.empty(0, 5, dtype=rdt, device=device), 4))
+    cases.append(
+        RoiPoolCase(
+            "no-rois",
+            _features((2, 3, 5, 5), dtype, device, g),
+            torch.empty(0, 5, dtype=rdt, device=device),
+            4,
+        )
+    )
 
     # Invalid rows give zeros and argmax -1 when checks are off; huge coordinates saturate.
     x = _features((2, 2, 6, 7), dtype, device, g)
     big = 6e4 if rdt == torch.float16 else 1e30
     bad = torch.tensor(
-        [[2.0, 0, 0, 3, 3], [-1.0, 0, 0, 3, 3], [0.0, math.nan, 0, 3, 3],
-         [1.0, 0, 0, math.inf, 3], [math.nan, 0, 0, 3, 3], [1.7, 1, 1, 4, 4],
-         [-0.5, 0, 0, 2, 2], [0.0, -big, -big, big, big], [1.0, -big, 2.0, 3.0, big],
-         [0.0, 1, 1, 5, 5]], dtype=torch.float64)
-    cases.append(RoiPoolCase("invalid-and-huge", x, bad.to(rdt).to(device), (2, 3), 1.0,
-                             needs_unchecked=True))
+        [
+            [2.0, 0, 0, 3, 3],
+            [-1.0, 0, 0, 3, 3],
+            [0.0, math.nan, 0, 3, 3],
+            [1.0, 0, 0, math.inf, 3],
+            [math.nan, 0, 0, 3, 3],
+            [1.7, 1, 1, 4, 4],
+            [-0.5, 0, 0, 2, 2],
+            [0.0, -big, -big, big, big],
+            [1.0, -big, 2.0, 3.0, big],
+            [0.0, 1, 1, 5, 5],
+        ],
+        dtype=torch.float64,
+    )
+    cases.append(
+        RoiPoolCase(
+            "invalid-and-huge", x, bad.to(rdt).to(device), (2, 3), 1.0, needs_unchecked=True
+        )
+    )
     return cases
 
 

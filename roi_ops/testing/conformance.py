@@ -20,9 +20,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
+from ..backend import RoIPoolProblem
 from ..dispatch import reasons_against
 from ..registry import REGISTRY
-from ..backend import RoIPoolProblem
 from .cases import RoiPoolCase, check_case, contract_cases
 from .strategies import DTYPES, case_to_device, roi_pool_cases
 
@@ -35,9 +35,13 @@ def _usable_reasons(name: str, device: torch.device, dtype: torch.dtype) -> list
         return [f"backend {name!r} is not registered (known: {REGISTRY.names()})"]
     probe = RoIPoolProblem(
         torch.empty((1, 1, 1, 1), dtype=dtype, device=device),
-        torch.zeros((1, 5), dtype=torch.float32 if dtype == torch.bfloat16 else dtype,
-                    device=device),
-        1, 1, 1.0, True,
+        torch.zeros(
+            (1, 5), dtype=torch.float32 if dtype == torch.bfloat16 else dtype, device=device
+        ),
+        1,
+        1,
+        1.0,
+        True,
     )
     return reasons_against(entry, probe)
 
@@ -103,8 +107,9 @@ class BackendConformance:
             grads = []
             for _ in range(2):
                 leaf = case.input.detach().clone().requires_grad_(True)
-                pooled = roi_pool(leaf, case.rois, case.output_size, case.spatial_scale,
-                                  backend=backend_name)
+                pooled = roi_pool(
+                    leaf, case.rois, case.output_size, case.spatial_scale, backend=backend_name
+                )
                 grad_output = torch.linspace(-1, 1, pooled.numel(), device=device)
                 pooled.backward(grad_output.reshape(pooled.shape).to(pooled.dtype) * 1.37)
                 grads.append(leaf.grad)
@@ -117,8 +122,12 @@ class BackendConformance:
         if not usable:
             pytest.skip("no dtype usable")
 
-        @settings(max_examples=self.hypothesis_examples, deadline=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=self.hypothesis_examples,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(roi_pool_cases(dtypes=usable))
         def run(case: RoiPoolCase) -> None:
             check_case(case_to_device(case, device), backend_name)
@@ -127,5 +136,12 @@ class BackendConformance:
 
 
 def _with_input(case: RoiPoolCase, input: torch.Tensor) -> RoiPoolCase:
-    return RoiPoolCase(f"{case.name}-strided", input, case.rois, case.output_size,
-                       case.spatial_scale, case.needs_unchecked, case.tags)
+    return RoiPoolCase(
+        f"{case.name}-strided",
+        input,
+        case.rois,
+        case.output_size,
+        case.spatial_scale,
+        case.needs_unchecked,
+        case.tags,
+    )

@@ -49,7 +49,9 @@ def coordinates(draw, extent: float):
     if kind == "int":
         return float(draw(st.integers(-4, int(extent) + 4)))
     if kind == "half":
-        return draw(st.integers(-8, 2 * int(extent) + 8)) / 2 + (0.0 if draw(st.booleans()) else 0.25)
+        return draw(st.integers(-8, 2 * int(extent) + 8)) / 2 + (
+            0.0 if draw(st.booleans()) else 0.25
+        )
     if kind == "far":
         return draw(st.sampled_from([-1e4, -50.0, 3 * extent + 7, 1e4]))
     return draw(st.floats(-0.25 * extent - 2, 1.25 * extent + 2, allow_nan=False))
@@ -82,16 +84,23 @@ def roi_pool_cases(
         x = torch.cat([x] * math.ceil(64 / max(height, 1)), dim=2)[:, :, :64]
         height = x.shape[2]
     scale = 1.0 if float_edge else draw(st.sampled_from(SCALES))
-    pooled = (7, draw(st.integers(1, 3))) if float_edge else (
-        draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    pooled = (
+        (7, draw(st.integers(1, 3)))
+        if float_edge
+        else (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    )
     count = draw(st.integers(0, max_rois))
     rows, invalid = [], False
     for _ in range(count):
         batch = float(draw(st.integers(0, num_images - 1)))
         if draw(st.integers(0, 3)) == 0:
             batch += draw(st.sampled_from([0.25, 0.75]))  # fractional indices truncate
-        box = [draw(coordinates(width / scale)), draw(coordinates(height / scale)),
-               draw(coordinates(width / scale)), draw(coordinates(height / scale))]
+        box = [
+            draw(coordinates(width / scale)),
+            draw(coordinates(height / scale)),
+            draw(coordinates(width / scale)),
+            draw(coordinates(height / scale)),
+        ]
         if float_edge:
             top = float(draw(st.integers(0, 6)))
             box[1], box[3] = top, top + 56.0
@@ -119,6 +128,11 @@ def case_to_device(case: RoiPoolCase, device: torch.device | str) -> RoiPoolCase
     rois = case.rois
     rois = rois.to(device) if isinstance(rois, torch.Tensor) else [r.to(device) for r in rois]
     return RoiPoolCase(
-        case.name, case.input.to(device), rois, case.output_size, case.spatial_scale,
-        case.needs_unchecked, case.tags,
+        case.name,
+        case.input.to(device),
+        rois,
+        case.output_size,
+        case.spatial_scale,
+        case.needs_unchecked,
+        case.tags,
     )

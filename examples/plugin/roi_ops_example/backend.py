@@ -28,25 +28,38 @@ class ExampleBackend(Backend):
     def forward(self, problem: RoIPoolProblem, output, argmax) -> None:
         x = problem.input
         num_images, channels, height, width = x.shape
-        bins = roi_bins(problem.rois, num_images, height, width, problem.pooled_height,
-                        problem.pooled_width, problem.spatial_scale)
+        bins = roi_bins(
+            problem.rois,
+            num_images,
+            height,
+            width,
+            problem.pooled_height,
+            problem.pooled_width,
+            problem.spatial_scale,
+        )
         output.zero_()
         if argmax is not None:
             argmax.fill_(-1)
         columns = torch.arange(width, device=x.device)
-        for k, (b, hs, he, ws, we) in enumerate(zip(
-            bins.batch_index.tolist(), bins.hstart.tolist(), bins.hend.tolist(),
-            bins.wstart.tolist(), bins.wend.tolist(),
-        )):
+        for k, (b, hs, he, ws, we) in enumerate(
+            zip(
+                bins.batch_index.tolist(),
+                bins.hstart.tolist(),
+                bins.hend.tolist(),
+                bins.wstart.tolist(),
+                bins.wend.tolist(),
+                strict=True,
+            )
+        ):
             for ph in range(problem.pooled_height):
                 for pw in range(problem.pooled_width):
                     if he[ph] <= hs[ph] or we[pw] <= ws[pw]:
                         continue
-                    window = x[b, :, hs[ph]:he[ph], ws[pw]:we[pw]].reshape(channels, -1)
+                    window = x[b, :, hs[ph] : he[ph], ws[pw] : we[pw]].reshape(channels, -1)
                     value, position = _first_max(window)
                     output[k, :, ph, pw] = value
                     if argmax is not None:
                         span = we[pw] - ws[pw]
                         rows = hs[ph] + position // span
-                        cols = columns[ws[pw]:we[pw]][position % span]
+                        cols = columns[ws[pw] : we[pw]][position % span]
                         argmax[k, :, ph, pw] = (rows * width + cols).to(torch.int32)
