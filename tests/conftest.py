@@ -12,3 +12,14 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"reference comparisons (output bits, argmax, gradient): {total} ({per_backend})"
         )
+
+
+def pytest_configure(config):
+    # Without a GPU, Triton kernels run through Triton's CPU interpreter; the variable must be
+    # set before triton is imported. On a GPU machine the real compiler is used.
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
