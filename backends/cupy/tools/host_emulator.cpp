@@ -1,8 +1,8 @@
 // CPU emulator of roi_pool.cu's kernels, for testing on machines without a GPU.
 //
-// Includes the real kernel source with the CUDA keywords mapped to host C++: every block runs
-// as 256 std::threads with a std::barrier for __syncthreads, __shared__ arrays become statics
-// (blocks run one at a time), the _rn intrinsics become plain IEEE operations (build with
+// Includes the real kernel source with the CUDA keywords mapped to host C++: 256 std::threads
+// run every block in turn with a std::barrier for __syncthreads, __shared__ arrays become
+// statics (blocks run one at a time), the _rn intrinsics become plain IEEE operations (build with
 // -ffp-contract=off), and float16 conversions are done in software with round-to-nearest-even.
 // What it cannot check: warp scheduling, real memory coalescing, NVRTC itself, CuPy launches.
 //
@@ -38,8 +38,8 @@ struct int2 {
 };
 inline int2 make_int2(int x, int y) { return int2{x, y}; }
 
-dim3 blockIdx, gridDim;
-thread_local dim3 threadIdx;
+dim3 gridDim;
+thread_local dim3 blockIdx, threadIdx;
 std::barrier<>* block_barrier = nullptr;
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
 
@@ -185,22 +185,25 @@ extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int g
   if (shared_mem > sizeof(roi_ops_cuda::roi_edges)) return -2;
   if (block_x == 0 || roi_ops_cuda::kThreads % block_x != 0) return -3;
   gridDim = dim3{grid_x, grid_y, 1};
-  for (unsigned int by = 0; by < grid_y; ++by) {
-    for (unsigned int bx = 0; bx < grid_x; ++bx) {
-      blockIdx = dim3{bx, by, 0};
-      std::barrier<> barrier(roi_ops_cuda::kThreads);
-      block_barrier = &barrier;
-      std::vector<std::thread> threads;
-      threads.reserve(roi_ops_cuda::kThreads);
-      for (unsigned int t = 0; t < static_cast<unsigned int>(roi_ops_cuda::kThreads); ++t) {
-        threads.emplace_back([run, args, t, block_x] {
-          threadIdx = dim3{t % block_x, t / block_x, 0};
+  // 256 threads walk the blocks in the same order; a barrier after each block keeps the next
+  // block from reusing the static "shared" arrays while this one still reads them.
+  std::barrier<> barrier(roi_ops_cuda::kThreads);
+  block_barrier = &barrier;
+  std::vector<std::thread> threads;
+  threads.reserve(roi_ops_cuda::kThreads);
+  for (unsigned int t = 0; t < static_cast<unsigned int>(roi_ops_cuda::kThreads); ++t) {
+    threads.emplace_back([=] {
+      threadIdx = dim3{t % block_x, t / block_x, 0};
+      for (unsigned int by = 0; by < grid_y; ++by) {
+        for (unsigned int bx = 0; bx < grid_x; ++bx) {
+          blockIdx = dim3{bx, by, 0};
           run(args);
-        });
+          __syncthreads();
+        }
       }
-      for (std::thread& thread : threads) thread.join();
-    }
+    });
   }
+  for (std::thread& thread : threads) thread.join();
   return 0;
 }
 

@@ -1,0 +1,680 @@
+"""The cupy backend: packaging, availability and the kernel source without a GPU; the kernels
+themselves bit for bit against the scalar reference, on a CPU emulator of roi_pool.cu everywhere
+and through CuPy on a CUDA device; streams, torchvision and roi_ops.roi_pool on a CUDA device.
+
+roi_ops' conformance kit runs this backend too, from tests/test_conformance.py."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import math
+import re
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+cupy_backend = pytest.importorskip("roi_ops_cupy.backend")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from roi_ops_cupy import kernels  # noqa: E402
+
+from roi_ops.backend import ALL_FLOAT_DTYPES, RoIPoolProblem  # noqa: E402
+from roi_ops.testing.cases import contract_cases  # noqa: E402
+from roi_ops.testing.reference import (  # noqa: E402
+    reference_roi_pool,
+    reference_roi_pool_backward,
+)
+from roi_ops.testing.strategies import roi_pool_cases  # noqa: E402
+
+CupyBackend = cupy_backend.CupyBackend
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1] / "backends" / "cupy"
+SOURCE = PLUGIN_DIR / "roi_ops_cupy" / "roi_pool.cu"
+EMULATOR_SOURCE = PLUGIN_DIR / "tools" / "host_emulator.cpp"
+CHECK_COMPILE = PLUGIN_DIR / "tools" / "check_compile.sh"
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_GUARD = 64  # elements of sentinel before and after every buffer a kernel touches
+HAS_CUDA = torch.cuda.is_available()
+
+
+# ---- Without a GPU: packaging, availability, the source -------------------------------------
+
+
+def test_entry_point_declared_in_installed_metadata():
+    try:
+        dist = metadata.distribution("roi-ops-cupy")
+    except metadata.PackageNotFoundError:
+        pytest.skip("roi-ops-cupy is not installed (pip install -e backends/cupy)")
+    points = [ep for ep in dist.entry_points if ep.group == "roi_ops.backends"]
+    assert [(ep.name, ep.value) for ep in points] == [("cupy", "roi_ops_cupy.backend:CupyBackend")]
+    assert points[0].load() is CupyBackend
+    requires = " ".join(dist.requires or [])
+    assert "roi-ops" in requires and "cupy-cuda" in requires
+
+
+def test_backend_declaration():
+    backend = CupyBackend()
+    assert backend.name == "cupy"
+    assert backend.priority == 90
+    assert backend.device_types == frozenset({"cuda"})
+    assert backend.dtypes == ALL_FLOAT_DTYPES
+    assert backend.deterministic is True
+    assert kernels.source().startswith("// RoI max pooling")  # shipped as package data
+
+
+def test_registry_reports_cupy_with_its_availability():
+    import roi_ops
+
+    infos = {info.name: info for info in roi_ops.list_backends()}
+    assert "cupy" in infos
+    reason = CupyBackend().check_available()
+    assert infos["cupy"].available == (reason is None)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has a CUDA device")
+def test_check_available_reports_missing_cuda():
+    reason = CupyBackend().check_available()
+    assert isinstance(reason, str) and "no CUDA device" in reason
+
+
+def _run_python(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    return result.stdout.strip()
+
+
+def test_check_available_without_cupy():
+    out = _run_python(
+        "import sys; sys.modules['cupy'] = None\n"
+        "from roi_ops_cupy.backend import CupyBackend\n"
+        "print(CupyBackend().check_available())"
+    )
+    assert out.startswith("CuPy is not installed") and "cupy-cuda" in out
+
+
+def test_check_available_with_broken_cupy():
+    out = _run_python(
+        "import sys\n"
+        "class Broken:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'cupy': raise OSError('libcudart.so: cannot open shared object')\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "from roi_ops_cupy.backend import CupyBackend\n"
+        "print(CupyBackend().check_available())"
+    )
+    assert out.startswith("CuPy cannot be imported (OSError: libcudart.so")
+
+
+def test_importing_the_backend_does_not_import_cupy():
+    out = _run_python(
+        "import sys, torch\n"
+        "import roi_ops_cupy\n"
+        "from roi_ops_cupy.backend import CupyBackend\n"
+        "from roi_ops.backend import RoIPoolProblem\n"
+        "p = RoIPoolProblem(torch.ones(1, 1, 2, 2), torch.zeros(1, 5), 1, 1, 1.0, True)\n"
+        "CupyBackend().not_supported_reasons(p)\n"
+        "print('cupy' in sys.modules, 'roi_ops_cupy.launch' in sys.modules)"
+    )
+    assert out == "False False"
+
+
+def test_not_supported_reasons():
+    backend = CupyBackend()
+    x = torch.ones(1, 2, 3, 3)
+    reasons = backend.not_supported_reasons(RoIPoolProblem(x, torch.zeros(1, 5), 2, 2, 1.0, True))
+    assert any("device type 'cpu'" in r for r in reasons)
+    huge = RoIPoolProblem(x, torch.zeros(1, 5), 2**16, 2**15, 1.0, True)
+    assert any("bins per ROI" in r for r in backend.not_supported_reasons(huge))
+    mixed = RoIPoolProblem(x, torch.zeros(1, 5, dtype=torch.float64), 2, 2, 1.0, True)
+    assert any("rois dtype float64" in r for r in backend.not_supported_reasons(mixed))
+
+
+def test_forward_pairs_are_the_contracts():
+    allowed = {(d, d) for d in DTYPES} | {(torch.float16, torch.float32)}
+    allowed |= {(torch.bfloat16, torch.float32)}
+    assert set(kernels.FORWARD_PAIRS) == allowed
+    assert set(kernels.BACKWARD_TYPES) == set(DTYPES)
+
+
+def test_source_instantiations_match_the_dtype_table():
+    text = SOURCE.read_text()
+    pairs = re.findall(r"^ROI_OPS_FORWARD_PAIR\((\w+), (\w+)\)$", text, re.MULTILINE)
+    types = re.findall(r"^ROI_OPS_BACKWARD_TYPE\((\w+)\)$", text, re.MULTILINE)
+    table = kernels.C_TYPES
+    assert sorted(pairs) == sorted((table[t], table[r]) for t, r in kernels.FORWARD_PAIRS)
+    assert sorted(types) == sorted(table[t] for t in kernels.BACKWARD_TYPES)
+    for name in (*kernels.FORWARD_KERNELS, kernels.BACKWARD_KERNEL):
+        assert re.search(rf"__global__ void ROI_OPS_LAUNCH_BOUNDS\s+{name}\(", text), name
+    # Every name expression NVRTC is asked for is a template with the instantiated arguments.
+    for t, r in kernels.FORWARD_PAIRS:
+        for expr in kernels.forward_names(t, r):
+            assert re.fullmatch(r"roi_pool_forward_(plane|chan)<\w+, \w+, (true|false)>", expr)
+    assert kernels.backward_name(torch.bfloat16) == "roi_pool_backward_atomic<roi_bf16>"
+
+
+def test_source_is_self_contained_for_nvrtc():
+    assert not re.search(r"^\s*#\s*include", SOURCE.read_text(), re.MULTILINE)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_compile_check_script_passes():
+    result = subprocess.run(
+        ["bash", str(CHECK_COMPILE)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "check_compile: all ok (80 90)" in result.stdout
+    resources = [line for line in result.stdout.splitlines() if line.startswith("  sm_90 ")]
+    expected = len(kernels.FORWARD_PAIRS) * 4 + len(kernels.BACKWARD_TYPES)
+    assert len(resources) == expected
+    assert all("0 B spill stores, 0 B spill loads" in line for line in resources)
+
+
+def test_plan_sizes_blocks_and_falls_back_to_uncached_edges(monkeypatch):
+    x = torch.ones(2, 64, 10, 10)
+    rois = torch.zeros(3, 5)
+    problem = RoIPoolProblem(x, rois, 7, 7, 0.5, True)
+    out = torch.empty(problem.output_shape)
+    arg = torch.empty(problem.output_shape, dtype=torch.int32)
+    plane = kernels.plan_forward(problem, out, arg, multiprocessors=132)
+    assert plane.name == "roi_pool_forward_plane<float, float, true>"
+    assert plane.block == (256, 1, 1) and plane.shared_mem == 8 * 14
+    channels_per_block = int(plane.args[-3])
+    assert plane.grid == (3, math.ceil(64 / channels_per_block), 1)
+    last = problem.input.contiguous(memory_format=torch.channels_last)
+    chan = kernels.plan_forward(
+        dataclasses.replace(problem, input=last, needs_argmax=False), out, None, 132
+    )
+    assert chan.name == "roi_pool_forward_chan<float, float, false>"
+    assert chan.block == (32, 8, 1) and chan.grid == (3, 2, 1) and int(chan.args[-1]) == 0
+    monkeypatch.setattr(kernels, "MAX_CACHED_EDGES", 13)
+    uncached = kernels.plan_forward(problem, out, arg, multiprocessors=132)
+    assert uncached.shared_mem == 0 and int(uncached.args[15]) == 0
+    empty = RoIPoolProblem(x, torch.zeros(0, 5), 7, 7, 0.5, True)
+    assert kernels.plan_forward(empty, torch.empty(0, 64, 7, 7), None, 132) is None
+
+
+# ---- Running the kernels: a CPU emulator everywhere, CuPy on a CUDA device -------------------
+
+
+def _guarded(shape, strides, dtype, device, fill):
+    """A view with the given strides inside a buffer whose other elements are `fill`."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True)) if all(shape) else 0
+    buffer = torch.full((extent + 2 * _GUARD,), fill, dtype=dtype, device=device)
+    return buffer.as_strided(shape, strides, _GUARD), buffer
+
+
+def _place_input(x: torch.Tensor, layout: str, device) -> torch.Tensor:
+    """`x` copied onto `device` in `layout`, every element around it NaN (so a stray read shows)."""
+    if layout == "strided":  # every other column of a wider map: contiguous in no format
+        n, c, h, w = x.shape
+        view, _ = _guarded(
+            (n, c, h, 2 * w), (c * h * 2 * w, h * 2 * w, 2 * w, 1), x.dtype, device, math.nan
+        )
+        view = view[..., 1::2]
+    else:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        strides = torch.empty(x.shape, device="meta").contiguous(memory_format=fmt).stride()
+        view, _ = _guarded(tuple(x.shape), strides, x.dtype, device, math.nan)
+    view.copy_(x)
+    return view
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta").stride()
+
+
+def _outputs(shape, dtype, device, needs_argmax):
+    """Poisoned outputs (NaN, -7) inside guard buffers of -7; returns views and buffers."""
+    strides = _contiguous_strides(shape)
+    output, out_buf = _guarded(shape, strides, dtype, device, -7.0)
+    output.fill_(math.nan)
+    argmax, arg_buf = _guarded(shape, strides, torch.int32, device, -7)
+    return output, out_buf, (argmax if needs_argmax else None), arg_buf
+
+
+def _check_guards(buffer: torch.Tensor, fill: float) -> None:
+    guard = torch.cat([buffer[:_GUARD], buffer[-_GUARD:]]).cpu()
+    assert bool((guard == fill).all()), "a kernel wrote outside its output"
+
+
+class Emulator:
+    """roi_pool.cu compiled as host C++ (tools/host_emulator.cpp), run on CPU tensors."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, library: ctypes.CDLL):
+        self._run = library.roi_emulate
+        self._run.restype = ctypes.c_int
+        self._run.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.POINTER(ctypes.c_uint64),
+            ctypes.c_ulonglong,
+        ]
+
+    def launch(self, launch: kernels.Launch) -> None:
+        words = np.array([np.asarray(a).view(np.uint64) for a in launch.args], dtype=np.uint64)
+        pointer = words.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))
+        grid_x, grid_y, _ = launch.grid
+        status = self._run(
+            launch.name.encode(), grid_x, grid_y, launch.block[0], pointer, launch.shared_mem
+        )
+        assert status == 0, f"emulator refused {launch.name}: {status}"
+
+
+class CudaLauncher:
+    """The same launch plans, run by roi_ops_cupy.launch through CuPy."""
+
+    device = torch.device("cuda")
+
+    def __init__(self):
+        from roi_ops_cupy import launch
+
+        self._launch = launch
+
+    def launch(self, launch: kernels.Launch) -> None:
+        if launch.name.startswith(kernels.BACKWARD_KERNEL):
+            names = (launch.name,)
+        else:
+            types = {v: k for k, v in kernels.C_TYPES.items()}
+            t, r = re.match(r"\w+<(\w+), (\w+),", launch.name).groups()
+            names = kernels.forward_names(types[t], types[r])
+        self._launch._run(torch.cuda.current_device(), launch, names)
+        torch.cuda.synchronize()
+
+
+def _build_emulator(directory: Path) -> ctypes.CDLL | None:
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        return None
+    target = directory / "host_emulator.so"
+    subprocess.run(
+        [
+            compiler,
+            "-std=c++20",
+            "-O1",
+            "-ffp-contract=off",
+            "-fPIC",
+            "-shared",
+            "-pthread",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+            f"-I{SOURCE.parent}",
+            str(EMULATOR_SOURCE),
+            "-o",
+            str(target),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return ctypes.CDLL(str(target))
+
+
+@pytest.fixture(scope="module")
+def emulator_library(tmp_path_factory) -> ctypes.CDLL:
+    library = _build_emulator(tmp_path_factory.mktemp("cupy-emulator"))
+    if library is None:
+        pytest.skip("no C++ compiler for the host emulator")
+    return library
+
+
+@pytest.fixture(scope="module", params=["emulator", "cuda"])
+def runner(request, emulator_library):
+    if request.param == "emulator":
+        return Emulator(emulator_library)
+    reason = CupyBackend().check_available()
+    if reason is not None:
+        pytest.skip(f"cupy backend unavailable: {reason}")
+    return CudaLauncher()
+
+
+def run_forward(
+    runner,
+    x,
+    rois,
+    size,
+    scale,
+    *,
+    layout="contiguous",
+    needs_argmax=True,
+    multiprocessors=1,
+    grid_y=None,
+):
+    """The kernels on poisoned outputs; returns CPU (output, argmax or None)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    device = runner.device
+    placed = _place_input(x, layout, device)
+    rois = rois.to(device)
+    problem = RoIPoolProblem(placed, rois, size[0], size[1], scale, needs_argmax)
+    output, out_buf, argmax, arg_buf = _outputs(problem.output_shape, x.dtype, device, needs_argmax)
+    launch = kernels.plan_forward(problem, output, argmax, multiprocessors)
+    if launch is not None:
+        if grid_y is not None:  # fewer block rows than channel blocks: the kernels loop
+            launch = dataclasses.replace(launch, grid=(launch.grid[0], grid_y, 1))
+        runner.launch(launch)
+    _check_guards(out_buf, -7.0)
+    _check_guards(arg_buf, -7)
+    return output.cpu(), (argmax.cpu() if needs_argmax else None)
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit equality (so -0.0 differs from +0.0); NaNs must match in place, not in payload."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    bits = _BITS[actual.element_size()]
+    nan = expected.isnan()
+    mismatch = (actual.isnan() != nan) | (~nan & (actual.view(bits) != expected.view(bits)))
+    if mismatch.any():
+        where = mismatch.nonzero()[:5].tolist()
+        pytest.fail(f"{int(mismatch.sum())} of {mismatch.numel()} elements differ, e.g. {where}")
+
+
+def check(runner, x, rois, size, scale, **options) -> None:
+    expected, expected_argmax = reference_roi_pool(x, rois, size, scale)
+    for needs_argmax in (True, False):
+        output, argmax = run_forward(
+            runner, x, rois, size, scale, needs_argmax=needs_argmax, **options
+        )
+        assert_same_bits(output, expected)
+        if needs_argmax:
+            assert torch.equal(argmax, expected_argmax)
+
+
+def _wide(x: torch.Tensor, channels: int = 20) -> torch.Tensor:
+    """`x` with at least `channels` channels (shifted copies), so channels_last takes the chan
+    kernel; NaN, infinities and ties survive."""
+    copies = math.ceil(channels / x.shape[1])
+    return torch.cat([x + i for i in range(copies)], dim=1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_contract_cases(runner, dtype, layout):
+    for case in contract_cases("cpu", dtype):
+        x = _wide(case.input) if layout == "channels_last" else case.input
+        check(runner, x, case.rois_tensor(), case.output_size, case.spatial_scale, layout=layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_float32_rois_with_half_input(runner, dtype, layout):
+    for case in contract_cases("cpu", dtype, seed=3, rois_dtype=torch.float32):
+        x = _wide(case.input) if layout == "channels_last" else case.input
+        check(runner, x, case.rois_tensor(), case.output_size, case.spatial_scale, layout=layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_blocks_loop_and_uncached_edges(runner, layout, monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 70, 9, 13, generator=g)
+    rois = torch.tensor([[0, 0.0, 0.0, 12.0, 8.0], [1, 2.5, 1.5, 9.5, 7.0], [1, -3.0, 2.0, 30, 5]])
+    check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=1, grid_y=1)
+    monkeypatch.setattr(kernels, "MAX_CACHED_EDGES", 0)
+    check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_many_bins_are_staged_in_rounds(runner, layout):
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 17, 30, 30, generator=g, dtype=torch.float64)
+    rois = torch.tensor([[0, 1.0, 2.0, 27.0, 29.0], [0, 5.0, 5.0, 6.0, 6.0]], dtype=torch.float64)
+    check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_float_edges_reach_one_row_further(runner, dtype):
+    # value = row index, so each bin's max sits on its last row
+    x = torch.arange(64, dtype=torch.float64).reshape(1, 1, 64, 1).expand(1, 2, 64, 3).to(dtype)
+    rois_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    rois = torch.tensor([[0, 0.0, 0.0, 2.0, 56.0]], dtype=rois_dtype)  # roi_h = 57
+    output, argmax = run_forward(runner, x, rois, (7, 1), 1.0)
+    last_row = argmax[0, 0, :, 0] // 3
+    if dtype in (torch.float32, torch.bfloat16):  # float32 geometry: bin_h = 8.142857
+        assert last_row[-1] == 57  # integer arithmetic would end the last bin at row 56
+    assert torch.equal(argmax, reference_roi_pool(x, rois, (7, 1), 1.0)[1])
+
+
+def test_half_geometry_rounds_every_step(runner):
+    # float16 rois round every product and quotient to half; float32 rois with the same
+    # float16 input do not. Both must match the reference, including +-65504.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, 64, 64, generator=g).to(torch.float16)
+    rows = [
+        [0, 100.5, 3.3, 201.0, 199.9],
+        [0, 0.1, 0.2, 133.0, 1e4],
+        [0, 65504, 3, -65504, 4],
+        [0, 41.7, 50.5, 43.3, 52.5],
+    ]
+    for rois_dtype in (torch.float16, torch.float32):
+        check(runner, x, torch.tensor(rows, dtype=rois_dtype), (5, 3), 0.3)
+
+
+def test_emulated_half_conversions_are_round_to_nearest_even(emulator_library):
+    to_half = emulator_library.roi_float_to_half
+    to_half.restype, to_half.argtypes = ctypes.c_ushort, [ctypes.c_float]
+    back = emulator_library.roi_half_to_float
+    back.restype, back.argtypes = ctypes.c_float, [ctypes.c_ushort]
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat(
+        [
+            torch.randn(2000, generator=g) * 10.0 ** torch.randint(-9, 6, (2000,), generator=g),
+            torch.tensor(
+                [
+                    65504.0,
+                    65519.9,
+                    65520.0,
+                    1e6,
+                    2.0**-24,
+                    2.0**-25,
+                    3 * 2.0**-26,
+                    0.0,
+                    -0.0,
+                    math.inf,
+                    -math.inf,
+                    2049.0,
+                    2051.0,
+                    1.00048828125,
+                ]
+            ),
+        ]
+    ).float()
+    expected = values.to(torch.float16).view(torch.int16).numpy().astype(np.uint16)
+    got = np.array([to_half(float(v)) for v in values], dtype=np.uint16)
+    assert np.array_equal(got, expected)
+    halves = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    finite = ~halves.isnan()
+    decoded = torch.tensor([back(int(h)) for h in range(2**16)], dtype=torch.float32)
+    assert torch.equal(decoded[finite], halves.float()[finite])
+    assert bool(decoded[~finite].isnan().all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward_scatter(runner, dtype):
+    case = contract_cases("cpu", dtype, seed=2)[0]
+    x, rois = _wide(case.input, 5), case.rois_tensor()
+    _, argmax = reference_roi_pool(x, rois, case.output_size, case.spatial_scale)
+    g = torch.Generator().manual_seed(4)
+    grad = torch.randint(1, 5, argmax.shape, generator=g).to(dtype)
+    batch = rois[:, 0].double().trunc().clamp(0, x.shape[0] - 1).long()
+    expected = reference_roi_pool_backward(grad, argmax, rois, tuple(x.shape))
+    device = runner.device
+    accumulate = kernels.accumulate_dtype(dtype)
+    for grad_output in (grad.to(device), grad[:, :, :1, :1].to(device).expand(grad.shape)):
+        reference = expected
+        if grad_output.stride(3) == 0:  # zero strides: every bin carries grad[k, c, 0, 0]
+            reference = reference_roi_pool_backward(grad_output.cpu(), argmax, rois, tuple(x.shape))
+        grad_input = torch.zeros(x.shape, dtype=accumulate, device=device)
+        launch = kernels.plan_backward(
+            grad_output, argmax.to(device), batch.to(device), grad_input, multiprocessors=1
+        )
+        runner.launch(launch)
+        assert torch.equal(grad_input.cpu().to(torch.float64), reference)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hypothesis_differential(runner, layout):
+    @settings(
+        max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
+    @given(roi_pool_cases(max_rois=6), st.booleans())
+    def run(case, needs_argmax):
+        x = _wide(case.input) if layout == "channels_last" else case.input
+        rois = case.rois_tensor()
+        expected, expected_argmax = reference_roi_pool(
+            x, rois, case.output_size, case.spatial_scale
+        )
+        output, argmax = run_forward(
+            runner,
+            x,
+            rois,
+            case.output_size,
+            case.spatial_scale,
+            layout=layout,
+            needs_argmax=needs_argmax,
+        )
+        assert_same_bits(output, expected)
+        if needs_argmax:
+            assert torch.equal(argmax, expected_argmax)
+
+    run()
+
+
+# ---- On a CUDA device only: the backend API, streams, torchvision, the conformance kit -------
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cuda_backend() -> CupyBackend:
+    backend = CupyBackend()
+    reason = backend.check_available()
+    if reason is not None:
+        pytest.skip(f"cupy backend unavailable: {reason}")
+    return backend
+
+
+def _backend_forward(backend, x, rois, size, scale, needs_argmax=True):
+    problem = RoIPoolProblem(x, rois, size[0], size[1], scale, needs_argmax)
+    output = torch.full(problem.output_shape, math.nan, dtype=x.dtype, device=x.device)
+    argmax = None
+    if needs_argmax:
+        argmax = torch.full(problem.output_shape, -7, dtype=torch.int32, device=x.device)
+    backend.forward(problem, output, argmax)
+    return output, argmax
+
+
+def _detection_rois(num_images, count, height, width, scale, g, dtype=torch.float32):
+    boxes = torch.rand(count, 4, generator=g, dtype=torch.float64)
+    boxes[:, 0::2] *= width / scale
+    boxes[:, 1::2] *= height / scale
+    low = torch.minimum(boxes[:, :2], boxes[:, 2:])
+    high = torch.maximum(boxes[:, :2], boxes[:, 2:])
+    batch = torch.randint(0, num_images, (count, 1), generator=g).double()
+    return torch.cat([batch, low, high], dim=1).to(dtype)
+
+
+@needs_cuda
+def test_backend_forward_on_a_side_stream(cuda_backend):
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 32, 20, 24, generator=g)
+    rois = _detection_rois(2, 40, 20, 24, 0.5, g)
+    expected, expected_argmax = reference_roi_pool(x, rois, (7, 7), 0.5)
+    source, rois_gpu = x.cuda(), rois.cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        features = torch.full(x.shape, math.nan, device="cuda")
+        torch.cuda._sleep(50_000_000)  # the features are written late on this stream ...
+        features.copy_(source)
+        # ... so a kernel launched on any other stream would pool NaN.
+        output, argmax = _backend_forward(cuda_backend, features, rois_gpu, (7, 7), 0.5)
+    torch.cuda.synchronize()
+    assert_same_bits(output.cpu(), expected)
+    assert torch.equal(argmax.cpu(), expected_argmax)
+
+
+@needs_cuda
+def test_backend_backward_is_none_in_deterministic_mode(cuda_backend):
+    argmax = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device="cuda")
+    grad = torch.ones(1, 1, 1, 1, device="cuda")
+    batch = torch.zeros(1, dtype=torch.int64, device="cuda")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert cuda_backend.backward(grad, argmax, batch, (1, 1, 2, 2), torch.float32) is None
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    result = cuda_backend.backward(grad * 3, argmax, batch, (1, 1, 2, 2), torch.float32)
+    assert result.tolist() == [[[[3.0, 0.0], [0.0, 0.0]]]]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_torchvision_on_finite_inputs(cuda_backend, dtype, layout):
+    torchvision = pytest.importorskip("torchvision")
+    g = torch.Generator().manual_seed(31)
+    for n, c, h, w, k, size, scale in [
+        (2, 64, 38, 63, 64, (7, 7), 1 / 16),
+        (2, 32, 50, 68, 200, (14, 14), 1 / 16),
+        (1, 16, 25, 30, 50, (3, 5), 0.5),
+    ]:
+        x = torch.randn(n, c, h, w, generator=g, dtype=dtype).cuda()
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        rois = _detection_rois(n, k, h, w, scale, g, dtype).cuda()
+        output, argmax = _backend_forward(cuda_backend, x, rois, size, scale)
+        expected = torchvision.ops.roi_pool(x, rois, size, scale)
+        assert torch.equal(output, expected)
+
+
+@needs_cuda
+@pytest.mark.slow
+def test_offsets_past_2_31_elements(cuda_backend):
+    # Three 2^15 x 2^15 float16 planes (6 GiB): image 2 starts at element 2^31.
+    side = 2**15
+    x = torch.full((3, 1, side, side), -1.0, dtype=torch.float16, device="cuda")
+    g = torch.Generator().manual_seed(41)
+    patch = torch.randn(1, 1, 14, 14, generator=g).to(torch.float16)
+    x[2, :, side - 14 :, side - 14 :] = patch.cuda()
+    lo = float(side - 14)
+    rois = torch.tensor([[2, lo, lo, side - 1.0, side - 1.0]], device="cuda")
+    output, argmax = _backend_forward(cuda_backend, x, rois, (7, 7), 1.0)
+    expected, expected_argmax = reference_roi_pool(
+        patch, torch.tensor([[0, 0.0, 0.0, 13.0, 13.0]]), (7, 7), 1.0
+    )
+    assert_same_bits(output.cpu(), expected)
+    rows, cols = expected_argmax // 14, expected_argmax % 14
+    assert torch.equal(argmax.cpu(), ((rows + side - 14) * side + cols + side - 14).int())
+
+
+@needs_cuda
+def test_roi_pool_through_roi_ops(cuda_backend):
+    import roi_ops
+
+    g = torch.Generator().manual_seed(51)
+    x = torch.randn(2, 24, 17, 19, generator=g, dtype=torch.float64).cuda().requires_grad_(True)
+    rois = _detection_rois(2, 30, 17, 19, 0.5, g, torch.float64).cuda()
+    pooled = roi_ops.roi_pool(x, rois, 4, 0.5, backend="cupy")
+    expected, argmax = reference_roi_pool(x.detach().cpu(), rois.cpu(), 4, 0.5)
+    assert_same_bits(pooled.detach().cpu(), expected)
+    grad = torch.randint(1, 4, pooled.shape, generator=g).double()
+    pooled.backward(grad.cuda())
+    expected_grad = reference_roi_pool_backward(grad, argmax, rois.cpu(), tuple(x.shape))
+    assert torch.equal(x.grad.cpu(), expected_grad)
