@@ -150,37 +150,84 @@ def roi_geometry(
 
 # ---------------------------------------------------------------------------------------------
 # Forward
+#
+# A task is one ROI and a block of channels. Bins are scanned pixel by pixel with the channels of
+# the block as the innermost loop: a fixed trip count and branch-free selects, which LLVM
+# vectorises (contiguous loads for channels_last, gathers for NCHW). Results per bin are kept in
+# small (bins, channels) buffers and written out channel by channel.
+
+
+@njit(cache=True, inline="always")
+def _keys_init(seg, n, mag_mask, nan_threshold, hw, track, rk, rb, rh):
+    """Start a bin at its first pixel: key, raw bits and position of each channel of `seg`."""
+    for j in range(n):
+        x = seg[j]
+        m = x & mag_mask
+        nan = m > nan_threshold
+        m = min(m, nan_threshold + 1)
+        rk[j] = -m if (x < 0 and not nan) else m
+        rb[j] = x
+    if track:
+        for j in range(n):
+            rh[j] = hw
+
+
+@njit(cache=True, inline="always")
+def _keys_update(seg, n, mag_mask, nan_threshold, hw, track, rk, rb, rh):
+    """Fold one pixel into a bin: a strictly greater key replaces (so the first max stays).
+
+    The key (see `_key`) is computed inline and branch-free so that the loop vectorises.
+    """
+    if track:
+        for j in range(n):
+            x = seg[j]
+            m = x & mag_mask
+            nan = m > nan_threshold
+            m = min(m, nan_threshold + 1)
+            key = -m if (x < 0 and not nan) else m
+            greater = key > rk[j]
+            rk[j] = key if greater else rk[j]
+            rb[j] = x if greater else rb[j]
+            rh[j] = hw if greater else rh[j]
+    else:
+        for j in range(n):
+            x = seg[j]
+            m = x & mag_mask
+            nan = m > nan_threshold
+            m = min(m, nan_threshold + 1)
+            key = -m if (x < 0 and not nan) else m
+            greater = key > rk[j]
+            rk[j] = key if greater else rk[j]
+            rb[j] = x if greater else rb[j]
 
 
 @njit(cache=True, inline="always")
 def _key(bits, mag_mask, nan_threshold):
-    """Order-preserving int64 key of a float's raw bits (a signed integer view).
+    """Order-preserving key of a float's raw bits (a signed integer view).
 
     Sign-magnitude becomes two's complement, so -0.0 and +0.0 share key 0 (they are equal, and
     the first one scanned wins). Every NaN gets the key ``nan_threshold + 1``, above +inf: NaN is
-    maximal and, all NaN keys being equal, the first NaN wins.
+    maximal and, all NaN keys being equal, the first NaN wins. Keys fit the view's width.
     """
-    x = np.int64(bits)
-    m = x & mag_mask
+    m = bits & mag_mask
     if m > nan_threshold:
         return nan_threshold + 1
-    if x < 0:
-        return -m
-    return m
+    return -m if bits < 0 else m
 
 
 @njit(parallel=True, cache=True)
-def pool_planes(
+def pool_forward(
     src, s_n, s_c, s_h, s_w, channels, width,
     batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
-    mag_mask, nan_threshold, out, argmax, need_argmax, block,
+    mag_mask, nan_threshold, out, argmax, need_argmax, block, band_elements,
 ):  # fmt: skip
-    """Forward for layouts with a dense plane (NCHW): one (ROI, channel) plane scan at a time.
+    """roi_pool forward over (ROI, channel block) tasks, for any input strides.
 
     Args:
         src: the input's storage as a flat signed-integer view (int16/int32/int64), starting at
             the input's storage offset; element (n, c, h, w) is at
-            ``n * s_n + c * s_c + h * s_h + w * s_w``.
+            ``n * s_n + c * s_c + h * s_h + w * s_w``. ``s_c == 1`` (channels_last) gives
+            contiguous channel loads; other strides are gathered.
         channels, width: C and W.
         batch, hstart, hend, wstart, wend: from `roi_geometry`.
         pooled_h, pooled_w: PH, PW.
@@ -188,118 +235,93 @@ def pool_planes(
         out: (K * C * PH * PW,) output, same integer view type as `src`.
         argmax: (K * C * PH * PW,) int32, or anything when `need_argmax` is False.
         need_argmax: whether to compute and write `argmax`.
-        block: channels per parallel task; tasks are (ROI, channel block) pairs.
+        block: channels per task.
+        band_elements: the largest channels-last copy of one bin row's band (elements) that a
+            task of a non-channels-last input makes; larger bands are gathered in place.
     """
     num_rois = batch.shape[0]
     num_blocks = (channels + block - 1) // block
-    plane_out = pooled_h * pooled_w
-    for task in prange(num_rois * num_blocks):
-        k = task // num_blocks
-        c0 = (task % num_blocks) * block
-        c1 = min(c0 + block, channels)
-        b = batch[k]
-        for c in range(c0, c1):
-            o_base = (k * channels + c) * plane_out
-            if b < 0:
-                for o in range(o_base, o_base + plane_out):
-                    out[o] = 0
-                    if need_argmax:
-                        argmax[o] = -1
-                continue
-            p_base = b * s_n + c * s_c
-            for ph in range(pooled_h):
-                h0 = hstart[k * pooled_h + ph]
-                h1 = hend[k * pooled_h + ph]
-                for pw in range(pooled_w):
-                    w0 = wstart[k * pooled_w + pw]
-                    w1 = wend[k * pooled_w + pw]
-                    o = o_base + ph * pooled_w + pw
-                    if h1 <= h0 or w1 <= w0:
-                        out[o] = 0
-                        if need_argmax:
-                            argmax[o] = -1
-                        continue
-                    best_off = p_base + h0 * s_h + w0 * s_w
-                    best = _key(src[best_off], mag_mask, nan_threshold)
-                    if need_argmax:
-                        best_hw = h0 * width + w0
-                        for h in range(h0, h1):
-                            row = p_base + h * s_h
-                            for w in range(w0, w1):
-                                off = row + w * s_w
-                                key = _key(src[off], mag_mask, nan_threshold)
-                                if key > best:
-                                    best = key
-                                    best_off = off
-                                    best_hw = h * width + w
-                        argmax[o] = best_hw
-                    else:
-                        for h in range(h0, h1):
-                            row = p_base + h * s_h
-                            for w in range(w0, w1):
-                                off = row + w * s_w
-                                key = _key(src[off], mag_mask, nan_threshold)
-                                if key > best:
-                                    best = key
-                                    best_off = off
-                    out[o] = src[best_off]
-
-
-@njit(parallel=True, cache=True)
-def pool_channels_last(
-    src, s_n, s_c, s_h, s_w, channels, width,
-    batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
-    mag_mask, nan_threshold, out, argmax, need_argmax, block,
-):  # fmt: skip
-    """Forward for channels-innermost layouts (channels_last): channels are the inner loop.
-
-    Same arguments as `pool_planes`. Each task keeps a running key and position per channel of
-    its block, so the inner loop reads consecutive channels of one pixel.
-    """
-    num_rois = batch.shape[0]
-    num_blocks = (channels + block - 1) // block
-    plane_out = pooled_h * pooled_w
+    num_bins = pooled_h * pooled_w
     for task in prange(num_rois * num_blocks):
         k = task // num_blocks
         c0 = (task % num_blocks) * block
         nc = min(c0 + block, channels) - c0
         b = batch[k]
-        best = np.empty(nc, np.int64)
-        best_hw = np.empty(nc, np.int64)
+        if b < 0:
+            for o in range((k * channels + c0) * num_bins, (k * channels + c0 + nc) * num_bins):
+                out[o] = 0
+                if need_argmax:
+                    argmax[o] = -1
+            continue
+        res_key = np.empty((num_bins, nc), src.dtype)
+        res_bits = np.empty((num_bins, nc), src.dtype)
+        res_hw = np.empty((num_bins if need_argmax else 1, nc), np.int32)
+        # Columns of the ROI's bins (bin edges are monotone, so this is their union).
+        x0 = wstart[k * pooled_w]
+        x1 = max(wend[k * pooled_w + pooled_w - 1], x0)
+        band_h = 0
+        for ph in range(pooled_h):
+            band_h = max(band_h, hend[k * pooled_h + ph] - hstart[k * pooled_h + ph])
+        band = np.empty(0, src.dtype)
+        if s_c != 1 and band_h * (x1 - x0) * nc <= band_elements:
+            band = np.empty(band_h * (x1 - x0) * nc, src.dtype)
         for ph in range(pooled_h):
             h0 = hstart[k * pooled_h + ph]
             h1 = hend[k * pooled_h + ph]
+            # The source of this bin row: channels contiguous, pixel (h, w) at
+            # data[base + h * row + w * col].
+            if s_c == 1:
+                data, base, row, col = src, b * s_n + c0, s_h, s_w
+            elif band.shape[0] > 0:
+                # NCHW: copy the bin row's band channels-last, then scan it with contiguous loads.
+                data, row, col = band, (x1 - x0) * nc, nc
+                base = -(h0 * row + x0 * col)
+                for j in range(nc):
+                    plane = b * s_n + (c0 + j) * s_c
+                    for h in range(h0, h1):
+                        src_row = plane + h * s_h
+                        dst_row = (h - h0) * row - x0 * col + j
+                        for w in range(x0, x1):
+                            band[dst_row + w * col] = src[src_row + w * s_w]
+            else:
+                data, base, row, col = src, b * s_n + c0 * s_c, s_h, s_w
             for pw in range(pooled_w):
                 w0 = wstart[k * pooled_w + pw]
                 w1 = wend[k * pooled_w + pw]
-                o_base = (k * channels + c0) * plane_out + ph * pooled_w + pw
-                if b < 0 or h1 <= h0 or w1 <= w0:
-                    for j in range(nc):
-                        out[o_base + j * plane_out] = 0
-                        if need_argmax:
-                            argmax[o_base + j * plane_out] = -1
+                i = ph * pooled_w + pw
+                rk = res_key[i]
+                rb = res_bits[i]
+                rh = res_hw[i if need_argmax else 0]
+                if h1 <= h0 or w1 <= w0:
+                    rb[:] = 0
+                    rh[:] = -1
                     continue
-                px = b * s_n + h0 * s_h + w0 * s_w + c0 * s_c
-                hw = h0 * width + w0
-                for j in range(nc):
-                    best[j] = _key(src[px + j * s_c], mag_mask, nan_threshold)
-                    best_hw[j] = hw
-                for h in range(h0, h1):
-                    for w in range(w0, w1):
-                        px = b * s_n + h * s_h + w * s_w + c0 * s_c
-                        hw = h * width + w
-                        for j in range(nc):
-                            key = _key(src[px + j * s_c], mag_mask, nan_threshold)
-                            greater = key > best[j]
-                            best[j] = key if greater else best[j]
-                            best_hw[j] = hw if greater else best_hw[j]
-                for j in range(nc):
-                    h = best_hw[j] // width
-                    w = best_hw[j] - h * width
-                    o = o_base + j * plane_out
-                    out[o] = src[b * s_n + h * s_h + w * s_w + (c0 + j) * s_c]
-                    if need_argmax:
-                        argmax[o] = best_hw[j]
+                if s_c == 1 or band.shape[0] > 0:
+                    px = base + h0 * row + w0 * col
+                    _keys_init(data[px : px + nc], nc, mag_mask, nan_threshold, h0 * width + w0,
+                               need_argmax, rk, rb, rh)  # fmt: skip
+                    for h in range(h0, h1):
+                        for w in range(w0, w1):
+                            px = base + h * row + w * col
+                            _keys_update(data[px : px + nc], nc, mag_mask, nan_threshold,
+                                         h * width + w, need_argmax, rk, rb, rh)  # fmt: skip
+                else:
+                    px = base + h0 * row + w0 * col
+                    _keys_init(data[px : px + nc * s_c : s_c], nc, mag_mask, nan_threshold,
+                               h0 * width + w0, need_argmax, rk, rb, rh)  # fmt: skip
+                    for h in range(h0, h1):
+                        for w in range(w0, w1):
+                            px = base + h * row + w * col
+                            _keys_update(data[px : px + nc * s_c : s_c], nc, mag_mask,
+                                         nan_threshold, h * width + w, need_argmax,
+                                         rk, rb, rh)  # fmt: skip
+        for j in range(nc):
+            o = (k * channels + c0 + j) * num_bins
+            for i in range(num_bins):
+                out[o + i] = res_bits[i, j]
+            if need_argmax:
+                for i in range(num_bins):
+                    argmax[o + i] = res_hw[i, j]
 
 
 # ---------------------------------------------------------------------------------------------

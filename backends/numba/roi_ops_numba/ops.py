@@ -34,9 +34,13 @@ _GEOMETRY_MODE = {
 
 # Parallel tasks per thread: enough slack for dynamic scheduling to even out ROI sizes.
 _TASKS_PER_THREAD = 8
-# Channels-last tasks keep per-channel state for a block; a floor keeps the inner loop vectorised.
-_MIN_CHANNELS_LAST_BLOCK = 16
-_MAX_CHANNELS_LAST_BLOCK = 512
+# Channels per task: the inner loop is vectorised over them (floor); per-bin results for the
+# block stay in L1 (ceiling).
+_MIN_BLOCK = 16
+_MAX_BLOCK = 64
+# NCHW inputs: the largest channels-last copy of one bin row's band a task makes (L2-resident);
+# larger bands are read in place with gathers.
+_BAND_BYTES = 256 * 1024
 
 _EMPTY_ARGMAX = np.empty(0, dtype=np.int32)
 
@@ -81,11 +85,12 @@ def flat_storage(tensor: torch.Tensor, view_dtype: torch.dtype | None = None) ->
     return flat.resolve_conj().resolve_neg().numpy()
 
 
-def _block(channels: int, num_rois: int, threads: int, minimum: int, maximum: int) -> int:
-    """Channels per task so that (ROI, channel block) tasks give every thread enough work."""
-    blocks_wanted = -(-threads * _TASKS_PER_THREAD // num_rois)
-    block = -(-channels // max(blocks_wanted, 1))
-    return max(1, min(max(block, min(minimum, channels)), maximum))
+def _block(channels: int, num_rois: int, threads: int) -> int:
+    """Channels per task: enough (ROI, channel block) tasks for every thread, blocks bounded."""
+    blocks_wanted = -(-threads * _TASKS_PER_THREAD // max(num_rois, 1))
+    block = -(-channels // blocks_wanted)
+    block = max(min(block, _MAX_BLOCK), min(_MIN_BLOCK, channels))
+    return -(-channels // -(-channels // block))  # the same task count, evenly sized
 
 
 def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None) -> None:
@@ -119,19 +124,13 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
     out = output.view(view_dtype).view(-1).numpy()
     arg = _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy()
     threads = num_threads()
-    if s_c < s_w:
-        kernel = kernels.pool_channels_last
-        block = _block(
-            channels, num_rois, threads, _MIN_CHANNELS_LAST_BLOCK, _MAX_CHANNELS_LAST_BLOCK
-        )
-    else:
-        kernel = kernels.pool_planes
-        block = _block(channels, num_rois, threads, 1, channels)
+    block = _block(channels, num_rois, threads)
     with _parallel_region(threads):
-        kernel(
+        kernels.pool_forward(
             src, s_n, s_c, s_h, s_w, channels, width,
             batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
             mag_mask, nan_threshold, out, arg, argmax is not None, block,
+            _BAND_BYTES // input.element_size(),
         )  # fmt: skip
 
 
