@@ -36,9 +36,10 @@ class TritonBackend(Backend):
     def check_available(self) -> str | None:
         """Return why Triton cannot run here (missing, broken, or no CUDA device), else None."""
         try:
+            # Not the kernels module: it fixes compiled-vs-interpreted at import, so it is
+            # imported on the first forward, under the environment of that call.
             import triton  # noqa: F401
-
-            from roi_ops_triton import kernels  # noqa: F401
+            import triton.language  # noqa: F401
         except Exception as exc:  # a broken install can raise more than ImportError
             return f"triton is not usable: {type(exc).__name__}: {exc}"
         if interpreting():

@@ -96,11 +96,25 @@ def _index(v, F64: tl.constexpr):
 
 
 @triton.jit
-def _to_work(x, F64: tl.constexpr):
+def _widen(x, F64: tl.constexpr):
+    # Exact conversion of a loaded value to the working type. bfloat16 goes through its bits
+    # (what the hardware conversion does), which also sidesteps the interpreter's conversion
+    # that flushes bfloat16 subnormals.
     if F64:
         return x.to(tl.float64)
+    elif x.dtype == tl.bfloat16:
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
         return x.to(tl.float32)
+
+
+@triton.jit
+def _narrow(x, dtype: tl.constexpr):
+    # Back to the storage dtype; exact here because every value came from that dtype (or is 0).
+    if dtype == tl.bfloat16:
+        return (x.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -127,11 +141,11 @@ def _roi_geometry(
 ):
     """(valid, batch, x1, y1, bin_h, bin_w) of ROI k; batch/x1/y1 are int64."""
     row = rois_ptr + k.to(tl.int64) * s_rk
-    r0 = _to_work(tl.load(row), F64)
-    r1 = _to_work(tl.load(row + s_rj), F64)
-    r2 = _to_work(tl.load(row + 2 * s_rj), F64)
-    r3 = _to_work(tl.load(row + 3 * s_rj), F64)
-    r4 = _to_work(tl.load(row + 4 * s_rj), F64)
+    r0 = _widen(tl.load(row), F64)
+    r1 = _widen(tl.load(row + s_rj), F64)
+    r2 = _widen(tl.load(row + 2 * s_rj), F64)
+    r3 = _widen(tl.load(row + 3 * s_rj), F64)
+    r4 = _widen(tl.load(row + 4 * s_rj), F64)
     if F64:
         scale = tl.cast(tl.cast(scale_bits, tl.int64), tl.float64, bitcast=True)
     else:
@@ -297,10 +311,7 @@ def _roi_pool_fwd_kernel(
                 ptrs = row_ptr + j
             else:
                 ptrs = row_ptr + j.to(tl.int64) * s_w
-            if ACC_F64:
-                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
-            else:
-                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            x = _widen(tl.load(ptrs, mask=mask, other=0.0), ACC_F64)
             take = mask & ~_is_nan(best, ACC_F64) & (_is_nan(x, ACC_F64) | (x > best))
             if TRACK_INDEX:
                 take = take | (mask & (best_index < 0))
@@ -320,7 +331,7 @@ def _roi_pool_fwd_kernel(
 
     filled2 = filled[None, :]
     offsets = k.to(tl.int64) * C * phpw + chan2 * phpw + bins[None, :]
-    value = tl.where(filled2, best, 0.0).to(out_ptr.dtype.element_ty)
+    value = _narrow(tl.where(filled2, best, 0.0), out_ptr.dtype.element_ty)
     tl.store(out_ptr + offsets, value, mask=lane_ok)
     if NEEDS_ARGMAX:
         tl.store(arg_ptr + offsets, tl.where(filled2, best_index, -1), mask=lane_ok)
@@ -346,6 +357,7 @@ def _roi_pool_bwd_kernel(
     s_h,
     s_w,
     blk_offset,
+    ACC_F64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
@@ -362,10 +374,10 @@ def _roi_pool_bwd_kernel(
     index = tl.load(arg_ptr + k * C * phpw + first + tl.arange(0, BLOCK), mask=ok, other=-1)
     hit = ok & (index >= 0)
     g_off = k * s_k + chan * s_c + ph.to(tl.int64) * s_h + pw.to(tl.int64) * s_w
-    grad = tl.load(grad_out_ptr + g_off, mask=hit, other=0.0)
+    grad = _widen(tl.load(grad_out_ptr + g_off, mask=hit, other=0.0), ACC_F64)
     batch = tl.load(batch_ptr + k)
     dst = grad_in_ptr + (batch * C + chan) * HW + index
-    tl.atomic_add(dst, grad.to(grad_in_ptr.dtype.element_ty), mask=hit, sem="relaxed")
+    tl.atomic_add(dst, grad, mask=hit, sem="relaxed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,6 +592,7 @@ def roi_pool_backward(
                     s_h,
                     s_w,
                     start,
+                    ACC_F64=accumulate == torch.float64,
                     BLOCK=BACKWARD_BLOCK,
                     num_warps=4,
                 )

@@ -1,0 +1,478 @@
+"""The Triton backend against the scalar reference, bit for bit.
+
+Without a GPU the kernels run in Triton's CPU interpreter on CPU tensors (``TRITON_INTERPRET=1``
+is set for this module only: while set, ``auto`` would pick Triton for every CPU call). With a
+GPU, and no ``TRITON_INTERPRET`` in the environment, the same tests run the compiled kernels on
+CUDA tensors. Shapes are tiny because the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+_CUDA = torch.cuda.is_available()
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+INTERPRET = _PREVIOUS_INTERPRET == "1" or not _CUDA
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton and the kernels are first imported
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from roi_ops.backend import RoIPoolProblem  # noqa: E402
+from roi_ops.registry import REGISTRY  # noqa: E402
+from roi_ops.testing import (  # noqa: E402
+    BackendConformance,
+    contract_cases,
+    reference_roi_pool,
+    reference_roi_pool_backward,
+    roi_pool_cases,
+)
+
+pytest.importorskip("triton")
+backend_module = pytest.importorskip("roi_ops_triton.backend")
+kernels = pytest.importorskip("roi_ops_triton.kernels")
+if INTERPRET and type(kernels._roi_pool_fwd_kernel).__name__ != "InterpretedFunction":
+    kernels = importlib.reload(kernels)  # imported earlier in compiled mode: redo it interpreted
+if _PREVIOUS_INTERPRET is None:
+    os.environ.pop("TRITON_INTERPRET", None)  # the fixture below sets it around this module only
+
+TritonBackend = backend_module.TritonBackend
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
+LAYOUTS = ["contiguous", "channels_last"]
+DEVICES = (["cpu"] if INTERPRET else []) + (
+    [pytest.param("cuda", marks=pytest.mark.gpu)] if _CUDA else []
+)
+_BIT_VIEWS = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_environment():
+    """TRITON_INTERPRET=1 while this module runs (without a GPU), and a fresh registry."""
+    if INTERPRET:
+        os.environ["TRITON_INTERPRET"] = "1"
+    REGISTRY.reset()  # availability is cached per process; recompute it under this environment
+    yield
+    if _PREVIOUS_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+    REGISTRY.reset()
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
+
+
+def _rois_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+def run_forward(
+    x: torch.Tensor,
+    rois: torch.Tensor,
+    size: tuple[int, int],
+    scale: float,
+    needs_argmax: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Call the backend directly on outputs poisoned with NaN and -7."""
+    problem = RoIPoolProblem(x, rois, size[0], size[1], scale, needs_argmax)
+    backend = TritonBackend()
+    assert backend.check_available() is None
+    assert backend.not_supported_reasons(problem) == []
+    output = torch.full(problem.output_shape, math.nan, dtype=x.dtype, device=x.device)
+    argmax = None
+    if needs_argmax:
+        argmax = torch.full(problem.output_shape, -7, dtype=torch.int32, device=x.device)
+    backend.forward(problem, output, argmax)
+    return output, argmax
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit equality (so -0.0 differs from +0.0); NaNs must match in place, not in payload."""
+    actual = actual.cpu()
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    bits = _BIT_VIEWS[actual.dtype]
+    nan = expected.isnan()
+    mismatch = (actual.isnan() != nan) | (~nan & (actual.view(bits) != expected.view(bits)))
+    if mismatch.any():
+        where = mismatch.nonzero()[:5].tolist()
+        pytest.fail(f"{int(mismatch.sum())} elements differ, e.g. at {where}")
+
+
+def check(
+    x: torch.Tensor, rois: torch.Tensor, size: int | tuple[int, int], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compare training (with argmax) and inference forwards with the reference."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    expected, expected_argmax = reference_roi_pool(x, rois, size, scale)
+    output, argmax = run_forward(x, rois, size, scale)
+    assert_same_bits(output, expected)
+    assert torch.equal(argmax.cpu(), expected_argmax), "argmax differs from the reference"
+    inference, _ = run_forward(x, rois, size, scale, needs_argmax=False)
+    assert_same_bits(inference, expected)
+    return expected, expected_argmax
+
+
+def embedded(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """`x` as a view inside a NaN-filled buffer: a read past any edge would show up as NaN."""
+    n, c, h, w = x.shape
+    if layout == "channels_last":
+        buffer = torch.full((n + 2, h + 2, w + 2, c + 2), math.nan, dtype=x.dtype, device=x.device)
+        view = buffer[1 : n + 1, 1 : h + 1, 1 : w + 1, 1 : c + 1].permute(0, 3, 1, 2)
+    else:
+        buffer = torch.full((n + 2, c + 2, h + 2, w + 2), math.nan, dtype=x.dtype, device=x.device)
+        view = buffer[1 : n + 1, 1 : c + 1, 1 : h + 1, 1 : w + 1]
+    view.copy_(x)
+    return view
+
+
+# --------------------------------------------------------------------------------------------
+# The contract's cases, every dtype and layout
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_contract_cases(device, layout, dtype):
+    """Scales 1/16 and 0.5, .5 rounding, off-map/inverted, ties, NaN/-inf, float edges, K=0,
+    invalid rows and huge coordinates (the kernel has no value checks to rely on)."""
+    for case in contract_cases(device, dtype):
+        check(_layout(case.input, layout), case.rois_tensor(), case.output_size, case.spatial_scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_float32_rois_with_half_input(device, dtype):
+    for case in contract_cases(device, dtype, seed=3, rois_dtype=torch.float32):
+        check(case.input, case.rois_tensor(), case.output_size, case.spatial_scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
+def test_no_read_outside_the_input(device, layout, dtype):
+    """Invalid batch indices, NaN/inf and huge coordinates on a view inside a NaN buffer."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(2, 9, 5, 6, generator=g) * 3).to(dtype).to(device)
+    big = 6e4 if dtype == torch.float16 else 1e30
+    rows = [
+        [2.0, 0, 0, 3, 3],
+        [-1.0, 0, 0, 3, 3],
+        [-0.9, 0, 0, 9, 9],
+        [1.999, -3, -3, 99, 99],
+        [0.0, math.nan, 0, 3, 3],
+        [1.0, 0, 0, math.inf, 3],
+        [math.inf, 0, 0, 3, 3],
+        [0.0, -big, -big, big, big],
+        [1.0, big, big, -big, -big],
+        [1.0, -big, 2.0, 3.0, big],
+        [0.0, 5, 4, 5, 4],
+        [1.0, 6, 5, 60, 50],
+    ]
+    rois = torch.tensor(rows, dtype=torch.float64).to(dtype).to(device)
+    check(embedded(x, layout), rois, (2, 3), 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Targeted traps
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_bin_edges_exposed_by_monotone_features(device, dtype):
+    """Features increasing along rows and columns put each bin's argmax on its last pixel (and,
+    negated, on its first), so any bin edge off by one shows. Many ROIs, several scales."""
+    g = torch.Generator().manual_seed(5)
+    height, width = 23, 29
+    ramp = torch.arange(height * width, dtype=torch.float64).reshape(1, 1, height, width)
+    rdt = _rois_dtype(dtype)
+    count = 16
+    boxes = torch.rand(count, 4, generator=g, dtype=torch.float64) * 60 - 10
+    boxes[: count // 3] = boxes[: count // 3].round() + 0.5  # exact halves before scaling
+    low = torch.minimum(boxes[:, :2], boxes[:, 2:])
+    high = torch.maximum(boxes[:, :2], boxes[:, 2:])
+    rois = torch.cat([torch.zeros(count, 1, dtype=torch.float64), low, high], 1)
+    for values in (ramp, -ramp):
+        # float16 and bfloat16 cannot hold 667 distinct integers: scale into a safe range.
+        x = (values / 8).round() if dtype in (torch.float16, torch.bfloat16) else values
+        x = x.to(dtype).to(device)
+        for scale, size in ((0.5, (7, 7)), (1 / 3, (3, 5)), (0.25, (1, 2))):
+            check(x, rois.to(rdt).to(device), size, scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float_edge_last_bin_is_longer(device):
+    """float32, roi height 57, PH 7: the last bin ends at ceil(7 * 8.142857) = 58 rows."""
+    x = torch.arange(64, dtype=torch.float32).reshape(1, 1, 64, 1).repeat(1, 1, 1, 2)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 1.0, 56.0]])
+    _, argmax = check(x.to(device), rois.to(device), (7, 1), 1.0)
+    assert argmax[0, 0, -1, 0].item() == 57 * 2  # row 57, one past 57 * 7 / 7
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_signed_zero_nan_and_subnormal_order(device, dtype):
+    """First maximum among -0.0 and +0.0; first NaN wins over +inf; subnormals are ordered
+    (a flush-to-zero comparison would call them equal)."""
+    tiny = torch.finfo(dtype).tiny
+    x = torch.zeros(1, 4, 2, 4, dtype=torch.float64)
+    x[0, 0] = torch.tensor([[-0.0, 0.0, -1.0, -0.0], [0.0, -0.0, -2.0, -3.0]])
+    x[0, 1] = torch.tensor([[1.0, math.inf, 2.0, math.nan], [math.nan, 3.0, math.inf, 0.0]])
+    x[0, 2] = torch.tensor([[tiny / 4, tiny / 2, -tiny / 2, tiny / 8], [0.0, tiny / 4, -0.0, 0]])
+    x[0, 3] = torch.tensor([[-math.inf] * 4, [-math.inf, -math.inf, 1.0, -math.inf]])
+    x = x.to(dtype)
+    if dtype == torch.bfloat16:
+        x[0, 2] = x[0, 2].float().to(dtype)  # keep the subnormals that bfloat16 can hold
+    rois = torch.tensor([[0.0, 0, 0, 3, 1], [0.0, 0, 0, 1, 1], [0.0, 2, 0, 3, 1]])
+    for size in ((1, 1), (2, 2), (1, 2)):
+        check(x.to(device), rois.to(_rois_dtype(dtype)).to(device), size, 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
+def test_half_geometry_rounding(device, dtype):
+    """Coordinates and scales whose products round differently in float16 and float32."""
+    x = torch.randn(1, 2, 40, 40, generator=torch.Generator().manual_seed(2)).to(dtype)
+    coords = torch.tensor(
+        [
+            [0.0, 2047.0, 1025.0, 2049.0, 2051.0],
+            [0.0, 300.3, 133.7, 615.9, 627.1],
+            [0.0, 0.49999997, 1.5, 2.5, 3.4999998],
+            [0.0, 61.9, 7.77, 63.99, 65.0],
+            [0.0, -1.5, -2.5, 70000.0, 1e5],
+        ],
+        dtype=torch.float64,
+    )
+    for scale in (1 / 16, 1 / 3, 0.0625001, 1 / 7):
+        check(x.to(device), coords.to(dtype).to(device), (3, 7), scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_degenerate_shapes(device):
+    x = torch.randn(2, 3, 4, 5).to(device)
+    check(x, torch.empty(0, 5, device=device), (2, 2), 1.0)  # K = 0
+    check(x[:, :0], torch.tensor([[0.0, 0, 0, 3, 3]], device=device), (2, 2), 1.0)  # C = 0
+    check(x[:, :, :0], torch.tensor([[0.0, 0, 0, 3, 3]], device=device), (2, 2), 1.0)  # H = 0
+    check(torch.randn(1, 1, 1, 1).to(device), torch.tensor([[0.0, 0, 0, 0, 0]], device=device),
+          (3, 2), 1.0)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Every tile shape and launch path
+# --------------------------------------------------------------------------------------------
+
+CONFIGS = [
+    "split=1",
+    "split=2",
+    "split=8",
+    "block_b=16",
+    "block_b=16,split=4",
+    "channels_fast=1,block_c=8,block_b=16",
+    "channels_fast=1,block_c=4,block_b=4",
+    "channels_fast=1,block_c=16,block_b=64",
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_tile_configurations(device, layout, config, monkeypatch):
+    """Each tile shape on both layouts, with several blocks per ROI and a split grid."""
+    monkeypatch.setenv("ROI_OPS_TRITON_FWD", config)
+    monkeypatch.setattr(kernels, "MAX_GRID_Y", 3)  # several launches with a block offset
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 9, 7, 33, generator=g).round()  # ties
+    x[1, 2, 3, 4:9] = math.nan
+    x[0, 4] = -math.inf
+    rois = torch.tensor(
+        [[0.0, 0, 0, 32, 6], [1.0, 2.5, 1, 30, 5.5], [1.0, 7, 2, 3, 1], [0.0, -3, 2, 50, 9]]
+    )
+    check(_layout(x, layout).to(device), rois.to(device), (2, 3), 1.0)
+
+
+def test_forward_config_is_bounded():
+    """Shape changes pick among a few variants: split is a power of two up to 8."""
+    for width in (1, 7, 30, 63, 100, 272, 5000):
+        x = torch.empty(2, 256, 50, width)
+        config = kernels.forward_config(x, 7, 7)
+        assert config.split in (1, 2, 4, 8) and not config.channels_fast
+        assert config.block_b * config.split <= 1024
+        last = kernels.forward_config(x.contiguous(memory_format=torch.channels_last), 7, 7)
+        assert last.channels_fast and last.split == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward_matches_the_reference_scatter(device, dtype):
+    case = contract_cases(device, dtype, seed=4)[0]
+    rois = case.rois_tensor()
+    size = (case.output_size,) * 2 if isinstance(case.output_size, int) else case.output_size
+    _, argmax = run_forward(case.input, rois, size, case.spatial_scale)
+    g = torch.Generator().manual_seed(1)
+    grad_output = torch.randint(1, 5, argmax.shape, generator=g).to(dtype).to(device)
+    batch_index = rois[:, 0].double().trunc().long().clamp(0, case.input.shape[0] - 1)
+    expected = reference_roi_pool_backward(grad_output, argmax, rois, tuple(case.input.shape))
+    backend = TritonBackend()
+    grad = backend.backward(grad_output, argmax, batch_index, tuple(case.input.shape), dtype)
+    assert grad.dtype == dtype and grad.is_contiguous()
+    assert torch.equal(grad.cpu().double(), expected)
+    # Zero strides (an expanded gradient) and a transposed one.
+    ones = torch.ones((), dtype=dtype, device=device).expand(argmax.shape)
+    grad = backend.backward(ones, argmax, batch_index, tuple(case.input.shape), dtype)
+    expected = reference_roi_pool_backward(ones, argmax, rois, tuple(case.input.shape))
+    assert torch.equal(grad.cpu().double(), expected)
+    flipped = grad_output.transpose(2, 3).contiguous().transpose(2, 3)
+    grad = backend.backward(flipped, argmax, batch_index, tuple(case.input.shape), dtype)
+    expected = reference_roi_pool_backward(grad_output, argmax, rois, tuple(case.input.shape))
+    assert torch.equal(grad.cpu().double(), expected)
+
+
+def test_backward_defers_to_the_shared_one_when_deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        argmax = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+        grad = TritonBackend().backward(
+            torch.ones(1, 1, 1, 1), argmax, torch.zeros(1, dtype=torch.long), (1, 1, 1, 1),
+            torch.float32,
+        )  # fmt: skip
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert grad is None
+
+
+# --------------------------------------------------------------------------------------------
+# Hypothesis differential test and the core's conformance kit
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hypothesis_differential(device):
+    @settings(max_examples=12, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(roi_pool_cases(max_side=8, max_rois=4))
+    def run(case) -> None:
+        layout = "channels_last" if case.input.shape[1] > 1 and case.input.numel() % 2 else "c"
+        check(_layout(case.input, layout).to(device), case.rois_tensor().to(device),
+              case.output_size, case.spatial_scale)  # fmt: skip
+
+    run()
+
+
+class TestTritonConformance(BackendConformance):
+    """The core's conformance kit through ``roi_ops.roi_pool(..., backend="triton")``."""
+
+    hypothesis_examples = 8
+
+    @pytest.fixture
+    def backend_name(self) -> str:
+        return "triton"
+
+
+# --------------------------------------------------------------------------------------------
+# Packaging and availability
+# --------------------------------------------------------------------------------------------
+
+
+def test_backend_module_does_not_import_triton():
+    code = "import sys, roi_ops_triton.backend; assert 'triton' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cpu_accepted_only_under_the_interpreter(monkeypatch):
+    problem = RoIPoolProblem(torch.zeros(1, 1, 2, 2), torch.zeros(1, 5), 1, 1, 1.0, True)
+    backend = TritonBackend()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.not_supported_reasons(problem) == []
+    assert backend.check_available() is None
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reasons = backend.not_supported_reasons(problem)
+    assert len(reasons) == 1 and "cpu" in reasons[0]
+    assert TritonBackend.device_types == frozenset({"cuda"})
+    if not _CUDA:
+        assert "CUDA" in backend.check_available()
+
+
+def test_registered_through_the_entry_point():
+    entry = REGISTRY.get("triton")
+    assert entry is not None and entry.distribution == "roi-ops-triton"
+    assert REGISTRY.availability(entry) is None or not INTERPRET
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: recompilation and 64-bit offsets
+# --------------------------------------------------------------------------------------------
+
+
+def _compiled_variants() -> int | None:
+    caches = getattr(kernels._roi_pool_fwd_kernel, "device_caches", None)
+    if not caches:
+        return None
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA or INTERPRET, reason="needs compiled kernels on a CUDA device")
+def test_no_recompilation_when_shapes_change():
+    g = torch.Generator().manual_seed(0)
+
+    def call(n, h, w, k):
+        x = torch.randn(n, 16, h, w, generator=g).cuda()
+        rois = torch.cat([torch.randint(0, n, (k, 1)), torch.rand(k, 4) * 40], 1).cuda()
+        run_forward(x, rois, (7, 7), 1 / 4)
+
+    call(2, 30, 40, 5)  # split 1 for both 40 and 47 columns below
+    before = _compiled_variants()
+    if before is None:
+        pytest.skip("this Triton version does not expose its kernel cache")
+    for n, h, w, k in ((1, 31, 41, 1), (3, 32, 47, 16), (5, 17, 33, 300), (2, 48, 48, 4097)):
+        call(n, h, w, k)
+    assert _compiled_variants() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not _CUDA or INTERPRET, reason="needs compiled kernels on a CUDA device")
+def test_offsets_past_two_to_the_31():
+    """An input and an output of more than 2^31 elements (64-bit offsets), float16."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs about 30 GiB of GPU memory")
+    x = torch.randn(3, 1024, 768, 1024, dtype=torch.float16, device="cuda")  # 2.4e9 elements
+    box = [1000.0, 700.0, 1023.0, 767.0]
+    rois = torch.tensor([[2.0, *box]], device="cuda").half()
+    output, argmax = run_forward(x, rois, (2, 2), 1.0)
+    corner = x[2:, -2:].cpu()  # the last two planes, as image 0 of a small input
+    expected, expected_argmax = reference_roi_pool(corner, torch.tensor([[0.0, *box]]), (2, 2))
+    assert_same_bits(output[:, -2:], expected)
+    assert torch.equal(argmax[:, -2:].cpu(), expected_argmax)
+    del x, output, argmax
+    many = 2**31 // (64 * 49) + 8  # K * C * PH * PW > 2^31 elements
+    x = torch.randn(1, 64, 8, 8, dtype=torch.float16, device="cuda")
+    rois = torch.tensor([[0.0, 1, 2, 6, 7]], device="cuda").half().expand(many, 5)
+    output, argmax = run_forward(x, rois, (7, 7), 1.0)
+    expected, expected_argmax = reference_roi_pool(x.cpu(), rois[:1].cpu(), (7, 7))
+    assert_same_bits(output[-1:], expected)
+    assert torch.equal(argmax[-1:].cpu(), expected_argmax)
