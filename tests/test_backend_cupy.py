@@ -182,6 +182,41 @@ def test_compile_check_script_passes():
     assert all("0 B spill stores, 0 B spill loads" in line for line in resources)
 
 
+def _nvrtc_reason() -> str | None:
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as error:
+        return f"NVRTC unavailable ({type(error).__name__}: {error})"
+    return None
+
+
+def test_nvrtc_compiles_every_module_through_cupy():
+    """The run-time build: CuPy's NVRTC path, every module, sm_80 and sm_90 (no GPU needed)."""
+    reason = _nvrtc_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    out = _run_python(
+        "import cupy.cuda.compiler as compiler\n"
+        "from roi_ops_cupy import kernels\n"
+        "# Without a device CuPy cannot look up the architecture: name it.\n"
+        "def arch_options(arch=None):\n"
+        "    return f'-arch=sm_{arch}', 'cubin'\n"
+        "compiler._get_arch_for_options_for_nvrtc = arch_options\n"
+        "options = kernels.COMPILE_OPTIONS + ('-ftz=true',)  # RawModule adds -ftz=true\n"
+        "groups = [kernels.forward_names(t, r) for t, r in kernels.FORWARD_PAIRS]\n"
+        "groups.append(tuple(kernels.backward_name(t) for t in kernels.BACKWARD_TYPES))\n"
+        "for arch in ('80', '90'):\n"
+        "    for names in groups:\n"
+        "        binary, mapping = compiler.compile_using_nvrtc(\n"
+        "            kernels.source(), options, arch, name_expressions=names)\n"
+        "        assert binary and sorted(mapping) == sorted(names), mapping\n"
+        "print('compiled', 2 * len(groups))"
+    )
+    assert out == f"compiled {2 * (len(kernels.FORWARD_PAIRS) + 1)}"
+
+
 def test_plan_sizes_blocks_and_falls_back_to_uncached_edges(monkeypatch):
     x = torch.ones(2, 64, 10, 10)
     rois = torch.zeros(3, 5)
@@ -463,6 +498,66 @@ def test_half_geometry_rounds_every_step(runner):
     ]
     for rois_dtype in (torch.float16, torch.float32):
         check(runner, x, torch.tensor(rows, dtype=rois_dtype), (5, 3), 0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_subnormals_and_signed_zeros(runner, dtype):
+    # CuPy compiles with -ftz=true, under which float comparisons see subnormals as zero; the
+    # kernels compare integer keys instead. -0 and +0 are equal: the first one stays.
+    tiny = {
+        torch.float16: 2.0**-24,
+        torch.bfloat16: 2.0**-133,
+        torch.float32: 2.0**-149,
+        torch.float64: 2.0**-1074,
+    }[dtype]
+    pattern = torch.tensor(
+        [
+            [-0.0, 0.0, tiny, 3 * tiny],
+            [-tiny, 2 * tiny, 0.0, -0.0],
+            [-2 * tiny, -tiny, -0.0, -3 * tiny],
+            [0.0, -0.0, -tiny, tiny],
+        ],
+        dtype=torch.float64,
+    )
+    x = torch.stack([pattern, pattern.flip(1), -pattern]).unsqueeze(0).to(dtype)
+    assert bool((x != 0).any())
+    rois_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    rois = torch.tensor(
+        [[0, 0, 0, 3, 3], [0, 0, 0, 1, 1], [0, 2, 0, 3, 3], [0, 0, 2, 3, 3]], dtype=rois_dtype
+    )
+    for size in ((2, 2), (1, 1), (4, 4)):
+        check(runner, x, rois, size, 1.0)
+
+
+_NAN_PAYLOADS = {  # quiet, negative, signalling and odd-payload NaNs of each dtype
+    torch.float16: [0x7E00, 0xFE00, 0x7C01, 0x7D55],
+    torch.bfloat16: [0x7FC0, 0xFFC0, 0x7F81, 0x7FA5],
+    torch.float32: [0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FAAAAAA],
+    torch.float64: [0x7FF8000000000000, 0xFFF8000000000000, 0x7FF0000000000001, 0x7FF5555555555555],
+}
+
+
+def _signed(value: int, nbits: int) -> int:
+    return value - (1 << nbits) if value >= 1 << (nbits - 1) else value
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_any_nan_is_maximal_and_copied_bit_for_bit(runner, dtype):
+    g = torch.Generator().manual_seed(9)
+    bits = _BITS[torch.empty((), dtype=dtype).element_size()]
+    x = (torch.randn(1, 4, 6, 6, generator=g, dtype=torch.float64) * 5).to(dtype)
+    raw = x.view(bits)
+    places = [(0, 1, 2), (0, 4, 4), (1, 0, 5), (1, 3, 3), (2, 2, 1), (3, 5, 0), (3, 1, 1)]
+    for i, (c, h, w) in enumerate(places):
+        raw[0, c, h, w] = _signed(_NAN_PAYLOADS[dtype][i % 4], 8 * x.element_size())
+    assert int(x.isnan().sum()) == len(places)
+    rois_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    rois = torch.tensor([[0, 0, 0, 5, 5], [0, 1, 1, 5, 5], [0, 0, 2, 3, 5]], dtype=rois_dtype)
+    check(runner, x, rois, (2, 3), 1.0)
+    output, argmax = run_forward(runner, x, rois, (2, 3), 1.0)
+    planes = x.view(bits).reshape(1, 4, 36).expand(3, 4, 36)
+    picked = planes.gather(2, argmax.clamp(min=0).long().reshape(3, 4, 6)).reshape(argmax.shape)
+    assert torch.equal(output.view(bits)[argmax >= 0], picked[argmax >= 0])
 
 
 def test_emulated_half_conversions_are_round_to_nearest_even(emulator_library):

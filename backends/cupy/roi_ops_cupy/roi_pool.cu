@@ -20,8 +20,9 @@
 // shared memory (dynamic, 8 * (PH + PW) bytes) unless the launcher passes cache_edges = 0, in
 // which case every thread computes the edges it needs.
 //
-// Build flags: --fmad=false. The geometry uses the _rn intrinsics anyway, so no contraction into
-// FMA can change a rounding.
+// Build flags: --fmad=false (CuPy adds -ftz=true). The geometry uses the _rn intrinsics anyway,
+// so no contraction into FMA can change a rounding, and it meets no subnormal that could change
+// an integral result; the reduction compares integer keys, so flushing cannot touch it.
 
 typedef long long i64;
 
@@ -63,29 +64,52 @@ __device__ __forceinline__ A clamp_to(A v, A lo, A hi) {
   return v < lo ? lo : (v > hi ? hi : v);
 }
 
-// ---- Reduction view of an element: an exact comparison key ------------------------------------
+// ---- Reduction view of an element: an integer order key, and its value for the backward ----
+// Keys are compared as integers, not floats: CuPy always compiles with -ftz=true, under which
+// float comparisons treat subnormals as zero. The key of a float is its sign-magnitude bits as
+// a two's complement integer, so -0 and +0 are equal, and every NaN gets the largest key, above
+// +inf: the first element with the largest key is the contract's first maximal element.
 
 template <class T>
 struct Elem;
 template <>
 struct Elem<float> {
-  typedef float key;
-  static __device__ __forceinline__ float key_of(float v) { return v; }
+  typedef int key;
+  static __device__ __forceinline__ int key_of(float v) {
+    const int bits = __float_as_int(v);
+    const int magnitude = bits & 0x7fffffff;
+    return magnitude > 0x7f800000 ? 0x7fffffff : (bits < 0 ? -magnitude : magnitude);
+  }
+  static __device__ __forceinline__ float value_of(float v) { return v; }
 };
 template <>
 struct Elem<double> {
-  typedef double key;
-  static __device__ __forceinline__ double key_of(double v) { return v; }
+  typedef i64 key;
+  static __device__ __forceinline__ i64 key_of(double v) {
+    const i64 bits = __double_as_longlong(v);
+    const i64 magnitude = bits & 0x7fffffffffffffffLL;
+    return magnitude > 0x7ff0000000000000LL ? 0x7fffffffffffffffLL
+                                             : (bits < 0 ? -magnitude : magnitude);
+  }
+  static __device__ __forceinline__ double value_of(double v) { return v; }
 };
 template <>
 struct Elem<roi_half> {
-  typedef float key;
-  static __device__ __forceinline__ float key_of(roi_half v) { return half_to_float(v.bits); }
+  typedef int key;
+  static __device__ __forceinline__ int key_of(roi_half v) {
+    const int magnitude = v.bits & 0x7fff;
+    return magnitude > 0x7c00 ? 0x7fff : ((v.bits & 0x8000) ? -magnitude : magnitude);
+  }
+  static __device__ __forceinline__ float value_of(roi_half v) { return half_to_float(v.bits); }
 };
 template <>
 struct Elem<roi_bf16> {
-  typedef float key;
-  static __device__ __forceinline__ float key_of(roi_bf16 v) { return bf16_to_float(v.bits); }
+  typedef int key;
+  static __device__ __forceinline__ int key_of(roi_bf16 v) {
+    const int magnitude = v.bits & 0x7fff;
+    return magnitude > 0x7f80 ? 0x7fff : ((v.bits & 0x8000) ? -magnitude : magnitude);
+  }
+  static __device__ __forceinline__ float value_of(roi_bf16 v) { return bf16_to_float(v.bits); }
 };
 
 // ---- Geometry dtypes: every operation rounded to G, as C++ does with a variable of type G ----
@@ -250,7 +274,8 @@ struct BinMax {
 };
 
 // The first maximal element of one bin in row-major scan order; NaN is maximal (first NaN wins),
-// -inf is ordinary. An empty bin gives +0 and -1. The value is copied, never converted.
+// -inf is ordinary, -0 equals +0. An empty bin gives +0 and -1. The value is copied, never
+// converted.
 template <class T>
 __device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 rows, int2 cols,
                                              i64 sH, i64 sW, i64 W) {
@@ -258,7 +283,7 @@ __device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 r
   BinMax<T> m;
   m.value = T();
   m.index = -1;
-  K best = K(0);
+  K best = 0;
   for (int h = rows.x; h < rows.y; ++h) {
     const T* __restrict__ line = plane + h * sH;
     const int base = h * static_cast<int>(W);  // < H * W < 2^31 (checked by roi_ops)
@@ -266,8 +291,7 @@ __device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 r
     for (int w = cols.x; w < cols.y; ++w) {
       const T v = line[w * sW];
       const K key = Elem<T>::key_of(v);
-      // Take v if it is the first element, or if best is not NaN and v is NaN or larger.
-      if (m.index < 0 || (!(key <= best) && best == best)) {
+      if (m.index < 0 || key > best) {
         best = key;
         m.value = v;
         m.index = base + w;
@@ -280,9 +304,10 @@ __device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 r
 }  // namespace roi_ops_cuda
 
 // ---- Kernels ----------------------------------------------------------------------------------
-// 256 threads, at least 6 blocks per SM: ptxas then keeps every kernel within 40 registers
-// without spills (its unconstrained choice spilled on sm_80).
-#define ROI_OPS_LAUNCH_BOUNDS __launch_bounds__(256, 6)
+// 256 threads, at least 5 blocks (1280 threads) per SM: every kernel fits in 48 registers without
+// spills on sm_80 and sm_90 (6 blocks spilled the chan kernel; unconstrained, ptxas spilled on
+// sm_80). A tuning knob for the GPU machine.
+#define ROI_OPS_LAUNCH_BOUNDS __launch_bounds__(256, 5)
 
 // Shapes and strides are in elements. Launch: grid (K, channel blocks), 256 threads per block
 // ((256) for plane and backward, (32, 8) for chan), dynamic shared memory 8 * (PH + PW) bytes
@@ -419,7 +444,7 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
       const unsigned int pw = q - ph * pw_count;
       const T grad = grad_output[k * gs0 + (c0 + cl) * gs1 + ph * gs2 + pw * gs3];
       atomicAdd(grad_input + (b * C + c0 + cl) * HW + a,
-                static_cast<typename Accum<T>::type>(Elem<T>::key_of(grad)));
+                static_cast<typename Accum<T>::type>(Elem<T>::value_of(grad)));
     }
   }
 }

@@ -3,6 +3,7 @@
 # template instantiated (-DROI_OPS_INSTANTIATE_ALL), all warnings as errors, and the flags the
 # run-time NVRTC build uses (--fmad=false, C++17). Prints what it compiled and, for sm_90, the
 # registers, shared memory and spills of every kernel. Exits non-zero on any failure.
+# --ftz=true: CuPy always adds it to NVRTC builds.
 #
 # Usage: backends/cupy/tools/check_compile.sh [ARCH...]   (default: 80 90; NVCC=... to override)
 set -euo pipefail
@@ -27,7 +28,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 echo "check_compile: $("$nvcc" --version | tail -n 1)"
 for arch in "${archs[@]}"; do
-  flags=(-std=c++17 --fmad=false -DROI_OPS_INSTANTIATE_ALL -Werror all-warnings
+  flags=(-std=c++17 --fmad=false --ftz=true -DROI_OPS_INSTANTIATE_ALL -Werror all-warnings
          -Xcompiler -Wall -Xptxas -warn-spills,-warn-lmem-usage
          -gencode "arch=compute_${arch},code=sm_${arch}" -x cu -c "$source_file"
          -o "$work/roi_pool_sm${arch}.o")
@@ -35,7 +36,6 @@ for arch in "${archs[@]}"; do
   echo "check_compile: nvcc ${flags[*]}"
   "$nvcc" "${flags[@]}" >"$work/log" 2>&1 || { cat "$work/log" >&2; exit 1; }
   if [ "$arch" = 90 ]; then
-    # ptxas -v prints one "Compiling entry function '<mangled>'" line, then its resources.
     python3 - "$work/log" <<'PY'
 import re, subprocess, sys
 

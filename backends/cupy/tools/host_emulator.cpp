@@ -50,6 +50,16 @@ inline double __ddiv_rn(double a, double b) { return a / b; }
 inline float __ll2float_rn(long long v) { return static_cast<float>(v); }
 inline double __ll2double_rn(long long v) { return static_cast<double>(v); }
 inline float __double2float_rn(double v) { return static_cast<float>(v); }
+inline int __float_as_int(float f) {
+  int i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+inline long long __double_as_longlong(double d) {
+  long long i;
+  std::memcpy(&i, &d, sizeof i);
+  return i;
+}
 inline float __uint_as_float(unsigned int u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
