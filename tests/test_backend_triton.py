@@ -148,13 +148,14 @@ def embedded(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_contract_cases(device, layout, dtype):
+def test_contract_cases(device, dtype):
     """Scales 1/16 and 0.5, .5 rounding, off-map/inverted, ties, NaN/-inf, float edges, K=0,
-    invalid rows and huge coordinates (the kernel has no value checks to rely on)."""
+    invalid rows and huge coordinates (the kernel has no value checks to rely on), channels_last
+    here; the conformance kit below runs the same cases contiguous, through roi_ops.roi_pool."""
     for case in contract_cases(device, dtype):
-        check(_layout(case.input, layout), case.rois_tensor(), case.output_size, case.spatial_scale)
+        x = _layout(case.input, "channels_last")
+        check(x, case.rois_tensor(), case.output_size, case.spatial_scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -204,7 +205,7 @@ def test_bin_edges_exposed_by_monotone_features(device, dtype):
     height, width = 23, 29
     ramp = torch.arange(height * width, dtype=torch.float64).reshape(1, 1, height, width)
     rdt = _rois_dtype(dtype)
-    count = 16
+    count = 8
     boxes = torch.rand(count, 4, generator=g, dtype=torch.float64) * 60 - 10
     boxes[: count // 3] = boxes[: count // 3].round() + 0.5  # exact halves before scaling
     low = torch.minimum(boxes[:, :2], boxes[:, 2:])
@@ -214,7 +215,7 @@ def test_bin_edges_exposed_by_monotone_features(device, dtype):
         # float16 and bfloat16 cannot hold 667 distinct integers: scale into a safe range.
         x = (values / 8).round() if dtype in (torch.float16, torch.bfloat16) else values
         x = x.to(dtype).to(device)
-        for scale, size in ((0.5, (7, 7)), (1 / 3, (3, 5)), (0.25, (1, 2))):
+        for scale, size in ((0.5, (7, 7)), (1 / 3, (3, 5)), (0.25, (2, 3))):
             check(x, rois.to(rdt).to(device), size, scale)
 
 
@@ -250,7 +251,7 @@ def test_signed_zero_nan_and_subnormal_order(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
 def test_half_geometry_rounding(device, dtype):
     """Coordinates and scales whose products round differently in float16 and float32."""
-    x = torch.randn(1, 2, 40, 40, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = torch.randn(1, 2, 12, 12, generator=torch.Generator().manual_seed(2)).to(dtype)
     coords = torch.tensor(
         [
             [0.0, 2047.0, 1025.0, 2049.0, 2051.0],
@@ -299,11 +300,11 @@ def test_tile_configurations(device, layout, config, monkeypatch):
     monkeypatch.setenv("ROI_OPS_TRITON_FWD", config)
     monkeypatch.setattr(kernels, "MAX_GRID_Y", 3)  # several launches with a block offset
     g = torch.Generator().manual_seed(9)
-    x = torch.randn(2, 9, 7, 33, generator=g).round()  # ties
+    x = torch.randn(2, 9, 5, 19, generator=g).round()  # ties
     x[1, 2, 3, 4:9] = math.nan
     x[0, 4] = -math.inf
     rois = torch.tensor(
-        [[0.0, 0, 0, 32, 6], [1.0, 2.5, 1, 30, 5.5], [1.0, 7, 2, 3, 1], [0.0, -3, 2, 50, 9]]
+        [[0.0, 0, 0, 18, 4], [1.0, 2.5, 1, 16, 3.5], [1.0, 7, 2, 3, 1], [0.0, -3, 2, 30, 9]]
     )
     check(_layout(x, layout).to(device), rois.to(device), (2, 3), 1.0)
 
