@@ -308,6 +308,23 @@ def test_strided_views(backend, dtype):
     check(backend, base.transpose(2, 3)[:2], random_rois(8, 2, 9, 7, 1.0, g).to(dtype), 2, 1.0)
 
 
+@pytest.mark.parametrize(
+    "stage_bytes", [0, 200, 600, None], ids=["gather", "band", "mixed", "window"]
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_staging_paths(backend, monkeypatch, stage_bytes, dtype):
+    """NCHW tasks stage their ROI window or bin-row band channels-last, or gather in place."""
+    from roi_ops_numba import ops
+
+    if stage_bytes is not None:
+        monkeypatch.setattr(ops, "_STAGE_BYTES", stage_bytes)
+    g = torch.Generator().manual_seed(43)
+    x = random_features((2, 3, 12, 13), dtype, g, ties=True)
+    rois = random_rois(12, 2, 12, 13, 1.0, g).to(dtype)
+    check(backend, x, rois, (3, 2), 1.0)
+    check(backend, x[:, :, 1:, 2:], rois, (2, 3), 1.0)  # strided rows, storage offset
+
+
 def test_zero_rois(backend):
     x = torch.rand(2, 3, 5, 5)
     output, argmax = run_forward(backend, x, torch.zeros(0, 5), (2, 2), 1.0)
@@ -419,8 +436,10 @@ def _cases(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(case=_cases())
-def test_differential(backend, case):
+@given(case=_cases(), stage_bytes=st.sampled_from([0, 100, 512 * 1024]))
+def test_differential(backend, case, stage_bytes):
+    from roi_ops_numba import ops
+
     dtype, rois_dtype, shape, size, scale, rows, seed, ties, specials, layout = case
     g = torch.Generator().manual_seed(seed)
     x = random_features(shape, dtype, g, ties)
@@ -428,4 +447,9 @@ def test_differential(backend, case):
     for value in specials:
         flat[int(torch.randint(0, flat.numel(), (1,), generator=g))] = value
     rois = torch.tensor(rows, dtype=torch.float64).view(-1, 5).to(rois_dtype)
-    check(backend, _layout(x, layout), rois, size, scale)
+    default_stage = ops._STAGE_BYTES
+    ops._STAGE_BYTES = stage_bytes
+    try:
+        check(backend, _layout(x, layout), rois, size, scale)
+    finally:
+        ops._STAGE_BYTES = default_stage

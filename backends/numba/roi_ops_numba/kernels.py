@@ -158,14 +158,25 @@ def roi_geometry(
 
 
 @njit(cache=True, inline="always")
+def _key(bits, mag_mask, nan_threshold):
+    """Order-preserving key of a float's raw bits (a signed integer view), branch-free.
+
+    Sign-magnitude becomes two's complement, so -0.0 and +0.0 share key 0 (they are equal, and
+    the first one scanned wins). Every NaN gets the key ``nan_threshold + 1``, above +inf: NaN is
+    maximal and, all NaN keys being equal, the first NaN wins. Keys fit the view's width.
+    """
+    m = bits & mag_mask
+    nan = m > nan_threshold
+    m = min(m, nan_threshold + 1)
+    return -m if (bits < 0 and not nan) else m
+
+
+@njit(cache=True, inline="always")
 def _keys_init(seg, n, mag_mask, nan_threshold, hw, track, rk, rb, rh):
     """Start a bin at its first pixel: key, raw bits and position of each channel of `seg`."""
     for j in range(n):
         x = seg[j]
-        m = x & mag_mask
-        nan = m > nan_threshold
-        m = min(m, nan_threshold + 1)
-        rk[j] = -m if (x < 0 and not nan) else m
+        rk[j] = _key(x, mag_mask, nan_threshold)
         rb[j] = x
     if track:
         for j in range(n):
@@ -174,17 +185,11 @@ def _keys_init(seg, n, mag_mask, nan_threshold, hw, track, rk, rb, rh):
 
 @njit(cache=True, inline="always")
 def _keys_update(seg, n, mag_mask, nan_threshold, hw, track, rk, rb, rh):
-    """Fold one pixel into a bin: a strictly greater key replaces (so the first max stays).
-
-    The key (see `_key`) is computed inline and branch-free so that the loop vectorises.
-    """
+    """Fold one pixel into a bin: a strictly greater key replaces (so the first max stays)."""
     if track:
         for j in range(n):
             x = seg[j]
-            m = x & mag_mask
-            nan = m > nan_threshold
-            m = min(m, nan_threshold + 1)
-            key = -m if (x < 0 and not nan) else m
+            key = _key(x, mag_mask, nan_threshold)
             greater = key > rk[j]
             rk[j] = key if greater else rk[j]
             rb[j] = x if greater else rb[j]
@@ -192,42 +197,71 @@ def _keys_update(seg, n, mag_mask, nan_threshold, hw, track, rk, rb, rh):
     else:
         for j in range(n):
             x = seg[j]
-            m = x & mag_mask
-            nan = m > nan_threshold
-            m = min(m, nan_threshold + 1)
-            key = -m if (x < 0 and not nan) else m
+            key = _key(x, mag_mask, nan_threshold)
             greater = key > rk[j]
             rk[j] = key if greater else rk[j]
             rb[j] = x if greater else rb[j]
 
 
 @njit(cache=True, inline="always")
-def _key(bits, mag_mask, nan_threshold):
-    """Order-preserving key of a float's raw bits (a signed integer view).
+def _scan_contiguous(data, base, row, col, h0, h1, w0, w1, nc, width, mag_mask, nan_threshold,
+                     track, rk, rb, rh):  # fmt: skip
+    """Reduce one bin whose pixel (h, w) has its `nc` channels at data[base + h*row + w*col:]."""
+    px = base + h0 * row + w0 * col
+    _keys_init(data[px : px + nc], nc, mag_mask, nan_threshold, h0 * width + w0, track,
+               rk, rb, rh)  # fmt: skip
+    for h in range(h0, h1):
+        for w in range(w0 + 1 if h == h0 else w0, w1):  # the first pixel is already in
+            px = base + h * row + w * col
+            _keys_update(data[px : px + nc], nc, mag_mask, nan_threshold, h * width + w, track,
+                         rk, rb, rh)  # fmt: skip
 
-    Sign-magnitude becomes two's complement, so -0.0 and +0.0 share key 0 (they are equal, and
-    the first one scanned wins). Every NaN gets the key ``nan_threshold + 1``, above +inf: NaN is
-    maximal and, all NaN keys being equal, the first NaN wins. Keys fit the view's width.
-    """
-    m = bits & mag_mask
-    if m > nan_threshold:
-        return nan_threshold + 1
-    return -m if bits < 0 else m
+
+@njit(cache=True, inline="always")
+def _scan_strided(data, base, row, col, stride, h0, h1, w0, w1, nc, width, mag_mask,
+                  nan_threshold, track, rk, rb, rh):  # fmt: skip
+    """`_scan_contiguous` with the channels `stride` elements apart (gathered loads)."""
+    px = base + h0 * row + w0 * col
+    _keys_init(data[px : px + nc * stride : stride], nc, mag_mask, nan_threshold,
+               h0 * width + w0, track, rk, rb, rh)  # fmt: skip
+    for h in range(h0, h1):
+        for w in range(w0 + 1 if h == h0 else w0, w1):
+            px = base + h * row + w * col
+            _keys_update(data[px : px + nc * stride : stride], nc, mag_mask, nan_threshold,
+                         h * width + w, track, rk, rb, rh)  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _stage(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf):
+    """Copy rows h0..h1-1, columns x0..x1-1 of `nc` planes into `buf` channels-last."""
+    row = (x1 - x0) * nc
+    for h in range(h0, h1):
+        for w in range(x0, x1):
+            d = (h - h0) * row + (w - x0) * nc
+            s = plane0 + h * s_h + w * s_w
+            seg = buf[d : d + nc]
+            for j in range(nc):
+                seg[j] = src[s + j * s_c]
+
+
+_IN_PLACE = 0  # channels contiguous in the input (channels_last)
+_WINDOW = 1  # the ROI's window is staged channels-last once
+_BAND = 2  # each bin row's band is staged channels-last
+_GATHER = 3  # too large to stage: gathered in place
 
 
 @njit(parallel=True, cache=True)
 def pool_forward(
     src, s_n, s_c, s_h, s_w, channels, width,
     batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
-    mag_mask, nan_threshold, out, argmax, need_argmax, block, band_elements,
+    mag_mask, nan_threshold, out, argmax, need_argmax, block, stage_elements,
 ):  # fmt: skip
     """roi_pool forward over (ROI, channel block) tasks, for any input strides.
 
     Args:
         src: the input's storage as a flat signed-integer view (int16/int32/int64), starting at
             the input's storage offset; element (n, c, h, w) is at
-            ``n * s_n + c * s_c + h * s_h + w * s_w``. ``s_c == 1`` (channels_last) gives
-            contiguous channel loads; other strides are gathered.
+            ``n * s_n + c * s_c + h * s_h + w * s_w``.
         channels, width: C and W.
         batch, hstart, hend, wstart, wend: from `roi_geometry`.
         pooled_h, pooled_w: PH, PW.
@@ -236,8 +270,9 @@ def pool_forward(
         argmax: (K * C * PH * PW,) int32, or anything when `need_argmax` is False.
         need_argmax: whether to compute and write `argmax`.
         block: channels per task.
-        band_elements: the largest channels-last copy of one bin row's band (elements) that a
-            task of a non-channels-last input makes; larger bands are gathered in place.
+        stage_elements: when channels are not contiguous (``s_c != 1``, e.g. NCHW), a task
+            copies its ROI window (or else each bin row's band) channels-last into a buffer of
+            at most this many elements and scans that; larger regions are gathered in place.
     """
     num_rois = batch.shape[0]
     num_blocks = (channels + block - 1) // block
@@ -253,75 +288,66 @@ def pool_forward(
                 if need_argmax:
                     argmax[o] = -1
             continue
-        res_key = np.empty((num_bins, nc), src.dtype)
-        res_bits = np.empty((num_bins, nc), src.dtype)
-        res_hw = np.empty((num_bins if need_argmax else 1, nc), np.int32)
-        # Columns of the ROI's bins (bin edges are monotone, so this is their union).
+        # The running key, raw bits and position of the current bin, per channel.
+        rk = np.empty(nc, src.dtype)
+        rb = np.empty(nc, src.dtype)
+        rh = np.empty(nc, np.int32)
+        o_base = (k * channels + c0) * num_bins
+
+        # The ROI's window: the union of its bins (bin edges are monotone in ph and pw).
+        y0 = hstart[k * pooled_h]
+        y1 = max(hend[k * pooled_h + pooled_h - 1], y0)
         x0 = wstart[k * pooled_w]
         x1 = max(wend[k * pooled_w + pooled_w - 1], x0)
         band_h = 0
         for ph in range(pooled_h):
             band_h = max(band_h, hend[k * pooled_h + ph] - hstart[k * pooled_h + ph])
-        band = np.empty(0, src.dtype)
-        if s_c != 1 and band_h * (x1 - x0) * nc <= band_elements:
-            band = np.empty(band_h * (x1 - x0) * nc, src.dtype)
+        plane0 = b * s_n + c0 * s_c
+        if s_c == 1:
+            stage, size = _IN_PLACE, 0
+        elif (y1 - y0) * (x1 - x0) * nc <= stage_elements:
+            stage, size = _WINDOW, (y1 - y0) * (x1 - x0) * nc
+        elif band_h * (x1 - x0) * nc <= stage_elements:
+            stage, size = _BAND, band_h * (x1 - x0) * nc
+        else:
+            stage, size = _GATHER, 0
+        buf = np.empty(size, src.dtype)
+        # Pixel (h, w) of the scanned data has its nc channels at data[base + h*row + w*col:].
+        data, base, row, col = src, plane0, s_h, s_w
+        if stage != _IN_PLACE and stage != _GATHER:
+            data, row, col = buf, (x1 - x0) * nc, nc
+        if stage == _WINDOW:
+            _stage(src, plane0, s_c, s_h, s_w, nc, y0, y1, x0, x1, buf)
+            base = -(y0 * row + x0 * col)
+
         for ph in range(pooled_h):
             h0 = hstart[k * pooled_h + ph]
             h1 = hend[k * pooled_h + ph]
-            # The source of this bin row: channels contiguous, pixel (h, w) at
-            # data[base + h * row + w * col].
-            if s_c == 1:
-                data, base, row, col = src, b * s_n + c0, s_h, s_w
-            elif band.shape[0] > 0:
-                # NCHW: copy the bin row's band channels-last, then scan it with contiguous loads.
-                data, row, col = band, (x1 - x0) * nc, nc
+            if stage == _BAND and h1 > h0:
+                _stage(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf)
                 base = -(h0 * row + x0 * col)
-                for j in range(nc):
-                    plane = b * s_n + (c0 + j) * s_c
-                    for h in range(h0, h1):
-                        src_row = plane + h * s_h
-                        dst_row = (h - h0) * row - x0 * col + j
-                        for w in range(x0, x1):
-                            band[dst_row + w * col] = src[src_row + w * s_w]
-            else:
-                data, base, row, col = src, b * s_n + c0 * s_c, s_h, s_w
             for pw in range(pooled_w):
                 w0 = wstart[k * pooled_w + pw]
                 w1 = wend[k * pooled_w + pw]
-                i = ph * pooled_w + pw
-                rk = res_key[i]
-                rb = res_bits[i]
-                rh = res_hw[i if need_argmax else 0]
+                o = o_base + ph * pooled_w + pw
                 if h1 <= h0 or w1 <= w0:
-                    rb[:] = 0
-                    rh[:] = -1
+                    for j in range(nc):
+                        out[o + j * num_bins] = 0
+                    if need_argmax:
+                        for j in range(nc):
+                            argmax[o + j * num_bins] = -1
                     continue
-                if s_c == 1 or band.shape[0] > 0:
-                    px = base + h0 * row + w0 * col
-                    _keys_init(data[px : px + nc], nc, mag_mask, nan_threshold, h0 * width + w0,
-                               need_argmax, rk, rb, rh)  # fmt: skip
-                    for h in range(h0, h1):
-                        for w in range(w0, w1):
-                            px = base + h * row + w * col
-                            _keys_update(data[px : px + nc], nc, mag_mask, nan_threshold,
-                                         h * width + w, need_argmax, rk, rb, rh)  # fmt: skip
+                if stage == _GATHER:
+                    _scan_strided(data, base, row, col, s_c, h0, h1, w0, w1, nc, width,
+                                  mag_mask, nan_threshold, need_argmax, rk, rb, rh)  # fmt: skip
                 else:
-                    px = base + h0 * row + w0 * col
-                    _keys_init(data[px : px + nc * s_c : s_c], nc, mag_mask, nan_threshold,
-                               h0 * width + w0, need_argmax, rk, rb, rh)  # fmt: skip
-                    for h in range(h0, h1):
-                        for w in range(w0, w1):
-                            px = base + h * row + w * col
-                            _keys_update(data[px : px + nc * s_c : s_c], nc, mag_mask,
-                                         nan_threshold, h * width + w, need_argmax,
-                                         rk, rb, rh)  # fmt: skip
-        for j in range(nc):
-            o = (k * channels + c0 + j) * num_bins
-            for i in range(num_bins):
-                out[o + i] = res_bits[i, j]
-            if need_argmax:
-                for i in range(num_bins):
-                    argmax[o + i] = res_hw[i, j]
+                    _scan_contiguous(data, base, row, col, h0, h1, w0, w1, nc, width,
+                                     mag_mask, nan_threshold, need_argmax, rk, rb, rh)  # fmt: skip
+                for j in range(nc):
+                    out[o + j * num_bins] = rb[j]
+                if need_argmax:
+                    for j in range(nc):
+                        argmax[o + j * num_bins] = rh[j]
 
 
 # ---------------------------------------------------------------------------------------------

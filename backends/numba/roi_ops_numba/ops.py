@@ -34,13 +34,13 @@ _GEOMETRY_MODE = {
 
 # Parallel tasks per thread: enough slack for dynamic scheduling to even out ROI sizes.
 _TASKS_PER_THREAD = 8
-# Channels per task: the inner loop is vectorised over them (floor); per-bin results for the
-# block stay in L1 (ceiling).
+# Channels per task: the inner loop is vectorised over them, so long blocks amortise the per-pixel
+# overhead; the floor keeps vectors full when a few ROIs are split over many threads.
 _MIN_BLOCK = 16
-_MAX_BLOCK = 64
-# NCHW inputs: the largest channels-last copy of one bin row's band a task makes (L2-resident);
-# larger bands are read in place with gathers.
-_BAND_BYTES = 256 * 1024
+_MAX_BLOCK = 256
+# Inputs whose channels are not contiguous (NCHW): the largest channels-last copy of a ROI's
+# window (or bin row's band) a task makes, to stay in L2; larger ones are gathered in place.
+_STAGE_BYTES = 512 * 1024
 
 _EMPTY_ARGMAX = np.empty(0, dtype=np.int32)
 
@@ -130,7 +130,7 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
             src, s_n, s_c, s_h, s_w, channels, width,
             batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
             mag_mask, nan_threshold, out, arg, argmax is not None, block,
-            _BAND_BYTES // input.element_size(),
+            _STAGE_BYTES // input.element_size(),
         )  # fmt: skip
 
 
