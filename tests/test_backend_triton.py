@@ -35,7 +35,7 @@ from roi_ops.testing import (  # noqa: E402
     roi_pool_cases,
 )
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 backend_module = pytest.importorskip("roi_ops_triton.backend")
 kernels = pytest.importorskip("roi_ops_triton.kernels")
 if INTERPRET and type(kernels._roi_pool_fwd_kernel).__name__ != "InterpretedFunction":
@@ -272,8 +272,12 @@ def test_empty_and_degenerate_shapes(device):
     check(x, torch.empty(0, 5, device=device), (2, 2), 1.0)  # K = 0
     check(x[:, :0], torch.tensor([[0.0, 0, 0, 3, 3]], device=device), (2, 2), 1.0)  # C = 0
     check(x[:, :, :0], torch.tensor([[0.0, 0, 0, 3, 3]], device=device), (2, 2), 1.0)  # H = 0
-    check(torch.randn(1, 1, 1, 1).to(device), torch.tensor([[0.0, 0, 0, 0, 0]], device=device),
-          (3, 2), 1.0)  # fmt: skip
+    check(
+        torch.randn(1, 1, 1, 1).to(device),
+        torch.tensor([[0.0, 0, 0, 0, 0]], device=device),
+        (3, 2),
+        1.0,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,9 +361,12 @@ def test_backward_defers_to_the_shared_one_when_deterministic():
     try:
         argmax = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
         grad = TritonBackend().backward(
-            torch.ones(1, 1, 1, 1), argmax, torch.zeros(1, dtype=torch.long), (1, 1, 1, 1),
+            torch.ones(1, 1, 1, 1),
+            argmax,
+            torch.zeros(1, dtype=torch.long),
+            (1, 1, 1, 1),
             torch.float32,
-        )  # fmt: skip
+        )
     finally:
         torch.use_deterministic_algorithms(previous)
     assert grad is None
@@ -372,13 +379,18 @@ def test_backward_defers_to_the_shared_one_when_deterministic():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_hypothesis_differential(device):
-    @settings(max_examples=12, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(roi_pool_cases(max_side=8, max_rois=4))
     def run(case) -> None:
         layout = "channels_last" if case.input.shape[1] > 1 and case.input.numel() % 2 else "c"
-        check(_layout(case.input, layout).to(device), case.rois_tensor().to(device),
-              case.output_size, case.spatial_scale)  # fmt: skip
+        check(
+            _layout(case.input, layout).to(device),
+            case.rois_tensor().to(device),
+            case.output_size,
+            case.spatial_scale,
+        )
 
     run()
 
@@ -415,6 +427,21 @@ def test_cpu_accepted_only_under_the_interpreter(monkeypatch):
     assert TritonBackend.device_types == frozenset({"cuda"})
     if not _CUDA:
         assert "CUDA" in backend.check_available()
+
+
+@pytest.mark.skipif(_CUDA, reason="with a GPU the compiled kernels themselves are tested")
+def test_compiles_for_sm90_with_exact_arithmetic():
+    """Compile every variant for sm_90 without a GPU; the PTX must have no fused multiply-add,
+    only correctly rounded divisions and no flush-to-zero comparisons (roi_ops_triton.ptx_check).
+    """
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not (os.path.exists(ptxas) or os.environ.get("TRITON_PTXAS_PATH")):
+        pytest.skip("Triton's NVIDIA backend has no ptxas here")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "roi_ops_triton.ptx_check"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_registered_through_the_entry_point():

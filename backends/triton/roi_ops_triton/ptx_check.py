@@ -1,0 +1,181 @@
+"""Compile the kernels for an NVIDIA target without a GPU and check the arithmetic in the PTX.
+
+Usage: ``python -m roi_ops_triton.ptx_check [--arch 90] [--dump DIR]`` (``TRITON_INTERPRET``
+must be unset). It compiles every forward variant (each geometry dtype, both tile shapes, with
+and without argmax, split reductions) and the backward, and fails unless the PTX has:
+
+* no fused multiply-add (a fused ``x * s - t`` would change C rounding and bin edges);
+* correctly rounded divisions only (``div.rn``; Triton's ``/`` on float32 is ``div.full``);
+* ``.rn`` on every float32/float64 multiply, add and subtract (so ptxas cannot fuse them);
+* no flush-to-zero comparison (subnormal features must stay ordered).
+
+Floor and ceil come out as ``cvt.rmi.ftz`` / ``cvt.rpi.ftz``: the kernels only floor values that
+are zero or at least 2^-31 in magnitude, where flushing changes nothing. It prints registers
+and spills per variant. This checks the installed Triton, not necessarily the GPU machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+FORWARD_VARIANTS: dict[str, dict[str, object]] = {
+    "float32-flat": dict(),
+    "float32-flat-split4": dict(BLOCK_B=256, SPLIT=4),
+    "float32-flat-inference": dict(TRACK_INDEX=False, NEEDS_ARGMAX=False),
+    "float32-channels-last": dict(
+        CHANNELS_FAST=True, W_UNIT=False, C_UNIT=True, BLOCK_C=32, BLOCK_B=64
+    ),
+    "float16-half-geometry": dict(inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True),
+    "float16-float32-rois-split8": dict(inp="fp16", out="fp16", BLOCK_B=128, SPLIT=8),
+    "bfloat16-channels-last": dict(
+        inp="bf16",
+        out="bf16",
+        CHANNELS_FAST=True,
+        W_UNIT=False,
+        C_UNIT=True,
+        BLOCK_C=64,
+        BLOCK_B=32,
+    ),
+    "float64-flat-split2": dict(
+        inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True, SPLIT=2
+    ),
+}
+
+_FORWARD_DEFAULTS: dict[str, object] = dict(
+    inp="fp32",
+    rois="fp32",
+    out="fp32",
+    GEOM_HALF=False,
+    GEOM_F64=False,
+    ACC_F64=False,
+    CHANNELS_FAST=False,
+    W_UNIT=True,
+    C_UNIT=False,
+    BLOCK_C=1,
+    BLOCK_B=512,
+    SPLIT=1,
+    TRACK_INDEX=True,
+    NEEDS_ARGMAX=True,
+)
+
+_FORWARD_RUNTIME = {
+    "N": "i32", "C": "i32", "H": "i32", "W": "i32", "PH": "i32", "PW": "i32",
+    "s_n": "i64", "s_c": "i32", "s_h": "i32", "s_w": "i32", "s_rk": "i32", "s_rj": "i32",
+    "scale_f32": "fp32", "scale_bits": "i64", "blk_offset": "i32",
+}  # fmt: skip
+
+_FORBIDDEN = {  # matched against instruction mnemonics at the start of a line
+    "fused multiply-add": re.compile(r"^\s*(@%p\d+\s+)?(fma|mad)\.[a-z.]*f(32|64)", re.M),
+    "approximate division": re.compile(r"^\s*(@%p\d+\s+)?div\.(full|approx)", re.M),
+    "unrounded float op (ptxas may fuse it)": re.compile(
+        r"^\s*(@%p\d+\s+)?(mul|add|sub)\.f(32|64)\s", re.M
+    ),
+    "flush-to-zero comparison": re.compile(r"^\s*(@%p\d+\s+)?setp\.[a-z]+\.ftz", re.M),
+}
+
+
+def _compile(fn, signature: dict[str, str], constexprs: dict[str, object], arch: int, warps=4):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    full = dict(signature)
+    full.update({name: "constexpr" for name in constexprs})
+    source = ASTSource(fn, full, constexprs)
+    options = {"num_warps": warps, "enable_fp_fusion": False}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _forward(name: str, arch: int):
+    from roi_ops_triton import kernels
+
+    settings = {**_FORWARD_DEFAULTS, **FORWARD_VARIANTS[name]}
+    signature = {
+        "inp_ptr": f"*{settings.pop('inp')}",
+        "rois_ptr": f"*{settings.pop('rois')}",
+        "out_ptr": f"*{settings.pop('out')}",
+        "arg_ptr": "*i32",
+        **_FORWARD_RUNTIME,
+    }
+    warps = 8 if settings["BLOCK_C"] * settings["BLOCK_B"] * settings["SPLIT"] >= 2048 else 4
+    return _compile(kernels._roi_pool_fwd_kernel, signature, settings, arch, warps)
+
+
+def _backward(dtype: str, arch: int):
+    from roi_ops_triton import kernels
+
+    accumulate = "fp64" if dtype == "fp64" else "fp32"
+    signature = {
+        "grad_out_ptr": f"*{dtype}", "arg_ptr": "*i32", "batch_ptr": "*i64",
+        "grad_in_ptr": f"*{accumulate}", "C": "i32", "HW": "i32", "PH": "i32", "PW": "i32",
+        "s_k": "i32", "s_c": "i32", "s_h": "i32", "s_w": "i32", "blk_offset": "i32",
+    }  # fmt: skip
+    constexprs = {"ACC_F64": dtype == "fp64", "BLOCK": 1024}
+    return _compile(kernels._roi_pool_bwd_kernel, signature, constexprs, arch)
+
+
+def _resources(cubin: bytes) -> str:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return "registers: unknown"
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"roi_ops_triton_{os.getpid()}.cubin"
+    path.write_bytes(cubin)
+    try:
+        text = subprocess.run(
+            [str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True
+        ).stdout
+    finally:
+        path.unlink(missing_ok=True)
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if not match:
+        return "registers: unknown"
+    regs, stack, shared, local = match.groups()
+    return f"registers {regs}, stack {stack}, shared {shared}, local (spills) {local}"
+
+
+def check_ptx(ptx: str, float64_geometry: bool) -> list[str]:
+    """Problems with one kernel's PTX (empty when it has the arithmetic the contract needs)."""
+    problems = [what for what, pattern in _FORBIDDEN.items() if pattern.search(ptx)]
+    if ptx.count("div.rn.f64" if float64_geometry else "div.rn.f32") < 2:
+        problems.append("expected two correctly rounded bin-size divisions")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile and check every variant; return a process exit status (0 when all pass)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--dump", type=Path, help="write each variant's PTX to this folder")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
+        return 2
+    failed = False
+    jobs = [(name, lambda n=name: _forward(n, args.arch)) for name in FORWARD_VARIANTS]
+    jobs += [(f"backward-{d}", lambda d=d: _backward(d, args.arch)) for d in ("fp32", "bf16")]
+    jobs += [("backward-fp64", lambda: _backward("fp64", args.arch))]
+    for name, build in jobs:
+        kernel = build()
+        ptx = kernel.asm["ptx"]
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            (args.dump / f"{name}.ptx").write_text(ptx)
+        if name.startswith("backward"):
+            problems = [what for what, pattern in _FORBIDDEN.items() if pattern.search(ptx)]
+        else:
+            problems = check_ptx(ptx, "float64" in name)
+        status = "ok" if not problems else "FAILED: " + "; ".join(problems)
+        failed = failed or bool(problems)
+        print(f"{name:32s} {_resources(kernel.asm['cubin'])}: {status}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
