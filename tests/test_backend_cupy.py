@@ -217,7 +217,7 @@ def test_nvrtc_compiles_every_module_through_cupy():
     assert out == f"compiled {2 * (len(kernels.FORWARD_PAIRS) + 1)}"
 
 
-def test_plan_sizes_blocks_and_falls_back_to_uncached_edges(monkeypatch):
+def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
     x = torch.ones(2, 64, 10, 10)
     rois = torch.zeros(3, 5)
     problem = RoIPoolProblem(x, rois, 7, 7, 0.5, True)
@@ -225,18 +225,19 @@ def test_plan_sizes_blocks_and_falls_back_to_uncached_edges(monkeypatch):
     arg = torch.empty(problem.output_shape, dtype=torch.int32)
     plane = kernels.plan_forward(problem, out, arg, multiprocessors=132)
     assert plane.name == "roi_pool_forward_plane<float, float, true>"
-    assert plane.block == (256, 1, 1) and plane.shared_mem == 8 * 14
+    assert plane.block == (256, 1, 1) and plane.shared_mem == 0
     channels_per_block = int(plane.args[-3])
     assert plane.grid == (3, math.ceil(64 / channels_per_block), 1)
+    assert int(plane.args[-1]) == arg.data_ptr()
     last = problem.input.contiguous(memory_format=torch.channels_last)
-    chan = kernels.plan_forward(
-        dataclasses.replace(problem, input=last, needs_argmax=False), out, None, 132
-    )
+    without_argmax = dataclasses.replace(problem, input=last, needs_argmax=False)
+    chan = kernels.plan_forward(without_argmax, out, None, 132)
     assert chan.name == "roi_pool_forward_chan<float, float, false>"
     assert chan.block == (32, 8, 1) and chan.grid == (3, 2, 1) and int(chan.args[-1]) == 0
+    assert chan.shared_mem == 8 * 14 and int(chan.args[-3]) == 1
     monkeypatch.setattr(kernels, "MAX_CACHED_EDGES", 13)
-    uncached = kernels.plan_forward(problem, out, arg, multiprocessors=132)
-    assert uncached.shared_mem == 0 and int(uncached.args[15]) == 0
+    uncached = kernels.plan_forward(without_argmax, out, None, multiprocessors=132)
+    assert uncached.shared_mem == 0 and int(uncached.args[-3]) == 0
     empty = RoIPoolProblem(x, torch.zeros(0, 5), 7, 7, 0.5, True)
     assert kernels.plan_forward(empty, torch.empty(0, 64, 7, 7), None, 132) is None
 
@@ -460,8 +461,19 @@ def test_channel_blocks_loop_and_uncached_edges(runner, layout, monkeypatch):
     x = torch.randn(2, 70, 9, 13, generator=g)
     rois = torch.tensor([[0, 0.0, 0.0, 12.0, 8.0], [1, 2.5, 1.5, 9.5, 7.0], [1, -3.0, 2.0, 30, 5]])
     check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=1, grid_y=1)
+    check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64)
     monkeypatch.setattr(kernels, "MAX_CACHED_EDGES", 0)
     check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("size", [(1, 1), (16, 16), (17, 16), (20, 30)], ids=str)
+def test_bins_per_roi_around_one_block(runner, layout, size):
+    # nb = 1 (256 groups), 256 (one group, exact), 272 and 600 (threads loop over bins).
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(1, 18, 22, 33, generator=g)
+    rois = torch.tensor([[0, 1.0, 2.0, 30.0, 20.0], [0, 4.0, 4.0, 6.0, 5.0]])
+    check(runner, x, rois, size, 1.0, layout=layout, multiprocessors=1)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -610,14 +622,25 @@ def test_backward_scatter(runner, dtype):
     expected = reference_roi_pool_backward(grad, argmax, rois, tuple(x.shape))
     device = runner.device
     accumulate = kernels.accumulate_dtype(dtype)
-    for grad_output in (grad.to(device), grad[:, :, :1, :1].to(device).expand(grad.shape)):
+    zero_strides = grad[:, :, :1, :1].to(device).expand(grad.shape)
+    # (SM count, grid rows): one channel block; then one channel per block, with the channel
+    # blocks looped over by a single grid row.
+    for grad_output, (multiprocessors, grid_y) in [
+        (grad.to(device), (1, None)),
+        (grad.to(device), (64, 1)),
+        (zero_strides, (1, None)),
+        (zero_strides, (64, 1)),
+    ]:
         reference = expected
-        if grad_output.stride(3) == 0:  # zero strides: every bin carries grad[k, c, 0, 0]
+        if grad_output.stride(3) == 0:  # every bin carries grad[k, c, 0, 0]
             reference = reference_roi_pool_backward(grad_output.cpu(), argmax, rois, tuple(x.shape))
         grad_input = torch.zeros(x.shape, dtype=accumulate, device=device)
         launch = kernels.plan_backward(
-            grad_output, argmax.to(device), batch.to(device), grad_input, multiprocessors=1
+            grad_output, argmax.to(device), batch.to(device), grad_input, multiprocessors
         )
+        if grid_y is not None:
+            assert launch.grid[1] > 1
+            launch = dataclasses.replace(launch, grid=(launch.grid[0], grid_y, 1))
         runner.launch(launch)
         assert torch.equal(grad_input.cpu().to(torch.float64), reference)
 

@@ -48,7 +48,7 @@ BACKWARD_KERNEL = "roi_pool_backward_atomic"
 THREADS = 256  # every kernel's block size (kThreads in roi_pool.cu)
 CHAN_LANES = 32  # channels per block of the chan kernel (kChanLanes)
 CHAN_MIN_CHANNELS = 16  # below this, idle lanes make the chan kernel the worse choice
-MAX_CACHED_EDGES = 2048  # PH + PW up to this: bin edges cached in 16 KiB of shared memory
+MAX_CACHED_EDGES = 2048  # PH + PW up to this: the chan kernel caches bin edges (16 KiB)
 TARGET_BLOCK_ELEMENTS = 2048  # outputs per block of the plane and backward kernels
 MIN_BLOCKS_PER_SM = 8
 MAX_GRID_Y = 65535
@@ -155,8 +155,6 @@ def plan_forward(
     num_rois = problem.num_rois
     if output.numel() == 0:
         return None
-    cache_edges = ph + pw <= MAX_CACHED_EDGES
-    shared_mem = 8 * (ph + pw) if cache_edges else 0
     with_argmax = argmax is not None
     head = (
         _pointer(input),
@@ -164,25 +162,24 @@ def plan_forward(
         _pointer(rois),
         *_ints(*rois.stride()),
         np.float64(problem.spatial_scale),
-        *_ints(ph, pw, int(cache_edges)),
+        *_ints(ph, pw),
     )
     tail = (_pointer(output), _pointer(argmax))
     if uses_channel_kernel(input):
+        cache_edges = ph + pw <= MAX_CACHED_EDGES
         name = forward_name("roi_pool_forward_chan", input.dtype, rois.dtype, with_argmax)
         grid_y = min(math.ceil(channels / CHAN_LANES), MAX_GRID_Y)
         return Launch(
             name,
             (num_rois, grid_y, 1),
             (CHAN_LANES, THREADS // CHAN_LANES, 1),
-            shared_mem,
-            head + tail,
+            8 * (ph + pw) if cache_edges else 0,
+            head + _ints(int(cache_edges)) + tail,
         )
     per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors)
     name = forward_name("roi_pool_forward_plane", input.dtype, rois.dtype, with_argmax)
     grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
-    return Launch(
-        name, (num_rois, grid_y, 1), (THREADS, 1, 1), shared_mem, head + _ints(per_block) + tail
-    )
+    return Launch(name, (num_rois, grid_y, 1), (THREADS, 1, 1), 0, head + _ints(per_block) + tail)
 
 
 def plan_backward(

@@ -7,18 +7,19 @@
 // cuda_fp16.h with a toolkit's cuda_bf16.h of another version.
 //
 // Kernels (T: input type, R: rois type; the geometry type G follows from R):
-//   roi_pool_forward_plane<T, R, kArgmax>  one block per (ROI, channel block); threads run over
-//       (channel, bin) in output order, so stores are coalesced. For inputs whose width stride is
-//       the smallest (NCHW contiguous and most other layouts).
+//   roi_pool_forward_plane<T, R, kArgmax>  one block per (ROI, channel block). Each thread keeps
+//       one bin (geometry computed once, in registers) for every channel it visits: with
+//       nb = PH * PW <= 256 the block is floor(256 / nb) groups of nb threads, so one step of
+//       all groups stores floor(256 / nb) * nb consecutive outputs; larger nb loops over bins.
+//       For inputs whose width stride is the smallest (NCHW contiguous and most other layouts).
 //   roi_pool_forward_chan<T, R, kArgmax>   one block per (ROI, 32 channels); lanes run over
 //       channels, so loads are coalesced when the channel stride is the smallest (channels_last);
-//       results are staged in shared memory and stored in output order.
+//       8 warps split the bins, whose edges the block caches in shared memory (dynamic,
+//       8 * (PH + PW) bytes, unless cache_edges = 0); results are staged in shared memory and
+//       stored in output order.
 //   roi_pool_backward_atomic<T>            grad_input[b, c].flat[argmax] += grad_output with
-//       atomics (not run-to-run deterministic; the Python side never uses it in deterministic
-//       mode).
-// Both forward kernels compute the ROI's geometry once per block and cache the bin edges in
-// shared memory (dynamic, 8 * (PH + PW) bytes) unless the launcher passes cache_edges = 0, in
-// which case every thread computes the edges it needs.
+//       atomics, in the plane kernel's thread layout (not run-to-run deterministic; the Python
+//       side never uses it in deterministic mode).
 //
 // Build flags: --fmad=false (CuPy adds -ftz=true). The geometry uses the _rn intrinsics anyway,
 // so no contraction into FMA can change a rounding, and it meets no subnormal that could change
@@ -313,37 +314,55 @@ __device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 r
 // ((256) for plane and backward, (32, 8) for chan), dynamic shared memory 8 * (PH + PW) bytes
 // when cache_edges != 0, else 0. argmax may be null when kArgmax is false.
 
+namespace roi_ops_cuda {
+// The plane layout: which bins a thread owns and which channels of a block it visits.
+struct PlaneLayout {
+  unsigned int bins;    // nb = PH * PW
+  unsigned int groups;  // threads own bins in `groups` groups of nb (nb <= 256), else 1
+  unsigned int first_bin, first_channel;
+  bool active;          // false for the threads left over after the last whole group
+  __device__ __forceinline__ PlaneLayout(i64 PH, i64 PW, unsigned int tid) {
+    bins = static_cast<unsigned int>(PH * PW);  // < 2^31 - 256 (launcher checks)
+    groups = bins <= static_cast<unsigned int>(kThreads) ? kThreads / bins : 1;
+    first_bin = groups > 1 ? tid % bins : tid;
+    first_channel = groups > 1 ? tid / bins : 0;
+    active = first_channel < groups;
+  }
+  // Bins q owned by this thread: first_bin, then in steps of 256 when there is one group.
+  __device__ __forceinline__ unsigned int bin_step() const { return groups > 1 ? bins : kThreads; }
+};
+}  // namespace roi_ops_cuda
+
 template <class T, class R, bool kArgmax>
 __global__ void ROI_OPS_LAUNCH_BOUNDS
     roi_pool_forward_plane(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
                            const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
                            const R* __restrict__ rois, const i64 rs0, const i64 rs1,
                            const double spatial_scale, const i64 PH, const i64 PW,
-                           const i64 cache_edges, const i64 channels_per_block,
-                           T* __restrict__ output, int* __restrict__ argmax) {
+                           const i64 channels_per_block, T* __restrict__ output,
+                           int* __restrict__ argmax) {
   using namespace roi_ops_cuda;
   typedef typename Rois<R>::G G;
   const i64 k = blockIdx.x;
   const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
-  const bool cached = cache_edges != 0;
-  if (cached) fill_edge_cache<G>(g, PH, PW, H, W, threadIdx.x);
-  const unsigned int nb = static_cast<unsigned int>(PH * PW);  // < 2^31 (launcher checks)
-  const unsigned int pw_count = static_cast<unsigned int>(PW);
-  const T* __restrict__ image = input + (g.batch > 0 ? g.batch : 0) * sN;
-  for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
-    const i64 channels = C - c0 < channels_per_block ? C - c0 : channels_per_block;
-    const i64 count = channels * nb;  // < 2^31 (launcher checks)
-    const i64 out0 = (k * C + c0) * nb;
-    for (i64 e = threadIdx.x; e < count; e += kThreads) {
-      const unsigned int eu = static_cast<unsigned int>(e);
-      const unsigned int cl = eu / nb;
-      const unsigned int q = eu - cl * nb;
-      const unsigned int ph = q / pw_count;
-      const unsigned int pw = q - ph * pw_count;
-      const BinMax<T> m = bin_max<T>(image + (c0 + cl) * sC, row_span<G>(g, cached, ph, H),
-                                     col_span<G>(g, cached, PH, pw, W), sH, sW, W);
-      output[out0 + e] = m.value;
-      if (kArgmax) argmax[out0 + e] = m.index;
+  const PlaneLayout layout(PH, PW, threadIdx.x);
+  if (!layout.active) return;  // no barrier follows
+  const bool valid = g.batch >= 0;
+  const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
+  for (unsigned int q = layout.first_bin; q < layout.bins; q += layout.bin_step()) {
+    const unsigned int ph = q / static_cast<unsigned int>(PW);
+    const unsigned int pw = q - ph * static_cast<unsigned int>(PW);
+    const int2 rows = bin_span<G>(ph, g.bin_h, g.y1, H, valid);
+    const int2 cols = bin_span<G>(pw, g.bin_w, g.x1, W, valid);
+    for (i64 c0 = blockIdx.y * channels_per_block; c0 < C;
+         c0 += gridDim.y * channels_per_block) {
+      const i64 channels = C - c0 < channels_per_block ? C - c0 : channels_per_block;
+      const i64 out0 = (k * C + c0) * layout.bins + q;
+      for (i64 cl = layout.first_channel; cl < channels; cl += layout.groups) {
+        const BinMax<T> m = bin_max<T>(image + (c0 + cl) * sC, rows, cols, sH, sW, W);
+        output[out0 + cl * layout.bins] = m.value;
+        if (kArgmax) argmax[out0 + cl * layout.bins] = m.index;
+      }
     }
   }
 }
@@ -427,24 +446,24 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
                              typename roi_ops_cuda::Accum<T>::type* __restrict__ grad_input) {
   using namespace roi_ops_cuda;
   const i64 k = blockIdx.x;
-  const i64 b = batch_index[k * bs0];
-  const unsigned int nb = static_cast<unsigned int>(PH * PW);
-  const unsigned int pw_count = static_cast<unsigned int>(PW);
-  for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
-    const i64 channels = C - c0 < channels_per_block ? C - c0 : channels_per_block;
-    const i64 count = channels * nb;
-    const i64 arg0 = (k * C + c0) * nb;
-    for (i64 e = threadIdx.x; e < count; e += kThreads) {
-      const int a = argmax[arg0 + e];
-      if (a < 0) continue;
-      const unsigned int eu = static_cast<unsigned int>(e);
-      const unsigned int cl = eu / nb;
-      const unsigned int q = eu - cl * nb;
-      const unsigned int ph = q / pw_count;
-      const unsigned int pw = q - ph * pw_count;
-      const T grad = grad_output[k * gs0 + (c0 + cl) * gs1 + ph * gs2 + pw * gs3];
-      atomicAdd(grad_input + (b * C + c0 + cl) * HW + a,
-                static_cast<typename Accum<T>::type>(Elem<T>::value_of(grad)));
+  const PlaneLayout layout(PH, PW, threadIdx.x);
+  if (!layout.active) return;
+  const i64 image = batch_index[k * bs0] * C;
+  for (unsigned int q = layout.first_bin; q < layout.bins; q += layout.bin_step()) {
+    const unsigned int ph = q / static_cast<unsigned int>(PW);
+    const unsigned int pw = q - ph * static_cast<unsigned int>(PW);
+    const T* __restrict__ grad_bin = grad_output + k * gs0 + ph * gs2 + pw * gs3;
+    for (i64 c0 = blockIdx.y * channels_per_block; c0 < C;
+         c0 += gridDim.y * channels_per_block) {
+      const i64 channels = C - c0 < channels_per_block ? C - c0 : channels_per_block;
+      const i64 arg0 = (k * C + c0) * layout.bins + q;
+      for (i64 cl = layout.first_channel; cl < channels; cl += layout.groups) {
+        const int a = argmax[arg0 + cl * layout.bins];
+        if (a < 0) continue;
+        const T grad = grad_bin[(c0 + cl) * gs1];
+        atomicAdd(grad_input + (image + c0 + cl) * HW + a,
+                  static_cast<typename Accum<T>::type>(Elem<T>::value_of(grad)));
+      }
     }
   }
 }

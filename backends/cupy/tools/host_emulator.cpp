@@ -141,8 +141,8 @@ void run_plane(Args a) {
   roi_pool_forward_plane<T, R, A>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]),
                                   num(a[4]), num(a[5]), num(a[6]), num(a[7]), num(a[8]),
                                   ptr<const R*>(a[9]), num(a[10]), num(a[11]), real(a[12]),
-                                  num(a[13]), num(a[14]), num(a[15]), num(a[16]),
-                                  ptr<T*>(a[17]), ptr<int*>(a[18]));
+                                  num(a[13]), num(a[14]), num(a[15]), ptr<T*>(a[16]),
+                                  ptr<int*>(a[17]));
 }
 
 template <class T, class R, bool A>
