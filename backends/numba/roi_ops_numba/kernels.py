@@ -153,8 +153,11 @@ def roi_geometry(
 #
 # A task is one ROI and a block of channels. Bins are scanned pixel by pixel with the channels of
 # the block as the innermost loop: a fixed trip count and branch-free selects, which LLVM
-# vectorises (contiguous loads for channels_last, gathers for NCHW). Results per bin are kept in
-# small (bins, channels) buffers and written out channel by channel.
+# vectorises. channels_last inputs are read in place with contiguous loads; for other layouts
+# (NCHW) a task first copies its ROI window, or one bin row's band at a time, channels-last into
+# a small buffer (bounded, so it stays in cache) and gathers in place only when even a band is
+# too large. Bins are small (a few pixels), so per-pixel work over ~100s of channels is what
+# vectorises; a per-channel scan would be short, branchy loops.
 
 
 @njit(cache=True, inline="always")
@@ -294,14 +297,18 @@ def pool_forward(
         rh = np.empty(nc, np.int32)
         o_base = (k * channels + c0) * num_bins
 
-        # The ROI's window: the union of its bins (bin edges are monotone in ph and pw).
-        y0 = hstart[k * pooled_h]
-        y1 = max(hend[k * pooled_h + pooled_h - 1], y0)
-        x0 = wstart[k * pooled_w]
-        x1 = max(wend[k * pooled_w + pooled_w - 1], x0)
-        band_h = 0
+        # The ROI's window: the bounding box of its bins (all within [0, H] x [0, W]).
+        y0, y1, band_h = hstart[k * pooled_h], hend[k * pooled_h], 0
         for ph in range(pooled_h):
+            y0 = min(y0, hstart[k * pooled_h + ph])
+            y1 = max(y1, hend[k * pooled_h + ph])
             band_h = max(band_h, hend[k * pooled_h + ph] - hstart[k * pooled_h + ph])
+        y1 = max(y1, y0)
+        x0, x1 = wstart[k * pooled_w], wend[k * pooled_w]
+        for pw in range(pooled_w):
+            x0 = min(x0, wstart[k * pooled_w + pw])
+            x1 = max(x1, wend[k * pooled_w + pw])
+        x1 = max(x1, x0)
         plane0 = b * s_n + c0 * s_c
         if s_c == 1:
             stage, size = _IN_PLACE, 0
