@@ -373,9 +373,11 @@ def emulator_library(tmp_path_factory) -> ctypes.CDLL:
 
 @pytest.fixture(scope="module", params=["emulator", "cuda"])
 def runner(request, emulator_library):
-    if request.param == "emulator":
-        return Emulator(emulator_library)
     reason = CupyBackend().check_available()
+    if request.param == "emulator":
+        if reason is None:
+            pytest.skip("the kernels run on the CUDA device here (the emulator stands in for it)")
+        return Emulator(emulator_library)
     if reason is not None:
         pytest.skip(f"cupy backend unavailable: {reason}")
     return CudaLauncher()
