@@ -94,9 +94,16 @@ def backend_report(problem: RoIPoolProblem) -> str:
     return "\n".join(lines)
 
 
+def _declares_device(entry: BackendEntry, device_type: str) -> bool:
+    types = entry.backend.device_types if entry.backend is not None else frozenset()
+    return "*" in types or device_type in types
+
+
 def _choose_auto(problem: RoIPoolProblem) -> Backend | None:
+    # Only backends that declare the device type: a backend may accept more when named
+    # explicitly (Triton's CPU interpreter, say) without being chosen automatically there.
     for entry in REGISTRY.entries():
-        if not reasons_against(entry, problem):
+        if _declares_device(entry, problem.device.type) and not reasons_against(entry, problem):
             return entry.backend
     return None
 

@@ -48,11 +48,16 @@ def roi_pool_op(
         output.fill_(float("nan"))
         argmax.fill_(-7)
     try:
-        chosen.forward(problem, output, argmax if needs_argmax else None)
+        returned = chosen.forward(problem, output, argmax if needs_argmax else None)
     except Exception as error:
         raise BackendError(
             f"backend {chosen.name!r} failed in forward: {type(error).__name__}: {error}"
         ) from error
+    if returned is not None:
+        raise BackendError(
+            f"backend {chosen.name!r}: forward returned {type(returned).__name__}; it must fill "
+            "the output buffers it is given and return None"
+        )
     return output, argmax
 
 
