@@ -225,7 +225,7 @@ def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
     arg = torch.empty(problem.output_shape, dtype=torch.int32)
     plane = kernels.plan_forward(problem, out, arg, multiprocessors=132)
     assert plane.name == "roi_pool_forward_plane<float, float, true>"
-    assert plane.block == (256, 1, 1) and plane.shared_mem == 0
+    assert plane.block == (256, 1, 1) and plane.shared_mem == 0  # 5 groups of 49 bins
     channels_per_block = int(plane.args[-3])
     assert plane.grid == (3, math.ceil(64 / channels_per_block), 1)
     assert int(plane.args[-1]) == arg.data_ptr()
@@ -238,6 +238,15 @@ def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
     monkeypatch.setattr(kernels, "MAX_CACHED_EDGES", 13)
     uncached = kernels.plan_forward(without_argmax, out, None, multiprocessors=132)
     assert uncached.shared_mem == 0 and int(uncached.args[-3]) == 0
+    assert [kernels.plane_threads(nb) for nb in (1, 49, 100, 196, 256, 257, 4000)] == [
+        256,
+        256,
+        224,
+        224,
+        256,
+        256,
+        256,
+    ]
     empty = RoIPoolProblem(x, torch.zeros(0, 5), 7, 7, 0.5, True)
     assert kernels.plan_forward(empty, torch.empty(0, 64, 7, 7), None, 132) is None
 
@@ -299,6 +308,7 @@ class Emulator:
             ctypes.c_uint,
             ctypes.c_uint,
             ctypes.c_uint,
+            ctypes.c_uint,
             ctypes.POINTER(ctypes.c_uint64),
             ctypes.c_ulonglong,
         ]
@@ -308,7 +318,7 @@ class Emulator:
         pointer = words.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))
         grid_x, grid_y, _ = launch.grid
         status = self._run(
-            launch.name.encode(), grid_x, grid_y, launch.block[0], pointer, launch.shared_mem
+            launch.name.encode(), grid_x, grid_y, *launch.block[:2], pointer, launch.shared_mem
         )
         assert status == 0, f"emulator refused {launch.name}: {status}"
 

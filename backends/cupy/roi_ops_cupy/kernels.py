@@ -45,7 +45,7 @@ BACKWARD_TYPES: tuple[torch.dtype, ...] = (
 FORWARD_KERNELS = ("roi_pool_forward_plane", "roi_pool_forward_chan")
 BACKWARD_KERNEL = "roi_pool_backward_atomic"
 
-THREADS = 256  # every kernel's block size (kThreads in roi_pool.cu)
+THREADS = 256  # the chan kernel's block, the others' largest (kThreads in roi_pool.cu)
 CHAN_LANES = 32  # channels per block of the chan kernel (kChanLanes)
 CHAN_MIN_CHANNELS = 16  # below this, idle lanes make the chan kernel the worse choice
 MAX_CACHED_EDGES = 2048  # PH + PW up to this: the chan kernel caches bin edges (16 KiB)
@@ -113,6 +113,14 @@ def _channels_per_block(num_rois: int, channels: int, bins: int, multiprocessors
     ):
         per_block = (per_block + 1) // 2
     return per_block
+
+
+def plane_threads(bins: int) -> int:
+    """Block size of the plane and backward kernels: whole groups of `bins` threads (as many as
+    fit in 256), rounded up to a warp; 256 when one group does not fit."""
+    if bins > THREADS:
+        return THREADS
+    return -(-(THREADS // bins) * bins // 32) * 32
 
 
 def unsupported_reasons(problem: RoIPoolProblem) -> list[str]:
@@ -212,4 +220,5 @@ def plan_backward(
         *_ints(batch_index.stride(0), channels, height * width, ph, pw, per_block),
         _pointer(grad_input),
     )
-    return Launch(backward_name(grad_output.dtype), (num_rois, grid_y, 1), (THREADS, 1, 1), 0, args)
+    block = (plane_threads(ph * pw), 1, 1)
+    return Launch(backward_name(grad_output.dtype), (num_rois, grid_y, 1), block, 0, args)

@@ -9,8 +9,9 @@
 // Kernels (T: input type, R: rois type; the geometry type G follows from R):
 //   roi_pool_forward_plane<T, R, kArgmax>  one block per (ROI, channel block). Each thread keeps
 //       one bin (geometry computed once, in registers) for every channel it visits: with
-//       nb = PH * PW <= 256 the block is floor(256 / nb) groups of nb threads, so one step of
-//       all groups stores floor(256 / nb) * nb consecutive outputs; larger nb loops over bins.
+//       nb = PH * PW <= 256 the block is floor(256 / nb) groups of nb threads (rounded up to a
+//       warp), so one step of all groups stores floor(256 / nb) * nb consecutive outputs;
+//       larger nb runs 256 threads that loop over bins.
 //       For inputs whose width stride is the smallest (NCHW contiguous and most other layouts).
 //   roi_pool_forward_chan<T, R, kArgmax>   one block per (ROI, 32 channels); lanes run over
 //       channels, so loads are coalesced when the channel stride is the smallest (channels_last);
@@ -305,31 +306,34 @@ __device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 r
 }  // namespace roi_ops_cuda
 
 // ---- Kernels ----------------------------------------------------------------------------------
-// 256 threads, at least 5 blocks (1280 threads) per SM: every kernel fits in 48 registers without
+// <= 256 threads, at least 5 blocks per SM: every kernel fits in 48 registers without
 // spills on sm_80 and sm_90 (6 blocks spilled the chan kernel; unconstrained, ptxas spilled on
 // sm_80). A tuning knob for the GPU machine.
 #define ROI_OPS_LAUNCH_BOUNDS __launch_bounds__(256, 5)
 
-// Shapes and strides are in elements. Launch: grid (K, channel blocks), 256 threads per block
-// ((256) for plane and backward, (32, 8) for chan), dynamic shared memory 8 * (PH + PW) bytes
-// when cache_edges != 0, else 0. argmax may be null when kArgmax is false.
+// Shapes and strides are in elements. Launch: grid (K, channel blocks); blocks of (32, 8) for
+// chan, of at most 256 threads for plane and backward (see PlaneLayout); the chan kernel takes dynamic shared memory
+// 8 * (PH + PW) bytes when cache_edges != 0, else 0. argmax may be null when kArgmax is false.
 
 namespace roi_ops_cuda {
-// The plane layout: which bins a thread owns and which channels of a block it visits.
+// The plane layout: which bins a thread owns and which channels of a block it visits. The
+// launcher sizes the block to whole groups (rounded up to a warp) when nb <= 256.
 struct PlaneLayout {
   unsigned int bins;    // nb = PH * PW
-  unsigned int groups;  // threads own bins in `groups` groups of nb (nb <= 256), else 1
+  unsigned int groups;  // threads own bins in `groups` groups of nb (nb <= threads), else 1
+  unsigned int threads;
   unsigned int first_bin, first_channel;
-  bool active;          // false for the threads left over after the last whole group
-  __device__ __forceinline__ PlaneLayout(i64 PH, i64 PW, unsigned int tid) {
+  bool active;  // false for the threads left over after the last whole group
+  __device__ __forceinline__ PlaneLayout(i64 PH, i64 PW, unsigned int tid, unsigned int count) {
     bins = static_cast<unsigned int>(PH * PW);  // < 2^31 - 256 (launcher checks)
-    groups = bins <= static_cast<unsigned int>(kThreads) ? kThreads / bins : 1;
+    threads = count;
+    groups = bins <= threads ? threads / bins : 1;
     first_bin = groups > 1 ? tid % bins : tid;
     first_channel = groups > 1 ? tid / bins : 0;
     active = first_channel < groups;
   }
-  // Bins q owned by this thread: first_bin, then in steps of 256 when there is one group.
-  __device__ __forceinline__ unsigned int bin_step() const { return groups > 1 ? bins : kThreads; }
+  // Bins q owned by this thread: first_bin, then in steps of the block when there is one group.
+  __device__ __forceinline__ unsigned int bin_step() const { return groups > 1 ? bins : threads; }
 };
 }  // namespace roi_ops_cuda
 
@@ -345,7 +349,7 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
   typedef typename Rois<R>::G G;
   const i64 k = blockIdx.x;
   const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
-  const PlaneLayout layout(PH, PW, threadIdx.x);
+  const PlaneLayout layout(PH, PW, threadIdx.x, blockDim.x);
   if (!layout.active) return;  // no barrier follows
   const bool valid = g.batch >= 0;
   const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
@@ -446,7 +450,7 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
                              typename roi_ops_cuda::Accum<T>::type* __restrict__ grad_input) {
   using namespace roi_ops_cuda;
   const i64 k = blockIdx.x;
-  const PlaneLayout layout(PH, PW, threadIdx.x);
+  const PlaneLayout layout(PH, PW, threadIdx.x, blockDim.x);
   if (!layout.active) return;
   const i64 image = batch_index[k * bs0] * C;
   for (unsigned int q = layout.first_bin; q < layout.bins; q += layout.bin_step()) {

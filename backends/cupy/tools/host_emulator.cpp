@@ -1,16 +1,17 @@
 // CPU emulator of roi_pool.cu's kernels, for testing on machines without a GPU.
 //
-// Includes the real kernel source with the CUDA keywords mapped to host C++: 256 std::threads
-// run every block in turn with a std::barrier for __syncthreads, __shared__ arrays become
-// statics (blocks run one at a time), the _rn intrinsics become plain IEEE operations (build with
-// -ffp-contract=off), and float16 conversions are done in software with round-to-nearest-even.
+// Includes the real kernel source with the CUDA keywords mapped to host C++: one std::thread per
+// thread of a block runs every block in turn, with a std::barrier for __syncthreads; __shared__
+// arrays become statics (blocks run one at a time), the _rn intrinsics plain IEEE operations
+// (build with -ffp-contract=off), and float16 conversions are done in software with
+// round-to-nearest-even.
 // What it cannot check: warp scheduling, real memory coalescing, NVRTC itself, CuPy launches.
 //
 // Build (tests/test_backend_cupy.py does this), with roi_ops_cupy/ as include directory:
 //   g++ -std=c++20 -O1 -ffp-contract=off -fPIC -shared -pthread -Iroi_ops_cupy
 //       tools/host_emulator.cpp -o host_emulator.so
-// API: roi_emulate(name_expression, grid_x, grid_y, block_x, args, shared_mem) runs one launch
-// whose arguments are all 8 bytes (pointers, int64, double bit patterns), as kernels.Launch.
+// API: roi_emulate(name_expression, grid_x, grid_y, block_x, block_y, args, shared_mem) runs one
+// launch whose arguments are all 8 bytes (pointers, int64, double bit patterns), as kernels.Launch.
 
 #include <atomic>
 #include <barrier>
@@ -38,7 +39,7 @@ struct int2 {
 };
 inline int2 make_int2(int x, int y) { return int2{x, y}; }
 
-dim3 gridDim;
+dim3 gridDim, blockDim;
 thread_local dim3 blockIdx, threadIdx;
 std::barrier<>* block_barrier = nullptr;
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
@@ -183,9 +184,9 @@ const Entry kEntries[] = {
 }  // namespace
 
 // Returns 0, or -1 for an unknown name, -2 for too much dynamic shared memory, -3 for a block
-// that is not 256 threads.
+// of more than 256 threads.
 extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int grid_y,
-                           unsigned int block_x, const std::uint64_t* args,
+                           unsigned int block_x, unsigned int block_y, const std::uint64_t* args,
                            unsigned long long shared_mem) {
   Runner run = nullptr;
   for (const Entry& entry : kEntries) {
@@ -193,15 +194,17 @@ extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int g
   }
   if (run == nullptr) return -1;
   if (shared_mem > sizeof(roi_ops_cuda::roi_edges)) return -2;
-  if (block_x == 0 || roi_ops_cuda::kThreads % block_x != 0) return -3;
+  const unsigned int count = block_x * block_y;
+  if (count == 0 || count > static_cast<unsigned int>(roi_ops_cuda::kThreads)) return -3;
   gridDim = dim3{grid_x, grid_y, 1};
-  // 256 threads walk the blocks in the same order; a barrier after each block keeps the next
-  // block from reusing the static "shared" arrays while this one still reads them.
-  std::barrier<> barrier(roi_ops_cuda::kThreads);
+  blockDim = dim3{block_x, block_y, 1};
+  // The block's threads walk the blocks in the same order; a barrier after each block keeps the
+  // next block from reusing the static "shared" arrays while this one still reads them.
+  std::barrier<> barrier(count);
   block_barrier = &barrier;
   std::vector<std::thread> threads;
-  threads.reserve(roi_ops_cuda::kThreads);
-  for (unsigned int t = 0; t < static_cast<unsigned int>(roi_ops_cuda::kThreads); ++t) {
+  threads.reserve(count);
+  for (unsigned int t = 0; t < count; ++t) {
     threads.emplace_back([=] {
       threadIdx = dim3{t % block_x, t / block_x, 0};
       for (unsigned int by = 0; by < grid_y; ++by) {
