@@ -79,16 +79,32 @@ def _bench(args: argparse.Namespace) -> int:
         f"value checks ({workloads[0].name}, K={workloads[0].num_rois}): {check_ms:.3f} ms "
         "median per call (disabled while timing the table)"
     )
+    extra = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "value_check_ms": check_ms,
+        "command": " ".join(["python -m roi_ops", *sys.argv[1:]]),
+    }
+    if device.type == "cuda":
+        extra["gpu"] = torch.cuda.get_device_name(device)
+    document = to_json(results, bandwidth, extra)
     if args.json:
-        extra = {
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "value_check_ms": check_ms,
-            "command": " ".join(sys.argv),
-        }
         with open(args.json, "w") as f:
-            json.dump(to_json(results, bandwidth, extra), f, indent=1)
+            json.dump(document, f, indent=1)
         print(f"wrote {args.json}")
+    if args.plot:
+        from .bench.plot import plot_results
+
+        for dtype in args.dtype:
+            path = args.plot if len(args.dtype) == 1 else args.plot.replace(".png", f"-{dtype}.png")
+            print(f"wrote {plot_results(document, path, dtype)}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .bench.plot import plot_file
+
+    print(f"wrote {plot_file(args.json, args.png, args.dtype)}")
     return 0
 
 
@@ -124,12 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--min-reps", type=int, default=3, help="timed repeats at least")
     bench.add_argument("--mode", nargs="+", default=None, choices=["infer", "fwd", "fwd+bwd"])
     bench.add_argument("--json", default=None, metavar="PATH", help="write raw medians here")
+    bench.add_argument(
+        "--plot",
+        default=None,
+        metavar="PATH",
+        help="write a PNG chart (one per dtype: -DTYPE.png when several)",
+    )
+    plot = sub.add_parser("plot", help="chart a JSON file written by bench --json")
+    plot.add_argument("json")
+    plot.add_argument("png")
+    plot.add_argument("--dtype", default=None)
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import info_text
 
         print(info_text())
         return 0
+    if args.command == "plot":
+        return _plot(args)
     return _bench(args)
 
 
