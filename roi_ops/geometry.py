@@ -84,8 +84,11 @@ def roi_bins(
 
     Args:
         rois: (K, 5) floating tensor (batch_index, x1, y1, x2, y2).
-        num_images, height, width: N, H, W of the input.
-        pooled_height, pooled_width: PH, PW.
+        num_images: N of the input.
+        height: H of the input.
+        width: W of the input.
+        pooled_height: PH.
+        pooled_width: PW.
         spatial_scale: the coordinate scale.
 
     Returns:

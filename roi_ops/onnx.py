@@ -66,7 +66,7 @@ def onnx_translation_table() -> dict:
     return {torch.ops.roi_ops.roi_pool.default: _roi_pool_to_onnx}
 
 
-def export(model: torch.nn.Module, args: tuple, f=None, **kwargs):
+def export(model: torch.nn.Module, args: tuple, f: str | None = None, **kwargs: Any) -> Any:
     """``torch.onnx.export(model, args, f, dynamo=True, ...)`` with roi_pool translated.
 
     Args:
@@ -77,7 +77,7 @@ def export(model: torch.nn.Module, args: tuple, f=None, **kwargs):
             ``custom_translation_table`` given here is merged with roi_ops' entries.
 
     Returns:
-        The `torch.onnx.ONNXProgram`.
+        torch.onnx.ONNXProgram: the exported program.
 
     Raises:
         RoiPoolExportError: the model pools a non-float32 tensor, or needs the argmax.
