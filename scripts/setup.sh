@@ -9,5 +9,5 @@ PYTHON=${PYTHON:-python3}
 "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-build-isolation \
   -e . -e backends/numba -e backends/triton -e backends/cupy
 if [ "${1:-}" = "--test" ]; then
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check "pytest>=7" "hypothesis>=6" "ruff>=0.5" onnx onnxscript onnxruntime matplotlib mkdocs-material "mkdocstrings[python]"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check "pytest>=7" "hypothesis>=6" "ruff>=0.5" onnx onnxscript onnxruntime matplotlib mkdocs-material "mkdocstrings[python]" "nvidia-cuda-nvrtc==13.0.*"
 fi
