@@ -33,8 +33,18 @@ class TritonBackend(Backend):
     deterministic: ClassVar[bool] = True
     description: ClassVar[str] = "Triton kernels for CUDA GPUs (default GPU backend)"
 
+    def __init__(self) -> None:
+        self._refresh_device_types()
+
+    def _refresh_device_types(self) -> None:
+        # An instance attribute shadowing the class one, so that list_backends() and the base
+        # class's checks see "cpu" exactly while TRITON_INTERPRET=1 (set or cleared at any time).
+        extra = {"cpu"} if interpreting() else set()
+        self.device_types = type(self).device_types | extra
+
     def check_available(self) -> str | None:
         """Return why Triton cannot run here (missing, broken, or no CUDA device), else None."""
+        self._refresh_device_types()
         try:
             # Not the kernels module: it fixes compiled-vs-interpreted at import, so it is
             # imported on the first forward, under the environment of that call.
@@ -50,10 +60,7 @@ class TritonBackend(Backend):
 
     def not_supported_reasons(self, problem: RoIPoolProblem) -> list[str]:
         """The base checks, with CPU tensors accepted while ``TRITON_INTERPRET=1``."""
-        # The base class reads self.device_types; shadow it per call so that the environment
-        # variable is honoured whenever it is set or cleared.
-        extra = {"cpu"} if interpreting() else set()
-        self.device_types = type(self).device_types | extra
+        self._refresh_device_types()
         return super().not_supported_reasons(problem)
 
     def forward(
