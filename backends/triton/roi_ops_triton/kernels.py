@@ -427,16 +427,18 @@ def forward_config(input: torch.Tensor, pooled_height: int, pooled_width: int) -
     s_c, s_w = input.stride(1), input.stride(3)
     bins = pooled_height * pooled_width
     if s_c == 1 and s_w != 1 and channels >= 8:
+        # 128-byte loads along C per bin; 512-element tiles keep registers near 64 (occupancy).
         block_c = min(_pow2_ceil(channels), 64 if input.element_size() <= 2 else 32)
-        block_b = min(_pow2_ceil(bins), max(1, 2048 // block_c))
-        config = ForwardConfig(True, block_c, block_b, 1, 8 if block_c * block_b >= 2048 else 4)
+        block_b = min(_pow2_ceil(bins), max(1, 512 // block_c))
+        config = ForwardConfig(True, block_c, block_b, 1, 4)
     else:
         split = 1
         if s_w == 1:
             # Lanes of one bin read `split` adjacent columns; sized for bins about a quarter of
             # the widest possible bin (the whole map), which keeps masked lanes few.
             split = min(8, _pow2_floor(max(1, width // (4 * pooled_width))))
-        block_b = min(1024 // split if split > 1 else 512, _pow2_ceil(channels * bins))
+        # 512 lanes x columns per program: 4 per thread (ILP), about 70 registers.
+        block_b = min(512 // split, _pow2_ceil(channels * bins))
         config = ForwardConfig(False, 1, max(16, block_b), split, 4)
     overrides = _env_overrides("ROI_OPS_TRITON_FWD")
     if overrides:

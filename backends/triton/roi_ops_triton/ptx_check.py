@@ -25,13 +25,13 @@ from pathlib import Path
 
 FORWARD_VARIANTS: dict[str, dict[str, object]] = {
     "float32-flat": dict(),
-    "float32-flat-split4": dict(BLOCK_B=256, SPLIT=4),
+    "float32-flat-split4": dict(BLOCK_B=128, SPLIT=4),
     "float32-flat-inference": dict(TRACK_INDEX=False, NEEDS_ARGMAX=False),
     "float32-channels-last": dict(
-        CHANNELS_FAST=True, W_UNIT=False, C_UNIT=True, BLOCK_C=32, BLOCK_B=64
+        CHANNELS_FAST=True, W_UNIT=False, C_UNIT=True, BLOCK_C=32, BLOCK_B=16
     ),
     "float16-half-geometry": dict(inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True),
-    "float16-float32-rois-split8": dict(inp="fp16", out="fp16", BLOCK_B=128, SPLIT=8),
+    "float16-float32-rois-split8": dict(inp="fp16", out="fp16", BLOCK_B=64, SPLIT=8),
     "bfloat16-channels-last": dict(
         inp="bf16",
         out="bf16",
@@ -39,10 +39,10 @@ FORWARD_VARIANTS: dict[str, dict[str, object]] = {
         W_UNIT=False,
         C_UNIT=True,
         BLOCK_C=64,
-        BLOCK_B=32,
+        BLOCK_B=8,
     ),
     "float64-flat-split2": dict(
-        inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True, SPLIT=2
+        inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True, BLOCK_B=256, SPLIT=2
     ),
 }
 
