@@ -289,6 +289,15 @@ def test_float16_geometry_is_half_precision(backend):
     check(backend, x, rois, (13, 11), 1 / 3)
 
 
+def test_float16_geometry_overflow(backend):
+    """float16: G(PW) = inf for PW >= 65520 (bin width 0, or NaN with an infinite ROI width)."""
+    g = torch.Generator().manual_seed(47)
+    x = random_features((1, 1, 3, 5), torch.float16, g)
+    rows = [[0, 0, 0, 4, 2], [0, 0, 0, 65504, 2], [0, -65504, 0, 65504, 2]]
+    rois = torch.tensor(rows, dtype=torch.float16)
+    check(backend, x, rois, (2, 65530), 2.0)
+
+
 def test_float16_scale_goes_through_float32(backend):
     """G(scale) for float16 rois is half(float32(scale)): here 1.0, where half(scale) is not."""
     scale = 1 + 2**-11 + 2**-30  # float32 drops 2**-30, leaving a half-way tie that goes to 1.0
@@ -329,6 +338,12 @@ def test_zero_rois(backend):
     x = torch.rand(2, 3, 5, 5)
     output, argmax = run_forward(backend, x, torch.zeros(0, 5), (2, 2), 1.0)
     assert output.shape == (0, 3, 2, 2) and argmax.shape == (0, 3, 2, 2)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 4, 4), (1, 2, 0, 4), (1, 2, 4, 0), (1, 0, 4, 4)])
+def test_empty_input(backend, shape):
+    rois = torch.tensor([[0, 0, 0, 3, 3], [0, 1, 1, 2, 2]], dtype=torch.float32)
+    check(backend, torch.ones(shape), rois, (2, 2), 1.0)
 
 
 def test_many_channels_few_rois(backend):
