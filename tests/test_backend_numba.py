@@ -130,6 +130,16 @@ def test_backend_module_does_not_import_numba():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_reports_missing_numba():
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "from roi_ops_numba.backend import NumbaBackend\n"
+        "reason = NumbaBackend().check_available()\n"
+        "assert reason and 'numba' in reason, reason"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_entry_point_registered():
     from importlib.metadata import entry_points
 
