@@ -421,6 +421,7 @@ def test_cpu_accepted_only_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backend.not_supported_reasons(problem) == []
     assert backend.check_available() is None
+    assert backend.device_types == frozenset({"cuda"})  # so `auto` never picks the interpreter
     monkeypatch.delenv("TRITON_INTERPRET")
     reasons = backend.not_supported_reasons(problem)
     assert len(reasons) == 1 and "cpu" in reasons[0]

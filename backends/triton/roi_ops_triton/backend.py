@@ -33,18 +33,8 @@ class TritonBackend(Backend):
     deterministic: ClassVar[bool] = True
     description: ClassVar[str] = "Triton kernels for CUDA GPUs (default GPU backend)"
 
-    def __init__(self) -> None:
-        self._refresh_device_types()
-
-    def _refresh_device_types(self) -> None:
-        # An instance attribute shadowing the class one, so that list_backends() and the base
-        # class's checks see "cpu" exactly while TRITON_INTERPRET=1 (set or cleared at any time).
-        extra = {"cpu"} if interpreting() else set()
-        self.device_types = type(self).device_types | extra
-
     def check_available(self) -> str | None:
         """Return why Triton cannot run here (missing, broken, or no CUDA device), else None."""
-        self._refresh_device_types()
         try:
             # Not the kernels module: it fixes compiled-vs-interpreted at import, so it is
             # imported on the first forward, under the environment of that call.
@@ -59,9 +49,15 @@ class TritonBackend(Backend):
         return None
 
     def not_supported_reasons(self, problem: RoIPoolProblem) -> list[str]:
-        """The base checks, with CPU tensors accepted while ``TRITON_INTERPRET=1``."""
-        self._refresh_device_types()
-        return super().not_supported_reasons(problem)
+        """The base checks, with CPU tensors accepted while ``TRITON_INTERPRET=1``.
+
+        ``device_types`` stays {"cuda"}: roi_ops' ``auto`` only picks backends that declare the
+        device, so the interpreter runs CPU tensors only when ``triton`` is named.
+        """
+        reasons = super().not_supported_reasons(problem)
+        if interpreting() and problem.device.type == "cpu":
+            reasons = [r for r in reasons if not r.startswith("device type 'cpu'")]
+        return reasons
 
     def forward(
         self, problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
