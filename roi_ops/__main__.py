@@ -95,7 +95,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         from .bench.plot import plot_results
 
-        for dtype in args.dtype:
+        measured = {r.dtype for r in results if not r.error}
+        for dtype in [d for d in args.dtype if d in measured]:
             path = args.plot if len(args.dtype) == 1 else args.plot.replace(".png", f"-{dtype}.png")
             print(f"wrote {plot_results(document, path, dtype)}")
     return 0

@@ -28,8 +28,12 @@ def plot_results(document: dict, path: str | Path, dtype: str | None = None) -> 
     import matplotlib.pyplot as plt
 
     results = [r for r in document["results"] if not r.get("error")]
+    if not results:
+        raise ValueError("document: expected at least one successful measurement, got none")
     dtype = dtype or results[0]["dtype"]
     results = [r for r in results if r["dtype"] == dtype]
+    if not results:
+        raise ValueError(f"dtype: no successful measurement for {dtype!r}")
     workloads = list(dict.fromkeys(r["workload"] for r in results))
     backends = list(dict.fromkeys(r["backend"] for r in results))
     modes = [(m, label) for m, label in MODES if any(m in r["times_ms"] for r in results)]
