@@ -161,7 +161,9 @@ def test_source_instantiations_match_the_dtype_table():
     # Every name expression NVRTC is asked for is a template with the instantiated arguments.
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
-            assert re.fullmatch(r"roi_pool_forward_(plane|chan)<\w+, \w+, (true|false)>", expr)
+            assert re.fullmatch(
+                r"roi_pool_forward_(plane|chan|staged)<\w+, \w+, (true|false)>", expr
+            )
     assert kernels.backward_name(torch.bfloat16) == "roi_pool_backward_atomic<roi_bf16>"
 
 
@@ -177,7 +179,9 @@ def test_compile_check_script_passes():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "check_compile: all ok (80 90)" in result.stdout
     resources = [line for line in result.stdout.splitlines() if line.startswith("  sm_90 ")]
-    expected = len(kernels.FORWARD_PAIRS) * 4 + len(kernels.BACKWARD_TYPES)
+    expected = len(kernels.FORWARD_PAIRS) * 2 * len(kernels.FORWARD_KERNELS) + len(
+        kernels.BACKWARD_TYPES
+    )
     assert len(resources) == expected
     assert all("0 B spill stores, 0 B spill loads" in line for line in resources)
 
@@ -218,6 +222,15 @@ def test_nvrtc_compiles_every_module_through_cupy():
 
 
 def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
+    staged = kernels.plan_forward(
+        RoIPoolProblem(torch.ones(2, 64, 10, 10), torch.zeros(3, 5), 7, 7, 0.5, True),
+        torch.empty(3, 64, 7, 7),
+        None,
+        multiprocessors=132,
+    )
+    assert staged.name == "roi_pool_forward_staged<float, float, false>"
+    assert staged.block == (256, 1, 1) and staged.shared_mem == 0
+    monkeypatch.setenv(kernels.KERNEL_ENV, "direct")
     x = torch.ones(2, 64, 10, 10)
     rois = torch.zeros(3, 5)
     problem = RoIPoolProblem(x, rois, 7, 7, 0.5, True)

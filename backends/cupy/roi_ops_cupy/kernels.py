@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from importlib import resources
 
@@ -42,7 +43,10 @@ BACKWARD_TYPES: tuple[torch.dtype, ...] = (
     torch.float32,
     torch.float64,
 )
-FORWARD_KERNELS = ("roi_pool_forward_plane", "roi_pool_forward_chan")
+FORWARD_KERNELS = ("roi_pool_forward_plane", "roi_pool_forward_chan", "roi_pool_forward_staged")
+# Which forward kernel runs: "staged" (default: ROI windows staged in shared memory), or the
+# older "plane"/"chan" pair, kept for comparison (ROI_OPS_CUPY_KERNEL=direct).
+KERNEL_ENV = "ROI_OPS_CUPY_KERNEL"
 BACKWARD_KERNEL = "roi_pool_backward_atomic"
 
 THREADS = 256  # the chan kernel's block, the others' largest (kThreads in roi_pool.cu)
@@ -173,6 +177,12 @@ def plan_forward(
         *_ints(ph, pw),
     )
     tail = (_pointer(output), _pointer(argmax))
+    if os.environ.get(KERNEL_ENV, "staged") == "staged":
+        per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors)
+        name = forward_name("roi_pool_forward_staged", input.dtype, rois.dtype, with_argmax)
+        grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
+        block = (THREADS, 1, 1)
+        return Launch(name, (num_rois, grid_y, 1), block, 0, head + _ints(per_block) + tail)
     if uses_channel_kernel(input):
         cache_edges = ph + pw <= MAX_CACHED_EDGES
         name = forward_name("roi_pool_forward_chan", input.dtype, rois.dtype, with_argmax)

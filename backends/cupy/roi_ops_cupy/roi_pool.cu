@@ -427,6 +427,134 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
   }
 }
 
+
+namespace roi_ops_cuda {
+// The staged kernel's shared memory: one ROI window for a group of channels, and bin edges.
+constexpr int kStageBytes = 40960;
+constexpr int kStageEdges = 256;  // PH + PW up to this: bin edges cached in shared memory
+}  // namespace roi_ops_cuda
+
+// One block per (ROI, channel block). The ROI's window (the rows and columns its bins cover) is
+// copied for a group of channels into shared memory with coalesced loads (along W for NCHW,
+// along C for channels_last), then each thread reduces whole bins from shared memory and the
+// block stores outputs contiguously. ROIs whose window does not fit for one channel reduce
+// straight from global memory. Same arguments as roi_pool_forward_plane.
+template <class T, class R, bool kArgmax>
+__global__ void ROI_OPS_LAUNCH_BOUNDS
+    roi_pool_forward_staged(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
+                            const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
+                            const R* __restrict__ rois, const i64 rs0, const i64 rs1,
+                            const double spatial_scale, const i64 PH, const i64 PW,
+                            const i64 channels_per_block, T* __restrict__ output,
+                            int* __restrict__ argmax) {
+  using namespace roi_ops_cuda;
+  typedef typename Rois<R>::G G;
+  typedef typename Elem<T>::key Key;
+  __shared__ __align__(16) unsigned char stage_bytes[kStageBytes];
+  __shared__ int2 edges[kStageEdges];
+  T* const stage = reinterpret_cast<T*>(stage_bytes);
+  const int tid = threadIdx.x;
+  const int threads = blockDim.x;
+  const i64 k = blockIdx.x;
+  const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
+  const bool valid = g.batch >= 0;
+  const bool cached = PH + PW <= kStageEdges;
+  if (cached) {
+    for (i64 i = tid; i < PH + PW; i += threads) {
+      edges[i] = i < PH ? bin_span<G>(i, g.bin_h, g.y1, H, valid)
+                        : bin_span<G>(i - PH, g.bin_w, g.x1, W, valid);
+    }
+  }
+  // Bin edges are monotone in the bin index, so the window is first start .. last end.
+  const int2 first_rows = bin_span<G>(0, g.bin_h, g.y1, H, valid);
+  const int2 last_rows = bin_span<G>(PH - 1, g.bin_h, g.y1, H, valid);
+  const int2 first_cols = bin_span<G>(0, g.bin_w, g.x1, W, valid);
+  const int2 last_cols = bin_span<G>(PW - 1, g.bin_w, g.x1, W, valid);
+  const int r0 = first_rows.x;
+  const int c0w = first_cols.x;
+  const int wr = last_rows.y > r0 ? last_rows.y - r0 : 0;
+  const int wc = last_cols.y > c0w ? last_cols.y - c0w : 0;
+  const i64 area = static_cast<i64>(wr) * wc;
+  const i64 fit = area > 0 ? static_cast<i64>(kStageBytes / sizeof(T)) / area : channels_per_block;
+  const int group = static_cast<int>(fit < channels_per_block ? fit : channels_per_block);
+  const bool channel_fastest = sC == 1 && sW != 1;
+  const int nb = static_cast<int>(PH * PW);  // < 2^31 - 256 (launcher checks)
+  const int pw_count = static_cast<int>(PW);
+  const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
+  __syncthreads();  // edges
+  for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
+    const int channels = static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
+    if (group == 0) {  // the window does not fit: reduce from global memory
+      for (int o = tid; o < channels * nb; o += threads) {
+        const int cl = o / nb;
+        const int q = o - cl * nb;
+        const int ph = q / pw_count;
+        const int pw = q - ph * pw_count;
+        const int2 rows = cached ? edges[ph] : bin_span<G>(ph, g.bin_h, g.y1, H, valid);
+        const int2 cols = cached ? edges[PH + pw] : bin_span<G>(pw, g.bin_w, g.x1, W, valid);
+        const BinMax<T> m = bin_max<T>(image + (c0 + cl) * sC, rows, cols, sH, sW, W);
+        const i64 out = (k * C + c0 + cl) * nb + q;
+        output[out] = m.value;
+        if (kArgmax) argmax[out] = m.index;
+      }
+      continue;
+    }
+    for (int cg = 0; cg < channels; cg += group) {
+      const int count = channels - cg < group ? channels - cg : group;
+      const int staged = count * static_cast<int>(area);  // <= kStageBytes / sizeof(T)
+      const T* __restrict__ base = image + (c0 + cg) * sC + r0 * sH + c0w * sW;
+      if (channel_fastest) {  // stage[(r * wc + c) * count + ch]
+        for (int e = tid; e < staged; e += threads) {
+          const int p = e / count;
+          const int ch = e - p * count;
+          const int r = p / wc;
+          const int c = p - r * wc;
+          stage[e] = base[ch * sC + r * sH + c * sW];
+        }
+      } else {  // stage[ch * area + r * wc + c]
+        for (int e = tid; e < staged; e += threads) {
+          const int ch = e / static_cast<int>(area);
+          const int p = e - ch * static_cast<int>(area);
+          const int r = p / wc;
+          const int c = p - r * wc;
+          stage[e] = base[ch * sC + r * sH + c * sW];
+        }
+      }
+      __syncthreads();
+      for (int o = tid; o < count * nb; o += threads) {
+        const int ch = o / nb;
+        const int q = o - ch * nb;
+        const int ph = q / pw_count;
+        const int pw = q - ph * pw_count;
+        const int2 rows = cached ? edges[ph] : bin_span<G>(ph, g.bin_h, g.y1, H, valid);
+        const int2 cols = cached ? edges[PH + pw] : bin_span<G>(pw, g.bin_w, g.x1, W, valid);
+        // Scan in the contract's order (rows outer); the first maximal key wins.
+        const int step = channel_fastest ? count : 1;
+        T value = T();
+        int index = -1;
+        Key best = 0;
+        for (int h = rows.x; h < rows.y; ++h) {
+          const int line = channel_fastest ? (h - r0) * wc * count + ch
+                                           : ch * static_cast<int>(area) + (h - r0) * wc;
+          for (int w = cols.x; w < cols.y; ++w) {
+            const T v = stage[line + (w - c0w) * step];
+            const Key key = Elem<T>::key_of(v);
+            if (index < 0 || key > best) {
+              best = key;
+              value = v;
+              index = h * static_cast<int>(W) + w;
+            }
+          }
+        }
+        const i64 out = (k * C + c0 + cg + ch) * nb + q;
+        output[out] = value;
+        if (kArgmax) argmax[out] = index;
+      }
+      __syncthreads();
+    }
+  }
+}
+
 namespace roi_ops_cuda {
 template <class T>
 struct Accum {
@@ -483,6 +611,8 @@ const void* roi_ops_forward_kernels(int i) {
       reinterpret_cast<const void*>(&roi_pool_forward_plane<T, R, false>),
       reinterpret_cast<const void*>(&roi_pool_forward_chan<T, R, true>),
       reinterpret_cast<const void*>(&roi_pool_forward_chan<T, R, false>),
+      reinterpret_cast<const void*>(&roi_pool_forward_staged<T, R, true>),
+      reinterpret_cast<const void*>(&roi_pool_forward_staged<T, R, false>),
   };
   return kernels[i];
 }
