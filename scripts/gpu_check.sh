@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, backend report, GPU tests, GPU (and 16-core CPU)
 # benchmarks. Logs and JSON go to $OUT (default ./gpu-out). Stages: install info tests bench
-# cpubench (default: all but cpubench). Example: bash scripts/gpu_check.sh install info tests
+# cpubench sanitize soak (default: install info tests bench). Example: bash scripts/gpu_check.sh install info tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -40,6 +40,19 @@ for stage in $stages; do
           ${CPU_BENCH_ARGS:-} --json "$OUT/bench-cpu-$threads.json" \
           2>>"$OUT/bench-progress.log" | tee "$OUT/bench-cpu-$threads.txt"
       done
+      ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        timeout 400 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          "$PYTHON" scripts/sanitize.py --backend cupy triton 2>&1 \
+          | tee "$OUT/sanitize-$tool.log" | grep -E "ERROR SUMMARY|sanitize cases|Error" | tail -5
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      done
+      ;;
+    soak)
+      timeout 500 "$PYTHON" scripts/soak.py --device cuda --backend cupy triton torch \
+        --calls "${SOAK_CALLS:-10000}" --json "$OUT/soak-cuda.json" 2>&1 | tail -5
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac

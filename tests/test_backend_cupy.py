@@ -67,7 +67,7 @@ def test_entry_point_declared_in_installed_metadata():
 def test_backend_declaration():
     backend = CupyBackend()
     assert backend.name == "cupy"
-    assert backend.priority == 90
+    assert backend.priority == 110
     assert backend.device_types == frozenset({"cuda"})
     assert backend.dtypes == ALL_FLOAT_DTYPES
     assert backend.deterministic is True
@@ -222,6 +222,7 @@ def test_nvrtc_compiles_every_module_through_cupy():
 
 
 def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
+    monkeypatch.setenv(kernels.KERNEL_ENV, "staged")
     staged = kernels.plan_forward(
         RoIPoolProblem(torch.ones(2, 64, 10, 10), torch.zeros(3, 5), 7, 7, 0.5, True),
         torch.empty(3, 64, 7, 7),

@@ -19,7 +19,7 @@ class CupyBackend(Backend):
     """
 
     name = "cupy"
-    priority = 90
+    priority = 110
     device_types = frozenset({"cuda"})
     dtypes = ALL_FLOAT_DTYPES
     deterministic = True

@@ -1,0 +1,117 @@
+"""Soak: many roi_pool calls with varying shapes; memory must stay flat, kernels not recompile.
+
+    python scripts/soak.py --device cuda --backend cupy triton --calls 10000
+
+For each backend: warms up on every shape class, then counts compiled kernel variants, process
+RSS and (on CUDA) allocated memory before and after `--calls` calls with random K, N, H, W and
+output sizes, forward and backward. Exits non-zero if a count or the memory grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+
+import torch
+
+import roi_ops
+
+
+def compiled_variants(backend: str) -> int:
+    """Kernel specialisations compiled so far by `backend` (best effort per backend)."""
+    if backend == "cupy":
+        from roi_ops_cupy import launch
+
+        return len(launch._kernels)
+    if backend == "triton":
+        from roi_ops_triton import kernels
+
+        total = 0
+        for value in vars(kernels).values():
+            cache = getattr(value, "device_caches", None) or getattr(value, "cache", None)
+            if isinstance(cache, dict):
+                for per_device in cache.values():
+                    entries = per_device[0] if isinstance(per_device, tuple) else per_device
+                    total += len(entries) if hasattr(entries, "__len__") else 0
+        return total
+    if backend == "numba":
+        from roi_ops_numba import kernels
+
+        return sum(len(getattr(v, "signatures", ())) for v in vars(kernels).values())
+    return 0
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one_call(backend: str, device: str, g: torch.Generator, dtype: torch.dtype) -> None:
+    n = int(torch.randint(1, 5, (), generator=g))
+    c = int(torch.randint(1, 33, (), generator=g))
+    h, w = (int(v) for v in torch.randint(4, 80, (2,), generator=g))
+    k = int(torch.randint(0, 300, (), generator=g))
+    out = (int(torch.randint(1, 15, (), generator=g)),) * 2
+    x = torch.randn(n, c, h, w, generator=g).to(dtype).to(device).requires_grad_(True)
+    boxes = torch.rand(k, 4, generator=g) * torch.tensor([w, h, w, h]) * 8
+    boxes[:, 2:] += boxes[:, :2]
+    batch = torch.randint(0, n, (k, 1), generator=g).float()
+    rois = torch.cat([batch, boxes], 1).to(torch.float32 if dtype == torch.bfloat16 else dtype)
+    pooled = roi_ops.roi_pool(x, rois.to(device), out, 1 / 8, backend=backend)
+    pooled.sum().backward()
+
+
+def soak(backend: str, device: str, calls: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    with roi_ops.value_checks(False):
+        for i in range(200):
+            one_call(backend, device, g, dtypes[i % 4])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        before = {"rss_mib": rss_mib(), "compiled": compiled_variants(backend)}
+        if device == "cuda":
+            before["cuda_allocated_mib"] = torch.cuda.memory_allocated() / 2**20
+        for i in range(calls):
+            one_call(backend, device, g, dtypes[i % 4])
+        if device == "cuda":
+            torch.cuda.synchronize()
+    after = {"rss_mib": rss_mib(), "compiled": compiled_variants(backend)}
+    if device == "cuda":
+        after["cuda_allocated_mib"] = torch.cuda.memory_allocated() / 2**20
+    ok = after["compiled"] == before["compiled"] and after["rss_mib"] < before["rss_mib"] + 64
+    if device == "cuda":
+        ok &= after["cuda_allocated_mib"] <= before["cuda_allocated_mib"] + 1
+    return {
+        "backend": backend,
+        "device": device,
+        "calls": calls,
+        "before": before,
+        "after": after,
+        "ok": ok,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", nargs="+", default=["torch"])
+    parser.add_argument("--calls", type=int, default=10000)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    results = [soak(b, args.device, args.calls) for b in args.backend]
+    for r in results:
+        print(json.dumps(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
