@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -47,6 +48,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     if args.threads:
+        # numba's pool must be sized before the plugin imports numba; torch's OpenMP setting
+        # alone can be reset when another library initialises OpenMP.
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
     workloads = resolve_workloads(args.workload, device, args.full_size)
     dtypes = [DTYPES[d] for d in args.dtype]
