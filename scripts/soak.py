@@ -2,9 +2,9 @@
 
     python scripts/soak.py --device cuda --backend cupy triton --calls 10000
 
-For each backend: warms up on every shape class, then counts compiled kernel variants, process
-RSS and (on CUDA) allocated memory before and after `--calls` calls with random K, N, H, W and
-output sizes, forward and backward. Exits non-zero if a count or the memory grows.
+For each backend: warms up (every dtype and model), then counts compiled kernel variants,
+process RSS and (on CUDA) allocated memory before and after `--calls` forward+backward calls
+with random K, N, H and W. Exits non-zero if a count or the memory grows.
 """
 
 from __future__ import annotations
@@ -51,13 +51,17 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one_call(backend: str, device: str, g: torch.Generator, dtype: torch.dtype) -> None:
+MODELS = ((256, 7), (64, 14))  # (channels, output size): fixed per model, as in training
+
+
+def one_call(backend: str, device: str, g: torch.Generator, index: int, models=MODELS) -> None:
+    """One forward+backward with random K, N, H, W (what detection varies between steps)."""
+    dtype = (torch.float32, torch.float16, torch.bfloat16, torch.float64)[index % 4]
+    channels, out = models[(index // 4) % len(models)]
     n = int(torch.randint(1, 5, (), generator=g))
-    c = int(torch.randint(1, 33, (), generator=g))
     h, w = (int(v) for v in torch.randint(4, 80, (2,), generator=g))
     k = int(torch.randint(0, 300, (), generator=g))
-    out = (int(torch.randint(1, 15, (), generator=g)),) * 2
-    x = torch.randn(n, c, h, w, generator=g).to(dtype).to(device).requires_grad_(True)
+    x = torch.randn(n, channels, h, w, generator=g).to(dtype).to(device).requires_grad_(True)
     boxes = torch.rand(k, 4, generator=g) * torch.tensor([w, h, w, h]) * 8
     boxes[:, 2:] += boxes[:, :2]
     batch = torch.randint(0, n, (k, 1), generator=g).float()
@@ -66,24 +70,28 @@ def one_call(backend: str, device: str, g: torch.Generator, dtype: torch.dtype) 
     pooled.sum().backward()
 
 
-def soak(backend: str, device: str, calls: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-    with roi_ops.value_checks(False):
-        for i in range(200):
-            one_call(backend, device, g, dtypes[i % 4])
-        if device == "cuda":
-            torch.cuda.synchronize()
-        before = {"rss_mib": rss_mib(), "compiled": compiled_variants(backend)}
-        if device == "cuda":
-            before["cuda_allocated_mib"] = torch.cuda.memory_allocated() / 2**20
-        for i in range(calls):
-            one_call(backend, device, g, dtypes[i % 4])
-        if device == "cuda":
-            torch.cuda.synchronize()
-    after = {"rss_mib": rss_mib(), "compiled": compiled_variants(backend)}
+def _snapshot(backend: str, device: str) -> dict:
     if device == "cuda":
-        after["cuda_allocated_mib"] = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.synchronize()
+    state = {"rss_mib": round(rss_mib(), 1), "compiled": compiled_variants(backend)}
+    if device == "cuda":
+        state["cuda_allocated_mib"] = torch.cuda.memory_allocated() / 2**20
+    return state
+
+
+def soak(backend: str, device: str, calls: int, warmup: int = 400, models=MODELS) -> dict:
+    """Warm up, then `calls` calls; memory and compiled-kernel counts before, during, after."""
+    g = torch.Generator().manual_seed(0)
+    checkpoints = []
+    with roi_ops.value_checks(False):
+        for i in range(warmup):
+            one_call(backend, device, g, i, models)
+        before = _snapshot(backend, device)
+        for i in range(calls):
+            one_call(backend, device, g, i, models)
+            if (i + 1) % max(1, calls // 4) == 0:
+                checkpoints.append(_snapshot(backend, device)["compiled"])
+    after = _snapshot(backend, device)
     ok = after["compiled"] == before["compiled"] and after["rss_mib"] < before["rss_mib"] + 64
     if device == "cuda":
         ok &= after["cuda_allocated_mib"] <= before["cuda_allocated_mib"] + 1
@@ -93,6 +101,7 @@ def soak(backend: str, device: str, calls: int) -> dict:
         "calls": calls,
         "before": before,
         "after": after,
+        "compiled_at_quarters": checkpoints,
         "ok": ok,
     }
 

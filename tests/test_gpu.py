@@ -165,3 +165,19 @@ def test_deterministic_backward_on_workload(backend):
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b != "torch"])
+def test_compile_reduce_overhead(backend):
+    """torch.compile(mode="reduce-overhead") captures roi_pool in CUDA graphs and replays it."""
+    torch._dynamo.reset()
+    w = _medium("fpn-p4")
+    rois = make_rois(w, torch.float32, "cuda")
+    head = torch.compile(
+        lambda a, b: roi_ops.roi_pool(a, b, 7, w.spatial_scale, backend=backend).relu() * 2,
+        mode="reduce-overhead",
+    )
+    for seed in range(4):  # later calls replay the recorded graph with new input values
+        x = make_input(w, torch.float32, "cuda", seed=seed)
+        expected = roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend).relu() * 2
+        assert torch.equal(head(x, rois).clone(), expected)
