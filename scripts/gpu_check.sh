@@ -50,7 +50,7 @@ for stage in $stages; do
       done
       ;;
     soak)
-      timeout 500 "$PYTHON" scripts/soak.py --device cuda --backend cupy triton torch \
+      timeout 500 "$PYTHON" scripts/soak.py --device cuda --backend cupy triton \
         --calls "${SOAK_CALLS:-10000}" --json "$OUT/soak-cuda.json" 2>&1 | tail -5
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;

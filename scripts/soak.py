@@ -111,9 +111,10 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", nargs="+", default=["torch"])
     parser.add_argument("--calls", type=int, default=10000)
+    parser.add_argument("--warmup", type=int, default=400)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    results = [soak(b, args.device, args.calls) for b in args.backend]
+    results = [soak(b, args.device, args.calls, args.warmup) for b in args.backend]
     for r in results:
         print(json.dumps(r))
     if args.json:
