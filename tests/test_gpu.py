@@ -181,3 +181,32 @@ def test_compile_reduce_overhead(backend):
         x = make_input(w, torch.float32, "cuda", seed=seed)
         expected = roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend).relu() * 2
         assert torch.equal(head(x, rois).clone(), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_more_than_2_31_elements_in_input_and_output(backend):
+    """64-bit indexing: an input and an output of more than 2^31 float16 elements."""
+    from roi_ops.testing import reference_roi_pool
+
+    x = torch.randn(3, 1024, 768, 1024, dtype=torch.float16, device="cuda")  # 2.4e9 elements
+    box = [1000.0, 700.0, 1023.0, 767.0]
+    rois = torch.tensor([[2.0, *box], [0.0, *box]], device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        out, argmax = roi_ops.roi_pool_with_argmax(x, rois, 2, backend=backend)
+    corner = x[2:, -3:].cpu()  # the last planes of image 2, past element 2^31
+    expected, expected_argmax = reference_roi_pool(
+        corner, rois[:1].cpu() * 0 + torch.tensor([[0.0, *box]], dtype=torch.float16), 2
+    )
+    assert torch.equal(out[0, -3:].cpu(), expected[0])
+    assert torch.equal(argmax[0, -3:].cpu(), expected_argmax[0])
+    del x, out, argmax
+    torch.cuda.empty_cache()
+    many = 2**31 // (64 * 49) + 8  # K * C * PH * PW > 2^31 output elements
+    x = torch.randn(2, 64, 8, 8, dtype=torch.float16, device="cuda")
+    rois = torch.tensor([[1.0, 1, 2, 6, 7]], device="cuda", dtype=torch.float16).expand(many, 5)
+    with torch.no_grad():
+        out = roi_ops.roi_pool(x, rois, 7, backend=backend)
+    expected, _ = reference_roi_pool(x.cpu(), rois[:1].cpu(), 7)
+    assert torch.equal(out[-1:].cpu(), expected)
+    assert torch.equal(out[many // 2 : many // 2 + 1].cpu(), expected)
