@@ -21,6 +21,8 @@ def check_input(input: torch.Tensor) -> None:
     """Raise unless `input` is a 4-D float tensor whose planes fit an int32 argmax."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+    if input.layout != torch.strided:
+        raise TypeError(f"input: expected a dense (strided) tensor, got layout {input.layout}")
     if input.dim() != 4:
         raise ValueError(
             f"input: expected a 4-D tensor (N, C, H, W), got {input.dim()}-D with shape "
@@ -46,6 +48,8 @@ def allowed_rois_dtypes(input_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
 
 
 def _check_rois_tensor(rois: torch.Tensor, input: torch.Tensor, what: str) -> None:
+    if rois.layout != torch.strided:
+        raise TypeError(f"{what}: expected a dense (strided) tensor, got layout {rois.layout}")
     if rois.device != input.device:
         raise ValueError(
             f"{what}: expected a tensor on input's device {input.device}, got {rois.device}"

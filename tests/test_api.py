@@ -30,6 +30,8 @@ BAD_CALLS = [
     (lambda x, r: roi_ops.roi_pool(x[0], r, 2), ValueError, r"input: expected a 4-D tensor"),
     (lambda x, r: roi_ops.roi_pool(x.int(), r, 2), TypeError, r"input: expected dtype float16"),
     (lambda x, r: roi_ops.roi_pool(x.tolist(), r, 2), TypeError, r"input: expected a torch"),
+    (lambda x, r: roi_ops.roi_pool(x.to_sparse(), r, 2), TypeError, r"input: expected a dense"),
+    (lambda x, r: roi_ops.roi_pool(x, r.to_sparse(), 2), TypeError, r"rois: expected a dense"),
     (lambda x, r: roi_ops.roi_pool(x, r[:, :4], 2), ValueError, r"rois: expected a \(K, 5\)"),
     (lambda x, r: roi_ops.roi_pool(x, r[0], 2), ValueError, r"rois: expected a \(K, 5\)"),
     (

@@ -62,14 +62,8 @@ class CupyBackend(Backend):
         return None
 
     def not_supported_reasons(self, problem: RoIPoolProblem) -> list[str]:
-        """Extend the device/dtype checks with layouts, dtype pairs and size limits."""
-        reasons = super().not_supported_reasons(problem)
-        for label, tensor in (("input", problem.input), ("rois", problem.rois)):
-            if tensor.layout != torch.strided:
-                reasons.append(f"{label} layout {tensor.layout} not supported (needs strided)")
-        if problem.rois.device != problem.input.device:
-            reasons.append(f"rois on {problem.rois.device}, input on {problem.input.device}")
-        return reasons + kernels.unsupported_reasons(problem)
+        """Extend the device/dtype checks with the kernels' dtype pairs and size limits."""
+        return super().not_supported_reasons(problem) + kernels.unsupported_reasons(problem)
 
     def forward(
         self, problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None

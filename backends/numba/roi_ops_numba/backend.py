@@ -40,19 +40,6 @@ class NumbaBackend(Backend):
             return f"the numba kernels cannot be loaded ({type(exc).__name__}: {exc})"
         return None
 
-    def not_supported_reasons(self, problem: RoIPoolProblem) -> list[str]:
-        """Extend the device/dtype checks with rois placement, rois dtype and tensor layout."""
-        reasons = super().not_supported_reasons(problem)
-        if problem.rois.device.type != "cpu":
-            reasons.append(f"rois on device type {problem.rois.device.type!r} (needs 'cpu')")
-        if problem.rois.dtype not in ALL_FLOAT_DTYPES:
-            rois_dtype = str(problem.rois.dtype).removeprefix("torch.")
-            reasons.append(f"rois dtype {rois_dtype} not supported")
-        for label, tensor in (("input", problem.input), ("rois", problem.rois)):
-            if tensor.layout != torch.strided:
-                reasons.append(f"{label} layout {tensor.layout} not supported (needs strided)")
-        return reasons
-
     def forward(
         self, problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
     ) -> None:
