@@ -161,9 +161,7 @@ def test_source_instantiations_match_the_dtype_table():
     # Every name expression NVRTC is asked for is a template with the instantiated arguments.
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
-            assert re.fullmatch(
-                r"roi_pool_forward_(plane|chan|staged)<\w+, \w+, (true|false)>", expr
-            )
+            assert re.fullmatch(r"roi_pool_forward_(plane|chan)<\w+, \w+, (true|false)>", expr)
     assert kernels.backward_name(torch.bfloat16) == "roi_pool_backward_atomic<roi_bf16>"
 
 
@@ -222,16 +220,6 @@ def test_nvrtc_compiles_every_module_through_cupy():
 
 
 def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
-    monkeypatch.setenv(kernels.KERNEL_ENV, "staged")
-    staged = kernels.plan_forward(
-        RoIPoolProblem(torch.ones(2, 64, 10, 10), torch.zeros(3, 5), 7, 7, 0.5, True),
-        torch.empty(3, 64, 7, 7),
-        None,
-        multiprocessors=132,
-    )
-    assert staged.name == "roi_pool_forward_staged<float, float, false>"
-    assert staged.block == (256, 1, 1) and staged.shared_mem == 0
-    monkeypatch.setenv(kernels.KERNEL_ENV, "direct")
     x = torch.ones(2, 64, 10, 10)
     rois = torch.zeros(3, 5)
     problem = RoIPoolProblem(x, rois, 7, 7, 0.5, True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from importlib import resources
 
@@ -43,11 +42,7 @@ BACKWARD_TYPES: tuple[torch.dtype, ...] = (
     torch.float32,
     torch.float64,
 )
-FORWARD_KERNELS = ("roi_pool_forward_plane", "roi_pool_forward_chan", "roi_pool_forward_staged")
-# Which forward kernel runs: "direct" (default: plane/chan, bins reduced from global memory) or
-# "staged" (ROI windows staged in shared memory). Measured on an H100 (2026-11-24, float32 fwd):
-# staged was 1.3x to 2.2x slower than direct on every workload, so direct is the default.
-KERNEL_ENV = "ROI_OPS_CUPY_KERNEL"
+FORWARD_KERNELS = ("roi_pool_forward_plane", "roi_pool_forward_chan")
 BACKWARD_KERNEL = "roi_pool_backward_atomic"
 
 THREADS = 256  # the chan kernel's block, the others' largest (kThreads in roi_pool.cu)
@@ -178,12 +173,6 @@ def plan_forward(
         *_ints(ph, pw),
     )
     tail = (_pointer(output), _pointer(argmax))
-    if os.environ.get(KERNEL_ENV, "direct") == "staged":
-        per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors)
-        name = forward_name("roi_pool_forward_staged", input.dtype, rois.dtype, with_argmax)
-        grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
-        block = (THREADS, 1, 1)
-        return Launch(name, (num_rois, grid_y, 1), block, 0, head + _ints(per_block) + tail)
     if uses_channel_kernel(input):
         cache_edges = ph + pw <= MAX_CACHED_EDGES
         name = forward_name("roi_pool_forward_chan", input.dtype, rois.dtype, with_argmax)

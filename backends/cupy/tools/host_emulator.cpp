@@ -28,7 +28,6 @@
 #define __global__
 #define __forceinline__ inline
 #define __shared__ static
-#define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define ROI_OPS_HOST_EMULATION 1
 
@@ -156,15 +155,6 @@ void run_chan(Args a) {
                                  ptr<int*>(a[17]));
 }
 
-template <class T, class R, bool A>
-void run_staged(Args a) {
-  roi_pool_forward_staged<T, R, A>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]),
-                                   num(a[4]), num(a[5]), num(a[6]), num(a[7]), num(a[8]),
-                                   ptr<const R*>(a[9]), num(a[10]), num(a[11]), real(a[12]),
-                                   num(a[13]), num(a[14]), num(a[15]), ptr<T*>(a[16]),
-                                   ptr<int*>(a[17]));
-}
-
 template <class T>
 void run_backward(Args a) {
   roi_pool_backward_atomic<T>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]), num(a[4]),
@@ -182,9 +172,7 @@ struct Entry {
   {"roi_pool_forward_plane<" #T ", " #R ", true>", &run_plane<T, R, true>}, \
       {"roi_pool_forward_plane<" #T ", " #R ", false>", &run_plane<T, R, false>}, \
       {"roi_pool_forward_chan<" #T ", " #R ", true>", &run_chan<T, R, true>},     \
-      {"roi_pool_forward_chan<" #T ", " #R ", false>", &run_chan<T, R, false>},   \
-      {"roi_pool_forward_staged<" #T ", " #R ", true>", &run_staged<T, R, true>}, \
-      {"roi_pool_forward_staged<" #T ", " #R ", false>", &run_staged<T, R, false>},
+      {"roi_pool_forward_chan<" #T ", " #R ", false>", &run_chan<T, R, false>},
 #define ROI_BACKWARD(T) {"roi_pool_backward_atomic<" #T ">", &run_backward<T>},
 
 const Entry kEntries[] = {
