@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, backend report, GPU tests, GPU (and 16-core CPU)
 # benchmarks. Logs and JSON go to $OUT (default ./gpu-out). Stages: install info tests bench
-# cpubench sanitize soak (default: install info tests bench). Example: bash scripts/gpu_check.sh install info tests
+# cpubench sanitize soak probe ncu (default: install info tests bench). Example: bash scripts/gpu_check.sh install info tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -53,6 +53,19 @@ for stage in $stages; do
       timeout 500 "$PYTHON" scripts/soak.py --device cuda --backend cupy triton \
         --calls "${SOAK_CALLS:-10000}" --json "$OUT/soak-cuda.json" 2>&1 | tail -5
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      ;;
+    probe)
+      timeout 500 "$PYTHON" scripts/gpu_probe.py --out "$OUT" ${PROBE_ARGS:-} 2>&1 \
+        | tee "$OUT/probe.log" | grep -v Warning
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      ;;
+    ncu)
+      for workload in ${NCU_WORKLOADS:-fpn-p4 big-batch}; do
+        timeout 300 ncu --clock-control none -k regex:roi_pool --csv \
+          --metrics "$(tr '\n' ',' < scripts/ncu_metrics.txt | sed 's/,$//')" \
+          "$PYTHON" scripts/gpu_probe.py --ncu "$workload" >"$OUT/ncu-$workload.csv" 2>&1
+        "$PYTHON" scripts/ncu_summary.py "$OUT/ncu-$workload.csv" | tee "$OUT/ncu-$workload.txt"
+      done
       ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac

@@ -161,7 +161,7 @@ def test_source_instantiations_match_the_dtype_table():
     # Every name expression NVRTC is asked for is a template with the instantiated arguments.
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
-            assert re.fullmatch(r"roi_pool_forward_(plane|chan)<\w+, \w+, (true|false)>", expr)
+            assert re.fullmatch(r"roi_pool_forward_(plane|chan|band)<\w+, \w+, (true|false)>", expr)
     assert kernels.backward_name(torch.bfloat16) == "roi_pool_backward_atomic<roi_bf16>"
 
 
@@ -225,7 +225,12 @@ def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
     problem = RoIPoolProblem(x, rois, 7, 7, 0.5, True)
     out = torch.empty(problem.output_shape)
     arg = torch.empty(problem.output_shape, dtype=torch.int32)
-    plane = kernels.plan_forward(problem, out, arg, multiprocessors=132)
+    band = kernels.plan_forward(problem, out, arg, multiprocessors=132)
+    assert band.name == "roi_pool_forward_band<float, float, true>"  # unit W stride
+    assert band.block == (256, 1, 1) and band.grid == (3, 1, 1) and int(band.args[-3]) == 64
+    assert int(band.args[-1]) == arg.data_ptr()
+    strided = dataclasses.replace(problem, input=torch.ones(2, 64, 10, 20)[..., ::2])
+    plane = kernels.plan_forward(strided, out, arg, multiprocessors=132)
     assert plane.name == "roi_pool_forward_plane<float, float, true>"
     assert plane.block == (256, 1, 1) and plane.shared_mem == 0  # 5 groups of 49 bins
     channels_per_block = int(plane.args[-3])
@@ -249,6 +254,13 @@ def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
         256,
         256,
     ]
+    big_grid = RoIPoolProblem(x, rois, 65, 2, 0.5, True)  # PH over the band kernel's limit
+    assert kernels.forward_kernel(big_grid.input, 65, 2) == "roi_pool_forward_plane"
+    monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "plane")
+    assert kernels.forward_kernel(problem.input, 7, 7) == "roi_pool_forward_plane"
+    monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "band")
+    assert kernels.forward_kernel(last, 7, 7) == "roi_pool_forward_band"
+    monkeypatch.delenv("ROI_OPS_CUPY_KERNEL")
     empty = RoIPoolProblem(x, torch.zeros(0, 5), 7, 7, 0.5, True)
     assert kernels.plan_forward(empty, torch.empty(0, 64, 7, 7), None, 132) is None
 
@@ -496,6 +508,44 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
     x = torch.randn(1, 17, 30, 30, generator=g, dtype=torch.float64)
     rois = torch.tensor([[0, 1.0, 2.0, 27.0, 29.0], [0, 5.0, 5.0, 6.0, 6.0]], dtype=torch.float64)
     check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
+
+
+def _tie_heavy(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Small integers (ties everywhere), signed zeros, some NaN and -inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 2, shape, generator=g).to(torch.float64)
+    signs = torch.rand(shape, generator=g) < 0.5
+    x = torch.where((x == 0) & signs, torch.tensor(-0.0, dtype=torch.float64), x)
+    special = torch.rand(shape, generator=g)
+    x[special < 0.01] = math.nan
+    x[special > 0.99] = -math.inf
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_band_kernel_lane_groups_and_wide_windows(runner, dtype, monkeypatch):
+    # Window widths 1-4, 5-8, 9-16 and 17-32 (lane groups of 4, 8, 16, 32), 33-256 (columns
+    # looped) and over 256 (bins scanned from global memory); bins narrower than a column, more
+    # bins than lanes, and ROIs cut by the map border.
+    x = _tie_heavy((2, 11, 12, 300), 21, dtype)
+    rows = [
+        [0, 3.0, 1.0, 5.0, 10.0],
+        [1, 7.0, 0.0, 13.0, 11.0],
+        [0, 2.0, 2.0, 15.0, 9.0],
+        [1, 20.0, 3.0, 50.0, 8.0],
+        [0, 1.0, 0.0, 200.0, 11.0],
+        [1, 0.0, 1.0, 299.0, 7.0],
+        [0, -40.0, -5.0, 290.0, 30.0],
+        [1, 250.0, 6.0, 400.0, 6.0],
+    ]
+    rois = torch.tensor(rows, dtype=torch.float32).to(dtype)
+    plan_problem = RoIPoolProblem(x, rois, 5, 40, 1.0, True)
+    assert kernels.forward_kernel(plan_problem.input, 5, 40) == "roi_pool_forward_band"
+    for size in [(5, 40), (7, 7), (3, 2), (12, 1)]:
+        check(runner, x, rois, size, 1.0, multiprocessors=1)
+        check(runner, x, rois, size, 1.0, multiprocessors=1, grid_y=1)
+    monkeypatch.setattr(kernels, "BAND_CHANNELS", 3)  # 4 channel blocks on 2 grid rows: loops
+    check(runner, x, rois, (7, 7), 1.0, multiprocessors=1, grid_y=2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

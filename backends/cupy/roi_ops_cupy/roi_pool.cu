@@ -428,6 +428,194 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
 }
 
 
+// ---- The band kernel: warp-cooperative, coalesced loads along W ------------------------------
+// One block per (ROI, channel block). The ROI's bin edges go to shared memory once. Each warp
+// takes channels in turn, split into groups of `lanes` lanes (4, 8, 16 or 32: the smallest that
+// covers the ROI's window width, so that narrow ROIs still fill the warp). For every row band ph,
+// the group's lanes walk adjacent columns of the window (coalesced loads when the W stride is 1)
+// and keep each column's first maximum over the band's rows; the column results go to shared
+// memory, and then each bin is reduced over its columns by `sub` lanes and a shuffle tree. The
+// reduction order is (key, then smallest h * W + w), which is the contract's first maximal element
+// in row-major order whatever order the pieces are combined in.
+// Windows wider than kBandColumns are scanned bin by bin from global memory, as the plane kernel.
+namespace roi_ops_cuda {
+constexpr int kWarp = 32;
+constexpr int kBandWarps = kThreads / kWarp;
+constexpr int kBandColumns = 256;   // window columns one warp holds in shared memory
+constexpr int kBandMaxPooled = 64;  // PH and PW limits of the band kernel (the launcher checks)
+
+template <class T>
+__device__ __forceinline__ T shuffle_xor(T v, int mask);
+template <>
+__device__ __forceinline__ float shuffle_xor<float>(float v, int mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+}
+template <>
+__device__ __forceinline__ double shuffle_xor<double>(double v, int mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+}
+template <>
+__device__ __forceinline__ roi_half shuffle_xor<roi_half>(roi_half v, int mask) {
+  roi_half r;
+  r.bits = static_cast<unsigned short>(__shfl_xor_sync(0xffffffffu, static_cast<int>(v.bits), mask));
+  return r;
+}
+template <>
+__device__ __forceinline__ roi_bf16 shuffle_xor<roi_bf16>(roi_bf16 v, int mask) {
+  roi_bf16 r;
+  r.bits = static_cast<unsigned short>(__shfl_xor_sync(0xffffffffu, static_cast<int>(v.bits), mask));
+  return r;
+}
+
+// Whether (key b, index ib) comes before (key a, index ia) in the contract's order; -1 = none.
+template <class K>
+__device__ __forceinline__ bool takes_over(K a, int ia, K b, int ib) {
+  return ib >= 0 && (ia < 0 || b > a || (b == a && ib < ia));
+}
+}  // namespace roi_ops_cuda
+
+template <class T, class R, bool kArgmax>
+__global__ void ROI_OPS_LAUNCH_BOUNDS
+    roi_pool_forward_band(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
+                          const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
+                          const R* __restrict__ rois, const i64 rs0, const i64 rs1,
+                          const double spatial_scale, const i64 PH, const i64 PW,
+                          const i64 channels_per_block, T* __restrict__ output,
+                          int* __restrict__ argmax) {
+  using namespace roi_ops_cuda;
+  typedef typename Rois<R>::G G;
+  typedef typename Elem<T>::key K;
+  __shared__ int2 rows_s[kBandMaxPooled];
+  __shared__ int2 cols_s[kBandMaxPooled];
+  __shared__ i64 batch_s;
+  __shared__ T column_value[kBandWarps][kBandColumns];
+  __shared__ int column_row[kBandWarps][kBandColumns];
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarp;
+  const int warp = tid / kWarp;
+  const i64 k = blockIdx.x;
+  const int ph_count = static_cast<int>(PH);  // <= kBandMaxPooled (launcher checks)
+  const int pw_count = static_cast<int>(PW);
+  const int nb = ph_count * pw_count;
+  if (tid < ph_count + pw_count) {
+    const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
+    const bool valid = g.batch >= 0;
+    if (tid < ph_count) {
+      rows_s[tid] = bin_span<G>(tid, g.bin_h, g.y1, H, valid);
+    } else {
+      cols_s[tid - ph_count] = bin_span<G>(tid - ph_count, g.bin_w, g.x1, W, valid);
+    }
+    if (tid == 0) batch_s = g.batch;
+  }
+  __syncthreads();
+  const T* __restrict__ image = input + (batch_s > 0 ? batch_s : 0) * sN;
+  // Bin starts and ends both grow with the bin index, so the window is [first start, last end).
+  const int x0 = cols_s[0].x;
+  const int width = cols_s[pw_count - 1].y - x0 > 0 ? cols_s[pw_count - 1].y - x0 : 0;
+  const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
+
+  if (width > kBandColumns) {  // block-uniform: scan each bin from global memory
+    for (i64 c0 = blockIdx.y * channels_per_block; c0 < C;
+         c0 += gridDim.y * channels_per_block) {
+      const i64 channels = C - c0 < channels_per_block ? C - c0 : channels_per_block;
+      const i64 out0 = (k * C + c0) * nb;
+      for (i64 e = tid; e < channels * nb; e += kThreads) {
+        const i64 cl = e / nb;
+        const int q = static_cast<int>(e - cl * nb);
+        const int ph = q / pw_count;
+        const BinMax<T> m = bin_max<T>(image + (c0 + cl) * sC, rows_s[ph],
+                                       cols_s[q - ph * pw_count], sH, sW, W);
+        output[out0 + e] = m.value;
+        if (kArgmax) argmax[out0 + e] = m.index;
+      }
+    }
+    return;
+  }
+
+  // Lanes per channel group, and lanes per bin in the bin phase (both powers of two).
+  const int lanes = width <= 4 ? 4 : width <= 8 ? 8 : width <= 16 ? 16 : kWarp;
+  const int groups = kWarp / lanes;
+  const int group = lane / lanes;
+  const int gl = lane % lanes;
+  int bins_per_pass = 1;
+  while (bins_per_pass < pw_count && bins_per_pass < lanes) bins_per_pass *= 2;
+  const int sub = lanes / bins_per_pass;
+  T* __restrict__ my_value = column_value[warp] + group * (kBandColumns / groups);
+  int* __restrict__ my_row = column_row[warp] + group * (kBandColumns / groups);
+
+  for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
+    const i64 c_end = C < c0 + channels_per_block ? C : c0 + channels_per_block;
+    // Warp-uniform loop; groups past c_end compute on channel cb and store nothing.
+    for (i64 cb = c0 + warp * groups; cb < c_end; cb += kBandWarps * groups) {
+      const bool active = cb + group < c_end;
+      const i64 c = active ? cb + group : cb;
+      const T* __restrict__ plane = image + c * sC;
+      const i64 out_plane = (k * C + c) * nb;
+      for (int ph = 0; ph < ph_count; ++ph) {
+        const int2 rows = rows_s[ph];
+        // Column phase: first maximum of each window column over the band's rows.
+        for (int x = gl; x < width; x += lanes) {
+          const T* __restrict__ p = plane + rows.x * sH + (x0 + x) * sW;
+          K best = 0;
+          T value = T();
+          int row = -1;
+#pragma unroll 4
+          for (int h = rows.x; h < rows.y; ++h) {
+            const T v = *p;
+            p += sH;
+            const K key = Elem<T>::key_of(v);
+            if (row < 0 || key > best) {
+              best = key;
+              value = v;
+              row = h;
+            }
+          }
+          my_value[x] = value;
+          my_row[x] = row;
+        }
+        __syncwarp();
+        // Bin phase: `sub` lanes per bin, then a shuffle tree within each aligned run of `sub`.
+        for (int pw0 = 0; pw0 < pw_count; pw0 += bins_per_pass) {
+          const int pw = pw0 + gl / sub;
+          K best = 0;
+          T value = T();
+          int index = -1;
+          if (pw < pw_count) {
+            const int2 cols = cols_s[pw];
+            for (int x = cols.x - x0 + gl % sub; x < cols.y - x0; x += sub) {
+              const int row = my_row[x];
+              const T v = my_value[x];
+              const K key = Elem<T>::key_of(v);
+              const int idx = row < 0 ? -1 : row * w_int + x0 + x;
+              if (takes_over<K>(best, index, key, idx)) {
+                best = key;
+                value = v;
+                index = idx;
+              }
+            }
+          }
+          for (int m = sub / 2; m > 0; m /= 2) {
+            const T v = shuffle_xor<T>(value, m);
+            const int idx = __shfl_xor_sync(0xffffffffu, index, m);
+            const K key = Elem<T>::key_of(v);
+            if (takes_over<K>(best, index, key, idx)) {
+              best = key;
+              value = v;
+              index = idx;
+            }
+          }
+          if (active && pw < pw_count && gl % sub == 0) {
+            const i64 o = out_plane + ph * pw_count + pw;
+            output[o] = value;
+            if (kArgmax) argmax[o] = index;
+          }
+        }
+        __syncwarp();
+      }
+    }
+  }
+}
+
 namespace roi_ops_cuda {
 template <class T>
 struct Accum {
@@ -484,6 +672,8 @@ const void* roi_ops_forward_kernels(int i) {
       reinterpret_cast<const void*>(&roi_pool_forward_plane<T, R, false>),
       reinterpret_cast<const void*>(&roi_pool_forward_chan<T, R, true>),
       reinterpret_cast<const void*>(&roi_pool_forward_chan<T, R, false>),
+      reinterpret_cast<const void*>(&roi_pool_forward_band<T, R, true>),
+      reinterpret_cast<const void*>(&roi_pool_forward_band<T, R, false>),
   };
   return kernels[i];
 }

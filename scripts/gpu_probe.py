@@ -1,0 +1,287 @@
+"""Kernel-level GPU probe for tuning: variant kernel times, host overhead, a profiler breakdown.
+
+Not a benchmark of record (that is ``python -m roi_ops bench``): this times the raw kernels of
+the CuPy and Triton backends (preallocated outputs, no roi_ops dispatch) against torchvision,
+checks that every CuPy forward variant gives the same bits as the plane kernel, and shows what a
+whole ``roi_pool`` call adds on top of its kernel. Run on the GPU machine:
+
+    python scripts/gpu_probe.py --out $OUT [--workload fpn-p4 ...] [--dtype float32 ...]
+    python scripts/gpu_probe.py --ncu fpn-p4      # a few launches of each kernel, for ncu -k
+
+Times are medians over samples of `--inner` back-to-back launches between two CUDA events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+from roi_ops import roi_pool
+from roi_ops.backend import RoIPoolProblem
+from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
+from roi_ops.config import value_checks
+
+CUPY_VARIANTS = {
+    "plane": {"ROI_OPS_CUPY_KERNEL": "plane"},
+    "band64": {"ROI_OPS_CUPY_KERNEL": "band", "ROI_OPS_CUPY_BAND_CHANNELS": "64"},
+    "band32": {"ROI_OPS_CUPY_KERNEL": "band", "ROI_OPS_CUPY_BAND_CHANNELS": "32"},
+    "band128": {"ROI_OPS_CUPY_KERNEL": "band", "ROI_OPS_CUPY_BAND_CHANNELS": "128"},
+}
+TRITON_VARIANTS = {
+    "default": "",
+    "split1": "split=1",
+    "split1-b256": "split=1,block_b=256",
+    "split1-b1024-w8": "split=1,block_b=1024,num_warps=8",
+    "split2": "split=2",
+}
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def pipelined_ms(fn, reps: int, inner: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        begin = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(begin.elapsed_time(end) / inner)
+    return statistics.median(samples)
+
+
+def synced_ms(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        begin = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(begin.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def cupy_runner(x, rois, w, out, arg, variant):
+    from roi_ops_cupy import kernels, launch
+
+    problem = RoIPoolProblem(x, rois, w.output_size, w.output_size, w.spatial_scale, True)
+    with environ(CUPY_VARIANTS[variant]):
+        plan = kernels.plan_forward(problem, out, arg, launch._sm_count(x.device.index or 0))
+    names = kernels.forward_names(x.dtype, rois.dtype)
+    device = x.device.index or 0
+    return lambda: launch._run(device, plan, names)
+
+
+def triton_runner(x, rois, w, out, arg, variant):
+    from roi_ops_triton import kernels
+
+    overrides = TRITON_VARIANTS[variant]
+
+    def run():
+        with environ({"ROI_OPS_TRITON_FWD": overrides}):
+            kernels.roi_pool_forward(
+                x, rois, w.output_size, w.output_size, w.spatial_scale, out, arg
+            )
+
+    return run
+
+
+def tie_heavy_input(w, dtype, device):
+    """Small integers (many ties), some -0.0, NaN and -inf: exercises the ordering rules."""
+    g = torch.Generator().manual_seed(7)
+    shape = (w.num_images, w.channels, w.height, w.width)
+    x = torch.randint(-3, 3, shape, generator=g).to(torch.float32)
+    x[x == 0] = -0.0 * (torch.rand(int((x == 0).sum()), generator=g) < 0.5).float()
+    special = torch.rand(shape, generator=g)
+    x[special < 0.001] = float("nan")
+    x[special > 0.999] = float("-inf")
+    return x.to(dtype).to(device)
+
+
+def bits(t):
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def probe_workload(w, dtype, args, rows, checks):
+    device = torch.device("cuda")
+    x = make_input(w, dtype, device)
+    rois_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    rois = make_rois(w, rois_dtype, device)
+    shape = (rois.shape[0], w.channels, w.output_size, w.output_size)
+    name = str(dtype).removeprefix("torch.")
+    row = {"workload": w.name, "dtype": name, "ms": {}}
+    out = torch.empty(shape, dtype=dtype, device=device)
+    arg = torch.empty(shape, dtype=torch.int32, device=device)
+
+    def time_both(label, make):
+        row["ms"][label + "+arg"] = pipelined_ms(make(out, arg), args.reps, args.inner)
+        row["ms"][label] = pipelined_ms(make(out, None), args.reps, args.inner)
+
+    for variant in CUPY_VARIANTS:
+        time_both(f"cupy:{variant}", lambda o, a, v=variant: cupy_runner(x, rois, w, o, a, v))
+    for variant in TRITON_VARIANTS if args.triton else ():
+        time_both(f"triton:{variant}", lambda o, a, v=variant: triton_runner(x, rois, w, o, a, v))
+    try:
+        from torchvision.ops import roi_pool as tv
+
+        if dtype != torch.bfloat16:
+            rois_tv = rois.to(dtype)
+            row["ms"]["tv+arg"] = pipelined_ms(
+                lambda: tv(x, rois_tv, w.output_size, w.spatial_scale), args.reps, args.inner
+            )
+    except ImportError:
+        pass
+    # Whole roi_pool calls: pipelined (host overhead hidden) and synced per call (exposed).
+    leaf = x.detach().requires_grad_(True)
+    with value_checks(False):
+        for backend in ("cupy", "triton"):
+
+            def call(inp=leaf, b=backend):
+                return roi_pool(inp, rois, w.output_size, w.spatial_scale, backend=b)
+
+            row["ms"][f"call:{backend}:fwd:pipelined"] = pipelined_ms(call, args.reps, args.inner)
+            row["ms"][f"call:{backend}:fwd:synced"] = synced_ms(call, args.reps)
+    # Bit equality of every CuPy variant with the plane kernel, on real and tie-heavy inputs.
+    for inputs in ("normal", "ties"):
+        xi = x if inputs == "normal" else tie_heavy_input(w, dtype, device)
+        ref_out = torch.full_like(out, float("nan"))
+        ref_arg = torch.full_like(arg, -7)
+        cupy_runner(xi, rois, w, ref_out, ref_arg, "plane")()
+        for variant in CUPY_VARIANTS:
+            if variant == "plane":
+                continue
+            o = torch.full_like(out, 1.5)
+            a = torch.full_like(arg, -7)
+            cupy_runner(xi, rois, w, o, a, variant)()
+            o2 = torch.full_like(out, 1.5)
+            cupy_runner(xi, rois, w, o2, None, variant)()
+            same = bool(
+                torch.equal(bits(o), bits(ref_out))
+                and torch.equal(a, ref_arg)
+                and torch.equal(bits(o2), bits(ref_out))
+            )
+            checks.append((w.name, name, inputs, variant, same))
+    rows.append(row)
+    ms = row["ms"]
+    tv_ms = ms.get("tv+arg")
+    parts = []
+    for key in sorted(ms):
+        ratio = f" ({tv_ms / ms[key]:.2f}x)" if tv_ms else ""
+        parts.append(f"{key}={ms[key]:.3f}{ratio}")
+    print(f"{w.name} {name}: " + "  ".join(parts), flush=True)
+
+
+def profile_fwd_bwd(w, out_dir):
+    device = torch.device("cuda")
+    x = make_input(w, torch.float32, device).requires_grad_(True)
+    rois = make_rois(w, torch.float32, device)
+    grad = torch.randn(rois.shape[0], w.channels, w.output_size, w.output_size, device=device)
+    from torch.profiler import ProfilerActivity, profile
+
+    runs = {}
+    with value_checks(False):
+        for backend in ("cupy", "triton"):
+            runs[backend] = lambda b=backend: roi_pool(
+                x, rois, w.output_size, w.spatial_scale, backend=b
+            ).backward(grad)
+    try:
+        from torchvision.ops import roi_pool as tv
+
+        runs["torchvision"] = lambda: tv(x, rois, w.output_size, w.spatial_scale).backward(grad)
+    except ImportError:
+        pass
+    for label, fn in runs.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                x.grad = None
+                fn()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+        with open(os.path.join(out_dir, f"profile-{w.name}-{label}.txt"), "w") as f:
+            f.write(table)
+        print(f"--- profile {w.name} {label} fwd+bwd x5")
+        print("\n".join(table.splitlines()[:18]))
+
+
+def ncu_target(name: str) -> None:
+    """Three launches each of cupy plane, cupy band, triton and torchvision on one workload."""
+    w = WORKLOADS[name]
+    device = torch.device("cuda")
+    x = make_input(w, torch.float32, device)
+    rois = make_rois(w, torch.float32, device)
+    shape = (rois.shape[0], w.channels, w.output_size, w.output_size)
+    out = torch.empty(shape, device=device)
+    arg = torch.empty(shape, dtype=torch.int32, device=device)
+    from torchvision.ops import roi_pool as tv
+
+    fns = [
+        cupy_runner(x, rois, w, out, arg, "plane"),
+        cupy_runner(x, rois, w, out, arg, "band64"),
+        triton_runner(x, rois, w, out, arg, "split1"),
+        lambda: tv(x, rois, w.output_size, w.spatial_scale),
+    ]
+    for fn in fns:
+        for _ in range(2):
+            fn()
+    torch.cuda.synchronize()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="probe-out")
+    parser.add_argument("--workload", nargs="*", default=list(WORKLOADS))
+    parser.add_argument("--dtype", nargs="*", default=["float32", "float16"])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--inner", type=int, default=10)
+    parser.add_argument("--no-triton", dest="triton", action="store_false")
+    parser.add_argument("--profile", nargs="*", default=["frcnn-c4", "fpn-p4"])
+    parser.add_argument("--ncu", default=None, help="only run the ncu target for a workload")
+    args = parser.parse_args()
+    if args.ncu:
+        ncu_target(args.ncu)
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    rows, checks = [], []
+    for name in args.workload:
+        for dtype in args.dtype:
+            probe_workload(WORKLOADS[name], getattr(torch, dtype), args, rows, checks)
+    bad = [c for c in checks if not c[-1]]
+    print(f"variant bit checks: {len(checks) - len(bad)} equal, {len(bad)} differ: {bad}")
+    for name in args.profile:
+        profile_fwd_bwd(WORKLOADS[name], args.out)
+    with open(os.path.join(args.out, "probe.json"), "w") as f:
+        json.dump({"rows": rows, "checks": checks}, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
