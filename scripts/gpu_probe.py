@@ -29,9 +29,10 @@ from roi_ops.config import value_checks
 
 CUPY_VARIANTS = {
     "plane": {"ROI_OPS_CUPY_KERNEL": "plane"},
-    "band64": {"ROI_OPS_CUPY_KERNEL": "band", "ROI_OPS_CUPY_BAND_CHANNELS": "64"},
-    "band32": {"ROI_OPS_CUPY_KERNEL": "band", "ROI_OPS_CUPY_BAND_CHANNELS": "32"},
-    "band128": {"ROI_OPS_CUPY_KERNEL": "band", "ROI_OPS_CUPY_BAND_CHANNELS": "128"},
+    "unit": {},
+    "unit1k": {"ROI_OPS_CUPY_BLOCK_ELEMENTS": "1024"},
+    "unit4k": {"ROI_OPS_CUPY_BLOCK_ELEMENTS": "4096"},
+    "unit8k": {"ROI_OPS_CUPY_BLOCK_ELEMENTS": "8192"},
 }
 TRITON_VARIANTS = {
     "default": "",
@@ -233,7 +234,7 @@ def profile_fwd_bwd(w, out_dir):
 
 
 def ncu_target(name: str) -> None:
-    """Three launches each of cupy plane, cupy band, triton and torchvision on one workload."""
+    """Three launches each of cupy plane, cupy unit, triton and torchvision on one workload."""
     w = WORKLOADS[name]
     device = torch.device("cuda")
     x = make_input(w, torch.float32, device)
@@ -245,7 +246,7 @@ def ncu_target(name: str) -> None:
 
     fns = [
         cupy_runner(x, rois, w, out, arg, "plane"),
-        cupy_runner(x, rois, w, out, arg, "band64"),
+        cupy_runner(x, rois, w, out, arg, "unit"),
         triton_runner(x, rois, w, out, arg, "split1"),
         lambda: tv(x, rois, w.output_size, w.spatial_scale),
     ]

@@ -157,11 +157,12 @@ def test_source_instantiations_match_the_dtype_table():
     assert sorted(pairs) == sorted((table[t], table[r]) for t, r in kernels.FORWARD_PAIRS)
     assert sorted(types) == sorted(table[t] for t in kernels.BACKWARD_TYPES)
     for name in (*kernels.FORWARD_KERNELS, kernels.BACKWARD_KERNEL):
-        assert re.search(rf"__global__ void ROI_OPS_LAUNCH_BOUNDS\s+{name}\(", text), name
+        bounds = r"(ROI_OPS_LAUNCH_BOUNDS|__launch_bounds__\(256, \d\))"
+        assert re.search(rf"__global__ void {bounds}\s+{name}\(", text), name
     # Every name expression NVRTC is asked for is a template with the instantiated arguments.
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
-            assert re.fullmatch(r"roi_pool_forward_(plane|chan|band)<\w+, \w+, (true|false)>", expr)
+            assert re.fullmatch(r"roi_pool_forward_(plane|chan|unit)<\w+, \w+, (true|false)>", expr)
     assert kernels.backward_name(torch.bfloat16) == "roi_pool_backward_atomic<roi_bf16>"
 
 
@@ -225,10 +226,11 @@ def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
     problem = RoIPoolProblem(x, rois, 7, 7, 0.5, True)
     out = torch.empty(problem.output_shape)
     arg = torch.empty(problem.output_shape, dtype=torch.int32)
-    band = kernels.plan_forward(problem, out, arg, multiprocessors=132)
-    assert band.name == "roi_pool_forward_band<float, float, true>"  # unit W stride
-    assert band.block == (256, 1, 1) and band.grid == (3, 1, 1) and int(band.args[-3]) == 64
-    assert int(band.args[-1]) == arg.data_ptr()
+    unit = kernels.plan_forward(problem, out, arg, multiprocessors=132)
+    assert unit.name == "roi_pool_forward_unit<float, float, true>"  # unit W stride
+    assert unit.block == (256, 1, 1) and unit.shared_mem == 0  # 5 groups of 49 bins
+    assert unit.grid == (3, math.ceil(64 / int(unit.args[-3])), 1)
+    assert int(unit.args[-1]) == arg.data_ptr()
     strided = dataclasses.replace(problem, input=torch.ones(2, 64, 10, 20)[..., ::2])
     plane = kernels.plan_forward(strided, out, arg, multiprocessors=132)
     assert plane.name == "roi_pool_forward_plane<float, float, true>"
@@ -254,12 +256,10 @@ def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
         256,
         256,
     ]
-    big_grid = RoIPoolProblem(x, rois, 65, 2, 0.5, True)  # PH over the band kernel's limit
-    assert kernels.forward_kernel(big_grid.input, 65, 2) == "roi_pool_forward_plane"
     monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "plane")
-    assert kernels.forward_kernel(problem.input, 7, 7) == "roi_pool_forward_plane"
-    monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "band")
-    assert kernels.forward_kernel(last, 7, 7) == "roi_pool_forward_band"
+    assert kernels.forward_kernel(problem.input) == "roi_pool_forward_plane"
+    monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "chan")
+    assert kernels.forward_kernel(problem.input) == "roi_pool_forward_chan"
     monkeypatch.delenv("ROI_OPS_CUPY_KERNEL")
     empty = RoIPoolProblem(x, torch.zeros(0, 5), 7, 7, 0.5, True)
     assert kernels.plan_forward(empty, torch.empty(0, 64, 7, 7), None, 132) is None
@@ -522,30 +522,26 @@ def _tie_heavy(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-def test_band_kernel_lane_groups_and_wide_windows(runner, dtype, monkeypatch):
-    # Window widths 1-4, 5-8, 9-16 and 17-32 (lane groups of 4, 8, 16, 32), 33-256 (columns
-    # looped) and over 256 (bins scanned from global memory); bins narrower than a column, more
-    # bins than lanes, and ROIs cut by the map border.
-    x = _tie_heavy((2, 11, 12, 300), 21, dtype)
+@pytest.mark.parametrize("kernel", ["unit", "plane"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_unit_and_plane_kernels_on_ties_and_specials(runner, dtype, kernel, monkeypatch):
+    # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
+    # groups of four channels partly empty; bins narrower than a pixel; ROIs cut by the border.
+    if kernel == "plane":
+        monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "plane")
+    x = _tie_heavy((2, 11, 12, 40), 21, dtype)
     rows = [
         [0, 3.0, 1.0, 5.0, 10.0],
         [1, 7.0, 0.0, 13.0, 11.0],
-        [0, 2.0, 2.0, 15.0, 9.0],
-        [1, 20.0, 3.0, 50.0, 8.0],
-        [0, 1.0, 0.0, 200.0, 11.0],
-        [1, 0.0, 1.0, 299.0, 7.0],
-        [0, -40.0, -5.0, 290.0, 30.0],
-        [1, 250.0, 6.0, 400.0, 6.0],
+        [0, 2.0, 2.0, 35.0, 9.0],
+        [1, -20.0, -3.0, 50.0, 30.0],
+        [1, 38.0, 6.0, 90.0, 6.0],
     ]
-    rois = torch.tensor(rows, dtype=torch.float32).to(dtype)
-    plan_problem = RoIPoolProblem(x, rois, 5, 40, 1.0, True)
-    assert kernels.forward_kernel(plan_problem.input, 5, 40) == "roi_pool_forward_band"
-    for size in [(5, 40), (7, 7), (3, 2), (12, 1)]:
+    rois_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    rois = torch.tensor(rows, dtype=torch.float64).to(rois_dtype)
+    for size in [(7, 7), (5, 40), (3, 2), (12, 1)]:
         check(runner, x, rois, size, 1.0, multiprocessors=1)
-        check(runner, x, rois, size, 1.0, multiprocessors=1, grid_y=1)
-    monkeypatch.setattr(kernels, "BAND_CHANNELS", 3)  # 4 channel blocks on 2 grid rows: loops
-    check(runner, x, rois, (7, 7), 1.0, multiprocessors=1, grid_y=2)
+    check(runner, x, rois, (7, 7), 1.0, multiprocessors=64, grid_y=1)  # channel blocks loop
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

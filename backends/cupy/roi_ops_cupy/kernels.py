@@ -43,15 +43,13 @@ BACKWARD_TYPES: tuple[torch.dtype, ...] = (
     torch.float32,
     torch.float64,
 )
-FORWARD_KERNELS = ("roi_pool_forward_plane", "roi_pool_forward_chan", "roi_pool_forward_band")
+FORWARD_KERNELS = ("roi_pool_forward_plane", "roi_pool_forward_chan", "roi_pool_forward_unit")
 BACKWARD_KERNEL = "roi_pool_backward_atomic"
 
 THREADS = 256  # the chan kernel's block, the others' largest (kThreads in roi_pool.cu)
 CHAN_LANES = 32  # channels per block of the chan kernel (kChanLanes)
 CHAN_MIN_CHANNELS = 16  # below this, idle lanes make the chan kernel the worse choice
 MAX_CACHED_EDGES = 2048  # PH + PW up to this: the chan kernel caches bin edges (16 KiB)
-BAND_MAX_POOLED = 64  # PH and PW limit of the band kernel (kBandMaxPooled)
-BAND_CHANNELS = 64  # channels per block of the band kernel: 8 warps x up to 8 groups
 TARGET_BLOCK_ELEMENTS = 2048  # outputs per block of the plane and backward kernels
 MIN_BLOCKS_PER_SM = 8
 MAX_GRID_Y = 65535
@@ -109,8 +107,12 @@ def _ints(*values: int) -> tuple[np.int64, ...]:
 
 
 def _channels_per_block(num_rois: int, channels: int, bins: int, multiprocessors: int) -> int:
-    """Channels per block: ~TARGET_BLOCK_ELEMENTS outputs, but enough blocks for the GPU."""
-    per_block = max(1, min(channels, TARGET_BLOCK_ELEMENTS // bins))
+    """Channels per block: ~TARGET_BLOCK_ELEMENTS outputs, but enough blocks for the GPU.
+
+    ``ROI_OPS_CUPY_BLOCK_ELEMENTS`` overrides the target, for tuning.
+    """
+    target = int(os.environ.get("ROI_OPS_CUPY_BLOCK_ELEMENTS", TARGET_BLOCK_ELEMENTS))
+    per_block = max(1, min(channels, target // bins))
     while per_block > 1 and num_rois * math.ceil(channels / per_block) < (
         MIN_BLOCKS_PER_SM * multiprocessors
     ):
@@ -146,22 +148,19 @@ def uses_channel_kernel(input: torch.Tensor) -> bool:
     return input.shape[1] >= CHAN_MIN_CHANNELS and input.stride(1) == 1 and input.stride(3) != 1
 
 
-def forward_kernel(input: torch.Tensor, pooled_height: int, pooled_width: int) -> str:
-    """The forward kernel for an input's strides and the output size (no device sync).
+def forward_kernel(input: torch.Tensor) -> str:
+    """The forward kernel for an input's strides (no device sync).
 
-    chan for channels_last; band (lanes along W) for a unit W stride and at most
-    BAND_MAX_POOLED bins per side; plane otherwise. ``ROI_OPS_CUPY_KERNEL=plane|band|chan``
-    forces one, for tuning and tests (band still needs the PH/PW limit).
+    chan for channels_last, unit for any other unit W stride (NCHW contiguous), plane otherwise.
+    ``ROI_OPS_CUPY_KERNEL=plane|chan`` forces one of those two, for tuning and tests.
     """
     forced = os.environ.get("ROI_OPS_CUPY_KERNEL", "").strip()
-    band_ok = max(pooled_height, pooled_width) <= BAND_MAX_POOLED
-    if forced in ("plane", "chan") or (forced == "band" and band_ok):
+    if forced in ("plane", "chan"):
         return f"roi_pool_forward_{forced}"
-    if not forced:
-        if uses_channel_kernel(input):
-            return "roi_pool_forward_chan"
-        if input.stride(3) == 1 and band_ok:
-            return "roi_pool_forward_band"
+    if uses_channel_kernel(input):
+        return "roi_pool_forward_chan"
+    if input.stride(3) == 1:
+        return "roi_pool_forward_unit"
     return "roi_pool_forward_plane"
 
 
@@ -195,13 +194,7 @@ def plan_forward(
         *_ints(ph, pw),
     )
     tail = (_pointer(output), _pointer(argmax))
-    kernel = forward_kernel(input, ph, pw)
-    if kernel == "roi_pool_forward_band":
-        per_block = min(channels, int(os.environ.get("ROI_OPS_CUPY_BAND_CHANNELS", BAND_CHANNELS)))
-        name = forward_name(kernel, input.dtype, rois.dtype, with_argmax)
-        grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
-        args = head + _ints(per_block) + tail
-        return Launch(name, (num_rois, grid_y, 1), (THREADS, 1, 1), 0, args)
+    kernel = forward_kernel(input)
     if kernel == "roi_pool_forward_chan":
         cache_edges = ph + pw <= MAX_CACHED_EDGES
         name = forward_name("roi_pool_forward_chan", input.dtype, rois.dtype, with_argmax)
@@ -214,7 +207,7 @@ def plan_forward(
             head + _ints(int(cache_edges)) + tail,
         )
     per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors)
-    name = forward_name("roi_pool_forward_plane", input.dtype, rois.dtype, with_argmax)
+    name = forward_name(kernel, input.dtype, rois.dtype, with_argmax)
     grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
     return Launch(name, (num_rois, grid_y, 1), (THREADS, 1, 1), 0, head + _ints(per_block) + tail)
 

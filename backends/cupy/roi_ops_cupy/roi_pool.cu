@@ -428,55 +428,95 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
 }
 
 
-// ---- The band kernel: warp-cooperative, coalesced loads along W ------------------------------
-// One block per (ROI, channel block). The ROI's bin edges go to shared memory once. Each warp
-// takes channels in turn, split into groups of `lanes` lanes (4, 8, 16 or 32: the smallest that
-// covers the ROI's window width, so that narrow ROIs still fill the warp). For every row band ph,
-// the group's lanes walk adjacent columns of the window (coalesced loads when the W stride is 1)
-// and keep each column's first maximum over the band's rows; the column results go to shared
-// memory, and then each bin is reduced over its columns by `sub` lanes and a shuffle tree. The
-// reduction order is (key, then smallest h * W + w), which is the contract's first maximal element
-// in row-major order whatever order the pieces are combined in.
-// Windows wider than kBandColumns are scanned bin by bin from global memory, as the plane kernel.
+// ---- The unit kernel: the plane kernel's layout, tuned for a unit W stride -------------------
+// Same thread layout as roi_pool_forward_plane (a thread keeps one bin's geometry for every
+// channel it visits), with the inner loop cut to a load, two compares and two selects per
+// element: each thread reduces kUnitChannels channels at once (independent loads in flight, loop
+// overhead shared), compares floats directly in PTX without flushing subnormals, starts from the
+// bin's first element (so no "empty so far" test), and steps along a row with unit stride.
 namespace roi_ops_cuda {
-constexpr int kWarp = 32;
-constexpr int kBandWarps = kThreads / kWarp;
-constexpr int kBandColumns = 256;   // window columns one warp holds in shared memory
-constexpr int kBandMaxPooled = 64;  // PH and PW limits of the band kernel (the launcher checks)
+constexpr int kUnitChannels = 4;
 
+// The value a comparison works on: float for the 16-bit types and float32, double for float64.
+// Conversions are exact both ways (-0 kept); kKeepsNaN says whether a NaN also keeps its payload
+// on the round trip (float16's does not, so the kernel copies a NaN result from the input).
 template <class T>
-__device__ __forceinline__ T shuffle_xor(T v, int mask);
+struct Work;
 template <>
-__device__ __forceinline__ float shuffle_xor<float>(float v, int mask) {
-  return __shfl_xor_sync(0xffffffffu, v, mask);
+struct Work<float> {
+  typedef float V;
+  static constexpr bool kKeepsNaN = true;
+  static __device__ __forceinline__ float in(float v) { return v; }
+  static __device__ __forceinline__ float out(float v) { return v; }
+};
+template <>
+struct Work<double> {
+  typedef double V;
+  static constexpr bool kKeepsNaN = true;
+  static __device__ __forceinline__ double in(double v) { return v; }
+  static __device__ __forceinline__ double out(double v) { return v; }
+};
+template <>
+struct Work<roi_half> {
+  typedef float V;
+  static constexpr bool kKeepsNaN = false;
+  static __device__ __forceinline__ float in(roi_half v) { return half_to_float(v.bits); }
+  static __device__ __forceinline__ roi_half out(float v) {
+    roi_half h;
+    h.bits = float_to_half(v);
+    return h;
+  }
+};
+template <>
+struct Work<roi_bf16> {
+  typedef float V;
+  static constexpr bool kKeepsNaN = true;  // the bits shift 16 places and back
+  static __device__ __forceinline__ float in(roi_bf16 v) { return bf16_to_float(v.bits); }
+  static __device__ __forceinline__ roi_bf16 out(float v) {
+    roi_bf16 b;
+    b.bits = static_cast<unsigned short>(__float_as_uint(v) >> 16);
+    return b;
+  }
+};
+
+// Whether v replaces best as the first maximal element so far: v > best, or v is NaN; never once
+// best is NaN (the first NaN wins). -0 == +0, so the earlier zero stays. PTX without .ftz:
+// CuPy compiles with -ftz=true, under which C++ float comparisons flush subnormals to zero.
+__device__ __forceinline__ bool replaces(float v, float best) {
+#ifdef ROI_OPS_HOST_EMULATION
+  return !(v <= best) && best == best;
+#else
+  unsigned int r;
+  asm("{\n\t.reg .pred p;\n\tsetp.gtu.f32 p, %1, %2;\n\tsetp.num.and.f32 p, %2, %2, p;\n\t"
+      "selp.u32 %0, 1, 0, p;\n\t}"
+      : "=r"(r)
+      : "f"(v), "f"(best));
+  return r != 0;
+#endif
 }
-template <>
-__device__ __forceinline__ double shuffle_xor<double>(double v, int mask) {
-  return __shfl_xor_sync(0xffffffffu, v, mask);
-}
-template <>
-__device__ __forceinline__ roi_half shuffle_xor<roi_half>(roi_half v, int mask) {
-  roi_half r;
-  r.bits = static_cast<unsigned short>(__shfl_xor_sync(0xffffffffu, static_cast<int>(v.bits), mask));
-  return r;
-}
-template <>
-__device__ __forceinline__ roi_bf16 shuffle_xor<roi_bf16>(roi_bf16 v, int mask) {
-  roi_bf16 r;
-  r.bits = static_cast<unsigned short>(__shfl_xor_sync(0xffffffffu, static_cast<int>(v.bits), mask));
-  return r;
+__device__ __forceinline__ bool replaces(double v, double best) {
+  return !(v <= best) && best == best;  // float64 operations never flush
 }
 
-// Whether (key b, index ib) comes before (key a, index ia) in the contract's order; -1 = none.
-template <class K>
-__device__ __forceinline__ bool takes_over(K a, int ia, K b, int ib) {
-  return ib >= 0 && (ia < 0 || b > a || (b == a && ib < ia));
+// The bits of the first NaN of a bin that has one (for dtypes whose NaN payload does not
+// survive Work<T>; only runs when a bin's maximum is NaN).
+template <class T>
+__device__ __noinline__ T first_nan(const T* __restrict__ bin, int bin_h, int bin_w, i64 sH) {
+  for (int i = 0; i < bin_h; ++i) {
+    for (int j = 0; j < bin_w; ++j) {
+      const T v = bin[i * sH + j];
+      const typename Work<T>::V w = Work<T>::in(v);
+      if (!(w == w)) return v;
+    }
+  }
+  return bin[0];  // unreachable when the bin has a NaN
 }
 }  // namespace roi_ops_cuda
 
+// 64 registers (four blocks per SM): four channels' pointers, maxima and argmaxes at once.
 template <class T, class R, bool kArgmax>
-__global__ void ROI_OPS_LAUNCH_BOUNDS
-    roi_pool_forward_band(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
+__global__ void __launch_bounds__(256, 4)
+    roi_pool_forward_unit(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
                           const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
                           const R* __restrict__ rois, const i64 rs0, const i64 rs1,
                           const double spatial_scale, const i64 PH, const i64 PW,
@@ -484,133 +524,74 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
                           int* __restrict__ argmax) {
   using namespace roi_ops_cuda;
   typedef typename Rois<R>::G G;
-  typedef typename Elem<T>::key K;
-  __shared__ int2 rows_s[kBandMaxPooled];
-  __shared__ int2 cols_s[kBandMaxPooled];
-  __shared__ i64 batch_s;
-  __shared__ T column_value[kBandWarps][kBandColumns];
-  __shared__ int column_row[kBandWarps][kBandColumns];
-  const int tid = threadIdx.x;
-  const int lane = tid % kWarp;
-  const int warp = tid / kWarp;
+  typedef typename Work<T>::V V;
+  constexpr int U = kUnitChannels;
+  (void)sW;  // 1: the launcher picks this kernel only for a unit W stride
   const i64 k = blockIdx.x;
-  const int ph_count = static_cast<int>(PH);  // <= kBandMaxPooled (launcher checks)
-  const int pw_count = static_cast<int>(PW);
-  const int nb = ph_count * pw_count;
-  if (tid < ph_count + pw_count) {
-    const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
-    const bool valid = g.batch >= 0;
-    if (tid < ph_count) {
-      rows_s[tid] = bin_span<G>(tid, g.bin_h, g.y1, H, valid);
-    } else {
-      cols_s[tid - ph_count] = bin_span<G>(tid - ph_count, g.bin_w, g.x1, W, valid);
-    }
-    if (tid == 0) batch_s = g.batch;
-  }
-  __syncthreads();
-  const T* __restrict__ image = input + (batch_s > 0 ? batch_s : 0) * sN;
-  // Bin starts and ends both grow with the bin index, so the window is [first start, last end).
-  const int x0 = cols_s[0].x;
-  const int width = cols_s[pw_count - 1].y - x0 > 0 ? cols_s[pw_count - 1].y - x0 : 0;
+  const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
+  const PlaneLayout layout(PH, PW, threadIdx.x, blockDim.x);
+  if (!layout.active) return;  // no barrier follows
+  const bool valid = g.batch >= 0;
+  const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
-
-  if (width > kBandColumns) {  // block-uniform: scan each bin from global memory
+  for (unsigned int q = layout.first_bin; q < layout.bins; q += layout.bin_step()) {
+    const unsigned int ph = q / static_cast<unsigned int>(PW);
+    const unsigned int pw = q - ph * static_cast<unsigned int>(PW);
+    const int2 rows = bin_span<G>(ph, g.bin_h, g.y1, H, valid);
+    const int2 cols = bin_span<G>(pw, g.bin_w, g.x1, W, valid);
+    const int bin_h = rows.y - rows.x;
+    const int bin_w = cols.y - cols.x;
+    const bool empty = bin_h <= 0 || bin_w <= 0;
+    const i64 corner = rows.x * sH + cols.x;  // the bin's first element within a plane
+    const int first_index = rows.x * w_int + cols.x;
     for (i64 c0 = blockIdx.y * channels_per_block; c0 < C;
          c0 += gridDim.y * channels_per_block) {
       const i64 channels = C - c0 < channels_per_block ? C - c0 : channels_per_block;
-      const i64 out0 = (k * C + c0) * nb;
-      for (i64 e = tid; e < channels * nb; e += kThreads) {
-        const i64 cl = e / nb;
-        const int q = static_cast<int>(e - cl * nb);
-        const int ph = q / pw_count;
-        const BinMax<T> m = bin_max<T>(image + (c0 + cl) * sC, rows_s[ph],
-                                       cols_s[q - ph * pw_count], sH, sW, W);
-        output[out0 + e] = m.value;
-        if (kArgmax) argmax[out0 + e] = m.index;
-      }
-    }
-    return;
-  }
-
-  // Lanes per channel group, and lanes per bin in the bin phase (both powers of two).
-  const int lanes = width <= 4 ? 4 : width <= 8 ? 8 : width <= 16 ? 16 : kWarp;
-  const int groups = kWarp / lanes;
-  const int group = lane / lanes;
-  const int gl = lane % lanes;
-  int bins_per_pass = 1;
-  while (bins_per_pass < pw_count && bins_per_pass < lanes) bins_per_pass *= 2;
-  const int sub = lanes / bins_per_pass;
-  T* __restrict__ my_value = column_value[warp] + group * (kBandColumns / groups);
-  int* __restrict__ my_row = column_row[warp] + group * (kBandColumns / groups);
-
-  for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
-    const i64 c_end = C < c0 + channels_per_block ? C : c0 + channels_per_block;
-    // Warp-uniform loop; groups past c_end compute on channel cb and store nothing.
-    for (i64 cb = c0 + warp * groups; cb < c_end; cb += kBandWarps * groups) {
-      const bool active = cb + group < c_end;
-      const i64 c = active ? cb + group : cb;
-      const T* __restrict__ plane = image + c * sC;
-      const i64 out_plane = (k * C + c) * nb;
-      for (int ph = 0; ph < ph_count; ++ph) {
-        const int2 rows = rows_s[ph];
-        // Column phase: first maximum of each window column over the band's rows.
-        for (int x = gl; x < width; x += lanes) {
-          const T* __restrict__ p = plane + rows.x * sH + (x0 + x) * sW;
-          K best = 0;
-          T value = T();
-          int row = -1;
-#pragma unroll 4
-          for (int h = rows.x; h < rows.y; ++h) {
-            const T v = *p;
-            p += sH;
-            const K key = Elem<T>::key_of(v);
-            if (row < 0 || key > best) {
-              best = key;
-              value = v;
-              row = h;
-            }
-          }
-          my_value[x] = value;
-          my_row[x] = row;
+      T* __restrict__ out = output + (k * C + c0) * layout.bins + q;
+      int* __restrict__ arg = kArgmax ? argmax + (k * C + c0) * layout.bins + q : nullptr;
+      const T* __restrict__ planes = image + c0 * sC + corner;
+      for (i64 cl = layout.first_channel; cl < channels; cl += U * layout.groups) {
+        const T* __restrict__ p[U];
+        V best[U];
+        int at[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          // Channels past the block's last repeat channel cl: loaded, never stored.
+          const i64 cu = cl + u * layout.groups < channels ? cl + u * layout.groups : cl;
+          p[u] = planes + cu * sC;
+          best[u] = empty ? V(0) : Work<T>::in(*p[u]);
+          at[u] = 0;
         }
-        __syncwarp();
-        // Bin phase: `sub` lanes per bin, then a shuffle tree within each aligned run of `sub`.
-        for (int pw0 = 0; pw0 < pw_count; pw0 += bins_per_pass) {
-          const int pw = pw0 + gl / sub;
-          K best = 0;
-          T value = T();
-          int index = -1;
-          if (pw < pw_count) {
-            const int2 cols = cols_s[pw];
-            for (int x = cols.x - x0 + gl % sub; x < cols.y - x0; x += sub) {
-              const int row = my_row[x];
-              const T v = my_value[x];
-              const K key = Elem<T>::key_of(v);
-              const int idx = row < 0 ? -1 : row * w_int + x0 + x;
-              if (takes_over<K>(best, index, key, idx)) {
-                best = key;
-                value = v;
-                index = idx;
+        if (!empty) {
+          int row = 0;  // i * W: the argmax offset of the current row
+          for (int i = 0; i < bin_h; ++i) {
+            for (int j = 0; j < bin_w; ++j) {
+#pragma unroll
+              for (int u = 0; u < U; ++u) {
+                const V v = Work<T>::in(p[u][j]);
+                if (replaces(v, best[u])) {
+                  best[u] = v;
+                  at[u] = row + j;
+                }
               }
             }
-          }
-          for (int m = sub / 2; m > 0; m /= 2) {
-            const T v = shuffle_xor<T>(value, m);
-            const int idx = __shfl_xor_sync(0xffffffffu, index, m);
-            const K key = Elem<T>::key_of(v);
-            if (takes_over<K>(best, index, key, idx)) {
-              best = key;
-              value = v;
-              index = idx;
-            }
-          }
-          if (active && pw < pw_count && gl % sub == 0) {
-            const i64 o = out_plane + ph * pw_count + pw;
-            output[o] = value;
-            if (kArgmax) argmax[o] = index;
+#pragma unroll
+            for (int u = 0; u < U; ++u) p[u] += sH;
+            row += w_int;
           }
         }
-        __syncwarp();
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const i64 cu = cl + u * layout.groups;
+          if (cu < channels) {
+            T value = Work<T>::out(best[u]);
+            if (!Work<T>::kKeepsNaN && !(best[u] == best[u])) {
+              value = first_nan<T>(planes + cu * sC, bin_h, bin_w, sH);
+            }
+            out[cu * layout.bins] = value;
+            if (kArgmax) arg[cu * layout.bins] = empty ? -1 : first_index + at[u];
+          }
+        }
       }
     }
   }
@@ -672,8 +653,8 @@ const void* roi_ops_forward_kernels(int i) {
       reinterpret_cast<const void*>(&roi_pool_forward_plane<T, R, false>),
       reinterpret_cast<const void*>(&roi_pool_forward_chan<T, R, true>),
       reinterpret_cast<const void*>(&roi_pool_forward_chan<T, R, false>),
-      reinterpret_cast<const void*>(&roi_pool_forward_band<T, R, true>),
-      reinterpret_cast<const void*>(&roi_pool_forward_band<T, R, false>),
+      reinterpret_cast<const void*>(&roi_pool_forward_unit<T, R, true>),
+      reinterpret_cast<const void*>(&roi_pool_forward_unit<T, R, false>),
   };
   return kernels[i];
 }

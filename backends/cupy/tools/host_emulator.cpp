@@ -18,7 +18,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <math.h>
 #include <mutex>
 #include <string>
@@ -28,6 +27,7 @@
 #define __device__
 #define __global__
 #define __forceinline__ inline
+#define __noinline__
 #define __shared__ static
 #define __launch_bounds__(...)
 #define ROI_OPS_HOST_EMULATION 1
@@ -45,28 +45,6 @@ thread_local dim3 blockIdx, threadIdx;
 std::barrier<>* block_barrier = nullptr;
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
 
-// Warps: 32 consecutive threads of a block (blocks of whole warps only); a barrier per warp
-// stands in for __syncwarp, and shuffles exchange values through a slot per thread.
-constexpr unsigned int kMaxWarps = 8;
-std::barrier<>* warp_barriers[kMaxWarps] = {};
-inline unsigned int linear_thread() { return threadIdx.y * blockDim.x + threadIdx.x; }
-inline void __syncwarp(unsigned int = 0xffffffffu) {
-  warp_barriers[linear_thread() / 32]->arrive_and_wait();
-}
-template <class V>
-inline V __shfl_xor_sync(unsigned int, V value, int lane_mask) {
-  static_assert(sizeof(V) <= 8, "shuffles move at most 8 bytes");
-  static unsigned char slots[kMaxWarps * 32][8];
-  const unsigned int t = linear_thread();
-  std::memcpy(slots[t], &value, sizeof(V));
-  __syncwarp();
-  V result;
-  std::memcpy(&result, slots[(t & ~31u) | ((t & 31u) ^ static_cast<unsigned int>(lane_mask))],
-              sizeof(V));
-  __syncwarp();
-  return result;
-}
-
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
@@ -83,6 +61,11 @@ inline long long __double_as_longlong(double d) {
   long long i;
   std::memcpy(&i, &d, sizeof i);
   return i;
+}
+inline unsigned int __float_as_uint(float f) {
+  unsigned int u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
 }
 inline float __uint_as_float(unsigned int u) {
   float f;
@@ -179,8 +162,8 @@ void run_chan(Args a) {
 }
 
 template <class T, class R, bool A>
-void run_band(Args a) {
-  roi_pool_forward_band<T, R, A>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]),
+void run_unit(Args a) {
+  roi_pool_forward_unit<T, R, A>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]),
                                  num(a[4]), num(a[5]), num(a[6]), num(a[7]), num(a[8]),
                                  ptr<const R*>(a[9]), num(a[10]), num(a[11]), real(a[12]),
                                  num(a[13]), num(a[14]), num(a[15]), ptr<T*>(a[16]),
@@ -205,8 +188,8 @@ struct Entry {
       {"roi_pool_forward_plane<" #T ", " #R ", false>", &run_plane<T, R, false>}, \
       {"roi_pool_forward_chan<" #T ", " #R ", true>", &run_chan<T, R, true>},     \
       {"roi_pool_forward_chan<" #T ", " #R ", false>", &run_chan<T, R, false>},   \
-      {"roi_pool_forward_band<" #T ", " #R ", true>", &run_band<T, R, true>},     \
-      {"roi_pool_forward_band<" #T ", " #R ", false>", &run_band<T, R, false>},
+      {"roi_pool_forward_unit<" #T ", " #R ", true>", &run_unit<T, R, true>},     \
+      {"roi_pool_forward_unit<" #T ", " #R ", false>", &run_unit<T, R, false>},
 #define ROI_BACKWARD(T) {"roi_pool_backward_atomic<" #T ">", &run_backward<T>},
 
 const Entry kEntries[] = {
@@ -236,11 +219,7 @@ extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int g
   // next block from reusing the static "shared" arrays while this one still reads them.
   std::barrier<> barrier(count);
   block_barrier = &barrier;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
-  for (unsigned int w = 0; count % 32 == 0 && w < count / 32; ++w) {
-    warps.push_back(std::make_unique<std::barrier<>>(32));
-    warp_barriers[w] = warps.back().get();
-  }
+
   std::vector<std::thread> threads;
   threads.reserve(count);
   for (unsigned int t = 0; t < count; ++t) {

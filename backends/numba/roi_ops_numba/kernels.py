@@ -358,18 +358,137 @@ def pool_forward(
 
 
 # ---------------------------------------------------------------------------------------------
+# Forward, float32/float64 on a channels-last view
+#
+# `pool_forward_cl` reads a channels-last view: the input itself when its channels are contiguous,
+# or else one image at a time copied channels-last by `transpose_region` (each ROI's bins are then
+# read straight from that copy, with no per-ROI staging). Floats are compared directly: an element
+# replaces the running maximum if it is greater, or if it is NaN and the maximum is not, so the
+# first NaN wins and -0.0 == +0.0 keeps the first one. The output is the winning element itself.
+
+
+@njit(cache=True, inline="always")
+def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, best, pos, nl):
+    """Reduce one non-empty bin for `nl` channels into best[:nl] (and pos[:nl] when `track`).
+
+    Pixel (h, w) has its channels at data[org + h*row + w*pix:][:nl]. The channel loop is
+    innermost, with branch-free selects, so LLVM vectorises it.
+    """
+    p = org + h0 * row + w0 * pix
+    seg = data[p : p + nl]
+    for j in range(nl):
+        best[j] = seg[j]
+    if track:
+        first = h0 * width + w0
+        for j in range(nl):
+            pos[j] = first
+    for h in range(h0, h1):
+        for w in range(w0, w1):
+            p = org + h * row + w * pix
+            seg = data[p : p + nl]
+            if track:
+                hw = h * width + w
+                for j in range(nl):
+                    x = seg[j]
+                    b = best[j]
+                    q = pos[j]
+                    g = (x > b) | ((x != x) & (b == b))
+                    best[j] = x if g else b
+                    pos[j] = hw if g else q
+            else:
+                for j in range(nl):
+                    x = seg[j]
+                    b = best[j]
+                    g = (x > b) | ((x != x) & (b == b))
+                    best[j] = x if g else b
+
+
+@njit(parallel=True, cache=True)
+def pool_forward_cl(
+    data, base, org_n, row, pix, channels, width, batch, rois,
+    hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
+):  # fmt: skip
+    """roi_pool forward of the valid ROIs `rois` over a float channels-last view.
+
+    Args:
+        data: float32/float64 array; channel c of pixel (h, w) of image n is at
+            ``base + n * org_n + h * row + w * pix + c`` (``org_n`` is 0 for a one-image copy;
+            ``base`` is negative for a copy of a region that starts after (0, 0)).
+        channels, width: C and W (W of the input, for the argmax).
+        batch: (K,) batch index of every ROI, from `roi_geometry`.
+        rois: indices of the ROIs to compute (all valid).
+        hstart, hend, wstart, wend, pooled_h, pooled_w: the geometry, from `roi_geometry`.
+        out: (K * C * PH * PW,) output, same dtype as `data`.
+        argmax: (K * C * PH * PW,) int32, or anything when `need_argmax` is False.
+        need_argmax: whether to compute and write `argmax`.
+        block: channels per task; tasks are (ROI, channel block).
+    """
+    num_blocks = (channels + block - 1) // block
+    num_bins = pooled_h * pooled_w
+    for task in prange(rois.shape[0] * num_blocks):
+        k = rois[task // num_blocks]
+        c0 = (task % num_blocks) * block
+        nl = min(c0 + block, channels) - c0
+        org = base + batch[k] * org_n + c0
+        best = np.empty(nl, data.dtype)
+        pos = np.empty(nl, np.int32)
+        o_base = (k * channels + c0) * num_bins
+        for ph in range(pooled_h):
+            h0 = hstart[k * pooled_h + ph]
+            h1 = hend[k * pooled_h + ph]
+            for pw in range(pooled_w):
+                w0 = wstart[k * pooled_w + pw]
+                w1 = wend[k * pooled_w + pw]
+                o = o_base + ph * pooled_w + pw
+                if h1 <= h0 or w1 <= w0:
+                    for j in range(nl):
+                        out[o + j * num_bins] = 0
+                    if need_argmax:
+                        for j in range(nl):
+                            argmax[o + j * num_bins] = -1
+                    continue
+                _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, need_argmax, best, pos, nl)
+                for j in range(nl):
+                    out[o + j * num_bins] = best[j]
+                if need_argmax:
+                    for j in range(nl):
+                        argmax[o + j * num_bins] = pos[j]
+
+
+@njit(parallel=True, cache=True)
+def transpose_region(src, plane0, s_c, s_h, s_w, channels, y0, y1, x0, x1, dst):
+    """Copy rows y0..y1-1, columns x0..x1-1 of the planes at `plane0` channels-last into `dst`.
+
+    Element (c, h, w) is read from ``src[plane0 + c*s_c + h*s_h + w*s_w]`` and written to
+    ``dst[((h - y0) * (x1 - x0) + (w - x0)) * channels + c]``. Tasks are (row, 16 channels);
+    each reads its channels' row segments in order.
+    """
+    region_w = x1 - x0
+    num_blocks = (channels + 15) // 16
+    for task in prange((y1 - y0) * num_blocks):
+        h = y0 + task // num_blocks
+        c0 = (task % num_blocks) * 16
+        d0 = (h - y0) * region_w * channels
+        for c in range(c0, min(c0 + 16, channels)):
+            s = plane0 + c * s_c + h * s_h + x0 * s_w
+            for w in range(region_w):
+                dst[d0 + w * channels + c] = src[s + w * s_w]
+
+
+# ---------------------------------------------------------------------------------------------
 # Backward
 
 
 @njit(parallel=True, cache=True)
 def scatter_backward(
     grad, g_k, g_c, g_h, g_w, argmax, order, image_start,
-    channels, plane, pooled_h, pooled_w, out,
+    channels, plane, pooled_h, pooled_w, block, out,
 ):  # fmt: skip
-    """grad_input[n, c].flat[argmax] += grad_output, one (image, channel) plane per task.
+    """grad_input[n, c].flat[argmax] += grad_output, one (image, channel block) per task.
 
     Each plane is owned by one task, which zeroes it and adds its ROIs' gradients in increasing
-    ROI order, so the result is run-to-run identical.
+    ROI order (and bins in row-major order), so the result is run-to-run identical and does not
+    depend on the thread count or on `block`.
 
     Args:
         grad: grad_output's storage as a flat float32/float64 array; element (k, c, ph, pw) is at
@@ -379,22 +498,28 @@ def scatter_backward(
         image_start: (N + 1,) offsets into `order`: image n owns order[image_start[n]:...[n+1]].
         channels, plane: C and H * W.
         pooled_h, pooled_w: PH, PW.
+        block: channels per task (their planes are accumulated together, so keep
+            ``block * plane`` within the cache).
         out: (N * C * H * W,) float32/float64 accumulator, fully overwritten.
     """
     num_images = image_start.shape[0] - 1
-    plane_out = pooled_h * pooled_w
-    for task in prange(num_images * channels):
-        n = task // channels
-        c = task - n * channels
-        base = task * plane
-        for i in range(base, base + plane):
+    num_bins = pooled_h * pooled_w
+    num_blocks = (channels + block - 1) // block
+    for task in prange(num_images * num_blocks):
+        n = task // num_blocks
+        c0 = (task % num_blocks) * block
+        c1 = min(c0 + block, channels)
+        base = (n * channels + c0) * plane
+        for i in range(base, base + (c1 - c0) * plane):
             out[i] = 0
         for j in range(image_start[n], image_start[n + 1]):
             k = order[j]
-            a_base = (k * channels + c) * plane_out
-            g_base = k * g_k + c * g_c
-            for ph in range(pooled_h):
-                for pw in range(pooled_w):
-                    a = argmax[a_base + ph * pooled_w + pw]
-                    if a >= 0 and a < plane:  # never trust an index with memory
-                        out[base + a] += grad[g_base + ph * g_h + pw * g_w]
+            for c in range(c0, c1):
+                a_base = (k * channels + c) * num_bins
+                g_base = k * g_k + c * g_c
+                o = (n * channels + c) * plane
+                for ph in range(pooled_h):
+                    for pw in range(pooled_w):
+                        a = argmax[a_base + ph * pooled_w + pw]
+                        if a >= 0 and a < plane:  # never trust an index with memory
+                            out[o + a] += grad[g_base + ph * g_h + pw * g_w]

@@ -5,7 +5,9 @@ Importing this module imports numba (through `roi_ops_numba.kernels`).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,7 +44,52 @@ _MAX_BLOCK = 256
 # window (or bin row's band) a task makes, to stay in L2; larger ones are gathered in place.
 _STAGE_BYTES = 512 * 1024
 
+# float32/float64 NCHW inputs are copied channels-last one image at a time (the bounding box of
+# its ROIs' windows) when the ROIs' windows cover at least this many times the area copied;
+# sparser ROIs are staged per task by `kernels.pool_forward` instead.
+_TRANSPOSE_MIN_COVERAGE = 0.5
+# Backward: the planes one task accumulates together (channel block * H * W elements), at most.
+_BACKWARD_BLOCK_BYTES = 256 * 1024
+# Buffers at least this large are advised into transparent huge pages (Linux): first-touch page
+# faults of freshly allocated outputs otherwise cost as much as a kernel.
+_HUGE_PAGE_MIN_BYTES = 4 * 2**20
+_HUGE_PAGE = 2 * 2**20
+_MADV_HUGEPAGE = 14
+
 _EMPTY_ARGMAX = np.empty(0, dtype=np.int32)
+
+
+def _load_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _load_madvise()
+
+
+def advise_huge_pages(address: int, nbytes: int) -> None:
+    """Ask Linux to back the whole 2 MiB pages inside [address, address + nbytes) with huge pages.
+
+    Only a hint, for large freshly allocated buffers (fewer, cheaper page faults on first touch);
+    a no-op elsewhere, for small buffers, or when the kernel refuses.
+    """
+    if _madvise is None or nbytes < _HUGE_PAGE_MIN_BYTES:
+        return
+    start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+    end = (address + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        _madvise(start, end - start, _MADV_HUGEPAGE)
+
+
+def _advise_tensor(tensor: torch.Tensor) -> None:
+    advise_huge_pages(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
 
 def num_threads() -> int:
@@ -93,6 +140,13 @@ def _block(channels: int, num_rois: int, threads: int) -> int:
     return -(-channels // -(-channels // block))  # the same task count, evenly sized
 
 
+def _backward_block(num_images: int, channels: int, plane_bytes: int, threads: int) -> int:
+    """Channels per backward task: blocks within `_BACKWARD_BLOCK_BYTES`, enough tasks."""
+    cap = max(1, _BACKWARD_BLOCK_BYTES // max(plane_bytes, 1))
+    block = max(1, min(cap, num_images * channels // (threads * _TASKS_PER_THREAD)))
+    return -(-channels // -(-channels // block))  # the same task count, evenly sized
+
+
 def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None) -> None:
     """Fill `output` (and `argmax`, unless None) for `problem`; see `Backend.forward`."""
     input = problem.input
@@ -105,7 +159,6 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
             argmax.fill_(-1)
         return
 
-    view_dtype, mag_mask, nan_threshold = _BITS[input.dtype]
     pooled_h, pooled_w = problem.pooled_height, problem.pooled_width
     rois = problem.rois.detach().to(torch.float64).contiguous().numpy()
     num_rois = rois.shape[0]
@@ -118,20 +171,119 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
         rois, num_images, height, width, pooled_h, pooled_w, float(problem.spatial_scale),
         _GEOMETRY_MODE[problem.rois.dtype], batch, hstart, hend, wstart, wend,
     )  # fmt: skip
-
-    src = flat_storage(input, view_dtype)
-    s_n, s_c, s_h, s_w = input.stride()
-    out = output.view(view_dtype).view(-1).numpy()
-    arg = _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy()
+    _advise_tensor(output)
+    if argmax is not None:
+        _advise_tensor(argmax)
     threads = num_threads()
-    block = _block(channels, num_rois, threads)
     with _parallel_region(threads):
+        if input.dtype in (torch.float32, torch.float64) and _forward_float(
+            input, batch, hstart, hend, wstart, wend, pooled_h, pooled_w, output, argmax, threads
+        ):
+            return
+        view_dtype, mag_mask, nan_threshold = _BITS[input.dtype]
+        s_n, s_c, s_h, s_w = input.stride()
         kernels.pool_forward(
-            src, s_n, s_c, s_h, s_w, channels, width,
+            flat_storage(input, view_dtype), s_n, s_c, s_h, s_w, channels, width,
             batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
-            mag_mask, nan_threshold, out, arg, argmax is not None, block,
+            mag_mask, nan_threshold, output.view(view_dtype).view(-1).numpy(),
+            _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy(),
+            argmax is not None, _block(channels, num_rois, threads),
             _STAGE_BYTES // input.element_size(),
         )  # fmt: skip
+
+
+def _forward_float(
+    input: torch.Tensor,
+    batch: np.ndarray,
+    hstart: np.ndarray,
+    hend: np.ndarray,
+    wstart: np.ndarray,
+    wend: np.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    output: torch.Tensor,
+    argmax: torch.Tensor | None,
+    threads: int,
+) -> bool:
+    """float32/float64 forward over a channels-last view; False if `pool_forward` should run.
+
+    Channels-contiguous inputs are read in place. Otherwise each image's ROI region (the bounding
+    box of its ROIs' windows) is copied channels-last once, when the windows cover it densely
+    enough (`_TRANSPOSE_MIN_COVERAGE`); if they do not, returns False without writing anything.
+    """
+    num_images, channels, height, width = input.shape
+    num_rois = batch.shape[0]
+    invalid = batch < 0
+    out = output.view(-1).numpy()
+    arg = _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy()
+    need_argmax = argmax is not None
+    s_n, s_c, s_h, s_w = input.stride()
+    src = flat_storage(input)
+    if s_c == 1:
+        rois = np.flatnonzero(~invalid)
+        if rois.size:
+            kernels.pool_forward_cl(
+                src, 0, s_n, s_h, s_w, channels, width, batch, rois,
+                hstart, hend, wstart, wend, pooled_h, pooled_w, out, arg, need_argmax,
+                _block(channels, rois.size, threads),
+            )  # fmt: skip
+        _fill_invalid(output, argmax, invalid)
+        return True
+
+    # The window (bounding box of the bins) of every valid ROI, then per image the bounding box of
+    # its ROIs' windows: the region copied channels-last.
+    k_valid = np.flatnonzero(~invalid)
+    y0 = hstart.reshape(num_rois, pooled_h).min(axis=1)[k_valid]
+    y1 = np.maximum(hend.reshape(num_rois, pooled_h).max(axis=1)[k_valid], y0)
+    x0 = wstart.reshape(num_rois, pooled_w).min(axis=1)[k_valid]
+    x1 = np.maximum(wend.reshape(num_rois, pooled_w).max(axis=1)[k_valid], x0)
+    images = batch[k_valid]
+    regions = []
+    copied = covered = 0
+    for n in np.unique(images):
+        mine = images == n
+        region = (
+            int(y0[mine].min()),
+            int(y1[mine].max()),
+            int(x0[mine].min()),
+            int(x1[mine].max()),
+        )
+        area = (region[1] - region[0]) * (region[3] - region[2])
+        if area:
+            regions.append((int(n), region, k_valid[mine]))
+        copied += area
+        covered += int(((y1[mine] - y0[mine]) * (x1[mine] - x0[mine])).sum())
+    if covered < _TRANSPOSE_MIN_COVERAGE * copied:
+        return False
+
+    buffer_elements = (
+        max((r[1] - r[0]) * (r[3] - r[2]) for _, r, _ in regions) * channels if regions else 0
+    )
+    buffer = torch.empty(buffer_elements, dtype=input.dtype)
+    _advise_tensor(buffer)
+    data = buffer.numpy()
+    zeros = np.zeros(num_rois, dtype=np.int64)  # every ROI's image is the one in the buffer
+    for n, (ry0, ry1, rx0, rx1), rois in regions:
+        kernels.transpose_region(src, n * s_n, s_c, s_h, s_w, channels, ry0, ry1, rx0, rx1, data)
+        region_w = rx1 - rx0
+        # Pixel (h, w) of the region starts at (h - ry0) * row + (w - rx0) * channels.
+        kernels.pool_forward_cl(
+            data, -(ry0 * region_w + rx0) * channels, 0, region_w * channels, channels,
+            channels, width, zeros, rois,
+            hstart, hend, wstart, wend, pooled_h, pooled_w, out, arg, need_argmax,
+            _block(channels, rois.size, threads),
+        )  # fmt: skip
+    _fill_invalid(output, argmax, invalid)
+    return True
+
+
+def _fill_invalid(output: torch.Tensor, argmax: torch.Tensor | None, invalid: np.ndarray) -> None:
+    """Zero the output (argmax -1) of invalid ROIs, whose bins are all empty."""
+    if invalid.any():
+        rows = torch.from_numpy(np.flatnonzero(invalid))
+        output[rows] = 0
+        if argmax is not None:
+            argmax[rows] = -1
 
 
 def backward(
@@ -161,11 +313,15 @@ def backward(
     counts = torch.bincount(batch, minlength=num_images)
     image_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     result = torch.empty(input_shape, dtype=acc_dtype)
-    with _parallel_region(num_threads()):
+    _advise_tensor(result)
+    threads = num_threads()
+    plane = height * width
+    with _parallel_region(threads):
         kernels.scatter_backward(
             flat_storage(grad), g_k, g_c, g_h, g_w,
             argmax.detach().to(torch.int32).contiguous().view(-1).numpy(),
-            order, image_start.numpy(), channels, height * width, pooled_h, pooled_w,
+            order, image_start.numpy(), channels, plane, pooled_h, pooled_w,
+            _backward_block(num_images, channels, plane * result.element_size(), threads),
             result.view(-1).numpy(),
         )  # fmt: skip
     return result if acc_dtype == input_dtype else result.to(input_dtype)
