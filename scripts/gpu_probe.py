@@ -37,9 +37,6 @@ CUPY_VARIANTS = {
 TRITON_VARIANTS = {
     "default": "",
     "split1": "split=1",
-    "split1-b256": "split=1,block_b=256",
-    "split1-b1024-w8": "split=1,block_b=1024,num_warps=8",
-    "split2": "split=2",
 }
 
 
@@ -227,10 +224,52 @@ def profile_fwd_bwd(w, out_dir):
                 fn()
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
-        with open(os.path.join(out_dir, f"profile-{w.name}-{label}.txt"), "w") as f:
-            f.write(table)
         print(f"--- profile {w.name} {label} fwd+bwd x5")
-        print("\n".join(table.splitlines()[:18]))
+        print(table)
+
+
+def host_overhead(out_dir):
+    """Host time per call on a tiny problem (GPU time negligible), and a cProfile of cupy calls."""
+    import cProfile
+    import pstats
+    import time
+
+    device = torch.device("cuda")
+    x = torch.randn(2, 16, 16, 16, device=device)
+    rois = torch.tensor([[0, 1.0, 1.0, 10.0, 12.0]] * 8, device=device)
+    leaf = x.detach().requires_grad_(True)
+    calls = {
+        f"{b}:{mode}": (lambda b=b, inp=inp: roi_pool(inp, rois, 7, 1.0, backend=b))
+        for b in ("cupy", "triton")
+        for mode, inp in (("infer", x), ("grad", leaf))
+    }
+    try:
+        from torchvision.ops import roi_pool as tv
+
+        calls["torchvision:grad"] = lambda: tv(leaf, rois, 7, 1.0)
+    except ImportError:
+        pass
+    with value_checks(False):
+        for label, fn in calls.items():
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(300):
+                fn()
+            host = (time.perf_counter() - t0) / 300 * 1e6
+            torch.cuda.synchronize()
+            print(f"host overhead {label}: {host:.1f} us per call")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(300):
+            calls["cupy:grad"]()
+        profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler, stream=open(os.path.join(out_dir, "host-cupy.txt"), "w"))
+    stats.sort_stats("tottime").print_stats(25)
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(12)
 
 
 def ncu_target(name: str) -> None:
@@ -264,7 +303,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--no-triton", dest="triton", action="store_false")
-    parser.add_argument("--profile", nargs="*", default=["frcnn-c4", "fpn-p4"])
+    parser.add_argument("--profile", nargs="*", default=["frcnn-c4"])
     parser.add_argument("--ncu", default=None, help="only run the ncu target for a workload")
     args = parser.parse_args()
     if args.ncu:
@@ -277,6 +316,7 @@ def main() -> int:
             probe_workload(WORKLOADS[name], getattr(torch, dtype), args, rows, checks)
     bad = [c for c in checks if not c[-1]]
     print(f"variant bit checks: {len(checks) - len(bad)} equal, {len(bad)} differ: {bad}")
+    host_overhead(args.out)
     for name in args.profile:
         profile_fwd_bwd(WORKLOADS[name], args.out)
     with open(os.path.join(args.out, "probe.json"), "w") as f:
