@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .eager import RoIPoolFunction, plain_eager
 from .ops import roi_pool_op
 from .validation import (
     check_backend_argument,
@@ -60,8 +61,10 @@ def roi_pool(
         input, rois, output_size, spatial_scale, backend
     )
     needs_argmax = torch.is_grad_enabled() and input.requires_grad
-    output, _ = roi_pool_op(input, boxes, pooled_height, pooled_width, scale, backend, needs_argmax)
-    return output
+    arguments = (input, boxes, pooled_height, pooled_width, scale, backend, needs_argmax)
+    if plain_eager(input, boxes):
+        return RoIPoolFunction.apply(*arguments)
+    return roi_pool_op(*arguments)[0]
 
 
 def roi_pool_with_argmax(

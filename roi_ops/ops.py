@@ -27,8 +27,7 @@ def _empty_argmax(shape, device: torch.device, needs_argmax: bool) -> Tensor:
     return torch.empty(shape if needs_argmax else (0,), dtype=torch.int32, device=device)
 
 
-@torch.library.custom_op("roi_ops::roi_pool", mutates_args=())
-def roi_pool_op(
+def roi_pool_forward(
     input: Tensor,
     rois: Tensor,
     pooled_height: int,
@@ -37,7 +36,11 @@ def roi_pool_op(
     backend: str,
     needs_argmax: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(output, argmax) for validated arguments; argmax is empty when not `needs_argmax`."""
+    """The forward body shared by the custom op and the eager fast path (`roi_ops.eager`).
+
+    Takes validated arguments; returns (output (K, C, PH, PW), int32 argmax of the same shape, or
+    an empty one when not `needs_argmax`). Raises BackendError when the chosen backend fails.
+    """
     problem = RoIPoolProblem(input, rois, pooled_height, pooled_width, spatial_scale, needs_argmax)
     if value_checks_enabled() and not _capturing(input.device):
         check_roi_values(rois, input.shape[0])
@@ -59,6 +62,22 @@ def roi_pool_op(
             "the output buffers it is given and return None"
         )
     return output, argmax
+
+
+@torch.library.custom_op("roi_ops::roi_pool", mutates_args=())
+def roi_pool_op(
+    input: Tensor,
+    rois: Tensor,
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    backend: str,
+    needs_argmax: bool,
+) -> tuple[Tensor, Tensor]:
+    """(output, argmax) for validated arguments; argmax is empty when not `needs_argmax`."""
+    return roi_pool_forward(
+        input, rois, pooled_height, pooled_width, spatial_scale, backend, needs_argmax
+    )
 
 
 @roi_pool_op.register_fake
@@ -130,8 +149,7 @@ def _check_plugin_gradient(backend: Backend, grad: object, shape, dtype, device)
     return grad
 
 
-@torch.library.custom_op("roi_ops::roi_pool_backward", mutates_args=())
-def roi_pool_backward_op(
+def roi_pool_backward(
     grad_output: Tensor,
     rois: Tensor,
     argmax: Tensor,
@@ -142,7 +160,11 @@ def roi_pool_backward_op(
     input_dtype: torch.dtype,
     backend: str,
 ) -> Tensor:
-    """grad_input (N, C, H, W) of `input_dtype` from `grad_output` and the forward's argmax."""
+    """The backward body shared by the custom op and the eager fast path.
+
+    Returns grad_input (N, C, H, W) of `input_dtype` from `grad_output` (K, C, PH, PW) and the
+    forward's argmax; the backend's own backward, or `scatter_backward` when it has none.
+    """
     shape = torch.Size((num_images, channels, height, width))
     batch_index = batch_indices(rois, num_images)
     # A zero-stride stand-in: backends choose by device and dtype, no memory is touched.
@@ -159,7 +181,29 @@ def roi_pool_backward_op(
         ) from error
     if grad is None:
         return scatter_backward(grad_output, argmax, batch_index, tuple(shape), input_dtype)
-    return _check_plugin_gradient(chosen, grad, shape, input_dtype, grad_output.device).clone()
+    grad = _check_plugin_gradient(chosen, grad, shape, input_dtype, grad_output.device)
+    # The result must not alias an input (custom ops forbid it, and autograd would let the
+    # caller's gradient share memory with the backward's inputs): copy it in that rare case.
+    storages = {t.untyped_storage().data_ptr() for t in (grad_output, rois, argmax)}
+    return grad.clone() if grad.untyped_storage().data_ptr() in storages else grad
+
+
+@torch.library.custom_op("roi_ops::roi_pool_backward", mutates_args=())
+def roi_pool_backward_op(
+    grad_output: Tensor,
+    rois: Tensor,
+    argmax: Tensor,
+    num_images: int,
+    channels: int,
+    height: int,
+    width: int,
+    input_dtype: torch.dtype,
+    backend: str,
+) -> Tensor:
+    """grad_input (N, C, H, W) of `input_dtype` from `grad_output` and the forward's argmax."""
+    return roi_pool_backward(
+        grad_output, rois, argmax, num_images, channels, height, width, input_dtype, backend
+    )
 
 
 @roi_pool_backward_op.register_fake

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import roi_ops
+from roi_ops.eager import plain_eager
 from roi_ops.ops import roi_pool_backward_op, roi_pool_op
 from roi_ops.testing import check_case, contract_cases, reference_roi_pool
 
@@ -189,6 +190,57 @@ def test_gradcheck_and_gradgradcheck_float64():
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a: roi_ops.roi_pool(a, rois, (3, 2), 0.5), (x,))
     assert torch.autograd.gradgradcheck(lambda a: roi_ops.roi_pool(a, rois, (3, 2), 0.5), (x,))
+
+
+@pytest.mark.parametrize("fast_path", ["1", "0"], ids=["eager-fast-path", "custom-op"])
+def test_gradcheck_and_gradgradcheck_on_both_call_paths(fast_path, monkeypatch):
+    monkeypatch.setenv("ROI_OPS_EAGER_FAST_PATH", fast_path)
+    x, rois = _inputs()
+    x.requires_grad_(True)
+    assert plain_eager(x, rois) == (fast_path == "1")
+    assert torch.autograd.gradcheck(lambda a: roi_ops.roi_pool(a, rois, (3, 2), 0.5), (x,))
+    assert torch.autograd.gradgradcheck(lambda a: roi_ops.roi_pool(a, rois, (3, 2), 0.5), (x,))
+
+
+def test_eager_fast_path_matches_the_custom_op(monkeypatch):
+    x, rois = _inputs()
+    results = {}
+    for fast_path in ("1", "0"):
+        monkeypatch.setenv("ROI_OPS_EAGER_FAST_PATH", fast_path)
+        leaf = x.clone().requires_grad_(True)
+        out = roi_ops.roi_pool(leaf, rois, (3, 2), 0.5)
+        weight = torch.arange(out.numel(), dtype=x.dtype).reshape(out.shape).requires_grad_(True)
+        (grad,) = torch.autograd.grad(out, leaf, weight, create_graph=True)
+        (grad_grad,) = torch.autograd.grad(
+            (grad * torch.arange(grad.numel()).view_as(grad)).sum(), weight
+        )
+        with torch.no_grad():
+            inference = roi_ops.roi_pool(leaf, rois, (3, 2), 0.5)
+        results[fast_path] = (out.detach(), grad.detach(), grad_grad, inference)
+    for fast, slow in zip(results["1"], results["0"], strict=True):
+        assert torch.equal(fast, slow)
+
+
+def test_eager_fast_path_steps_aside_for_tracing_and_transforms():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, rois = _inputs()
+    assert plain_eager(x, rois)
+    with FakeTensorMode() as mode:
+        fake_x, fake_rois = mode.from_tensor(x), mode.from_tensor(rois)
+        assert not plain_eager(fake_x, fake_rois)
+        assert roi_ops.roi_pool(fake_x, fake_rois, (3, 2), 0.5).shape == (rois.shape[0], 3, 3, 2)
+    seen = []
+    torch.vmap(lambda a: seen.append(plain_eager(a, rois)) or a)(x)
+    assert seen == [False]
+
+
+def test_no_gradient_without_argmax_on_the_fast_path():
+    x, rois = _inputs()
+    rois = rois.clone().requires_grad_(True)  # only the (non-differentiable) boxes need grad
+    out = roi_ops.roi_pool(x, rois, (3, 2), 0.5)
+    with pytest.raises(RuntimeError, match="without an argmax"):
+        out.sum().backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -344,6 +344,26 @@ def test_staging_paths(backend, monkeypatch, stage_bytes, dtype):
     check(backend, x[:, :, 1:, 2:], rois, (2, 3), 1.0)  # strided rows, storage offset
 
 
+@pytest.mark.parametrize("coverage", [0.0, math.inf], ids=["transposed", "staged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_float_paths(backend, monkeypatch, coverage, dtype):
+    """float32/float64 NCHW: per-image channels-last region copies, or per-task staging."""
+    from roi_ops_numba import ops
+
+    monkeypatch.setattr(ops, "_TRANSPOSE_MIN_COVERAGE", coverage)
+    g = torch.Generator().manual_seed(47)
+    x = random_features((3, 21, 14, 17), dtype, g, ties=True)
+    flat = x.view(-1)
+    for value in (math.nan, -0.0, math.inf, -math.inf, math.nan):
+        flat[int(torch.randint(0, flat.numel(), (1,), generator=g))] = value
+    rois = random_rois(16, 3, 14, 17, 0.5, g)
+    rois[:5, 1:] = rois[:5, 1:] / 4 + 10  # small boxes away from (0, 0): regions with offsets
+    rois[5, 0] = 2.0  # image 2 holds one ROI only
+    check(backend, x, rois.to(dtype), (3, 2), 0.5)
+    check(backend, x[:, 2::3, 1:, 3:], rois.to(dtype), (2, 3), 0.5)  # strides, storage offset
+    check(backend, x[1:, :, :, :1], rois[rois[:, 0] < 2].to(dtype), 2, 0.5)  # W = 1
+
+
 def test_zero_rois(backend):
     x = torch.rand(2, 3, 5, 5)
     output, argmax = run_forward(backend, x, torch.zeros(0, 5), (2, 2), 1.0)
@@ -430,6 +450,25 @@ def test_backward_zero_strides_and_determinism(backend):
     torch.testing.assert_close(first.to(torch.float64), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 2**30], ids=["one-channel", "all-channels"])
+def test_backward_block_does_not_change_results(backend, monkeypatch, block_bytes):
+    """Backward tasks own (image, channel block)s; every block size sums in the same order."""
+    from roi_ops_numba import ops
+
+    g = torch.Generator().manual_seed(41)
+    x = random_features((3, 11, 6, 7), torch.float32, g, ties=True)
+    rois = random_rois(25, 3, 6, 7, 1.0, g).to(torch.float32)
+    _, argmax = run_forward(backend, x, rois, (3, 3), 1.0)
+    grad_output = torch.randn(argmax.shape, generator=g)
+    batch = rois[:, 0].trunc().to(torch.int64)
+    default = backend.backward(grad_output, argmax, batch, tuple(x.shape), torch.float32)
+    monkeypatch.setattr(ops, "_BACKWARD_BLOCK_BYTES", block_bytes)
+    blocked = backend.backward(grad_output, argmax, batch, tuple(x.shape), torch.float32)
+    assert torch.equal(default.view(torch.int32), blocked.view(torch.int32))
+    expected = reference_roi_pool_backward(grad_output, argmax, rois, x.shape)
+    torch.testing.assert_close(blocked.to(torch.float64), expected, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Differential test
 
@@ -461,8 +500,12 @@ def _cases(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(case=_cases(), stage_bytes=st.sampled_from([0, 100, 512 * 1024]))
-def test_differential(backend, case, stage_bytes):
+@given(
+    case=_cases(),
+    stage_bytes=st.sampled_from([0, 100, 512 * 1024]),
+    coverage=st.sampled_from([0.0, 0.5, math.inf]),
+)
+def test_differential(backend, case, stage_bytes, coverage):
     from roi_ops_numba import ops
 
     dtype, rois_dtype, shape, size, scale, rows, seed, ties, specials, layout = case
@@ -472,9 +515,9 @@ def test_differential(backend, case, stage_bytes):
     for value in specials:
         flat[int(torch.randint(0, flat.numel(), (1,), generator=g))] = value
     rois = torch.tensor(rows, dtype=torch.float64).view(-1, 5).to(rois_dtype)
-    default_stage = ops._STAGE_BYTES
-    ops._STAGE_BYTES = stage_bytes
+    default_stage, default_coverage = ops._STAGE_BYTES, ops._TRANSPOSE_MIN_COVERAGE
+    ops._STAGE_BYTES, ops._TRANSPOSE_MIN_COVERAGE = stage_bytes, coverage
     try:
         check(backend, _layout(x, layout), rois, size, scale)
     finally:
-        ops._STAGE_BYTES = default_stage
+        ops._STAGE_BYTES, ops._TRANSPOSE_MIN_COVERAGE = default_stage, default_coverage

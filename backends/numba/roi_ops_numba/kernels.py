@@ -460,19 +460,29 @@ def transpose_region(src, plane0, s_c, s_h, s_w, channels, y0, y1, x0, x1, dst):
     """Copy rows y0..y1-1, columns x0..x1-1 of the planes at `plane0` channels-last into `dst`.
 
     Element (c, h, w) is read from ``src[plane0 + c*s_c + h*s_h + w*s_w]`` and written to
-    ``dst[((h - y0) * (x1 - x0) + (w - x0)) * channels + c]``. Tasks are (row, 16 channels);
-    each reads its channels' row segments in order.
+    ``dst[((h - y0) * (x1 - x0) + (w - x0)) * channels + c]``. Tasks are (row, 16 channels), moved
+    through a 16 x 16 tile: row segments are read in order, pixels written 16 channels at a time.
     """
     region_w = x1 - x0
     num_blocks = (channels + 15) // 16
     for task in prange((y1 - y0) * num_blocks):
         h = y0 + task // num_blocks
         c0 = (task % num_blocks) * 16
-        d0 = (h - y0) * region_w * channels
-        for c in range(c0, min(c0 + 16, channels)):
-            s = plane0 + c * s_c + h * s_h + x0 * s_w
-            for w in range(region_w):
-                dst[d0 + w * channels + c] = src[s + w * s_w]
+        nl = min(c0 + 16, channels) - c0
+        tile = np.empty(16 * 16, dst.dtype)
+        d0 = (h - y0) * region_w * channels + c0
+        for w0 in range(0, region_w, 16):
+            nw = min(16, region_w - w0)
+            for j in range(nl):
+                s = plane0 + (c0 + j) * s_c + h * s_h + (x0 + w0) * s_w
+                row = tile[j * 16 : j * 16 + nw]
+                for i in range(nw):
+                    row[i] = src[s + i * s_w]
+            for i in range(nw):
+                d = d0 + (w0 + i) * channels
+                seg = dst[d : d + nl]
+                for j in range(nl):
+                    seg[j] = tile[j * 16 + i]
 
 
 # ---------------------------------------------------------------------------------------------

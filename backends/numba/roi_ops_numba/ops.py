@@ -238,21 +238,18 @@ def _forward_float(
     x0 = wstart.reshape(num_rois, pooled_w).min(axis=1)[k_valid]
     x1 = np.maximum(wend.reshape(num_rois, pooled_w).max(axis=1)[k_valid], x0)
     images = batch[k_valid]
+    areas = (y1 - y0) * (x1 - x0)
     regions = []
     copied = covered = 0
     for n in np.unique(images):
         mine = images == n
-        region = (
-            int(y0[mine].min()),
-            int(y1[mine].max()),
-            int(x0[mine].min()),
-            int(x1[mine].max()),
-        )
-        area = (region[1] - region[0]) * (region[3] - region[2])
-        if area:
-            regions.append((int(n), region, k_valid[mine]))
-        copied += area
-        covered += int(((y1[mine] - y0[mine]) * (x1[mine] - x0[mine])).sum())
+        seen = mine & (areas > 0)  # ROIs whose bins are all empty read nothing
+        region = (0, 0, 0, 0)
+        if seen.any():
+            region = (y0[seen].min(), y1[seen].max(), x0[seen].min(), x1[seen].max())
+        regions.append((int(n), tuple(int(v) for v in region), k_valid[mine]))
+        copied += (region[1] - region[0]) * (region[3] - region[2])
+        covered += int(areas[mine].sum())
     if covered < _TRANSPOSE_MIN_COVERAGE * copied:
         return False
 

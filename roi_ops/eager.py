@@ -1,0 +1,72 @@
+"""The eager fast path: `roi_pool` as a `torch.autograd.Function` when nothing is tracing.
+
+The ``roi_ops::roi_pool`` custom op is what torch.compile, torch.export, FakeTensor and opcheck
+see; its Python dispatch costs tens to hundreds of microseconds per call, more than a small
+GPU kernel takes. In plain eager mode (no compile, no JIT tracing, no functorch transform, no
+dispatch or function mode, plain tensors) `roi_pool` calls the same forward and backward bodies
+(`roi_ops.ops.roi_pool_forward`, `roi_ops.ops.roi_pool_backward`) through this Function instead.
+Results are identical; ``ROI_OPS_EAGER_FAST_PATH=0`` always takes the custom op.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .ops import roi_pool_backward, roi_pool_backward_op, roi_pool_forward
+
+EAGER_FAST_PATH_ENV = "ROI_OPS_EAGER_FAST_PATH"
+
+
+def fast_path_enabled() -> bool:
+    """Whether ``ROI_OPS_EAGER_FAST_PATH`` allows the fast path (on unless 0/false/off/no)."""
+    value = os.environ.get(EAGER_FAST_PATH_ENV, "1").strip().lower()
+    return value not in {"0", "false", "off", "no"}
+
+
+def plain_eager(input: Tensor, rois: Tensor) -> bool:
+    """True when a call on these tensors can skip the custom op without anyone noticing."""
+    return (
+        type(input) is Tensor
+        and type(rois) is Tensor
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and _get_current_dispatch_mode() is None
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and fast_path_enabled()
+    )
+
+
+class RoIPoolFunction(torch.autograd.Function):
+    """roi_pool with the custom op's semantics; double backward goes through the backward op."""
+
+    @staticmethod
+    def forward(ctx, input, rois, pooled_height, pooled_width, scale, backend, needs_argmax):
+        output, argmax = roi_pool_forward(
+            input, rois, pooled_height, pooled_width, scale, backend, needs_argmax
+        )
+        ctx.input_shape = tuple(input.shape)
+        ctx.input_dtype = input.dtype
+        ctx.backend = backend
+        if needs_argmax:
+            ctx.save_for_backward(rois, argmax)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if not ctx.saved_tensors:
+            raise RuntimeError(
+                "roi_ops.roi_pool ran without an argmax (its input did not require grad), so it "
+                "cannot be differentiated"
+            )
+        rois, argmax = ctx.saved_tensors
+        arguments = (grad_output, rois, argmax, *ctx.input_shape, ctx.input_dtype, ctx.backend)
+        if torch.is_grad_enabled():  # create_graph: record the op, whose gradient is a gather
+            grad_input = roi_pool_backward_op(*arguments)
+        else:
+            grad_input = roi_pool_backward(*arguments)
+        return grad_input, None, None, None, None, None, None
