@@ -30,9 +30,11 @@ from roi_ops.config import value_checks
 CUPY_VARIANTS = {
     "plane": {"ROI_OPS_CUPY_KERNEL": "plane"},
     "unit": {},
-    "unit1k": {"ROI_OPS_CUPY_BLOCK_ELEMENTS": "1024"},
-    "unit4k": {"ROI_OPS_CUPY_BLOCK_ELEMENTS": "4096"},
-    "unit8k": {"ROI_OPS_CUPY_BLOCK_ELEMENTS": "8192"},
+    "unit512": {"ROI_OPS_CUPY_BLOCK_ELEMENTS": "512"},
+    "unit16k": {"ROI_OPS_CUPY_BLOCK_ELEMENTS": "16384"},
+    "unit-cs": {"ROI_OPS_CUPY_DEFINES": "-DROI_OPS_STREAMING_STORES"},
+    "unit-u8": {"ROI_OPS_CUPY_DEFINES": "-DROI_OPS_UNIT_CHANNELS=8 -DROI_OPS_UNIT_MIN_BLOCKS=2"},
+    "unit-u2": {"ROI_OPS_CUPY_DEFINES": "-DROI_OPS_UNIT_CHANNELS=2 -DROI_OPS_UNIT_MIN_BLOCKS=6"},
 }
 TRITON_VARIANTS = {
     "default": "",
@@ -90,10 +92,16 @@ def cupy_runner(x, rois, w, out, arg, variant):
 
     problem = RoIPoolProblem(x, rois, w.output_size, w.output_size, w.spatial_scale, True)
     with environ(CUPY_VARIANTS[variant]):
-        plan = kernels.plan_forward(problem, out, arg, launch._sm_count(x.device.index or 0))
+        plan = kernels.plan_forward(problem, out, arg, *launch._device_sizes(x.device.index or 0))
     names = kernels.forward_names(x.dtype, rois.dtype)
     device = x.device.index or 0
-    return lambda: launch._run(device, plan, names)
+    defines = CUPY_VARIANTS[variant].get(kernels.DEFINES_ENV, "")
+
+    def run():
+        with environ({kernels.DEFINES_ENV: defines}):
+            launch._run(device, plan, names)
+
+    return run
 
 
 def triton_runner(x, rois, w, out, arg, variant):
@@ -249,6 +257,30 @@ def host_overhead(out_dir):
         calls["torchvision:grad"] = lambda: tv(leaf, rois, 7, 1.0)
     except ImportError:
         pass
+    from roi_ops_cupy import CupyBackend, kernels, launch
+
+    problem = RoIPoolProblem(x, rois, 7, 7, 1.0, True)
+    out = torch.empty(problem.output_shape, device=device)
+    arg = torch.empty(problem.output_shape, device=device, dtype=torch.int32)
+    plan = kernels.plan_forward(problem, out, arg, *launch._device_sizes(0))
+    names = kernels.forward_names(x.dtype, rois.dtype)
+    backend = CupyBackend()
+
+    def custom_op_call():
+        with environ({"ROI_OPS_EAGER_FAST_PATH": "0"}):
+            return roi_pool(leaf, rois, 7, 1.0, backend="cupy")
+
+    calls["cupy:grad:custom-op"] = custom_op_call
+    calls["part:backend.forward"] = lambda: backend.forward(problem, out, arg)
+    calls["part:plan_forward"] = lambda: kernels.plan_forward(
+        problem, out, arg, *launch._device_sizes(0)
+    )
+    calls["part:_run"] = lambda: launch._run(0, plan, names)
+    calls["part:2 x torch.empty"] = lambda: (
+        torch.empty(problem.output_shape, device=device),
+        torch.empty(problem.output_shape, device=device, dtype=torch.int32),
+    )
+    calls["part:current_stream"] = lambda: torch.cuda.current_stream(0)
     with value_checks(False):
         for label, fn in calls.items():
             for _ in range(20):

@@ -21,6 +21,14 @@ from roi_ops.backend import RoIPoolProblem
 SOURCE_NAME = "roi_pool.cu"
 # --fmad=false: no contraction into FMA anywhere (the geometry also uses _rn intrinsics).
 COMPILE_OPTIONS = ("--fmad=false", "-std=c++17")
+DEFINES_ENV = "ROI_OPS_CUPY_DEFINES"  # extra -D options, for tuning runs only
+
+
+def compile_options() -> tuple[str, ...]:
+    """NVRTC options: COMPILE_OPTIONS plus any ``-D`` options in ``ROI_OPS_CUPY_DEFINES``."""
+    extra = tuple(d for d in os.environ.get(DEFINES_ENV, "").split() if d.startswith("-D"))
+    return COMPILE_OPTIONS + extra
+
 
 C_TYPES: dict[torch.dtype, str] = {
     torch.float16: "roi_half",
@@ -51,6 +59,11 @@ CHAN_LANES = 32  # channels per block of the chan kernel (kChanLanes)
 CHAN_MIN_CHANNELS = 16  # below this, idle lanes make the chan kernel the worse choice
 MAX_CACHED_EDGES = 2048  # PH + PW up to this: the chan kernel caches bin edges (16 KiB)
 TARGET_BLOCK_ELEMENTS = 2048  # outputs per block of the plane and backward kernels
+# The unit kernel: large blocks amortise each thread's bin geometry over many channels when the
+# input fits in L2; when it does not, small channel blocks keep the planes that the resident
+# blocks read together (all ROIs of one channel block run first) small enough to stay in L2.
+UNIT_BLOCK_ELEMENTS_CACHED = 8192
+UNIT_BLOCK_ELEMENTS_STREAMED = 1024
 MIN_BLOCKS_PER_SM = 8
 MAX_GRID_Y = 65535
 INT32_LIMIT = 2**31
@@ -106,12 +119,14 @@ def _ints(*values: int) -> tuple[np.int64, ...]:
     return tuple(np.int64(v) for v in values)
 
 
-def _channels_per_block(num_rois: int, channels: int, bins: int, multiprocessors: int) -> int:
-    """Channels per block: ~TARGET_BLOCK_ELEMENTS outputs, but enough blocks for the GPU.
+def _channels_per_block(
+    num_rois: int, channels: int, bins: int, multiprocessors: int, target: int
+) -> int:
+    """Channels per block: ~`target` outputs, but enough blocks for the GPU.
 
     ``ROI_OPS_CUPY_BLOCK_ELEMENTS`` overrides the target, for tuning.
     """
-    target = int(os.environ.get("ROI_OPS_CUPY_BLOCK_ELEMENTS", TARGET_BLOCK_ELEMENTS))
+    target = int(os.environ.get("ROI_OPS_CUPY_BLOCK_ELEMENTS", target))
     per_block = max(1, min(channels, target // bins))
     while per_block > 1 and num_rois * math.ceil(channels / per_block) < (
         MIN_BLOCKS_PER_SM * multiprocessors
@@ -169,6 +184,7 @@ def plan_forward(
     output: torch.Tensor,
     argmax: torch.Tensor | None,
     multiprocessors: int,
+    l2_bytes: int = 0,
 ) -> Launch | None:
     """The forward launch for `problem` (None when the output is empty).
 
@@ -177,6 +193,7 @@ def plan_forward(
         output: contiguous (K, C, PH, PW) tensor of the input's dtype.
         argmax: contiguous int32 tensor of the same shape, or None to skip the argmax.
         multiprocessors: the device's SM count (sizes the channel blocks).
+        l2_bytes: the device's L2 cache size (0 if unknown: inputs count as not cached).
     """
     input, rois = problem.input, problem.rois
     num_images, channels, height, width = input.shape
@@ -206,7 +223,12 @@ def plan_forward(
             8 * (ph + pw) if cache_edges else 0,
             head + _ints(int(cache_edges)) + tail,
         )
-    per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors)
+    target = TARGET_BLOCK_ELEMENTS
+    if kernel == "roi_pool_forward_unit":
+        input_bytes = num_images * channels * height * width * input.element_size()
+        cached = input_bytes <= l2_bytes
+        target = UNIT_BLOCK_ELEMENTS_CACHED if cached else UNIT_BLOCK_ELEMENTS_STREAMED
+    per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors, target)
     name = forward_name(kernel, input.dtype, rois.dtype, with_argmax)
     grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
     return Launch(name, (num_rois, grid_y, 1), (THREADS, 1, 1), 0, head + _ints(per_block) + tail)
@@ -232,7 +254,9 @@ def plan_backward(
     if argmax.numel() == 0 or grad_input.numel() == 0:
         return None
     _, _, height, width = grad_input.shape
-    per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors)
+    per_block = _channels_per_block(
+        num_rois, channels, ph * pw, multiprocessors, TARGET_BLOCK_ELEMENTS
+    )
     grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
     args = (
         _pointer(grad_output),

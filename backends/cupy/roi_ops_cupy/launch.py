@@ -18,23 +18,24 @@ from roi_ops.backend import RoIPoolProblem
 from . import kernels
 
 _lock = threading.Lock()
-_kernels: dict[tuple[int, str], cupy.RawKernel] = {}
+_kernels: dict[tuple[int, str, tuple[str, ...]], cupy.RawKernel] = {}
 _streams: dict[tuple[int, int], cupy.cuda.Stream] = {}
-_multiprocessors: dict[int, int] = {}
+_sizes: dict[int, tuple[int, int]] = {}
 _MAX_CACHED_STREAMS = 64
 
 
 def _kernel(device: int, name: str, module_names: tuple[str, ...]) -> cupy.RawKernel:
     """The compiled kernel `name` on `device`, compiling its whole module on first use."""
-    kernel = _kernels.get((device, name))
+    options = kernels.compile_options()
+    kernel = _kernels.get((device, name, options))
     if kernel is not None:
         return kernel
     with _lock:
-        if (device, name) not in _kernels:
+        if (device, name, options) not in _kernels:
             with cupy.cuda.Device(device):
                 module = cupy.RawModule(
                     code=kernels.source(),
-                    options=kernels.COMPILE_OPTIONS,
+                    options=options,
                     name_expressions=module_names,
                 )
                 try:
@@ -47,8 +48,8 @@ def _kernel(device: int, name: str, module_names: tuple[str, ...]) -> cupy.RawKe
                         f"for {', '.join(module_names)}:\n{error}"
                     ) from error
             for module_name, function in compiled.items():
-                _kernels[(device, module_name)] = function
-        return _kernels[(device, name)]
+                _kernels[(device, module_name, options)] = function
+        return _kernels[(device, name, options)]
 
 
 def _stream(device: int) -> cupy.cuda.Stream:
@@ -67,12 +68,14 @@ def _stream(device: int) -> cupy.cuda.Stream:
     return stream
 
 
-def _sm_count(device: int) -> int:
-    count = _multiprocessors.get(device)
-    if count is None:
-        count = torch.cuda.get_device_properties(device).multi_processor_count
-        _multiprocessors[device] = count
-    return count
+def _device_sizes(device: int) -> tuple[int, int]:
+    """(SM count, L2 bytes) of `device`, cached."""
+    sizes = _sizes.get(device)
+    if sizes is None:
+        properties = torch.cuda.get_device_properties(device)
+        sizes = (properties.multi_processor_count, getattr(properties, "L2_cache_size", 0))
+        _sizes[device] = sizes
+    return sizes
 
 
 def _run(device: int, launch: kernels.Launch, module_names: tuple[str, ...]) -> None:
@@ -95,7 +98,7 @@ def _device_index(tensor: torch.Tensor) -> int:
 def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None) -> None:
     """Fill `output` and, unless None, `argmax` (see `roi_ops.Backend.forward`)."""
     device = _device_index(problem.input)
-    launch = kernels.plan_forward(problem, output, argmax, _sm_count(device))
+    launch = kernels.plan_forward(problem, output, argmax, *_device_sizes(device))
     if launch is not None:
         names = kernels.forward_names(problem.input.dtype, problem.rois.dtype)
         _run(device, launch, names)
@@ -119,7 +122,8 @@ def backward(
     grad_input = torch.zeros(input_shape, dtype=accumulate, device=grad_output.device)
     grad_output = grad_output.to(input_dtype)
     argmax = argmax.contiguous()  # kept referenced until the launch is queued
-    launch = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, _sm_count(device))
+    multiprocessors = _device_sizes(device)[0]
+    launch = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, multiprocessors)
     if launch is not None:
         _run(device, launch, (launch.name,))
     return grad_input if accumulate == input_dtype else grad_input.to(input_dtype)

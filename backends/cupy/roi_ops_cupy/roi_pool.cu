@@ -434,8 +434,39 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
 // element: each thread reduces kUnitChannels channels at once (independent loads in flight, loop
 // overhead shared), compares floats directly in PTX without flushing subnormals, starts from the
 // bin's first element (so no "empty so far" test), and steps along a row with unit stride.
+// Tuning knobs (kernels.py may pass -D options for tuning runs; these are the defaults).
+#ifndef ROI_OPS_UNIT_CHANNELS
+#define ROI_OPS_UNIT_CHANNELS 4
+#endif
+#ifndef ROI_OPS_UNIT_MIN_BLOCKS
+#define ROI_OPS_UNIT_MIN_BLOCKS 4
+#endif
+
 namespace roi_ops_cuda {
-constexpr int kUnitChannels = 4;
+constexpr int kUnitChannels = ROI_OPS_UNIT_CHANNELS;
+
+// Stores of results nobody reads in this kernel: with ROI_OPS_STREAMING_STORES they are marked
+// evict-first (st.global.cs), so that they do not push the input out of L2.
+template <class T>
+__device__ __forceinline__ void store_result(T* __restrict__ address, T value) {
+#if defined(ROI_OPS_STREAMING_STORES) && !defined(ROI_OPS_HOST_EMULATION)
+  if (sizeof(T) == 2) {
+    unsigned short bits;
+    __builtin_memcpy(&bits, &value, 2);
+    asm volatile("st.global.cs.b16 [%0], %1;" ::"l"(address), "h"(bits) : "memory");
+  } else if (sizeof(T) == 4) {
+    unsigned int bits;
+    __builtin_memcpy(&bits, &value, 4);
+    asm volatile("st.global.cs.b32 [%0], %1;" ::"l"(address), "r"(bits) : "memory");
+  } else {
+    unsigned long long bits;
+    __builtin_memcpy(&bits, &value, 8);
+    asm volatile("st.global.cs.b64 [%0], %1;" ::"l"(address), "l"(bits) : "memory");
+  }
+#else
+  *address = value;
+#endif
+}
 
 // The value a comparison works on: float for the 16-bit types and float32, double for float64.
 // Conversions are exact both ways (-0 kept); kKeepsNaN says whether a NaN also keeps its payload
@@ -515,7 +546,7 @@ __device__ __noinline__ T first_nan(const T* __restrict__ bin, int bin_h, int bi
 
 // 64 registers (four blocks per SM): four channels' pointers, maxima and argmaxes at once.
 template <class T, class R, bool kArgmax>
-__global__ void __launch_bounds__(256, 4)
+__global__ void __launch_bounds__(256, ROI_OPS_UNIT_MIN_BLOCKS)
     roi_pool_forward_unit(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
                           const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
                           const R* __restrict__ rois, const i64 rs0, const i64 rs1,
@@ -588,8 +619,8 @@ __global__ void __launch_bounds__(256, 4)
             if (!Work<T>::kKeepsNaN && !(best[u] == best[u])) {
               value = first_nan<T>(planes + cu * sC, bin_h, bin_w, sH);
             }
-            out[cu * layout.bins] = value;
-            if (kArgmax) arg[cu * layout.bins] = empty ? -1 : first_index + at[u];
+            store_result<T>(out + cu * layout.bins, value);
+            if (kArgmax) store_result<int>(arg + cu * layout.bins, empty ? -1 : first_index + at[u]);
           }
         }
       }
