@@ -39,6 +39,9 @@ CUPY_VARIANTS = {
 TRITON_VARIANTS = {
     "default": "",
     "split1": "split=1",
+    "cf-c8": "channels_fast=1,block_c=8,block_b=64,num_warps=4",
+    "cf-c16": "channels_fast=1,block_c=16,block_b=64,num_warps=4",
+    "cf-c32-w8": "channels_fast=1,block_c=32,block_b=64,num_warps=8",
 }
 
 
