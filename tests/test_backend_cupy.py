@@ -220,6 +220,33 @@ def test_nvrtc_compiles_every_module_through_cupy():
     assert out == f"compiled {2 * (len(kernels.FORWARD_PAIRS) + 1)}"
 
 
+@pytest.mark.parametrize(
+    "defines",
+    ["-DROI_OPS_STREAMING_STORES", "-DROI_OPS_UNIT_CHANNELS=8 -DROI_OPS_UNIT_MIN_BLOCKS=2"],
+)
+def test_nvrtc_compiles_the_tuning_variants(defines, monkeypatch):
+    """The -D knobs of ROI_OPS_CUPY_DEFINES (tuning runs) also build with NVRTC (sm_90)."""
+    reason = _nvrtc_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv(kernels.DEFINES_ENV, defines)
+    out = _run_python(
+        "import cupy.cuda.compiler as compiler\n"
+        "from roi_ops_cupy import kernels\n"
+        "def arch_options(arch=None):\n"
+        "    return f'-arch=sm_{arch}', 'cubin'\n"
+        "compiler._get_arch_for_options_for_nvrtc = arch_options\n"
+        "options = kernels.compile_options() + ('-ftz=true',)\n"
+        "for pair in kernels.FORWARD_PAIRS[:4]:\n"
+        "    names = kernels.forward_names(*pair)\n"
+        "    binary, mapping = compiler.compile_using_nvrtc(\n"
+        "        kernels.source(), options, '90', name_expressions=names)\n"
+        "    assert binary and sorted(mapping) == sorted(names), mapping\n"
+        "print('compiled', options[-2])"
+    )
+    assert out == f"compiled {defines.split()[-1]}"
+
+
 def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
     x = torch.ones(2, 64, 10, 10)
     rois = torch.zeros(3, 5)

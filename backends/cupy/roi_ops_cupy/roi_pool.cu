@@ -450,18 +450,19 @@ constexpr int kUnitChannels = ROI_OPS_UNIT_CHANNELS;
 template <class T>
 __device__ __forceinline__ void store_result(T* __restrict__ address, T value) {
 #if defined(ROI_OPS_STREAMING_STORES) && !defined(ROI_OPS_HOST_EMULATION)
+  union {
+    T value;
+    unsigned short b16;
+    unsigned int b32;
+    unsigned long long b64;
+  } bits;
+  bits.value = value;
   if (sizeof(T) == 2) {
-    unsigned short bits;
-    __builtin_memcpy(&bits, &value, 2);
-    asm volatile("st.global.cs.b16 [%0], %1;" ::"l"(address), "h"(bits) : "memory");
+    asm volatile("st.global.cs.b16 [%0], %1;" ::"l"(address), "h"(bits.b16) : "memory");
   } else if (sizeof(T) == 4) {
-    unsigned int bits;
-    __builtin_memcpy(&bits, &value, 4);
-    asm volatile("st.global.cs.b32 [%0], %1;" ::"l"(address), "r"(bits) : "memory");
+    asm volatile("st.global.cs.b32 [%0], %1;" ::"l"(address), "r"(bits.b32) : "memory");
   } else {
-    unsigned long long bits;
-    __builtin_memcpy(&bits, &value, 8);
-    asm volatile("st.global.cs.b64 [%0], %1;" ::"l"(address), "l"(bits) : "memory");
+    asm volatile("st.global.cs.b64 [%0], %1;" ::"l"(address), "l"(bits.b64) : "memory");
   }
 #else
   *address = value;
