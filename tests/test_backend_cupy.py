@@ -222,7 +222,7 @@ def test_nvrtc_compiles_every_module_through_cupy():
 
 @pytest.mark.parametrize(
     "defines",
-    ["-DROI_OPS_STREAMING_STORES", "-DROI_OPS_UNIT_CHANNELS=8 -DROI_OPS_UNIT_MIN_BLOCKS=2"],
+    ["-DROI_OPS_NO_STREAMING_STORES", "-DROI_OPS_UNIT_CHANNELS=8 -DROI_OPS_UNIT_MIN_BLOCKS=2"],
 )
 def test_nvrtc_compiles_the_tuning_variants(defines, monkeypatch):
     """The -D knobs of ROI_OPS_CUPY_DEFINES (tuning runs) also build with NVRTC (sm_90)."""
@@ -245,6 +245,21 @@ def test_nvrtc_compiles_the_tuning_variants(defines, monkeypatch):
         "print('compiled', options[-2])"
     )
     assert out == f"compiled {defines.split()[-1]}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cached_plans_replace_exactly_the_pointer_arguments(layout):
+    launch = pytest.importorskip("roi_ops_cupy.launch")
+    x = _place_input(torch.randn(2, 20, 9, 11), layout, "cpu")
+    rois = torch.tensor([[0, 1.0, 1.0, 8.0, 7.0]] * 3)
+    problem = RoIPoolProblem(x, rois, 3, 3, 0.5, True)
+    out = torch.empty(problem.output_shape)
+    arg = torch.empty(problem.output_shape, dtype=torch.int32)
+    plan = kernels.plan_forward(problem, out, arg, 132, 50 * 2**20)
+    pointers = [x.data_ptr(), rois.data_ptr(), out.data_ptr(), arg.data_ptr()]
+    assert [int(plan.args[i]) for i in launch._POINTER_ARGS] == pointers
+    others = [a for i, a in enumerate(plan.args) if i not in launch._POINTER_ARGS]
+    assert not any(int(a) in pointers for a in others if isinstance(a, np.integer))
 
 
 def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):

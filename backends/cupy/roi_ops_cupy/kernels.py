@@ -26,8 +26,12 @@ DEFINES_ENV = "ROI_OPS_CUPY_DEFINES"  # extra -D options, for tuning runs only
 
 def compile_options() -> tuple[str, ...]:
     """NVRTC options: COMPILE_OPTIONS plus any ``-D`` options in ``ROI_OPS_CUPY_DEFINES``."""
-    extra = tuple(d for d in os.environ.get(DEFINES_ENV, "").split() if d.startswith("-D"))
-    return COMPILE_OPTIONS + extra
+    return _compile_options(os.environ.get(DEFINES_ENV, ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_options(defines: str) -> tuple[str, ...]:
+    return COMPILE_OPTIONS + tuple(d for d in defines.split() if d.startswith("-D"))
 
 
 C_TYPES: dict[torch.dtype, str] = {
@@ -81,6 +85,7 @@ def forward_name(kernel: str, input_dtype: torch.dtype, rois_dtype: torch.dtype,
     return f"{kernel}<{C_TYPES[input_dtype]}, {C_TYPES[rois_dtype]}, {flag}>"
 
 
+@functools.cache
 def forward_names(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> tuple[str, ...]:
     """Every forward instantiation of one dtype pair: what one NVRTC module compiles."""
     return tuple(

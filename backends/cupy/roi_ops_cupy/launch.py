@@ -9,9 +9,12 @@ torch's current stream.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import threading
 
 import cupy
+import numpy as np
 import torch
 from roi_ops.backend import RoIPoolProblem
 
@@ -81,8 +84,12 @@ def _device_sizes(device: int) -> tuple[int, int]:
 def _run(device: int, launch: kernels.Launch, module_names: tuple[str, ...]) -> None:
     kernel = _kernel(device, launch.name, module_names)
     try:
-        with cupy.cuda.Device(device), _stream(device):
-            kernel(launch.grid, launch.block, launch.args, shared_mem=launch.shared_mem)
+        if cupy.cuda.runtime.getDevice() == device:
+            with _stream(device):
+                kernel(launch.grid, launch.block, launch.args, shared_mem=launch.shared_mem)
+        else:
+            with cupy.cuda.Device(device), _stream(device):
+                kernel(launch.grid, launch.block, launch.args, shared_mem=launch.shared_mem)
     except cupy.cuda.driver.CUDADriverError as error:
         raise RuntimeError(
             f"roi_ops cupy backend: launching {launch.name} with grid {launch.grid}, block "
@@ -95,13 +102,61 @@ def _device_index(tensor: torch.Tensor) -> int:
     return torch.cuda.current_device() if index is None else index
 
 
+# Forward plans depend on shapes, strides, dtypes and settings, not on the data pointers: a plan
+# is made once per such key and its four pointer arguments are replaced on every call.
+_POINTER_ARGS = (0, 9, 16, 17)  # input, rois, output, argmax in plan_forward's argument list
+_plans: dict[tuple, kernels.Launch | None] = {}
+_MAX_CACHED_PLANS = 256
+
+
+def _plan_key(problem: RoIPoolProblem, with_argmax: bool, device: int) -> tuple:
+    x, rois = problem.input, problem.rois
+    settings = (
+        kernels.TARGET_BLOCK_ELEMENTS,
+        kernels.UNIT_BLOCK_ELEMENTS_CACHED,
+        kernels.UNIT_BLOCK_ELEMENTS_STREAMED,
+        kernels.MAX_CACHED_EDGES,
+        kernels.CHAN_MIN_CHANNELS,
+        os.environ.get("ROI_OPS_CUPY_KERNEL"),
+        os.environ.get("ROI_OPS_CUPY_BLOCK_ELEMENTS"),
+    )
+    return (
+        device,
+        x.shape,
+        x.stride(),
+        x.dtype,
+        rois.shape,
+        rois.stride(),
+        rois.dtype,
+        problem.pooled_height,
+        problem.pooled_width,
+        problem.spatial_scale,
+        with_argmax,
+        settings,
+    )
+
+
 def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None) -> None:
     """Fill `output` and, unless None, `argmax` (see `roi_ops.Backend.forward`)."""
     device = _device_index(problem.input)
-    launch = kernels.plan_forward(problem, output, argmax, *_device_sizes(device))
-    if launch is not None:
-        names = kernels.forward_names(problem.input.dtype, problem.rois.dtype)
-        _run(device, launch, names)
+    key = _plan_key(problem, argmax is not None, device)
+    if key in _plans:
+        plan = _plans[key]
+        if plan is None:
+            return
+        args = list(plan.args)
+        pointers = (problem.input, problem.rois, output, argmax)
+        for position, tensor in zip(_POINTER_ARGS, pointers, strict=True):
+            args[position] = np.uint64(0 if tensor is None else tensor.data_ptr())
+        plan = dataclasses.replace(plan, args=tuple(args))
+    else:
+        plan = kernels.plan_forward(problem, output, argmax, *_device_sizes(device))
+        if len(_plans) >= _MAX_CACHED_PLANS:
+            _plans.clear()
+        _plans[key] = plan
+        if plan is None:
+            return
+    _run(device, plan, kernels.forward_names(problem.input.dtype, problem.rois.dtype))
 
 
 def backward(
