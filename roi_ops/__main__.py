@@ -68,6 +68,7 @@ def _bench(args: argparse.Namespace) -> int:
         progress=_progress(estimated),
         min_reps=args.min_reps,
         modes=modes,
+        queue=args.queue,
     )
     sys.stderr.write("\n")
     check_ms = value_check_cost_ms(device, workloads[0], budget)
@@ -75,6 +76,7 @@ def _bench(args: argparse.Namespace) -> int:
         f"device {device}  threads {torch.get_num_threads()}  copy bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s  layout "
         f"{'channels_last' if args.channels_last else 'contiguous'}"
+        + (f"  queue {args.queue}" if device.type == "cuda" else "")
     )
     for w in workloads:
         print(f"  {w.name}: {w.describe()}")
@@ -87,6 +89,7 @@ def _bench(args: argparse.Namespace) -> int:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "value_check_ms": check_ms,
+        "queue": args.queue,
         "command": " ".join(["python -m roi_ops", *sys.argv[1:]]),
     }
     if device.type == "cuda":
@@ -143,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         help="on the CPU, use the GPU-sized workloads instead of scaled-down ones",
     )
     bench.add_argument("--min-reps", type=int, default=3, help="timed repeats at least")
+    bench.add_argument(
+        "--queue",
+        type=int,
+        default=1,
+        help="CUDA: calls queued back to back per timed sample (1: one synchronised call, so "
+        "host overhead counts; 10: steady cost per call with the host running ahead)",
+    )
     bench.add_argument("--mode", nargs="+", default=None, choices=["infer", "fwd", "fwd+bwd"])
     bench.add_argument("--json", default=None, metavar="PATH", help="write raw medians here")
     bench.add_argument(

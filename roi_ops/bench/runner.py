@@ -54,11 +54,15 @@ def median_time_ms(
     warmup: int = 2,
     min_reps: int = 3,
     max_reps: int = 200,
+    queue: int = 1,
 ) -> float:
     """Median wall time of `fn` in milliseconds (CUDA events on GPUs, perf_counter on CPUs).
 
     Runs `warmup` untimed calls (one if a call takes over a third of the budget), then repeats
-    until `budget_s` has passed, at least `min_reps` and at most `max_reps` times.
+    until `budget_s` has passed, at least `min_reps` and at most `max_reps` times. On CUDA, each
+    sample times `queue` back-to-back calls between two events and divides: with queue = 1 the
+    host's time to issue the call is part of the sample (latency of one call); with more, the
+    host runs ahead as in a training loop and a sample is the steady cost per call.
     """
     for done in range(warmup):
         t0 = time.perf_counter()
@@ -74,10 +78,11 @@ def median_time_ms(
         if device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            fn()
+            for _ in range(queue):
+                fn()
             end.record()
             end.synchronize()
-            samples.append(begin.elapsed_time(end))
+            samples.append(begin.elapsed_time(end) / queue)
         else:
             t0 = time.perf_counter()
             fn()
@@ -176,6 +181,7 @@ def run_benchmark(
     progress: Callable[[str], None] | None = None,
     min_reps: int = 3,
     modes: tuple[str, ...] = MODES,
+    queue: int = 1,
 ) -> tuple[list[Measurement], float]:
     """Time every (workload, dtype, backend, mode). Returns (measurements, copy bandwidth B/s)."""
     bandwidth = copy_bandwidth(device, budget_s)
@@ -204,7 +210,7 @@ def run_benchmark(
                         with value_checks(False):
                             fn = _runner(backend, x, rois, workload, mode)
                             m.times_ms[mode] = median_time_ms(
-                                fn, device, budget_s, min_reps=min_reps
+                                fn, device, budget_s, min_reps=min_reps, queue=queue
                             )
                     except Exception as error:  # a rival without this dtype, say
                         m.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
