@@ -23,7 +23,7 @@ for stage in $stages; do
       "$PYTHON" -m roi_ops info 2>&1 | tee "$OUT/info.txt"
       ;;
     tests)
-      timeout 420 "$PYTHON" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} \
+      timeout ${TEST_TIMEOUT:-420} "$PYTHON" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} \
         --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/tests.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;

@@ -157,7 +157,7 @@ def test_source_instantiations_match_the_dtype_table():
     assert sorted(pairs) == sorted((table[t], table[r]) for t, r in kernels.FORWARD_PAIRS)
     assert sorted(types) == sorted(table[t] for t in kernels.BACKWARD_TYPES)
     for name in (*kernels.FORWARD_KERNELS, kernels.BACKWARD_KERNEL):
-        bounds = r"(ROI_OPS_LAUNCH_BOUNDS|__launch_bounds__\(256, \d\))"
+        bounds = r"(ROI_OPS_LAUNCH_BOUNDS|__launch_bounds__\(256, \w+\))"
         assert re.search(rf"__global__ void {bounds}\s+{name}\(", text), name
     # Every name expression NVRTC is asked for is a template with the instantiated arguments.
     for t, r in kernels.FORWARD_PAIRS:
