@@ -40,7 +40,7 @@ for stage in $stages; do
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     cpubench)
-      for threads in 16 1; do
+      for threads in ${CPU_THREADS:-16 1}; do
         "$PYTHON" -m roi_ops bench --device cpu --full-size --threads "$threads" \
           --backend numba torchvision --mode fwd fwd+bwd --min-reps 2 --budget 1 \
           ${CPU_BENCH_ARGS:-} --json "$OUT/bench-cpu-$threads.json" \

@@ -176,6 +176,8 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
         _advise_tensor(argmax)
     threads = num_threads()
     with _parallel_region(threads):
+        if input.dtype in (torch.float32, torch.float64):
+            _compile_fallback_once(input.dtype)
         if input.dtype in (torch.float32, torch.float64) and _forward_float(
             input, batch, hstart, hend, wstart, wend, pooled_h, pooled_w, output, argmax, threads
         ):
@@ -190,6 +192,30 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
             argmax is not None, _block(channels, num_rois, threads),
             _STAGE_BYTES // input.element_size(),
         )  # fmt: skip
+
+
+_fallback_compiled: set[torch.dtype] = set()
+
+
+def _compile_fallback_once(dtype: torch.dtype) -> None:
+    """Compile (or load from numba's cache) `kernels.pool_forward` for a float dtype up front.
+
+    Which forward a float call takes depends on how much of the map its ROIs cover, so the
+    fallback would otherwise compile in the middle of a run, at the first sparse batch; a 1x1
+    call on the first float call of each dtype keeps later calls free of compilation.
+    """
+    if dtype in _fallback_compiled:
+        return
+    view_dtype, mag_mask, nan_threshold = _BITS[dtype]
+    bits = torch.empty((), dtype=view_dtype).numpy().dtype
+    one = np.ones(1, dtype=np.int64)
+    zero = np.zeros(1, dtype=np.int64)
+    kernels.pool_forward(
+        np.zeros(1, dtype=bits), 1, 1, 1, 1, 1, 1, zero, zero, one, zero, one, 1, 1,
+        mag_mask, nan_threshold, np.zeros(1, dtype=bits), np.zeros(1, dtype=np.int32), True, 1,
+        _STAGE_BYTES // torch.empty((), dtype=dtype).element_size(),
+    )  # fmt: skip
+    _fallback_compiled.add(dtype)
 
 
 def _forward_float(
