@@ -17,13 +17,13 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 from roi_ops import roi_pool
 from roi_ops.backend import RoIPoolProblem
+from roi_ops.bench.runner import median_time_ms
 from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
 from roi_ops.config import value_checks
 
@@ -60,34 +60,13 @@ def environ(values: dict[str, str]):
 
 
 def pipelined_ms(fn, reps: int, inner: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        begin = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(begin.elapsed_time(end) / inner)
-    return statistics.median(samples)
+    """Median over `reps` samples of `inner` back-to-back calls (the bench's own timer)."""
+    return median_time_ms(fn, torch.device("cuda"), 0.0, min_reps=reps, max_reps=reps, queue=inner)
 
 
 def synced_ms(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        begin = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(begin.elapsed_time(end))
-    return statistics.median(samples)
+    """Median of `reps` single synchronised calls (host overhead included)."""
+    return pipelined_ms(fn, reps, 1)
 
 
 def cupy_runner(x, rois, w, out, arg, variant):
