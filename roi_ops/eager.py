@@ -20,6 +20,12 @@ from .ops import roi_pool_backward, roi_pool_backward_op, roi_pool_forward
 
 EAGER_FAST_PATH_ENV = "ROI_OPS_EAGER_FAST_PATH"
 
+# Private torch probes (present in torch 2.11 and 2.13); without them the fast path stays off.
+_function_mode_enabled = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+_functorch = getattr(torch._C, "_functorch", None)
+_interpreter_stack = getattr(_functorch, "peek_interpreter_stack", None)
+_PROBES_AVAILABLE = _function_mode_enabled is not None and _interpreter_stack is not None
+
 
 def fast_path_enabled() -> bool:
     """Whether ``ROI_OPS_EAGER_FAST_PATH`` allows the fast path (on unless 0/false/off/no)."""
@@ -30,13 +36,14 @@ def fast_path_enabled() -> bool:
 def plain_eager(input: Tensor, rois: Tensor) -> bool:
     """True when a call on these tensors can skip the custom op without anyone noticing."""
     return (
-        type(input) is Tensor
+        _PROBES_AVAILABLE
+        and type(input) is Tensor
         and type(rois) is Tensor
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and _get_current_dispatch_mode() is None
-        and not torch._C._is_torch_function_mode_enabled()
-        and torch._C._functorch.peek_interpreter_stack() is None
+        and not _function_mode_enabled()
+        and _interpreter_stack() is None
         and fast_path_enabled()
     )
 

@@ -434,10 +434,6 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _pow2_floor(n: int) -> int:
-    return 1 << max(0, int(n).bit_length() - 1)
-
-
 def _env_overrides(name: str) -> dict[str, int]:
     """Parse ``NAME=key=value,key=value`` (integers) for tuning runs; empty when unset."""
     text = os.environ.get(name, "").strip()
@@ -453,11 +449,11 @@ def _env_overrides(name: str) -> dict[str, int]:
 def forward_config(input: torch.Tensor, pooled_height: int, pooled_width: int) -> ForwardConfig:
     """Pick tile sizes for one call from the input's shape, strides and dtype (no device sync).
 
-    The values that depend on runtime shapes are bounded (split is 1, 2, 4 or 8; block sizes are
-    capped), so shape changes select among a few compiled variants instead of recompiling.
+    The values that depend on runtime shapes are bounded (block sizes are capped), so shape changes
+    select among a few compiled variants instead of recompiling.
     ``ROI_OPS_TRITON_FWD="block_b=256,split=4,num_warps=8"`` overrides fields, for tuning.
     """
-    _, channels, _, width = input.shape
+    channels = input.shape[1]
     s_c, s_w = input.stride(1), input.stride(3)
     bins = pooled_height * pooled_width
     if s_c == 1 and s_w != 1 and channels >= 8:
@@ -466,13 +462,12 @@ def forward_config(input: torch.Tensor, pooled_height: int, pooled_width: int) -
         block_b = min(_pow2_ceil(bins), max(1, 512 // block_c))
         config = ForwardConfig(True, block_c, block_b, 1, 4)
     else:
-        # One lane per bin: splitting a bin's columns over lanes (sized from the map width) was
-        # measured 1.0-2.6x slower on every H100 workload, whose ROIs are much narrower than the
-        # map (scripts/gpu_probe.py, triton:default vs triton:split1).
-        split = 1
-        # 512 lanes x columns per program: 4 per thread (ILP), about 70 registers.
-        block_b = min(512 // split, _pow2_ceil(channels * bins))
-        config = ForwardConfig(False, 1, max(16, block_b), split, 4)
+        # One lane per bin (split 1): splitting a bin's columns over lanes, sized from the map
+        # width, was measured 1.0-2.6x slower on every H100 workload, whose ROIs are much
+        # narrower than the map (scripts/gpu_probe.py, triton:default vs triton:split1).
+        # 512 lanes per program: 4 per thread (ILP).
+        block_b = min(512, _pow2_ceil(channels * bins))
+        config = ForwardConfig(False, 1, max(16, block_b), 1, 4)
     overrides = _env_overrides("ROI_OPS_TRITON_FWD")
     if overrides:
         config = dataclasses.replace(config, **overrides)
