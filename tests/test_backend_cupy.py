@@ -672,6 +672,9 @@ def test_any_nan_is_maximal_and_copied_bit_for_bit(runner, dtype):
     planes = x.view(bits).reshape(1, 4, 36).expand(3, 4, 36)
     picked = planes.gather(2, argmax.clamp(min=0).long().reshape(3, 4, 6)).reshape(argmax.shape)
     assert torch.equal(output.view(bits)[argmax >= 0], picked[argmax >= 0])
+    # Inference (no argmax) takes another reduction (max.NaN in the unit kernel): same bits.
+    inference, _ = run_forward(runner, x, rois, (2, 3), 1.0, needs_argmax=False)
+    assert torch.equal(inference.view(bits), output.view(bits))
 
 
 def test_emulated_half_conversions_are_round_to_nearest_even(emulator_library):

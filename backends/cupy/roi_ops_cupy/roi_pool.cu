@@ -547,6 +547,193 @@ __device__ __noinline__ T first_nan(const T* __restrict__ bin, int bin_h, int bi
   }
   return bin[0];  // unreachable when the bin has a NaN
 }
+
+// Inference without argmax: the bin's maximum through one max.NaN per element (NaN-propagating,
+// no .ftz, sm_80+) instead of a compare-and-select. max.NaN returns one of its operands unless the
+// result is a zero (either sign may come back) or a NaN (canonical, payload lost), so those
+// results are replaced by the bin's first element with the same key (`first_with_key`): the
+// contract's first zero or first NaN. float64 keeps the compare-and-select path.
+// The host emulation is adversarial: ties return the later operand and NaNs a canonical NaN.
+template <class T>
+struct NaNMax {
+  static constexpr bool kEnabled = false;
+};
+#if defined(ROI_OPS_HOST_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+template <>
+struct NaNMax<float> {
+  static constexpr bool kEnabled = true;
+  typedef float V;
+  static __device__ __forceinline__ V load(const float* p) { return *p; }
+  static __device__ __forceinline__ V max(V a, V b) {
+#ifdef ROI_OPS_HOST_EMULATION
+    return a != a || b != b ? __int_as_float(0x7fffffff) : (b >= a ? b : a);
+#else
+    V d;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+    return d;
+#endif
+  }
+  static __device__ __forceinline__ float bits(V m) { return m; }
+  // Not a zero and not a NaN: the result's bits are those of the bin's first maximal element.
+  static __device__ __forceinline__ bool exact(V m) {
+    const unsigned int magnitude = __float_as_int(m) & 0x7fffffffu;
+    return magnitude != 0u && magnitude <= 0x7f800000u;
+  }
+};
+template <>
+struct NaNMax<roi_half> {
+  static constexpr bool kEnabled = true;
+  typedef unsigned short V;
+  static __device__ __forceinline__ V load(const roi_half* p) { return p->bits; }
+  static __device__ __forceinline__ V max(V a, V b) {
+#ifdef ROI_OPS_HOST_EMULATION
+    const float x = half_to_float(a), y = half_to_float(b);
+    return x != x || y != y ? V(0x7fff) : (y >= x ? b : a);
+#else
+    V d;
+    asm("max.NaN.f16 %0, %1, %2;" : "=h"(d) : "h"(a), "h"(b));
+    return d;
+#endif
+  }
+  static __device__ __forceinline__ roi_half bits(V m) {
+    roi_half h;
+    h.bits = m;
+    return h;
+  }
+  static __device__ __forceinline__ bool exact(V m) {
+    const unsigned int magnitude = m & 0x7fffu;
+    return magnitude != 0u && magnitude <= 0x7c00u;
+  }
+};
+template <>
+struct NaNMax<roi_bf16> {
+  static constexpr bool kEnabled = true;
+  typedef unsigned short V;
+  static __device__ __forceinline__ V load(const roi_bf16* p) { return p->bits; }
+  static __device__ __forceinline__ V max(V a, V b) {
+#ifdef ROI_OPS_HOST_EMULATION
+    const float x = bf16_to_float(a), y = bf16_to_float(b);
+    return x != x || y != y ? V(0x7fff) : (y >= x ? b : a);
+#else
+    V d;
+    asm("max.NaN.bf16 %0, %1, %2;" : "=h"(d) : "h"(a), "h"(b));
+    return d;
+#endif
+  }
+  static __device__ __forceinline__ roi_bf16 bits(V m) {
+    roi_bf16 b;
+    b.bits = m;
+    return b;
+  }
+  static __device__ __forceinline__ bool exact(V m) {
+    const unsigned int magnitude = m & 0x7fffu;
+    return magnitude != 0u && magnitude <= 0x7f80u;
+  }
+};
+#endif
+
+// The first element of a non-empty bin whose key equals `key` (integer compares: no flushing).
+template <class T>
+__device__ __noinline__ T first_with_key(const T* __restrict__ bin, int bin_h, int bin_w, i64 sH,
+                                         typename Elem<T>::key key) {
+  for (int i = 0; i < bin_h; ++i) {
+    for (int j = 0; j < bin_w; ++j) {
+      const T v = bin[i * sH + j];
+      if (Elem<T>::key_of(v) == key) return v;
+    }
+  }
+  return bin[0];  // unreachable: the maximum is one of the bin's elements
+}
+
+// The unit kernel's step for U channels of one bin: compare and select per element, tracking the
+// argmax (NaN rules in `replaces`).
+template <class T, int U, bool kArgmax>
+__device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i64 sC, i64 sH,
+                                                 i64 cl, i64 groups, i64 channels, int bin_h,
+                                                 int bin_w, bool empty, int w_int,
+                                                 int first_index, T* __restrict__ out,
+                                                 int* __restrict__ arg, i64 bins) {
+  typedef typename Work<T>::V V;
+  const T* __restrict__ p[U];
+  V best[U];
+  int at[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    // Channels past the block's last repeat channel cl: loaded, never stored.
+    const i64 cu = cl + u * groups < channels ? cl + u * groups : cl;
+    p[u] = planes + cu * sC;
+    best[u] = empty ? V(0) : Work<T>::in(*p[u]);
+    at[u] = 0;
+  }
+  if (!empty) {
+    int row = 0;  // i * W: the argmax offset of the current row
+    for (int i = 0; i < bin_h; ++i) {
+      for (int j = 0; j < bin_w; ++j) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const V v = Work<T>::in(p[u][j]);
+          if (replaces(v, best[u])) {
+            best[u] = v;
+            at[u] = row + j;
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) p[u] += sH;
+      row += w_int;
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const i64 cu = cl + u * groups;
+    if (cu < channels) {
+      T value = Work<T>::out(best[u]);
+      if (!Work<T>::kKeepsNaN && !(best[u] == best[u])) {
+        value = first_nan<T>(planes + cu * sC, bin_h, bin_w, sH);
+      }
+      store_result<T>(out + cu * bins, value);
+      if (kArgmax) store_result<int>(arg + cu * bins, empty ? -1 : first_index + at[u]);
+    }
+  }
+}
+
+// The unit kernel's inference step for U channels of one bin (see NaNMax).
+template <class T, int U>
+__device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes, i64 sC, i64 sH,
+                                                   i64 cl, i64 groups, i64 channels, int bin_h,
+                                                   int bin_w, bool empty, T* __restrict__ out,
+                                                   i64 bins) {
+  typedef typename NaNMax<T>::V V;
+  const T* __restrict__ p[U];
+  V m[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const i64 cu = cl + u * groups < channels ? cl + u * groups : cl;  // as in the argmax path
+    p[u] = planes + cu * sC;
+    m[u] = empty ? V(0) : NaNMax<T>::load(p[u]);
+  }
+  if (!empty) {
+    for (int i = 0; i < bin_h; ++i) {
+      for (int j = 0; j < bin_w; ++j) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) m[u] = NaNMax<T>::max(m[u], NaNMax<T>::load(p[u] + j));
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) p[u] += sH;
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const i64 cu = cl + u * groups;
+    if (cu < channels) {
+      T value = NaNMax<T>::bits(m[u]);
+      if (!empty && !NaNMax<T>::exact(m[u])) {
+        value = first_with_key<T>(planes + cu * sC, bin_h, bin_w, sH, Elem<T>::key_of(value));
+      }
+      store_result<T>(out + cu * bins, value);
+    }
+  }
+}
 }  // namespace roi_ops_cuda
 
 // 64 registers (four blocks per SM): four channels' pointers, maxima and argmaxes at once.
@@ -587,46 +774,13 @@ __global__ void __launch_bounds__(256, ROI_OPS_UNIT_MIN_BLOCKS)
       int* __restrict__ arg = kArgmax ? argmax + (k * C + c0) * layout.bins + q : nullptr;
       const T* __restrict__ planes = image + c0 * sC + corner;
       for (i64 cl = layout.first_channel; cl < channels; cl += U * layout.groups) {
-        const T* __restrict__ p[U];
-        V best[U];
-        int at[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          // Channels past the block's last repeat channel cl: loaded, never stored.
-          const i64 cu = cl + u * layout.groups < channels ? cl + u * layout.groups : cl;
-          p[u] = planes + cu * sC;
-          best[u] = empty ? V(0) : Work<T>::in(*p[u]);
-          at[u] = 0;
-        }
-        if (!empty) {
-          int row = 0;  // i * W: the argmax offset of the current row
-          for (int i = 0; i < bin_h; ++i) {
-            for (int j = 0; j < bin_w; ++j) {
-#pragma unroll
-              for (int u = 0; u < U; ++u) {
-                const V v = Work<T>::in(p[u][j]);
-                if (replaces(v, best[u])) {
-                  best[u] = v;
-                  at[u] = row + j;
-                }
-              }
-            }
-#pragma unroll
-            for (int u = 0; u < U; ++u) p[u] += sH;
-            row += w_int;
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const i64 cu = cl + u * layout.groups;
-          if (cu < channels) {
-            T value = Work<T>::out(best[u]);
-            if (!Work<T>::kKeepsNaN && !(best[u] == best[u])) {
-              value = first_nan<T>(planes + cu * sC, bin_h, bin_w, sH);
-            }
-            store_result<T>(out + cu * layout.bins, value);
-            if (kArgmax) store_result<int>(arg + cu * layout.bins, empty ? -1 : first_index + at[u]);
-          }
+        if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
+          unit_max_no_argmax<T, U>(planes, sC, sH, cl, layout.groups, channels, bin_h, bin_w,
+                                   empty, out, layout.bins);
+        } else {
+          unit_max_compare<T, U, kArgmax>(planes, sC, sH, cl, layout.groups, channels, bin_h,
+                                          bin_w, empty, w_int, first_index, out, arg,
+                                          layout.bins);
         }
       }
     }
