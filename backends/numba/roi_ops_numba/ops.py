@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -95,26 +94,6 @@ def advise_huge_pages(address: int, nbytes: int) -> None:
 
 def _advise_tensor(tensor: torch.Tensor) -> None:
     advise_huge_pages(tensor.data_ptr(), tensor.numel() * tensor.element_size())
-
-
-_workspaces = threading.local()
-# Channels-last copies up to this size are kept for the next call of the same thread (a fresh
-# buffer pays its page faults on every call); larger ones are freed after the call.
-_MAX_KEPT_WORKSPACE_BYTES = 64 * 2**20
-
-
-def _workspace(elements: int, dtype: torch.dtype) -> np.ndarray:
-    """A scratch array of `elements` elements of `dtype`, reused by this thread when small."""
-    kept = getattr(_workspaces, "buffers", None)
-    if kept is None:
-        kept = _workspaces.buffers = {}
-    buffer = kept.get(dtype)
-    if buffer is None or buffer.numel() < elements:
-        buffer = torch.empty(elements, dtype=dtype)
-        _advise_tensor(buffer)
-        if elements * buffer.element_size() <= _MAX_KEPT_WORKSPACE_BYTES:
-            kept[dtype] = buffer
-    return buffer[:elements].numpy()
 
 
 def num_threads() -> int:
@@ -313,7 +292,9 @@ def _forward_float(
     buffer_elements = (
         max((r[1] - r[0]) * (r[3] - r[2]) for _, r, _ in regions) * channels if regions else 0
     )
-    data = _workspace(buffer_elements, input.dtype)
+    buffer = torch.empty(buffer_elements, dtype=input.dtype)
+    _advise_tensor(buffer)
+    data = buffer.numpy()
     zeros = np.zeros(num_rois, dtype=np.int64)  # every ROI's image is the one in the buffer
     for n, (ry0, ry1, rx0, rx1), rois in regions:
         kernels.transpose_region(src, n * s_n, s_c, s_h, s_w, channels, ry0, ry1, rx0, rx1, data)
