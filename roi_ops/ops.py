@@ -88,9 +88,12 @@ def _roi_pool_fake(input, rois, pooled_height, pooled_width, spatial_scale, back
 
 
 def batch_indices(rois: Tensor, num_images: int) -> Tensor:
-    """(K,) int64 batch index of each ROI, clamped into [0, N) (NaN -> 0)."""
-    batch = torch.trunc(torch.nan_to_num(rois[:, 0].float(), nan=0.0, posinf=0.0, neginf=0.0))
-    return batch.clamp(0, max(num_images - 1, 0)).to(torch.int64)
+    """(K,) int64 batch index of each ROI, in [0, N).
+
+    Valid ROIs get trunc(rois[:, 0]); the others (whose argmax is all -1, so they get no
+    gradient) get some index in [0, N). Two kernels: this runs on every backward call.
+    """
+    return rois[:, 0].to(torch.int64).clamp_(0, max(num_images - 1, 0))
 
 
 def _flat_positions(argmax: Tensor, batch_index: Tensor, channels: int, plane: int) -> Tensor:

@@ -262,6 +262,19 @@ def test_cached_plans_replace_exactly_the_pointer_arguments(layout):
     assert not any(int(a) in pointers for a in others if isinstance(a, np.integer))
 
 
+def test_cached_backward_plans_replace_exactly_the_pointer_arguments():
+    launch = pytest.importorskip("roi_ops_cupy.launch")
+    grad_output = torch.randn(3, 20, 3, 3)
+    argmax = torch.zeros(3, 20, 3, 3, dtype=torch.int32)
+    batch_index = torch.zeros(3, dtype=torch.int64)
+    grad_input = torch.zeros(2, 20, 9, 11)
+    plan = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, 132)
+    pointers = [t.data_ptr() for t in (grad_output, argmax, batch_index, grad_input)]
+    assert [int(plan.args[i]) for i in launch._BACKWARD_POINTER_ARGS] == pointers
+    others = [a for i, a in enumerate(plan.args) if i not in launch._BACKWARD_POINTER_ARGS]
+    assert not any(int(a) in pointers for a in others if isinstance(a, np.integer))
+
+
 def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
     x = torch.ones(2, 64, 10, 10)
     rois = torch.zeros(3, 5)

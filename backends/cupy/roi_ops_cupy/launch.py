@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 import cupy
 import numpy as np
@@ -131,6 +132,8 @@ def _device_index(tensor: torch.Tensor) -> int:
 # Forward plans depend on shapes, strides, dtypes and settings, not on the data pointers: a plan
 # is made and packed once per such key, and its four pointer words are rewritten on every call.
 _POINTER_ARGS = (0, 9, 16, 17)  # input, rois, output, argmax in plan_forward's argument list
+# grad_output, argmax, batch_index, grad_input in plan_backward's argument list
+_BACKWARD_POINTER_ARGS = (0, 5, 6, 13)
 _plans: dict[tuple, _Packed | None] = {}
 _MAX_CACHED_PLANS = 256
 
@@ -163,27 +166,46 @@ def _plan_key(problem: RoIPoolProblem, with_argmax: bool, device: int) -> tuple:
     )
 
 
-def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None) -> None:
-    """Fill `output` and, unless None, `argmax` (see `roi_ops.Backend.forward`)."""
-    device = _device_index(problem.input)
-    key = _plan_key(problem, argmax is not None, device)
+def _launch_packed(
+    device: int, key: tuple, make: Callable[[], _Packed | None], pointers: tuple, positions: tuple
+) -> None:
+    """Launch the cached packed plan for `key` (made by `make` on a miss) with `pointers`.
+
+    `positions` are the plan's pointer arguments, rewritten with the tensors in `pointers` (None
+    passes a null pointer).
+    """
     try:
         packed = _plans[key]
     except KeyError:
-        plan = kernels.plan_forward(problem, output, argmax, *_device_sizes(device))
-        names = kernels.forward_names(problem.input.dtype, problem.rois.dtype)
-        packed = None if plan is None else _Packed(device, plan, names)
+        packed = make()
         if len(_plans) >= _MAX_CACHED_PLANS:
             _plans.clear()
         _plans[key] = packed
     if packed is None:
         return
-    pointers = (problem.input, problem.rois, output, argmax)
     with packed.lock:
         words = packed.words
-        for position, tensor in zip(_POINTER_ARGS, pointers, strict=True):
+        for position, tensor in zip(positions, pointers, strict=True):
             words[position] = 0 if tensor is None else tensor.data_ptr()
         packed.launch(device)
+
+
+def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None) -> None:
+    """Fill `output` and, unless None, `argmax` (see `roi_ops.Backend.forward`)."""
+    device = _device_index(problem.input)
+
+    def make() -> _Packed | None:
+        plan = kernels.plan_forward(problem, output, argmax, *_device_sizes(device))
+        names = kernels.forward_names(problem.input.dtype, problem.rois.dtype)
+        return None if plan is None else _Packed(device, plan, names)
+
+    _launch_packed(
+        device,
+        _plan_key(problem, argmax is not None, device),
+        make,
+        (problem.input, problem.rois, output, argmax),
+        _POINTER_ARGS,
+    )
 
 
 def backward(
@@ -204,8 +226,24 @@ def backward(
     grad_input = torch.zeros(input_shape, dtype=accumulate, device=grad_output.device)
     grad_output = grad_output.to(input_dtype)
     argmax = argmax.contiguous()  # kept referenced until the launch is queued
-    multiprocessors = _device_sizes(device)[0]
-    launch = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, multiprocessors)
-    if launch is not None:
-        _run(device, launch, (launch.name,))
+
+    def make() -> _Packed | None:
+        launch = kernels.plan_backward(
+            grad_output, argmax, batch_index, grad_input, _device_sizes(device)[0]
+        )
+        return None if launch is None else _Packed(device, launch, (launch.name,))
+
+    key = (
+        "backward",
+        device,
+        grad_output.shape,
+        grad_output.stride(),
+        grad_output.dtype,
+        batch_index.stride(),
+        tuple(input_shape),
+        os.environ.get("ROI_OPS_CUPY_BLOCK_ELEMENTS"),
+        os.environ.get(kernels.DEFINES_ENV),
+    )
+    pointers = (grad_output, argmax, batch_index, grad_input)
+    _launch_packed(device, key, make, pointers, _BACKWARD_POINTER_ARGS)
     return grad_input if accumulate == input_dtype else grad_input.to(input_dtype)
