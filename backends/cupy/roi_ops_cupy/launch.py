@@ -69,7 +69,7 @@ class _Packed:
     """A launch ready for cuLaunchKernel: the kernel's handle and its arguments as 8-byte words.
 
     CuPy's RawKernel call converts every argument on every launch (about 30 us for the forward's
-    18); here they are packed once, and a cached forward plan only rewrites its pointer words.
+    18); here they are packed once, and a cached plan only rewrites its pointer words.
     """
 
     __slots__ = ("name", "function", "grid", "block", "shared_mem", "words", "pointers", "lock")
