@@ -72,7 +72,17 @@ class _Packed:
     18); here they are packed once, and a cached plan only rewrites its pointer words.
     """
 
-    __slots__ = ("name", "function", "grid", "block", "shared_mem", "words", "pointers", "lock")
+    __slots__ = (
+        "name",
+        "function",
+        "grid",
+        "block",
+        "shared_mem",
+        "words",
+        "pointers",
+        "params",
+        "lock",
+    )
 
     def __init__(self, device: int, launch: kernels.Launch, module_names: tuple[str, ...]):
         kernel = _kernel(device, launch.name, module_names)
@@ -85,6 +95,7 @@ class _Packed:
         self.words = np.array([np.asarray(a).view(np.uint64) for a in launch.args], np.uint64)
         # cuLaunchKernel's kernelParams: the address of each argument.
         self.pointers = self.words.ctypes.data + 8 * np.arange(len(self.words), dtype=np.uint64)
+        self.params = self.pointers.ctypes.data  # both arrays live as long as this object
         self.lock = threading.Lock()  # callers that rewrite `words` hold it until the launch
 
     def launch(self, device: int) -> None:
@@ -105,8 +116,12 @@ class _Packed:
     def _launch(self, stream: int) -> None:
         driver.launchKernel(
             self.function, *self.grid, *self.block, self.shared_mem, stream,
-            self.pointers.ctypes.data, 0,
+            self.params, 0,
         )  # fmt: skip
+
+
+# torch's own cheap accessor (what torch.compile's generated code calls); public API otherwise.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _current_stream(device: int) -> int:
@@ -114,10 +129,6 @@ def _current_stream(device: int) -> int:
     if _raw_stream is not None:
         return _raw_stream(device)
     return torch.cuda.current_stream(device).cuda_stream
-
-
-# torch's own cheap accessor (what torch.compile's generated code calls); public API otherwise.
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _run(device: int, launch: kernels.Launch, module_names: tuple[str, ...]) -> None:
@@ -139,9 +150,9 @@ _plans: dict[tuple, _Packed | None] = {}
 _MAX_CACHED_PLANS = 256
 
 
-def _plan_key(problem: RoIPoolProblem, with_argmax: bool, device: int) -> tuple:
-    x, rois = problem.input, problem.rois
-    settings = (
+def _settings() -> tuple:
+    """Everything besides the tensors that a plan (or the module it runs) depends on."""
+    return (
         kernels.TARGET_BLOCK_ELEMENTS,
         kernels.UNIT_BLOCK_ELEMENTS_CACHED,
         kernels.UNIT_BLOCK_ELEMENTS_STREAMED,
@@ -151,6 +162,10 @@ def _plan_key(problem: RoIPoolProblem, with_argmax: bool, device: int) -> tuple:
         os.environ.get("ROI_OPS_CUPY_BLOCK_ELEMENTS"),
         os.environ.get(kernels.DEFINES_ENV),
     )
+
+
+def _plan_key(problem: RoIPoolProblem, with_argmax: bool, device: int) -> tuple:
+    x, rois = problem.input, problem.rois
     return (
         device,
         x.shape,
@@ -163,7 +178,7 @@ def _plan_key(problem: RoIPoolProblem, with_argmax: bool, device: int) -> tuple:
         problem.pooled_width,
         problem.spatial_scale,
         with_argmax,
-        settings,
+        _settings(),
     )
 
 
@@ -242,8 +257,7 @@ def backward(
         grad_output.dtype,
         batch_index.stride(),
         tuple(input_shape),
-        os.environ.get("ROI_OPS_CUPY_BLOCK_ELEMENTS"),
-        os.environ.get(kernels.DEFINES_ENV),
+        _settings(),
     )
     pointers = (grad_output, argmax, batch_index, grad_input)
     _launch_packed(device, key, make, pointers, _BACKWARD_POINTER_ARGS)

@@ -534,18 +534,18 @@ __device__ __forceinline__ bool replaces(double v, double best) {
   return !(v <= best) && best == best;  // float64 operations never flush
 }
 
-// The bits of the first NaN of a bin that has one (for dtypes whose NaN payload does not
-// survive Work<T>; only runs when a bin's maximum is NaN).
+// The first element of a non-empty bin whose key equals `key` (integer compares: no flushing):
+// the first NaN or the first zero of a bin whose maximum is one, with its exact bits.
 template <class T>
-__device__ __noinline__ T first_nan(const T* __restrict__ bin, int bin_h, int bin_w, i64 sH) {
+__device__ __noinline__ T first_with_key(const T* __restrict__ bin, int bin_h, int bin_w, i64 sH,
+                                         typename Elem<T>::key key) {
   for (int i = 0; i < bin_h; ++i) {
     for (int j = 0; j < bin_w; ++j) {
       const T v = bin[i * sH + j];
-      const typename Work<T>::V w = Work<T>::in(v);
-      if (!(w == w)) return v;
+      if (Elem<T>::key_of(v) == key) return v;
     }
   }
-  return bin[0];  // unreachable when the bin has a NaN
+  return bin[0];  // unreachable: the maximum is one of the bin's elements
 }
 
 // Inference without argmax: the bin's maximum through one max.NaN per element (NaN-propagating,
@@ -580,70 +580,41 @@ struct NaNMax<float> {
     return magnitude != 0u && magnitude <= 0x7f800000u;
   }
 };
-template <>
-struct NaNMax<roi_half> {
+// float16 and bfloat16: the same on their raw bits; kInfBits is the type's +inf pattern.
+template <class T, unsigned int kInfBits>
+struct NaNMax16 {
   static constexpr bool kEnabled = true;
   typedef unsigned short V;
-  static __device__ __forceinline__ V load(const roi_half* p) { return p->bits; }
+  static __device__ __forceinline__ V load(const T* p) { return p->bits; }
   static __device__ __forceinline__ V max(V a, V b) {
 #ifdef ROI_OPS_HOST_EMULATION
-    const float x = half_to_float(a), y = half_to_float(b);
+    const float x = Work<T>::in(bits(a)), y = Work<T>::in(bits(b));
     return x != x || y != y ? V(0x7fff) : (y >= x ? b : a);
 #else
     V d;
-    asm("max.NaN.f16 %0, %1, %2;" : "=h"(d) : "h"(a), "h"(b));
-    return d;
-#endif
-  }
-  static __device__ __forceinline__ roi_half bits(V m) {
-    roi_half h;
-    h.bits = m;
-    return h;
-  }
-  static __device__ __forceinline__ bool exact(V m) {
-    const unsigned int magnitude = m & 0x7fffu;
-    return magnitude != 0u && magnitude <= 0x7c00u;
-  }
-};
-template <>
-struct NaNMax<roi_bf16> {
-  static constexpr bool kEnabled = true;
-  typedef unsigned short V;
-  static __device__ __forceinline__ V load(const roi_bf16* p) { return p->bits; }
-  static __device__ __forceinline__ V max(V a, V b) {
-#ifdef ROI_OPS_HOST_EMULATION
-    const float x = bf16_to_float(a), y = bf16_to_float(b);
-    return x != x || y != y ? V(0x7fff) : (y >= x ? b : a);
-#else
-    V d;
-    asm("max.NaN.bf16 %0, %1, %2;" : "=h"(d) : "h"(a), "h"(b));
-    return d;
-#endif
-  }
-  static __device__ __forceinline__ roi_bf16 bits(V m) {
-    roi_bf16 b;
-    b.bits = m;
-    return b;
-  }
-  static __device__ __forceinline__ bool exact(V m) {
-    const unsigned int magnitude = m & 0x7fffu;
-    return magnitude != 0u && magnitude <= 0x7f80u;
-  }
-};
-#endif
-
-// The first element of a non-empty bin whose key equals `key` (integer compares: no flushing).
-template <class T>
-__device__ __noinline__ T first_with_key(const T* __restrict__ bin, int bin_h, int bin_w, i64 sH,
-                                         typename Elem<T>::key key) {
-  for (int i = 0; i < bin_h; ++i) {
-    for (int j = 0; j < bin_w; ++j) {
-      const T v = bin[i * sH + j];
-      if (Elem<T>::key_of(v) == key) return v;
+    if constexpr (kInfBits == 0x7c00u) {
+      asm("max.NaN.f16 %0, %1, %2;" : "=h"(d) : "h"(a), "h"(b));
+    } else {
+      asm("max.NaN.bf16 %0, %1, %2;" : "=h"(d) : "h"(a), "h"(b));
     }
+    return d;
+#endif
   }
-  return bin[0];  // unreachable: the maximum is one of the bin's elements
-}
+  static __device__ __forceinline__ T bits(V m) {
+    T t;
+    t.bits = m;
+    return t;
+  }
+  static __device__ __forceinline__ bool exact(V m) {
+    const unsigned int magnitude = m & 0x7fffu;
+    return magnitude != 0u && magnitude <= kInfBits;
+  }
+};
+template <>
+struct NaNMax<roi_half> : NaNMax16<roi_half, 0x7c00u> {};
+template <>
+struct NaNMax<roi_bf16> : NaNMax16<roi_bf16, 0x7f80u> {};
+#endif
 
 // The unit kernel's step for U channels of one bin: compare and select per element, tracking the
 // argmax (NaN rules in `replaces`).
@@ -688,8 +659,8 @@ __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i
     const i64 cu = cl + u * groups;
     if (cu < channels) {
       T value = Work<T>::out(best[u]);
-      if (!Work<T>::kKeepsNaN && !(best[u] == best[u])) {
-        value = first_nan<T>(planes + cu * sC, bin_h, bin_w, sH);
+      if (!Work<T>::kKeepsNaN && !(best[u] == best[u])) {  // the NaN's payload was lost
+        value = first_with_key<T>(planes + cu * sC, bin_h, bin_w, sH, Elem<T>::key_of(value));
       }
       store_result<T>(out + cu * bins, value);
       if (kArgmax) store_result<int>(arg + cu * bins, empty ? -1 : first_index + at[u]);
