@@ -74,7 +74,8 @@ def cupy_runner(x, rois, w, out, arg, variant):
 
     problem = RoIPoolProblem(x, rois, w.output_size, w.output_size, w.spatial_scale, True)
     with environ(CUPY_VARIANTS[variant]):
-        plan = kernels.plan_forward(problem, out, arg, *launch._device_sizes(x.device.index or 0))
+        sizes = launch._device_sizes(x.device.index or 0)[:2]
+        plan = kernels.plan_forward(problem, out, arg, *sizes)
     names = kernels.forward_names(x.dtype, rois.dtype)
     device = x.device.index or 0
     defines = CUPY_VARIANTS[variant].get(kernels.DEFINES_ENV, "")
@@ -244,7 +245,7 @@ def host_overhead(out_dir):
     problem = RoIPoolProblem(x, rois, 7, 7, 1.0, True)
     out = torch.empty(problem.output_shape, device=device)
     arg = torch.empty(problem.output_shape, device=device, dtype=torch.int32)
-    plan = kernels.plan_forward(problem, out, arg, *launch._device_sizes(0))
+    plan = kernels.plan_forward(problem, out, arg, *launch._device_sizes(0)[:2])
     names = kernels.forward_names(x.dtype, rois.dtype)
     backend = CupyBackend()
 
@@ -255,7 +256,7 @@ def host_overhead(out_dir):
     calls["cupy:grad:custom-op"] = custom_op_call
     calls["part:backend.forward"] = lambda: backend.forward(problem, out, arg)
     calls["part:plan_forward"] = lambda: kernels.plan_forward(
-        problem, out, arg, *launch._device_sizes(0)
+        problem, out, arg, *launch._device_sizes(0)[:2]
     )
     calls["part:_run"] = lambda: launch._run(0, plan, names)
     calls["part:2 x torch.empty"] = lambda: (

@@ -156,14 +156,17 @@ def test_source_instantiations_match_the_dtype_table():
     table = kernels.C_TYPES
     assert sorted(pairs) == sorted((table[t], table[r]) for t, r in kernels.FORWARD_PAIRS)
     assert sorted(types) == sorted(table[t] for t in kernels.BACKWARD_TYPES)
-    for name in (*kernels.FORWARD_KERNELS, kernels.BACKWARD_KERNEL):
+    for name in (*kernels.FORWARD_KERNELS, *kernels.BACKWARD_KERNELS):
         bounds = r"(ROI_OPS_LAUNCH_BOUNDS|__launch_bounds__\(256, \w+\))"
         assert re.search(rf"__global__ void {bounds}\s+{name}\(", text), name
     # Every name expression NVRTC is asked for is a template with the instantiated arguments.
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
             assert re.fullmatch(r"roi_pool_forward_(plane|chan|unit)<\w+, \w+, (true|false)>", expr)
-    assert kernels.backward_name(torch.bfloat16) == "roi_pool_backward_atomic<roi_bf16>"
+    assert kernels.backward_names(torch.bfloat16) == (
+        "roi_pool_backward_atomic<roi_bf16>",
+        "roi_pool_backward_planes<roi_bf16>",
+    )
 
 
 def test_source_is_self_contained_for_nvrtc():
@@ -180,7 +183,7 @@ def test_compile_check_script_passes():
     resources = [line for line in result.stdout.splitlines() if line.startswith("  sm_90 ")]
     expected = len(kernels.FORWARD_PAIRS) * 2 * len(kernels.FORWARD_KERNELS) + len(
         kernels.BACKWARD_TYPES
-    )
+    ) * len(kernels.BACKWARD_KERNELS)
     assert len(resources) == expected
     assert all("0 B spill stores, 0 B spill loads" in line for line in resources)
 
@@ -209,7 +212,7 @@ def test_nvrtc_compiles_every_module_through_cupy():
         "compiler._get_arch_for_options_for_nvrtc = arch_options\n"
         "options = kernels.COMPILE_OPTIONS + ('-ftz=true',)  # RawModule adds -ftz=true\n"
         "groups = [kernels.forward_names(t, r) for t, r in kernels.FORWARD_PAIRS]\n"
-        "groups.append(tuple(kernels.backward_name(t) for t in kernels.BACKWARD_TYPES))\n"
+        "groups.append(sum((kernels.backward_names(t) for t in kernels.BACKWARD_TYPES), ()))\n"
         "for arch in ('80', '90'):\n"
         "    for names in groups:\n"
         "        binary, mapping = compiler.compile_using_nvrtc(\n"
@@ -262,17 +265,64 @@ def test_cached_plans_replace_exactly_the_pointer_arguments(layout):
     assert not any(int(a) in pointers for a in others if isinstance(a, np.integer))
 
 
-def test_cached_backward_plans_replace_exactly_the_pointer_arguments():
+@pytest.mark.parametrize("kernel", kernels.BACKWARD_KERNELS)
+def test_cached_backward_plans_replace_exactly_the_pointer_arguments(kernel):
     launch = pytest.importorskip("roi_ops_cupy.launch")
     grad_output = torch.randn(3, 20, 3, 3)
     argmax = torch.zeros(3, 20, 3, 3, dtype=torch.int32)
     batch_index = torch.zeros(3, dtype=torch.int64)
     grad_input = torch.zeros(2, 20, 9, 11)
-    plan = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, 132)
+    plan = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, 132, 0, kernel)
+    assert plan.name == f"{kernel}<float>"
     pointers = [t.data_ptr() for t in (grad_output, argmax, batch_index, grad_input)]
     assert [int(plan.args[i]) for i in launch._BACKWARD_POINTER_ARGS] == pointers
     others = [a for i, a in enumerate(plan.args) if i not in launch._BACKWARD_POINTER_ARGS]
     assert not any(int(a) in pointers for a in others if isinstance(a, np.integer))
+
+
+def test_backward_kernel_choice(monkeypatch):
+    choose = kernels.backward_kernel
+    planes, atomic = kernels.BACKWARD_PLANES, kernels.BACKWARD_ATOMIC
+    optin = 227 * 1024
+    frcnn = ((2, 1024, 38, 63), torch.float32, (512, 1024, 7, 7), 132, optin)
+    assert choose(*frcnn) == planes
+    assert choose((2, 1024, 38, 63), torch.float16, (512, 1024, 14, 14), 132, optin) == planes
+    # a 200 x 272 float32 plane (218 KB) fits but leaves one block per SM: atomics win
+    assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), 132, optin) == atomic
+    assert choose((1, 16, 38, 63), torch.float32, (512, 16, 7, 7), 132, optin) == atomic  # few
+    assert choose((2, 1024, 38, 63), torch.float32, (0, 1024, 7, 7), 132, optin) == atomic
+    assert choose((2, 1024, 80, 80), torch.float64, (9, 1024, 7, 7), 132, 48 * 1024) == atomic
+    monkeypatch.setenv("ROI_OPS_CUPY_BACKWARD", "atomic")
+    assert choose(*frcnn) == atomic
+    monkeypatch.setenv("ROI_OPS_CUPY_BACKWARD", "planes")
+    assert choose((1, 16, 38, 63), torch.float32, (512, 16, 7, 7), 132, optin) == planes
+    assert choose((2, 1, 300, 300), torch.float32, (5, 1, 7, 7), 132, optin) == atomic  # no fit
+
+
+def test_backward_plans_size_blocks_and_shared_memory():
+    grad_output = torch.randn(600, 20, 7, 7)
+    argmax = torch.zeros(600, 20, 7, 7, dtype=torch.int32)
+    batch_index = torch.zeros(600, dtype=torch.int64)
+    grad_input = torch.zeros(3, 20, 30, 40)
+    planes = kernels.plan_backward(
+        grad_output, argmax, batch_index, grad_input, 132, 0, kernels.BACKWARD_PLANES
+    )
+    assert planes.grid == (3 * 20, 1, 1) and planes.block == (256, 1, 1)
+    assert planes.shared_mem == kernels.PLANES_CHANNELS * 30 * 40 * 4
+    assert int(planes.args[12]) == kernels.PLANES_CHANNELS and int(planes.args[14]) == 600
+    half = kernels.plan_backward(
+        grad_output.half(), argmax, batch_index, grad_input.half(), 132, 0, kernels.BACKWARD_PLANES
+    )
+    assert half.name == "roi_pool_backward_planes<roi_half>"
+    assert half.shared_mem == planes.shared_mem  # float32 accumulators
+    # The atomic kernel: small channel blocks when grad_input does not fit in L2.
+    cached = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, 1, 2**30)
+    streamed = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, 1, 2**10)
+    assert int(streamed.args[12]) == kernels.BACKWARD_BLOCK_ELEMENTS_STREAMED // 49
+    assert int(cached.args[12]) == min(20, kernels.TARGET_BLOCK_ELEMENTS // 49)
+    assert cached.grid == (600, 1, 1) and streamed.grid == (600, 2, 1)
+    empty = torch.zeros(0, 20, 7, 7, dtype=torch.int32)
+    assert kernels.plan_backward(grad_output[:0], empty, batch_index[:0], grad_input, 132) is None
 
 
 def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
@@ -403,7 +453,7 @@ class CudaLauncher:
         self._launch = launch
 
     def launch(self, launch: kernels.Launch) -> None:
-        if launch.name.startswith(kernels.BACKWARD_KERNEL):
+        if launch.name.startswith(kernels.BACKWARD_KERNELS):
             names = (launch.name,)
         else:
             types = {v: k for k, v in kernels.C_TYPES.items()}
@@ -729,8 +779,20 @@ def test_emulated_half_conversions_are_round_to_nearest_even(emulator_library):
     assert bool(decoded[~finite].isnan().all())
 
 
+def _run_backward_planes(runner, grad_output, argmax, batch, shape, dtype) -> torch.Tensor:
+    """grad_input from the planes kernel, poisoned first (every element must be written)."""
+    grad_input, buffer = _guarded(shape, _contiguous_strides(shape), dtype, runner.device, -7.0)
+    grad_input.fill_(math.nan)
+    launch = kernels.plan_backward(
+        grad_output, argmax, batch, grad_input, 1, 0, kernels.BACKWARD_PLANES
+    )
+    runner.launch(launch)
+    _check_guards(buffer, -7.0)
+    return grad_input
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_backward_scatter(runner, dtype):
+def test_backward_scatter(runner, dtype, monkeypatch):
     case = contract_cases("cpu", dtype, seed=2)[0]
     x, rois = _wide(case.input, 5), case.rois_tensor()
     _, argmax = reference_roi_pool(x, rois, case.output_size, case.spatial_scale)
@@ -761,6 +823,55 @@ def test_backward_scatter(runner, dtype):
             launch = dataclasses.replace(launch, grid=(launch.grid[0], grid_y, 1))
         runner.launch(launch)
         assert torch.equal(grad_input.cpu().to(torch.float64), reference)
+        # The planes kernel: one channel per block, then blocks of 2 (the last one short).
+        for channels in (1, 2):
+            monkeypatch.setattr(kernels, "PLANES_CHANNELS", channels)
+            planes = _run_backward_planes(
+                runner, grad_output, argmax.to(device), batch.to(device), tuple(x.shape), dtype
+            )
+            assert torch.equal(planes.cpu(), reference.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kernel", kernels.BACKWARD_KERNELS)
+def test_backward_many_rois_in_rounds(runner, dtype, kernel):
+    """600 ROIs (the planes kernel collects an image's ROIs 256 at a time), images interleaved,
+    some ROIs invalid; float16/bfloat16 sums pass their precision and are rounded once."""
+    g = torch.Generator().manual_seed(7)
+    num_images, channels, height, width = 3, 2, 9, 11
+    x = torch.randn(num_images, channels, height, width, generator=g).to(dtype)
+    k = 600
+    corners = torch.rand(k, 2, generator=g) * torch.tensor([width - 1.0, height - 1.0])
+    sizes = torch.rand(k, 2, generator=g) * 5
+    batch_values = torch.randint(0, num_images, (k,), generator=g).double()
+    batch_values[::37] = num_images  # out of range: every bin empty, no gradient
+    rois = torch.cat([batch_values[:, None], corners, corners + sizes], dim=1).to(
+        torch.float32 if dtype == torch.bfloat16 else dtype
+    )
+    _, argmax = reference_roi_pool(x, rois, (3, 2), 1.0)
+    grad = (torch.randn(argmax.shape, generator=g) * 3).to(dtype)
+    batch = rois[:, 0].double().trunc().clamp(0, num_images - 1).long()
+    expected = reference_roi_pool_backward(grad, argmax, rois, tuple(x.shape))
+    device = runner.device
+    args = (grad.to(device), argmax.to(device), batch.to(device))
+    if kernel == kernels.BACKWARD_PLANES:
+        result = _run_backward_planes(runner, *args, tuple(x.shape), dtype).cpu()
+    else:
+        grad_input = torch.zeros(x.shape, dtype=kernels.accumulate_dtype(dtype), device=device)
+        runner.launch(kernels.plan_backward(*args, grad_input, 1))
+        result = grad_input.cpu().to(dtype)
+    # float32/float64 sums in another order: equal to a few ulps; rounded once for 16-bit types
+    exact = expected.to(kernels.accumulate_dtype(dtype)).to(dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        assert (result.double() - exact.double()).abs().le(exact.double().abs() * 2**-7).all()
+    else:
+        torch.testing.assert_close(
+            result,
+            exact,
+            rtol=1e-5 if dtype == torch.float32 else 1e-12,
+            atol=1e-5 if dtype == torch.float32 else 1e-12,
+        )
+    assert bool(expected.ne(0).sum() > 100)  # real sums, not zeros
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -56,7 +56,9 @@ BACKWARD_TYPES: tuple[torch.dtype, ...] = (
     torch.float64,
 )
 FORWARD_KERNELS = ("roi_pool_forward_plane", "roi_pool_forward_chan", "roi_pool_forward_unit")
-BACKWARD_KERNEL = "roi_pool_backward_atomic"
+BACKWARD_ATOMIC = "roi_pool_backward_atomic"
+BACKWARD_PLANES = "roi_pool_backward_planes"
+BACKWARD_KERNELS = (BACKWARD_ATOMIC, BACKWARD_PLANES)
 
 THREADS = 256  # the chan kernel's block, the others' largest (kThreads in roi_pool.cu)
 CHAN_LANES = 32  # channels per block of the chan kernel (kChanLanes)
@@ -69,6 +71,17 @@ TARGET_BLOCK_ELEMENTS = 2048  # outputs per block of the plane and backward kern
 UNIT_BLOCK_ELEMENTS_CACHED = 8192
 UNIT_BLOCK_ELEMENTS_STREAMED = 1024
 MIN_BLOCKS_PER_SM = 8
+# The atomic backward: when grad_input does not fit in L2, small channel blocks keep the planes
+# that the resident blocks add into (all ROIs of one channel block run first) in L2.
+BACKWARD_BLOCK_ELEMENTS_STREAMED = 512
+# The planes backward: one channel per block (measured fastest on the H100: 1 to 4 tried), for
+# planes up to this size (larger ones leave too few blocks per SM), and only with enough blocks
+# (N * C of them) to fill the GPU; otherwise the atomic backward runs.
+PLANES_CHANNELS = 1
+PLANES_MAX_BYTES = 64 * 1024
+PLANES_MIN_BLOCKS_PER_SM = 4
+PLANES_STATIC_SHARED = 2048  # the kernel's own __shared__ arrays, with room to spare
+DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without opting in
 MAX_GRID_Y = 65535
 INT32_LIMIT = 2**31
 
@@ -95,9 +108,15 @@ def forward_names(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> tuple[st
     )
 
 
-def backward_name(dtype: torch.dtype) -> str:
-    """The name expression of the backward kernel for gradients of `dtype`."""
-    return f"{BACKWARD_KERNEL}<{C_TYPES[dtype]}>"
+def backward_name(kernel: str, dtype: torch.dtype) -> str:
+    """The name expression of backward `kernel` for gradients of `dtype`."""
+    return f"{kernel}<{C_TYPES[dtype]}>"
+
+
+@functools.cache
+def backward_names(dtype: torch.dtype) -> tuple[str, ...]:
+    """Both backward instantiations for `dtype`: what one NVRTC module compiles."""
+    return tuple(backward_name(kernel, dtype) for kernel in BACKWARD_KERNELS)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -239,37 +258,89 @@ def plan_forward(
     return Launch(name, (num_rois, grid_y, 1), (THREADS, 1, 1), 0, head + _ints(per_block) + tail)
 
 
+def backward_kernel(
+    input_shape: tuple[int, int, int, int],
+    input_dtype: torch.dtype,
+    argmax_shape: tuple[int, ...],
+    multiprocessors: int,
+    shared_limit: int = DEFAULT_SHARED_LIMIT,
+) -> str:
+    """BACKWARD_PLANES when a block's gradient planes fit in shared memory and there are enough
+    (image, channel) blocks, else BACKWARD_ATOMIC. ``ROI_OPS_CUPY_BACKWARD=atomic|planes``
+    forces one (planes only where it can run), for tuning and tests.
+
+    Args:
+        input_shape: (N, C, H, W); input_dtype: the gradient's dtype.
+        argmax_shape: (K, C, PH, PW).
+        multiprocessors: the device's SM count.
+        shared_limit: the most shared memory a block may use (opted in), in bytes.
+    """
+    num_images, channels, height, width = input_shape
+    num_rois, _, ph, pw = argmax_shape
+    plane_bytes = PLANES_CHANNELS * height * width * _element_size(accumulate_dtype(input_dtype))
+    can_run = (
+        num_rois > 0  # with no ROI, grad_input is the atomic path's zero fill
+        and plane_bytes + PLANES_STATIC_SHARED <= shared_limit
+        and PLANES_CHANNELS * ph * pw * THREADS < INT32_LIMIT
+        and num_images * math.ceil(channels / PLANES_CHANNELS) < INT32_LIMIT
+    )
+    forced = os.environ.get("ROI_OPS_CUPY_BACKWARD", "").strip()
+    if forced in ("atomic", "planes"):
+        return BACKWARD_PLANES if forced == "planes" and can_run else BACKWARD_ATOMIC
+    enough_blocks = num_images * channels >= PLANES_MIN_BLOCKS_PER_SM * multiprocessors
+    if can_run and enough_blocks and plane_bytes <= PLANES_MAX_BYTES:
+        return BACKWARD_PLANES
+    return BACKWARD_ATOMIC
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def plan_backward(
     grad_output: torch.Tensor,
     argmax: torch.Tensor,
     batch_index: torch.Tensor,
     grad_input: torch.Tensor,
     multiprocessors: int,
+    l2_bytes: int = 0,
+    kernel: str = BACKWARD_ATOMIC,
 ) -> Launch | None:
-    """The atomic backward launch (None when there is nothing to scatter).
+    """The backward launch (None when there is nothing to launch).
 
     Args:
         grad_output: (K, C, PH, PW) of the input's dtype, any strides (zero strides too).
         argmax: contiguous int32 (K, C, PH, PW).
         batch_index: (K,) int64, each in [0, N).
-        grad_input: zero-filled contiguous (N, C, H, W) of `accumulate_dtype(grad_output.dtype)`.
+        grad_input: contiguous (N, C, H, W): for BACKWARD_ATOMIC zero-filled, of
+            `accumulate_dtype(grad_output.dtype)`; for BACKWARD_PLANES of grad_output's dtype,
+            any contents (every element is written).
         multiprocessors: the device's SM count.
+        l2_bytes: the device's L2 cache size (0 if unknown: grad_input counts as not cached).
+        kernel: BACKWARD_ATOMIC or BACKWARD_PLANES (see `backward_kernel`).
     """
     num_rois, channels, ph, pw = argmax.shape
-    if argmax.numel() == 0 or grad_input.numel() == 0:
+    if grad_input.numel() == 0 or (argmax.numel() == 0 and kernel == BACKWARD_ATOMIC):
         return None
-    _, _, height, width = grad_input.shape
-    per_block = _channels_per_block(
-        num_rois, channels, ph * pw, multiprocessors, TARGET_BLOCK_ELEMENTS
-    )
-    grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
-    args = (
+    num_images, _, height, width = grad_input.shape
+    name = backward_name(kernel, grad_output.dtype)
+    head = (
         _pointer(grad_output),
         *_ints(*grad_output.stride()),
         _pointer(argmax),
         _pointer(batch_index),
-        *_ints(batch_index.stride(0), channels, height * width, ph, pw, per_block),
-        _pointer(grad_input),
+        *_ints(batch_index.stride(0), channels, height * width, ph, pw),
     )
+    if kernel == BACKWARD_PLANES:
+        per_block = PLANES_CHANNELS
+        blocks = num_images * math.ceil(channels / per_block)
+        shared = per_block * height * width * _element_size(accumulate_dtype(grad_input.dtype))
+        args = head + _ints(per_block) + (_pointer(grad_input),) + _ints(num_rois)
+        return Launch(name, (blocks, 1, 1), (THREADS, 1, 1), shared, args)
+    grad_bytes = grad_input.numel() * grad_input.element_size()
+    target = TARGET_BLOCK_ELEMENTS if grad_bytes <= l2_bytes else BACKWARD_BLOCK_ELEMENTS_STREAMED
+    per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors, target)
+    grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
+    args = head + _ints(per_block) + (_pointer(grad_input),)
     block = (plane_threads(ph * pw), 1, 1)
-    return Launch(backward_name(grad_output.dtype), (num_rois, grid_y, 1), block, 0, args)
+    return Launch(name, (num_rois, grid_y, 1), block, 0, args)

@@ -24,7 +24,9 @@ from . import kernels
 
 _lock = threading.Lock()
 _kernels: dict[tuple[int, str, tuple[str, ...]], cupy.RawKernel] = {}
-_sizes: dict[int, tuple[int, int]] = {}
+_sizes: dict[int, tuple[int, int, int]] = {}
+# cuFuncSetAttribute's CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_MAX_DYNAMIC_SHARED_ATTRIBUTE = 8
 
 
 def _kernel(device: int, name: str, module_names: tuple[str, ...]) -> cupy.RawKernel:
@@ -55,12 +57,19 @@ def _kernel(device: int, name: str, module_names: tuple[str, ...]) -> cupy.RawKe
         return _kernels[(device, name, options)]
 
 
-def _device_sizes(device: int) -> tuple[int, int]:
-    """(SM count, L2 bytes) of `device`, cached."""
+def _device_sizes(device: int) -> tuple[int, int, int]:
+    """(SM count, L2 bytes, shared memory a block may opt in to) of `device`, cached."""
     sizes = _sizes.get(device)
     if sizes is None:
         properties = torch.cuda.get_device_properties(device)
-        sizes = (properties.multi_processor_count, getattr(properties, "L2_cache_size", 0))
+        shared = cupy.cuda.runtime.deviceGetAttribute(
+            cupy.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device
+        )
+        sizes = (
+            properties.multi_processor_count,
+            getattr(properties, "L2_cache_size", 0),
+            shared,
+        )
         _sizes[device] = sizes
     return sizes
 
@@ -88,6 +97,10 @@ class _Packed:
         kernel = _kernel(device, launch.name, module_names)
         with cupy.cuda.Device(device):
             self.function = kernel.kernel.ptr  # the CUfunction loaded on `device`
+            if launch.shared_mem > kernels.DEFAULT_SHARED_LIMIT:  # an opt-in, per function
+                driver.funcSetAttribute(
+                    self.function, _MAX_DYNAMIC_SHARED_ATTRIBUTE, launch.shared_mem
+                )
         self.name = launch.name
         self.grid = launch.grid
         self.block = launch.block
@@ -144,7 +157,7 @@ def _device_index(tensor: torch.Tensor) -> int:
 # Forward plans depend on shapes, strides, dtypes and settings, not on the data pointers: a plan
 # is made and packed once per such key, and its four pointer words are rewritten on every call.
 _POINTER_ARGS = (0, 9, 16, 17)  # input, rois, output, argmax in plan_forward's argument list
-# grad_output, argmax, batch_index, grad_input in plan_backward's argument list
+# grad_output, argmax, batch_index, grad_input in plan_backward's argument list (either kernel)
 _BACKWARD_POINTER_ARGS = (0, 5, 6, 13)
 _plans: dict[tuple, _Packed | None] = {}
 _MAX_CACHED_PLANS = 256
@@ -154,6 +167,10 @@ def _settings() -> tuple:
     """Everything besides the tensors that a plan (or the module it runs) depends on."""
     return (
         kernels.TARGET_BLOCK_ELEMENTS,
+        kernels.BACKWARD_BLOCK_ELEMENTS_STREAMED,
+        kernels.PLANES_CHANNELS,
+        kernels.PLANES_MAX_BYTES,
+        os.environ.get("ROI_OPS_CUPY_BACKWARD"),
         kernels.UNIT_BLOCK_ELEMENTS_CACHED,
         kernels.UNIT_BLOCK_ELEMENTS_STREAMED,
         kernels.MAX_CACHED_EDGES,
@@ -211,7 +228,7 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
     device = _device_index(problem.input)
 
     def make() -> _Packed | None:
-        plan = kernels.plan_forward(problem, output, argmax, *_device_sizes(device))
+        plan = kernels.plan_forward(problem, output, argmax, *_device_sizes(device)[:2])
         names = kernels.forward_names(problem.input.dtype, problem.rois.dtype)
         return None if plan is None else _Packed(device, plan, names)
 
@@ -231,23 +248,32 @@ def backward(
     input_shape: tuple[int, int, int, int],
     input_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """grad_input by an atomic scatter (not run-to-run deterministic in its last bits).
+    """grad_input by the planes or the atomic kernel (not run-to-run deterministic in its last
+    bits; see `kernels.backward_kernel` for the choice).
 
     Returns:
         (N, C, H, W) contiguous tensor of `input_dtype`; float16/bfloat16 are accumulated in
         float32 and rounded once.
     """
     device = _device_index(grad_output)
-    accumulate = kernels.accumulate_dtype(input_dtype)
-    grad_input = torch.zeros(input_shape, dtype=accumulate, device=grad_output.device)
+    multiprocessors, l2_bytes, shared_limit = _device_sizes(device)
+    kernel = kernels.backward_kernel(
+        input_shape, input_dtype, tuple(argmax.shape), multiprocessors, shared_limit
+    )
+    if kernel == kernels.BACKWARD_PLANES:  # writes every element, rounded
+        grad_input = torch.empty(input_shape, dtype=input_dtype, device=grad_output.device)
+    else:
+        accumulate = kernels.accumulate_dtype(input_dtype)
+        grad_input = torch.zeros(input_shape, dtype=accumulate, device=grad_output.device)
     grad_output = grad_output.to(input_dtype)
     argmax = argmax.contiguous()  # kept referenced until the launch is queued
 
     def make() -> _Packed | None:
         launch = kernels.plan_backward(
-            grad_output, argmax, batch_index, grad_input, _device_sizes(device)[0]
+            grad_output, argmax, batch_index, grad_input, multiprocessors, l2_bytes, kernel
         )
-        return None if launch is None else _Packed(device, launch, (launch.name,))
+        names = kernels.backward_names(input_dtype)
+        return None if launch is None else _Packed(device, launch, names)
 
     key = (
         "backward",
@@ -257,8 +283,9 @@ def backward(
         grad_output.dtype,
         batch_index.stride(),
         tuple(input_shape),
+        kernel,
         _settings(),
     )
     pointers = (grad_output, argmax, batch_index, grad_input)
     _launch_packed(device, key, make, pointers, _BACKWARD_POINTER_ARGS)
-    return grad_input if accumulate == input_dtype else grad_input.to(input_dtype)
+    return grad_input if grad_input.dtype == input_dtype else grad_input.to(input_dtype)

@@ -19,8 +19,11 @@
 //       8 * (PH + PW) bytes, unless cache_edges = 0); results are staged in shared memory and
 //       stored in output order.
 //   roi_pool_backward_atomic<T>            grad_input[b, c].flat[argmax] += grad_output with
-//       atomics, in the plane kernel's thread layout (not run-to-run deterministic; the Python
-//       side never uses it in deterministic mode).
+//       global atomics into a zero-filled grad_input, in the plane kernel's thread layout.
+//   roi_pool_backward_planes<T>            the same sums in shared memory: one block per (image,
+//       channel) plane, written out once and rounded (no zero fill, no conversion pass); for
+//       planes that fit in shared memory. Neither backward is run-to-run deterministic; the
+//       Python side never uses them in deterministic mode.
 //
 // Build flags: --fmad=false (CuPy adds -ftz=true). The geometry uses the _rn intrinsics anyway,
 // so no contraction into FMA can change a rounding, and it meets no subnormal that could change
@@ -56,6 +59,19 @@ __device__ __forceinline__ unsigned short float_to_half(float f) {
   return h;
 }
 #endif
+
+// Round to nearest even; NaN becomes the canonical 0x7fff (what cvt.rn.bf16.f32 gives).
+__device__ __forceinline__ unsigned short float_to_bf16(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned short b;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
+  return b;
+#else
+  const unsigned int u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
+  return static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+}
 
 __device__ __forceinline__ float bf16_to_float(unsigned short b) {
   return __uint_as_float(static_cast<unsigned int>(b) << 16);
@@ -803,6 +819,129 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
   }
 }
 
+namespace roi_ops_cuda {
+constexpr int kPlanesUnroll = 4;  // independent (argmax, gradient) loads in flight per thread
+
+// A float32 (float64) sum rounded once to the gradient's dtype, as torch's CUDA .to() rounds.
+template <class T>
+struct Rounded;
+template <>
+struct Rounded<float> {
+  static __device__ __forceinline__ float of(float v) { return v; }
+};
+template <>
+struct Rounded<double> {
+  static __device__ __forceinline__ double of(double v) { return v; }
+};
+template <>
+struct Rounded<roi_half> {
+  static __device__ __forceinline__ roi_half of(float v) {
+    roi_half h;
+    h.bits = float_to_half(v);
+    return h;
+  }
+};
+template <>
+struct Rounded<roi_bf16> {
+  static __device__ __forceinline__ roi_bf16 of(float v) {
+    roi_bf16 b;
+    b.bits = float_to_bf16(v);
+    return b;
+  }
+};
+
+#ifndef ROI_OPS_HOST_EMULATION
+extern __shared__ __align__(16) unsigned char planes_shared[];
+#endif
+}  // namespace roi_ops_cuda
+
+// The backward without global atomics or zero fill. One block per (image, channel block) keeps
+// the block's gradient planes (channels_per_block * HW accumulators, float32 for the 16-bit
+// types) in dynamic shared memory, finds its image's ROIs 256 batch indices at a time (in order,
+// by a block-wide ballot), adds their gradients there with shared-memory atomics, and writes
+// the planes out once, rounded: grad_input needs no zero fill and no conversion pass.
+// Grid: N * ceil(C / channels_per_block) blocks, channel block fastest; 256 threads; dynamic
+// shared memory channels_per_block * HW * sizeof(accumulator). grad_input (N, C, H, W)
+// contiguous of T; requires channels_per_block * PH * PW * 256 < 2^31 and K < 2^31. Not
+// run-to-run deterministic (the order of the shared-memory additions varies). Arguments as the
+// atomic kernel's, grad_input in the same place, then K.
+template <class T>
+__global__ void ROI_OPS_LAUNCH_BOUNDS
+    roi_pool_backward_planes(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
+                             const i64 gs2, const i64 gs3, const int* __restrict__ argmax,
+                             const i64* __restrict__ batch_index, const i64 bs0, const i64 C,
+                             const i64 HW, const i64 PH, const i64 PW,
+                             const i64 channels_per_block, T* __restrict__ grad_input,
+                             const i64 K) {
+  using namespace roi_ops_cuda;
+  typedef typename Accum<T>::type A;
+  A* planes = reinterpret_cast<A*>(planes_shared);
+  __shared__ int rois_of_image[kThreads];
+  __shared__ int warp_counts[kThreads / 32];
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
+  const i64 image = blockIdx.x / channel_blocks;
+  const i64 c0 = (blockIdx.x - image * channel_blocks) * channels_per_block;
+  const i64 channels = C - c0 < channels_per_block ? C - c0 : channels_per_block;
+  const i64 plane_size = channels * HW;
+  for (i64 i = tid; i < plane_size; i += kThreads) planes[i] = A(0);
+  const unsigned int bins = static_cast<unsigned int>(PH * PW);
+  const unsigned int pw_count = static_cast<unsigned int>(PW);
+  const unsigned int per_roi = static_cast<unsigned int>(channels) * bins;
+  for (i64 r0 = 0; r0 < K; r0 += kThreads) {
+    // This image's ROIs among the next 256, in order, into rois_of_image[0, found).
+    const bool mine = r0 + tid < K && batch_index[(r0 + tid) * bs0] == image;
+    const unsigned int ballot = __ballot_sync(0xffffffffu, mine);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();  // also orders the zero fill (first round) before the additions
+    int offset = 0, found = 0;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) {
+      offset += w < warp ? warp_counts[w] : 0;
+      found += warp_counts[w];
+    }
+    if (mine) rois_of_image[offset + __popc(ballot & ((1u << lane) - 1u))] = tid;
+    __syncthreads();
+    // Element e of this round: ROI rois_of_image[e / per_roi], then (channel, bin) in the
+    // argmax's own order, so a warp reads consecutive argmax words.
+    const unsigned int total = static_cast<unsigned int>(found) * per_roi;
+    for (unsigned int e0 = tid; e0 < total; e0 += kPlanesUnroll * kThreads) {
+      int a[kPlanesUnroll];
+      A g[kPlanesUnroll];
+      unsigned int cl[kPlanesUnroll];
+#pragma unroll
+      for (int u = 0; u < kPlanesUnroll; ++u) {
+        const unsigned int e = e0 + u * kThreads;
+        a[u] = -1;
+        g[u] = A(0);
+        cl[u] = 0;
+        if (e < total) {
+          const unsigned int j = e / per_roi;
+          const unsigned int r = e - j * per_roi;  // cl * bins + q
+          const unsigned int c = r / bins;
+          const unsigned int q = r - c * bins;
+          const unsigned int ph = q / pw_count;
+          const unsigned int pw = q - ph * pw_count;
+          const i64 k = r0 + rois_of_image[j];
+          a[u] = __ldcs(argmax + (k * C + c0) * bins + r);  // read once: evict first
+          g[u] = static_cast<A>(
+              Elem<T>::value_of(grad_output[k * gs0 + (c0 + c) * gs1 + ph * gs2 + pw * gs3]));
+          cl[u] = c;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kPlanesUnroll; ++u) {
+        if (a[u] >= 0) atomicAdd(planes + cl[u] * HW + a[u], g[u]);
+      }
+    }
+    __syncthreads();  // before rois_of_image and warp_counts are overwritten
+  }
+  T* __restrict__ out = grad_input + (image * C + c0) * HW;
+  for (i64 i = tid; i < plane_size; i += kThreads) out[i] = Rounded<T>::of(planes[i]);
+}
+
 #ifdef ROI_OPS_INSTANTIATE_ALL
 // For offline compile checks (tools/check_compile.sh): instantiate every kernel that
 // roi_ops_cupy/kernels.py asks NVRTC for. tests/test_backend_cupy.py checks that these two lists
@@ -821,12 +960,16 @@ const void* roi_ops_forward_kernels(int i) {
 }
 
 template <class T>
-const void* roi_ops_backward_kernel() {
-  return reinterpret_cast<const void*>(&roi_pool_backward_atomic<T>);
+const void* roi_ops_backward_kernels(int i) {
+  const void* kernels[] = {
+      reinterpret_cast<const void*>(&roi_pool_backward_atomic<T>),
+      reinterpret_cast<const void*>(&roi_pool_backward_planes<T>),
+  };
+  return kernels[i];
 }
 
 #define ROI_OPS_FORWARD_PAIR(T, R) template const void* roi_ops_forward_kernels<T, R>(int);
-#define ROI_OPS_BACKWARD_TYPE(T) template const void* roi_ops_backward_kernel<T>();
+#define ROI_OPS_BACKWARD_TYPE(T) template const void* roi_ops_backward_kernels<T>(int);
 
 ROI_OPS_FORWARD_PAIR(roi_half, roi_half)
 ROI_OPS_FORWARD_PAIR(roi_bf16, roi_bf16)

@@ -4,7 +4,8 @@
 // thread of a block runs every block in turn, with a std::barrier for __syncthreads; __shared__
 // arrays become statics (blocks run one at a time), the _rn intrinsics plain IEEE operations
 // (build with -ffp-contract=off), and float16 conversions are done in software with
-// round-to-nearest-even.
+// round-to-nearest-even. __ballot_sync is emulated for code that every thread of the block
+// reaches together (it synchronises the whole block), which is how roi_pool.cu uses it.
 // What it cannot check: warp scheduling, real memory coalescing, NVRTC itself, CuPy launches.
 //
 // Build (tests/test_backend_cupy.py does this), with roi_ops_cupy/ as include directory:
@@ -30,6 +31,7 @@
 #define __noinline__
 #define __shared__ static
 #define __launch_bounds__(...)
+#define __align__(n) alignas(n)
 #define ROI_OPS_HOST_EMULATION 1
 
 struct dim3 {
@@ -44,6 +46,26 @@ dim3 gridDim, blockDim;
 thread_local dim3 blockIdx, threadIdx;
 std::barrier<>* block_barrier = nullptr;
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+
+std::vector<unsigned char> ballot_votes;  // one per thread of the block
+inline unsigned int __ballot_sync(unsigned int, bool predicate) {
+  const unsigned int count = blockDim.x * blockDim.y;
+  const unsigned int t = threadIdx.y * blockDim.x + threadIdx.x;
+  ballot_votes[t] = predicate;
+  __syncthreads();
+  unsigned int bits = 0;
+  const unsigned int first = t & ~31u;
+  for (unsigned int i = 0; i < 32 && first + i < count; ++i) {
+    if (ballot_votes[first + i]) bits |= 1u << i;
+  }
+  __syncthreads();
+  return bits;
+}
+inline int __popc(unsigned int v) { return __builtin_popcount(v); }
+template <class P>
+inline P __ldcs(const P* address) {
+  return *address;
+}
 
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
@@ -90,6 +112,7 @@ inline A atomicAdd(A* address, A value) {
 namespace roi_ops_cuda {
 constexpr int kMaxEdges = 4096;
 int2 roi_edges[kMaxEdges];
+alignas(16) unsigned char planes_shared[256 * 1024];  // the planes backward's dynamic memory
 
 inline float half_to_float(unsigned short h) {
   const unsigned int sign = (h & 0x8000u) << 16;
@@ -183,6 +206,14 @@ void run_backward(Args a) {
                               ptr<typename roi_ops_cuda::Accum<T>::type*>(a[13]));
 }
 
+template <class T>
+void run_backward_planes(Args a) {
+  roi_pool_backward_planes<T>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]), num(a[4]),
+                              ptr<const int*>(a[5]), ptr<const i64*>(a[6]), num(a[7]),
+                              num(a[8]), num(a[9]), num(a[10]), num(a[11]), num(a[12]),
+                              ptr<T*>(a[13]), num(a[14]));
+}
+
 struct Entry {
   const char* name;
   Runner run;
@@ -195,7 +226,9 @@ struct Entry {
       {"roi_pool_forward_chan<" #T ", " #R ", false>", &run_chan<T, R, false>},   \
       {"roi_pool_forward_unit<" #T ", " #R ", true>", &run_unit<T, R, true>},     \
       {"roi_pool_forward_unit<" #T ", " #R ", false>", &run_unit<T, R, false>},
-#define ROI_BACKWARD(T) {"roi_pool_backward_atomic<" #T ">", &run_backward<T>},
+#define ROI_BACKWARD(T)                                          \
+  {"roi_pool_backward_atomic<" #T ">", &run_backward<T>},        \
+      {"roi_pool_backward_planes<" #T ">", &run_backward_planes<T>},
 
 const Entry kEntries[] = {
     ROI_FORWARD(roi_half, roi_half) ROI_FORWARD(roi_bf16, roi_bf16) ROI_FORWARD(float, float)
@@ -215,9 +248,12 @@ extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int g
     if (std::string(entry.name) == name) run = entry.run;
   }
   if (run == nullptr) return -1;
-  if (shared_mem > sizeof(roi_ops_cuda::roi_edges)) return -2;
+  const bool planes = std::string(name).rfind("roi_pool_backward_planes", 0) == 0;
+  if (shared_mem > (planes ? sizeof(roi_ops_cuda::planes_shared) : sizeof(roi_ops_cuda::roi_edges)))
+    return -2;
   const unsigned int count = block_x * block_y;
   if (count == 0 || count > static_cast<unsigned int>(roi_ops_cuda::kThreads)) return -3;
+  ballot_votes.assign(count, 0);
   gridDim = dim3{grid_x, grid_y, 1};
   blockDim = dim3{block_x, block_y, 1};
   // The block's threads walk the blocks in the same order; a barrier after each block keeps the
