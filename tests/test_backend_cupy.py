@@ -291,6 +291,7 @@ def test_backward_kernel_choice(monkeypatch):
     assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), 132, optin) == atomic
     assert choose((1, 16, 38, 63), torch.float32, (512, 16, 7, 7), 132, optin) == atomic  # few
     assert choose((2, 1024, 38, 63), torch.float32, (0, 1024, 7, 7), 132, optin) == atomic
+    assert choose((2, 1024, 38, 63), torch.float32, (5, 1024, 0, 7), 132, optin) == atomic
     assert choose((2, 1024, 80, 80), torch.float64, (9, 1024, 7, 7), 132, 48 * 1024) == atomic
     monkeypatch.setenv("ROI_OPS_CUPY_BACKWARD", "atomic")
     assert choose(*frcnn) == atomic
@@ -308,7 +309,7 @@ def test_backward_plans_size_blocks_and_shared_memory():
         grad_output, argmax, batch_index, grad_input, 132, 0, kernels.BACKWARD_PLANES
     )
     assert planes.grid == (3 * 20, 1, 1) and planes.block == (256, 1, 1)
-    assert planes.shared_mem == kernels.PLANES_CHANNELS * 30 * 40 * 4
+    assert planes.shared_mem == 49 * 8 + kernels.PLANES_CHANNELS * 30 * 40 * 4
     assert int(planes.args[12]) == kernels.PLANES_CHANNELS and int(planes.args[14]) == 600
     half = kernels.plan_backward(
         grad_output.half(), argmax, batch_index, grad_input.half(), 132, 0, kernels.BACKWARD_PLANES
@@ -323,6 +324,10 @@ def test_backward_plans_size_blocks_and_shared_memory():
     assert cached.grid == (600, 1, 1) and streamed.grid == (600, 2, 1)
     empty = torch.zeros(0, 20, 7, 7, dtype=torch.int32)
     assert kernels.plan_backward(grad_output[:0], empty, batch_index[:0], grad_input, 132) is None
+    with pytest.raises(ValueError, match="at least one ROI"):
+        kernels.plan_backward(
+            grad_output[:0], empty, batch_index[:0], grad_input, 132, 0, kernels.BACKWARD_PLANES
+        )
 
 
 def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):

@@ -80,7 +80,7 @@ BACKWARD_BLOCK_ELEMENTS_STREAMED = 512
 PLANES_CHANNELS = 1
 PLANES_MAX_BYTES = 64 * 1024
 PLANES_MIN_BLOCKS_PER_SM = 4
-PLANES_STATIC_SHARED = 2048  # the kernel's own __shared__ arrays, with room to spare
+PLANES_STATIC_SHARED = 5 * 1024  # the kernel's own __shared__ arrays (4128 B), with room to spare
 DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without opting in
 MAX_GRID_Y = 65535
 INT32_LIMIT = 2**31
@@ -279,8 +279,8 @@ def backward_kernel(
     num_rois, _, ph, pw = argmax_shape
     plane_bytes = PLANES_CHANNELS * height * width * _element_size(accumulate_dtype(input_dtype))
     can_run = (
-        num_rois > 0  # with no ROI, grad_input is the atomic path's zero fill
-        and plane_bytes + PLANES_STATIC_SHARED <= shared_limit
+        num_rois * ph * pw > 0  # with nothing to add, grad_input is the atomic path's zero fill
+        and _planes_shared(plane_bytes, ph * pw) + PLANES_STATIC_SHARED <= shared_limit
         and PLANES_CHANNELS * ph * pw * THREADS < INT32_LIMIT
         and num_images * math.ceil(channels / PLANES_CHANNELS) < INT32_LIMIT
     )
@@ -295,6 +295,11 @@ def backward_kernel(
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _planes_shared(plane_bytes: int, bins: int) -> int:
+    """Dynamic shared memory of the planes kernel: the bins' offset table, then the planes."""
+    return 8 * bins + plane_bytes
 
 
 def plan_backward(
@@ -332,9 +337,12 @@ def plan_backward(
         *_ints(batch_index.stride(0), channels, height * width, ph, pw),
     )
     if kernel == BACKWARD_PLANES:
+        if argmax.numel() == 0:
+            raise ValueError("the planes backward needs at least one ROI and one bin")
         per_block = PLANES_CHANNELS
         blocks = num_images * math.ceil(channels / per_block)
-        shared = per_block * height * width * _element_size(accumulate_dtype(grad_input.dtype))
+        accumulator = _element_size(accumulate_dtype(grad_input.dtype))
+        shared = _planes_shared(per_block * height * width * accumulator, ph * pw)
         args = head + _ints(per_block) + (_pointer(grad_input),) + _ints(num_rois)
         return Launch(name, (blocks, 1, 1), (THREADS, 1, 1), shared, args)
     grad_bytes = grad_input.numel() * grad_input.element_size()

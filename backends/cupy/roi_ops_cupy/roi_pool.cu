@@ -858,13 +858,15 @@ extern __shared__ __align__(16) unsigned char planes_shared[];
 // The backward without global atomics or zero fill. One block per (image, channel block) keeps
 // the block's gradient planes (channels_per_block * HW accumulators, float32 for the 16-bit
 // types) in dynamic shared memory, finds its image's ROIs 256 batch indices at a time (in order,
-// by a block-wide ballot), adds their gradients there with shared-memory atomics, and writes
-// the planes out once, rounded: grad_input needs no zero fill and no conversion pass.
-// Grid: N * ceil(C / channels_per_block) blocks, channel block fastest; 256 threads; dynamic
-// shared memory channels_per_block * HW * sizeof(accumulator). grad_input (N, C, H, W)
-// contiguous of T; requires channels_per_block * PH * PW * 256 < 2^31 and K < 2^31. Not
-// run-to-run deterministic (the order of the shared-memory additions varies). Arguments as the
-// atomic kernel's, grad_input in the same place, then K.
+// by a block-wide ballot), adds their gradients there with shared-memory atomics and writes the
+// planes out once, rounded: grad_input needs no zero fill and no conversion pass.
+// Each thread walks its elements (ROI of the round, channel, bin) in steps of the block with a
+// mixed-radix counter, so the inner loop has no division; the bins' grad_output offsets sit in a
+// table. Grid: N * ceil(C / channels_per_block) blocks, channel block fastest; 256 threads;
+// dynamic shared memory PH * PW * 8 + channels_per_block * HW * sizeof(accumulator) bytes.
+// grad_input (N, C, H, W) contiguous of T. Requires channels_per_block * PH * PW * 256 < 2^31.
+// Not run-to-run deterministic (the order of the shared-memory additions varies). Arguments as
+// the atomic kernel's, grad_input in the same place, then K.
 template <class T>
 __global__ void ROI_OPS_LAUNCH_BOUNDS
     roi_pool_backward_planes(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
@@ -875,68 +877,86 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
                              const i64 K) {
   using namespace roi_ops_cuda;
   typedef typename Accum<T>::type A;
-  A* planes = reinterpret_cast<A*>(planes_shared);
-  __shared__ int rois_of_image[kThreads];
+  const unsigned int bins = static_cast<unsigned int>(PH * PW);
+  i64* bin_offset = reinterpret_cast<i64*>(planes_shared);  // grad_output offset of each bin
+  A* planes = reinterpret_cast<A*>(bin_offset + bins);
+  __shared__ i64 argmax_base[kThreads];  // per ROI of the round: its first argmax of the block
+  __shared__ i64 grad_base[kThreads];    // and its first grad_output element
   __shared__ int warp_counts[kThreads / 32];
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
+  const unsigned int tid = threadIdx.x;
+  const unsigned int lane = tid & 31u;
+  const unsigned int warp = tid >> 5;
   const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
   const i64 image = blockIdx.x / channel_blocks;
   const i64 c0 = (blockIdx.x - image * channel_blocks) * channels_per_block;
-  const i64 channels = C - c0 < channels_per_block ? C - c0 : channels_per_block;
+  const unsigned int channels =
+      static_cast<unsigned int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
   const i64 plane_size = channels * HW;
+  for (unsigned int q = tid; q < bins; q += kThreads) {
+    const unsigned int ph = q / static_cast<unsigned int>(PW);
+    bin_offset[q] = ph * gs2 + (q - ph * static_cast<unsigned int>(PW)) * gs3;
+  }
   for (i64 i = tid; i < plane_size; i += kThreads) planes[i] = A(0);
-  const unsigned int bins = static_cast<unsigned int>(PH * PW);
-  const unsigned int pw_count = static_cast<unsigned int>(PW);
-  const unsigned int per_roi = static_cast<unsigned int>(channels) * bins;
+  const unsigned int per_roi = channels * bins;
+  // The block's step (kThreads elements) and this thread's first element as (ROI, channel, bin).
+  const unsigned int step_roi = kThreads / per_roi;
+  const unsigned int step_channel = (kThreads % per_roi) / bins;
+  const unsigned int step_bin = (kThreads % per_roi) % bins;
+  const unsigned int first_roi = tid / per_roi;
+  const unsigned int first_channel = (tid % per_roi) / bins;
+  const unsigned int first_bin = (tid % per_roi) % bins;
   for (i64 r0 = 0; r0 < K; r0 += kThreads) {
-    // This image's ROIs among the next 256, in order, into rois_of_image[0, found).
-    const bool mine = r0 + tid < K && batch_index[(r0 + tid) * bs0] == image;
+    // This image's ROIs among the next 256, in order, as rows [0, found) of the base tables.
+    const i64 k = r0 + tid;
+    const bool mine = k < K && batch_index[k * bs0] == image;
     const unsigned int ballot = __ballot_sync(0xffffffffu, mine);
     if (lane == 0) warp_counts[warp] = __popc(ballot);
-    __syncthreads();  // also orders the zero fill (first round) before the additions
-    int offset = 0, found = 0;
+    __syncthreads();  // also orders the table and the zero fill (first round) before their use
+    unsigned int offset = 0, found = 0;
 #pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) {
+    for (unsigned int w = 0; w < kThreads / 32; ++w) {
       offset += w < warp ? warp_counts[w] : 0;
       found += warp_counts[w];
     }
-    if (mine) rois_of_image[offset + __popc(ballot & ((1u << lane) - 1u))] = tid;
+    if (mine) {
+      const unsigned int row = offset + __popc(ballot & ((1u << lane) - 1u));
+      argmax_base[row] = (k * C + c0) * bins;
+      grad_base[row] = k * gs0 + c0 * gs1;
+    }
     __syncthreads();
-    // Element e of this round: ROI rois_of_image[e / per_roi], then (channel, bin) in the
-    // argmax's own order, so a warp reads consecutive argmax words.
-    const unsigned int total = static_cast<unsigned int>(found) * per_roi;
-    for (unsigned int e0 = tid; e0 < total; e0 += kPlanesUnroll * kThreads) {
+    unsigned int j = first_roi, c = first_channel, q = first_bin;
+    for (unsigned int e0 = tid; e0 < found * per_roi; e0 += kPlanesUnroll * kThreads) {
       int a[kPlanesUnroll];
       A g[kPlanesUnroll];
-      unsigned int cl[kPlanesUnroll];
+      unsigned int plane[kPlanesUnroll];
 #pragma unroll
       for (int u = 0; u < kPlanesUnroll; ++u) {
-        const unsigned int e = e0 + u * kThreads;
         a[u] = -1;
         g[u] = A(0);
-        cl[u] = 0;
-        if (e < total) {
-          const unsigned int j = e / per_roi;
-          const unsigned int r = e - j * per_roi;  // cl * bins + q
-          const unsigned int c = r / bins;
-          const unsigned int q = r - c * bins;
-          const unsigned int ph = q / pw_count;
-          const unsigned int pw = q - ph * pw_count;
-          const i64 k = r0 + rois_of_image[j];
-          a[u] = __ldcs(argmax + (k * C + c0) * bins + r);  // read once: evict first
+        plane[u] = c;
+        if (j < found) {
+          a[u] = __ldcs(argmax + argmax_base[j] + c * bins + q);  // read once: evict first
           g[u] = static_cast<A>(
-              Elem<T>::value_of(grad_output[k * gs0 + (c0 + c) * gs1 + ph * gs2 + pw * gs3]));
-          cl[u] = c;
+              Elem<T>::value_of(grad_output[grad_base[j] + c * gs1 + bin_offset[q]]));
+        }
+        q += step_bin;  // one step of the block, with carries
+        c += step_channel;
+        j += step_roi;
+        if (q >= bins) {
+          q -= bins;
+          ++c;
+        }
+        if (c >= channels) {
+          c -= channels;
+          ++j;
         }
       }
 #pragma unroll
       for (int u = 0; u < kPlanesUnroll; ++u) {
-        if (a[u] >= 0) atomicAdd(planes + cl[u] * HW + a[u], g[u]);
+        if (a[u] >= 0) atomicAdd(planes + plane[u] * HW + a[u], g[u]);
       }
     }
-    __syncthreads();  // before rois_of_image and warp_counts are overwritten
+    __syncthreads();  // before the base tables and warp_counts are overwritten
   }
   T* __restrict__ out = grad_input + (image * C + c0) * HW;
   for (i64 i = tid; i < plane_size; i += kThreads) out[i] = Rounded<T>::of(planes[i]);
