@@ -4,7 +4,8 @@ The ``roi_ops::roi_pool`` custom op is what torch.compile, torch.export, FakeTen
 see; its Python dispatch costs tens to hundreds of microseconds per call, more than a small
 GPU kernel takes. In plain eager mode (no compile, no JIT tracing, no functorch transform, no
 dispatch or function mode, plain tensors) `roi_pool` calls the same forward and backward bodies
-(`roi_ops.ops.roi_pool_forward`, `roi_ops.ops.roi_pool_backward`) through this Function instead.
+(`roi_ops.ops.roi_pool_forward`, `roi_ops.ops.roi_pool_backward`) through this Function instead;
+its backward runs on the backend that ran the forward, without resolving the request again.
 Results are identical; ``ROI_OPS_EAGER_FAST_PATH=0`` always takes the custom op.
 """
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .ops import roi_pool_backward, roi_pool_backward_op, roi_pool_forward
+from .ops import backward_on_backend, forward_on_backend, roi_pool_backward_op
 
 EAGER_FAST_PATH_ENV = "ROI_OPS_EAGER_FAST_PATH"
 
@@ -53,12 +54,13 @@ class RoIPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, rois, pooled_height, pooled_width, scale, backend, needs_argmax):
-        output, argmax = roi_pool_forward(
+        output, argmax, chosen = forward_on_backend(
             input, rois, pooled_height, pooled_width, scale, backend, needs_argmax
         )
-        ctx.input_shape = tuple(input.shape)
+        ctx.input_shape = input.shape
         ctx.input_dtype = input.dtype
         ctx.backend = backend
+        ctx.chosen = chosen
         if needs_argmax:
             ctx.save_for_backward(rois, argmax)
         return output
@@ -71,9 +73,12 @@ class RoIPoolFunction(torch.autograd.Function):
                 "cannot be differentiated"
             )
         rois, argmax = ctx.saved_tensors
-        arguments = (grad_output, rois, argmax, *ctx.input_shape, ctx.input_dtype, ctx.backend)
         if torch.is_grad_enabled():  # create_graph: record the op, whose gradient is a gather
-            grad_input = roi_pool_backward_op(*arguments)
+            grad_input = roi_pool_backward_op(
+                grad_output, rois, argmax, *ctx.input_shape, ctx.input_dtype, ctx.backend
+            )
         else:
-            grad_input = roi_pool_backward(*arguments)
+            grad_input = backward_on_backend(
+                ctx.chosen, grad_output, rois, argmax, ctx.input_shape, ctx.input_dtype
+            )
         return grad_input, None, None, None, None, None, None

@@ -41,6 +41,23 @@ def roi_pool_forward(
     Takes validated arguments; returns (output (K, C, PH, PW), int32 argmax of the same shape, or
     an empty one when not `needs_argmax`). Raises BackendError when the chosen backend fails.
     """
+    output, argmax, _ = forward_on_backend(
+        input, rois, pooled_height, pooled_width, spatial_scale, backend, needs_argmax
+    )
+    return output, argmax
+
+
+def forward_on_backend(
+    input: Tensor,
+    rois: Tensor,
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    backend: str,
+    needs_argmax: bool,
+) -> tuple[Tensor, Tensor, Backend]:
+    """`roi_pool_forward`, also returning the backend that ran (the eager path's backward reuses
+    it instead of resolving the request again)."""
     problem = RoIPoolProblem(input, rois, pooled_height, pooled_width, spatial_scale, needs_argmax)
     if value_checks_enabled() and not _capturing(input.device):
         check_roi_values(rois, input.shape[0])
@@ -61,7 +78,7 @@ def roi_pool_forward(
             f"backend {chosen.name!r}: forward returned {type(returned).__name__}; it must fill "
             "the output buffers it is given and return None"
         )
-    return output, argmax
+    return output, argmax, chosen
 
 
 @torch.library.custom_op("roi_ops::roi_pool", mutates_args=())
@@ -169,13 +186,25 @@ def roi_pool_backward(
     forward's argmax; the backend's own backward, or `scatter_backward` when it has none.
     """
     shape = torch.Size((num_images, channels, height, width))
-    batch_index = batch_indices(rois, num_images)
     # A zero-stride stand-in: backends choose by device and dtype, no memory is touched.
     stand_in = torch.empty((), dtype=input_dtype, device=grad_output.device).expand(shape)
     problem = RoIPoolProblem(
         stand_in, rois, argmax.shape[2], argmax.shape[3], 1.0, needs_argmax=True
     )
     chosen = resolve_backend(backend, problem)
+    return backward_on_backend(chosen, grad_output, rois, argmax, shape, input_dtype)
+
+
+def backward_on_backend(
+    chosen: Backend,
+    grad_output: Tensor,
+    rois: Tensor,
+    argmax: Tensor,
+    shape: torch.Size,
+    input_dtype: torch.dtype,
+) -> Tensor:
+    """`roi_pool_backward` on an already chosen backend (grad_input of `shape`)."""
+    batch_index = batch_indices(rois, shape[0])
     try:
         grad = chosen.backward(grad_output, argmax, batch_index, tuple(shape), input_dtype)
     except Exception as error:
