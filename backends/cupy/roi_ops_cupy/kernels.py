@@ -277,7 +277,7 @@ def backward_kernel(
     """
     num_images, channels, height, width = input_shape
     num_rois, _, ph, pw = argmax_shape
-    plane_bytes = PLANES_CHANNELS * height * width * _element_size(accumulate_dtype(input_dtype))
+    plane_bytes = PLANES_CHANNELS * height * width * accumulate_dtype(input_dtype).itemsize
     can_run = (
         num_rois * ph * pw > 0  # with nothing to add, grad_input is the atomic path's zero fill
         and _planes_shared(plane_bytes, ph * pw) + PLANES_STATIC_SHARED <= shared_limit
@@ -291,10 +291,6 @@ def backward_kernel(
     if can_run and enough_blocks and plane_bytes <= PLANES_MAX_BYTES:
         return BACKWARD_PLANES
     return BACKWARD_ATOMIC
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _planes_shared(plane_bytes: int, bins: int) -> int:
@@ -341,7 +337,7 @@ def plan_backward(
             raise ValueError("the planes backward needs at least one ROI and one bin")
         per_block = PLANES_CHANNELS
         blocks = num_images * math.ceil(channels / per_block)
-        accumulator = _element_size(accumulate_dtype(grad_input.dtype))
+        accumulator = accumulate_dtype(grad_input.dtype).itemsize
         shared = _planes_shared(per_block * height * width * accumulator, ph * pw)
         args = head + _ints(per_block) + (_pointer(grad_input),) + _ints(num_rois)
         return Launch(name, (blocks, 1, 1), (THREADS, 1, 1), shared, args)

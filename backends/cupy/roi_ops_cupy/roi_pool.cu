@@ -822,24 +822,12 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
 namespace roi_ops_cuda {
 constexpr int kPlanesUnroll = 4;  // independent (argmax, gradient) loads in flight per thread
 
-// A float32 (float64) sum rounded once to the gradient's dtype, as torch's CUDA .to() rounds.
+// A float32 (float64) sum rounded once to the gradient's dtype, as torch's CUDA .to() rounds:
+// Work<T>::out, except for bfloat16, whose Work::out only narrows values that came from
+// bfloat16 (it keeps NaN payloads for the forward) and does not round.
 template <class T>
-struct Rounded;
-template <>
-struct Rounded<float> {
-  static __device__ __forceinline__ float of(float v) { return v; }
-};
-template <>
-struct Rounded<double> {
-  static __device__ __forceinline__ double of(double v) { return v; }
-};
-template <>
-struct Rounded<roi_half> {
-  static __device__ __forceinline__ roi_half of(float v) {
-    roi_half h;
-    h.bits = float_to_half(v);
-    return h;
-  }
+struct Rounded {
+  static __device__ __forceinline__ T of(typename Work<T>::V v) { return Work<T>::out(v); }
 };
 template <>
 struct Rounded<roi_bf16> {
