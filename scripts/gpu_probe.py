@@ -37,11 +37,15 @@ CUPY_VARIANTS = {
     "unit-u2": {"ROI_OPS_CUPY_DEFINES": "-DROI_OPS_UNIT_CHANNELS=2 -DROI_OPS_UNIT_MIN_BLOCKS=6"},
 }
 TRITON_VARIANTS = {
-    "default": "",
-    "split1": "split=1",
-    "cf-c8": "channels_fast=1,block_c=8,block_b=64,num_warps=4",
-    "cf-c16": "channels_fast=1,block_c=16,block_b=64,num_warps=4",
-    "cf-c32-w8": "channels_fast=1,block_c=32,block_b=64,num_warps=8",
+    "unit": "",
+    "flat": "unit=0",
+    "unit-l64w2": "block_b=64,num_warps=2",
+    "unit-l128w4": "block_b=128,num_warps=4",
+    "unit-l128w4-e2k": "block_b=128,num_warps=4,block_elements=2048",
+    "unit-l512w16": "block_b=512,num_warps=16",
+    "unit-e1k": "block_elements=1024",
+    "unit-e2k": "block_elements=2048",
+    "unit-e8k": "block_elements=8192",
 }
 
 
@@ -132,9 +136,9 @@ def probe_workload(w, dtype, args, rows, checks):
         row["ms"][label + "+arg"] = pipelined_ms(make(out, arg), args.reps, args.inner)
         row["ms"][label] = pipelined_ms(make(out, None), args.reps, args.inner)
 
-    for variant in CUPY_VARIANTS:
+    for variant in args.cupy:
         time_both(f"cupy:{variant}", lambda o, a, v=variant: cupy_runner(x, rois, w, o, a, v))
-    for variant in TRITON_VARIANTS if args.triton else ():
+    for variant in args.triton_variants if args.triton else ():
         time_both(f"triton:{variant}", lambda o, a, v=variant: triton_runner(x, rois, w, o, a, v))
     try:
         from torchvision.ops import roi_pool as tv
@@ -162,20 +166,21 @@ def probe_workload(w, dtype, args, rows, checks):
         ref_out = torch.full_like(out, float("nan"))
         ref_arg = torch.full_like(arg, -7)
         cupy_runner(xi, rois, w, ref_out, ref_arg, "plane")()
-        for variant in CUPY_VARIANTS:
-            if variant == "plane":
-                continue
+        runners = [(v, cupy_runner) for v in args.cupy if v != "plane"]
+        runners += [(v, triton_runner) for v in (args.triton_variants if args.triton else ())]
+        for variant, runner in runners:
             o = torch.full_like(out, 1.5)
             a = torch.full_like(arg, -7)
-            cupy_runner(xi, rois, w, o, a, variant)()
+            runner(xi, rois, w, o, a, variant)()
             o2 = torch.full_like(out, 1.5)
-            cupy_runner(xi, rois, w, o2, None, variant)()
+            runner(xi, rois, w, o2, None, variant)()
             same = bool(
                 torch.equal(bits(o), bits(ref_out))
                 and torch.equal(a, ref_arg)
                 and torch.equal(bits(o2), bits(ref_out))
             )
-            checks.append((w.name, name, inputs, variant, same))
+            label = variant if runner is cupy_runner else f"triton:{variant}"
+            checks.append((w.name, name, inputs, label, same))
     rows.append(row)
     ms = row["ms"]
     tv_ms = ms.get("tv+arg")
@@ -288,7 +293,7 @@ def host_overhead(out_dir):
 
 
 def ncu_target(name: str) -> None:
-    """Three launches each of cupy plane, cupy unit, triton and torchvision on one workload."""
+    """Two launches each of cupy plane and unit, triton unit and flat, torchvision."""
     w = WORKLOADS[name]
     device = torch.device("cuda")
     x = make_input(w, torch.float32, device)
@@ -301,7 +306,8 @@ def ncu_target(name: str) -> None:
     fns = [
         cupy_runner(x, rois, w, out, arg, "plane"),
         cupy_runner(x, rois, w, out, arg, "unit"),
-        triton_runner(x, rois, w, out, arg, "split1"),
+        triton_runner(x, rois, w, out, arg, "unit"),
+        triton_runner(x, rois, w, out, arg, "flat"),
         lambda: tv(x, rois, w.output_size, w.spatial_scale),
     ]
     for fn in fns:
@@ -318,6 +324,11 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--no-triton", dest="triton", action="store_false")
+    parser.add_argument("--cupy", nargs="*", default=list(CUPY_VARIANTS), help="cupy variants")
+    parser.add_argument(
+        "--triton-variants", nargs="*", default=list(TRITON_VARIANTS), help="triton variants"
+    )
+    parser.add_argument("--no-host", dest="host", action="store_false")
     parser.add_argument("--profile", nargs="*", default=["frcnn-c4"])
     parser.add_argument("--ncu", default=None, help="only run the ncu target for a workload")
     args = parser.parse_args()
@@ -331,7 +342,8 @@ def main() -> int:
             probe_workload(WORKLOADS[name], getattr(torch, dtype), args, rows, checks)
     bad = [c for c in checks if not c[-1]]
     print(f"variant bit checks: {len(checks) - len(bad)} equal, {len(bad)} differ: {bad}")
-    host_overhead(args.out)
+    if args.host:
+        host_overhead(args.out)
     for name in args.profile:
         profile_fwd_bwd(WORKLOADS[name], args.out)
     with open(os.path.join(args.out, "probe.json"), "w") as f:

@@ -285,11 +285,14 @@ def test_empty_and_degenerate_shapes(device):
 # --------------------------------------------------------------------------------------------
 
 CONFIGS = [
-    "split=1",
-    "split=2",
-    "split=8",
-    "block_b=16",
-    "block_b=16,split=4",
+    "unit=0,split=1",
+    "unit=0,split=2",
+    "unit=0,split=8",
+    "unit=0,block_b=16",
+    "unit=0,block_b=16,split=4",
+    "block_b=4,num_warps=1",  # unit kernel: fewer lanes than bins (several bin rounds)
+    "block_b=16,block_elements=8",  # unit kernel: two lane groups, one round per program
+    "block_b=64,num_warps=2,block_elements=24",  # ten groups, rounds past the channel count
     "channels_fast=1,block_c=8,block_b=16",
     "channels_fast=1,block_c=4,block_b=4",
     "channels_fast=1,block_c=16,block_b=64",
@@ -314,14 +317,33 @@ def test_tile_configurations(device, layout, config, monkeypatch):
 
 
 def test_forward_config_is_bounded():
-    """Shape changes pick among a few variants: split is a power of two up to 8."""
+    """Shape changes pick among a few variants: the unit kernel for a unit W stride, the
+    channels-fast tile for channels_last, the flat tile otherwise."""
     for width in (1, 7, 30, 63, 100, 272, 5000):
         x = torch.empty(2, 256, 50, width)
         config = kernels.forward_config(x, 7, 7)
-        assert config.split in (1, 2, 4, 8) and not config.channels_fast
-        assert config.block_b * config.split <= 1024
+        assert config.unit and not config.channels_fast and config.split == 1
+        assert config.block_b == kernels.UNIT_LANES
         last = kernels.forward_config(x.contiguous(memory_format=torch.channels_last), 7, 7)
-        assert last.channels_fast and last.split == 1
+        assert last.channels_fast and last.split == 1 and not last.unit
+        strided = kernels.forward_config(torch.empty(2, 256, 50, 2 * width)[..., ::2], 7, 7)
+        assert not strided.unit and not strided.channels_fast
+        assert strided.split == 1 and strided.block_b <= 1024
+
+
+def test_unit_channels_per_program():
+    """Whole rounds of four channels per lane group, about the target outputs, enough programs."""
+    # 49 bins in 256 lanes: 5 groups, rounds of 20 channels; 8192 // 49 = 167 -> 160.
+    assert kernels.unit_channels_per_program(512, 1024, 49, 256, 132, 8192) == 160
+    # Few ROIs: halved (in whole rounds) until 8 programs per SM, or one round.
+    assert kernels.unit_channels_per_program(4, 1024, 49, 256, 132, 8192) == 20
+    assert kernels.unit_channels_per_program(64, 256, 49, 256, 132, 8192) == 20
+    # 196 bins: one group, rounds of 4 channels; never more channels than the input has (rounded
+    # up to a round).
+    assert kernels.unit_channels_per_program(1000, 256, 196, 256, 132, 1024) == 4
+    assert kernels.unit_channels_per_program(1000, 3, 196, 256, 132, 8192) == 4
+    # More bins than lanes: one group.
+    assert kernels.unit_channels_per_program(1000, 64, 1024, 256, 1, 8192) == 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,11 +480,50 @@ def test_registered_through_the_entry_point():
 
 def _compiled_variants() -> int | None:
     # Triton 3.x: device_caches[device] = (kernel_cache, ...); other layouts skip the test.
-    caches = getattr(kernels._roi_pool_fwd_kernel, "device_caches", None)
-    try:
-        return sum(len(entry[0]) for entry in caches.values()) if caches else None
-    except (TypeError, IndexError, AttributeError):
-        return None
+    total = 0
+    for kernel in (kernels._roi_pool_fwd_kernel, kernels._roi_pool_fwd_unit_kernel):
+        caches = getattr(kernel, "device_caches", None)
+        if caches is None:
+            return None
+        try:
+            total += sum(len(entry[0]) for entry in caches.values())
+        except (TypeError, IndexError, AttributeError):
+            return None
+    return total
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA or INTERPRET, reason="needs compiled kernels on a CUDA device")
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_float16_results_keep_the_bits_of_the_winner(layout):
+    """Every float16 output is the bits of the input element its argmax names, NaN payloads
+    (quiet, signalling, negative) included, in training and inference, for the unit kernel
+    (contiguous) and the flat tile (a W stride of 2)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 12, 9, 14, generator=g).round().half()
+    payloads = torch.tensor([0x7E01, 0x7D00, -0x0200, 0x7C01, 0x7FFF], dtype=torch.int16)
+    where = torch.rand(x.shape, generator=g) < 0.04
+    picks = payloads[torch.randint(0, len(payloads), (int(where.sum()),), generator=g)]
+    x.view(torch.int16)[where] = picks
+    if layout == "strided":
+        wide = torch.full((2, 12, 9, 28), math.nan, dtype=torch.float16)
+        wide[..., ::2] = x
+        x = wide[..., ::2]
+    x = x.cuda()
+    rois = torch.tensor(
+        [[0.0, 0, 0, 13, 8], [1.0, 2.5, 1, 11, 7.5], [1.0, 3, 2, 5, 4], [0.0, -3, 2, 30, 9]]
+    ).half()
+    output, argmax = run_forward(x, rois.cuda(), (3, 4), 1.0)
+    inference, _ = run_forward(x, rois.cuda(), (3, 4), 1.0, needs_argmax=False)
+    planes = x.cpu().contiguous().view(torch.int16).flatten(2)  # (N, C, H * W)
+    batch = rois[:, 0].long()[:, None, None, None].expand(argmax.shape)
+    channel = torch.arange(12)[None, :, None, None].expand(argmax.shape)
+    index = argmax.cpu().long()
+    winners = planes[batch, channel, index.clamp(min=0)]
+    filled = index >= 0
+    assert filled.sum() > 100 and x.isnan().any()
+    assert torch.equal(output.cpu().view(torch.int16)[filled], winners[filled])
+    assert torch.equal(inference.cpu().view(torch.int16), output.cpu().view(torch.int16))
 
 
 @pytest.mark.gpu

@@ -50,7 +50,9 @@ MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1; larger launches are split
 @triton.jit
 def _is_nan(x, F64: tl.constexpr):
     # On the bits: Triton's code generator assumes no NaNs, so `x != x` may fold to False.
-    if F64:
+    if x.dtype == tl.float16:
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF) > 0x7C00
+    elif F64:
         bits = x.to(tl.int64, bitcast=True)
         return (bits & 0x7FFFFFFFFFFFFFFF) > 0x7FF0000000000000
     else:
@@ -106,6 +108,20 @@ def _widen(x, F64: tl.constexpr):
         return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
         return x.to(tl.float32)
+
+
+@triton.jit
+def _value(x, F64: tl.constexpr, INTERP: tl.constexpr):
+    """A loaded feature value in the type the reduction compares. Compiled kernels keep float16
+    as it is (PTX compares it natively, so the winner is stored with the bits it was loaded
+    with: a float32 round trip would turn every NaN into the canonical one); otherwise the
+    exact `_widen`."""
+    if INTERP:
+        return _widen(x, F64)
+    elif x.dtype == tl.float16:
+        return x
+    else:
+        return _widen(x, F64)
 
 
 @triton.jit
@@ -189,6 +205,17 @@ def _replaces(x, best, F64: tl.constexpr, INTERP: tl.constexpr):
     """x replaces best as the first maximum: x > best, or x is NaN, and best is not NaN."""
     if INTERP:
         return ~_is_nan(best, F64) & (_is_nan(x, F64) | (x > best))
+    elif x.dtype == tl.float16:
+        flag = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gtu.f16 p, $1, $2; setp.num.and.f16 p, $2, $2, p; "
+            "selp.u32 $0, 1, 0, p; }",
+            "=r,h,h",
+            [x, best],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+        return flag != 0
     elif F64:
         flag = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.gtu.f64 p, $1, $2; setp.num.and.f64 p, $2, $2, p; "
@@ -328,10 +355,8 @@ def _roi_pool_fwd_kernel(
     bw3 = bw[None, :, None]
     split = tl.arange(0, SPLIT)[None, None, :]
 
-    if ACC_F64:
-        best = tl.full([BLOCK_C, BLOCK_B, SPLIT], float("-inf"), tl.float64)
-    else:
-        best = tl.full([BLOCK_C, BLOCK_B, SPLIT], float("-inf"), tl.float32)
+    lowest = tl.full([BLOCK_C, BLOCK_B, SPLIT], float("-inf"), inp_ptr.dtype.element_ty)
+    best = _value(lowest, ACC_F64, INTERPRETED)
     best_index = tl.full([BLOCK_C, BLOCK_B, SPLIT], -1, tl.int32)
 
     # Rows outer, columns inner: each lane sees its elements in increasing h * W + w order, so a
@@ -345,7 +370,7 @@ def _roi_pool_fwd_kernel(
                 ptrs = row_ptr + j
             else:
                 ptrs = row_ptr + j.to(tl.int64) * s_w
-            x = _widen(tl.load(ptrs, mask=mask, other=0.0), ACC_F64)
+            x = _value(tl.load(ptrs, mask=mask, other=0.0), ACC_F64, INTERPRETED)
             take = mask & _replaces(x, best, ACC_F64, INTERPRETED)
             if TRACK_INDEX:
                 take = take | (mask & (best_index < 0))
@@ -369,6 +394,217 @@ def _roi_pool_fwd_kernel(
     tl.store(out_ptr + offsets, value, mask=lane_ok)
     if NEEDS_ARGMAX:
         tl.store(arg_ptr + offsets, tl.where(filled2, best_index, -1), mask=lane_ok)
+
+
+@triton.jit
+def _unit_update(x, best, at, cand, F64: tl.constexpr, INTERP: tl.constexpr, TRACK: tl.constexpr):
+    """(best, at) after element x at bin offset cand: x replaces best when it is greater, or NaN
+    while best is not (the contract's first maximum for a scan in increasing offset order)."""
+    if INTERP:
+        take = ~_is_nan(best, F64) & (_is_nan(x, F64) | (x > best))
+        if TRACK:
+            at = tl.where(take, cand, at)
+        return tl.where(take, x, best), at
+    elif TRACK:
+        if x.dtype == tl.float16:
+            return tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.gtu.f16 p, $2, $3; setp.num.and.f16 p, $3, $3, p; "
+                "selp.b16 $0, $2, $3, p; selp.b32 $1, $5, $4, p; }",
+                "=h,=r,h,h,r,r",
+                [x, best, at, cand],
+                dtype=(tl.float16, tl.int32),
+                is_pure=True,
+                pack=1,
+            )
+        elif F64:
+            return tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.gtu.f64 p, $2, $3; setp.num.and.f64 p, $3, $3, p; "
+                "selp.f64 $0, $2, $3, p; selp.b32 $1, $5, $4, p; }",
+                "=d,=r,d,d,r,r",
+                [x, best, at, cand],
+                dtype=(tl.float64, tl.int32),
+                is_pure=True,
+                pack=1,
+            )
+        else:
+            return tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.gtu.f32 p, $2, $3; setp.num.and.f32 p, $3, $3, p; "
+                "selp.f32 $0, $2, $3, p; selp.b32 $1, $5, $4, p; }",
+                "=f,=r,f,f,r,r",
+                [x, best, at, cand],
+                dtype=(tl.float32, tl.int32),
+                is_pure=True,
+                pack=1,
+            )
+    elif x.dtype == tl.float16:
+        best = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gtu.f16 p, $1, $2; setp.num.and.f16 p, $2, $2, p; "
+            "selp.b16 $0, $1, $2, p; }",
+            "=h,h,h",
+            [x, best],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=1,
+        )
+        return best, at
+    elif F64:
+        best = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gtu.f64 p, $1, $2; setp.num.and.f64 p, $2, $2, p; "
+            "selp.f64 $0, $1, $2, p; }",
+            "=d,d,d",
+            [x, best],
+            dtype=tl.float64,
+            is_pure=True,
+            pack=1,
+        )
+        return best, at
+    else:
+        best = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gtu.f32 p, $1, $2; setp.num.and.f32 p, $2, $2, p; "
+            "selp.f32 $0, $1, $2, p; }",
+            "=f,f,f",
+            [x, best],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+        return best, at
+
+
+@triton.jit
+def _unit_store(out_ptr, arg_ptr, offsets, ok, filled, best, at, first_index,
+                NEEDS_ARGMAX: tl.constexpr):  # fmt: skip
+    value = _narrow(tl.where(filled, best, 0.0), out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, value, mask=ok, cache_modifier=".cs")
+    if NEEDS_ARGMAX:
+        index = tl.where(filled, first_index + at, -1)
+        tl.store(arg_ptr + offsets, index, mask=ok, cache_modifier=".cs")
+
+
+@triton.jit(
+    do_not_specialize=[
+        "N", "C", "H", "W", "PH", "PW", "s_n", "s_c", "s_h", "scale_bits", "blk_offset",
+        "chan_per_prog",
+    ]
+)  # fmt: skip
+def _roi_pool_fwd_unit_kernel(
+    inp_ptr,
+    rois_ptr,
+    out_ptr,
+    arg_ptr,
+    N,
+    C,
+    H,
+    W,
+    PH,
+    PW,
+    s_n,
+    s_c,
+    s_h,
+    s_rk,
+    s_rj,
+    scale_f32,
+    scale_bits,
+    blk_offset,
+    chan_per_prog,
+    GEOM_HALF: tl.constexpr,
+    GEOM_F64: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    LANES: tl.constexpr,
+    NEEDS_ARGMAX: tl.constexpr,
+):
+    """Unit W stride: each lane owns one bin (its edges in registers) and reduces four channels
+    of it at once, sharing addresses, loop bounds and the argmax offset between them.
+
+    Program (k, blk) covers channels [blk * chan_per_prog, ...) of ROI k. Lanes form `groups`
+    groups of `span` bins; lane (g, b) takes channels c0 + u * groups + g (u = 0..3) of bin b, so
+    for each u the lanes' outputs are contiguous. Loops run to the program's largest bin with
+    each lane's row and column clamped into its own bin: a re-read element is equal to one seen
+    before and never replaces it, so no load is masked.
+    """
+    k = tl.program_id(0)
+    blk = tl.program_id(1) + blk_offset
+    phpw = PH * PW
+    valid, batch, x1, y1, bin_h, bin_w = _roi_geometry(
+        rois_ptr, k, s_rk, s_rj, N, PH, PW, scale_f32, scale_bits, GEOM_HALF, GEOM_F64
+    )
+    span = tl.minimum(phpw, LANES)
+    groups = LANES // span
+    lanes = tl.arange(0, LANES)
+    lane_group = lanes // span
+    lane_bin = lanes - lane_group * span
+    c_start = blk.to(tl.int64) * chan_per_prog
+    c_end = tl.minimum(c_start + chan_per_prog, C)
+    image = inp_ptr + tl.where(valid, batch, 0) * s_n
+    out_roi = k.to(tl.int64) * C * phpw
+    for b0 in range(0, phpw, span):
+        bins = b0 + lane_bin
+        lane_ok = (lane_group < groups) & (bins < phpw)
+        ph = bins // PW
+        pw = bins - ph * PW
+        hs, he = _bin_edges(ph, bin_h, y1, H, GEOM_HALF, GEOM_F64)
+        ws, we = _bin_edges(pw, bin_w, x1, W, GEOM_HALF, GEOM_F64)
+        filled = valid & (he > hs) & (we > ws) & lane_ok
+        # Empty bins and idle lanes read element 0 of a plane (in bounds) and store nothing read.
+        last_row = tl.where(filled, he - hs, 1) - 1
+        last_col = tl.where(filled, we - ws, 1) - 1
+        hs = tl.where(filled, hs, 0)
+        ws = tl.where(filled, ws, 0)
+        max_bh = tl.max(last_row, 0) + 1
+        max_bw = tl.max(last_col, 0) + 1
+        corner = hs.to(tl.int64) * s_h + ws
+        first_index = hs * W + ws
+        for c0 in range(c_start, c_end, 4 * groups):
+            ch0 = c0 + lane_group
+            ch1 = ch0 + groups
+            ch2 = ch1 + groups
+            ch3 = ch2 + groups
+            # Channels past the program's end are read from channel c0 and never stored.
+            p0 = image + (tl.where(ch0 < c_end, ch0, c0) * s_c + corner)
+            p1 = image + (tl.where(ch1 < c_end, ch1, c0) * s_c + corner)
+            p2 = image + (tl.where(ch2 < c_end, ch2, c0) * s_c + corner)
+            p3 = image + (tl.where(ch3 < c_end, ch3, c0) * s_c + corner)
+            best0 = _value(tl.load(p0), ACC_F64, INTERPRETED)
+            best1 = _value(tl.load(p1), ACC_F64, INTERPRETED)
+            best2 = _value(tl.load(p2), ACC_F64, INTERPRETED)
+            best3 = _value(tl.load(p3), ACC_F64, INTERPRETED)
+            at0 = tl.zeros([LANES], tl.int32)
+            at1 = at0
+            at2 = at0
+            at3 = at0
+            row = tl.zeros([LANES], tl.int32)  # (row - hs) * W of the current row
+            for i in range(0, max_bh):
+                for j in range(0, max_bw):
+                    jj = tl.minimum(last_col, j)
+                    cand = row + jj
+                    x = _value(tl.load(p0 + jj), ACC_F64, INTERPRETED)
+                    best0, at0 = _unit_update(x, best0, at0, cand, ACC_F64, INTERPRETED,
+                                              NEEDS_ARGMAX)  # fmt: skip
+                    x = _value(tl.load(p1 + jj), ACC_F64, INTERPRETED)
+                    best1, at1 = _unit_update(x, best1, at1, cand, ACC_F64, INTERPRETED,
+                                              NEEDS_ARGMAX)  # fmt: skip
+                    x = _value(tl.load(p2 + jj), ACC_F64, INTERPRETED)
+                    best2, at2 = _unit_update(x, best2, at2, cand, ACC_F64, INTERPRETED,
+                                              NEEDS_ARGMAX)  # fmt: skip
+                    x = _value(tl.load(p3 + jj), ACC_F64, INTERPRETED)
+                    best3, at3 = _unit_update(x, best3, at3, cand, ACC_F64, INTERPRETED,
+                                              NEEDS_ARGMAX)  # fmt: skip
+                advance = i < last_row
+                p0 += tl.where(advance, s_h, 0)
+                p1 += tl.where(advance, s_h, 0)
+                p2 += tl.where(advance, s_h, 0)
+                p3 += tl.where(advance, s_h, 0)
+                row += tl.where(advance, W, 0)
+            base = out_roi + c0 * phpw + lane_group * phpw + bins
+            step = groups * phpw
+            _unit_store(out_ptr, arg_ptr, base, lane_ok & (ch0 < c_end), filled, best0, at0,
+                        first_index, NEEDS_ARGMAX)  # fmt: skip
+            _unit_store(out_ptr, arg_ptr, base + step, lane_ok & (ch1 < c_end), filled, best1,
+                        at1, first_index, NEEDS_ARGMAX)  # fmt: skip
+            _unit_store(out_ptr, arg_ptr, base + 2 * step, lane_ok & (ch2 < c_end), filled,
+                        best2, at2, first_index, NEEDS_ARGMAX)  # fmt: skip
+            _unit_store(out_ptr, arg_ptr, base + 3 * step, lane_ok & (ch3 < c_end), filled,
+                        best3, at3, first_index, NEEDS_ARGMAX)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,9 +661,11 @@ class ForwardConfig:
 
     channels_fast: bool
     block_c: int
-    block_b: int
+    block_b: int  # lanes of the unit kernel
     split: int
     num_warps: int
+    unit: bool = False  # the unit kernel (unit W stride): four channels of a bin per lane
+    block_elements: int = 0  # the unit kernel's target outputs per program (0: by L2 fit)
 
 
 def _pow2_ceil(n: int) -> int:
@@ -461,6 +699,8 @@ def forward_config(input: torch.Tensor, pooled_height: int, pooled_width: int) -
         block_c = min(_pow2_ceil(channels), 64 if input.element_size() <= 2 else 32)
         block_b = min(_pow2_ceil(bins), max(1, 512 // block_c))
         config = ForwardConfig(True, block_c, block_b, 1, 4)
+    elif s_w == 1:
+        config = ForwardConfig(False, 1, UNIT_LANES, 1, UNIT_WARPS, unit=True)
     else:
         # One lane per bin (split 1): splitting a bin's columns over lanes, sized from the map
         # width, was measured 1.0-2.6x slower on every H100 workload, whose ROIs are much
@@ -470,12 +710,61 @@ def forward_config(input: torch.Tensor, pooled_height: int, pooled_width: int) -
         config = ForwardConfig(False, 1, max(16, block_b), 1, 4)
     overrides = _env_overrides("ROI_OPS_TRITON_FWD")
     if overrides:
+        if not overrides.get("unit", 1) and config.unit:  # back to the flat tile, for probes
+            block_b = min(512, _pow2_ceil(channels * bins))
+            config = ForwardConfig(False, 1, max(16, block_b), 1, 4)
         config = dataclasses.replace(config, **overrides)
         if config.channels_fast:
-            config = dataclasses.replace(config, split=1)
+            config = dataclasses.replace(config, split=1, unit=False)
+        elif config.unit:
+            config = dataclasses.replace(config, block_c=1, split=1)
         else:
             config = dataclasses.replace(config, block_c=1)
     return config
+
+
+# The unit kernel: 256 lanes on 8 warps (one lane, so four channels, per thread). Programs hold
+# about UNIT_ELEMENTS_CACHED outputs when the input fits in L2 (each lane's geometry amortised
+# over many channels) and UNIT_ELEMENTS_STREAMED when it does not (the planes that resident
+# programs read together, all ROIs of one channel block, then stay in L2).
+UNIT_LANES = 256
+UNIT_WARPS = 8
+UNIT_ELEMENTS_CACHED = 8192
+UNIT_ELEMENTS_STREAMED = 1024
+MIN_PROGRAMS_PER_SM = 8
+
+
+def unit_channels_per_program(
+    num_rois: int, channels: int, bins: int, lanes: int, multiprocessors: int, target: int
+) -> int:
+    """Channels per program of the unit kernel: about `target` outputs, a whole number of the
+    program's rounds (4 channels per lane group), halved until the grid has at least
+    MIN_PROGRAMS_PER_SM programs per SM (or one round is left)."""
+    groups = lanes // min(bins, lanes)
+    round_channels = 4 * groups
+    per = max(round_channels, target // bins // round_channels * round_channels)
+    per = min(per, -(-channels // round_channels) * round_channels)
+    while per > round_channels and num_rois * -(-channels // per) < (
+        MIN_PROGRAMS_PER_SM * multiprocessors
+    ):
+        per = max(round_channels, (per // 2) // round_channels * round_channels)
+    return per
+
+
+_device_sizes_cache: dict[int, tuple[int, int]] = {}
+
+
+def _device_sizes(device: torch.device) -> tuple[int, int]:
+    """(SM count, L2 bytes) of a CUDA device, cached; (1, 0) for CPU tensors (interpreter)."""
+    if device.type != "cuda":
+        return 1, 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sizes = _device_sizes_cache.get(index)
+    if sizes is None:
+        properties = torch.cuda.get_device_properties(index)
+        sizes = (properties.multi_processor_count, getattr(properties, "L2_cache_size", 0))
+        _device_sizes_cache[index] = sizes
+    return sizes
 
 
 def _device_context(tensor: torch.Tensor):
@@ -529,6 +818,10 @@ def roi_pool_forward(
         return
     config = forward_config(input, pooled_height, pooled_width)
     bins = pooled_height * pooled_width
+    if config.unit:
+        _launch_unit(input, rois, pooled_height, pooled_width, spatial_scale, output, argmax,
+                     config)  # fmt: skip
+        return
     if config.channels_fast:
         blocks = triton.cdiv(channels, config.block_c) * triton.cdiv(bins, config.block_b)
     else:
@@ -569,6 +862,64 @@ def roi_pool_forward(
                 BLOCK_B=config.block_b,
                 SPLIT=config.split,
                 TRACK_INDEX=argmax is not None or config.split > 1,
+                NEEDS_ARGMAX=argmax is not None,
+                num_warps=config.num_warps,
+                enable_fp_fusion=False,
+            )
+
+
+def _launch_unit(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    output: torch.Tensor,
+    argmax: torch.Tensor | None,
+    config: ForwardConfig,
+) -> None:
+    num_images, channels, height, width = input.shape
+    num_rois = rois.shape[0]
+    bins = pooled_height * pooled_width
+    multiprocessors, l2_bytes = _device_sizes(input.device)
+    target = config.block_elements
+    if target <= 0:
+        cached = input.numel() * input.element_size() <= l2_bytes
+        target = UNIT_ELEMENTS_CACHED if cached else UNIT_ELEMENTS_STREAMED
+    per_program = unit_channels_per_program(
+        num_rois, channels, bins, config.block_b, multiprocessors, target
+    )
+    blocks = triton.cdiv(channels, per_program)
+    scale_f32, scale_bits = _scale_arguments(spatial_scale)
+    s_n, s_c, s_h, _ = input.stride()
+    geom = rois.dtype
+    with _device_context(input):
+        for start in range(0, blocks, MAX_GRID_Y):
+            grid = (num_rois, min(MAX_GRID_Y, blocks - start))
+            _roi_pool_fwd_unit_kernel[grid](
+                input,
+                rois,
+                output,
+                argmax if argmax is not None else output,
+                num_images,
+                channels,
+                height,
+                width,
+                pooled_height,
+                pooled_width,
+                s_n,
+                s_c,
+                s_h,
+                rois.stride(0),
+                rois.stride(1),
+                scale_f32,
+                scale_bits,
+                start,
+                per_program,
+                GEOM_HALF=geom == torch.float16,
+                GEOM_F64=geom == torch.float64,
+                ACC_F64=input.dtype == torch.float64,
+                LANES=config.block_b,
                 NEEDS_ARGMAX=argmax is not None,
                 num_warps=config.num_warps,
                 enable_fp_fusion=False,

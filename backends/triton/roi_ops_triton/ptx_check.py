@@ -1,8 +1,9 @@
 """Compile the kernels for an NVIDIA target without a GPU and check the arithmetic in the PTX.
 
 Usage: ``python -m roi_ops_triton.ptx_check [--arch 90] [--dump DIR]`` (``TRITON_INTERPRET``
-must be unset). It compiles every forward variant (each geometry dtype, both tile shapes, with
-and without argmax, split reductions) and the backward, and fails unless the PTX has:
+must be unset). It compiles every forward variant (each geometry dtype, every tile shape and
+the unit kernel, with and without argmax, split reductions) and the backward, and fails unless
+the PTX has:
 
 * no fused multiply-add (a fused ``x * s - t`` would change C rounding and bin edges);
 * correctly rounded divisions only (``div.rn``; Triton's ``/`` on float32 is ``div.full``);
@@ -46,6 +47,25 @@ FORWARD_VARIANTS: dict[str, dict[str, object]] = {
     ),
 }
 
+UNIT_VARIANTS: dict[str, dict[str, object]] = {
+    "unit-float32": dict(),
+    "unit-float32-inference": dict(NEEDS_ARGMAX=False),
+    "unit-float16-half-geometry": dict(inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True),
+    "unit-bfloat16-inference": dict(inp="bf16", out="bf16", NEEDS_ARGMAX=False),
+    "unit-float64": dict(inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True),
+}
+
+_UNIT_DEFAULTS: dict[str, object] = dict(
+    inp="fp32",
+    rois="fp32",
+    out="fp32",
+    GEOM_HALF=False,
+    GEOM_F64=False,
+    ACC_F64=False,
+    LANES=256,
+    NEEDS_ARGMAX=True,
+)
+
 _FORWARD_DEFAULTS: dict[str, object] = dict(
     inp="fp32",
     rois="fp32",
@@ -67,6 +87,12 @@ _FORWARD_RUNTIME = {
     "N": "i32", "C": "i32", "H": "i32", "W": "i32", "PH": "i32", "PW": "i32",
     "s_n": "i64", "s_c": "i32", "s_h": "i32", "s_w": "i32", "s_rk": "i32", "s_rj": "i32",
     "scale_f32": "fp32", "scale_bits": "i64", "blk_offset": "i32",
+}  # fmt: skip
+
+_UNIT_RUNTIME = {
+    "N": "i32", "C": "i32", "H": "i32", "W": "i32", "PH": "i32", "PW": "i32",
+    "s_n": "i64", "s_c": "i32", "s_h": "i32", "s_rk": "i32", "s_rj": "i32",
+    "scale_f32": "fp32", "scale_bits": "i64", "blk_offset": "i32", "chan_per_prog": "i32",
 }  # fmt: skip
 
 _FORBIDDEN = {  # matched against instruction mnemonics at the start of a line
@@ -104,6 +130,21 @@ def _forward(name: str, arch: int):
     }
     warps = 8 if settings["BLOCK_C"] * settings["BLOCK_B"] * settings["SPLIT"] >= 2048 else 4
     return _compile(kernels._roi_pool_fwd_kernel, signature, settings, arch, warps)
+
+
+def _unit(name: str, arch: int):
+    from roi_ops_triton import kernels
+
+    settings = {**_UNIT_DEFAULTS, **UNIT_VARIANTS[name]}
+    signature = {
+        "inp_ptr": f"*{settings.pop('inp')}",
+        "rois_ptr": f"*{settings.pop('rois')}",
+        "out_ptr": f"*{settings.pop('out')}",
+        "arg_ptr": "*i32",
+        **_UNIT_RUNTIME,
+    }
+    warps = kernels.UNIT_WARPS
+    return _compile(kernels._roi_pool_fwd_unit_kernel, signature, settings, arch, warps)
 
 
 def _backward(dtype: str, arch: int):
@@ -159,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failed = False
     jobs = [(name, lambda n=name: _forward(n, args.arch)) for name in FORWARD_VARIANTS]
+    jobs += [(name, lambda n=name: _unit(n, args.arch)) for name in UNIT_VARIANTS]
     jobs += [(f"backward-{d}", lambda d=d: _backward(d, args.arch)) for d in ("fp32", "bf16")]
     jobs += [("backward-fp64", lambda: _backward("fp64", args.arch))]
     for name, build in jobs:
