@@ -1,4 +1,5 @@
-"""CuPy backward alone on the five workloads: the chosen kernel against the atomic kernel.
+"""Backward alone on the five workloads: CuPy's chosen kernel against its atomic kernel, the
+Triton backward (with a few block sizes) and torchvision's backward op.
 
 Not a benchmark of record (that is ``python -m roi_ops bench``). Run on the GPU machine:
 
@@ -6,8 +7,10 @@ Not a benchmark of record (that is ``python -m roi_ops bench``). Run on the GPU 
 
 Prints, per workload and dtype, the kernel `kernels.backward_kernel` picks, the median time of
 ``launch.backward`` (allocation, kernel and rounding, ten calls queued per sample) with that
-choice, with the atomic kernel forced, and with the atomic kernel's old channel blocks, and the
-largest difference between the first two results.
+choice, with the atomic kernel forced, and with the atomic kernel's old channel blocks, the
+largest difference between the first two results, then the Triton backward
+(``kernels.roi_pool_backward``: zero fill, kernel, rounding) with the block it picks and with
+fixed blocks, and torchvision's ``_roi_pool_backward`` on its own argmax.
 """
 
 from __future__ import annotations
@@ -58,6 +61,43 @@ def main() -> None:
             diff = float((result.double() - atomic.double()).abs().max())
             times = "  ".join(f"{k} {v:.3f} ms" for k, v in row.items())
             print(f"{name:10} {str(dtype)[6:]:8} {chosen:25} {times}  max diff {diff:.3g}")
+            print(f"{'':10} {'':8} {'':25} {triton_times(grad, argmax, index, shape, dtype)}")
+            print(f"{'':10} {'':8} {'':25} {torchvision_time(x, rois, w, grad)}")
+
+
+def timed_ms(fn) -> float:
+    return median_time_ms(fn, torch.device("cuda"), 0.6, min_reps=5, queue=10)
+
+
+def triton_times(grad, argmax, index, shape, dtype) -> str:
+    from roi_ops_triton import kernels as triton_kernels
+
+    chosen = triton_kernels.backward_block
+    row = {}
+    for block in (None, 512, 1024, 2048):
+        if block is not None:
+            triton_kernels.backward_block = lambda *_, b=block: b
+        row[f"triton {block or 'chosen'}"] = timed_ms(
+            lambda: triton_kernels.roi_pool_backward(grad, argmax, index, shape, dtype)
+        )
+        triton_kernels.backward_block = chosen
+    return "  ".join(f"{k} {v:.3f} ms" for k, v in row.items())
+
+
+def torchvision_time(x, rois, w, grad) -> str:
+    if x.dtype == torch.bfloat16:
+        return ""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return "torchvision missing"
+    size = w.output_size
+    rois = rois.to(x.dtype)
+    _, argmax = torch.ops.torchvision.roi_pool(x, rois, w.spatial_scale, size, size)
+    n, c, h, wd = x.shape
+    op = torch.ops.torchvision._roi_pool_backward
+    ms = timed_ms(lambda: op(grad, rois, argmax, w.spatial_scale, size, size, n, c, h, wd))
+    return f"torchvision {ms:.3f} ms"
 
 
 if __name__ == "__main__":

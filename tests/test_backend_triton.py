@@ -353,7 +353,11 @@ def test_unit_channels_per_program():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_backward_matches_the_reference_scatter(device, dtype):
+@pytest.mark.parametrize("block", [None, 16], ids=["chosen-block", "block-16"])
+def test_backward_matches_the_reference_scatter(device, dtype, block, monkeypatch):
+    if block is not None:  # several programs per ROI, and a split grid
+        monkeypatch.setattr(kernels, "backward_block", lambda *_: block)
+        monkeypatch.setattr(kernels, "MAX_GRID_Y", 3)
     case = contract_cases(device, dtype, seed=4)[0]
     rois = case.rois_tensor()
     size = (case.output_size,) * 2 if isinstance(case.output_size, int) else case.output_size
@@ -375,6 +379,12 @@ def test_backward_matches_the_reference_scatter(device, dtype):
     grad = backend.backward(flipped, argmax, batch_index, tuple(case.input.shape), dtype)
     expected = reference_roi_pool_backward(grad_output, argmax, rois, tuple(case.input.shape))
     assert torch.equal(grad.cpu().double(), expected)
+
+
+def test_backward_block_follows_the_l2_fit():
+    assert kernels.backward_block(10 * 2**20, 50 * 2**20) == kernels.BACKWARD_BLOCK
+    assert kernels.backward_block(60 * 2**20, 50 * 2**20) == kernels.BACKWARD_BLOCK_STREAMED
+    assert kernels.backward_block(1, 0) == kernels.BACKWARD_BLOCK_STREAMED  # L2 unknown
 
 
 def test_backward_defers_to_the_shared_one_when_deterministic():
