@@ -376,6 +376,31 @@ def test_empty_input(backend, shape):
     check(backend, torch.ones(shape), rois, (2, 2), 1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_transpose_region(backend, dtype):
+    """The channels-last region copy, against torch, on whole 16 x 16 blocks and the remainders
+    (channel blocks of 16 and 4, widths past 16), a non-unit W stride and a storage offset."""
+    pytest.importorskip("numba")
+    from roi_ops_numba import kernels
+    from roi_ops_numba.ops import flat_storage
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 36, 7, 41, generator=g).to(dtype)
+    views = {"nchw": base, "strided": base[:, :, :, ::2], "offset": base[:, 2:, 1:, 3:]}
+    for name, x in views.items():
+        _, channels, height, width = x.shape
+        s_n, s_c, s_h, s_w = x.stride()
+        src = flat_storage(x)  # starts at x's first element
+        for y0, y1, x0, x1 in ((0, height, 0, width), (1, height - 1, 2, width - 1), (2, 3, 5, 6)):
+            dst = torch.full(((y1 - y0) * (x1 - x0) * channels,), math.nan, dtype=dtype)
+            image = s_n  # image 1 starts s_n elements into the view
+            kernels.transpose_region(
+                src, image, s_c, s_h, s_w, channels, y0, y1, x0, x1, dst.numpy()
+            )
+            expected = x[1, :, y0:y1, x0:x1].permute(1, 2, 0).reshape(-1)
+            assert torch.equal(dst, expected), (name, (y0, y1, x0, x1))
+
+
 def test_many_channels_few_rois(backend):
     """Work is split over channel blocks: one ROI, many channels, both layouts."""
     g = torch.Generator().manual_seed(23)
