@@ -807,7 +807,7 @@ def roi_pool_forward(
         output: contiguous (K, C, PH, PW) of input's dtype; every element is written.
         argmax: contiguous (K, C, PH, PW) int32, or None to skip the argmax.
     """
-    num_images, channels, height, width = input.shape
+    channels = input.shape[1]
     num_rois = rois.shape[0]
     if num_rois == 0 or channels == 0:
         return
@@ -826,46 +826,25 @@ def roi_pool_forward(
         blocks = triton.cdiv(channels, config.block_c) * triton.cdiv(bins, config.block_b)
     else:
         blocks = triton.cdiv(channels * bins, config.block_b)
-    scale_f32, scale_bits = _scale_arguments(spatial_scale)
     s_n, s_c, s_h, s_w = input.stride()
-    geom = rois.dtype
-    with _device_context(input):
-        for start in range(0, blocks, MAX_GRID_Y):
-            grid = (num_rois, min(MAX_GRID_Y, blocks - start))
-            _roi_pool_fwd_kernel[grid](
-                input,
-                rois,
-                output,
-                argmax if argmax is not None else output,
-                num_images,
-                channels,
-                height,
-                width,
-                pooled_height,
-                pooled_width,
-                s_n,
-                s_c,
-                s_h,
-                s_w,
-                rois.stride(0),
-                rois.stride(1),
-                scale_f32,
-                scale_bits,
-                start,
-                GEOM_HALF=geom == torch.float16,
-                GEOM_F64=geom == torch.float64,
-                ACC_F64=input.dtype == torch.float64,
-                CHANNELS_FAST=config.channels_fast,
-                W_UNIT=s_w == 1,
-                C_UNIT=s_c == 1,
-                BLOCK_C=config.block_c,
-                BLOCK_B=config.block_b,
-                SPLIT=config.split,
-                TRACK_INDEX=argmax is not None or config.split > 1,
-                NEEDS_ARGMAX=argmax is not None,
-                num_warps=config.num_warps,
-                enable_fp_fusion=False,
-            )
+    _launch_in_slices(
+        _roi_pool_fwd_kernel,
+        input,
+        num_rois,
+        blocks,
+        (*_forward_head(input, rois, pooled_height, pooled_width, output, argmax), s_n, s_c, s_h,
+         s_w, rois.stride(0), rois.stride(1), *_scale_arguments(spatial_scale)),
+        **_dtype_flags(input, rois),
+        CHANNELS_FAST=config.channels_fast,
+        W_UNIT=s_w == 1,
+        C_UNIT=s_c == 1,
+        BLOCK_C=config.block_c,
+        BLOCK_B=config.block_b,
+        SPLIT=config.split,
+        TRACK_INDEX=argmax is not None or config.split > 1,
+        NEEDS_ARGMAX=argmax is not None,
+        num_warps=config.num_warps,
+    )  # fmt: skip
 
 
 def _launch_unit(
@@ -878,7 +857,8 @@ def _launch_unit(
     argmax: torch.Tensor | None,
     config: ForwardConfig,
 ) -> None:
-    num_images, channels, height, width = input.shape
+    """`roi_pool_forward` through the unit kernel (unit W stride), sized for the device."""
+    channels = input.shape[1]
     num_rois = rois.shape[0]
     bins = pooled_height * pooled_width
     multiprocessors, l2_bytes = _device_sizes(input.device)
@@ -889,41 +869,55 @@ def _launch_unit(
     per_program = unit_channels_per_program(
         num_rois, channels, bins, config.block_b, multiprocessors, target
     )
-    blocks = triton.cdiv(channels, per_program)
-    scale_f32, scale_bits = _scale_arguments(spatial_scale)
     s_n, s_c, s_h, _ = input.stride()
-    geom = rois.dtype
-    with _device_context(input):
+    _launch_in_slices(
+        _roi_pool_fwd_unit_kernel,
+        input,
+        num_rois,
+        triton.cdiv(channels, per_program),
+        (*_forward_head(input, rois, pooled_height, pooled_width, output, argmax), s_n, s_c, s_h,
+         rois.stride(0), rois.stride(1), *_scale_arguments(spatial_scale)),
+        (per_program,),
+        **_dtype_flags(input, rois),
+        LANES=config.block_b,
+        NEEDS_ARGMAX=argmax is not None,
+        num_warps=config.num_warps,
+    )  # fmt: skip
+
+
+def _forward_head(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    pooled_height: int,
+    pooled_width: int,
+    output: torch.Tensor,
+    argmax: torch.Tensor | None,
+) -> tuple:
+    """The arguments both forward kernels start with: tensors (output stands in for a missing
+    argmax, which is never written), then N, C, H, W, PH, PW."""
+    return (
+        input, rois, output, output if argmax is None else argmax, *input.shape, pooled_height,
+        pooled_width,
+    )  # fmt: skip
+
+
+def _dtype_flags(input: torch.Tensor, rois: torch.Tensor) -> dict[str, bool]:
+    """The forward kernels' dtype constants: half or float64 geometry, float64 reduction."""
+    return {
+        "GEOM_HALF": rois.dtype == torch.float16,
+        "GEOM_F64": rois.dtype == torch.float64,
+        "ACC_F64": input.dtype == torch.float64,
+    }
+
+
+def _launch_in_slices(kernel, tensor, num_rois, blocks, before, after=(), **meta) -> None:
+    """Launch `kernel` on grid (num_rois, blocks) on `tensor`'s device and torch's current stream,
+    in launches of at most MAX_GRID_Y blocks along axis 1; each launch passes its first block
+    between the `before` and `after` arguments. Every kernel runs without fp fusion."""
+    with _device_context(tensor):
         for start in range(0, blocks, MAX_GRID_Y):
             grid = (num_rois, min(MAX_GRID_Y, blocks - start))
-            _roi_pool_fwd_unit_kernel[grid](
-                input,
-                rois,
-                output,
-                argmax if argmax is not None else output,
-                num_images,
-                channels,
-                height,
-                width,
-                pooled_height,
-                pooled_width,
-                s_n,
-                s_c,
-                s_h,
-                rois.stride(0),
-                rois.stride(1),
-                scale_f32,
-                scale_bits,
-                start,
-                per_program,
-                GEOM_HALF=geom == torch.float16,
-                GEOM_F64=geom == torch.float64,
-                ACC_F64=input.dtype == torch.float64,
-                LANES=config.block_b,
-                NEEDS_ARGMAX=argmax is not None,
-                num_warps=config.num_warps,
-                enable_fp_fusion=False,
-            )
+            kernel[grid](*before, start, *after, enable_fp_fusion=False, **meta)
 
 
 # Outputs per backward program. When the float32/float64 grad_input exceeds L2, small blocks keep
@@ -968,26 +962,15 @@ def roi_pool_backward(
         block = backward_block(grad_input.numel() * grad_input.element_size(), l2_bytes)
         blocks = triton.cdiv(channels * pooled_height * pooled_width, block)
         batch_index = batch_index.to(device=grad_output.device, dtype=torch.int64).contiguous()
-        s_k, s_c, s_h, s_w = grad_output.stride()
-        with _device_context(grad_output):
-            for start in range(0, blocks, MAX_GRID_Y):
-                grid = (num_rois, min(MAX_GRID_Y, blocks - start))
-                _roi_pool_bwd_kernel[grid](
-                    grad_output,
-                    argmax,
-                    batch_index,
-                    grad_input,
-                    channels,
-                    height * width,
-                    pooled_height,
-                    pooled_width,
-                    s_k,
-                    s_c,
-                    s_h,
-                    s_w,
-                    start,
-                    ACC_F64=accumulate == torch.float64,
-                    BLOCK=block,
-                    num_warps=4,
-                )
+        _launch_in_slices(
+            _roi_pool_bwd_kernel,
+            grad_output,
+            num_rois,
+            blocks,
+            (grad_output, argmax, batch_index, grad_input, channels, height * width,
+             pooled_height, pooled_width, *grad_output.stride()),
+            ACC_F64=accumulate == torch.float64,
+            BLOCK=block,
+            num_warps=4,
+        )  # fmt: skip
     return grad_input if grad_input.dtype == input_dtype else grad_input.to(input_dtype)

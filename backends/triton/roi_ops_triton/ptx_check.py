@@ -117,17 +117,17 @@ def _compile(fn, signature: dict[str, str], constexprs: dict[str, object], arch:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def _forward_signature(settings: dict[str, object], runtime: dict[str, str]) -> dict[str, str]:
+    """The forward kernels' pointer types (popped from `settings`), then their runtime arguments."""
+    pointers = {f"{arg}_ptr": f"*{settings.pop(arg)}" for arg in ("inp", "rois", "out")}
+    return {**pointers, "arg_ptr": "*i32", **runtime}
+
+
 def _forward(name: str, arch: int):
     from roi_ops_triton import kernels
 
     settings = {**_FORWARD_DEFAULTS, **FORWARD_VARIANTS[name]}
-    signature = {
-        "inp_ptr": f"*{settings.pop('inp')}",
-        "rois_ptr": f"*{settings.pop('rois')}",
-        "out_ptr": f"*{settings.pop('out')}",
-        "arg_ptr": "*i32",
-        **_FORWARD_RUNTIME,
-    }
+    signature = _forward_signature(settings, _FORWARD_RUNTIME)
     warps = 8 if settings["BLOCK_C"] * settings["BLOCK_B"] * settings["SPLIT"] >= 2048 else 4
     return _compile(kernels._roi_pool_fwd_kernel, signature, settings, arch, warps)
 
@@ -136,15 +136,9 @@ def _unit(name: str, arch: int):
     from roi_ops_triton import kernels
 
     settings = {**_UNIT_DEFAULTS, **UNIT_VARIANTS[name]}
-    signature = {
-        "inp_ptr": f"*{settings.pop('inp')}",
-        "rois_ptr": f"*{settings.pop('rois')}",
-        "out_ptr": f"*{settings.pop('out')}",
-        "arg_ptr": "*i32",
-        **_UNIT_RUNTIME,
-    }
-    warps = kernels.UNIT_WARPS
-    return _compile(kernels._roi_pool_fwd_unit_kernel, signature, settings, arch, warps)
+    signature = _forward_signature(settings, _UNIT_RUNTIME)
+    kernel = kernels._roi_pool_fwd_unit_kernel
+    return _compile(kernel, signature, settings, arch, kernels.UNIT_WARPS)
 
 
 def _backward(dtype: str, arch: int):
