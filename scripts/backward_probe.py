@@ -3,7 +3,7 @@ Triton backward (with a few block sizes) and torchvision's backward op.
 
 Not a benchmark of record (that is ``python -m roi_ops bench``). Run on the GPU machine:
 
-    python scripts/backward_probe.py
+    python scripts/backward_probe.py [--workload NAME...] [--no-triton]
 
 Prints, per workload and dtype, the kernel `kernels.backward_kernel` picks, the median time of
 ``launch.backward`` (allocation, kernel and rounding, ten calls queued per sample) with that
@@ -15,6 +15,7 @@ fixed blocks, and torchvision's ``_roi_pool_backward`` on its own argmax.
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -27,12 +28,17 @@ from roi_ops.ops import batch_indices, roi_pool_forward
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--no-triton", action="store_true")
+    options = parser.parse_args()
     device = torch.device("cuda")
 
     def timed(fn) -> float:
         return median_time_ms(fn, device, 0.6, min_reps=5, queue=10)
 
-    for name, w in WORKLOADS.items():
+    for name in options.workload:
+        w = WORKLOADS[name]
         for dtype in (torch.float32, torch.float16):
             x = make_input(w, dtype, device)
             rois = make_rois(w, dtype, device)
@@ -61,7 +67,8 @@ def main() -> None:
             diff = float((result.double() - atomic.double()).abs().max())
             times = "  ".join(f"{k} {v:.3f} ms" for k, v in row.items())
             print(f"{name:10} {str(dtype)[6:]:8} {chosen:25} {times}  max diff {diff:.3g}")
-            print(f"{'':10} {'':8} {'':25} {triton_times(grad, argmax, index, shape, dtype)}")
+            if not options.no_triton:
+                print(f"{'':10} {'':8} {'':25} {triton_times(grad, argmax, index, shape, dtype)}")
             print(f"{'':10} {'':8} {'':25} {torchvision_time(x, rois, w, grad)}")
 
 
