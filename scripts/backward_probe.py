@@ -7,7 +7,8 @@ Not a benchmark of record (that is ``python -m roi_ops bench``). Run on the GPU 
 
 Prints, per workload and dtype, the kernel `kernels.backward_kernel` picks, the median time of
 ``launch.backward`` (allocation, kernel and rounding, ten calls queued per sample) with that
-choice, with the atomic kernel forced, and with the atomic kernel's old channel blocks, the
+choice, with the atomic kernel forced, with the atomic kernel's old channel blocks and with the
+planes kernel forced (blocks of 256 and 1024 threads; the atomic one where planes cannot run), the
 largest difference between the first two results, then the Triton backward
 (``kernels.roi_pool_backward``: zero fill, kernel, rounding) with the block it picks and with
 fixed blocks, and torchvision's ``_roi_pool_backward`` on its own argmax.
@@ -63,6 +64,11 @@ def main() -> None:
             kernels.BACKWARD_BLOCK_ELEMENTS_STREAMED = kernels.TARGET_BLOCK_ELEMENTS
             row["atomic, old blocks"] = timed(run)
             kernels.BACKWARD_BLOCK_ELEMENTS_STREAMED = streamed
+            os.environ["ROI_OPS_CUPY_BACKWARD"] = "planes"
+            for threads in kernels.PLANES_THREADS:  # where the planes kernel can run at all
+                os.environ["ROI_OPS_CUPY_PLANES_THREADS"] = str(threads)
+                row[f"planes {threads}"] = timed(run)
+            del os.environ["ROI_OPS_CUPY_PLANES_THREADS"]
             del os.environ["ROI_OPS_CUPY_BACKWARD"]
             diff = float((result.double() - atomic.double()).abs().max())
             times = "  ".join(f"{k} {v:.3f} ms" for k, v in row.items())

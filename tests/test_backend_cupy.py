@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import math
 import re
 import shutil
@@ -157,7 +158,7 @@ def test_source_instantiations_match_the_dtype_table():
     assert sorted(pairs) == sorted((table[t], table[r]) for t, r in kernels.FORWARD_PAIRS)
     assert sorted(types) == sorted(table[t] for t in kernels.BACKWARD_TYPES)
     for name in (*kernels.FORWARD_KERNELS, *kernels.BACKWARD_KERNELS):
-        bounds = r"(ROI_OPS_LAUNCH_BOUNDS|__launch_bounds__\(256, \w+\))"
+        bounds = r"(ROI_OPS_LAUNCH_BOUNDS|__launch_bounds__\((256|kBlock), [^)]+\))"
         assert re.search(rf"__global__ void {bounds}\s+{name}\(", text), name
     # Every name expression NVRTC is asked for is a template with the instantiated arguments.
     for t, r in kernels.FORWARD_PAIRS:
@@ -165,7 +166,8 @@ def test_source_instantiations_match_the_dtype_table():
             assert re.fullmatch(r"roi_pool_forward_(plane|chan|unit)<\w+, \w+, (true|false)>", expr)
     assert kernels.backward_names(torch.bfloat16) == (
         "roi_pool_backward_atomic<roi_bf16>",
-        "roi_pool_backward_planes<roi_bf16>",
+        "roi_pool_backward_planes<roi_bf16, 256>",
+        "roi_pool_backward_planes<roi_bf16, 1024>",
     )
 
 
@@ -181,9 +183,8 @@ def test_compile_check_script_passes():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "check_compile: all ok (80 90)" in result.stdout
     resources = [line for line in result.stdout.splitlines() if line.startswith("  sm_90 ")]
-    expected = len(kernels.FORWARD_PAIRS) * 2 * len(kernels.FORWARD_KERNELS) + len(
-        kernels.BACKWARD_TYPES
-    ) * len(kernels.BACKWARD_KERNELS)
+    backward = sum(len(kernels.backward_names(t)) for t in kernels.BACKWARD_TYPES)
+    expected = len(kernels.FORWARD_PAIRS) * 2 * len(kernels.FORWARD_KERNELS) + backward
     assert len(resources) == expected
     assert all("0 B spill stores, 0 B spill loads" in line for line in resources)
 
@@ -273,7 +274,7 @@ def test_cached_backward_plans_replace_exactly_the_pointer_arguments(kernel):
     batch_index = torch.zeros(3, dtype=torch.int64)
     grad_input = torch.zeros(2, 20, 9, 11)
     plan = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, 132, 0, kernel)
-    assert plan.name == f"{kernel}<float>"
+    assert plan.name == kernels.backward_name(kernel, torch.float32)
     pointers = [t.data_ptr() for t in (grad_output, argmax, batch_index, grad_input)]
     assert [int(plan.args[i]) for i in launch._BACKWARD_POINTER_ARGS] == pointers
     others = [a for i, a in enumerate(plan.args) if i not in launch._BACKWARD_POINTER_ARGS]
@@ -287,8 +288,9 @@ def test_backward_kernel_choice(monkeypatch):
     frcnn = ((2, 1024, 38, 63), torch.float32, (512, 1024, 7, 7), 132, optin)
     assert choose(*frcnn) == planes
     assert choose((2, 1024, 38, 63), torch.float16, (512, 1024, 14, 14), 132, optin) == planes
-    # a 200 x 272 float32 plane (218 KB) fits but leaves one block per SM: atomics win
-    assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), 132, optin) == atomic
+    # a 200 x 272 float32 plane (218 KB) fits: one block of 1024 threads per SM
+    assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), 132, optin) == planes
+    assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), 132, 99 * 1024) == atomic
     assert choose((1, 16, 38, 63), torch.float32, (512, 16, 7, 7), 132, optin) == atomic  # few
     assert choose((2, 1024, 38, 63), torch.float32, (0, 1024, 7, 7), 132, optin) == atomic
     assert choose((2, 1024, 38, 63), torch.float32, (5, 1024, 0, 7), 132, optin) == atomic
@@ -300,7 +302,7 @@ def test_backward_kernel_choice(monkeypatch):
     assert choose((2, 1, 300, 300), torch.float32, (5, 1, 7, 7), 132, optin) == atomic  # no fit
 
 
-def test_backward_plans_size_blocks_and_shared_memory():
+def test_backward_plans_size_blocks_and_shared_memory(monkeypatch):
     grad_output = torch.randn(600, 20, 7, 7)
     argmax = torch.zeros(600, 20, 7, 7, dtype=torch.int32)
     batch_index = torch.zeros(600, dtype=torch.int64)
@@ -308,14 +310,24 @@ def test_backward_plans_size_blocks_and_shared_memory():
     planes = kernels.plan_backward(
         grad_output, argmax, batch_index, grad_input, 132, 0, kernels.BACKWARD_PLANES
     )
+    assert planes.name == "roi_pool_backward_planes<float, 256>"
     assert planes.grid == (3 * 20, 1, 1) and planes.block == (256, 1, 1)
     assert planes.shared_mem == 49 * 8 + kernels.PLANES_CHANNELS * 30 * 40 * 4
     assert int(planes.args[12]) == kernels.PLANES_CHANNELS and int(planes.args[14]) == 600
     half = kernels.plan_backward(
         grad_output.half(), argmax, batch_index, grad_input.half(), 132, 0, kernels.BACKWARD_PLANES
     )
-    assert half.name == "roi_pool_backward_planes<roi_half>"
+    assert half.name == "roi_pool_backward_planes<roi_half, 256>"
     assert half.shared_mem == planes.shared_mem  # float32 accumulators
+    # 1024 threads when the block leaves no room for a second one on the SM
+    alone = kernels.plan_backward(
+        grad_output, argmax, batch_index, grad_input, 132, 0, kernels.BACKWARD_PLANES, 8 * 1024
+    )
+    assert alone.name == "roi_pool_backward_planes<float, 1024>" and alone.block == (1024, 1, 1)
+    assert kernels.planes_threads(218 * 1024, 227 * 1024) == 1024
+    assert kernels.planes_threads(55 * 1024, 227 * 1024) == 256
+    monkeypatch.setenv("ROI_OPS_CUPY_PLANES_THREADS", "1024")
+    assert kernels.planes_threads(1024, 227 * 1024) == 1024
     # The atomic kernel: small channel blocks when grad_input does not fit in L2.
     cached = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, 1, 2**30)
     streamed = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, 1, 2**10)
@@ -828,9 +840,11 @@ def test_backward_scatter(runner, dtype, monkeypatch):
             launch = dataclasses.replace(launch, grid=(launch.grid[0], grid_y, 1))
         runner.launch(launch)
         assert torch.equal(grad_input.cpu().to(torch.float64), reference)
-        # The planes kernel: one channel per block, then blocks of 2 (the last one short).
-        for channels in (1, 2):
+        # The planes kernel: one channel per block, then blocks of 2 (the last one short); blocks
+        # of 256 and of 1024 threads.
+        for channels, threads in itertools.product((1, 2), kernels.PLANES_THREADS):
             monkeypatch.setattr(kernels, "PLANES_CHANNELS", channels)
+            monkeypatch.setenv("ROI_OPS_CUPY_PLANES_THREADS", str(threads))
             planes = _run_backward_planes(
                 runner, grad_output, argmax.to(device), batch.to(device), tuple(x.shape), dtype
             )
@@ -838,14 +852,21 @@ def test_backward_scatter(runner, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("kernel", kernels.BACKWARD_KERNELS)
-def test_backward_many_rois_in_rounds(runner, dtype, kernel):
-    """600 ROIs (the planes kernel collects an image's ROIs 256 at a time), images interleaved,
-    some ROIs invalid; float16/bfloat16 sums pass their precision and are rounded once."""
+@pytest.mark.parametrize(
+    "kernel, threads",
+    [(kernels.BACKWARD_ATOMIC, None)]
+    + [(kernels.BACKWARD_PLANES, t) for t in kernels.PLANES_THREADS],
+)
+def test_backward_many_rois_in_rounds(runner, dtype, kernel, threads, monkeypatch):
+    """2600 ROIs (the planes kernel collects an image's ROIs 256 or 1024 at a time, the last
+    round short), images interleaved, some ROIs invalid; float16/bfloat16 sums pass their
+    precision and are rounded once."""
+    if threads is not None:
+        monkeypatch.setenv("ROI_OPS_CUPY_PLANES_THREADS", str(threads))
     g = torch.Generator().manual_seed(7)
     num_images, channels, height, width = 3, 2, 9, 11
     x = torch.randn(num_images, channels, height, width, generator=g).to(dtype)
-    k = 600
+    k = 2600
     corners = torch.rand(k, 2, generator=g) * torch.tensor([width - 1.0, height - 1.0])
     sizes = torch.rand(k, 2, generator=g) * 5
     batch_values = torch.randint(0, num_images, (k,), generator=g).double()

@@ -75,12 +75,14 @@ MIN_BLOCKS_PER_SM = 8
 # that the resident blocks add into (all ROIs of one channel block run first) in L2.
 BACKWARD_BLOCK_ELEMENTS_STREAMED = 512
 # The planes backward: one channel per block (measured fastest on the H100: 1 to 4 tried), for
-# planes up to this size (larger ones leave too few blocks per SM), and only with enough blocks
-# (N * C of them) to fill the GPU; otherwise the atomic backward runs.
+# every plane that fits in a block's shared memory, and only with enough blocks (N * C of them)
+# to fill the GPU; otherwise the atomic backward runs.
 PLANES_CHANNELS = 1
-PLANES_MAX_BYTES = 64 * 1024
 PLANES_MIN_BLOCKS_PER_SM = 4
-PLANES_STATIC_SHARED = 5 * 1024  # the kernel's own __shared__ arrays (4128 B), with room to spare
+PLANES_STATIC_SHARED = 5 * 1024  # the kernel's own __shared__ arrays (4224 B), with room to spare
+# The planes kernel's block sizes: 256 threads, or 1024 where a block's shared memory leaves room
+# for no second block on the SM (a lone 256-thread block keeps too few loads in flight).
+PLANES_THREADS = (256, 1024)
 DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without opting in
 MAX_GRID_Y = 65535
 INT32_LIMIT = 2**31
@@ -108,15 +110,20 @@ def forward_names(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> tuple[st
     )
 
 
-def backward_name(kernel: str, dtype: torch.dtype) -> str:
-    """The name expression of backward `kernel` for gradients of `dtype`."""
+def backward_name(kernel: str, dtype: torch.dtype, threads: int = THREADS) -> str:
+    """The name expression of backward `kernel` for gradients of `dtype`; the planes kernel's
+    also names its block size (`threads`, one of PLANES_THREADS)."""
+    if kernel == BACKWARD_PLANES:
+        return f"{kernel}<{C_TYPES[dtype]}, {threads}>"
     return f"{kernel}<{C_TYPES[dtype]}>"
 
 
 @functools.cache
 def backward_names(dtype: torch.dtype) -> tuple[str, ...]:
-    """Both backward instantiations for `dtype`: what one NVRTC module compiles."""
-    return tuple(backward_name(kernel, dtype) for kernel in BACKWARD_KERNELS)
+    """Every backward instantiation for `dtype`: what one NVRTC module compiles."""
+    return (backward_name(BACKWARD_ATOMIC, dtype),) + tuple(
+        backward_name(BACKWARD_PLANES, dtype, threads) for threads in PLANES_THREADS
+    )
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -281,16 +288,28 @@ def backward_kernel(
     can_run = (
         num_rois * ph * pw > 0  # with nothing to add, grad_input is the atomic path's zero fill
         and _planes_shared(plane_bytes, ph * pw) + PLANES_STATIC_SHARED <= shared_limit
-        and PLANES_CHANNELS * ph * pw * THREADS < INT32_LIMIT
+        and PLANES_CHANNELS * ph * pw * PLANES_THREADS[-1] < INT32_LIMIT
+        and num_rois < INT32_LIMIT
         and num_images * math.ceil(channels / PLANES_CHANNELS) < INT32_LIMIT
     )
     forced = os.environ.get("ROI_OPS_CUPY_BACKWARD", "").strip()
     if forced in ("atomic", "planes"):
         return BACKWARD_PLANES if forced == "planes" and can_run else BACKWARD_ATOMIC
     enough_blocks = num_images * channels >= PLANES_MIN_BLOCKS_PER_SM * multiprocessors
-    if can_run and enough_blocks and plane_bytes <= PLANES_MAX_BYTES:
+    if can_run and enough_blocks:
         return BACKWARD_PLANES
     return BACKWARD_ATOMIC
+
+
+def planes_threads(shared_mem: int, shared_limit: int) -> int:
+    """Block size of the planes kernel for `shared_mem` bytes of dynamic shared memory per block:
+    1024 when two blocks would not fit in `shared_limit` (the opt-in limit of one block, about
+    an SM's shared memory), else 256. ``ROI_OPS_CUPY_PLANES_THREADS=256|1024`` forces one."""
+    forced = os.environ.get("ROI_OPS_CUPY_PLANES_THREADS", "").strip()
+    if forced in {str(threads) for threads in PLANES_THREADS}:
+        return int(forced)
+    alone = 2 * (shared_mem + PLANES_STATIC_SHARED) > shared_limit
+    return PLANES_THREADS[-1] if alone else PLANES_THREADS[0]
 
 
 def _planes_shared(plane_bytes: int, bins: int) -> int:
@@ -306,6 +325,7 @@ def plan_backward(
     multiprocessors: int,
     l2_bytes: int = 0,
     kernel: str = BACKWARD_ATOMIC,
+    shared_limit: int = DEFAULT_SHARED_LIMIT,
 ) -> Launch | None:
     """The backward launch (None when there is nothing to launch).
 
@@ -319,12 +339,13 @@ def plan_backward(
         multiprocessors: the device's SM count.
         l2_bytes: the device's L2 cache size (0 if unknown: grad_input counts as not cached).
         kernel: BACKWARD_ATOMIC or BACKWARD_PLANES (see `backward_kernel`).
+        shared_limit: the most shared memory a block may use (opted in), in bytes: picks the
+            planes kernel's block size (see `planes_threads`).
     """
     num_rois, channels, ph, pw = argmax.shape
     if grad_input.numel() == 0 or (argmax.numel() == 0 and kernel == BACKWARD_ATOMIC):
         return None
     num_images, _, height, width = grad_input.shape
-    name = backward_name(kernel, grad_output.dtype)
     head = (
         _pointer(grad_output),
         *_ints(*grad_output.stride()),
@@ -339,8 +360,11 @@ def plan_backward(
         blocks = num_images * math.ceil(channels / per_block)
         accumulator = accumulate_dtype(grad_input.dtype).itemsize
         shared = _planes_shared(per_block * height * width * accumulator, ph * pw)
+        threads = planes_threads(shared, shared_limit)
+        name = backward_name(kernel, grad_output.dtype, threads)
         args = head + _ints(per_block) + (_pointer(grad_input),) + _ints(num_rois)
-        return Launch(name, (blocks, 1, 1), (THREADS, 1, 1), shared, args)
+        return Launch(name, (blocks, 1, 1), (threads, 1, 1), shared, args)
+    name = backward_name(kernel, grad_output.dtype)
     grad_bytes = grad_input.numel() * grad_input.element_size()
     target = TARGET_BLOCK_ELEMENTS if grad_bytes <= l2_bytes else BACKWARD_BLOCK_ELEMENTS_STREAMED
     per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors, target)

@@ -169,8 +169,8 @@ def _settings() -> tuple:
         kernels.TARGET_BLOCK_ELEMENTS,
         kernels.BACKWARD_BLOCK_ELEMENTS_STREAMED,
         kernels.PLANES_CHANNELS,
-        kernels.PLANES_MAX_BYTES,
         os.environ.get("ROI_OPS_CUPY_BACKWARD"),
+        os.environ.get("ROI_OPS_CUPY_PLANES_THREADS"),
         kernels.UNIT_BLOCK_ELEMENTS_CACHED,
         kernels.UNIT_BLOCK_ELEMENTS_STREAMED,
         kernels.MAX_CACHED_EDGES,
@@ -269,9 +269,8 @@ def backward(
     argmax = argmax.contiguous()  # kept referenced until the launch is queued
 
     def make() -> _Packed | None:
-        launch = kernels.plan_backward(
-            grad_output, argmax, batch_index, grad_input, multiprocessors, l2_bytes, kernel
-        )
+        sizes = (multiprocessors, l2_bytes, kernel, shared_limit)
+        launch = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, *sizes)
         names = kernels.backward_names(input_dtype)
         return None if launch is None else _Packed(device, launch, names)
 

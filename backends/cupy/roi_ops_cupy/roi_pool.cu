@@ -20,7 +20,7 @@
 //       stored in output order.
 //   roi_pool_backward_atomic<T>            grad_input[b, c].flat[argmax] += grad_output with
 //       global atomics into a zero-filled grad_input, in the plane kernel's thread layout.
-//   roi_pool_backward_planes<T>            the same sums in shared memory: one block per (image,
+//   roi_pool_backward_planes<T, kBlock>    the same sums in shared memory: one block per (image,
 //       channel) plane, written out once and rounded (no zero fill, no conversion pass); for
 //       planes that fit in shared memory. Neither backward is run-to-run deterministic; the
 //       Python side never uses them in deterministic mode.
@@ -845,18 +845,20 @@ extern __shared__ __align__(16) unsigned char planes_shared[];
 
 // The backward without global atomics or zero fill. One block per (image, channel block) keeps
 // the block's gradient planes (channels_per_block * HW accumulators, float32 for the 16-bit
-// types) in dynamic shared memory, finds its image's ROIs 256 batch indices at a time (in order,
-// by a block-wide ballot), adds their gradients there with shared-memory atomics and writes the
-// planes out once, rounded: grad_input needs no zero fill and no conversion pass.
+// types) in dynamic shared memory, finds its image's ROIs kBlock batch indices at a time (in
+// order, by a block-wide ballot; the next round's indices load while this round's gradients are
+// added), adds their gradients there with shared-memory atomics and writes the planes out once,
+// rounded: grad_input needs no zero fill and no conversion pass. kBlock is 256, or 1024 for
+// planes so large that one block fills an SM's shared memory (enough loads in flight).
 // Each thread walks its elements (ROI of the round, channel, bin) in steps of the block with a
 // mixed-radix counter, so the inner loop has no division; the bins' grad_output offsets sit in a
-// table. Grid: N * ceil(C / channels_per_block) blocks, channel block fastest; 256 threads;
+// table. Grid: N * ceil(C / channels_per_block) blocks, channel block fastest; kBlock threads;
 // dynamic shared memory PH * PW * 8 + channels_per_block * HW * sizeof(accumulator) bytes.
-// grad_input (N, C, H, W) contiguous of T. Requires channels_per_block * PH * PW * 256 < 2^31.
-// Not run-to-run deterministic (the order of the shared-memory additions varies). Arguments as
-// the atomic kernel's, grad_input in the same place, then K.
-template <class T>
-__global__ void ROI_OPS_LAUNCH_BOUNDS
+// grad_input (N, C, H, W) contiguous of T. Requires channels_per_block * PH * PW * kBlock < 2^31
+// and K < 2^31. Not run-to-run deterministic (the order of the shared-memory additions varies).
+// Arguments as the atomic kernel's, grad_input in the same place, then K.
+template <class T, int kBlock>
+__global__ void __launch_bounds__(kBlock, kBlock == 256 ? 5 : 1)
     roi_pool_backward_planes(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
                              const i64 gs2, const i64 gs3, const int* __restrict__ argmax,
                              const i64* __restrict__ batch_index, const i64 bs0, const i64 C,
@@ -868,9 +870,8 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
   const unsigned int bins = static_cast<unsigned int>(PH * PW);
   i64* bin_offset = reinterpret_cast<i64*>(planes_shared);  // grad_output offset of each bin
   A* planes = reinterpret_cast<A*>(bin_offset + bins);
-  __shared__ i64 argmax_base[kThreads];  // per ROI of the round: its first argmax of the block
-  __shared__ i64 grad_base[kThreads];    // and its first grad_output element
-  __shared__ int warp_counts[kThreads / 32];
+  __shared__ int round_rois[kBlock];  // this image's ROIs of the round, in order
+  __shared__ int warp_counts[kBlock / 32];
   const unsigned int tid = threadIdx.x;
   const unsigned int lane = tid & 31u;
   const unsigned int warp = tid >> 5;
@@ -880,40 +881,38 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
   const unsigned int channels =
       static_cast<unsigned int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
   const i64 plane_size = channels * HW;
-  for (unsigned int q = tid; q < bins; q += kThreads) {
+  for (unsigned int q = tid; q < bins; q += kBlock) {
     const unsigned int ph = q / static_cast<unsigned int>(PW);
     bin_offset[q] = ph * gs2 + (q - ph * static_cast<unsigned int>(PW)) * gs3;
   }
-  for (i64 i = tid; i < plane_size; i += kThreads) planes[i] = A(0);
+  for (i64 i = tid; i < plane_size; i += kBlock) planes[i] = A(0);
   const unsigned int per_roi = channels * bins;
-  // The block's step (kThreads elements) and this thread's first element as (ROI, channel, bin).
-  const unsigned int step_roi = kThreads / per_roi;
-  const unsigned int step_channel = (kThreads % per_roi) / bins;
-  const unsigned int step_bin = (kThreads % per_roi) % bins;
+  // The block's step (kBlock elements) and this thread's first element as (ROI, channel, bin).
+  const unsigned int step_roi = kBlock / per_roi;
+  const unsigned int step_channel = (kBlock % per_roi) / bins;
+  const unsigned int step_bin = (kBlock % per_roi) % bins;
   const unsigned int first_roi = tid / per_roi;
   const unsigned int first_channel = (tid % per_roi) / bins;
   const unsigned int first_bin = (tid % per_roi) % bins;
-  for (i64 r0 = 0; r0 < K; r0 += kThreads) {
-    // This image's ROIs among the next 256, in order, as rows [0, found) of the base tables.
-    const i64 k = r0 + tid;
-    const bool mine = k < K && batch_index[k * bs0] == image;
+  i64 next_image = tid < K ? batch_index[tid * bs0] : -1;
+  for (i64 r0 = 0; r0 < K; r0 += kBlock) {
+    // This image's ROIs among the next kBlock, in order, as rows [0, found) of round_rois.
+    const bool mine = next_image == image;
+    const i64 k_next = r0 + kBlock + tid;
+    next_image = k_next < K ? batch_index[k_next * bs0] : -1;  // in flight during this round
     const unsigned int ballot = __ballot_sync(0xffffffffu, mine);
     if (lane == 0) warp_counts[warp] = __popc(ballot);
     __syncthreads();  // also orders the table and the zero fill (first round) before their use
     unsigned int offset = 0, found = 0;
 #pragma unroll
-    for (unsigned int w = 0; w < kThreads / 32; ++w) {
+    for (unsigned int w = 0; w < kBlock / 32; ++w) {
       offset += w < warp ? warp_counts[w] : 0;
       found += warp_counts[w];
     }
-    if (mine) {
-      const unsigned int row = offset + __popc(ballot & ((1u << lane) - 1u));
-      argmax_base[row] = (k * C + c0) * bins;
-      grad_base[row] = k * gs0 + c0 * gs1;
-    }
+    if (mine) round_rois[offset + __popc(ballot & ((1u << lane) - 1u))] = r0 + tid;
     __syncthreads();
     unsigned int j = first_roi, c = first_channel, q = first_bin;
-    for (unsigned int e0 = tid; e0 < found * per_roi; e0 += kPlanesUnroll * kThreads) {
+    for (unsigned int e0 = tid; e0 < found * per_roi; e0 += kPlanesUnroll * kBlock) {
       int a[kPlanesUnroll];
       A g[kPlanesUnroll];
       unsigned int plane[kPlanesUnroll];
@@ -923,9 +922,10 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
         g[u] = A(0);
         plane[u] = c;
         if (j < found) {
-          a[u] = __ldcs(argmax + argmax_base[j] + c * bins + q);  // read once: evict first
-          g[u] = static_cast<A>(
-              Elem<T>::value_of(grad_output[grad_base[j] + c * gs1 + bin_offset[q]]));
+          const i64 k = round_rois[j];
+          a[u] = __ldcs(argmax + ((k * C + c0 + c) * bins + q));  // read once: evict first
+          g[u] = static_cast<A>(Elem<T>::value_of(
+              grad_output[k * gs0 + (c0 + c) * gs1 + bin_offset[q]]));
         }
         q += step_bin;  // one step of the block, with carries
         c += step_channel;
@@ -944,10 +944,10 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
         if (a[u] >= 0) atomicAdd(planes + plane[u] * HW + a[u], g[u]);
       }
     }
-    __syncthreads();  // before the base tables and warp_counts are overwritten
+    __syncthreads();  // before round_rois and warp_counts are overwritten
   }
   T* __restrict__ out = grad_input + (image * C + c0) * HW;
-  for (i64 i = tid; i < plane_size; i += kThreads) out[i] = Rounded<T>::of(planes[i]);
+  for (i64 i = tid; i < plane_size; i += kBlock) out[i] = Rounded<T>::of(planes[i]);
 }
 
 #ifdef ROI_OPS_INSTANTIATE_ALL
@@ -971,7 +971,8 @@ template <class T>
 const void* roi_ops_backward_kernels(int i) {
   const void* kernels[] = {
       reinterpret_cast<const void*>(&roi_pool_backward_atomic<T>),
-      reinterpret_cast<const void*>(&roi_pool_backward_planes<T>),
+      reinterpret_cast<const void*>(&roi_pool_backward_planes<T, 256>),
+      reinterpret_cast<const void*>(&roi_pool_backward_planes<T, 1024>),
   };
   return kernels[i];
 }

@@ -206,9 +206,9 @@ void run_backward(Args a) {
                               ptr<typename roi_ops_cuda::Accum<T>::type*>(a[13]));
 }
 
-template <class T>
+template <class T, int kBlock>
 void run_backward_planes(Args a) {
-  roi_pool_backward_planes<T>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]), num(a[4]),
+  roi_pool_backward_planes<T, kBlock>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]), num(a[4]),
                               ptr<const int*>(a[5]), ptr<const i64*>(a[6]), num(a[7]),
                               num(a[8]), num(a[9]), num(a[10]), num(a[11]), num(a[12]),
                               ptr<T*>(a[13]), num(a[14]));
@@ -228,7 +228,8 @@ struct Entry {
       {"roi_pool_forward_unit<" #T ", " #R ", false>", &run_unit<T, R, false>},
 #define ROI_BACKWARD(T)                                          \
   {"roi_pool_backward_atomic<" #T ">", &run_backward<T>},        \
-      {"roi_pool_backward_planes<" #T ">", &run_backward_planes<T>},
+      {"roi_pool_backward_planes<" #T ", 256>", &run_backward_planes<T, 256>},  \
+      {"roi_pool_backward_planes<" #T ", 1024>", &run_backward_planes<T, 1024>},
 
 const Entry kEntries[] = {
     ROI_FORWARD(roi_half, roi_half) ROI_FORWARD(roi_bf16, roi_bf16) ROI_FORWARD(float, float)
@@ -239,7 +240,8 @@ const Entry kEntries[] = {
 }  // namespace
 
 // Returns 0, or -1 for an unknown name, -2 for too much dynamic shared memory, -3 for a block
-// of more than 256 threads.
+// of more than 1024 threads.
+constexpr unsigned int kMaxThreads = 1024;
 extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int grid_y,
                            unsigned int block_x, unsigned int block_y, const std::uint64_t* args,
                            unsigned long long shared_mem) {
@@ -252,7 +254,7 @@ extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int g
   if (shared_mem > (planes ? sizeof(roi_ops_cuda::planes_shared) : sizeof(roi_ops_cuda::roi_edges)))
     return -2;
   const unsigned int count = block_x * block_y;
-  if (count == 0 || count > static_cast<unsigned int>(roi_ops_cuda::kThreads)) return -3;
+  if (count == 0 || count > kMaxThreads) return -3;
   ballot_votes.assign(count, 0);
   gridDim = dim3{grid_x, grid_y, 1};
   blockDim = dim3{block_x, block_y, 1};
