@@ -858,8 +858,8 @@ def test_backward_scatter(runner, dtype, monkeypatch):
     + [(kernels.BACKWARD_PLANES, t) for t in kernels.PLANES_THREADS],
 )
 def test_backward_many_rois_in_rounds(runner, dtype, kernel, threads, monkeypatch):
-    """2600 ROIs (the planes kernel collects an image's ROIs 256 or 1024 at a time, the last
-    round short), images interleaved, some ROIs invalid; float16/bfloat16 sums pass their
+    """2600 ROIs (the planes kernel collects an image's ROIs 1024 at a time, the last round
+    short), images interleaved, some ROIs invalid; float16/bfloat16 sums pass their
     precision and are rounded once."""
     if threads is not None:
         monkeypatch.setenv("ROI_OPS_CUPY_PLANES_THREADS", str(threads))

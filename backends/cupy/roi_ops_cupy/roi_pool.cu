@@ -845,9 +845,9 @@ extern __shared__ __align__(16) unsigned char planes_shared[];
 
 // The backward without global atomics or zero fill. One block per (image, channel block) keeps
 // the block's gradient planes (channels_per_block * HW accumulators, float32 for the 16-bit
-// types) in dynamic shared memory, finds its image's ROIs kBlock batch indices at a time (in
-// order, by a block-wide ballot; the next round's indices load while this round's gradients are
-// added), adds their gradients there with shared-memory atomics and writes the planes out once,
+// types) in dynamic shared memory, finds its image's ROIs 1024 batch indices at a time (four per
+// thread in 256-thread blocks; in order, by block-wide ballots; the next round's indices load
+// while this round's gradients are added), adds their gradients there with shared-memory atomics and writes the planes out once,
 // rounded: grad_input needs no zero fill and no conversion pass. kBlock is 256, or 1024 for
 // planes so large that one block fills an SM's shared memory (enough loads in flight).
 // Each thread walks its elements (ROI of the round, channel, bin) in steps of the block with a
@@ -870,8 +870,11 @@ __global__ void __launch_bounds__(kBlock, kBlock == 256 ? 5 : 1)
   const unsigned int bins = static_cast<unsigned int>(PH * PW);
   i64* bin_offset = reinterpret_cast<i64*>(planes_shared);  // grad_output offset of each bin
   A* planes = reinterpret_cast<A*>(bin_offset + bins);
-  __shared__ int round_rois[kBlock];  // this image's ROIs of the round, in order
-  __shared__ int warp_counts[kBlock / 32];
+  // Batch indices each thread checks per round: more ROIs per round, fewer rounds of waiting.
+  constexpr int kScan = kBlock == 256 ? 4 : 1;
+  constexpr int kRound = kScan * kBlock;
+  __shared__ int round_rois[kRound];  // this image's ROIs of the round, in order
+  __shared__ int warp_counts[kScan][kBlock / 32];
   const unsigned int tid = threadIdx.x;
   const unsigned int lane = tid & 31u;
   const unsigned int warp = tid >> 5;
@@ -894,22 +897,39 @@ __global__ void __launch_bounds__(kBlock, kBlock == 256 ? 5 : 1)
   const unsigned int first_roi = tid / per_roi;
   const unsigned int first_channel = (tid % per_roi) / bins;
   const unsigned int first_bin = (tid % per_roi) % bins;
-  i64 next_image = tid < K ? batch_index[tid * bs0] : -1;
-  for (i64 r0 = 0; r0 < K; r0 += kBlock) {
-    // This image's ROIs among the next kBlock, in order, as rows [0, found) of round_rois.
-    const bool mine = next_image == image;
-    const i64 k_next = r0 + kBlock + tid;
-    next_image = k_next < K ? batch_index[k_next * bs0] : -1;  // in flight during this round
-    const unsigned int ballot = __ballot_sync(0xffffffffu, mine);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
-    __syncthreads();  // also orders the table and the zero fill (first round) before their use
-    unsigned int offset = 0, found = 0;
+  i64 next_image[kScan];  // the next round's batch indices, loaded a round ahead
 #pragma unroll
-    for (unsigned int w = 0; w < kBlock / 32; ++w) {
-      offset += w < warp ? warp_counts[w] : 0;
-      found += warp_counts[w];
+  for (int s = 0; s < kScan; ++s) {
+    const i64 k = s * kBlock + tid;
+    next_image[s] = k < K ? batch_index[k * bs0] : -1;
+  }
+  for (i64 r0 = 0; r0 < K; r0 += kRound) {
+    // This image's ROIs among the next kRound, in order, as rows [0, found) of round_rois.
+    bool mine[kScan];
+    unsigned int ballots[kScan];
+#pragma unroll
+    for (int s = 0; s < kScan; ++s) {
+      mine[s] = next_image[s] == image;
+      const i64 k_next = r0 + kRound + s * kBlock + tid;
+      next_image[s] = k_next < K ? batch_index[k_next * bs0] : -1;  // in flight this round
+      ballots[s] = __ballot_sync(0xffffffffu, mine[s]);
+      if (lane == 0) warp_counts[s][warp] = __popc(ballots[s]);
     }
-    if (mine) round_rois[offset + __popc(ballot & ((1u << lane) - 1u))] = r0 + tid;
+    __syncthreads();  // also orders the table and the zero fill (first round) before their use
+    unsigned int found = 0;
+#pragma unroll
+    for (int s = 0; s < kScan; ++s) {
+      unsigned int offset = found;
+#pragma unroll
+      for (unsigned int w = 0; w < kBlock / 32; ++w) {
+        offset += w < warp ? warp_counts[s][w] : 0;
+        found += warp_counts[s][w];
+      }
+      if (mine[s]) {
+        const unsigned int below = __popc(ballots[s] & ((1u << lane) - 1u));
+        round_rois[offset + below] = static_cast<int>(r0 + s * kBlock + tid);
+      }
+    }
     __syncthreads();
     unsigned int j = first_roi, c = first_channel, q = first_bin;
     for (unsigned int e0 = tid; e0 < found * per_roi; e0 += kPlanesUnroll * kBlock) {
