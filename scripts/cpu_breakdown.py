@@ -1,11 +1,13 @@
 """Where a numba forward's time goes on the CPU: fresh output buffers vs the kernel.
 
-    python scripts/cpu_breakdown.py --threads 16 --workload mask-14 fpn-p2
+    python scripts/cpu_breakdown.py --threads 16 --workload mask-14 fpn-p2 [--backward]
 
 For each full-size float32 workload: allocating and first-touching the output and argmax buffers
 (as every call does), the numba forward into already-touched buffers, the whole `roi_pool` call,
-and torchvision's forward when it is installed. Medians of a few runs; prints the machine's
-transparent-huge-page setting, which decides how many page faults a fresh buffer costs.
+and torchvision's forward when it is installed; with --backward also a fresh grad_input
+first-touched, the numba backward and torchvision's backward op. Medians of a few runs; prints
+the machine's transparent-huge-page setting, which decides how many page faults a fresh buffer
+costs.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def median_ms(fn, reps: int) -> float:
     return statistics.median(samples)
 
 
-def breakdown(name: str, reps: int, tv) -> dict[str, float]:
+def breakdown(name: str, reps: int, tv, backward: bool) -> dict[str, float]:
     """Median ms of each part for one full-size float32 workload."""
     from roi_ops_numba import ops
 
@@ -65,6 +67,44 @@ def breakdown(name: str, reps: int, tv) -> dict[str, float]:
         )
     if tv is not None:
         row["torchvision fwd"] = median_ms(lambda: tv(leaf, rois, size, scale), max(1, reps - 1))
+    if backward:
+        row.update(backward_parts(x, rois, w, reps))
+    return row
+
+
+def backward_parts(x, rois, w, reps: int) -> dict[str, float]:
+    """The backward's share: a fresh grad_input buffer first-touched, the numba backward (fresh
+    buffer included) and torchvision's backward op when it is installed."""
+    from roi_ops_numba import ops
+
+    from roi_ops.ops import batch_indices, roi_pool_forward
+
+    size, scale = w.output_size, w.spatial_scale
+    with value_checks(False):
+        _, argmax = roi_pool_forward(x, rois, size, size, scale, "numba", True)
+    grad = torch.randn(argmax.shape)
+    index = batch_indices(rois, x.shape[0])
+    shape = tuple(x.shape)
+
+    def fresh_grad_input():
+        result = torch.empty(shape)
+        ops._advise_tensor(result)
+        result.fill_(0.0)
+
+    row = {
+        "fresh grad_input": median_ms(fresh_grad_input, reps),
+        "numba bwd": median_ms(lambda: ops.backward(grad, argmax, index, shape, x.dtype), reps),
+    }
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return row
+    _, tv_argmax = torch.ops.torchvision.roi_pool(x, rois, scale, size, size)
+    op = torch.ops.torchvision._roi_pool_backward
+    n, c, h, wd = shape
+    row["torchvision bwd"] = median_ms(
+        lambda: op(grad, rois, tv_argmax, scale, size, size, n, c, h, wd), max(1, reps - 1)
+    )
     return row
 
 
@@ -73,6 +113,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--workload", nargs="+", default=["mask-14", "fpn-p2"])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--backward", action="store_true", help="time the backward's parts too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -83,7 +124,7 @@ def main() -> None:
     except ImportError:
         tv = None
     for name in args.workload:
-        row = breakdown(name, args.reps, tv)
+        row = breakdown(name, args.reps, tv, args.backward)
         print(name, "  ".join(f"{k}: {v:.1f} ms" for k, v in row.items()), flush=True)
 
 
