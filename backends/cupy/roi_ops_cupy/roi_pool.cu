@@ -324,7 +324,8 @@ __device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 r
 // ---- Kernels ----------------------------------------------------------------------------------
 // <= 256 threads, at least 5 blocks per SM: every kernel fits in 48 registers without
 // spills on sm_80 and sm_90 (6 blocks spilled the chan kernel; unconstrained, ptxas spilled on
-// sm_80). A tuning knob for the GPU machine.
+// sm_80). A tuning knob for the GPU machine. The planes backward sets its own bounds (its
+// 1024-thread blocks run one per SM).
 #define ROI_OPS_LAUNCH_BOUNDS __launch_bounds__(256, 5)
 
 // Shapes and strides are in elements. Launch: grid (K, channel blocks); blocks of (32, 8) for

@@ -208,10 +208,10 @@ void run_backward(Args a) {
 
 template <class T, int kBlock>
 void run_backward_planes(Args a) {
-  roi_pool_backward_planes<T, kBlock>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]), num(a[4]),
-                              ptr<const int*>(a[5]), ptr<const i64*>(a[6]), num(a[7]),
-                              num(a[8]), num(a[9]), num(a[10]), num(a[11]), num(a[12]),
-                              ptr<T*>(a[13]), num(a[14]));
+  roi_pool_backward_planes<T, kBlock>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]),
+                                      num(a[4]), ptr<const int*>(a[5]), ptr<const i64*>(a[6]),
+                                      num(a[7]), num(a[8]), num(a[9]), num(a[10]), num(a[11]),
+                                      num(a[12]), ptr<T*>(a[13]), num(a[14]));
 }
 
 struct Entry {
@@ -228,7 +228,7 @@ struct Entry {
       {"roi_pool_forward_unit<" #T ", " #R ", false>", &run_unit<T, R, false>},
 #define ROI_BACKWARD(T)                                          \
   {"roi_pool_backward_atomic<" #T ">", &run_backward<T>},        \
-      {"roi_pool_backward_planes<" #T ", 256>", &run_backward_planes<T, 256>},  \
+      {"roi_pool_backward_planes<" #T ", 256>", &run_backward_planes<T, 256>},   \
       {"roi_pool_backward_planes<" #T ", 1024>", &run_backward_planes<T, 1024>},
 
 const Entry kEntries[] = {
