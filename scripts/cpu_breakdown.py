@@ -13,6 +13,7 @@ costs.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -115,6 +116,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--backward", action="store_true", help="time the backward's parts too")
     args = parser.parse_args()
+    # As `python -m roi_ops bench --threads` does: numba's pool is sized before the plugin
+    # imports numba (torch's setting alone was reset to 16 threads once another library
+    # initialised OpenMP, so a "one-thread" breakdown ran on all cores).
+    os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     setting = thp.read_text().strip() if thp.exists() else "?"
