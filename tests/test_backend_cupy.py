@@ -983,6 +983,33 @@ def test_backend_forward_on_a_side_stream(cuda_backend):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_planes_backward_with_planes_that_fill_shared_memory(cuda_backend, dtype, monkeypatch):
+    """A 160 x 200 gradient plane (125 KB of float32 sums): the planes kernel runs one
+    1024-thread block per SM with the shared-memory opt-in; against the scalar reference."""
+    from roi_ops_cupy import launch
+
+    g = torch.Generator().manual_seed(23)
+    shape = (2, 3, 160, 200)
+    x = torch.randn(shape, generator=g).to(dtype)
+    rois = _detection_rois(2, 300, 160, 200, 0.5, g)
+    rois = rois.to(dtype) if dtype == torch.float16 else rois
+    _, argmax = reference_roi_pool(x, rois, (7, 7), 0.5)
+    grad = torch.randint(-3, 4, argmax.shape, generator=g).to(dtype)  # exact sums
+    batch = rois[:, 0].double().trunc().clamp(0, shape[0] - 1).long()
+    expected = reference_roi_pool_backward(grad, argmax, rois, shape).to(dtype)
+    _, _, shared_limit = launch._device_sizes(torch.cuda.current_device())
+    plane_bytes = 160 * 200 * 4
+    if plane_bytes + kernels.PLANES_STATIC_SHARED + 8 * 49 > shared_limit:
+        pytest.skip(f"this device gives a block {shared_limit} B of shared memory")
+    assert kernels.planes_threads(plane_bytes + 8 * 49, shared_limit) == 1024
+    monkeypatch.setenv("ROI_OPS_CUPY_BACKWARD", "planes")  # 6 planes: too few to be chosen
+    result = cuda_backend.backward(grad.cuda(), argmax.cuda(), batch.cuda(), shape, dtype)
+    assert torch.equal(result.cpu(), expected)
+    assert bool(expected.ne(0).sum() > 1000)  # real sums, not zeros
+
+
+@needs_cuda
 def test_backend_backward_is_none_in_deterministic_mode(cuda_backend):
     argmax = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device="cuda")
     grad = torch.ones(1, 1, 1, 1, device="cuda")
