@@ -436,9 +436,8 @@ def pool_forward_cl(
         # (measured 14-32% faster on the 16-core host; inference, with half the stores, keeps
         # storing each bin's maxima straight away, which measured as fast or faster).
         tiled = need_argmax
-        best = np.empty(nl, data.dtype)
-        tile = np.empty(num_bins * nl if tiled else 1, data.dtype)
-        tile_pos = np.empty(num_bins * nl if tiled else nl, np.int32)
+        tile = np.empty((num_bins if tiled else 1) * nl, data.dtype)  # else one bin at a time
+        tile_pos = np.empty((num_bins if tiled else 1) * nl, np.int32)
         o_base = (k * channels + c0) * num_bins
         for ph in range(pooled_h):
             h0 = hstart[k * pooled_h + ph]
@@ -446,9 +445,9 @@ def pool_forward_cl(
             for pw in range(pooled_w):
                 w0 = wstart[k * pooled_w + pw]
                 w1 = wend[k * pooled_w + pw]
-                t = (ph * pooled_w + pw) * nl
-                result = tile[t : t + nl] if tiled else best[:nl]
-                pos = tile_pos[t : t + nl] if tiled else tile_pos[:nl]
+                t = (ph * pooled_w + pw) * nl if tiled else 0
+                result = tile[t : t + nl]
+                pos = tile_pos[t : t + nl]
                 if h1 <= h0 or w1 <= w0:
                     for j in range(nl):
                         result[j] = 0
@@ -460,7 +459,7 @@ def pool_forward_cl(
                 if not tiled:
                     o = o_base + ph * pooled_w + pw
                     for j in range(nl):
-                        out[o + j * num_bins] = best[j]
+                        out[o + j * num_bins] = result[j]
         if tiled:
             for j in range(nl):
                 o = o_base + j * num_bins

@@ -55,17 +55,6 @@ UNIT_VARIANTS: dict[str, dict[str, object]] = {
     "unit-float64": dict(inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True),
 }
 
-_UNIT_DEFAULTS: dict[str, object] = dict(
-    inp="fp32",
-    rois="fp32",
-    out="fp32",
-    GEOM_HALF=False,
-    GEOM_F64=False,
-    ACC_F64=False,
-    LANES=256,
-    NEEDS_ARGMAX=True,
-)
-
 _FORWARD_DEFAULTS: dict[str, object] = dict(
     inp="fp32",
     rois="fp32",
@@ -89,11 +78,13 @@ _FORWARD_RUNTIME = {
     "scale_f32": "fp32", "scale_bits": "i64", "blk_offset": "i32",
 }  # fmt: skip
 
-_UNIT_RUNTIME = {
-    "N": "i32", "C": "i32", "H": "i32", "W": "i32", "PH": "i32", "PW": "i32",
-    "s_n": "i64", "s_c": "i32", "s_h": "i32", "s_rk": "i32", "s_rj": "i32",
-    "scale_f32": "fp32", "scale_bits": "i64", "blk_offset": "i32", "chan_per_prog": "i32",
-}  # fmt: skip
+# The unit kernel shares the flat kernel's leading arguments and dtype flags: no W stride (it is
+# 1), a channels-per-program count at the end, and lanes instead of the flat tile's shape.
+_UNIT_RUNTIME = {k: v for k, v in _FORWARD_RUNTIME.items() if k != "s_w"} | {"chan_per_prog": "i32"}
+_UNIT_DEFAULTS: dict[str, object] = {
+    k: _FORWARD_DEFAULTS[k]
+    for k in ("inp", "rois", "out", "GEOM_HALF", "GEOM_F64", "ACC_F64", "NEEDS_ARGMAX")
+} | {"LANES": 256}
 
 _FORBIDDEN = {  # matched against instruction mnemonics at the start of a line
     "fused multiply-add": re.compile(r"^\s*(@%p\d+\s+)?(fma|mad)\.[a-z.]*f(32|64)", re.M),
