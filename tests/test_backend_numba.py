@@ -344,13 +344,13 @@ def test_staging_paths(backend, monkeypatch, stage_bytes, dtype):
     check(backend, x[:, :, 1:, 2:], rois, (2, 3), 1.0)  # strided rows, storage offset
 
 
-@pytest.mark.parametrize("coverage", [0.0, math.inf], ids=["transposed", "staged"])
+@pytest.mark.parametrize("coverage", [0.0, math.inf], ids=["grouped", "per-roi"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_float_paths(backend, monkeypatch, coverage, dtype):
-    """float32/float64 NCHW: per-image channels-last region copies, or per-task staging."""
+    """float32/float64 NCHW: staged per group of ROIs and channel block, or per ROI."""
     from roi_ops_numba import ops
 
-    monkeypatch.setattr(ops, "_TRANSPOSE_MIN_COVERAGE", coverage)
+    monkeypatch.setattr(ops, "_STAGE_MIN_COVERAGE", coverage)
     g = torch.Generator().manual_seed(47)
     x = random_features((3, 21, 14, 17), dtype, g, ties=True)
     flat = x.view(-1)
@@ -376,29 +376,58 @@ def test_empty_input(backend, shape):
     check(backend, torch.ones(shape), rois, (2, 2), 1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_transpose_region(backend, dtype):
-    """The channels-last region copy, against torch, on whole 16 x 16 blocks and the remainders
-    (channel blocks of 16 and 4, widths past 16), a non-unit W stride and a storage offset."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int16], ids=str)
+def test_stage(backend, dtype):
+    """The channels-last staging copy, against torch, on whole 16 x 16 blocks and the remainders
+    (two blocks of 16 channels and 4 more, widths past 16), a non-unit W stride and a storage
+    offset. int16 is how float16 and bfloat16 are staged (as raw bits)."""
     pytest.importorskip("numba")
     from roi_ops_numba import kernels
     from roi_ops_numba.ops import flat_storage
 
     g = torch.Generator().manual_seed(3)
-    base = torch.randn(2, 36, 7, 41, generator=g).to(dtype)
+    base = (torch.randn(2, 36, 7, 41, generator=g) * 1000).to(dtype)
     views = {"nchw": base, "strided": base[:, :, :, ::2], "offset": base[:, 2:, 1:, 3:]}
     for name, x in views.items():
         _, channels, height, width = x.shape
         s_n, s_c, s_h, s_w = x.stride()
         src = flat_storage(x)  # starts at x's first element
+        tile = torch.empty(256, dtype=dtype).numpy()
         for y0, y1, x0, x1 in ((0, height, 0, width), (1, height - 1, 2, width - 1), (2, 3, 5, 6)):
-            dst = torch.full(((y1 - y0) * (x1 - x0) * channels,), math.nan, dtype=dtype)
-            image = s_n  # image 1 starts s_n elements into the view
-            kernels.transpose_region(
-                src, image, s_c, s_h, s_w, channels, y0, y1, x0, x1, dst.numpy()
-            )
-            expected = x[1, :, y0:y1, x0:x1].permute(1, 2, 0).reshape(-1)
-            assert torch.equal(dst, expected), (name, (y0, y1, x0, x1))
+            for c0, nc in ((0, channels), (3, 17)):
+                dst = torch.full(((y1 - y0) * (x1 - x0) * nc,), 12345, dtype=dtype)  # poison
+                plane0 = s_n + c0 * s_c  # image 1, channel c0
+                kernels._stage(src, plane0, s_c, s_h, s_w, nc, y0, y1, x0, x1, dst.numpy(), tile)
+                expected = x[1, c0 : c0 + nc, y0:y1, x0:x1].permute(1, 2, 0).reshape(-1)
+                assert torch.equal(dst, expected), (name, (y0, y1, x0, x1), (c0, nc))
+
+
+@pytest.mark.parametrize(
+    "min_block, task_bytes, tasks_per_thread",
+    [(1, 0, 1), (3, 0, 1000), (64, 16 * 2**20, 8)],
+    ids=["one-channel-blocks", "many-groups", "default"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_staged_blocks_and_groups(
+    backend, monkeypatch, min_block, task_bytes, tasks_per_thread, dtype
+):
+    """float32/float64 NCHW tasks stage a block of channels of a group of ROIs' region: blocks
+    of one channel, ROIs cut into many groups (each restaging its own region), the defaults;
+    with invalid ROIs, ROIs past the map and empty bins among them."""
+    from roi_ops_numba import ops
+
+    monkeypatch.setattr(ops, "_STAGE_MIN_BLOCK", min_block)
+    monkeypatch.setattr(ops, "_STAGE_TASK_BYTES", task_bytes)
+    monkeypatch.setattr(ops, "_TASKS_PER_THREAD", tasks_per_thread)
+    monkeypatch.setattr(ops, "_STAGE_MIN_COVERAGE", 0.0)
+    g = torch.Generator().manual_seed(53)
+    x = random_features((3, 21, 19, 23), dtype, g, ties=True)
+    rois = random_rois(40, 3, 19, 23, 0.5, g).to(dtype)
+    rois[3, 0] = -1.0  # invalid: every bin empty, never staged
+    rois[4, 1:] = torch.tensor([60.0, 50.0, 80.0, 70.0], dtype=dtype)  # past the map: empty bins
+    rois[5, 0] = 7.0  # batch index out of range
+    check(backend, x, rois, (3, 4), 0.5)
+    check(backend, x[:, 1::2, 2:, 1:], rois, (2, 2), 0.5)  # strided channels, storage offset
 
 
 def test_many_channels_few_rois(backend):
@@ -529,8 +558,10 @@ def _cases(draw):
     case=_cases(),
     stage_bytes=st.sampled_from([0, 100, 512 * 1024]),
     coverage=st.sampled_from([0.0, 0.5, math.inf]),
+    min_block=st.sampled_from([1, 64]),
+    task_bytes=st.sampled_from([0, 16 * 2**20]),
 )
-def test_differential(backend, case, stage_bytes, coverage):
+def test_differential(backend, case, stage_bytes, coverage, min_block, task_bytes):
     from roi_ops_numba import ops
 
     dtype, rois_dtype, shape, size, scale, rows, seed, ties, specials, layout = case
@@ -540,9 +571,12 @@ def test_differential(backend, case, stage_bytes, coverage):
     for value in specials:
         flat[int(torch.randint(0, flat.numel(), (1,), generator=g))] = value
     rois = torch.tensor(rows, dtype=torch.float64).view(-1, 5).to(rois_dtype)
-    default_stage, default_coverage = ops._STAGE_BYTES, ops._TRANSPOSE_MIN_COVERAGE
-    ops._STAGE_BYTES, ops._TRANSPOSE_MIN_COVERAGE = stage_bytes, coverage
+    knobs = ("_STAGE_BYTES", "_STAGE_MIN_COVERAGE", "_STAGE_MIN_BLOCK", "_STAGE_TASK_BYTES")
+    defaults = [getattr(ops, name) for name in knobs]
+    for name, value in zip(knobs, (stage_bytes, coverage, min_block, task_bytes), strict=True):
+        setattr(ops, name, value)
     try:
         check(backend, _layout(x, layout), rois, size, scale)
     finally:
-        ops._STAGE_BYTES, ops._TRANSPOSE_MIN_COVERAGE = default_stage, default_coverage
+        for name, value in zip(knobs, defaults, strict=True):
+            setattr(ops, name, value)

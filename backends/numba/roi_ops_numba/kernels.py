@@ -3,8 +3,8 @@
 Importing this module imports numba; `roi_ops_numba.backend` only does so lazily.
 
 Every kernel is compiled with ``cache=True``. Shapes, strides and the per-dtype constants are
-runtime arguments and every array argument is one-dimensional and C-contiguous, so each kernel
-compiles once per element width (16, 32 or 64 bits), never once per call shape.
+runtime arguments and every array argument is C-contiguous with a fixed number of dimensions, so
+each kernel compiles once per element width (16, 32 or 64 bits), never once per call shape.
 
 Elements are compared through integer *keys* of their raw bits (`_key`), which works the same
 way for float16, bfloat16, float32 and float64 and needs no half-precision arithmetic. Since the
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 
 INDEX_LIMIT = 2**40
 _INDEX_LIMIT_F = float(2**40)
@@ -235,16 +235,45 @@ def _scan_strided(data, base, row, col, stride, h0, h1, w0, w1, nc, width, mag_m
 
 
 @njit(cache=True, inline="always")
-def _stage(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf):
-    """Copy rows h0..h1-1, columns x0..x1-1 of `nc` planes into `buf` channels-last."""
-    row = (x1 - x0) * nc
+def _stage(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf, tile):
+    """Copy rows h0..h1-1, columns x0..x1-1 of `nc` planes into `buf` channels-last.
+
+    Element (c, h, w) is read from ``src[plane0 + c*s_c + h*s_h + w*s_w]`` and written to
+    ``buf[((h - h0) * (x1 - x0) + (w - x0)) * nc + c]``. With a unit W stride, whole blocks of
+    16 channels x 16 columns go through `tile` (256 elements): 16 contiguous row segments are
+    read, stored transposed in the tile, and written out 16 channels per pixel. The constant
+    trip counts compile to straight vector code (20% faster than variable-size tiles on
+    fpn-p2's 256 x 200 x 272 planes, one thread). The other elements go one at a time.
+    """
+    region_w = x1 - x0
     for h in range(h0, h1):
-        for w in range(x0, x1):
-            d = (h - h0) * row + (w - x0) * nc
-            s = plane0 + h * s_h + w * s_w
-            seg = buf[d : d + nc]
-            for j in range(nc):
-                seg[j] = src[s + j * s_c]
+        d_row = (h - h0) * region_w * nc
+        s_row = plane0 + h * s_h + x0 * s_w
+        c0 = 0
+        if s_w == 1:
+            while c0 + 16 <= nc:
+                w0 = 0
+                while w0 + 16 <= region_w:
+                    for j in range(16):
+                        s = s_row + (c0 + j) * s_c + w0
+                        for i in range(16):
+                            tile[i * 16 + j] = src[s + i]
+                    for i in range(16):
+                        d = d_row + (w0 + i) * nc + c0
+                        for j in range(16):
+                            buf[d + j] = tile[i * 16 + j]
+                    w0 += 16
+                for w in range(w0, region_w):
+                    d = d_row + w * nc + c0
+                    s = s_row + w + c0 * s_c
+                    for j in range(16):
+                        buf[d + j] = src[s + j * s_c]
+                c0 += 16
+        for w in range(region_w):  # the channels left (all of them for other W strides)
+            d = d_row + w * nc
+            s = s_row + w * s_w
+            for j in range(c0, nc):
+                buf[d + j] = src[s + j * s_c]
 
 
 _IN_PLACE = 0  # channels contiguous in the input (channels_last)
@@ -319,19 +348,20 @@ def pool_forward(
         else:
             stage, size = _GATHER, 0
         buf = np.empty(size, src.dtype)
+        tile = np.empty(256 if stage == _WINDOW or stage == _BAND else 0, src.dtype)
         # Pixel (h, w) of the scanned data has its nc channels at data[base + h*row + w*col:].
         data, base, row, col = src, plane0, s_h, s_w
         if stage != _IN_PLACE and stage != _GATHER:
             data, row, col = buf, (x1 - x0) * nc, nc
         if stage == _WINDOW:
-            _stage(src, plane0, s_c, s_h, s_w, nc, y0, y1, x0, x1, buf)
+            _stage(src, plane0, s_c, s_h, s_w, nc, y0, y1, x0, x1, buf, tile)
             base = -(y0 * row + x0 * col)
 
         for ph in range(pooled_h):
             h0 = hstart[k * pooled_h + ph]
             h1 = hend[k * pooled_h + ph]
             if stage == _BAND and h1 > h0:
-                _stage(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf)
+                _stage(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf, tile)
                 base = -(h0 * row + x0 * col)
             for pw in range(pooled_w):
                 w0 = wstart[k * pooled_w + pw]
@@ -360,9 +390,10 @@ def pool_forward(
 # ---------------------------------------------------------------------------------------------
 # Forward, float32/float64 on a channels-last view
 #
-# `pool_forward_cl` reads a channels-last view: the input itself when its channels are contiguous,
-# or else one image at a time copied channels-last by `transpose_region` (each ROI's bins are then
-# read straight from that copy, with no per-ROI staging). Floats are compared directly: an element
+# `pool_forward_cl` reads inputs whose channels are contiguous (channels_last) in place. For other
+# layouts `pool_forward_staged` gives each task a group of one image's ROIs and a block of
+# channels, and stages the group's region of those channels channels-last in a per-thread buffer
+# that stays in cache; the input itself is never copied. Floats are compared directly: an element
 # replaces the running maximum if it is greater, or if it is NaN and the maximum is not, so the
 # first NaN wins and -0.0 == +0.0 keeps the first one. The output is the winning element itself.
 
@@ -403,17 +434,59 @@ def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, best, pos, nl):
                     best[j] = x if g else b
 
 
+@njit(cache=True, inline="always")
+def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, wend,
+              pooled_h, pooled_w, out, argmax, need_argmax, tile, tile_pos):  # fmt: skip
+    """Pool every bin of ROI `k` for `nl` channels read from a channels-last view.
+
+    Pixel (h, w) has its channels at ``data[org + h*row + w*pix:][:nl]``. Channel j of bin b goes
+    to ``out[o_base + j * PH * PW + b]`` (and `argmax`). With the argmax, the results go
+    bin-major (each bin's channels contiguous, as the scan leaves them) into `tile` and
+    `tile_pos` (``PH * PW * nl`` elements each), then are transposed into the output's
+    channel-major order: contiguous runs instead of 2 * nl stores PH * PW elements apart per bin
+    (measured 14-32% faster on the 16-core host). Inference, with half the stores, stores each
+    bin's maxima straight away through the tile's first `nl` elements (measured as fast or
+    faster).
+    """
+    num_bins = pooled_h * pooled_w
+    for ph in range(pooled_h):
+        h0 = hstart[k * pooled_h + ph]
+        h1 = hend[k * pooled_h + ph]
+        for pw in range(pooled_w):
+            w0 = wstart[k * pooled_w + pw]
+            w1 = wend[k * pooled_w + pw]
+            t = (ph * pooled_w + pw) * nl if need_argmax else 0
+            result = tile[t : t + nl]
+            pos = tile_pos[t : t + nl]
+            if h1 <= h0 or w1 <= w0:
+                for j in range(nl):
+                    result[j] = 0
+                    pos[j] = -1
+            else:
+                _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, need_argmax, result, pos, nl)
+            if not need_argmax:
+                o = o_base + ph * pooled_w + pw
+                for j in range(nl):
+                    out[o + j * num_bins] = result[j]
+    if need_argmax:
+        for j in range(nl):
+            o = o_base + j * num_bins
+            for b in range(num_bins):
+                out[o + b] = tile[b * nl + j]
+            for b in range(num_bins):
+                argmax[o + b] = tile_pos[b * nl + j]
+
+
 @njit(parallel=True, cache=True)
 def pool_forward_cl(
-    data, base, org_n, row, pix, channels, width, batch, rois,
+    data, s_n, row, pix, channels, width, batch, rois,
     hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
 ):  # fmt: skip
-    """roi_pool forward of the valid ROIs `rois` over a float channels-last view.
+    """roi_pool forward of the valid ROIs `rois` over a float input whose channels are contiguous.
 
     Args:
-        data: float32/float64 array; channel c of pixel (h, w) of image n is at
-            ``base + n * org_n + h * row + w * pix + c`` (``org_n`` is 0 for a one-image copy;
-            ``base`` is negative for a copy of a region that starts after (0, 0)).
+        data: float32/float64 storage; channel c of pixel (h, w) of image n is at
+            ``n * s_n + h * row + w * pix + c``.
         channels, width: C and W (W of the input, for the argmax).
         batch: (K,) batch index of every ROI, from `roi_geometry`.
         rois: indices of the ROIs to compute (all valid).
@@ -429,84 +502,59 @@ def pool_forward_cl(
         k = rois[task // num_blocks]
         c0 = (task % num_blocks) * block
         nl = min(c0 + block, channels) - c0
-        org = base + batch[k] * org_n + c0
-        # With the argmax, the task's results go bin-major (each bin's channels contiguous, as
-        # the scan leaves them) into a tile, then transposed into the output's channel-major
-        # order: contiguous runs instead of 2 * nl stores PH * PW elements apart per bin
-        # (measured 14-32% faster on the 16-core host; inference, with half the stores, keeps
-        # storing each bin's maxima straight away, which measured as fast or faster).
-        tiled = need_argmax
-        tile = np.empty((num_bins if tiled else 1) * nl, data.dtype)  # else one bin at a time
-        tile_pos = np.empty((num_bins if tiled else 1) * nl, np.int32)
-        o_base = (k * channels + c0) * num_bins
-        for ph in range(pooled_h):
-            h0 = hstart[k * pooled_h + ph]
-            h1 = hend[k * pooled_h + ph]
-            for pw in range(pooled_w):
-                w0 = wstart[k * pooled_w + pw]
-                w1 = wend[k * pooled_w + pw]
-                t = (ph * pooled_w + pw) * nl if tiled else 0
-                result = tile[t : t + nl]
-                pos = tile_pos[t : t + nl]
-                if h1 <= h0 or w1 <= w0:
-                    for j in range(nl):
-                        result[j] = 0
-                        pos[j] = -1
-                else:
-                    _scan_bin(
-                        data, org, row, pix, h0, h1, w0, w1, width, need_argmax, result, pos, nl
-                    )
-                if not tiled:
-                    o = o_base + ph * pooled_w + pw
-                    for j in range(nl):
-                        out[o + j * num_bins] = result[j]
-        if tiled:
-            for j in range(nl):
-                o = o_base + j * num_bins
-                for b in range(num_bins):
-                    out[o + b] = tile[b * nl + j]
-                for b in range(num_bins):
-                    argmax[o + b] = tile_pos[b * nl + j]
+        tile = np.empty((num_bins if need_argmax else 1) * nl, data.dtype)
+        tile_pos = np.empty((num_bins if need_argmax else 1) * nl, np.int32)
+        _pool_roi(data, batch[k] * s_n + c0, row, pix, width, k, (k * channels + c0) * num_bins,
+                  nl, hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax,
+                  tile, tile_pos)  # fmt: skip
 
 
 @njit(parallel=True, cache=True)
-def transpose_region(src, plane0, s_c, s_h, s_w, channels, y0, y1, x0, x1, dst):
-    """Copy rows y0..y1-1, columns x0..x1-1 of the planes at `plane0` channels-last into `dst`.
+def pool_forward_staged(
+    src, s_n, s_c, s_h, s_w, channels, width, order, groups,
+    hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, scratch,
+):  # fmt: skip
+    """roi_pool forward of groups of ROIs of one image each, over any float input layout.
 
-    Element (c, h, w) is read from ``src[plane0 + c*s_c + h*s_h + w*s_w]`` and written to
-    ``dst[((h - y0) * (x1 - x0) + (w - x0)) * channels + c]``. Tasks are (row, 16 channels).
-    With a unit W stride, whole 16 x 16 blocks go through a tile: 16 contiguous row segments
-    are read and stored transposed in the tile, whose pixel rows are then written 16 channels
-    at a time (constant trip counts, so both loops compile to straight vector code: 20% faster
-    than variable-size tiles on fpn-p2's 256 x 200 x 272 planes, one thread); the rest of the
-    row (and other strides) is copied pixel by pixel.
+    A task is one group and a block of channels: it copies the group's region of those channels
+    channels-last into its thread's part of `scratch`, then pools each of the group's ROIs from
+    it with `_pool_roi`. The input is read once per group and block, with
+    contiguous loads along W, and never copied whole.
+
+    Args:
+        src: float32/float64 storage of the input; element (n, c, h, w) is at
+            ``n * s_n + c * s_c + h * s_h + w * s_w``.
+        channels, width: C and W.
+        order: ROI indices, grouped.
+        groups: (G, 7) int64 rows (image, first, end, y0, y1, x0, x1): the group owns
+            ``order[first:end]`` (valid ROIs of that image) and its region is rows y0..y1-1,
+            columns x0..x1-1, which holds every bin of those ROIs.
+        hstart, hend, wstart, wend, pooled_h, pooled_w: the geometry, from `roi_geometry`.
+        out, argmax, need_argmax: as in `pool_forward_cl`.
+        block: channels per task.
+        scratch: (threads, S) buffer, S at least the largest region times `block`; a task uses
+            row ``numba.get_thread_id()``.
     """
-    region_w = x1 - x0
-    num_blocks = (channels + 15) // 16
-    for task in prange((y1 - y0) * num_blocks):
-        h = y0 + task // num_blocks
-        c0 = (task % num_blocks) * 16
-        nl = min(c0 + 16, channels) - c0
-        d0 = (h - y0) * region_w * channels + c0
-        base = plane0 + c0 * s_c + h * s_h + x0 * s_w
-        w0 = 0
-        if nl == 16 and s_w == 1:
-            tile = np.empty(16 * 16, dst.dtype)
-            while w0 + 16 <= region_w:
-                for j in range(16):
-                    s = base + j * s_c + w0
-                    for i in range(16):
-                        tile[i * 16 + j] = src[s + i]
-                for i in range(16):
-                    d = d0 + (w0 + i) * channels
-                    for j in range(16):
-                        dst[d + j] = tile[i * 16 + j]
-                w0 += 16
-        for w in range(w0, region_w):
-            d = d0 + w * channels
-            s = base + w * s_w
-            for j in range(nl):
-                dst[d + j] = src[s + j * s_c]
+    num_blocks = (channels + block - 1) // block
+    num_bins = pooled_h * pooled_w
+    for task in prange(groups.shape[0] * num_blocks):
+        g = task // num_blocks
+        c0 = (task % num_blocks) * block
+        nl = min(c0 + block, channels) - c0
+        n, first, end = groups[g, 0], groups[g, 1], groups[g, 2]
+        y0, y1, x0, x1 = groups[g, 3], groups[g, 4], groups[g, 5], groups[g, 6]
+        region_w = x1 - x0
+        buf = scratch[get_thread_id(), : (y1 - y0) * region_w * nl]
+        tile = np.empty(max(256, (num_bins if need_argmax else 1) * nl), src.dtype)
+        tile_pos = np.empty((num_bins if need_argmax else 1) * nl, np.int32)
+        _stage(src, n * s_n + c0 * s_c, s_c, s_h, s_w, nl, y0, y1, x0, x1, buf, tile)
+        # Pixel (h, w) of the region starts at ((h - y0) * region_w + (w - x0)) * nl.
+        org = -(y0 * region_w + x0) * nl
+        for i in range(first, end):
+            k = order[i]
+            _pool_roi(buf, org, region_w * nl, nl, width, k, (k * channels + c0) * num_bins, nl,
+                      hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax,
+                      tile, tile_pos)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,10 +48,14 @@ _TASK_OUTPUT_BYTES = 256 * 1024
 # window (or bin row's band) a task makes, to stay in L2; larger ones are gathered in place.
 _STAGE_BYTES = 512 * 1024
 
-# float32/float64 NCHW inputs are copied channels-last one image at a time (the bounding box of
-# its ROIs' windows) when the ROIs' windows cover at least this many times the area copied;
-# sparser ROIs are staged per task by `kernels.pool_forward` instead.
-_TRANSPOSE_MIN_COVERAGE = 0.5
+# float32/float64 inputs whose channels are not contiguous: when the ROIs' windows cover at least
+# this many times the area of their images' regions, each task stages a block of channels of a
+# group of ROIs' region (`kernels.pool_forward_staged`), the block sized so that the largest
+# region of one block fits in `_STAGE_TASK_BYTES`; sparser ROIs are staged per ROI by
+# `kernels.pool_forward`.
+_STAGE_MIN_COVERAGE = 0.5
+_STAGE_TASK_BYTES = 16 * 2**20
+_STAGE_MIN_BLOCK = 64
 # Backward: the planes one task accumulates together (channel block * H * W elements), at most.
 _BACKWARD_BLOCK_BYTES = 256 * 1024
 # Buffers at least this large are advised into transparent huge pages (Linux): first-touch page
@@ -247,8 +251,7 @@ def _forward_float(
     box of its ROIs' windows) is copied channels-last once, when the windows cover it densely
     enough (`_TRANSPOSE_MIN_COVERAGE`); if they do not, returns False without writing anything.
     """
-    num_images, channels, height, width = input.shape
-    num_rois = batch.shape[0]
+    channels, width = input.shape[1], input.shape[3]
     invalid = batch < 0
     out = output.view(-1).numpy()
     arg = _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy()
@@ -259,55 +262,112 @@ def _forward_float(
         rois = np.flatnonzero(~invalid)
         if rois.size:
             kernels.pool_forward_cl(
-                src, 0, s_n, s_h, s_w, channels, width, batch, rois,
+                src, s_n, s_h, s_w, channels, width, batch, rois,
                 hstart, hend, wstart, wend, pooled_h, pooled_w, out, arg, need_argmax,
                 _block(channels, rois.size, threads, pooled_h * pooled_w),
             )  # fmt: skip
         _fill_invalid(output, argmax, invalid)
         return True
 
-    # The window (bounding box of the bins) of every valid ROI, then per image the bounding box of
-    # its ROIs' windows: the region copied channels-last.
-    k_valid = np.flatnonzero(~invalid)
-    y0 = hstart.reshape(num_rois, pooled_h).min(axis=1)[k_valid]
-    y1 = np.maximum(hend.reshape(num_rois, pooled_h).max(axis=1)[k_valid], y0)
-    x0 = wstart.reshape(num_rois, pooled_w).min(axis=1)[k_valid]
-    x1 = np.maximum(wend.reshape(num_rois, pooled_w).max(axis=1)[k_valid], x0)
-    images = batch[k_valid]
-    areas = (y1 - y0) * (x1 - x0)
-    regions = []
-    copied = covered = 0
-    for n in np.unique(images):
-        mine = images == n
-        seen = mine & (areas > 0)  # ROIs whose bins are all empty read nothing
-        region = (0, 0, 0, 0)
-        if seen.any():
-            region = (y0[seen].min(), y1[seen].max(), x0[seen].min(), x1[seen].max())
-        regions.append((int(n), tuple(int(v) for v in region), k_valid[mine]))
-        copied += (region[1] - region[0]) * (region[3] - region[2])
-        covered += int(areas[mine].sum())
-    if covered < _TRANSPOSE_MIN_COVERAGE * copied:
+    plan = _staged_plan(batch, hstart, hend, wstart, wend, pooled_h, pooled_w, channels,
+                        input.element_size(), threads)  # fmt: skip
+    if plan is None:
         return False
-
-    buffer_elements = (
-        max((r[1] - r[0]) * (r[3] - r[2]) for _, r, _ in regions) * channels if regions else 0
-    )
-    buffer = torch.empty(buffer_elements, dtype=input.dtype)
-    _advise_tensor(buffer)
-    data = buffer.numpy()
-    zeros = np.zeros(num_rois, dtype=np.int64)  # every ROI's image is the one in the buffer
-    for n, (ry0, ry1, rx0, rx1), rois in regions:
-        kernels.transpose_region(src, n * s_n, s_c, s_h, s_w, channels, ry0, ry1, rx0, rx1, data)
-        region_w = rx1 - rx0
-        # Pixel (h, w) of the region starts at (h - ry0) * row + (w - rx0) * channels.
-        kernels.pool_forward_cl(
-            data, -(ry0 * region_w + rx0) * channels, 0, region_w * channels, channels,
-            channels, width, zeros, rois,
-            hstart, hend, wstart, wend, pooled_h, pooled_w, out, arg, need_argmax,
-            _block(channels, rois.size, threads, pooled_h * pooled_w),
+    order, groups, block = plan
+    if groups.shape[0]:
+        areas = (groups[:, 4] - groups[:, 3]) * (groups[:, 6] - groups[:, 5])
+        scratch = torch.empty((threads, int(areas.max()) * block), dtype=input.dtype)
+        _advise_tensor(scratch)
+        kernels.pool_forward_staged(
+            src, s_n, s_c, s_h, s_w, channels, width, order, groups,
+            hstart, hend, wstart, wend, pooled_h, pooled_w, out, arg, need_argmax, block,
+            scratch.numpy(),
         )  # fmt: skip
     _fill_invalid(output, argmax, invalid)
     return True
+
+
+def _windows(
+    rois: np.ndarray,
+    hstart: np.ndarray,
+    hend: np.ndarray,
+    wstart: np.ndarray,
+    wend: np.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(y0, y1, x0, x1) of each of `rois`: the bounding box of its bins (empty when y1 <= y0)."""
+    y0 = hstart.reshape(-1, pooled_h)[rois].min(axis=1)
+    y1 = np.maximum(hend.reshape(-1, pooled_h)[rois].max(axis=1), y0)
+    x0 = wstart.reshape(-1, pooled_w)[rois].min(axis=1)
+    x1 = np.maximum(wend.reshape(-1, pooled_w)[rois].max(axis=1), x0)
+    return y0, y1, x0, x1
+
+
+def _staged_plan(
+    batch: np.ndarray,
+    hstart: np.ndarray,
+    hend: np.ndarray,
+    wstart: np.ndarray,
+    wend: np.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    channels: int,
+    itemsize: int,
+    threads: int,
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Groups and channel block for `kernels.pool_forward_staged`, or None for sparse ROIs.
+
+    The valid ROIs of each image, ordered by their window's first row, are cut into consecutive
+    groups, enough for `threads` (several tasks each, with the channel blocks); a group's region
+    is the bounding box of its ROIs' windows. The block keeps the largest image's region of one
+    block within `_STAGE_TASK_BYTES`. Returns None (nothing to stage well) when the windows
+    cover less than `_STAGE_MIN_COVERAGE` times the area of their images' regions: sparse ROIs
+    are staged one at a time by `kernels.pool_forward` instead.
+    """
+    valid = np.flatnonzero(batch >= 0)
+    images = batch[valid]
+    y0, y1, x0, x1 = _windows(valid, hstart, hend, wstart, wend, pooled_h, pooled_w)
+    sort = np.lexsort((y0, images))
+    order, images = valid[sort], images[sort]
+    y0, y1, x0, x1 = y0[sort], y1[sort], x0[sort], x1[sort]
+    areas = (y1 - y0) * (x1 - x0)
+    seen = areas > 0  # ROIs whose bins are all empty read nothing
+    cuts = np.flatnonzero(np.diff(images)) + 1
+    starts = np.concatenate(([0], cuts)) if order.size else np.zeros(0, np.int64)
+    ends = np.concatenate((cuts, [order.size])) if order.size else np.zeros(0, np.int64)
+
+    def region(a: int, b: int) -> tuple[int, int, int, int]:
+        m = slice(a, b)
+        if not seen[m].any():
+            return (0, 0, 0, 0)
+        s = seen[m]
+        return (int(y0[m][s].min()), int(y1[m][s].max()), int(x0[m][s].min()),
+                int(x1[m][s].max()))  # fmt: skip
+
+    whole = [region(a, b) for a, b in zip(starts, ends, strict=True)]
+    copied = sum((r[1] - r[0]) * (r[3] - r[2]) for r in whole)
+    if int(areas.sum()) < _STAGE_MIN_COVERAGE * copied:
+        return None
+    # Channel blocks first (they share nothing), down to `_STAGE_MIN_BLOCK` channels, whose
+    # scan loops are long enough to vectorise well; then ROI groups, which restage their region.
+    # A block's region stays within `_STAGE_TASK_BYTES` and a task's output per ROI within
+    # `_TASK_OUTPUT_BYTES` where the minimum allows.
+    tasks_wanted = threads * _TASKS_PER_THREAD
+    largest = max(((r[1] - r[0]) * (r[3] - r[2]) for r in whole), default=0)
+    cache_cap = _STAGE_TASK_BYTES // max(largest * itemsize, 1)
+    output_cap = _TASK_OUTPUT_BYTES // (8 * pooled_h * pooled_w)
+    block = max(-(-channels * len(whole) // tasks_wanted), _STAGE_MIN_BLOCK)
+    block = min(block, max(min(cache_cap, output_cap), _STAGE_MIN_BLOCK), _MAX_BLOCK, channels)
+    block = -(-channels // -(-channels // block))  # the same task count, evenly sized
+    groups_wanted = -(-tasks_wanted // -(-channels // block))
+    rows = []
+    for n, a, b in zip(images[starts] if order.size else [], starts, ends, strict=True):
+        parts = min(b - a, max(1, round(groups_wanted * (b - a) / order.size)))
+        edges = np.linspace(a, b, parts + 1).round().astype(np.int64)
+        for first, end in zip(edges[:-1], edges[1:], strict=True):
+            rows.append((n, first, end, *region(first, end)))
+    return order, np.array(rows, dtype=np.int64).reshape(-1, 7), block
 
 
 def _fill_invalid(output: torch.Tensor, argmax: torch.Tensor | None, invalid: np.ndarray) -> None:
