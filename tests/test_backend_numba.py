@@ -403,20 +403,28 @@ def test_stage(backend, dtype):
 
 
 @pytest.mark.parametrize(
-    "min_block, task_bytes, tasks_per_thread",
-    [(1, 0, 1), (3, 0, 1000), (64, 16 * 2**20, 8)],
-    ids=["one-channel-blocks", "many-groups", "default"],
+    "min_block, task_bytes, tasks_per_thread, max_bytes",
+    [
+        (1, 0, 1, 2**25),
+        (3, 0, 1000, 2**25),
+        (64, 16 * 2**20, 8, 2**25),
+        (64, 16 * 2**20, 8, 5 * 19 * 23 * 8),
+        (64, 16 * 2**20, 8, 100),
+    ],
+    ids=["one-channel-blocks", "many-groups", "default", "buffer-limit", "per-roi"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_staged_blocks_and_groups(
-    backend, monkeypatch, min_block, task_bytes, tasks_per_thread, dtype
+    backend, monkeypatch, min_block, task_bytes, tasks_per_thread, max_bytes, dtype
 ):
     """float32/float64 NCHW tasks stage a block of channels of a group of ROIs' region: blocks
-    of one channel, ROIs cut into many groups (each restaging its own region), the defaults;
-    with invalid ROIs, ROIs past the map and empty bins among them."""
+    of one channel, ROIs cut into many groups (each restaging its own region), the defaults, a
+    buffer limit that allows only a few channels per block, and one that sends every ROI to
+    the per-ROI kernel; with invalid ROIs, ROIs past the map and empty bins among them."""
     from roi_ops_numba import ops
 
     monkeypatch.setattr(ops, "_STAGE_MIN_BLOCK", min_block)
+    monkeypatch.setattr(ops, "_STAGE_MAX_BYTES", max_bytes)
     monkeypatch.setattr(ops, "_STAGE_TASK_BYTES", task_bytes)
     monkeypatch.setattr(ops, "_TASKS_PER_THREAD", tasks_per_thread)
     monkeypatch.setattr(ops, "_STAGE_MIN_COVERAGE", 0.0)

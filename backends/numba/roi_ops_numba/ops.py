@@ -56,6 +56,9 @@ _STAGE_BYTES = 512 * 1024
 _STAGE_MIN_COVERAGE = 0.5
 _STAGE_TASK_BYTES = 16 * 2**20
 _STAGE_MIN_BLOCK = 64
+# A thread's staging buffer never exceeds this (fewer channels per block on very large maps;
+# the per-ROI kernel when one channel of a region is larger).
+_STAGE_MAX_BYTES = 32 * 2**20
 # Backward: the planes one task accumulates together (channel block * H * W elements), at most.
 _BACKWARD_BLOCK_BYTES = 256 * 1024
 # Buffers at least this large are advised into transparent huge pages (Linux): first-touch page
@@ -320,10 +323,10 @@ def _staged_plan(
 
     The valid ROIs of each image, ordered by their window's first row, are cut into consecutive
     groups, enough for `threads` (several tasks each, with the channel blocks); a group's region
-    is the bounding box of its ROIs' windows. The block keeps the largest image's region of one
-    block within `_STAGE_TASK_BYTES`. Returns None (nothing to stage well) when the windows
-    cover less than `_STAGE_MIN_COVERAGE` times the area of their images' regions: sparse ROIs
-    are staged one at a time by `kernels.pool_forward` instead.
+    is the bounding box of its ROIs' windows. Returns None (nothing to stage well) when the
+    windows cover less than `_STAGE_MIN_COVERAGE` times the area of their images' regions, or
+    when one channel of an image's region exceeds `_STAGE_MAX_BYTES`: such ROIs are staged one
+    at a time by `kernels.pool_forward` instead.
     """
     valid = np.flatnonzero(batch >= 0)
     images = batch[valid]
@@ -355,10 +358,14 @@ def _staged_plan(
     # `_TASK_OUTPUT_BYTES` where the minimum allows.
     tasks_wanted = threads * _TASKS_PER_THREAD
     largest = max(((r[1] - r[0]) * (r[3] - r[2]) for r in whole), default=0)
-    cache_cap = _STAGE_TASK_BYTES // max(largest * itemsize, 1)
+    region_bytes = max(largest * itemsize, 1)
+    if region_bytes > _STAGE_MAX_BYTES:
+        return None  # even one channel of a region is too large a buffer
+    floor = min(_STAGE_MIN_BLOCK, _STAGE_MAX_BYTES // region_bytes)
+    cache_cap = _STAGE_TASK_BYTES // region_bytes
     output_cap = _TASK_OUTPUT_BYTES // (8 * pooled_h * pooled_w)
-    block = max(-(-channels * len(whole) // tasks_wanted), _STAGE_MIN_BLOCK)
-    block = min(block, max(min(cache_cap, output_cap), _STAGE_MIN_BLOCK), _MAX_BLOCK, channels)
+    block = max(-(-channels * len(whole) // tasks_wanted), floor)
+    block = min(block, max(min(cache_cap, output_cap), floor), _MAX_BLOCK, channels)
     block = -(-channels // -(-channels // block))  # the same task count, evenly sized
     groups_wanted = -(-tasks_wanted // -(-channels // block))
     rows = []
