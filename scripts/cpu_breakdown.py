@@ -3,7 +3,8 @@
     python scripts/cpu_breakdown.py --threads 16 --workload mask-14 fpn-p2 [--backward]
 
 For each full-size float32 workload: allocating and first-touching the output and argmax buffers
-(as every call does), the numba forward into already-touched buffers, the whole `roi_pool` call,
+(as every call does), the numba forward into already-touched buffers (and how much of it staging
+the NCHW input takes), the whole `roi_pool` call,
 and torchvision's forward when it is installed; with --backward also a fresh grad_input
 first-touched, the numba backward and torchvision's backward op. Medians of a few runs; prints
 the machine's transparent-huge-page setting, which decides how many page faults a fresh buffer
@@ -62,6 +63,9 @@ def breakdown(name: str, reps: int, tv, backward: bool) -> dict[str, float]:
         "fresh buffers": median_ms(fresh_buffers, reps),
         "kernel, touched buffers": median_ms(lambda: ops.forward(problem, out, arg), reps),
     }
+    staging = staging_only(problem, out, arg)
+    if staging is not None:
+        row["of which staging"] = median_ms(staging, reps)
     with value_checks(False):
         row["roi_pool fwd"] = median_ms(
             lambda: roi_pool(leaf, rois, size, scale, backend="numba"), reps
@@ -71,6 +75,43 @@ def breakdown(name: str, reps: int, tv, backward: bool) -> dict[str, float]:
     if backward:
         row.update(backward_parts(x, rois, w, reps))
     return row
+
+
+def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor):
+    """A call of the staged NCHW forward that stages every task's region and pools nothing
+    (each group keeps its region, loses its ROIs), or None when `problem` takes another path."""
+    import numpy as np
+    from roi_ops_numba import kernels, ops
+
+    x = problem.input
+    n, c, h, w = x.shape
+    ph, pw = problem.pooled_height, problem.pooled_width
+    rois = problem.rois.to(torch.float64).contiguous().numpy()
+    k = rois.shape[0]
+    batch, hs, he = np.empty(k, np.int64), np.empty(k * ph, np.int64), np.empty(k * ph, np.int64)
+    ws, we = np.empty(k * pw, np.int64), np.empty(k * pw, np.int64)
+    mode = ops._GEOMETRY_MODE[problem.rois.dtype]
+    kernels.roi_geometry(rois, n, h, w, ph, pw, float(problem.spatial_scale), mode,
+                         batch, hs, he, ws, we)  # fmt: skip
+    threads = ops.num_threads()
+    plan = ops._group_plan(batch, hs, he, ws, we, ph, pw, c, x.element_size(), threads, True)
+    if x.stride(1) == 1 or x.dtype not in (torch.float32, torch.float64) or plan is None:
+        return None
+    order, groups, block = plan
+    groups = groups.copy()
+    groups[:, 2] = groups[:, 1]  # no ROIs
+    areas = (groups[:, 4] - groups[:, 3]) * (groups[:, 6] - groups[:, 5])
+    scratch = torch.zeros((threads, int(areas.max()) * block), dtype=x.dtype).numpy()
+    src = ops.flat_storage(x)
+
+    def run():
+        with ops._parallel_region(threads):
+            kernels.pool_forward_groups(
+                src, *x.stride(), c, w, order, groups, hs, he, ws, we, ph, pw,
+                out.view(-1).numpy(), arg.view(-1).numpy(), True, block, scratch,
+            )  # fmt: skip
+
+    return run
 
 
 def backward_parts(x, rois, w, reps: int) -> dict[str, float]:

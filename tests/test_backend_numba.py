@@ -378,9 +378,9 @@ def test_empty_input(backend, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int16], ids=str)
 def test_stage(backend, dtype):
-    """The channels-last staging copy, against torch, on whole 16 x 16 blocks and the remainders
-    (two blocks of 16 channels and 4 more, widths past 16), a non-unit W stride and a storage
-    offset. int16 is how float16 and bfloat16 are staged (as raw bits)."""
+    """The channels-last staging copy, against torch: blocks of 16 planes and the planes left
+    (two blocks of 16 channels and 4 more; 17 from channel 3), a non-unit W stride and a
+    storage offset. int16 is how float16 and bfloat16 are staged (as raw bits)."""
     pytest.importorskip("numba")
     from roi_ops_numba import kernels
     from roi_ops_numba.ops import flat_storage
@@ -392,12 +392,11 @@ def test_stage(backend, dtype):
         _, channels, height, width = x.shape
         s_n, s_c, s_h, s_w = x.stride()
         src = flat_storage(x)  # starts at x's first element
-        tile = torch.empty(256, dtype=dtype).numpy()
         for y0, y1, x0, x1 in ((0, height, 0, width), (1, height - 1, 2, width - 1), (2, 3, 5, 6)):
             for c0, nc in ((0, channels), (3, 17)):
                 dst = torch.full(((y1 - y0) * (x1 - x0) * nc,), 12345, dtype=dtype)  # poison
                 plane0 = s_n + c0 * s_c  # image 1, channel c0
-                kernels._stage(src, plane0, s_c, s_h, s_w, nc, y0, y1, x0, x1, dst.numpy(), tile)
+                kernels._stage(src, plane0, s_c, s_h, s_w, nc, y0, y1, x0, x1, dst.numpy())
                 expected = x[1, c0 : c0 + nc, y0:y1, x0:x1].permute(1, 2, 0).reshape(-1)
                 assert torch.equal(dst, expected), (name, (y0, y1, x0, x1), (c0, nc))
 
@@ -420,7 +419,8 @@ def test_staged_blocks_and_groups(
     """float32/float64 NCHW tasks stage a block of channels of a group of ROIs' region: blocks
     of one channel, ROIs cut into many groups (each restaging its own region), the defaults, a
     buffer limit that allows only a few channels per block, and one that sends every ROI to
-    the per-ROI kernel; with invalid ROIs, ROIs past the map and empty bins among them."""
+    the per-ROI kernel; with invalid ROIs, ROIs past the map and empty bins among them. The
+    same groups read channels_last inputs in place."""
     from roi_ops_numba import ops
 
     monkeypatch.setattr(ops, "_STAGE_MIN_BLOCK", min_block)
@@ -436,6 +436,7 @@ def test_staged_blocks_and_groups(
     rois[5, 0] = 7.0  # batch index out of range
     check(backend, x, rois, (3, 4), 0.5)
     check(backend, x[:, 1::2, 2:, 1:], rois, (2, 2), 0.5)  # strided channels, storage offset
+    check(backend, x.contiguous(memory_format=torch.channels_last), rois, (3, 4), 0.5)  # in place
 
 
 def test_many_channels_few_rois(backend):

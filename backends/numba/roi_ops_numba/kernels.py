@@ -235,41 +235,33 @@ def _scan_strided(data, base, row, col, stride, h0, h1, w0, w1, nc, width, mag_m
 
 
 @njit(cache=True, inline="always")
-def _stage(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf, tile):
+def _stage(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf):
     """Copy rows h0..h1-1, columns x0..x1-1 of `nc` planes into `buf` channels-last.
 
     Element (c, h, w) is read from ``src[plane0 + c*s_c + h*s_h + w*s_w]`` and written to
-    ``buf[((h - h0) * (x1 - x0) + (w - x0)) * nc + c]``. With a unit W stride, whole blocks of
-    16 channels x 16 columns go through `tile` (256 elements): 16 contiguous row segments are
-    read, stored transposed in the tile, and written out 16 channels per pixel. The constant
-    trip counts compile to straight vector code (20% faster than variable-size tiles on
-    fpn-p2's 256 x 200 x 272 planes, one thread). The other elements go one at a time.
+    ``buf[((h - h0) * (x1 - x0) + (w - x0)) * nc + c]``. With a unit W stride the planes go 16 at
+    a time, each pass over all rows, so the 16 planes are read as 16 long sequential streams and
+    each pixel's 16 channels are written together. On fpn-p2's 256 x 200 x 272 planes (one
+    thread, 2-core Zen 5) that took 52 ms against 110 ms for rows outermost through 16 x 16
+    transposing tiles (86 ms for tiles with planes outermost; 8 planes at a time as fast as 16,
+    32 at a time 107 ms). The other elements go one at a time.
     """
     region_w = x1 - x0
-    for h in range(h0, h1):
+    c0 = 0
+    if s_w == 1:
+        while c0 + 16 <= nc:
+            for h in range(h0, h1):
+                d_row = (h - h0) * region_w * nc + c0
+                s_row = plane0 + c0 * s_c + h * s_h + x0
+                for w in range(region_w):
+                    d = d_row + w * nc
+                    for j in range(16):
+                        buf[d + j] = src[s_row + w + j * s_c]
+            c0 += 16
+    for h in range(h0, h1):  # the channels left (all of them for other W strides)
         d_row = (h - h0) * region_w * nc
         s_row = plane0 + h * s_h + x0 * s_w
-        c0 = 0
-        if s_w == 1:
-            while c0 + 16 <= nc:
-                w0 = 0
-                while w0 + 16 <= region_w:
-                    for j in range(16):
-                        s = s_row + (c0 + j) * s_c + w0
-                        for i in range(16):
-                            tile[i * 16 + j] = src[s + i]
-                    for i in range(16):
-                        d = d_row + (w0 + i) * nc + c0
-                        for j in range(16):
-                            buf[d + j] = tile[i * 16 + j]
-                    w0 += 16
-                for w in range(w0, region_w):
-                    d = d_row + w * nc + c0
-                    s = s_row + w + c0 * s_c
-                    for j in range(16):
-                        buf[d + j] = src[s + j * s_c]
-                c0 += 16
-        for w in range(region_w):  # the channels left (all of them for other W strides)
+        for w in range(region_w):
             d = d_row + w * nc
             s = s_row + w * s_w
             for j in range(c0, nc):
@@ -348,20 +340,19 @@ def pool_forward(
         else:
             stage, size = _GATHER, 0
         buf = np.empty(size, src.dtype)
-        tile = np.empty(256 if stage == _WINDOW or stage == _BAND else 0, src.dtype)
         # Pixel (h, w) of the scanned data has its nc channels at data[base + h*row + w*col:].
         data, base, row, col = src, plane0, s_h, s_w
         if stage != _IN_PLACE and stage != _GATHER:
             data, row, col = buf, (x1 - x0) * nc, nc
         if stage == _WINDOW:
-            _stage(src, plane0, s_c, s_h, s_w, nc, y0, y1, x0, x1, buf, tile)
+            _stage(src, plane0, s_c, s_h, s_w, nc, y0, y1, x0, x1, buf)
             base = -(y0 * row + x0 * col)
 
         for ph in range(pooled_h):
             h0 = hstart[k * pooled_h + ph]
             h1 = hend[k * pooled_h + ph]
             if stage == _BAND and h1 > h0:
-                _stage(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf, tile)
+                _stage(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf)
                 base = -(h0 * row + x0 * col)
             for pw in range(pooled_w):
                 w0 = wstart[k * pooled_w + pw]
@@ -390,10 +381,10 @@ def pool_forward(
 # ---------------------------------------------------------------------------------------------
 # Forward, float32/float64 on a channels-last view
 #
-# `pool_forward_cl` reads inputs whose channels are contiguous (channels_last) in place. For other
-# layouts `pool_forward_staged` gives each task a group of one image's ROIs and a block of
-# channels, and stages the group's region of those channels channels-last in a per-thread buffer
-# that stays in cache; the input itself is never copied. Floats are compared directly: an element
+# `pool_forward_groups` gives each task a group of one image's ROIs and a block of channels. It
+# reads inputs whose channels are contiguous (channels_last) in place; for other layouts it stages
+# the group's region of those channels channels-last in a per-thread buffer that stays in cache
+# (the input itself is never copied). Floats are compared directly: an element
 # replaces the running maximum if it is greater, or if it is NaN and the maximum is not, so the
 # first NaN wins and -0.0 == +0.0 keeps the first one. The output is the winning element itself.
 
@@ -440,13 +431,12 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
     """Pool every bin of ROI `k` for `nl` channels read from a channels-last view.
 
     Pixel (h, w) has its channels at ``data[org + h*row + w*pix:][:nl]``. Channel j of bin b goes
-    to ``out[o_base + j * PH * PW + b]`` (and `argmax`). With the argmax, the results go
-    bin-major (each bin's channels contiguous, as the scan leaves them) into `tile` and
-    `tile_pos` (``PH * PW * nl`` elements each), then are transposed into the output's
-    channel-major order: contiguous runs instead of 2 * nl stores PH * PW elements apart per bin
-    (measured 14-32% faster on the 16-core host). Inference, with half the stores, stores each
-    bin's maxima straight away through the tile's first `nl` elements (measured as fast or
-    faster).
+    to ``out[o_base + j * PH * PW + b]`` (and `argmax`). The results go bin-major (each bin's
+    channels contiguous, as the scan leaves them) into `tile` (``PH * PW * nl`` elements; and
+    `tile_pos` with the argmax, else ``nl``), then are transposed into the output's
+    channel-major order: contiguous runs instead of nl stores PH * PW elements apart per bin
+    (with the argmax: 14-32% faster on the 16-core host; in inference 8-27% faster on a 2-core
+    Zen 5 with the staged groups).
     """
     num_bins = pooled_h * pooled_w
     for ph in range(pooled_h):
@@ -455,71 +445,37 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
         for pw in range(pooled_w):
             w0 = wstart[k * pooled_w + pw]
             w1 = wend[k * pooled_w + pw]
-            t = (ph * pooled_w + pw) * nl if need_argmax else 0
+            t = (ph * pooled_w + pw) * nl
             result = tile[t : t + nl]
-            pos = tile_pos[t : t + nl]
+            tp = t if need_argmax else 0
+            pos = tile_pos[tp : tp + nl]
             if h1 <= h0 or w1 <= w0:
                 for j in range(nl):
                     result[j] = 0
                     pos[j] = -1
             else:
                 _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, need_argmax, result, pos, nl)
-            if not need_argmax:
-                o = o_base + ph * pooled_w + pw
-                for j in range(nl):
-                    out[o + j * num_bins] = result[j]
-    if need_argmax:
-        for j in range(nl):
-            o = o_base + j * num_bins
-            for b in range(num_bins):
-                out[o + b] = tile[b * nl + j]
+    for j in range(nl):
+        o = o_base + j * num_bins
+        for b in range(num_bins):
+            out[o + b] = tile[b * nl + j]
+        if need_argmax:
             for b in range(num_bins):
                 argmax[o + b] = tile_pos[b * nl + j]
 
 
 @njit(parallel=True, cache=True)
-def pool_forward_cl(
-    data, s_n, row, pix, channels, width, batch, rois,
-    hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
-):  # fmt: skip
-    """roi_pool forward of the valid ROIs `rois` over a float input whose channels are contiguous.
-
-    Args:
-        data: float32/float64 storage; channel c of pixel (h, w) of image n is at
-            ``n * s_n + h * row + w * pix + c``.
-        channels, width: C and W (W of the input, for the argmax).
-        batch: (K,) batch index of every ROI, from `roi_geometry`.
-        rois: indices of the ROIs to compute (all valid).
-        hstart, hend, wstart, wend, pooled_h, pooled_w: the geometry, from `roi_geometry`.
-        out: (K * C * PH * PW,) output, same dtype as `data`.
-        argmax: (K * C * PH * PW,) int32, or anything when `need_argmax` is False.
-        need_argmax: whether to compute and write `argmax`.
-        block: channels per task; tasks are (ROI, channel block).
-    """
-    num_blocks = (channels + block - 1) // block
-    num_bins = pooled_h * pooled_w
-    for task in prange(rois.shape[0] * num_blocks):
-        k = rois[task // num_blocks]
-        c0 = (task % num_blocks) * block
-        nl = min(c0 + block, channels) - c0
-        tile = np.empty((num_bins if need_argmax else 1) * nl, data.dtype)
-        tile_pos = np.empty((num_bins if need_argmax else 1) * nl, np.int32)
-        _pool_roi(data, batch[k] * s_n + c0, row, pix, width, k, (k * channels + c0) * num_bins,
-                  nl, hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax,
-                  tile, tile_pos)  # fmt: skip
-
-
-@njit(parallel=True, cache=True)
-def pool_forward_staged(
+def pool_forward_groups(
     src, s_n, s_c, s_h, s_w, channels, width, order, groups,
     hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, scratch,
 ):  # fmt: skip
-    """roi_pool forward of groups of ROIs of one image each, over any float input layout.
+    """roi_pool forward of groups of ROIs of one image each, over a float input of any layout.
 
-    A task is one group and a block of channels: it copies the group's region of those channels
-    channels-last into its thread's part of `scratch`, then pools each of the group's ROIs from
-    it with `_pool_roi`. The input is read once per group and block, with
-    contiguous loads along W, and never copied whole.
+    A task is one group and a block of channels. When the input's channels are contiguous
+    (channels_last) it reads them in place; otherwise it first copies the group's region of its
+    channels channels-last into its thread's row of `scratch`, then pools each of the group's
+    ROIs from there with `_pool_roi`. Either way a task's reads stay within one image's block of
+    channels, which stays in cache while the group's ROIs, which overlap, re-read it.
 
     Args:
         src: float32/float64 storage of the input; element (n, c, h, w) is at
@@ -530,10 +486,12 @@ def pool_forward_staged(
             ``order[first:end]`` (valid ROIs of that image) and its region is rows y0..y1-1,
             columns x0..x1-1, which holds every bin of those ROIs.
         hstart, hend, wstart, wend, pooled_h, pooled_w: the geometry, from `roi_geometry`.
-        out, argmax, need_argmax: as in `pool_forward_cl`.
+        out: (K * C * PH * PW,) output, same dtype as `src`.
+        argmax: (K * C * PH * PW,) int32, or anything when `need_argmax` is False.
+        need_argmax: whether to compute and write `argmax`.
         block: channels per task.
-        scratch: (threads, S) buffer, S at least the largest region times `block`; a task uses
-            row ``numba.get_thread_id()``.
+        scratch: (threads, S) buffer, S at least the largest region times `block`, when the
+            channels are not contiguous (a task uses row ``numba.get_thread_id()``); else unused.
     """
     num_blocks = (channels + block - 1) // block
     num_bins = pooled_h * pooled_w
@@ -543,16 +501,19 @@ def pool_forward_staged(
         nl = min(c0 + block, channels) - c0
         n, first, end = groups[g, 0], groups[g, 1], groups[g, 2]
         y0, y1, x0, x1 = groups[g, 3], groups[g, 4], groups[g, 5], groups[g, 6]
-        region_w = x1 - x0
-        buf = scratch[get_thread_id(), : (y1 - y0) * region_w * nl]
-        tile = np.empty(max(256, (num_bins if need_argmax else 1) * nl), src.dtype)
+        tile = np.empty(num_bins * nl, src.dtype)
         tile_pos = np.empty((num_bins if need_argmax else 1) * nl, np.int32)
-        _stage(src, n * s_n + c0 * s_c, s_c, s_h, s_w, nl, y0, y1, x0, x1, buf, tile)
-        # Pixel (h, w) of the region starts at ((h - y0) * region_w + (w - x0)) * nl.
-        org = -(y0 * region_w + x0) * nl
+        if s_c == 1:
+            data, org, row, pix = src, n * s_n + c0, s_h, s_w
+        else:
+            region_w = x1 - x0
+            data = scratch[get_thread_id(), : (y1 - y0) * region_w * nl]
+            _stage(src, n * s_n + c0 * s_c, s_c, s_h, s_w, nl, y0, y1, x0, x1, data)
+            # Pixel (h, w) of the region starts at ((h - y0) * region_w + (w - x0)) * nl.
+            org, row, pix = -(y0 * region_w + x0) * nl, region_w * nl, nl
         for i in range(first, end):
             k = order[i]
-            _pool_roi(buf, org, region_w * nl, nl, width, k, (k * channels + c0) * num_bins, nl,
+            _pool_roi(data, org, row, pix, width, k, (k * channels + c0) * num_bins, nl,
                       hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax,
                       tile, tile_pos)  # fmt: skip
 

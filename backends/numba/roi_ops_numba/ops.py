@@ -48,11 +48,10 @@ _TASK_OUTPUT_BYTES = 256 * 1024
 # window (or bin row's band) a task makes, to stay in L2; larger ones are gathered in place.
 _STAGE_BYTES = 512 * 1024
 
-# float32/float64 inputs whose channels are not contiguous: when the ROIs' windows cover at least
-# this many times the area of their images' regions, each task stages a block of channels of a
-# group of ROIs' region (`kernels.pool_forward_staged`), the block sized so that the largest
-# region of one block fits in `_STAGE_TASK_BYTES`; sparser ROIs are staged per ROI by
-# `kernels.pool_forward`.
+# float32/float64 forward tasks are (group of one image's ROIs, channel block); see `_group_plan`.
+# Inputs whose channels are not contiguous are staged a task at a time when the ROIs' windows
+# cover at least this many times the area of their images' regions; sparser ROIs are staged per
+# ROI by `kernels.pool_forward`.
 _STAGE_MIN_COVERAGE = 0.5
 _STAGE_TASK_BYTES = 16 * 2**20
 _STAGE_MIN_BLOCK = 64
@@ -248,45 +247,33 @@ def _forward_float(
     argmax: torch.Tensor | None,
     threads: int,
 ) -> bool:
-    """float32/float64 forward over a channels-last view; False if `pool_forward` should run.
+    """float32/float64 forward by groups of ROIs; False if `pool_forward` should run instead.
 
-    Channels-contiguous inputs are read in place. Otherwise each image's ROI region (the bounding
-    box of its ROIs' windows) is copied channels-last once, when the windows cover it densely
-    enough (`_TRANSPOSE_MIN_COVERAGE`); if they do not, returns False without writing anything.
+    Channels-contiguous inputs are read in place. Other layouts are staged a group's region and
+    a block of channels at a time (`kernels.pool_forward_groups`) when the ROIs' windows cover
+    their images' regions densely enough (`_STAGE_MIN_COVERAGE`) and a region's channel fits a
+    buffer (`_STAGE_MAX_BYTES`); if not, returns False without writing anything.
     """
     channels, width = input.shape[1], input.shape[3]
-    invalid = batch < 0
-    out = output.view(-1).numpy()
-    arg = _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy()
-    need_argmax = argmax is not None
     s_n, s_c, s_h, s_w = input.stride()
-    src = flat_storage(input)
-    if s_c == 1:
-        rois = np.flatnonzero(~invalid)
-        if rois.size:
-            kernels.pool_forward_cl(
-                src, s_n, s_h, s_w, channels, width, batch, rois,
-                hstart, hend, wstart, wend, pooled_h, pooled_w, out, arg, need_argmax,
-                _block(channels, rois.size, threads, pooled_h * pooled_w),
-            )  # fmt: skip
-        _fill_invalid(output, argmax, invalid)
-        return True
-
-    plan = _staged_plan(batch, hstart, hend, wstart, wend, pooled_h, pooled_w, channels,
-                        input.element_size(), threads)  # fmt: skip
+    staged = s_c != 1
+    plan = _group_plan(batch, hstart, hend, wstart, wend, pooled_h, pooled_w, channels,
+                       input.element_size(), threads, staged)  # fmt: skip
     if plan is None:
         return False
     order, groups, block = plan
     if groups.shape[0]:
         areas = (groups[:, 4] - groups[:, 3]) * (groups[:, 6] - groups[:, 5])
-        scratch = torch.empty((threads, int(areas.max()) * block), dtype=input.dtype)
+        rows, size = (threads, int(areas.max()) * block) if staged else (1, 0)
+        scratch = torch.empty((rows, size), dtype=input.dtype)
         _advise_tensor(scratch)
-        kernels.pool_forward_staged(
-            src, s_n, s_c, s_h, s_w, channels, width, order, groups,
-            hstart, hend, wstart, wend, pooled_h, pooled_w, out, arg, need_argmax, block,
-            scratch.numpy(),
+        kernels.pool_forward_groups(
+            flat_storage(input), s_n, s_c, s_h, s_w, channels, width, order, groups,
+            hstart, hend, wstart, wend, pooled_h, pooled_w, output.view(-1).numpy(),
+            _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy(), argmax is not None,
+            block, scratch.numpy(),
         )  # fmt: skip
-    _fill_invalid(output, argmax, invalid)
+    _fill_invalid(output, argmax, batch < 0)
     return True
 
 
@@ -307,7 +294,7 @@ def _windows(
     return y0, y1, x0, x1
 
 
-def _staged_plan(
+def _group_plan(
     batch: np.ndarray,
     hstart: np.ndarray,
     hend: np.ndarray,
@@ -318,15 +305,19 @@ def _staged_plan(
     channels: int,
     itemsize: int,
     threads: int,
+    staged: bool,
 ) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """Groups and channel block for `kernels.pool_forward_staged`, or None for sparse ROIs.
+    """Groups and channel block for `kernels.pool_forward_groups`; None: stage per ROI instead.
 
     The valid ROIs of each image, ordered by their window's first row, are cut into consecutive
-    groups, enough for `threads` (several tasks each, with the channel blocks); a group's region
-    is the bounding box of its ROIs' windows. Returns None (nothing to stage well) when the
-    windows cover less than `_STAGE_MIN_COVERAGE` times the area of their images' regions, or
-    when one channel of an image's region exceeds `_STAGE_MAX_BYTES`: such ROIs are staged one
-    at a time by `kernels.pool_forward` instead.
+    groups; a group's region is the bounding box of its ROIs' windows. Tasks (group, channel
+    block) are wanted `_TASKS_PER_THREAD` per thread: channel blocks first (they share nothing),
+    down to `_STAGE_MIN_BLOCK` channels, whose scan loops are long enough to vectorise well, then
+    groups, which each restage their region. A block's region is kept within
+    `_STAGE_TASK_BYTES` and its output per ROI within `_TASK_OUTPUT_BYTES` where that minimum
+    allows; with fewer ROIs than groups wanted, blocks go down to `_MIN_BLOCK` channels. When
+    `staged`, returns None if the windows cover less than `_STAGE_MIN_COVERAGE` times the area
+    of their images' regions, or if one channel of a region exceeds `_STAGE_MAX_BYTES`.
     """
     valid = np.flatnonzero(batch >= 0)
     images = batch[valid]
@@ -337,43 +328,40 @@ def _staged_plan(
     areas = (y1 - y0) * (x1 - x0)
     seen = areas > 0  # ROIs whose bins are all empty read nothing
     cuts = np.flatnonzero(np.diff(images)) + 1
-    starts = np.concatenate(([0], cuts)) if order.size else np.zeros(0, np.int64)
-    ends = np.concatenate((cuts, [order.size])) if order.size else np.zeros(0, np.int64)
+    starts = np.concatenate(([0], cuts)).astype(np.int64) if order.size else cuts
+    ends = np.concatenate((cuts, [order.size])).astype(np.int64) if order.size else cuts
 
     def region(a: int, b: int) -> tuple[int, int, int, int]:
-        m = slice(a, b)
-        if not seen[m].any():
+        s = seen[a:b]
+        if not s.any():
             return (0, 0, 0, 0)
-        s = seen[m]
-        return (int(y0[m][s].min()), int(y1[m][s].max()), int(x0[m][s].min()),
-                int(x1[m][s].max()))  # fmt: skip
+        return (int(y0[a:b][s].min()), int(y1[a:b][s].max()), int(x0[a:b][s].min()),
+                int(x1[a:b][s].max()))  # fmt: skip
 
     whole = [region(a, b) for a, b in zip(starts, ends, strict=True)]
-    copied = sum((r[1] - r[0]) * (r[3] - r[2]) for r in whole)
-    if int(areas.sum()) < _STAGE_MIN_COVERAGE * copied:
-        return None
-    # Channel blocks first (they share nothing), down to `_STAGE_MIN_BLOCK` channels, whose
-    # scan loops are long enough to vectorise well; then ROI groups, which restage their region.
-    # A block's region stays within `_STAGE_TASK_BYTES` and a task's output per ROI within
-    # `_TASK_OUTPUT_BYTES` where the minimum allows.
-    tasks_wanted = threads * _TASKS_PER_THREAD
     largest = max(((r[1] - r[0]) * (r[3] - r[2]) for r in whole), default=0)
     region_bytes = max(largest * itemsize, 1)
-    if region_bytes > _STAGE_MAX_BYTES:
-        return None  # even one channel of a region is too large a buffer
-    floor = min(_STAGE_MIN_BLOCK, _STAGE_MAX_BYTES // region_bytes)
+    if staged:
+        copied = sum((r[1] - r[0]) * (r[3] - r[2]) for r in whole)
+        if int(areas.sum()) < _STAGE_MIN_COVERAGE * copied or region_bytes > _STAGE_MAX_BYTES:
+            return None
+    tasks_wanted = threads * _TASKS_PER_THREAD
+    floor = min(_STAGE_MIN_BLOCK, max(_STAGE_MAX_BYTES // region_bytes, 1))
     cache_cap = _STAGE_TASK_BYTES // region_bytes
     output_cap = _TASK_OUTPUT_BYTES // (8 * pooled_h * pooled_w)
     block = max(-(-channels * len(whole) // tasks_wanted), floor)
-    block = min(block, max(min(cache_cap, output_cap), floor), _MAX_BLOCK, channels)
+    block = min(block, max(min(cache_cap, output_cap), floor), _MAX_BLOCK)
+    if order.size * -(-channels // block) < tasks_wanted:  # too few ROIs for enough groups
+        block = min(block, max(channels * order.size // tasks_wanted, _MIN_BLOCK))
+    block = min(block, channels)
     block = -(-channels // -(-channels // block))  # the same task count, evenly sized
     groups_wanted = -(-tasks_wanted // -(-channels // block))
     rows = []
-    for n, a, b in zip(images[starts] if order.size else [], starts, ends, strict=True):
+    for n, a, b in zip(images[starts], starts, ends, strict=True):
         parts = min(b - a, max(1, round(groups_wanted * (b - a) / order.size)))
         edges = np.linspace(a, b, parts + 1).round().astype(np.int64)
         for first, end in zip(edges[:-1], edges[1:], strict=True):
-            rows.append((n, first, end, *region(first, end)))
+            rows.append((int(n), int(first), int(end), *region(first, end)))
     return order, np.array(rows, dtype=np.int64).reshape(-1, 7), block
 
 
