@@ -11,10 +11,12 @@ _MIN_NUMBA = (0, 57)  # numba.set_parallel_chunksize
 class NumbaBackend(Backend):
     """Parallel CPU roi_pool compiled with numba; exact to the contract in all float dtypes.
 
-    Reads contiguous and channels_last inputs in place (any strides work), splits the work into
-    (ROI, channel block) tasks scheduled dynamically over ``torch.get_num_threads()`` threads
-    (or numba's own setting when ``NUMBA_NUM_THREADS`` is set), and has its own deterministic
-    backward. Kernels are compiled on first use and cached on disk.
+    Reads contiguous and channels_last inputs in place (any strides work; NCHW through small
+    per-thread staging buffers, never a copy of the input), splits the work into tasks (a group
+    of one image's ROIs or one ROI, and a block of channels) scheduled dynamically over
+    ``torch.get_num_threads()`` threads (or numba's own setting when ``NUMBA_NUM_THREADS`` is
+    set), and has its own deterministic backward. Kernels are compiled on first use and cached
+    on disk.
     """
 
     name = "numba"
