@@ -346,7 +346,11 @@ def _group_plan(
         if int(areas.sum()) < _STAGE_MIN_COVERAGE * copied or region_bytes > _STAGE_MAX_BYTES:
             return None
     tasks_wanted = threads * _TASKS_PER_THREAD
-    floor = min(_STAGE_MIN_BLOCK, max(_STAGE_MAX_BYTES // region_bytes, 1))
+    floor = (
+        min(_STAGE_MIN_BLOCK, max(_STAGE_MAX_BYTES // region_bytes, 1))
+        if staged
+        else _STAGE_MIN_BLOCK
+    )
     cache_cap = _STAGE_TASK_BYTES // region_bytes
     output_cap = _TASK_OUTPUT_BYTES // (8 * pooled_h * pooled_w)
     block = max(-(-channels * len(whole) // tasks_wanted), floor)
