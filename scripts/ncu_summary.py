@@ -32,8 +32,11 @@ def to_number(text: str, unit: str) -> float:
     value = float(text.replace(",", ""))
     scale = {
         "nsecond": 1e-3,
+        "ns": 1e-3,
         "usecond": 1,
+        "us": 1,
         "msecond": 1e3,
+        "ms": 1e3,
         "byte": 1e-6,
         "Kbyte": 1e-3,
         "Mbyte": 1,
