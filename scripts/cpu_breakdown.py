@@ -80,21 +80,13 @@ def breakdown(name: str, reps: int, tv, backward: bool) -> dict[str, float]:
 def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor):
     """A call of the staged NCHW forward that stages every task's region and pools nothing
     (each group keeps its region, loses its ROIs), or None when `problem` takes another path."""
-    import numpy as np
     from roi_ops_numba import kernels, ops
 
     x = problem.input
-    n, c, h, w = x.shape
-    ph, pw = problem.pooled_height, problem.pooled_width
-    rois = problem.rois.to(torch.float64).contiguous().numpy()
-    k = rois.shape[0]
-    batch, hs, he = np.empty(k, np.int64), np.empty(k * ph, np.int64), np.empty(k * ph, np.int64)
-    ws, we = np.empty(k * pw, np.int64), np.empty(k * pw, np.int64)
-    mode = ops._GEOMETRY_MODE[problem.rois.dtype]
-    kernels.roi_geometry(rois, n, h, w, ph, pw, float(problem.spatial_scale), mode,
-                         batch, hs, he, ws, we)  # fmt: skip
+    c, w = x.shape[1], x.shape[3]
+    geometry = ops.bin_geometry(problem)
     threads = ops.num_threads()
-    plan = ops._group_plan(batch, hs, he, ws, we, ph, pw, c, x.element_size(), threads, True)
+    plan = ops._group_plan(geometry, c, x.element_size(), threads, True)
     if x.stride(1) == 1 or x.dtype not in (torch.float32, torch.float64) or plan is None:
         return None
     order, groups, block = plan
@@ -107,7 +99,7 @@ def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor):
     def run():
         with ops._parallel_region(threads):
             kernels.pool_forward_groups(
-                src, *x.stride(), c, w, order, groups, hs, he, ws, we, ph, pw,
+                src, *x.stride(), c, w, order, groups, *geometry[1:],
                 out.view(-1).numpy(), arg.view(-1).numpy(), True, block, scratch,
             )  # fmt: skip
 

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -163,18 +164,25 @@ def _backward_block(num_images: int, channels: int, plane_bytes: int, threads: i
     return -(-channels // -(-channels // block))  # the same task count, evenly sized
 
 
-def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None) -> None:
-    """Fill `output` (and `argmax`, unless None) for `problem`; see `Backend.forward`."""
-    input = problem.input
-    num_images, channels, height, width = input.shape
-    if output.numel() == 0:
-        return
-    if input.numel() == 0:  # N, H or W is 0: every ROI is invalid or every bin empty
-        output.zero_()
-        if argmax is not None:
-            argmax.fill_(-1)
-        return
+class BinGeometry(NamedTuple):
+    """Every ROI's batch index and bin edges, from `kernels.roi_geometry`.
 
+    batch: (K,) image index, -1 for an invalid ROI. hstart, hend: (K * PH,) rows [start, end)
+    of each bin row; wstart, wend: (K * PW,) columns of each bin column; all clamped to the map.
+    """
+
+    batch: np.ndarray
+    hstart: np.ndarray
+    hend: np.ndarray
+    wstart: np.ndarray
+    wend: np.ndarray
+    pooled_h: int
+    pooled_w: int
+
+
+def bin_geometry(problem: RoIPoolProblem) -> BinGeometry:
+    """Steps 1-5 of the contract for every ROI of `problem` (see `BinGeometry`)."""
+    num_images, _, height, width = problem.input.shape
     pooled_h, pooled_w = problem.pooled_height, problem.pooled_width
     rois = problem.rois.detach().to(torch.float64).contiguous().numpy()
     num_rois = rois.shape[0]
@@ -187,6 +195,22 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
         rois, num_images, height, width, pooled_h, pooled_w, float(problem.spatial_scale),
         _GEOMETRY_MODE[problem.rois.dtype], batch, hstart, hend, wstart, wend,
     )  # fmt: skip
+    return BinGeometry(batch, hstart, hend, wstart, wend, pooled_h, pooled_w)
+
+
+def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None) -> None:
+    """Fill `output` (and `argmax`, unless None) for `problem`; see `Backend.forward`."""
+    input = problem.input
+    channels, width = input.shape[1], input.shape[3]
+    if output.numel() == 0:
+        return
+    if input.numel() == 0:  # N, H or W is 0: every ROI is invalid or every bin empty
+        output.zero_()
+        if argmax is not None:
+            argmax.fill_(-1)
+        return
+
+    geometry = bin_geometry(problem)
     _advise_tensor(output)
     if argmax is not None:
         _advise_tensor(argmax)
@@ -195,17 +219,17 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
         if input.dtype in (torch.float32, torch.float64):
             _compile_fallback_once(input.dtype)
         if input.dtype in (torch.float32, torch.float64) and _forward_float(
-            input, batch, hstart, hend, wstart, wend, pooled_h, pooled_w, output, argmax, threads
+            input, geometry, output, argmax, threads
         ):
             return
         view_dtype, mag_mask, nan_threshold = _BITS[input.dtype]
         s_n, s_c, s_h, s_w = input.stride()
+        bins = geometry.pooled_h * geometry.pooled_w
         kernels.pool_forward(
-            flat_storage(input, view_dtype), s_n, s_c, s_h, s_w, channels, width,
-            batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
+            flat_storage(input, view_dtype), s_n, s_c, s_h, s_w, channels, width, *geometry,
             mag_mask, nan_threshold, output.view(view_dtype).view(-1).numpy(),
             _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy(),
-            argmax is not None, _block(channels, num_rois, threads, pooled_h * pooled_w),
+            argmax is not None, _block(channels, geometry.batch.shape[0], threads, bins),
             _STAGE_BYTES // input.element_size(),
         )  # fmt: skip
 
@@ -236,13 +260,7 @@ def _compile_fallback_once(dtype: torch.dtype) -> None:
 
 def _forward_float(
     input: torch.Tensor,
-    batch: np.ndarray,
-    hstart: np.ndarray,
-    hend: np.ndarray,
-    wstart: np.ndarray,
-    wend: np.ndarray,
-    pooled_h: int,
-    pooled_w: int,
+    geometry: BinGeometry,
     output: torch.Tensor,
     argmax: torch.Tensor | None,
     threads: int,
@@ -257,8 +275,7 @@ def _forward_float(
     channels, width = input.shape[1], input.shape[3]
     s_n, s_c, s_h, s_w = input.stride()
     staged = s_c != 1
-    plan = _group_plan(batch, hstart, hend, wstart, wend, pooled_h, pooled_w, channels,
-                       input.element_size(), threads, staged)  # fmt: skip
+    plan = _group_plan(geometry, channels, input.element_size(), threads, staged)
     if plan is None:
         return False
     order, groups, block = plan
@@ -269,43 +286,28 @@ def _forward_float(
         _advise_tensor(scratch)
         kernels.pool_forward_groups(
             flat_storage(input), s_n, s_c, s_h, s_w, channels, width, order, groups,
-            hstart, hend, wstart, wend, pooled_h, pooled_w, output.view(-1).numpy(),
+            *geometry[1:], output.view(-1).numpy(),
             _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy(), argmax is not None,
             block, scratch.numpy(),
         )  # fmt: skip
-    _fill_invalid(output, argmax, batch < 0)
+    _fill_invalid(output, argmax, geometry.batch < 0)
     return True
 
 
 def _windows(
-    rois: np.ndarray,
-    hstart: np.ndarray,
-    hend: np.ndarray,
-    wstart: np.ndarray,
-    wend: np.ndarray,
-    pooled_h: int,
-    pooled_w: int,
+    rois: np.ndarray, geometry: BinGeometry
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(y0, y1, x0, x1) of each of `rois`: the bounding box of its bins (empty when y1 <= y0)."""
-    y0 = hstart.reshape(-1, pooled_h)[rois].min(axis=1)
-    y1 = np.maximum(hend.reshape(-1, pooled_h)[rois].max(axis=1), y0)
-    x0 = wstart.reshape(-1, pooled_w)[rois].min(axis=1)
-    x1 = np.maximum(wend.reshape(-1, pooled_w)[rois].max(axis=1), x0)
+    g = geometry
+    y0 = g.hstart.reshape(-1, g.pooled_h)[rois].min(axis=1)
+    y1 = np.maximum(g.hend.reshape(-1, g.pooled_h)[rois].max(axis=1), y0)
+    x0 = g.wstart.reshape(-1, g.pooled_w)[rois].min(axis=1)
+    x1 = np.maximum(g.wend.reshape(-1, g.pooled_w)[rois].max(axis=1), x0)
     return y0, y1, x0, x1
 
 
 def _group_plan(
-    batch: np.ndarray,
-    hstart: np.ndarray,
-    hend: np.ndarray,
-    wstart: np.ndarray,
-    wend: np.ndarray,
-    pooled_h: int,
-    pooled_w: int,
-    channels: int,
-    itemsize: int,
-    threads: int,
-    staged: bool,
+    geometry: BinGeometry, channels: int, itemsize: int, threads: int, staged: bool
 ) -> tuple[np.ndarray, np.ndarray, int] | None:
     """Groups and channel block for `kernels.pool_forward_groups`; None: stage per ROI instead.
 
@@ -319,9 +321,9 @@ def _group_plan(
     `staged`, returns None if the windows cover less than `_STAGE_MIN_COVERAGE` times the area
     of their images' regions, or if one channel of a region exceeds `_STAGE_MAX_BYTES`.
     """
-    valid = np.flatnonzero(batch >= 0)
-    images = batch[valid]
-    y0, y1, x0, x1 = _windows(valid, hstart, hend, wstart, wend, pooled_h, pooled_w)
+    valid = np.flatnonzero(geometry.batch >= 0)
+    images = geometry.batch[valid]
+    y0, y1, x0, x1 = _windows(valid, geometry)
     sort = np.lexsort((y0, images))
     order, images = valid[sort], images[sort]
     y0, y1, x0, x1 = y0[sort], y1[sort], x0[sort], x1[sort]
@@ -352,7 +354,7 @@ def _group_plan(
         else _STAGE_MIN_BLOCK
     )
     cache_cap = _STAGE_TASK_BYTES // region_bytes
-    output_cap = _TASK_OUTPUT_BYTES // (8 * pooled_h * pooled_w)
+    output_cap = _TASK_OUTPUT_BYTES // (8 * geometry.pooled_h * geometry.pooled_w)
     block = max(-(-channels * len(whole) // tasks_wanted), floor)
     block = min(block, max(min(cache_cap, output_cap), floor), _MAX_BLOCK)
     if order.size * -(-channels // block) < tasks_wanted:  # too few ROIs for enough groups
