@@ -71,6 +71,8 @@ TARGET_BLOCK_ELEMENTS = 2048  # outputs per block of the plane and backward kern
 UNIT_BLOCK_ELEMENTS_CACHED = 8192
 UNIT_BLOCK_ELEMENTS_STREAMED = 1024
 MIN_BLOCKS_PER_SM = 8
+# The forward kernels count a block's channels in 32-bit integers (a few thousand in practice).
+MAX_CHANNELS_PER_BLOCK = 2**24
 # The atomic backward: when grad_input does not fit in L2, small channel blocks keep the planes
 # that the resident blocks add into (all ROIs of one channel block run first) in L2.
 BACKWARD_BLOCK_ELEMENTS_STREAMED = 512
@@ -158,7 +160,7 @@ def _channels_per_block(
     ``ROI_OPS_CUPY_BLOCK_ELEMENTS`` overrides the target, for tuning.
     """
     target = int(os.environ.get("ROI_OPS_CUPY_BLOCK_ELEMENTS", target))
-    per_block = max(1, min(channels, target // bins))
+    per_block = max(1, min(channels, target // bins, MAX_CHANNELS_PER_BLOCK))
     while per_block > 1 and num_rois * math.ceil(channels / per_block) < (
         MIN_BLOCKS_PER_SM * multiprocessors
     ):

@@ -449,8 +449,9 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
 // Same thread layout as roi_pool_forward_plane (a thread keeps one bin's geometry for every
 // channel it visits), with the inner loop cut to a load, two compares and two selects per
 // element: each thread reduces kUnitChannels channels at once (independent loads in flight, loop
-// overhead shared), compares floats directly in PTX without flushing subnormals, starts from the
-// bin's first element (so no "empty so far" test), and steps along a row with unit stride.
+// overhead shared), compares floats directly in PTX without flushing subnormals, starts from
+// -inf at the bin's first element (so no "empty so far" test and no extra first load), steps
+// along a row with unit stride, and moves between channels by pointer additions.
 // Tuning knobs (kernels.py may pass -D options for tuning runs; these are the defaults).
 // Streaming stores measured 0-3% faster on the H100 (scripts/gpu_probe.py, unit-cs).
 #ifndef ROI_OPS_NO_STREAMING_STORES
@@ -499,6 +500,7 @@ template <>
 struct Work<float> {
   typedef float V;
   static constexpr bool kKeepsNaN = true;
+  static __device__ __forceinline__ float lowest() { return __int_as_float(0xff800000u); }
   static __device__ __forceinline__ float in(float v) { return v; }
   static __device__ __forceinline__ float out(float v) { return v; }
 };
@@ -506,6 +508,9 @@ template <>
 struct Work<double> {
   typedef double V;
   static constexpr bool kKeepsNaN = true;
+  static __device__ __forceinline__ double lowest() {
+    return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
+  }
   static __device__ __forceinline__ double in(double v) { return v; }
   static __device__ __forceinline__ double out(double v) { return v; }
 };
@@ -513,6 +518,7 @@ template <>
 struct Work<roi_half> {
   typedef float V;
   static constexpr bool kKeepsNaN = false;
+  static __device__ __forceinline__ float lowest() { return Work<float>::lowest(); }
   static __device__ __forceinline__ float in(roi_half v) { return half_to_float(v.bits); }
   static __device__ __forceinline__ roi_half out(float v) {
     roi_half h;
@@ -524,6 +530,7 @@ template <>
 struct Work<roi_bf16> {
   typedef float V;
   static constexpr bool kKeepsNaN = true;  // the bits shift 16 places and back
+  static __device__ __forceinline__ float lowest() { return Work<float>::lowest(); }
   static __device__ __forceinline__ float in(roi_bf16 v) { return bf16_to_float(v.bits); }
   static __device__ __forceinline__ roi_bf16 out(float v) {
     roi_bf16 b;
@@ -581,6 +588,7 @@ struct NaNMax<float> {
   static constexpr bool kEnabled = true;
   typedef float V;
   static __device__ __forceinline__ V load(const float* p) { return *p; }
+  static __device__ __forceinline__ V lowest() { return Work<float>::lowest(); }
   static __device__ __forceinline__ V max(V a, V b) {
 #ifdef ROI_OPS_HOST_EMULATION
     return a != a || b != b ? __int_as_float(0x7fffffff) : (b >= a ? b : a);
@@ -603,6 +611,7 @@ struct NaNMax16 {
   static constexpr bool kEnabled = true;
   typedef unsigned short V;
   static __device__ __forceinline__ V load(const T* p) { return p->bits; }
+  static __device__ __forceinline__ V lowest() { return V(kInfBits | 0x8000u); }
   static __device__ __forceinline__ V max(V a, V b) {
 #ifdef ROI_OPS_HOST_EMULATION
     const float x = Work<T>::in(bits(a)), y = Work<T>::in(bits(b));
@@ -633,27 +642,70 @@ template <>
 struct NaNMax<roi_bf16> : NaNMax16<roi_bf16, 0x7f80u> {};
 #endif
 
-// The unit kernel's step for U channels of one bin: compare and select per element, tracking the
-// argmax (NaN rules in `replaces`).
-template <class T, int U, bool kArgmax>
-__device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i64 sC, i64 sH,
-                                                 i64 cl, i64 groups, i64 channels, int bin_h,
+// The unit kernel's step for U channels of one bin. Channel u (0 <= u < U) of the step starts at
+// planes + u * in_step and stores at out + u * out_step (arg likewise); it exists when
+// u * groups < remaining. A missing channel reads channel 0 again and stores nothing. Pointers
+// step by additions only: 64-bit index products per channel cost more than the reduction of a
+// small bin (mask-14's bins hold about three elements).
+template <class T, int U>
+__device__ __forceinline__ void unit_channel_pointers(const T* __restrict__ planes, i64 in_step,
+                                                      int remaining, int groups,
+                                                      const T* __restrict__ (&p)[U],
+                                                      bool (&exists)[U]) {
+  const T* __restrict__ next = planes;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    exists[u] = u == 0 || u * groups < remaining;  // remaining >= 1
+    p[u] = exists[u] ? next : planes;
+    next += in_step;
+  }
+}
+
+// Compare and select per element, tracking the argmax (NaN rules in `replaces`).
+template <class T, int U, bool kArgmax, bool kSmall>
+__device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i64 in_step,
+                                                 i64 sH, int remaining, int groups, int bin_h,
                                                  int bin_w, bool empty, int w_int,
                                                  int first_index, T* __restrict__ out,
-                                                 int* __restrict__ arg, i64 bins) {
+                                                 int* __restrict__ arg, i64 out_step) {
   typedef typename Work<T>::V V;
   const T* __restrict__ p[U];
+  bool exists[U];
+  unit_channel_pointers<T, U>(planes, in_step, remaining, groups, p, exists);
+  // -inf and the bin's first element: whatever the first element is (-inf, NaN, -0, ...), the
+  // scan then leaves or replaces them exactly as if the scan had started from that element.
   V best[U];
   int at[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    // Channels past the block's last repeat channel cl: loaded, never stored.
-    const i64 cu = cl + u * groups < channels ? cl + u * groups : cl;
-    p[u] = planes + cu * sC;
-    best[u] = empty ? V(0) : Work<T>::in(*p[u]);
+    best[u] = Work<T>::lowest();
     at[u] = 0;
   }
-  if (!empty) {
+  if constexpr (kSmall) {
+    // At most 2 x 2 (and not empty): four loads per channel, all issued at once, no loop. A missing second row
+    // or column re-reads the first (a re-read element never replaces the maximum).
+    const i64 down = bin_h > 1 ? sH : 0;
+    const int right = bin_w > 1 ? 1 : 0;
+    const int at_down = bin_h > 1 ? w_int : 0;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const T* __restrict__ line = i == 0 ? p[u] : p[u] + down;
+        const V left_value = Work<T>::in(line[0]);
+        const V right_value = Work<T>::in(line[right]);
+        const int row = i == 0 ? 0 : at_down;
+        if (replaces(left_value, best[u])) {
+          best[u] = left_value;
+          at[u] = row;
+        }
+        if (replaces(right_value, best[u])) {
+          best[u] = right_value;
+          at[u] = row + right;
+        }
+      }
+    }
+  } else if (!empty) {
     int row = 0;  // i * W: the argmax offset of the current row
     for (int i = 0; i < bin_h; ++i) {
       for (int j = 0; j < bin_w; ++j) {
@@ -673,34 +725,43 @@ __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i
   }
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    const i64 cu = cl + u * groups;
-    if (cu < channels) {
-      T value = Work<T>::out(best[u]);
+    if (exists[u]) {
+      T value = Work<T>::out(empty ? V(0) : best[u]);
       if (!Work<T>::kKeepsNaN && !(best[u] == best[u])) {  // the NaN's payload was lost
-        value = first_with_key<T>(planes + cu * sC, bin_h, bin_w, sH, Elem<T>::key_of(value));
+        value = first_with_key<T>(planes + u * in_step, bin_h, bin_w, sH,
+                                  Elem<T>::key_of(value));
       }
-      store_result<T>(out + cu * bins, value);
-      if (kArgmax) store_result<int>(arg + cu * bins, empty ? -1 : first_index + at[u]);
+      store_result<T>(out, value);
+      if (kArgmax) store_result<int>(arg, empty ? -1 : first_index + at[u]);
     }
+    out += out_step;
+    if (kArgmax) arg += out_step;
   }
 }
 
 // The unit kernel's inference step for U channels of one bin (see NaNMax).
-template <class T, int U>
-__device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes, i64 sC, i64 sH,
-                                                   i64 cl, i64 groups, i64 channels, int bin_h,
+template <class T, int U, bool kSmall>
+__device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes, i64 in_step,
+                                                   i64 sH, int remaining, int groups, int bin_h,
                                                    int bin_w, bool empty, T* __restrict__ out,
-                                                   i64 bins) {
+                                                   i64 out_step) {
   typedef typename NaNMax<T>::V V;
   const T* __restrict__ p[U];
-  V m[U];
+  bool exists[U];
+  unit_channel_pointers<T, U>(planes, in_step, remaining, groups, p, exists);
+  V m[U];  // max.NaN(-inf, v) is v for every v (a NaN's payload aside: see exact)
 #pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const i64 cu = cl + u * groups < channels ? cl + u * groups : cl;  // as in the argmax path
-    p[u] = planes + cu * sC;
-    m[u] = empty ? V(0) : NaNMax<T>::load(p[u]);
-  }
-  if (!empty) {
+  for (int u = 0; u < U; ++u) m[u] = NaNMax<T>::lowest();
+  if constexpr (kSmall) {  // as in unit_max_compare
+    const i64 down = bin_h > 1 ? sH : 0;
+    const int right = bin_w > 1 ? 1 : 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const T* __restrict__ lower = p[u] + down;
+      m[u] = NaNMax<T>::max(NaNMax<T>::max(NaNMax<T>::load(p[u]), NaNMax<T>::load(p[u] + right)),
+                            NaNMax<T>::max(NaNMax<T>::load(lower), NaNMax<T>::load(lower + right)));
+    }
+  } else if (!empty) {
     for (int i = 0; i < bin_h; ++i) {
       for (int j = 0; j < bin_w; ++j) {
 #pragma unroll
@@ -712,19 +773,51 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
   }
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    const i64 cu = cl + u * groups;
-    if (cu < channels) {
-      T value = NaNMax<T>::bits(m[u]);
+    if (exists[u]) {
+      T value = NaNMax<T>::bits(empty ? V(0) : m[u]);
       if (!empty && !NaNMax<T>::exact(m[u])) {
-        value = first_with_key<T>(planes + cu * sC, bin_h, bin_w, sH, Elem<T>::key_of(value));
+        value = first_with_key<T>(planes + u * in_step, bin_h, bin_w, sH,
+                                  Elem<T>::key_of(value));
       }
-      store_result<T>(out + cu * bins, value);
+      store_result<T>(out, value);
+    }
+    out += out_step;
+  }
+}
+// Every channel block of one bin: the thread's channels first_channel, + groups, ... of each
+// block, U at a time. kSmall: the bin has at most 2 x 2 elements (and is not empty); separate
+// instantiations keep the two paths' registers apart.
+template <class T, int U, bool kArgmax, bool kSmall>
+__device__ __forceinline__ void unit_channels(
+    const T* __restrict__ input, T* __restrict__ output, int* __restrict__ argmax, i64 C,
+    i64 channels_per_block, i64 sC, i64 sH, i64 in_step, i64 out_step, i64 corner, i64 k,
+    unsigned int q, unsigned int bins, int groups, int first_channel, int bin_h, int bin_w,
+    bool empty, int w_int, int first_index) {
+  for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
+    const int channels =
+        static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
+    // Offsets (not pointers: the bases stay in constant memory) of the thread's next channel.
+    i64 in_at = corner + (c0 + first_channel) * sC;
+    i64 out_at = (k * C + c0 + first_channel) * bins + q;
+    for (int cl = first_channel; cl < channels; cl += U * groups) {
+      if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
+        unit_max_no_argmax<T, U, kSmall>(input + in_at, in_step, sH, channels - cl, groups,
+                                         bin_h, bin_w, empty, output + out_at, out_step);
+      } else {
+        unit_max_compare<T, U, kArgmax, kSmall>(
+            input + in_at, in_step, sH, channels - cl, groups, bin_h, bin_w, empty, w_int,
+            first_index, output + out_at, kArgmax ? argmax + out_at : nullptr, out_step);
+      }
+      in_at += U * in_step;
+      out_at += U * out_step;
     }
   }
 }
 }  // namespace roi_ops_cuda
 
 // 64 registers (four blocks per SM): four channels' pointers, maxima and argmaxes at once.
+// channels_per_block < 2^31 / 4 (the launcher's blocks hold a few thousand outputs), so the
+// channel counters within a block are 32-bit; every offset into a tensor stays 64-bit.
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(256, ROI_OPS_UNIT_MIN_BLOCKS)
     roi_pool_forward_unit(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
@@ -735,16 +828,24 @@ __global__ void __launch_bounds__(256, ROI_OPS_UNIT_MIN_BLOCKS)
                           int* __restrict__ argmax) {
   using namespace roi_ops_cuda;
   typedef typename Rois<R>::G G;
-  typedef typename Work<T>::V V;
-  constexpr int U = kUnitChannels;
+  // float64 values and maxima take two registers each: half as many channels fit.
+  constexpr int U = sizeof(T) == 8 && kUnitChannels > 1 ? kUnitChannels / 2 : kUnitChannels;
   (void)sW;  // 1: the launcher picks this kernel only for a unit W stride
   const i64 k = blockIdx.x;
   const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
   const PlaneLayout layout(PH, PW, threadIdx.x, blockDim.x);
   if (!layout.active) return;  // no barrier follows
   const bool valid = g.batch >= 0;
-  const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
+  const i64 image = (valid ? g.batch : 0) * sN;
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
+  const int groups = static_cast<int>(layout.groups);
+  const int first_channel = static_cast<int>(layout.first_channel);
+  // Between the channels a thread visits: groups channels apart.
+  const i64 in_step = static_cast<i64>(groups) * sC;
+  const i64 out_step = static_cast<i64>(groups) * layout.bins;
+  // Bins at most one pixel long give every bin at most 2 x 2 elements (the exact test below
+  // stays per bin); ROI-wide, so the block's threads agree on the path.
+  const bool small_roi = g.bin_h <= typename G::V(1) && g.bin_w <= typename G::V(1);
   for (unsigned int q = layout.first_bin; q < layout.bins; q += layout.bin_step()) {
     const unsigned int ph = q / static_cast<unsigned int>(PW);
     const unsigned int pw = q - ph * static_cast<unsigned int>(PW);
@@ -753,24 +854,17 @@ __global__ void __launch_bounds__(256, ROI_OPS_UNIT_MIN_BLOCKS)
     const int bin_h = rows.y - rows.x;
     const int bin_w = cols.y - cols.x;
     const bool empty = bin_h <= 0 || bin_w <= 0;
-    const i64 corner = rows.x * sH + cols.x;  // the bin's first element within a plane
+    const bool small = small_roi && !empty && bin_h <= 2 && bin_w <= 2;
+    const i64 corner = image + rows.x * sH + cols.x;  // the bin's first element in plane 0
     const int first_index = rows.x * w_int + cols.x;
-    for (i64 c0 = blockIdx.y * channels_per_block; c0 < C;
-         c0 += gridDim.y * channels_per_block) {
-      const i64 channels = C - c0 < channels_per_block ? C - c0 : channels_per_block;
-      T* __restrict__ out = output + (k * C + c0) * layout.bins + q;
-      int* __restrict__ arg = kArgmax ? argmax + (k * C + c0) * layout.bins + q : nullptr;
-      const T* __restrict__ planes = image + c0 * sC + corner;
-      for (i64 cl = layout.first_channel; cl < channels; cl += U * layout.groups) {
-        if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
-          unit_max_no_argmax<T, U>(planes, sC, sH, cl, layout.groups, channels, bin_h, bin_w,
-                                   empty, out, layout.bins);
-        } else {
-          unit_max_compare<T, U, kArgmax>(planes, sC, sH, cl, layout.groups, channels, bin_h,
-                                          bin_w, empty, w_int, first_index, out, arg,
-                                          layout.bins);
-        }
-      }
+    if (small) {
+      unit_channels<T, U, kArgmax, true>(input, output, argmax, C, channels_per_block, sC, sH,
+                                         in_step, out_step, corner, k, q, layout.bins, groups,
+                                         first_channel, bin_h, bin_w, empty, w_int, first_index);
+    } else {
+      unit_channels<T, U, kArgmax, false>(input, output, argmax, C, channels_per_block, sC, sH,
+                                          in_step, out_step, corner, k, q, layout.bins, groups,
+                                          first_channel, bin_h, bin_w, empty, w_int, first_index);
     }
   }
 }

@@ -89,6 +89,11 @@ inline long long __double_as_longlong(double d) {
   std::memcpy(&i, &d, sizeof i);
   return i;
 }
+inline double __longlong_as_double(long long i) {
+  double d;
+  std::memcpy(&d, &i, sizeof d);
+  return d;
+}
 inline unsigned int __float_as_uint(float f) {
   unsigned int u;
   std::memcpy(&u, &f, sizeof u);
