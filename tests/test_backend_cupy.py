@@ -649,7 +649,8 @@ def _tie_heavy(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:
 def test_unit_and_plane_kernels_on_ties_and_specials(runner, dtype, kernel, monkeypatch):
     # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
     # groups of four channels partly empty; bins narrower than a pixel (with (12, 40) every bin
-    # of the first three ROIs has at most 2 x 2 elements: the unit kernel's loop-free path);
+    # of the first three ROIs has at most 2 x 2 elements: the unit kernel's loop-free path; 200
+    # and 196 bins leave 8 and 4 bins to a last warp whose lanes spread over channels);
     # ROIs cut by the border.
     if kernel == "plane":
         monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "plane")
@@ -663,7 +664,7 @@ def test_unit_and_plane_kernels_on_ties_and_specials(runner, dtype, kernel, monk
     ]
     rois_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     rois = torch.tensor(rows, dtype=torch.float64).to(rois_dtype)
-    for size in [(7, 7), (5, 40), (3, 2), (12, 1), (12, 40)]:
+    for size in [(7, 7), (5, 40), (3, 2), (12, 1), (12, 40), (14, 14)]:
         check(runner, x, rois, size, 1.0, multiprocessors=1)
     check(runner, x, rois, (7, 7), 1.0, multiprocessors=64, grid_y=1)  # channel blocks loop
 

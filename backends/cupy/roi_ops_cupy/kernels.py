@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -62,6 +63,7 @@ BACKWARD_KERNELS = (BACKWARD_ATOMIC, BACKWARD_PLANES)
 
 THREADS = 256  # the chan kernel's block, the others' largest (kThreads in roi_pool.cu)
 CHAN_LANES = 32  # channels per block of the chan kernel (kChanLanes)
+UNIT_CHANNELS = 4  # channels per thread and step of the unit kernel (kUnitChannels)
 CHAN_MIN_CHANNELS = 16  # below this, idle lanes make the chan kernel the worse choice
 MAX_CACHED_EDGES = 2048  # PH + PW up to this: the chan kernel caches bin edges (16 KiB)
 TARGET_BLOCK_ELEMENTS = 2048  # outputs per block of the plane and backward kernels
@@ -168,6 +170,20 @@ def _channels_per_block(
     return per_block
 
 
+def unit_channels(dtype: torch.dtype) -> int:
+    """Channels the unit kernel reduces at once per thread (kUnitChannels; half for float64)."""
+    match = re.search(r"-DROI_OPS_UNIT_CHANNELS=(\d+)", os.environ.get(DEFINES_ENV, ""))
+    count = int(match.group(1)) if match else UNIT_CHANNELS
+    return max(1, count // 2) if dtype == torch.float64 else count
+
+
+def _whole_unit_steps(per_block: int, bins: int, dtype: torch.dtype) -> int:
+    """`per_block` rounded down to whole steps of the unit kernel's threads (each step covers
+    unit_channels * groups channels), so that no step reads channels it does not store."""
+    step = unit_channels(dtype) * (THREADS // bins if bins <= THREADS else 1)
+    return per_block // step * step if per_block >= step else per_block
+
+
 def plane_threads(bins: int) -> int:
     """Block size of the plane and backward kernels: whole groups of `bins` threads (as many as
     fit in 256), rounded up to a warp; 256 when one group does not fit."""
@@ -262,6 +278,8 @@ def plan_forward(
         cached = input_bytes <= l2_bytes
         target = UNIT_BLOCK_ELEMENTS_CACHED if cached else UNIT_BLOCK_ELEMENTS_STREAMED
     per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors, target)
+    if kernel == "roi_pool_forward_unit":
+        per_block = _whole_unit_steps(per_block, ph * pw, input.dtype)
     name = forward_name(kernel, input.dtype, rois.dtype, with_argmax)
     grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
     return Launch(name, (num_rois, grid_y, 1), (THREADS, 1, 1), 0, head + _ints(per_block) + tail)

@@ -352,6 +352,34 @@ struct PlaneLayout {
   // Bins q owned by this thread: first_bin, then in steps of the block when there is one group.
   __device__ __forceinline__ unsigned int bin_step() const { return groups > 1 ? bins : threads; }
 };
+
+// The unit kernel's layout: the plane layout, except that with one group whose last warp would
+// hold only a few bins (nb % 32 <= 16, e.g. 4 of 14 x 14 = 196), that warp's lanes spread over
+// those bins' channels (`stride` of them interleaved) instead of idling: a warp's instructions
+// cost the same with 4 lanes busy as with 32.
+struct UnitLayout {
+  unsigned int bins, first_bin, bin_step;
+  unsigned int first_channel, stride;  // channels first_channel, + stride, ... of each block
+  bool active;
+  __device__ __forceinline__ UnitLayout(i64 PH, i64 PW, unsigned int tid, unsigned int count) {
+    const PlaneLayout plane(PH, PW, tid, count);
+    bins = plane.bins;
+    first_bin = plane.first_bin;
+    bin_step = plane.bin_step();
+    first_channel = plane.first_channel;
+    stride = plane.groups;
+    active = plane.active;
+    const unsigned int tail = bins % 32u, head = bins - tail;
+    if (plane.groups == 1 && bins <= count && tail != 0 && tail <= 16u && head + 32u <= count &&
+        tid >= head && tid < head + 32u) {
+      const unsigned int lane = tid - head;
+      stride = 32u / tail;
+      first_bin = head + lane % tail;
+      first_channel = lane / tail;
+      active = lane < tail * stride;
+    }
+  }
+};
 }  // namespace roi_ops_cuda
 
 template <class T, class R, bool kArgmax>
@@ -835,20 +863,20 @@ __global__ void __launch_bounds__(256, ROI_OPS_UNIT_MIN_BLOCKS)
   (void)sW;  // 1: the launcher picks this kernel only for a unit W stride
   const i64 k = blockIdx.x;
   const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
-  const PlaneLayout layout(PH, PW, threadIdx.x, blockDim.x);
+  const UnitLayout layout(PH, PW, threadIdx.x, blockDim.x);
   if (!layout.active) return;  // no barrier follows
   const bool valid = g.batch >= 0;
   const i64 image = (valid ? g.batch : 0) * sN;
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
-  const int groups = static_cast<int>(layout.groups);
+  const int groups = static_cast<int>(layout.stride);
   const int first_channel = static_cast<int>(layout.first_channel);
-  // Between the channels a thread visits: groups channels apart.
+  // Between the channels a thread visits: `groups` channels apart.
   const i64 in_step = static_cast<i64>(groups) * sC;
   const i64 out_step = static_cast<i64>(groups) * layout.bins;
   // Bins at most one pixel long give every bin at most 2 x 2 elements (the exact test below
   // stays per bin); ROI-wide, so the block's threads agree on the path.
   const bool small_roi = g.bin_h <= typename G::V(1) && g.bin_w <= typename G::V(1);
-  for (unsigned int q = layout.first_bin; q < layout.bins; q += layout.bin_step()) {
+  for (unsigned int q = layout.first_bin; q < layout.bins; q += layout.bin_step) {
     const unsigned int ph = q / static_cast<unsigned int>(PW);
     const unsigned int pw = q - ph * static_cast<unsigned int>(PW);
     const int2 rows = bin_span<G>(ph, g.bin_h, g.y1, H, valid);
