@@ -554,111 +554,57 @@ def _roi_pool_fwd_unit_kernel(
         max_bw = tl.max(last_col, 0) + 1
         corner = hs.to(tl.int64) * s_h + ws
         first_index = hs * W + ws
-        # Every bin of the program at most 2 x 2: the scan is unrolled (no loop).
-        if (max_bh <= 2) & (max_bw <= 2):
-            _unit_channels(image, out_ptr, arg_ptr, c_start, c_end, groups, lane_group, s_c,
-                           s_h, W, corner, out_roi, phpw, bins, lane_ok, filled, first_index,
-                           last_row, last_col, max_bh, max_bw, LANES, ACC_F64, NEEDS_ARGMAX,
-                           True)  # fmt: skip
-        else:
-            _unit_channels(image, out_ptr, arg_ptr, c_start, c_end, groups, lane_group, s_c,
-                           s_h, W, corner, out_roi, phpw, bins, lane_ok, filled, first_index,
-                           last_row, last_col, max_bh, max_bw, LANES, ACC_F64, NEEDS_ARGMAX,
-                           False)  # fmt: skip
-
-
-@triton.jit
-def _lowest(inp_ptr, LANES: tl.constexpr, F64: tl.constexpr, INTERP: tl.constexpr):
-    """-inf in the type `_value` gives this input's loads, one per lane."""
-    if F64:
-        return tl.full([LANES], float("-inf"), tl.float64)
-    elif INTERP:
-        return tl.full([LANES], float("-inf"), tl.float32)
-    elif inp_ptr.dtype.element_ty == tl.float16:
-        return tl.full([LANES], float("-inf"), tl.float16)
-    else:
-        return tl.full([LANES], float("-inf"), tl.float32)
-
-
-@triton.jit
-def _unit_element(p0, p1, p2, p3, jj, cand, best0, best1, best2, best3, at0, at1, at2, at3,
-                  F64: tl.constexpr, TRACK: tl.constexpr):  # fmt: skip
-    """Element jj of the current row of four channels (bin offset cand), folded into the scan."""
-    x = _value(tl.load(p0 + jj), F64, INTERPRETED)
-    best0, at0 = _unit_update(x, best0, at0, cand, F64, INTERPRETED, TRACK)
-    x = _value(tl.load(p1 + jj), F64, INTERPRETED)
-    best1, at1 = _unit_update(x, best1, at1, cand, F64, INTERPRETED, TRACK)
-    x = _value(tl.load(p2 + jj), F64, INTERPRETED)
-    best2, at2 = _unit_update(x, best2, at2, cand, F64, INTERPRETED, TRACK)
-    x = _value(tl.load(p3 + jj), F64, INTERPRETED)
-    best3, at3 = _unit_update(x, best3, at3, cand, F64, INTERPRETED, TRACK)
-    return best0, best1, best2, best3, at0, at1, at2, at3
-
-
-@triton.jit
-def _unit_channels(image, out_ptr, arg_ptr, c_start, c_end, groups, lane_group, s_c, s_h, W,
-                   corner, out_roi, phpw, bins, lane_ok, filled, first_index, last_row, last_col,
-                   max_bh, max_bw, LANES: tl.constexpr, ACC_F64: tl.constexpr,
-                   NEEDS_ARGMAX: tl.constexpr, FIXED: tl.constexpr):  # fmt: skip
-    """The unit kernel's channels of one round of bins, four per lane at a time. Each scan starts
-    from -inf at the bin's first element: whatever that element is, the scan then keeps or
-    replaces it exactly as if it had started there. FIXED: every bin is at most 2 x 2, scanned
-    without loops (the rows and columns past a bin's clamped into it, as in the loops)."""
-    for c0 in range(c_start, c_end, 4 * groups):
-        ch0 = c0 + lane_group
-        ch1 = ch0 + groups
-        ch2 = ch1 + groups
-        ch3 = ch2 + groups
-        # Channels past the program's end are read from channel c0 and never stored.
-        p0 = image + (tl.where(ch0 < c_end, ch0, c0) * s_c + corner)
-        p1 = image + (tl.where(ch1 < c_end, ch1, c0) * s_c + corner)
-        p2 = image + (tl.where(ch2 < c_end, ch2, c0) * s_c + corner)
-        p3 = image + (tl.where(ch3 < c_end, ch3, c0) * s_c + corner)
-        best0 = _lowest(image, LANES, ACC_F64, INTERPRETED)
-        best1 = best0
-        best2 = best0
-        best3 = best0
-        at0 = tl.zeros([LANES], tl.int32)
-        at1 = at0
-        at2 = at0
-        at3 = at0
-        row = tl.zeros([LANES], tl.int32)  # (row - hs) * W of the current row
-        if FIXED:
-            for i in tl.static_range(2):
-                for j in tl.static_range(2):
-                    jj = tl.minimum(last_col, j)
-                    best0, best1, best2, best3, at0, at1, at2, at3 = _unit_element(
-                        p0, p1, p2, p3, jj, row + jj, best0, best1, best2, best3, at0, at1,
-                        at2, at3, ACC_F64, NEEDS_ARGMAX)  # fmt: skip
-                advance = i < last_row
-                p0 += tl.where(advance, s_h, 0)
-                p1 += tl.where(advance, s_h, 0)
-                p2 += tl.where(advance, s_h, 0)
-                p3 += tl.where(advance, s_h, 0)
-                row += tl.where(advance, W, 0)
-        else:
+        for c0 in range(c_start, c_end, 4 * groups):
+            ch0 = c0 + lane_group
+            ch1 = ch0 + groups
+            ch2 = ch1 + groups
+            ch3 = ch2 + groups
+            # Channels past the program's end are read from channel c0 and never stored.
+            p0 = image + (tl.where(ch0 < c_end, ch0, c0) * s_c + corner)
+            p1 = image + (tl.where(ch1 < c_end, ch1, c0) * s_c + corner)
+            p2 = image + (tl.where(ch2 < c_end, ch2, c0) * s_c + corner)
+            p3 = image + (tl.where(ch3 < c_end, ch3, c0) * s_c + corner)
+            best0 = _value(tl.load(p0), ACC_F64, INTERPRETED)
+            best1 = _value(tl.load(p1), ACC_F64, INTERPRETED)
+            best2 = _value(tl.load(p2), ACC_F64, INTERPRETED)
+            best3 = _value(tl.load(p3), ACC_F64, INTERPRETED)
+            at0 = tl.zeros([LANES], tl.int32)
+            at1 = at0
+            at2 = at0
+            at3 = at0
+            row = tl.zeros([LANES], tl.int32)  # (row - hs) * W of the current row
             for i in range(0, max_bh):
                 for j in range(0, max_bw):
                     jj = tl.minimum(last_col, j)
-                    best0, best1, best2, best3, at0, at1, at2, at3 = _unit_element(
-                        p0, p1, p2, p3, jj, row + jj, best0, best1, best2, best3, at0, at1,
-                        at2, at3, ACC_F64, NEEDS_ARGMAX)  # fmt: skip
+                    cand = row + jj
+                    x = _value(tl.load(p0 + jj), ACC_F64, INTERPRETED)
+                    best0, at0 = _unit_update(x, best0, at0, cand, ACC_F64, INTERPRETED,
+                                              NEEDS_ARGMAX)  # fmt: skip
+                    x = _value(tl.load(p1 + jj), ACC_F64, INTERPRETED)
+                    best1, at1 = _unit_update(x, best1, at1, cand, ACC_F64, INTERPRETED,
+                                              NEEDS_ARGMAX)  # fmt: skip
+                    x = _value(tl.load(p2 + jj), ACC_F64, INTERPRETED)
+                    best2, at2 = _unit_update(x, best2, at2, cand, ACC_F64, INTERPRETED,
+                                              NEEDS_ARGMAX)  # fmt: skip
+                    x = _value(tl.load(p3 + jj), ACC_F64, INTERPRETED)
+                    best3, at3 = _unit_update(x, best3, at3, cand, ACC_F64, INTERPRETED,
+                                              NEEDS_ARGMAX)  # fmt: skip
                 advance = i < last_row
                 p0 += tl.where(advance, s_h, 0)
                 p1 += tl.where(advance, s_h, 0)
                 p2 += tl.where(advance, s_h, 0)
                 p3 += tl.where(advance, s_h, 0)
                 row += tl.where(advance, W, 0)
-        base = out_roi + c0 * phpw + lane_group * phpw + bins
-        step = groups * phpw
-        _unit_store(out_ptr, arg_ptr, base, lane_ok & (ch0 < c_end), filled, best0, at0,
-                    first_index, NEEDS_ARGMAX)  # fmt: skip
-        _unit_store(out_ptr, arg_ptr, base + step, lane_ok & (ch1 < c_end), filled, best1, at1,
-                    first_index, NEEDS_ARGMAX)  # fmt: skip
-        _unit_store(out_ptr, arg_ptr, base + 2 * step, lane_ok & (ch2 < c_end), filled, best2,
-                    at2, first_index, NEEDS_ARGMAX)  # fmt: skip
-        _unit_store(out_ptr, arg_ptr, base + 3 * step, lane_ok & (ch3 < c_end), filled, best3,
-                    at3, first_index, NEEDS_ARGMAX)  # fmt: skip
+            base = out_roi + c0 * phpw + lane_group * phpw + bins
+            step = groups * phpw
+            _unit_store(out_ptr, arg_ptr, base, lane_ok & (ch0 < c_end), filled, best0, at0,
+                        first_index, NEEDS_ARGMAX)  # fmt: skip
+            _unit_store(out_ptr, arg_ptr, base + step, lane_ok & (ch1 < c_end), filled, best1,
+                        at1, first_index, NEEDS_ARGMAX)  # fmt: skip
+            _unit_store(out_ptr, arg_ptr, base + 2 * step, lane_ok & (ch2 < c_end), filled,
+                        best2, at2, first_index, NEEDS_ARGMAX)  # fmt: skip
+            _unit_store(out_ptr, arg_ptr, base + 3 * step, lane_ok & (ch3 < c_end), filled,
+                        best3, at3, first_index, NEEDS_ARGMAX)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
