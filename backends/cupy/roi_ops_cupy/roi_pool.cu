@@ -792,8 +792,9 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const T* __restrict__ lower = p[u] + down;
-      m[u] = NaNMax<T>::max(NaNMax<T>::max(NaNMax<T>::load(p[u]), NaNMax<T>::load(p[u] + right)),
-                            NaNMax<T>::max(NaNMax<T>::load(lower), NaNMax<T>::load(lower + right)));
+      const V upper_max = NaNMax<T>::max(NaNMax<T>::load(p[u]), NaNMax<T>::load(p[u] + right));
+      const V lower_max = NaNMax<T>::max(NaNMax<T>::load(lower), NaNMax<T>::load(lower + right));
+      m[u] = NaNMax<T>::max(upper_max, lower_max);
     }
   } else if (!empty) {
     for (int i = 0; i < bin_h; ++i) {
@@ -818,6 +819,7 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
     out += out_step;
   }
 }
+
 // Every channel block of one bin: the thread's channels first_channel, + groups, ... of each
 // block, U at a time. kSmall: the bin has at most 2 x 2 elements (and is not empty); separate
 // instantiations keep the two paths' registers apart.
@@ -850,8 +852,9 @@ __device__ __forceinline__ void unit_channels(
 }  // namespace roi_ops_cuda
 
 // 64 registers (four blocks per SM): four channels' pointers, maxima and argmaxes at once.
-// channels_per_block < 2^31 / 4 (the launcher's blocks hold a few thousand outputs), so the
-// channel counters within a block are 32-bit; every offset into a tensor stays 64-bit.
+// channels_per_block <= 2^24 (kernels.MAX_CHANNELS_PER_BLOCK; in practice a few thousand
+// outputs per block), so the channel counters within a block are 32-bit; every offset into a
+// tensor stays 64-bit.
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(256, ROI_OPS_UNIT_MIN_BLOCKS)
     roi_pool_forward_unit(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
