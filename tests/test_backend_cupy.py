@@ -353,6 +353,14 @@ def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
     assert unit.block == (256, 1, 1) and unit.shared_mem == 0  # 5 groups of 49 bins
     assert unit.grid == (3, math.ceil(64 / int(unit.args[-3])), 1)
     assert int(unit.args[-1]) == arg.data_ptr()
+    # Unit channel blocks hold whole steps: 4 channels (2 for float64) in each group of bins.
+    assert [
+        kernels._whole_unit_steps(41, 196, torch.float32),
+        kernels._whole_unit_steps(167, 49, torch.float32),
+    ] == [40, 160]
+    assert kernels._whole_unit_steps(41, 196, torch.float64) == 40
+    assert kernels._whole_unit_steps(7, 49, torch.float64) == 7  # less than one step: kept
+    assert kernels._whole_unit_steps(23, 49, torch.float64) == 20
     strided = dataclasses.replace(problem, input=torch.ones(2, 64, 10, 20)[..., ::2])
     plane = kernels.plan_forward(strided, out, arg, multiprocessors=132)
     assert plane.name == "roi_pool_forward_plane<float, float, true>"

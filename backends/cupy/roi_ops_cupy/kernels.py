@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -170,17 +169,13 @@ def _channels_per_block(
     return per_block
 
 
-def unit_channels(dtype: torch.dtype) -> int:
-    """Channels the unit kernel reduces at once per thread (kUnitChannels; half for float64)."""
-    match = re.search(r"-DROI_OPS_UNIT_CHANNELS=(\d+)", os.environ.get(DEFINES_ENV, ""))
-    count = int(match.group(1)) if match else UNIT_CHANNELS
-    return max(1, count // 2) if dtype == torch.float64 else count
-
-
 def _whole_unit_steps(per_block: int, bins: int, dtype: torch.dtype) -> int:
-    """`per_block` rounded down to whole steps of the unit kernel's threads (each step covers
-    unit_channels * groups channels), so that no step reads channels it does not store."""
-    step = unit_channels(dtype) * (THREADS // bins if bins <= THREADS else 1)
+    """`per_block` rounded down to whole steps of the unit kernel's threads (a step covers
+    kUnitChannels channels, half for float64, in each of the block's groups of `bins` threads),
+    so that no step reads channels it does not store. A tuning build with another
+    ROI_OPS_UNIT_CHANNELS only makes this rounding less apt, never wrong."""
+    channels = UNIT_CHANNELS // 2 if dtype == torch.float64 else UNIT_CHANNELS
+    step = channels * (THREADS // bins if bins <= THREADS else 1)
     return per_block // step * step if per_block >= step else per_block
 
 
