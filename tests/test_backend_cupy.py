@@ -44,7 +44,9 @@ CHECK_COMPILE = PLUGIN_DIR / "tools" / "check_compile.sh"
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
-LAYOUTS = ["contiguous", "channels_last", "strided"]
+# channels_last takes the cvec kernel (16-byte aligned channel vectors); shifted by one element
+# it takes the chan kernel.
+LAYOUTS = ["contiguous", "channels_last", "channels_last_unaligned", "strided"]
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _GUARD = 64  # elements of sentinel before and after every buffer a kernel touches
 HAS_CUDA = torch.cuda.is_available()
@@ -163,7 +165,9 @@ def test_source_instantiations_match_the_dtype_table():
     # Every name expression NVRTC is asked for is a template with the instantiated arguments.
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
-            assert re.fullmatch(r"roi_pool_forward_(plane|chan|unit)<\w+, \w+, (true|false)>", expr)
+            assert re.fullmatch(
+                r"roi_pool_forward_(plane|chan|unit|cvec)<\w+, \w+, (true|false)>", expr
+            )
     assert kernels.backward_names(torch.bfloat16) == (
         "roi_pool_backward_atomic<roi_bf16>",
         "roi_pool_backward_planes<roi_bf16, 256>",
@@ -369,7 +373,19 @@ def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
     assert plane.grid == (3, math.ceil(64 / channels_per_block), 1)
     assert int(plane.args[-1]) == arg.data_ptr()
     last = problem.input.contiguous(memory_format=torch.channels_last)
-    without_argmax = dataclasses.replace(problem, input=last, needs_argmax=False)
+    aligned = dataclasses.replace(problem, input=last, needs_argmax=False)
+    cvec = kernels.plan_forward(aligned, out, None, 1)
+    assert cvec.name == "roi_pool_forward_cvec<float, float, false>"
+    # 8 vectors of 4 channels give 3 x 2 blocks, fewer than 8 per SM: halved to 4 vectors.
+    assert cvec.block == (256, 1, 1) and cvec.grid == (3, 4, 1) and int(cvec.args[-3]) == 16
+    assert cvec.shared_mem == 0 and int(cvec.args[-1]) == 0
+    assert int(kernels.plan_forward(aligned, out, None, 132).args[-3]) == 4  # one vector
+    wide = dataclasses.replace(
+        aligned, input=torch.ones(2, 1000, 3, 3).to(memory_format=torch.channels_last)
+    )
+    assert int(kernels.plan_forward(wide, out, None, 1).args[-3]) == 32  # 8 vectors at most
+    shifted = torch.empty(2 * 64 * 10 * 10 + 1)[1:].as_strided(last.shape, last.stride())
+    without_argmax = dataclasses.replace(problem, input=shifted, needs_argmax=False)
     chan = kernels.plan_forward(without_argmax, out, None, 132)
     assert chan.name == "roi_pool_forward_chan<float, float, false>"
     assert chan.block == (32, 8, 1) and chan.grid == (3, 2, 1) and int(chan.args[-1]) == 0
@@ -395,14 +411,32 @@ def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
     assert kernels.plan_forward(empty, torch.empty(0, 64, 7, 7), None, 132) is None
 
 
+def test_cvec_needs_aligned_channel_vectors():
+    def last(c, dtype=torch.float32, h=5, w=6):
+        return torch.empty(2, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+    assert [kernels.cvec_lanes(d) for d in DTYPES] == [8, 8, 4, 2]
+    assert kernels.cvec_aligned(last(24, torch.float16))
+    assert not kernels.cvec_aligned(last(20, torch.float16))  # 20 channels: not whole vectors
+    assert kernels.cvec_aligned(last(20)) and kernels.cvec_aligned(last(2, torch.float64))
+    assert not kernels.cvec_aligned(last(20)[:, :18])  # C = 18
+    assert not kernels.cvec_aligned(last(20)[:, 1:17])  # pointer one element in
+    assert not kernels.cvec_aligned(torch.empty(2, 20, 5, 6))  # NCHW
+    padded = torch.empty(2, 5, 6, 21)[..., :20].permute(0, 3, 1, 2)  # W stride 21
+    assert padded.stride(1) == 1 and not kernels.cvec_aligned(padded)
+    assert kernels.forward_kernel(last(20)) == "roi_pool_forward_cvec"
+    assert kernels.forward_kernel(last(20, torch.float16)) == "roi_pool_forward_chan"
+
+
 # ---- Running the kernels: a CPU emulator everywhere, CuPy on a CUDA device -------------------
 
 
-def _guarded(shape, strides, dtype, device, fill):
-    """A view with the given strides inside a buffer whose other elements are `fill`."""
+def _guarded(shape, strides, dtype, device, fill, shift=0):
+    """A view with the given strides inside a buffer whose other elements are `fill`, starting
+    `shift` elements after the guard (_GUARD elements: 16-byte aligned)."""
     extent = 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True)) if all(shape) else 0
-    buffer = torch.full((extent + 2 * _GUARD,), fill, dtype=dtype, device=device)
-    return buffer.as_strided(shape, strides, _GUARD), buffer
+    buffer = torch.full((extent + 2 * _GUARD + shift,), fill, dtype=dtype, device=device)
+    return buffer.as_strided(shape, strides, _GUARD + shift), buffer
 
 
 def _place_input(x: torch.Tensor, layout: str, device) -> torch.Tensor:
@@ -414,9 +448,11 @@ def _place_input(x: torch.Tensor, layout: str, device) -> torch.Tensor:
         )
         view = view[..., 1::2]
     else:
-        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        last = layout.startswith("channels_last")
+        fmt = torch.channels_last if last else torch.contiguous_format
         strides = torch.empty(x.shape, device="meta").contiguous(memory_format=fmt).stride()
-        view, _ = _guarded(tuple(x.shape), strides, x.dtype, device, math.nan)
+        shift = 1 if layout == "channels_last_unaligned" else 0
+        view, _ = _guarded(tuple(x.shape), strides, x.dtype, device, math.nan, shift)
     view.copy_(x)
     return view
 
@@ -588,9 +624,10 @@ def check(runner, x, rois, size, scale, **options) -> None:
             assert torch.equal(argmax, expected_argmax)
 
 
-def _wide(x: torch.Tensor, channels: int = 20) -> torch.Tensor:
-    """`x` with at least `channels` channels (shifted copies), so channels_last takes the chan
-    kernel; NaN, infinities and ties survive."""
+def _wide(x: torch.Tensor, channels: int = 24) -> torch.Tensor:
+    """`x` with at least `channels` channels (shifted copies), so channels_last takes a
+    channel-lane kernel (24: whole vectors of every dtype for the cvec kernel); NaN,
+    infinities and ties survive."""
     copies = math.ceil(channels / x.shape[1])
     return torch.cat([x + i for i in range(copies)], dim=1)
 
@@ -599,22 +636,23 @@ def _wide(x: torch.Tensor, channels: int = 20) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_contract_cases(runner, dtype, layout):
     for case in contract_cases("cpu", dtype):
-        x = _wide(case.input) if layout == "channels_last" else case.input
+        x = _wide(case.input) if layout.startswith("channels_last") else case.input
         check(runner, x, case.rois_tensor(), case.output_size, case.spatial_scale, layout=layout)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", LAYOUTS[:3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_float32_rois_with_half_input(runner, dtype, layout):
     for case in contract_cases("cpu", dtype, seed=3, rois_dtype=torch.float32):
-        x = _wide(case.input) if layout == "channels_last" else case.input
+        x = _wide(case.input) if layout.startswith("channels_last") else case.input
         check(runner, x, case.rois_tensor(), case.output_size, case.spatial_scale, layout=layout)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", LAYOUTS[:3])
 def test_channel_blocks_loop_and_uncached_edges(runner, layout, monkeypatch):
+    # 72 channels: the cvec kernel's last block of 32 has 2 of its 8 vectors.
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 70, 9, 13, generator=g)
+    x = torch.randn(2, 72, 9, 13, generator=g)
     rois = torch.tensor([[0, 0.0, 0.0, 12.0, 8.0], [1, 2.5, 1.5, 9.5, 7.0], [1, -3.0, 2.0, 30, 5]])
     check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=1, grid_y=1)
     check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64)
@@ -622,20 +660,21 @@ def test_channel_blocks_loop_and_uncached_edges(runner, layout, monkeypatch):
     check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("size", [(1, 1), (16, 16), (17, 16), (20, 30)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS[:3])
+@pytest.mark.parametrize("size", [(1, 1), (16, 16), (17, 16), (20, 30), (70, 60)], ids=str)
 def test_bins_per_roi_around_one_block(runner, layout, size):
-    # nb = 1 (256 groups), 256 (one group, exact), 272 and 600 (threads loop over bins).
+    # nb = 1 (256 groups), 256 (one group, exact), 272 and 600 (threads loop over bins); 70 + 60
+    # edges are more than the cvec kernel caches.
     g = torch.Generator().manual_seed(13)
-    x = torch.randn(1, 18, 22, 33, generator=g)
+    x = torch.randn(1, 20, 22, 33, generator=g)
     rois = torch.tensor([[0, 1.0, 2.0, 30.0, 20.0], [0, 4.0, 4.0, 6.0, 5.0]])
     check(runner, x, rois, size, 1.0, layout=layout, multiprocessors=1)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", LAYOUTS[:3])
 def test_many_bins_are_staged_in_rounds(runner, layout):
     g = torch.Generator().manual_seed(12)
-    x = torch.randn(1, 17, 30, 30, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 18, 30, 30, generator=g, dtype=torch.float64)
     rois = torch.tensor([[0, 1.0, 2.0, 27.0, 29.0], [0, 5.0, 5.0, 6.0, 6.0]], dtype=torch.float64)
     check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
 
@@ -652,17 +691,18 @@ def _tie_heavy(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("kernel", ["unit", "plane"])
+@pytest.mark.parametrize("kernel", ["unit", "plane", "cvec", "chan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_unit_and_plane_kernels_on_ties_and_specials(runner, dtype, kernel, monkeypatch):
+def test_kernels_on_ties_and_specials(runner, dtype, kernel, monkeypatch):
     # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
     # groups of four channels partly empty; bins narrower than a pixel (with (12, 40) every bin
     # of the first three ROIs has at most 2 x 2 elements: the unit kernel's loop-free path; 200
     # and 196 bins leave 8 and 4 bins to a last warp whose lanes spread over channels);
-    # ROIs cut by the border.
+    # ROIs cut by the border. cvec: 24 channels leave the last of 4 vectors of 8 float16 empty.
     if kernel == "plane":
         monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "plane")
-    x = _tie_heavy((2, 11, 12, 40), 21, dtype)
+    layout = {"cvec": "channels_last", "chan": "channels_last_unaligned"}.get(kernel, "contiguous")
+    x = _tie_heavy((2, 24 if layout != "contiguous" else 11, 12, 40), 21, dtype)
     rows = [
         [0, 3.0, 1.0, 5.0, 10.0],
         [1, 7.0, 0.0, 13.0, 11.0],
@@ -673,8 +713,9 @@ def test_unit_and_plane_kernels_on_ties_and_specials(runner, dtype, kernel, monk
     rois_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     rois = torch.tensor(rows, dtype=torch.float64).to(rois_dtype)
     for size in [(7, 7), (5, 40), (3, 2), (12, 1), (12, 40), (14, 14)]:
-        check(runner, x, rois, size, 1.0, multiprocessors=1)
-    check(runner, x, rois, (7, 7), 1.0, multiprocessors=64, grid_y=1)  # channel blocks loop
+        check(runner, x, rois, size, 1.0, layout=layout, multiprocessors=1)
+    # channel blocks loop
+    check(runner, x, rois, (7, 7), 1.0, layout=layout, multiprocessors=64, grid_y=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -918,7 +959,7 @@ def test_hypothesis_differential(runner, layout):
     )
     @given(roi_pool_cases(max_rois=6), st.booleans())
     def run(case, needs_argmax):
-        x = _wide(case.input) if layout == "channels_last" else case.input
+        x = _wide(case.input) if layout.startswith("channels_last") else case.input
         rois = case.rois_tensor()
         expected, expected_argmax = reference_roi_pool(
             x, rois, case.output_size, case.spatial_scale

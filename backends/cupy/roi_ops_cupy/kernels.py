@@ -55,7 +55,12 @@ BACKWARD_TYPES: tuple[torch.dtype, ...] = (
     torch.float32,
     torch.float64,
 )
-FORWARD_KERNELS = ("roi_pool_forward_plane", "roi_pool_forward_chan", "roi_pool_forward_unit")
+FORWARD_KERNELS = (
+    "roi_pool_forward_plane",
+    "roi_pool_forward_chan",
+    "roi_pool_forward_unit",
+    "roi_pool_forward_cvec",
+)
 BACKWARD_ATOMIC = "roi_pool_backward_atomic"
 BACKWARD_PLANES = "roi_pool_backward_planes"
 BACKWARD_KERNELS = (BACKWARD_ATOMIC, BACKWARD_PLANES)
@@ -64,6 +69,8 @@ THREADS = 256  # the chan kernel's block, the others' largest (kThreads in roi_p
 CHAN_LANES = 32  # channels per block of the chan kernel (kChanLanes)
 UNIT_CHANNELS = 4  # channels per thread and step of the unit kernel (kUnitChannels)
 CHAN_MIN_CHANNELS = 16  # below this, idle lanes make the chan kernel the worse choice
+CVEC_BYTES = 16  # the cvec kernel loads 16 aligned bytes of channels at a time
+CVEC_VECTORS = 8  # most channel vectors per block of the cvec kernel (kCvecVectors)
 MAX_CACHED_EDGES = 2048  # PH + PW up to this: the chan kernel caches bin edges (16 KiB)
 TARGET_BLOCK_ELEMENTS = 2048  # outputs per block of the plane and backward kernels
 # The unit kernel: large blocks amortise each thread's bin geometry over many channels when the
@@ -179,6 +186,22 @@ def _whole_unit_steps(per_block: int, bins: int, dtype: torch.dtype) -> int:
     return per_block // step * step if per_block >= step else per_block
 
 
+def _cvec_channels_per_block(
+    num_rois: int, channels: int, dtype: torch.dtype, multiprocessors: int
+) -> int:
+    """The cvec kernel's channels per block: its lanes times a power of two of vectors, at most
+    CVEC_VECTORS (fewer when C has fewer, or when the GPU would get too few blocks)."""
+    lanes = cvec_lanes(dtype)
+    vectors = 1
+    while vectors < CVEC_VECTORS and vectors * lanes < channels:
+        vectors *= 2
+    while vectors > 1 and num_rois * math.ceil(channels / (vectors * lanes)) < (
+        MIN_BLOCKS_PER_SM * multiprocessors
+    ):
+        vectors //= 2
+    return vectors * lanes
+
+
 def plane_threads(bins: int) -> int:
     """Block size of the plane and backward kernels: whole groups of `bins` threads (as many as
     fit in 256), rounded up to a warp; 256 when one group does not fit."""
@@ -207,17 +230,38 @@ def uses_channel_kernel(input: torch.Tensor) -> bool:
     return input.shape[1] >= CHAN_MIN_CHANNELS and input.stride(1) == 1 and input.stride(3) != 1
 
 
-def forward_kernel(input: torch.Tensor) -> str:
-    """The forward kernel for an input's strides (no device sync).
+def cvec_lanes(dtype: torch.dtype) -> int:
+    """Channels in one of the cvec kernel's 16-byte vectors (4 float32, 8 float16, 2 float64)."""
+    return CVEC_BYTES // torch.empty((), dtype=dtype).element_size()
 
-    chan for channels_last, unit for any other unit W stride (NCHW contiguous), plane otherwise.
-    ``ROI_OPS_CUPY_KERNEL=plane|chan`` forces one of those two, for tuning and tests.
+
+def cvec_aligned(input: torch.Tensor) -> bool:
+    """Whether every channel vector the cvec kernel loads is 16-byte aligned: a unit channel
+    stride, C and the other strides multiples of the vector, an aligned data pointer."""
+    lanes = cvec_lanes(input.dtype)
+    sn, sc, sh, sw = input.stride()
+    return (
+        sc == 1
+        and input.shape[1] % lanes == 0
+        and sn % lanes == 0
+        and sh % lanes == 0
+        and sw % lanes == 0
+        and input.data_ptr() % CVEC_BYTES == 0
+    )
+
+
+def forward_kernel(input: torch.Tensor) -> str:
+    """The forward kernel for an input's strides and alignment (no device sync).
+
+    For channels_last: cvec when its channel vectors are 16-byte aligned, chan otherwise; unit
+    for any other unit W stride (NCHW contiguous), plane otherwise. ``ROI_OPS_CUPY_KERNEL=
+    plane|chan`` forces one of those two, for tuning and tests.
     """
     forced = os.environ.get("ROI_OPS_CUPY_KERNEL", "").strip()
     if forced in ("plane", "chan"):
         return f"roi_pool_forward_{forced}"
     if uses_channel_kernel(input):
-        return "roi_pool_forward_chan"
+        return "roi_pool_forward_cvec" if cvec_aligned(input) else "roi_pool_forward_chan"
     if input.stride(3) == 1:
         return "roi_pool_forward_unit"
     return "roi_pool_forward_plane"
@@ -266,6 +310,13 @@ def plan_forward(
             (CHAN_LANES, THREADS // CHAN_LANES, 1),
             8 * (ph + pw) if cache_edges else 0,
             head + _ints(int(cache_edges)) + tail,
+        )
+    if kernel == "roi_pool_forward_cvec":
+        per_block = _cvec_channels_per_block(num_rois, channels, input.dtype, multiprocessors)
+        name = forward_name(kernel, input.dtype, rois.dtype, with_argmax)
+        grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
+        return Launch(
+            name, (num_rois, grid_y, 1), (THREADS, 1, 1), 0, head + _ints(per_block) + tail
         )
     target = TARGET_BLOCK_ELEMENTS
     if kernel == "roi_pool_forward_unit":

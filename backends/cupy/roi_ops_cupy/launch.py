@@ -188,6 +188,7 @@ def _plan_key(problem: RoIPoolProblem, with_argmax: bool, device: int) -> tuple:
         x.shape,
         x.stride(),
         x.dtype,
+        x.data_ptr() % kernels.CVEC_BYTES,  # the cvec kernel needs an aligned input
         rois.shape,
         rois.stride(),
         rois.dtype,

@@ -594,10 +594,10 @@ __device__ __forceinline__ bool replaces(double v, double best) {
 // the first NaN or the first zero of a bin whose maximum is one, with its exact bits.
 template <class T>
 __device__ __noinline__ T first_with_key(const T* __restrict__ bin, int bin_h, int bin_w, i64 sH,
-                                         typename Elem<T>::key key) {
+                                         i64 sW, typename Elem<T>::key key) {
   for (int i = 0; i < bin_h; ++i) {
     for (int j = 0; j < bin_w; ++j) {
-      const T v = bin[i * sH + j];
+      const T v = bin[i * sH + j * sW];
       if (Elem<T>::key_of(v) == key) return v;
     }
   }
@@ -762,7 +762,7 @@ __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i
     if (exists[u]) {
       T value = Work<T>::out(empty ? V(0) : best[u]);
       if (!Work<T>::kKeepsNaN && !(best[u] == best[u])) {  // the NaN's payload was lost
-        value = first_with_key<T>(planes + u * in_step, bin_h, bin_w, sH,
+        value = first_with_key<T>(planes + u * in_step, bin_h, bin_w, sH, 1,
                                   Elem<T>::key_of(value));
       }
       store_result<T>(out, value);
@@ -811,7 +811,7 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
     if (exists[u]) {
       T value = NaNMax<T>::bits(empty ? V(0) : m[u]);
       if (!empty && !NaNMax<T>::exact(m[u])) {
-        value = first_with_key<T>(planes + u * in_step, bin_h, bin_w, sH,
+        value = first_with_key<T>(planes + u * in_step, bin_h, bin_w, sH, 1,
                                   Elem<T>::key_of(value));
       }
       store_result<T>(out, value);
@@ -902,6 +902,297 @@ __global__ void __launch_bounds__(256, ROI_OPS_UNIT_MIN_BLOCKS)
       unit_channels<T, U, kArgmax, false>(input, output, argmax, C, channels_per_block, sC, sH,
                                           in_step, out_step, corner, k, q, layout.bins, groups,
                                           first_channel, bin_h, bin_w, empty, w_int, first_index);
+    }
+  }
+}
+
+// ---- The cvec kernel: channels adjacent in memory, 16 bytes of channels per load --------------
+// For inputs whose channel stride is 1 (channels_last) and whose channel vectors are 16-byte
+// aligned: the launcher checks the pointer, C and every stride (kernels.cvec_aligned); other
+// channel-adjacent inputs take the chan kernel. A thread keeps one vector of Lanes<T>::kCount
+// channels (4 float32, 8 float16 or bfloat16, 2 float64) and one bin at a time, and reads each
+// element of the bin for all its channels with one 16-byte load: a warp reads 4 bins x 8
+// vectors, 128 contiguous bytes per bin. Inference reduces with max.NaN (packed f16x2/bf16x2
+// for the 16-bit types), the argmax with the unit kernel's compare and select. Results are
+// staged in shared memory, bin-major, and stored channel by channel in output order.
+namespace roi_ops_cuda {
+constexpr int kCvecVectors = 8;  // most channel vectors per block (launcher: a power of two)
+constexpr int kCvecBins = 64;    // bins staged in shared memory per round
+constexpr int kCvecEdges = 128;  // PH + PW up to this: the block caches its bin edges
+
+struct __align__(16) roi_vec16 {
+  unsigned int w[4];
+};
+
+__device__ __forceinline__ roi_vec16 load_vec16(const void* __restrict__ address) {
+#ifdef ROI_OPS_HOST_EMULATION
+  roi_vec16 v;
+  std::memcpy(&v, address, sizeof v);
+  return v;
+#else
+  return *static_cast<const roi_vec16*>(address);
+#endif
+}
+
+// A 16-byte vector's channels, and the 32-bit (64-bit for float64) shared-memory word that
+// holds one channel's result.
+template <class T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  static constexpr int kCount = 4;
+  typedef unsigned int Word;
+  static __device__ __forceinline__ float get(const roi_vec16& v, int i) {
+    return __uint_as_float(v.w[i]);
+  }
+  static __device__ __forceinline__ Word word(float x) { return __float_as_uint(x); }
+  static __device__ __forceinline__ float from_word(Word w) { return __uint_as_float(w); }
+};
+template <>
+struct Lanes<double> {
+  static constexpr int kCount = 2;
+  typedef unsigned long long Word;
+  static __device__ __forceinline__ double get(const roi_vec16& v, int i) {
+    const Word bits = static_cast<Word>(v.w[2 * i + 1]) << 32 | v.w[2 * i];
+    return __longlong_as_double(static_cast<long long>(bits));
+  }
+  static __device__ __forceinline__ Word word(double x) {
+    return static_cast<Word>(__double_as_longlong(x));
+  }
+  static __device__ __forceinline__ double from_word(Word w) {
+    return __longlong_as_double(static_cast<long long>(w));
+  }
+};
+template <class T>
+struct Lanes16 {
+  static constexpr int kCount = 8;
+  typedef unsigned int Word;
+  static __device__ __forceinline__ T get(const roi_vec16& v, int i) {
+    T t;
+    t.bits = static_cast<unsigned short>(v.w[i >> 1] >> ((i & 1) * 16));
+    return t;
+  }
+  static __device__ __forceinline__ Word word(T x) { return x.bits; }
+  static __device__ __forceinline__ T from_word(Word w) {
+    T t;
+    t.bits = static_cast<unsigned short>(w);
+    return t;
+  }
+};
+template <>
+struct Lanes<roi_half> : Lanes16<roi_half> {};
+template <>
+struct Lanes<roi_bf16> : Lanes16<roi_bf16> {};
+
+// max.NaN on a vector's four 32-bit words: one float32, or two packed float16/bfloat16 channels
+// (max.NaN.f16x2 / .bf16x2: each half as the scalar max.NaN). Only where NaNMax is enabled.
+template <class T>
+struct PackedMax;
+#if defined(ROI_OPS_HOST_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+template <>
+struct PackedMax<float> {
+  static __device__ __forceinline__ unsigned int lowest() { return 0xff800000u; }
+  static __device__ __forceinline__ unsigned int max(unsigned int a, unsigned int b) {
+    return __float_as_uint(NaNMax<float>::max(__uint_as_float(a), __uint_as_float(b)));
+  }
+  static __device__ __forceinline__ bool exact(const unsigned int (&m)[4], int i) {
+    return NaNMax<float>::exact(__uint_as_float(m[i]));
+  }
+};
+template <class T, unsigned int kInfBits>
+struct PackedMax16 {
+  static __device__ __forceinline__ unsigned int lowest() {
+    return (kInfBits | 0x8000u) * 0x10001u;  // -inf in both halves
+  }
+  static __device__ __forceinline__ unsigned int max(unsigned int a, unsigned int b) {
+#ifdef ROI_OPS_HOST_EMULATION
+    const unsigned int low = NaNMax<T>::max(a & 0xffffu, b & 0xffffu);
+    const unsigned int high = NaNMax<T>::max(a >> 16, b >> 16);
+    return high << 16 | low;
+#else
+    unsigned int d;
+    if constexpr (kInfBits == 0x7c00u) {
+      asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    } else {
+      asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    }
+    return d;
+#endif
+  }
+  static __device__ __forceinline__ bool exact(const unsigned int (&m)[4], int i) {
+    return NaNMax<T>::exact(static_cast<unsigned short>(m[i >> 1] >> ((i & 1) * 16)));
+  }
+};
+template <>
+struct PackedMax<roi_half> : PackedMax16<roi_half, 0x7c00u> {};
+template <>
+struct PackedMax<roi_bf16> : PackedMax16<roi_bf16, 0x7f80u> {};
+#endif
+
+// One bin (corner: its first element of the thread's first channel; not empty) for the
+// thread's channel vector: every element read once, as one vector, in the contract's scan order.
+// Writes each channel's value (as Lanes<T>::Word) and, with kArgmax, its argmax.
+template <class T, bool kArgmax>
+__device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, i64 sH, i64 sW, int bin_h,
+                                         int bin_w, int first_index, int w_int,
+                                         typename Lanes<T>::Word* __restrict__ values,
+                                         int* __restrict__ indices) {
+  typedef Lanes<T> L;
+  constexpr int V = L::kCount;
+  if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
+    unsigned int m[4];  // four words of V channels' maxima (max.NaN(-inf, v) is v)
+#pragma unroll
+    for (int w = 0; w < 4; ++w) m[w] = PackedMax<T>::lowest();
+    for (int i = 0; i < bin_h; ++i) {
+      const T* __restrict__ line = corner + i * sH;
+      for (int j = 0; j < bin_w; ++j) {
+        const roi_vec16 v = load_vec16(line + j * sW);
+#pragma unroll
+        for (int w = 0; w < 4; ++w) m[w] = PackedMax<T>::max(m[w], v.w[w]);
+      }
+    }
+    roi_vec16 result;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) result.w[w] = m[w];
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+      T value = L::get(result, c);
+      if (!PackedMax<T>::exact(m, c)) {  // a zero or a NaN: the first with its key
+        value = first_with_key<T>(corner + c, bin_h, bin_w, sH, sW, Elem<T>::key_of(value));
+      }
+      values[c] = L::word(value);
+    }
+  } else {
+    typedef typename Work<T>::V WV;
+    WV best[V];
+    int at[V];
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+      best[c] = Work<T>::lowest();
+      at[c] = 0;
+    }
+    int row = 0;  // i * W: the argmax offset of the current row
+    for (int i = 0; i < bin_h; ++i) {
+      const T* __restrict__ line = corner + i * sH;
+#pragma unroll 2
+      for (int j = 0; j < bin_w; ++j) {
+        const roi_vec16 v = load_vec16(line + j * sW);
+#pragma unroll
+        for (int c = 0; c < V; ++c) {
+          const WV x = Work<T>::in(L::get(v, c));
+          if (replaces(x, best[c])) {
+            best[c] = x;
+            at[c] = row + j;
+          }
+        }
+      }
+      row += w_int;
+    }
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+      T value = Work<T>::out(best[c]);
+      if (!Work<T>::kKeepsNaN && !(best[c] == best[c])) {  // the NaN's payload was lost:
+        const int i = at[c] / w_int;                        // re-read the winner
+        value = corner[i * sH + (at[c] - i * w_int) * sW + c];
+      }
+      values[c] = L::word(value);
+      if constexpr (kArgmax) indices[c] = first_index + at[c];
+    }
+  }
+}
+}  // namespace roi_ops_cuda
+
+// channels_per_block: Lanes<T>::kCount times a power of two <= kCvecVectors; C a multiple of
+// Lanes<T>::kCount; the input pointer and sN, sH, sW 16-byte aligned (sC == 1).
+template <class T, class R, bool kArgmax>
+__global__ void __launch_bounds__(256, 4)
+    roi_pool_forward_cvec(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
+                          const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
+                          const R* __restrict__ rois, const i64 rs0, const i64 rs1,
+                          const double spatial_scale, const i64 PH, const i64 PW,
+                          const i64 channels_per_block, T* __restrict__ output,
+                          int* __restrict__ argmax) {
+  using namespace roi_ops_cuda;
+  typedef typename Rois<R>::G G;
+  typedef Lanes<T> L;
+  typedef typename L::Word Word;
+  constexpr int V = L::kCount;
+  constexpr int kWidth = kCvecVectors * V + 1;  // padded: bin-major reads free of conflicts
+  __shared__ Word tile_value[kCvecBins][kWidth];
+  __shared__ int tile_index[kArgmax ? kCvecBins : 1][kArgmax ? kWidth : 1];
+  __shared__ int2 edges[kCvecEdges];
+  (void)sC;  // 1
+  const int tid = threadIdx.x;
+  const i64 k = blockIdx.x;
+  const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
+  const bool valid = g.batch >= 0;
+  const bool cached = PH + PW <= kCvecEdges;  // the same for the whole block
+  if (cached) {
+    for (int i = tid; i < PH + PW; i += kThreads) {
+      edges[i] = i < PH ? bin_span<G>(i, g.bin_h, g.y1, H, valid)
+                        : bin_span<G>(i - PH, g.bin_w, g.x1, W, valid);
+    }
+    __syncthreads();
+  }
+  const int nb = static_cast<int>(PH * PW);  // < 2^31 - 256 (launcher checks)
+  const int pw_count = static_cast<int>(PW);
+  const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
+  const int vectors = static_cast<int>(channels_per_block) / V;  // a power of two
+  const int vector = tid & (vectors - 1);
+  const int first_bin = tid / vectors;
+  const int bin_step = kThreads / vectors;
+  const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
+  for (i64 c0 = static_cast<i64>(blockIdx.y) * channels_per_block; c0 < C;
+       c0 += static_cast<i64>(gridDim.y) * channels_per_block) {
+    const int channels =
+        static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
+    const bool has_vector = vector * V < channels;
+    const T* __restrict__ planes = image + c0 + vector * V;
+    for (int q0 = 0; q0 < nb; q0 += kCvecBins) {
+      const int bins = nb - q0 < kCvecBins ? nb - q0 : kCvecBins;
+      if (has_vector) {
+        for (int qi = first_bin; qi < bins; qi += bin_step) {
+          const int q = q0 + qi;
+          const int ph = q / pw_count;
+          const int pw = q - ph * pw_count;
+          const int2 rows = cached ? edges[ph] : bin_span<G>(ph, g.bin_h, g.y1, H, valid);
+          const int2 cols = cached ? edges[PH + pw] : bin_span<G>(pw, g.bin_w, g.x1, W, valid);
+          const int bin_h = rows.y - rows.x;
+          const int bin_w = cols.y - cols.x;
+          Word* __restrict__ values = &tile_value[qi][vector * V];
+          int* __restrict__ indices = nullptr;
+          if constexpr (kArgmax) indices = &tile_index[qi][vector * V];
+          if (bin_h <= 0 || bin_w <= 0) {
+#pragma unroll
+            for (int c = 0; c < V; ++c) {
+              values[c] = L::word(Work<T>::out(typename Work<T>::V(0)));
+              if constexpr (kArgmax) indices[c] = -1;
+            }
+          } else {
+            cvec_bin<T, kArgmax>(planes + rows.x * sH + cols.x * sW, sH, sW, bin_h, bin_w,
+                                 rows.x * w_int + cols.x, w_int, values, indices);
+          }
+        }
+      }
+      __syncthreads();
+      // Channel by channel, bins contiguous: all of it contiguous when nb <= kCvecBins.
+      const i64 out0 = (k * C + c0) * nb + q0;
+      const int step_channels = kThreads / bins;
+      const int step_bins = kThreads - step_channels * bins;
+      int cl = tid / bins;
+      int qi = tid - cl * bins;
+      for (int e = tid; e < channels * bins; e += kThreads) {
+        const i64 o = out0 + static_cast<i64>(cl) * nb + qi;
+        store_result<T>(output + o, L::from_word(tile_value[qi][cl]));
+        if constexpr (kArgmax) store_result<int>(argmax + o, tile_index[qi][cl]);
+        qi += step_bins;
+        cl += step_channels;
+        if (qi >= bins) {
+          qi -= bins;
+          ++cl;
+        }
+      }
+      __syncthreads();
     }
   }
 }
@@ -1115,6 +1406,8 @@ const void* roi_ops_forward_kernels(int i) {
       reinterpret_cast<const void*>(&roi_pool_forward_chan<T, R, false>),
       reinterpret_cast<const void*>(&roi_pool_forward_unit<T, R, true>),
       reinterpret_cast<const void*>(&roi_pool_forward_unit<T, R, false>),
+      reinterpret_cast<const void*>(&roi_pool_forward_cvec<T, R, true>),
+      reinterpret_cast<const void*>(&roi_pool_forward_cvec<T, R, false>),
   };
   return kernels[i];
 }

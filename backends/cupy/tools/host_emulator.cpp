@@ -203,6 +203,15 @@ void run_unit(Args a) {
                                  ptr<int*>(a[17]));
 }
 
+template <class T, class R, bool A>
+void run_cvec(Args a) {
+  roi_pool_forward_cvec<T, R, A>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]),
+                                 num(a[4]), num(a[5]), num(a[6]), num(a[7]), num(a[8]),
+                                 ptr<const R*>(a[9]), num(a[10]), num(a[11]), real(a[12]),
+                                 num(a[13]), num(a[14]), num(a[15]), ptr<T*>(a[16]),
+                                 ptr<int*>(a[17]));
+}
+
 template <class T>
 void run_backward(Args a) {
   roi_pool_backward_atomic<T>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]), num(a[4]),
@@ -230,7 +239,9 @@ struct Entry {
       {"roi_pool_forward_chan<" #T ", " #R ", true>", &run_chan<T, R, true>},     \
       {"roi_pool_forward_chan<" #T ", " #R ", false>", &run_chan<T, R, false>},   \
       {"roi_pool_forward_unit<" #T ", " #R ", true>", &run_unit<T, R, true>},     \
-      {"roi_pool_forward_unit<" #T ", " #R ", false>", &run_unit<T, R, false>},
+      {"roi_pool_forward_unit<" #T ", " #R ", false>", &run_unit<T, R, false>},     \
+      {"roi_pool_forward_cvec<" #T ", " #R ", true>", &run_cvec<T, R, true>},     \
+      {"roi_pool_forward_cvec<" #T ", " #R ", false>", &run_cvec<T, R, false>},
 #define ROI_BACKWARD(T)                                          \
   {"roi_pool_backward_atomic<" #T ">", &run_backward<T>},        \
       {"roi_pool_backward_planes<" #T ", 256>", &run_backward_planes<T, 256>},   \
