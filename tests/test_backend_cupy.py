@@ -376,14 +376,14 @@ def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
     aligned = dataclasses.replace(problem, input=last, needs_argmax=False)
     cvec = kernels.plan_forward(aligned, out, None, 1)
     assert cvec.name == "roi_pool_forward_cvec<float, float, false>"
-    # 8 vectors of 4 channels give 3 x 2 blocks, fewer than 8 per SM: halved to 4 vectors.
+    # 8 threads of 8 channels per bin give 3 x 1 blocks, fewer than 8 per SM: halved twice.
     assert cvec.block == (256, 1, 1) and cvec.grid == (3, 4, 1) and int(cvec.args[-3]) == 16
     assert cvec.shared_mem == 0 and int(cvec.args[-1]) == 0
-    assert int(kernels.plan_forward(aligned, out, None, 132).args[-3]) == 4  # one vector
+    assert int(kernels.plan_forward(aligned, out, None, 132).args[-3]) == 8  # one thread
     wide = dataclasses.replace(
         aligned, input=torch.ones(2, 1000, 3, 3).to(memory_format=torch.channels_last)
     )
-    assert int(kernels.plan_forward(wide, out, None, 1).args[-3]) == 32  # 8 vectors at most
+    assert int(kernels.plan_forward(wide, out, None, 1).args[-3]) == 64  # 8 threads at most
     shifted = torch.empty(2 * 64 * 10 * 10 + 1)[1:].as_strided(last.shape, last.stride())
     without_argmax = dataclasses.replace(problem, input=shifted, needs_argmax=False)
     chan = kernels.plan_forward(without_argmax, out, None, 132)
@@ -416,6 +416,7 @@ def test_cvec_needs_aligned_channel_vectors():
         return torch.empty(2, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
     assert [kernels.cvec_lanes(d) for d in DTYPES] == [8, 8, 4, 2]
+    assert [kernels.cvec_thread_channels(d) for d in DTYPES] == [8, 8, 8, 4]
     assert kernels.cvec_aligned(last(24, torch.float16))
     assert not kernels.cvec_aligned(last(20, torch.float16))  # 20 channels: not whole vectors
     assert kernels.cvec_aligned(last(20)) and kernels.cvec_aligned(last(2, torch.float64))
@@ -698,11 +699,13 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel, monkeypatch):
     # groups of four channels partly empty; bins narrower than a pixel (with (12, 40) every bin
     # of the first three ROIs has at most 2 x 2 elements: the unit kernel's loop-free path; 200
     # and 196 bins leave 8 and 4 bins to a last warp whose lanes spread over channels);
-    # ROIs cut by the border. cvec: 24 channels leave the last of 4 vectors of 8 float16 empty.
+    # ROIs cut by the border. cvec: 24 float16 channels leave the last of 4 threads per bin
+    # empty; 20 float32 (22 float64) channels leave one thread half its channels.
     if kernel == "plane":
         monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "plane")
     layout = {"cvec": "channels_last", "chan": "channels_last_unaligned"}.get(kernel, "contiguous")
-    x = _tie_heavy((2, 24 if layout != "contiguous" else 11, 12, 40), 21, dtype)
+    lane_channels = {torch.float32: 20, torch.float64: 22}.get(dtype, 24)
+    x = _tie_heavy((2, lane_channels if layout != "contiguous" else 11, 12, 40), 21, dtype)
     rows = [
         [0, 3.0, 1.0, 5.0, 10.0],
         [1, 7.0, 0.0, 13.0, 11.0],

@@ -70,7 +70,7 @@ CHAN_LANES = 32  # channels per block of the chan kernel (kChanLanes)
 UNIT_CHANNELS = 4  # channels per thread and step of the unit kernel (kUnitChannels)
 CHAN_MIN_CHANNELS = 16  # below this, idle lanes make the chan kernel the worse choice
 CVEC_BYTES = 16  # the cvec kernel loads 16 aligned bytes of channels at a time
-CVEC_VECTORS = 8  # most channel vectors per block of the cvec kernel (kCvecVectors)
+CVEC_THREADS = 8  # most threads per bin in a block of the cvec kernel (kCvecThreads)
 MAX_CACHED_EDGES = 2048  # PH + PW up to this: the chan kernel caches bin edges (16 KiB)
 TARGET_BLOCK_ELEMENTS = 2048  # outputs per block of the plane and backward kernels
 # The unit kernel: large blocks amortise each thread's bin geometry over many channels when the
@@ -189,17 +189,18 @@ def _whole_unit_steps(per_block: int, bins: int, dtype: torch.dtype) -> int:
 def _cvec_channels_per_block(
     num_rois: int, channels: int, dtype: torch.dtype, multiprocessors: int
 ) -> int:
-    """The cvec kernel's channels per block: its lanes times a power of two of vectors, at most
-    CVEC_VECTORS (fewer when C has fewer, or when the GPU would get too few blocks)."""
-    lanes = cvec_lanes(dtype)
-    vectors = 1
-    while vectors < CVEC_VECTORS and vectors * lanes < channels:
-        vectors *= 2
-    while vectors > 1 and num_rois * math.ceil(channels / (vectors * lanes)) < (
+    """The cvec kernel's channels per block: a thread's channels times a power of two of threads
+    per bin, at most CVEC_THREADS (fewer when C has fewer channels, or when the GPU would get
+    too few blocks)."""
+    per_thread = cvec_thread_channels(dtype)
+    threads = 1
+    while threads < CVEC_THREADS and threads * per_thread < channels:
+        threads *= 2
+    while threads > 1 and num_rois * math.ceil(channels / (threads * per_thread)) < (
         MIN_BLOCKS_PER_SM * multiprocessors
     ):
-        vectors //= 2
-    return vectors * lanes
+        threads //= 2
+    return threads * per_thread
 
 
 def plane_threads(bins: int) -> int:
@@ -233,6 +234,13 @@ def uses_channel_kernel(input: torch.Tensor) -> bool:
 def cvec_lanes(dtype: torch.dtype) -> int:
     """Channels in one of the cvec kernel's 16-byte vectors (4 float32, 8 float16, 2 float64)."""
     return CVEC_BYTES // torch.empty((), dtype=dtype).element_size()
+
+
+def cvec_thread_channels(dtype: torch.dtype) -> int:
+    """Channels of one cvec thread (CvecShape::kChannels): two vectors for float32 and float64,
+    one for the 16-bit types (8 channels in all but float64's 4)."""
+    lanes = cvec_lanes(dtype)
+    return lanes if lanes == 8 else 2 * lanes
 
 
 def cvec_aligned(input: torch.Tensor) -> bool:

@@ -916,7 +916,10 @@ __global__ void __launch_bounds__(256, ROI_OPS_UNIT_MIN_BLOCKS)
 // for the 16-bit types), the argmax with the unit kernel's compare and select. Results are
 // staged in shared memory, bin-major, and stored channel by channel in output order.
 namespace roi_ops_cuda {
-constexpr int kCvecVectors = 8;  // most channel vectors per block (launcher: a power of two)
+#ifndef ROI_OPS_CVEC_WIDE_VECTORS
+#define ROI_OPS_CVEC_WIDE_VECTORS 2
+#endif
+constexpr int kCvecThreads = 8;  // most threads per bin (launcher: a power of two)
 constexpr int kCvecBins = 64;    // bins staged in shared memory per round
 constexpr int kCvecEdges = 128;  // PH + PW up to this: the block caches its bin edges
 
@@ -1029,71 +1032,101 @@ template <>
 struct PackedMax<roi_bf16> : PackedMax16<roi_bf16, 0x7f80u> {};
 #endif
 
+// The vectors a thread reads per element: two for float32 and float64 (loop and address work
+// shared by 8 or 4 channels), one for the 16-bit types (already 8 channels).
+template <class T>
+struct CvecShape {
+  static constexpr int kVectors = sizeof(T) == 2 ? 1 : ROI_OPS_CVEC_WIDE_VECTORS;
+  static constexpr int kChannels = kVectors * Lanes<T>::kCount;  // a thread's channels
+};
+
 // One bin (corner: its first element of the thread's first channel; not empty) for the
-// thread's channel vector: every element read once, as one vector, in the contract's scan order.
-// Writes each channel's value (as Lanes<T>::Word) and, with kArgmax, its argmax.
+// thread's channels: every element read once, as kVectors 16-byte vectors (a missing second
+// vector re-reads the first: `second` is 0), in the contract's scan order. Writes each channel's
+// value (as Lanes<T>::Word) and, with kArgmax, its argmax.
 template <class T, bool kArgmax>
-__device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, i64 sH, i64 sW, int bin_h,
-                                         int bin_w, int first_index, int w_int,
+__device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int second, i64 sH, i64 sW,
+                                         int bin_h, int bin_w, int first_index, int w_int,
                                          typename Lanes<T>::Word* __restrict__ values,
                                          int* __restrict__ indices) {
   typedef Lanes<T> L;
   constexpr int V = L::kCount;
+  constexpr int P = CvecShape<T>::kVectors;
+  constexpr int kChannels = CvecShape<T>::kChannels;
   if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
-    unsigned int m[4];  // four words of V channels' maxima (max.NaN(-inf, v) is v)
+    unsigned int m[P][4];  // P vectors of four words of maxima (max.NaN(-inf, v) is v)
 #pragma unroll
-    for (int w = 0; w < 4; ++w) m[w] = PackedMax<T>::lowest();
+    for (int p = 0; p < P; ++p) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) m[p][w] = PackedMax<T>::lowest();
+    }
     for (int i = 0; i < bin_h; ++i) {
       const T* __restrict__ line = corner + i * sH;
+#pragma unroll 2
       for (int j = 0; j < bin_w; ++j) {
-        const roi_vec16 v = load_vec16(line + j * sW);
 #pragma unroll
-        for (int w = 0; w < 4; ++w) m[w] = PackedMax<T>::max(m[w], v.w[w]);
+        for (int p = 0; p < P; ++p) {
+          const roi_vec16 v = load_vec16(line + j * sW + p * second);
+#pragma unroll
+          for (int w = 0; w < 4; ++w) m[p][w] = PackedMax<T>::max(m[p][w], v.w[w]);
+        }
       }
     }
-    roi_vec16 result;
+    unsigned int inexact = 0;  // channels whose maximum is a zero or a NaN
 #pragma unroll
-    for (int w = 0; w < 4; ++w) result.w[w] = m[w];
+    for (int p = 0; p < P; ++p) {
+      roi_vec16 result;
 #pragma unroll
-    for (int c = 0; c < V; ++c) {
-      T value = L::get(result, c);
-      if (!PackedMax<T>::exact(m, c)) {  // a zero or a NaN: the first with its key
-        value = first_with_key<T>(corner + c, bin_h, bin_w, sH, sW, Elem<T>::key_of(value));
+      for (int w = 0; w < 4; ++w) result.w[w] = m[p][w];
+#pragma unroll
+      for (int c = 0; c < V; ++c) {
+        values[p * V + c] = L::word(L::get(result, c));
+        if (!PackedMax<T>::exact(m[p], c)) inexact |= 1u << (p * V + c);
       }
+    }
+    // Rare: those take the bin's first element with their key (nothing else is live here).
+    while (inexact != 0) {
+      const int c = __ffs(inexact) - 1;
+      inexact &= inexact - 1;
+      const T value = first_with_key<T>(corner + (c / V) * second + c % V, bin_h, bin_w, sH, sW,
+                                        Elem<T>::key_of(L::from_word(values[c])));
       values[c] = L::word(value);
     }
   } else {
     typedef typename Work<T>::V WV;
-    WV best[V];
-    int at[V];
+    WV best[kChannels];
+    int at[kChannels];
 #pragma unroll
-    for (int c = 0; c < V; ++c) {
+    for (int c = 0; c < kChannels; ++c) {
       best[c] = Work<T>::lowest();
       at[c] = 0;
     }
     int row = 0;  // i * W: the argmax offset of the current row
     for (int i = 0; i < bin_h; ++i) {
       const T* __restrict__ line = corner + i * sH;
-#pragma unroll 2
+#pragma unroll 1
       for (int j = 0; j < bin_w; ++j) {
-        const roi_vec16 v = load_vec16(line + j * sW);
 #pragma unroll
-        for (int c = 0; c < V; ++c) {
-          const WV x = Work<T>::in(L::get(v, c));
-          if (replaces(x, best[c])) {
-            best[c] = x;
-            at[c] = row + j;
+        for (int p = 0; p < P; ++p) {
+          const roi_vec16 v = load_vec16(line + j * sW + p * second);
+#pragma unroll
+          for (int c = 0; c < V; ++c) {
+            const WV x = Work<T>::in(L::get(v, c));
+            if (replaces(x, best[p * V + c])) {
+              best[p * V + c] = x;
+              at[p * V + c] = row + j;
+            }
           }
         }
       }
       row += w_int;
     }
 #pragma unroll
-    for (int c = 0; c < V; ++c) {
+    for (int c = 0; c < kChannels; ++c) {
       T value = Work<T>::out(best[c]);
       if (!Work<T>::kKeepsNaN && !(best[c] == best[c])) {  // the NaN's payload was lost:
         const int i = at[c] / w_int;                        // re-read the winner
-        value = corner[i * sH + (at[c] - i * w_int) * sW + c];
+        value = corner[i * sH + (at[c] - i * w_int) * sW + (c / V) * second + c % V];
       }
       values[c] = L::word(value);
       if constexpr (kArgmax) indices[c] = first_index + at[c];
@@ -1102,8 +1135,9 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, i64 sH, i
 }
 }  // namespace roi_ops_cuda
 
-// channels_per_block: Lanes<T>::kCount times a power of two <= kCvecVectors; C a multiple of
-// Lanes<T>::kCount; the input pointer and sN, sH, sW 16-byte aligned (sC == 1).
+// channels_per_block: CvecShape<T>::kChannels times a power of two <= kCvecThreads (threads per
+// bin); C a multiple of Lanes<T>::kCount; the input pointer and sN, sH, sW 16-byte aligned
+// (sC == 1).
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(256, 4)
     roi_pool_forward_cvec(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
@@ -1117,7 +1151,8 @@ __global__ void __launch_bounds__(256, 4)
   typedef Lanes<T> L;
   typedef typename L::Word Word;
   constexpr int V = L::kCount;
-  constexpr int kWidth = kCvecVectors * V + 1;  // padded: bin-major reads free of conflicts
+  constexpr int kChannels = CvecShape<T>::kChannels;
+  constexpr int kWidth = kCvecThreads * kChannels + 1;  // padded: bin-major reads conflict-free
   __shared__ Word tile_value[kCvecBins][kWidth];
   __shared__ int tile_index[kArgmax ? kCvecBins : 1][kArgmax ? kWidth : 1];
   __shared__ int2 edges[kCvecEdges];
@@ -1137,17 +1172,18 @@ __global__ void __launch_bounds__(256, 4)
   const int nb = static_cast<int>(PH * PW);  // < 2^31 - 256 (launcher checks)
   const int pw_count = static_cast<int>(PW);
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
-  const int vectors = static_cast<int>(channels_per_block) / V;  // a power of two
-  const int vector = tid & (vectors - 1);
-  const int first_bin = tid / vectors;
-  const int bin_step = kThreads / vectors;
+  const int per_bin = static_cast<int>(channels_per_block) / kChannels;  // a power of two
+  const int lane = tid & (per_bin - 1);  // the thread's channels: lane * kChannels, ...
+  const int first_bin = tid / per_bin;
+  const int bin_step = kThreads / per_bin;
   const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
   for (i64 c0 = static_cast<i64>(blockIdx.y) * channels_per_block; c0 < C;
        c0 += static_cast<i64>(gridDim.y) * channels_per_block) {
     const int channels =
         static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
-    const bool has_vector = vector * V < channels;
-    const T* __restrict__ planes = image + c0 + vector * V;
+    const bool has_vector = lane * kChannels < channels;
+    const int second = lane * kChannels + V < channels ? V : 0;  // kVectors == 2: the next one
+    const T* __restrict__ planes = image + c0 + lane * kChannels;
     for (int q0 = 0; q0 < nb; q0 += kCvecBins) {
       const int bins = nb - q0 < kCvecBins ? nb - q0 : kCvecBins;
       if (has_vector) {
@@ -1159,17 +1195,17 @@ __global__ void __launch_bounds__(256, 4)
           const int2 cols = cached ? edges[PH + pw] : bin_span<G>(pw, g.bin_w, g.x1, W, valid);
           const int bin_h = rows.y - rows.x;
           const int bin_w = cols.y - cols.x;
-          Word* __restrict__ values = &tile_value[qi][vector * V];
+          Word* __restrict__ values = &tile_value[qi][lane * kChannels];
           int* __restrict__ indices = nullptr;
-          if constexpr (kArgmax) indices = &tile_index[qi][vector * V];
+          if constexpr (kArgmax) indices = &tile_index[qi][lane * kChannels];
           if (bin_h <= 0 || bin_w <= 0) {
 #pragma unroll
-            for (int c = 0; c < V; ++c) {
+            for (int c = 0; c < kChannels; ++c) {
               values[c] = L::word(Work<T>::out(typename Work<T>::V(0)));
               if constexpr (kArgmax) indices[c] = -1;
             }
           } else {
-            cvec_bin<T, kArgmax>(planes + rows.x * sH + cols.x * sW, sH, sW, bin_h, bin_w,
+            cvec_bin<T, kArgmax>(planes + rows.x * sH + cols.x * sW, second, sH, sW, bin_h, bin_w,
                                  rows.x * w_int + cols.x, w_int, values, indices);
           }
         }

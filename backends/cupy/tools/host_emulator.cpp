@@ -62,6 +62,7 @@ inline unsigned int __ballot_sync(unsigned int, bool predicate) {
   return bits;
 }
 inline int __popc(unsigned int v) { return __builtin_popcount(v); }
+inline int __ffs(unsigned int v) { return __builtin_ffs(static_cast<int>(v)); }
 template <class P>
 inline P __ldcs(const P* address) {
   return *address;
