@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, backend report, GPU tests, GPU (and 16-core CPU)
 # benchmarks. Logs and JSON go to $OUT (default ./gpu-out). Stages: install info tests bench
-# benchqueued cpubench sanitize soak probe ncu (default: install info tests bench). Example: bash scripts/gpu_check.sh install info tests
+# benchqueued benchcl cpubench sanitize soak probe ncu (default: install info tests bench). Example: bash scripts/gpu_check.sh install info tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -37,6 +37,12 @@ for stage in $stages; do
       "$PYTHON" -m roi_ops bench --device cuda --dtype float32 float16 bfloat16 --queue 10 \
         ${BENCH_ARGS:-} --json "$OUT/bench-cuda-queued.json" 2>>"$OUT/bench-progress.log" \
         | tee "$OUT/bench-cuda-queued.txt"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      ;;
+    benchcl)  # channels_last inputs, queued (torchvision copies them to NCHW first)
+      "$PYTHON" -m roi_ops bench --device cuda --dtype float32 float16 bfloat16 --queue 10 \
+        --channels-last ${BENCH_ARGS:-} --json "$OUT/bench-cuda-cl-queued.json" \
+        2>>"$OUT/bench-progress.log" | tee "$OUT/bench-cuda-cl-queued.txt"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     cpubench)

@@ -38,9 +38,13 @@ def cases(device: str) -> list[RoiPoolCase]:
         rows = torch.tensor(HOSTILE_ROWS, dtype=torch.float64)
         if dtype == torch.float16:
             rows = rows.clamp(-6e4, 6e4)
-        for layout in ("contiguous", "channels_last", "expanded"):
-            x = torch.randn(2, 5, 9, 11)
-            if layout == "channels_last":
+        # channels_last with 5 channels takes the plane kernel; with 24 the cvec kernel (whole
+        # 16-byte vectors); with 20, cvec for float32 and float64 (a thread's second vector
+        # missing) and the chan kernel for the 16-bit types.
+        for layout in ("contiguous", "channels_last", "cl24", "cl20", "expanded"):
+            channels = {"cl24": 24, "cl20": 20}.get(layout, 5)
+            x = torch.randn(2, channels, 9, 11)
+            if layout.startswith("c") and layout != "contiguous":
                 x = x.contiguous(memory_format=torch.channels_last)
             if layout == "expanded":
                 x = torch.randn(1, 5, 1, 11).expand(2, 5, 9, 11)

