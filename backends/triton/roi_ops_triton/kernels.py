@@ -607,6 +607,103 @@ def _roi_pool_fwd_unit_kernel(
                         best3, at3, first_index, NEEDS_ARGMAX)  # fmt: skip
 
 
+@triton.jit(
+    do_not_specialize=[
+        "N", "C", "H", "W", "PH", "PW", "s_n", "s_c", "s_h", "s_w", "scale_bits", "blk_offset",
+    ]
+)  # fmt: skip
+def _roi_pool_fwd_cl_kernel(
+    inp_ptr,
+    rois_ptr,
+    out_ptr,
+    arg_ptr,
+    N,
+    C,
+    H,
+    W,
+    PH,
+    PW,
+    s_n,
+    s_c,
+    s_h,
+    s_w,
+    s_rk,
+    s_rj,
+    scale_f32,
+    scale_bits,
+    blk_offset,
+    GEOM_HALF: tl.constexpr,
+    GEOM_F64: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    VEC: tl.constexpr,
+    EVEN_C: tl.constexpr,
+    C_UNIT: tl.constexpr,
+    NEEDS_ARGMAX: tl.constexpr,
+):
+    """Unit C stride (channels_last; C_UNIT, any other C stride runs too, for tests): a
+    [BLOCK_B bins, BLOCK_C channels] tile; each element of a bin is read for BLOCK_C adjacent
+    channels at once, as 16-byte vectors when the launcher has checked that every bin's first
+    channel is VEC-element aligned (VEC > 1).
+
+    Program (k, blk) covers one block of bins and one block of channels of ROI k. As in the unit
+    kernel, loops run to the program's largest bin with each bin's row and column clamped into
+    the bin (a re-read element never replaces the maximum), so no load is masked; channels past
+    C read channel C - 1 unless C is a multiple of BLOCK_C (EVEN_C), and are never stored.
+    Offsets are recomputed at every element (no loop-carried pointer), so the alignment hint
+    holds for every load. Triton converts the tile's layout for the bin-contiguous stores.
+    """
+    k = tl.program_id(0)
+    blk = tl.program_id(1) + blk_offset
+    phpw = PH * PW
+    valid, batch, x1, y1, bin_h, bin_w = _roi_geometry(
+        rois_ptr, k, s_rk, s_rj, N, PH, PW, scale_f32, scale_bits, GEOM_HALF, GEOM_F64
+    )
+    bin_blocks = tl.cdiv(phpw, BLOCK_B)
+    bins = (blk % bin_blocks) * BLOCK_B + tl.arange(0, BLOCK_B)
+    chan = (blk // bin_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    bin_ok = bins < phpw
+    ph = bins // PW
+    pw = bins - ph * PW
+    hs, he = _bin_edges(ph, bin_h, y1, H, GEOM_HALF, GEOM_F64)
+    ws, we = _bin_edges(pw, bin_w, x1, W, GEOM_HALF, GEOM_F64)
+    filled = valid & (he > hs) & (we > ws) & bin_ok
+    # Empty bins and idle lanes read element 0 of the image (in bounds) and store nothing read.
+    last_row = tl.where(filled, he - hs, 1) - 1
+    last_col = tl.where(filled, we - ws, 1) - 1
+    hs = tl.where(filled, hs, 0)
+    ws = tl.where(filled, ws, 0)
+    max_bh = tl.max(last_row, 0) + 1
+    max_bw = tl.max(last_col, 0) + 1
+    if EVEN_C:
+        chan_read = chan[None, :]
+    else:
+        chan_read = tl.minimum(chan, C - 1)[None, :]
+    if not C_UNIT:
+        chan_read = chan_read * s_c
+    base = tl.where(valid, batch, 0) * s_n + hs.to(tl.int64) * s_h + ws.to(tl.int64) * s_w
+    first = base
+    if VEC > 1:
+        first = tl.multiple_of(first, VEC)
+    best = _value(tl.load(inp_ptr + first[:, None] + chan_read), ACC_F64, INTERPRETED)
+    at = tl.zeros([BLOCK_B, BLOCK_C], tl.int32)
+    for i in range(0, max_bh):
+        ii = tl.minimum(last_row, i)
+        for j in range(0, max_bw):
+            jj = tl.minimum(last_col, j)
+            offset = base + ii.to(tl.int64) * s_h + jj.to(tl.int64) * s_w
+            if VEC > 1:
+                offset = tl.multiple_of(offset, VEC)
+            x = _value(tl.load(inp_ptr + offset[:, None] + chan_read), ACC_F64, INTERPRETED)
+            cand = tl.broadcast_to((ii * W + jj)[:, None], [BLOCK_B, BLOCK_C])
+            best, at = _unit_update(x, best, at, cand, ACC_F64, INTERPRETED, NEEDS_ARGMAX)
+    offsets = k.to(tl.int64) * C * phpw + chan[None, :] * phpw + bins[:, None]
+    ok = bin_ok[:, None] & (chan < C)[None, :]
+    _unit_store(out_ptr, arg_ptr, offsets, ok, filled[:, None], best, at,
+                (hs * W + ws)[:, None], NEEDS_ARGMAX)  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------
 # Backward (scatter with atomics; only used outside deterministic mode)
 # --------------------------------------------------------------------------------------------
@@ -695,10 +792,11 @@ def forward_config(input: torch.Tensor, pooled_height: int, pooled_width: int) -
     s_c, s_w = input.stride(1), input.stride(3)
     bins = pooled_height * pooled_width
     if s_c == 1 and s_w != 1 and channels >= 8:
-        # 128-byte loads along C per bin; 512-element tiles keep registers near 64 (occupancy).
-        block_c = min(_pow2_ceil(channels), 64 if input.element_size() <= 2 else 32)
-        block_b = min(_pow2_ceil(bins), max(1, 512 // block_c))
-        config = ForwardConfig(True, block_c, block_b, 1, 4)
+        # The channels_last kernel: 128 bytes of channels per bin; tiles of up to 2048 elements
+        # on 8 warps (8 per thread: two 16-byte vectors of float32).
+        block_c = min(_pow2_ceil(channels), 128 // input.element_size())
+        block_b = min(_pow2_ceil(bins), max(1, CL_TILE // block_c))
+        config = ForwardConfig(True, block_c, block_b, 1, CL_WARPS)
     elif s_w == 1:
         config = ForwardConfig(False, 1, UNIT_LANES, 1, UNIT_WARPS, unit=True)
     else:
@@ -721,6 +819,28 @@ def forward_config(input: torch.Tensor, pooled_height: int, pooled_width: int) -
         else:
             config = dataclasses.replace(config, block_c=1)
     return config
+
+
+CL_TILE = 2048  # elements of the channels_last kernel's [bins, channels] tile
+CL_WARPS = 8
+CL_VECTOR_BYTES = 16
+
+
+def channel_vector(input: torch.Tensor) -> int:
+    """The channels_last kernel's alignment hint: channels per 16-byte vector when every bin's
+    first channel is 16-byte aligned (aligned pointer; C, and the N, H and W strides, multiples
+    of the vector), else 1 (no hint)."""
+    lanes = CL_VECTOR_BYTES // input.element_size()
+    s_n, s_c, s_h, s_w = input.stride()
+    aligned = (
+        s_c == 1
+        and input.data_ptr() % CL_VECTOR_BYTES == 0
+        and input.shape[1] % lanes == 0
+        and s_n % lanes == 0
+        and s_h % lanes == 0
+        and s_w % lanes == 0
+    )
+    return lanes if aligned and lanes > 1 else 1
 
 
 # The unit kernel: 256 lanes on 8 warps (one lane, so four channels, per thread). Programs hold
@@ -823,6 +943,10 @@ def roi_pool_forward(
                      config)  # fmt: skip
         return
     if config.channels_fast:
+        _launch_channels_last(input, rois, pooled_height, pooled_width, spatial_scale, output,
+                              argmax, config)  # fmt: skip
+        return
+    if config.channels_fast:
         blocks = triton.cdiv(channels, config.block_c) * triton.cdiv(bins, config.block_b)
     else:
         blocks = triton.cdiv(channels * bins, config.block_b)
@@ -880,6 +1004,39 @@ def _launch_unit(
         (per_program,),
         **_dtype_flags(input, rois),
         LANES=config.block_b,
+        NEEDS_ARGMAX=argmax is not None,
+        num_warps=config.num_warps,
+    )  # fmt: skip
+
+
+def _launch_channels_last(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    output: torch.Tensor,
+    argmax: torch.Tensor | None,
+    config: ForwardConfig,
+) -> None:
+    """`roi_pool_forward` through the channels_last kernel (unit C stride)."""
+    channels = input.shape[1]
+    bins = pooled_height * pooled_width
+    blocks = triton.cdiv(channels, config.block_c) * triton.cdiv(bins, config.block_b)
+    s_n, s_c, s_h, s_w = input.stride()
+    _launch_in_slices(
+        _roi_pool_fwd_cl_kernel,
+        input,
+        rois.shape[0],
+        blocks,
+        (*_forward_head(input, rois, pooled_height, pooled_width, output, argmax), s_n, s_c, s_h,
+         s_w, rois.stride(0), rois.stride(1), *_scale_arguments(spatial_scale)),
+        **_dtype_flags(input, rois),
+        BLOCK_C=config.block_c,
+        BLOCK_B=config.block_b,
+        VEC=channel_vector(input),
+        EVEN_C=channels % config.block_c == 0,
+        C_UNIT=s_c == 1,
         NEEDS_ARGMAX=argmax is not None,
         num_warps=config.num_warps,
     )  # fmt: skip

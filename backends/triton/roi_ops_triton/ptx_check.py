@@ -55,6 +55,22 @@ UNIT_VARIANTS: dict[str, dict[str, object]] = {
     "unit-float64": dict(inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True),
 }
 
+# The channels_last kernel; VEC > 1 compiles the aligned variant (16-byte loads).
+CL_VARIANTS: dict[str, dict[str, object]] = {
+    "cl-float32": dict(),
+    "cl-float32-inference": dict(NEEDS_ARGMAX=False),
+    "cl-float32-unaligned-odd-c": dict(VEC=1, EVEN_C=False),
+    "cl-float16-half-geometry": dict(
+        inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True, BLOCK_C=64, BLOCK_B=32, VEC=8
+    ),
+    "cl-bfloat16-inference": dict(
+        inp="bf16", out="bf16", BLOCK_C=64, BLOCK_B=32, VEC=8, NEEDS_ARGMAX=False
+    ),
+    "cl-float64": dict(
+        inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True, BLOCK_C=16, VEC=2
+    ),
+}
+
 _FORWARD_DEFAULTS: dict[str, object] = dict(
     inp="fp32",
     rois="fp32",
@@ -81,6 +97,11 @@ _FORWARD_RUNTIME = {
 # The unit kernel shares the flat kernel's leading arguments and dtype flags: no W stride (it is
 # 1), a channels-per-program count at the end, and lanes instead of the flat tile's shape.
 _UNIT_RUNTIME = {k: v for k, v in _FORWARD_RUNTIME.items() if k != "s_w"} | {"chan_per_prog": "i32"}
+_CL_RUNTIME = dict(_FORWARD_RUNTIME)
+_CL_DEFAULTS: dict[str, object] = {
+    k: _FORWARD_DEFAULTS[k]
+    for k in ("inp", "rois", "out", "GEOM_HALF", "GEOM_F64", "ACC_F64", "NEEDS_ARGMAX")
+} | {"BLOCK_C": 32, "BLOCK_B": 64, "VEC": 4, "EVEN_C": True, "C_UNIT": True}
 _UNIT_DEFAULTS: dict[str, object] = {
     k: _FORWARD_DEFAULTS[k]
     for k in ("inp", "rois", "out", "GEOM_HALF", "GEOM_F64", "ACC_F64", "NEEDS_ARGMAX")
@@ -103,7 +124,11 @@ def _compile(fn, signature: dict[str, str], constexprs: dict[str, object], arch:
 
     full = dict(signature)
     full.update({name: "constexpr" for name in constexprs})
-    source = ASTSource(fn, full, constexprs)
+    # Pointers 16-byte aligned, as torch's allocations are (and as the launches specialise them).
+    aligned = {
+        (i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t[0] == "*"
+    }
+    source = ASTSource(fn, full, constexprs, aligned)
     options = {"num_warps": warps, "enable_fp_fusion": False}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
@@ -130,6 +155,15 @@ def _unit(name: str, arch: int):
     signature = _forward_signature(settings, _UNIT_RUNTIME)
     kernel = kernels._roi_pool_fwd_unit_kernel
     return _compile(kernel, signature, settings, arch, kernels.UNIT_WARPS)
+
+
+def _channels_last(name: str, arch: int):
+    from roi_ops_triton import kernels
+
+    settings = {**_CL_DEFAULTS, **CL_VARIANTS[name]}
+    signature = _forward_signature(settings, _CL_RUNTIME)
+    kernel = kernels._roi_pool_fwd_cl_kernel
+    return _compile(kernel, signature, settings, arch, kernels.CL_WARPS)
 
 
 def _backward(dtype: str, arch: int):
@@ -186,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     jobs = [(name, lambda n=name: _forward(n, args.arch)) for name in FORWARD_VARIANTS]
     jobs += [(name, lambda n=name: _unit(n, args.arch)) for name in UNIT_VARIANTS]
+    jobs += [(name, lambda n=name: _channels_last(n, args.arch)) for name in CL_VARIANTS]
     jobs += [(f"backward-{d}", lambda d=d: _backward(d, args.arch)) for d in ("fp32", "bf16")]
     jobs += [("backward-fp64", lambda: _backward("fp64", args.arch))]
     for name, build in jobs:
@@ -198,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             problems = [what for what, pattern in _FORBIDDEN.items() if pattern.search(ptx)]
         else:
             problems = check_ptx(ptx, "float64" in name)
+        if name.startswith("cl-") and "unaligned" not in name and "ld.global.v" not in ptx:
+            problems.append("expected vector loads of aligned channels")
         status = "ok" if not problems else "FAILED: " + "; ".join(problems)
         failed = failed or bool(problems)
         print(f"{name:32s} {_resources(kernel.asm['cubin'])}: {status}")
