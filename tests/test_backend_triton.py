@@ -248,6 +248,49 @@ def test_signed_zero_nan_and_subnormal_order(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("channels", [16, 24, 68])
+def test_channels_last_kernel_on_ties_and_specials(device, dtype, channels):
+    """The channels_last kernel with whole channel blocks (16: every dtype's BLOCK_C divides it
+    or exceeds it), a partial last block, several blocks; ties, signed zeros, NaN and -inf;
+    bins at the border, empty bins, a bad ROI. On the GPU the aligned inputs take 16-byte loads,
+    the embedded (offset) one does not."""
+    g = torch.Generator().manual_seed(17)
+    shape = (2, channels, 9, 13)
+    x = torch.randint(-2, 2, shape, generator=g).to(torch.float64)
+    signs = torch.rand(shape, generator=g) < 0.5
+    x = torch.where((x == 0) & signs, torch.tensor(-0.0, dtype=torch.float64), x)
+    special = torch.rand(shape, generator=g)
+    x[special < 0.02] = math.nan
+    x[special > 0.98] = -math.inf
+    x = x.to(dtype)
+    rois = torch.tensor(
+        [
+            [0.0, 0, 0, 12, 8],
+            [1.0, 2.5, 1, 9, 7.5],
+            [1.0, -4, 3, 30, 20],
+            [0.0, 5, 5, 5, 5],
+            [3.0, 1, 1, 4, 4],
+        ],
+        dtype=torch.float64,
+    ).to(_rois_dtype(dtype))
+    assert kernels.forward_config(_layout(x, "channels_last"), 7, 7).channels_fast
+    for placed in (_layout(x, "channels_last"), embedded(x, "channels_last")):
+        for size in ((7, 7), (3, 2), (9, 13)):
+            check(placed.to(device), rois.to(device), size, 1.0)
+
+
+def test_channel_vector_needs_aligned_channels():
+    def last(c, dtype=torch.float32):
+        return torch.empty(2, c, 5, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+    assert [kernels.channel_vector(last(32, d)) for d in DTYPES] == [8, 8, 4, 2]
+    assert kernels.channel_vector(last(20, torch.float16)) == 1  # not whole vectors
+    assert kernels.channel_vector(last(20)[:, 1:17]) == 1  # pointer 4 bytes in
+    assert kernels.channel_vector(torch.empty(2, 32, 5, 6)) == 1  # NCHW
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
 def test_half_geometry_rounding(device, dtype):
     """Coordinates and scales whose products round differently in float16 and float32."""

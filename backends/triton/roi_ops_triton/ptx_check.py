@@ -28,20 +28,8 @@ FORWARD_VARIANTS: dict[str, dict[str, object]] = {
     "float32-flat": dict(),
     "float32-flat-split4": dict(BLOCK_B=128, SPLIT=4),
     "float32-flat-inference": dict(TRACK_INDEX=False, NEEDS_ARGMAX=False),
-    "float32-channels-last": dict(
-        CHANNELS_FAST=True, W_UNIT=False, C_UNIT=True, BLOCK_C=32, BLOCK_B=16
-    ),
     "float16-half-geometry": dict(inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True),
     "float16-float32-rois-split8": dict(inp="fp16", out="fp16", BLOCK_B=64, SPLIT=8),
-    "bfloat16-channels-last": dict(
-        inp="bf16",
-        out="bf16",
-        CHANNELS_FAST=True,
-        W_UNIT=False,
-        C_UNIT=True,
-        BLOCK_C=64,
-        BLOCK_B=8,
-    ),
     "float64-flat-split2": dict(
         inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True, BLOCK_B=256, SPLIT=2
     ),
@@ -61,11 +49,9 @@ CL_VARIANTS: dict[str, dict[str, object]] = {
     "cl-float32-inference": dict(NEEDS_ARGMAX=False),
     "cl-float32-unaligned-odd-c": dict(VEC=1, EVEN_C=False),
     "cl-float16-half-geometry": dict(
-        inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True, BLOCK_C=64, BLOCK_B=32, VEC=8
+        inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True, BLOCK_C=64, VEC=8
     ),
-    "cl-bfloat16-inference": dict(
-        inp="bf16", out="bf16", BLOCK_C=64, BLOCK_B=32, VEC=8, NEEDS_ARGMAX=False
-    ),
+    "cl-bfloat16-inference": dict(inp="bf16", out="bf16", BLOCK_C=64, VEC=8, NEEDS_ARGMAX=False),
     "cl-float64": dict(
         inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True, BLOCK_C=16, VEC=2
     ),
@@ -78,10 +64,8 @@ _FORWARD_DEFAULTS: dict[str, object] = dict(
     GEOM_HALF=False,
     GEOM_F64=False,
     ACC_F64=False,
-    CHANNELS_FAST=False,
     W_UNIT=True,
     C_UNIT=False,
-    BLOCK_C=1,
     BLOCK_B=512,
     SPLIT=1,
     TRACK_INDEX=True,
@@ -144,7 +128,7 @@ def _forward(name: str, arch: int):
 
     settings = {**_FORWARD_DEFAULTS, **FORWARD_VARIANTS[name]}
     signature = _forward_signature(settings, _FORWARD_RUNTIME)
-    warps = 8 if settings["BLOCK_C"] * settings["BLOCK_B"] * settings["SPLIT"] >= 2048 else 4
+    warps = 8 if settings["BLOCK_B"] * settings["SPLIT"] >= 2048 else 4
     return _compile(kernels._roi_pool_fwd_kernel, signature, settings, arch, warps)
 
 
