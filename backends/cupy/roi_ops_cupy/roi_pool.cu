@@ -13,8 +13,13 @@
 //       warp), so one step of all groups stores floor(256 / nb) * nb consecutive outputs;
 //       larger nb runs 256 threads that loop over bins.
 //       For inputs whose width stride is the smallest (NCHW contiguous and most other layouts).
+//   roi_pool_forward_cvec<T, R, kArgmax>   channels_last with 16-byte aligned channel vectors:
+//       one block per (ROI, channel block); a thread reads each element of its bin for 8 adjacent
+//       channels (4 in float64) with one or two 16-byte loads; results are staged in shared
+//       memory and stored in output order.
 //   roi_pool_forward_chan<T, R, kArgmax>   one block per (ROI, 32 channels); lanes run over
-//       channels, so loads are coalesced when the channel stride is the smallest (channels_last);
+//       channels, so loads are coalesced when the channel stride is the smallest (channels_last
+//       inputs whose channel vectors are not aligned);
 //       8 warps split the bins, whose edges the block caches in shared memory (dynamic,
 //       8 * (PH + PW) bytes, unless cache_edges = 0); results are staged in shared memory and
 //       stored in output order.
