@@ -14,8 +14,9 @@ class CupyBackend(Backend):
     Exact to the contract in all four float dtypes. One block per (ROI, channel block) computes
     the ROI's geometry once; NCHW-like inputs map threads to output elements (coalesced stores),
     channels_last inputs map threads to 16-byte vectors of adjacent channels (coalesced loads).
-    Kernels are compiled once per device and dtype pair. The backward is an atomic scatter outside deterministic mode; under
-    ``torch.use_deterministic_algorithms(True)`` roi_ops' shared deterministic backward runs.
+    Kernels are compiled once per device and dtype pair. The backward is an atomic scatter
+    outside deterministic mode; under ``torch.use_deterministic_algorithms(True)`` roi_ops'
+    shared deterministic backward runs.
     """
 
     name = "cupy"
