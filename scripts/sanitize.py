@@ -44,7 +44,7 @@ def cases(device: str) -> list[RoiPoolCase]:
         for layout in ("contiguous", "channels_last", "cl24", "cl20", "expanded"):
             channels = {"cl24": 24, "cl20": 20}.get(layout, 5)
             x = torch.randn(2, channels, 9, 11)
-            if layout.startswith("c") and layout != "contiguous":
+            if layout in ("channels_last", "cl24", "cl20"):
                 x = x.contiguous(memory_format=torch.channels_last)
             if layout == "expanded":
                 x = torch.randn(1, 5, 1, 11).expand(2, 5, 9, 11)

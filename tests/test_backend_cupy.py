@@ -28,7 +28,7 @@ from hypothesis import strategies as st  # noqa: E402
 from roi_ops_cupy import kernels  # noqa: E402
 
 from roi_ops.backend import ALL_FLOAT_DTYPES, RoIPoolProblem  # noqa: E402
-from roi_ops.testing.cases import contract_cases  # noqa: E402
+from roi_ops.testing.cases import contract_cases, tie_heavy_features  # noqa: E402
 from roi_ops.testing.reference import (  # noqa: E402
     reference_roi_pool,
     reference_roi_pool_backward,
@@ -411,22 +411,15 @@ def test_plan_picks_kernels_sizes_blocks_and_caches_edges(monkeypatch):
     assert kernels.plan_forward(empty, torch.empty(0, 64, 7, 7), None, 132) is None
 
 
-def test_cvec_needs_aligned_channel_vectors():
-    def last(c, dtype=torch.float32, h=5, w=6):
-        return torch.empty(2, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+def test_cvec_takes_aligned_channels_last_inputs():
+    def last(c, dtype=torch.float32):
+        return torch.empty(2, c, 5, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
     assert [kernels.cvec_lanes(d) for d in DTYPES] == [8, 8, 4, 2]
     assert [kernels.cvec_thread_channels(d) for d in DTYPES] == [8, 8, 8, 4]
-    assert kernels.cvec_aligned(last(24, torch.float16))
-    assert not kernels.cvec_aligned(last(20, torch.float16))  # 20 channels: not whole vectors
-    assert kernels.cvec_aligned(last(20)) and kernels.cvec_aligned(last(2, torch.float64))
-    assert not kernels.cvec_aligned(last(20)[:, :18])  # C = 18
-    assert not kernels.cvec_aligned(last(20)[:, 1:17])  # pointer one element in
-    assert not kernels.cvec_aligned(torch.empty(2, 20, 5, 6))  # NCHW
-    padded = torch.empty(2, 5, 6, 21)[..., :20].permute(0, 3, 1, 2)  # W stride 21
-    assert padded.stride(1) == 1 and not kernels.cvec_aligned(padded)
     assert kernels.forward_kernel(last(20)) == "roi_pool_forward_cvec"
     assert kernels.forward_kernel(last(20, torch.float16)) == "roi_pool_forward_chan"
+    assert kernels.forward_kernel(last(20)[:, 1:17]) == "roi_pool_forward_chan"  # 4 bytes in
 
 
 # ---- Running the kernels: a CPU emulator everywhere, CuPy on a CUDA device -------------------
@@ -680,18 +673,6 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
     check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
 
 
-def _tie_heavy(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """Small integers (ties everywhere), signed zeros, some NaN and -inf."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-2, 2, shape, generator=g).to(torch.float64)
-    signs = torch.rand(shape, generator=g) < 0.5
-    x = torch.where((x == 0) & signs, torch.tensor(-0.0, dtype=torch.float64), x)
-    special = torch.rand(shape, generator=g)
-    x[special < 0.01] = math.nan
-    x[special > 0.99] = -math.inf
-    return x.to(dtype)
-
-
 @pytest.mark.parametrize("kernel", ["unit", "plane", "cvec", "chan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kernels_on_ties_and_specials(runner, dtype, kernel, monkeypatch):
@@ -705,7 +686,7 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel, monkeypatch):
         monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "plane")
     layout = {"cvec": "channels_last", "chan": "channels_last_unaligned"}.get(kernel, "contiguous")
     lane_channels = {torch.float32: 20, torch.float64: 22}.get(dtype, 24)
-    x = _tie_heavy((2, lane_channels if layout != "contiguous" else 11, 12, 40), 21, dtype)
+    x = tie_heavy_features((2, lane_channels if layout != "contiguous" else 11, 12, 40), 21, dtype)
     rows = [
         [0, 3.0, 1.0, 5.0, 10.0],
         [1, 7.0, 0.0, 13.0, 11.0],

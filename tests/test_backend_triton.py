@@ -33,6 +33,7 @@ from roi_ops.testing import (  # noqa: E402
     reference_roi_pool,
     reference_roi_pool_backward,
     roi_pool_cases,
+    tie_heavy_features,
 )
 
 triton = pytest.importorskip("triton")
@@ -255,15 +256,7 @@ def test_channels_last_kernel_on_ties_and_specials(device, dtype, channels):
     or exceeds it), a partial last block, several blocks; ties, signed zeros, NaN and -inf;
     bins at the border, empty bins, a bad ROI. On the GPU the aligned inputs take 16-byte loads,
     the embedded (offset) one does not."""
-    g = torch.Generator().manual_seed(17)
-    shape = (2, channels, 9, 13)
-    x = torch.randint(-2, 2, shape, generator=g).to(torch.float64)
-    signs = torch.rand(shape, generator=g) < 0.5
-    x = torch.where((x == 0) & signs, torch.tensor(-0.0, dtype=torch.float64), x)
-    special = torch.rand(shape, generator=g)
-    x[special < 0.02] = math.nan
-    x[special > 0.98] = -math.inf
-    x = x.to(dtype)
+    x = tie_heavy_features((2, channels, 9, 13), 17, dtype)
     rois = torch.tensor(
         [
             [0.0, 0, 0, 12, 8],
@@ -278,16 +271,6 @@ def test_channels_last_kernel_on_ties_and_specials(device, dtype, channels):
     for placed in (_layout(x, "channels_last"), embedded(x, "channels_last")):
         for size in ((7, 7), (3, 2), (9, 13)):
             check(placed.to(device), rois.to(device), size, 1.0)
-
-
-def test_channel_vector_needs_aligned_channels():
-    def last(c, dtype=torch.float32):
-        return torch.empty(2, c, 5, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
-
-    assert [kernels.channel_vector(last(32, d)) for d in DTYPES] == [8, 8, 4, 2]
-    assert kernels.channel_vector(last(20, torch.float16)) == 1  # not whole vectors
-    assert kernels.channel_vector(last(20)[:, 1:17]) == 1  # pointer 4 bytes in
-    assert kernels.channel_vector(torch.empty(2, 32, 5, 6)) == 1  # NCHW
 
 
 @pytest.mark.parametrize("device", DEVICES)

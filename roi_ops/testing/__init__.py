@@ -2,13 +2,14 @@
 
 - `reference_roi_pool` / `reference_roi_pool_backward`: the slow scalar reference.
 - `contract_cases`, `check_case`, `RoiPoolCase`: hand-picked inputs and exact comparison.
+- `tie_heavy_features`: inputs full of ties, signed zeros, NaN and -inf.
 - `roi_pool_cases` (hypothesis strategy; needs `hypothesis`).
 - `BackendConformance`: a pytest base class for a plugin's own test suite (needs `pytest`).
 """
 
 from __future__ import annotations
 
-from .cases import RoiPoolCase, check_case, contract_cases
+from .cases import RoiPoolCase, check_case, contract_cases, tie_heavy_features
 from .reference import reference_roi_pool, reference_roi_pool_backward
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "reference_roi_pool",
     "reference_roi_pool_backward",
     "roi_pool_cases",
+    "tie_heavy_features",
 ]
 
 

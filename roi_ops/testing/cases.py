@@ -59,6 +59,28 @@ def rois_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
+def tie_heavy_features(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Features that exercise the ordering rules: small integers in [-2, 1] (ties everywhere),
+    zeros of either sign, and about 1% NaN and 1% -inf.
+
+    Args:
+        shape: the (N, C, H, W) shape (any shape works).
+        seed: seeds a private generator (the result is deterministic).
+        dtype: the result's dtype (every value is exact in all four float dtypes).
+
+    Returns:
+        A contiguous CPU tensor of `shape` and `dtype`.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 2, shape, generator=g).to(torch.float64)
+    signs = torch.rand(shape, generator=g) < 0.5
+    x = torch.where((x == 0) & signs, torch.tensor(-0.0, dtype=torch.float64), x)
+    special = torch.rand(shape, generator=g)
+    x[special < 0.01] = math.nan
+    x[special > 0.99] = -math.inf
+    return x.to(dtype)
+
+
 def _features(shape, dtype, device, generator) -> torch.Tensor:
     values = torch.randn(shape, generator=generator, dtype=torch.float64) * 3 + 0.5
     return values.to(dtype).to(device)

@@ -17,6 +17,7 @@ from importlib import resources
 import numpy as np
 import torch
 from roi_ops.backend import RoIPoolProblem
+from roi_ops.layout import aligned_channel_vector
 
 SOURCE_NAME = "roi_pool.cu"
 # --fmad=false: no contraction into FMA anywhere (the geometry also uses _rn intrinsics).
@@ -233,7 +234,7 @@ def uses_channel_kernel(input: torch.Tensor) -> bool:
 
 def cvec_lanes(dtype: torch.dtype) -> int:
     """Channels in one of the cvec kernel's 16-byte vectors (4 float32, 8 float16, 2 float64)."""
-    return CVEC_BYTES // torch.empty((), dtype=dtype).element_size()
+    return CVEC_BYTES // dtype.itemsize
 
 
 def cvec_thread_channels(dtype: torch.dtype) -> int:
@@ -241,21 +242,6 @@ def cvec_thread_channels(dtype: torch.dtype) -> int:
     one for the 16-bit types (8 channels in all but float64's 4)."""
     lanes = cvec_lanes(dtype)
     return lanes if lanes == 8 else 2 * lanes
-
-
-def cvec_aligned(input: torch.Tensor) -> bool:
-    """Whether every channel vector the cvec kernel loads is 16-byte aligned: a unit channel
-    stride, C and the other strides multiples of the vector, an aligned data pointer."""
-    lanes = cvec_lanes(input.dtype)
-    sn, sc, sh, sw = input.stride()
-    return (
-        sc == 1
-        and input.shape[1] % lanes == 0
-        and sn % lanes == 0
-        and sh % lanes == 0
-        and sw % lanes == 0
-        and input.data_ptr() % CVEC_BYTES == 0
-    )
 
 
 def forward_kernel(input: torch.Tensor) -> str:
@@ -269,7 +255,8 @@ def forward_kernel(input: torch.Tensor) -> str:
     if forced in ("plane", "chan"):
         return f"roi_pool_forward_{forced}"
     if uses_channel_kernel(input):
-        return "roi_pool_forward_cvec" if cvec_aligned(input) else "roi_pool_forward_chan"
+        aligned = aligned_channel_vector(input, CVEC_BYTES) > 1
+        return "roi_pool_forward_cvec" if aligned else "roi_pool_forward_chan"
     if input.stride(3) == 1:
         return "roi_pool_forward_unit"
     return "roi_pool_forward_plane"

@@ -263,31 +263,34 @@ __device__ __forceinline__ int2 bin_span(i64 p, typename G::V bin, i64 corner, i
                    static_cast<int>(clamp_to<i64>(hi, 0, limit)));
 }
 
-// Shared-memory edge cache: rows [0, PH) then columns [PH, PH + PW).
+// Shared-memory edge cache (the chan kernel's is dynamic, the cvec kernel's static): rows
+// [0, PH) then columns [PH, PH + PW). Filled by the whole block (a barrier follows).
 #ifndef ROI_OPS_HOST_EMULATION
 extern __shared__ int2 roi_edges[];
 #endif
 
 template <class G>
-__device__ __forceinline__ void fill_edge_cache(const RoiGeometry<G>& g, i64 PH, i64 PW, i64 H,
-                                                i64 W, int tid) {
+__device__ __forceinline__ void fill_edge_cache(int2* edges, const RoiGeometry<G>& g, i64 PH,
+                                                i64 PW, i64 H, i64 W, int tid) {
   const bool valid = g.batch >= 0;
-  for (i64 i = tid; i < PH + PW; i += kThreads) {
-    roi_edges[i] = i < PH ? bin_span<G>(i, g.bin_h, g.y1, H, valid)
-                          : bin_span<G>(i - PH, g.bin_w, g.x1, W, valid);
+  const int count = static_cast<int>(PH + PW);  // cached only when small (launcher, kCvecEdges)
+  for (int i = tid; i < count; i += kThreads) {
+    edges[i] = i < PH ? bin_span<G>(i, g.bin_h, g.y1, H, valid)
+                      : bin_span<G>(i - PH, g.bin_w, g.x1, W, valid);
   }
   __syncthreads();
 }
 
 template <class G>
-__device__ __forceinline__ int2 row_span(const RoiGeometry<G>& g, bool cached, int ph, i64 H) {
-  return cached ? roi_edges[ph] : bin_span<G>(ph, g.bin_h, g.y1, H, g.batch >= 0);
+__device__ __forceinline__ int2 row_span(const int2* edges, const RoiGeometry<G>& g, bool cached,
+                                         int ph, i64 H) {
+  return cached ? edges[ph] : bin_span<G>(ph, g.bin_h, g.y1, H, g.batch >= 0);
 }
 
 template <class G>
-__device__ __forceinline__ int2 col_span(const RoiGeometry<G>& g, bool cached, i64 PH, int pw,
-                                         i64 W) {
-  return cached ? roi_edges[PH + pw] : bin_span<G>(pw, g.bin_w, g.x1, W, g.batch >= 0);
+__device__ __forceinline__ int2 col_span(const int2* edges, const RoiGeometry<G>& g, bool cached,
+                                         i64 PH, int pw, i64 W) {
+  return cached ? edges[PH + pw] : bin_span<G>(pw, g.bin_w, g.x1, W, g.batch >= 0);
 }
 
 template <class T>
@@ -445,7 +448,7 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
   const i64 k = blockIdx.x;
   const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
   const bool cached = cache_edges != 0;
-  if (cached) fill_edge_cache<G>(g, PH, PW, H, W, tid);
+  if (cached) fill_edge_cache<G>(roi_edges, g, PH, PW, H, W, tid);
   const int nb = static_cast<int>(PH * PW);  // < 2^31 (launcher checks)
   const int pw_count = static_cast<int>(PW);
   const T* __restrict__ image = input + (g.batch > 0 ? g.batch : 0) * sN;
@@ -460,8 +463,9 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
         const int ph = (q0 + qi) / pw_count;
         const int pw = q0 + qi - ph * pw_count;
         if (active) {
-          const BinMax<T> m = bin_max<T>(plane, row_span<G>(g, cached, ph, H),
-                                         col_span<G>(g, cached, PH, pw, W), sH, sW, W);
+          const BinMax<T> m = bin_max<T>(plane, row_span<G>(roi_edges, g, cached, ph, H),
+                                         col_span<G>(roi_edges, g, cached, PH, pw, W), sH, sW,
+                                         W);
           tile_value[qi][lane] = m.value;
           if (kArgmax) tile_index[qi][lane] = m.index;
         }
@@ -913,7 +917,7 @@ __global__ void __launch_bounds__(256, ROI_OPS_UNIT_MIN_BLOCKS)
 
 // ---- The cvec kernel: channels adjacent in memory, 16 bytes of channels per load --------------
 // For inputs whose channel stride is 1 (channels_last) and whose channel vectors are 16-byte
-// aligned: the launcher checks the pointer, C and every stride (kernels.cvec_aligned); other
+// aligned: the launcher checks the pointer, C and every stride (roi_ops.layout.aligned_channel_vector); other
 // channel-adjacent inputs take the chan kernel. A thread keeps one vector of Lanes<T>::kCount
 // channels (4 float32, 8 float16 or bfloat16, 2 float64) and one bin at a time, and reads each
 // element of the bin for all its channels with one 16-byte load: a warp reads 4 bins x 8
@@ -1102,6 +1106,7 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
     // Unrolling two elements spills float32's and float64's 8 and 4 channels (64 registers);
     // float16 and bfloat16 measured up to 12% faster with it.
     constexpr int kUnroll = P == 1 ? 2 : 1;
+    (void)kUnroll;  // read by #pragma unroll only (a host build ignores the pragma)
     WV best[kChannels];
     int at[kChannels];
 #pragma unroll
@@ -1170,13 +1175,7 @@ __global__ void __launch_bounds__(256, 4)
   const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
   const bool valid = g.batch >= 0;
   const bool cached = PH + PW <= kCvecEdges;  // the same for the whole block
-  if (cached) {
-    for (int i = tid; i < PH + PW; i += kThreads) {
-      edges[i] = i < PH ? bin_span<G>(i, g.bin_h, g.y1, H, valid)
-                        : bin_span<G>(i - PH, g.bin_w, g.x1, W, valid);
-    }
-    __syncthreads();
-  }
+  if (cached) fill_edge_cache<G>(edges, g, PH, PW, H, W, tid);
   const int nb = static_cast<int>(PH * PW);  // < 2^31 - 256 (launcher checks)
   const int pw_count = static_cast<int>(PW);
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
@@ -1199,8 +1198,8 @@ __global__ void __launch_bounds__(256, 4)
           const int q = q0 + qi;
           const int ph = q / pw_count;
           const int pw = q - ph * pw_count;
-          const int2 rows = cached ? edges[ph] : bin_span<G>(ph, g.bin_h, g.y1, H, valid);
-          const int2 cols = cached ? edges[PH + pw] : bin_span<G>(pw, g.bin_w, g.x1, W, valid);
+          const int2 rows = row_span<G>(edges, g, cached, ph, H);
+          const int2 cols = col_span<G>(edges, g, cached, PH, pw, W);
           const int bin_h = rows.y - rows.x;
           const int bin_w = cols.y - cols.x;
           Word* __restrict__ values = &tile_value[qi][lane * kChannels];

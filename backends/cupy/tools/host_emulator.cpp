@@ -177,40 +177,16 @@ double real(std::uint64_t v) {
   return d;
 }
 
-template <class T, class R, bool A>
-void run_plane(Args a) {
-  roi_pool_forward_plane<T, R, A>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]),
-                                  num(a[4]), num(a[5]), num(a[6]), num(a[7]), num(a[8]),
-                                  ptr<const R*>(a[9]), num(a[10]), num(a[11]), real(a[12]),
-                                  num(a[13]), num(a[14]), num(a[15]), ptr<T*>(a[16]),
-                                  ptr<int*>(a[17]));
-}
+// Every forward kernel has the same parameters.
+template <class T, class R>
+using ForwardKernel = void (*)(const T*, i64, i64, i64, i64, i64, i64, i64, i64, const R*, i64,
+                               i64, double, i64, i64, i64, T*, int*);
 
-template <class T, class R, bool A>
-void run_chan(Args a) {
-  roi_pool_forward_chan<T, R, A>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]),
-                                 num(a[4]), num(a[5]), num(a[6]), num(a[7]), num(a[8]),
-                                 ptr<const R*>(a[9]), num(a[10]), num(a[11]), real(a[12]),
-                                 num(a[13]), num(a[14]), num(a[15]), ptr<T*>(a[16]),
-                                 ptr<int*>(a[17]));
-}
-
-template <class T, class R, bool A>
-void run_unit(Args a) {
-  roi_pool_forward_unit<T, R, A>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]),
-                                 num(a[4]), num(a[5]), num(a[6]), num(a[7]), num(a[8]),
-                                 ptr<const R*>(a[9]), num(a[10]), num(a[11]), real(a[12]),
-                                 num(a[13]), num(a[14]), num(a[15]), ptr<T*>(a[16]),
-                                 ptr<int*>(a[17]));
-}
-
-template <class T, class R, bool A>
-void run_cvec(Args a) {
-  roi_pool_forward_cvec<T, R, A>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]),
-                                 num(a[4]), num(a[5]), num(a[6]), num(a[7]), num(a[8]),
-                                 ptr<const R*>(a[9]), num(a[10]), num(a[11]), real(a[12]),
-                                 num(a[13]), num(a[14]), num(a[15]), ptr<T*>(a[16]),
-                                 ptr<int*>(a[17]));
+template <class T, class R, ForwardKernel<T, R> kKernel>
+void run_forward(Args a) {
+  kKernel(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]), num(a[4]), num(a[5]), num(a[6]),
+          num(a[7]), num(a[8]), ptr<const R*>(a[9]), num(a[10]), num(a[11]), real(a[12]),
+          num(a[13]), num(a[14]), num(a[15]), ptr<T*>(a[16]), ptr<int*>(a[17]));
 }
 
 template <class T>
@@ -234,15 +210,14 @@ struct Entry {
   Runner run;
 };
 
-#define ROI_FORWARD(T, R)                                                  \
-  {"roi_pool_forward_plane<" #T ", " #R ", true>", &run_plane<T, R, true>}, \
-      {"roi_pool_forward_plane<" #T ", " #R ", false>", &run_plane<T, R, false>}, \
-      {"roi_pool_forward_chan<" #T ", " #R ", true>", &run_chan<T, R, true>},     \
-      {"roi_pool_forward_chan<" #T ", " #R ", false>", &run_chan<T, R, false>},   \
-      {"roi_pool_forward_unit<" #T ", " #R ", true>", &run_unit<T, R, true>},     \
-      {"roi_pool_forward_unit<" #T ", " #R ", false>", &run_unit<T, R, false>},     \
-      {"roi_pool_forward_cvec<" #T ", " #R ", true>", &run_cvec<T, R, true>},     \
-      {"roi_pool_forward_cvec<" #T ", " #R ", false>", &run_cvec<T, R, false>},
+#define ROI_FORWARD_KERNEL(K, T, R)                                                  \
+  {#K "<" #T ", " #R ", true>", &run_forward<T, R, &K<T, R, true>>},                \
+      {#K "<" #T ", " #R ", false>", &run_forward<T, R, &K<T, R, false>>},
+#define ROI_FORWARD(T, R)                                                           \
+  ROI_FORWARD_KERNEL(roi_pool_forward_plane, T, R)                                  \
+  ROI_FORWARD_KERNEL(roi_pool_forward_chan, T, R)                                   \
+  ROI_FORWARD_KERNEL(roi_pool_forward_unit, T, R)                                   \
+  ROI_FORWARD_KERNEL(roi_pool_forward_cvec, T, R)
 #define ROI_BACKWARD(T)                                          \
   {"roi_pool_backward_atomic<" #T ">", &run_backward<T>},        \
       {"roi_pool_backward_planes<" #T ", 256>", &run_backward_planes<T, 256>},   \

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from roi_ops.layout import aligned_channel_vector
+
 INDEX_LIMIT = tl.constexpr(1099511627776.0)  # 2**40: the contract's index() saturation bound
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1; larger launches are split
@@ -464,6 +466,23 @@ def _unit_update(x, best, at, cand, F64: tl.constexpr, INTERP: tl.constexpr, TRA
 
 
 @triton.jit
+def _clamped_bins(bins, ok, valid, x1, y1, bin_h, bin_w, H, W, PW, GEOM_HALF: tl.constexpr,
+                  GEOM_F64: tl.constexpr):  # fmt: skip
+    """Each lane's bin for scans clamped into it (the unit and channels_last kernels):
+    (filled, first row, first column, last row offset, last column offset). Empty bins, bad
+    ROIs and lanes that are not `ok` become element 0 of the image, 1 x 1 (in bounds), and store
+    nothing they read (filled is False)."""
+    ph = bins // PW
+    pw = bins - ph * PW
+    hs, he = _bin_edges(ph, bin_h, y1, H, GEOM_HALF, GEOM_F64)
+    ws, we = _bin_edges(pw, bin_w, x1, W, GEOM_HALF, GEOM_F64)
+    filled = valid & (he > hs) & (we > ws) & ok
+    last_row = tl.where(filled, he - hs, 1) - 1
+    last_col = tl.where(filled, we - ws, 1) - 1
+    return filled, tl.where(filled, hs, 0), tl.where(filled, ws, 0), last_row, last_col
+
+
+@triton.jit
 def _unit_store(out_ptr, arg_ptr, offsets, ok, filled, best, at, first_index,
                 NEEDS_ARGMAX: tl.constexpr):  # fmt: skip
     value = _narrow(tl.where(filled, best, 0.0), out_ptr.dtype.element_ty)
@@ -532,16 +551,9 @@ def _roi_pool_fwd_unit_kernel(
     for b0 in range(0, phpw, span):
         bins = b0 + lane_bin
         lane_ok = (lane_group < groups) & (bins < phpw)
-        ph = bins // PW
-        pw = bins - ph * PW
-        hs, he = _bin_edges(ph, bin_h, y1, H, GEOM_HALF, GEOM_F64)
-        ws, we = _bin_edges(pw, bin_w, x1, W, GEOM_HALF, GEOM_F64)
-        filled = valid & (he > hs) & (we > ws) & lane_ok
-        # Empty bins and idle lanes read element 0 of a plane (in bounds) and store nothing read.
-        last_row = tl.where(filled, he - hs, 1) - 1
-        last_col = tl.where(filled, we - ws, 1) - 1
-        hs = tl.where(filled, hs, 0)
-        ws = tl.where(filled, ws, 0)
+        filled, hs, ws, last_row, last_col = _clamped_bins(
+            bins, lane_ok, valid, x1, y1, bin_h, bin_w, H, W, PW, GEOM_HALF, GEOM_F64
+        )
         max_bh = tl.max(last_row, 0) + 1
         max_bw = tl.max(last_col, 0) + 1
         corner = hs.to(tl.int64) * s_h + ws
@@ -656,16 +668,9 @@ def _roi_pool_fwd_cl_kernel(
     bins = (blk % bin_blocks) * BLOCK_B + tl.arange(0, BLOCK_B)
     chan = (blk // bin_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     bin_ok = bins < phpw
-    ph = bins // PW
-    pw = bins - ph * PW
-    hs, he = _bin_edges(ph, bin_h, y1, H, GEOM_HALF, GEOM_F64)
-    ws, we = _bin_edges(pw, bin_w, x1, W, GEOM_HALF, GEOM_F64)
-    filled = valid & (he > hs) & (we > ws) & bin_ok
-    # Empty bins and idle lanes read element 0 of the image (in bounds) and store nothing read.
-    last_row = tl.where(filled, he - hs, 1) - 1
-    last_col = tl.where(filled, we - ws, 1) - 1
-    hs = tl.where(filled, hs, 0)
-    ws = tl.where(filled, ws, 0)
+    filled, hs, ws, last_row, last_col = _clamped_bins(
+        bins, bin_ok, valid, x1, y1, bin_h, bin_w, H, W, PW, GEOM_HALF, GEOM_F64
+    )
     max_bh = tl.max(last_row, 0) + 1
     max_bw = tl.max(last_col, 0) + 1
     if EVEN_C:
@@ -820,23 +825,6 @@ def forward_config(input: torch.Tensor, pooled_height: int, pooled_width: int) -
 CL_BINS = 64
 CL_WARPS = 4
 CL_VECTOR_BYTES = 16
-
-
-def channel_vector(input: torch.Tensor) -> int:
-    """The channels_last kernel's alignment hint: channels per 16-byte vector when every bin's
-    first channel is 16-byte aligned (aligned pointer; C, and the N, H and W strides, multiples
-    of the vector), else 1 (no hint)."""
-    lanes = CL_VECTOR_BYTES // input.element_size()
-    s_n, s_c, s_h, s_w = input.stride()
-    aligned = (
-        s_c == 1
-        and input.data_ptr() % CL_VECTOR_BYTES == 0
-        and input.shape[1] % lanes == 0
-        and s_n % lanes == 0
-        and s_h % lanes == 0
-        and s_w % lanes == 0
-    )
-    return lanes if aligned and lanes > 1 else 1
 
 
 # The unit kernel: 256 lanes on 8 warps (one lane, so four channels, per thread). Programs hold
@@ -1025,7 +1013,7 @@ def _launch_channels_last(
         **_dtype_flags(input, rois),
         BLOCK_C=config.block_c,
         BLOCK_B=config.block_b,
-        VEC=channel_vector(input),
+        VEC=aligned_channel_vector(input, CL_VECTOR_BYTES),
         EVEN_C=channels % config.block_c == 0,
         C_UNIT=s_c == 1,
         NEEDS_ARGMAX=argmax is not None,
