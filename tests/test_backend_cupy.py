@@ -30,6 +30,7 @@ from roi_ops_cupy import kernels  # noqa: E402
 from roi_ops.backend import ALL_FLOAT_DTYPES, RoIPoolProblem  # noqa: E402
 from roi_ops.testing.cases import contract_cases, tie_heavy_features  # noqa: E402
 from roi_ops.testing.reference import (  # noqa: E402
+    backward_error_bound,
     reference_roi_pool,
     reference_roi_pool_backward,
 )
@@ -922,17 +923,11 @@ def test_backward_many_rois_in_rounds(runner, dtype, kernel, threads, monkeypatc
         grad_input = torch.zeros(x.shape, dtype=kernels.accumulate_dtype(dtype), device=device)
         runner.launch(kernels.plan_backward(*args, grad_input, 1))
         result = grad_input.cpu().to(dtype)
-    # float32/float64 sums in another order: equal to a few ulps; rounded once for 16-bit types
-    exact = expected.to(kernels.accumulate_dtype(dtype)).to(dtype)
-    if dtype in (torch.float16, torch.bfloat16):
-        assert (result.double() - exact.double()).abs().le(exact.double().abs() * 2**-7).all()
-    else:
-        torch.testing.assert_close(
-            result,
-            exact,
-            rtol=1e-5 if dtype == torch.float32 else 1e-12,
-            atol=1e-5 if dtype == torch.float32 else 1e-12,
-        )
+    # Atomic sums come in any order: within the summation bound of the exact float64 sum.
+    accumulate = kernels.accumulate_dtype(dtype)
+    bound = backward_error_bound(grad, argmax, rois, tuple(x.shape), accumulate, dtype)
+    error = (result.double() - expected).abs()
+    assert bool(error.le(bound).all()), f"worst excess {(error - bound).max().item()}"
     assert bool(expected.ne(0).sum() > 100)  # real sums, not zeros
 
 

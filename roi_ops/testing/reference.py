@@ -159,3 +159,29 @@ def reference_roi_pool_backward(
         if index >= 0:  # only valid ROIs have an argmax, so the batch index is finite
             grad[math.trunc(rows[k][0]), c, index] += go[k, c, ph, pw]
     return torch.from_numpy(grad.reshape(num_images, channels, height, width))
+
+
+def backward_error_bound(
+    grad_output: torch.Tensor,
+    argmax: torch.Tensor,
+    rois: torch.Tensor,
+    input_shape,
+    accumulate_dtype: torch.dtype,
+    result_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Per-element float64 bound on |grad_input - exact| for a gradient summed in any order.
+
+    Summing n terms in `accumulate_dtype` in any order errs by at most (n - 1) * eps * sum|terms|
+    (Higham, recursive summation); rounding the sum once to `result_dtype` adds half an ulp of it
+    and of the exact value, and a subnormal's absolute half-step. Shapes as in
+    `reference_roi_pool_backward`; the bound has `input_shape` and dtype float64.
+    """
+    terms = reference_roi_pool_backward(torch.ones_like(grad_output), argmax, rois, input_shape)
+    magnitude = reference_roi_pool_backward(grad_output.abs(), argmax, rois, input_shape)
+    exact = reference_roi_pool_backward(grad_output, argmax, rois, input_shape).abs()
+    summed = (terms - 1).clamp(min=0) * torch.finfo(accumulate_dtype).eps * magnitude
+    if result_dtype == accumulate_dtype:
+        return summed
+    info = torch.finfo(result_dtype)
+    rounding = info.eps * (exact + summed / 2) + info.smallest_normal * info.eps
+    return summed + rounding
