@@ -70,6 +70,9 @@ class Backend:
         dtypes: input dtypes it supports.
         deterministic: whether its forward and backward give run-to-run identical results.
         description: one line for `roi_ops.list_backends()` and ``python -m roi_ops info``.
+        gradient_formats: memory formats `backward` can return grad_input in. roi_ops asks for
+            ``torch.channels_last`` (for a channels_last input) only from a backend that lists
+            it, and otherwise copies the contiguous gradient into the input's layout.
     """
 
     name: ClassVar[str] = ""
@@ -78,6 +81,9 @@ class Backend:
     dtypes: ClassVar[frozenset[torch.dtype]] = ALL_FLOAT_DTYPES
     deterministic: ClassVar[bool] = True
     description: ClassVar[str] = ""
+    gradient_formats: ClassVar[frozenset[torch.memory_format]] = frozenset(
+        {torch.contiguous_format}
+    )
 
     def check_available(self) -> str | None:
         """Return why this backend cannot run in this process at all, or None if it can.
@@ -126,6 +132,7 @@ class Backend:
         batch_index: torch.Tensor,
         input_shape: tuple[int, int, int, int],
         input_dtype: torch.dtype,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> torch.Tensor | None:
         """Return grad_input, or None to use roi_ops' shared (deterministic) backward.
 
@@ -135,9 +142,12 @@ class Backend:
             batch_index: (K,) int64, each in [0, N) (clamped; rows whose argmax is -1 may have
                 any value in range).
             input_shape: (N, C, H, W).
-            input_dtype: dtype of the returned (N, C, H, W) contiguous gradient. float16 and
-                bfloat16 gradients must be accumulated in float32 and rounded once. The result
-                must be run-to-run identical when
-                ``torch.are_deterministic_algorithms_enabled()``.
+            input_dtype: dtype of the returned (N, C, H, W) gradient. float16 and bfloat16
+                gradients must be accumulated in float32 and rounded once. The result must be
+                run-to-run identical when ``torch.are_deterministic_algorithms_enabled()``.
+            memory_format: the layout the gradient must be dense in: contiguous, or
+                ``torch.channels_last`` for a channels_last input when the backend lists it in
+                `gradient_formats` (only then is the argument passed, so a backend that lists
+                only contiguous_format may omit the parameter).
         """
         return None

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .layout import gradient_memory_format
 from .ops import backward_on_backend, forward_on_backend, roi_pool_backward_op
 
 EAGER_FAST_PATH_ENV = "ROI_OPS_EAGER_FAST_PATH"
@@ -59,6 +60,7 @@ class RoIPoolFunction(torch.autograd.Function):
         )
         ctx.input_shape = input.shape
         ctx.input_dtype = input.dtype
+        ctx.memory_format = gradient_memory_format(input)
         ctx.backend = backend
         ctx.chosen = chosen
         if needs_argmax:
@@ -74,11 +76,24 @@ class RoIPoolFunction(torch.autograd.Function):
             )
         rois, argmax = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: record the op, whose gradient is a gather
+            channels_last = ctx.memory_format == torch.channels_last
             grad_input = roi_pool_backward_op(
-                grad_output, rois, argmax, *ctx.input_shape, ctx.input_dtype, ctx.backend
+                grad_output,
+                rois,
+                argmax,
+                *ctx.input_shape,
+                ctx.input_dtype,
+                ctx.backend,
+                channels_last,
             )
         else:
             grad_input = backward_on_backend(
-                ctx.chosen, grad_output, rois, argmax, ctx.input_shape, ctx.input_dtype
+                ctx.chosen,
+                grad_output,
+                rois,
+                argmax,
+                ctx.input_shape,
+                ctx.input_dtype,
+                ctx.memory_format,
             )
         return grad_input, None, None, None, None, None, None

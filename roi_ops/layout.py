@@ -31,3 +31,16 @@ def aligned_channel_vector(input: torch.Tensor, vector_bytes: int = 16) -> int:
         and input.data_ptr() % vector_bytes == 0
     )
     return lanes if aligned else 1
+
+
+def gradient_memory_format(input: torch.Tensor) -> torch.memory_format:
+    """The memory format in which roi_pool returns the gradient of `input`.
+
+    ``torch.channels_last`` when the (N, C, H, W) `input` is dense in channels_last and not also
+    contiguous (so autograd can keep the gradient as it is, without copying it into the input's
+    layout), else ``torch.contiguous_format``.
+    """
+    if input.dim() == 4 and not input.is_contiguous():
+        if input.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+    return torch.contiguous_format

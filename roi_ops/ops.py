@@ -14,6 +14,7 @@ from torch import Tensor
 from .backend import Backend, RoIPoolProblem
 from .config import poisoning_enabled, value_checks_enabled
 from .dispatch import BackendError, resolve_backend
+from .layout import gradient_memory_format
 from .validation import check_roi_values
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -120,12 +121,20 @@ def _flat_positions(argmax: Tensor, batch_index: Tensor, channels: int, plane: i
     return base[:, :, None, None] + argmax.clamp(min=0).to(torch.int64)
 
 
+def _channels_last_positions(argmax: Tensor, batch_index: Tensor, channels: int, plane: int):
+    """(K, C, PH, PW) int64 index of each argmax in the flattened (N*H*W*C) input."""
+    channel = torch.arange(channels, device=argmax.device)
+    pixel = batch_index[:, None, None, None] * plane + argmax.clamp(min=0).to(torch.int64)
+    return pixel * channels + channel[None, :, None, None]
+
+
 def scatter_backward(
     grad_output: Tensor,
     argmax: Tensor,
     batch_index: Tensor,
     input_shape: tuple[int, int, int, int],
     input_dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Tensor:
     """The shared backward: grad_input[b_k, c].flat[argmax] += grad_output.
 
@@ -133,17 +142,22 @@ def scatter_backward(
     run-to-run deterministic under ``torch.use_deterministic_algorithms(True)``.
 
     Returns:
-        (N, C, H, W) contiguous tensor of `input_dtype`.
+        (N, C, H, W) tensor of `input_dtype`, dense in `memory_format` (contiguous_format or
+        channels_last).
     """
     num_images, channels, height, width = input_shape
     accumulate = torch.float32 if input_dtype in _HALF_DTYPES else input_dtype
     grad = torch.zeros(
         num_images * channels * height * width, dtype=accumulate, device=grad_output.device
     )
+    channels_last = memory_format == torch.channels_last
     if argmax.numel():
-        positions = _flat_positions(argmax, batch_index, channels, height * width)
+        flat = _channels_last_positions if channels_last else _flat_positions
+        positions = flat(argmax, batch_index, channels, height * width)
         hit = argmax >= 0
         grad.index_put_((positions[hit],), grad_output.to(accumulate)[hit], accumulate=True)
+    if channels_last:  # .to keeps the strides of the (N, H, W, C) buffer
+        return grad.view(num_images, height, width, channels).permute(0, 3, 1, 2).to(input_dtype)
     return grad.view(input_shape).to(input_dtype)
 
 
@@ -155,7 +169,11 @@ def gather_at_argmax(grad_input_grad: Tensor, argmax: Tensor, batch_index: Tenso
     return torch.where(argmax >= 0, gathered, torch.zeros_like(gathered))
 
 
-def _check_plugin_gradient(backend: Backend, grad: object, shape, dtype, device) -> Tensor:
+def _check_plugin_gradient(
+    backend: Backend, grad: object, shape, dtype, device, memory_format, asked: bool
+) -> Tensor:
+    """The plugin's gradient, dense in `memory_format` (copied into it unless it was `asked`
+    for that format, where any other layout is the plugin's error)."""
     if not isinstance(grad, Tensor):
         raise BackendError(
             f"backend {backend.name!r}: backward returned {type(grad).__name__}, expected a "
@@ -166,7 +184,14 @@ def _check_plugin_gradient(backend: Backend, grad: object, shape, dtype, device)
             f"backend {backend.name!r}: backward returned a {tuple(grad.shape)} "
             f"{grad.dtype} tensor on {grad.device}, expected {tuple(shape)} {dtype} on {device}"
         )
-    return grad
+    if grad.is_contiguous(memory_format=memory_format):
+        return grad
+    if asked:
+        raise BackendError(
+            f"backend {backend.name!r}: backward was asked for a {memory_format} gradient and "
+            f"returned one with strides {grad.stride()}"
+        )
+    return grad.contiguous(memory_format=memory_format)
 
 
 def roi_pool_backward(
@@ -179,11 +204,14 @@ def roi_pool_backward(
     width: int,
     input_dtype: torch.dtype,
     backend: str,
+    channels_last: bool = False,
 ) -> Tensor:
     """The backward body shared by the custom op and the eager fast path.
 
     Returns grad_input (N, C, H, W) of `input_dtype` from `grad_output` (K, C, PH, PW) and the
-    forward's argmax; the backend's own backward, or `scatter_backward` when it has none.
+    forward's argmax, dense in channels_last when `channels_last` (the input's layout, see
+    `roi_ops.layout.gradient_memory_format`) and contiguous otherwise; the backend's own
+    backward, or `scatter_backward` when it has none.
     """
     shape = torch.Size((num_images, channels, height, width))
     # A zero-stride stand-in: backends choose by device and dtype, no memory is touched.
@@ -192,7 +220,8 @@ def roi_pool_backward(
         stand_in, rois, argmax.shape[2], argmax.shape[3], 1.0, needs_argmax=True
     )
     chosen = resolve_backend(backend, problem)
-    return backward_on_backend(chosen, grad_output, rois, argmax, shape, input_dtype)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return backward_on_backend(chosen, grad_output, rois, argmax, shape, input_dtype, memory_format)
 
 
 def backward_on_backend(
@@ -202,18 +231,28 @@ def backward_on_backend(
     argmax: Tensor,
     shape: torch.Size,
     input_dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Tensor:
-    """`roi_pool_backward` on an already chosen backend (grad_input of `shape`)."""
+    """`roi_pool_backward` on an already chosen backend (grad_input of `shape`, dense in
+    `memory_format`)."""
     batch_index = batch_indices(rois, shape[0])
+    # Only a backend that lists a non-default format is asked for it (older plugins' backward
+    # has no memory_format parameter).
+    asked = memory_format != torch.contiguous_format and memory_format in chosen.gradient_formats
+    extra = {"memory_format": memory_format} if asked else {}
     try:
-        grad = chosen.backward(grad_output, argmax, batch_index, tuple(shape), input_dtype)
+        grad = chosen.backward(grad_output, argmax, batch_index, tuple(shape), input_dtype, **extra)
     except Exception as error:
         raise BackendError(
             f"backend {chosen.name!r} failed in backward: {type(error).__name__}: {error}"
         ) from error
     if grad is None:
-        return scatter_backward(grad_output, argmax, batch_index, tuple(shape), input_dtype)
-    grad = _check_plugin_gradient(chosen, grad, shape, input_dtype, grad_output.device)
+        return scatter_backward(
+            grad_output, argmax, batch_index, tuple(shape), input_dtype, memory_format
+        )
+    grad = _check_plugin_gradient(
+        chosen, grad, shape, input_dtype, grad_output.device, memory_format, asked
+    )
     # The result must not alias an input (custom ops forbid it, and autograd would let the
     # caller's gradient share memory with the backward's inputs): copy it in that rare case.
     storages = {t.untyped_storage().data_ptr() for t in (grad_output, rois, argmax)}
@@ -231,18 +270,43 @@ def roi_pool_backward_op(
     width: int,
     input_dtype: torch.dtype,
     backend: str,
+    channels_last: bool = False,
 ) -> Tensor:
-    """grad_input (N, C, H, W) of `input_dtype` from `grad_output` and the forward's argmax."""
+    """grad_input (N, C, H, W) of `input_dtype` from `grad_output` and the forward's argmax,
+    dense in channels_last when `channels_last`, else contiguous. (`channels_last` has a
+    default so that graphs compiled before it existed still call the op.)"""
     return roi_pool_backward(
-        grad_output, rois, argmax, num_images, channels, height, width, input_dtype, backend
+        grad_output,
+        rois,
+        argmax,
+        num_images,
+        channels,
+        height,
+        width,
+        input_dtype,
+        backend,
+        channels_last,
     )
 
 
 @roi_pool_backward_op.register_fake
 def _roi_pool_backward_fake(
-    grad_output, rois, argmax, num_images, channels, height, width, input_dtype, backend
+    grad_output,
+    rois,
+    argmax,
+    num_images,
+    channels,
+    height,
+    width,
+    input_dtype,
+    backend,
+    channels_last=False,
 ):
-    return grad_output.new_empty((num_images, channels, height, width), dtype=input_dtype)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    shape = (num_images, channels, height, width)
+    return torch.empty(
+        shape, dtype=input_dtype, device=grad_output.device, memory_format=memory_format
+    )
 
 
 def _backward_setup(ctx, inputs, output) -> None:
@@ -255,7 +319,7 @@ def _backward_backward(ctx, grad_grad_input):
     rois, argmax = ctx.saved_tensors
     batch_index = batch_indices(rois, ctx.num_images)
     grad_grad_output = gather_at_argmax(grad_grad_input, argmax, batch_index)
-    return grad_grad_output, None, None, None, None, None, None, None, None
+    return grad_grad_output, None, None, None, None, None, None, None, None, None
 
 
 roi_pool_backward_op.register_autograd(_backward_backward, setup_context=_backward_setup)
@@ -265,6 +329,7 @@ def _forward_setup(ctx, inputs, output) -> None:
     input, rois, _, _, _, backend, needs_argmax = inputs
     ctx.input_shape = tuple(input.shape)
     ctx.input_dtype = input.dtype
+    ctx.channels_last = gradient_memory_format(input) == torch.channels_last
     ctx.backend = backend
     ctx.needs_argmax = needs_argmax
     ctx.save_for_backward(rois, output[1])
@@ -278,7 +343,13 @@ def _forward_backward(ctx, grad_output, _grad_argmax):
         )
     rois, argmax = ctx.saved_tensors
     grad_input = roi_pool_backward_op(
-        grad_output, rois, argmax, *ctx.input_shape, ctx.input_dtype, ctx.backend
+        grad_output,
+        rois,
+        argmax,
+        *ctx.input_shape,
+        ctx.input_dtype,
+        ctx.backend,
+        ctx.channels_last,
     )
     return grad_input, None, None, None, None, None, None
 

@@ -305,9 +305,11 @@ def test_opcheck():
     torch.library.opcheck(roi_pool_op, (x.detach(), rois, 3, 2, 0.5, "auto", False))
     _, argmax = roi_ops.roi_pool_with_argmax(x, rois, (3, 2), 0.5)
     grad = torch.randn(argmax.shape, dtype=x.dtype, requires_grad=True)
-    torch.library.opcheck(
-        roi_pool_backward_op, (grad, rois, argmax, 2, 3, 10, 12, torch.float64, "auto")
-    )
+    for channels_last in (False, True):  # the fake gradient's strides match the real one's
+        torch.library.opcheck(
+            roi_pool_backward_op,
+            (grad, rois, argmax, 2, 3, 10, 12, torch.float64, "auto", channels_last),
+        )
 
 
 def test_compile_fullgraph_with_varying_roi_count():

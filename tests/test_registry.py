@@ -378,3 +378,83 @@ def test_misbehaving_plugin_results_are_named_errors(tiny, result, message):
     with pytest.raises(roi_ops.BackendError, match=message):
         roi_ops.roi_pool(x, rois, 2, backend="misbehaving").sum().backward()
     assert roi_ops.roi_pool(x, rois, 2, backend="torch").shape == (2, 3, 2, 2)
+
+
+class GradientLayouts(Tiny):
+    """A float32 plugin whose backward records what it was asked and returns `layout`."""
+
+    name = "layouts"
+    dtypes = frozenset({torch.float32})
+    gradient_formats = frozenset({torch.contiguous_format, torch.channels_last})
+    layout = "asked"  # "asked": the format it was asked for; "contiguous": always contiguous
+
+    def __init__(self):
+        self.asked = []
+        self.returned = []
+
+    def backward(self, grad_output, argmax, batch_index, input_shape, input_dtype, **format):
+        from roi_ops.ops import scatter_backward
+
+        self.asked.append(format.get("memory_format"))
+        memory_format = torch.contiguous_format
+        if self.layout == "asked":
+            memory_format = format.get("memory_format", torch.contiguous_format)
+        grad = scatter_backward(
+            grad_output, argmax, batch_index, input_shape, input_dtype, memory_format
+        )
+        self.returned.append(
+            (grad.data_ptr(), grad.stride())
+        )  # no reference: autograd may steal it
+        return grad
+
+
+class OldStyleBackward(GradientLayouts):
+    """A plugin written before gradient_formats: backward has no memory_format parameter."""
+
+    name = "old-style"
+    gradient_formats = frozenset({torch.contiguous_format})
+
+    def backward(self, grad_output, argmax, batch_index, input_shape, input_dtype):
+        return super().backward(grad_output, argmax, batch_index, input_shape, input_dtype)
+
+
+def _channels_last_gradient(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient through `backend`, the torch backend's gradient on a contiguous copy)."""
+    x, rois = _x_rois()
+    leaf = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    grad_output = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2) - 5
+    roi_ops.roi_pool(leaf, rois, 2, backend=backend).backward(grad_output)
+    plain = x.clone().requires_grad_(True)
+    roi_ops.roi_pool(plain, rois, 2, backend="torch").backward(grad_output)
+    assert bool(plain.grad.ne(0).sum() > 6)  # real sums, not zeros
+    return leaf.grad, plain.grad
+
+
+@pytest.mark.parametrize("fast_path", ["1", "0"], ids=["eager", "custom-op"])
+def test_channels_last_gradient_is_asked_of_backends_that_list_it(tiny, monkeypatch, fast_path):
+    monkeypatch.setenv("ROI_OPS_EAGER_FAST_PATH", fast_path)
+    backend = roi_ops.register_backend(GradientLayouts())
+    grad, expected = _channels_last_gradient("layouts")
+    assert backend.asked == [torch.channels_last]
+    assert grad.is_contiguous(memory_format=torch.channels_last) and torch.equal(grad, expected)
+    if fast_path == "1":  # autograd kept the backend's tensor: no copy into the input's layout
+        assert grad.data_ptr() == backend.returned[0][0]
+
+
+def test_backends_that_do_not_list_channels_last_get_their_gradient_copied(tiny):
+    backend = roi_ops.register_backend(OldStyleBackward())
+    grad, expected = _channels_last_gradient("old-style")
+    assert backend.asked == [None]  # called without the keyword
+    assert backend.returned[0][1] == (216, 72, 9, 1)  # contiguous
+    assert grad.is_contiguous(memory_format=torch.channels_last) and torch.equal(grad, expected)
+
+
+def test_a_gradient_in_the_wrong_layout_is_a_named_error(tiny):
+    backend = roi_ops.register_backend(GradientLayouts())
+    backend.layout = "contiguous"
+    with pytest.raises(
+        roi_ops.BackendError,
+        match=r"'layouts': backward was asked for a "
+        r"torch.channels_last gradient and returned one with strides",
+    ):
+        _channels_last_gradient("layouts")

@@ -10,6 +10,7 @@ import torch
 
 from ..config import poisoned_outputs, value_checks
 from ..functional import roi_pool, roi_pool_with_argmax
+from ..layout import gradient_memory_format
 from .reference import reference_roi_pool, reference_roi_pool_backward
 
 # How many calls `check_case` compared against the reference, per backend (for test reports).
@@ -284,3 +285,9 @@ def check_case(case: RoiPoolCase, backend: str, check_backward: bool = True) -> 
     expected_grad = expected_grad.to(case.input.dtype).to(torch.float64)
     if not torch.equal(leaf.grad.cpu().to(torch.float64), expected_grad):
         raise AssertionError(f"{case!r}: gradient differs from the reference scatter")
+    memory_format = gradient_memory_format(leaf)
+    if not leaf.grad.is_contiguous(memory_format=memory_format):
+        raise AssertionError(
+            f"{case!r}: gradient strides {leaf.grad.stride()} are not {memory_format} (the "
+            f"input's strides are {leaf.stride()})"
+        )

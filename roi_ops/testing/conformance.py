@@ -105,8 +105,8 @@ class BackendConformance:
         torch.use_deterministic_algorithms(True)
         try:
             grads = []
-            for _ in range(2):
-                leaf = case.input.detach().clone().requires_grad_(True)
+            for memory_format in (torch.contiguous_format, torch.channels_last) * 2:
+                leaf = case.input.detach().clone(memory_format=memory_format).requires_grad_(True)
                 pooled = roi_pool(
                     leaf, case.rois, case.output_size, case.spatial_scale, backend=backend_name
                 )
@@ -115,7 +115,8 @@ class BackendConformance:
                 grads.append(leaf.grad)
         finally:
             torch.use_deterministic_algorithms(previous)
-        assert torch.equal(grads[0], grads[1])
+        assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])
+        assert grads[1].is_contiguous(memory_format=torch.channels_last)
 
     def test_hypothesis_differential(self, backend_name, device):
         usable = tuple(d for d in DTYPES if not _usable_reasons(backend_name, device, d))
