@@ -49,6 +49,7 @@ TritonBackend = backend_module.TritonBackend
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
 LAYOUTS = ["contiguous", "channels_last"]
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 DEVICES = (["cpu"] if INTERPRET else []) + (
     [pytest.param("cuda", marks=pytest.mark.gpu)] if _CUDA else []
 )
@@ -380,31 +381,35 @@ def test_unit_channels_per_program():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("block", [None, 16], ids=["chosen-block", "block-16"])
-def test_backward_matches_the_reference_scatter(device, dtype, block, monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_matches_the_reference_scatter(device, dtype, block, layout, monkeypatch):
     if block is not None:  # several programs per ROI, and a split grid
         monkeypatch.setattr(kernels, "backward_block", lambda *_: block)
         monkeypatch.setattr(kernels, "MAX_GRID_Y", 3)
+    memory_format = MEMORY_FORMATS[layout]
     case = contract_cases(device, dtype, seed=4)[0]
+    shape = tuple(case.input.shape)
+    assert shape[1] > 1 and shape[2] * shape[3] > 1  # the two layouts differ
     rois = case.rois_tensor()
     size = (case.output_size,) * 2 if isinstance(case.output_size, int) else case.output_size
     _, argmax = run_forward(case.input, rois, size, case.spatial_scale)
     g = torch.Generator().manual_seed(1)
     grad_output = torch.randint(1, 5, argmax.shape, generator=g).to(dtype).to(device)
     batch_index = rois[:, 0].double().trunc().long().clamp(0, case.input.shape[0] - 1)
-    expected = reference_roi_pool_backward(grad_output, argmax, rois, tuple(case.input.shape))
     backend = TritonBackend()
-    grad = backend.backward(grad_output, argmax, batch_index, tuple(case.input.shape), dtype)
-    assert grad.dtype == dtype and grad.is_contiguous()
-    assert torch.equal(grad.cpu().double(), expected)
+
+    def backward(grad):
+        result = backend.backward(grad, argmax, batch_index, shape, dtype, memory_format)
+        assert result.dtype == dtype and result.is_contiguous(memory_format=memory_format)
+        return result.cpu().double()
+
+    expected = reference_roi_pool_backward(grad_output, argmax, rois, shape)
+    assert torch.equal(backward(grad_output), expected)
     # Zero strides (an expanded gradient) and a transposed one.
     ones = torch.ones((), dtype=dtype, device=device).expand(argmax.shape)
-    grad = backend.backward(ones, argmax, batch_index, tuple(case.input.shape), dtype)
-    expected = reference_roi_pool_backward(ones, argmax, rois, tuple(case.input.shape))
-    assert torch.equal(grad.cpu().double(), expected)
+    assert torch.equal(backward(ones), reference_roi_pool_backward(ones, argmax, rois, shape))
     flipped = grad_output.transpose(2, 3).contiguous().transpose(2, 3)
-    grad = backend.backward(flipped, argmax, batch_index, tuple(case.input.shape), dtype)
-    expected = reference_roi_pool_backward(grad_output, argmax, rois, tuple(case.input.shape))
-    assert torch.equal(grad.cpu().double(), expected)
+    assert torch.equal(backward(flipped), expected)
 
 
 def test_backward_block_follows_the_l2_fit():

@@ -22,8 +22,8 @@ class TritonBackend(Backend):
     """roi_pool with Triton kernels on CUDA devices (and on CPU tensors under the interpreter).
 
     Forward: one kernel, argmax on request (inference stores none). Backward: an atomic scatter
-    kernel, or, under ``torch.use_deterministic_algorithms(True)``, roi_ops' shared deterministic
-    backward.
+    kernel that writes the gradient in the input's layout (contiguous or channels_last), or,
+    under ``torch.use_deterministic_algorithms(True)``, roi_ops' shared deterministic backward.
     """
 
     name: ClassVar[str] = "triton"
@@ -32,6 +32,9 @@ class TritonBackend(Backend):
     dtypes: ClassVar[frozenset[torch.dtype]] = ALL_FLOAT_DTYPES
     deterministic: ClassVar[bool] = True
     description: ClassVar[str] = "Triton kernels for CUDA GPUs (default GPU backend)"
+    gradient_formats: ClassVar[frozenset[torch.memory_format]] = frozenset(
+        {torch.contiguous_format, torch.channels_last}
+    )
 
     def check_available(self) -> str | None:
         """Return why Triton cannot run here (missing, broken, or no CUDA device), else None."""
@@ -87,6 +90,7 @@ class TritonBackend(Backend):
         batch_index: torch.Tensor,
         input_shape: tuple[int, int, int, int],
         input_dtype: torch.dtype,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> torch.Tensor | None:
         """Atomic scatter of `grad_output` at `argmax`; None (shared backward) when deterministic.
 
@@ -98,4 +102,6 @@ class TritonBackend(Backend):
             return None
         from roi_ops_triton import kernels
 
-        return kernels.roi_pool_backward(grad_output, argmax, batch_index, input_shape, input_dtype)
+        return kernels.roi_pool_backward(
+            grad_output, argmax, batch_index, input_shape, input_dtype, memory_format
+        )

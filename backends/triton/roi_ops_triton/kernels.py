@@ -723,6 +723,7 @@ def _roi_pool_bwd_kernel(
     blk_offset,
     ACC_F64: tl.constexpr,
     BLOCK: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1) + blk_offset
@@ -740,7 +741,10 @@ def _roi_pool_bwd_kernel(
     g_off = k * s_k + chan * s_c + ph.to(tl.int64) * s_h + pw.to(tl.int64) * s_w
     grad = _widen(tl.load(grad_out_ptr + g_off, mask=hit, other=0.0), ACC_F64)
     batch = tl.load(batch_ptr + k)
-    dst = grad_in_ptr + (batch * C + chan) * HW + index
+    if CHANNELS_LAST:  # grad_input is dense (N, H, W, C)
+        dst = grad_in_ptr + (batch * HW + index) * C + chan
+    else:
+        dst = grad_in_ptr + (batch * C + chan) * HW + index
     tl.atomic_add(dst, grad, mask=hit, sem="relaxed")
 
 
@@ -1076,6 +1080,7 @@ def roi_pool_backward(
     batch_index: torch.Tensor,
     input_shape: tuple[int, int, int, int],
     input_dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """grad_input by scattering ``grad_output`` at ``argmax`` with atomic adds (not deterministic).
 
@@ -1085,14 +1090,17 @@ def roi_pool_backward(
         batch_index: (K,) int64, each in [0, N).
         input_shape: (N, C, H, W).
         input_dtype: dtype of the result; float16/bfloat16 accumulate in float32, rounded once.
+        memory_format: torch.contiguous_format or torch.channels_last.
 
     Returns:
-        Contiguous (N, C, H, W) gradient of ``input_dtype``.
+        (N, C, H, W) gradient of ``input_dtype``, dense in `memory_format`.
     """
     num_images, channels, height, width = input_shape
     num_rois, _, pooled_height, pooled_width = argmax.shape
     accumulate = torch.float64 if input_dtype == torch.float64 else torch.float32
-    grad_input = torch.zeros(input_shape, dtype=accumulate, device=grad_output.device)
+    grad_input = torch.empty(
+        input_shape, dtype=accumulate, device=grad_output.device, memory_format=memory_format
+    ).zero_()
     if num_rois > 0 and grad_input.numel() > 0 and argmax.numel() > 0:
         l2_bytes = _device_sizes(grad_input.device)[1]
         block = backward_block(grad_input.numel() * grad_input.element_size(), l2_bytes)
@@ -1107,6 +1115,7 @@ def roi_pool_backward(
              pooled_height, pooled_width, *grad_output.stride()),
             ACC_F64=accumulate == torch.float64,
             BLOCK=block,
+            CHANNELS_LAST=memory_format == torch.channels_last,
             num_warps=4,
         )  # fmt: skip
     return grad_input if grad_input.dtype == input_dtype else grad_input.to(input_dtype)

@@ -150,7 +150,7 @@ def _channels_last(name: str, arch: int):
     return _compile(kernel, signature, settings, arch, kernels.CL_WARPS)
 
 
-def _backward(dtype: str, arch: int):
+def _backward(dtype: str, arch: int, channels_last: bool = False):
     from roi_ops_triton import kernels
 
     accumulate = "fp64" if dtype == "fp64" else "fp32"
@@ -159,7 +159,7 @@ def _backward(dtype: str, arch: int):
         "grad_in_ptr": f"*{accumulate}", "C": "i32", "HW": "i32", "PH": "i32", "PW": "i32",
         "s_k": "i32", "s_c": "i32", "s_h": "i32", "s_w": "i32", "blk_offset": "i32",
     }  # fmt: skip
-    constexprs = {"ACC_F64": dtype == "fp64", "BLOCK": 1024}
+    constexprs = {"ACC_F64": dtype == "fp64", "BLOCK": 1024, "CHANNELS_LAST": channels_last}
     return _compile(kernels._roi_pool_bwd_kernel, signature, constexprs, arch)
 
 
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs += [(name, lambda n=name: _channels_last(n, args.arch)) for name in CL_VARIANTS]
     jobs += [(f"backward-{d}", lambda d=d: _backward(d, args.arch)) for d in ("fp32", "bf16")]
     jobs += [("backward-fp64", lambda: _backward("fp64", args.arch))]
+    jobs += [("backward-fp32-channels-last", lambda: _backward("fp32", args.arch, True))]
     for name, build in jobs:
         kernel = build()
         ptx = kernel.asm["ptx"]
