@@ -318,7 +318,13 @@ def test_backward_plans_size_blocks_and_shared_memory(monkeypatch):
     assert planes.name == "roi_pool_backward_planes<float, 256>"
     assert planes.grid == (3 * 20, 1, 1) and planes.block == (256, 1, 1)
     assert planes.shared_mem == 49 * 8 + kernels.PLANES_CHANNELS * 30 * 40 * 4
-    assert int(planes.args[12]) == kernels.PLANES_CHANNELS and int(planes.args[14]) == 600
+    assert int(planes.args[12]) == kernels.PLANES_CHANNELS and int(planes.args[17]) == 600
+    assert [int(a) for a in planes.args[14:17]] == [20 * 30 * 40, 30 * 40, 1]  # gradient strides
+    last = grad_input.contiguous(memory_format=torch.channels_last)
+    in_last = kernels.plan_backward(grad_output, argmax, batch_index, last, 132)
+    assert [int(a) for a in in_last.args[14:17]] == [20 * 30 * 40, 1, 20]
+    with pytest.raises(ValueError, match="grad_input's H stride must be W times its W stride"):
+        kernels.plan_backward(grad_output, argmax, batch_index, grad_input[:, :, ::2], 132)
     half = kernels.plan_backward(
         grad_output.half(), argmax, batch_index, grad_input.half(), 132, 0, kernels.BACKWARD_PLANES
     )
@@ -833,9 +839,20 @@ def test_emulated_half_conversions_are_round_to_nearest_even(emulator_library):
     assert bool(decoded[~finite].isnan().all())
 
 
-def _run_backward_planes(runner, grad_output, argmax, batch, shape, dtype) -> torch.Tensor:
-    """grad_input from the planes kernel, poisoned first (every element must be written)."""
-    grad_input, buffer = _guarded(shape, _contiguous_strides(shape), dtype, runner.device, -7.0)
+GRADIENT_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _gradient_strides(shape, layout: str) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta", memory_format=GRADIENT_LAYOUTS[layout]).stride()
+
+
+def _run_backward_planes(
+    runner, grad_output, argmax, batch, shape, dtype, layout="contiguous"
+) -> torch.Tensor:
+    """grad_input (in `layout`) from the planes kernel, poisoned first (every element must be
+    written), inside a guard buffer."""
+    strides = _gradient_strides(shape, layout)
+    grad_input, buffer = _guarded(shape, strides, dtype, runner.device, -7.0)
     grad_input.fill_(math.nan)
     launch = kernels.plan_backward(
         grad_output, argmax, batch, grad_input, 1, 0, kernels.BACKWARD_PLANES
@@ -845,8 +862,22 @@ def _run_backward_planes(runner, grad_output, argmax, batch, shape, dtype) -> to
     return grad_input
 
 
+def _run_backward_atomic(runner, grad_output, argmax, batch, shape, layout, multiprocessors=1):
+    """The atomic kernel's launch plan and its zero-filled grad_input (accumulator dtype, in
+    `layout`, inside a guard buffer); run it with `_finish_backward_atomic`."""
+    accumulate = kernels.accumulate_dtype(grad_output.dtype)
+    strides = _gradient_strides(shape, layout)
+    grad_input, buffer = _guarded(shape, strides, accumulate, runner.device, -7.0)
+    grad_input.zero_()
+    launch = kernels.plan_backward(grad_output, argmax, batch, grad_input, multiprocessors)
+    return launch, grad_input, buffer
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_backward_scatter(runner, dtype, monkeypatch):
+@pytest.mark.parametrize("layout", list(GRADIENT_LAYOUTS))
+def test_backward_scatter(runner, dtype, layout, monkeypatch):
+    """Both backward kernels into a gradient in `layout`, with real and zero-stride grad_output,
+    one or many channel blocks."""
     case = contract_cases("cpu", dtype, seed=2)[0]
     x, rois = _wide(case.input, 5), case.rois_tensor()
     _, argmax = reference_roi_pool(x, rois, case.output_size, case.spatial_scale)
@@ -855,7 +886,6 @@ def test_backward_scatter(runner, dtype, monkeypatch):
     batch = rois[:, 0].double().trunc().clamp(0, x.shape[0] - 1).long()
     expected = reference_roi_pool_backward(grad, argmax, rois, tuple(x.shape))
     device = runner.device
-    accumulate = kernels.accumulate_dtype(dtype)
     zero_strides = grad[:, :, :1, :1].to(device).expand(grad.shape)
     # (SM count, grid rows): one channel block; then one channel per block, with the channel
     # blocks looped over by a single grid row.
@@ -868,14 +898,15 @@ def test_backward_scatter(runner, dtype, monkeypatch):
         reference = expected
         if grad_output.stride(3) == 0:  # every bin carries grad[k, c, 0, 0]
             reference = reference_roi_pool_backward(grad_output.cpu(), argmax, rois, tuple(x.shape))
-        grad_input = torch.zeros(x.shape, dtype=accumulate, device=device)
-        launch = kernels.plan_backward(
-            grad_output, argmax.to(device), batch.to(device), grad_input, multiprocessors
-        )
+        launch, grad_input, buffer = _run_backward_atomic(
+            runner, grad_output, argmax.to(device), batch.to(device), x.shape, layout,
+            multiprocessors,
+        )  # fmt: skip
         if grid_y is not None:
             assert launch.grid[1] > 1
             launch = dataclasses.replace(launch, grid=(launch.grid[0], grid_y, 1))
         runner.launch(launch)
+        _check_guards(buffer, -7.0)
         assert torch.equal(grad_input.cpu().to(torch.float64), reference)
         # The planes kernel: one channel per block, then blocks of 2 (the last one short); blocks
         # of 256 and of 1024 threads.
@@ -883,7 +914,7 @@ def test_backward_scatter(runner, dtype, monkeypatch):
             monkeypatch.setattr(kernels, "PLANES_CHANNELS", channels)
             monkeypatch.setenv("ROI_OPS_CUPY_PLANES_THREADS", str(threads))
             planes = _run_backward_planes(
-                runner, grad_output, argmax.to(device), batch.to(device), tuple(x.shape), dtype
+                runner, grad_output, argmax.to(device), batch.to(device), x.shape, dtype, layout
             )
             assert torch.equal(planes.cpu(), reference.to(dtype))
 
@@ -894,10 +925,11 @@ def test_backward_scatter(runner, dtype, monkeypatch):
     [(kernels.BACKWARD_ATOMIC, None)]
     + [(kernels.BACKWARD_PLANES, t) for t in kernels.PLANES_THREADS],
 )
-def test_backward_many_rois_in_rounds(runner, dtype, kernel, threads, monkeypatch):
+@pytest.mark.parametrize("layout", list(GRADIENT_LAYOUTS))
+def test_backward_many_rois_in_rounds(runner, dtype, kernel, threads, layout, monkeypatch):
     """2600 ROIs (the planes kernel collects an image's ROIs 1024 at a time, the last round
-    short), images interleaved, some ROIs invalid; float16/bfloat16 sums pass their
-    precision and are rounded once."""
+    short), images interleaved, some ROIs invalid, into a gradient in `layout`; float16/bfloat16
+    sums pass their precision and are rounded once."""
     if threads is not None:
         monkeypatch.setenv("ROI_OPS_CUPY_PLANES_THREADS", str(threads))
     g = torch.Generator().manual_seed(7)
@@ -918,10 +950,11 @@ def test_backward_many_rois_in_rounds(runner, dtype, kernel, threads, monkeypatc
     device = runner.device
     args = (grad.to(device), argmax.to(device), batch.to(device))
     if kernel == kernels.BACKWARD_PLANES:
-        result = _run_backward_planes(runner, *args, tuple(x.shape), dtype).cpu()
+        result = _run_backward_planes(runner, *args, tuple(x.shape), dtype, layout).cpu()
     else:
-        grad_input = torch.zeros(x.shape, dtype=kernels.accumulate_dtype(dtype), device=device)
-        runner.launch(kernels.plan_backward(*args, grad_input, 1))
+        launch, grad_input, buffer = _run_backward_atomic(runner, *args, x.shape, layout)
+        runner.launch(launch)
+        _check_guards(buffer, -7.0)
         result = grad_input.cpu().to(dtype)
     # Atomic sums come in any order: within the summation bound of the exact float64 sum.
     accumulate = kernels.accumulate_dtype(dtype)

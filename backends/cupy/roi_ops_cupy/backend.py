@@ -25,6 +25,7 @@ class CupyBackend(Backend):
     dtypes = ALL_FLOAT_DTYPES
     deterministic = True
     description = "CUDA C kernels compiled by CuPy/NVRTC, run on torch's stream"
+    gradient_formats = frozenset({torch.contiguous_format, torch.channels_last})
 
     def check_available(self) -> str | None:
         """Return why CuPy cannot run here (missing, broken, no CUDA device, no NVRTC), or None.
@@ -81,16 +82,20 @@ class CupyBackend(Backend):
         batch_index: torch.Tensor,
         input_shape: tuple[int, int, int, int],
         input_dtype: torch.dtype,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> torch.Tensor | None:
         """grad_input by an atomic scatter kernel, or None in deterministic mode.
 
         Atomics make the summation order, and so the last bits of float sums, vary between
         runs; under ``torch.are_deterministic_algorithms_enabled()`` this returns None and
-        roi_ops' shared deterministic backward runs instead. Otherwise returns a contiguous
-        (N, C, H, W) tensor of `input_dtype` (float16/bfloat16 accumulated in float32).
+        roi_ops' shared deterministic backward runs instead. Otherwise returns an (N, C, H, W)
+        tensor of `input_dtype` (float16/bfloat16 accumulated in float32), dense in
+        `memory_format`: contiguous, or channels_last for channels_last inputs.
         """
         if torch.are_deterministic_algorithms_enabled():
             return None
         from . import launch
 
-        return launch.backward(grad_output, argmax, batch_index, input_shape, input_dtype)
+        return launch.backward(
+            grad_output, argmax, batch_index, input_shape, input_dtype, memory_format
+        )

@@ -394,7 +394,7 @@ def plan_backward(
         grad_output: (K, C, PH, PW) of the input's dtype, any strides (zero strides too).
         argmax: contiguous int32 (K, C, PH, PW).
         batch_index: (K,) int64, each in [0, N).
-        grad_input: contiguous (N, C, H, W): for BACKWARD_ATOMIC zero-filled, of
+        grad_input: (N, C, H, W), contiguous or channels_last: for BACKWARD_ATOMIC zero-filled, of
             `accumulate_dtype(grad_output.dtype)`; for BACKWARD_PLANES of grad_output's dtype,
             any contents (every element is written).
         multiprocessors: the device's SM count.
@@ -407,6 +407,13 @@ def plan_backward(
     if grad_input.numel() == 0 or (argmax.numel() == 0 and kernel == BACKWARD_ATOMIC):
         return None
     num_images, _, height, width = grad_input.shape
+    image_stride, channel_stride, row_stride, pixel_stride = grad_input.stride()
+    if row_stride != width * pixel_stride and height > 1:  # kernels index pixels h * W + w
+        raise ValueError(
+            f"grad_input's H stride must be W times its W stride (contiguous or channels_last), "
+            f"got strides {grad_input.stride()} for shape {tuple(grad_input.shape)}"
+        )
+    grad_input_strides = _ints(image_stride, channel_stride, pixel_stride)
     head = (
         _pointer(grad_output),
         *_ints(*grad_output.stride()),
@@ -423,13 +430,14 @@ def plan_backward(
         shared = _planes_shared(per_block * height * width * accumulator, ph * pw)
         threads = planes_threads(shared, shared_limit)
         name = backward_name(kernel, grad_output.dtype, threads)
-        args = head + _ints(per_block) + (_pointer(grad_input),) + _ints(num_rois)
+        args = head + _ints(per_block) + (_pointer(grad_input),) + grad_input_strides
+        args += _ints(num_rois)
         return Launch(name, (blocks, 1, 1), (threads, 1, 1), shared, args)
     name = backward_name(kernel, grad_output.dtype)
     grad_bytes = grad_input.numel() * grad_input.element_size()
     target = TARGET_BLOCK_ELEMENTS if grad_bytes <= l2_bytes else BACKWARD_BLOCK_ELEMENTS_STREAMED
     per_block = _channels_per_block(num_rois, channels, ph * pw, multiprocessors, target)
     grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
-    args = head + _ints(per_block) + (_pointer(grad_input),)
+    args = head + _ints(per_block) + (_pointer(grad_input),) + grad_input_strides
     block = (plane_threads(ph * pw), 1, 1)
     return Launch(name, (num_rois, grid_y, 1), block, 0, args)

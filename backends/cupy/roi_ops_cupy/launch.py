@@ -248,24 +248,29 @@ def backward(
     batch_index: torch.Tensor,
     input_shape: tuple[int, int, int, int],
     input_dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """grad_input by the planes or the atomic kernel (not run-to-run deterministic in its last
     bits; see `kernels.backward_kernel` for the choice).
 
     Returns:
-        (N, C, H, W) contiguous tensor of `input_dtype`; float16/bfloat16 are accumulated in
-        float32 and rounded once.
+        (N, C, H, W) tensor of `input_dtype`, dense in `memory_format` (contiguous_format or
+        channels_last); float16/bfloat16 are accumulated in float32 and rounded once.
     """
     device = _device_index(grad_output)
     multiprocessors, l2_bytes, shared_limit = _device_sizes(device)
     kernel = kernels.backward_kernel(
         input_shape, input_dtype, tuple(argmax.shape), multiprocessors, shared_limit
     )
-    if kernel == kernels.BACKWARD_PLANES:  # writes every element, rounded
-        grad_input = torch.empty(input_shape, dtype=input_dtype, device=grad_output.device)
-    else:
-        accumulate = kernels.accumulate_dtype(input_dtype)
-        grad_input = torch.zeros(input_shape, dtype=accumulate, device=grad_output.device)
+    planes = kernel == kernels.BACKWARD_PLANES  # writes every element, rounded
+    grad_input = torch.empty(
+        input_shape,
+        dtype=input_dtype if planes else kernels.accumulate_dtype(input_dtype),
+        device=grad_output.device,
+        memory_format=memory_format,
+    )
+    if not planes:
+        grad_input.zero_()
     grad_output = grad_output.to(input_dtype)
     argmax = argmax.contiguous()  # kept referenced until the launch is queued
 
@@ -283,6 +288,7 @@ def backward(
         grad_output.dtype,
         batch_index.stride(),
         tuple(input_shape),
+        grad_input.stride(),
         kernel,
         _settings(),
     )

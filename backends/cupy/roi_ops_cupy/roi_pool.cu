@@ -1251,8 +1251,10 @@ struct Accum<double> {
 };
 }  // namespace roi_ops_cuda
 
-// grad_input (N, C, H, W) contiguous, zero-filled, of Accum<T>::type; grad_output any strides
-// (zero strides too); argmax contiguous (K, C, PH, PW); batch_index (K,) int64 in [0, N).
+// grad_input (N, C, H, W), zero-filled, of Accum<T>::type, with strides gi_image, gi_channel
+// and gi_pixel (its W stride; the H stride is W * gi_pixel: contiguous or channels_last);
+// grad_output any strides (zero strides too); argmax contiguous (K, C, PH, PW); batch_index
+// (K,) int64 in [0, N).
 template <class T>
 __global__ void ROI_OPS_LAUNCH_BOUNDS
     roi_pool_backward_atomic(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
@@ -1260,12 +1262,13 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
                              const i64* __restrict__ batch_index, const i64 bs0, const i64 C,
                              const i64 HW, const i64 PH, const i64 PW,
                              const i64 channels_per_block,
-                             typename roi_ops_cuda::Accum<T>::type* __restrict__ grad_input) {
+                             typename roi_ops_cuda::Accum<T>::type* __restrict__ grad_input,
+                             const i64 gi_image, const i64 gi_channel, const i64 gi_pixel) {
   using namespace roi_ops_cuda;
   const i64 k = blockIdx.x;
   const PlaneLayout layout(PH, PW, threadIdx.x, blockDim.x);
   if (!layout.active) return;
-  const i64 image = batch_index[k * bs0] * C;
+  typename Accum<T>::type* __restrict__ image = grad_input + batch_index[k * bs0] * gi_image;
   for (unsigned int q = layout.first_bin; q < layout.bins; q += layout.bin_step()) {
     const unsigned int ph = q / static_cast<unsigned int>(PW);
     const unsigned int pw = q - ph * static_cast<unsigned int>(PW);
@@ -1278,7 +1281,7 @@ __global__ void ROI_OPS_LAUNCH_BOUNDS
         const int a = argmax[arg0 + cl * layout.bins];
         if (a < 0) continue;
         const T grad = grad_bin[(c0 + cl) * gs1];
-        atomicAdd(grad_input + (image + c0 + cl) * HW + a,
+        atomicAdd(image + (c0 + cl) * gi_channel + a * gi_pixel,
                   static_cast<typename Accum<T>::type>(Elem<T>::value_of(grad)));
       }
     }
@@ -1320,9 +1323,9 @@ extern __shared__ __align__(16) unsigned char planes_shared[];
 // mixed-radix counter, so the inner loop has no division; the bins' grad_output offsets sit in a
 // table. Grid: N * ceil(C / channels_per_block) blocks, channel block fastest; kBlock threads;
 // dynamic shared memory PH * PW * 8 + channels_per_block * HW * sizeof(accumulator) bytes.
-// grad_input (N, C, H, W) contiguous of T. Requires channels_per_block * PH * PW * kBlock < 2^31
+// grad_input (N, C, H, W) of T, contiguous or channels_last. Requires channels_per_block * PH * PW * kBlock < 2^31
 // and K < 2^31. Not run-to-run deterministic (the order of the shared-memory additions varies).
-// Arguments as the atomic kernel's, grad_input in the same place, then K.
+// Arguments as the atomic kernel's (grad_input of T, in either layout), then K.
 template <class T, int kBlock>
 __global__ void __launch_bounds__(kBlock, kBlock == 256 ? 5 : 1)
     roi_pool_backward_planes(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
@@ -1330,6 +1333,7 @@ __global__ void __launch_bounds__(kBlock, kBlock == 256 ? 5 : 1)
                              const i64* __restrict__ batch_index, const i64 bs0, const i64 C,
                              const i64 HW, const i64 PH, const i64 PW,
                              const i64 channels_per_block, T* __restrict__ grad_input,
+                             const i64 gi_image, const i64 gi_channel, const i64 gi_pixel,
                              const i64 K) {
   using namespace roi_ops_cuda;
   typedef typename Accum<T>::type A;
@@ -1363,11 +1367,13 @@ __global__ void __launch_bounds__(kBlock, kBlock == 256 ? 5 : 1)
   const unsigned int first_roi = tid / per_roi;
   const unsigned int first_channel = (tid % per_roi) / bins;
   const unsigned int first_bin = (tid % per_roi) % bins;
-  i64 next_image[kScan];  // the next round's batch indices, loaded a round ahead
+  // The next round's batch indices, loaded a round ahead; as int (each is in [0, N) and
+  // N < 2^31), which keeps the kernel within its register bound.
+  int next_image[kScan];
 #pragma unroll
   for (int s = 0; s < kScan; ++s) {
     const i64 k = s * kBlock + tid;
-    next_image[s] = k < K ? batch_index[k * bs0] : -1;
+    next_image[s] = k < K ? static_cast<int>(batch_index[k * bs0]) : -1;
   }
   for (i64 r0 = 0; r0 < K; r0 += kRound) {
     // This image's ROIs among the next kRound, in order, as rows [0, found) of round_rois.
@@ -1377,7 +1383,7 @@ __global__ void __launch_bounds__(kBlock, kBlock == 256 ? 5 : 1)
     for (int s = 0; s < kScan; ++s) {
       mine[s] = next_image[s] == image;
       const i64 k_next = r0 + kRound + s * kBlock + tid;
-      next_image[s] = k_next < K ? batch_index[k_next * bs0] : -1;  // in flight this round
+      next_image[s] = k_next < K ? static_cast<int>(batch_index[k_next * bs0]) : -1;
       ballots[s] = __ballot_sync(0xffffffffu, mine[s]);
       if (lane == 0) warp_counts[s][warp] = __popc(ballots[s]);
     }
@@ -1432,8 +1438,12 @@ __global__ void __launch_bounds__(kBlock, kBlock == 256 ? 5 : 1)
     }
     __syncthreads();  // before round_rois and warp_counts are overwritten
   }
-  T* __restrict__ out = grad_input + (image * C + c0) * HW;
-  for (i64 i = tid; i < plane_size; i += kBlock) out[i] = Rounded<T>::of(planes[i]);
+  T* __restrict__ out = grad_input + image * gi_image + c0 * gi_channel;
+  const unsigned int pixels = static_cast<unsigned int>(HW);  // plane_size is below 2^31
+  for (unsigned int i = tid; i < plane_size; i += kBlock) {
+    const unsigned int c = i / pixels;
+    out[c * gi_channel + (i - c * pixels) * gi_pixel] = Rounded<T>::of(planes[i]);
+  }
 }
 
 #ifdef ROI_OPS_INSTANTIATE_ALL

@@ -194,7 +194,8 @@ void run_backward(Args a) {
   roi_pool_backward_atomic<T>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]), num(a[4]),
                               ptr<const int*>(a[5]), ptr<const i64*>(a[6]), num(a[7]),
                               num(a[8]), num(a[9]), num(a[10]), num(a[11]), num(a[12]),
-                              ptr<typename roi_ops_cuda::Accum<T>::type*>(a[13]));
+                              ptr<typename roi_ops_cuda::Accum<T>::type*>(a[13]), num(a[14]),
+                              num(a[15]), num(a[16]));
 }
 
 template <class T, int kBlock>
@@ -202,7 +203,8 @@ void run_backward_planes(Args a) {
   roi_pool_backward_planes<T, kBlock>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]),
                                       num(a[4]), ptr<const int*>(a[5]), ptr<const i64*>(a[6]),
                                       num(a[7]), num(a[8]), num(a[9]), num(a[10]), num(a[11]),
-                                      num(a[12]), ptr<T*>(a[13]), num(a[14]));
+                                      num(a[12]), ptr<T*>(a[13]), num(a[14]), num(a[15]),
+                                      num(a[16]), num(a[17]));
 }
 
 struct Entry {
