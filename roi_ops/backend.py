@@ -72,7 +72,7 @@ class Backend:
         description: one line for `roi_ops.list_backends()` and ``python -m roi_ops info``.
         gradient_formats: memory formats `backward` can return grad_input in. roi_ops asks for
             ``torch.channels_last`` (for a channels_last input) only from a backend that lists
-            it, and otherwise copies the contiguous gradient into the input's layout.
+            it; whatever layout comes back, roi_ops copies it into the input's when it differs.
     """
 
     name: ClassVar[str] = ""
@@ -145,9 +145,10 @@ class Backend:
             input_dtype: dtype of the returned (N, C, H, W) gradient. float16 and bfloat16
                 gradients must be accumulated in float32 and rounded once. The result must be
                 run-to-run identical when ``torch.are_deterministic_algorithms_enabled()``.
-            memory_format: the layout the gradient must be dense in: contiguous, or
-                ``torch.channels_last`` for a channels_last input when the backend lists it in
-                `gradient_formats` (only then is the argument passed, so a backend that lists
-                only contiguous_format may omit the parameter).
+            memory_format: the layout wanted: contiguous, or ``torch.channels_last`` for a
+                channels_last input when the backend lists it in `gradient_formats` (only then
+                is the argument passed, so a backend that lists only contiguous_format may omit
+                the parameter). A backend may still return a contiguous gradient where that is
+                faster (roi_ops then copies it into channels_last, as autograd would).
         """
         return None

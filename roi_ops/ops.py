@@ -170,10 +170,9 @@ def gather_at_argmax(grad_input_grad: Tensor, argmax: Tensor, batch_index: Tenso
 
 
 def _check_plugin_gradient(
-    backend: Backend, grad: object, shape, dtype, device, memory_format, asked: bool
+    backend: Backend, grad: object, shape, dtype, device, memory_format
 ) -> Tensor:
-    """The plugin's gradient, dense in `memory_format` (copied into it unless it was `asked`
-    for that format, where any other layout is the plugin's error)."""
+    """The plugin's gradient, dense in `memory_format` (copied into it when it is not)."""
     if not isinstance(grad, Tensor):
         raise BackendError(
             f"backend {backend.name!r}: backward returned {type(grad).__name__}, expected a "
@@ -184,14 +183,7 @@ def _check_plugin_gradient(
             f"backend {backend.name!r}: backward returned a {tuple(grad.shape)} "
             f"{grad.dtype} tensor on {grad.device}, expected {tuple(shape)} {dtype} on {device}"
         )
-    if grad.is_contiguous(memory_format=memory_format):
-        return grad
-    if asked:
-        raise BackendError(
-            f"backend {backend.name!r}: backward was asked for a {memory_format} gradient and "
-            f"returned one with strides {grad.stride()}"
-        )
-    return grad.contiguous(memory_format=memory_format)
+    return grad.contiguous(memory_format=memory_format)  # no copy when it already is
 
 
 def roi_pool_backward(
@@ -251,7 +243,7 @@ def backward_on_backend(
             grad_output, argmax, batch_index, tuple(shape), input_dtype, memory_format
         )
     grad = _check_plugin_gradient(
-        chosen, grad, shape, input_dtype, grad_output.device, memory_format, asked
+        chosen, grad, shape, input_dtype, grad_output.device, memory_format
     )
     # The result must not alias an input (custom ops forbid it, and autograd would let the
     # caller's gradient share memory with the backward's inputs): copy it in that rare case.

@@ -307,6 +307,15 @@ def test_backward_kernel_choice(monkeypatch):
     assert choose((2, 1, 300, 300), torch.float32, (5, 1, 7, 7), 132, optin) == atomic  # no fit
 
 
+def test_channels_last_gradient_while_it_fits_in_l2(monkeypatch):
+    assert kernels.channels_last_gradient(28 * 2**20, 50 * 2**20)
+    assert not kernels.channels_last_gradient(445 * 2**20, 50 * 2**20)
+    monkeypatch.setenv(kernels.GRADIENT_LAYOUT_ENV, "channels_last")
+    assert kernels.channels_last_gradient(2, 1)
+    monkeypatch.setenv(kernels.GRADIENT_LAYOUT_ENV, "contiguous")
+    assert not kernels.channels_last_gradient(1, 2)
+
+
 def test_backward_plans_size_blocks_and_shared_memory(monkeypatch):
     grad_output = torch.randn(600, 20, 7, 7)
     argmax = torch.zeros(600, 20, 7, 7, dtype=torch.int32)
@@ -1048,9 +1057,15 @@ def test_backend_forward_on_a_side_stream(cuda_backend):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-def test_planes_backward_with_planes_that_fill_shared_memory(cuda_backend, dtype, monkeypatch):
+@pytest.mark.parametrize("kernel", ["planes", "atomic"])
+@pytest.mark.parametrize("layout", ["auto", "channels_last", "contiguous"])
+def test_backend_backward_with_planes_that_fill_shared_memory(
+    cuda_backend, dtype, kernel, layout, monkeypatch
+):
     """A 160 x 200 gradient plane (125 KB of float32 sums): the planes kernel runs one
-    1024-thread block per SM with the shared-memory opt-in; against the scalar reference."""
+    1024-thread block per SM with the shared-memory opt-in; against the scalar reference. The
+    gradient of a channels_last input comes back channels_last (it fits in L2: "auto"), or in
+    the layout forced by ROI_OPS_CUPY_GRADIENT_LAYOUT."""
     from roi_ops_cupy import launch
 
     g = torch.Generator().manual_seed(23)
@@ -1067,9 +1082,17 @@ def test_planes_backward_with_planes_that_fill_shared_memory(cuda_backend, dtype
     if plane_bytes + kernels.PLANES_STATIC_SHARED + 8 * 49 > shared_limit:
         pytest.skip(f"this device gives a block {shared_limit} B of shared memory")
     assert kernels.planes_threads(plane_bytes + 8 * 49, shared_limit) == 1024
-    monkeypatch.setenv("ROI_OPS_CUPY_BACKWARD", "planes")  # 6 planes: too few to be chosen
-    result = cuda_backend.backward(grad.cuda(), argmax.cuda(), batch.cuda(), shape, dtype)
+    monkeypatch.setenv("ROI_OPS_CUPY_BACKWARD", kernel)  # 6 planes: too few to choose planes
+    if layout != "auto":
+        monkeypatch.setenv(kernels.GRADIENT_LAYOUT_ENV, layout)
+    result = cuda_backend.backward(
+        grad.cuda(), argmax.cuda(), batch.cuda(), shape, dtype, torch.channels_last
+    )
+    channels_last = layout != "contiguous"
+    assert result.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert torch.equal(result.cpu(), expected)
+    result = cuda_backend.backward(grad.cuda(), argmax.cuda(), batch.cuda(), shape, dtype)
+    assert result.is_contiguous() and torch.equal(result.cpu(), expected)
     assert bool(expected.ne(0).sum() > 1000)  # real sums, not zeros
 
 

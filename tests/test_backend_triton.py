@@ -387,6 +387,7 @@ def test_backward_matches_the_reference_scatter(device, dtype, block, layout, mo
         monkeypatch.setattr(kernels, "backward_block", lambda *_: block)
         monkeypatch.setattr(kernels, "MAX_GRID_Y", 3)
     memory_format = MEMORY_FORMATS[layout]
+    monkeypatch.setenv(kernels.GRADIENT_LAYOUT_ENV, "channels_last")  # whatever the sizes
     case = contract_cases(device, dtype, seed=4)[0]
     shape = tuple(case.input.shape)
     assert shape[1] > 1 and shape[2] * shape[3] > 1  # the two layouts differ
@@ -410,6 +411,23 @@ def test_backward_matches_the_reference_scatter(device, dtype, block, layout, mo
     assert torch.equal(backward(ones), reference_roi_pool_backward(ones, argmax, rois, shape))
     flipped = grad_output.transpose(2, 3).contiguous().transpose(2, 3)
     assert torch.equal(backward(flipped), expected)
+
+
+def test_channels_last_gradient_when_the_input_outnumbers_grad_output(monkeypatch):
+    assert kernels.channels_last_gradient(111_411_200, 51_380_224)  # fpn-p2
+    assert not kernels.channels_last_gradient(6_963_200, 205_520_896)  # mask-14
+    monkeypatch.setenv(kernels.GRADIENT_LAYOUT_ENV, "channels_last")
+    assert kernels.channels_last_gradient(1, 2)
+    monkeypatch.setenv(kernels.GRADIENT_LAYOUT_ENV, "contiguous")
+    assert not kernels.channels_last_gradient(2, 1)
+    monkeypatch.delenv(kernels.GRADIENT_LAYOUT_ENV)
+    x = torch.randn(1, 3, 4, 4)
+    argmax = torch.zeros(5, 3, 2, 2, dtype=torch.int32)  # 60 outputs, 48 input elements
+    batch_index = torch.zeros(5, dtype=torch.int64)
+    grad = TritonBackend().backward(
+        torch.ones(5, 3, 2, 2), argmax, batch_index, tuple(x.shape), x.dtype, torch.channels_last
+    )
+    assert grad.is_contiguous() and grad[0, :, 0, 0].tolist() == [20.0] * 3
 
 
 def test_backward_block_follows_the_l2_fit():

@@ -362,6 +362,24 @@ def backward_kernel(
     return BACKWARD_ATOMIC
 
 
+# A channels_last input's gradient: the backward kernels write it channels_last themselves only
+# while it fits in L2. Beyond L2, the planes kernel's channel-strided stores leave partial
+# sectors to be written back, and a contiguous gradient plus torch's copy is faster (H100,
+# channels_last queued bench, fwd+bwd: fpn-p2 float32 2.98 ms against 1.96); within L2 the copy
+# is the larger cost (frcnn-c4 float32 0.389 ms against 0.476).
+GRADIENT_LAYOUT_ENV = "ROI_OPS_CUPY_GRADIENT_LAYOUT"
+
+
+def channels_last_gradient(grad_input_bytes: int, l2_bytes: int) -> bool:
+    """Whether the backward writes a channels_last input's gradient channels_last (else
+    contiguous, which roi_ops copies): when the `grad_input_bytes` it writes fit in `l2_bytes`.
+    ``ROI_OPS_CUPY_GRADIENT_LAYOUT=channels_last|contiguous`` forces one, for tuning and tests."""
+    forced = os.environ.get(GRADIENT_LAYOUT_ENV, "").strip()
+    if forced in ("channels_last", "contiguous"):
+        return forced == "channels_last"
+    return grad_input_bytes <= l2_bytes
+
+
 def planes_threads(shared_mem: int, shared_limit: int) -> int:
     """Block size of the planes kernel for `shared_mem` bytes of dynamic shared memory per block:
     1024 when two blocks would not fit in `shared_limit` (the opt-in limit of one block, about

@@ -10,6 +10,7 @@ once per cached plan.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -255,7 +256,9 @@ def backward(
 
     Returns:
         (N, C, H, W) tensor of `input_dtype`, dense in `memory_format` (contiguous_format or
-        channels_last); float16/bfloat16 are accumulated in float32 and rounded once.
+        channels_last) or, where `kernels.channels_last_gradient` says that is faster, contiguous
+        when channels_last was asked; float16/bfloat16 are accumulated in float32 and rounded
+        once.
     """
     device = _device_index(grad_output)
     multiprocessors, l2_bytes, shared_limit = _device_sizes(device)
@@ -263,9 +266,14 @@ def backward(
         input_shape, input_dtype, tuple(argmax.shape), multiprocessors, shared_limit
     )
     planes = kernel == kernels.BACKWARD_PLANES  # writes every element, rounded
+    written = input_dtype if planes else kernels.accumulate_dtype(input_dtype)
+    if memory_format == torch.channels_last:
+        size = math.prod(input_shape) * written.itemsize
+        if not kernels.channels_last_gradient(size, l2_bytes):
+            memory_format = torch.contiguous_format
     grad_input = torch.empty(
         input_shape,
-        dtype=input_dtype if planes else kernels.accumulate_dtype(input_dtype),
+        dtype=written,
         device=grad_output.device,
         memory_format=memory_format,
     )

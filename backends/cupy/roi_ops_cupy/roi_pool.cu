@@ -1326,8 +1326,10 @@ extern __shared__ __align__(16) unsigned char planes_shared[];
 // grad_input (N, C, H, W) of T, contiguous or channels_last. Requires channels_per_block * PH * PW * kBlock < 2^31
 // and K < 2^31. Not run-to-run deterministic (the order of the shared-memory additions varies).
 // Arguments as the atomic kernel's (grad_input of T, in either layout), then K.
+// Blocks per SM in the launch bounds: 5 of 256 threads (4 for float64, whose 64-bit addresses
+// and sums need more than 48 registers on sm_80), or 1 of 1024.
 template <class T, int kBlock>
-__global__ void __launch_bounds__(kBlock, kBlock == 256 ? 5 : 1)
+__global__ void __launch_bounds__(kBlock, kBlock == 256 ? (sizeof(T) == 8 ? 4 : 5) : 1)
     roi_pool_backward_planes(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
                              const i64 gs2, const i64 gs3, const int* __restrict__ argmax,
                              const i64* __restrict__ batch_index, const i64 bs0, const i64 C,
@@ -1349,8 +1351,10 @@ __global__ void __launch_bounds__(kBlock, kBlock == 256 ? 5 : 1)
   const unsigned int lane = tid & 31u;
   const unsigned int warp = tid >> 5;
   const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
-  const i64 image = blockIdx.x / channel_blocks;
+  const int image = static_cast<int>(blockIdx.x / channel_blocks);  // N < 2^31
   const i64 c0 = (blockIdx.x - image * channel_blocks) * channels_per_block;
+  // This block's gradient planes, computed here: it keeps the kernel within its register bound.
+  T* __restrict__ const grad_planes = grad_input + image * gi_image + c0 * gi_channel;
   const unsigned int channels =
       static_cast<unsigned int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
   const i64 plane_size = channels * HW;
@@ -1368,7 +1372,7 @@ __global__ void __launch_bounds__(kBlock, kBlock == 256 ? 5 : 1)
   const unsigned int first_channel = (tid % per_roi) / bins;
   const unsigned int first_bin = (tid % per_roi) % bins;
   // The next round's batch indices, loaded a round ahead; as int (each is in [0, N) and
-  // N < 2^31), which keeps the kernel within its register bound.
+  // N < 2^31), which keeps the kernel within its register bound too.
   int next_image[kScan];
 #pragma unroll
   for (int s = 0; s < kScan; ++s) {
@@ -1438,11 +1442,14 @@ __global__ void __launch_bounds__(kBlock, kBlock == 256 ? 5 : 1)
     }
     __syncthreads();  // before round_rois and warp_counts are overwritten
   }
-  T* __restrict__ out = grad_input + image * gi_image + c0 * gi_channel;
+  // Pointer steps, no index arithmetic per element (the write-out is a tenth of the kernel).
   const unsigned int pixels = static_cast<unsigned int>(HW);  // plane_size is below 2^31
-  for (unsigned int i = tid; i < plane_size; i += kBlock) {
-    const unsigned int c = i / pixels;
-    out[c * gi_channel + (i - c * pixels) * gi_pixel] = Rounded<T>::of(planes[i]);
+  const i64 step = kBlock * gi_pixel;
+#pragma unroll 1
+  for (unsigned int c = 0; c < channels; ++c) {  // one channel per block by default
+    const A* plane = planes + c * pixels;
+    T* __restrict__ out = grad_planes + c * gi_channel + tid * gi_pixel;
+    for (unsigned int i = tid; i < pixels; i += kBlock, out += step) *out = Rounded<T>::of(plane[i]);
   }
 }
 
