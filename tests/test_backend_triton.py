@@ -413,7 +413,8 @@ def test_backward_matches_the_reference_scatter(device, dtype, block, layout, mo
     assert torch.equal(backward(flipped), expected)
 
 
-def test_channels_last_gradient_when_the_input_outnumbers_grad_output(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_gradient_when_the_input_outnumbers_grad_output(device, monkeypatch):
     assert kernels.channels_last_gradient(111_411_200, 51_380_224)  # fpn-p2
     assert not kernels.channels_last_gradient(6_963_200, 205_520_896)  # mask-14
     monkeypatch.setenv(kernels.GRADIENT_LAYOUT_ENV, "channels_last")
@@ -421,11 +422,12 @@ def test_channels_last_gradient_when_the_input_outnumbers_grad_output(monkeypatc
     monkeypatch.setenv(kernels.GRADIENT_LAYOUT_ENV, "contiguous")
     assert not kernels.channels_last_gradient(2, 1)
     monkeypatch.delenv(kernels.GRADIENT_LAYOUT_ENV)
-    x = torch.randn(1, 3, 4, 4)
-    argmax = torch.zeros(5, 3, 2, 2, dtype=torch.int32)  # 60 outputs, 48 input elements
-    batch_index = torch.zeros(5, dtype=torch.int64)
+    shape = (1, 3, 4, 4)
+    argmax = torch.zeros(5, 3, 2, 2, dtype=torch.int32, device=device)  # 60 outputs, 48 inputs
+    batch_index = torch.zeros(5, dtype=torch.int64, device=device)
+    grad_output = torch.ones(5, 3, 2, 2, device=device)
     grad = TritonBackend().backward(
-        torch.ones(5, 3, 2, 2), argmax, batch_index, tuple(x.shape), x.dtype, torch.channels_last
+        grad_output, argmax, batch_index, shape, torch.float32, torch.channels_last
     )
     assert grad.is_contiguous() and grad[0, :, 0, 0].tolist() == [20.0] * 3
 

@@ -1326,10 +1326,17 @@ extern __shared__ __align__(16) unsigned char planes_shared[];
 // grad_input (N, C, H, W) of T, contiguous or channels_last. Requires channels_per_block * PH * PW * kBlock < 2^31
 // and K < 2^31. Not run-to-run deterministic (the order of the shared-memory additions varies).
 // Arguments as the atomic kernel's (grad_input of T, in either layout), then K.
-// Blocks per SM in the launch bounds: 5 of 256 threads (4 for float64, whose 64-bit addresses
-// and sums need more than 48 registers on sm_80), or 1 of 1024.
+namespace roi_ops_cuda {
+// Blocks per SM in the planes kernel's launch bounds: 5 of 256 threads (4 for float64, whose
+// 64-bit addresses and sums need more than 48 registers on sm_80), or 1 of 1024.
 template <class T, int kBlock>
-__global__ void __launch_bounds__(kBlock, kBlock == 256 ? (sizeof(T) == 8 ? 4 : 5) : 1)
+struct PlanesBlocksPerSM {
+  static constexpr int value = kBlock == 256 ? (sizeof(T) == 8 ? 4 : 5) : 1;
+};
+}  // namespace roi_ops_cuda
+
+template <class T, int kBlock>
+__global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBlock>::value)
     roi_pool_backward_planes(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
                              const i64 gs2, const i64 gs3, const int* __restrict__ argmax,
                              const i64* __restrict__ batch_index, const i64 bs0, const i64 C,
