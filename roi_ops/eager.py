@@ -60,7 +60,7 @@ class RoIPoolFunction(torch.autograd.Function):
         )
         ctx.input_shape = input.shape
         ctx.input_dtype = input.dtype
-        ctx.memory_format = gradient_memory_format(input)
+        ctx.channels_last = gradient_memory_format(input) == torch.channels_last
         ctx.backend = backend
         ctx.chosen = chosen
         if needs_argmax:
@@ -76,7 +76,6 @@ class RoIPoolFunction(torch.autograd.Function):
             )
         rois, argmax = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: record the op, whose gradient is a gather
-            channels_last = ctx.memory_format == torch.channels_last
             grad_input = roi_pool_backward_op(
                 grad_output,
                 rois,
@@ -84,7 +83,7 @@ class RoIPoolFunction(torch.autograd.Function):
                 *ctx.input_shape,
                 ctx.input_dtype,
                 ctx.backend,
-                channels_last,
+                ctx.channels_last,
             )
         else:
             grad_input = backward_on_backend(
@@ -94,6 +93,6 @@ class RoIPoolFunction(torch.autograd.Function):
                 argmax,
                 ctx.input_shape,
                 ctx.input_dtype,
-                ctx.memory_format,
+                ctx.channels_last,
             )
         return grad_input, None, None, None, None, None, None

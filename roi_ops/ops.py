@@ -169,6 +169,10 @@ def gather_at_argmax(grad_input_grad: Tensor, argmax: Tensor, batch_index: Tenso
     return torch.where(argmax >= 0, gathered, torch.zeros_like(gathered))
 
 
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _check_plugin_gradient(
     backend: Backend, grad: object, shape, dtype, device, memory_format
 ) -> Tensor:
@@ -212,8 +216,7 @@ def roi_pool_backward(
         stand_in, rois, argmax.shape[2], argmax.shape[3], 1.0, needs_argmax=True
     )
     chosen = resolve_backend(backend, problem)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return backward_on_backend(chosen, grad_output, rois, argmax, shape, input_dtype, memory_format)
+    return backward_on_backend(chosen, grad_output, rois, argmax, shape, input_dtype, channels_last)
 
 
 def backward_on_backend(
@@ -223,10 +226,11 @@ def backward_on_backend(
     argmax: Tensor,
     shape: torch.Size,
     input_dtype: torch.dtype,
-    memory_format: torch.memory_format = torch.contiguous_format,
+    channels_last: bool = False,
 ) -> Tensor:
     """`roi_pool_backward` on an already chosen backend (grad_input of `shape`, dense in
-    `memory_format`)."""
+    channels_last when `channels_last`, else contiguous)."""
+    memory_format = _memory_format(channels_last)
     batch_index = batch_indices(rois, shape[0])
     # Only a backend that lists a non-default format is asked for it (older plugins' backward
     # has no memory_format parameter).
@@ -294,10 +298,12 @@ def _roi_pool_backward_fake(
     backend,
     channels_last=False,
 ):
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     shape = (num_images, channels, height, width)
     return torch.empty(
-        shape, dtype=input_dtype, device=grad_output.device, memory_format=memory_format
+        shape,
+        dtype=input_dtype,
+        device=grad_output.device,
+        memory_format=_memory_format(channels_last),
     )
 
 

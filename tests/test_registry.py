@@ -15,6 +15,7 @@ import torch
 import roi_ops
 from roi_ops.registry import REGISTRY
 from roi_ops.testing import check_case, contract_cases
+from roi_ops.testing.reference import reference_roi_pool, reference_roi_pool_backward
 
 EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "plugin"
 
@@ -419,15 +420,15 @@ class OldStyleBackward(GradientLayouts):
 
 
 def _channels_last_gradient(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient through `backend`, the torch backend's gradient on a contiguous copy)."""
+    """(gradient through `backend` of a channels_last input, the scalar reference's)."""
     x, rois = _x_rois()
     leaf = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
     grad_output = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2) - 5
     roi_ops.roi_pool(leaf, rois, 2, backend=backend).backward(grad_output)
-    plain = x.clone().requires_grad_(True)
-    roi_ops.roi_pool(plain, rois, 2, backend="torch").backward(grad_output)
-    assert bool(plain.grad.ne(0).sum() > 6)  # real sums, not zeros
-    return leaf.grad, plain.grad
+    _, argmax = reference_roi_pool(x, rois, (2, 2), 1.0)
+    expected = reference_roi_pool_backward(grad_output, argmax, rois, tuple(x.shape))
+    assert bool(expected.ne(0).sum() > 6)  # real sums, not zeros
+    return leaf.grad, expected.to(torch.float32)
 
 
 @pytest.mark.parametrize("fast_path", ["1", "0"], ids=["eager", "custom-op"])

@@ -270,11 +270,12 @@ def _first_max_f64(a, ia, b, ib):
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(
-    do_not_specialize=[
-        "N", "C", "H", "W", "PH", "PW", "s_n", "s_c", "s_h", "s_w", "scale_bits", "blk_offset"
-    ]
-)  # fmt: skip
+# The forward kernels' runtime arguments that Triton must not specialise (new shapes would
+# recompile otherwise).
+_FORWARD_RUNTIME = ["N", "C", "H", "W", "PH", "PW", "s_n", "s_c", "s_h", "scale_bits", "blk_offset"]
+
+
+@triton.jit(do_not_specialize=[*_FORWARD_RUNTIME, "s_w"])
 def _roi_pool_fwd_kernel(
     inp_ptr,
     rois_ptr,
@@ -492,12 +493,7 @@ def _unit_store(out_ptr, arg_ptr, offsets, ok, filled, best, at, first_index,
         tl.store(arg_ptr + offsets, index, mask=ok, cache_modifier=".cs")
 
 
-@triton.jit(
-    do_not_specialize=[
-        "N", "C", "H", "W", "PH", "PW", "s_n", "s_c", "s_h", "scale_bits", "blk_offset",
-        "chan_per_prog",
-    ]
-)  # fmt: skip
+@triton.jit(do_not_specialize=[*_FORWARD_RUNTIME, "chan_per_prog"])
 def _roi_pool_fwd_unit_kernel(
     inp_ptr,
     rois_ptr,
@@ -611,11 +607,7 @@ def _roi_pool_fwd_unit_kernel(
                         best3, at3, first_index, NEEDS_ARGMAX)  # fmt: skip
 
 
-@triton.jit(
-    do_not_specialize=[
-        "N", "C", "H", "W", "PH", "PW", "s_n", "s_c", "s_h", "s_w", "scale_bits", "blk_offset",
-    ]
-)  # fmt: skip
+@triton.jit(do_not_specialize=[*_FORWARD_RUNTIME, "s_w"])
 def _roi_pool_fwd_cl_kernel(
     inp_ptr,
     rois_ptr,
