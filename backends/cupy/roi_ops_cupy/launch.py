@@ -79,7 +79,9 @@ class _Packed:
     """A launch ready for cuLaunchKernel: the kernel's handle and its arguments as 8-byte words.
 
     CuPy's RawKernel call converts every argument on every launch (about 30 us for the forward's
-    18); here they are packed once, and a cached plan only rewrites its pointer words.
+    18); here they are packed once, and a cached plan only rewrites its pointer words. A launch
+    with a `prepare` launch packs that one too, and queues it first; `workspace` int32 elements
+    are allocated per call as the "table" tensor of both.
     """
 
     __slots__ = (
@@ -91,6 +93,9 @@ class _Packed:
         "words",
         "pointers",
         "params",
+        "slots",
+        "prepare",
+        "workspace",
         "lock",
     )
 
@@ -110,10 +115,25 @@ class _Packed:
         # cuLaunchKernel's kernelParams: the address of each argument.
         self.pointers = self.words.ctypes.data + 8 * np.arange(len(self.words), dtype=np.uint64)
         self.params = self.pointers.ctypes.data  # both arrays live as long as this object
+        self.slots = launch.pointers
+        self.prepare = (
+            None if launch.prepare is None else _Packed(device, launch.prepare, module_names)
+        )
+        self.workspace = launch.workspace
         self.lock = threading.Lock()  # callers that rewrite `words` hold it until the launch
 
+    def bind(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        """Rewrite the pointer words (and the prepare launch's) from `tensors` (None: null)."""
+        words = self.words
+        for position, name in self.slots:
+            tensor = tensors[name]
+            words[position] = 0 if tensor is None else tensor.data_ptr()
+        if self.prepare is not None:
+            self.prepare.bind(tensors)
+
     def launch(self, device: int) -> None:
-        """Queue the kernel on torch's current stream of `device` (the caller holds `lock`)."""
+        """Queue the kernel (after its prepare launch) on torch's current stream of `device`
+        (the caller holds `lock`)."""
         stream = _current_stream(device)
         try:
             if cupy.cuda.runtime.getDevice() == device:
@@ -128,6 +148,8 @@ class _Packed:
             ) from error
 
     def _launch(self, stream: int) -> None:
+        if self.prepare is not None:
+            self.prepare._launch(stream)
         driver.launchKernel(
             self.function, *self.grid, *self.block, self.shared_mem, stream,
             self.params, 0,
@@ -156,10 +178,7 @@ def _device_index(tensor: torch.Tensor) -> int:
 
 
 # Forward plans depend on shapes, strides, dtypes and settings, not on the data pointers: a plan
-# is made and packed once per such key, and its four pointer words are rewritten on every call.
-_POINTER_ARGS = (0, 9, 16, 17)  # input, rois, output, argmax in plan_forward's argument list
-# grad_output, argmax, batch_index, grad_input in plan_backward's argument list (either kernel)
-_BACKWARD_POINTER_ARGS = (0, 5, 6, 13)
+# is made and packed once per such key, and its pointer words are rewritten on every call.
 _plans: dict[tuple, _Packed | None] = {}
 _MAX_CACHED_PLANS = 256
 
@@ -178,6 +197,8 @@ def _settings() -> tuple:
         kernels.CHAN_MIN_CHANNELS,
         os.environ.get("ROI_OPS_CUPY_KERNEL"),
         os.environ.get("ROI_OPS_CUPY_BLOCK_ELEMENTS"),
+        os.environ.get("ROI_OPS_CUPY_IMAGE_CHANNELS"),
+        kernels.IMAGE_MIN_ROIS_PER_IMAGE,
         os.environ.get(kernels.DEFINES_ENV),
     )
 
@@ -202,13 +223,13 @@ def _plan_key(problem: RoIPoolProblem, with_argmax: bool, device: int) -> tuple:
 
 
 def _launch_packed(
-    device: int, key: tuple, make: Callable[[], _Packed | None], pointers: tuple, positions: tuple
+    device: int,
+    key: tuple,
+    make: Callable[[], _Packed | None],
+    tensors: dict[str, torch.Tensor | None],
 ) -> None:
-    """Launch the cached packed plan for `key` (made by `make` on a miss) with `pointers`.
-
-    `positions` are the plan's pointer arguments, rewritten with the tensors in `pointers` (None
-    passes a null pointer).
-    """
+    """Launch the cached packed plan for `key` (made by `make` on a miss) on `tensors`, its
+    pointer arguments by name (None passes a null pointer); allocates the plan's workspace."""
     try:
         packed = _plans[key]
     except KeyError:
@@ -218,10 +239,12 @@ def _launch_packed(
         _plans[key] = packed
     if packed is None:
         return
+    if packed.workspace:  # freed after the call: torch's allocator orders reuse on the stream
+        tensors["table"] = torch.empty(
+            packed.workspace, dtype=torch.int32, device=torch.device("cuda", device)
+        )
     with packed.lock:
-        words = packed.words
-        for position, tensor in zip(positions, pointers, strict=True):
-            words[position] = 0 if tensor is None else tensor.data_ptr()
+        packed.bind(tensors)
         packed.launch(device)
 
 
@@ -230,7 +253,8 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
     device = _device_index(problem.input)
 
     def make() -> _Packed | None:
-        plan = kernels.plan_forward(problem, output, argmax, *_device_sizes(device)[:2])
+        sizes = _device_sizes(device)
+        plan = kernels.plan_forward(problem, output, argmax, sizes[0], sizes[1], sizes[2])
         names = kernels.forward_names(problem.input.dtype, problem.rois.dtype)
         return None if plan is None else _Packed(device, plan, names)
 
@@ -238,8 +262,7 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
         device,
         _plan_key(problem, argmax is not None, device),
         make,
-        (problem.input, problem.rois, output, argmax),
-        _POINTER_ARGS,
+        {"input": problem.input, "rois": problem.rois, "output": output, "argmax": argmax},
     )
 
 
@@ -300,6 +323,11 @@ def backward(
         kernel,
         _settings(),
     )
-    pointers = (grad_output, argmax, batch_index, grad_input)
-    _launch_packed(device, key, make, pointers, _BACKWARD_POINTER_ARGS)
+    tensors = {
+        "grad_output": grad_output,
+        "argmax": argmax,
+        "batch_index": batch_index,
+        "grad_input": grad_input,
+    }
+    _launch_packed(device, key, make, tensors)
     return grad_input if grad_input.dtype == input_dtype else grad_input.to(input_dtype)
