@@ -103,7 +103,9 @@ class _Packed:
         kernel = _kernel(device, launch.name, module_names)
         with cupy.cuda.Device(device):
             self.function = kernel.kernel.ptr  # the CUfunction loaded on `device`
-            if launch.shared_mem > kernels.DEFAULT_SHARED_LIMIT:  # an opt-in, per function
+            # The opt-in (per function) counts dynamic memory only, but the 48 KiB a block
+            # gets without it also covers the kernel's static arrays: always opt in.
+            if launch.shared_mem > 0:
                 driver.funcSetAttribute(
                     self.function, _MAX_DYNAMIC_SHARED_ATTRIBUTE, launch.shared_mem
                 )
