@@ -792,16 +792,16 @@ def _image_rois(num_rois, num_images, height, width, g):
 
 @pytest.mark.parametrize("threads", [256, 1024])
 def test_image_kernel_rounds_edges_and_channel_blocks(runner, threads, monkeypatch):
-    # 1100 ROIs over 3 images: two rounds of the 256-thread scan (1024 indices a round), eleven
-    # of the 1024-thread one; edges staged 5 ROIs at a time (many sub-rounds); 7 channels in
-    # blocks of 3 (the last holds one); invalid ROIs go to image 0's blocks as empty bins.
+    # 2100 ROIs over 3 images: three rounds of the scan (1024 indices a round), a list of one
+    # round's length (so pooled after every round); 7 channels in blocks of 3 (the last holds
+    # one); invalid ROIs go to image 0's blocks as empty bins.
     monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "image")
     monkeypatch.setenv("ROI_OPS_CUPY_IMAGE_CHANNELS", "3")
-    monkeypatch.setattr(kernels, "IMAGE_EDGE_BYTES", 5 * 8 * (3 + 4))
+    monkeypatch.setattr(kernels, "IMAGE_LIST_ROIS", 1024)
     g = torch.Generator().manual_seed(31)
     x = torch.randn(3, 7, 10, 13, generator=g)
-    rois = _image_rois(1100, 3, 10, 13, g)
-    limit = 48 * 1024 if threads == 256 else 15 * 1024  # 1024 threads: no room for a second
+    rois = _image_rois(2100, 3, 10, 13, g)
+    limit = 48 * 1024 if threads == 256 else 12 * 1024  # 1024 threads: no room for a second
     problem = RoIPoolProblem(x, rois, 3, 4, 1.0, True)
     assert kernels.image_shape(problem, 1, limit, forced=True).threads == threads
     check(runner, x, rois, (3, 4), 1.0, shared_limit=limit)
@@ -829,15 +829,15 @@ def test_image_kernel_choice(monkeypatch):
         return kernels.image_shape(problem, sms, optin, forced)
 
     # The five workloads (float32): planes per block filling a quarter of shared memory.
-    # frcnn-c4: 4 planes fit, halved for blocks; edges of 73 ROIs (8 KiB) staged at a time.
-    assert shape(2, 1024, 38, 63, 512, 7) == kernels.ImageShape(2, 73, 27328, 256)
+    # frcnn-c4: 4 planes fit, halved for blocks; a list of 2048 ROIs.
+    assert shape(2, 1024, 38, 63, 512, 7) == kernels.ImageShape(2, 2048, 27344, 256)
     big_batch = shape(16, 256, 100, 136, 16000, 7)
     assert big_batch.channels_per_block == 1 and big_batch.threads == 256
     fpn_p2 = shape(8, 256, 200, 272, 4096, 7)  # 218 KB: one plane, one 1024-thread block
     assert fpn_p2.channels_per_block == 1 and fpn_p2.threads == 1024
     assert fpn_p2.shared_mem + kernels.IMAGE_STATIC_SHARED <= optin
     assert shape(8, 256, 50, 68, 4096, 14).channels_per_block == 3
-    assert shape(8, 256, 50, 68, 4096, 7, torch.float16).channels_per_block == 3  # 6, halved
+    assert shape(8, 256, 50, 68, 4096, 7, torch.float16).channels_per_block == 2  # 7, halved twice
     # Not chosen: too few ROIs per image, too few (image, channel) blocks; never where one
     # plane does not fit.
     assert shape(8, 256, 50, 68, 8 * 31, 7) is None
@@ -847,7 +847,7 @@ def test_image_kernel_choice(monkeypatch):
     monkeypatch.setenv("ROI_OPS_CUPY_IMAGE_CHANNELS", "5")
     assert shape(2, 1024, 38, 63, 512, 7).channels_per_block == 5
     monkeypatch.setenv("ROI_OPS_CUPY_IMAGE_CHANNELS", "500")  # as many as fit in shared memory
-    assert shape(2, 1024, 38, 63, 512, 7).channels_per_block == 22
+    assert shape(2, 1024, 38, 63, 512, 7).channels_per_block == 23
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

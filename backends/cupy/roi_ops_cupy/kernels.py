@@ -101,14 +101,15 @@ PLANES_STATIC_SHARED = 5 * 1024  # the kernel's own __shared__ arrays (4224 B), 
 PLANES_THREADS = (256, 1024)
 DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without opting in
 # The image kernel: blocks of 256 threads (four per SM, each with a quarter of the SM's shared
-# memory for its planes), or 1024 where a single plane leaves room for no second block; the bin
-# edges of up to IMAGE_EDGE_BYTES worth of ROIs staged at a time; only where each image has
+# memory for its planes), or 1024 where a single plane leaves room for no second block; a list of
+# up to IMAGE_LIST_ROIS of the image's ROIs (at least a scan round's 1024); only where each image has
 # IMAGE_MIN_ROIS_PER_IMAGE ROIs on average (every block stages its whole planes, which the unit
 # kernel would read only where ROIs cover them) and there are enough (image, channel) blocks.
 IMAGE_THREADS = (256, 1024)
 IMAGE_BLOCKS_PER_SM = 4
-IMAGE_EDGE_BYTES = 8 * 1024
-IMAGE_STATIC_SHARED = 5 * 1024  # the kernel's own __shared__ arrays (4224 B), with room to spare
+IMAGE_LIST_ROIS = 2048
+IMAGE_SCAN_ROUND = 1024  # ROIs a block's scan checks per round (ImageScan::kRound)
+IMAGE_STATIC_SHARED = 1024  # the kernel's own __shared__ arrays (128 B), with room to spare
 IMAGE_MIN_ROIS_PER_IMAGE = 32
 IMAGE_MIN_BLOCKS_PER_SM = 4
 BLOCK_RESERVED_SHARED = 1024  # shared memory the driver reserves per resident block
@@ -332,18 +333,18 @@ def forward_kernel(input: torch.Tensor) -> str:
 
 @dataclass(frozen=True)
 class ImageShape:
-    """How the image kernel runs one problem: channels per block, the ROIs whose bin edges are
-    staged at a time, dynamic shared memory (bytes) and threads per block."""
+    """How the image kernel runs one problem: channels per block, the length of its ROI list,
+    dynamic shared memory (bytes) and threads per block."""
 
     channels_per_block: int
-    edge_rois: int
+    list_rois: int
     shared_mem: int
     threads: int
 
 
-def _image_shared(channels: int, plane_bytes: int, edge_bytes: int) -> int:
-    """The image kernel's dynamic shared memory: the planes (8-byte aligned end), the edges."""
-    return -(-channels * plane_bytes // 8) * 8 + edge_bytes
+def _image_shared(channels: int, plane_bytes: int, list_rois: int) -> int:
+    """The image kernel's dynamic shared memory: the planes (8-byte aligned end), the list."""
+    return -(-channels * plane_bytes // 8) * 8 + 4 * list_rois
 
 
 def image_shape(
@@ -359,16 +360,14 @@ def image_shape(
     num_images, channels, height, width = problem.input.shape
     ph, pw = problem.pooled_height, problem.pooled_width
     num_rois = problem.num_rois
-    edges = ph + pw
     plane_bytes = height * width * problem.input.element_size()
-    # The edges of IMAGE_EDGE_BYTES worth of ROIs, fewer where one plane leaves less room.
+    # IMAGE_LIST_ROIS, fewer where one plane leaves less room (never fewer than a round).
     room = shared_limit - IMAGE_STATIC_SHARED - _image_shared(1, plane_bytes, 0)
-    edge_rois = max(1, min(1024, min(IMAGE_EDGE_BYTES, room) // (8 * edges)))
-    edge_bytes = edge_rois * edges * 8
+    list_rois = max(IMAGE_SCAN_ROUND, min(IMAGE_LIST_ROIS, room // 4))
     if (
-        num_rois * edges >= 2**30
+        num_rois * (ph + pw) >= 2**30
         or num_images * channels >= INT32_LIMIT
-        or _image_shared(1, plane_bytes, edge_bytes) + IMAGE_STATIC_SHARED > shared_limit
+        or _image_shared(1, plane_bytes, list_rois) + IMAGE_STATIC_SHARED > shared_limit
     ):
         return None
     if not forced and (
@@ -377,7 +376,7 @@ def image_shape(
     ):
         return None
     quarter = shared_limit // IMAGE_BLOCKS_PER_SM - IMAGE_STATIC_SHARED - BLOCK_RESERVED_SHARED
-    per_block = max(1, min(channels, (quarter - edge_bytes) // max(plane_bytes, 1)))
+    per_block = max(1, min(channels, (quarter - 4 * list_rois) // max(plane_bytes, 1)))
     while per_block > 1 and num_images * math.ceil(channels / per_block) < (
         IMAGE_MIN_BLOCKS_PER_SM * multiprocessors
     ):
@@ -386,12 +385,13 @@ def image_shape(
     if forced_channels.isdigit() and int(forced_channels) > 0:
         per_block = min(channels, int(forced_channels))
         while per_block > 1 and (
-            _image_shared(per_block, plane_bytes, edge_bytes) + IMAGE_STATIC_SHARED > shared_limit
+            _image_shared(per_block, plane_bytes, list_rois) + IMAGE_STATIC_SHARED
+            > shared_limit
         ):
             per_block -= 1
-    shared = _image_shared(per_block, plane_bytes, edge_bytes)
+    shared = _image_shared(per_block, plane_bytes, list_rois)
     alone = 2 * (shared + IMAGE_STATIC_SHARED + BLOCK_RESERVED_SHARED) > shared_limit
-    return ImageShape(per_block, edge_rois, shared, IMAGE_THREADS[-1 if alone else 0])
+    return ImageShape(per_block, list_rois, shared, IMAGE_THREADS[-1 if alone else 0])
 
 
 def _plan_image(
@@ -421,7 +421,7 @@ def _plan_image(
         _pointer(input),
         *_ints(num_images, channels, height, width, *input.stride()),
         table,
-        *_ints(num_rois, ph, pw, shape.channels_per_block, shape.edge_rois),
+        *_ints(num_rois, ph, pw, shape.channels_per_block, shape.list_rois),
         *tail,
     )
     blocks = num_images * math.ceil(channels / shape.channels_per_block)

@@ -1508,8 +1508,9 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
 //       invalid ROI, whose outputs the image-0 blocks then write as empty bins).
 //   roi_pool_forward_image<T, kArgmax, kBlock>   grid N * ceil(C / channels_per_block), channel
 //       block fastest; kBlock threads; dynamic shared memory channels_per_block * H * W *
-//       sizeof(T) + edge_rois * (PH + PW) * 8 bytes (the planes, then the bin edges of up to
-//       edge_rois ROIs at a time). Requires H * W < 2^31 and K * (PH + PW) < 2^30.
+//       sizeof(T) (8-byte aligned end) + list_rois * 4 bytes (the planes, then the image's
+//       ROIs, list_rois >= ImageScan<kBlock>::kRound of them at a time). Requires H * W < 2^31
+//       and K * (PH + PW) < 2^30.
 namespace roi_ops_cuda {
 // Where the edge table starts in the ROI table, in ints (8-byte aligned).
 __device__ __forceinline__ i64 image_edges_offset(i64 K) { return (K + 1) / 2 * 2; }
@@ -1635,11 +1636,10 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::ImageBlocksPerSM<kBlock>
     roi_pool_forward_image(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
                            const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
                            const int* __restrict__ table, const i64 K, const i64 PH,
-                           const i64 PW, const i64 channels_per_block, const i64 edge_rois,
+                           const i64 PW, const i64 channels_per_block, const i64 list_rois,
                            T* __restrict__ output, int* __restrict__ argmax) {
   using namespace roi_ops_cuda;
   typedef ImageScan<kBlock> Scan;
-  __shared__ int round_rois[Scan::kRound];  // this image's ROIs of the round, in order
   __shared__ int warp_counts[Scan::kPerThread][Scan::kWarps];
   const unsigned int tid = threadIdx.x;
   const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
@@ -1650,9 +1650,10 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::ImageBlocksPerSM<kBlock>
   const int w_int = static_cast<int>(W);
   const unsigned int pixels = static_cast<unsigned int>(H * W);  // < 2^31 (checked by roi_ops)
   T* planes = reinterpret_cast<T*>(planes_shared);
-  const unsigned int edge_count = static_cast<unsigned int>(PH + PW);
-  int2* staged_edges = reinterpret_cast<int2*>(
+  // This image's ROIs, collected a round at a time (list_rois >= Scan::kRound).
+  int* list = reinterpret_cast<int*>(
       planes_shared + (static_cast<i64>(channels_per_block) * pixels * sizeof(T) + 7) / 8 * 8);
+  const unsigned int edge_count = static_cast<unsigned int>(PH + PW);
   const int2* __restrict__ edges = reinterpret_cast<const int2*>(table + image_edges_offset(K));
   const auto image_of = [&](i64 k) { return table[k]; };
   int next_image[Scan::kPerThread];
@@ -1666,59 +1667,60 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::ImageBlocksPerSM<kBlock>
   const unsigned int step_roi = kBlock / bins;
   const unsigned int step_ph = (kBlock % bins) / pw_count;
   const unsigned int step_pw = (kBlock % bins) % pw_count;
-  const unsigned int first_roi = tid / bins;
-  const unsigned int first_ph = (tid % bins) / pw_count;
-  const unsigned int first_pw = (tid % bins) % pw_count;
+  unsigned int count = 0;
   for (i64 r0 = 0; r0 < K; r0 += Scan::kRound) {
     // The first round's barriers also order the staged planes before their use.
-    const unsigned int found = collect_image_rois<kBlock>(next_image, image, r0, K, tid, image_of,
-                                                          round_rois, warp_counts);
-    for (unsigned int j0 = 0; j0 < found; j0 += static_cast<unsigned int>(edge_rois)) {
-      const unsigned int count =
-          found - j0 < edge_rois ? found - j0 : static_cast<unsigned int>(edge_rois);
-      for (unsigned int i = tid; i < count * edge_count; i += kBlock) {
-        const unsigned int j = i / edge_count;
-        staged_edges[i] = edges[static_cast<i64>(round_rois[j0 + j]) * edge_count + (i - j *
-                                                                                  edge_count)];
-      }
-      __syncthreads();
-      unsigned int j = first_roi, ph = first_ph, pw = first_pw;
-      while (j < count) {
-        const i64 k = round_rois[j0 + j];
-        const int2 rows = staged_edges[j * edge_count + ph];
-        const int2 cols = staged_edges[j * edge_count + ph_count + pw];
-        const int bin_h = rows.y - rows.x;
-        const int bin_w = cols.y - cols.x;
-        const i64 out0 = (k * C + c0) * bins + ph * pw_count + pw;
-        T* __restrict__ out = output + out0;
-        int* __restrict__ arg = kArgmax ? argmax + out0 : nullptr;
-        if (bin_h <= 0 || bin_w <= 0) {
-          for (unsigned int c = 0; c < channels; ++c) {
-            store_result<T>(out + c * bins, Work<T>::out(typename Work<T>::V(0)));
-            if constexpr (kArgmax) store_result<int>(arg + c * bins, -1);
-          }
-        } else {
-          const int first_index = rows.x * w_int + cols.x;
-          const T* bin = planes + first_index;
-          for (unsigned int c = 0; c < channels; ++c) {
-            image_bin<T, kArgmax>(bin + c * pixels, w_int, bin_h, bin_w, first_index,
-                                  out + c * bins, kArgmax ? arg + c * bins : nullptr);
-          }
-        }
-        pw += step_pw;  // one step of the block, with carries
-        ph += step_ph;
-        j += step_roi;
-        if (pw >= pw_count) {
-          pw -= pw_count;
-          ++ph;
-        }
-        if (ph >= ph_count) {
-          ph -= ph_count;
-          ++j;
-        }
-      }
-      __syncthreads();  // before staged_edges (and, after the last, round_rois) is rewritten
+    count += collect_image_rois<kBlock>(next_image, image, r0, K, tid, image_of, list + count,
+                                        warp_counts);
+    if (r0 + Scan::kRound < K && count + Scan::kRound <= list_rois) continue;
+    // Pool every ROI of the list, with no barrier until the end: a block's bins vary by orders
+    // of magnitude in size, and a barrier per few ROIs would wait for the largest each time.
+    unsigned int j = tid / bins, ph = (tid % bins) / pw_count, pw = (tid % bins) % pw_count;
+    i64 k = 0;
+    int2 rows = make_int2(0, 0), cols = rows;
+    if (j < count) {
+      k = list[j];
+      rows = edges[k * edge_count + ph];
+      cols = edges[k * edge_count + ph_count + pw];
     }
+    while (j < count) {
+      const i64 out0 = (k * C + c0) * bins + ph * pw_count + pw;
+      const int bin_h = rows.y - rows.x;
+      const int bin_w = cols.y - cols.x;
+      const int first_index = rows.x * w_int + cols.x;
+      pw += step_pw;  // one step of the block, with carries
+      ph += step_ph;
+      j += step_roi;
+      if (pw >= pw_count) {
+        pw -= pw_count;
+        ++ph;
+      }
+      if (ph >= ph_count) {
+        ph -= ph_count;
+        ++j;
+      }
+      if (j < count) {  // the next item's edges load while this one is pooled
+        k = list[j];
+        rows = edges[k * edge_count + ph];
+        cols = edges[k * edge_count + ph_count + pw];
+      }
+      T* __restrict__ out = output + out0;
+      int* __restrict__ arg = kArgmax ? argmax + out0 : nullptr;
+      if (bin_h <= 0 || bin_w <= 0) {
+        for (unsigned int c = 0; c < channels; ++c) {
+          store_result<T>(out + c * bins, Work<T>::out(typename Work<T>::V(0)));
+          if constexpr (kArgmax) store_result<int>(arg + c * bins, -1);
+        }
+      } else {
+        const T* bin = planes + first_index;
+        for (unsigned int c = 0; c < channels; ++c) {
+          image_bin<T, kArgmax>(bin + c * pixels, w_int, bin_h, bin_w, first_index,
+                                out + c * bins, kArgmax ? arg + c * bins : nullptr);
+        }
+      }
+    }
+    __syncthreads();  // before the list is rewritten
+    count = 0;
   }
 }
 
