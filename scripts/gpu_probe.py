@@ -29,19 +29,9 @@ from roi_ops.config import value_checks
 
 CUPY_VARIANTS = {
     "plane": {"ROI_OPS_CUPY_KERNEL": "plane"},
-    "auto": {},
-    "unit": {"ROI_OPS_CUPY_KERNEL": "unit"},
-    "image": {"ROI_OPS_CUPY_KERNEL": "image"},
-    "image-c1": {"ROI_OPS_CUPY_KERNEL": "image", "ROI_OPS_CUPY_IMAGE_CHANNELS": "1"},
-    "image-c2": {"ROI_OPS_CUPY_KERNEL": "image", "ROI_OPS_CUPY_IMAGE_CHANNELS": "2"},
-    "image-c4": {"ROI_OPS_CUPY_KERNEL": "image", "ROI_OPS_CUPY_IMAGE_CHANNELS": "4"},
-    "image-c8": {"ROI_OPS_CUPY_KERNEL": "image", "ROI_OPS_CUPY_IMAGE_CHANNELS": "8"},
-    "image-nocs": {
-        "ROI_OPS_CUPY_KERNEL": "image",
-        "ROI_OPS_CUPY_DEFINES": "-DROI_OPS_NO_STREAMING_STORES",
-    },
-    "unit512": {"ROI_OPS_CUPY_KERNEL": "unit", "ROI_OPS_CUPY_BLOCK_ELEMENTS": "512"},
-    "unit16k": {"ROI_OPS_CUPY_KERNEL": "unit", "ROI_OPS_CUPY_BLOCK_ELEMENTS": "16384"},
+    "unit": {},
+    "unit512": {"ROI_OPS_CUPY_BLOCK_ELEMENTS": "512"},
+    "unit16k": {"ROI_OPS_CUPY_BLOCK_ELEMENTS": "16384"},
     "unit-nocs": {"ROI_OPS_CUPY_DEFINES": "-DROI_OPS_NO_STREAMING_STORES"},
     "unit-u8": {"ROI_OPS_CUPY_DEFINES": "-DROI_OPS_UNIT_CHANNELS=8 -DROI_OPS_UNIT_MIN_BLOCKS=2"},
     "unit-u2": {"ROI_OPS_CUPY_DEFINES": "-DROI_OPS_UNIT_CHANNELS=2 -DROI_OPS_UNIT_MIN_BLOCKS=6"},
@@ -86,24 +76,20 @@ def synced_ms(fn, reps: int) -> float:
 
 
 def cupy_runner(x, rois, w, out, arg, variant):
-    """The variant's launch plan, packed once (compiled with its -D options); the image kernel's
-    ROI table is allocated here and reused by every call."""
     from roi_ops_cupy import kernels, launch
 
     problem = RoIPoolProblem(x, rois, w.output_size, w.output_size, w.spatial_scale, True)
+    with environ(CUPY_VARIANTS[variant]):
+        sizes = launch._device_sizes(x.device.index or 0)[:2]
+        plan = kernels.plan_forward(problem, out, arg, *sizes)
+    names = kernels.forward_names(x.dtype, rois.dtype)
     device = x.device.index or 0
-    settings = CUPY_VARIANTS[variant]
-    with environ({kernels.DEFINES_ENV: "", **settings}):
-        plan = kernels.plan_forward(problem, out, arg, *launch._device_sizes(device))
-        if plan.workspace:
-            table = torch.empty(plan.workspace, dtype=torch.int32, device=x.device)
-            plan = kernels.bind_pointers(plan, {"table": table})
-        packed = launch._Packed(device, plan, kernels.forward_names(x.dtype, rois.dtype))
+    defines = CUPY_VARIANTS[variant].get(kernels.DEFINES_ENV, "")
 
     def run():
-        packed.launch(device)
+        with environ({kernels.DEFINES_ENV: defines}):
+            launch._run(device, plan, names)
 
-    run.kernel = plan.name
     return run
 
 
@@ -154,7 +140,6 @@ def probe_workload(w, dtype, args, rows, checks):
 
     for variant in args.cupy:
         time_both(f"cupy:{variant}", lambda o, a, v=variant: cupy_runner(x, rois, w, o, a, v))
-        row.setdefault("kernels", {})[variant] = cupy_runner(x, rois, w, out, arg, variant).kernel
     for variant in args.triton_variants if args.triton else ():
         time_both(f"triton:{variant}", lambda o, a, v=variant: triton_runner(x, rois, w, o, a, v))
     try:
@@ -206,7 +191,6 @@ def probe_workload(w, dtype, args, rows, checks):
         ratio = f" ({tv_ms / ms[key]:.2f}x)" if tv_ms else ""
         parts.append(f"{key}={ms[key]:.3f}{ratio}")
     print(f"{w.name} {name}: " + "  ".join(parts), flush=True)
-    print(f"  kernels: {row.get('kernels')}", flush=True)
 
 
 def profile_fwd_bwd(w, out_dir):
@@ -268,7 +252,7 @@ def host_overhead(out_dir):
     problem = RoIPoolProblem(x, rois, 7, 7, 1.0, True)
     out = torch.empty(problem.output_shape, device=device)
     arg = torch.empty(problem.output_shape, device=device, dtype=torch.int32)
-    plan = kernels.plan_forward(problem, out, arg, *launch._device_sizes(0))
+    plan = kernels.plan_forward(problem, out, arg, *launch._device_sizes(0)[:2])
     names = kernels.forward_names(x.dtype, rois.dtype)
     backend = CupyBackend()
 
@@ -279,7 +263,7 @@ def host_overhead(out_dir):
     calls["cupy:grad:custom-op"] = custom_op_call
     calls["part:backend.forward"] = lambda: backend.forward(problem, out, arg)
     calls["part:plan_forward"] = lambda: kernels.plan_forward(
-        problem, out, arg, *launch._device_sizes(0)
+        problem, out, arg, *launch._device_sizes(0)[:2]
     )
     calls["part:_run"] = lambda: launch._run(0, plan, names)
     calls["part:2 x torch.empty"] = lambda: (

@@ -160,22 +160,15 @@ def test_source_instantiations_match_the_dtype_table():
     table = kernels.C_TYPES
     assert sorted(pairs) == sorted((table[t], table[r]) for t, r in kernels.FORWARD_PAIRS)
     assert sorted(types) == sorted(table[t] for t in kernels.BACKWARD_TYPES)
-    for name in (*kernels.FORWARD_KERNELS, kernels.IMAGE_KERNEL, *kernels.BACKWARD_KERNELS):
+    for name in (*kernels.FORWARD_KERNELS, *kernels.BACKWARD_KERNELS):
         bounds = r"(ROI_OPS_LAUNCH_BOUNDS|__launch_bounds__\((256|kBlock), [^)]+\))"
         assert re.search(rf"__global__ void {bounds}\s+{name}\(", text), name
-    assert re.search(rf"__global__ void __launch_bounds__\(256\)\s+{kernels.ROIS_KERNEL}\(", text)
     # Every name expression NVRTC is asked for is a template with the instantiated arguments.
     for t, r in kernels.FORWARD_PAIRS:
-        names = kernels.forward_names(t, r)
-        for expr in names:
+        for expr in kernels.forward_names(t, r):
             assert re.fullmatch(
-                r"roi_pool_forward_(plane|chan|unit|cvec)<\w+, \w+, (true|false)>"
-                r"|roi_pool_forward_image<\w+, (true|false), (256|1024)>"
-                r"|roi_pool_forward_rois<\w+>",
-                expr,
+                r"roi_pool_forward_(plane|chan|unit|cvec)<\w+, \w+, (true|false)>", expr
             )
-        assert f"roi_pool_forward_image<{table[t]}, false, 1024>" in names
-        assert names[-1] == f"roi_pool_forward_rois<{table[r]}>"
     assert kernels.backward_names(torch.bfloat16) == (
         "roi_pool_backward_atomic<roi_bf16>",
         "roi_pool_backward_planes<roi_bf16, 256>",
@@ -195,10 +188,9 @@ def test_compile_check_script_passes():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "check_compile: all ok (80 90)" in result.stdout
     resources = [line for line in result.stdout.splitlines() if line.startswith("  sm_90 ")]
-    # Distinct kernels: the image and ROI table kernels are shared by the pairs of one dtype.
-    forward = {name for pair in kernels.FORWARD_PAIRS for name in kernels.forward_names(*pair)}
     backward = sum(len(kernels.backward_names(t)) for t in kernels.BACKWARD_TYPES)
-    assert len(resources) == len(forward) + backward
+    expected = len(kernels.FORWARD_PAIRS) * 2 * len(kernels.FORWARD_KERNELS) + backward
+    assert len(resources) == expected
     assert all("0 B spill stores, 0 B spill loads" in line for line in resources)
 
 
@@ -266,63 +258,32 @@ def test_nvrtc_compiles_the_tuning_variants(defines, monkeypatch):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cached_plans_replace_exactly_the_pointer_arguments(layout):
+    launch = pytest.importorskip("roi_ops_cupy.launch")
     x = _place_input(torch.randn(2, 20, 9, 11), layout, "cpu")
     rois = torch.tensor([[0, 1.0, 1.0, 8.0, 7.0]] * 3)
     problem = RoIPoolProblem(x, rois, 3, 3, 0.5, True)
     out = torch.empty(problem.output_shape)
     arg = torch.empty(problem.output_shape, dtype=torch.int32)
     plan = kernels.plan_forward(problem, out, arg, 132, 50 * 2**20)
-    assert [name for _, name in plan.pointers] == ["input", "rois", "output", "argmax"]
-    _assert_pointer_slots(plan, {"input": x, "rois": rois, "output": out, "argmax": arg})
-
-
-def _assert_pointer_slots(plan, tensors) -> None:
-    """`plan`'s named pointer slots hold those tensors' pointers (once bound), and no other
-    argument holds any of them."""
-    table = torch.empty(max(plan.workspace, 1), dtype=torch.int32)
-    bound = kernels.bind_pointers(plan, {**tensors, "table": table})
-    pointers = {name: t.data_ptr() for name, t in {**tensors, "table": table}.items()}
-    for launch in (bound, bound.prepare) if bound.prepare else (bound,):
-        slots = dict(launch.pointers)
-        assert {int(launch.args[i]) for i in slots} <= set(pointers.values())
-        assert all(int(launch.args[i]) == pointers[name] for i, name in slots.items())
-        others = [a for i, a in enumerate(launch.args) if i not in slots]
-        assert not any(int(a) in pointers.values() for a in others if isinstance(a, np.integer))
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_image_plans_name_their_pointer_arguments(layout, monkeypatch):
-    monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "image")
-    x = _place_input(torch.randn(2, 20, 9, 11), layout, "cpu")
-    rois = torch.tensor([[0, 1.0, 1.0, 8.0, 7.0]] * 3)
-    problem = RoIPoolProblem(x, rois, 3, 3, 0.5, True)
-    out = torch.empty(problem.output_shape)
-    arg = torch.empty(problem.output_shape, dtype=torch.int32)
-    plan = kernels.plan_forward(problem, out, arg, 132, 50 * 2**20, 227 * 1024)
-    assert plan.name == "roi_pool_forward_image<float, true, 256>"
-    assert plan.prepare.name == "roi_pool_forward_rois<float>"
-    assert plan.workspace == 4 + 2 * 3 * 6  # the image of each ROI (even count), 6 edges each
-    assert [name for _, name in plan.pointers] == ["input", "table", "output", "argmax"]
-    assert [name for _, name in plan.prepare.pointers] == ["rois", "table"]
-    _assert_pointer_slots(plan, {"input": x, "rois": rois, "output": out, "argmax": arg})
+    pointers = [x.data_ptr(), rois.data_ptr(), out.data_ptr(), arg.data_ptr()]
+    assert [int(plan.args[i]) for i in launch._POINTER_ARGS] == pointers
+    others = [a for i, a in enumerate(plan.args) if i not in launch._POINTER_ARGS]
+    assert not any(int(a) in pointers for a in others if isinstance(a, np.integer))
 
 
 @pytest.mark.parametrize("kernel", kernels.BACKWARD_KERNELS)
 def test_cached_backward_plans_replace_exactly_the_pointer_arguments(kernel):
+    launch = pytest.importorskip("roi_ops_cupy.launch")
     grad_output = torch.randn(3, 20, 3, 3)
     argmax = torch.zeros(3, 20, 3, 3, dtype=torch.int32)
     batch_index = torch.zeros(3, dtype=torch.int64)
     grad_input = torch.zeros(2, 20, 9, 11)
     plan = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, 132, 0, kernel)
     assert plan.name == kernels.backward_name(kernel, torch.float32)
-    tensors = {
-        "grad_output": grad_output,
-        "argmax": argmax,
-        "batch_index": batch_index,
-        "grad_input": grad_input,
-    }
-    assert [name for _, name in plan.pointers] == list(tensors)
-    _assert_pointer_slots(plan, tensors)
+    pointers = [t.data_ptr() for t in (grad_output, argmax, batch_index, grad_input)]
+    assert [int(plan.args[i]) for i in launch._BACKWARD_POINTER_ARGS] == pointers
+    others = [a for i, a in enumerate(plan.args) if i not in launch._BACKWARD_POINTER_ARGS]
+    assert not any(int(a) in pointers for a in others if isinstance(a, np.integer))
 
 
 def test_backward_kernel_choice(monkeypatch):
@@ -563,8 +524,7 @@ class CudaLauncher:
         self._launch = launch
 
     def launch(self, launch: kernels.Launch) -> None:
-        own_module = (*kernels.BACKWARD_KERNELS, kernels.IMAGE_KERNEL, kernels.ROIS_KERNEL)
-        if launch.name.startswith(own_module):
+        if launch.name.startswith(kernels.BACKWARD_KERNELS):
             names = (launch.name,)
         else:
             types = {v: k for k, v in kernels.C_TYPES.items()}
@@ -634,7 +594,6 @@ def run_forward(
     needs_argmax=True,
     multiprocessors=1,
     grid_y=None,
-    shared_limit=kernels.DEFAULT_SHARED_LIMIT,
 ):
     """The kernels on poisoned outputs; returns CPU (output, argmax or None)."""
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -643,16 +602,11 @@ def run_forward(
     rois = rois.to(device)
     problem = RoIPoolProblem(placed, rois, size[0], size[1], scale, needs_argmax)
     output, out_buf, argmax, arg_buf = _outputs(problem.output_shape, x.dtype, device, needs_argmax)
-    launch = kernels.plan_forward(problem, output, argmax, multiprocessors, 0, shared_limit)
+    launch = kernels.plan_forward(problem, output, argmax, multiprocessors)
     if launch is not None:
         if grid_y is not None:  # fewer block rows than channel blocks: the kernels loop
             launch = dataclasses.replace(launch, grid=(launch.grid[0], grid_y, 1))
-        if launch.workspace:  # the image kernel's ROI table, poisoned
-            table = torch.full((launch.workspace,), -3, dtype=torch.int32, device=device)
-            launch = kernels.bind_pointers(launch, {"table": table})
-        if launch.prepare is not None:
-            runner.launch(launch.prepare)
-        runner.launch(dataclasses.replace(launch, prepare=None))
+        runner.launch(launch)
     _check_guards(out_buf, -7.0)
     _check_guards(arg_buf, -7)
     return output.cpu(), (argmax.cpu() if needs_argmax else None)
@@ -735,7 +689,7 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
     check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
 
 
-@pytest.mark.parametrize("kernel", ["unit", "plane", "cvec", "chan", "image"])
+@pytest.mark.parametrize("kernel", ["unit", "plane", "cvec", "chan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kernels_on_ties_and_specials(runner, dtype, kernel, monkeypatch):
     # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
@@ -744,8 +698,8 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel, monkeypatch):
     # and 196 bins leave 8 and 4 bins to a last warp whose lanes spread over channels);
     # ROIs cut by the border. cvec: 24 float16 channels leave the last of 4 threads per bin
     # empty; 20 float32 (22 float64) channels leave one thread half its channels.
-    if kernel in ("plane", "image", "unit"):
-        monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", kernel)
+    if kernel == "plane":
+        monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "plane")
     layout = {"cvec": "channels_last", "chan": "channels_last_unaligned"}.get(kernel, "contiguous")
     lane_channels = {torch.float32: 20, torch.float64: 22}.get(dtype, 24)
     x = tie_heavy_features((2, lane_channels if layout != "contiguous" else 11, 12, 40), 21, dtype)
@@ -762,92 +716,6 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel, monkeypatch):
         check(runner, x, rois, size, 1.0, layout=layout, multiprocessors=1)
     # channel blocks loop
     check(runner, x, rois, (7, 7), 1.0, layout=layout, multiprocessors=64, grid_y=1)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_image_kernel_contract_cases(runner, dtype, layout, monkeypatch):
-    # The image kernel stages planes from any layout: 16-byte vectors for contiguous planes
-    # whose bytes are aligned, elements otherwise (strided, channels_last: channel fastest).
-    monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "image")
-    for case in contract_cases("cpu", dtype):
-        x = _wide(case.input, 5) if layout.startswith("channels_last") else case.input
-        check(runner, x, case.rois_tensor(), case.output_size, case.spatial_scale, layout=layout)
-
-
-def _image_rois(num_rois, num_images, height, width, g):
-    """Random ROIs over `num_images` images (some past the border), every tenth invalid: NaN,
-    an infinite corner, a batch index out of range or negative."""
-    x1 = torch.rand(num_rois, generator=g) * width - 2
-    y1 = torch.rand(num_rois, generator=g) * height - 2
-    sides = torch.rand(num_rois, 2, generator=g) * torch.tensor([width, height]) * 0.7
-    batch = torch.randint(0, num_images, (num_rois,), generator=g).float()
-    rois = torch.stack([batch, x1, y1, x1 + sides[:, 0], y1 + sides[:, 1]], dim=1)
-    bad = [math.nan, math.inf, float(num_images), -1.0]
-    for i in range(5, num_rois, 10):
-        column = 0 if i % 20 != 5 else 1 + i % 4
-        rois[i, column] = bad[(i // 10) % len(bad)]
-    return rois
-
-
-@pytest.mark.parametrize("threads", [256, 1024])
-def test_image_kernel_rounds_edges_and_channel_blocks(runner, threads, monkeypatch):
-    # 2100 ROIs over 3 images: three rounds of the scan (1024 indices a round), a list of one
-    # round's length (so pooled after every round); 7 channels in blocks of 3 (the last holds
-    # one); invalid ROIs go to image 0's blocks as empty bins.
-    monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "image")
-    monkeypatch.setenv("ROI_OPS_CUPY_IMAGE_CHANNELS", "3")
-    monkeypatch.setattr(kernels, "IMAGE_LIST_ROIS", 1024)
-    g = torch.Generator().manual_seed(31)
-    x = torch.randn(3, 7, 10, 13, generator=g)
-    rois = _image_rois(2100, 3, 10, 13, g)
-    limit = 48 * 1024 if threads == 256 else 12 * 1024  # 1024 threads: no room for a second
-    problem = RoIPoolProblem(x, rois, 3, 4, 1.0, True)
-    assert kernels.image_shape(problem, 1, limit, forced=True).threads == threads
-    check(runner, x, rois, (3, 4), 1.0, shared_limit=limit)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_image_kernel_on_ties_many_rois_and_scales(runner, dtype, monkeypatch):
-    monkeypatch.setenv("ROI_OPS_CUPY_KERNEL", "image")
-    g = torch.Generator().manual_seed(32)
-    x = tie_heavy_features((2, 6, 11, 9), 33, dtype)  # 99 pixels: no 16-byte vectors
-    rois = _image_rois(300, 2, 22, 18, g)
-    rois_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
-    check(runner, x, rois.to(rois_dtype), (5, 3), 0.5)
-    aligned = tie_heavy_features((2, 5, 8, 16), 34, dtype)  # 128 pixels: vectors
-    check(runner, aligned, rois.to(rois_dtype), (2, 7), 0.75)
-
-
-def test_image_kernel_choice(monkeypatch):
-    optin, sms = 227 * 1024, 132
-
-    def shape(n, c, h, w, k, size, dtype=torch.float32, forced=False):
-        problem = RoIPoolProblem(
-            torch.empty(n, c, h, w, dtype=dtype), torch.zeros(k, 5), size, size, 0.25, True
-        )
-        return kernels.image_shape(problem, sms, optin, forced)
-
-    # The five workloads (float32): planes per block filling a quarter of shared memory.
-    # frcnn-c4: 4 planes fit, halved for blocks; a list of 2048 ROIs.
-    assert shape(2, 1024, 38, 63, 512, 7) == kernels.ImageShape(2, 2048, 27344, 256)
-    big_batch = shape(16, 256, 100, 136, 16000, 7)
-    assert big_batch.channels_per_block == 1 and big_batch.threads == 256
-    fpn_p2 = shape(8, 256, 200, 272, 4096, 7)  # 218 KB: one plane, one 1024-thread block
-    assert fpn_p2.channels_per_block == 1 and fpn_p2.threads == 1024
-    assert fpn_p2.shared_mem + kernels.IMAGE_STATIC_SHARED <= optin
-    assert shape(8, 256, 50, 68, 4096, 14).channels_per_block == 3
-    assert shape(8, 256, 50, 68, 4096, 7, torch.float16).channels_per_block == 2  # 7, halved twice
-    # Not chosen: too few ROIs per image, too few (image, channel) blocks; never where one
-    # plane does not fit.
-    assert shape(8, 256, 50, 68, 8 * 31, 7) is None
-    assert shape(8, 256, 50, 68, 8 * 31, 7, forced=True) is not None
-    assert shape(2, 64, 50, 68, 512, 7) is None
-    assert shape(1, 256, 300, 300, 512, 7, forced=True) is None
-    monkeypatch.setenv("ROI_OPS_CUPY_IMAGE_CHANNELS", "5")
-    assert shape(2, 1024, 38, 63, 512, 7).channels_per_block == 5
-    monkeypatch.setenv("ROI_OPS_CUPY_IMAGE_CHANNELS", "500")  # as many as fit in shared memory
-    assert shape(2, 1024, 38, 63, 512, 7).channels_per_block == 23
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -1225,6 +1093,28 @@ def test_backend_backward_with_planes_that_fill_shared_memory(
     assert torch.equal(result.cpu(), expected)
     result = cuda_backend.backward(grad.cuda(), argmax.cuda(), batch.cuda(), shape, dtype)
     assert result.is_contiguous() and torch.equal(result.cpu(), expected)
+    assert bool(expected.ne(0).sum() > 1000)  # real sums, not zeros
+
+
+@needs_cuda
+def test_planes_backward_opts_in_below_the_default_shared_memory(cuda_backend, monkeypatch):
+    """A 100 x 112 float32 plane: 45 KB of dynamic shared memory, under the 48 KiB a block gets
+    without opting in, but over it with the kernel's 4 KB of static arrays. The launch opts in
+    for any dynamic size (it failed with CUDA_ERROR_INVALID_VALUE when it opted in only above
+    48 KiB)."""
+    g = torch.Generator().manual_seed(24)
+    shape = (2, 3, 100, 112)
+    dynamic = 100 * 112 * 4 + 8 * 49
+    assert dynamic <= kernels.DEFAULT_SHARED_LIMIT < dynamic + kernels.PLANES_STATIC_SHARED
+    x = torch.randn(shape, generator=g)
+    rois = _detection_rois(2, 200, 100, 112, 0.5, g)
+    _, argmax = reference_roi_pool(x, rois, (7, 7), 0.5)
+    grad = torch.randint(-3, 4, argmax.shape, generator=g).float()  # exact sums
+    batch = rois[:, 0].double().trunc().clamp(0, shape[0] - 1).long()
+    expected = reference_roi_pool_backward(grad, argmax, rois, shape)
+    monkeypatch.setenv("ROI_OPS_CUPY_BACKWARD", "planes")
+    result = cuda_backend.backward(grad.cuda(), argmax.cuda(), batch.cuda(), shape, torch.float32)
+    assert torch.equal(result.cpu(), expected)
     assert bool(expected.ne(0).sum() > 1000)  # real sums, not zeros
 
 

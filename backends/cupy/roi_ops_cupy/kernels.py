@@ -8,7 +8,6 @@ same `Launch` to a CPU emulator of the kernels (``tools/host_emulator.cpp``).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -63,10 +62,6 @@ FORWARD_KERNELS = (
     "roi_pool_forward_unit",
     "roi_pool_forward_cvec",
 )
-# The image kernel (templated on the input dtype, the argmax and its block size) and the ROI
-# table it reads, which roi_pool_forward_rois (templated on the rois dtype) fills first.
-IMAGE_KERNEL = "roi_pool_forward_image"
-ROIS_KERNEL = "roi_pool_forward_rois"
 BACKWARD_ATOMIC = "roi_pool_backward_atomic"
 BACKWARD_PLANES = "roi_pool_backward_planes"
 BACKWARD_KERNELS = (BACKWARD_ATOMIC, BACKWARD_PLANES)
@@ -100,20 +95,6 @@ PLANES_STATIC_SHARED = 5 * 1024  # the kernel's own __shared__ arrays (4224 B), 
 # for no second block on the SM (a lone 256-thread block keeps too few loads in flight).
 PLANES_THREADS = (256, 1024)
 DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without opting in
-# The image kernel: blocks of 256 threads (four per SM, each with a quarter of the SM's shared
-# memory for its planes), or 1024 where a single plane leaves room for no second block; a list of
-# up to IMAGE_LIST_ROIS of the image's ROIs (at least a scan round's 1024); only where each image has
-# IMAGE_MIN_ROIS_PER_IMAGE ROIs on average (every block stages its whole planes, which the unit
-# kernel would read only where ROIs cover them) and there are enough (image, channel) blocks.
-IMAGE_THREADS = (256, 1024)
-IMAGE_BLOCKS_PER_SM = 4
-IMAGE_LIST_ROIS = 2048
-IMAGE_SCAN_ROUND = 1024  # ROIs a block's scan checks per round (ImageScan::kRound)
-IMAGE_STATIC_SHARED = 1024  # the kernel's own __shared__ arrays (128 B), with room to spare
-IMAGE_MIN_ROIS_PER_IMAGE = 32
-IMAGE_MIN_BLOCKS_PER_SM = 4
-BLOCK_RESERVED_SHARED = 1024  # shared memory the driver reserves per resident block
-IMAGE_ROIS_THREADS = 256  # the ROI table kernel's block
 MAX_GRID_Y = 65535
 INT32_LIMIT = 2**31
 
@@ -130,31 +111,14 @@ def forward_name(kernel: str, input_dtype: torch.dtype, rois_dtype: torch.dtype,
     return f"{kernel}<{C_TYPES[input_dtype]}, {C_TYPES[rois_dtype]}, {flag}>"
 
 
-def image_name(input_dtype: torch.dtype, argmax: bool, threads: int) -> str:
-    """The name expression of one image kernel instantiation."""
-    flag = "true" if argmax else "false"
-    return f"{IMAGE_KERNEL}<{C_TYPES[input_dtype]}, {flag}, {threads}>"
-
-
-def rois_name(rois_dtype: torch.dtype) -> str:
-    """The name expression of the ROI table kernel for `rois_dtype`."""
-    return f"{ROIS_KERNEL}<{C_TYPES[rois_dtype]}>"
-
-
 @functools.cache
 def forward_names(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> tuple[str, ...]:
     """Every forward instantiation of one dtype pair: what one NVRTC module compiles."""
-    per_pair = tuple(
+    return tuple(
         forward_name(kernel, input_dtype, rois_dtype, argmax)
         for kernel in FORWARD_KERNELS
         for argmax in (True, False)
     )
-    image = tuple(
-        image_name(input_dtype, argmax, threads)
-        for argmax in (True, False)
-        for threads in IMAGE_THREADS
-    )
-    return per_pair + image + (rois_name(rois_dtype),)
 
 
 def backward_name(kernel: str, dtype: torch.dtype, threads: int = THREADS) -> str:
@@ -178,40 +142,15 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# Where each kernel family takes its tensors: (argument position, tensor name) pairs.
-FORWARD_POINTERS = ((0, "input"), (9, "rois"), (16, "output"), (17, "argmax"))
-IMAGE_POINTERS = ((0, "input"), (9, "table"), (15, "output"), (16, "argmax"))
-ROIS_POINTERS = ((0, "rois"), (10, "table"))
-BACKWARD_POINTERS = ((0, "grad_output"), (5, "argmax"), (6, "batch_index"), (13, "grad_input"))
-
-
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: every argument is 8 bytes (pointers, int64, double).
-
-    `pointers` names the tensor arguments by position; `prepare` is a launch to queue first
-    (sharing this one's tensors by name), and `workspace` the int32 elements of the "table"
-    tensor that the caller provides for both (0: none).
-    """
+    """One kernel launch: every argument is 8 bytes (pointers, int64, double)."""
 
     name: str
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_mem: int
     args: tuple[np.generic, ...]
-    pointers: tuple[tuple[int, str], ...] = FORWARD_POINTERS
-    prepare: Launch | None = None
-    workspace: int = 0
-
-
-def bind_pointers(launch: Launch, tensors: dict[str, torch.Tensor | None]) -> Launch:
-    """`launch` (and its `prepare`) with the named pointer arguments set to `tensors`' data."""
-    args = list(launch.args)
-    for position, name in launch.pointers:
-        if name in tensors:
-            args[position] = _pointer(tensors[name])
-    prepare = None if launch.prepare is None else bind_pointers(launch.prepare, tensors)
-    return dataclasses.replace(launch, args=tuple(args), prepare=prepare)
 
 
 def _pointer(tensor: torch.Tensor | None) -> np.uint64:
@@ -305,24 +244,16 @@ def cvec_thread_channels(dtype: torch.dtype) -> int:
     return lanes if lanes == 8 else 2 * lanes
 
 
-def forced_kernel() -> str:
-    """The forward kernel named by ``ROI_OPS_CUPY_KERNEL`` ("" when unset)."""
-    return os.environ.get("ROI_OPS_CUPY_KERNEL", "").strip()
-
-
 def forward_kernel(input: torch.Tensor) -> str:
     """The forward kernel for an input's strides and alignment (no device sync).
 
     For channels_last: cvec when its channel vectors are 16-byte aligned, chan otherwise; unit
-    for any other unit W stride (NCHW contiguous), plane otherwise. `plan_forward` may still
-    run the image kernel instead of unit (`image_shape`). ``ROI_OPS_CUPY_KERNEL=plane|chan|
-    unit|image`` forces one (unit and image where they can run), for tuning and tests.
+    for any other unit W stride (NCHW contiguous), plane otherwise. ``ROI_OPS_CUPY_KERNEL=
+    plane|chan`` forces one of those two, for tuning and tests.
     """
-    forced = forced_kernel()
-    if forced in ("plane", "chan", "image"):
+    forced = os.environ.get("ROI_OPS_CUPY_KERNEL", "").strip()
+    if forced in ("plane", "chan"):
         return f"roi_pool_forward_{forced}"
-    if forced == "unit" and input.stride(3) == 1:
-        return "roi_pool_forward_unit"
     if uses_channel_kernel(input):
         aligned = aligned_channel_vector(input, CVEC_BYTES) > 1
         return "roi_pool_forward_cvec" if aligned else "roi_pool_forward_chan"
@@ -331,119 +262,12 @@ def forward_kernel(input: torch.Tensor) -> str:
     return "roi_pool_forward_plane"
 
 
-@dataclass(frozen=True)
-class ImageShape:
-    """How the image kernel runs one problem: channels per block, the length of its ROI list,
-    dynamic shared memory (bytes) and threads per block."""
-
-    channels_per_block: int
-    list_rois: int
-    shared_mem: int
-    threads: int
-
-
-def _image_shared(channels: int, plane_bytes: int, list_rois: int) -> int:
-    """The image kernel's dynamic shared memory: the planes (8-byte aligned end), the list."""
-    return -(-channels * plane_bytes // 8) * 8 + 4 * list_rois
-
-
-def image_shape(
-    problem: RoIPoolProblem, multiprocessors: int, shared_limit: int, forced: bool = False
-) -> ImageShape | None:
-    """The image kernel's shape for `problem`, or None where it cannot run or (unless `forced`)
-    is not expected to beat the unit kernel (see IMAGE_MIN_ROIS_PER_IMAGE).
-
-    Channels per block: as many planes as fill a quarter of `shared_limit` (four blocks per
-    SM), at least one, halved while the GPU would get fewer than IMAGE_MIN_BLOCKS_PER_SM blocks
-    per SM. ``ROI_OPS_CUPY_IMAGE_CHANNELS`` overrides it, for tuning.
-    """
-    num_images, channels, height, width = problem.input.shape
-    ph, pw = problem.pooled_height, problem.pooled_width
-    num_rois = problem.num_rois
-    plane_bytes = height * width * problem.input.element_size()
-    # IMAGE_LIST_ROIS, fewer where one plane leaves less room (never fewer than a round).
-    room = shared_limit - IMAGE_STATIC_SHARED - _image_shared(1, plane_bytes, 0)
-    list_rois = max(IMAGE_SCAN_ROUND, min(IMAGE_LIST_ROIS, room // 4))
-    if (
-        num_rois * (ph + pw) >= 2**30
-        or num_images * channels >= INT32_LIMIT
-        or _image_shared(1, plane_bytes, list_rois) + IMAGE_STATIC_SHARED > shared_limit
-    ):
-        return None
-    if not forced and (
-        num_rois < IMAGE_MIN_ROIS_PER_IMAGE * num_images
-        or num_images * channels < IMAGE_MIN_BLOCKS_PER_SM * multiprocessors
-    ):
-        return None
-    quarter = shared_limit // IMAGE_BLOCKS_PER_SM - IMAGE_STATIC_SHARED - BLOCK_RESERVED_SHARED
-    per_block = max(1, min(channels, (quarter - 4 * list_rois) // max(plane_bytes, 1)))
-    while per_block > 1 and num_images * math.ceil(channels / per_block) < (
-        IMAGE_MIN_BLOCKS_PER_SM * multiprocessors
-    ):
-        per_block = (per_block + 1) // 2
-    forced_channels = os.environ.get("ROI_OPS_CUPY_IMAGE_CHANNELS", "").strip()
-    if forced_channels.isdigit() and int(forced_channels) > 0:
-        per_block = min(channels, int(forced_channels))
-        while per_block > 1 and (
-            _image_shared(per_block, plane_bytes, list_rois) + IMAGE_STATIC_SHARED
-            > shared_limit
-        ):
-            per_block -= 1
-    shared = _image_shared(per_block, plane_bytes, list_rois)
-    alone = 2 * (shared + IMAGE_STATIC_SHARED + BLOCK_RESERVED_SHARED) > shared_limit
-    return ImageShape(per_block, list_rois, shared, IMAGE_THREADS[-1 if alone else 0])
-
-
-def _plan_image(
-    problem: RoIPoolProblem, shape: ImageShape, with_argmax: bool, tail: tuple
-) -> Launch:
-    """The image kernel's launch, with the ROI table's launch as its `prepare`."""
-    input, rois = problem.input, problem.rois
-    num_images, channels, height, width = input.shape
-    ph, pw = problem.pooled_height, problem.pooled_width
-    num_rois = problem.num_rois
-    table = np.uint64(0)  # bound per call (bind_pointers, or the launcher's pointer words)
-    prepare = Launch(
-        rois_name(rois.dtype),
-        (math.ceil(num_rois / IMAGE_ROIS_THREADS), 1, 1),
-        (IMAGE_ROIS_THREADS, 1, 1),
-        0,
-        (
-            _pointer(rois),
-            *_ints(*rois.stride(), num_rois, num_images),
-            np.float64(problem.spatial_scale),
-            *_ints(ph, pw, height, width),
-            table,
-        ),
-        ROIS_POINTERS,
-    )
-    args = (
-        _pointer(input),
-        *_ints(num_images, channels, height, width, *input.stride()),
-        table,
-        *_ints(num_rois, ph, pw, shape.channels_per_block, shape.list_rois),
-        *tail,
-    )
-    blocks = num_images * math.ceil(channels / shape.channels_per_block)
-    return Launch(
-        image_name(input.dtype, with_argmax, shape.threads),
-        (blocks, 1, 1),
-        (shape.threads, 1, 1),
-        shape.shared_mem,
-        args,
-        IMAGE_POINTERS,
-        prepare,
-        -(-num_rois // 2) * 2 + 2 * num_rois * (ph + pw),
-    )
-
-
 def plan_forward(
     problem: RoIPoolProblem,
     output: torch.Tensor,
     argmax: torch.Tensor | None,
     multiprocessors: int,
     l2_bytes: int = 0,
-    shared_limit: int = DEFAULT_SHARED_LIMIT,
 ) -> Launch | None:
     """The forward launch for `problem` (None when the output is empty).
 
@@ -453,13 +277,6 @@ def plan_forward(
         argmax: contiguous int32 tensor of the same shape, or None to skip the argmax.
         multiprocessors: the device's SM count (sizes the channel blocks).
         l2_bytes: the device's L2 cache size (0 if unknown: inputs count as not cached).
-        shared_limit: the most shared memory a block may use (opted in), in bytes: whether
-            and how the image kernel runs.
-
-    Returns:
-        The launch; for the image kernel it has a `prepare` launch and a `workspace` (the
-        caller binds a "table" tensor of that many int32 elements to both, see
-        `bind_pointers`).
     """
     input, rois = problem.input, problem.rois
     num_images, channels, height, width = input.shape
@@ -478,13 +295,6 @@ def plan_forward(
     )
     tail = (_pointer(output), _pointer(argmax))
     kernel = forward_kernel(input)
-    if kernel == IMAGE_KERNEL or (kernel == "roi_pool_forward_unit" and forced_kernel() != "unit"):
-        forced = kernel == IMAGE_KERNEL
-        shape = image_shape(problem, multiprocessors, shared_limit, forced)
-        if shape is not None:
-            return _plan_image(problem, shape, with_argmax, tail)
-        if forced:  # where it cannot run, what would run without the override
-            kernel = "roi_pool_forward_unit" if input.stride(3) == 1 else "roi_pool_forward_plane"
     if kernel == "roi_pool_forward_chan":
         cache_edges = ph + pw <= MAX_CACHED_EDGES
         name = forward_name("roi_pool_forward_chan", input.dtype, rois.dtype, with_argmax)
@@ -640,7 +450,7 @@ def plan_backward(
         name = backward_name(kernel, grad_output.dtype, threads)
         args = head + _ints(per_block) + (_pointer(grad_input),) + grad_input_strides
         args += _ints(num_rois)
-        return Launch(name, (blocks, 1, 1), (threads, 1, 1), shared, args, BACKWARD_POINTERS)
+        return Launch(name, (blocks, 1, 1), (threads, 1, 1), shared, args)
     name = backward_name(kernel, grad_output.dtype)
     grad_bytes = grad_input.numel() * grad_input.element_size()
     target = TARGET_BLOCK_ELEMENTS if grad_bytes <= l2_bytes else BACKWARD_BLOCK_ELEMENTS_STREAMED
@@ -648,4 +458,4 @@ def plan_backward(
     grid_y = min(math.ceil(channels / per_block), MAX_GRID_Y)
     args = head + _ints(per_block) + (_pointer(grad_input),) + grad_input_strides
     block = (plane_threads(ph * pw), 1, 1)
-    return Launch(name, (num_rois, grid_y, 1), block, 0, args, BACKWARD_POINTERS)
+    return Launch(name, (num_rois, grid_y, 1), block, 0, args)

@@ -79,9 +79,7 @@ class _Packed:
     """A launch ready for cuLaunchKernel: the kernel's handle and its arguments as 8-byte words.
 
     CuPy's RawKernel call converts every argument on every launch (about 30 us for the forward's
-    18); here they are packed once, and a cached plan only rewrites its pointer words. A launch
-    with a `prepare` launch packs that one too, and queues it first; `workspace` int32 elements
-    are allocated per call as the "table" tensor of both.
+    18); here they are packed once, and a cached plan only rewrites its pointer words.
     """
 
     __slots__ = (
@@ -93,9 +91,6 @@ class _Packed:
         "words",
         "pointers",
         "params",
-        "slots",
-        "prepare",
-        "workspace",
         "lock",
     )
 
@@ -117,25 +112,10 @@ class _Packed:
         # cuLaunchKernel's kernelParams: the address of each argument.
         self.pointers = self.words.ctypes.data + 8 * np.arange(len(self.words), dtype=np.uint64)
         self.params = self.pointers.ctypes.data  # both arrays live as long as this object
-        self.slots = launch.pointers
-        self.prepare = (
-            None if launch.prepare is None else _Packed(device, launch.prepare, module_names)
-        )
-        self.workspace = launch.workspace
         self.lock = threading.Lock()  # callers that rewrite `words` hold it until the launch
 
-    def bind(self, tensors: dict[str, torch.Tensor | None]) -> None:
-        """Rewrite the pointer words (and the prepare launch's) from `tensors` (None: null)."""
-        words = self.words
-        for position, name in self.slots:
-            tensor = tensors[name]
-            words[position] = 0 if tensor is None else tensor.data_ptr()
-        if self.prepare is not None:
-            self.prepare.bind(tensors)
-
     def launch(self, device: int) -> None:
-        """Queue the kernel (after its prepare launch) on torch's current stream of `device`
-        (the caller holds `lock`)."""
+        """Queue the kernel on torch's current stream of `device` (the caller holds `lock`)."""
         stream = _current_stream(device)
         try:
             if cupy.cuda.runtime.getDevice() == device:
@@ -150,8 +130,6 @@ class _Packed:
             ) from error
 
     def _launch(self, stream: int) -> None:
-        if self.prepare is not None:
-            self.prepare._launch(stream)
         driver.launchKernel(
             self.function, *self.grid, *self.block, self.shared_mem, stream,
             self.params, 0,
@@ -180,7 +158,10 @@ def _device_index(tensor: torch.Tensor) -> int:
 
 
 # Forward plans depend on shapes, strides, dtypes and settings, not on the data pointers: a plan
-# is made and packed once per such key, and its pointer words are rewritten on every call.
+# is made and packed once per such key, and its four pointer words are rewritten on every call.
+_POINTER_ARGS = (0, 9, 16, 17)  # input, rois, output, argmax in plan_forward's argument list
+# grad_output, argmax, batch_index, grad_input in plan_backward's argument list (either kernel)
+_BACKWARD_POINTER_ARGS = (0, 5, 6, 13)
 _plans: dict[tuple, _Packed | None] = {}
 _MAX_CACHED_PLANS = 256
 
@@ -199,8 +180,6 @@ def _settings() -> tuple:
         kernels.CHAN_MIN_CHANNELS,
         os.environ.get("ROI_OPS_CUPY_KERNEL"),
         os.environ.get("ROI_OPS_CUPY_BLOCK_ELEMENTS"),
-        os.environ.get("ROI_OPS_CUPY_IMAGE_CHANNELS"),
-        kernels.IMAGE_MIN_ROIS_PER_IMAGE,
         os.environ.get(kernels.DEFINES_ENV),
     )
 
@@ -225,13 +204,13 @@ def _plan_key(problem: RoIPoolProblem, with_argmax: bool, device: int) -> tuple:
 
 
 def _launch_packed(
-    device: int,
-    key: tuple,
-    make: Callable[[], _Packed | None],
-    tensors: dict[str, torch.Tensor | None],
+    device: int, key: tuple, make: Callable[[], _Packed | None], pointers: tuple, positions: tuple
 ) -> None:
-    """Launch the cached packed plan for `key` (made by `make` on a miss) on `tensors`, its
-    pointer arguments by name (None passes a null pointer); allocates the plan's workspace."""
+    """Launch the cached packed plan for `key` (made by `make` on a miss) with `pointers`.
+
+    `positions` are the plan's pointer arguments, rewritten with the tensors in `pointers` (None
+    passes a null pointer).
+    """
     try:
         packed = _plans[key]
     except KeyError:
@@ -241,12 +220,10 @@ def _launch_packed(
         _plans[key] = packed
     if packed is None:
         return
-    if packed.workspace:  # freed after the call: torch's allocator orders reuse on the stream
-        tensors["table"] = torch.empty(
-            packed.workspace, dtype=torch.int32, device=torch.device("cuda", device)
-        )
     with packed.lock:
-        packed.bind(tensors)
+        words = packed.words
+        for position, tensor in zip(positions, pointers, strict=True):
+            words[position] = 0 if tensor is None else tensor.data_ptr()
         packed.launch(device)
 
 
@@ -255,8 +232,7 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
     device = _device_index(problem.input)
 
     def make() -> _Packed | None:
-        sizes = _device_sizes(device)
-        plan = kernels.plan_forward(problem, output, argmax, sizes[0], sizes[1], sizes[2])
+        plan = kernels.plan_forward(problem, output, argmax, *_device_sizes(device)[:2])
         names = kernels.forward_names(problem.input.dtype, problem.rois.dtype)
         return None if plan is None else _Packed(device, plan, names)
 
@@ -264,7 +240,8 @@ def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor 
         device,
         _plan_key(problem, argmax is not None, device),
         make,
-        {"input": problem.input, "rois": problem.rois, "output": output, "argmax": argmax},
+        (problem.input, problem.rois, output, argmax),
+        _POINTER_ARGS,
     )
 
 
@@ -325,11 +302,6 @@ def backward(
         kernel,
         _settings(),
     )
-    tensors = {
-        "grad_output": grad_output,
-        "argmax": argmax,
-        "batch_index": batch_index,
-        "grad_input": grad_input,
-    }
-    _launch_packed(device, key, make, tensors)
+    pointers = (grad_output, argmax, batch_index, grad_input)
+    _launch_packed(device, key, make, pointers, _BACKWARD_POINTER_ARGS)
     return grad_input if grad_input.dtype == input_dtype else grad_input.to(input_dtype)

@@ -1311,67 +1311,6 @@ struct Rounded<roi_bf16> {
 #ifndef ROI_OPS_HOST_EMULATION
 extern __shared__ __align__(16) unsigned char planes_shared[];
 #endif
-
-// Batch indices each thread of a kBlock-thread block checks per round of a per-image ROI scan
-// (the planes backward and the image forward): more ROIs per round, fewer rounds of waiting.
-template <int kBlock>
-struct ImageScan {
-  static constexpr int kPerThread = kBlock == 256 ? 4 : 1;
-  static constexpr int kRound = kPerThread * kBlock;
-  static constexpr int kWarps = kBlock / 32;
-};
-
-// The batch indices of the round starting at ROI r0 that this thread checks (`load(k)` for each
-// ROI k, -1 past K).
-template <int kBlock, class Load>
-__device__ __forceinline__ void load_round(int (&images)[ImageScan<kBlock>::kPerThread], i64 r0,
-                                           i64 K, unsigned int tid, Load load) {
-#pragma unroll
-  for (int s = 0; s < ImageScan<kBlock>::kPerThread; ++s) {
-    const i64 k = r0 + s * kBlock + tid;
-    images[s] = k < K ? load(k) : -1;
-  }
-}
-
-// One round of a per-image ROI scan: `images` holds this thread's batch indices of the round
-// starting at r0 (load_round, a round ahead); the round's ROIs of `image` are written in order to
-// round_rois[0, found) and `images` is refilled with the next round's indices, whose loads are
-// then in flight while the caller works on this round. Returns found. Every thread of the block
-// calls it; it ends with a barrier, and the caller needs another before the next call.
-template <int kBlock, class Load>
-__device__ __forceinline__ unsigned int collect_image_rois(
-    int (&images)[ImageScan<kBlock>::kPerThread], int image, i64 r0, i64 K, unsigned int tid,
-    Load load, int* round_rois, int (*warp_counts)[ImageScan<kBlock>::kWarps]) {
-  typedef ImageScan<kBlock> S;
-  const unsigned int lane = tid & 31u;
-  const unsigned int warp = tid >> 5;
-  bool mine[S::kPerThread];
-  unsigned int ballots[S::kPerThread];
-#pragma unroll
-  for (int s = 0; s < S::kPerThread; ++s) {
-    mine[s] = images[s] == image;
-    ballots[s] = __ballot_sync(0xffffffffu, mine[s]);
-    if (lane == 0) warp_counts[s][warp] = __popc(ballots[s]);
-  }
-  load_round<kBlock>(images, r0 + S::kRound, K, tid, load);
-  __syncthreads();
-  unsigned int found = 0;
-#pragma unroll
-  for (int s = 0; s < S::kPerThread; ++s) {
-    unsigned int offset = found;
-#pragma unroll
-    for (unsigned int w = 0; w < S::kWarps; ++w) {
-      offset += w < warp ? warp_counts[s][w] : 0;
-      found += warp_counts[s][w];
-    }
-    if (mine[s]) {
-      const unsigned int below = __popc(ballots[s] & ((1u << lane) - 1u));
-      round_rois[offset + below] = static_cast<int>(r0 + s * kBlock + tid);
-    }
-  }
-  __syncthreads();
-  return found;
-}
 }  // namespace roi_ops_cuda
 
 // The backward without global atomics or zero fill. One block per (image, channel block) keeps
@@ -1413,10 +1352,14 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
   const unsigned int bins = static_cast<unsigned int>(PH * PW);
   i64* bin_offset = reinterpret_cast<i64*>(planes_shared);  // grad_output offset of each bin
   A* planes = reinterpret_cast<A*>(bin_offset + bins);
-  typedef ImageScan<kBlock> Scan;
-  __shared__ int round_rois[Scan::kRound];  // this image's ROIs of the round, in order
-  __shared__ int warp_counts[Scan::kPerThread][Scan::kWarps];
+  // Batch indices each thread checks per round: more ROIs per round, fewer rounds of waiting.
+  constexpr int kScan = kBlock == 256 ? 4 : 1;
+  constexpr int kRound = kScan * kBlock;
+  __shared__ int round_rois[kRound];  // this image's ROIs of the round, in order
+  __shared__ int warp_counts[kScan][kBlock / 32];
   const unsigned int tid = threadIdx.x;
+  const unsigned int lane = tid & 31u;
+  const unsigned int warp = tid >> 5;
   const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
   const int image = static_cast<int>(blockIdx.x / channel_blocks);  // N < 2^31
   const i64 c0 = (blockIdx.x - image * channel_blocks) * channels_per_block;
@@ -1440,14 +1383,40 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
   const unsigned int first_bin = (tid % per_roi) % bins;
   // The next round's batch indices, loaded a round ahead; as int (each is in [0, N) and
   // N < 2^31), which keeps the kernel within its register bound too.
-  const auto batch_of = [&](i64 k) { return static_cast<int>(batch_index[k * bs0]); };
-  int next_image[Scan::kPerThread];
-  load_round<kBlock>(next_image, 0, K, tid, batch_of);
-  for (i64 r0 = 0; r0 < K; r0 += Scan::kRound) {
-    // This image's ROIs among the next kRound, in order, as rows [0, found) of round_rois; the
-    // first round's barrier also orders the table and the zero fill before their use.
-    const unsigned int found = collect_image_rois<kBlock>(next_image, image, r0, K, tid, batch_of,
-                                                          round_rois, warp_counts);
+  int next_image[kScan];
+#pragma unroll
+  for (int s = 0; s < kScan; ++s) {
+    const i64 k = s * kBlock + tid;
+    next_image[s] = k < K ? static_cast<int>(batch_index[k * bs0]) : -1;
+  }
+  for (i64 r0 = 0; r0 < K; r0 += kRound) {
+    // This image's ROIs among the next kRound, in order, as rows [0, found) of round_rois.
+    bool mine[kScan];
+    unsigned int ballots[kScan];
+#pragma unroll
+    for (int s = 0; s < kScan; ++s) {
+      mine[s] = next_image[s] == image;
+      const i64 k_next = r0 + kRound + s * kBlock + tid;
+      next_image[s] = k_next < K ? static_cast<int>(batch_index[k_next * bs0]) : -1;
+      ballots[s] = __ballot_sync(0xffffffffu, mine[s]);
+      if (lane == 0) warp_counts[s][warp] = __popc(ballots[s]);
+    }
+    __syncthreads();  // also orders the table and the zero fill (first round) before their use
+    unsigned int found = 0;
+#pragma unroll
+    for (int s = 0; s < kScan; ++s) {
+      unsigned int offset = found;
+#pragma unroll
+      for (unsigned int w = 0; w < kBlock / 32; ++w) {
+        offset += w < warp ? warp_counts[s][w] : 0;
+        found += warp_counts[s][w];
+      }
+      if (mine[s]) {
+        const unsigned int below = __popc(ballots[s] & ((1u << lane) - 1u));
+        round_rois[offset + below] = static_cast<int>(r0 + s * kBlock + tid);
+      }
+    }
+    __syncthreads();
     unsigned int j = first_roi, c = first_channel, q = first_bin;
     for (unsigned int e0 = tid; e0 < found * per_roi; e0 += kPlanesUnroll * kBlock) {
       int a[kPlanesUnroll];
@@ -1496,234 +1465,6 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
   }
 }
 
-// ---- The image kernel: an image's planes in shared memory, every ROI of that image from there --
-// The unit kernel reads each ROI's window from L2 once per channel: on big-batch (16000 ROIs over
-// 16 images) that is 19 GB of L2 reads for a 223 MB input, and its loads wait on L2 latency.
-// Here one block per (image, channel block) copies the block's planes (channels_per_block * H * W
-// elements of T) into dynamic shared memory once, finds its image's ROIs with the planes
-// backward's round scan, and pools them from shared memory. Two launches:
-//   roi_pool_forward_rois<R>              one thread per ROI: the ROI table, an int per ROI (its
-//       image, 0 for an invalid ROI) then, from int offset image_edges_offset(K), PH + PW int2
-//       per ROI (rows [0, PH), then columns: the contract's clamped bin edges, all empty for an
-//       invalid ROI, whose outputs the image-0 blocks then write as empty bins).
-//   roi_pool_forward_image<T, kArgmax, kBlock>   grid N * ceil(C / channels_per_block), channel
-//       block fastest; kBlock threads; dynamic shared memory channels_per_block * H * W *
-//       sizeof(T) (8-byte aligned end) + list_rois * 4 bytes (the planes, then the image's
-//       ROIs, list_rois >= ImageScan<kBlock>::kRound of them at a time). Requires H * W < 2^31
-//       and K * (PH + PW) < 2^30.
-namespace roi_ops_cuda {
-// Where the edge table starts in the ROI table, in ints (8-byte aligned).
-__device__ __forceinline__ i64 image_edges_offset(i64 K) { return (K + 1) / 2 * 2; }
-
-// Blocks per SM in the image kernel's launch bounds: 4 of 256 threads (64 registers), 1 of 1024.
-template <int kBlock>
-struct ImageBlocksPerSM {
-  static constexpr int value = kBlock == 256 ? 4 : 1;
-};
-
-// Copy `channels` planes of H * W elements (strides sC, sH, sW from `image`) into `planes`,
-// dense (H * W apart, rows W apart). Contiguous planes whose bytes are 16-byte aligned move as
-// 16-byte vectors.
-template <class T, int kBlock>
-__device__ __forceinline__ void stage_planes(T* __restrict__ planes, const T* __restrict__ image,
-                                             unsigned int channels, i64 sC, int H, int W, i64 sH,
-                                             i64 sW, unsigned int tid) {
-  const unsigned int pixels = static_cast<unsigned int>(H) * static_cast<unsigned int>(W);
-  const bool dense = sW == 1 && (sH == W || H == 1);
-  const bool aligned =
-      (reinterpret_cast<unsigned long long>(image) | static_cast<unsigned long long>(sC) *
-                                                         sizeof(T) |
-       static_cast<unsigned long long>(pixels) * sizeof(T)) % 16 == 0;
-  if (dense && aligned) {
-    const unsigned int vectors = pixels * sizeof(T) / 16;
-    for (unsigned int c = 0; c < channels; ++c) {
-      const roi_vec16* __restrict__ from = reinterpret_cast<const roi_vec16*>(image + c * sC);
-      roi_vec16* to = reinterpret_cast<roi_vec16*>(planes + c * pixels);
-#pragma unroll 4
-      for (unsigned int i = tid; i < vectors; i += kBlock) to[i] = load_vec16(from + i);
-    }
-  } else if (dense) {
-    for (unsigned int c = 0; c < channels; ++c) {
-      const T* __restrict__ from = image + c * sC;
-      T* to = planes + c * pixels;
-#pragma unroll 4
-      for (unsigned int i = tid; i < pixels; i += kBlock) to[i] = from[i];
-    }
-  } else {
-    // Any strides: the channel fastest when its stride is the smallest (channels_last), else the
-    // column.
-    const bool channel_fastest = sC < sW;
-    const unsigned int total = channels * pixels;
-    for (unsigned int i = tid; i < total; i += kBlock) {
-      unsigned int c, p;
-      if (channel_fastest) {
-        p = i / channels;
-        c = i - p * channels;
-      } else {
-        c = i / pixels;
-        p = i - c * pixels;
-      }
-      const unsigned int h = p / static_cast<unsigned int>(W);
-      const unsigned int w = p - h * static_cast<unsigned int>(W);
-      planes[c * pixels + p] = image[c * sC + h * sH + w * sW];
-    }
-  }
-}
-
-// One bin of one staged plane (`bin`: its first element; rows W apart; not empty): the unit
-// kernel's reductions (compare and select with the argmax, max.NaN without), stored at out/arg.
-template <class T, bool kArgmax>
-__device__ __forceinline__ void image_bin(const T* bin, int W, int bin_h, int bin_w,
-                                          int first_index, T* __restrict__ out,
-                                          int* __restrict__ arg) {
-  if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
-    typedef typename NaNMax<T>::V V;
-    V m = NaNMax<T>::lowest();
-    for (int i = 0; i < bin_h; ++i) {
-      const T* line = bin + i * W;
-#pragma unroll 2
-      for (int j = 0; j < bin_w; ++j) m = NaNMax<T>::max(m, NaNMax<T>::load(line + j));
-    }
-    T value = NaNMax<T>::bits(m);
-    if (!NaNMax<T>::exact(m)) {
-      value = first_with_key<T>(bin, bin_h, bin_w, W, 1, Elem<T>::key_of(value));
-    }
-    store_result<T>(out, value);
-  } else {
-    typedef typename Work<T>::V V;
-    V best = Work<T>::lowest();
-    int at = 0;
-    for (int i = 0; i < bin_h; ++i) {
-      const T* line = bin + i * W;
-#pragma unroll 2
-      for (int j = 0; j < bin_w; ++j) {
-        const V v = Work<T>::in(line[j]);
-        if (replaces(v, best)) {
-          best = v;
-          at = i * W + j;
-        }
-      }
-    }
-    T value = Work<T>::out(best);
-    if (!Work<T>::kKeepsNaN && !(best == best)) {  // the NaN's payload was lost
-      value = first_with_key<T>(bin, bin_h, bin_w, W, 1, Elem<T>::key_of(value));
-    }
-    store_result<T>(out, value);
-    if constexpr (kArgmax) store_result<int>(arg, first_index + at);
-  }
-}
-}  // namespace roi_ops_cuda
-
-template <class R>
-__global__ void __launch_bounds__(256)
-    roi_pool_forward_rois(const R* __restrict__ rois, const i64 rs0, const i64 rs1, const i64 K,
-                          const i64 N, const double spatial_scale, const i64 PH, const i64 PW,
-                          const i64 H, const i64 W, int* __restrict__ table) {
-  using namespace roi_ops_cuda;
-  typedef typename Rois<R>::G G;
-  const i64 k = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k >= K) return;
-  const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
-  const bool valid = g.batch >= 0;
-  table[k] = valid ? static_cast<int>(g.batch) : 0;
-  int2* __restrict__ edges = reinterpret_cast<int2*>(table + image_edges_offset(K)) + k * (PH + PW);
-  for (i64 i = 0; i < PH; ++i) edges[i] = bin_span<G>(i, g.bin_h, g.y1, H, valid);
-  for (i64 i = 0; i < PW; ++i) edges[PH + i] = bin_span<G>(i, g.bin_w, g.x1, W, valid);
-}
-
-template <class T, bool kArgmax, int kBlock>
-__global__ void __launch_bounds__(kBlock, roi_ops_cuda::ImageBlocksPerSM<kBlock>::value)
-    roi_pool_forward_image(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
-                           const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
-                           const int* __restrict__ table, const i64 K, const i64 PH,
-                           const i64 PW, const i64 channels_per_block, const i64 list_rois,
-                           T* __restrict__ output, int* __restrict__ argmax) {
-  using namespace roi_ops_cuda;
-  typedef ImageScan<kBlock> Scan;
-  __shared__ int warp_counts[Scan::kPerThread][Scan::kWarps];
-  const unsigned int tid = threadIdx.x;
-  const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
-  const int image = static_cast<int>(blockIdx.x / channel_blocks);  // N < 2^31
-  const i64 c0 = (blockIdx.x - image * channel_blocks) * channels_per_block;
-  const unsigned int channels =
-      static_cast<unsigned int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
-  const int w_int = static_cast<int>(W);
-  const unsigned int pixels = static_cast<unsigned int>(H * W);  // < 2^31 (checked by roi_ops)
-  T* planes = reinterpret_cast<T*>(planes_shared);
-  // This image's ROIs, collected a round at a time (list_rois >= Scan::kRound).
-  int* list = reinterpret_cast<int*>(
-      planes_shared + (static_cast<i64>(channels_per_block) * pixels * sizeof(T) + 7) / 8 * 8);
-  const unsigned int edge_count = static_cast<unsigned int>(PH + PW);
-  const int2* __restrict__ edges = reinterpret_cast<const int2*>(table + image_edges_offset(K));
-  const auto image_of = [&](i64 k) { return table[k]; };
-  int next_image[Scan::kPerThread];
-  load_round<kBlock>(next_image, 0, K, tid, image_of);
-  stage_planes<T, kBlock>(planes, input + image * sN + c0 * sC, channels, sC,
-                          static_cast<int>(H), w_int, sH, sW, tid);
-  const unsigned int pw_count = static_cast<unsigned int>(PW);
-  const unsigned int ph_count = static_cast<unsigned int>(PH);
-  const unsigned int bins = ph_count * pw_count;
-  // The block's step (kBlock items) and this thread's first item as (ROI, bin row, bin column).
-  const unsigned int step_roi = kBlock / bins;
-  const unsigned int step_ph = (kBlock % bins) / pw_count;
-  const unsigned int step_pw = (kBlock % bins) % pw_count;
-  unsigned int count = 0;
-  for (i64 r0 = 0; r0 < K; r0 += Scan::kRound) {
-    // The first round's barriers also order the staged planes before their use.
-    count += collect_image_rois<kBlock>(next_image, image, r0, K, tid, image_of, list + count,
-                                        warp_counts);
-    if (r0 + Scan::kRound < K && count + Scan::kRound <= list_rois) continue;
-    // Pool every ROI of the list, with no barrier until the end: a block's bins vary by orders
-    // of magnitude in size, and a barrier per few ROIs would wait for the largest each time.
-    unsigned int j = tid / bins, ph = (tid % bins) / pw_count, pw = (tid % bins) % pw_count;
-    i64 k = 0;
-    int2 rows = make_int2(0, 0), cols = rows;
-    if (j < count) {
-      k = list[j];
-      rows = edges[k * edge_count + ph];
-      cols = edges[k * edge_count + ph_count + pw];
-    }
-    while (j < count) {
-      const i64 out0 = (k * C + c0) * bins + ph * pw_count + pw;
-      const int bin_h = rows.y - rows.x;
-      const int bin_w = cols.y - cols.x;
-      const int first_index = rows.x * w_int + cols.x;
-      pw += step_pw;  // one step of the block, with carries
-      ph += step_ph;
-      j += step_roi;
-      if (pw >= pw_count) {
-        pw -= pw_count;
-        ++ph;
-      }
-      if (ph >= ph_count) {
-        ph -= ph_count;
-        ++j;
-      }
-      if (j < count) {  // the next item's edges load while this one is pooled
-        k = list[j];
-        rows = edges[k * edge_count + ph];
-        cols = edges[k * edge_count + ph_count + pw];
-      }
-      T* __restrict__ out = output + out0;
-      int* __restrict__ arg = kArgmax ? argmax + out0 : nullptr;
-      if (bin_h <= 0 || bin_w <= 0) {
-        for (unsigned int c = 0; c < channels; ++c) {
-          store_result<T>(out + c * bins, Work<T>::out(typename Work<T>::V(0)));
-          if constexpr (kArgmax) store_result<int>(arg + c * bins, -1);
-        }
-      } else {
-        const T* bin = planes + first_index;
-        for (unsigned int c = 0; c < channels; ++c) {
-          image_bin<T, kArgmax>(bin + c * pixels, w_int, bin_h, bin_w, first_index,
-                                out + c * bins, kArgmax ? arg + c * bins : nullptr);
-        }
-      }
-    }
-    __syncthreads();  // before the list is rewritten
-    count = 0;
-  }
-}
-
 #ifdef ROI_OPS_INSTANTIATE_ALL
 // For offline compile checks (tools/check_compile.sh): instantiate every kernel that
 // roi_ops_cupy/kernels.py asks NVRTC for. tests/test_backend_cupy.py checks that these two lists
@@ -1739,11 +1480,6 @@ const void* roi_ops_forward_kernels(int i) {
       reinterpret_cast<const void*>(&roi_pool_forward_unit<T, R, false>),
       reinterpret_cast<const void*>(&roi_pool_forward_cvec<T, R, true>),
       reinterpret_cast<const void*>(&roi_pool_forward_cvec<T, R, false>),
-      reinterpret_cast<const void*>(&roi_pool_forward_image<T, true, 256>),
-      reinterpret_cast<const void*>(&roi_pool_forward_image<T, false, 256>),
-      reinterpret_cast<const void*>(&roi_pool_forward_image<T, true, 1024>),
-      reinterpret_cast<const void*>(&roi_pool_forward_image<T, false, 1024>),
-      reinterpret_cast<const void*>(&roi_pool_forward_rois<R>),
   };
   return kernels[i];
 }

@@ -118,7 +118,7 @@ inline A atomicAdd(A* address, A value) {
 namespace roi_ops_cuda {
 constexpr int kMaxEdges = 4096;
 int2 roi_edges[kMaxEdges];
-alignas(16) unsigned char planes_shared[256 * 1024];  // the planes and image kernels'
+alignas(16) unsigned char planes_shared[256 * 1024];  // the planes backward's dynamic memory
 
 inline float half_to_float(unsigned short h) {
   const unsigned int sign = (h & 0x8000u) << 16;
@@ -207,21 +207,6 @@ void run_backward_planes(Args a) {
                                       num(a[16]), num(a[17]));
 }
 
-template <class T, bool kArgmax, int kBlock>
-void run_forward_image(Args a) {
-  roi_pool_forward_image<T, kArgmax, kBlock>(
-      ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]), num(a[4]), num(a[5]), num(a[6]),
-      num(a[7]), num(a[8]), ptr<const int*>(a[9]), num(a[10]), num(a[11]), num(a[12]),
-      num(a[13]), num(a[14]), ptr<T*>(a[15]), ptr<int*>(a[16]));
-}
-
-template <class R>
-void run_forward_rois(Args a) {
-  roi_pool_forward_rois<R>(ptr<const R*>(a[0]), num(a[1]), num(a[2]), num(a[3]), num(a[4]),
-                           real(a[5]), num(a[6]), num(a[7]), num(a[8]), num(a[9]),
-                           ptr<int*>(a[10]));
-}
-
 struct Entry {
   const char* name;
   Runner run;
@@ -235,12 +220,6 @@ struct Entry {
   ROI_FORWARD_KERNEL(roi_pool_forward_chan, T, R)                                   \
   ROI_FORWARD_KERNEL(roi_pool_forward_unit, T, R)                                   \
   ROI_FORWARD_KERNEL(roi_pool_forward_cvec, T, R)
-#define ROI_IMAGE_KERNEL(T, A, B) \
-  {"roi_pool_forward_image<" #T ", " #A ", " #B ">", &run_forward_image<T, A, B>},
-#define ROI_IMAGE(T)                                                                  \
-  ROI_IMAGE_KERNEL(T, true, 256) ROI_IMAGE_KERNEL(T, false, 256)                      \
-  ROI_IMAGE_KERNEL(T, true, 1024) ROI_IMAGE_KERNEL(T, false, 1024)                    \
-  {"roi_pool_forward_rois<" #T ">", &run_forward_rois<T>},
 #define ROI_BACKWARD(T)                                          \
   {"roi_pool_backward_atomic<" #T ">", &run_backward<T>},        \
       {"roi_pool_backward_planes<" #T ", 256>", &run_backward_planes<T, 256>},   \
@@ -249,9 +228,8 @@ struct Entry {
 const Entry kEntries[] = {
     ROI_FORWARD(roi_half, roi_half) ROI_FORWARD(roi_bf16, roi_bf16) ROI_FORWARD(float, float)
         ROI_FORWARD(double, double) ROI_FORWARD(roi_half, float) ROI_FORWARD(roi_bf16, float)
-            ROI_IMAGE(roi_half) ROI_IMAGE(roi_bf16) ROI_IMAGE(float) ROI_IMAGE(double)
-                ROI_BACKWARD(roi_half) ROI_BACKWARD(roi_bf16) ROI_BACKWARD(float)
-                    ROI_BACKWARD(double)};
+            ROI_BACKWARD(roi_half) ROI_BACKWARD(roi_bf16) ROI_BACKWARD(float)
+                ROI_BACKWARD(double)};
 
 }  // namespace
 
@@ -266,8 +244,7 @@ extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int g
     if (std::string(entry.name) == name) run = entry.run;
   }
   if (run == nullptr) return -1;
-  const bool planes = std::string(name).rfind("roi_pool_backward_planes", 0) == 0 ||
-                      std::string(name).rfind("roi_pool_forward_image", 0) == 0;
+  const bool planes = std::string(name).rfind("roi_pool_backward_planes", 0) == 0;
   if (shared_mem > (planes ? sizeof(roi_ops_cuda::planes_shared) : sizeof(roi_ops_cuda::roi_edges)))
     return -2;
   const unsigned int count = block_x * block_y;
