@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .layout import gradient_memory_format
-from .ops import backward_on_backend, forward_on_backend, roi_pool_backward_op
+from .ops import backward_on_backend, backward_op_from_context, forward_on_backend
 
 EAGER_FAST_PATH_ENV = "ROI_OPS_EAGER_FAST_PATH"
 
@@ -74,18 +74,10 @@ class RoIPoolFunction(torch.autograd.Function):
                 "roi_ops.roi_pool ran without an argmax (its input did not require grad), so it "
                 "cannot be differentiated"
             )
-        rois, argmax = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: record the op, whose gradient is a gather
-            grad_input = roi_pool_backward_op(
-                grad_output,
-                rois,
-                argmax,
-                *ctx.input_shape,
-                ctx.input_dtype,
-                ctx.backend,
-                ctx.channels_last,
-            )
+            grad_input = backward_op_from_context(ctx, grad_output)
         else:
+            rois, argmax = ctx.saved_tensors
             grad_input = backward_on_backend(
                 ctx.chosen,
                 grad_output,

@@ -333,14 +333,12 @@ def _forward_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(rois, output[1])
 
 
-def _forward_backward(ctx, grad_output, _grad_argmax):
-    if not ctx.needs_argmax:
-        raise RuntimeError(
-            "roi_ops::roi_pool was called with needs_argmax=False, so it cannot be "
-            "differentiated; call roi_ops.roi_pool with an input that requires grad"
-        )
+def backward_op_from_context(ctx, grad_output: Tensor) -> Tensor:
+    """``roi_ops::roi_pool_backward`` on what a forward saved in `ctx` (the custom op's or the
+    eager Function's: rois and argmax saved, input_shape, input_dtype, backend and
+    channels_last set): a recorded, differentiable backward."""
     rois, argmax = ctx.saved_tensors
-    grad_input = roi_pool_backward_op(
+    return roi_pool_backward_op(
         grad_output,
         rois,
         argmax,
@@ -349,6 +347,15 @@ def _forward_backward(ctx, grad_output, _grad_argmax):
         ctx.backend,
         ctx.channels_last,
     )
+
+
+def _forward_backward(ctx, grad_output, _grad_argmax):
+    if not ctx.needs_argmax:
+        raise RuntimeError(
+            "roi_ops::roi_pool was called with needs_argmax=False, so it cannot be "
+            "differentiated; call roi_ops.roi_pool with an input that requires grad"
+        )
+    grad_input = backward_op_from_context(ctx, grad_output)
     return grad_input, None, None, None, None, None, None
 
 
