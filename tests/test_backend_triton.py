@@ -607,6 +607,45 @@ def test_no_recompilation_when_shapes_change():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA or INTERPRET, reason="needs compiled kernels on a CUDA device")
+def test_cached_launches_match_the_reference_as_keys_change(monkeypatch):
+    """Launches that skip Triton's binding (roi_ops_triton.launcher) on calls whose dtypes,
+    layouts, pointer alignments and shapes change from one to the next, each against the
+    reference; the same calls bound by Triton every time give the same bits."""
+    from roi_ops_triton import launcher
+
+    monkeypatch.setattr(launcher, "enabled", True)
+    launcher.clear()
+    g = torch.Generator().manual_seed(5)
+    calls = []
+    for trial in range(24):
+        dtype = DTYPES[trial % 4]
+        n, c, h, w = 1 + trial % 3, 5 + trial % 4, 9 + trial % 5, 11 + trial % 6
+        offset = trial % 3  # 0: a 16-byte aligned input; 1, 2: elements past the boundary
+        buffer = torch.empty(n * c * h * w + offset, dtype=dtype, device="cuda")
+        x = buffer[offset:].view(n, c, h, w)
+        x.copy_(torch.randn(n, c, h, w, generator=g).to(dtype))
+        if trial % 2:
+            x = x.contiguous(memory_format=torch.channels_last)
+        k = 1 + 7 * trial
+        rois = torch.cat([torch.randint(0, n, (k, 1), generator=g), torch.rand(k, 4, generator=g)
+                          * 24], 1).to(_rois_dtype(dtype)).cuda()  # fmt: skip
+        calls.append((x, rois))
+    for x, rois in calls * 2:  # the second pass repeats every key
+        check(x, rois, (3, 4), 0.5)
+    direct = [entry for entry in launcher._compiled.values() if entry is not None]
+    assert direct, "no launch went straight to a compiled kernel"
+    monkeypatch.setattr(launcher, "enabled", False)
+    for x, rois in calls[:8]:
+        bound, bound_argmax = run_forward(x, rois, (3, 4), 0.5)
+        monkeypatch.setattr(launcher, "enabled", True)
+        cached, cached_argmax = run_forward(x, rois, (3, 4), 0.5)
+        monkeypatch.setattr(launcher, "enabled", False)
+        assert_same_bits(cached, bound.cpu())
+        assert torch.equal(cached_argmax, bound_argmax)
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not _CUDA or INTERPRET, reason="needs compiled kernels on a CUDA device")
 def test_offsets_past_two_to_the_31():

@@ -31,6 +31,7 @@ Design (see the package README for the reasoning):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import struct
 
@@ -39,6 +40,8 @@ import triton
 import triton.language as tl
 
 from roi_ops.layout import aligned_channel_vector
+
+from . import launcher
 
 INDEX_LIMIT = tl.constexpr(1099511627776.0)  # 2**40: the contract's index() saturation bound
 
@@ -881,6 +884,7 @@ class _NullContext:
         return None
 
 
+@functools.lru_cache(maxsize=64)
 def _scale_arguments(spatial_scale: float) -> tuple[float, int]:
     """(float32(spatial_scale), the float64's bits as int64): the kernel takes either exactly."""
     as_float32 = float(torch.tensor(spatial_scale, dtype=torch.float32))
@@ -1045,11 +1049,14 @@ def _dtype_flags(input: torch.Tensor, rois: torch.Tensor) -> dict[str, bool]:
 def _launch_in_slices(kernel, tensor, num_rois, blocks, before, after=(), **meta) -> None:
     """Launch `kernel` on grid (num_rois, blocks) on `tensor`'s device and torch's current stream,
     in launches of at most MAX_GRID_Y blocks along axis 1; each launch passes its first block
-    between the `before` and `after` arguments. Every kernel runs without fp fusion."""
+    between the `before` and `after` arguments. Every kernel runs without fp fusion. Repeat
+    launches skip Triton's argument binding (`roi_ops_triton.launcher`)."""
+    device_index = tensor.device.index if tensor.device.type == "cuda" else -1
+    meta["enable_fp_fusion"] = False
     with _device_context(tensor):
         for start in range(0, blocks, MAX_GRID_Y):
             grid = (num_rois, min(MAX_GRID_Y, blocks - start))
-            kernel[grid](*before, start, *after, enable_fp_fusion=False, **meta)
+            launcher.launch(kernel, grid, (*before, start, *after), meta, device_index)
 
 
 # Outputs per backward program. When the float32/float64 grad_input exceeds L2, small blocks keep
