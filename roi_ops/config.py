@@ -46,7 +46,13 @@ def value_checks_enabled() -> bool:
         return in_context
     if _value_checks_global is not None:
         return _value_checks_global
-    return os.environ.get(VALUE_CHECKS_ENV, "1").strip().lower() not in {"0", "false", "off", "no"}
+    return env_flag(VALUE_CHECKS_ENV)
+
+
+def env_flag(name: str) -> bool:
+    """Whether the environment variable `name` leaves a setting on: true unless it is set to
+    0, false, off or no (any case, surrounding spaces ignored)."""
+    return os.environ.get(name, "1").strip().lower() not in {"0", "false", "off", "no"}
 
 
 @contextmanager

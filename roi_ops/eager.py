@@ -11,12 +11,11 @@ Results are identical; ``ROI_OPS_EAGER_FAST_PATH=0`` always takes the custom op.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .config import env_flag
 from .layout import gradient_memory_format
 from .ops import backward_on_backend, backward_op_from_context, forward_on_backend
 
@@ -31,8 +30,7 @@ _PROBES_AVAILABLE = _function_mode_enabled is not None and _interpreter_stack is
 
 def fast_path_enabled() -> bool:
     """Whether ``ROI_OPS_EAGER_FAST_PATH`` allows the fast path (on unless 0/false/off/no)."""
-    value = os.environ.get(EAGER_FAST_PATH_ENV, "1").strip().lower()
-    return value not in {"0", "false", "off", "no"}
+    return env_flag(EAGER_FAST_PATH_ENV)
 
 
 def plain_eager(input: Tensor, rois: Tensor) -> bool:

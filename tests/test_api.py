@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import roi_ops
+from roi_ops.config import env_flag
 from roi_ops.eager import plain_eager
 from roi_ops.ops import roi_pool_backward_op, roi_pool_op
 from roi_ops.testing import check_case, contract_cases, reference_roi_pool
@@ -107,6 +108,19 @@ def test_value_checks_name_the_first_bad_row(row, message):
     with roi_ops.value_checks(False):
         out = roi_ops.roi_pool(x, rois, 2)
     assert torch.equal(out[1:], torch.zeros_like(out[1:]))
+
+
+@pytest.mark.parametrize(
+    ("value", "on"),
+    [(None, True), ("1", True), ("yes", True), ("0", False), (" OFF ", False), ("False", False),
+     ("no", False)],
+)  # fmt: skip
+def test_env_flag_is_on_unless_turned_off(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv("ROI_OPS_TEST_FLAG", raising=False)
+    else:
+        monkeypatch.setenv("ROI_OPS_TEST_FLAG", value)
+    assert env_flag("ROI_OPS_TEST_FLAG") is on
 
 
 def test_value_check_switches(monkeypatch):

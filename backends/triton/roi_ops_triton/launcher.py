@@ -19,13 +19,14 @@ off.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
+from roi_ops.config import env_flag
+
 FAST_LAUNCH_ENV = "ROI_OPS_TRITON_FAST_LAUNCH"
-enabled = os.environ.get(FAST_LAUNCH_ENV, "1").strip().lower() not in {"0", "false", "off", "no"}
+enabled = env_flag(FAST_LAUNCH_ENV)
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
