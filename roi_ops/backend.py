@@ -1,13 +1,15 @@
-"""The `Backend` base class that every roi_ops backend, first-party or third-party, subclasses.
+"""The `Backend` base class that every roi_ops backend, first-party or third-party, subclasses,
+and the two problem types a backend is handed: `RoIPoolProblem` (forward) and
+`RoIPoolBackwardProblem` (backward).
 
-A backend is a small declaration (name, priority, devices, dtypes, determinism) plus three
-methods. Heavy imports (numba, Triton, CuPy) belong in a separate kernel module that the backend
-imports lazily from `check_available` and `forward`, so that importing roi_ops stays cheap.
+A backend is a small declaration (name, priority, devices, dtypes, determinism, what it reports)
+plus a few methods. Heavy imports (numba, Triton, CuPy) belong in a separate kernel module that
+the backend imports lazily from `check_available` and `forward`, so that importing roi_ops stays
+cheap. The core allocates every forward output; the backend fills it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -15,27 +17,61 @@ import torch
 ALL_FLOAT_DTYPES: frozenset[torch.dtype] = frozenset(
     {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 )
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype gradients of `dtype` are summed in: float32 for float16 and bfloat16 (rounded
+    once to `dtype` at the end), the dtype itself otherwise."""
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
+
+
 class RoIPoolProblem:
-    """One validated roi_pool call, as a backend sees it.
+    """One validated roi_pool forward call, as a backend sees it.
 
     Attributes:
         input: (N, C, H, W) float tensor, any strides (contiguous and channels_last are common).
         rois: (K, 5) tensor of rows (batch_index, x1, y1, x2, y2); dtype equal to ``input``'s, or
-            float32 when ``input`` is float16/bfloat16. Same device as ``input``.
+            float32 when ``input`` is float16/bfloat16. Same device as ``input``. Rows may be
+            invalid (see docs/contract.md, "Bad input"): they must give zeros and argmax -1
+            without any out-of-bounds access.
         pooled_height, pooled_width: output bins per ROI, each >= 1.
         spatial_scale: finite, > 0; maps ROI coordinates onto the feature map.
         needs_argmax: True when a gradient will be needed, so the argmax must be produced.
+        bad_roi_log: None, or the int64 log of `roi_ops.bad_rois` in which a backend that
+            declares ``reports_bad_rois`` records every invalid ROI (atomic minimum of the keys
+            that module defines). Only such backends are given one. On CUDA it may live in
+            pinned host memory mapped into the device's address space: use its ``data_ptr()``,
+            not its ``.device``.
     """
 
-    input: torch.Tensor
-    rois: torch.Tensor
-    pooled_height: int
-    pooled_width: int
-    spatial_scale: float
-    needs_argmax: bool
+    __slots__ = (
+        "input",
+        "rois",
+        "pooled_height",
+        "pooled_width",
+        "spatial_scale",
+        "needs_argmax",
+        "bad_roi_log",
+    )
+
+    def __init__(
+        self,
+        input: torch.Tensor,
+        rois: torch.Tensor,
+        pooled_height: int,
+        pooled_width: int,
+        spatial_scale: float,
+        needs_argmax: bool,
+        bad_roi_log: torch.Tensor | None = None,
+    ) -> None:
+        self.input = input
+        self.rois = rois
+        self.pooled_height = pooled_height
+        self.pooled_width = pooled_width
+        self.spatial_scale = spatial_scale
+        self.needs_argmax = needs_argmax
+        self.bad_roi_log = bad_roi_log
 
     @property
     def device(self) -> torch.device:
@@ -52,7 +88,98 @@ class RoIPoolProblem:
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
         _, channels, _, _ = self.input.shape
-        return (self.num_rois, channels, self.pooled_height, self.pooled_width)
+        return (self.rois.shape[0], channels, self.pooled_height, self.pooled_width)
+
+    def __repr__(self) -> str:
+        dtype = str(self.input.dtype).removeprefix("torch.")
+        return (
+            f"RoIPoolProblem(input={tuple(self.input.shape)} {dtype} on {self.input.device}, "
+            f"rois={tuple(self.rois.shape)}, output=({self.pooled_height}, "
+            f"{self.pooled_width}), spatial_scale={self.spatial_scale}, "
+            f"needs_argmax={self.needs_argmax})"
+        )
+
+
+class RoIPoolBackwardProblem:
+    """One roi_pool backward call, as a backend sees it.
+
+    Attributes:
+        grad_output: (K, C, PH, PW) of ``input_dtype``, any strides (zero strides included).
+        argmax: contiguous (K, C, PH, PW) int32 from the forward; -1 means no gradient.
+        rois: the forward's (K, 5) rois (the batch index of row k is ``trunc(rois[k, 0])``).
+        input_shape: (N, C, H, W) of the forward's input.
+        input_dtype: dtype of the gradient to return.
+        memory_format: the layout wanted: ``torch.contiguous_format``, or
+            ``torch.channels_last`` for a channels_last input when the backend lists it in
+            ``gradient_formats``. A backend may still return a contiguous gradient where that
+            is faster (roi_ops then copies it into channels_last, as autograd would).
+        deterministic: True under ``torch.use_deterministic_algorithms(True)``; roi_ops only
+            calls the backward of a backend that declares ``deterministic_backward`` then.
+    """
+
+    __slots__ = (
+        "grad_output",
+        "argmax",
+        "rois",
+        "input_shape",
+        "input_dtype",
+        "memory_format",
+        "deterministic",
+        "_batch_index",
+    )
+
+    def __init__(
+        self,
+        grad_output: torch.Tensor,
+        argmax: torch.Tensor,
+        rois: torch.Tensor,
+        input_shape: tuple[int, int, int, int],
+        input_dtype: torch.dtype,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        deterministic: bool = False,
+    ) -> None:
+        self.grad_output = grad_output
+        self.argmax = argmax
+        self.rois = rois
+        self.input_shape = tuple(input_shape)
+        self.input_dtype = input_dtype
+        self.memory_format = memory_format
+        self.deterministic = deterministic
+        self._batch_index: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.grad_output.device
+
+    @property
+    def num_images(self) -> int:
+        return self.input_shape[0]
+
+    @property
+    def accumulate_dtype(self) -> torch.dtype:
+        """float32 for float16/bfloat16 gradients, else ``input_dtype`` (see `accumulate_dtype`)."""
+        return accumulate_dtype(self.input_dtype)
+
+    @property
+    def batch_index(self) -> torch.Tensor:
+        """(K,) int64 batch index of each ROI, clamped into [0, N), computed on first use (two
+        small kernels; a backend that reads ``rois`` in its own kernel never pays them).
+
+        Valid ROIs get ``trunc(rois[:, 0])``; invalid ones (whose argmax is all -1) get some
+        index in [0, N).
+        """
+        if self._batch_index is None:
+            last = max(self.input_shape[0] - 1, 0)
+            self._batch_index = self.rois[:, 0].to(torch.int64).clamp_(0, last)
+        return self._batch_index
+
+    def __repr__(self) -> str:
+        dtype = str(self.input_dtype).removeprefix("torch.")
+        return (
+            f"RoIPoolBackwardProblem(grad_output={tuple(self.grad_output.shape)} on "
+            f"{self.grad_output.device}, input_shape={self.input_shape} {dtype}, "
+            f"memory_format={self.memory_format}, deterministic={self.deterministic})"
+        )
 
 
 class Backend:
@@ -68,7 +195,16 @@ class Backend:
         priority: higher wins when ``backend="auto"`` chooses among usable backends.
         device_types: torch device types it runs on (``"cpu"``, ``"cuda"``, ...); ``"*"`` = any.
         dtypes: input dtypes it supports.
-        deterministic: whether its forward and backward give run-to-run identical results.
+        deterministic: whether its forward gives run-to-run identical results. Under
+            ``torch.use_deterministic_algorithms(True)`` a backend that does not is not chosen.
+        deterministic_backward: whether its `backward` gives run-to-run identical gradients.
+            Under ``torch.use_deterministic_algorithms(True)`` the backward of a backend that
+            does not is replaced by roi_ops' shared deterministic scatter (`roi_ops.explain`
+            says so).
+        reports_bad_rois: whether `forward` records invalid ROIs in ``problem.bad_roi_log``
+            (see `roi_ops.bad_rois`). roi_ops then finds bad ROIs without reading them on the
+            host, so a CUDA call never waits for the device. Otherwise roi_ops checks the ROIs
+            itself: a few extra launches on CUDA, still without waiting.
         description: one line for `roi_ops.list_backends()` and ``python -m roi_ops info``.
         gradient_formats: memory formats `backward` can return grad_input in. roi_ops asks for
             ``torch.channels_last`` (for a channels_last input) only from a backend that lists
@@ -80,6 +216,8 @@ class Backend:
     device_types: ClassVar[frozenset[str]] = frozenset({"cpu"})
     dtypes: ClassVar[frozenset[torch.dtype]] = ALL_FLOAT_DTYPES
     deterministic: ClassVar[bool] = True
+    deterministic_backward: ClassVar[bool] = True
+    reports_bad_rois: ClassVar[bool] = False
     description: ClassVar[str] = ""
     gradient_formats: ClassVar[frozenset[torch.memory_format]] = frozenset(
         {torch.contiguous_format}
@@ -96,16 +234,18 @@ class Backend:
         """Return the reasons this backend cannot run `problem`; an empty list means usable.
 
         The default checks the device type and dtype against the class attributes. Overrides
-        should extend ``super().not_supported_reasons(problem)``.
+        should extend ``super().not_supported_reasons(problem)``. Called on every call that
+        considers this backend: keep it cheap, and never read tensor values (that would
+        synchronise a CUDA device).
         """
         reasons = []
-        device_type = problem.device.type
+        device_type = problem.input.device.type
         if "*" not in self.device_types and device_type not in self.device_types:
             supported = ", ".join(sorted(self.device_types))
             reasons.append(f"device type {device_type!r} not supported (supports: {supported})")
-        if problem.dtype not in self.dtypes:
+        if problem.input.dtype not in self.dtypes:
             supported = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
-            dtype_name = str(problem.dtype).removeprefix("torch.")
+            dtype_name = str(problem.input.dtype).removeprefix("torch.")
             reasons.append(f"dtype {dtype_name} not supported (supports: {supported})")
         return reasons
 
@@ -121,34 +261,18 @@ class Backend:
             argmax: contiguous (K, C, PH, PW) int32 tensor to fill with ``h * W + w`` (-1 for an
                 empty bin or an invalid ROI), or None when ``problem.needs_argmax`` is False.
 
-        Must launch on ``problem.device`` and, on CUDA, on torch's current stream.
+        Must launch on ``problem.device`` and, on CUDA, on torch's current stream, without
+        synchronising the device. A backend that declares ``reports_bad_rois`` also records
+        invalid ROIs in ``problem.bad_roi_log`` when it is not None.
         """
         raise NotImplementedError
 
-    def backward(
-        self,
-        grad_output: torch.Tensor,
-        argmax: torch.Tensor,
-        batch_index: torch.Tensor,
-        input_shape: tuple[int, int, int, int],
-        input_dtype: torch.dtype,
-        memory_format: torch.memory_format = torch.contiguous_format,
-    ) -> torch.Tensor | None:
-        """Return grad_input, or None to use roi_ops' shared (deterministic) backward.
+    def backward(self, problem: RoIPoolBackwardProblem) -> torch.Tensor | None:
+        """Return grad_input, or None to use roi_ops' shared deterministic scatter.
 
-        Args:
-            grad_output: (K, C, PH, PW), any strides (zero strides included).
-            argmax: contiguous (K, C, PH, PW) int32 from `forward`; -1 means no gradient.
-            batch_index: (K,) int64, each in [0, N) (clamped; rows whose argmax is -1 may have
-                any value in range).
-            input_shape: (N, C, H, W).
-            input_dtype: dtype of the returned (N, C, H, W) gradient. float16 and bfloat16
-                gradients must be accumulated in float32 and rounded once. The result must be
-                run-to-run identical when ``torch.are_deterministic_algorithms_enabled()``.
-            memory_format: the layout wanted: contiguous, or ``torch.channels_last`` for a
-                channels_last input when the backend lists it in `gradient_formats` (only then
-                is the argument passed, so a backend that lists only contiguous_format may omit
-                the parameter). A backend may still return a contiguous gradient where that is
-                faster (roi_ops then copies it into channels_last, as autograd would).
+        The result is an (N, C, H, W) tensor of ``problem.input_dtype`` on the gradient's
+        device (float16/bfloat16 summed in float32 and rounded once), preferably dense in
+        ``problem.memory_format``. It must equal, up to the order of the float sums,
+        ``grad_input[b_k, c].flat[argmax] += grad_output`` over every argmax other than -1.
         """
         return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import Backend, RoIPoolProblem
+from .backend import Backend, RoIPoolBackwardProblem, RoIPoolProblem
 from .config import poisoning_enabled, value_checks_enabled
 from .dispatch import BackendError, resolve_backend
 from .layout import gradient_memory_format
@@ -231,20 +231,22 @@ def backward_on_backend(
     """`roi_pool_backward` on an already chosen backend (grad_input of `shape`, dense in
     channels_last when `channels_last`, else contiguous)."""
     memory_format = _memory_format(channels_last)
-    batch_index = batch_indices(rois, shape[0])
-    # Only a backend that lists a non-default format is asked for it (older plugins' backward
-    # has no memory_format parameter).
-    asked = memory_format != torch.contiguous_format and memory_format in chosen.gradient_formats
-    extra = {"memory_format": memory_format} if asked else {}
-    try:
-        grad = chosen.backward(grad_output, argmax, batch_index, tuple(shape), input_dtype, **extra)
-    except Exception as error:
-        raise BackendError(
-            f"backend {chosen.name!r} failed in backward: {type(error).__name__}: {error}"
-        ) from error
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    asked = memory_format if memory_format in chosen.gradient_formats else torch.contiguous_format
+    problem = RoIPoolBackwardProblem(
+        grad_output, argmax, rois, tuple(shape), input_dtype, asked, deterministic
+    )
+    grad = None
+    if chosen.deterministic_backward or not deterministic:
+        try:
+            grad = chosen.backward(problem)
+        except Exception as error:
+            raise BackendError(
+                f"backend {chosen.name!r} failed in backward: {type(error).__name__}: {error}"
+            ) from error
     if grad is None:
         return scatter_backward(
-            grad_output, argmax, batch_index, tuple(shape), input_dtype, memory_format
+            grad_output, argmax, problem.batch_index, tuple(shape), input_dtype, memory_format
         )
     grad = _check_plugin_gradient(
         chosen, grad, shape, input_dtype, grad_output.device, memory_format

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolProblem
+from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolBackwardProblem, RoIPoolProblem
 
 from . import kernels
 
@@ -24,6 +24,7 @@ class CupyBackend(Backend):
     device_types = frozenset({"cuda"})
     dtypes = ALL_FLOAT_DTYPES
     deterministic = True
+    deterministic_backward = False
     description = "CUDA C kernels compiled by CuPy/NVRTC, run on torch's stream"
     gradient_formats = frozenset({torch.contiguous_format, torch.channels_last})
 
@@ -75,27 +76,21 @@ class CupyBackend(Backend):
 
         launch.forward(problem, output, argmax)
 
-    def backward(
-        self,
-        grad_output: torch.Tensor,
-        argmax: torch.Tensor,
-        batch_index: torch.Tensor,
-        input_shape: tuple[int, int, int, int],
-        input_dtype: torch.dtype,
-        memory_format: torch.memory_format = torch.contiguous_format,
-    ) -> torch.Tensor | None:
-        """grad_input by an atomic scatter kernel, or None in deterministic mode.
+    def backward(self, problem: RoIPoolBackwardProblem) -> torch.Tensor:
+        """grad_input by an atomic scatter kernel (not run-to-run deterministic: roi_ops runs its
+        shared deterministic backward instead under ``torch.use_deterministic_algorithms``).
 
-        Atomics make the summation order, and so the last bits of float sums, vary between
-        runs; under ``torch.are_deterministic_algorithms_enabled()`` this returns None and
-        roi_ops' shared deterministic backward runs instead. Otherwise returns an (N, C, H, W)
-        tensor of `input_dtype` (float16/bfloat16 accumulated in float32), dense in
-        `memory_format`: contiguous, or channels_last for channels_last inputs.
+        Returns an (N, C, H, W) tensor of ``problem.input_dtype`` (float16/bfloat16 accumulated
+        in float32), dense in ``problem.memory_format``: contiguous, or channels_last for
+        channels_last inputs.
         """
-        if torch.are_deterministic_algorithms_enabled():
-            return None
         from . import launch
 
         return launch.backward(
-            grad_output, argmax, batch_index, input_shape, input_dtype, memory_format
+            problem.grad_output,
+            problem.argmax,
+            problem.batch_index,
+            problem.input_shape,
+            problem.input_dtype,
+            problem.memory_format,
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolProblem
+from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolBackwardProblem, RoIPoolProblem
 
 _MIN_NUMBA = (0, 57)  # numba.set_parallel_chunksize
 
@@ -50,19 +50,18 @@ class NumbaBackend(Backend):
 
         ops.forward(problem, output, argmax)
 
-    def backward(
-        self,
-        grad_output: torch.Tensor,
-        argmax: torch.Tensor,
-        batch_index: torch.Tensor,
-        input_shape: tuple[int, int, int, int],
-        input_dtype: torch.dtype,
-    ) -> torch.Tensor | None:
+    def backward(self, problem: RoIPoolBackwardProblem) -> torch.Tensor:
         """Deterministic grad_input: each (image, channel) plane is summed by one thread.
 
-        Returns a contiguous (N, C, H, W) tensor of `input_dtype`; float16/bfloat16 gradients
-        are accumulated in float32 and rounded once.
+        Returns a contiguous (N, C, H, W) tensor of ``problem.input_dtype``; float16/bfloat16
+        gradients are accumulated in float32 and rounded once.
         """
         from roi_ops_numba import ops
 
-        return ops.backward(grad_output, argmax, batch_index, input_shape, input_dtype)
+        return ops.backward(
+            problem.grad_output,
+            problem.argmax,
+            problem.batch_index,
+            problem.input_shape,
+            problem.input_dtype,
+        )

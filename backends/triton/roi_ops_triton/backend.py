@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 
-from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolProblem
+from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolBackwardProblem, RoIPoolProblem
 
 
 def interpreting() -> bool:
@@ -31,6 +31,7 @@ class TritonBackend(Backend):
     device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
     dtypes: ClassVar[frozenset[torch.dtype]] = ALL_FLOAT_DTYPES
     deterministic: ClassVar[bool] = True
+    deterministic_backward: ClassVar[bool] = False
     description: ClassVar[str] = "Triton kernels for CUDA GPUs (default GPU backend)"
     gradient_formats: ClassVar[frozenset[torch.memory_format]] = frozenset(
         {torch.contiguous_format, torch.channels_last}
@@ -83,25 +84,17 @@ class TritonBackend(Backend):
             argmax,
         )
 
-    def backward(
-        self,
-        grad_output: torch.Tensor,
-        argmax: torch.Tensor,
-        batch_index: torch.Tensor,
-        input_shape: tuple[int, int, int, int],
-        input_dtype: torch.dtype,
-        memory_format: torch.memory_format = torch.contiguous_format,
-    ) -> torch.Tensor | None:
-        """Atomic scatter of `grad_output` at `argmax`; None (shared backward) when deterministic.
-
-        Shapes and dtypes as in `Backend.backward`. Atomic float adds make the summation order
-        run-dependent, so under ``torch.are_deterministic_algorithms_enabled()`` this returns None
-        and roi_ops' deterministic backward is used instead.
-        """
-        if torch.are_deterministic_algorithms_enabled():
-            return None
+    def backward(self, problem: RoIPoolBackwardProblem) -> torch.Tensor:
+        """Atomic scatter of ``grad_output`` at ``argmax`` (not run-to-run deterministic: roi_ops
+        runs its shared deterministic backward instead under
+        ``torch.use_deterministic_algorithms``). Shapes and dtypes as in `Backend.backward`."""
         from roi_ops_triton import kernels
 
         return kernels.roi_pool_backward(
-            grad_output, argmax, batch_index, input_shape, input_dtype, memory_format
+            problem.grad_output,
+            problem.argmax,
+            problem.batch_index,
+            problem.input_shape,
+            problem.input_dtype,
+            problem.memory_format,
         )
