@@ -47,6 +47,11 @@ WORKLOADS: dict[str, Workload] = {
         Workload("fpn-p4", 8, 256, 50, 68, 4096, 7, 1 / 16, 64, 448),
         Workload("mask-14", 8, 256, 50, 68, 4096, 14, 1 / 16, 32, 512),
         Workload("big-batch", 16, 256, 100, 136, 16000, 7, 1 / 8, 16, 800),
+        # Weakly supervised detection (WSDDN, OICR) on VGG16 conv5: 2,000 proposals per image.
+        Workload("wsddn", 2, 512, 38, 63, 4000, 7, 1 / 16, 16, 600),
+        # Tens of thousands of small boxes (1 to 16 feature cells a side) pooled to 3x3 on a
+        # narrow map: point- and keypoint-style heads, dense proposals.
+        Workload("many-small", 4, 64, 100, 136, 32000, 3, 1 / 8, 8, 128),
     )
 }
 
