@@ -8,16 +8,24 @@ torch.Size([2, 256, 7, 7])
 """
 
 from . import ops as _ops  # noqa: F401  (registers the torch.library ops)
-from .backend import ALL_FLOAT_DTYPES, Backend, RoIPoolProblem
-from .config import set_value_checks, value_checks, value_checks_enabled
+from .backend import (
+    ALL_FLOAT_DTYPES,
+    Backend,
+    RoIPoolBackwardProblem,
+    RoIPoolProblem,
+    accumulate_dtype,
+)
+from .bad_rois import check_errors
+from .config import set_value_checks, value_check_mode, value_checks, value_checks_enabled
 from .dispatch import (
     BackendError,
     BackendNotFoundError,
     BackendUnavailableError,
+    Explanation,
     resolve_backend,
     use_backend,
 )
-from .functional import RoIPool, roi_pool, roi_pool_with_argmax
+from .functional import RoIPool, explain, roi_pool, roi_pool_with_argmax
 from .registry import BackendInfo, list_backends, register_backend, unregister_backend
 
 __version__ = "0.1.0"
@@ -29,8 +37,13 @@ __all__ = [
     "BackendInfo",
     "BackendNotFoundError",
     "BackendUnavailableError",
+    "Explanation",
     "RoIPool",
+    "RoIPoolBackwardProblem",
     "RoIPoolProblem",
+    "accumulate_dtype",
+    "check_errors",
+    "explain",
     "list_backends",
     "register_backend",
     "resolve_backend",
@@ -39,6 +52,7 @@ __all__ = [
     "set_value_checks",
     "unregister_backend",
     "use_backend",
+    "value_check_mode",
     "value_checks",
     "value_checks_enabled",
 ]

@@ -100,52 +100,76 @@ def record_bad_rois(log: torch.Tensor, rois: torch.Tensor, num_images: int) -> N
 
 def error_message(bad: BadRoi, where: str) -> str:
     """The ValueError text for `bad`, found `where` (e.g. "in this call")."""
-    values = list(bad.values)
+    finite = all(v == v and abs(v) != float("inf") for v in bad.values)
+    if finite:
+        fix = (
+            f"the input has N={bad.num_images} images, so batch indices must be integers in "
+            f"[0, {bad.num_images})"
+        )
+    else:
+        fix = "drop or repair such rows (torch.isfinite(rois).all(1) marks the good ones)"
     return (
-        f"rois: expected every row to have a batch index in [0, N) and finite values, but row "
-        f"{bad.row} = {values} {where} has {bad.reason()}. Such rows pool to zeros; fix the "
-        "boxes (e.g. drop rows with ~torch.isfinite(rois).all(1)), or turn the value checks "
-        "off with roi_ops.set_value_checks(False) to accept the zeros"
+        f"rois: expected a batch index in [0, N) and finite values in every row, got row "
+        f"{bad.row} = {list(bad.values)} {where}, which has {bad.reason()}; {fix}, or turn "
+        "the value checks off with roi_ops.set_value_checks(False) to get zeros (argmax -1) "
+        "for such rows"
     )
+
+
+# Whether reporting kernels write straight into pinned host memory mapped into the device's
+# address space (the host then reads their record as plain memory, with no copy). When False,
+# they write a device-memory log that roi_ops copies to the host after each forward.
+KERNEL_LOG_IN_HOST_MEMORY = True
 
 
 class _CudaLog:
     """One CUDA device's log, read by the host without waiting.
 
-    ``kernel`` is what reporting backends write into; ``snapshot`` receives copies of the
-    device-side log that roi_ops' own torch-op checks keep (``fallback``). Both live in pinned
-    host memory; the host reads them as plain memory.
+    ``host`` is pinned memory in three parts of `SLOTS`: what reporting kernels write (when
+    `KERNEL_LOG_IN_HOST_MEMORY`), a copy of the device-side log that roi_ops' own torch-op check
+    keeps for backends that do not report (``fallback``), and a copy of the kernels' device-side
+    log (when not `KERNEL_LOG_IN_HOST_MEMORY`). Every part only ever holds a record of some
+    moment, so reading a part that a copy is still filling shows an older record, never a wrong
+    one.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         with torch.cuda.device(device):
-            self.host = torch.full((2 * SLOTS,), EMPTY, dtype=torch.int64).pin_memory()
+            self.host = torch.full((3 * SLOTS,), EMPTY, dtype=torch.int64).pin_memory()
             self.fallback = new_log(device)
-        self.kernel = self.host[:SLOTS]
-        self.snapshot = self.host[SLOTS:]
+            self.kernel_device = None if KERNEL_LOG_IN_HOST_MEMORY else new_log(device)
+        self.kernel = self.host[:SLOTS] if KERNEL_LOG_IN_HOST_MEMORY else self.kernel_device
+        self.fallback_copy = self.host[SLOTS : 2 * SLOTS]
+        self.kernel_copy = self.host[2 * SLOTS :]
         self.view = self.host.numpy()
 
     def dirty(self) -> bool:
         view = self.view
-        return view[0] != EMPTY or view[SLOTS] != EMPTY
+        return view[0] != EMPTY or view[SLOTS] != EMPTY or view[2 * SLOTS] != EMPTY
 
     def take(self) -> BadRoi | None:
-        """The first recorded bad row (of either part), and clear the log."""
-        found = [b for b in (decode(self.view[:SLOTS].tolist()), decode(self.view[SLOTS:].tolist())) if b]
-        self.view[:] = EMPTY
+        """The first recorded bad row (of any part), and clear the log."""
+        view = self.view
+        parts = (view[i * SLOTS : (i + 1) * SLOTS].tolist() for i in range(3))
+        found = [bad for bad in map(decode, parts) if bad is not None]
+        view[:] = EMPTY
         self.fallback.fill_(EMPTY)
-        if not found:
-            return None
-        return min(found, key=lambda b: b.row)
+        if self.kernel_device is not None:
+            self.kernel_device.fill_(EMPTY)
+        return min(found, key=lambda bad: bad.row) if found else None
 
 
 _cuda_logs: dict[int, _CudaLog] = {}
 _cuda_lock = threading.Lock()
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _cuda_log(device: torch.device) -> _CudaLog:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     log = _cuda_logs.get(index)
     if log is None:
         with _cuda_lock:
@@ -158,8 +182,7 @@ def _cuda_log(device: torch.device) -> _CudaLog:
 def raise_pending(device: torch.device) -> None:
     """Raise the bad ROI that earlier calls on CUDA `device` recorded and that has reached the
     host by now, if any (clearing it). Never waits for the device."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    log = _cuda_logs.get(index)
+    log = _cuda_logs.get(_index(device))
     if log is not None and log.dirty():
         bad = log.take()
         if bad is not None:
@@ -172,7 +195,8 @@ def check_errors(device: torch.device | str | int | None = None) -> None:
     On CUDA, default calls record invalid ROIs on the device instead of waiting for it, and the
     error is raised by a later roi_ops call (forward or backward) on that device that finds the
     record on the host. This function waits for the work queued so far on `device` (every CUDA
-    device roi_ops has used when None; an int or string names one) and raises at once.
+    device roi_ops has used when None; an int or string names one) and raises at once. CPU calls
+    raise at the call, so there is nothing to wait for on the CPU.
 
     Raises:
         ValueError: naming the row and its values; the record is cleared.
@@ -182,8 +206,8 @@ def check_errors(device: torch.device | str | int | None = None) -> None:
     else:
         device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
         if device.type != "cuda":
-            return  # CPU calls raise at once
-        indices = [device.index if device.index is not None else torch.cuda.current_device()]
+            return
+        indices = [_index(device)]
     for index in indices:
         if index in _cuda_logs:
             torch.cuda.synchronize(index)
@@ -195,12 +219,22 @@ def cuda_kernel_log(device: torch.device) -> torch.Tensor:
     return _cuda_log(device).kernel
 
 
-def record_on_cuda(rois: torch.Tensor, num_images: int) -> None:
+def after_cuda_forward(device: torch.device) -> None:
+    """After a reporting backend's forward: bring its record to the host (a queued copy, only
+    when the kernels' log is in device memory)."""
+    log = _cuda_logs[_index(device)]
+    if log.kernel_device is not None:
+        log.kernel_copy.copy_(log.kernel_device, non_blocking=True)
+
+
+def record_on_cuda(rois: torch.Tensor, num_images: int, copy: bool = True) -> None:
     """roi_ops' own check for a backend that does not report: torch ops into the device-side
-    log, then an asynchronous copy of it to the host (no wait)."""
+    log, then (when `copy`; not while a CUDA graph is being captured) a queued copy of it to
+    the host. Never waits."""
     log = _cuda_log(rois.device)
     record_bad_rois(log.fallback, rois, num_images)
-    log.snapshot.copy_(log.fallback, non_blocking=True)
+    if copy:
+        log.fallback_copy.copy_(log.fallback, non_blocking=True)
 
 
 _cpu_logs = threading.local()

@@ -46,6 +46,8 @@ class BackendInfo:
     dtypes: tuple[str, ...]
     priority: int
     deterministic: bool | None
+    deterministic_backward: bool | None
+    reports_bad_rois: bool | None
     available: bool
     reasons: tuple[str, ...]
     description: str
@@ -64,6 +66,13 @@ class Registry:
         self._entries: dict[str, BackendEntry] = {}
         self._discovered = False
         self._warned: set[str] = set()
+        self._sorted: list[BackendEntry] | None = None
+        # Bumped whenever the set of entries changes: dispatch caches its choices per version.
+        self.version = 0
+
+    def _changed(self) -> None:
+        self._sorted = None
+        self.version += 1
 
     # Discovery -------------------------------------------------------------------------------
 
@@ -94,6 +103,7 @@ class Registry:
             for name, entries in found.items():
                 self._add_discovered(name, entries)
             self._discovered = True
+            self._changed()
 
     def _add_discovered(self, name: str, entries: list[BackendEntry]) -> None:
         existing = self._entries.get(name)
@@ -165,19 +175,34 @@ class Registry:
     # Public operations -----------------------------------------------------------------------
 
     def entries(self) -> list[BackendEntry]:
-        """All entries, highest priority first (then by name)."""
+        """All entries, highest priority first (then by name); loads every plugin."""
         self._discover()
+        cached = self._sorted
+        if cached is not None:
+            return list(cached)
         with self._lock:
             entries = list(self._entries.values())
         for entry in entries:
             self._load(entry)
-        return sorted(entries, key=lambda e: (-(e.backend.priority if e.backend else -1e9), e.name))
+        ordered = sorted(
+            entries, key=lambda e: (-(e.backend.priority if e.backend else -1e9), e.name)
+        )
+        with self._lock:
+            if all(self._entries.get(e.name) is e for e in ordered):
+                self._sorted = ordered
+        return list(ordered)
 
     def get(self, name: str) -> BackendEntry | None:
-        """The entry called `name`, or None."""
+        """The entry called `name` (any case), or None."""
         self._discover()
         with self._lock:
-            return self._entries.get(name)
+            entry = self._entries.get(name)
+            if entry is None:
+                folded = name.casefold()
+                entry = next(
+                    (e for n, e in self._entries.items() if n.casefold() == folded), None
+                )
+            return entry
 
     def names(self) -> list[str]:
         """Every registered name, sorted."""
@@ -213,6 +238,7 @@ class Registry:
                 target=f"{type(instance).__module__}:{type(instance).__qualname__}",
                 backend=instance,
             )
+            self._changed()
         return instance
 
     def unregister(self, name: str) -> None:
@@ -222,6 +248,7 @@ class Registry:
             if name not in self._entries:
                 raise KeyError(f"name: no backend called {name!r}; known: {sorted(self._entries)}")
             del self._entries[name]
+            self._changed()
 
     def reset(self) -> None:
         """Forget everything, so the next use discovers entry points again (for tests)."""
@@ -229,6 +256,7 @@ class Registry:
             self._entries.clear()
             self._discovered = False
             self._warned.clear()
+            self._changed()
 
     def info(self, entry: BackendEntry) -> BackendInfo:
         """`BackendInfo` for `entry`."""
@@ -246,6 +274,8 @@ class Registry:
             dtypes=dtype_names,
             priority=backend.priority if backend else 0,
             deterministic=backend.deterministic if backend else None,
+            deterministic_backward=backend.deterministic_backward if backend else None,
+            reports_bad_rois=backend.reports_bad_rois if backend else None,
             available=reason is None,
             reasons=(reason,) if reason else (),
             description=backend.description if backend else "",

@@ -23,3 +23,16 @@ def pytest_configure(config):
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["eager", "custom-op"])
+def call_path(request, monkeypatch):
+    """Run the test through the eager fast path and through the ``roi_ops::roi_pool`` op."""
+    if request.param == "custom-op":
+        import roi_ops.functional
+
+        monkeypatch.setattr(roi_ops.functional, "plain_eager", lambda *_: False)
+    return request.param

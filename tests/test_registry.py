@@ -351,13 +351,13 @@ class Misbehaving(Tiny):
         super().forward(problem, output, argmax)
         return output if self.result == "forward" else None
 
-    def backward(self, grad_output, argmax, batch_index, input_shape, input_dtype):
-        shapes = {"shape": (1, 1, 1, 1), "dtype": input_shape, "device": input_shape}
+    def backward(self, problem):
+        shapes = {"shape": (1, 1, 1, 1)}
         dtypes = {"dtype": torch.float64}
-        device = "meta" if self.result == "device" else grad_output.device
+        device = "meta" if self.result == "device" else problem.device
         return torch.zeros(
-            shapes.get(self.result, input_shape),
-            dtype=dtypes.get(self.result, input_dtype),
+            shapes.get(self.result, problem.input_shape),
+            dtype=dtypes.get(self.result, problem.input_dtype),
             device=device,
         )
 
@@ -393,15 +393,20 @@ class GradientLayouts(Tiny):
         self.asked = []
         self.returned = []
 
-    def backward(self, grad_output, argmax, batch_index, input_shape, input_dtype, **format):
-        from roi_ops.ops import scatter_backward
+    def backward(self, problem):
+        from roi_ops.scatter import scatter_backward
 
-        self.asked.append(format.get("memory_format"))
+        self.asked.append(problem.memory_format)
         memory_format = torch.contiguous_format
         if self.layout == "asked":
-            memory_format = format.get("memory_format", torch.contiguous_format)
+            memory_format = problem.memory_format
         grad = scatter_backward(
-            grad_output, argmax, batch_index, input_shape, input_dtype, memory_format
+            problem.grad_output,
+            problem.argmax,
+            problem.batch_index,
+            problem.input_shape,
+            problem.input_dtype,
+            memory_format,
         )
         self.returned.append(
             (grad.data_ptr(), grad.stride())
@@ -409,14 +414,11 @@ class GradientLayouts(Tiny):
         return grad
 
 
-class OldStyleBackward(GradientLayouts):
-    """A plugin written before gradient_formats: backward has no memory_format parameter."""
+class ContiguousOnly(GradientLayouts):
+    """A plugin whose gradient_formats lists only contiguous_format."""
 
-    name = "old-style"
+    name = "contiguous-only"
     gradient_formats = frozenset({torch.contiguous_format})
-
-    def backward(self, grad_output, argmax, batch_index, input_shape, input_dtype):
-        return super().backward(grad_output, argmax, batch_index, input_shape, input_dtype)
 
 
 def _channels_last_gradient(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,21 +433,19 @@ def _channels_last_gradient(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return leaf.grad, expected.to(torch.float32)
 
 
-@pytest.mark.parametrize("fast_path", ["1", "0"], ids=["eager", "custom-op"])
-def test_channels_last_gradient_is_asked_of_backends_that_list_it(tiny, monkeypatch, fast_path):
-    monkeypatch.setenv("ROI_OPS_EAGER_FAST_PATH", fast_path)
+def test_channels_last_gradient_is_asked_of_backends_that_list_it(tiny, call_path):
     backend = roi_ops.register_backend(GradientLayouts())
     grad, expected = _channels_last_gradient("layouts")
     assert backend.asked == [torch.channels_last]
     assert grad.is_contiguous(memory_format=torch.channels_last) and torch.equal(grad, expected)
-    if fast_path == "1":  # autograd kept the backend's tensor: no copy into the input's layout
+    if call_path == "eager":  # autograd kept the backend's tensor: no copy into the input's layout
         assert grad.data_ptr() == backend.returned[0][0]
 
 
 def test_backends_that_do_not_list_channels_last_get_their_gradient_copied(tiny):
-    backend = roi_ops.register_backend(OldStyleBackward())
-    grad, expected = _channels_last_gradient("old-style")
-    assert backend.asked == [None]  # called without the keyword
+    backend = roi_ops.register_backend(ContiguousOnly())
+    grad, expected = _channels_last_gradient("contiguous-only")
+    assert backend.asked == [torch.contiguous_format]
     assert backend.returned[0][1] == (216, 72, 9, 1)  # contiguous
     assert grad.is_contiguous(memory_format=torch.channels_last) and torch.equal(grad, expected)
 

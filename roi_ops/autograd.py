@@ -1,0 +1,118 @@
+"""The one autograd definition of roi_pool, shared by the custom op and the eager fast path.
+
+`setup_context` (what a forward saves) and `backward` are registered on the
+``roi_ops::roi_pool`` custom op (torch.compile, torch.export, TorchScript and tracing see that
+op) and are also what `RoIPoolFunction`, the eager fast path, runs. The op's Python dispatch
+costs tens of microseconds per call, more than a small GPU kernel takes, so in plain eager mode
+(no compile, no tracing, no functorch transform, no dispatch or function mode, plain tensors)
+`roi_ops.roi_pool` calls the same forward body (`roi_ops.execute.run_forward`) through this
+Function instead, and inference calls skip autograd altogether. Results are identical.
+
+Saved state: rois, argmax, the input's shape, dtype and gradient layout, and the backend
+request. The backward runs on the backend that ran the forward (`roi_ops.execute`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import ops
+from .execute import run_backward, run_forward
+from .layout import gradient_memory_format
+
+# Private torch probes (present in torch 2.6 to 2.13); without them the fast path stays off.
+_function_mode_enabled = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+_functorch = getattr(torch._C, "_functorch", None)
+_interpreter_stack = getattr(_functorch, "peek_interpreter_stack", None)
+FAST_PATH_AVAILABLE = _function_mode_enabled is not None and _interpreter_stack is not None
+
+
+def plain_eager(input: Tensor, rois: Tensor) -> bool:
+    """True when a call on these tensors can skip the custom op without anyone noticing."""
+    return (
+        FAST_PATH_AVAILABLE
+        and type(input) is Tensor
+        and type(rois) is Tensor
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and _get_current_dispatch_mode() is None
+        and not _function_mode_enabled()
+        and _interpreter_stack() is None
+    )
+
+
+def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    """Save what the backward needs (inputs and output of ``roi_ops::roi_pool``)."""
+    input, rois, _, _, _, backend, needs_argmax = inputs
+    ctx.input_shape = tuple(input.shape)
+    ctx.input_dtype = input.dtype
+    ctx.channels_last = gradient_memory_format(input) == torch.channels_last
+    ctx.backend = backend
+    ctx.needs_argmax = needs_argmax
+    if needs_argmax:
+        ctx.save_for_backward(rois, output[1])
+
+
+def backward(ctx, grad_output: Tensor, _grad_argmax: Tensor | None = None) -> tuple:
+    """Gradients of ``roi_ops::roi_pool``'s inputs (only `input` gets one)."""
+    if not ctx.needs_argmax:
+        raise RuntimeError(
+            "roi_ops.roi_pool ran without an argmax (its input did not require grad, or grad "
+            "mode was off), so it cannot be differentiated; call it with an input that "
+            "requires grad, with grad mode on"
+        )
+    rois, argmax = ctx.saved_tensors
+    arguments = (ctx.input_dtype, ctx.backend, ctx.channels_last)
+    if torch.is_grad_enabled() or not getattr(ctx, "eager", False):
+        # Recorded as the backward op, whose own gradient is a gather: double backward works,
+        # and compiled graphs see an op rather than Python.
+        grad_input = ops.roi_pool_backward_op(
+            grad_output, rois, argmax, *ctx.input_shape, *arguments
+        )
+    else:
+        grad_input = run_backward(
+            grad_output,
+            rois,
+            argmax,
+            ctx.input_shape,
+            ctx.input_dtype,
+            ctx.channels_last,
+            ctx.backend,
+        )
+    return grad_input, None, None, None, None, None, None
+
+
+class RoIPoolFunction(torch.autograd.Function):
+    """The eager fast path of a call that needs a gradient (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, input, rois, pooled_height, pooled_width, scale, backend, needs_argmax):
+        inputs = (input, rois, pooled_height, pooled_width, scale, backend, needs_argmax)
+        output, argmax, _ = run_forward(*inputs)
+        setup_context(ctx, inputs, (output, argmax))
+        ctx.eager = True
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return backward(ctx, grad_output)
+
+
+def eager_roi_pool(
+    input: Tensor,
+    rois: Tensor,
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    backend: str,
+    needs_argmax: bool,
+) -> Tensor:
+    """roi_pool of validated arguments on the eager fast path (the caller checked
+    `plain_eager`)."""
+    if needs_argmax:
+        return RoIPoolFunction.apply(
+            input, rois, pooled_height, pooled_width, spatial_scale, backend, True
+        )
+    return run_forward(input, rois, pooled_height, pooled_width, spatial_scale, backend, False)[0]

@@ -1,0 +1,206 @@
+"""Running one call on a backend: the forward and backward bodies that every path shares.
+
+The eager fast path (`roi_ops.autograd.RoIPoolFunction`), the ``roi_ops::roi_pool`` custom op
+(what torch.compile, torch.export and TorchScript see) and its backward op all run these two
+functions. They allocate the outputs, apply the value checks (`roi_ops.config`), choose the
+backend and call it.
+
+The backward runs on the backend that ran the forward: every forward that produces an argmax
+records which backend produced it (keyed by the argmax's memory, which stays alive while it is
+saved for backward), so a `use_backend` block that ended, or a changed ``ROI_OPS_BACKEND``,
+cannot change it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import bad_rois
+from .backend import Backend, RoIPoolBackwardProblem, RoIPoolProblem
+from .config import poisoning_enabled, value_check_mode
+from .dispatch import BackendError, resolve_backend
+from .scatter import scatter_backward
+from .validation import check_roi_values, check_roi_values_cpu
+
+# argmax data pointer -> the backend whose forward wrote it. A live argmax's entry is always its
+# own (an address is reused only after the tensor there is freed, and every forward re-records
+# it); the table is trimmed by age so it stays small.
+_argmax_owner: dict[int, Backend] = {}
+_MAX_OWNERS = 1 << 16
+
+
+def _record_owner(argmax: Tensor, backend: Backend) -> None:
+    pointer = argmax.data_ptr()
+    if pointer:
+        owners = _argmax_owner
+        owners.pop(pointer, None)  # re-inserted last: the newest entries survive a trim
+        owners[pointer] = backend
+        if len(owners) > _MAX_OWNERS:
+            for stale in list(owners)[: _MAX_OWNERS // 4]:
+                del owners[stale]
+
+
+def owner_of(argmax: Tensor) -> Backend | None:
+    """The backend whose forward wrote `argmax`, if it is known."""
+    pointer = argmax.data_ptr()
+    return _argmax_owner.get(pointer) if pointer else None
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def run_forward(
+    input: Tensor,
+    rois: Tensor,
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    backend: str,
+    needs_argmax: bool,
+) -> tuple[Tensor, Tensor, Backend | None]:
+    """The forward of one validated call.
+
+    Returns (output (K, C, PH, PW), int32 argmax of the same shape or an empty one when not
+    `needs_argmax`, the backend that ran; None for meta tensors, which only get shapes).
+
+    Raises:
+        ValueError: invalid ROI rows found by the value checks (this call's on the CPU or in
+            immediate mode; an earlier call's on CUDA).
+        BackendNotFoundError, BackendUnavailableError: see `roi_ops.resolve_backend`.
+        BackendError: the chosen backend failed.
+    """
+    device = input.device
+    shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
+    if device.type == "meta":
+        output = torch.empty(shape, dtype=input.dtype, device=device)
+        argmax = torch.empty(shape if needs_argmax else (0,), dtype=torch.int32, device=device)
+        return output, argmax, None
+    cuda = device.type == "cuda"
+    if cuda:
+        bad_rois.raise_pending(device)
+    problem = RoIPoolProblem(input, rois, pooled_height, pooled_width, spatial_scale, needs_argmax)
+    chosen = resolve_backend(backend, problem)
+    log = None
+    mode = value_check_mode()
+    if mode != "off":
+        num_images = input.shape[0]
+        if device.type == "cpu":
+            if chosen.reports_bad_rois:
+                log = bad_rois.cpu_log()
+            else:
+                check_roi_values_cpu(rois, num_images)
+        elif cuda and mode == "on":
+            if chosen.reports_bad_rois:
+                log = bad_rois.cuda_kernel_log(device)
+            else:
+                bad_rois.record_on_cuda(rois, num_images, copy=not _capturing(device))
+        elif not _capturing(device):  # immediate mode, or another device type
+            check_roi_values(rois, num_images)
+        problem.bad_roi_log = log
+    output = torch.empty(shape, dtype=input.dtype, device=device)
+    argmax = torch.empty(shape if needs_argmax else (0,), dtype=torch.int32, device=device)
+    if poisoning_enabled():
+        output.fill_(float("nan"))
+        argmax.fill_(-7)
+    try:
+        returned = chosen.forward(problem, output, argmax if needs_argmax else None)
+    except Exception as error:
+        raise BackendError(
+            f"backend {chosen.name!r} failed in forward: {type(error).__name__}: {error}"
+        ) from error
+    if returned is not None:
+        raise BackendError(
+            f"backend {chosen.name!r}: forward returned {type(returned).__name__}; it must fill "
+            "the output buffers it is given and return None"
+        )
+    if log is not None:
+        if cuda:
+            bad_rois.after_cuda_forward(device)
+        else:
+            bad_rois.raise_cpu(log)
+    if needs_argmax:
+        _record_owner(argmax, chosen)
+    return output, argmax, chosen
+
+
+def _check_plugin_gradient(
+    backend: Backend, grad: object, shape, dtype, device, memory_format
+) -> Tensor:
+    """The plugin's gradient, dense in `memory_format` (copied into it when it is not)."""
+    if not isinstance(grad, Tensor):
+        raise BackendError(
+            f"backend {backend.name!r}: backward returned {type(grad).__name__}, expected a "
+            "Tensor or None"
+        )
+    if grad.shape != shape or grad.dtype != dtype or grad.device != device:
+        raise BackendError(
+            f"backend {backend.name!r}: backward returned a {tuple(grad.shape)} "
+            f"{grad.dtype} tensor on {grad.device}, expected {tuple(shape)} {dtype} on {device}"
+        )
+    return grad.contiguous(memory_format=memory_format)  # no copy when it already is
+
+
+def _backend_for_backward(
+    argmax: Tensor, spec: str, shape: torch.Size, dtype: torch.dtype, rois: Tensor
+) -> Backend:
+    owner = owner_of(argmax)
+    if owner is not None:
+        return owner
+    # Not recorded (a backward op called by hand): resolve the request as the forward would.
+    stand_in = torch.empty((), dtype=dtype, device=argmax.device).expand(shape)
+    problem = RoIPoolProblem(stand_in, rois, argmax.shape[2], argmax.shape[3], 1.0, True)
+    return resolve_backend(spec, problem)
+
+
+def run_backward(
+    grad_output: Tensor,
+    rois: Tensor,
+    argmax: Tensor,
+    input_shape: tuple[int, int, int, int],
+    input_dtype: torch.dtype,
+    channels_last: bool,
+    spec: str,
+) -> Tensor:
+    """grad_input (N, C, H, W) of `input_dtype` from `grad_output` (K, C, PH, PW) and the
+    forward's argmax, dense in channels_last when `channels_last` (the input's layout) and
+    contiguous otherwise.
+
+    Runs the backward of the backend that ran the forward, or roi_ops' shared deterministic
+    scatter when that backend has none, or under ``torch.use_deterministic_algorithms(True)``
+    when its backward is not deterministic.
+    """
+    shape = torch.Size(input_shape)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    device = grad_output.device
+    if device.type == "meta":
+        return torch.empty(shape, dtype=input_dtype, device=device, memory_format=memory_format)
+    if device.type == "cuda":
+        bad_rois.raise_pending(device)
+    chosen = _backend_for_backward(argmax, spec, shape, input_dtype, rois)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    formats = chosen.gradient_formats
+    asked = memory_format if memory_format in formats else torch.contiguous_format
+    problem = RoIPoolBackwardProblem(
+        grad_output, argmax, rois, shape, input_dtype, asked, deterministic
+    )
+    grad = None
+    if chosen.deterministic_backward or not deterministic:
+        try:
+            grad = chosen.backward(problem)
+        except Exception as error:
+            raise BackendError(
+                f"backend {chosen.name!r} failed in backward: {type(error).__name__}: {error}"
+            ) from error
+    if grad is None:
+        return scatter_backward(
+            grad_output, argmax, problem.batch_index, shape, input_dtype, memory_format
+        )
+    grad = _check_plugin_gradient(chosen, grad, shape, input_dtype, device, memory_format)
+    # The result must not alias an input (custom ops forbid it, and autograd would let the
+    # caller's gradient share memory with the backward's inputs): copy it in that rare case.
+    storage = grad.untyped_storage().data_ptr()
+    if any(storage == t.untyped_storage().data_ptr() for t in (grad_output, rois, argmax)):
+        return grad.clone()
+    return grad
