@@ -45,9 +45,7 @@ def _mode(value: bool | str, what: str) -> str:
             return "off"
         if word in _ON_WORDS:
             return "on"
-    raise ValueError(
-        f"{what}: expected True, False, 'on', 'immediate' or 'off', got {value!r}"
-    )
+    raise ValueError(f"{what}: expected True, False, 'on', 'immediate' or 'off', got {value!r}")
 
 
 def set_value_checks(mode: bool | ValueCheckMode) -> None:

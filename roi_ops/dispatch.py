@@ -340,7 +340,8 @@ def explain_problem(problem: RoIPoolProblem, backend: str = AUTO) -> Explanation
         )
     else:
         checks = "on: invalid rows raise at the call" + (
-            " (reads the ROIs: synchronises the device)" if problem.input.device.type == "cuda"
+            " (reads the ROIs: synchronises the device)"
+            if problem.input.device.type == "cuda"
             else ""
         )
     try:

@@ -199,9 +199,7 @@ class Registry:
             entry = self._entries.get(name)
             if entry is None:
                 folded = name.casefold()
-                entry = next(
-                    (e for n, e in self._entries.items() if n.casefold() == folded), None
-                )
+                entry = next((e for n, e in self._entries.items() if n.casefold() == folded), None)
             return entry
 
     def names(self) -> list[str]:

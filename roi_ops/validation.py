@@ -35,11 +35,7 @@ def check_input(input: torch.Tensor) -> None:
             "with input.to_dense()"
         )
     if input.dim() != 4:
-        hint = (
-            "; add the batch dimension with input.unsqueeze(0)"
-            if input.dim() == 3
-            else ""
-        )
+        hint = "; add the batch dimension with input.unsqueeze(0)" if input.dim() == 3 else ""
         raise ValueError(
             f"input: expected a 4-D tensor (N, C, H, W), got {input.dim()}-D with shape "
             f"{tuple(input.shape)}{hint}"
