@@ -26,6 +26,7 @@ from .dispatch import (
     use_backend,
 )
 from .functional import RoIPool, explain, roi_pool, roi_pool_with_argmax
+from .multi_scale import MultiScaleRoIPool, multi_scale_roi_pool
 from .registry import BackendInfo, list_backends, register_backend, unregister_backend
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "BackendNotFoundError",
     "BackendUnavailableError",
     "Explanation",
+    "MultiScaleRoIPool",
     "RoIPool",
     "RoIPoolBackwardProblem",
     "RoIPoolProblem",
@@ -45,6 +47,7 @@ __all__ = [
     "check_errors",
     "explain",
     "list_backends",
+    "multi_scale_roi_pool",
     "register_backend",
     "resolve_backend",
     "roi_pool",

@@ -182,6 +182,146 @@ class RoIPoolBackwardProblem:
         )
 
 
+class MultiScaleRoIPoolProblem:
+    """One validated multi-level (FPN) roi_pool call, as a backend sees it.
+
+    Attributes:
+        features: the L levels, finest first: (N, C, H_l, W_l) tensors of one dtype and device,
+            any strides.
+        rois: (K, 5) rows (batch_index, x1, y1, x2, y2), as for `RoIPoolProblem`.
+        levels: (K,) int64 level of each ROI in [0, L), or -1 for a ROI that belongs to no
+            level (its level is not a number: a box inverted along one axis, non-finite
+            coordinates); such rows give zeros and argmax -1. Computed by roi_ops
+            (`roi_ops.levels.roi_levels`), on the device, exactly as torchvision's LevelMapper.
+        pooled_height, pooled_width: output bins per ROI, each >= 1.
+        spatial_scales: the L scales, one per level.
+        needs_argmax: whether the argmax must be produced.
+        bad_roi_log: as for `RoIPoolProblem`.
+
+    Row k of the output is ``roi_pool(features[levels[k]], rois[k:k+1], (PH, PW),
+    spatial_scales[levels[k]])``; its argmax indexes the plane of that level.
+    """
+
+    __slots__ = (
+        "features",
+        "rois",
+        "levels",
+        "pooled_height",
+        "pooled_width",
+        "spatial_scales",
+        "needs_argmax",
+        "bad_roi_log",
+    )
+
+    def __init__(
+        self,
+        features: tuple[torch.Tensor, ...],
+        rois: torch.Tensor,
+        levels: torch.Tensor,
+        pooled_height: int,
+        pooled_width: int,
+        spatial_scales: tuple[float, ...],
+        needs_argmax: bool,
+        bad_roi_log: torch.Tensor | None = None,
+    ) -> None:
+        self.features = tuple(features)
+        self.rois = rois
+        self.levels = levels
+        self.pooled_height = pooled_height
+        self.pooled_width = pooled_width
+        self.spatial_scales = tuple(spatial_scales)
+        self.needs_argmax = needs_argmax
+        self.bad_roi_log = bad_roi_log
+
+    @property
+    def device(self) -> torch.device:
+        return self.features[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.features[0].dtype
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.features)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        channels = self.features[0].shape[1]
+        return (self.rois.shape[0], channels, self.pooled_height, self.pooled_width)
+
+    def level(self, index: int) -> RoIPoolProblem:
+        """The single-level problem of level `index` over every ROI (for planning)."""
+        return RoIPoolProblem(
+            self.features[index],
+            self.rois,
+            self.pooled_height,
+            self.pooled_width,
+            self.spatial_scales[index],
+            self.needs_argmax,
+        )
+
+
+class MultiScaleRoIPoolBackwardProblem:
+    """One multi-level roi_pool backward call, as a backend sees it.
+
+    Attributes:
+        grad_output: (K, C, PH, PW) of ``input_dtype``, any strides.
+        argmax: contiguous (K, C, PH, PW) int32 from the forward (index into the ROI's level).
+        rois, levels: the forward's.
+        input_shapes: the L (N, C, H_l, W_l) shapes.
+        input_dtype: dtype of the gradients to return.
+        memory_formats: the layout wanted for each level's gradient (as for
+            `RoIPoolBackwardProblem.memory_format`).
+        deterministic: True under ``torch.use_deterministic_algorithms(True)``.
+    """
+
+    __slots__ = (
+        "grad_output",
+        "argmax",
+        "rois",
+        "levels",
+        "input_shapes",
+        "input_dtype",
+        "memory_formats",
+        "deterministic",
+        "_batch_index",
+    )
+
+    def __init__(
+        self,
+        grad_output: torch.Tensor,
+        argmax: torch.Tensor,
+        rois: torch.Tensor,
+        levels: torch.Tensor,
+        input_shapes: tuple[tuple[int, int, int, int], ...],
+        input_dtype: torch.dtype,
+        memory_formats: tuple[torch.memory_format, ...],
+        deterministic: bool = False,
+    ) -> None:
+        self.grad_output = grad_output
+        self.argmax = argmax
+        self.rois = rois
+        self.levels = levels
+        self.input_shapes = tuple(tuple(s) for s in input_shapes)
+        self.input_dtype = input_dtype
+        self.memory_formats = tuple(memory_formats)
+        self.deterministic = deterministic
+        self._batch_index: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.grad_output.device
+
+    @property
+    def batch_index(self) -> torch.Tensor:
+        """(K,) int64 batch index of each ROI clamped into [0, N), computed on first use."""
+        if self._batch_index is None:
+            last = max(self.input_shapes[0][0] - 1, 0)
+            self._batch_index = self.rois[:, 0].to(torch.int64).clamp_(0, last)
+        return self._batch_index
+
+
 class Backend:
     """Base class for roi_pool backends.
 
@@ -275,4 +415,30 @@ class Backend:
         ``problem.memory_format``. It must equal, up to the order of the float sums,
         ``grad_input[b_k, c].flat[argmax] += grad_output`` over every argmax other than -1.
         """
+        return None
+
+    def multi_scale_not_supported_reasons(self, problem: MultiScaleRoIPoolProblem) -> list[str]:
+        """Why this backend has no fused kernel for multi-level `problem` (empty: it has one).
+
+        The default says it has none: roi_ops then pools each level through this backend's
+        `forward` and `backward`. A backend with fused kernels overrides this and
+        `forward_multi_scale` (and may override `backward_multi_scale`).
+        """
+        return ["no fused multi-level kernel (roi_ops pools level by level through it)"]
+
+    def forward_multi_scale(
+        self,
+        problem: MultiScaleRoIPoolProblem,
+        output: torch.Tensor,
+        argmax: torch.Tensor | None,
+    ) -> None:
+        """Fill `output` (K, C, PH, PW) and, unless None, the int32 `argmax` for every ROI of
+        every level in one pass (see `MultiScaleRoIPoolProblem`); on CUDA without waiting."""
+        raise NotImplementedError
+
+    def backward_multi_scale(
+        self, problem: MultiScaleRoIPoolBackwardProblem
+    ) -> list[torch.Tensor] | None:
+        """The L gradients of a fused forward, or None for roi_ops' shared deterministic
+        scatter (one per level). Each is (N, C, H_l, W_l) of ``problem.input_dtype``."""
         return None

@@ -30,7 +30,8 @@ _argmax_owner: dict[int, Backend] = {}
 _MAX_OWNERS = 1 << 16
 
 
-def _record_owner(argmax: Tensor, backend: Backend) -> None:
+def record_owner(argmax: Tensor, backend: object) -> None:
+    """Remember that `backend` (or any token) wrote `argmax`."""
     pointer = argmax.data_ptr()
     if pointer:
         owners = _argmax_owner
@@ -41,7 +42,7 @@ def _record_owner(argmax: Tensor, backend: Backend) -> None:
                 del owners[stale]
 
 
-def owner_of(argmax: Tensor) -> Backend | None:
+def owner_of(argmax: Tensor) -> object | None:
     """The backend whose forward wrote `argmax`, if it is known."""
     pointer = argmax.data_ptr()
     return _argmax_owner.get(pointer) if pointer else None
@@ -49,6 +50,52 @@ def owner_of(argmax: Tensor) -> Backend | None:
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def start_value_checks(
+    reports: bool, rois: Tensor, num_images: int, device: torch.device
+) -> Tensor | None:
+    """Apply the value-check mode before a forward: check the ROIs now (CPU; immediate mode),
+    record them on the device without waiting (CUDA, for a backend that does not report), or
+    return the log a reporting backend (`reports`) must write into. None when no log."""
+    mode = value_check_mode()
+    if mode == "off":
+        return None
+    if device.type == "cpu":
+        if reports:
+            return bad_rois.cpu_log()
+        check_roi_values_cpu(rois, num_images)
+    elif device.type == "cuda" and mode == "on":
+        if reports:
+            return bad_rois.cuda_kernel_log(device)
+        bad_rois.record_on_cuda(rois, num_images, copy=not _capturing(device))
+    elif not _capturing(device):  # immediate mode, or another device type
+        check_roi_values(rois, num_images)
+    return None
+
+
+def finish_value_checks(log: Tensor, device: torch.device) -> None:
+    """After a reporting backend's forward: raise what a CPU call recorded, or bring a CUDA
+    call's record towards the host (without waiting)."""
+    if device.type == "cuda":
+        bad_rois.after_cuda_forward(device)
+    else:
+        bad_rois.raise_cpu(log)
+
+
+def call_forward(backend: Backend, method, problem, output: Tensor, argmax: Tensor | None) -> None:
+    """``method(problem, output, argmax)`` of `backend`, its failures named as BackendError."""
+    try:
+        returned = method(problem, output, argmax)
+    except Exception as error:
+        raise BackendError(
+            f"backend {backend.name!r} failed in forward: {type(error).__name__}: {error}"
+        ) from error
+    if returned is not None:
+        raise BackendError(
+            f"backend {backend.name!r}: forward returned {type(returned).__name__}; it must fill "
+            "the output buffers it is given and return None"
+        )
 
 
 def run_forward(
@@ -82,46 +129,18 @@ def run_forward(
         bad_rois.raise_pending(device)
     problem = RoIPoolProblem(input, rois, pooled_height, pooled_width, spatial_scale, needs_argmax)
     chosen = resolve_backend(backend, problem)
-    log = None
-    mode = value_check_mode()
-    if mode != "off":
-        num_images = input.shape[0]
-        if device.type == "cpu":
-            if chosen.reports_bad_rois:
-                log = bad_rois.cpu_log()
-            else:
-                check_roi_values_cpu(rois, num_images)
-        elif cuda and mode == "on":
-            if chosen.reports_bad_rois:
-                log = bad_rois.cuda_kernel_log(device)
-            else:
-                bad_rois.record_on_cuda(rois, num_images, copy=not _capturing(device))
-        elif not _capturing(device):  # immediate mode, or another device type
-            check_roi_values(rois, num_images)
-        problem.bad_roi_log = log
+    log = start_value_checks(chosen.reports_bad_rois, rois, input.shape[0], device)
+    problem.bad_roi_log = log
     output = torch.empty(shape, dtype=input.dtype, device=device)
     argmax = torch.empty(shape if needs_argmax else (0,), dtype=torch.int32, device=device)
     if poisoning_enabled():
         output.fill_(float("nan"))
         argmax.fill_(-7)
-    try:
-        returned = chosen.forward(problem, output, argmax if needs_argmax else None)
-    except Exception as error:
-        raise BackendError(
-            f"backend {chosen.name!r} failed in forward: {type(error).__name__}: {error}"
-        ) from error
-    if returned is not None:
-        raise BackendError(
-            f"backend {chosen.name!r}: forward returned {type(returned).__name__}; it must fill "
-            "the output buffers it is given and return None"
-        )
+    call_forward(chosen, chosen.forward, problem, output, argmax if needs_argmax else None)
     if log is not None:
-        if cuda:
-            bad_rois.after_cuda_forward(device)
-        else:
-            bad_rois.raise_cpu(log)
+        finish_value_checks(log, device)
     if needs_argmax:
-        _record_owner(argmax, chosen)
+        record_owner(argmax, chosen)
     return output, argmax, chosen
 
 
@@ -179,28 +198,49 @@ def run_backward(
     if device.type == "cuda":
         bad_rois.raise_pending(device)
     chosen = _backend_for_backward(argmax, spec, shape, input_dtype, rois)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    formats = chosen.gradient_formats
-    asked = memory_format if memory_format in formats else torch.contiguous_format
+    asked = memory_format if memory_format in chosen.gradient_formats else torch.contiguous_format
     problem = RoIPoolBackwardProblem(
-        grad_output, argmax, rois, shape, input_dtype, asked, deterministic
+        grad_output,
+        argmax,
+        rois,
+        shape,
+        input_dtype,
+        asked,
+        torch.are_deterministic_algorithms_enabled(),
     )
+    return backward_on(chosen, problem, memory_format)
+
+
+def backward_on(
+    chosen: Backend, problem: RoIPoolBackwardProblem, memory_format: torch.memory_format
+) -> Tensor:
+    """grad_input of `problem` dense in `memory_format`: `chosen`'s backward, or the shared
+    deterministic scatter when it has none or when deterministic mode excludes it."""
     grad = None
-    if chosen.deterministic_backward or not deterministic:
+    if chosen.deterministic_backward or not problem.deterministic:
         try:
             grad = chosen.backward(problem)
         except Exception as error:
             raise BackendError(
                 f"backend {chosen.name!r} failed in backward: {type(error).__name__}: {error}"
             ) from error
+    shape = torch.Size(problem.input_shape)
     if grad is None:
         return scatter_backward(
-            grad_output, argmax, problem.batch_index, shape, input_dtype, memory_format
+            problem.grad_output,
+            problem.argmax,
+            problem.batch_index,
+            shape,
+            problem.input_dtype,
+            memory_format,
         )
-    grad = _check_plugin_gradient(chosen, grad, shape, input_dtype, device, memory_format)
+    grad = _check_plugin_gradient(
+        chosen, grad, shape, problem.input_dtype, problem.grad_output.device, memory_format
+    )
     # The result must not alias an input (custom ops forbid it, and autograd would let the
     # caller's gradient share memory with the backward's inputs): copy it in that rare case.
     storage = grad.untyped_storage().data_ptr()
-    if any(storage == t.untyped_storage().data_ptr() for t in (grad_output, rois, argmax)):
+    inputs = (problem.grad_output, problem.rois, problem.argmax)
+    if any(storage == t.untyped_storage().data_ptr() for t in inputs):
         return grad.clone()
     return grad
