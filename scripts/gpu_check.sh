@@ -56,7 +56,7 @@ for stage in $stages; do
     sanitize)
       for tool in memcheck racecheck; do
         timeout 400 compute-sanitizer --tool "$tool" --error-exitcode 9 \
-          "$PYTHON" scripts/sanitize.py --backend cupy cupy-planes triton 2>&1 \
+          "$PYTHON" backends/cupy/tools/sanitize.py --backend cupy cupy-planes triton 2>&1 \
           | tee "$OUT/sanitize-$tool.log" | grep -E "SUMMARY|sanitize cases|Error" | tail -5
         [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       done
@@ -67,16 +67,16 @@ for stage in $stages; do
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     probe)
-      timeout 500 "$PYTHON" scripts/gpu_probe.py --out "$OUT" ${PROBE_ARGS:-} 2>&1 \
+      timeout 500 "$PYTHON" backends/cupy/tools/probe.py --json "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 \
         | tee "$OUT/probe.log" | grep -v Warning
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     ncu)
       for workload in ${NCU_WORKLOADS:-fpn-p4 big-batch}; do
         timeout 300 ncu --clock-control none -k regex:roi_pool --csv \
-          --metrics "$(tr '\n' ',' < scripts/ncu_metrics.txt | sed 's/,$//')" \
-          "$PYTHON" scripts/gpu_probe.py --ncu "$workload" >"$OUT/ncu-$workload.csv" 2>&1
-        "$PYTHON" scripts/ncu_summary.py "$OUT/ncu-$workload.csv" | tee "$OUT/ncu-$workload.txt"
+          --metrics "$(tr '\n' ',' < backends/cupy/tools/ncu_metrics.txt | sed 's/,$//')" \
+          "$PYTHON" backends/cupy/tools/probe.py --ncu "$workload" >"$OUT/ncu-$workload.csv" 2>&1
+        "$PYTHON" backends/cupy/tools/ncu_summary.py "$OUT/ncu-$workload.csv" | tee "$OUT/ncu-$workload.txt"
       done
       ;;
     *) echo "unknown stage $stage"; status=1 ;;

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolBackwardProblem, RoIPoolProblem
 
-from . import kernels
+from . import planning
 
 
 class CupyBackend(Backend):
@@ -14,9 +14,10 @@ class CupyBackend(Backend):
     Exact to the contract in all four float dtypes. One block per (ROI, channel block) computes
     the ROI's geometry once; NCHW-like inputs map threads to output elements (coalesced stores),
     channels_last inputs map threads to 16-byte vectors of adjacent channels (coalesced loads).
-    Kernels are compiled once per device and dtype pair. The backward is an atomic scatter
-    outside deterministic mode; under ``torch.use_deterministic_algorithms(True)`` roi_ops'
-    shared deterministic backward runs.
+    Kernels are compiled once per device and dtype pair. The forward kernels record invalid ROIs
+    in the bad-ROI log themselves. The backward sums with atomics (not run-to-run
+    deterministic): under ``torch.use_deterministic_algorithms(True)`` roi_ops' shared
+    deterministic backward runs instead.
     """
 
     name = "cupy"
@@ -25,6 +26,7 @@ class CupyBackend(Backend):
     dtypes = ALL_FLOAT_DTYPES
     deterministic = True
     deterministic_backward = False
+    reports_bad_rois = True
     description = "CUDA C kernels compiled by CuPy/NVRTC, run on torch's stream"
     gradient_formats = frozenset({torch.contiguous_format, torch.channels_last})
 
@@ -66,31 +68,25 @@ class CupyBackend(Backend):
 
     def not_supported_reasons(self, problem: RoIPoolProblem) -> list[str]:
         """Extend the device/dtype checks with the kernels' dtype pairs and size limits."""
-        return super().not_supported_reasons(problem) + kernels.unsupported_reasons(problem)
+        return super().not_supported_reasons(problem) + planning.unsupported_reasons(problem)
 
     def forward(
         self, problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
     ) -> None:
-        """Fill `output` (K, C, PH, PW) and, unless None, the int32 `argmax`; see `Backend`."""
-        from . import launch
+        """Fill `output` (K, C, PH, PW) and, unless None, the int32 `argmax`, and record invalid
+        ROIs in ``problem.bad_roi_log`` unless it is None; see `Backend.forward`."""
+        from .launch import DEFAULT_LAUNCHER
 
-        launch.forward(problem, output, argmax)
+        DEFAULT_LAUNCHER.forward(problem, output, argmax)
 
     def backward(self, problem: RoIPoolBackwardProblem) -> torch.Tensor:
-        """grad_input by an atomic scatter kernel (not run-to-run deterministic: roi_ops runs its
-        shared deterministic backward instead under ``torch.use_deterministic_algorithms``).
+        """grad_input by a scatter kernel that reads each ROI's batch index from
+        ``problem.rois`` itself (not run-to-run deterministic; see `deterministic_backward`).
 
         Returns an (N, C, H, W) tensor of ``problem.input_dtype`` (float16/bfloat16 accumulated
         in float32), dense in ``problem.memory_format``: contiguous, or channels_last for
-        channels_last inputs.
+        channels_last inputs while the gradient fits in L2 (contiguous beyond).
         """
-        from . import launch
+        from .launch import DEFAULT_LAUNCHER
 
-        return launch.backward(
-            problem.grad_output,
-            problem.argmax,
-            problem.batch_index,
-            problem.input_shape,
-            problem.input_dtype,
-            problem.memory_format,
-        )
+        return DEFAULT_LAUNCHER.backward(problem)

@@ -1,17 +1,17 @@
-"""Compiling roi_pool.cu with CuPy (NVRTC) and launching it on torch tensors.
+"""Compiling the kernels with CuPy (NVRTC) and launching them on torch tensors.
 
 The only module of roi_ops_cupy that imports CuPy. Kernels are compiled once per device and
-dtype pair (one RawModule holds a pair's four forward instantiations; the backward has one module
-per input dtype), cached here for the process and by CuPy on disk. Tensors are passed as raw
-device pointers with their strides (no copies, no DLPack round trip), on the input's device and
-torch's current stream, through cuLaunchKernel (CuPy's driver binding) with the arguments packed
-once per cached plan.
+NVRTC module (`kernels.module_names`), cached here for the process and by CuPy on disk. Tensors
+are passed as raw device pointers with their strides (no copies, no DLPack round trip), on the
+tensor's device and torch's current stream, through cuLaunchKernel (CuPy's driver binding).
+
+A `Launcher` plans with one `CupyTuning` and caches a packed launch per problem key (shapes,
+strides, dtypes, output size, which optional buffers are given): a call then only writes its
+tensors' pointers into the packed arguments and launches. The backend uses `DEFAULT_LAUNCHER`.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import threading
 from collections.abc import Callable
 
@@ -19,121 +19,51 @@ import cupy
 import numpy as np
 import torch
 from cupy_backends.cuda.api import driver
-from roi_ops.backend import RoIPoolProblem
+from roi_ops.backend import RoIPoolBackwardProblem, RoIPoolProblem, accumulate_dtype
+from roi_ops.device_info import cuda_sizes
 
-from . import kernels
+from . import kernels, planning
+from .tuning import DEFAULT_TUNING, CupyTuning
 
 _lock = threading.Lock()
-_kernels: dict[tuple[int, str, tuple[str, ...]], cupy.RawKernel] = {}
-_sizes: dict[int, tuple[int, int, int]] = {}
+_kernels: dict[tuple[int, str], cupy.RawKernel] = {}  # (device, name) -> compiled kernel
 # cuFuncSetAttribute's CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _MAX_DYNAMIC_SHARED_ATTRIBUTE = 8
+# The tensors a forward and a backward launch take, by argument name, in the order the launcher
+# passes them on every call.
+FORWARD_TENSORS = ("input", "rois", "output", "argmax", "bad_roi_log")
+BACKWARD_TENSORS = ("grad_output", "argmax", "rois", "grad_input")
+_MAX_CACHED_PLANS = 256
 
 
-def _kernel(device: int, name: str, module_names: tuple[str, ...]) -> cupy.RawKernel:
-    """The compiled kernel `name` on `device`, compiling its whole module on first use."""
-    options = kernels.compile_options()
-    kernel = _kernels.get((device, name, options))
+def compiled_kernel(device: int, name: str) -> cupy.RawKernel:
+    """The compiled kernel `name` on `device`, compiling its whole NVRTC module on first use.
+
+    Raises:
+        RuntimeError: NVRTC failed (the message holds its log).
+    """
+    kernel = _kernels.get((device, name))
     if kernel is not None:
         return kernel
+    names = kernels.module_names(name)
     with _lock:
-        if (device, name, options) not in _kernels:
+        if (device, name) not in _kernels:
             with cupy.cuda.Device(device):
                 module = cupy.RawModule(
-                    code=kernels.source(),
-                    options=options,
-                    name_expressions=module_names,
+                    code=kernels.source(), options=kernels.COMPILE_OPTIONS, name_expressions=names
                 )
                 try:
-                    compiled = {n: module.get_function(n) for n in module_names}
+                    compiled = {n: module.get_function(n) for n in names}
                     for function in compiled.values():
                         function.compile()
                 except cupy.cuda.compiler.CompileException as error:
                     raise RuntimeError(
-                        f"roi_ops cupy backend: NVRTC failed to compile {kernels.SOURCE_NAME} "
-                        f"for {', '.join(module_names)}:\n{error}"
+                        f"roi_ops cupy backend: NVRTC failed to compile {', '.join(names)}:\n"
+                        f"{error}"
                     ) from error
             for module_name, function in compiled.items():
-                _kernels[(device, module_name, options)] = function
-        return _kernels[(device, name, options)]
-
-
-def _device_sizes(device: int) -> tuple[int, int, int]:
-    """(SM count, L2 bytes, shared memory a block may opt in to) of `device`, cached."""
-    sizes = _sizes.get(device)
-    if sizes is None:
-        properties = torch.cuda.get_device_properties(device)
-        shared = cupy.cuda.runtime.deviceGetAttribute(
-            cupy.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device
-        )
-        sizes = (
-            properties.multi_processor_count,
-            getattr(properties, "L2_cache_size", 0),
-            shared,
-        )
-        _sizes[device] = sizes
-    return sizes
-
-
-class _Packed:
-    """A launch ready for cuLaunchKernel: the kernel's handle and its arguments as 8-byte words.
-
-    CuPy's RawKernel call converts every argument on every launch (about 30 us for the forward's
-    18); here they are packed once, and a cached plan only rewrites its pointer words.
-    """
-
-    __slots__ = (
-        "name",
-        "function",
-        "grid",
-        "block",
-        "shared_mem",
-        "words",
-        "pointers",
-        "params",
-        "lock",
-    )
-
-    def __init__(self, device: int, launch: kernels.Launch, module_names: tuple[str, ...]):
-        kernel = _kernel(device, launch.name, module_names)
-        with cupy.cuda.Device(device):
-            self.function = kernel.kernel.ptr  # the CUfunction loaded on `device`
-            # The opt-in (per function) counts dynamic memory only, but the 48 KiB a block
-            # gets without it also covers the kernel's static arrays: always opt in.
-            if launch.shared_mem > 0:
-                driver.funcSetAttribute(
-                    self.function, _MAX_DYNAMIC_SHARED_ATTRIBUTE, launch.shared_mem
-                )
-        self.name = launch.name
-        self.grid = launch.grid
-        self.block = launch.block
-        self.shared_mem = launch.shared_mem
-        self.words = np.array([np.asarray(a).view(np.uint64) for a in launch.args], np.uint64)
-        # cuLaunchKernel's kernelParams: the address of each argument.
-        self.pointers = self.words.ctypes.data + 8 * np.arange(len(self.words), dtype=np.uint64)
-        self.params = self.pointers.ctypes.data  # both arrays live as long as this object
-        self.lock = threading.Lock()  # callers that rewrite `words` hold it until the launch
-
-    def launch(self, device: int) -> None:
-        """Queue the kernel on torch's current stream of `device` (the caller holds `lock`)."""
-        stream = _current_stream(device)
-        try:
-            if cupy.cuda.runtime.getDevice() == device:
-                self._launch(stream)
-            else:
-                with cupy.cuda.Device(device):
-                    self._launch(stream)
-        except cupy.cuda.driver.CUDADriverError as error:
-            raise RuntimeError(
-                f"roi_ops cupy backend: launching {self.name} with grid {self.grid}, block "
-                f"{self.block} and {self.shared_mem} B shared memory failed: {error}"
-            ) from error
-
-    def _launch(self, stream: int) -> None:
-        driver.launchKernel(
-            self.function, *self.grid, *self.block, self.shared_mem, stream,
-            self.params, 0,
-        )  # fmt: skip
+                _kernels[(device, module_name)] = function
+        return _kernels[(device, name)]
 
 
 # torch's own cheap accessor (what torch.compile's generated code calls); public API otherwise.
@@ -147,161 +77,215 @@ def _current_stream(device: int) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _run(device: int, launch: kernels.Launch, module_names: tuple[str, ...]) -> None:
-    """Launch `launch` on `device` and torch's current stream (packing its arguments)."""
-    _Packed(device, launch, module_names).launch(device)
+class PackedLaunch:
+    """A launch ready for cuLaunchKernel: the kernel's handle and its arguments as 8-byte words.
 
-
-def _device_index(tensor: torch.Tensor) -> int:
-    index = tensor.device.index
-    return torch.cuda.current_device() if index is None else index
-
-
-# Forward plans depend on shapes, strides, dtypes and settings, not on the data pointers: a plan
-# is made and packed once per such key, and its four pointer words are rewritten on every call.
-_POINTER_ARGS = (0, 9, 16, 17)  # input, rois, output, argmax in plan_forward's argument list
-# grad_output, argmax, batch_index, grad_input in plan_backward's argument list (either kernel)
-_BACKWARD_POINTER_ARGS = (0, 5, 6, 13)
-_plans: dict[tuple, _Packed | None] = {}
-_MAX_CACHED_PLANS = 256
-
-
-def _settings() -> tuple:
-    """Everything besides the tensors that a plan (or the module it runs) depends on."""
-    return (
-        kernels.TARGET_BLOCK_ELEMENTS,
-        kernels.BACKWARD_BLOCK_ELEMENTS_STREAMED,
-        kernels.PLANES_CHANNELS,
-        os.environ.get("ROI_OPS_CUPY_BACKWARD"),
-        os.environ.get("ROI_OPS_CUPY_PLANES_THREADS"),
-        kernels.UNIT_BLOCK_ELEMENTS_CACHED,
-        kernels.UNIT_BLOCK_ELEMENTS_STREAMED,
-        kernels.MAX_CACHED_EDGES,
-        kernels.CHAN_MIN_CHANNELS,
-        os.environ.get("ROI_OPS_CUPY_KERNEL"),
-        os.environ.get("ROI_OPS_CUPY_BLOCK_ELEMENTS"),
-        os.environ.get(kernels.DEFINES_ENV),
-    )
-
-
-def _plan_key(problem: RoIPoolProblem, with_argmax: bool, device: int) -> tuple:
-    x, rois = problem.input, problem.rois
-    return (
-        device,
-        x.shape,
-        x.stride(),
-        x.dtype,
-        x.data_ptr() % kernels.CVEC_BYTES,  # the cvec kernel needs an aligned input
-        rois.shape,
-        rois.stride(),
-        rois.dtype,
-        problem.pooled_height,
-        problem.pooled_width,
-        problem.spatial_scale,
-        with_argmax,
-        _settings(),
-    )
-
-
-def _launch_packed(
-    device: int, key: tuple, make: Callable[[], _Packed | None], pointers: tuple, positions: tuple
-) -> None:
-    """Launch the cached packed plan for `key` (made by `make` on a miss) with `pointers`.
-
-    `positions` are the plan's pointer arguments, rewritten with the tensors in `pointers` (None
-    passes a null pointer).
+    CuPy's RawKernel call converts every argument on every launch; here they are packed once,
+    and each call only rewrites the words of its tensor arguments, found by name.
     """
-    try:
-        packed = _plans[key]
-    except KeyError:
-        packed = make()
-        if len(_plans) >= _MAX_CACHED_PLANS:
-            _plans.clear()
-        _plans[key] = packed
-    if packed is None:
-        return
-    with packed.lock:
-        words = packed.words
-        for position, tensor in zip(positions, pointers, strict=True):
-            words[position] = 0 if tensor is None else tensor.data_ptr()
-        packed.launch(device)
 
-
-def forward(problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None) -> None:
-    """Fill `output` and, unless None, `argmax` (see `roi_ops.Backend.forward`)."""
-    device = _device_index(problem.input)
-
-    def make() -> _Packed | None:
-        plan = kernels.plan_forward(problem, output, argmax, *_device_sizes(device)[:2])
-        names = kernels.forward_names(problem.input.dtype, problem.rois.dtype)
-        return None if plan is None else _Packed(device, plan, names)
-
-    _launch_packed(
-        device,
-        _plan_key(problem, argmax is not None, device),
-        make,
-        (problem.input, problem.rois, output, argmax),
-        _POINTER_ARGS,
+    __slots__ = (
+        "name",
+        "function",
+        "grid",
+        "block",
+        "shared_mem",
+        "words",
+        "pointers",
+        "params",
+        "positions",
+        "lock",
     )
 
+    def __init__(self, device: int, launch: kernels.Launch, tensor_names: tuple[str, ...]):
+        kernel = compiled_kernel(device, launch.name)
+        with cupy.cuda.Device(device):
+            self.function = kernel.kernel.ptr  # the CUfunction loaded on `device`
+            # The opt-in (per function) counts dynamic memory only, but the 48 KiB a block
+            # gets without it also covers the kernel's static arrays: always opt in.
+            if launch.shared_mem > 0:
+                driver.funcSetAttribute(
+                    self.function, _MAX_DYNAMIC_SHARED_ATTRIBUTE, launch.shared_mem
+                )
+        self.name = launch.name
+        self.grid = launch.grid
+        self.block = launch.block
+        self.shared_mem = launch.shared_mem
+        self.words = launch.words()
+        # cuLaunchKernel's kernelParams: the address of each argument.
+        self.pointers = self.words.ctypes.data + 8 * np.arange(len(self.words), dtype=np.uint64)
+        self.params = self.pointers.ctypes.data  # both arrays live as long as this object
+        self.positions = tuple(launch.position(name) for name in tensor_names)
+        self.lock = threading.Lock()  # held from rewriting `words` until the launch is queued
 
-def backward(
-    grad_output: torch.Tensor,
-    argmax: torch.Tensor,
-    batch_index: torch.Tensor,
-    input_shape: tuple[int, int, int, int],
-    input_dtype: torch.dtype,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> torch.Tensor:
-    """grad_input by the planes or the atomic kernel (not run-to-run deterministic in its last
-    bits; see `kernels.backward_kernel` for the choice).
+    def launch(self, device: int, tensors: tuple[torch.Tensor | None, ...]) -> None:
+        """Queue the kernel on torch's current stream of `device` with `tensors` (in the order
+        of the names given at construction; None passes a null pointer)."""
+        with self.lock:
+            words = self.words
+            for position, tensor in zip(self.positions, tensors):  # noqa: B905 (hot path)
+                words[position] = 0 if tensor is None else tensor.data_ptr()
+            stream = _current_stream(device)
+            try:
+                if cupy.cuda.runtime.getDevice() == device:
+                    self._launch(stream)
+                else:
+                    with cupy.cuda.Device(device):
+                        self._launch(stream)
+            except cupy.cuda.driver.CUDADriverError as error:
+                raise RuntimeError(
+                    f"roi_ops cupy backend: launching {self.name} with grid {self.grid}, block "
+                    f"{self.block} and {self.shared_mem} B shared memory failed: {error}"
+                ) from error
 
-    Returns:
-        (N, C, H, W) tensor of `input_dtype`, dense in `memory_format` (contiguous_format or
-        channels_last) or, where `kernels.channels_last_gradient` says that is faster, contiguous
-        when channels_last was asked; float16/bfloat16 are accumulated in float32 and rounded
-        once.
+    def _launch(self, stream: int) -> None:
+        driver.launchKernel(
+            self.function, *self.grid, *self.block, self.shared_mem, stream,
+            self.params, 0,
+        )  # fmt: skip
+
+
+def run(device: int, launch: kernels.Launch) -> None:
+    """Launch `launch` on `device` and torch's current stream as planned (its own pointers)."""
+    PackedLaunch(device, launch, ()).launch(device, ())
+
+
+class _BackwardPlan:
+    """What a backward call with a given key does: the packed launch (None: nothing to add), the
+    gradient's dtype and layout as the kernel writes it, and whether it is zero-filled first."""
+
+    __slots__ = ("packed", "written", "memory_format", "zero_fill")
+
+    def __init__(self, packed, written, memory_format, zero_fill):
+        self.packed = packed
+        self.written = written
+        self.memory_format = memory_format
+        self.zero_fill = zero_fill
+
+
+class Launcher:
+    """Plans with one `CupyTuning`, caches the packed plans per problem key, and launches.
+
+    Not bound to a device: keys include the device index.
     """
-    device = _device_index(grad_output)
-    multiprocessors, l2_bytes, shared_limit = _device_sizes(device)
-    kernel = kernels.backward_kernel(
-        input_shape, input_dtype, tuple(argmax.shape), multiprocessors, shared_limit
-    )
-    planes = kernel == kernels.BACKWARD_PLANES  # writes every element, rounded
-    written = input_dtype if planes else kernels.accumulate_dtype(input_dtype)
-    if memory_format == torch.channels_last:
-        size = math.prod(input_shape) * written.itemsize
-        if not kernels.channels_last_gradient(size, l2_bytes):
-            memory_format = torch.contiguous_format
-    grad_input = torch.empty(
-        input_shape,
-        dtype=written,
-        device=grad_output.device,
-        memory_format=memory_format,
-    )
-    if not planes:
-        grad_input.zero_()
-    grad_output = grad_output.to(input_dtype)
-    argmax = argmax.contiguous()  # kept referenced until the launch is queued
 
-    def make() -> _Packed | None:
-        sizes = (multiprocessors, l2_bytes, kernel, shared_limit)
-        launch = kernels.plan_backward(grad_output, argmax, batch_index, grad_input, *sizes)
-        names = kernels.backward_names(input_dtype)
-        return None if launch is None else _Packed(device, launch, names)
+    def __init__(self, tuning: CupyTuning = DEFAULT_TUNING):
+        self.tuning = tuning
+        self._forward: dict[tuple, PackedLaunch | None] = {}
+        self._backward: dict[tuple, _BackwardPlan] = {}
 
-    key = (
-        "backward",
-        device,
-        grad_output.shape,
-        grad_output.stride(),
-        grad_output.dtype,
-        batch_index.stride(),
-        tuple(input_shape),
-        grad_input.stride(),
-        kernel,
-        _settings(),
-    )
-    pointers = (grad_output, argmax, batch_index, grad_input)
-    _launch_packed(device, key, make, pointers, _BACKWARD_POINTER_ARGS)
-    return grad_input if grad_input.dtype == input_dtype else grad_input.to(input_dtype)
+    def forward(
+        self, problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
+    ) -> None:
+        """Fill `output` and, unless None, `argmax`, and record invalid ROIs in
+        ``problem.bad_roi_log`` unless it is None (see `roi_ops.Backend.forward`)."""
+        x, rois = problem.input, problem.rois
+        log = problem.bad_roi_log
+        device = x.get_device()
+        key = (
+            device,
+            x.shape,
+            x.stride(),
+            x.dtype,
+            x.data_ptr() % planning.CVEC_BYTES,  # the cvec kernel needs an aligned input
+            rois.shape,
+            rois.stride(),
+            rois.dtype,
+            problem.pooled_height,
+            problem.pooled_width,
+            problem.spatial_scale,
+            argmax is None,
+            log is None,
+        )
+        try:
+            packed = self._forward[key]
+        except KeyError:
+            packed = self._cache(
+                self._forward, key, lambda: self._plan_forward(problem, output, argmax, device)
+            )
+        if packed is not None:
+            packed.launch(device, (x, rois, output, argmax, log))
+
+    def _plan_forward(self, problem, output, argmax, device) -> PackedLaunch | None:
+        plan = planning.plan_forward(problem, output, argmax, cuda_sizes(device), self.tuning)
+        return None if plan is None else PackedLaunch(device, plan, FORWARD_TENSORS)
+
+    def backward(self, problem: RoIPoolBackwardProblem) -> torch.Tensor:
+        """grad_input by the planes or the atomic kernel (not run-to-run deterministic in its last
+        bits; see `planning.backward_kernel` for the choice).
+
+        Returns:
+            (N, C, H, W) tensor of ``problem.input_dtype``, dense in ``problem.memory_format``
+            or, where `planning.channels_last_gradient` says that is faster, contiguous when
+            channels_last was asked; float16/bfloat16 are accumulated in float32 and rounded
+            once.
+        """
+        input_dtype = problem.input_dtype
+        grad_output, argmax, rois = problem.grad_output, problem.argmax, problem.rois
+        if grad_output.dtype != input_dtype:
+            grad_output = grad_output.to(input_dtype)
+        if not argmax.is_contiguous():
+            argmax = argmax.contiguous()
+        device = grad_output.get_device()
+        key = (
+            device,
+            grad_output.shape,
+            grad_output.stride(),
+            input_dtype,
+            rois.stride(),
+            rois.dtype,
+            problem.input_shape,
+            problem.memory_format,
+        )
+        try:
+            plan = self._backward[key]
+        except KeyError:
+            make = lambda: self._plan_backward(problem, grad_output, argmax, device)  # noqa: E731
+            plan = self._cache(self._backward, key, make)
+        grad_input = torch.empty(
+            problem.input_shape,
+            dtype=plan.written,
+            device=grad_output.device,
+            memory_format=plan.memory_format,
+        )
+        if plan.zero_fill:
+            grad_input.zero_()
+        if plan.packed is not None:
+            plan.packed.launch(device, (grad_output, argmax, rois, grad_input))
+        return grad_input if plan.written == input_dtype else grad_input.to(input_dtype)
+
+    def _plan_backward(self, problem, grad_output, argmax, device) -> _BackwardPlan:
+        sizes = cuda_sizes(device)
+        input_shape, input_dtype = problem.input_shape, problem.input_dtype
+        kernel = planning.backward_kernel(
+            input_shape, input_dtype, tuple(argmax.shape), sizes, self.tuning
+        )
+        planes = kernel == kernels.BACKWARD_PLANES  # writes every element, rounded
+        written = input_dtype if planes else accumulate_dtype(input_dtype)
+        memory_format = problem.memory_format
+        if memory_format == torch.channels_last:
+            size = written.itemsize
+            for extent in input_shape:
+                size *= extent
+            if not planning.channels_last_gradient(size, sizes.l2_bytes, self.tuning):
+                memory_format = torch.contiguous_format
+        # A stand-in with the gradient's strides: plans read strides, never memory.
+        grad_input = torch.empty(
+            input_shape, dtype=written, device="meta", memory_format=memory_format
+        )
+        launch = planning.plan_backward(
+            grad_output, argmax, problem.rois, grad_input, kernel, sizes, self.tuning
+        )
+        packed = None if launch is None else PackedLaunch(device, launch, BACKWARD_TENSORS)
+        return _BackwardPlan(packed, written, memory_format, not planes)
+
+    @staticmethod
+    def _cache(cache: dict, key: tuple, make: Callable):
+        value = make()
+        if len(cache) >= _MAX_CACHED_PLANS:
+            cache.clear()
+        cache[key] = value
+        return value
+
+
+DEFAULT_LAUNCHER = Launcher()

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Compile roi_ops_cupy/roi_pool.cu with this machine's nvcc for sm_80 and sm_90, every kernel
-# template instantiated (-DROI_OPS_INSTANTIATE_ALL), all warnings as errors, and the flags the
-# run-time NVRTC build uses (--fmad=false, C++17). Prints what it compiled and, for sm_90, the
-# registers, shared memory and spills of every kernel. Exits non-zero on any failure.
+# Compile the CuPy backend's kernel source (roi_ops_cupy/cuda/, joined as kernels.source() does)
+# with this machine's nvcc for sm_80 and sm_90, every kernel the backend asks NVRTC for
+# instantiated (tools/compile_unit.py), all warnings as errors, and the flags the run-time NVRTC
+# build uses (--fmad=false, C++17). Prints what it compiled and, for sm_90, the registers, shared
+# memory and spills of every kernel. Exits non-zero on any failure.
 # --ftz=true: CuPy always adds it to NVRTC builds.
 #
-# Usage: backends/cupy/tools/check_compile.sh [ARCH...]   (default: 80 90; NVCC=... to override)
+# Usage: backends/cupy/tools/check_compile.sh [ARCH...]   (default: 80 90; NVCC=... and
+# PYTHON=... to override; roi_ops and roi_ops_cupy must be importable)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source_file="$here/../roi_ops_cupy/roi_pool.cu"
+cuda_dir="$here/../roi_ops_cupy/cuda"
 nvcc="${NVCC:-nvcc}"
+python="${PYTHON:-python3}"
 archs=("$@")
 [ ${#archs[@]} -gt 0 ] || archs=(80 90)
 
@@ -19,16 +22,18 @@ if ! command -v "$nvcc" >/dev/null 2>&1; then
   exit 2
 fi
 # NVRTC gets no include path from roi_ops_cupy: the source must stay self-contained.
-if grep -nE '^[[:space:]]*#[[:space:]]*include' "$source_file"; then
-  echo "check_compile: roi_pool.cu must not #include anything (NVRTC has no include path)" >&2
+if grep -nE '^[[:space:]]*#[[:space:]]*include' "$cuda_dir"/*; then
+  echo "check_compile: roi_ops_cupy/cuda/ must not #include anything (NVRTC has no include path)" >&2
   exit 1
 fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+source_file="$work/roi_ops_kernels.cu"
+PYTHONPATH="$here/../${PYTHONPATH:+:$PYTHONPATH}" "$python" "$here/compile_unit.py" "$source_file"
 echo "check_compile: $("$nvcc" --version | tail -n 1)"
 for arch in "${archs[@]}"; do
-  flags=(-std=c++17 --fmad=false --ftz=true -DROI_OPS_INSTANTIATE_ALL -Werror all-warnings
+  flags=(-std=c++17 --fmad=false --ftz=true -Werror all-warnings
          -Xcompiler -Wall -Xptxas -warn-spills,-warn-lmem-usage
          -gencode "arch=compute_${arch},code=sm_${arch}" -x cu -c "$source_file"
          -o "$work/roi_pool_sm${arch}.o")

@@ -1,18 +1,23 @@
-// CPU emulator of roi_pool.cu's kernels, for testing on machines without a GPU.
+// CPU emulator of the CuPy backend's kernels, for testing on machines without a GPU.
 //
-// Includes the real kernel source with the CUDA keywords mapped to host C++: one std::thread per
-// thread of a block runs every block in turn, with a std::barrier for __syncthreads; __shared__
-// arrays become statics (blocks run one at a time), the _rn intrinsics plain IEEE operations
-// (build with -ffp-contract=off), and float16 conversions are done in software with
-// round-to-nearest-even. __ballot_sync is emulated for code that every thread of the block
-// reaches together (it synchronises the whole block), which is how roi_pool.cu uses it.
-// What it cannot check: warp scheduling, real memory coalescing, NVRTC itself, CuPy launches.
+// Includes the real kernel source (roi_ops_kernels.cu: kernels.source(), written by
+// tools/emulator.py) with the CUDA keywords mapped to host C++: one std::thread per thread of a
+// block runs every block in turn, with a std::barrier for __syncthreads; __shared__ arrays become
+// statics (blocks run one at a time), the _rn intrinsics plain IEEE operations (build with
+// -ffp-contract=off), and the PTX primitives of cuda/common.cuh host functions: float16
+// conversions in software with round-to-nearest-even, and max.NaN adversarial (ties return the
+// later operand, NaNs a canonical NaN) so that the kernels' fix-ups for zeros and NaNs are tested.
+// __ballot_sync is emulated for code that every thread of the block reaches together (it
+// synchronises the whole block), which is how the kernels use it. What it cannot check: warp
+// scheduling, real memory coalescing, NVRTC itself, CuPy launches.
 //
-// Build (tests/test_backend_cupy.py does this), with roi_ops_cupy/ as include directory:
-//   g++ -std=c++20 -O1 -ffp-contract=off -fPIC -shared -pthread -Iroi_ops_cupy
+// Build (tools/emulator.py does this), with the folder holding roi_ops_kernels.cu and
+// roi_ops_kernel_names.inc (one ROI_KERNEL(name, expression) line per instantiation) on the
+// include path:
+//   g++ -std=c++20 -O1 -ffp-contract=off -fPIC -shared -pthread -I<folder>
 //       tools/host_emulator.cpp -o host_emulator.so
-// API: roi_emulate(name_expression, grid_x, grid_y, block_x, block_y, args, shared_mem) runs one
-// launch whose arguments are all 8 bytes (pointers, int64, double bit patterns), as kernels.Launch.
+// API: roi_emulate(name, grid_x, grid_y, block_x, block_y, args, count, shared_mem) runs one
+// launch of `count` 8-byte arguments (pointers, int64, double bit patterns), as kernels.Launch.
 
 #include <atomic>
 #include <barrier>
@@ -23,6 +28,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #define __device__
@@ -33,6 +40,7 @@
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define ROI_OPS_HOST_EMULATION 1
+#define ROI_OPS_MAX_NAN 1
 
 struct dim3 {
   unsigned int x = 0, y = 0, z = 0;
@@ -75,36 +83,18 @@ inline double __ddiv_rn(double a, double b) { return a / b; }
 inline float __ll2float_rn(long long v) { return static_cast<float>(v); }
 inline double __ll2double_rn(long long v) { return static_cast<double>(v); }
 inline float __double2float_rn(double v) { return static_cast<float>(v); }
-inline int __float_as_int(float f) {
-  int i;
-  std::memcpy(&i, &f, sizeof i);
-  return i;
+template <class To, class From>
+inline To bit_cast(From from) {
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
 }
-inline float __int_as_float(int i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
-}
-inline long long __double_as_longlong(double d) {
-  long long i;
-  std::memcpy(&i, &d, sizeof i);
-  return i;
-}
-inline double __longlong_as_double(long long i) {
-  double d;
-  std::memcpy(&d, &i, sizeof d);
-  return d;
-}
-inline unsigned int __float_as_uint(float f) {
-  unsigned int u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-inline float __uint_as_float(unsigned int u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+inline int __float_as_int(float f) { return bit_cast<int>(f); }
+inline float __int_as_float(int i) { return bit_cast<float>(i); }
+inline long long __double_as_longlong(double d) { return bit_cast<long long>(d); }
+inline double __longlong_as_double(long long i) { return bit_cast<double>(i); }
+inline unsigned int __float_as_uint(float f) { return bit_cast<unsigned int>(f); }
+inline float __uint_as_float(unsigned int u) { return bit_cast<float>(u); }
 
 std::mutex atomic_mutex;
 template <class A>
@@ -114,11 +104,17 @@ inline A atomicAdd(A* address, A value) {
   *address = old + value;
   return old;
 }
+template <class A>
+inline A atomicMin(A* address, A value) {
+  std::lock_guard<std::mutex> lock(atomic_mutex);
+  const A old = *address;
+  *address = value < old ? value : old;
+  return old;
+}
 
+// The PTX primitives of cuda/common.cuh (its ROI_OPS_HOST_EMULATION block).
 namespace roi_ops_cuda {
-constexpr int kMaxEdges = 4096;
-int2 roi_edges[kMaxEdges];
-alignas(16) unsigned char planes_shared[256 * 1024];  // the planes backward's dynamic memory
+alignas(16) unsigned char roi_dynamic_shared[256 * 1024];
 
 inline float half_to_float(unsigned short h) {
   const unsigned int sign = (h & 0x8000u) << 16;
@@ -126,24 +122,17 @@ inline float half_to_float(unsigned short h) {
   const unsigned int mantissa = h & 0x3ff;
   float magnitude;
   if (exponent == 0x1f) {
-    const unsigned int bits = 0x7f800000u | (mantissa << 13);
-    std::memcpy(&magnitude, &bits, sizeof magnitude);
+    magnitude = bit_cast<float>(0x7f800000u | (mantissa << 13));
   } else if (exponent == 0) {
     magnitude = std::ldexp(static_cast<float>(mantissa), -24);
   } else {
     magnitude = std::ldexp(static_cast<float>(mantissa | 0x400), static_cast<int>(exponent) - 25);
   }
-  unsigned int bits;
-  std::memcpy(&bits, &magnitude, sizeof bits);
-  bits |= sign;
-  float result;
-  std::memcpy(&result, &bits, sizeof result);
-  return result;
+  return bit_cast<float>(bit_cast<unsigned int>(magnitude) | sign);
 }
 
 inline unsigned short float_to_half(float f) {
-  unsigned int x;
-  std::memcpy(&x, &f, sizeof x);
+  const unsigned int x = bit_cast<unsigned int>(f);
   const unsigned int sign = (x >> 16) & 0x8000u;
   const unsigned int magnitude = x & 0x7fffffffu;
   if (magnitude > 0x7f800000u) return static_cast<unsigned short>(sign | 0x7e00u);  // NaN
@@ -157,9 +146,55 @@ inline unsigned short float_to_half(float f) {
   if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h += 1;  // a carry moves up the exponent
   return static_cast<unsigned short>(sign | h);
 }
+
+inline bool first_thread_of_row_0() {
+  return threadIdx.x == 0 && threadIdx.y == 0 && blockIdx.y == 0;
+}
+inline long long block_column() { return blockIdx.x; }
+
+inline bool replaces(float v, float best) { return !(v <= best) && best == best; }
+
+inline void store_streaming(unsigned short* a, unsigned short v) { *a = v; }
+inline void store_streaming(unsigned int* a, unsigned int v) { *a = v; }
+inline void store_streaming(unsigned long long* a, unsigned long long v) { *a = v; }
+
+struct alignas(16) roi_vec16 {
+  unsigned int w[4];
+};
+inline roi_vec16 load_vec16(const void* address) {
+  roi_vec16 v;
+  std::memcpy(&v, address, sizeof v);
+  return v;
+}
+
+inline float max_nan(float a, float b) {
+  return a != a || b != b ? bit_cast<float>(0x7fffffffu) : (b >= a ? b : a);
+}
+inline unsigned short max_nan_16(unsigned short a, unsigned short b, float x, float y) {
+  return x != x || y != y ? static_cast<unsigned short>(0x7fff) : (y >= x ? b : a);
+}
+inline unsigned short max_nan_f16(unsigned short a, unsigned short b) {
+  return max_nan_16(a, b, half_to_float(a), half_to_float(b));
+}
+inline unsigned short max_nan_bf16(unsigned short a, unsigned short b) {
+  return max_nan_16(a, b, bit_cast<float>(static_cast<unsigned int>(a) << 16),
+                    bit_cast<float>(static_cast<unsigned int>(b) << 16));
+}
+template <unsigned short (*kMax)(unsigned short, unsigned short)>
+inline unsigned int max_nan_x2(unsigned int a, unsigned int b) {
+  const unsigned int low = kMax(a & 0xffffu, b & 0xffffu);
+  const unsigned int high = kMax(a >> 16, b >> 16);
+  return high << 16 | low;
+}
+inline unsigned int max_nan_f16x2(unsigned int a, unsigned int b) {
+  return max_nan_x2<max_nan_f16>(a, b);
+}
+inline unsigned int max_nan_bf16x2(unsigned int a, unsigned int b) {
+  return max_nan_x2<max_nan_bf16>(a, b);
+}
 }  // namespace roi_ops_cuda
 
-#include "roi_pool.cu"
+#include "roi_ops_kernels.cu"
 
 namespace {
 
@@ -167,111 +202,86 @@ using Args = const std::uint64_t*;
 using Runner = void (*)(Args);
 
 template <class P>
-P ptr(std::uint64_t v) {
-  return reinterpret_cast<P>(static_cast<std::uintptr_t>(v));
-}
-i64 num(std::uint64_t v) { return static_cast<i64>(v); }
-double real(std::uint64_t v) {
-  double d;
-  std::memcpy(&d, &v, sizeof d);
-  return d;
-}
-
-// Every forward kernel has the same parameters.
-template <class T, class R>
-using ForwardKernel = void (*)(const T*, i64, i64, i64, i64, i64, i64, i64, i64, const R*, i64,
-                               i64, double, i64, i64, i64, T*, int*);
-
-template <class T, class R, ForwardKernel<T, R> kKernel>
-void run_forward(Args a) {
-  kKernel(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]), num(a[4]), num(a[5]), num(a[6]),
-          num(a[7]), num(a[8]), ptr<const R*>(a[9]), num(a[10]), num(a[11]), real(a[12]),
-          num(a[13]), num(a[14]), num(a[15]), ptr<T*>(a[16]), ptr<int*>(a[17]));
+P from_word(std::uint64_t word) {
+  if constexpr (std::is_pointer_v<P>) {
+    return reinterpret_cast<P>(static_cast<std::uintptr_t>(word));
+  } else if constexpr (std::is_floating_point_v<P>) {
+    return bit_cast<double>(word);
+  } else {
+    return static_cast<P>(word);
+  }
 }
 
-template <class T>
-void run_backward(Args a) {
-  roi_pool_backward_atomic<T>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]), num(a[4]),
-                              ptr<const int*>(a[5]), ptr<const i64*>(a[6]), num(a[7]),
-                              num(a[8]), num(a[9]), num(a[10]), num(a[11]), num(a[12]),
-                              ptr<typename roi_ops_cuda::Accum<T>::type*>(a[13]), num(a[14]),
-                              num(a[15]), num(a[16]));
+// Calls a kernel (a plain function here) with its arguments unpacked from 8-byte words.
+template <class... P, std::size_t... I>
+void call(void (*kernel)(P...), Args args, std::index_sequence<I...>) {
+  kernel(from_word<P>(args[I])...);
 }
-
-template <class T, int kBlock>
-void run_backward_planes(Args a) {
-  roi_pool_backward_planes<T, kBlock>(ptr<const T*>(a[0]), num(a[1]), num(a[2]), num(a[3]),
-                                      num(a[4]), ptr<const int*>(a[5]), ptr<const i64*>(a[6]),
-                                      num(a[7]), num(a[8]), num(a[9]), num(a[10]), num(a[11]),
-                                      num(a[12]), ptr<T*>(a[13]), num(a[14]), num(a[15]),
-                                      num(a[16]), num(a[17]));
+template <class... P>
+void call(void (*kernel)(P...), Args args) {
+  call(kernel, args, std::index_sequence_for<P...>{});
+}
+template <auto kKernel>
+void run(Args args) {
+  call(kKernel, args);
+}
+template <class... P>
+constexpr unsigned int arity(void (*)(P...)) {
+  return sizeof...(P);
 }
 
 struct Entry {
   const char* name;
   Runner run;
+  unsigned int arity;
 };
 
-#define ROI_FORWARD_KERNEL(K, T, R)                                                  \
-  {#K "<" #T ", " #R ", true>", &run_forward<T, R, &K<T, R, true>>},                \
-      {#K "<" #T ", " #R ", false>", &run_forward<T, R, &K<T, R, false>>},
-#define ROI_FORWARD(T, R)                                                           \
-  ROI_FORWARD_KERNEL(roi_pool_forward_plane, T, R)                                  \
-  ROI_FORWARD_KERNEL(roi_pool_forward_chan, T, R)                                   \
-  ROI_FORWARD_KERNEL(roi_pool_forward_unit, T, R)                                   \
-  ROI_FORWARD_KERNEL(roi_pool_forward_cvec, T, R)
-#define ROI_BACKWARD(T)                                          \
-  {"roi_pool_backward_atomic<" #T ">", &run_backward<T>},        \
-      {"roi_pool_backward_planes<" #T ", 256>", &run_backward_planes<T, 256>},   \
-      {"roi_pool_backward_planes<" #T ", 1024>", &run_backward_planes<T, 1024>},
-
+#define ROI_KERNEL(NAME, ...) {NAME, &run<&__VA_ARGS__>, arity(&__VA_ARGS__)},
 const Entry kEntries[] = {
-    ROI_FORWARD(roi_half, roi_half) ROI_FORWARD(roi_bf16, roi_bf16) ROI_FORWARD(float, float)
-        ROI_FORWARD(double, double) ROI_FORWARD(roi_half, float) ROI_FORWARD(roi_bf16, float)
-            ROI_BACKWARD(roi_half) ROI_BACKWARD(roi_bf16) ROI_BACKWARD(float)
-                ROI_BACKWARD(double)};
+#include "roi_ops_kernel_names.inc"
+};
+#undef ROI_KERNEL
 
 }  // namespace
 
 // Returns 0, or -1 for an unknown name, -2 for too much dynamic shared memory, -3 for a block
-// of more than 1024 threads.
+// of more than 1024 threads, -4 for the wrong number of arguments.
 constexpr unsigned int kMaxThreads = 1024;
 extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int grid_y,
                            unsigned int block_x, unsigned int block_y, const std::uint64_t* args,
-                           unsigned long long shared_mem) {
-  Runner run = nullptr;
-  for (const Entry& entry : kEntries) {
-    if (std::string(entry.name) == name) run = entry.run;
+                           unsigned int count, unsigned long long shared_mem) {
+  const Entry* entry = nullptr;
+  for (const Entry& candidate : kEntries) {
+    if (std::string(candidate.name) == name) entry = &candidate;
   }
-  if (run == nullptr) return -1;
-  const bool planes = std::string(name).rfind("roi_pool_backward_planes", 0) == 0;
-  if (shared_mem > (planes ? sizeof(roi_ops_cuda::planes_shared) : sizeof(roi_ops_cuda::roi_edges)))
-    return -2;
-  const unsigned int count = block_x * block_y;
-  if (count == 0 || count > kMaxThreads) return -3;
-  ballot_votes.assign(count, 0);
+  if (entry == nullptr) return -1;
+  if (shared_mem > sizeof(roi_ops_cuda::roi_dynamic_shared)) return -2;
+  const unsigned int threads = block_x * block_y;
+  if (threads == 0 || threads > kMaxThreads) return -3;
+  if (count != entry->arity) return -4;
+  ballot_votes.assign(threads, 0);
   gridDim = dim3{grid_x, grid_y, 1};
   blockDim = dim3{block_x, block_y, 1};
   // The block's threads walk the blocks in the same order; a barrier after each block keeps the
   // next block from reusing the static "shared" arrays while this one still reads them.
-  std::barrier<> barrier(count);
+  std::barrier<> barrier(threads);
   block_barrier = &barrier;
-
-  std::vector<std::thread> threads;
-  threads.reserve(count);
-  for (unsigned int t = 0; t < count; ++t) {
-    threads.emplace_back([=] {
+  const Runner run_kernel = entry->run;
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned int t = 0; t < threads; ++t) {
+    pool.emplace_back([=] {
       threadIdx = dim3{t % block_x, t / block_x, 0};
       for (unsigned int by = 0; by < grid_y; ++by) {
         for (unsigned int bx = 0; bx < grid_x; ++bx) {
           blockIdx = dim3{bx, by, 0};
-          run(args);
+          run_kernel(args);
           __syncthreads();
         }
       }
     });
   }
-  for (std::thread& thread : threads) thread.join();
+  for (std::thread& thread : pool) thread.join();
   return 0;
 }
 

@@ -1,6 +1,9 @@
 """Adversarial roi_pool calls for compute-sanitizer (memcheck, racecheck), value checks off.
 
-    compute-sanitizer --tool memcheck python scripts/sanitize.py --backend cupy triton
+    compute-sanitizer --tool memcheck python backends/cupy/tools/sanitize.py --backend cupy triton
+
+`cupy-planes` runs the cupy backend with its planes backward forced (the cases are too small for
+it to be chosen), through a `Launcher` with another `CupyTuning`.
 
 Each case is also compared with the scalar reference, so a silent wrong result fails too.
 """
@@ -8,12 +11,12 @@ Each case is also compared with the scalar reference, so a silent wrong result f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
-import os
 import sys
+from dataclasses import replace
 
 import torch
-
 from roi_ops.testing import check_case
 from roi_ops.testing.cases import RoiPoolCase, contract_cases
 
@@ -73,9 +76,23 @@ def cases(device: str) -> list[RoiPoolCase]:
     return out
 
 
-# Pseudo-backends: a backend run with a forced kernel choice (the cases are too small for the
-# CuPy planes backward to be chosen on its own).
-FORCED = {"cupy-planes": ("cupy", "ROI_OPS_CUPY_BACKWARD", "planes")}
+@contextlib.contextmanager
+def planes_backward():
+    """The cupy backend with its planes backward forced wherever it can run."""
+    from roi_ops_cupy import kernels, launch
+    from roi_ops_cupy.tuning import DEFAULT_TUNING
+
+    default = launch.DEFAULT_LAUNCHER
+    tuning = replace(DEFAULT_TUNING, backward_kernel=kernels.BACKWARD_PLANES)
+    launch.DEFAULT_LAUNCHER = launch.Launcher(tuning)
+    try:
+        yield
+    finally:
+        launch.DEFAULT_LAUNCHER = default
+
+
+# Pseudo-backends: a backend run with a forced kernel choice.
+FORCED = {"cupy-planes": ("cupy", planes_backward)}
 
 
 def main() -> int:
@@ -86,14 +103,11 @@ def main() -> int:
     args = parser.parse_args()
     count = 0
     for name in args.backend:
-        backend, variable, value = FORCED.get(name, (name, None, None))
-        if variable is not None:
-            os.environ[variable] = value
-        for case in cases("cuda"):
-            check_case(case, backend)
-            count += 1
-        if variable is not None:
-            del os.environ[variable]
+        backend, forced = FORCED.get(name, (name, contextlib.nullcontext))
+        with forced():
+            for case in cases("cuda"):
+                check_case(case, backend)
+                count += 1
     torch.cuda.synchronize()
     print(f"sanitize cases passed: {count} ({', '.join(args.backend)})")
     return 0

@@ -1,0 +1,662 @@
+// RoI max pooling (the Fast R-CNN op) for roi_ops, exact to docs/contract.md: what every kernel
+// family shares.
+//
+// roi_ops_cupy/kernels.py joins this header and one file per kernel family (forward_*.cu,
+// backward_*.cu) into one NVRTC source, compiled once per device and dtype pair; every shape is a
+// run-time argument. Nothing includes a header, so NVRTC needs no CUDA include path: float16 and
+// bfloat16 are handled as their bit patterns (roi_half, roi_bf16) with PTX conversions, which
+// avoids mixing CuPy's bundled cuda_fp16.h with a toolkit's cuda_bf16.h of another version.
+//
+// Build flags: --fmad=false (CuPy adds -ftz=true). The geometry uses the _rn intrinsics anyway,
+// so no contraction into FMA can change a rounding, and it meets no subnormal that could change
+// an integral result; reductions compare integer keys or use PTX without .ftz, so flushing
+// cannot touch them.
+//
+// tools/host_emulator.cpp compiles the same source as host C++ for tests without a GPU: it
+// supplies host versions of the PTX primitives below (the one ROI_OPS_HOST_EMULATION block).
+
+typedef long long i64;
+
+struct roi_half {
+  unsigned short bits;
+};
+struct roi_bf16 {
+  unsigned short bits;
+};
+
+namespace roi_ops_cuda {
+
+// ---- PTX primitives (the host emulator defines the same names) -------------------------------
+#ifndef ROI_OPS_HOST_EMULATION
+__device__ __forceinline__ float half_to_float(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ unsigned short float_to_half(float f) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+// Whether v replaces best as the first maximal element so far: v > best, or v is NaN; never once
+// best is NaN (the first NaN wins). -0 == +0, so the earlier zero stays. PTX without .ftz:
+// CuPy compiles with -ftz=true, under which C++ float comparisons flush subnormals to zero.
+__device__ __forceinline__ bool replaces(float v, float best) {
+  unsigned int r;
+  asm("{\n\t.reg .pred p;\n\tsetp.gtu.f32 p, %1, %2;\n\tsetp.num.and.f32 p, %2, %2, p;\n\t"
+      "selp.u32 %0, 1, 0, p;\n\t}"
+      : "=r"(r)
+      : "f"(v), "f"(best));
+  return r != 0;
+}
+
+// Stores of results nobody reads in the kernel: evict-first (st.global.cs), so that they do not
+// push the input out of L2.
+__device__ __forceinline__ void store_streaming(unsigned short* a, unsigned short v) {
+  asm volatile("st.global.cs.b16 [%0], %1;" ::"l"(a), "h"(v) : "memory");
+}
+__device__ __forceinline__ void store_streaming(unsigned int* a, unsigned int v) {
+  asm volatile("st.global.cs.b32 [%0], %1;" ::"l"(a), "r"(v) : "memory");
+}
+__device__ __forceinline__ void store_streaming(unsigned long long* a, unsigned long long v) {
+  asm volatile("st.global.cs.b64 [%0], %1;" ::"l"(a), "l"(v) : "memory");
+}
+
+struct __align__(16) roi_vec16 {
+  unsigned int w[4];
+};
+__device__ __forceinline__ roi_vec16 load_vec16(const void* __restrict__ address) {
+  return *static_cast<const roi_vec16*>(address);
+}
+
+// max.NaN (sm_80+): NaN-propagating, no .ftz; returns one of its operands unless the result is a
+// zero (either sign may come back) or a NaN (canonical, payload lost). The packed forms take two
+// float16/bfloat16 values per 32-bit word.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define ROI_OPS_MAX_NAN 1
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+__device__ __forceinline__ unsigned short max_nan_f16(unsigned short a, unsigned short b) {
+  unsigned short d;
+  asm("max.NaN.f16 %0, %1, %2;" : "=h"(d) : "h"(a), "h"(b));
+  return d;
+}
+__device__ __forceinline__ unsigned short max_nan_bf16(unsigned short a, unsigned short b) {
+  unsigned short d;
+  asm("max.NaN.bf16 %0, %1, %2;" : "=h"(d) : "h"(a), "h"(b));
+  return d;
+}
+__device__ __forceinline__ unsigned int max_nan_f16x2(unsigned int a, unsigned int b) {
+  unsigned int d;
+  asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ unsigned int max_nan_bf16x2(unsigned int a, unsigned int b) {
+  unsigned int d;
+  asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+#endif
+
+// Whether this thread is thread (0, 0) of a block in grid row 0, and its block's blockIdx.x,
+// read afresh from the special registers: the optimiser cannot keep the kernel's own earlier
+// reads of them (or what it computed from them) live until here.
+__device__ __forceinline__ bool first_thread_of_row_0() {
+  unsigned int x, y, row;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(x));
+  asm volatile("mov.u32 %0, %%tid.y;" : "=r"(y));
+  asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(row));
+  return (x | y | row) == 0u;
+}
+__device__ __forceinline__ i64 block_column() {
+  unsigned int x;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(x));
+  return x;
+}
+
+// Every kernel's dynamic shared memory (the launch plan sizes it).
+extern __shared__ __align__(16) unsigned char roi_dynamic_shared[];
+#endif  // ROI_OPS_HOST_EMULATION
+
+// ---- Shared constants and small helpers -------------------------------------------------------
+
+constexpr i64 kIndexLimit = 1099511627776LL;  // 2^40, the contract's index() saturation
+constexpr int kThreads = 256;                  // the forward kernels' (largest) block
+// Blocks per SM in the launch bounds of the plane, chan and atomic backward kernels: every one
+// fits in 48 registers without spills on sm_80 and sm_90 (6 blocks spilled the chan kernel;
+// unconstrained, ptxas spilled on sm_80).
+constexpr int kBlocksPerSM = 5;
+
+// Round to nearest even; NaN becomes the canonical 0x7fff (what cvt.rn.bf16.f32 gives).
+__device__ __forceinline__ unsigned short float_to_bf16(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned short b;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
+  return b;
+#else
+  const unsigned int u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
+  return static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+}
+
+__device__ __forceinline__ float bf16_to_float(unsigned short b) {
+  return __uint_as_float(static_cast<unsigned int>(b) << 16);
+}
+
+template <class A>
+__device__ __forceinline__ A clamp_to(A v, A lo, A hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// ---- Reduction view of an element: an integer order key, and its value for the backward ----
+// Keys are compared as integers, not floats: CuPy always compiles with -ftz=true, under which
+// float comparisons treat subnormals as zero. The key of a float is its sign-magnitude bits as
+// a two's complement integer, so -0 and +0 are equal, and every NaN gets the largest key, above
+// +inf: the first element with the largest key is the contract's first maximal element.
+
+template <class T>
+struct Elem;
+template <>
+struct Elem<float> {
+  typedef int key;
+  static __device__ __forceinline__ int key_of(float v) {
+    const int bits = __float_as_int(v);
+    const int magnitude = bits & 0x7fffffff;
+    return magnitude > 0x7f800000 ? 0x7fffffff : (bits < 0 ? -magnitude : magnitude);
+  }
+  static __device__ __forceinline__ float value_of(float v) { return v; }
+};
+template <>
+struct Elem<double> {
+  typedef i64 key;
+  static __device__ __forceinline__ i64 key_of(double v) {
+    const i64 bits = __double_as_longlong(v);
+    const i64 magnitude = bits & 0x7fffffffffffffffLL;
+    return magnitude > 0x7ff0000000000000LL ? 0x7fffffffffffffffLL
+                                             : (bits < 0 ? -magnitude : magnitude);
+  }
+  static __device__ __forceinline__ double value_of(double v) { return v; }
+};
+template <>
+struct Elem<roi_half> {
+  typedef int key;
+  static __device__ __forceinline__ int key_of(roi_half v) {
+    const int magnitude = v.bits & 0x7fff;
+    return magnitude > 0x7c00 ? 0x7fff : ((v.bits & 0x8000) ? -magnitude : magnitude);
+  }
+  static __device__ __forceinline__ float value_of(roi_half v) { return half_to_float(v.bits); }
+};
+template <>
+struct Elem<roi_bf16> {
+  typedef int key;
+  static __device__ __forceinline__ int key_of(roi_bf16 v) {
+    const int magnitude = v.bits & 0x7fff;
+    return magnitude > 0x7f80 ? 0x7fff : ((v.bits & 0x8000) ? -magnitude : magnitude);
+  }
+  static __device__ __forceinline__ float value_of(roi_bf16 v) { return bf16_to_float(v.bits); }
+};
+
+// ---- Geometry dtypes: every operation rounded to G, as C++ does with a variable of type G ----
+
+struct GeomFloat {
+  typedef float V;
+  static __device__ __forceinline__ V mul(V a, V b) { return __fmul_rn(a, b); }
+  static __device__ __forceinline__ V div(V a, V b) { return __fdiv_rn(a, b); }
+  static __device__ __forceinline__ V from_int(i64 v) { return __ll2float_rn(v); }
+  static __device__ __forceinline__ V scale(double s) { return __double2float_rn(s); }
+  static __device__ __forceinline__ V floor_(V x) { return floorf(x); }
+  static __device__ __forceinline__ V ceil_(V x) { return ceilf(x); }
+  static __device__ __forceinline__ V round_(V x) { return roundf(x); }  // halves away from 0
+  static __device__ __forceinline__ bool finite(V x) { return fabsf(x) <= 3.40282347e+38f; }
+};
+
+struct GeomDouble {
+  typedef double V;
+  static __device__ __forceinline__ V mul(V a, V b) { return __dmul_rn(a, b); }
+  static __device__ __forceinline__ V div(V a, V b) { return __ddiv_rn(a, b); }
+  static __device__ __forceinline__ V from_int(i64 v) { return __ll2double_rn(v); }
+  static __device__ __forceinline__ V scale(double s) { return s; }
+  static __device__ __forceinline__ V floor_(V x) { return floor(x); }
+  static __device__ __forceinline__ V ceil_(V x) { return ceil(x); }
+  static __device__ __forceinline__ V round_(V x) { return round(x); }
+  static __device__ __forceinline__ bool finite(V x) {
+    return fabs(x) <= 1.7976931348623157e+308;
+  }
+};
+
+// float16 geometry, held in float registers whose values are always float16 values. A float16
+// product of two float16 values is exact in float, so rounding it to float16 once is the
+// float16 product; for quotients float has more than 2 * 11 + 2 bits, so float-then-float16
+// double rounding equals a direct float16 division. Conversions from integers: exact in float
+// below 2^24, and anything from 2^24 up is +-inf in float16 either way.
+struct GeomHalf {
+  typedef float V;
+  static __device__ __forceinline__ V to_half(float x) { return half_to_float(float_to_half(x)); }
+  static __device__ __forceinline__ V mul(V a, V b) { return to_half(__fmul_rn(a, b)); }
+  static __device__ __forceinline__ V div(V a, V b) { return to_half(__fdiv_rn(a, b)); }
+  static __device__ __forceinline__ V from_int(i64 v) { return to_half(__ll2float_rn(v)); }
+  static __device__ __forceinline__ V scale(double s) { return to_half(__double2float_rn(s)); }
+  static __device__ __forceinline__ V floor_(V x) { return floorf(x); }  // exact in float16
+  static __device__ __forceinline__ V ceil_(V x) { return ceilf(x); }
+  static __device__ __forceinline__ V round_(V x) { return roundf(x); }
+  static __device__ __forceinline__ bool finite(V x) { return fabsf(x) <= 65504.0f; }
+};
+
+// The bits of float64(v) for a value of a binary format with `bits` mantissa bits and exponent
+// bias `bias` (its sign, biased exponent field and mantissa field given apart; an all-ones
+// exponent is passed as -1), computed on the integer bits so that no flushing (-ftz) or NaN
+// canonicalisation can change them: a NaN keeps its sign and payload and becomes quiet, as the
+// CPU's float-to-double conversions do.
+__device__ __forceinline__ unsigned long long float64_bits_of(unsigned int sign, int exponent,
+                                                              unsigned long long mantissa,
+                                                              int bits, int bias) {
+  const unsigned long long top = static_cast<unsigned long long>(sign) << 63;
+  const unsigned long long all_ones = 0x7ff0000000000000ULL;
+  if (exponent < 0) {  // inf, or NaN (made quiet)
+    return mantissa == 0 ? top | all_ones
+                         : top | all_ones | (mantissa | 1ULL << (bits - 1)) << (52 - bits);
+  }
+  if (exponent == 0) {  // zero, or a subnormal: mantissa * 2^(1 - bias - bits), normalised
+    if (mantissa == 0) return top;
+    int lead = bits - 1;
+    while (!((mantissa >> lead) & 1ULL)) --lead;
+    const long long field = lead + 1 - bias - bits + 1023;
+    return top | static_cast<unsigned long long>(field) << 52 |
+           ((mantissa << (52 - lead)) & 0xfffffffffffffULL);
+  }
+  return top | static_cast<unsigned long long>(exponent - bias + 1023) << 52 |
+         mantissa << (52 - bits);
+}
+
+// The geometry dtype of each rois dtype (bfloat16 rois use float32), how to read one value, and
+// the float64 bits of one value (for the bad-ROI log).
+template <class R>
+struct Rois;
+template <>
+struct Rois<roi_half> {
+  typedef GeomHalf G;
+  static __device__ __forceinline__ float load(roi_half r) { return half_to_float(r.bits); }
+  static __device__ __forceinline__ unsigned long long float64_bits(roi_half r) {
+    const int exponent = (r.bits >> 10) & 0x1f;
+    return float64_bits_of(r.bits >> 15, exponent == 0x1f ? -1 : exponent, r.bits & 0x3ffu, 10, 15);
+  }
+};
+template <>
+struct Rois<float> {
+  typedef GeomFloat G;
+  static __device__ __forceinline__ float load(float r) { return r; }
+  static __device__ __forceinline__ unsigned long long float64_bits(float r) {
+    const unsigned int u = __float_as_uint(r);
+    const int exponent = (u >> 23) & 0xff;
+    return float64_bits_of(u >> 31, exponent == 0xff ? -1 : exponent, u & 0x7fffffu, 23, 127);
+  }
+};
+template <>
+struct Rois<roi_bf16> {
+  typedef GeomFloat G;
+  static __device__ __forceinline__ float load(roi_bf16 r) { return bf16_to_float(r.bits); }
+  static __device__ __forceinline__ unsigned long long float64_bits(roi_bf16 r) {
+    return Rois<float>::float64_bits(bf16_to_float(r.bits));
+  }
+};
+template <>
+struct Rois<double> {
+  typedef GeomDouble G;
+  static __device__ __forceinline__ double load(double r) { return r; }
+  static __device__ __forceinline__ unsigned long long float64_bits(double r) {
+    return static_cast<unsigned long long>(__double_as_longlong(r));
+  }
+};
+
+// The contract's index(v) for an integral G value: NaN -> 0, saturate to [-2^40, 2^40].
+template <class V>
+__device__ __forceinline__ i64 to_index(V v) {
+  if (!(v == v)) return 0;
+  if (v >= static_cast<V>(kIndexLimit)) return kIndexLimit;
+  if (v <= -static_cast<V>(kIndexLimit)) return -kIndexLimit;
+  return static_cast<i64>(v);
+}
+
+template <class G>
+struct RoiGeometry {
+  i64 batch;  // image index, or -1 for an invalid ROI (every bin empty)
+  i64 x1, y1;
+  typename G::V bin_w, bin_h;
+};
+
+// Steps 1-4 of the contract for the ROI whose five values start at `row` (stride `stride`).
+template <class R>
+__device__ __forceinline__ RoiGeometry<typename Rois<R>::G> roi_geometry(
+    const R* __restrict__ row, i64 stride, i64 num_images, double spatial_scale, i64 PH, i64 PW) {
+  typedef typename Rois<R>::G G;
+  typedef typename G::V V;
+  V v[5];
+  bool valid = true;
+#pragma unroll
+  for (int j = 0; j < 5; ++j) {
+    v[j] = Rois<R>::load(row[j * stride]);
+    valid = valid && G::finite(v[j]);
+  }
+  const double batch = trunc(static_cast<double>(v[0]));
+  valid = valid && batch >= 0.0 && batch < static_cast<double>(num_images);
+  const V s = G::scale(spatial_scale);
+  const i64 x1 = to_index(G::round_(G::mul(v[1], s)));
+  const i64 y1 = to_index(G::round_(G::mul(v[2], s)));
+  const i64 x2 = to_index(G::round_(G::mul(v[3], s)));
+  const i64 y2 = to_index(G::round_(G::mul(v[4], s)));
+  const i64 roi_w = x2 - x1 + 1 > 1 ? x2 - x1 + 1 : 1;
+  const i64 roi_h = y2 - y1 + 1 > 1 ? y2 - y1 + 1 : 1;
+  RoiGeometry<G> g;
+  g.batch = valid ? static_cast<i64>(batch) : -1;
+  g.x1 = x1;
+  g.y1 = y1;
+  g.bin_w = G::div(G::from_int(roi_w), G::from_int(PW));
+  g.bin_h = G::div(G::from_int(roi_h), G::from_int(PH));
+  return g;
+}
+
+// Whether the ROI whose five values start at `row` is valid: every value finite in the geometry
+// dtype and trunc(batch) in [0, N) (what roi_geometry decides, on its own).
+template <class R>
+__device__ __forceinline__ bool roi_valid(const R* __restrict__ row, i64 stride, i64 num_images) {
+  typedef typename Rois<R>::G G;
+  bool valid = true;
+#pragma unroll 1
+  for (int j = 0; j < 5; ++j) valid = valid && G::finite(Rois<R>::load(row[j * stride]));
+  const double batch = trunc(static_cast<double>(Rois<R>::load(row[0])));
+  return valid && batch >= 0.0 && batch < static_cast<double>(num_images);
+}
+
+// The bad-ROI log (roi_ops/bad_rois.py): for an invalid row k, atomic minimums of k << 32
+// joined with each 32-bit half of its five values' float64 bits (slots 0 to 9), and with N
+// (slot 10). Keys of an earlier row are smaller, so the log ends up holding the first invalid
+// row whatever order the blocks run in. `report_bad_roi` is called by every thread of a kernel
+// with one ROI per block row, last thing (nothing else is live then, so it costs the kernel's
+// loops no registers): the first thread of ROI k's first channel block (grid (K, channel
+// blocks)) checks the row again and records it; a null log records nothing. That thread never
+// leaves a kernel early.
+template <class R>
+__device__ __forceinline__ void record_bad_row(long long* __restrict__ log,
+                                               const R* __restrict__ row, i64 stride, i64 k,
+                                               i64 num_images) {
+  const long long key = static_cast<long long>(k) << 32;
+#pragma unroll 1
+  for (int j = 0; j < 5; ++j) {  // one value at a time: few registers (see report_bad_roi)
+    const unsigned long long bits = Rois<R>::float64_bits(row[j * stride]);
+    atomicMin(log + 2 * j, key | static_cast<long long>(bits & 0xffffffffULL));
+    atomicMin(log + 2 * j + 1, key | static_cast<long long>(bits >> 32));
+  }
+  atomicMin(log + 10, key | static_cast<long long>(num_images));
+}
+template <class R>
+__device__ __forceinline__ void record_if_bad(const R* __restrict__ rois, i64 rs0, i64 rs1,
+                                              i64 num_images, long long* __restrict__ log) {
+  const i64 k = block_column();
+  const R* __restrict__ row = rois + k * rs0;
+  if (!roi_valid<R>(row, rs1, num_images)) record_bad_row<R>(log, row, rs1, k, num_images);
+}
+template <class R>
+__device__ __forceinline__ void report_bad_roi(const R* __restrict__ rois, i64 rs0, i64 rs1,
+                                               i64 num_images, long long* __restrict__ log) {
+  // Lean, and on thread and block indices read afresh: nothing the kernel computed before is
+  // reused here, so nothing stays live through the kernel's loops for it (a kernel at its
+  // register bound would spill otherwise).
+  if (log != nullptr && first_thread_of_row_0()) {
+    record_if_bad<R>(rois, rs0, rs1, num_images, log);
+  }
+}
+
+// The backward's image of ROI k: trunc(rois[k, 0]) clamped into [0, N), as
+// roi_ops.backend.RoIPoolBackwardProblem.batch_index (NaN gives 0). Only ROIs whose argmax is
+// not all -1 (valid ones, whose index is already in range) add gradients.
+template <class R>
+__device__ __forceinline__ int roi_image(const R* __restrict__ rois, i64 rs0, i64 k,
+                                         i64 num_images) {
+  const double v = static_cast<double>(Rois<R>::load(rois[k * rs0]));
+  if (!(v >= 1.0)) return 0;
+  if (v >= static_cast<double>(num_images)) return static_cast<int>(num_images - 1);
+  return static_cast<int>(v);  // truncates; N < 2^31
+}
+
+// Step 5: [start, end) of bin p along one axis, clamped to [0, limit]; empty for invalid ROIs.
+template <class G>
+__device__ __forceinline__ int2 bin_span(i64 p, typename G::V bin, i64 corner, i64 limit,
+                                         bool valid) {
+  if (!valid) return make_int2(0, 0);
+  const i64 lo = to_index(G::floor_(G::mul(G::from_int(p), bin))) + corner;
+  const i64 hi = to_index(G::ceil_(G::mul(G::from_int(p + 1), bin))) + corner;
+  return make_int2(static_cast<int>(clamp_to<i64>(lo, 0, limit)),
+                   static_cast<int>(clamp_to<i64>(hi, 0, limit)));
+}
+
+// Shared-memory edge cache: rows [0, PH) then columns [PH, PH + PW). Filled by the whole block
+// of `count` threads (a barrier follows).
+template <class G>
+__device__ __forceinline__ void fill_edge_cache(int2* edges, const RoiGeometry<G>& g, i64 PH,
+                                                i64 PW, i64 H, i64 W, int tid) {
+  const bool valid = g.batch >= 0;
+  const int count = static_cast<int>(PH + PW);  // cached only when small (launch plan)
+  for (int i = tid; i < count; i += kThreads) {
+    edges[i] = i < PH ? bin_span<G>(i, g.bin_h, g.y1, H, valid)
+                      : bin_span<G>(i - PH, g.bin_w, g.x1, W, valid);
+  }
+  __syncthreads();
+}
+
+template <class G>
+__device__ __forceinline__ int2 row_span(const int2* edges, const RoiGeometry<G>& g, bool cached,
+                                         int ph, i64 H) {
+  return cached ? edges[ph] : bin_span<G>(ph, g.bin_h, g.y1, H, g.batch >= 0);
+}
+
+template <class G>
+__device__ __forceinline__ int2 col_span(const int2* edges, const RoiGeometry<G>& g, bool cached,
+                                         i64 PH, int pw, i64 W) {
+  return cached ? edges[PH + pw] : bin_span<G>(pw, g.bin_w, g.x1, W, g.batch >= 0);
+}
+
+template <class T>
+struct BinMax {
+  T value;
+  int index;  // h * W + w, or -1 for an empty bin
+};
+
+// The first maximal element of one bin in row-major scan order; NaN is maximal (first NaN wins),
+// -inf is ordinary, -0 equals +0. An empty bin gives +0 and -1. The value is copied, never
+// converted.
+template <class T>
+__device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 rows, int2 cols,
+                                             i64 sH, i64 sW, i64 W) {
+  typedef typename Elem<T>::key K;
+  BinMax<T> m;
+  m.value = T();
+  m.index = -1;
+  K best = 0;
+  for (int h = rows.x; h < rows.y; ++h) {
+    const T* __restrict__ line = plane + h * sH;
+    const int base = h * static_cast<int>(W);  // < H * W < 2^31 (checked by roi_ops)
+#pragma unroll 4
+    for (int w = cols.x; w < cols.y; ++w) {
+      const T v = line[w * sW];
+      const K key = Elem<T>::key_of(v);
+      if (m.index < 0 || key > best) {
+        best = key;
+        m.value = v;
+        m.index = base + w;
+      }
+    }
+  }
+  return m;
+}
+
+// The plane layout: which bins a thread owns and which channels of a block it visits. The
+// launch plan sizes the block to whole groups (rounded up to a warp) when nb <= 256.
+struct PlaneLayout {
+  unsigned int bins;    // nb = PH * PW
+  unsigned int groups;  // threads own bins in `groups` groups of nb (nb <= threads), else 1
+  unsigned int threads;
+  unsigned int first_bin, first_channel;
+  bool active;  // false for the threads left over after the last whole group
+  __device__ __forceinline__ PlaneLayout(i64 PH, i64 PW, unsigned int tid, unsigned int count) {
+    bins = static_cast<unsigned int>(PH * PW);  // < 2^31 - 256 (checked by the backend)
+    threads = count;
+    groups = bins <= threads ? threads / bins : 1;
+    first_bin = groups > 1 ? tid % bins : tid;
+    first_channel = groups > 1 ? tid / bins : 0;
+    active = first_channel < groups;
+  }
+  // Bins q owned by this thread: first_bin, then in steps of the block when there is one group.
+  __device__ __forceinline__ unsigned int bin_step() const { return groups > 1 ? bins : threads; }
+};
+
+// Streaming store of one value of any element type.
+template <class T>
+__device__ __forceinline__ void store_result(T* __restrict__ address, T value) {
+  union {
+    T value;
+    unsigned short b16;
+    unsigned int b32;
+    unsigned long long b64;
+  } bits;
+  bits.value = value;
+  if constexpr (sizeof(T) == 2) {
+    store_streaming(reinterpret_cast<unsigned short*>(address), bits.b16);
+  } else if constexpr (sizeof(T) == 4) {
+    store_streaming(reinterpret_cast<unsigned int*>(address), bits.b32);
+  } else {
+    store_streaming(reinterpret_cast<unsigned long long*>(address), bits.b64);
+  }
+}
+
+// The value a comparison works on: float for the 16-bit types and float32, double for float64.
+// Conversions are exact both ways (-0 kept); kKeepsNaN says whether a NaN also keeps its payload
+// on the round trip (float16's does not, so the kernels copy a NaN result from the input).
+template <class T>
+struct Work;
+template <>
+struct Work<float> {
+  typedef float V;
+  static constexpr bool kKeepsNaN = true;
+  static __device__ __forceinline__ float lowest() { return __int_as_float(0xff800000u); }
+  static __device__ __forceinline__ float in(float v) { return v; }
+  static __device__ __forceinline__ float out(float v) { return v; }
+};
+template <>
+struct Work<double> {
+  typedef double V;
+  static constexpr bool kKeepsNaN = true;
+  static __device__ __forceinline__ double lowest() {
+    return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
+  }
+  static __device__ __forceinline__ double in(double v) { return v; }
+  static __device__ __forceinline__ double out(double v) { return v; }
+};
+template <>
+struct Work<roi_half> {
+  typedef float V;
+  static constexpr bool kKeepsNaN = false;
+  static __device__ __forceinline__ float lowest() { return Work<float>::lowest(); }
+  static __device__ __forceinline__ float in(roi_half v) { return half_to_float(v.bits); }
+  static __device__ __forceinline__ roi_half out(float v) {
+    roi_half h;
+    h.bits = float_to_half(v);
+    return h;
+  }
+};
+template <>
+struct Work<roi_bf16> {
+  typedef float V;
+  static constexpr bool kKeepsNaN = true;  // the bits shift 16 places and back
+  static __device__ __forceinline__ float lowest() { return Work<float>::lowest(); }
+  static __device__ __forceinline__ float in(roi_bf16 v) { return bf16_to_float(v.bits); }
+  static __device__ __forceinline__ roi_bf16 out(float v) {
+    roi_bf16 b;
+    b.bits = static_cast<unsigned short>(__float_as_uint(v) >> 16);
+    return b;
+  }
+};
+
+__device__ __forceinline__ bool replaces(double v, double best) {
+  return !(v <= best) && best == best;  // float64 operations never flush
+}
+
+// The first element of a non-empty bin whose key equals `key` (integer compares: no flushing):
+// the first NaN or the first zero of a bin whose maximum is one, with its exact bits.
+template <class T>
+__device__ __noinline__ T first_with_key(const T* __restrict__ bin, int bin_h, int bin_w, i64 sH,
+                                         i64 sW, typename Elem<T>::key key) {
+  for (int i = 0; i < bin_h; ++i) {
+    for (int j = 0; j < bin_w; ++j) {
+      const T v = bin[i * sH + j * sW];
+      if (Elem<T>::key_of(v) == key) return v;
+    }
+  }
+  return bin[0];  // unreachable: the maximum is one of the bin's elements
+}
+
+// Inference without argmax: the bin's maximum through one max.NaN per element instead of a
+// compare-and-select. Results that are a zero or a NaN are replaced by the bin's first element
+// with the same key (`first_with_key`): the contract's first zero or first NaN. float64 keeps
+// the compare-and-select path.
+template <class T>
+struct NaNMax {
+  static constexpr bool kEnabled = false;
+};
+#ifdef ROI_OPS_MAX_NAN
+template <>
+struct NaNMax<float> {
+  static constexpr bool kEnabled = true;
+  typedef float V;
+  static __device__ __forceinline__ V load(const float* p) { return *p; }
+  static __device__ __forceinline__ V lowest() { return Work<float>::lowest(); }
+  static __device__ __forceinline__ V max(V a, V b) { return max_nan(a, b); }
+  static __device__ __forceinline__ float bits(V m) { return m; }
+  // Not a zero and not a NaN: the result's bits are those of the bin's first maximal element.
+  static __device__ __forceinline__ bool exact(V m) {
+    const unsigned int magnitude = __float_as_int(m) & 0x7fffffffu;
+    return magnitude != 0u && magnitude <= 0x7f800000u;
+  }
+};
+// float16 and bfloat16: the same on their raw bits; kInfBits is the type's +inf pattern.
+template <class T, unsigned int kInfBits>
+struct NaNMax16 {
+  static constexpr bool kEnabled = true;
+  typedef unsigned short V;
+  static __device__ __forceinline__ V load(const T* p) { return p->bits; }
+  static __device__ __forceinline__ V lowest() { return V(kInfBits | 0x8000u); }
+  static __device__ __forceinline__ V max(V a, V b) {
+    return kInfBits == 0x7c00u ? max_nan_f16(a, b) : max_nan_bf16(a, b);
+  }
+  static __device__ __forceinline__ T bits(V m) {
+    T t;
+    t.bits = m;
+    return t;
+  }
+  static __device__ __forceinline__ bool exact(V m) {
+    const unsigned int magnitude = m & 0x7fffu;
+    return magnitude != 0u && magnitude <= kInfBits;
+  }
+};
+template <>
+struct NaNMax<roi_half> : NaNMax16<roi_half, 0x7c00u> {};
+template <>
+struct NaNMax<roi_bf16> : NaNMax16<roi_bf16, 0x7f80u> {};
+#endif
+
+// float16/bfloat16 gradients accumulate in float32.
+template <class T>
+struct Accum {
+  typedef float type;
+};
+template <>
+struct Accum<double> {
+  typedef double type;
+};
+
+}  // namespace roi_ops_cuda

@@ -1,0 +1,298 @@
+// ---- roi_pool_forward_cvec<T, R, kArgmax>: channels_last, 16 bytes of channels per load ------
+// For inputs whose channel stride is 1 (channels_last) and whose channel vectors are 16-byte
+// aligned: the launch plan checks the pointer, C and every stride
+// (roi_ops.layout.aligned_channel_vector); other channel-adjacent inputs take the chan kernel. A
+// thread keeps CvecShape<T>::kChannels channels (8; 4 in float64) and one bin at a time, and
+// reads each element of the bin for all its channels with one or two 16-byte loads (CvecShape).
+// Inference reduces with max.NaN (packed f16x2/bf16x2 for the 16-bit types), the argmax with
+// the unit kernel's compare and select. Results are staged in shared memory, bin-major, and
+// stored channel by channel in output order.
+namespace roi_ops_cuda {
+constexpr int kCvecThreads = 8;  // most threads per bin (launch plan: a power of two)
+constexpr int kCvecBins = 64;    // bins staged in shared memory per round
+constexpr int kCvecEdges = 128;  // PH + PW up to this: the block caches its bin edges
+constexpr int kCvecBlocksPerSM = 4;
+
+// A 16-byte vector's channels, and the 32-bit (64-bit for float64) shared-memory word that
+// holds one channel's result.
+template <class T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  static constexpr int kCount = 4;
+  typedef unsigned int Word;
+  static __device__ __forceinline__ float get(const roi_vec16& v, int i) {
+    return __uint_as_float(v.w[i]);
+  }
+  static __device__ __forceinline__ Word word(float x) { return __float_as_uint(x); }
+  static __device__ __forceinline__ float from_word(Word w) { return __uint_as_float(w); }
+};
+template <>
+struct Lanes<double> {
+  static constexpr int kCount = 2;
+  typedef unsigned long long Word;
+  static __device__ __forceinline__ double get(const roi_vec16& v, int i) {
+    const Word bits = static_cast<Word>(v.w[2 * i + 1]) << 32 | v.w[2 * i];
+    return __longlong_as_double(static_cast<long long>(bits));
+  }
+  static __device__ __forceinline__ Word word(double x) {
+    return static_cast<Word>(__double_as_longlong(x));
+  }
+  static __device__ __forceinline__ double from_word(Word w) {
+    return __longlong_as_double(static_cast<long long>(w));
+  }
+};
+template <class T>
+struct Lanes16 {
+  static constexpr int kCount = 8;
+  typedef unsigned int Word;
+  static __device__ __forceinline__ T get(const roi_vec16& v, int i) {
+    T t;
+    t.bits = static_cast<unsigned short>(v.w[i >> 1] >> ((i & 1) * 16));
+    return t;
+  }
+  static __device__ __forceinline__ Word word(T x) { return x.bits; }
+  static __device__ __forceinline__ T from_word(Word w) {
+    T t;
+    t.bits = static_cast<unsigned short>(w);
+    return t;
+  }
+};
+template <>
+struct Lanes<roi_half> : Lanes16<roi_half> {};
+template <>
+struct Lanes<roi_bf16> : Lanes16<roi_bf16> {};
+
+// max.NaN on a vector's four 32-bit words: one float32, or two packed float16/bfloat16 channels
+// (max.NaN.f16x2 / .bf16x2: each half as the scalar max.NaN). Only where NaNMax is enabled.
+template <class T>
+struct PackedMax;
+#ifdef ROI_OPS_MAX_NAN
+template <>
+struct PackedMax<float> {
+  static __device__ __forceinline__ unsigned int lowest() { return 0xff800000u; }
+  static __device__ __forceinline__ unsigned int max(unsigned int a, unsigned int b) {
+    return __float_as_uint(max_nan(__uint_as_float(a), __uint_as_float(b)));
+  }
+  static __device__ __forceinline__ bool exact(const unsigned int (&m)[4], int i) {
+    return NaNMax<float>::exact(__uint_as_float(m[i]));
+  }
+};
+template <class T, unsigned int kInfBits>
+struct PackedMax16 {
+  static __device__ __forceinline__ unsigned int lowest() {
+    return (kInfBits | 0x8000u) * 0x10001u;  // -inf in both halves
+  }
+  static __device__ __forceinline__ unsigned int max(unsigned int a, unsigned int b) {
+    return kInfBits == 0x7c00u ? max_nan_f16x2(a, b) : max_nan_bf16x2(a, b);
+  }
+  static __device__ __forceinline__ bool exact(const unsigned int (&m)[4], int i) {
+    return NaNMax<T>::exact(static_cast<unsigned short>(m[i >> 1] >> ((i & 1) * 16)));
+  }
+};
+template <>
+struct PackedMax<roi_half> : PackedMax16<roi_half, 0x7c00u> {};
+template <>
+struct PackedMax<roi_bf16> : PackedMax16<roi_bf16, 0x7f80u> {};
+#endif
+
+// The vectors a thread reads per element: two for float32 and float64 (loop and address work
+// shared by 8 or 4 channels), one for the 16-bit types (already 8 channels).
+template <class T>
+struct CvecShape {
+  static constexpr int kVectors = sizeof(T) == 2 ? 1 : 2;
+  static constexpr int kChannels = kVectors * Lanes<T>::kCount;  // a thread's channels
+};
+
+// One bin (corner: its first element of the thread's first channel; not empty) for the
+// thread's channels: every element read once, as kVectors 16-byte vectors (a missing second
+// vector re-reads the first: `second` is 0), in the contract's scan order. Writes each channel's
+// value (as Lanes<T>::Word) and, with kArgmax, its argmax.
+template <class T, bool kArgmax>
+__device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int second, i64 sH, i64 sW,
+                                         int bin_h, int bin_w, int first_index, int w_int,
+                                         typename Lanes<T>::Word* __restrict__ values,
+                                         int* __restrict__ indices) {
+  typedef Lanes<T> L;
+  constexpr int V = L::kCount;
+  constexpr int P = CvecShape<T>::kVectors;
+  constexpr int kChannels = CvecShape<T>::kChannels;
+  if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
+    unsigned int m[P][4];  // P vectors of four words of maxima (max.NaN(-inf, v) is v)
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) m[p][w] = PackedMax<T>::lowest();
+    }
+    for (int i = 0; i < bin_h; ++i) {
+      const T* __restrict__ line = corner + i * sH;
+#pragma unroll 2
+      for (int j = 0; j < bin_w; ++j) {
+#pragma unroll
+        for (int p = 0; p < P; ++p) {
+          const roi_vec16 v = load_vec16(line + j * sW + p * second);
+#pragma unroll
+          for (int w = 0; w < 4; ++w) m[p][w] = PackedMax<T>::max(m[p][w], v.w[w]);
+        }
+      }
+    }
+    unsigned int inexact = 0;  // channels whose maximum is a zero or a NaN
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      roi_vec16 result;
+#pragma unroll
+      for (int w = 0; w < 4; ++w) result.w[w] = m[p][w];
+#pragma unroll
+      for (int c = 0; c < V; ++c) {
+        values[p * V + c] = L::word(L::get(result, c));
+        if (!PackedMax<T>::exact(m[p], c)) inexact |= 1u << (p * V + c);
+      }
+    }
+    // Rare: those take the bin's first element with their key (nothing else is live here).
+    while (inexact != 0) {
+      const int c = __ffs(inexact) - 1;
+      inexact &= inexact - 1;
+      const T value = first_with_key<T>(corner + (c / V) * second + c % V, bin_h, bin_w, sH, sW,
+                                        Elem<T>::key_of(L::from_word(values[c])));
+      values[c] = L::word(value);
+    }
+  } else {
+    typedef typename Work<T>::V WV;
+    // Unrolling two elements spills float32's and float64's 8 and 4 channels (64 registers);
+    // float16 and bfloat16 measured faster with it.
+    constexpr int kUnroll = P == 1 ? 2 : 1;
+    (void)kUnroll;  // read by #pragma unroll only (a host build ignores the pragma)
+    WV best[kChannels];
+    int at[kChannels];
+#pragma unroll
+    for (int c = 0; c < kChannels; ++c) {
+      best[c] = Work<T>::lowest();
+      at[c] = 0;
+    }
+    int row = 0;  // i * W: the argmax offset of the current row
+    for (int i = 0; i < bin_h; ++i) {
+      const T* __restrict__ line = corner + i * sH;
+#pragma unroll kUnroll
+      for (int j = 0; j < bin_w; ++j) {
+#pragma unroll
+        for (int p = 0; p < P; ++p) {
+          const roi_vec16 v = load_vec16(line + j * sW + p * second);
+#pragma unroll
+          for (int c = 0; c < V; ++c) {
+            const WV x = Work<T>::in(L::get(v, c));
+            if (replaces(x, best[p * V + c])) {
+              best[p * V + c] = x;
+              at[p * V + c] = row + j;
+            }
+          }
+        }
+      }
+      row += w_int;
+    }
+#pragma unroll
+    for (int c = 0; c < kChannels; ++c) {
+      T value = Work<T>::out(best[c]);
+      if (!Work<T>::kKeepsNaN && !(best[c] == best[c])) {  // the NaN's payload was lost:
+        const int i = at[c] / w_int;                        // re-read the winner
+        value = corner[i * sH + (at[c] - i * w_int) * sW + (c / V) * second + c % V];
+      }
+      values[c] = L::word(value);
+      if constexpr (kArgmax) indices[c] = first_index + at[c];
+    }
+  }
+}
+}  // namespace roi_ops_cuda
+
+// channels_per_block: CvecShape<T>::kChannels times a power of two <= kCvecThreads (threads per
+// bin); C a multiple of Lanes<T>::kCount; the input pointer and sN, sH, sW 16-byte aligned
+// (sC == 1).
+template <class T, class R, bool kArgmax>
+__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
+    roi_pool_forward_cvec(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
+                          const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
+                          const R* __restrict__ rois, const i64 rs0, const i64 rs1,
+                          const double spatial_scale, const i64 PH, const i64 PW,
+                          const i64 channels_per_block, T* __restrict__ output,
+                          int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
+  using namespace roi_ops_cuda;
+  typedef typename Rois<R>::G G;
+  typedef Lanes<T> L;
+  typedef typename L::Word Word;
+  constexpr int V = L::kCount;
+  constexpr int kChannels = CvecShape<T>::kChannels;
+  constexpr int kWidth = kCvecThreads * kChannels + 1;  // padded: bin-major reads conflict-free
+  __shared__ Word tile_value[kCvecBins][kWidth];
+  __shared__ int tile_index[kArgmax ? kCvecBins : 1][kArgmax ? kWidth : 1];
+  __shared__ int2 edges[kCvecEdges];
+  (void)sC;  // 1
+  const int tid = threadIdx.x;
+  const i64 k = blockIdx.x;
+  const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
+  const bool valid = g.batch >= 0;
+  const bool cached = PH + PW <= kCvecEdges;  // the same for the whole block
+  if (cached) fill_edge_cache<G>(edges, g, PH, PW, H, W, tid);
+  const int nb = static_cast<int>(PH * PW);  // < 2^31 - 256 (launcher checks)
+  const int pw_count = static_cast<int>(PW);
+  const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
+  const int per_bin = static_cast<int>(channels_per_block) / kChannels;  // a power of two
+  const int lane = tid & (per_bin - 1);  // the thread's channels: lane * kChannels, ...
+  const int first_bin = tid / per_bin;
+  const int bin_step = kThreads / per_bin;
+  const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
+  for (i64 c0 = static_cast<i64>(blockIdx.y) * channels_per_block; c0 < C;
+       c0 += static_cast<i64>(gridDim.y) * channels_per_block) {
+    const int channels =
+        static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
+    const bool has_vector = lane * kChannels < channels;
+    const int second = lane * kChannels + V < channels ? V : 0;  // kVectors == 2: the next one
+    const T* __restrict__ planes = image + c0 + lane * kChannels;
+    for (int q0 = 0; q0 < nb; q0 += kCvecBins) {
+      const int bins = nb - q0 < kCvecBins ? nb - q0 : kCvecBins;
+      if (has_vector) {
+        for (int qi = first_bin; qi < bins; qi += bin_step) {
+          const int q = q0 + qi;
+          const int ph = q / pw_count;
+          const int pw = q - ph * pw_count;
+          const int2 rows = row_span<G>(edges, g, cached, ph, H);
+          const int2 cols = col_span<G>(edges, g, cached, PH, pw, W);
+          const int bin_h = rows.y - rows.x;
+          const int bin_w = cols.y - cols.x;
+          Word* __restrict__ values = &tile_value[qi][lane * kChannels];
+          int* __restrict__ indices = nullptr;
+          if constexpr (kArgmax) indices = &tile_index[qi][lane * kChannels];
+          if (bin_h <= 0 || bin_w <= 0) {
+#pragma unroll
+            for (int c = 0; c < kChannels; ++c) {
+              values[c] = L::word(Work<T>::out(typename Work<T>::V(0)));
+              if constexpr (kArgmax) indices[c] = -1;
+            }
+          } else {
+            cvec_bin<T, kArgmax>(planes + rows.x * sH + cols.x * sW, second, sH, sW, bin_h, bin_w,
+                                 rows.x * w_int + cols.x, w_int, values, indices);
+          }
+        }
+      }
+      __syncthreads();
+      // Channel by channel, bins contiguous: all of it contiguous when nb <= kCvecBins.
+      const i64 out0 = (k * C + c0) * nb + q0;
+      const int step_channels = kThreads / bins;
+      const int step_bins = kThreads - step_channels * bins;
+      int cl = tid / bins;
+      int qi = tid - cl * bins;
+      for (int e = tid; e < channels * bins; e += kThreads) {
+        const i64 o = out0 + static_cast<i64>(cl) * nb + qi;
+        store_result<T>(output + o, L::from_word(tile_value[qi][cl]));
+        if constexpr (kArgmax) store_result<int>(argmax + o, tile_index[qi][cl]);
+        qi += step_bins;
+        cl += step_channels;
+        if (qi >= bins) {
+          qi -= bins;
+          ++cl;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
+}
+

@@ -1,0 +1,378 @@
+"""Launch planning: which kernel a call runs, and its grid, block, shared memory and arguments.
+
+Imports no CuPy. Every function is pure: it reads shapes, strides, dtypes and the device's sizes
+(`roi_ops.device_info.CudaSizes`), never tensor values and never the environment; the tuning
+constants come in as a `CupyTuning`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from roi_ops.backend import RoIPoolProblem, accumulate_dtype
+from roi_ops.device_info import CudaSizes
+from roi_ops.layout import aligned_channel_vector
+
+from . import kernels
+from .kernels import Launch, integer, pointer, real
+from .tuning import DEFAULT_TUNING, CupyTuning
+
+THREADS = 256  # the forward kernels' largest block (kThreads in cuda/common.cuh)
+CHAN_LANES = 32  # channels per block of the chan kernel (kChanLanes)
+UNIT_CHANNELS = 4  # channels per thread and step of the unit kernel (kUnitChannels)
+CVEC_BYTES = 16  # the cvec kernel loads 16 aligned bytes of channels at a time
+CVEC_THREADS = 8  # most threads per bin in a block of the cvec kernel (kCvecThreads)
+# The forward kernels count a block's channels in 32-bit integers (a few thousand in practice).
+MAX_CHANNELS_PER_BLOCK = 2**24
+PLANES_STATIC_SHARED = 5 * 1024  # the planes kernel's own __shared__ arrays (4224 B), and room
+DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without opting in
+MAX_GRID_Y = 65535
+INT32_LIMIT = 2**31
+
+
+def unsupported_reasons(problem: RoIPoolProblem) -> list[str]:
+    """Size and dtype limits of these kernels (beyond what roi_ops validates)."""
+    reasons = []
+    pair = (problem.input.dtype, problem.rois.dtype)
+    if pair not in kernels.FORWARD_PAIRS and problem.input.dtype in kernels.C_TYPES:
+        names = [str(d).removeprefix("torch.") for d in pair]
+        reasons.append(f"input dtype {names[0]} with rois dtype {names[1]} not supported")
+    bins = problem.pooled_height * problem.pooled_width
+    if bins >= INT32_LIMIT - THREADS:
+        reasons.append(f"output_size with {bins} bins per ROI (needs fewer than 2^31 - 256)")
+    if problem.num_rois >= INT32_LIMIT:
+        reasons.append(f"{problem.num_rois} ROIs (needs fewer than 2^31: one grid row each)")
+    return reasons
+
+
+# ---- Forward ---------------------------------------------------------------------------------
+
+
+def uses_channel_kernel(input: torch.Tensor, tuning: CupyTuning = DEFAULT_TUNING) -> bool:
+    """Whether lanes should run over channels: channels adjacent in memory (channels_last)."""
+    return (
+        input.shape[1] >= tuning.chan_min_channels and input.stride(1) == 1 and input.stride(3) != 1
+    )
+
+
+def cvec_lanes(dtype: torch.dtype) -> int:
+    """Channels in one of the cvec kernel's 16-byte vectors (4 float32, 8 float16, 2 float64)."""
+    return CVEC_BYTES // dtype.itemsize
+
+
+def cvec_thread_channels(dtype: torch.dtype) -> int:
+    """Channels of one cvec thread (CvecShape::kChannels): two vectors for float32 and float64,
+    one for the 16-bit types (8 channels in all but float64's 4)."""
+    lanes = cvec_lanes(dtype)
+    return lanes if lanes == 8 else 2 * lanes
+
+
+def _can_run(kernel: str, input: torch.Tensor) -> bool:
+    if kernel == kernels.FORWARD_UNIT:
+        return input.stride(3) == 1
+    if kernel == kernels.FORWARD_CVEC:
+        return (
+            input.shape[1] > 0
+            and input.stride(1) == 1
+            and aligned_channel_vector(input, CVEC_BYTES) > 1
+        )
+    return True  # plane and chan read any strides
+
+
+def forward_kernel(input: torch.Tensor, tuning: CupyTuning = DEFAULT_TUNING) -> str:
+    """The forward kernel for an input's strides and alignment (no device sync).
+
+    For channels_last: cvec when its channel vectors are 16-byte aligned, chan otherwise; unit
+    for any other unit W stride (NCHW contiguous), plane otherwise. ``tuning.forward_kernel``
+    overrides the choice where that kernel can run.
+    """
+    forced = tuning.forward_kernel
+    if forced is not None and _can_run(forced, input):
+        return forced
+    if uses_channel_kernel(input, tuning):
+        aligned = aligned_channel_vector(input, CVEC_BYTES) > 1
+        return kernels.FORWARD_CVEC if aligned else kernels.FORWARD_CHAN
+    if input.stride(3) == 1:
+        return kernels.FORWARD_UNIT
+    return kernels.FORWARD_PLANE
+
+
+def channels_per_block(
+    num_rois: int, channels: int, bins: int, multiprocessors: int, target: int, tuning: CupyTuning
+) -> int:
+    """Channels per block: about `target` outputs, but enough blocks for the GPU."""
+    per_block = max(1, min(channels, target // bins, MAX_CHANNELS_PER_BLOCK))
+    while per_block > 1 and num_rois * math.ceil(channels / per_block) < (
+        tuning.min_blocks_per_sm * multiprocessors
+    ):
+        per_block = (per_block + 1) // 2
+    return per_block
+
+
+def whole_unit_steps(per_block: int, bins: int, dtype: torch.dtype) -> int:
+    """`per_block` rounded down to whole steps of the unit kernel's threads (a step covers
+    UNIT_CHANNELS channels, half for float64, in each of the block's groups of `bins` threads),
+    so that no step reads channels it does not store."""
+    channels = UNIT_CHANNELS // 2 if dtype == torch.float64 else UNIT_CHANNELS
+    step = channels * (THREADS // bins if bins <= THREADS else 1)
+    return per_block // step * step if per_block >= step else per_block
+
+
+def cvec_channels_per_block(
+    num_rois: int, channels: int, dtype: torch.dtype, multiprocessors: int, tuning: CupyTuning
+) -> int:
+    """The cvec kernel's channels per block: a thread's channels times a power of two of threads
+    per bin, at most CVEC_THREADS (fewer when C has fewer channels, or when the GPU would get
+    too few blocks)."""
+    per_thread = cvec_thread_channels(dtype)
+    threads = 1
+    while threads < CVEC_THREADS and threads * per_thread < channels:
+        threads *= 2
+    while threads > 1 and num_rois * math.ceil(channels / (threads * per_thread)) < (
+        tuning.min_blocks_per_sm * multiprocessors
+    ):
+        threads //= 2
+    return threads * per_thread
+
+
+def plane_threads(bins: int) -> int:
+    """Block size of the plane and atomic backward kernels: whole groups of `bins` threads (as
+    many as fit in 256), rounded up to a warp; 256 when one group does not fit."""
+    if bins > THREADS:
+        return THREADS
+    return -(-(THREADS // bins) * bins // 32) * 32
+
+
+def plan_forward(
+    problem: RoIPoolProblem,
+    output: torch.Tensor,
+    argmax: torch.Tensor | None,
+    sizes: CudaSizes,
+    tuning: CupyTuning = DEFAULT_TUNING,
+) -> Launch | None:
+    """The forward launch for `problem`; None when there is nothing to do (no output and no
+    bad-ROI log to fill).
+
+    Args:
+        problem: the validated call; input and rois may have any strides. Its ``bad_roi_log``
+            (or None) is passed to the kernel, which records invalid ROIs there.
+        output: contiguous (K, C, PH, PW) tensor of the input's dtype.
+        argmax: contiguous int32 tensor of the same shape, or None to skip the argmax.
+        sizes: the device's SM count and L2 size (an L2 of 0: inputs count as not cached).
+        tuning: the planning constants.
+    """
+    input, rois = problem.input, problem.rois
+    num_images, channels, height, width = input.shape
+    ph, pw = problem.pooled_height, problem.pooled_width
+    num_rois = problem.num_rois
+    log = problem.bad_roi_log
+    if num_rois == 0 or (output.numel() == 0 and log is None):
+        return None
+    kernel = forward_kernel(input, tuning)
+    name = kernels.forward_name(kernel, input.dtype, rois.dtype, argmax is not None)
+    head = (
+        pointer("input", input),
+        *(integer(n, v) for n, v in zip(("N", "C", "H", "W"), input.shape, strict=True)),
+        *(integer(n, v) for n, v in zip(("sN", "sC", "sH", "sW"), input.stride(), strict=True)),
+        pointer("rois", rois),
+        integer("rs0", rois.stride(0)),
+        integer("rs1", rois.stride(1)),
+        real("spatial_scale", problem.spatial_scale),
+        integer("PH", ph),
+        integer("PW", pw),
+    )
+    tail = (pointer("output", output), pointer("argmax", argmax), pointer("bad_roi_log", log))
+    multiprocessors = sizes.multiprocessors
+    if kernel == kernels.FORWARD_CHAN:
+        cache_edges = ph + pw <= tuning.max_cached_edges
+        grid_y = _grid_y(channels, CHAN_LANES)
+        return Launch(
+            name,
+            (num_rois, grid_y, 1),
+            (CHAN_LANES, THREADS // CHAN_LANES, 1),
+            8 * (ph + pw) if cache_edges else 0,
+            (*head, integer("cache_edges", int(cache_edges)), *tail),
+        )
+    if kernel == kernels.FORWARD_CVEC:
+        per_block = cvec_channels_per_block(
+            num_rois, channels, input.dtype, multiprocessors, tuning
+        )
+    else:
+        target = tuning.block_elements
+        if kernel == kernels.FORWARD_UNIT:
+            input_bytes = num_images * channels * height * width * input.element_size()
+            cached = input_bytes <= sizes.l2_bytes
+            target = (
+                tuning.unit_block_elements_cached if cached else tuning.unit_block_elements_streamed
+            )
+        per_block = channels_per_block(num_rois, channels, ph * pw, multiprocessors, target, tuning)
+        if kernel == kernels.FORWARD_UNIT:
+            per_block = whole_unit_steps(per_block, ph * pw, input.dtype)
+    return Launch(
+        name,
+        (num_rois, _grid_y(channels, per_block), 1),
+        (THREADS, 1, 1),
+        0,
+        (*head, integer("channels_per_block", per_block), *tail),
+    )
+
+
+def _grid_y(channels: int, per_block: int) -> int:
+    """Grid rows over channel blocks: at least one (a launch with no channels still records bad
+    ROIs), at most the grid's limit (the kernels loop over the rest)."""
+    return max(1, min(math.ceil(channels / per_block), MAX_GRID_Y))
+
+
+# ---- Backward --------------------------------------------------------------------------------
+
+
+def planes_shared(plane_bytes: int, bins: int) -> int:
+    """Dynamic shared memory of the planes kernel: the bins' offset table, then the planes."""
+    return 8 * bins + plane_bytes
+
+
+def backward_kernel(
+    input_shape: tuple[int, int, int, int],
+    input_dtype: torch.dtype,
+    argmax_shape: tuple[int, ...],
+    sizes: CudaSizes,
+    tuning: CupyTuning = DEFAULT_TUNING,
+) -> str:
+    """BACKWARD_PLANES when a block's gradient planes fit in shared memory and there are enough
+    (image, channel) blocks, else BACKWARD_ATOMIC. ``tuning.backward_kernel`` forces one
+    (planes only where it can run).
+
+    Args:
+        input_shape: (N, C, H, W); input_dtype: the gradient's dtype.
+        argmax_shape: (K, C, PH, PW).
+        sizes: the device's SM count and the shared memory a block may opt in to.
+        tuning: the planning constants.
+    """
+    num_images, channels, height, width = input_shape
+    num_rois, _, ph, pw = argmax_shape
+    per_block = tuning.planes_channels
+    plane_bytes = per_block * height * width * accumulate_dtype(input_dtype).itemsize
+    can_run = (
+        num_rois * ph * pw > 0  # with nothing to add, grad_input is the atomic path's zero fill
+        and planes_shared(plane_bytes, ph * pw) + PLANES_STATIC_SHARED
+        <= sizes.shared_per_block_optin
+        and per_block * ph * pw * kernels.PLANES_THREADS[-1] < INT32_LIMIT
+        and num_rois < INT32_LIMIT
+        and num_images * math.ceil(channels / per_block) < INT32_LIMIT
+    )
+    if tuning.backward_kernel is not None:
+        planes = tuning.backward_kernel == kernels.BACKWARD_PLANES and can_run
+        return kernels.BACKWARD_PLANES if planes else kernels.BACKWARD_ATOMIC
+    enough_blocks = num_images * channels >= tuning.planes_min_blocks_per_sm * sizes.multiprocessors
+    return kernels.BACKWARD_PLANES if can_run and enough_blocks else kernels.BACKWARD_ATOMIC
+
+
+def channels_last_gradient(
+    grad_input_bytes: int, l2_bytes: int, tuning: CupyTuning = DEFAULT_TUNING
+) -> bool:
+    """Whether the backward writes a channels_last input's gradient channels_last (else
+    contiguous, which roi_ops copies): when the `grad_input_bytes` it writes fit in `l2_bytes`.
+    Beyond L2, the planes kernel's channel-strided stores leave partial sectors to be written
+    back, and a contiguous gradient plus torch's copy is faster; within L2 the copy is the
+    larger cost. ``tuning.channels_last_gradient`` forces one."""
+    if tuning.channels_last_gradient is not None:
+        return tuning.channels_last_gradient
+    return grad_input_bytes <= l2_bytes
+
+
+def planes_threads(shared_mem: int, shared_limit: int, tuning: CupyTuning = DEFAULT_TUNING) -> int:
+    """Block size of the planes kernel for `shared_mem` bytes of dynamic shared memory per block:
+    1024 when two blocks would not fit in `shared_limit` (the opt-in limit of one block, about
+    an SM's shared memory; a lone 256-thread block keeps too few loads in flight), else 256.
+    ``tuning.planes_threads`` forces one."""
+    if tuning.planes_threads is not None:
+        return tuning.planes_threads
+    alone = 2 * (shared_mem + PLANES_STATIC_SHARED) > shared_limit
+    return kernels.PLANES_THREADS[-1] if alone else kernels.PLANES_THREADS[0]
+
+
+def plan_backward(
+    grad_output: torch.Tensor,
+    argmax: torch.Tensor,
+    rois: torch.Tensor,
+    grad_input: torch.Tensor,
+    kernel: str,
+    sizes: CudaSizes,
+    tuning: CupyTuning = DEFAULT_TUNING,
+) -> Launch | None:
+    """The backward launch (None when there is nothing to launch).
+
+    Args:
+        grad_output: (K, C, PH, PW) of the input's dtype, any strides (zero strides too).
+        argmax: contiguous int32 (K, C, PH, PW).
+        rois: the forward's (K, 5) rois, any strides: the kernels read each ROI's batch index.
+        grad_input: (N, C, H, W), contiguous or channels_last: for BACKWARD_ATOMIC zero-filled, of
+            `accumulate_dtype(grad_output.dtype)`; for BACKWARD_PLANES of grad_output's dtype,
+            any contents (every element is written).
+        kernel: BACKWARD_ATOMIC or BACKWARD_PLANES (see `backward_kernel`).
+        sizes: the device's SM count, L2 size (0: grad_input counts as not cached) and the
+            shared memory a block may opt in to (picks the planes kernel's block size).
+        tuning: the planning constants.
+
+    Raises:
+        ValueError: grad_input's H stride is not W times its W stride; the planes kernel with
+            no ROI or no bin.
+    """
+    num_rois, channels, ph, pw = argmax.shape
+    if grad_input.numel() == 0 or (argmax.numel() == 0 and kernel == kernels.BACKWARD_ATOMIC):
+        return None
+    num_images, _, height, width = grad_input.shape
+    image_stride, channel_stride, row_stride, pixel_stride = grad_input.stride()
+    if row_stride != width * pixel_stride and height > 1:  # kernels index pixels h * W + w
+        raise ValueError(
+            f"grad_input's H stride must be W times its W stride (contiguous or channels_last), "
+            f"got strides {grad_input.stride()} for shape {tuple(grad_input.shape)}"
+        )
+    head = (
+        pointer("grad_output", grad_output),
+        *(
+            integer(n, v)
+            for n, v in zip(("gs0", "gs1", "gs2", "gs3"), grad_output.stride(), strict=True)
+        ),
+        pointer("argmax", argmax),
+        pointer("rois", rois),
+        integer("rs0", rois.stride(0)),
+        integer("N", num_images),
+        integer("C", channels),
+        integer("HW", height * width),
+        integer("PH", ph),
+        integer("PW", pw),
+    )
+    gradient = (
+        pointer("grad_input", grad_input),
+        integer("gi_image", image_stride),
+        integer("gi_channel", channel_stride),
+        integer("gi_pixel", pixel_stride),
+    )
+    if kernel == kernels.BACKWARD_PLANES:
+        if argmax.numel() == 0:
+            raise ValueError("the planes backward needs at least one ROI and one bin")
+        per_block = tuning.planes_channels
+        blocks = num_images * math.ceil(channels / per_block)
+        accumulator = accumulate_dtype(grad_input.dtype).itemsize
+        shared = planes_shared(per_block * height * width * accumulator, ph * pw)
+        threads = planes_threads(shared, sizes.shared_per_block_optin, tuning)
+        name = kernels.backward_name(kernel, grad_output.dtype, rois.dtype, threads)
+        args = (*head, integer("channels_per_block", per_block), *gradient)
+        return Launch(
+            name, (blocks, 1, 1), (threads, 1, 1), shared, (*args, integer("K", num_rois))
+        )
+    name = kernels.backward_name(kernel, grad_output.dtype, rois.dtype)
+    grad_bytes = grad_input.numel() * grad_input.element_size()
+    target = (
+        tuning.block_elements
+        if grad_bytes <= sizes.l2_bytes
+        else tuning.backward_block_elements_streamed
+    )
+    per_block = channels_per_block(
+        num_rois, channels, ph * pw, sizes.multiprocessors, target, tuning
+    )
+    args = (*head, integer("channels_per_block", per_block), *gradient)
+    block = (plane_threads(ph * pw), 1, 1)
+    return Launch(name, (num_rois, _grid_y(channels, per_block), 1), block, 0, args)

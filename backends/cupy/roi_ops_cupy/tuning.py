@@ -1,0 +1,60 @@
+"""`CupyTuning`: every constant the launch planning of the CuPy backend chooses by, in one value.
+
+The backend plans with `DEFAULT_TUNING`. Probes and tests that compare variants build another
+value with `dataclasses.replace` and hand it to `roi_ops_cupy.launch.Launcher` (or to the
+planning functions); nothing reads the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CupyTuning:
+    """Launch-planning constants of the CuPy backend, and optional forced choices.
+
+    Attributes:
+        block_elements: outputs per block of the plane kernel and of the atomic backward while
+            grad_input fits in L2.
+        unit_block_elements_cached: outputs per block of the unit kernel when the input fits
+            in L2: large blocks amortise each thread's bin geometry over many channels.
+        unit_block_elements_streamed: the same when it does not: small channel blocks keep the
+            planes that the resident blocks read together (all ROIs of one channel block run
+            first) small enough to stay in L2.
+        backward_block_elements_streamed: outputs per block of the atomic backward when
+            grad_input does not fit in L2 (the planes being added into stay in L2).
+        min_blocks_per_sm: channel blocks are halved until the grid has this many blocks per
+            SM.
+        chan_min_channels: channels_last inputs with fewer channels take the plane kernel
+            (idle lanes make the channel-lane kernels the worse choice).
+        max_cached_edges: the chan kernel caches its bin edges in shared memory up to this
+            PH + PW.
+        planes_channels: channels per block of the planes backward.
+        planes_min_blocks_per_sm: the planes backward runs only with N * C at least this many
+            blocks per SM.
+        forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
+            wherever it can run (plane and chan run on every layout).
+        backward_kernel: None, or `kernels.BACKWARD_ATOMIC` / `kernels.BACKWARD_PLANES` (planes
+            only where its planes fit in shared memory).
+        planes_threads: None, or the planes backward's block size (`kernels.PLANES_THREADS`).
+        channels_last_gradient: None, or whether the backward writes a channels_last input's
+            gradient channels_last (else contiguous, which roi_ops copies).
+    """
+
+    block_elements: int = 2048
+    unit_block_elements_cached: int = 8192
+    unit_block_elements_streamed: int = 1024
+    backward_block_elements_streamed: int = 512
+    min_blocks_per_sm: int = 8
+    chan_min_channels: int = 16
+    max_cached_edges: int = 2048
+    planes_channels: int = 1
+    planes_min_blocks_per_sm: int = 4
+    forward_kernel: str | None = None
+    backward_kernel: str | None = None
+    planes_threads: int | None = None
+    channels_last_gradient: bool | None = None
+
+
+DEFAULT_TUNING = CupyTuning()

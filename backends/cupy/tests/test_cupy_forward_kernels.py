@@ -1,0 +1,266 @@
+"""The CuPy backend's forward kernels bit for bit against the scalar reference: on the CPU
+emulator of the kernels without a GPU, through CuPy on a CUDA device (the `runner` fixture).
+Every layout (each takes another kernel family), every dtype, the contract's cases, ties,
+signed zeros, subnormals, NaN payloads, channel blocks that loop, bins around a block."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import numpy as np
+import pytest
+import torch
+from cupy_harness import (
+    BITS,
+    DTYPE_IDS,
+    DTYPES,
+    LAYOUTS,
+    assert_same_bits,
+    check,
+    rois_dtype_for,
+    run_forward,
+    wide,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from roi_ops.testing.cases import contract_cases, tie_heavy_features
+from roi_ops.testing.reference import reference_roi_pool
+from roi_ops.testing.strategies import roi_pool_cases
+
+from roi_ops_cupy import kernels
+from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_contract_cases(runner, dtype, layout):
+    for case in contract_cases("cpu", dtype):
+        x = wide(case.input) if layout.startswith("channels_last") else case.input
+        check(runner, x, case.rois_tensor(), case.output_size, case.spatial_scale, layout=layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_float32_rois_with_half_input(runner, dtype, layout):
+    for case in contract_cases("cpu", dtype, seed=3, rois_dtype=torch.float32):
+        x = wide(case.input) if layout.startswith("channels_last") else case.input
+        check(runner, x, case.rois_tensor(), case.output_size, case.spatial_scale, layout=layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:3])
+def test_channel_blocks_loop_and_uncached_edges(runner, layout):
+    # 72 channels: the cvec kernel's last block of 32 has 2 of its 8 vectors.
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 72, 9, 13, generator=g)
+    rois = torch.tensor([[0, 0.0, 0.0, 12.0, 8.0], [1, 2.5, 1.5, 9.5, 7.0], [1, -3.0, 2.0, 30, 5]])
+    check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=1, grid_y=1)
+    check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64)
+    uncached = CupyTuning(max_cached_edges=0)
+    check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64, tuning=uncached)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:3])
+@pytest.mark.parametrize("size", [(1, 1), (16, 16), (17, 16), (20, 30), (70, 60)], ids=str)
+def test_bins_per_roi_around_one_block(runner, layout, size):
+    # nb = 1 (256 groups), 256 (one group, exact), 272 and 600 (threads loop over bins); 70 + 60
+    # edges are more than the cvec kernel caches.
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(1, 20, 22, 33, generator=g)
+    rois = torch.tensor([[0, 1.0, 2.0, 30.0, 20.0], [0, 4.0, 4.0, 6.0, 5.0]])
+    check(runner, x, rois, size, 1.0, layout=layout, multiprocessors=1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:3])
+def test_many_bins_are_staged_in_rounds(runner, layout):
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 18, 30, 30, generator=g, dtype=torch.float64)
+    rois = torch.tensor([[0, 1.0, 2.0, 27.0, 29.0], [0, 5.0, 5.0, 6.0, 6.0]], dtype=torch.float64)
+    check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
+
+
+@pytest.mark.parametrize("kernel", ["unit", "plane", "cvec", "chan"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_kernels_on_ties_and_specials(runner, dtype, kernel):
+    # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
+    # groups of four channels partly empty; bins narrower than a pixel (with (12, 40) every bin
+    # of the first three ROIs has at most 2 x 2 elements: the unit kernel's loop-free path; 200
+    # and 196 bins leave 8 and 4 bins to a last warp whose lanes spread over channels);
+    # ROIs cut by the border. cvec: 24 float16 channels leave the last of 4 threads per bin
+    # empty; 20 float32 (22 float64) channels leave one thread half its channels.
+    tuning = CupyTuning(forward_kernel=kernels.FORWARD_PLANE) if kernel == "plane" else None
+    tuning = tuning or DEFAULT_TUNING
+    layout = {"cvec": "channels_last", "chan": "channels_last_unaligned"}.get(kernel, "contiguous")
+    lane_channels = {torch.float32: 20, torch.float64: 22}.get(dtype, 24)
+    x = tie_heavy_features((2, lane_channels if layout != "contiguous" else 11, 12, 40), 21, dtype)
+    rows = [
+        [0, 3.0, 1.0, 5.0, 10.0],
+        [1, 7.0, 0.0, 13.0, 11.0],
+        [0, 2.0, 2.0, 35.0, 9.0],
+        [1, -20.0, -3.0, 50.0, 30.0],
+        [1, 38.0, 6.0, 90.0, 6.0],
+    ]
+    rois_dtype = rois_dtype_for(dtype)
+    rois = torch.tensor(rows, dtype=torch.float64).to(rois_dtype)
+    for size in [(7, 7), (5, 40), (3, 2), (12, 1), (12, 40), (14, 14)]:
+        check(runner, x, rois, size, 1.0, layout=layout, multiprocessors=1, tuning=tuning)
+    # channel blocks loop
+    check(runner, x, rois, (7, 7), 1.0, layout=layout, multiprocessors=64, grid_y=1, tuning=tuning)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_float_edges_reach_one_row_further(runner, dtype):
+    # value = row index, so each bin's max sits on its last row
+    x = torch.arange(64, dtype=torch.float64).reshape(1, 1, 64, 1).expand(1, 2, 64, 3).to(dtype)
+    rois_dtype = rois_dtype_for(dtype)
+    rois = torch.tensor([[0, 0.0, 0.0, 2.0, 56.0]], dtype=rois_dtype)  # roi_h = 57
+    output, argmax = run_forward(runner, x, rois, (7, 1), 1.0)
+    last_row = argmax[0, 0, :, 0] // 3
+    if dtype in (torch.float32, torch.bfloat16):  # float32 geometry: bin_h = 8.142857
+        assert last_row[-1] == 57  # integer arithmetic would end the last bin at row 56
+    assert torch.equal(argmax, reference_roi_pool(x, rois, (7, 1), 1.0)[1])
+
+
+def test_half_geometry_rounds_every_step(runner):
+    # float16 rois round every product and quotient to half; float32 rois with the same
+    # float16 input do not. Both must match the reference, including +-65504.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, 64, 64, generator=g).to(torch.float16)
+    rows = [
+        [0, 100.5, 3.3, 201.0, 199.9],
+        [0, 0.1, 0.2, 133.0, 1e4],
+        [0, 65504, 3, -65504, 4],
+        [0, 41.7, 50.5, 43.3, 52.5],
+    ]
+    for rois_dtype in (torch.float16, torch.float32):
+        check(runner, x, torch.tensor(rows, dtype=rois_dtype), (5, 3), 0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_subnormals_and_signed_zeros(runner, dtype):
+    # CuPy compiles with -ftz=true, under which float comparisons see subnormals as zero; the
+    # kernels compare integer keys instead. -0 and +0 are equal: the first one stays.
+    tiny = {
+        torch.float16: 2.0**-24,
+        torch.bfloat16: 2.0**-133,
+        torch.float32: 2.0**-149,
+        torch.float64: 2.0**-1074,
+    }[dtype]
+    pattern = torch.tensor(
+        [
+            [-0.0, 0.0, tiny, 3 * tiny],
+            [-tiny, 2 * tiny, 0.0, -0.0],
+            [-2 * tiny, -tiny, -0.0, -3 * tiny],
+            [0.0, -0.0, -tiny, tiny],
+        ],
+        dtype=torch.float64,
+    )
+    x = torch.stack([pattern, pattern.flip(1), -pattern]).unsqueeze(0).to(dtype)
+    assert bool((x != 0).any())
+    rois_dtype = rois_dtype_for(dtype)
+    rois = torch.tensor(
+        [[0, 0, 0, 3, 3], [0, 0, 0, 1, 1], [0, 2, 0, 3, 3], [0, 0, 2, 3, 3]], dtype=rois_dtype
+    )
+    for size in ((2, 2), (1, 1), (4, 4)):
+        check(runner, x, rois, size, 1.0)
+
+
+_NAN_PAYLOADS = {  # quiet, negative, signalling and odd-payload NaNs of each dtype
+    torch.float16: [0x7E00, 0xFE00, 0x7C01, 0x7D55],
+    torch.bfloat16: [0x7FC0, 0xFFC0, 0x7F81, 0x7FA5],
+    torch.float32: [0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FAAAAAA],
+    torch.float64: [0x7FF8000000000000, 0xFFF8000000000000, 0x7FF0000000000001, 0x7FF5555555555555],
+}
+
+
+def _signed(value: int, nbits: int) -> int:
+    return value - (1 << nbits) if value >= 1 << (nbits - 1) else value
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_any_nan_is_maximal_and_copied_bit_for_bit(runner, dtype):
+    g = torch.Generator().manual_seed(9)
+    bits = BITS[torch.empty((), dtype=dtype).element_size()]
+    x = (torch.randn(1, 4, 6, 6, generator=g, dtype=torch.float64) * 5).to(dtype)
+    raw = x.view(bits)
+    places = [(0, 1, 2), (0, 4, 4), (1, 0, 5), (1, 3, 3), (2, 2, 1), (3, 5, 0), (3, 1, 1)]
+    for i, (c, h, w) in enumerate(places):
+        raw[0, c, h, w] = _signed(_NAN_PAYLOADS[dtype][i % 4], 8 * x.element_size())
+    assert int(x.isnan().sum()) == len(places)
+    rois_dtype = rois_dtype_for(dtype)
+    rois = torch.tensor([[0, 0, 0, 5, 5], [0, 1, 1, 5, 5], [0, 0, 2, 3, 5]], dtype=rois_dtype)
+    check(runner, x, rois, (2, 3), 1.0)
+    output, argmax = run_forward(runner, x, rois, (2, 3), 1.0)
+    planes = x.view(bits).reshape(1, 4, 36).expand(3, 4, 36)
+    picked = planes.gather(2, argmax.clamp(min=0).long().reshape(3, 4, 6)).reshape(argmax.shape)
+    assert torch.equal(output.view(bits)[argmax >= 0], picked[argmax >= 0])
+    # Inference (no argmax) takes another reduction (max.NaN in the unit kernel): same bits.
+    inference, _ = run_forward(runner, x, rois, (2, 3), 1.0, needs_argmax=False)
+    assert torch.equal(inference.view(bits), output.view(bits))
+
+
+def test_emulated_half_conversions_are_round_to_nearest_even(emulator):
+    to_half = emulator.library.roi_float_to_half
+    to_half.restype, to_half.argtypes = ctypes.c_ushort, [ctypes.c_float]
+    back = emulator.library.roi_half_to_float
+    back.restype, back.argtypes = ctypes.c_float, [ctypes.c_ushort]
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat(
+        [
+            torch.randn(2000, generator=g) * 10.0 ** torch.randint(-9, 6, (2000,), generator=g),
+            torch.tensor(
+                [
+                    65504.0,
+                    65519.9,
+                    65520.0,
+                    1e6,
+                    2.0**-24,
+                    2.0**-25,
+                    3 * 2.0**-26,
+                    0.0,
+                    -0.0,
+                    math.inf,
+                    -math.inf,
+                    2049.0,
+                    2051.0,
+                    1.00048828125,
+                ]
+            ),
+        ]
+    ).float()
+    expected = values.to(torch.float16).view(torch.int16).numpy().astype(np.uint16)
+    got = np.array([to_half(float(v)) for v in values], dtype=np.uint16)
+    assert np.array_equal(got, expected)
+    halves = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    finite = ~halves.isnan()
+    decoded = torch.tensor([back(int(h)) for h in range(2**16)], dtype=torch.float32)
+    assert torch.equal(decoded[finite], halves.float()[finite])
+    assert bool(decoded[~finite].isnan().all())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hypothesis_differential(runner, layout):
+    @settings(
+        max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
+    @given(roi_pool_cases(max_rois=6), st.booleans())
+    def run(case, needs_argmax):
+        x = wide(case.input) if layout.startswith("channels_last") else case.input
+        rois = case.rois_tensor()
+        expected, expected_argmax = reference_roi_pool(
+            x, rois, case.output_size, case.spatial_scale
+        )
+        output, argmax = run_forward(
+            runner,
+            x,
+            rois,
+            case.output_size,
+            case.spatial_scale,
+            layout=layout,
+            needs_argmax=needs_argmax,
+        )
+        assert_same_bits(output, expected)
+        if needs_argmax:
+            assert torch.equal(argmax, expected_argmax)
+
+    run()

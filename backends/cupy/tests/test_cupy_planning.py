@@ -1,0 +1,245 @@
+"""The CuPy backend's launch planning (no GPU, no kernels run): which kernel a call takes, its
+grid, block, shared memory and named arguments, and how a `CupyTuning` changes them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from cupy_harness import DTYPES, place_input, sizes
+from roi_ops.backend import RoIPoolProblem
+
+from roi_ops_cupy import kernels, planning
+from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
+
+OPTIN = 227 * 1024
+
+
+def _problem(x, rois=None, size=7, needs_argmax=True, log=None) -> RoIPoolProblem:
+    rois = torch.zeros(3, 5) if rois is None else rois
+    return RoIPoolProblem(x, rois, size, size, 0.5, needs_argmax, bad_roi_log=log)
+
+
+def _outputs(problem):
+    out = torch.empty(problem.output_shape)
+    return out, torch.empty(problem.output_shape, dtype=torch.int32)
+
+
+def test_forward_kernel_by_layout_and_alignment():
+    def last(c, dtype=torch.float32):
+        return torch.empty(2, c, 5, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+    assert [planning.cvec_lanes(d) for d in DTYPES] == [8, 8, 4, 2]
+    assert [planning.cvec_thread_channels(d) for d in DTYPES] == [8, 8, 8, 4]
+    assert planning.forward_kernel(torch.empty(2, 20, 5, 6)) == kernels.FORWARD_UNIT
+    assert planning.forward_kernel(last(20)) == kernels.FORWARD_CVEC
+    assert planning.forward_kernel(last(20, torch.float16)) == kernels.FORWARD_CHAN
+    assert planning.forward_kernel(last(20)[:, 1:17]) == kernels.FORWARD_CHAN  # 4 bytes in
+    assert planning.forward_kernel(last(8)) == kernels.FORWARD_PLANE  # too few channels
+    assert planning.forward_kernel(torch.empty(2, 3, 5, 12)[..., ::2]) == kernels.FORWARD_PLANE
+
+
+def test_forced_forward_kernels_only_where_they_run():
+    x = torch.empty(2, 20, 5, 6)
+    for kernel in (kernels.FORWARD_PLANE, kernels.FORWARD_CHAN):
+        assert planning.forward_kernel(x, CupyTuning(forward_kernel=kernel)) == kernel
+    strided = x[..., ::2]
+    forced_unit = CupyTuning(forward_kernel=kernels.FORWARD_UNIT)
+    assert planning.forward_kernel(strided, forced_unit) == kernels.FORWARD_PLANE
+    forced_cvec = CupyTuning(forward_kernel=kernels.FORWARD_CVEC)
+    assert planning.forward_kernel(x, forced_cvec) == kernels.FORWARD_UNIT
+    last = x.contiguous(memory_format=torch.channels_last)
+    assert planning.forward_kernel(last, forced_unit) == kernels.FORWARD_CVEC
+
+
+def test_unit_plan_sizes_channel_blocks_by_l2():
+    x = torch.ones(2, 64, 10, 10)
+    problem = _problem(x)
+    out, arg = _outputs(problem)
+    unit = planning.plan_forward(problem, out, arg, sizes(132))
+    assert unit.name == "roi_pool_forward_unit<float, float, true>"
+    assert unit.block == (256, 1, 1) and unit.shared_mem == 0
+    per_block = unit.value("channels_per_block")
+    assert unit.grid == (3, math.ceil(64 / per_block), 1)
+    assert unit.value("argmax") == arg.data_ptr() and unit.value("bad_roi_log") == 0
+    # Unit channel blocks hold whole steps: 4 channels (2 for float64) in each group of bins.
+    assert planning.whole_unit_steps(41, 196, torch.float32) == 40
+    assert planning.whole_unit_steps(167, 49, torch.float32) == 160
+    assert planning.whole_unit_steps(41, 196, torch.float64) == 40
+    assert planning.whole_unit_steps(7, 49, torch.float64) == 7  # less than one step: kept
+    assert planning.whole_unit_steps(23, 49, torch.float64) == 20
+    big = _problem(torch.ones(2, 4096, 10, 10), torch.zeros(600, 5))
+    out, arg = _outputs(big)
+    cached = planning.plan_forward(big, out, arg, sizes(1, l2_bytes=2**30))
+    streamed = planning.plan_forward(big, out, arg, sizes(1, l2_bytes=2**10))
+    assert cached.value("channels_per_block") == 160  # 8192 outputs: 5 groups of 49 bins
+    assert streamed.value("channels_per_block") == 20  # 1024 outputs
+    tuned = replace(DEFAULT_TUNING, unit_block_elements_streamed=2048)
+    assert planning.plan_forward(big, out, arg, sizes(1), tuned).value("channels_per_block") == 40
+
+
+def test_plane_cvec_and_chan_plans():
+    x = torch.ones(2, 64, 10, 20)[..., ::2]
+    problem = _problem(x)
+    out, arg = _outputs(problem)
+    plane = planning.plan_forward(problem, out, arg, sizes(132))
+    assert plane.name == "roi_pool_forward_plane<float, float, true>"
+    assert plane.block == (256, 1, 1) and plane.shared_mem == 0  # 5 groups of 49 bins
+    assert plane.grid == (3, math.ceil(64 / plane.value("channels_per_block")), 1)
+    last = torch.ones(2, 64, 10, 10).contiguous(memory_format=torch.channels_last)
+    aligned = _problem(last, needs_argmax=False)
+    cvec = planning.plan_forward(aligned, out, None, sizes(1))
+    assert cvec.name == "roi_pool_forward_cvec<float, float, false>"
+    # 8 threads of 8 channels per bin give 3 x 1 blocks, fewer than 8 per SM: halved twice.
+    assert cvec.block == (256, 1, 1) and cvec.grid == (3, 4, 1)
+    assert cvec.value("channels_per_block") == 16
+    assert cvec.shared_mem == 0 and cvec.value("argmax") == 0
+    assert planning.plan_forward(aligned, out, None, sizes(132)).value("channels_per_block") == 8
+    wide = _problem(torch.ones(2, 1000, 3, 3).to(memory_format=torch.channels_last), None, 7)
+    out_wide, _ = _outputs(wide)
+    assert planning.plan_forward(wide, out_wide, None, sizes(1)).value("channels_per_block") == 64
+    shifted = torch.empty(2 * 64 * 10 * 10 + 1)[1:].as_strided(last.shape, last.stride())
+    unaligned = _problem(shifted, needs_argmax=False)
+    chan = planning.plan_forward(unaligned, out, None, sizes(132))
+    assert chan.name == "roi_pool_forward_chan<float, float, false>"
+    assert chan.block == (32, 8, 1) and chan.grid == (3, 2, 1) and chan.value("argmax") == 0
+    assert chan.shared_mem == 8 * 14 and chan.value("cache_edges") == 1
+    uncached = planning.plan_forward(
+        unaligned, out, None, sizes(132), CupyTuning(max_cached_edges=13)
+    )
+    assert uncached.shared_mem == 0 and uncached.value("cache_edges") == 0
+    assert [planning.plane_threads(nb) for nb in (1, 49, 100, 196, 256, 257, 4000)] == [
+        256, 256, 224, 224, 256, 256, 256,
+    ]  # fmt: skip
+
+
+def test_empty_outputs_launch_only_to_record_bad_rois():
+    x = torch.ones(2, 64, 10, 10)
+    empty = _problem(x, torch.zeros(0, 5))
+    assert planning.plan_forward(empty, torch.empty(0, 64, 7, 7), None, sizes(132)) is None
+    log = torch.zeros(12, dtype=torch.int64)
+    no_channels = _problem(torch.ones(2, 0, 10, 10), log=log)
+    out = torch.empty(no_channels.output_shape)
+    assert planning.plan_forward(_problem(torch.ones(2, 0, 10, 10)), out, None, sizes(1)) is None
+    launch = planning.plan_forward(no_channels, out, None, sizes(1))
+    assert launch.grid == (3, 1, 1) and launch.value("bad_roi_log") == log.data_ptr()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_plans_name_every_tensor_argument(layout):
+    """The launcher swaps tensors by argument name: the names it uses exist, and no other
+    argument holds one of the tensors' pointers."""
+    from roi_ops_cupy.launch import BACKWARD_TENSORS, FORWARD_TENSORS
+
+    x = place_input(torch.randn(2, 20, 9, 11), layout, "cpu")
+    rois = torch.tensor([[0, 1.0, 1.0, 8.0, 7.0]] * 3)
+    log = torch.zeros(12, dtype=torch.int64)
+    problem = _problem(x, rois, 3, log=log)
+    out, arg = _outputs(problem)
+    plan = planning.plan_forward(problem, out, arg, sizes(132, 50 * 2**20))
+    tensors = (x, rois, out, arg, log)
+    assert [plan.value(n) for n in FORWARD_TENSORS] == [t.data_ptr() for t in tensors]
+    named = {plan.position(n) for n in FORWARD_TENSORS}
+    pointers = {t.data_ptr() for t in tensors}
+    assert not any(v.item() in pointers for i, (_, v) in enumerate(plan.args) if i not in named)
+    grad = torch.randn(3, 20, 3, 3)
+    for kernel in kernels.BACKWARD_KERNELS:
+        grad_input = torch.zeros(2, 20, 9, 11)
+        launch = planning.plan_backward(grad, arg, rois, grad_input, kernel, sizes(132, 0, OPTIN))
+        tensors = (grad, arg, rois, grad_input)
+        assert [launch.value(n) for n in BACKWARD_TENSORS] == [t.data_ptr() for t in tensors]
+    with pytest.raises(KeyError, match="has no argument 'nothing'"):
+        plan.position("nothing")
+
+
+def test_backward_kernel_choice():
+    choose = planning.backward_kernel
+    planes, atomic = kernels.BACKWARD_PLANES, kernels.BACKWARD_ATOMIC
+    h200 = sizes(132, 50 * 2**20, OPTIN)
+    assert choose((2, 1024, 38, 63), torch.float32, (512, 1024, 7, 7), h200) == planes
+    assert choose((2, 1024, 38, 63), torch.float16, (512, 1024, 14, 14), h200) == planes
+    # a 200 x 272 float32 plane (218 KB) fits: one block of 1024 threads per SM
+    assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), h200) == planes
+    small = sizes(132, 50 * 2**20, 99 * 1024)
+    assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), small) == atomic
+    assert choose((1, 16, 38, 63), torch.float32, (512, 16, 7, 7), h200) == atomic  # few planes
+    assert choose((2, 1024, 38, 63), torch.float32, (0, 1024, 7, 7), h200) == atomic
+    assert choose((2, 1024, 38, 63), torch.float32, (5, 1024, 0, 7), h200) == atomic
+    old = sizes(132, 50 * 2**20, 48 * 1024)
+    assert choose((2, 1024, 80, 80), torch.float64, (9, 1024, 7, 7), old) == atomic
+    forced_atomic = CupyTuning(backward_kernel=atomic)
+    assert (
+        choose((2, 1024, 38, 63), torch.float32, (512, 1024, 7, 7), h200, forced_atomic) == atomic
+    )
+    forced = CupyTuning(backward_kernel=planes)
+    assert choose((1, 16, 38, 63), torch.float32, (512, 16, 7, 7), h200, forced) == planes
+    assert choose((2, 1, 300, 300), torch.float32, (5, 1, 7, 7), h200, forced) == atomic  # no fit
+
+
+def test_channels_last_gradient_while_it_fits_in_l2():
+    assert planning.channels_last_gradient(28 * 2**20, 50 * 2**20)
+    assert not planning.channels_last_gradient(445 * 2**20, 50 * 2**20)
+    assert planning.channels_last_gradient(2, 1, CupyTuning(channels_last_gradient=True))
+    assert not planning.channels_last_gradient(1, 2, CupyTuning(channels_last_gradient=False))
+
+
+def test_backward_plans_size_blocks_and_shared_memory():
+    grad_output = torch.randn(600, 20, 7, 7)
+    argmax = torch.zeros(600, 20, 7, 7, dtype=torch.int32)
+    rois = torch.zeros(600, 5)
+    grad_input = torch.zeros(3, 20, 30, 40)
+    planes = planning.plan_backward(
+        grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES, sizes(132, 0, OPTIN)
+    )
+    assert planes.name == "roi_pool_backward_planes<float, float, 256>"
+    assert planes.grid == (3 * 20, 1, 1) and planes.block == (256, 1, 1)
+    assert planes.shared_mem == 49 * 8 + 30 * 40 * 4
+    assert planes.value("channels_per_block") == 1 and planes.value("K") == 600
+    assert planes.value("N") == 3 and planes.value("rs0") == 5
+    strides = [planes.value(n) for n in ("gi_image", "gi_channel", "gi_pixel")]
+    assert strides == [20 * 30 * 40, 30 * 40, 1]
+    last = grad_input.contiguous(memory_format=torch.channels_last)
+    in_last = planning.plan_backward(
+        grad_output, argmax, rois, last, kernels.BACKWARD_ATOMIC, sizes(132)
+    )
+    strides = [in_last.value(n) for n in ("gi_image", "gi_channel", "gi_pixel")]
+    assert strides == [20 * 30 * 40, 1, 20]
+    with pytest.raises(ValueError, match="grad_input's H stride must be W times its W stride"):
+        planning.plan_backward(
+            grad_output, argmax, rois, grad_input[:, :, ::2], kernels.BACKWARD_ATOMIC, sizes(1)
+        )
+    half = planning.plan_backward(
+        grad_output.half(), argmax, rois, grad_input.half(), kernels.BACKWARD_PLANES,
+        sizes(132, 0, OPTIN),
+    )  # fmt: skip
+    assert half.name == "roi_pool_backward_planes<roi_half, float, 256>"
+    assert half.shared_mem == planes.shared_mem  # float32 accumulators
+    # 1024 threads when the block leaves no room for a second one on the SM
+    alone = planning.plan_backward(
+        grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES, sizes(132, 0, 8 * 1024)
+    )
+    assert alone.name == "roi_pool_backward_planes<float, float, 1024>"
+    assert alone.block == (1024, 1, 1)
+    assert planning.planes_threads(218 * 1024, OPTIN) == 1024
+    assert planning.planes_threads(55 * 1024, OPTIN) == 256
+    assert planning.planes_threads(1024, OPTIN, CupyTuning(planes_threads=1024)) == 1024
+    # The atomic kernel: small channel blocks when grad_input does not fit in L2.
+    atomic = kernels.BACKWARD_ATOMIC
+    cached = planning.plan_backward(grad_output, argmax, rois, grad_input, atomic, sizes(1, 2**30))
+    streamed = planning.plan_backward(
+        grad_output, argmax, rois, grad_input, atomic, sizes(1, 2**10)
+    )
+    assert streamed.value("channels_per_block") == 512 // 49
+    assert cached.value("channels_per_block") == min(20, 2048 // 49)
+    assert cached.grid == (600, 1, 1) and streamed.grid == (600, 2, 1)
+    empty = torch.zeros(0, 20, 7, 7, dtype=torch.int32)
+    assert (
+        planning.plan_backward(grad_output[:0], empty, rois[:0], grad_input, atomic, sizes(1))
+        is None
+    )
+    with pytest.raises(ValueError, match="at least one ROI"):
+        planning.plan_backward(
+            grad_output[:0], empty, rois[:0], grad_input, kernels.BACKWARD_PLANES, sizes(1)
+        )

@@ -1,0 +1,245 @@
+"""Kernel-level GPU probe of the CuPy forward: every variant against torchvision, the Triton
+backend and the backend's own choice, on every bench workload, in one run; each variant checked
+bit for bit against the plane kernel.
+
+Not a benchmark of record (that is ``python -m roi_ops bench``): this times the kernels alone
+(preallocated outputs, no roi_ops dispatch, value checks not involved). Run on the GPU machine:
+
+    python backends/cupy/tools/probe.py [--workload many-small ...] [--dtype float32 ...]
+        [--layout nchw channels_last] [--variant auto unit small ...] [--ab OTHER/cuda]
+    python backends/cupy/tools/probe.py --ncu many-small    # a few launches each, for ncu -k
+
+A variant is a `CupyTuning` (`VARIANTS`): a forced kernel runs only where it can run, so a
+variant that cannot run on a layout is left out of that row. ``--ab DIR`` adds variant ``ab``:
+the backend's choice compiled from the kernel files in DIR (another checkout's
+``roi_ops_cupy/cuda``, with the same kernel arguments). Times are medians over samples of
+`--inner` back-to-back launches between two CUDA events; the table prints milliseconds with
+argmax / without, and torchvision's time over each (higher is faster than torchvision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from roi_ops.backend import RoIPoolProblem
+from roi_ops.bench.runner import median_time_ms
+from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
+from roi_ops.device_info import cuda_sizes
+
+from roi_ops_cupy import kernels, launch, planning
+from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
+
+VARIANTS: dict[str, CupyTuning] = {
+    "auto": DEFAULT_TUNING,
+    "plane": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_PLANE),
+    "unit": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT),
+    "cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC),
+    "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
+}
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def pipelined_ms(fn, reps: int, inner: int) -> float:
+    """Median over `reps` samples of `inner` back-to-back calls (the bench's own timer)."""
+    return median_time_ms(fn, torch.device("cuda"), 0.0, min_reps=reps, max_reps=reps, queue=inner)
+
+
+class Variant:
+    """One forward variant: a tuning, and the kernels it runs with (compiled from `source`)."""
+
+    def __init__(self, name: str, tuning: CupyTuning, source: str | None = None):
+        self.name = name
+        self.tuning = tuning
+        self.source = source
+        self.kernels: dict = {}  # the compiled kernels of another source, kept alive
+
+    def runner(self, problem, out, arg):
+        """A call that launches the variant's kernel on `problem`, or None where its forced
+        kernel cannot run (it would fall back to another)."""
+        forced = self.tuning.forward_kernel
+        if forced is not None and planning.forward_kernel(problem.input, self.tuning) != forced:
+            return None
+        device = problem.input.get_device()
+        plan = planning.plan_forward(problem, out, arg, cuda_sizes(device), self.tuning)
+        packed = self._pack(device, plan)
+        tensors = (problem.input, problem.rois, out, arg, None)
+        return lambda: packed.launch(device, tensors)
+
+    def _pack(self, device, plan):
+        if self.source is None:
+            return launch.PackedLaunch(device, plan, launch.FORWARD_TENSORS)
+        # Compile from the other source, apart from the backend's own cache.
+        own, own_source = dict(launch._kernels), kernels.source
+        launch._kernels.clear()
+        launch._kernels.update(self.kernels)
+        kernels.source = lambda: self.source
+        try:
+            return launch.PackedLaunch(device, plan, launch.FORWARD_TENSORS)
+        finally:
+            self.kernels.update(launch._kernels)
+            launch._kernels.clear()
+            launch._kernels.update(own)
+            kernels.source = own_source
+
+
+def tie_heavy(x: torch.Tensor) -> torch.Tensor:
+    """Small integers (many ties), some -0.0, NaN and -inf: exercises the ordering rules."""
+    g = torch.Generator().manual_seed(7)
+    values = torch.randint(-3, 3, x.shape, generator=g).to(torch.float32)
+    zeros = values == 0
+    values[zeros] = -0.0 * (torch.rand(int(zeros.sum()), generator=g) < 0.5).float()
+    special = torch.rand(x.shape, generator=g)
+    values[special < 0.001] = float("nan")
+    values[special > 0.999] = float("-inf")
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    return values.to(x.dtype).to(x.device).contiguous(memory_format=fmt)
+
+
+def bits(t):
+    return t.view(_BITS[t.element_size()])
+
+
+def probe(w, dtype, layout, variants, args, rows, mismatches):
+    device = torch.device("cuda")
+    x = make_input(w, dtype, device, channels_last=layout == "channels_last")
+    rois = make_rois(w, torch.float32 if dtype == torch.bfloat16 else dtype, device)
+    size = w.output_size
+    shape = (rois.shape[0], w.channels, size, size)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    arg = torch.empty(shape, dtype=torch.int32, device=device)
+    with_argmax = RoIPoolProblem(x, rois, size, size, w.spatial_scale, True)
+    inference = RoIPoolProblem(x, rois, size, size, w.spatial_scale, False)
+    ms: dict[str, tuple[float, float]] = {}
+    for variant in variants:
+        run_arg = variant.runner(with_argmax, out, arg)
+        run_inf = variant.runner(inference, out, None)
+        if run_arg is None:
+            continue
+        ms[variant.name] = (
+            pipelined_ms(run_arg, args.reps, args.inner),
+            pipelined_ms(run_inf, args.reps, args.inner),
+        )
+    if args.triton:
+        try:
+            from roi_ops_triton.backend import TritonBackend
+
+            triton = TritonBackend()
+            ms["triton"] = (
+                pipelined_ms(lambda: triton.forward(with_argmax, out, arg), args.reps, args.inner),
+                pipelined_ms(lambda: triton.forward(inference, out, None), args.reps, args.inner),
+            )
+        except ImportError:
+            pass
+    tv = None
+    if dtype != torch.bfloat16:
+        try:
+            from torchvision.ops import roi_pool as torchvision_roi_pool
+
+            rois_tv = rois.to(dtype)
+            tv = pipelined_ms(
+                lambda: torchvision_roi_pool(x, rois_tv, size, w.spatial_scale),
+                args.reps,
+                args.inner,
+            )
+        except ImportError:
+            pass
+    # Bits: every variant against the plane kernel, with and without argmax.
+    for inputs in ("normal", "ties"):
+        xi = x if inputs == "normal" else tie_heavy(x)
+        problem = RoIPoolProblem(xi, rois, size, size, w.spatial_scale, True)
+        quiet = RoIPoolProblem(xi, rois, size, size, w.spatial_scale, False)
+        ref_out = torch.full_like(out, float("nan"))
+        ref_arg = torch.full_like(arg, -7)
+        Variant("plane", VARIANTS["plane"]).runner(problem, ref_out, ref_arg)()
+        for variant in variants:
+            o, a, o2 = (
+                torch.full_like(out, 1.5),
+                torch.full_like(arg, -7),
+                torch.full_like(out, 2.5),
+            )
+            run_arg = variant.runner(problem, o, a)
+            if run_arg is None:
+                continue
+            run_arg()
+            variant.runner(quiet, o2, None)()
+            same = (
+                torch.equal(bits(o), bits(ref_out))
+                and torch.equal(a, ref_arg)
+                and torch.equal(bits(o2), bits(ref_out))
+            )
+            if not same:
+                mismatches.append((w.name, str(dtype)[6:], layout, inputs, variant.name))
+    row = {"workload": w.name, "dtype": str(dtype)[6:], "layout": layout, "tv": tv, "ms": ms}
+    rows.append(row)
+    cells = [f"tv {tv:.3f}" if tv else "tv -"]
+    for name, (a_ms, i_ms) in ms.items():
+        ratio = f" {tv / a_ms:.2f}x/{tv / i_ms:.2f}x" if tv else ""
+        cells.append(f"{name} {a_ms:.3f}/{i_ms:.3f}{ratio}")
+    print(f"{w.name:10} {str(dtype)[6:]:8} {layout:13} " + "  ".join(cells), flush=True)
+
+
+def ncu_target(name: str, variants) -> None:
+    """Two launches of each variant (with argmax) and of torchvision, for ``ncu -k regex:...``."""
+    w = WORKLOADS[name]
+    device = torch.device("cuda")
+    x = make_input(w, torch.float32, device)
+    rois = make_rois(w, torch.float32, device)
+    size = w.output_size
+    problem = RoIPoolProblem(x, rois, size, size, w.spatial_scale, True)
+    out = torch.empty(problem.output_shape, device=device)
+    arg = torch.empty(problem.output_shape, dtype=torch.int32, device=device)
+    fns = [v.runner(problem, out, arg) for v in variants]
+    try:
+        from torchvision.ops import roi_pool as tv
+
+        fns.append(lambda: tv(x, rois, size, w.spatial_scale))
+    except ImportError:
+        pass
+    for fn in fns:
+        if fn is not None:
+            fn()
+            fn()
+    torch.cuda.synchronize()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--dtype", nargs="*", default=["float32", "float16", "bfloat16"])
+    parser.add_argument("--layout", nargs="*", default=["nchw"], choices=["nchw", "channels_last"])
+    parser.add_argument("--variant", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--ab", default=None, help="another cuda/ folder: variant 'ab'")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--inner", type=int, default=10)
+    parser.add_argument("--no-triton", dest="triton", action="store_false")
+    parser.add_argument("--json", default=None, help="write the rows and bit checks here")
+    parser.add_argument("--ncu", default=None, help="only run the ncu target for a workload")
+    args = parser.parse_args()
+    variants = [Variant(name, VARIANTS[name]) for name in args.variant]
+    if args.ab:
+        folder = Path(args.ab)
+        source = "\n".join((folder / n).read_text() for n in kernels.SOURCE_FILES)
+        variants.append(Variant("ab", DEFAULT_TUNING, source))
+    if args.ncu:
+        ncu_target(args.ncu, variants)
+        return 0
+    rows, mismatches = [], []
+    for name in args.workload:
+        for dtype in args.dtype:
+            for layout in args.layout:
+                probe(WORKLOADS[name], getattr(torch, dtype), layout, variants, args, rows,
+                      mismatches)  # fmt: skip
+    print(f"bit checks: {len(mismatches)} mismatches {mismatches}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"rows": rows, "mismatches": mismatches}, handle, indent=1)
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
