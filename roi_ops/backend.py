@@ -26,6 +26,12 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
+def batch_indices(rois: torch.Tensor, num_images: int) -> torch.Tensor:
+    """(K,) int64 batch index of each ROI row, clamped into [0, N): ``trunc(rois[:, 0])`` for a
+    valid row; some index in range for an invalid one (whose argmax is all -1). Two kernels."""
+    return rois[:, 0].to(torch.int64).clamp_(0, max(num_images - 1, 0))
+
+
 class RoIPoolProblem:
     """One validated roi_pool forward call, as a backend sees it.
 
@@ -169,8 +175,7 @@ class RoIPoolBackwardProblem:
         index in [0, N).
         """
         if self._batch_index is None:
-            last = max(self.input_shape[0] - 1, 0)
-            self._batch_index = self.rois[:, 0].to(torch.int64).clamp_(0, last)
+            self._batch_index = batch_indices(self.rois, self.input_shape[0])
         return self._batch_index
 
     def __repr__(self) -> str:
@@ -317,8 +322,7 @@ class MultiScaleRoIPoolBackwardProblem:
     def batch_index(self) -> torch.Tensor:
         """(K,) int64 batch index of each ROI clamped into [0, N), computed on first use."""
         if self._batch_index is None:
-            last = max(self.input_shapes[0][0] - 1, 0)
-            self._batch_index = self.rois[:, 0].to(torch.int64).clamp_(0, last)
+            self._batch_index = batch_indices(self.rois, self.input_shapes[0][0])
         return self._batch_index
 
 

@@ -28,6 +28,7 @@ from .backend import (
     MultiScaleRoIPoolProblem,
     RoIPoolBackwardProblem,
     RoIPoolProblem,
+    batch_indices,
 )
 from .config import poisoning_enabled
 from .dispatch import AUTO, BackendError, BackendUnavailableError, check_spec, resolve_backend
@@ -283,7 +284,7 @@ def _backward_backward_setup(ctx, inputs, output) -> None:
 
 def _backward_backward(ctx, grad_grads):
     rois, levels, argmax = ctx.saved_tensors
-    batch_index = rois[:, 0].to(torch.int64).clamp_(0, max(ctx.num_images - 1, 0))
+    batch_index = batch_indices(rois, ctx.num_images)
     total = None
     for level, grad_grad in enumerate(grad_grads):
         if grad_grad is None:

@@ -9,13 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import accumulate_dtype
-
-
-def batch_indices(rois: Tensor, num_images: int) -> Tensor:
-    """(K,) int64 batch index of each ROI, clamped into [0, N) (see
-    `RoIPoolBackwardProblem.batch_index`)."""
-    return rois[:, 0].to(torch.int64).clamp_(0, max(num_images - 1, 0))
+from .backend import accumulate_dtype, batch_indices  # noqa: F401  (re-exported)
 
 
 def _flat_positions(argmax: Tensor, batch_index: Tensor, channels: int, plane: int) -> Tensor:
