@@ -143,10 +143,11 @@ class _CudaLog:
         self.fallback_copy = self.host[SLOTS : 2 * SLOTS]
         self.kernel_copy = self.host[2 * SLOTS :]
         self.view = self.host.numpy()
+        self.words = memoryview(self.view).cast("B").cast("q")  # reads give Python ints
 
     def dirty(self) -> bool:
-        view = self.view
-        return view[0] != EMPTY or view[SLOTS] != EMPTY or view[2 * SLOTS] != EMPTY
+        words = self.words
+        return words[0] != EMPTY or words[SLOTS] != EMPTY or words[2 * SLOTS] != EMPTY
 
     def take(self) -> BadRoi | None:
         """The first recorded bad row (of any part), and clear the log."""

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from .backend import Backend, RoIPoolProblem
+from .config import environ_get
 from .registry import REGISTRY, BackendEntry
 
 BACKEND_ENV = "ROI_OPS_BACKEND"
 LOG_ENV = "ROI_OPS_LOG"
 AUTO = "auto"
+_BACKEND_KEY = BACKEND_ENV.encode()
 
 logger = logging.getLogger("roi_ops.dispatch")
 
@@ -131,7 +133,7 @@ def effective_spec(argument: str) -> tuple[str, str]:
     in_context = _context_backend.get()
     if in_context is not None:
         return in_context, "roi_ops.use_backend()"
-    from_env = os.environ.get(BACKEND_ENV)
+    from_env = environ_get(BACKEND_ENV, _BACKEND_KEY)
     if from_env and from_env.strip():
         return from_env.strip(), f"the {BACKEND_ENV} environment variable"
     return AUTO, "the default"
