@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,7 +61,7 @@ def rois_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
-def tie_heavy_features(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:
+def tie_heavy_features(shape: Sequence[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
     """Features that exercise the ordering rules: small integers in [-2, 1] (ties everywhere),
     zeros of either sign, and about 1% NaN and 1% -inf.
 
