@@ -156,3 +156,25 @@ def test_plot_of_a_fresh_run_with_checks_off_rows(tiny, tmp_path, capsys):
     document["results"] = [r for r in document["results"] if r["backend"] == "numba"]
     with pytest.raises(ValueError, match="neither was measured"):
         plot_results(document, tmp_path / "none.png")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("extra", "queue"), [([], 10), (["--sync"], 1), (["--queue", "3"], 3)])
+def test_cuda_bench_queues_calls_by_default(tiny, tmp_path, capsys, extra, queue):
+    out = tmp_path / "bench.json"
+    code = main(
+        ["bench", "--device", "cuda", "--workload", "tiny", "--budget", "0.001", "--min-reps",
+         "1", "--checks-off", "--json", str(out), *extra]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    document = json.loads(out.read_text())
+    assert document["queue"] == queue and document["device"] == "cuda"
+    assert ("calls queued per sample" in printed) == (queue > 1)
+    ok = [r for r in document["results"] if not r["error"]]
+    assert {r["settings"] for r in ok} == {"default", "checks off"}
+    host = {(h["backend"], h["settings"]): h for h in document["small_problem"]["results"]}
+    assert ("auto", "default") in host and ("auto", "checks off") in host
+    assert host[("auto", "default")]["resolved"] in {"cupy", "triton", "torch"}
+    assert all(v > 0 for h in host.values() if not h["error"] for v in h["host_us"].values())

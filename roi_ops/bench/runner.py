@@ -330,13 +330,14 @@ def plan_benchmark(
     return [PlannedCase(w, d, per_dtype[d]) for w in workloads for d in dtypes]
 
 
-def _call(backend: str, rois: torch.Tensor, workload: Workload):
+def _call(backend: str, rois: torch.Tensor, workload: Workload, dtype: torch.dtype):
     size, scale = workload.output_size, workload.spatial_scale
     if backend == TORCHVISION:
         tv = torchvision_roi_pool()
+        rois_tv = rois.to(dtype)  # torchvision wants the input's dtype; converted once
 
         def call(inp):
-            return tv(inp, rois.to(inp.dtype), size, scale)
+            return tv(inp, rois_tv, size, scale)
 
         return call
 
@@ -349,7 +350,7 @@ def _call(backend: str, rois: torch.Tensor, workload: Workload):
 def _runner(
     backend: str, x: torch.Tensor, rois: torch.Tensor, workload: Workload, mode: str
 ) -> Callable[[], object]:
-    call = _call(backend, rois, workload)
+    call = _call(backend, rois, workload, x.dtype)
     if mode == "infer":
 
         def infer():
