@@ -55,6 +55,21 @@ WORKLOADS: dict[str, Workload] = {
     )
 }
 
+# The per-call cost probe: a problem small enough that the host's time per call dominates.
+SMALL_PROBLEM = Workload("small", 2, 256, 50, 68, 64, 7, 1 / 16, 16, 512)
+
+
+def resolve_workloads(
+    names: list[str] | None, device: torch.device, full_size: bool = False
+) -> list[Workload]:
+    """The named workloads (all by default), scaled down on the CPU unless `full_size`.
+
+    Raises:
+        KeyError: a name not in `WORKLOADS`.
+    """
+    chosen = [WORKLOADS[n] for n in names] if names else list(WORKLOADS.values())
+    return [w.scaled_for_cpu() if device.type == "cpu" and not full_size else w for w in chosen]
+
 
 def make_rois(workload: Workload, dtype: torch.dtype, device, seed: int = 0) -> torch.Tensor:
     """(K, 5) ROIs: log-uniform box sides, uniform positions inside the image, uniform batch."""

@@ -1,7 +1,8 @@
 """roi_ops' public conformance kit.
 
 - `reference_roi_pool` / `reference_roi_pool_backward`: the slow scalar reference.
-- `contract_cases`, `check_case`, `RoiPoolCase`: hand-picked inputs and exact comparison.
+- `contract_cases`, `check_case`, `RoiPoolCase`: hand-picked inputs and exact comparison;
+  `first_difference` says where two tensors first differ.
 - `tie_heavy_features`: inputs full of ties, signed zeros, NaN and -inf.
 - `roi_pool_cases` (hypothesis strategy; needs `hypothesis`).
 - `BackendConformance`: a pytest base class for a plugin's own test suite (needs `pytest`).
@@ -9,7 +10,13 @@
 
 from __future__ import annotations
 
-from .cases import RoiPoolCase, check_case, contract_cases, tie_heavy_features
+from .cases import (
+    RoiPoolCase,
+    check_case,
+    contract_cases,
+    first_difference,
+    tie_heavy_features,
+)
 from .reference import reference_roi_pool, reference_roi_pool_backward
 
 __all__ = [
@@ -17,6 +24,7 @@ __all__ = [
     "RoiPoolCase",
     "check_case",
     "contract_cases",
+    "first_difference",
     "reference_roi_pool",
     "reference_roi_pool_backward",
     "roi_pool_cases",

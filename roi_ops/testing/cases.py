@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,7 +61,7 @@ def rois_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
-def tie_heavy_features(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:
+def tie_heavy_features(shape: Sequence[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
     """Features that exercise the ordering rules: small integers in [-2, 1] (ties everywhere),
     zeros of either sign, and about 1% NaN and 1% -inf.
 
@@ -233,19 +234,57 @@ def contract_cases(
     return cases
 
 
-def _assert_same_values(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+OUTPUT_AXES = ("k", "c", "ph", "pw")
+INPUT_AXES = ("n", "c", "h", "w")
+
+
+def first_difference(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    axes: tuple[str, ...] = OUTPUT_AXES,
+    bitwise: bool = True,
+) -> str | None:
+    """Where `actual` first differs from `expected`, in words: the element's indices (named by
+    `axes` when they fit), both values and how many elements differ; None if they are equal.
+
+    Floats compare bit for bit when `bitwise` (so -0.0 differs from 0.0), by value otherwise;
+    any NaN equals any NaN. `expected` may live on another device.
+    """
     expected = expected.to(actual.device)
-    nan_actual, nan_expected = actual.isnan(), expected.isnan()
-    if not torch.equal(nan_actual, nan_expected):
-        raise AssertionError(f"{what}: NaN positions differ")
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
-    same = actual.view(bits) == expected.view(bits)
-    if not bool((same | nan_actual).all()):
-        bad = (~(same | nan_actual)).nonzero()[0].tolist()
-        raise AssertionError(
-            f"{what}: differs at {bad}: got {actual[tuple(bad)].item()!r}, "
-            f"expected {expected[tuple(bad)].item()!r}"
-        )
+    if actual.shape != expected.shape:
+        return f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    if actual.dtype != expected.dtype:
+        return f"dtype {actual.dtype}, expected {expected.dtype}"
+    if actual.is_floating_point():
+        both_nan = actual.isnan() & expected.isnan()
+        if bitwise:
+            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+            same = actual.contiguous().view(bits) == expected.contiguous().view(bits)
+        else:
+            same = actual == expected
+        same = same | both_nan
+    else:
+        same = actual == expected
+    if bool(same.all()):
+        return None
+    wrong = (~same).nonzero()
+    index = tuple(wrong[0].tolist())
+    if len(axes) == len(index):
+        where = "[" + ", ".join(f"{a}={i}" for a, i in zip(axes, index, strict=True)) + "]"
+    else:
+        where = str(list(index))
+    return (
+        f"first difference at {where}: got {actual[index].item()!r}, expected "
+        f"{expected[index].item()!r} ({wrong.shape[0]} of {actual.numel()} elements differ)"
+    )
+
+
+def _assert_same_values(
+    actual: torch.Tensor, expected: torch.Tensor, what: str, **options: object
+) -> None:
+    difference = first_difference(actual, expected, **options)
+    if difference is not None:
+        raise AssertionError(f"{what} differs from the reference: {difference}")
 
 
 def check_case(case: RoiPoolCase, backend: str, check_backward: bool = True) -> None:
@@ -263,18 +302,17 @@ def check_case(case: RoiPoolCase, backend: str, check_backward: bool = True) -> 
         output, argmax = roi_pool_with_argmax(
             case.input, case.rois, case.output_size, case.spatial_scale, backend=backend
         )
-        _assert_same_values(output, expected, f"{case!r} output")
-        if not torch.equal(argmax.cpu(), expected_argmax):
-            raise AssertionError(f"{case!r}: argmax differs from the reference")
+        _assert_same_values(output, expected, f"{backend}: {case!r} output")
+        _assert_same_values(argmax.cpu(), expected_argmax, f"{backend}: {case!r} argmax")
         inference = roi_pool(
             case.input, case.rois, case.output_size, case.spatial_scale, backend=backend
         )
-        _assert_same_values(inference, expected, f"{case!r} inference output")
+        _assert_same_values(inference, expected, f"{backend}: {case!r} inference output")
         if not check_backward:
             return
         leaf = case.input.detach().clone().requires_grad_(True)
         pooled = roi_pool(leaf, case.rois, case.output_size, case.spatial_scale, backend=backend)
-        _assert_same_values(pooled.detach(), expected, f"{case!r} training output")
+        _assert_same_values(pooled.detach(), expected, f"{backend}: {case!r} training output")
     g = torch.Generator().manual_seed(1)
     grad_output = torch.randint(1, 5, pooled.shape, generator=g).to(pooled.dtype)
     pooled.backward(grad_output.to(pooled.device))
@@ -282,9 +320,14 @@ def check_case(case: RoiPoolCase, backend: str, check_backward: bool = True) -> 
         grad_output, expected_argmax, rois, tuple(case.input.shape)
     )
     # The contract accumulates exactly (float32 for half types) and rounds once to the dtype.
-    expected_grad = expected_grad.to(case.input.dtype).to(torch.float64)
-    if not torch.equal(leaf.grad.cpu().to(torch.float64), expected_grad):
-        raise AssertionError(f"{case!r}: gradient differs from the reference scatter")
+    expected_grad = expected_grad.to(case.input.dtype)
+    _assert_same_values(
+        leaf.grad.cpu(),
+        expected_grad,
+        f"{backend}: {case!r} gradient (input.grad)",
+        axes=INPUT_AXES,
+        bitwise=False,
+    )
     memory_format = gradient_memory_format(leaf)
     if not leaf.grad.is_contiguous(memory_format=memory_format):
         raise AssertionError(
