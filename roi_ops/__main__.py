@@ -89,13 +89,14 @@ def check_device(text: str) -> torch.device:
 
 def check_workloads(names: list[str] | None) -> list[str] | None:
     """The --workload names, unknown ones refused with the closest known name."""
+    from .bench.pyramid import FPN_MULTI
     from .bench.workloads import WORKLOADS
 
     if names is None:
         return None
-    known = list(WORKLOADS)
+    known = [*WORKLOADS, FPN_MULTI.name]
     for name in names:
-        if name not in WORKLOADS:
+        if name not in known:
             raise UsageError(
                 f"--workload: unknown workload {name!r}{_did_you_mean(name, known)} "
                 f"(known: {', '.join(known)})"
@@ -249,13 +250,31 @@ def _bench(args: argparse.Namespace) -> int:
     backends, notes = check_backends(args.backend, device, dtypes)
     for note in notes:
         sys.stderr.write(f"note: {note}\n")
-    workloads = resolve_workloads(workload_names, device, args.full_size)
+    from .bench.pyramid import FPN_MULTI
+
+    pyramid = workload_names is None or FPN_MULTI.name in workload_names
+    if workload_names is not None:
+        workload_names = [n for n in workload_names if n != FPN_MULTI.name]
+    workloads = (
+        resolve_workloads(workload_names, device, args.full_size)
+        if (workload_names is None or workload_names)
+        else []
+    )
     plan = plan_benchmark(device, dtypes, workloads, backends)
     host_plan = []
     if not args.no_host_time:
         host_backends = usable_backends(device, torch.float32, backends)
         host_plan = host_rows(host_backends, backends is not None, args.checks_off)
+    pyramid_workload = None
+    if pyramid:
+        pyramid_workload = (
+            FPN_MULTI if device.type == "cuda" or args.full_size else (FPN_MULTI.scaled_for_cpu())
+        )
     total = count_steps(plan, modes, args.checks_off) + len(host_plan) * len(modes)
+    if pyramid:
+        from .bench.pyramid import pyramid_methods
+
+        total += len(pyramid_methods()) * len(modes) * len(dtypes)
     budget = args.budget if args.budget else (0.5 if device.type == "cpu" else 0.25)
     progress = _progress(total)
     queue_used = queue if device.type == "cuda" else 1
@@ -271,6 +290,13 @@ def _bench(args: argparse.Namespace) -> int:
         checks_off=args.checks_off,
     )
     host = run_host_overhead(device, host_plan, min(budget, 0.25), modes, progress)
+    pyramid_results = []
+    if pyramid_workload is not None:
+        from .bench.pyramid import run_pyramid_benchmark
+
+        pyramid_results = run_pyramid_benchmark(
+            device, dtypes, pyramid_workload, budget, modes, queue_used, progress
+        )
     sys.stderr.write("\n")
     timing = (
         (
@@ -292,7 +318,13 @@ def _bench(args: argparse.Namespace) -> int:
     )
     for w in workloads:
         print(f"  {w.name}: {w.describe()}")
-    print(format_table(results))
+    if results:
+        print(format_table(results))
+    if pyramid_results:
+        from .bench.pyramid import format_pyramid_table
+
+        print()
+        print(format_pyramid_table(pyramid_results))
     if host:
         print()
         print(format_host_table(host, device))
@@ -308,11 +340,18 @@ def _bench(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         extra["gpu"] = torch.cuda.get_device_name(device)
     document = to_json(results, bandwidth, extra, host if host_plan else None)
+    if pyramid_results:
+        document["pyramid"] = [
+            {**{k: v for k, v in vars(r).items() if k != "times"},
+             "times_ms": {m: t.median for m, t in r.times.items()},
+             "spread_ms": {m: [t.q1, t.q3] for m, t in r.times.items()}}
+            for r in pyramid_results
+        ]  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(document, f, indent=1)
         print(f"wrote {args.json}")
-    if not any(r.times_ms for r in results):
+    if not any(r.times_ms for r in results) and not any(r.times for r in pyramid_results):
         sys.stderr.write("error: no measurement succeeded (the table shows each error)\n")
         return FAILED
     if args.plot:

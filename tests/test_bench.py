@@ -178,3 +178,26 @@ def test_cuda_bench_queues_calls_by_default(tiny, tmp_path, capsys, extra, queue
     assert ("auto", "default") in host and ("auto", "checks off") in host
     assert host[("auto", "default")]["resolved"] in {"cupy", "triton", "torch"}
     assert all(v > 0 for h in host.values() if not h["error"] for v in h["host_us"].values())
+
+
+def test_fpn_multi_compares_one_call_with_the_loops(capsys):
+    from roi_ops.__main__ import main
+
+    code = main(
+        ["bench", "--workload", "fpn-multi", "--budget", "0.01", "--min-reps", "1",
+         "--no-host-time", "--mode", "infer"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "roi_ops (one call)" in out and "loop over roi_ops.roi_pool" in out
+
+
+def test_level_loop_matches_the_one_call():
+    from roi_ops.bench.pyramid import FPN_MULTI, level_loop, make_boxes, make_pyramid
+
+    workload = FPN_MULTI.scaled_for_cpu()
+    features = make_pyramid(workload, torch.float32, "cpu")
+    rois = make_boxes(workload, torch.float32, "cpu")
+    scales = workload.spatial_scales
+    expected = level_loop(roi_ops.roi_pool, features, rois, 7, scales)
+    assert torch.equal(roi_ops.multi_scale_roi_pool(features, rois, 7, scales), expected)
