@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, backend report, GPU tests, GPU (and 16-core CPU)
 # benchmarks. Logs and JSON go to $OUT (default ./gpu-out). Stages: install info tests bench
-# benchqueued benchcl cpubench sanitize soak probe ncu (default: install info tests bench). Example: bash scripts/gpu_check.sh install info tests
+# bitcheck benchqueued benchcl cpubench sanitize soak probe ncu (default: install info tests bench). Example: bash scripts/gpu_check.sh install info tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -18,6 +18,18 @@ for stage in $stages; do
       "$PYTHON" -m pip install -q --no-deps --no-build-isolation \
         -e . -e backends/numba -e backends/triton -e backends/cupy 2>&1 | grep -v WARNING
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+      ;;
+    bitcheck)  # CuPy outputs, argmax and gradients bit for bit against an older tree (OLD_TREE)
+      old=${OLD_TREE:-.gpu-old}
+      "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e "$old" -e "$old/backends/cupy" \
+        2>&1 | grep -v WARNING
+      (cd /tmp && "$PYTHON" "$OLDPWD/backends/cupy/tools/bitcheck.py" save "$OUT/bits-old.json") \
+        2>&1 | tail -3
+      "$PYTHON" -m pip install -q --no-deps --no-build-isolation \
+        -e . -e backends/numba -e backends/triton -e backends/cupy 2>&1 | grep -v WARNING
+      "$PYTHON" backends/cupy/tools/bitcheck.py compare "$OUT/bits-old.json" 2>&1 \
+        | tee "$OUT/bitcheck.txt" | tail -5
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     info)
       "$PYTHON" -m roi_ops info 2>&1 | tee "$OUT/info.txt"
