@@ -22,6 +22,7 @@ SOURCE_FILES = (
     "forward_plane.cu",
     "forward_chan.cu",
     "forward_unit.cu",
+    "forward_small.cu",  # reuses forward_unit.cu's per-bin reduction
     "forward_cvec.cu",
     "backward_atomic.cu",
     "backward_planes.cu",
@@ -50,7 +51,8 @@ FORWARD_PLANE = "roi_pool_forward_plane"
 FORWARD_CHAN = "roi_pool_forward_chan"
 FORWARD_UNIT = "roi_pool_forward_unit"
 FORWARD_CVEC = "roi_pool_forward_cvec"
-FORWARD_KERNELS = (FORWARD_PLANE, FORWARD_CHAN, FORWARD_UNIT, FORWARD_CVEC)
+FORWARD_SMALL = "roi_pool_forward_small"
+FORWARD_KERNELS = (FORWARD_PLANE, FORWARD_CHAN, FORWARD_UNIT, FORWARD_CVEC, FORWARD_SMALL)
 BACKWARD_ATOMIC = "roi_pool_backward_atomic"
 BACKWARD_PLANES = "roi_pool_backward_planes"
 BACKWARD_KERNELS = (BACKWARD_ATOMIC, BACKWARD_PLANES)

@@ -40,6 +40,13 @@ VARIANTS: dict[str, CupyTuning] = {
     "unit": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT),
     "cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC),
     "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
+    "small": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL),
+    "small-2k": replace(
+        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL, small_block_elements=2048
+    ),
+    "small-8k": replace(
+        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL, small_block_elements=8192
+    ),
 }
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -62,7 +69,11 @@ class Variant:
         """A call that launches the variant's kernel on `problem`, or None where its forced
         kernel cannot run (it would fall back to another)."""
         forced = self.tuning.forward_kernel
-        if forced is not None and planning.forward_kernel(problem.input, self.tuning) != forced:
+        bins = problem.pooled_height * problem.pooled_width
+        if (
+            forced is not None
+            and planning.forward_kernel(problem.input, bins, self.tuning) != forced
+        ):
             return None
         device = problem.input.get_device()
         plan = planning.plan_forward(problem, out, arg, cuda_sizes(device), self.tuning)
