@@ -80,7 +80,7 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
     check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
 
 
-@pytest.mark.parametrize("kernel", ["unit", "small", "plane", "cvec", "chan"])
+@pytest.mark.parametrize("kernel", ["unit", "small", "plane", "cvec", "small_cvec", "chan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
@@ -92,7 +92,8 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     tuning = CupyTuning(forward_kernel=kernels.FORWARD_PLANE) if kernel == "plane" else None
     tuning = tuning or DEFAULT_TUNING
     layout = {
-        "cvec": "channels_last",
+        "cvec": "channels_last_cvec",
+        "small_cvec": "channels_last",
         "chan": "channels_last_unaligned",
         "unit": "contiguous_unit",
     }.get(kernel, "contiguous")

@@ -153,7 +153,8 @@ def test_kernel_names_and_modules():
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
             assert re.fullmatch(
-                r"roi_pool_forward_(plane|chan|unit|cvec|small)<\w+, \w+, (true|false)>", expr
+                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec)<\w+, \w+, (true|false)>",
+                expr,
             )
             assert kernels.module_names(expr) == kernels.forward_names(t, r)
     assert kernels.backward_names(torch.bfloat16) == (
@@ -166,7 +167,7 @@ def test_kernel_names_and_modules():
     )
     name = kernels.backward_name(kernels.BACKWARD_PLANES, torch.float16, torch.float32, 1024)
     assert kernels.module_names(name) == kernels.backward_names(torch.float16)
-    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 10 + 6 * 3
+    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 12 + 6 * 3
 
 
 def test_source_is_self_contained_and_split_by_family():
@@ -204,6 +205,7 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
         kernels.FORWARD_SMALL: x,
         kernels.FORWARD_PLANE: x,
         kernels.FORWARD_CVEC: channels_last,
+        kernels.FORWARD_SMALL_CVEC: channels_last,
         kernels.FORWARD_CHAN: torch.empty(2 * 24 * 99 + 1)[1:].as_strided(
             x.shape, channels_last.stride()
         ),

@@ -41,7 +41,8 @@ def test_forward_kernel_by_layout_alignment_and_outputs_per_roi():
     assert choose(torch.empty(2, 64, 5, 6), 9, CupyTuning(small_roi_outputs=0)) == (
         kernels.FORWARD_UNIT
     )
-    assert choose(last(20), 49) == kernels.FORWARD_CVEC
+    assert choose(last(20), 49) == kernels.FORWARD_SMALL_CVEC  # 980 outputs per ROI
+    assert choose(last(24), 49) == kernels.FORWARD_CVEC  # 1176
     assert choose(last(20, torch.float16), 49) == kernels.FORWARD_CHAN
     assert choose(last(20)[:, 1:17], 49) == kernels.FORWARD_CHAN  # 4 bytes in
     assert choose(last(8), 1) == kernels.FORWARD_PLANE  # too few channels for lanes
@@ -58,7 +59,7 @@ def test_forced_forward_kernels_only_where_they_run():
     forced_cvec = CupyTuning(forward_kernel=kernels.FORWARD_CVEC)
     assert planning.forward_kernel(x, 49, forced_cvec) == kernels.FORWARD_SMALL
     last = x.contiguous(memory_format=torch.channels_last)
-    assert planning.forward_kernel(last, 49, forced_unit) == kernels.FORWARD_CVEC
+    assert planning.forward_kernel(last, 49, forced_unit) == kernels.FORWARD_SMALL_CVEC
     forced_small = CupyTuning(forward_kernel=kernels.FORWARD_SMALL)
     assert planning.forward_kernel(x, 50 * 50, forced_small) == kernels.FORWARD_UNIT
 
@@ -74,7 +75,17 @@ def test_small_plans_many_rois_per_block():
     assert small.shared_mem == 7 * 9 * planning.SMALL_BIN_BYTES
     # Enough blocks for the GPU: 8 per SM of 132 want 1056 blocks.
     assert planning.plan_forward(problem, out, arg, sizes(132)).value("rois_per_block") == 1
-    assert planning.small_rois_per_block(10**6, 4, 9, sizes(1), DEFAULT_TUNING) == 227  # table
+    assert planning.small_rois_per_block(10**6, 4, 9 * 24, sizes(1), DEFAULT_TUNING) == 227
+    # small_cvec: the table and the staged outputs (values and argmax) in 48 KiB
+    last = torch.ones(4, 64, 10, 13).contiguous(memory_format=torch.channels_last)
+    staged = _problem(last, torch.zeros(1000, 5), size=3)
+    plan = planning.plan_forward(staged, out, arg, sizes(1))
+    assert plan.name == "roi_pool_forward_small_cvec<float, float, true>"
+    assert plan.value("rois_per_block") == 7
+    assert plan.shared_mem == 7 * 9 * (24 + 65 * 8)  # rows of 64 channels and a pad word
+    small_cvec = kernels.FORWARD_SMALL_CVEC
+    assert planning.small_roi_bytes(small_cvec, 9, 62, torch.float64, False) == 9 * (24 + 65 * 8)
+    assert planning.small_roi_bytes(small_cvec, 9, 20, torch.float16, True) == 9 * (24 + 25 * 8)
     tuned = CupyTuning(small_block_elements=1152)
     assert planning.plan_forward(problem, out, arg, sizes(1), tuned).value("rois_per_block") == 2
 

@@ -42,6 +42,7 @@ VARIANTS: dict[str, CupyTuning] = {
     "cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC),
     "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
     "small": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL),
+    "small_cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL_CVEC),
     "small-2k": replace(
         DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL, small_block_elements=2048
     ),

@@ -29,28 +29,18 @@ struct SmallBin {
   int first_index;
   int pad;
 };
-}  // namespace roi_ops_cuda
 
-template <class T, class R, bool kArgmax>
-__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::SmallBlocksPerSM<T>::value)
-    roi_pool_forward_small(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
-                           const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
-                           const R* __restrict__ rois, const i64 rs0, const i64 rs1,
-                           const double spatial_scale, const i64 PH, const i64 PW,
-                           const i64 rois_per_block, const i64 K, T* __restrict__ output,
-                           int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
-  using namespace roi_ops_cuda;
+// Fills table[r * PH * PW + q] for the block's `count` ROIs from `first_roi` (all threads of
+// the block; a barrier follows) and records the invalid ones in the bad-ROI log (null: none).
+template <class R>
+__device__ __forceinline__ void fill_small_table(
+    SmallBin* __restrict__ table, const R* __restrict__ rois, i64 rs0, i64 rs1, i64 N, i64 H,
+    i64 W, i64 sN, i64 sH, i64 sW, double spatial_scale, i64 PH, i64 PW, i64 first_roi,
+    unsigned int count, long long* __restrict__ bad_roi_log) {
   typedef typename Rois<R>::G G;
-  (void)sW;  // 1: the launch plan picks this kernel only for a unit W stride
-  SmallBin* const table = reinterpret_cast<SmallBin*>(roi_dynamic_shared);
-  const unsigned int tid = threadIdx.x;
-  const unsigned int step = blockDim.x;
   const unsigned int bins = static_cast<unsigned int>(PH * PW);
-  const i64 first_roi = static_cast<i64>(blockIdx.x) * rois_per_block;
-  const unsigned int count = static_cast<unsigned int>(
-      K - first_roi < rois_per_block ? K - first_roi : rois_per_block);
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
-  for (unsigned int e = tid; e < count * bins; e += step) {
+  for (unsigned int e = threadIdx.x; e < count * bins; e += blockDim.x) {
     const unsigned int r = e / bins;
     const unsigned int q = e - r * bins;
     const i64 k = first_roi + r;
@@ -62,7 +52,7 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::SmallBlo
     const int2 rows = bin_span<G>(ph, g.bin_h, g.y1, H, valid);
     const int2 cols = bin_span<G>(pw, g.bin_w, g.x1, W, valid);
     SmallBin bin;
-    bin.corner = (valid ? g.batch : 0) * sN + rows.x * sH + cols.x;
+    bin.corner = (valid ? g.batch : 0) * sN + rows.x * sH + cols.x * sW;
     bin.bin_h = rows.y - rows.x;
     bin.bin_w = cols.y - cols.x;
     bin.first_index = rows.x * w_int + cols.x;
@@ -73,6 +63,34 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::SmallBlo
     }
   }
   __syncthreads();
+}
+
+// The block's ROI count: rois_per_block, fewer in the last block (the grid is ceil(K / R)).
+__device__ __forceinline__ unsigned int small_count(i64 first_roi, i64 rois_per_block, i64 K) {
+  return static_cast<unsigned int>(K - first_roi < rois_per_block ? K - first_roi
+                                                                  : rois_per_block);
+}
+}  // namespace roi_ops_cuda
+
+template <class T, class R, bool kArgmax>
+__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::SmallBlocksPerSM<T>::value)
+    roi_pool_forward_small(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
+                           const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
+                           const R* __restrict__ rois, const i64 rs0, const i64 rs1,
+                           const double spatial_scale, const i64 PH, const i64 PW,
+                           const i64 rois_per_block, const i64 K, T* __restrict__ output,
+                           int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
+  using namespace roi_ops_cuda;
+  (void)sW;  // 1: the launch plan picks this kernel only for a unit W stride
+  SmallBin* const table = reinterpret_cast<SmallBin*>(roi_dynamic_shared);
+  const unsigned int tid = threadIdx.x;
+  const unsigned int step = blockDim.x;
+  const unsigned int bins = static_cast<unsigned int>(PH * PW);
+  const i64 first_roi = static_cast<i64>(blockIdx.x) * rois_per_block;
+  const unsigned int count = small_count(first_roi, rois_per_block, K);
+  const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
+  fill_small_table<R>(table, rois, rs0, rs1, N, H, W, sN, sH, 1, spatial_scale, PH, PW,
+                      first_roi, count, bad_roi_log);
   if (C == 0) return;  // nothing to pool (the table still recorded the block's bad ROIs)
   // The block's outputs, (ROI, channel, bin) with the bin fastest: thread tid takes tid, then
   // every step-th, counting (r, c, q) with carries (no division in the loop).
