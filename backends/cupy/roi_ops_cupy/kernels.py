@@ -22,7 +22,9 @@ SOURCE_FILES = (
     "forward_plane.cu",
     "forward_chan.cu",
     "forward_unit.cu",
+    "forward_small.cu",  # reuses forward_unit.cu's per-bin reduction
     "forward_cvec.cu",
+    "forward_small_cvec.cu",  # reuses forward_small.cu's table and forward_cvec.cu's cvec_bin
     "backward_atomic.cu",
     "backward_planes.cu",
 )
@@ -50,7 +52,16 @@ FORWARD_PLANE = "roi_pool_forward_plane"
 FORWARD_CHAN = "roi_pool_forward_chan"
 FORWARD_UNIT = "roi_pool_forward_unit"
 FORWARD_CVEC = "roi_pool_forward_cvec"
-FORWARD_KERNELS = (FORWARD_PLANE, FORWARD_CHAN, FORWARD_UNIT, FORWARD_CVEC)
+FORWARD_SMALL = "roi_pool_forward_small"
+FORWARD_SMALL_CVEC = "roi_pool_forward_small_cvec"
+FORWARD_KERNELS = (
+    FORWARD_PLANE,
+    FORWARD_CHAN,
+    FORWARD_UNIT,
+    FORWARD_CVEC,
+    FORWARD_SMALL,
+    FORWARD_SMALL_CVEC,
+)
 BACKWARD_ATOMIC = "roi_pool_backward_atomic"
 BACKWARD_PLANES = "roi_pool_backward_planes"
 BACKWARD_KERNELS = (BACKWARD_ATOMIC, BACKWARD_PLANES)

@@ -25,6 +25,8 @@ CVEC_BYTES = 16  # the cvec kernel loads 16 aligned bytes of channels at a time
 CVEC_THREADS = 8  # most threads per bin in a block of the cvec kernel (kCvecThreads)
 # The forward kernels count a block's channels in 32-bit integers (a few thousand in practice).
 MAX_CHANNELS_PER_BLOCK = 2**24
+SMALL_BIN_BYTES = 24  # one (ROI, bin) entry of the small kernels' table (SmallBin)
+SMALL_MAX_SHARED = 48 * 1024  # the small kernels' table (and tile) per block, at most
 PLANES_STATIC_SHARED = 5 * 1024  # the planes kernel's own __shared__ arrays (4224 B), and room
 DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without opting in
 MAX_GRID_Y = 65535
@@ -68,33 +70,61 @@ def cvec_thread_channels(dtype: torch.dtype) -> int:
     return lanes if lanes == 8 else 2 * lanes
 
 
-def _can_run(kernel: str, input: torch.Tensor) -> bool:
-    if kernel == kernels.FORWARD_UNIT:
-        return input.stride(3) == 1
-    if kernel == kernels.FORWARD_CVEC:
-        return (
-            input.shape[1] > 0
-            and input.stride(1) == 1
-            and aligned_channel_vector(input, CVEC_BYTES) > 1
-        )
-    return True  # plane and chan read any strides
+def small_roi_bytes(kernel: str, bins: int, channels: int, dtype: torch.dtype, argmax: bool):
+    """Shared memory of one ROI in a block of a small kernel: its bins' table entries, and for
+    small_cvec its staged outputs (a padded row per bin of 32-bit words, 64-bit for float64,
+    and of int32 argmax when `argmax`)."""
+    table = SMALL_BIN_BYTES * bins
+    if kernel != kernels.FORWARD_SMALL_CVEC:
+        return table
+    per_thread = cvec_thread_channels(dtype)
+    width = -(-channels // per_thread) * per_thread + 1
+    word = 8 if dtype.itemsize == 8 else 4
+    return table + bins * width * (word + (4 if argmax else 0))
 
 
-def forward_kernel(input: torch.Tensor, tuning: CupyTuning = DEFAULT_TUNING) -> str:
-    """The forward kernel for an input's strides and alignment (no device sync).
+def _aligned_channels(input: torch.Tensor) -> bool:
+    return (
+        input.shape[1] > 0
+        and input.stride(1) == 1
+        and aligned_channel_vector(input, CVEC_BYTES) > 1
+    )
 
-    For channels_last: cvec when its channel vectors are 16-byte aligned, chan otherwise; unit
-    for any other unit W stride (NCHW contiguous), plane otherwise. ``tuning.forward_kernel``
-    overrides the choice where that kernel can run.
+
+def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
+    if kernel in (kernels.FORWARD_UNIT, kernels.FORWARD_SMALL):
+        unit = input.stride(3) == 1
+    elif kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_SMALL_CVEC):
+        unit = _aligned_channels(input)
+    else:
+        return True  # plane and chan read any strides
+    if kernel in (kernels.FORWARD_SMALL, kernels.FORWARD_SMALL_CVEC):
+        needed = small_roi_bytes(kernel, bins, input.shape[1], input.dtype, True)
+        return unit and needed <= SMALL_MAX_SHARED
+    return unit
+
+
+def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_TUNING) -> str:
+    """The forward kernel for an input's strides and alignment and `bins` (PH * PW) per ROI (no
+    device sync): the choice table of tools/NOTES.md.
+
+    For channels_last: cvec when its channel vectors are 16-byte aligned, chan otherwise; for
+    any other unit W stride (NCHW contiguous), unit; plane for the rest. Where a ROI has at most
+    ``tuning.small_roi_outputs`` outputs (C * PH * PW), small_cvec replaces cvec and small
+    replaces unit. ``tuning.forward_kernel`` overrides the choice where that kernel can run.
     """
     forced = tuning.forward_kernel
-    if forced is not None and _can_run(forced, input):
+    if forced is not None and _can_run(forced, input, bins):
         return forced
+    few = input.shape[1] * bins <= tuning.small_roi_outputs
     if uses_channel_kernel(input, tuning):
-        aligned = aligned_channel_vector(input, CVEC_BYTES) > 1
-        return kernels.FORWARD_CVEC if aligned else kernels.FORWARD_CHAN
+        if aligned_channel_vector(input, CVEC_BYTES) <= 1:
+            return kernels.FORWARD_CHAN
+        small = few and _can_run(kernels.FORWARD_SMALL_CVEC, input, bins)
+        return kernels.FORWARD_SMALL_CVEC if small else kernels.FORWARD_CVEC
     if input.stride(3) == 1:
-        return kernels.FORWARD_UNIT
+        small = few and _can_run(kernels.FORWARD_SMALL, input, bins)
+        return kernels.FORWARD_SMALL if small else kernels.FORWARD_UNIT
     return kernels.FORWARD_PLANE
 
 
@@ -169,7 +199,7 @@ def plan_forward(
     log = problem.bad_roi_log
     if num_rois == 0 or (output.numel() == 0 and log is None):
         return None
-    kernel = forward_kernel(input, tuning)
+    kernel = forward_kernel(input, ph * pw, tuning)
     name = kernels.forward_name(kernel, input.dtype, rois.dtype, argmax is not None)
     head = (
         pointer("input", input),
@@ -184,6 +214,16 @@ def plan_forward(
     )
     tail = (pointer("output", output), pointer("argmax", argmax), pointer("bad_roi_log", log))
     multiprocessors = sizes.multiprocessors
+    if kernel in (kernels.FORWARD_SMALL, kernels.FORWARD_SMALL_CVEC):
+        roi_bytes = small_roi_bytes(kernel, ph * pw, channels, input.dtype, argmax is not None)
+        per_block = small_rois_per_block(num_rois, channels * ph * pw, roi_bytes, sizes, tuning)
+        return Launch(
+            name,
+            (math.ceil(num_rois / per_block), 1, 1),
+            (THREADS, 1, 1),
+            roi_bytes * per_block,
+            (*head, integer("rois_per_block", per_block), integer("K", num_rois), *tail),
+        )
     if kernel == kernels.FORWARD_CHAN:
         cache_edges = ph + pw <= tuning.max_cached_edges
         grid_y = _grid_y(channels, CHAN_LANES)
@@ -216,6 +256,21 @@ def plan_forward(
         0,
         (*head, integer("channels_per_block", per_block), *tail),
     )
+
+
+def small_rois_per_block(
+    num_rois: int, roi_outputs: int, roi_bytes: int, sizes: CudaSizes, tuning: CupyTuning
+) -> int:
+    """ROIs per block of the small kernels: about ``tuning.small_block_elements`` outputs, at
+    most SMALL_MAX_SHARED bytes of `roi_bytes` each, and halved until the grid has enough
+    blocks."""
+    per_block = max(1, tuning.small_block_elements // max(roi_outputs, 1))
+    per_block = max(1, min(per_block, SMALL_MAX_SHARED // roi_bytes, num_rois))
+    while per_block > 1 and math.ceil(num_rois / per_block) < (
+        tuning.min_blocks_per_sm * sizes.multiprocessors
+    ):
+        per_block = (per_block + 1) // 2
+    return per_block
 
 
 def _grid_y(channels: int, per_block: int) -> int:

@@ -33,6 +33,10 @@ class CupyTuning:
         planes_channels: channels per block of the planes backward.
         planes_min_blocks_per_sm: the planes backward runs only with N * C at least this many
             blocks per SM.
+        small_roi_outputs: inputs with a unit W stride whose ROIs have at most this many
+            outputs (C * PH * PW) take the small kernel (many ROIs per block) instead of the
+            unit kernel (one ROI per block); 0 never.
+        small_block_elements: outputs per block of the small kernel (whole ROIs).
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC` / `kernels.BACKWARD_PLANES` (planes
@@ -51,6 +55,8 @@ class CupyTuning:
     max_cached_edges: int = 2048
     planes_channels: int = 1
     planes_min_blocks_per_sm: int = 4
+    small_roi_outputs: int = 1024
+    small_block_elements: int = 4096
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

@@ -5,6 +5,7 @@ comparisons against the scalar reference."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,9 +18,26 @@ from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
-# channels_last takes the cvec kernel (16-byte aligned channel vectors); shifted by one element
-# it takes the chan kernel.
-LAYOUTS = ["contiguous", "channels_last", "channels_last_unaligned", "strided"]
+# Each layout takes another kernel (forced where it can run): contiguous the small kernel, or as
+# "contiguous_unit" the unit kernel; channels_last (16-byte aligned channel vectors) the
+# small_cvec kernel, or as "channels_last_cvec" the cvec kernel; shifted by one element the chan
+# kernel; strided the plane kernel.
+LAYOUTS = [
+    "contiguous",
+    "channels_last",
+    "channels_last_unaligned",
+    "strided",
+    "contiguous_unit",
+    "channels_last_cvec",
+]
+# The layouts of the kernels that read channel blocks or rows of bins in rounds.
+BLOCK_LAYOUTS = [layout for layout in LAYOUTS if layout != "strided"]
+_LAYOUT_KERNELS = {
+    "contiguous": kernels.FORWARD_SMALL,
+    "contiguous_unit": kernels.FORWARD_UNIT,
+    "channels_last": kernels.FORWARD_SMALL_CVEC,
+    "channels_last_cvec": kernels.FORWARD_CVEC,
+}
 BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 GUARD = 64  # elements of sentinel before and after every buffer a kernel touches
 HAS_CUDA = torch.cuda.is_available()
@@ -45,6 +63,9 @@ def guarded(shape, strides, dtype, device, fill, shift=0):
 
 def place_input(x: torch.Tensor, layout: str, device) -> torch.Tensor:
     """`x` copied onto `device` in `layout`, every element around it NaN (so a stray read shows)."""
+    layout = {"contiguous_unit": "contiguous", "channels_last_cvec": "channels_last"}.get(
+        layout, layout
+    )
     if layout == "strided":  # every other column of a wider map: contiguous in no format
         n, c, h, w = x.shape
         view, _ = guarded(
@@ -107,6 +128,8 @@ def run_forward(
 ):
     """The kernels on poisoned outputs; returns CPU (output, argmax or None)."""
     size = (size, size) if isinstance(size, int) else tuple(size)
+    if layout in _LAYOUT_KERNELS and tuning.forward_kernel is None:
+        tuning = replace(tuning, forward_kernel=_LAYOUT_KERNELS[layout])
     device = runner.device
     placed = place_input(x, layout, device)
     rois = rois.to(device)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from cupy_harness import (
     BITS,
+    BLOCK_LAYOUTS,
     DTYPE_IDS,
     DTYPES,
     LAYOUTS,
@@ -40,7 +41,7 @@ def test_contract_cases(runner, dtype, layout):
         check(runner, x, case.rois_tensor(), case.output_size, case.spatial_scale, layout=layout)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[:3])
+@pytest.mark.parametrize("layout", BLOCK_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_float32_rois_with_half_input(runner, dtype, layout):
     for case in contract_cases("cpu", dtype, seed=3, rois_dtype=torch.float32):
@@ -48,7 +49,7 @@ def test_float32_rois_with_half_input(runner, dtype, layout):
         check(runner, x, case.rois_tensor(), case.output_size, case.spatial_scale, layout=layout)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[:3])
+@pytest.mark.parametrize("layout", BLOCK_LAYOUTS)
 def test_channel_blocks_loop_and_uncached_edges(runner, layout):
     # 72 channels: the cvec kernel's last block of 32 has 2 of its 8 vectors.
     g = torch.Generator().manual_seed(11)
@@ -60,7 +61,7 @@ def test_channel_blocks_loop_and_uncached_edges(runner, layout):
     check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64, tuning=uncached)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[:3])
+@pytest.mark.parametrize("layout", BLOCK_LAYOUTS)
 @pytest.mark.parametrize("size", [(1, 1), (16, 16), (17, 16), (20, 30), (70, 60)], ids=str)
 def test_bins_per_roi_around_one_block(runner, layout, size):
     # nb = 1 (256 groups), 256 (one group, exact), 272 and 600 (threads loop over bins); 70 + 60
@@ -71,7 +72,7 @@ def test_bins_per_roi_around_one_block(runner, layout, size):
     check(runner, x, rois, size, 1.0, layout=layout, multiprocessors=1)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[:3])
+@pytest.mark.parametrize("layout", BLOCK_LAYOUTS)
 def test_many_bins_are_staged_in_rounds(runner, layout):
     g = torch.Generator().manual_seed(12)
     x = torch.randn(1, 18, 30, 30, generator=g, dtype=torch.float64)
@@ -79,7 +80,7 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
     check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
 
 
-@pytest.mark.parametrize("kernel", ["unit", "plane", "cvec", "chan"])
+@pytest.mark.parametrize("kernel", ["unit", "small", "plane", "cvec", "small_cvec", "chan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
@@ -90,9 +91,15 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # empty; 20 float32 (22 float64) channels leave one thread half its channels.
     tuning = CupyTuning(forward_kernel=kernels.FORWARD_PLANE) if kernel == "plane" else None
     tuning = tuning or DEFAULT_TUNING
-    layout = {"cvec": "channels_last", "chan": "channels_last_unaligned"}.get(kernel, "contiguous")
+    layout = {
+        "cvec": "channels_last_cvec",
+        "small_cvec": "channels_last",
+        "chan": "channels_last_unaligned",
+        "unit": "contiguous_unit",
+    }.get(kernel, "contiguous")
     lane_channels = {torch.float32: 20, torch.float64: 22}.get(dtype, 24)
-    x = tie_heavy_features((2, lane_channels if layout != "contiguous" else 11, 12, 40), 21, dtype)
+    channels = lane_channels if layout.startswith("channels_last") else 11
+    x = tie_heavy_features((2, channels, 12, 40), 21, dtype)
     rows = [
         [0, 3.0, 1.0, 5.0, 10.0],
         [1, 7.0, 0.0, 13.0, 11.0],

@@ -18,6 +18,7 @@ cupy_backend = pytest.importorskip("roi_ops_cupy.backend")
 from roi_ops.backend import ALL_FLOAT_DTYPES, RoIPoolProblem  # noqa: E402
 
 from roi_ops_cupy import kernels, planning  # noqa: E402
+from roi_ops_cupy.tuning import CupyTuning  # noqa: E402
 
 CupyBackend = cupy_backend.CupyBackend
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
@@ -152,7 +153,8 @@ def test_kernel_names_and_modules():
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
             assert re.fullmatch(
-                r"roi_pool_forward_(plane|chan|unit|cvec)<\w+, \w+, (true|false)>", expr
+                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec)<\w+, \w+, (true|false)>",
+                expr,
             )
             assert kernels.module_names(expr) == kernels.forward_names(t, r)
     assert kernels.backward_names(torch.bfloat16) == (
@@ -165,7 +167,7 @@ def test_kernel_names_and_modules():
     )
     name = kernels.backward_name(kernels.BACKWARD_PLANES, torch.float16, torch.float32, 1024)
     assert kernels.module_names(name) == kernels.backward_names(torch.float16)
-    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 8 + 6 * 3
+    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 12 + 6 * 3
 
 
 def test_source_is_self_contained_and_split_by_family():
@@ -197,18 +199,23 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
     x = torch.ones(2, 24, 9, 11)
     rois = torch.tensor([[0, 1.0, 1.0, 8.0, 7.0]] * 3)
     sizes = planning.CudaSizes(132, 50 * 2**20, 227 * 1024)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
     layouts = {
         kernels.FORWARD_UNIT: x,
-        kernels.FORWARD_PLANE: x[..., ::1].transpose(2, 3).contiguous().transpose(2, 3),
-        kernels.FORWARD_CVEC: x.contiguous(memory_format=torch.channels_last),
+        kernels.FORWARD_SMALL: x,
+        kernels.FORWARD_PLANE: x,
+        kernels.FORWARD_CVEC: channels_last,
+        kernels.FORWARD_SMALL_CVEC: channels_last,
         kernels.FORWARD_CHAN: torch.empty(2 * 24 * 99 + 1)[1:].as_strided(
-            x.shape, x.contiguous(memory_format=torch.channels_last).stride()
+            x.shape, channels_last.stride()
         ),
     }
+    assert set(layouts) == set(kernels.FORWARD_KERNELS)
     for kernel, placed in layouts.items():
         problem = RoIPoolProblem(placed, rois, 3, 3, 0.5, True)
         out = torch.empty(problem.output_shape)
-        launch = planning.plan_forward(problem, out, out.int(), sizes)
+        tuning = CupyTuning(forward_kernel=kernel)
+        launch = planning.plan_forward(problem, out, out.int(), sizes, tuning)
         assert launch.name.startswith(kernel + "<"), (kernel, launch.name)
         assert [n for n, _ in launch.args] == _parameters(kernel)
     grad = torch.ones(3, 24, 3, 3)

@@ -27,31 +27,67 @@ def _outputs(problem):
     return out, torch.empty(problem.output_shape, dtype=torch.int32)
 
 
-def test_forward_kernel_by_layout_and_alignment():
+def test_forward_kernel_by_layout_alignment_and_outputs_per_roi():
     def last(c, dtype=torch.float32):
         return torch.empty(2, c, 5, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
+    choose = planning.forward_kernel
     assert [planning.cvec_lanes(d) for d in DTYPES] == [8, 8, 4, 2]
     assert [planning.cvec_thread_channels(d) for d in DTYPES] == [8, 8, 8, 4]
-    assert planning.forward_kernel(torch.empty(2, 20, 5, 6)) == kernels.FORWARD_UNIT
-    assert planning.forward_kernel(last(20)) == kernels.FORWARD_CVEC
-    assert planning.forward_kernel(last(20, torch.float16)) == kernels.FORWARD_CHAN
-    assert planning.forward_kernel(last(20)[:, 1:17]) == kernels.FORWARD_CHAN  # 4 bytes in
-    assert planning.forward_kernel(last(8)) == kernels.FORWARD_PLANE  # too few channels
-    assert planning.forward_kernel(torch.empty(2, 3, 5, 12)[..., ::2]) == kernels.FORWARD_PLANE
+    assert choose(torch.empty(2, 64, 5, 6), 9) == kernels.FORWARD_SMALL  # 576 outputs per ROI
+    assert choose(torch.empty(2, 64, 5, 6), 16) == kernels.FORWARD_SMALL  # 1024
+    assert choose(torch.empty(2, 64, 5, 6), 17) == kernels.FORWARD_UNIT  # 1088
+    assert choose(torch.empty(2, 1, 5, 6), 2049) == kernels.FORWARD_UNIT  # a table too large
+    assert choose(torch.empty(2, 64, 5, 6), 9, CupyTuning(small_roi_outputs=0)) == (
+        kernels.FORWARD_UNIT
+    )
+    assert choose(last(20), 49) == kernels.FORWARD_SMALL_CVEC  # 980 outputs per ROI
+    assert choose(last(24), 49) == kernels.FORWARD_CVEC  # 1176
+    assert choose(last(20, torch.float16), 49) == kernels.FORWARD_CHAN
+    assert choose(last(20)[:, 1:17], 49) == kernels.FORWARD_CHAN  # 4 bytes in
+    assert choose(last(8), 1) == kernels.FORWARD_PLANE  # too few channels for lanes
+    assert choose(torch.empty(2, 3, 5, 12)[..., ::2], 1) == kernels.FORWARD_PLANE
 
 
 def test_forced_forward_kernels_only_where_they_run():
     x = torch.empty(2, 20, 5, 6)
-    for kernel in (kernels.FORWARD_PLANE, kernels.FORWARD_CHAN):
-        assert planning.forward_kernel(x, CupyTuning(forward_kernel=kernel)) == kernel
+    for kernel in (kernels.FORWARD_PLANE, kernels.FORWARD_CHAN, kernels.FORWARD_SMALL):
+        assert planning.forward_kernel(x, 49, CupyTuning(forward_kernel=kernel)) == kernel
     strided = x[..., ::2]
     forced_unit = CupyTuning(forward_kernel=kernels.FORWARD_UNIT)
-    assert planning.forward_kernel(strided, forced_unit) == kernels.FORWARD_PLANE
+    assert planning.forward_kernel(strided, 49, forced_unit) == kernels.FORWARD_PLANE
     forced_cvec = CupyTuning(forward_kernel=kernels.FORWARD_CVEC)
-    assert planning.forward_kernel(x, forced_cvec) == kernels.FORWARD_UNIT
+    assert planning.forward_kernel(x, 49, forced_cvec) == kernels.FORWARD_SMALL
     last = x.contiguous(memory_format=torch.channels_last)
-    assert planning.forward_kernel(last, forced_unit) == kernels.FORWARD_CVEC
+    assert planning.forward_kernel(last, 49, forced_unit) == kernels.FORWARD_SMALL_CVEC
+    forced_small = CupyTuning(forward_kernel=kernels.FORWARD_SMALL)
+    assert planning.forward_kernel(x, 50 * 50, forced_small) == kernels.FORWARD_UNIT
+
+
+def test_small_plans_many_rois_per_block():
+    x = torch.ones(4, 64, 10, 13)
+    problem = _problem(x, torch.zeros(1000, 5), size=3, log=torch.zeros(12, dtype=torch.int64))
+    out, arg = _outputs(problem)
+    small = planning.plan_forward(problem, out, arg, sizes(1))
+    assert small.name == "roi_pool_forward_small<float, float, true>"
+    assert small.value("rois_per_block") == 7 and small.value("K") == 1000  # 4096 // 576
+    assert small.grid == (143, 1, 1) and small.block == (256, 1, 1)
+    assert small.shared_mem == 7 * 9 * planning.SMALL_BIN_BYTES
+    # Enough blocks for the GPU: 8 per SM of 132 want 1056 blocks.
+    assert planning.plan_forward(problem, out, arg, sizes(132)).value("rois_per_block") == 1
+    assert planning.small_rois_per_block(10**6, 4, 9 * 24, sizes(1), DEFAULT_TUNING) == 227
+    # small_cvec: the table and the staged outputs (values and argmax) in 48 KiB
+    last = torch.ones(4, 64, 10, 13).contiguous(memory_format=torch.channels_last)
+    staged = _problem(last, torch.zeros(1000, 5), size=3)
+    plan = planning.plan_forward(staged, out, arg, sizes(1))
+    assert plan.name == "roi_pool_forward_small_cvec<float, float, true>"
+    assert plan.value("rois_per_block") == 7
+    assert plan.shared_mem == 7 * 9 * (24 + 65 * 8)  # rows of 64 channels and a pad word
+    small_cvec = kernels.FORWARD_SMALL_CVEC
+    assert planning.small_roi_bytes(small_cvec, 9, 62, torch.float64, False) == 9 * (24 + 65 * 8)
+    assert planning.small_roi_bytes(small_cvec, 9, 20, torch.float16, True) == 9 * (24 + 25 * 8)
+    tuned = CupyTuning(small_block_elements=1152)
+    assert planning.plan_forward(problem, out, arg, sizes(1), tuned).value("rois_per_block") == 2
 
 
 def test_unit_plan_sizes_channel_blocks_by_l2():

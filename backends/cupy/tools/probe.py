@@ -8,6 +8,7 @@ Not a benchmark of record (that is ``python -m roi_ops bench``): this times the 
     python backends/cupy/tools/probe.py [--workload many-small ...] [--dtype float32 ...]
         [--layout nchw channels_last] [--variant auto unit small ...] [--ab OTHER/cuda]
     python backends/cupy/tools/probe.py --ncu many-small    # a few launches each, for ncu -k
+    python backends/cupy/tools/probe.py --host              # host microseconds per call
 
 A variant is a `CupyTuning` (`VARIANTS`): a forced kernel runs only where it can run, so a
 variant that cannot run on a layout is left out of that row. ``--ab DIR`` adds variant ``ab``:
@@ -40,6 +41,14 @@ VARIANTS: dict[str, CupyTuning] = {
     "unit": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT),
     "cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC),
     "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
+    "small": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL),
+    "small_cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL_CVEC),
+    "small-2k": replace(
+        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL, small_block_elements=2048
+    ),
+    "small-8k": replace(
+        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL, small_block_elements=8192
+    ),
 }
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -62,7 +71,11 @@ class Variant:
         """A call that launches the variant's kernel on `problem`, or None where its forced
         kernel cannot run (it would fall back to another)."""
         forced = self.tuning.forward_kernel
-        if forced is not None and planning.forward_kernel(problem.input, self.tuning) != forced:
+        bins = problem.pooled_height * problem.pooled_width
+        if (
+            forced is not None
+            and planning.forward_kernel(problem.input, bins, self.tuning) != forced
+        ):
             return None
         device = problem.input.get_device()
         plan = planning.plan_forward(problem, out, arg, cuda_sizes(device), self.tuning)
@@ -207,6 +220,51 @@ def ncu_target(name: str, variants) -> None:
     torch.cuda.synchronize()
 
 
+def host_overhead(calls: int = 2000) -> None:
+    """Host microseconds per call on a small problem (its GPU time is negligible): the backend's
+    forward and backward methods, and whole roi_pool calls against torchvision's."""
+    import time
+
+    import roi_ops
+    from roi_ops.backend import RoIPoolBackwardProblem
+
+    from roi_ops_cupy.backend import CupyBackend
+
+    device = torch.device("cuda")
+    x = torch.randn(2, 256, 50, 68, device=device)
+    rois = make_rois(WORKLOADS["frcnn-c4"], torch.float32, device)[:64]
+    backend = CupyBackend()
+    problem = RoIPoolProblem(x, rois, 7, 7, 1 / 16, True)
+    out = torch.empty(problem.output_shape, device=device)
+    arg = torch.empty(problem.output_shape, dtype=torch.int32, device=device)
+    grad = torch.randn(problem.output_shape, device=device)
+    backward = RoIPoolBackwardProblem(grad, arg, rois, tuple(x.shape), x.dtype)
+    leaf = x.detach().requires_grad_(True)
+    calls_by_name = {
+        "backend.forward": lambda: backend.forward(problem, out, arg),
+        "backend.backward": lambda: backend.backward(backward),
+        "roi_pool inference": lambda: roi_ops.roi_pool(x, rois, 7, 1 / 16),
+        "roi_pool forward": lambda: roi_ops.roi_pool(leaf, rois, 7, 1 / 16),
+    }
+    try:
+        from torchvision.ops import roi_pool as tv
+
+        calls_by_name["torchvision inference"] = lambda: tv(x, rois, 7, 1 / 16)
+        calls_by_name["torchvision forward"] = lambda: tv(leaf, rois, 7, 1 / 16)
+    except ImportError:
+        pass
+    for label, fn in calls_by_name.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = (time.perf_counter() - start) / calls * 1e6
+        torch.cuda.synchronize()
+        print(f"host {label}: {host:.1f} us per call")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
@@ -219,7 +277,11 @@ def main() -> int:
     parser.add_argument("--no-triton", dest="triton", action="store_false")
     parser.add_argument("--json", default=None, help="write the rows and bit checks here")
     parser.add_argument("--ncu", default=None, help="only run the ncu target for a workload")
+    parser.add_argument("--host", action="store_true", help="only time host overhead per call")
     args = parser.parse_args()
+    if args.host:
+        host_overhead()
+        return 0
     variants = [Variant(name, VARIANTS[name]) for name in args.variant]
     if args.ab:
         folder = Path(args.ab)
