@@ -186,15 +186,15 @@ def record_bad_roi(log_ptr, k, r0, r1, r2, r3, r4, N, bad):
     slot 2j (2j + 1) gets the atomic minimum of (k << 32) | the low (high) 32 bits of float64
     value j, slot 10 of (k << 32) | N. Keys of an earlier row are smaller, so the log ends up
     holding the first bad row whatever order programs run in."""
-    slot = tl.arange(0, 16)
-    column = slot // 2
-    value = tl.where(column == 0, r0, tl.where(column == 1, r1, tl.where(column == 2, r2, r3)))
-    value = tl.where(column >= 4, r4, value)
-    bits = value.to(tl.float64).to(tl.int64, bitcast=True)  # exact from float32 and float64
-    piece = tl.where(slot % 2 == 0, bits, bits >> 32) & 0xFFFFFFFF
-    piece = tl.where(slot == 10, N.to(tl.int64), piece)
-    key = (k.to(tl.int64) << 32) | piece
     if bad:
+        slot = tl.arange(0, 16)
+        column = slot // 2
+        value = tl.where(column == 0, r0, tl.where(column == 1, r1, tl.where(column == 2, r2, r3)))
+        value = tl.where(column >= 4, r4, value)
+        bits = value.to(tl.float64).to(tl.int64, bitcast=True)  # exact from float32 and float64
+        piece = tl.where(slot % 2 == 0, bits, bits >> 32) & 0xFFFFFFFF
+        piece = tl.where(slot == 10, N.to(tl.int64), piece)
+        key = (k.to(tl.int64) << 32) | piece
         # System scope: the log may be pinned host memory that the host reads without waiting.
         tl.atomic_min(log_ptr + slot, key, mask=slot < LOG_KEYS, sem="relaxed", scope="sys")
 

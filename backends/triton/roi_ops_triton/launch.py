@@ -41,10 +41,11 @@ _FORWARD_KERNELS = {
 
 
 class UnitSizes(NamedTuple):
-    """What the unit kernel's channels per program depend on, and their value with many ROIs."""
+    """What the unit kernel's channels per program depend on (`plan.unit_channels_per_program`),
+    and their value when K is large enough that the grid has the programs it wants."""
 
     sizes: tuple[int, int, int, int]  # (channels, bins, SM count, target outputs)
-    channels_per_program: int  # when K * blocks >= enough_programs
+    channels_per_program: int  # `plan.unit_channels_most`, when K * blocks >= enough_programs
     enough_programs: int
 
 
@@ -185,9 +186,7 @@ class Runner:
         if name == "unit":
             target = plan.unit_target(input.numel() * input.element_size(), l2_bytes, tuning)
             sizes = (channels, bins, multiprocessors, target)
-            # With enough ROIs (the grid has the programs it wants at the most channels per
-            # program), channels per program do not depend on K.
-            per = plan.unit_channels_per_program(2**62, *sizes, tuning)
+            per = plan.unit_channels_most(channels, bins, target, tuning)
             blocks = -(-channels // per)
             unit = UnitSizes(sizes, per, tuning.min_programs_per_sm * multiprocessors)
             meta.update(LANES=tuning.unit_lanes, CHANNELS=tuning.unit_channels)
@@ -372,9 +371,3 @@ def _record_only(rois: torch.Tensor, log: Any, num_images: int, device_index: in
     record_bad_rois[(rois.shape[0],)](
         rois, log, num_images, *rois.stride(), GEOM_F64=rois.dtype == torch.float64
     )
-
-
-@functools.lru_cache(maxsize=8)
-def runner(tuning: Tuning = DEFAULT_TUNING) -> Runner:
-    """The shared `Runner` of `tuning` (probes and tools; the backend keeps its own)."""
-    return Runner(tuning)

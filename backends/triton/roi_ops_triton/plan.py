@@ -53,15 +53,21 @@ def unit_round(bins: int, tuning: Tuning) -> int:
     return tuning.unit_channels * (tuning.unit_lanes // min(bins, tuning.unit_lanes))
 
 
+def unit_channels_most(channels: int, bins: int, target: int, tuning: Tuning) -> int:
+    """Channels per program of the unit kernel when there are ROIs enough: about `target`
+    outputs in whole rounds (`unit_round`), never more rounds than the channels need."""
+    round_channels = unit_round(bins, tuning)
+    per = max(round_channels, target // bins // round_channels * round_channels)
+    return min(per, -(-channels // round_channels) * round_channels)
+
+
 def unit_channels_per_program(
     num_rois: int, channels: int, bins: int, multiprocessors: int, target: int, tuning: Tuning
 ) -> int:
-    """Channels per program of the unit kernel: about `target` outputs in whole rounds
-    (`unit_round`), never more rounds than the channels need, halved (in whole rounds) until the
-    grid has ``tuning.min_programs_per_sm`` programs per SM or one round is left."""
+    """Channels per program of the unit kernel: `unit_channels_most`, halved (in whole rounds)
+    until the grid has ``tuning.min_programs_per_sm`` programs per SM or one round is left."""
     round_channels = unit_round(bins, tuning)
-    per = max(round_channels, target // bins // round_channels * round_channels)
-    per = min(per, -(-channels // round_channels) * round_channels)
+    per = unit_channels_most(channels, bins, target, tuning)
     wanted = tuning.min_programs_per_sm * multiprocessors
     while per > round_channels and num_rois * -(-channels // per) < wanted:
         per = max(round_channels, (per // 2) // round_channels * round_channels)
