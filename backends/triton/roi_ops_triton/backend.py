@@ -1,29 +1,35 @@
-"""`TritonBackend`: roi_ops' default GPU backend, bit-exact Triton kernels.
+"""`TritonBackend`: bit-exact Triton kernels for CUDA GPUs, the portable GPU backend.
 
-This module does not import Triton; `roi_ops_triton.kernels` is imported on first use.
+The CuPy backend (priority 110) is what ``auto`` picks on NVIDIA GPUs where it is installed;
+Triton (priority 100) is the GPU backend that needs no CUDA toolkit at run time and runs
+wherever Triton compiles, with the same contract and the same tests. This module does not
+import Triton; the kernels (`roi_ops_triton.launch`) are imported on first use.
 """
 
 from __future__ import annotations
 
-import os
 from typing import ClassVar
 
 import torch
 
 from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolBackwardProblem, RoIPoolProblem
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from .interpreter import interpreting
+from .tuning import DEFAULT_TUNING, Tuning
 
 
 class TritonBackend(Backend):
     """roi_pool with Triton kernels on CUDA devices (and on CPU tensors under the interpreter).
 
-    Forward: one kernel, argmax on request (inference stores none). Backward: an atomic scatter
-    kernel that writes the gradient in the input's layout (contiguous or channels_last), or,
-    under ``torch.use_deterministic_algorithms(True)``, roi_ops' shared deterministic backward.
+    Forward: one kernel chosen by the input's strides, argmax on request (inference stores
+    none); invalid ROIs are recorded in roi_ops' bad-ROI log by the kernel itself. Backward: an
+    atomic scatter that writes the gradient in the input's layout (contiguous or channels_last);
+    not run-to-run deterministic, so under ``torch.use_deterministic_algorithms(True)`` roi_ops
+    runs its shared deterministic backward instead.
+
+    Args:
+        tuning: launch sizes (`roi_ops_triton.tuning`); probes pass variants, roi_ops the
+            default.
     """
 
     name: ClassVar[str] = "triton"
@@ -32,16 +38,21 @@ class TritonBackend(Backend):
     dtypes: ClassVar[frozenset[torch.dtype]] = ALL_FLOAT_DTYPES
     deterministic: ClassVar[bool] = True
     deterministic_backward: ClassVar[bool] = False
-    description: ClassVar[str] = "Triton kernels for CUDA GPUs (default GPU backend)"
+    reports_bad_rois: ClassVar[bool] = True
+    description: ClassVar[str] = "Triton kernels for CUDA GPUs (portable; no CUDA toolkit needed)"
     gradient_formats: ClassVar[frozenset[torch.memory_format]] = frozenset(
         {torch.contiguous_format, torch.channels_last}
     )
 
+    def __init__(self, tuning: Tuning = DEFAULT_TUNING) -> None:
+        self.tuning = tuning
+        self._runner = None
+
     def check_available(self) -> str | None:
         """Return why Triton cannot run here (missing, broken, or no CUDA device), else None."""
         try:
-            # Not the kernels module: it fixes compiled-vs-interpreted at import, so it is
-            # imported on the first forward, under the environment of that call.
+            # Not the kernels: they fix compiled-vs-interpreted at import, so they are imported
+            # on the first forward, under the environment of that call.
             import triton  # noqa: F401
             import triton.language  # noqa: F401
         except Exception as exc:  # a broken install can raise more than ImportError
@@ -53,48 +64,38 @@ class TritonBackend(Backend):
         return None
 
     def not_supported_reasons(self, problem: RoIPoolProblem) -> list[str]:
-        """The base checks, with CPU tensors accepted while ``TRITON_INTERPRET=1``.
+        """The base checks, with CPU tensors accepted while ``TRITON_INTERPRET`` is on.
 
         ``device_types`` stays {"cuda"}: roi_ops' ``auto`` only picks backends that declare the
         device, so the interpreter runs CPU tensors only when ``triton`` is named.
         """
         reasons = super().not_supported_reasons(problem)
-        if interpreting() and problem.device.type == "cpu":
+        if reasons and problem.input.device.type == "cpu" and interpreting():
             reasons = [r for r in reasons if not r.startswith("device type 'cpu'")]
         return reasons
 
     def forward(
         self, problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
     ) -> None:
-        """Write roi_pool of `problem` into `output` (and `argmax` unless None).
+        """Write roi_pool of `problem` into `output` (and `argmax` unless None), and record its
+        invalid ROIs in ``problem.bad_roi_log`` unless that is None.
 
-        Launches on ``problem.device`` and torch's current stream. Invalid ROIs (batch index
-        outside [0, N) or non-finite values) give zeros and argmax -1 without any
-        out-of-bounds access, so this is safe with roi_ops' value checks off.
+        Launches on ``problem.device`` and torch's current stream there, without waiting.
+        Invalid ROIs (batch index outside [0, N) or non-finite values) give zeros and argmax -1
+        without any out-of-bounds access. The log may be pinned host memory.
         """
-        from roi_ops_triton import kernels
-
-        kernels.roi_pool_forward(
-            problem.input,
-            problem.rois,
-            problem.pooled_height,
-            problem.pooled_width,
-            problem.spatial_scale,
-            output,
-            argmax,
-        )
+        self._kernels().forward(problem, output, argmax)
 
     def backward(self, problem: RoIPoolBackwardProblem) -> torch.Tensor:
-        """Atomic scatter of ``grad_output`` at ``argmax`` (not run-to-run deterministic: roi_ops
-        runs its shared deterministic backward instead under
-        ``torch.use_deterministic_algorithms``). Shapes and dtypes as in `Backend.backward`."""
-        from roi_ops_triton import kernels
+        """Atomic scatter of ``grad_output`` at ``argmax`` into the image that each ROI row of
+        ``problem.rois`` names (not run-to-run deterministic). Shapes and dtypes as in
+        `Backend.backward`."""
+        return self._kernels().backward(problem)
 
-        return kernels.roi_pool_backward(
-            problem.grad_output,
-            problem.argmax,
-            problem.batch_index,
-            problem.input_shape,
-            problem.input_dtype,
-            problem.memory_format,
-        )
+    def _kernels(self):
+        runner = self._runner
+        if runner is None:
+            from .launch import Runner
+
+            runner = self._runner = Runner(self.tuning)
+        return runner

@@ -1,14 +1,16 @@
 """Compile the kernels for an NVIDIA target without a GPU and check the arithmetic in the PTX.
 
 Usage: ``python -m roi_ops_triton.ptx_check [--arch 90] [--dump DIR]`` (``TRITON_INTERPRET``
-must be unset). It compiles every forward variant (each geometry dtype, every tile shape and
-the unit kernel, with and without argmax, split reductions) and the backward, and fails unless
-the PTX has:
+must be off). It compiles variants of every kernel (the three forward kernels with each geometry
+dtype, with and without the argmax and the bad-ROI report; the backward; the bad-ROI recorder)
+and fails unless the PTX has:
 
 * no fused multiply-add (a fused ``x * s - t`` would change C rounding and bin edges);
 * correctly rounded divisions only (``div.rn``; Triton's ``/`` on float32 is ``div.full``);
 * ``.rn`` on every float32/float64 multiply, add and subtract (so ptxas cannot fuse them);
-* no flush-to-zero comparison (subnormal features must stay ordered).
+* no flush-to-zero comparison (subnormal features must stay ordered);
+* 64-bit atomic minimums where bad ROIs are reported, and 16-byte loads in the aligned
+  channels_last variants.
 
 Floor and ceil come out as ``cvt.rmi.ftz`` / ``cvt.rpi.ftz``: the kernels only floor values that
 are zero or at least 2^-31 in magnitude, where flushing changes nothing. It prints registers
@@ -24,20 +26,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-FORWARD_VARIANTS: dict[str, dict[str, object]] = {
-    "float32-flat": dict(),
-    "float32-flat-split4": dict(BLOCK_B=128, SPLIT=4),
-    "float32-flat-inference": dict(TRACK_INDEX=False, NEEDS_ARGMAX=False),
-    "float16-half-geometry": dict(inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True),
-    "float16-float32-rois-split8": dict(inp="fp16", out="fp16", BLOCK_B=64, SPLIT=8),
-    "float64-flat-split2": dict(
-        inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True, BLOCK_B=256, SPLIT=2
-    ),
+from .interpreter import interpreting
+
+FLAT_VARIANTS: dict[str, dict[str, object]] = {
+    "flat-float32": dict(),
+    "flat-float32-inference-report": dict(NEEDS_ARGMAX=False, REPORT_BAD=True),
+    "flat-float16-half-geometry": dict(inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True),
+    "flat-float16-float32-rois": dict(inp="fp16", out="fp16", LANES=64),
+    "flat-float64": dict(inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True),
 }
 
 UNIT_VARIANTS: dict[str, dict[str, object]] = {
     "unit-float32": dict(),
+    "unit-float32-report": dict(REPORT_BAD=True),
     "unit-float32-inference": dict(NEEDS_ARGMAX=False),
+    "unit-float32-two-channels": dict(CHANNELS=2, LANES=128),
     "unit-float16-half-geometry": dict(inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True),
     "unit-bfloat16-inference": dict(inp="bf16", out="bf16", NEEDS_ARGMAX=False),
     "unit-float64": dict(inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True),
@@ -46,7 +49,7 @@ UNIT_VARIANTS: dict[str, dict[str, object]] = {
 # The channels_last kernel; VEC > 1 compiles the aligned variant (16-byte loads).
 CL_VARIANTS: dict[str, dict[str, object]] = {
     "cl-float32": dict(),
-    "cl-float32-inference": dict(NEEDS_ARGMAX=False),
+    "cl-float32-inference-report": dict(NEEDS_ARGMAX=False, REPORT_BAD=True),
     "cl-float32-unaligned-odd-c": dict(VEC=1, EVEN_C=False),
     "cl-float16-half-geometry": dict(
         inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True, BLOCK_C=64, VEC=8
@@ -57,39 +60,29 @@ CL_VARIANTS: dict[str, dict[str, object]] = {
     ),
 }
 
-_FORWARD_DEFAULTS: dict[str, object] = dict(
+_COMMON_DEFAULTS: dict[str, object] = dict(
     inp="fp32",
     rois="fp32",
     out="fp32",
     GEOM_HALF=False,
     GEOM_F64=False,
     ACC_F64=False,
-    W_UNIT=True,
-    C_UNIT=False,
-    BLOCK_B=512,
-    SPLIT=1,
-    TRACK_INDEX=True,
     NEEDS_ARGMAX=True,
+    REPORT_BAD=False,
 )
+_FLAT_DEFAULTS = _COMMON_DEFAULTS | {"LANES": 512}
+_UNIT_DEFAULTS = _COMMON_DEFAULTS | {"LANES": 256, "CHANNELS": 4}
+_CL_DEFAULTS = _COMMON_DEFAULTS | {
+    "BLOCK_C": 32, "BLOCK_B": 64, "VEC": 4, "EVEN_C": True, "C_UNIT": True
+}  # fmt: skip
 
+# The forward kernels' runtime arguments after the pointers (s_n 64-bit: the widest case).
 _FORWARD_RUNTIME = {
     "N": "i32", "C": "i32", "H": "i32", "W": "i32", "PH": "i32", "PW": "i32",
     "s_n": "i64", "s_c": "i32", "s_h": "i32", "s_w": "i32", "s_rk": "i32", "s_rj": "i32",
     "scale_f32": "fp32", "scale_bits": "i64", "blk_offset": "i32",
 }  # fmt: skip
-
-# The unit kernel shares the flat kernel's leading arguments and dtype flags: no W stride (it is
-# 1), a channels-per-program count at the end, and lanes instead of the flat tile's shape.
-_UNIT_RUNTIME = {k: v for k, v in _FORWARD_RUNTIME.items() if k != "s_w"} | {"chan_per_prog": "i32"}
-_CL_RUNTIME = dict(_FORWARD_RUNTIME)
-_CL_DEFAULTS: dict[str, object] = {
-    k: _FORWARD_DEFAULTS[k]
-    for k in ("inp", "rois", "out", "GEOM_HALF", "GEOM_F64", "ACC_F64", "NEEDS_ARGMAX")
-} | {"BLOCK_C": 32, "BLOCK_B": 64, "VEC": 4, "EVEN_C": True, "C_UNIT": True}
-_UNIT_DEFAULTS: dict[str, object] = {
-    k: _FORWARD_DEFAULTS[k]
-    for k in ("inp", "rois", "out", "GEOM_HALF", "GEOM_F64", "ACC_F64", "NEEDS_ARGMAX")
-} | {"LANES": 256}
+_UNIT_RUNTIME = _FORWARD_RUNTIME | {"chan_per_prog": "i32"}
 
 _FORBIDDEN = {  # matched against instruction mnemonics at the start of a line
     "fused multiply-add": re.compile(r"^\s*(@%p\d+\s+)?(fma|mad)\.[a-z.]*f(32|64)", re.M),
@@ -117,50 +110,38 @@ def _compile(fn, signature: dict[str, str], constexprs: dict[str, object], arch:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def _forward_signature(settings: dict[str, object], runtime: dict[str, str]) -> dict[str, str]:
-    """The forward kernels' pointer types (popped from `settings`), then their runtime arguments."""
+def _forward(kernel_name: str, defaults, variants, runtime, warps: int, name: str, arch: int):
+    from roi_ops_triton import forward
+
+    settings = {**defaults, **variants[name]}
     pointers = {f"{arg}_ptr": f"*{settings.pop(arg)}" for arg in ("inp", "rois", "out")}
-    return {**pointers, "arg_ptr": "*i32", **runtime}
-
-
-def _forward(name: str, arch: int):
-    from roi_ops_triton import kernels
-
-    settings = {**_FORWARD_DEFAULTS, **FORWARD_VARIANTS[name]}
-    signature = _forward_signature(settings, _FORWARD_RUNTIME)
-    warps = 8 if settings["BLOCK_B"] * settings["SPLIT"] >= 2048 else 4
-    return _compile(kernels._roi_pool_fwd_kernel, signature, settings, arch, warps)
-
-
-def _unit(name: str, arch: int):
-    from roi_ops_triton import kernels
-
-    settings = {**_UNIT_DEFAULTS, **UNIT_VARIANTS[name]}
-    signature = _forward_signature(settings, _UNIT_RUNTIME)
-    kernel = kernels._roi_pool_fwd_unit_kernel
-    return _compile(kernel, signature, settings, arch, kernels.UNIT_WARPS)
-
-
-def _channels_last(name: str, arch: int):
-    from roi_ops_triton import kernels
-
-    settings = {**_CL_DEFAULTS, **CL_VARIANTS[name]}
-    signature = _forward_signature(settings, _CL_RUNTIME)
-    kernel = kernels._roi_pool_fwd_cl_kernel
-    return _compile(kernel, signature, settings, arch, kernels.CL_WARPS)
+    signature = {**pointers, "arg_ptr": "*i32", "log_ptr": "*i64", **runtime}
+    return _compile(getattr(forward, kernel_name), signature, settings, arch, warps)
 
 
 def _backward(dtype: str, arch: int, channels_last: bool = False):
-    from roi_ops_triton import kernels
+    from roi_ops_triton import backward
 
     accumulate = "fp64" if dtype == "fp64" else "fp32"
+    rois = "fp64" if dtype == "fp64" else "fp32"
     signature = {
-        "grad_out_ptr": f"*{dtype}", "arg_ptr": "*i32", "batch_ptr": "*i64",
-        "grad_in_ptr": f"*{accumulate}", "C": "i32", "HW": "i32", "PH": "i32", "PW": "i32",
-        "s_k": "i32", "s_c": "i32", "s_h": "i32", "s_w": "i32", "blk_offset": "i32",
+        "grad_out_ptr": f"*{dtype}", "arg_ptr": "*i32", "rois_ptr": f"*{rois}",
+        "grad_in_ptr": f"*{accumulate}", "N": "i32", "C": "i32", "HW": "i32", "PH": "i32",
+        "PW": "i32", "s_k": "i32", "s_c": "i32", "s_h": "i32", "s_w": "i32", "s_rk": "i32",
+        "blk_offset": "i32",
     }  # fmt: skip
-    constexprs = {"ACC_F64": dtype == "fp64", "BLOCK": 1024, "CHANNELS_LAST": channels_last}
-    return _compile(kernels._roi_pool_bwd_kernel, signature, constexprs, arch)
+    constexprs = {
+        "ROIS_F64": rois == "fp64", "ACC_F64": dtype == "fp64", "BLOCK": 1024,
+        "CHANNELS_LAST": channels_last,
+    }  # fmt: skip
+    return _compile(backward.roi_pool_backward_scatter, signature, constexprs, arch)
+
+
+def _record(arch: int):
+    from roi_ops_triton import forward
+
+    signature = {"rois_ptr": "*fp32", "log_ptr": "*i64", "N": "i32", "s_rk": "i32", "s_rj": "i32"}
+    return _compile(forward.record_bad_rois, signature, {"GEOM_F64": False}, arch, 1)
 
 
 def _resources(cubin: bytes) -> str:
@@ -198,28 +179,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--dump", type=Path, help="write each variant's PTX to this folder")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
         return 2
     failed = False
-    jobs = [(name, lambda n=name: _forward(n, args.arch)) for name in FORWARD_VARIANTS]
-    jobs += [(name, lambda n=name: _unit(n, args.arch)) for name in UNIT_VARIANTS]
-    jobs += [(name, lambda n=name: _channels_last(n, args.arch)) for name in CL_VARIANTS]
+    kernels = (
+        ("roi_pool_forward_flat", _FLAT_DEFAULTS, FLAT_VARIANTS, _FORWARD_RUNTIME, 4),
+        ("roi_pool_forward_unit", _UNIT_DEFAULTS, UNIT_VARIANTS, _UNIT_RUNTIME, 8),
+        ("roi_pool_forward_channels_last", _CL_DEFAULTS, CL_VARIANTS, _FORWARD_RUNTIME, 4),
+    )
+    jobs = [
+        (name, lambda spec=spec, n=name: _forward(*spec, n, args.arch))
+        for spec in kernels
+        for name in spec[2]
+    ]
     jobs += [(f"backward-{d}", lambda d=d: _backward(d, args.arch)) for d in ("fp32", "bf16")]
     jobs += [("backward-fp64", lambda: _backward("fp64", args.arch))]
     jobs += [("backward-fp32-channels-last", lambda: _backward("fp32", args.arch, True))]
+    jobs += [("record-bad-rois", lambda: _record(args.arch))]
     for name, build in jobs:
         kernel = build()
         ptx = kernel.asm["ptx"]
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             (args.dump / f"{name}.ptx").write_text(ptx)
-        if name.startswith("backward"):
+        if name.startswith(("backward", "record")):
             problems = [what for what, pattern in _FORBIDDEN.items() if pattern.search(ptx)]
         else:
             problems = check_ptx(ptx, "float64" in name)
         if name.startswith("cl-") and "unaligned" not in name and "ld.global.v" not in ptx:
             problems.append("expected vector loads of aligned channels")
+        reports = "report" in name or name.startswith("record")
+        if reports != bool(re.search(r"(atom|red)\.[a-z.]*min\.s64", ptx)):
+            problems.append("64-bit atomic minimums where, and only where, bad ROIs are reported")
         status = "ok" if not problems else "FAILED: " + "; ".join(problems)
         failed = failed or bool(problems)
         print(f"{name:32s} {_resources(kernel.asm['cubin'])}: {status}")
