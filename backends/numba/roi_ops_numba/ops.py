@@ -183,9 +183,9 @@ def _forward_groups(
     """float32/float64 forward by groups of ROIs; False if `pool_keys` should run instead.
 
     Channels-contiguous inputs are read in place. Other layouts are staged a group's region and
-    a block of channels at a time when the ROIs' windows cover their images' regions densely
-    enough and a region's channel fits a buffer (see `pool_groups.plan_groups`); if not,
-    returns False without writing anything.
+    a block of channels at a time (a dense image's ROIs together, a sparse image's one by one;
+    see `pool_groups.plan_groups`); when one channel of a region does not fit a thread's buffer
+    (``tuning.stage_max_bytes``), returns False without writing anything.
     """
     channels, height, width = input.shape[1], input.shape[2], input.shape[3]
     s_n, s_c, s_h, s_w = input.stride()

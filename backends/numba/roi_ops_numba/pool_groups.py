@@ -213,23 +213,26 @@ def plan_groups(
     threads, staged, tasks_per_thread, min_block, max_block, task_output_bytes,
     stage_min_coverage, stage_min_block, stage_task_bytes, stage_max_bytes,
 ):  # fmt: skip
-    """Groups and channel block for `pool_groups_*`, or block 0: stage per ROI instead.
+    """Groups and channel block for `pool_groups_*`, or block 0: use `pool_keys` instead.
 
-    The valid ROIs of each image, ordered by their window's first row, are cut into consecutive
-    groups; a group's region is the bounding box of its ROIs' windows. Tasks (group, channel
-    block) are wanted `tasks_per_thread` per thread: channel blocks first (they share nothing),
-    down to `stage_min_block` channels, whose scan loops are long enough to vectorise well, then
-    groups, which each restage their region. A block's region is kept within
-    `stage_task_bytes` and its output per ROI within `task_output_bytes` where that minimum
-    allows; with fewer ROIs than groups wanted, blocks go down to `min_block` channels. When
-    `staged`, gives block 0 if the windows cover less than `stage_min_coverage` times the area
-    of their images' regions, or if one channel of a region exceeds `stage_max_bytes`.
+    The valid ROIs of each image are ordered by their window's first row. When `staged`, an
+    image whose ROIs' windows cover at least `stage_min_coverage` times the area of their
+    bounding box is one *segment* (its region is staged once per task and re-read from cache by
+    every ROI); an image whose ROIs are sparser makes one segment per ROI (each ROI stages only
+    its own window). Without staging every image is one segment. Tasks (group, channel block)
+    are wanted `tasks_per_thread` per thread: channel blocks first (they share nothing), down to
+    `stage_min_block` channels, whose scan loops are long enough to vectorise well, then
+    segments are cut into consecutive groups, which each restage their region. A block's region
+    is kept within `stage_task_bytes` and its output per ROI within `task_output_bytes` where
+    that minimum allows; with fewer ROIs than groups wanted, blocks go down to `min_block`
+    channels. When `staged`, gives block 0 if one channel of a region exceeds
+    `stage_max_bytes`.
 
     Returns:
         (order, groups, block, scratch): the ROI indices grouped; (G, 7) int64 rows (image,
         first, end, y0, y1, x0, x1), the group owning ``order[first:end]`` and its region rows
-        y0..y1-1, columns x0..x1-1; channels per task (0: use the per-ROI kernel); and the
-        elements of staging buffer each thread needs (0 when not `staged`).
+        y0..y1-1, columns x0..x1-1; channels per task (0: use `pool_keys`); and the elements of
+        staging buffer each thread needs (0 when not `staged`).
     """
     valid = np.flatnonzero(batch >= 0)
     y0, y1, x0, x1 = roi_windows(batch, hstart, hend, wstart, wend, pooled_h, pooled_w, valid)
@@ -241,22 +244,32 @@ def plan_groups(
     empty = np.zeros((0, 7), np.int64)
     if count == 0:
         return order, empty, channels, 0
-    # Each image's run [starts[i], starts[i + 1]) of `order`, and its region.
+    # Segments [starts[s], starts[s + 1]) of `order`: whole images, or single sparse ROIs.
     starts = [0]
-    for i in range(1, count):
-        if images[i] != images[i - 1]:
-            starts.append(i)
-    starts.append(count)
-    largest, copied, covered = 0, 0, 0
-    for i in range(count):
-        covered += (y1[i] - y0[i]) * (x1[i] - x0[i])
-    for s in range(len(starts) - 1):
+    dense = [True]
+    a = 0
+    for i in range(1, count + 1):
+        if i < count and images[i] == images[a]:
+            continue
+        r0, r1, c0, c1 = _region(y0, y1, x0, x1, a, i)
+        covered = 0
+        for j in range(a, i):
+            covered += (y1[j] - y0[j]) * (x1[j] - x0[j])
+        if staged and covered < stage_min_coverage * (r1 - r0) * (c1 - c0):
+            dense[-1] = False
+            for j in range(a + 1, i):
+                starts.append(j)
+                dense.append(False)
+        starts.append(i)
+        dense.append(True)
+        a = i
+    segments = len(starts) - 1
+    largest = 0
+    for s in range(segments):
         r0, r1, c0, c1 = _region(y0, y1, x0, x1, starts[s], starts[s + 1])
-        area = (r1 - r0) * (c1 - c0)
-        largest = max(largest, area)
-        copied += area
+        largest = max(largest, (r1 - r0) * (c1 - c0))
     region_bytes = max(largest * itemsize, 1)
-    if staged and (covered < stage_min_coverage * copied or region_bytes > stage_max_bytes):
+    if staged and region_bytes > stage_max_bytes:
         return order, empty, 0, 0
     tasks_wanted = threads * tasks_per_thread
     floor = stage_min_block
@@ -264,8 +277,7 @@ def plan_groups(
         floor = min(stage_min_block, max(stage_max_bytes // region_bytes, 1))
     cache_cap = stage_task_bytes // region_bytes
     output_cap = task_output_bytes // (8 * pooled_h * pooled_w)
-    num_images = len(starts) - 1
-    block = max(-(-channels * num_images // tasks_wanted), floor)
+    block = max(-(-channels * segments // tasks_wanted), floor)
     block = min(block, max(min(cache_cap, output_cap), floor), max_block)
     if count * -(-channels // block) < tasks_wanted:  # too few ROIs for enough groups
         block = min(block, max(channels * count // tasks_wanted, min_block))
@@ -273,9 +285,11 @@ def plan_groups(
     block = -(-channels // -(-channels // block))  # the same task count, evenly sized
     groups_wanted = -(-tasks_wanted // -(-channels // block))
     rows = []
-    for s in range(num_images):
+    for s in range(segments):
         a, b = starts[s], starts[s + 1]
-        parts = min(b - a, max(1, int(math.floor(groups_wanted * (b - a) / count + 0.5))))
+        parts = 1
+        if dense[s]:
+            parts = min(b - a, max(1, int(math.floor(groups_wanted * (b - a) / count + 0.5))))
         for p in range(parts):
             first = a + int(math.floor(p * (b - a) / parts + 0.5))
             end = a + int(math.floor((p + 1) * (b - a) / parts + 0.5))

@@ -52,20 +52,21 @@ def _scatter_task(
     n = task // num_blocks
     c0 = (task % num_blocks) * block
     c1 = min(c0 + block, channels)
-    base = (n * channels + c0) * plane
-    for i in range(base, base + (c1 - c0) * plane):
-        out[i] = 0
+    # Slices, indexed from 0 inside: numba then needs no negative-index fix-up per access, and
+    # the zeroing becomes a memset.
+    out[(n * channels + c0) * plane : (n * channels + c1) * plane] = 0
     for j in range(image_start[n], image_start[n + 1]):
         k = order[j]
         for c in range(c0, c1):
             a_base = (k * channels + c) * num_bins
+            marks = argmax[a_base : a_base + num_bins]
             g_base = k * g_k + c * g_c
-            o = (n * channels + c) * plane
+            dst = out[(n * channels + c) * plane : (n * channels + c + 1) * plane]
             for ph in range(pooled_h):
                 for pw in range(pooled_w):
-                    a = argmax[a_base + ph * pooled_w + pw]
+                    a = marks[ph * pooled_w + pw]
                     if a >= 0 and a < plane:  # never trust an index with memory
-                        out[o + a] += grad[g_base + ph * g_h + pw * g_w]
+                        dst[a] += grad[g_base + ph * g_h + pw * g_w]
 
 
 @njit(cache=True)

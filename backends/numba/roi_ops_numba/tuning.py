@@ -29,9 +29,10 @@ class NumbaTuning:
         stage_bytes: the largest channels-last copy of one ROI's window (or one bin row's band)
             that the per-ROI kernel makes for an input whose channels are not contiguous; larger
             ones are gathered in place.
-        stage_min_coverage: float32/float64 inputs whose channels are not contiguous are staged
-            a group of ROIs at a time when the ROIs' windows cover at least this many times the
-            area of their images' regions; sparser ROIs are staged per ROI.
+        stage_min_coverage: float32/float64 inputs whose channels are not contiguous: an
+            image's ROIs are staged together (their region once per task, re-read from cache)
+            when their windows cover at least this many times the area of their bounding box;
+            the ROIs of a sparser image each stage only their own window.
         stage_min_block: fewest channels per grouped task (long scan loops vectorise well).
         stage_task_bytes: the most input one grouped task stages (region x channel block).
         stage_max_bytes: the most a thread's staging buffer holds; a region whose one channel is
