@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 INDEX_LIMIT = 2**40
 _INDEX_LIMIT_F = float(2**40)
@@ -103,6 +103,48 @@ def _record_bad_row(rois, k, num_images, log):
 
 
 @njit(cache=True)
+def _scale_in_g(spatial_scale, mode):
+    """G(spatial_scale): the float itself for float64 rois, else rounded through float32."""
+    if mode == MODE_DOUBLE:
+        return spatial_scale
+    return _to_g(np.float64(np.float32(spatial_scale)), mode)
+
+
+@njit(cache=True, inline="always")
+def _roi_edges(rois, k, num_images, height, width, pooled_h, pooled_w, scale, mode,
+               batch, hstart, hend, wstart, wend):  # fmt: skip
+    """ROI `k`'s batch index (-1: invalid) and bin edges; returns the pixels its bins scan."""
+    valid = True
+    for j in range(5):
+        if not math.isfinite(rois[k, j]):
+            valid = False
+    b = np.trunc(np.float64(rois[k, 0]))
+    if not (valid and b >= 0.0 and b < num_images):
+        batch[k] = -1
+        hstart[k * pooled_h : (k + 1) * pooled_h] = 0
+        hend[k * pooled_h : (k + 1) * pooled_h] = 0
+        wstart[k * pooled_w : (k + 1) * pooled_w] = 0
+        wend[k * pooled_w : (k + 1) * pooled_w] = 0
+        return np.int64(0)
+    batch[k] = np.int64(b)
+    x1 = _index(_c_round(_to_g(np.float64(rois[k, 1]) * scale, mode)))
+    y1 = _index(_c_round(_to_g(np.float64(rois[k, 2]) * scale, mode)))
+    x2 = _index(_c_round(_to_g(np.float64(rois[k, 3]) * scale, mode)))
+    y2 = _index(_c_round(_to_g(np.float64(rois[k, 4]) * scale, mode)))
+    roi_w = max(x2 - x1 + 1, 1)
+    roi_h = max(y2 - y1 + 1, 1)
+    _bin_edges(y1, roi_h, pooled_h, height, mode, hstart, hend, k * pooled_h)
+    _bin_edges(x1, roi_w, pooled_w, width, mode, wstart, wend, k * pooled_w)
+    rows = np.int64(0)
+    for p in range(k * pooled_h, (k + 1) * pooled_h):
+        rows += max(hend[p] - hstart[p], 0)
+    cols = np.int64(0)
+    for p in range(k * pooled_w, (k + 1) * pooled_w):
+        cols += max(wend[p] - wstart[p], 0)
+    return rows * cols + pooled_h * pooled_w
+
+
+@njit(cache=True)
 def roi_geometry(
     rois, num_images, height, width, pooled_h, pooled_w, spatial_scale, mode,
     batch, hstart, hend, wstart, wend, log, record,
@@ -127,46 +169,36 @@ def roi_geometry(
         The pixels the forward scans per channel: the sum over valid ROIs of the bins' areas
         (rows of all bin rows times columns of all bin columns), plus one per bin.
     """
-    if mode == MODE_DOUBLE:
-        scale = spatial_scale
-    else:
-        scale = _to_g(np.float64(np.float32(spatial_scale)), mode)
+    scale = _scale_in_g(spatial_scale, mode)
     work = np.int64(0)
     for k in range(rois.shape[0]):
-        valid = True
-        for j in range(5):
-            if not math.isfinite(rois[k, j]):
-                valid = False
-        b = np.trunc(np.float64(rois[k, 0]))
-        if not (valid and b >= 0.0 and b < num_images):
-            if record:
-                _record_bad_row(rois, k, num_images, log)
-                record = False
-            batch[k] = -1
-            for p in range(pooled_h):
-                hstart[k * pooled_h + p] = 0
-                hend[k * pooled_h + p] = 0
-            for p in range(pooled_w):
-                wstart[k * pooled_w + p] = 0
-                wend[k * pooled_w + p] = 0
-            continue
-        batch[k] = np.int64(b)
-        x1 = _index(_c_round(_to_g(np.float64(rois[k, 1]) * scale, mode)))
-        y1 = _index(_c_round(_to_g(np.float64(rois[k, 2]) * scale, mode)))
-        x2 = _index(_c_round(_to_g(np.float64(rois[k, 3]) * scale, mode)))
-        y2 = _index(_c_round(_to_g(np.float64(rois[k, 4]) * scale, mode)))
-        roi_w = max(x2 - x1 + 1, 1)
-        roi_h = max(y2 - y1 + 1, 1)
-        _bin_edges(y1, roi_h, pooled_h, height, mode, hstart, hend, k * pooled_h)
-        _bin_edges(x1, roi_w, pooled_w, width, mode, wstart, wend, k * pooled_w)
-        rows = np.int64(0)
-        for p in range(k * pooled_h, (k + 1) * pooled_h):
-            rows += max(hend[p] - hstart[p], 0)
-        cols = np.int64(0)
-        for p in range(k * pooled_w, (k + 1) * pooled_w):
-            cols += max(wend[p] - wstart[p], 0)
-        work += rows * cols + pooled_h * pooled_w
+        work += _roi_edges(rois, k, num_images, height, width, pooled_h, pooled_w, scale, mode,
+                           batch, hstart, hend, wstart, wend)  # fmt: skip
+        if record and batch[k] < 0:
+            _record_bad_row(rois, k, num_images, log)
+            record = False
     return work
+
+
+@njit(parallel=True, cache=True)
+def roi_geometry_parallel(
+    rois, num_images, height, width, pooled_h, pooled_w, spatial_scale, mode,
+    batch, hstart, hend, wstart, wend, log, record,
+):  # fmt: skip
+    """`roi_geometry` with the ROIs spread over numba's threads (for many ROIs); the bad-ROI
+    log is written afterwards from the first invalid row, so it is the same."""
+    scale = _scale_in_g(spatial_scale, mode)
+    count = rois.shape[0]
+    work = np.empty(count, np.int64)
+    for k in prange(count):
+        work[k] = _roi_edges(rois, k, num_images, height, width, pooled_h, pooled_w, scale,
+                             mode, batch, hstart, hend, wstart, wend)  # fmt: skip
+    if record:
+        for k in range(count):
+            if batch[k] < 0:
+                _record_bad_row(rois, k, num_images, log)
+                break
+    return work.sum()
 
 
 @njit(cache=True)

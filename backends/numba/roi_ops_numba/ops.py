@@ -81,7 +81,8 @@ def rois_array(rois: torch.Tensor) -> np.ndarray:
 
 
 class BinGeometry:
-    """Every ROI's batch index and bin edges (`geometry.roi_geometry`), and the work estimate.
+    """Every ROI's batch index and bin edges (`geometry.roi_geometry`), and the work estimate,
+    computed on `threads` threads (1: in the calling thread).
 
     batch: (K,) image index, -1 for an invalid ROI. hstart, hend: (K * PH,) rows [start, end)
     of each bin row; wstart, wend: (K * PW,) columns of each bin column; all clamped to the map.
@@ -90,7 +91,7 @@ class BinGeometry:
 
     __slots__ = ("batch", "hstart", "hend", "wstart", "wend", "pooled_h", "pooled_w", "work")
 
-    def __init__(self, problem: RoIPoolProblem) -> None:
+    def __init__(self, problem: RoIPoolProblem, threads: int) -> None:
         num_images, _, height, width = problem.input.shape
         pooled_h, pooled_w = problem.pooled_height, problem.pooled_width
         rois = rois_array(problem.rois)
@@ -102,11 +103,16 @@ class BinGeometry:
         self.wend = np.empty(count * pooled_w, dtype=np.int64)
         self.pooled_h, self.pooled_w = pooled_h, pooled_w
         log = problem.bad_roi_log
-        self.work = geometry.roi_geometry(
+        arguments = (
             rois, num_images, height, width, pooled_h, pooled_w, float(problem.spatial_scale),
             _GEOMETRY_MODE[problem.rois.dtype], self.batch, self.hstart, self.hend,
             self.wstart, self.wend, _NO_LOG if log is None else log.numpy(), log is not None,
         )  # fmt: skip
+        if threads == 1:
+            self.work = geometry.roi_geometry(*arguments)
+        else:
+            with parallel_region(threads):
+                self.work = geometry.roi_geometry_parallel(*arguments)
 
     def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
         """(hstart, hend, wstart, wend, PH, PW), as the kernels take them."""
@@ -125,17 +131,21 @@ def forward(
     """
     if problem.rois.shape[0] == 0:
         return
-    bins = BinGeometry(problem)
+    input = problem.input
+    channels = input.shape[1]
+    available = num_threads()
+    # Every output element reads at least one pixel: a lower bound of the work, known before
+    # the geometry, that lets many ROIs have their geometry computed in parallel too.
+    least = output.numel() if input.numel() else 0
+    bins = BinGeometry(problem, available if least >= tuning.serial_work else 1)
     if output.numel() == 0:
         return
-    input = problem.input
     if input.numel() == 0:  # N, H or W is 0: every ROI is invalid or every bin empty
         output.zero_()
         if argmax is not None:
             argmax.fill_(-1)
         return
-    channels = input.shape[1]
-    threads = 1 if bins.work * channels < tuning.serial_work else num_threads()
+    threads = 1 if bins.work * channels < tuning.serial_work else available
     advise_tensor(output, tuning.huge_page_min_bytes)
     if argmax is not None:
         advise_tensor(argmax, tuning.huge_page_min_bytes)
@@ -301,6 +311,11 @@ def _warm_up(dtype: torch.dtype, backward: bool = False) -> None:
         scatter.scatter_parallel(*arguments)
         _warm.add((dtype, backward))
         return
+    rois = np.zeros((1, 5), dtype=np.float64 if dtype == torch.float64 else np.float32)
+    edges = (np.empty(1, np.int64), np.empty(1, np.int64), np.empty(1, np.int64))
+    geometry_arguments = (rois, 1, 1, 1, 1, 1, 1.0, 1, *edges, *edges[:2], _NO_LOG, False)
+    geometry.roi_geometry(*geometry_arguments)
+    geometry.roi_geometry_parallel(*geometry_arguments)
     view_dtype, mag_mask, nan_threshold = _BITS[dtype]
     bits = torch.empty((), dtype=view_dtype).numpy().dtype
     keys = (

@@ -192,6 +192,26 @@ def pool_groups_serial(
 
 
 @njit(cache=True)
+def _sort_by_image_and_row(images, rows, height):
+    """The stable order of the (image, first window row) pairs (rows in [0, H]): a counting
+    sort, linear in the ROIs and the N * (H + 1) keys."""
+    count = images.shape[0]
+    if count == 0:
+        return np.empty(0, np.int64)
+    keys = images * (height + 1) + rows
+    starts = np.zeros(keys.max() + 2, np.int64)
+    for i in range(count):
+        starts[keys[i] + 1] += 1
+    for key in range(1, starts.shape[0]):
+        starts[key] += starts[key - 1]
+    order = np.empty(count, np.int64)
+    for i in range(count):
+        order[starts[keys[i]]] = i
+        starts[keys[i]] += 1
+    return order
+
+
+@njit(cache=True)
 def _region(y0, y1, x0, x1, a, b):
     """The bounding box of the windows a..b-1 that are not empty; (0, 0, 0, 0) if none is."""
     r0, r1, c0, c1 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
@@ -236,7 +256,7 @@ def plan_groups(
     """
     valid = np.flatnonzero(batch >= 0)
     y0, y1, x0, x1 = roi_windows(batch, hstart, hend, wstart, wend, pooled_h, pooled_w, valid)
-    sort = np.argsort(batch[valid] * (height + 1) + y0, kind="mergesort")
+    sort = _sort_by_image_and_row(batch[valid], y0, height)
     order = valid[sort]
     y0, y1, x0, x1 = y0[sort], y1[sort], x0[sort], x1[sort]
     images = batch[order]

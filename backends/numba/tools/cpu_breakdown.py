@@ -89,7 +89,7 @@ def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor, 
     c, h, w = x.shape[1], x.shape[2], x.shape[3]
     if x.stride(1) == 1 or x.dtype not in (torch.float32, torch.float64):
         return None
-    geometry = ops.BinGeometry(problem)
+    geometry = ops.BinGeometry(problem, 1)
     threads = ops.num_threads()
     t = tuning
     order, groups, block, size = pool_groups.plan_groups(
