@@ -95,9 +95,8 @@ def main() -> None:
         f"{'channels_last' if args.channels_last else 'NCHW'}, float32, "
         f"{'thread CPU' if args.cpu_time else 'wall'} ms, {args.reps} interleaved calls each"
     )
-    print(
-        f"{'workload':11s} {'mode':5s} {'numba med':>10s} {'min':>8s} {'tv med':>9s} {'min':>8s}  tv/numba"
-    )
+    header = ("workload", "mode", "numba med", "min", "tv med", "min")
+    print("{:11s} {:5s} {:>10s} {:>8s} {:>9s} {:>8s}  tv/numba".format(*header))
     for name in args.workload or list(WORKLOADS):
         workload = WORKLOADS[name]
         if not args.full_size:
