@@ -12,7 +12,11 @@ default) it times, call by call:
   settings (the whole call path: validation, value checks, dispatch, autograd);
 - ``tv infer`` / ``tv fwd+bwd``: ``torchvision.ops.roi_pool`` (when torchvision is installed).
 
-It prints the median and the 10th-90th percentile range in microseconds. ``--busy N`` starts N
+It prints the median and the 10th-90th percentile range of the wall time in microseconds, and
+the median CPU time of the calling thread (a serial call whose wall time is far above its CPU
+time was descheduled by the OS; a parallel one may also have waited for a pool thread).
+``--serial-work 0`` makes every numba call parallel (to compare threading layers, set
+``NUMBA_THREADING_LAYER``). ``--busy N`` starts N
 processes that each keep a core busy (``while True: pass``) for the whole run, as another
 program on the machine would, and stops them at the end; numba calls that wake a thread pool
 stall there for a scheduler time slice.
@@ -40,15 +44,21 @@ def percentiles(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), pick(0.1), pick(0.9)
 
 
+CPU_SAMPLES: dict[int, list[float]] = {}
+
+
 def time_calls(fn: Callable[[], object], reps: int, warmup: int = 20) -> list[float]:
-    """Microseconds of each of `reps` calls of `fn`, after `warmup` untimed calls."""
+    """Wall microseconds of each of `reps` calls of `fn`, after `warmup` untimed calls; the
+    calling thread's CPU microseconds of each go to ``CPU_SAMPLES[id(wall samples)]``."""
     for _ in range(warmup):
         fn()
-    samples = []
+    samples, cpu = [], []
     for _ in range(reps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         fn()
         samples.append((time.perf_counter() - start) * 1e6)
+        cpu.append((time.thread_time() - start_cpu) * 1e6)
+    CPU_SAMPLES[id(samples)] = cpu
     return samples
 
 
@@ -69,14 +79,14 @@ def ensure_numba_registered() -> None:
         roi_ops.register_backend(NumbaBackend)
 
 
-def measure(channels: int, num_rois: int, reps: int) -> dict[str, list[float]]:
+def measure(channels: int, num_rois: int, reps: int, tuning) -> dict[str, list[float]]:
     """Samples (us) of every timed call for one problem."""
     import roi_ops
     from roi_ops.backend import RoIPoolBackwardProblem, RoIPoolProblem
 
     from roi_ops_numba import NumbaBackend
 
-    backend = NumbaBackend()
+    backend = NumbaBackend(tuning)
     x, rois = make_problem(channels, num_rois, torch.float32)
     size, scale = 7, 1 / 16
     leaf = x.clone().requires_grad_(True)
@@ -147,10 +157,24 @@ def main() -> None:
     parser.add_argument("--rois", type=int, nargs="+", default=[16])
     parser.add_argument("--reps", type=int, default=300)
     parser.add_argument("--busy", type=int, default=0, help="processes that keep a core busy")
+    parser.add_argument(
+        "--serial-work",
+        type=int,
+        default=None,
+        help="the backend's tuning.serial_work for the 'numba' rows (0: always parallel)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ensure_numba_registered()
+    from dataclasses import replace
+
     import numba
+
+    from roi_ops_numba.tuning import DEFAULT_TUNING
+
+    tuning = DEFAULT_TUNING
+    if args.serial_work is not None:
+        tuning = replace(DEFAULT_TUNING, serial_work=args.serial_work)
 
     print(
         f"torch {torch.__version__}, numba {numba.__version__}, {args.threads} threads, "
@@ -162,12 +186,19 @@ def main() -> None:
             time.sleep(0.5)
         for channels in args.channels:
             for num_rois in args.rois:
-                results = measure(channels, num_rois, args.reps)
+                results = measure(channels, num_rois, args.reps, tuning)
                 print(f"threading layer: {threading_layer()}")
-                print(f"N=2 C={channels} 50x68 K={num_rois} 7x7 float32, us per call:")
+                print(
+                    f"N=2 C={channels} 50x68 K={num_rois} 7x7 float32, us per call: wall median "
+                    "(p10, p90), and the calling thread's CPU median"
+                )
                 for name, samples in results.items():
                     median, low, high = percentiles(samples)
-                    print(f"  {name:16s} {median:8.1f}  (p10 {low:7.1f}, p90 {high:8.1f})")
+                    cpu = statistics.median(CPU_SAMPLES[id(samples)])
+                    print(
+                        f"  {name:16s} {median:8.1f}  (p10 {low:7.1f}, p90 {high:8.1f})"
+                        f"  cpu {cpu:8.1f}"
+                    )
                 ratio = [
                     (mine, theirs)
                     for mine, theirs in (
