@@ -99,9 +99,10 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
 @njit(cache=True)
 def _groups_task(
     task, src, s_n, s_c, s_h, s_w, channels, width, order, groups,
-    hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, scratch,
+    hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, buffer,
 ):  # fmt: skip
-    """Task `task` of `pool_groups_serial`: group ``task // blocks``, one block of channels."""
+    """Task `task` of `pool_groups_serial`: group ``task // blocks``, one block of channels,
+    staged (when the channels are not contiguous) in `buffer`, the running thread's own."""
     num_blocks = (channels + block - 1) // block
     num_bins = pooled_h * pooled_w
     g = task // num_blocks
@@ -115,7 +116,7 @@ def _groups_task(
         data, org, row, pix = src, n * s_n + c0, s_h, s_w
     else:
         region_w = x1 - x0
-        data = scratch[get_thread_id(), : (y1 - y0) * region_w * nl]
+        data = buffer[: (y1 - y0) * region_w * nl]
         _stage(src, n * s_n + c0 * s_c, s_c, s_h, s_w, nl, y0, y1, x0, x1, data)
         # Pixel (h, w) of the region starts at ((h - y0) * region_w + (w - x0)) * nl.
         org, row, pix = -(y0 * region_w + x0) * nl, region_w * nl, nl
@@ -150,7 +151,7 @@ def pool_groups_parallel(
         _groups_task(
             task, src, s_n, s_c, s_h, s_w, channels, width, order, groups,
             hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
-            scratch,
+            scratch[get_thread_id()],
         )  # fmt: skip
 
 
@@ -180,14 +181,15 @@ def pool_groups_serial(
         need_argmax: whether to compute and write `argmax`.
         block: channels per task.
         scratch: (threads, S) buffer, S at least the largest region times `block`, when the
-            channels are not contiguous (a task uses row ``numba.get_thread_id()``); else unused.
+            channels are not contiguous (the serial kernel uses row 0, the parallel one row
+            ``numba.get_thread_id()``); else unused.
     """
     _zero_invalid(batch, channels * pooled_h * pooled_w, out, argmax, need_argmax)
     for task in range(groups.shape[0] * ((channels + block - 1) // block)):
         _groups_task(
             task, src, s_n, s_c, s_h, s_w, channels, width, order, groups,
             hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
-            scratch,
+            scratch[0],
         )  # fmt: skip
 
 
