@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -369,3 +371,31 @@ def test_small_calls_run_serially_and_large_ones_in_parallel(monkeypatch):
         calls.clear()
         check(_with_work(serial_work), x, rois, 3, 1.0)
         assert calls == [expected, expected]
+
+
+def test_serial_kernel_runs_before_any_parallel_one():
+    """A serial kernel called first in a process (no thread pool started yet) stages in its
+    own buffer row: nothing may depend on numba's thread id there."""
+    code = """
+import numpy as np, torch
+from roi_ops.backend import RoIPoolProblem
+from roi_ops.testing.reference import reference_roi_pool
+from roi_ops_numba import ops, pool_groups
+from roi_ops_numba.memory import flat_storage
+from roi_ops_numba.tuning import DEFAULT_TUNING as t
+x = torch.randn(1, 3, 8, 9)
+rois = torch.tensor([[0, 0, 0, 8, 7], [0, 1, 2, 5, 6]], dtype=torch.float32)
+problem = RoIPoolProblem(x, rois, 2, 2, 1.0, True)
+bins = ops.BinGeometry(problem, 1)
+order, groups, block, size = pool_groups.plan_groups(
+    bins.batch, *bins.edges(), 8, 3, 4, 1, True, 1, t.min_block, t.max_block,
+    t.task_output_bytes, 0.0, t.stage_min_block, t.stage_task_bytes, t.stage_max_bytes)
+out = torch.full(problem.output_shape, float("nan"))
+argmax = torch.full(problem.output_shape, -7, dtype=torch.int32)
+pool_groups.pool_groups_serial(
+    flat_storage(x), *x.stride(), 3, 9, bins.batch, order, groups, *bins.edges(),
+    out.view(-1).numpy(), argmax.view(-1).numpy(), True, block, np.empty((1, size), np.float32))
+expected, expected_argmax = reference_roi_pool(x, rois, (2, 2), 1.0)
+assert torch.equal(out, expected) and torch.equal(argmax, expected_argmax)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
