@@ -134,8 +134,9 @@ def forward(
     input = problem.input
     channels = input.shape[1]
     available = num_threads()
-    # Every output element reads at least one pixel: a lower bound of the work, known before
-    # the geometry, that lets many ROIs have their geometry computed in parallel too.
+    # The output's size is known before the geometry and about bounds the work from below (a
+    # bin reads at least one pixel unless it is empty): calls that large compute the geometry
+    # of their many ROIs in parallel too.
     least = output.numel() if input.numel() else 0
     bins = BinGeometry(problem, available if least >= tuning.serial_work else 1)
     if output.numel() == 0:
