@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolBackwardProblem, RoIPoolProblem
 
+from roi_ops_numba.tuning import DEFAULT_TUNING, NumbaTuning
+
 _MIN_NUMBA = (0, 57)  # numba.set_parallel_chunksize
 
 
@@ -14,9 +16,14 @@ class NumbaBackend(Backend):
     Reads contiguous and channels_last inputs in place (any strides work; NCHW through small
     per-thread staging buffers, never a copy of the input), splits the work into tasks (a group
     of one image's ROIs or one ROI, and a block of channels) scheduled dynamically over
-    ``torch.get_num_threads()`` threads (or numba's own setting when ``NUMBA_NUM_THREADS`` is
-    set), and has its own deterministic backward. Kernels are compiled on first use and cached
-    on disk.
+    ``torch.get_num_threads()`` threads (or numba's own setting when the environment sets
+    ``NUMBA_NUM_THREADS``); small calls run in the calling thread. Records invalid ROIs in the
+    bad-ROI log itself and has its own deterministic backward. Kernels are compiled on first use
+    and cached on disk.
+
+    Args:
+        tuning: how the kernels split and stage the work (`NumbaTuning`); the default is the
+            measured one.
     """
 
     name = "numba"
@@ -24,7 +31,12 @@ class NumbaBackend(Backend):
     device_types = frozenset({"cpu"})
     dtypes = ALL_FLOAT_DTYPES
     deterministic = True
+    deterministic_backward = True
+    reports_bad_rois = True
     description = "parallel CPU kernels compiled with numba (cached on disk)"
+
+    def __init__(self, tuning: NumbaTuning = DEFAULT_TUNING) -> None:
+        self.tuning = tuning
 
     def check_available(self) -> str | None:
         """Return why numba cannot be used (missing, too old or broken), or None."""
@@ -45,10 +57,13 @@ class NumbaBackend(Backend):
     def forward(
         self, problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
     ) -> None:
-        """Fill `output` (K, C, PH, PW) and, unless None, the int32 `argmax`; see `Backend`."""
+        """Fill `output` (K, C, PH, PW) and, unless None, the int32 `argmax`; see `Backend`.
+
+        Records the first invalid ROI in ``problem.bad_roi_log`` when it is not None.
+        """
         from roi_ops_numba import ops
 
-        ops.forward(problem, output, argmax)
+        ops.forward(problem, output, argmax, self.tuning)
 
     def backward(self, problem: RoIPoolBackwardProblem) -> torch.Tensor:
         """Deterministic grad_input: each (image, channel) plane is summed by one thread.
@@ -58,10 +73,4 @@ class NumbaBackend(Backend):
         """
         from roi_ops_numba import ops
 
-        return ops.backward(
-            problem.grad_output,
-            problem.argmax,
-            problem.batch_index,
-            problem.input_shape,
-            problem.input_dtype,
-        )
+        return ops.backward(problem, self.tuning)

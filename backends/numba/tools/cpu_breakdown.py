@@ -1,6 +1,6 @@
 """Where a numba forward's time goes on the CPU: fresh output buffers vs the kernel.
 
-    python scripts/cpu_breakdown.py --threads 16 --workload mask-14 fpn-p2 [--backward]
+    python backends/numba/tools/cpu_breakdown.py --threads 16 --workload mask-14 fpn-p2 [--backward]
 
 For each full-size float32 workload: allocating and first-touching the output and argmax buffers
 (as every call does), the numba forward into already-touched buffers (and how much of it staging
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from roi_ops import roi_pool
 from roi_ops.backend import RoIPoolProblem
 from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
@@ -39,8 +38,11 @@ def median_ms(fn, reps: int) -> float:
 
 def breakdown(name: str, reps: int, tv, backward: bool) -> dict[str, float]:
     """Median ms of each part for one full-size float32 workload."""
-    from roi_ops_numba import ops
+    from roi_ops_numba import NumbaBackend
+    from roi_ops_numba.memory import advise_tensor
 
+    backend = NumbaBackend()
+    huge = backend.tuning.huge_page_min_bytes
     w = WORKLOADS[name]
     x = make_input(w, torch.float32, "cpu")
     rois = make_rois(w, torch.float32, "cpu")
@@ -51,8 +53,8 @@ def breakdown(name: str, reps: int, tv, backward: bool) -> dict[str, float]:
     def fresh_buffers():
         out = torch.empty(shape)
         arg = torch.empty(shape, dtype=torch.int32)
-        ops._advise_tensor(out)
-        ops._advise_tensor(arg)
+        advise_tensor(out, huge)
+        advise_tensor(arg, huge)
         out.fill_(0.0)
         arg.fill_(0)
 
@@ -61,9 +63,9 @@ def breakdown(name: str, reps: int, tv, backward: bool) -> dict[str, float]:
     leaf = x.clone().requires_grad_(True)
     row = {
         "fresh buffers": median_ms(fresh_buffers, reps),
-        "kernel, touched buffers": median_ms(lambda: ops.forward(problem, out, arg), reps),
+        "kernel, touched buffers": median_ms(lambda: backend.forward(problem, out, arg), reps),
     }
-    staging = staging_only(problem, out, arg)
+    staging = staging_only(problem, out, arg, backend.tuning)
     if staging is not None:
         row["of which staging"] = median_ms(staging, reps)
     with value_checks(False):
@@ -77,29 +79,35 @@ def breakdown(name: str, reps: int, tv, backward: bool) -> dict[str, float]:
     return row
 
 
-def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor):
+def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor, tuning):
     """A call of the staged NCHW forward that stages every task's region and pools nothing
     (each group keeps its region, loses its ROIs), or None when `problem` takes another path."""
-    from roi_ops_numba import kernels, ops
+    from roi_ops_numba import ops, pool_groups
+    from roi_ops_numba.memory import flat_storage
 
     x = problem.input
-    c, w = x.shape[1], x.shape[3]
-    geometry = ops.bin_geometry(problem)
-    threads = ops.num_threads()
-    plan = ops._group_plan(geometry, c, x.element_size(), threads, True)
-    if x.stride(1) == 1 or x.dtype not in (torch.float32, torch.float64) or plan is None:
+    c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    if x.stride(1) == 1 or x.dtype not in (torch.float32, torch.float64):
         return None
-    order, groups, block = plan
+    geometry = ops.BinGeometry(problem, 1)
+    threads = ops.num_threads()
+    t = tuning
+    order, groups, block, size = pool_groups.plan_groups(
+        geometry.batch, *geometry.edges(), h, c, x.element_size(), threads, True,
+        t.tasks_per_thread, t.min_block, t.max_block, t.task_output_bytes, t.stage_min_coverage,
+        t.stage_min_block, t.stage_task_bytes, t.stage_max_bytes,
+    )  # fmt: skip
+    if block == 0:
+        return None
     groups = groups.copy()
     groups[:, 2] = groups[:, 1]  # no ROIs
-    areas = (groups[:, 4] - groups[:, 3]) * (groups[:, 6] - groups[:, 5])
-    scratch = torch.zeros((threads, int(areas.max()) * block), dtype=x.dtype).numpy()
-    src = ops.flat_storage(x)
+    scratch = torch.zeros((threads, size), dtype=x.dtype).numpy()
+    src = flat_storage(x)
 
     def run():
-        with ops._parallel_region(threads):
-            kernels.pool_forward_groups(
-                src, *x.stride(), c, w, order, groups, *geometry[1:],
+        with ops.parallel_region(threads):
+            pool_groups.pool_groups_parallel(
+                src, *x.stride(), c, w, geometry.batch, order, groups, *geometry.edges(),
                 out.view(-1).numpy(), arg.view(-1).numpy(), True, block, scratch,
             )  # fmt: skip
 
@@ -109,25 +117,28 @@ def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor):
 def backward_parts(x, rois, w, reps: int) -> dict[str, float]:
     """The backward's share: a fresh grad_input buffer first-touched, the numba backward (fresh
     buffer included) and torchvision's backward op when it is installed."""
-    from roi_ops_numba import ops
+    from roi_ops.backend import RoIPoolBackwardProblem
 
-    from roi_ops.ops import batch_indices, roi_pool_forward
+    from roi_ops_numba import NumbaBackend
+    from roi_ops_numba.memory import advise_tensor
 
+    backend = NumbaBackend()
     size, scale = w.output_size, w.spatial_scale
-    with value_checks(False):
-        _, argmax = roi_pool_forward(x, rois, size, size, scale, "numba", True)
+    problem = RoIPoolProblem(x, rois, size, size, scale, True)
+    argmax = torch.empty(problem.output_shape, dtype=torch.int32)
+    backend.forward(problem, torch.empty(problem.output_shape, dtype=x.dtype), argmax)
     grad = torch.randn(argmax.shape)
-    index = batch_indices(rois, x.shape[0])
     shape = tuple(x.shape)
 
     def fresh_grad_input():
         result = torch.empty(shape)
-        ops._advise_tensor(result)
+        advise_tensor(result, backend.tuning.huge_page_min_bytes)
         result.fill_(0.0)
 
+    backward = RoIPoolBackwardProblem(grad, argmax, rois, shape, x.dtype)
     row = {
         "fresh grad_input": median_ms(fresh_grad_input, reps),
-        "numba bwd": median_ms(lambda: ops.backward(grad, argmax, index, shape, x.dtype), reps),
+        "numba bwd": median_ms(lambda: backend.backward(backward), reps),
     }
     try:
         import torchvision  # noqa: F401

@@ -1,0 +1,224 @@
+"""ROI geometry in numba: each ROI's batch index and bin edges (steps 1-5 of docs/contract.md),
+the bad-ROI log of `roi_ops.bad_rois`, and the work estimate that decides serial or parallel.
+
+Importing this module imports numba.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+INDEX_LIMIT = 2**40
+_INDEX_LIMIT_F = float(2**40)
+
+# Geometry dtype G, as passed to `roi_geometry`.
+MODE_HALF = 0
+MODE_FLOAT = 1
+MODE_DOUBLE = 2
+
+_HALF_OVERFLOW = 65520.0  # the smallest magnitude that rounds to inf in float16
+_HALF_MIN_NORMAL = 2.0**-14
+_HALF_SUBNORMAL_SCALE = 2.0**24  # 1 / (float16 subnormal spacing)
+_LOW = 0xFFFFFFFF
+
+
+@njit(cache=True)
+def _round_half(x):
+    """float64 `x` rounded to the nearest float16 value (ties to even), returned as float64."""
+    if not math.isfinite(x):
+        return x
+    a = abs(x)
+    if a >= _HALF_OVERFLOW:
+        r = math.inf
+    elif a < _HALF_MIN_NORMAL:
+        # Scaling by a power of two is exact; np.rint rounds halves to even.
+        r = np.rint(a * _HALF_SUBNORMAL_SCALE) / _HALF_SUBNORMAL_SCALE
+    else:
+        _, e = math.frexp(a)  # a in [2^(e-1), 2^e): float16 spacing there is 2^(e-11)
+        q = math.ldexp(1.0, e - 11)
+        r = np.rint(a / q) * q
+    return math.copysign(r, x)
+
+
+@njit(cache=True)
+def _to_g(x, mode):
+    """Round float64 `x` to the geometry dtype (float16, float32 or float64), as float64.
+
+    One float64 operation on G values followed by this rounding equals the operation done in G:
+    float64 carries more than 2p + 2 bits for p = 11 and p = 24.
+    """
+    if mode == MODE_DOUBLE:
+        return x
+    if mode == MODE_FLOAT:
+        return np.float64(np.float32(x))
+    return _round_half(x)
+
+
+@njit(cache=True)
+def _c_round(v):
+    """C `round`: halves away from zero; NaN and infinities unchanged."""
+    if not math.isfinite(v):
+        return v
+    t = np.trunc(v)
+    if abs(v - t) >= 0.5:  # v - t is exact
+        t += math.copysign(1.0, v)
+    return t
+
+
+@njit(cache=True)
+def _index(v):
+    """The contract's `index(v)`: NaN -> 0, saturated to [-2^40, 2^40], as int64."""
+    if v != v:
+        return np.int64(0)
+    if v >= _INDEX_LIMIT_F:
+        return np.int64(INDEX_LIMIT)
+    if v <= -_INDEX_LIMIT_F:
+        return np.int64(-INDEX_LIMIT)
+    return np.int64(v)
+
+
+@njit(cache=True)
+def _bin_edges(corner, roi_size, bins, limit, mode, start, end, row0):
+    """Fill start[row0:row0+bins], end[...] with the clamped bin edges along one axis."""
+    bin_size = _to_g(_to_g(np.float64(roi_size), mode) / _to_g(np.float64(bins), mode), mode)
+    for p in range(bins):
+        lo = _index(np.floor(_to_g(_to_g(np.float64(p), mode) * bin_size, mode))) + corner
+        hi = _index(np.ceil(_to_g(_to_g(np.float64(p + 1), mode) * bin_size, mode))) + corner
+        start[row0 + p] = min(max(lo, 0), limit)
+        end[row0 + p] = min(max(hi, 0), limit)
+
+
+@njit(cache=True)
+def _record_bad_row(rois, k, num_images, log):
+    """Row `k`'s keys into the bad-ROI log (`roi_ops.bad_rois`): plain minimums (serial code)."""
+    row = np.int64(k) << 32
+    for j in range(5):
+        bits = np.array([np.float64(rois[k, j])]).view(np.int64)[0]
+        log[2 * j] = min(log[2 * j], row | (bits & _LOW))
+        log[2 * j + 1] = min(log[2 * j + 1], row | ((bits >> 32) & _LOW))
+    log[10] = min(log[10], row | num_images)
+
+
+@njit(cache=True)
+def _scale_in_g(spatial_scale, mode):
+    """G(spatial_scale): the float itself for float64 rois, else rounded through float32."""
+    if mode == MODE_DOUBLE:
+        return spatial_scale
+    return _to_g(np.float64(np.float32(spatial_scale)), mode)
+
+
+@njit(cache=True, inline="always")
+def _roi_edges(rois, k, num_images, height, width, pooled_h, pooled_w, scale, mode,
+               batch, hstart, hend, wstart, wend):  # fmt: skip
+    """ROI `k`'s batch index (-1: invalid) and bin edges; returns the pixels its bins scan."""
+    valid = True
+    for j in range(5):
+        if not math.isfinite(rois[k, j]):
+            valid = False
+    b = np.trunc(np.float64(rois[k, 0]))
+    if not (valid and b >= 0.0 and b < num_images):
+        batch[k] = -1
+        hstart[k * pooled_h : (k + 1) * pooled_h] = 0
+        hend[k * pooled_h : (k + 1) * pooled_h] = 0
+        wstart[k * pooled_w : (k + 1) * pooled_w] = 0
+        wend[k * pooled_w : (k + 1) * pooled_w] = 0
+        return np.int64(0)
+    batch[k] = np.int64(b)
+    x1 = _index(_c_round(_to_g(np.float64(rois[k, 1]) * scale, mode)))
+    y1 = _index(_c_round(_to_g(np.float64(rois[k, 2]) * scale, mode)))
+    x2 = _index(_c_round(_to_g(np.float64(rois[k, 3]) * scale, mode)))
+    y2 = _index(_c_round(_to_g(np.float64(rois[k, 4]) * scale, mode)))
+    roi_w = max(x2 - x1 + 1, 1)
+    roi_h = max(y2 - y1 + 1, 1)
+    _bin_edges(y1, roi_h, pooled_h, height, mode, hstart, hend, k * pooled_h)
+    _bin_edges(x1, roi_w, pooled_w, width, mode, wstart, wend, k * pooled_w)
+    rows = np.int64(0)
+    for p in range(k * pooled_h, (k + 1) * pooled_h):
+        rows += max(hend[p] - hstart[p], 0)
+    cols = np.int64(0)
+    for p in range(k * pooled_w, (k + 1) * pooled_w):
+        cols += max(wend[p] - wstart[p], 0)
+    return rows * cols + pooled_h * pooled_w
+
+
+@njit(cache=True)
+def roi_geometry(
+    rois, num_images, height, width, pooled_h, pooled_w, spatial_scale, mode,
+    batch, hstart, hend, wstart, wend, log, record,
+):  # fmt: skip
+    """Per-ROI batch index and bin edges, computed in the geometry dtype given by `mode`.
+
+    Args:
+        rois: (K, 5) float32 or float64 rows (batch_index, x1, y1, x2, y2); float16 and
+            bfloat16 rows come converted (exactly) to float32.
+        num_images, height, width: N, H, W of the input.
+        pooled_h, pooled_w: PH, PW.
+        spatial_scale: the Python float.
+        mode: MODE_HALF, MODE_FLOAT or MODE_DOUBLE.
+        batch: (K,) int64 out; -1 marks an invalid ROI (whose bins are all empty).
+        hstart, hend: (K * PH,) int64 out; row edges clamped to [0, H].
+        wstart, wend: (K * PW,) int64 out; column edges clamped to [0, W].
+        log: int64 bad-ROI log (`roi_ops.bad_rois.SLOTS` entries), written when `record`: the
+            first invalid row's keys (later rows' keys are all larger).
+        record: whether to record into `log`.
+
+    Returns:
+        The pixels the forward scans per channel: the sum over valid ROIs of the bins' areas
+        (rows of all bin rows times columns of all bin columns), plus one per bin.
+    """
+    scale = _scale_in_g(spatial_scale, mode)
+    work = np.int64(0)
+    for k in range(rois.shape[0]):
+        work += _roi_edges(rois, k, num_images, height, width, pooled_h, pooled_w, scale, mode,
+                           batch, hstart, hend, wstart, wend)  # fmt: skip
+        if record and batch[k] < 0:
+            _record_bad_row(rois, k, num_images, log)
+            record = False
+    return work
+
+
+@njit(parallel=True, cache=True)
+def roi_geometry_parallel(
+    rois, num_images, height, width, pooled_h, pooled_w, spatial_scale, mode,
+    batch, hstart, hend, wstart, wend, log, record,
+):  # fmt: skip
+    """`roi_geometry` with the ROIs spread over numba's threads (for many ROIs); the bad-ROI
+    log is written afterwards from the first invalid row, so it is the same."""
+    scale = _scale_in_g(spatial_scale, mode)
+    count = rois.shape[0]
+    work = np.empty(count, np.int64)
+    for k in prange(count):
+        work[k] = _roi_edges(rois, k, num_images, height, width, pooled_h, pooled_w, scale,
+                             mode, batch, hstart, hend, wstart, wend)  # fmt: skip
+    if record:
+        for k in range(count):
+            if batch[k] < 0:
+                _record_bad_row(rois, k, num_images, log)
+                break
+    return work.sum()
+
+
+@njit(cache=True)
+def roi_windows(batch, hstart, hend, wstart, wend, pooled_h, pooled_w, rois):
+    """(y0, y1, x0, x1) of each of `rois` (indices): the bounding box of its bins, empty (y1 <= y0
+    or x1 <= x0) when every bin is; (K,) int64 arrays each."""
+    count = rois.shape[0]
+    y0 = np.empty(count, np.int64)
+    y1 = np.empty(count, np.int64)
+    x0 = np.empty(count, np.int64)
+    x1 = np.empty(count, np.int64)
+    for i in range(count):
+        k = rois[i]
+        a, b = hstart[k * pooled_h], hend[k * pooled_h]
+        for p in range(k * pooled_h + 1, (k + 1) * pooled_h):
+            a = min(a, hstart[p])
+            b = max(b, hend[p])
+        c, d = wstart[k * pooled_w], wend[k * pooled_w]
+        for p in range(k * pooled_w + 1, (k + 1) * pooled_w):
+            c = min(c, wstart[p])
+            d = max(d, wend[p])
+        y0[i], y1[i], x0[i], x1[i] = a, max(b, a), c, max(d, c)
+    return y0, y1, x0, x1

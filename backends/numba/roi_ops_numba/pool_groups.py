@@ -1,0 +1,328 @@
+"""The float32/float64 forward: groups of one image's ROIs, channels-last, floats compared directly.
+
+`plan_groups` sorts the valid ROIs of each image by their window's first row and cuts them into
+groups; a task is one group and a block of channels. Inputs whose channels are contiguous
+(channels_last) are read in place; other layouts have the group's region (the bounding box of
+its ROIs' windows) of those channels copied channels-last into a per-thread buffer that stays in
+cache (the input itself is never copied). Floats are compared directly: an element replaces the
+running maximum if it is greater, or if it is NaN and the maximum is not, so the first NaN wins
+and -0.0 == +0.0 keeps the first one. The output is the winning element itself.
+
+Importing this module imports numba.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import get_thread_id, njit, prange
+
+from roi_ops_numba.geometry import roi_windows
+from roi_ops_numba.staging import _stage
+
+
+@njit(cache=True, inline="always")
+def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, best, pos, nl):
+    """Reduce one non-empty bin for `nl` channels into best[:nl] (and pos[:nl] when `track`).
+
+    Pixel (h, w) has its channels at data[org + h*row + w*pix:][:nl]. The channel loop is
+    innermost, with branch-free selects, so LLVM vectorises it.
+    """
+    p = org + h0 * row + w0 * pix
+    seg = data[p : p + nl]
+    for j in range(nl):
+        best[j] = seg[j]
+    if track:
+        first = h0 * width + w0
+        for j in range(nl):
+            pos[j] = first
+    for h in range(h0, h1):
+        for w in range(w0, w1):
+            p = org + h * row + w * pix
+            seg = data[p : p + nl]
+            if track:
+                hw = h * width + w
+                for j in range(nl):
+                    x = seg[j]
+                    b = best[j]
+                    q = pos[j]
+                    g = (x > b) | ((x != x) & (b == b))
+                    best[j] = x if g else b
+                    pos[j] = hw if g else q
+            else:
+                for j in range(nl):
+                    x = seg[j]
+                    b = best[j]
+                    g = (x > b) | ((x != x) & (b == b))
+                    best[j] = x if g else b
+
+
+@njit(cache=True, inline="always")
+def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, wend,
+              pooled_h, pooled_w, out, argmax, need_argmax, tile, tile_pos):  # fmt: skip
+    """Pool every bin of ROI `k` for `nl` channels read from a channels-last view.
+
+    Pixel (h, w) has its channels at ``data[org + h*row + w*pix:][:nl]``. Channel j of bin b goes
+    to ``out[o_base + j * PH * PW + b]`` (and `argmax`). The results go bin-major (each bin's
+    channels contiguous, as the scan leaves them) into `tile` (``PH * PW * nl`` elements; and
+    `tile_pos` with the argmax, else ``nl``), then are transposed into the output's
+    channel-major order: contiguous runs instead of nl stores PH * PW elements apart per bin
+    (faster with and without the argmax; the README has the measurements).
+    """
+    num_bins = pooled_h * pooled_w
+    for ph in range(pooled_h):
+        h0 = hstart[k * pooled_h + ph]
+        h1 = hend[k * pooled_h + ph]
+        for pw in range(pooled_w):
+            w0 = wstart[k * pooled_w + pw]
+            w1 = wend[k * pooled_w + pw]
+            t = (ph * pooled_w + pw) * nl
+            result = tile[t : t + nl]
+            tp = t if need_argmax else 0
+            pos = tile_pos[tp : tp + nl]
+            if h1 <= h0 or w1 <= w0:
+                for j in range(nl):
+                    result[j] = 0
+                    pos[j] = -1
+            else:
+                _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, need_argmax, result, pos, nl)
+    for j in range(nl):
+        o = o_base + j * num_bins
+        for b in range(num_bins):
+            out[o + b] = tile[b * nl + j]
+        if need_argmax:
+            for b in range(num_bins):
+                argmax[o + b] = tile_pos[b * nl + j]
+
+
+@njit(cache=True)
+def _groups_task(
+    task, src, s_n, s_c, s_h, s_w, channels, width, order, groups,
+    hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, buffer,
+):  # fmt: skip
+    """Task `task` of `pool_groups_serial`: group ``task // blocks``, one block of channels,
+    staged (when the channels are not contiguous) in `buffer`, the running thread's own."""
+    num_blocks = (channels + block - 1) // block
+    num_bins = pooled_h * pooled_w
+    g = task // num_blocks
+    c0 = (task % num_blocks) * block
+    nl = min(c0 + block, channels) - c0
+    n, first, end = groups[g, 0], groups[g, 1], groups[g, 2]
+    y0, y1, x0, x1 = groups[g, 3], groups[g, 4], groups[g, 5], groups[g, 6]
+    tile = np.empty(num_bins * nl, src.dtype)
+    tile_pos = np.empty((num_bins if need_argmax else 1) * nl, np.int32)
+    if s_c == 1:
+        data, org, row, pix = src, n * s_n + c0, s_h, s_w
+    else:
+        region_w = x1 - x0
+        data = buffer[: (y1 - y0) * region_w * nl]
+        _stage(src, n * s_n + c0 * s_c, s_c, s_h, s_w, nl, y0, y1, x0, x1, data)
+        # Pixel (h, w) of the region starts at ((h - y0) * region_w + (w - x0)) * nl.
+        org, row, pix = -(y0 * region_w + x0) * nl, region_w * nl, nl
+    for i in range(first, end):
+        k = order[i]
+        _pool_roi(data, org, row, pix, width, k, (k * channels + c0) * num_bins, nl,
+                  hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax,
+                  tile, tile_pos)  # fmt: skip
+
+
+@njit(cache=True)
+def _zero_invalid(batch, per_roi, out, argmax, need_argmax):
+    """Zeros (argmax -1) for every ROI whose batch is -1 (invalid: every bin empty)."""
+    for k in range(batch.shape[0]):
+        if batch[k] < 0:
+            for o in range(k * per_roi, (k + 1) * per_roi):
+                out[o] = 0
+            if need_argmax:
+                for o in range(k * per_roi, (k + 1) * per_roi):
+                    argmax[o] = -1
+
+
+@njit(parallel=True, cache=True)
+def pool_groups_parallel(
+    src, s_n, s_c, s_h, s_w, channels, width, batch, order, groups,
+    hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, scratch,
+):  # fmt: skip
+    """`pool_groups_serial` over numba's threads (run it in `ops.parallel_region`)."""
+    _zero_invalid(batch, channels * pooled_h * pooled_w, out, argmax, need_argmax)
+    tasks = groups.shape[0] * ((channels + block - 1) // block)
+    for task in prange(tasks):
+        _groups_task(
+            task, src, s_n, s_c, s_h, s_w, channels, width, order, groups,
+            hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
+            scratch[get_thread_id()],
+        )  # fmt: skip
+
+
+@njit(cache=True)
+def pool_groups_serial(
+    src, s_n, s_c, s_h, s_w, channels, width, batch, order, groups,
+    hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, scratch,
+):  # fmt: skip
+    """roi_pool forward of groups of ROIs of one image each, in the calling thread.
+
+    A task is one group and a block of channels. When the input's channels are contiguous
+    (channels_last) it reads them in place; otherwise it first copies the group's region of its
+    channels channels-last into its thread's row of `scratch`, then pools each of the group's
+    ROIs from there with `_pool_roi`. Either way a task's reads stay within one image's block of
+    channels, which stays in cache while the group's ROIs, which overlap, re-read it. Invalid
+    ROIs (batch -1) get zeros and argmax -1.
+
+    Args:
+        src: float32/float64 storage of the input; element (n, c, h, w) is at
+            ``n * s_n + c * s_c + h * s_h + w * s_w``.
+        channels, width: C and W.
+        batch: (K,) from `geometry.roi_geometry`.
+        order, groups: from `plan_groups`.
+        hstart, hend, wstart, wend, pooled_h, pooled_w: the geometry.
+        out: (K * C * PH * PW,) output, same dtype as `src`.
+        argmax: (K * C * PH * PW,) int32, or anything when `need_argmax` is False.
+        need_argmax: whether to compute and write `argmax`.
+        block: channels per task.
+        scratch: (threads, S) buffer, S at least the largest region times `block`, when the
+            channels are not contiguous (the serial kernel uses row 0, the parallel one row
+            ``numba.get_thread_id()``); else unused.
+    """
+    _zero_invalid(batch, channels * pooled_h * pooled_w, out, argmax, need_argmax)
+    for task in range(groups.shape[0] * ((channels + block - 1) // block)):
+        _groups_task(
+            task, src, s_n, s_c, s_h, s_w, channels, width, order, groups,
+            hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
+            scratch[0],
+        )  # fmt: skip
+
+
+@njit(cache=True)
+def _sort_by_image_and_row(images, rows, height):
+    """The stable order of the (image, first window row) pairs (rows in [0, H]): a counting
+    sort, linear in the ROIs and the N * (H + 1) keys."""
+    count = images.shape[0]
+    if count == 0:
+        return np.empty(0, np.int64)
+    keys = images * (height + 1) + rows
+    starts = np.zeros(keys.max() + 2, np.int64)
+    for i in range(count):
+        starts[keys[i] + 1] += 1
+    for key in range(1, starts.shape[0]):
+        starts[key] += starts[key - 1]
+    order = np.empty(count, np.int64)
+    for i in range(count):
+        order[starts[keys[i]]] = i
+        starts[keys[i]] += 1
+    return order
+
+
+@njit(cache=True)
+def _region(y0, y1, x0, x1, a, b):
+    """The bounding box of the windows a..b-1 that are not empty; (0, 0, 0, 0) if none is."""
+    r0, r1, c0, c1 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
+    found = False
+    for i in range(a, b):
+        if y1[i] > y0[i] and x1[i] > x0[i]:
+            if not found:
+                r0, r1, c0, c1 = y0[i], y1[i], x0[i], x1[i]
+                found = True
+            else:
+                r0, r1 = min(r0, y0[i]), max(r1, y1[i])
+                c0, c1 = min(c0, x0[i]), max(c1, x1[i])
+    return r0, r1, c0, c1
+
+
+@njit(cache=True)
+def plan_groups(
+    batch, hstart, hend, wstart, wend, pooled_h, pooled_w, height, channels, itemsize,
+    threads, staged, tasks_per_thread, min_block, max_block, task_output_bytes,
+    stage_min_coverage, stage_min_block, stage_task_bytes, stage_max_bytes,
+):  # fmt: skip
+    """Groups and channel block for `pool_groups_*`, or block 0: use `pool_keys` instead.
+
+    The valid ROIs of each image are ordered by their window's first row. When `staged`, an
+    image whose ROIs' windows cover at least `stage_min_coverage` times the area of their
+    bounding box is one *segment* (its region is staged once per task and re-read from cache by
+    every ROI); an image whose ROIs are sparser makes one segment per ROI (each ROI stages only
+    its own window). Without staging every image is one segment. Tasks (group, channel block)
+    are wanted `tasks_per_thread` per thread: channel blocks first (they share nothing), down to
+    `stage_min_block` channels, whose scan loops are long enough to vectorise well, then
+    segments are cut into consecutive groups, which each restage their region. A block's region
+    is kept within `stage_task_bytes` and its output per ROI within `task_output_bytes` where
+    that minimum allows; with fewer ROIs than groups wanted, blocks go down to `min_block`
+    channels. When `staged`, gives block 0 if one channel of a region exceeds
+    `stage_max_bytes`.
+
+    Returns:
+        (order, groups, block, scratch): the ROI indices grouped; (G, 7) int64 rows (image,
+        first, end, y0, y1, x0, x1), the group owning ``order[first:end]`` and its region rows
+        y0..y1-1, columns x0..x1-1; channels per task (0: use `pool_keys`); and the elements of
+        staging buffer each thread needs (0 when not `staged`).
+    """
+    valid = np.flatnonzero(batch >= 0)
+    y0, y1, x0, x1 = roi_windows(batch, hstart, hend, wstart, wend, pooled_h, pooled_w, valid)
+    sort = _sort_by_image_and_row(batch[valid], y0, height)
+    order = valid[sort]
+    y0, y1, x0, x1 = y0[sort], y1[sort], x0[sort], x1[sort]
+    images = batch[order]
+    count = order.shape[0]
+    empty = np.zeros((0, 7), np.int64)
+    if count == 0:
+        return order, empty, channels, 0
+    # Segments [starts[s], starts[s + 1]) of `order`: whole images, or single sparse ROIs.
+    starts = [0]
+    dense = [True]
+    a = 0
+    for i in range(1, count + 1):
+        if i < count and images[i] == images[a]:
+            continue
+        r0, r1, c0, c1 = _region(y0, y1, x0, x1, a, i)
+        covered = 0
+        for j in range(a, i):
+            covered += (y1[j] - y0[j]) * (x1[j] - x0[j])
+        if staged and covered < stage_min_coverage * (r1 - r0) * (c1 - c0):
+            dense[-1] = False
+            for j in range(a + 1, i):
+                starts.append(j)
+                dense.append(False)
+        starts.append(i)
+        dense.append(True)
+        a = i
+    segments = len(starts) - 1
+    largest = 0
+    for s in range(segments):
+        r0, r1, c0, c1 = _region(y0, y1, x0, x1, starts[s], starts[s + 1])
+        largest = max(largest, (r1 - r0) * (c1 - c0))
+    region_bytes = max(largest * itemsize, 1)
+    if staged and region_bytes > stage_max_bytes:
+        return order, empty, 0, 0
+    tasks_wanted = threads * tasks_per_thread
+    floor = stage_min_block
+    if staged:
+        floor = min(stage_min_block, max(stage_max_bytes // region_bytes, 1))
+    cache_cap = stage_task_bytes // region_bytes
+    output_cap = task_output_bytes // (8 * pooled_h * pooled_w)
+    block = max(-(-channels * segments // tasks_wanted), floor)
+    block = min(block, max(min(cache_cap, output_cap), floor), max_block)
+    if count * -(-channels // block) < tasks_wanted:  # too few ROIs for enough groups
+        block = min(block, max(channels * count // tasks_wanted, min_block))
+    block = max(min(block, channels), 1)
+    block = -(-channels // -(-channels // block))  # the same task count, evenly sized
+    groups_wanted = -(-tasks_wanted // -(-channels // block))
+    rows = []
+    for s in range(segments):
+        a, b = starts[s], starts[s + 1]
+        parts = 1
+        if dense[s]:
+            parts = min(b - a, max(1, int(math.floor(groups_wanted * (b - a) / count + 0.5))))
+        for p in range(parts):
+            first = a + int(math.floor(p * (b - a) / parts + 0.5))
+            end = a + int(math.floor((p + 1) * (b - a) / parts + 0.5))
+            if end > first:
+                r0, r1, c0, c1 = _region(y0, y1, x0, x1, first, end)
+                rows.append((images[a], np.int64(first), np.int64(end), r0, r1, c0, c1))
+    groups = np.empty((len(rows), 7), np.int64)
+    scratch = 0
+    for g in range(len(rows)):
+        row = rows[g]
+        groups[g, 0], groups[g, 1], groups[g, 2] = row[0], row[1], row[2]
+        groups[g, 3], groups[g, 4], groups[g, 5], groups[g, 6] = row[3], row[4], row[5], row[6]
+        scratch = max(scratch, (row[4] - row[3]) * (row[6] - row[5]) * block)
+    return order, groups, block, scratch if staged else 0

@@ -1,0 +1,111 @@
+"""The numba backward (`backward(problem)`) against the reference scatter; serial and parallel."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from numba_cases import DTYPES, make_backend, random_features, random_rois, run_forward
+from roi_ops.backend import RoIPoolBackwardProblem
+from roi_ops.testing.reference import reference_roi_pool_backward
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def backend(request):
+    return make_backend(request.param)
+
+
+def _backward_inputs(dtype, g):
+    x = random_features((2, 3, 7, 8), dtype, g, ties=True)
+    rois = random_rois(9, 2, 7, 8, 1.0, g).to(dtype)
+    return x, rois
+
+
+def _backward(backend, grad_output, argmax, rois, x):
+    problem = RoIPoolBackwardProblem(grad_output, argmax, rois, tuple(x.shape), x.dtype)
+    return backend.backward(problem)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_matches_reference(backend, dtype):
+    g = torch.Generator().manual_seed(31)
+    x, rois = _backward_inputs(dtype, g)
+    _, argmax = run_forward(backend, x, rois, (3, 3), 1.0)
+    grad_output = torch.randn(argmax.shape, generator=g, dtype=torch.float64).to(dtype)
+    grad = _backward(backend, grad_output, argmax, rois, x)
+    assert grad.dtype == dtype and grad.shape == x.shape and grad.is_contiguous()
+    expected = reference_roi_pool_backward(grad_output, argmax, rois, x.shape)
+    # One rounding of the float64 sum (float32 accumulation for 16-bit, so allow a few ulps).
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    torch.testing.assert_close(grad.to(torch.float64), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("rois_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_backward_reads_batch_from_rois(backend, rois_dtype):
+    """Batch indices come from ``trunc(rois[:, 0])`` in the kernel (16-bit rows included); rows
+    with a bad batch index or a non-finite value add nothing."""
+    g = torch.Generator().manual_seed(37)
+    x = random_features((3, 4, 6, 7), torch.float32, g, ties=True)
+    rois = random_rois(12, 3, 6, 7, 1.0, g)
+    rois[0, 0], rois[1, 0], rois[2, 0] = 2.9, -0.5, 1.0  # trunc: 2, 0 and 1
+    rois[3, 0], rois[4, 0], rois[5, 0] = 3.0, -1.0, math.nan  # invalid batch indices
+    rois[6, 2] = math.inf  # invalid: a non-finite coordinate
+    rois = rois.to(rois_dtype)
+    x = x.to(torch.float16) if rois_dtype != torch.float32 else x
+    _, argmax = run_forward(backend, x, rois, (2, 3), 1.0)
+    grad_output = torch.randn(argmax.shape, generator=g).to(x.dtype)
+    grad = _backward(backend, grad_output, argmax, rois, x)
+    expected = reference_roi_pool_backward(grad_output, argmax, rois, x.shape)
+    torch.testing.assert_close(grad.to(torch.float64), expected, rtol=1e-2, atol=1e-2)
+    fp32 = _backward(make_backend("serial"), grad_output.float(), argmax, rois.float(), x.float())
+    assert torch.equal(grad, fp32.to(grad.dtype))  # float32 sums, rounded once
+
+
+def test_backward_accumulates_half_in_float32(backend):
+    """2048 + 1 + 1 in float16 stays 2048 step by step; accumulated in float32 it is 2050."""
+    x = torch.zeros(1, 1, 1, 1, dtype=torch.float16)
+    argmax = torch.zeros(3, 1, 1, 1, dtype=torch.int32)
+    grad_output = torch.tensor([2048.0, 1.0, 1.0], dtype=torch.float16).view(3, 1, 1, 1)
+    rois = torch.zeros(3, 5, dtype=torch.float16)
+    assert _backward(backend, grad_output, argmax, rois, x).item() == 2050.0
+
+
+def test_backward_zero_strides_and_determinism(backend):
+    g = torch.Generator().manual_seed(37)
+    x, rois = _backward_inputs(torch.float32, g)
+    _, argmax = run_forward(backend, x, rois, (4, 4), 1.0)
+    grad_output = torch.tensor(0.1).expand(argmax.shape)  # all strides zero
+    first = _backward(backend, grad_output, argmax, rois, x)
+    for _ in range(3):
+        again = _backward(backend, grad_output, argmax, rois, x)
+        assert torch.equal(first.view(torch.int32), again.view(torch.int32))
+    expected = reference_roi_pool_backward(grad_output, argmax, rois, x.shape)
+    torch.testing.assert_close(first.to(torch.float64), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2**30], ids=["one-channel", "all-channels"])
+def test_backward_block_and_schedule_do_not_change_results(backend, block_bytes):
+    """Backward tasks own (image, channel block)s; every block size, thread count and the
+    serial kernel sum in the same order."""
+    g = torch.Generator().manual_seed(41)
+    x = random_features((3, 11, 6, 7), torch.float32, g, ties=True)
+    rois = random_rois(25, 3, 6, 7, 1.0, g).to(torch.float32)
+    _, argmax = run_forward(backend, x, rois, (3, 3), 1.0)
+    grad_output = torch.randn(argmax.shape, generator=g)
+    default = _backward(make_backend("serial"), grad_output, argmax, rois, x)
+    blocked = _backward(
+        make_backend("parallel", backward_block_bytes=block_bytes), grad_output, argmax, rois, x
+    )
+    assert torch.equal(default.view(torch.int32), blocked.view(torch.int32))
+    expected = reference_roi_pool_backward(grad_output, argmax, rois, x.shape)
+    torch.testing.assert_close(blocked.to(torch.float64), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_empty(backend):
+    argmax = torch.zeros(0, 3, 2, 2, dtype=torch.int32)
+    x = torch.zeros(2, 3, 4, 4)
+    grad = _backward(backend, torch.zeros(0, 3, 2, 2), argmax, torch.zeros(0, 5), x)
+    assert torch.equal(grad, torch.zeros(2, 3, 4, 4))

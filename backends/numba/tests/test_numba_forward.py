@@ -1,0 +1,401 @@
+"""The numba forward against the scalar reference, bit for bit, by case; serial and parallel."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from numba_cases import (
+    DTYPES,
+    LAYOUTS,
+    check,
+    make_backend,
+    random_features,
+    random_rois,
+    run_forward,
+)
+from numba_cases import layout as to_layout
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def schedule(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def backend(schedule):
+    return make_backend(schedule)
+
+
+def _with_work(serial_work: int):
+    from roi_ops_numba import NumbaBackend
+    from roi_ops_numba.tuning import NumbaTuning
+
+    return NumbaBackend(NumbaTuning(serial_work=serial_work))
+
+
+def test_worked_example(backend):
+    h, w = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
+    x = (10 * h + w).to(torch.float32).view(1, 1, 6, 6)
+    rois = torch.tensor([[0, 1.5, 0.5, 10.5, 6.4]])
+    output, argmax = check(backend, x, rois, 2, 0.5)
+    assert output.view(2, 2).tolist() == [[13, 15], [33, 35]]
+    assert argmax.view(2, 2).tolist() == [[9, 11], [21, 23]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("scale", [1 / 16, 0.5])
+@pytest.mark.parametrize("ties", [False, True], ids=["randn", "ties"])
+def test_random(backend, dtype, layout, scale, ties):
+    g = torch.Generator().manual_seed(hash((str(dtype), layout, scale, ties)) % 2**31)
+    x = to_layout(random_features((2, 3, 9, 11), dtype, g, ties), layout)
+    rois = random_rois(10, 2, 9, 11, scale, g).to(dtype)
+    check(backend, x, rois, (3, 4), scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float32_rois_with_half_input(backend, dtype, layout):
+    g = torch.Generator().manual_seed(7)
+    x = to_layout(random_features((2, 4, 8, 10), dtype, g, ties=True), layout)
+    rois = random_rois(12, 2, 8, 10, 0.5, g).to(torch.float32)
+    check(backend, x, rois, (2, 3), 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_half_rounding_coordinates(backend, dtype):
+    """Products landing exactly on .5 round away from zero (C round), not to even."""
+    g = torch.Generator().manual_seed(3)
+    x = random_features((1, 2, 12, 12), dtype, g)
+    coords = [-5.0, -3.0, -1.0, 1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 21.0]  # * 0.5 -> k + .5
+    rows = [[0, a, b, c, d] for a in coords[:4] for b, c, d in [(1.0, 9.0, 13.0), (5.0, 21.0, 3.0)]]
+    rows += [[0, -2.5, 0.5, 2.5, 4.5], [0, 0.5, 1.5, 6.5, 7.5]]  # scale 1: the .5 is in the value
+    rois = torch.tensor(rows, dtype=torch.float64).to(dtype)
+    check(backend, x, rois, (2, 3), 0.5)
+    check(backend, x, rois, (3, 2), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_invalid_rois(backend, dtype, layout):
+    """Bad batch indices and non-finite values give zeros and -1; trunc() picks the image."""
+    g = torch.Generator().manual_seed(11)
+    x = to_layout(random_features((2, 3, 6, 7), dtype, g), layout)
+    inf, nan = math.inf, math.nan
+    rows = [
+        [-1, 0, 0, 5, 5],
+        [2, 0, 0, 5, 5],
+        [2.5, 0, 0, 5, 5],
+        [-0.5, 0, 0, 5, 5],  # trunc -> 0: valid
+        [1.9, 1, 1, 4, 4],  # trunc -> 1: valid
+        [nan, 0, 0, 5, 5],
+        [0, nan, 0, 5, 5],
+        [0, 0, inf, 5, 5],
+        [1, 0, 0, -inf, 5],
+        [0, 0, 0, 5, nan],
+        [1, 0, 0, 6, 5],
+    ]
+    rois = torch.tensor(rows, dtype=torch.float64).to(dtype)
+    output, argmax = check(backend, x, rois, (2, 2), 1.0)
+    invalid = [0, 1, 2, 5, 6, 7, 8, 9]
+    assert (argmax[invalid] == -1).all() and (output[invalid] == 0).all()
+    assert (argmax[[3, 4, 10]] >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_off_map_and_inverted(backend, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = random_features((1, 2, 8, 8), dtype, g)
+    rows = [
+        [0, -40, -40, -20, -20],  # entirely above-left: all bins empty
+        [0, 20, 20, 40, 40],  # entirely below-right
+        [0, -4, -4, 3, 3],  # partly off
+        [0, 6, 6, 2, 2],  # inverted: one pixel wide
+        [0, 5, 2, 5, 2],  # a single pixel
+        [0, 7, 0, 12, 7],  # off the right edge
+    ]
+    rois = torch.tensor(rows, dtype=torch.float64).to(dtype)
+    output, argmax = check(backend, x, rois, (3, 3), 1.0)
+    assert (argmax[0] == -1).all() and (argmax[1] == -1).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_and_inf_features(backend, dtype, layout):
+    g = torch.Generator().manual_seed(2)
+    x = random_features((1, 3, 6, 6), dtype, g, ties=True).clone()
+    x[0, 0, 1, 2] = math.nan
+    x[0, 0, 1, 4] = -math.nan  # a NaN with the sign bit set is still the maximum
+    x[0, 0, 4, 4] = math.inf
+    x[0, 1] = -math.inf  # a plane of only -inf
+    x[0, 1, 5, 5] = math.nan
+    x[0, 2, :3, :3] = -0.0  # -0.0 and +0.0 are equal: the first scanned wins
+    x[0, 2, 1, 1] = 0.0
+    x = to_layout(x, layout)
+    rois = torch.tensor([[0, 0, 0, 5, 5], [0, 1, 1, 4, 4], [0, 0, 0, 2, 2], [0, 2, 1, 2, 1]])
+    output, argmax = check(backend, x, rois.to(dtype), (2, 3), 1.0)
+    assert output[0, 0].isnan().any() and (output[0, 1] == -math.inf).any()
+
+
+def test_float_bin_edge(backend):
+    """float32, roi height 57, PH 7: the last bin ends at row 58, one past 57 * 7 / 7."""
+    rows = torch.arange(64, dtype=torch.float32).view(1, 1, 64, 1).expand(1, 2, 64, 3)
+    x = rows.contiguous()
+    rois = torch.tensor([[0, 0, 0, 2, 56]], dtype=torch.float32)
+    output, argmax = check(backend, x, rois, (7, 1), 1.0)
+    assert output[0, 0, 6, 0].item() == 57.0  # row 57 is in the last bin
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_coordinates(backend, dtype):
+    big = 6.0e4 if dtype == torch.float16 else 1e30
+    g = torch.Generator().manual_seed(13)
+    x = random_features((1, 2, 5, 6), dtype, g)
+    rows = [
+        [0, -big, -big, big, big],
+        [0, 0, 0, big, big],
+        [0, -big, 0, 0, 4],
+        [0, big, big, -big, -big],
+    ]
+    rois = torch.tensor(rows, dtype=torch.float64).to(dtype)
+    check(backend, x, rois, (2, 2), 1.0)
+    check(backend, x, rois, (2, 3), 2.0)  # float16: 6e4 * 2 overflows to inf, then saturates
+
+
+def test_float16_geometry_is_half_precision(backend):
+    """float16 rois round every product and quotient to half: pooled sizes that are not exact."""
+    g = torch.Generator().manual_seed(17)
+    x = random_features((1, 1, 40, 40), torch.float16, g)
+    rows = [[0, 0, 0, 36, 38], [0, 1, 3, 35, 37], [0, 0.7, 0.3, 39.4, 33.3]]
+    rois = torch.tensor(rows, dtype=torch.float16)
+    check(backend, x, rois, (7, 9), 1.0)
+    check(backend, x, rois, (13, 11), 1 / 3)
+
+
+def test_float16_geometry_overflow(backend):
+    """float16: G(PW) = inf for PW >= 65520 (bin width 0, or NaN with an infinite ROI width)."""
+    g = torch.Generator().manual_seed(47)
+    x = random_features((1, 1, 3, 5), torch.float16, g)
+    rows = [[0, 0, 0, 4, 2], [0, 0, 0, 65504, 2], [0, -65504, 0, 65504, 2]]
+    rois = torch.tensor(rows, dtype=torch.float16)
+    check(backend, x, rois, (2, 65530), 2.0)
+
+
+def test_float16_scale_goes_through_float32(backend):
+    """G(scale) for float16 rois is half(float32(scale)): here 1.0, where half(scale) is not."""
+    scale = 1 + 2**-11 + 2**-30  # float32 drops 2**-30, leaving a half-way tie that goes to 1.0
+    g = torch.Generator().manual_seed(41)
+    x = random_features((1, 1, 8, 1100), torch.float16, g)
+    rois = torch.tensor([[0, 1000, 0, 1040, 7], [0, 1001, 1, 1019, 5]], dtype=torch.float16)
+    check(backend, x, rois, (1, 8), scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_views(backend, dtype):
+    """A channel slice with a storage offset and a transposed (W, H) view are read in place."""
+    g = torch.Generator().manual_seed(19)
+    base = random_features((3, 6, 7, 9), dtype, g)
+    rois = random_rois(8, 2, 7, 9, 1.0, g).to(dtype)
+    check(backend, base[1:, 1::2], rois, (2, 3), 1.0)
+    check(backend, base.transpose(2, 3)[:2], random_rois(8, 2, 9, 7, 1.0, g).to(dtype), 2, 1.0)
+
+
+@pytest.mark.parametrize(
+    "stage_bytes", [0, 200, 600, None], ids=["gather", "band", "mixed", "window"]
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_staging_paths(schedule, stage_bytes, dtype):
+    """NCHW tasks stage their ROI window or bin-row band channels-last, or gather in place."""
+    backend = (
+        make_backend(schedule)
+        if stage_bytes is None
+        else make_backend(schedule, stage_bytes=stage_bytes)
+    )
+    g = torch.Generator().manual_seed(43)
+    x = random_features((2, 3, 12, 13), dtype, g, ties=True)
+    rois = random_rois(12, 2, 12, 13, 1.0, g).to(dtype)
+    check(backend, x, rois, (3, 2), 1.0)
+    check(backend, x[:, :, 1:, 2:], rois, (2, 3), 1.0)  # strided rows, storage offset
+
+
+@pytest.mark.parametrize("coverage", [0.0, math.inf], ids=["grouped", "per-roi"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_float_paths(schedule, coverage, dtype):
+    """float32/float64 NCHW: staged per group of ROIs and channel block, or per ROI."""
+    backend = make_backend(schedule, stage_min_coverage=coverage)
+    g = torch.Generator().manual_seed(47)
+    x = random_features((3, 21, 14, 17), dtype, g, ties=True)
+    flat = x.view(-1)
+    for value in (math.nan, -0.0, math.inf, -math.inf, math.nan):
+        flat[int(torch.randint(0, flat.numel(), (1,), generator=g))] = value
+    rois = random_rois(16, 3, 14, 17, 0.5, g)
+    rois[:5, 1:] = rois[:5, 1:] / 4 + 10  # small boxes away from (0, 0): regions with offsets
+    rois[5, 0] = 2.0  # image 2 holds one ROI only
+    check(backend, x, rois.to(dtype), (3, 2), 0.5)
+    check(backend, x[:, 2::3, 1:, 3:], rois.to(dtype), (2, 3), 0.5)  # strides, storage offset
+    check(backend, x[1:, :, :, :1], rois[rois[:, 0] < 2].to(dtype), 2, 0.5)  # W = 1
+
+
+def test_zero_rois(backend):
+    x = torch.rand(2, 3, 5, 5)
+    output, argmax = run_forward(backend, x, torch.zeros(0, 5), (2, 2), 1.0)
+    assert output.shape == (0, 3, 2, 2) and argmax.shape == (0, 3, 2, 2)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 4, 4), (1, 2, 0, 4), (1, 2, 4, 0), (1, 0, 4, 4)])
+def test_empty_input(backend, shape):
+    rois = torch.tensor([[0, 0, 0, 3, 3], [0, 1, 1, 2, 2]], dtype=torch.float32)
+    check(backend, torch.ones(shape), rois, (2, 2), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int16], ids=str)
+def test_stage(dtype):
+    """The channels-last staging copy, against torch: blocks of 16 planes and the planes left
+    (two blocks of 16 channels and 4 more; 17 from channel 3), a non-unit W stride and a
+    storage offset. int16 is how float16 and bfloat16 are staged (as raw bits)."""
+    from roi_ops_numba.memory import flat_storage
+    from roi_ops_numba.staging import _stage
+
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(2, 36, 7, 41, generator=g) * 1000).to(dtype)
+    views = {"nchw": base, "strided": base[:, :, :, ::2], "offset": base[:, 2:, 1:, 3:]}
+    for name, x in views.items():
+        _, channels, height, width = x.shape
+        s_n, s_c, s_h, s_w = x.stride()
+        src = flat_storage(x)  # starts at x's first element
+        for y0, y1, x0, x1 in ((0, height, 0, width), (1, height - 1, 2, width - 1), (2, 3, 5, 6)):
+            for c0, nc in ((0, channels), (3, 17)):
+                dst = torch.full(((y1 - y0) * (x1 - x0) * nc,), 12345, dtype=dtype)  # poison
+                plane0 = s_n + c0 * s_c  # image 1, channel c0
+                _stage(src, plane0, s_c, s_h, s_w, nc, y0, y1, x0, x1, dst.numpy())
+                expected = x[1, c0 : c0 + nc, y0:y1, x0:x1].permute(1, 2, 0).reshape(-1)
+                assert torch.equal(dst, expected), (name, (y0, y1, x0, x1), (c0, nc))
+
+
+@pytest.mark.parametrize(
+    "min_block, task_bytes, tasks_per_thread, max_bytes",
+    [
+        (1, 0, 1, 2**25),
+        (3, 0, 1000, 2**25),
+        (64, 16 * 2**20, 8, 2**25),
+        (64, 16 * 2**20, 8, 5 * 19 * 23 * 8),
+        (64, 16 * 2**20, 8, 100),
+    ],
+    ids=["one-channel-blocks", "many-groups", "default", "buffer-limit", "per-roi"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_staged_blocks_and_groups(
+    schedule, min_block, task_bytes, tasks_per_thread, max_bytes, dtype
+):
+    """float32/float64 NCHW tasks stage a block of channels of a group of ROIs' region: blocks
+    of one channel, ROIs cut into many groups (each restaging its own region), the defaults, a
+    buffer limit that allows only a few channels per block, and one that sends every ROI to
+    the per-ROI kernel; with invalid ROIs, ROIs past the map and empty bins among them. The
+    same groups read channels_last inputs in place."""
+    backend = make_backend(
+        schedule,
+        stage_min_block=min_block,
+        stage_max_bytes=max_bytes,
+        stage_task_bytes=task_bytes,
+        tasks_per_thread=tasks_per_thread,
+        stage_min_coverage=0.0,
+    )
+    g = torch.Generator().manual_seed(53)
+    x = random_features((3, 21, 19, 23), dtype, g, ties=True)
+    rois = random_rois(40, 3, 19, 23, 0.5, g).to(dtype)
+    rois[3, 0] = -1.0  # invalid: every bin empty, never staged
+    rois[4, 1:] = torch.tensor([60.0, 50.0, 80.0, 70.0], dtype=dtype)  # past the map: empty bins
+    rois[5, 0] = 7.0  # batch index out of range
+    check(backend, x, rois, (3, 4), 0.5)
+    check(backend, x[:, 1::2, 2:, 1:], rois, (2, 2), 0.5)  # strided channels, storage offset
+    check(backend, x.contiguous(memory_format=torch.channels_last), rois, (3, 4), 0.5)  # in place
+
+
+def test_many_channels_few_rois(backend):
+    """Work is split over channel blocks: one ROI, many channels, both layouts."""
+    g = torch.Generator().manual_seed(23)
+    x = random_features((1, 70, 6, 5), torch.float32, g, ties=True)
+    rois = torch.tensor([[0, 0, 0, 4, 5]], dtype=torch.float32)
+    for name in LAYOUTS:
+        check(backend, to_layout(x, name), rois, (2, 2), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_thread_count_and_schedule_do_not_change_results(dtype):
+    """Serial and parallel kernels, and any thread count, give the same bits."""
+    g = torch.Generator().manual_seed(29)
+    x = random_features((2, 8, 10, 10), dtype, g, ties=True)
+    rois = random_rois(20, 2, 10, 10, 1.0, g).to(dtype)
+    results = [run_forward(make_backend("serial"), x, rois, (3, 3), 1.0)]
+    parallel = make_backend("parallel")
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(run_forward(parallel, x, rois, (3, 3), 1.0))
+    finally:
+        torch.set_num_threads(previous)
+    bits = torch.int16 if dtype == torch.float16 else torch.int32
+    for output, argmax in results[1:]:
+        assert torch.equal(output.view(bits), results[0][0].view(bits))
+        assert torch.equal(argmax, results[0][1])
+
+
+def test_small_calls_run_serially_and_large_ones_in_parallel(monkeypatch):
+    """The work estimate picks the kernel: below `serial_work` no parallel kernel runs."""
+    from roi_ops_numba import ops, pool_groups, pool_keys
+
+    ops._warm_up(torch.float32)
+    calls = []
+    for module in (pool_groups, pool_keys):
+        for name in dir(module):
+            if name.endswith(("_serial", "_parallel")):
+                kernel = getattr(module, name)
+
+                def counted(*arguments, kernel=kernel, name=name):
+                    calls.append(name.rpartition("_")[2])
+                    kernel(*arguments)
+
+                monkeypatch.setattr(module, name, counted)
+    g = torch.Generator().manual_seed(31)
+    x = random_features((2, 16, 10, 10), torch.float32, g)
+    rois = random_rois(8, 2, 10, 10, 1.0, g).to(torch.float32)
+    most = 16 * 8 * (10 * 10 + 9)  # channels x ROIs x (map + bins): more than the work
+    for serial_work, expected in ((most, "serial"), (1, "parallel")):
+        calls.clear()
+        check(_with_work(serial_work), x, rois, 3, 1.0)
+        assert calls == [expected, expected]
+
+
+def test_serial_kernel_runs_before_any_parallel_one():
+    """A serial kernel called first in a process (no thread pool started yet) stages in its
+    own buffer row: nothing may depend on numba's thread id there."""
+    code = """
+import numpy as np, torch
+from roi_ops.backend import RoIPoolProblem
+from roi_ops.testing.reference import reference_roi_pool
+from roi_ops_numba import ops, pool_groups
+from roi_ops_numba.memory import flat_storage
+from roi_ops_numba.tuning import DEFAULT_TUNING as t
+x = torch.randn(1, 3, 8, 9)
+rois = torch.tensor([[0, 0, 0, 8, 7], [0, 1, 2, 5, 6]], dtype=torch.float32)
+problem = RoIPoolProblem(x, rois, 2, 2, 1.0, True)
+bins = ops.BinGeometry(problem, 1)
+order, groups, block, size = pool_groups.plan_groups(
+    bins.batch, *bins.edges(), 8, 3, 4, 1, True, 1, t.min_block, t.max_block,
+    t.task_output_bytes, 0.0, t.stage_min_block, t.stage_task_bytes, t.stage_max_bytes)
+out = torch.full(problem.output_shape, float("nan"))
+argmax = torch.full(problem.output_shape, -7, dtype=torch.int32)
+pool_groups.pool_groups_serial(
+    flat_storage(x), *x.stride(), 3, 9, bins.batch, order, groups, *bins.edges(),
+    out.view(-1).numpy(), argmax.view(-1).numpy(), True, block, np.empty((1, size), np.float32))
+expected, expected_argmax = reference_roi_pool(x, rois, (2, 2), 1.0)
+assert torch.equal(out, expected) and torch.equal(argmax, expected_argmax)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
