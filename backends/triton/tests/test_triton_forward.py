@@ -51,13 +51,6 @@ def test_contract_cases(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_float32_rois_with_half_input(device, dtype):
-    for case in contract_cases(device, dtype, seed=3, rois_dtype=torch.float32):
-        check(case.input, case.rois_tensor(), case.output_size, case.spatial_scale)
-
-
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
 def test_no_read_outside_the_input(device, layout, dtype):
