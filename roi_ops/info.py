@@ -135,6 +135,14 @@ def info_text() -> str:
     return info_report()[0]
 
 
+def _determinism(info) -> str:
+    """'yes' (forward and backward), 'fwd' (forward only: deterministic mode uses roi_ops'
+    shared scatter for its backward) or 'no'."""
+    if not info.deterministic:
+        return "no"
+    return "yes" if info.deterministic_backward in (True, None) else "fwd"
+
+
 def info_report() -> tuple[str, bool]:
     """(the report, whether the current selection is usable at all)."""
     import roi_ops
@@ -144,14 +152,14 @@ def info_report() -> tuple[str, bool]:
         f"CUDA {torch.version.cuda or 'none'} (available: {torch.cuda.is_available()})   "
         f"Python {platform.python_version()}",
         "",
-        f"{'backend':<10} {'avail':<6} {'prio':>4} {'det':<4} {'devices':<10} "
+        f"{'backend':<10} {'avail':<6} {'prio':>4} {'det':<5} {'devices':<10} "
         f"{'dtypes':<34} {'distribution':<22} reasons",
     ]
     for info in list_backends():
         dist = f"{info.distribution or info.origin} {info.version or ''}".strip()
         lines.append(
             f"{info.name:<10} {'yes' if info.available else 'no':<6} {info.priority:>4} "
-            f"{'yes' if info.deterministic else 'no':<4} {','.join(info.device_types):<10} "
+            f"{_determinism(info):<5} {','.join(info.device_types):<10} "
             f"{','.join(info.dtypes):<34} {dist:<22} {'; '.join(info.reasons) or '-'}"
         )
     report = selection_report()

@@ -26,10 +26,10 @@ def compiled_variants(backend: str) -> int:
 
         return len(launch._kernels)
     if backend == "triton":
-        from roi_ops_triton import kernels
+        from roi_ops_triton import backward, forward
 
         total = 0
-        for value in vars(kernels).values():
+        for value in [*vars(forward).values(), *vars(backward).values()]:
             cache = getattr(value, "device_caches", None) or getattr(value, "cache", None)
             if isinstance(cache, dict):
                 for per_device in cache.values():
@@ -37,9 +37,10 @@ def compiled_variants(backend: str) -> int:
                     total += len(entries) if hasattr(entries, "__len__") else 0
         return total
     if backend == "numba":
-        from roi_ops_numba import kernels
+        from roi_ops_numba import geometry, pool_groups, pool_keys, scatter, staging
 
-        return sum(len(getattr(v, "signatures", ())) for v in vars(kernels).values())
+        modules = (geometry, pool_groups, pool_keys, scatter, staging)
+        return sum(len(getattr(v, "signatures", ())) for m in modules for v in vars(m).values())
     return 0
 
 

@@ -128,7 +128,7 @@ def test_info_lists_capabilities(capsys):
 
     main(["info"])
     out = capsys.readouterr().out
-    assert "torch" in out and "cpu: float32:" in out
+    assert "torch" in out and "cpu: " in out and "numba" in out
 
 
 def test_registry_version_changes_with_the_set_of_backends(fake):
