@@ -333,15 +333,6 @@ def test_backend_choice_is_not_baked_into_compiled_graphs(tiny, monkeypatch):
     assert calls == [1]
 
 
-def test_info_cli_lists_backends_and_auto_choice(capsys):
-    from roi_ops.__main__ import main
-
-    assert main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert "torch" in out and "roi-ops" in out
-    assert "cpu: float32:" in out
-
-
 class Misbehaving(Tiny):
     name = "misbehaving"
     dtypes = frozenset({torch.float32})

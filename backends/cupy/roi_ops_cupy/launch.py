@@ -29,6 +29,8 @@ _lock = threading.Lock()
 _kernels: dict[tuple[int, str], cupy.RawKernel] = {}  # (device, name) -> compiled kernel
 # cuFuncSetAttribute's CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _MAX_DYNAMIC_SHARED_ATTRIBUTE = 8
+# CUfunction handle -> the dynamic shared memory it is opted in to (bytes).
+_opted_in_shared: dict[int, int] = {}
 # The tensors a forward and a backward launch take, by argument name, in the order the launcher
 # passes them on every call.
 FORWARD_TENSORS = ("input", "rois", "output", "argmax", "bad_roi_log")
@@ -102,11 +104,15 @@ class PackedLaunch:
         with cupy.cuda.Device(device):
             self.function = kernel.kernel.ptr  # the CUfunction loaded on `device`
             # The opt-in (per function) counts dynamic memory only, but the 48 KiB a block
-            # gets without it also covers the kernel's static arrays: always opt in.
-            if launch.shared_mem > 0:
+            # gets without it also covers the kernel's static arrays: always opt in. The
+            # attribute belongs to the function, which every cached plan of it shares: only
+            # ever raise it, or a plan made later with less would break the earlier ones.
+            opted_in = _opted_in_shared.get(self.function, 0)
+            if launch.shared_mem > opted_in:
                 driver.funcSetAttribute(
                     self.function, _MAX_DYNAMIC_SHARED_ATTRIBUTE, launch.shared_mem
                 )
+                _opted_in_shared[self.function] = launch.shared_mem
         self.name = launch.name
         self.grid = launch.grid
         self.block = launch.block

@@ -88,14 +88,16 @@ def test_bad_roi_log_without_waiting(backend, pinned):
     rois[9, 0] = 2.0  # batch index N: the first invalid row
     rois[31, 0] = -1.0
     log = bad_rois.new_log("cpu" if pinned else "cuda", pin_memory=pinned)
+    rois_gpu = rois.cuda()  # a copy from pageable memory synchronises: before the check
+    side = torch.cuda.Stream()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for needs_argmax in (True, False):
-            _forward(backend, x, rois.cuda(), (7, 7), 0.5, needs_argmax, log)
-            with torch.cuda.stream(torch.cuda.Stream()):  # not on the default stream either
+            _forward(backend, x, rois_gpu, (7, 7), 0.5, needs_argmax, log)
+            with torch.cuda.stream(side):  # not on the default stream either
                 torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())
-                _forward(backend, x, rois.cuda(), (7, 7), 0.5, needs_argmax, log)
+                _forward(backend, x, rois_gpu, (7, 7), 0.5, needs_argmax, log)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()
