@@ -1,5 +1,12 @@
 """ONNX export of models that call `roi_ops.roi_pool`, through the ONNX `MaxRoiPool` operator.
 
+Both of torch's exporters translate ``roi_ops::roi_pool`` without extra arguments once `register`
+has run: importing this module runs it, and so does roi_ops itself when an export traces a
+roi_pool call. `torch.onnx.export(..., dynamo=False)` (the TorchScript-based exporter) uses the
+symbolic registered with `torch.onnx.register_custom_op_symbolic`, as torchvision registers its
+own; the dynamo exporter (the default) finds the translation in the registry it builds its
+tables from. `export` passes the translation explicitly as well.
+
 `MaxRoiPool` (opset 1 onwards; onnxruntime implements it for float32) computes the same function
 as roi_ops on float32 inputs whose bins hold finite values. It differs on two corners, where the
 exported model follows ONNX, not docs/contract.md:
@@ -12,9 +19,16 @@ Other dtypes have no exact ONNX equivalent, so exporting them raises `RoiPoolExp
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+# The lowest opset the TorchScript-based exporter supports; MaxRoiPool exists since opset 1.
+_TORCHSCRIPT_OPSET = 7
+_registered: set[str] = set()
 
 _SUPPORTED = "float32 input and float32 rois"
 
@@ -49,16 +63,78 @@ def _roi_pool_to_onnx(
 
     _float32_only(input, "input")
     _float32_only(rois, "rois")
-    if needs_argmax:
-        raise RoiPoolExportError(
-            "roi_pool: ONNX MaxRoiPool has no argmax; export the model in inference mode "
-            "(torch.no_grad() or inputs that do not require grad)"
-        )
+    # The argmax only feeds a backward, which an exported inference graph does not hold.
     output = op.MaxRoiPool(
         input, rois, pooled_shape=[pooled_height, pooled_width], spatial_scale=spatial_scale
     )
     no_argmax = op.Constant(value=onnxscript.ir.tensor(np.zeros((0,), dtype=np.int32)))
     return output, no_argmax
+
+
+def _roi_pool_symbolic(g, input, rois, pooled_height, pooled_width, spatial_scale, *_):
+    from torch.onnx import symbolic_helper
+
+    for value, what in ((input, "input"), (rois, "rois")):
+        dtype = value.type().scalarType() if value.type().kind() == "TensorType" else None
+        if dtype is not None and dtype != "Float":
+            raise RoiPoolExportError(
+                f"{what}: ONNX MaxRoiPool needs {_SUPPORTED}, got {dtype}; export a float32 "
+                "model or cast around roi_pool"
+            )
+    height = symbolic_helper._get_const(pooled_height, "i", "pooled_height")
+    width = symbolic_helper._get_const(pooled_width, "i", "pooled_width")
+    scale = symbolic_helper._get_const(spatial_scale, "f", "spatial_scale")
+    output = g.op("MaxRoiPool", input, rois, pooled_shape_i=[height, width], spatial_scale_f=scale)
+    return output, None  # no argmax in ONNX; an exported inference graph does not use it
+
+
+def _register_torchscript_symbolic() -> None:
+    torch.onnx.register_custom_op_symbolic(
+        "roi_ops::roi_pool", _roi_pool_symbolic, _TORCHSCRIPT_OPSET
+    )
+
+
+def _register_dynamo_translation() -> None:
+    # The registry that torch.onnx.export(dynamo=True) copies its tables from (torch 2.9 to 2.14
+    # at least). Private: if it moves, the dynamo exporter needs `export` or
+    # `onnx_translation_table`, and `python -m pytest tests/test_onnx.py` says so.
+    from torch.onnx._internal.exporter import _registration
+    from torch.onnx._internal.exporter._torchlib import _torchlib_registry
+
+    target = torch.ops.roi_ops.roi_pool.default
+    entries = _torchlib_registry._registry
+    if not any(entry.fx_target is target for entry in entries):
+        entries.append(
+            _registration.OnnxDecompMeta(
+                onnx_function=_roi_pool_to_onnx, fx_target=target, signature=None, is_custom=True
+            )
+        )
+
+
+def register() -> dict[str, bool]:
+    """Make `torch.onnx.export` translate roi_pool to MaxRoiPool with no extra arguments.
+
+    Registers a TorchScript symbolic (for ``dynamo=False``) and the dynamo exporter's
+    translation (needs onnxscript). Idempotent, and cheap after the first call; roi_ops calls it
+    itself when an export traces a roi_pool call, and importing this module calls it.
+
+    Returns:
+        {"torchscript": registered, "dynamo": registered}; False where that exporter is missing
+        (then the dynamo exporter still works through `export`).
+    """
+    for name, step in (
+        ("torchscript", _register_torchscript_symbolic),
+        ("dynamo", _register_dynamo_translation),
+    ):
+        if name in _registered:
+            continue
+        try:
+            step()
+        except Exception as error:  # an exporter this torch or environment does not have
+            logger.debug("roi_ops.onnx: %s exporter not registered: %s", name, error)
+            continue
+        _registered.add(name)
+    return {name: name in _registered for name in ("torchscript", "dynamo")}
 
 
 def onnx_translation_table() -> dict:
@@ -80,7 +156,7 @@ def export(model: torch.nn.Module, args: tuple, f: str | None = None, **kwargs: 
         torch.onnx.ONNXProgram: the exported program.
 
     Raises:
-        RoiPoolExportError: the model pools a non-float32 tensor, or needs the argmax.
+        RoiPoolExportError: the model pools a non-float32 tensor.
     """
     table = {**onnx_translation_table(), **kwargs.pop("custom_translation_table", {})}
     try:
@@ -95,3 +171,6 @@ def export(model: torch.nn.Module, args: tuple, f: str | None = None, **kwargs: 
         if cause is None:
             raise
         raise RoiPoolExportError(str(cause)) from error
+
+
+register()

@@ -10,6 +10,8 @@ backward works.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -34,8 +36,19 @@ def roi_pool_op(
     return output, argmax
 
 
+def register_onnx_if_exporting() -> None:
+    """`roi_ops.onnx.register` when a torch.onnx export is running (it traces the model, so this
+    runs before the exporter looks up its translations)."""
+    onnx = sys.modules.get("torch.onnx")
+    if onnx is not None and onnx.is_in_onnx_export():
+        from .onnx import register
+
+        register()
+
+
 @roi_pool_op.register_fake
 def _roi_pool_fake(input, rois, pooled_height, pooled_width, spatial_scale, backend, needs_argmax):
+    register_onnx_if_exporting()  # the dynamo exporter traces with fake tensors
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
     output = input.new_empty(shape)
     argmax = input.new_empty(shape if needs_argmax else (0,), dtype=torch.int32)
