@@ -1,11 +1,13 @@
 """ONNX export of models that call `roi_ops.roi_pool`, through the ONNX `MaxRoiPool` operator.
 
-Both of torch's exporters translate ``roi_ops::roi_pool`` without extra arguments once `register`
-has run: importing this module runs it, and so does roi_ops itself when an export traces a
-roi_pool call. `torch.onnx.export(..., dynamo=False)` (the TorchScript-based exporter) uses the
-symbolic registered with `torch.onnx.register_custom_op_symbolic`, as torchvision registers its
-own; the dynamo exporter (the default) finds the translation in the registry it builds its
-tables from. `export` passes the translation explicitly as well.
+Both of torch's exporters translate ``roi_ops::roi_pool`` with no extra arguments: roi_ops
+registers the translations itself when an export traces a roi_pool call (and importing this
+module registers them too). `torch.onnx.export(..., dynamo=False)` (the TorchScript-based
+exporter) uses the symbolic registered with `torch.onnx.register_custom_op_symbolic`, as
+torchvision registers its own. The dynamo exporter (the default) copies its tables from torch's
+torchlib registry when an export starts, so roi_ops adds the translation there and, for the
+export already running, to that export's registry (`register_in_running_export`). `export`
+passes the translation explicitly as well.
 
 `MaxRoiPool` (opset 1 onwards; onnxruntime implements it for float32) computes the same function
 as roi_ops on float32 inputs whose bins hold finite values. It differs on two corners, where the
@@ -20,6 +22,7 @@ Other dtypes have no exact ONNX equivalent, so exporting them raises `RoiPoolExp
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -109,6 +112,31 @@ def _register_dynamo_translation() -> None:
                 onnx_function=_roi_pool_to_onnx, fx_target=target, signature=None, is_custom=True
             )
         )
+
+
+def register_in_running_export() -> bool:
+    """Add the translation to the registry of a dynamo export that is running now.
+
+    torch.onnx.export(dynamo=True) builds its registry before it traces the model, so what
+    `register` adds is seen from the next export on. roi_ops calls this while the export traces
+    a roi_pool call: it finds the running export's registry on the call stack. Returns whether
+    a registry was found.
+    """
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+    except ImportError:
+        return False
+    target = torch.ops.roi_ops.roi_pool.default
+    frame = sys._getframe(1)
+    found = False
+    while frame is not None:
+        registry = frame.f_locals.get("registry")
+        if isinstance(registry, ONNXRegistry):
+            found = True
+            if not registry.is_registered(target):
+                registry.register_op(target, _roi_pool_to_onnx)
+        frame = frame.f_back
+    return found
 
 
 def register() -> dict[str, bool]:

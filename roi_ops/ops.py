@@ -41,9 +41,10 @@ def register_onnx_if_exporting() -> None:
     runs before the exporter looks up its translations)."""
     onnx = sys.modules.get("torch.onnx")
     if onnx is not None and onnx.is_in_onnx_export():
-        from .onnx import register
+        from .onnx import register, register_in_running_export
 
         register()
+        register_in_running_export()
 
 
 @roi_pool_op.register_fake
