@@ -1,7 +1,5 @@
 """The user-facing `roi_pool` function and the `RoIPool` module."""
 
-import functools
-import sys
 from collections.abc import Sequence
 
 import torch
@@ -92,7 +90,7 @@ def roi_pool(
         )
     if torch.jit.is_tracing():
         sizes = (pooled_height, pooled_width)
-        return _traced_roi_pool(input, table, sizes, scale, backend, needs_argmax)
+        return _traced_roi_pool(input, table, sizes, scale, backend)
     return roi_pool_op(input, table, pooled_height, pooled_width, scale, backend, needs_argmax)[0]
 
 
@@ -166,32 +164,39 @@ def _unusual_call(input, rois, output_size, spatial_scale, boxes, backend) -> Te
     return _ROI_POOL(input, rois, output_size, spatial_scale, backend=backend)
 
 
-def _traced_roi_pool(input, table, sizes, scale, backend, needs_argmax) -> Tensor:
-    """roi_pool under torch.jit.trace: the scripted form, so the trace decides in its graph
-    whether an argmax is needed (a trace taken without grad still trains). ONNX export (which
-    traces) records the op itself, which roi_ops.onnx translates to MaxRoiPool."""
-    if _exporting_onnx():
-        register_onnx_if_exporting()
-        return roi_pool_op(input, table, *sizes, scale, backend, needs_argmax)[0]
-    return _scripted_pool()(input, table, *sizes, scale, backend)
+def _traced_roi_pool(input, table, sizes, scale, backend) -> Tensor:
+    """roi_pool under torch.jit.trace: the trace records ``roi_ops::roi_pool_jit``, which
+    decides at run time whether an argmax is needed (a trace taken without grad still trains).
+    ONNX export traces too: roi_ops.onnx's symbolic turns that op into MaxRoiPool."""
+    if not _torchscript_symbolic_registered:
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)  # importing torch.onnx records nothing
+        try:
+            _register_torchscript_symbolic()
+        finally:
+            torch._C._set_tracing_state(state)
+    register_onnx_if_exporting()
+    return torch.ops.roi_ops.roi_pool_jit(input, table, *sizes, scale, backend)
 
 
-def _exporting_onnx() -> bool:
-    onnx = sys.modules.get("torch.onnx")
-    return onnx is not None and onnx.is_in_onnx_export()
+_torchscript_symbolic_registered = False
 
 
-@functools.cache
-def _scripted_pool() -> torch.jit.ScriptFunction:
-    from . import torchscript
+def _register_torchscript_symbolic() -> None:
+    """A traced or scripted graph may be exported to ONNX later without running roi_ops
+    first: register the TorchScript exporter's symbolic when such a graph is made."""
+    global _torchscript_symbolic_registered
+    from .onnx import register_torchscript
 
-    return torch.jit.script(torchscript.pool)
+    _torchscript_symbolic_registered = register_torchscript() or True  # tried once
 
 
 def _scriptable_roi_pool():
     """What torch.jit.script compiles in place of `roi_pool` (see roi_ops.torchscript)."""
     from . import torchscript
 
+    if not _torchscript_symbolic_registered:
+        _register_torchscript_symbolic()
     return torchscript.roi_pool
 
 

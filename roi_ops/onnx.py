@@ -1,13 +1,14 @@
 """ONNX export of models that call `roi_ops.roi_pool`, through the ONNX `MaxRoiPool` operator.
 
-Both of torch's exporters translate ``roi_ops::roi_pool`` with no extra arguments: roi_ops
-registers the translations itself when an export traces a roi_pool call (and importing this
-module registers them too). `torch.onnx.export(..., dynamo=False)` (the TorchScript-based
-exporter) uses the symbolic registered with `torch.onnx.register_custom_op_symbolic`, as
-torchvision registers its own. The dynamo exporter (the default) copies its tables from torch's
+Both of torch's exporters translate roi_pool with no extra arguments, and roi_ops registers the
+translations itself, when they can be needed: the TorchScript-based exporter's symbolic
+(`torch.onnx.export(..., dynamo=False)`, registered with `torch.onnx.register_custom_op_symbolic`
+as torchvision registers its own) when roi_ops first appears in a traced or scripted graph, and
+both when an export runs. The dynamo exporter (the default) copies its tables from torch's
 torchlib registry when an export starts, so roi_ops adds the translation there and, for the
-export already running, to that export's registry (`register_in_running_export`). `export`
-passes the translation explicitly as well.
+export already running, to that export's registry (`register_in_running_export`). `register`
+does all of it at once (needed only to export an ExportedProgram made before); `export` passes
+the translation explicitly.
 
 `MaxRoiPool` (opset 1 onwards; onnxruntime implements it for float32) computes the same function
 as roi_ops on float32 inputs whose bins hold finite values. It differs on two corners, where the
@@ -74,7 +75,7 @@ def _roi_pool_to_onnx(
     return output, no_argmax
 
 
-def _roi_pool_symbolic(g, input, rois, pooled_height, pooled_width, spatial_scale, *_):
+def _max_roi_pool(g, input, rois, pooled_height, pooled_width, spatial_scale):
     from torch.onnx import symbolic_helper
 
     for value, what in ((input, "input"), (rois, "rois")):
@@ -87,14 +88,26 @@ def _roi_pool_symbolic(g, input, rois, pooled_height, pooled_width, spatial_scal
     height = symbolic_helper._get_const(pooled_height, "i", "pooled_height")
     width = symbolic_helper._get_const(pooled_width, "i", "pooled_width")
     scale = symbolic_helper._get_const(spatial_scale, "f", "spatial_scale")
-    output = g.op("MaxRoiPool", input, rois, pooled_shape_i=[height, width], spatial_scale_f=scale)
+    return g.op("MaxRoiPool", input, rois, pooled_shape_i=[height, width], spatial_scale_f=scale)
+
+
+def _roi_pool_symbolic(g, input, rois, pooled_height, pooled_width, spatial_scale, *_):
+    output = _max_roi_pool(g, input, rois, pooled_height, pooled_width, spatial_scale)
     return output, None  # no argmax in ONNX; an exported inference graph does not use it
 
 
+def _roi_pool_jit_symbolic(g, input, rois, pooled_height, pooled_width, spatial_scale, _):
+    return _max_roi_pool(g, input, rois, pooled_height, pooled_width, spatial_scale)
+
+
 def _register_torchscript_symbolic() -> None:
-    torch.onnx.register_custom_op_symbolic(
-        "roi_ops::roi_pool", _roi_pool_symbolic, _TORCHSCRIPT_OPSET
-    )
+    # roi_pool_jit is what traced and scripted graphs hold; roi_pool what an export's own trace
+    # records.
+    for name, symbolic in (
+        ("roi_ops::roi_pool", _roi_pool_symbolic),
+        ("roi_ops::roi_pool_jit", _roi_pool_jit_symbolic),
+    ):
+        torch.onnx.register_custom_op_symbolic(name, symbolic, _TORCHSCRIPT_OPSET)
 
 
 def _register_dynamo_translation() -> None:
@@ -139,21 +152,26 @@ def register_in_running_export() -> bool:
     return found
 
 
-def register() -> dict[str, bool]:
+def register_torchscript() -> bool:
+    """Register the TorchScript-based exporter's symbolic (idempotent); whether it is in place."""
+    return register(("torchscript",))["torchscript"]
+
+
+def register(exporters: tuple[str, ...] = ("torchscript", "dynamo")) -> dict[str, bool]:
     """Make `torch.onnx.export` translate roi_pool to MaxRoiPool with no extra arguments.
 
     Registers a TorchScript symbolic (for ``dynamo=False``) and the dynamo exporter's
-    translation (needs onnxscript). Idempotent, and cheap after the first call; roi_ops calls it
-    itself when an export traces a roi_pool call, and importing this module calls it.
+    translation (needs onnxscript). Idempotent, and cheap after the first call. roi_ops calls it
+    itself when an export runs; call it yourself before exporting an ExportedProgram that was
+    made earlier with torch.export.
 
     Returns:
         {"torchscript": registered, "dynamo": registered}; False where that exporter is missing
         (then the dynamo exporter still works through `export`).
     """
-    for name, step in (
-        ("torchscript", _register_torchscript_symbolic),
-        ("dynamo", _register_dynamo_translation),
-    ):
+    steps = {"torchscript": _register_torchscript_symbolic, "dynamo": _register_dynamo_translation}
+    for name in exporters:
+        step = steps[name]
         if name in _registered:
             continue
         try:
@@ -199,6 +217,3 @@ def export(model: torch.nn.Module, args: tuple, f: str | None = None, **kwargs: 
         if cause is None:
             raise
         raise RoiPoolExportError(str(cause)) from error
-
-
-register()

@@ -4,9 +4,9 @@
 function names this module's `roi_pool` as its scriptable form (``__prepare_scriptable__``, the
 hook torchvision and torch.nn use): `torch.jit.script` of `roi_ops.roi_pool`, of
 `roi_ops.RoIPool`, or of any code calling them compiles this instead. It takes the same arguments
-(``boxes=`` included), checks them with the same rules, decides inside the graph whether an
-argmax is needed (so one scripted or traced graph serves inference and training), and calls the
-``roi_ops::roi_pool`` op. Loading a saved script needs ``import roi_ops`` first, which registers
+(``boxes=`` included), checks them with the same rules, and calls ``roi_ops::roi_pool_jit``,
+which decides at run time whether an argmax is needed (so one scripted graph serves inference
+and training). Loading a saved script needs ``import roi_ops`` first, which registers
 the op.
 
 TorchScript reads the annotations as written (``BroadcastingList2`` is not a runtime type).
@@ -30,13 +30,11 @@ def pool(
     spatial_scale: float,
     backend: str,
 ) -> Tensor:
-    """The ``roi_ops::roi_pool`` call for checked arguments, with the argmax decided in the
-    graph: a trace or script taken without grad still trains."""
-    needs_argmax = input.requires_grad and torch.is_grad_enabled()
-    output, _ = torch.ops.roi_ops.roi_pool(
-        input, rois, pooled_height, pooled_width, spatial_scale, backend, needs_argmax
+    """The ``roi_ops::roi_pool_jit`` call for checked arguments (it decides at run time whether
+    an argmax is needed: a script run without grad still trains)."""
+    return torch.ops.roi_ops.roi_pool_jit(
+        input, rois, pooled_height, pooled_width, spatial_scale, backend
     )
-    return output
 
 
 def _float_dtype(dtype: int) -> bool:

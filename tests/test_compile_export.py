@@ -15,6 +15,11 @@ def test_opcheck():
     torch.library.opcheck(roi_pool_op, (x.detach(), rois, 3, 2, 0.5, "auto", False))
     _, argmax = roi_ops.roi_pool_with_argmax(x, rois, (3, 2), 0.5)
     grad = torch.randn(argmax.shape, dtype=x.dtype, requires_grad=True)
+    for needs_grad in (True, False):  # the op traced and scripted graphs hold
+        leaf = x.detach().requires_grad_(needs_grad)
+        torch.library.opcheck(
+            torch.ops.roi_ops.roi_pool_jit.default, (leaf, rois, 3, 2, 0.5, "auto")
+        )
     for channels_last in (False, True):  # the fake gradient's strides match the real one's
         torch.library.opcheck(
             roi_pool_backward_op,

@@ -191,6 +191,12 @@ features, rois = torch.randn(1, 3, 8, 8), torch.tensor([[0.0, 1, 1, 9, 9]])
 assert "roi_ops.onnx" not in sys.modules
 if sys.argv[1] == "dynamo":
     proto = torch.onnx.export(model, (features, rois), dynamo=True).model_proto
+elif sys.argv[1] == "traced-module":  # traced first, exported later: what torchvision allows
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (features, rois))
+    buffer = io.BytesIO()
+    torch.onnx.export(traced, (features, rois), buffer, dynamo=False)
+    proto = onnx.load_from_string(buffer.getvalue())
 else:
     buffer = io.BytesIO()
     torch.onnx.export(model, (features, rois), buffer, dynamo=False)
@@ -199,7 +205,7 @@ print(sorted({node.op_type for node in proto.graph.node}))
 """
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript", "traced-module"])
 def test_a_fresh_process_exports_without_importing_roi_ops_onnx(exporter):
     import os
     import subprocess
