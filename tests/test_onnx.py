@@ -178,6 +178,17 @@ def test_dynamo_exporter_needs_no_translation_table():
         assert torch.equal(_session_run(blob, features, rois), model(features, rois))
 
 
+def test_dynamo_exporter_with_parameters_that_require_grad():
+    torch.manual_seed(2)
+    model = DetectionHead()  # trains: the graph asks for an argmax, which ONNX does not need
+    features, rois = torch.randn(2, 4, 12, 14), _rois(6, 7)
+    program = torch.onnx.export(model, (features, rois), dynamo=True)
+    with torch.no_grad():
+        expected = model(features, rois)
+    blob = program.model_proto.SerializeToString()
+    torch.testing.assert_close(_session_run(blob, features, rois), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_register_reports_both_exporters():
     assert roi_ops.onnx.register() == {"torchscript": True, "dynamo": True}
 

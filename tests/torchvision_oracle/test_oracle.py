@@ -1,6 +1,7 @@
 """Bit-equality with torchvision.ops.roi_pool on random finite inputs: outputs, argmax and
-gradients, every backend that runs here, float32 and float64, tensor and list rois, several
-output sizes, scales and memory layouts."""
+gradients, every backend that runs here, float16, float32 and float64 (float16 rois with
+float16 features: half-precision geometry on both sides), tensor and list rois, several output
+sizes, scales and memory layouts."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _layouts(x: torch.Tensor):
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("seed", range(4))
 def test_outputs_and_argmax_are_bit_identical(device, backend, dtype, seed):
     x, rois = random_case(seed, dtype, device)
@@ -54,7 +55,7 @@ def test_list_rois_and_boxes_keyword_match(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("seed", range(3))
 def test_gradients_are_bit_identical(device, backend, dtype, seed):
     x, rois = random_case(seed, dtype, device, k=60)

@@ -189,3 +189,17 @@ def test_undo_leaves_a_name_rebound_since_alone(library):
     library.roi_pool = len  # someone else's change after the patch
     patch.undo()
     assert library.roi_pool is len and library.RoIPool is TV_ROIPOOL
+
+
+def test_feature_extraction_node_names():
+    # torchvision's feature extraction treats the classes in torchvision.ops as leaf modules.
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    head = FastRCNNHead()
+    assert "pool" in get_graph_node_names(head)[0]
+    head.pool = roi_ops.RoIPool(4, 0.5)
+    assert "pool.roi_pool" in get_graph_node_names(head)[0]  # traced into: the documented name
+    leaf = {"leaf_modules": [roi_ops.RoIPool]}
+    assert "pool" in get_graph_node_names(head, tracer_kwargs=leaf)[0]
+    with roi_ops.patch_torchvision():
+        assert "pool" in get_graph_node_names(head)[0]
