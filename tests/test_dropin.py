@@ -146,11 +146,18 @@ class ScriptedUser(torch.nn.Module):
         return a + b
 
 
-def test_script_module_with_list_boxes_trains_and_survives_save_and_load():
-    x, rois = small_inputs()
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_script_module_with_list_boxes_trains_and_survives_save_and_load(device):
+    x, rois = (t.to(device) for t in small_inputs())
     boxes = _per_image(rois)
     table = torch.cat(
-        [torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)]
+        [
+            torch.cat([torch.full((len(b), 1), float(i), device=device), b], 1)
+            for i, b in enumerate(boxes)
+        ]
     )
     scripted = _script(ScriptedUser())
     buffer = io.BytesIO()
@@ -160,11 +167,12 @@ def test_script_module_with_list_boxes_trains_and_survives_save_and_load():
     for model in (scripted, loaded):
         leaf = x.clone().requires_grad_(True)
         out = model(leaf, boxes)
-        assert torch.equal(out.detach(), 2 * reference_roi_pool(x, table, (3, 2), 0.5)[0])
+        expected = 2 * reference_roi_pool(x.cpu(), table.cpu(), (3, 2), 0.5)[0]
+        assert torch.equal(out.detach().cpu(), expected)
         grad_output = torch.randn(out.shape, dtype=out.dtype)
-        out.backward(grad_output)
-        expected = _expected_gradient(x, table, (3, 2), 0.5, 2 * grad_output)
-        torch.testing.assert_close(leaf.grad, expected, rtol=0, atol=1e-12)
+        out.backward(grad_output.to(device))
+        expected = _expected_gradient(x.cpu(), table.cpu(), (3, 2), 0.5, 2 * grad_output)
+        torch.testing.assert_close(leaf.grad.cpu(), expected, rtol=0, atol=1e-12)
 
 
 def test_scripted_call_decides_the_argmax_at_run_time():
@@ -229,12 +237,13 @@ def _trace(model, args, **kwargs):
         return torch.jit.trace(model, args, **kwargs)
 
 
-def test_trace_taken_without_grad_trains():
-    x, rois = small_inputs()
-    model = TraceHead()
+@pytest.mark.parametrize("device", DEVICES)
+def test_trace_taken_without_grad_trains(device):
+    x, rois = (t.to(device) for t in small_inputs())
+    model = TraceHead().to(device)
     with torch.no_grad():
         traced = _trace(model, (x, rois))
-    _, other = small_inputs(k=9, seed=5)
+    other = small_inputs(k=9, seed=5)[1].to(device)
     out = traced(x, other)
     reference = model(x, other)
     assert torch.equal(out, reference)
