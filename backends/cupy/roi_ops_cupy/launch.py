@@ -112,8 +112,9 @@ class PackedLaunch:
         self.block = launch.block
         self.shared_mem = launch.shared_mem
         self.words = launch.words()
-        # cuLaunchKernel's kernelParams: the address of each argument.
-        self.pointers = self.words.ctypes.data + 8 * np.arange(len(self.words), dtype=np.uint64)
+        # cuLaunchKernel's kernelParams: the address of each argument (of a struct's first word).
+        offsets = np.array(launch.param_offsets(), dtype=np.uint64)
+        self.pointers = self.words.ctypes.data + np.uint64(8) * offsets
         self.params = self.pointers.ctypes.data  # both arrays live as long as this object
         self.positions = tuple(launch.position(name) for name in tensor_names)
         self.lock = threading.Lock()  # held from rewriting `words` until the launch is queued
