@@ -115,7 +115,11 @@ def run_forward_levels(
     output, out_buf, argmax, arg_buf = poisoned_outputs(
         problem.output_shape, features[0].dtype, device, needs_argmax
     )
+    grid_y = options.pop("grid_y", None)
     launch = planning.plan_forward_levels(problem, output, argmax, sizes(**options), tuning)
+    if grid_y is not None:  # fewer block rows than channel blocks: the kernels loop
+        assert launch.grid[1] > grid_y
+        launch = replace(launch, grid=(launch.grid[0], grid_y, 1))
     runner.launch(launch)
     check_guards(out_buf, -7.0)
     check_guards(arg_buf, -7)
@@ -134,7 +138,11 @@ def test_fused_forward_is_roi_pool_per_level(runner, pair, layout):
     expected, expected_argmax = _per_level_reference(features, rois, levels, size)
     expected_log = bad_rois.new_log()
     bad_rois.record_bad_rois(expected_log, rois, NUM_IMAGES)
-    assert bad_rois.decode(expected_log) is not None
+    # The first invalid row has no level (it must be recorded all the same), and valid rows
+    # without a level come before it (recording one of them would show).
+    no_level = ((levels < 0) | (levels >= len(SCALES))).nonzero().squeeze(1).tolist()
+    first_bad = bad_rois.decode(expected_log).row
+    assert first_bad in no_level and min(no_level) < first_bad
     for needs_argmax in (True, False):
         log = bad_rois.new_log(runner.device)
         output, argmax = run_forward_levels(
@@ -145,6 +153,22 @@ def test_fused_forward_is_roi_pool_per_level(runner, pair, layout):
         if needs_argmax:
             assert torch.equal(argmax, expected_argmax)
         assert torch.equal(log.cpu(), expected_log)
+
+
+@pytest.mark.parametrize("layout", ["contiguous_unit", "channels_last_cvec", "strided"])
+def test_channel_blocks_loop(runner, layout):
+    """72 channels in blocks of a few: grid rows fewer than channel blocks, and enough of them."""
+    g = torch.Generator().manual_seed(12)
+    features = [torch.randn(NUM_IMAGES, 72, h, w, generator=g) for h, w in MAP_SIZES]
+    rois = _rois(torch.float32, count=12, seed=13)
+    levels = _levels(rois)
+    expected, expected_argmax = _per_level_reference(features, rois, levels, (2, 3))
+    for options in ({"multiprocessors": 64, "grid_y": 1}, {"multiprocessors": 64}):
+        output, argmax = run_forward_levels(
+            runner, features, rois, levels, (2, 3), layout=layout, **options
+        )
+        assert_same_bits(output, expected)
+        assert torch.equal(argmax, expected_argmax)
 
 
 GRADIENT_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
