@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, backend report, GPU tests, GPU (and 16-core CPU)
 # benchmarks. Logs and JSON go to $OUT (default ./gpu-out). Stages: install info tests bench
-# bitcheck benchqueued benchcl cpubench sanitize soak probe ncu (default: install info tests bench). Example: bash scripts/gpu_check.sh install info tests
+# bitcheck tvbattery tprobe benchsync benchcl cpubench sanitize soak probe ncu (default: install info tests bench). Example: bash scripts/gpu_check.sh install info tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -39,22 +39,33 @@ for stage in $stages; do
         --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/tests.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
+    tvbattery)  # the torchvision stage (oracle, RoIPool battery, drop-in patch) on this machine
+      ROI_OPS_TV_PYTHON="$PYTHON" timeout ${TV_TIMEOUT:-300} bash scripts/test_torchvision.sh \
+        -q -n ${TV_WORKERS:-8} 2>&1 | tee "$OUT/tvbattery.log" | tail -6
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      ;;
+    tprobe)  # Triton kernels against the previous ones (OLD_TREE) and torchvision
+      old=${OLD_TREE:-.gpu-old}
+      timeout ${TPROBE_TIMEOUT:-150} "$PYTHON" backends/triton/tools/probe.py kernels \
+        --old "$old/backends/triton/roi_ops_triton" ${TPROBE_ARGS:-} 2>&1 \
+        | tee "$OUT/tprobe.txt" | tail -40
+      ;;
     bench)
       "$PYTHON" -m roi_ops bench --device cuda --dtype float32 float16 bfloat16 \
         ${BENCH_ARGS:-} --json "$OUT/bench-cuda.json" 2>"$OUT/bench-progress.log" \
         | tee "$OUT/bench-cuda.txt"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
-    benchqueued)  # the same, ten calls queued per sample (host overhead hidden as in training)
-      "$PYTHON" -m roi_ops bench --device cuda --dtype float32 float16 bfloat16 --queue 10 \
-        ${BENCH_ARGS:-} --json "$OUT/bench-cuda-queued.json" 2>>"$OUT/bench-progress.log" \
-        | tee "$OUT/bench-cuda-queued.txt"
+    benchsync)  # the same, one synchronised call per sample (the latency of an isolated call)
+      "$PYTHON" -m roi_ops bench --device cuda --dtype float32 float16 bfloat16 --sync \
+        ${BENCH_ARGS:-} --json "$OUT/bench-cuda-sync.json" 2>>"$OUT/bench-progress.log" \
+        | tee "$OUT/bench-cuda-sync.txt"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
-    benchcl)  # channels_last inputs, queued (torchvision copies them to NCHW first)
-      "$PYTHON" -m roi_ops bench --device cuda --dtype float32 float16 bfloat16 --queue 10 \
-        --channels-last ${BENCH_ARGS:-} --json "$OUT/bench-cuda-cl-queued.json" \
-        2>>"$OUT/bench-progress.log" | tee "$OUT/bench-cuda-cl-queued.txt"
+    benchcl)  # channels_last inputs (torchvision copies them to NCHW first)
+      "$PYTHON" -m roi_ops bench --device cuda --dtype ${CL_DTYPES:-float32 float16 bfloat16} \
+        --channels-last ${BENCH_ARGS:-} ${CL_ARGS:-} --json "$OUT/bench-cuda-cl.json" \
+        2>>"$OUT/bench-progress.log" | tee "$OUT/bench-cuda-cl.txt"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     cpubench)
