@@ -19,6 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from roi_ops import roi_pool
 from roi_ops.backend import RoIPoolProblem
@@ -89,11 +90,11 @@ def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor, 
     c, h, w = x.shape[1], x.shape[2], x.shape[3]
     if x.stride(1) == 1 or x.dtype not in (torch.float32, torch.float64):
         return None
-    geometry = ops.BinGeometry(problem, 1)
+    geometry = ops.BinGeometry(ops.PoolCall(problem), 1)
     threads = ops.num_threads()
     t = tuning
     order, groups, block, size = pool_groups.plan_groups(
-        geometry.batch, *geometry.edges(), h, c, x.element_size(), threads, True,
+        geometry.source, *geometry.edges(), h, c, x.element_size(), threads, True,
         t.tasks_per_thread, t.min_block, t.max_block, t.task_output_bytes, t.stage_min_coverage,
         t.stage_min_block, t.stage_task_bytes, t.stage_max_bytes,
     )  # fmt: skip
@@ -103,11 +104,12 @@ def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor, 
     groups[:, 2] = groups[:, 1]  # no ROIs
     scratch = torch.zeros((threads, size), dtype=x.dtype).numpy()
     src = flat_storage(x)
+    layout = np.array([[0, *x.stride(), w]], dtype=np.int64)
 
     def run():
         with ops.parallel_region(threads):
             pool_groups.pool_groups_parallel(
-                src, *x.stride(), c, w, geometry.batch, order, groups, *geometry.edges(),
+                src, layout, x.shape[0], c, geometry.source, order, groups, *geometry.edges(),
                 out.view(-1).numpy(), arg.view(-1).numpy(), True, block, scratch,
             )  # fmt: skip
 
