@@ -424,3 +424,22 @@ def test_levels_without_a_common_base_are_declared_unsupported():
         features, rois, torch.zeros(1, dtype=torch.int64), 2, 2, SCALES, False
     )
     assert backend.multi_scale_not_supported_reasons(ok) == []
+
+
+def test_the_fused_path_compiles_nothing_new():
+    """One map and several levels share every specialisation: after one-map calls of a dtype,
+    multi-level calls of it (any layout) load no more."""
+    from roi_ops_numba import ops
+
+    g = torch.Generator().manual_seed(37)
+    rois = boxes(20, 2, g, dtype=torch.float32)
+    for dtype in (torch.float32, torch.float16):
+        x = random_features((2, 5, 16, 16), dtype, g).requires_grad_(True)
+        roi_ops.roi_pool(x, rois, 2, 0.25, backend="numba").sum().backward()
+    before = ops.compiled_signatures()
+    for dtype in (torch.float32, torch.float16):
+        for layout in ("contiguous", "mixed"):
+            features = [f.requires_grad_(True) for f in pyramid(dtype, g, LAYOUTS[layout])]
+            output = roi_ops.multi_scale_roi_pool(features, rois, 2, SCALES, backend="numba")
+            output.sum().backward()
+    assert ops.compiled_signatures() == before
