@@ -15,6 +15,12 @@ from numba import njit, prange
 INDEX_LIMIT = 2**40
 _INDEX_LIMIT_F = float(2**40)
 
+# The level table every kernel takes: one int64 row per level (a one-map call has one row).
+# Element (n, c, h, w) of level l is at OFFSET + n*S_N + c*S_C + h*S_H + w*S_W of the shared
+# storage (`memory.shared_storage`); WIDTH and HEIGHT are the level's W and H.
+LAYOUT_COLUMNS = ("offset", "s_n", "s_c", "s_h", "s_w", "width", "height")
+OFFSET, S_N, S_C, S_H, S_W, WIDTH, HEIGHT = range(7)
+
 # Geometry dtype G, as passed to `roi_geometry`.
 MODE_HALF = 0
 MODE_FLOAT = 1
@@ -160,26 +166,20 @@ def _roi_edges(rois, k, level, num_images, height, width, pooled_h, pooled_w, sc
     return rows * cols + pooled_h * pooled_w
 
 
-@njit(cache=True)
-def _scales_in_g(spatial_scales, mode):
-    scales = np.empty(spatial_scales.shape[0], np.float64)
-    for level in range(spatial_scales.shape[0]):
-        scales[level] = _scale_in_g(spatial_scales[level], mode)
-    return scales
-
-
 @njit(cache=True, inline="always")
-def _one_roi(rois, k, levels, num_images, heights, widths, pooled_h, pooled_w, scales, mode,
+def _one_roi(rois, k, levels, num_images, layout, pooled_h, pooled_w, spatial_scales, mode,
              source, hstart, hend, wstart, wend):  # fmt: skip
-    level = _level_of(levels, k, heights.shape[0])
+    level = _level_of(levels, k, layout.shape[0])
     at = max(level, 0)
-    return _roi_edges(rois, k, level, num_images, heights[at], widths[at], pooled_h, pooled_w,
-                      scales[at], mode, source, hstart, hend, wstart, wend)  # fmt: skip
+    height, width = layout[at, HEIGHT], layout[at, WIDTH]
+    scale = _scale_in_g(spatial_scales[at], mode)
+    return _roi_edges(rois, k, level, num_images, height, width, pooled_h, pooled_w, scale,
+                      mode, source, hstart, hend, wstart, wend)  # fmt: skip
 
 
 @njit(cache=True)
 def roi_geometry(
-    rois, levels, num_images, heights, widths, spatial_scales, pooled_h, pooled_w, mode,
+    rois, levels, num_images, layout, spatial_scales, pooled_h, pooled_w, mode,
     source, hstart, hend, wstart, wend, log, record,
 ):  # fmt: skip
     """Per-ROI source (level and image) and bin edges, computed in the geometry dtype of `mode`.
@@ -193,7 +193,7 @@ def roi_geometry(
         levels: (K,) int64 level of each ROI (-1, or any value outside [0, L): none; the ROI
             gives zeros), or an empty array: every ROI is on level 0.
         num_images: N of every level.
-        heights, widths: (L,) int64 H and W of each level.
+        layout: (L, 7) int64 level table (see `LAYOUT_COLUMNS`); H and W are read here.
         spatial_scales: (L,) float64 scales (the Python floats).
         pooled_h, pooled_w: PH, PW.
         mode: MODE_HALF, MODE_FLOAT or MODE_DOUBLE.
@@ -209,11 +209,10 @@ def roi_geometry(
         The pixels the forward scans per channel: the sum over ROIs with a source of the bins'
         areas (rows of all bin rows times columns of all bin columns), plus one per bin.
     """
-    scales = _scales_in_g(spatial_scales, mode)
     work = np.int64(0)
     for k in range(rois.shape[0]):
-        work += _one_roi(rois, k, levels, num_images, heights, widths, pooled_h, pooled_w,
-                         scales, mode, source, hstart, hend, wstart, wend)  # fmt: skip
+        work += _one_roi(rois, k, levels, num_images, layout, pooled_h, pooled_w,
+                         spatial_scales, mode, source, hstart, hend, wstart, wend)  # fmt: skip
         if record and not _roi_valid(rois, k, num_images):
             _record_bad_row(rois, k, num_images, log)
             record = False
@@ -222,17 +221,16 @@ def roi_geometry(
 
 @njit(parallel=True, cache=True)
 def roi_geometry_parallel(
-    rois, levels, num_images, heights, widths, spatial_scales, pooled_h, pooled_w, mode,
+    rois, levels, num_images, layout, spatial_scales, pooled_h, pooled_w, mode,
     source, hstart, hend, wstart, wend, log, record,
 ):  # fmt: skip
     """`roi_geometry` with the ROIs spread over numba's threads (for many ROIs); the bad-ROI
     log is written afterwards from the first invalid row, so it is the same."""
-    scales = _scales_in_g(spatial_scales, mode)
     count = rois.shape[0]
     work = np.empty(count, np.int64)
     for k in prange(count):
-        work[k] = _one_roi(rois, k, levels, num_images, heights, widths, pooled_h, pooled_w,
-                           scales, mode, source, hstart, hend, wstart, wend)  # fmt: skip
+        work[k] = _one_roi(rois, k, levels, num_images, layout, pooled_h, pooled_w,
+                           spatial_scales, mode, source, hstart, hend, wstart, wend)  # fmt: skip
     if record:
         for k in range(count):
             if not _roi_valid(rois, k, num_images):

@@ -103,28 +103,36 @@ def same_base_misfit(tensors: Sequence[torch.Tensor]) -> str | None:
     return None
 
 
+def level_offsets(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Each tensor's first element's index in `shared_storage` of `tensors` (0 for an empty
+    tensor, which must never be addressed)."""
+    pointers = [t.data_ptr() for t in tensors if t.numel()]
+    if len(tensors) == 1 or not pointers:
+        return [0] * len(tensors)
+    itemsize = tensors[0].element_size()
+    base = min(pointers)
+    return [(t.data_ptr() - base) // itemsize if t.numel() else 0 for t in tensors]
+
+
 def shared_storage(
     tensors: Sequence[torch.Tensor], view_dtype: torch.dtype | None = None
-) -> tuple[np.ndarray, list[int]]:
-    """One 1-D NumPy view through which every tensor of `tensors` (one dtype, CPU, strided) is
-    addressed, and each one's first element's index in it.
+) -> np.ndarray:
+    """One 1-D NumPy view through which every tensor of `tensors` (one dtype, CPU, strided, at
+    least one not empty) is addressed.
 
-    Element ``i`` (multi-index) of ``tensors[l]`` is at ``offsets[l] + sum(i_d * stride(d))``.
-    For one tensor this is `flat_storage`. For several, the view starts at the lowest first
-    element and ends after the highest last one: it spans whatever memory lies between the
-    tensors too, which is only ever addressed through their own offsets and strides (no bounds
-    are checked in the kernels, so nothing in between is read or written). Nothing is copied;
-    the view keeps the tensors alive. Empty tensors get offset 0 and must never be addressed.
-    `view_dtype` reinterprets the bits (same element size). Requires `same_base_misfit` to be
-    None.
+    Element ``i`` (multi-index) of ``tensors[l]`` is at ``level_offsets(tensors)[l] +
+    sum(i_d * stride(d))``. For one tensor this is `flat_storage`. For several, the view starts
+    at the lowest first element and ends after the highest last one: it spans whatever memory
+    lies between the tensors too, which is only ever addressed through their own offsets and
+    strides (the kernels check no bounds, and address nothing else). Nothing is copied; the view
+    keeps the tensors alive. `view_dtype` reinterprets the bits (same element size). Requires
+    `same_base_misfit` to be None.
     """
     if len(tensors) == 1:
-        return flat_storage(tensors[0], view_dtype), [0]
+        return flat_storage(tensors[0], view_dtype)
     itemsize = tensors[0].element_size()
     present = [t.detach() for t in tensors if t.numel()]
     base = min(t.data_ptr() for t in present)
     end = max(t.data_ptr() + storage_span(t) * itemsize for t in present)
-    offsets = [(t.data_ptr() - base) // itemsize if t.numel() else 0 for t in tensors]
     typestr = torch.empty((), dtype=view_dtype or tensors[0].dtype).numpy().dtype.str
-    memory = _Memory(base, (end - base) // itemsize, typestr, tuple(present))
-    return np.asarray(memory), offsets
+    return np.asarray(_Memory(base, (end - base) // itemsize, typestr, tuple(present)))

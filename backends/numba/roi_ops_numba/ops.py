@@ -28,7 +28,7 @@ from roi_ops.backend import (
 from roi_ops.bad_rois import SLOTS
 
 from roi_ops_numba import geometry, pool_groups, pool_keys, scatter
-from roi_ops_numba.memory import advise_tensor, flat_storage, shared_storage
+from roi_ops_numba.memory import advise_tensor, flat_storage, level_offsets, shared_storage
 from roi_ops_numba.tuning import NumbaTuning
 
 # input dtype -> (integer view dtype, magnitude mask, bit pattern of +inf); see pool_keys._key.
@@ -99,6 +99,44 @@ def levels_array(levels: torch.Tensor) -> np.ndarray:
     return levels.numpy()
 
 
+class PoolCall:
+    """A forward call as the kernels see it: one map (`RoIPoolProblem`) or the L levels of a
+    pyramid (`MultiScaleRoIPoolProblem`), the ROIs and, with several levels, each ROI's level.
+
+    features: the L (N, C, H_l, W_l) maps; spatial_scales: their L scales; levels: (K,) int64
+    level of each ROI (-1: none), or an empty array when every ROI is on the one map; layout:
+    the (L, 7) int64 level table of the kernels (`geometry.LAYOUT_COLUMNS`), offsets into
+    `memory.shared_storage` of the features.
+    """
+
+    __slots__ = (
+        "features", "spatial_scales", "levels", "layout", "rois", "pooled_height",
+        "pooled_width", "bad_roi_log",
+    )  # fmt: skip
+
+    def __init__(self, problem: RoIPoolProblem | MultiScaleRoIPoolProblem) -> None:
+        if isinstance(problem, MultiScaleRoIPoolProblem):
+            self.features = problem.features
+            self.spatial_scales = problem.spatial_scales
+            self.levels = levels_array(problem.levels)
+        else:
+            self.features = (problem.input,)
+            self.spatial_scales = (problem.spatial_scale,)
+            self.levels = _ONE_LEVEL
+        offsets = level_offsets(self.features)
+        self.layout = np.array(
+            [
+                (offset, *f.stride(), f.shape[3], f.shape[2])
+                for f, offset in zip(self.features, offsets, strict=True)
+            ],
+            dtype=np.int64,
+        )
+        self.rois = problem.rois
+        self.pooled_height = problem.pooled_height
+        self.pooled_width = problem.pooled_width
+        self.bad_roi_log = problem.bad_roi_log
+
+
 class BinGeometry:
     """Every ROI's source and bin edges (`geometry.roi_geometry`), and the work estimate,
     computed on `threads` threads (1: in the calling thread).
@@ -112,7 +150,6 @@ class BinGeometry:
     __slots__ = ("source", "hstart", "hend", "wstart", "wend", "pooled_h", "pooled_w", "work")
 
     def __init__(self, call: PoolCall, threads: int) -> None:
-        features = call.features
         pooled_h, pooled_w = call.pooled_height, call.pooled_width
         rois = rois_array(call.rois)
         count = rois.shape[0]
@@ -122,12 +159,10 @@ class BinGeometry:
         self.wstart = np.empty(count * pooled_w, dtype=np.int64)
         self.wend = np.empty(count * pooled_w, dtype=np.int64)
         self.pooled_h, self.pooled_w = pooled_h, pooled_w
-        heights = np.array([f.shape[2] for f in features], dtype=np.int64)
-        widths = np.array([f.shape[3] for f in features], dtype=np.int64)
         scales = np.array(call.spatial_scales, dtype=np.float64)
         log = call.bad_roi_log
         arguments = (
-            rois, call.levels, features[0].shape[0], heights, widths, scales, pooled_h,
+            rois, call.levels, call.features[0].shape[0], call.layout, scales, pooled_h,
             pooled_w, _GEOMETRY_MODE[call.rois.dtype], self.source, self.hstart, self.hend,
             self.wstart, self.wend, _NO_LOG if log is None else log.numpy(), log is not None,
         )  # fmt: skip
@@ -140,42 +175,6 @@ class BinGeometry:
     def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
         """(hstart, hend, wstart, wend, PH, PW), as the kernels take them."""
         return self.hstart, self.hend, self.wstart, self.wend, self.pooled_h, self.pooled_w
-
-
-class PoolCall:
-    """A forward call as the kernels see it: one map (`RoIPoolProblem`) or the L levels of a
-    pyramid (`MultiScaleRoIPoolProblem`), the ROIs and, with several levels, each ROI's level.
-
-    features: the L (N, C, H_l, W_l) maps; spatial_scales: their L scales; levels: (K,) int64
-    level of each ROI (-1: none), or an empty array when every ROI is on the one map.
-    """
-
-    __slots__ = (
-        "features", "spatial_scales", "levels", "rois", "pooled_height", "pooled_width",
-        "bad_roi_log",
-    )  # fmt: skip
-
-    def __init__(self, problem: RoIPoolProblem | MultiScaleRoIPoolProblem) -> None:
-        if isinstance(problem, MultiScaleRoIPoolProblem):
-            self.features = problem.features
-            self.spatial_scales = problem.spatial_scales
-            self.levels = levels_array(problem.levels)
-        else:
-            self.features = (problem.input,)
-            self.spatial_scales = (problem.spatial_scale,)
-            self.levels = _ONE_LEVEL
-        self.rois = problem.rois
-        self.pooled_height = problem.pooled_height
-        self.pooled_width = problem.pooled_width
-        self.bad_roi_log = problem.bad_roi_log
-
-
-def _layout(features: tuple[torch.Tensor, ...], offsets: list[int]) -> np.ndarray:
-    """(L, 6) int64 rows (offset, s_n, s_c, s_h, s_w, W) of each level, as the kernels take them."""
-    return np.array(
-        [(o, *f.stride(), f.shape[3]) for f, o in zip(features, offsets, strict=True)],
-        dtype=np.int64,
-    )
 
 
 def forward(
@@ -214,13 +213,13 @@ def forward(
         advise_tensor(argmax, tuning.huge_page_min_bytes)
     dtype = features[0].dtype
     _warm_up(dtype)
-    if dtype in _FLOATS and _forward_groups(features, bins, output, argmax, threads, tuning):
+    if dtype in _FLOATS and _forward_groups(call, bins, output, argmax, threads, tuning):
         return
-    _forward_keys(features, bins, output, argmax, threads, tuning)
+    _forward_keys(call, bins, output, argmax, threads, tuning)
 
 
 def _forward_keys(
-    features: tuple[torch.Tensor, ...],
+    call: PoolCall,
     bins: BinGeometry,
     output: torch.Tensor,
     argmax: torch.Tensor | None,
@@ -228,12 +227,12 @@ def _forward_keys(
     tuning: NumbaTuning,
 ) -> None:
     """The per-ROI forward (`pool_keys`), every dtype and layout."""
+    features = call.features
     dtype = features[0].dtype
     view_dtype, mag_mask, nan_threshold = _BITS[dtype]
     num_images, channels = features[0].shape[:2]
-    src, offsets = shared_storage(features, view_dtype)
     arguments = (
-        src, _layout(features, offsets), num_images, channels, bins.source,
+        shared_storage(features, view_dtype), call.layout, num_images, channels, bins.source,
         *bins.edges(), mag_mask, nan_threshold, output.view(view_dtype).view(-1).numpy(),
         _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy(), argmax is not None,
         _keys_block(channels, bins.source.shape[0], threads, bins.pooled_h *
@@ -248,7 +247,7 @@ def _forward_keys(
 
 
 def _forward_groups(
-    features: tuple[torch.Tensor, ...],
+    call: PoolCall,
     bins: BinGeometry,
     output: torch.Tensor,
     argmax: torch.Tensor | None,
@@ -263,6 +262,7 @@ def _forward_groups(
     region does not fit a thread's buffer (``tuning.stage_max_bytes``), returns False without
     writing anything.
     """
+    features = call.features
     num_images, channels = features[0].shape[:2]
     height = max(f.shape[2] for f in features)
     itemsize = features[0].element_size()
@@ -278,9 +278,8 @@ def _forward_groups(
         return False
     scratch = torch.empty((threads if staged else 1, scratch_size), dtype=features[0].dtype)
     advise_tensor(scratch, tuning.huge_page_min_bytes)
-    src, offsets = shared_storage(features)
     arguments = (
-        src, _layout(features, offsets), num_images, channels, bins.source, order,
+        shared_storage(features), call.layout, num_images, channels, bins.source, order,
         groups, *bins.edges(), output.view(-1).numpy(),
         _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy(), argmax is not None,
         block, scratch.numpy(),
@@ -368,20 +367,19 @@ def _scatter(
         advise_tensor(result, tuning.huge_page_min_bytes)
     work = sum(r.numel() for r in results) + num_rois * channels * pooled_h * pooled_w
     threads = 1 if work < tuning.serial_work else num_threads()
-    planes = np.array([h * w for _, _, h, w in input_shapes], dtype=np.int64)
+    # One row per level (plane size, offset, channels per task, first task), as scatter takes it.
+    rows, tasks = [], 0
     itemsize = results[0].element_size()
-    blocks = np.array(
-        [_backward_block(num_images, channels, p * itemsize, threads, tuning) for p in planes],
-        dtype=np.int64,
-    )
-    task_start = np.zeros(len(input_shapes) + 1, dtype=np.int64)
-    task_start[1:] = np.cumsum(num_images * (-(-channels // blocks)))
-    out, offsets = shared_storage(results)
+    for (_, _, height, width), offset in zip(input_shapes, level_offsets(results), strict=True):
+        plane = height * width
+        block = _backward_block(num_images, channels, plane * itemsize, threads, tuning)
+        rows.append((plane, offset, block, tasks))
+        tasks += num_images * -(-channels // block)
     _warm_up(acc_dtype, backward=True)
     arguments = (
         flat_storage(grad), *grad.stride(), flat_storage(argmax), rois_array(rois), levels,
-        num_images, channels, planes, np.array(offsets, dtype=np.int64), blocks, task_start,
-        pooled_h, pooled_w, out,
+        num_images, channels, np.array(rows, dtype=np.int64), tasks, pooled_h, pooled_w,
+        shared_storage(results),
     )  # fmt: skip
     if threads == 1:
         scatter.scatter_serial(*arguments)
@@ -408,15 +406,15 @@ def _warm_up(dtype: torch.dtype, backward: bool = False) -> None:
         return
     one = np.ones(1, dtype=np.int64)
     zero = np.zeros(1, dtype=np.int64)
-    layout = np.ones((1, 6), dtype=np.int64)
+    layout = np.ones((1, 7), dtype=np.int64)
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype if dtype in _FLOATS else None
     if backward:
         grad = np.zeros(1, dtype=np_dtype)
         argmax = np.zeros(1, dtype=np.int32)
         rois = np.zeros((1, 5), dtype=np_dtype)
+        table = np.array([[1, 0, 1, 0]], dtype=np.int64)
         arguments = (
-            grad, 1, 1, 1, 1, argmax, rois, _ONE_LEVEL, 1, 1, one, zero, one,
-            np.array([0, 1], np.int64), 1, 1, np.zeros(1, np_dtype),
+            grad, 1, 1, 1, 1, argmax, rois, _ONE_LEVEL, 1, 1, table, 1, 1, 1, np.zeros(1, np_dtype),
         )  # fmt: skip
         scatter.scatter_serial(*arguments)
         scatter.scatter_parallel(*arguments)
@@ -425,7 +423,7 @@ def _warm_up(dtype: torch.dtype, backward: bool = False) -> None:
     rois = np.zeros((1, 5), dtype=np.float64 if dtype == torch.float64 else np.float32)
     edges = (np.empty(1, np.int64), np.empty(1, np.int64), np.empty(1, np.int64))
     geometry_arguments = (
-        rois, _ONE_LEVEL, 1, one, one, np.ones(1), 1, 1, 1, *edges, *edges[:2], _NO_LOG, False,
+        rois, _ONE_LEVEL, 1, layout, np.ones(1), 1, 1, 1, *edges, *edges[:2], _NO_LOG, False,
     )  # fmt: skip
     geometry.roi_geometry(*geometry_arguments)
     geometry.roi_geometry_parallel(*geometry_arguments)

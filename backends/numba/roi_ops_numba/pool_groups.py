@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-from roi_ops_numba.geometry import roi_windows
+from roi_ops_numba.geometry import OFFSET, S_C, S_H, S_N, S_W, WIDTH, roi_windows
 from roi_ops_numba.staging import _stage
 
 
@@ -112,8 +112,8 @@ def _groups_task(
     n = groups[g, 0] - level * num_images
     first, end = groups[g, 1], groups[g, 2]
     y0, y1, x0, x1 = groups[g, 3], groups[g, 4], groups[g, 5], groups[g, 6]
-    origin, s_n, s_c = layout[level, 0], layout[level, 1], layout[level, 2]
-    s_h, s_w, width = layout[level, 3], layout[level, 4], layout[level, 5]
+    origin, s_n, s_c = layout[level, OFFSET], layout[level, S_N], layout[level, S_C]
+    s_h, s_w, width = layout[level, S_H], layout[level, S_W], layout[level, WIDTH]
     tile = np.empty(num_bins * nl, src.dtype)
     tile_pos = np.empty((num_bins if need_argmax else 1) * nl, np.int32)
     if s_c == 1:
@@ -176,8 +176,8 @@ def pool_groups_serial(
 
     Args:
         src: float32/float64 memory of every level (`memory.shared_storage`).
-        layout: (L, 6) int64 rows (offset, s_n, s_c, s_h, s_w, W) of each level: element
-            (n, c, h, w) of level l is at ``offset + n * s_n + c * s_c + h * s_h + w * s_w``.
+        layout: (L, 7) int64 level table (`geometry.LAYOUT_COLUMNS`): element (n, c, h, w) of
+            level l is at ``offset + n * s_n + c * s_c + h * s_h + w * s_w`` of `src`.
         num_images, channels: N and C (of every level).
         source: (K,) from `geometry.roi_geometry` (``level * N + n``, -1: none).
         order, groups: from `plan_groups`.

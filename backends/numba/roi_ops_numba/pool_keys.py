@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from roi_ops_numba.geometry import OFFSET, S_C, S_H, S_N, S_W, WIDTH
 from roi_ops_numba.staging import _stage
 
 
@@ -123,8 +124,8 @@ def _keys_task(
         return
     level = source[k] // num_images
     b = source[k] - level * num_images
-    origin, s_n, s_c = layout[level, 0], layout[level, 1], layout[level, 2]
-    s_h, s_w, width = layout[level, 3], layout[level, 4], layout[level, 5]
+    origin, s_n, s_c = layout[level, OFFSET], layout[level, S_N], layout[level, S_C]
+    s_h, s_w, width = layout[level, S_H], layout[level, S_W], layout[level, WIDTH]
     # The running key, raw bits and position of the current bin, per channel.
     rk = np.empty(nc, src.dtype)
     rb = np.empty(nc, src.dtype)
@@ -219,8 +220,8 @@ def pool_keys_serial(
     Args:
         src: the memory of every level as a flat signed-integer view (int16/int32/int64;
             `memory.shared_storage`).
-        layout: (L, 6) int64 rows (offset, s_n, s_c, s_h, s_w, W) of each level: element
-            (n, c, h, w) of level l is at ``offset + n * s_n + c * s_c + h * s_h + w * s_w``.
+        layout: (L, 7) int64 level table (`geometry.LAYOUT_COLUMNS`): element (n, c, h, w) of
+            level l is at ``offset + n * s_n + c * s_c + h * s_h + w * s_w`` of `src`.
         num_images, channels: N and C (of every level).
         source, hstart, hend, wstart, wend: from `geometry.roi_geometry` (source
             ``level * N + n``, -1: none; the ROI gives zeros).

@@ -49,17 +49,17 @@ def rois_by_source(rois, levels, num_images, num_levels):
 @njit(cache=True)
 def _scatter_task(
     task, grad, g_k, g_c, g_h, g_w, argmax, order, source_start, num_images, channels,
-    planes, offsets, blocks, task_start, pooled_h, pooled_w, out,
+    table, pooled_h, pooled_w, out,
 ):  # fmt: skip
     """Task `task` of `scatter_serial`: one level's image and one block of its channels."""
     level = 0
-    while task >= task_start[level + 1]:
+    while level + 1 < table.shape[0] and task >= table[level + 1, 3]:
         level += 1
-    plane, base, block = planes[level], offsets[level], blocks[level]
+    plane, base, block, first = table[level, 0], table[level, 1], table[level, 2], table[level, 3]
     num_bins = pooled_h * pooled_w
     num_blocks = (channels + block - 1) // block
-    n = (task - task_start[level]) // num_blocks
-    c0 = ((task - task_start[level]) % num_blocks) * block
+    n = (task - first) // num_blocks
+    c0 = ((task - first) % num_blocks) * block
     c1 = min(c0 + block, channels)
     # Slices, indexed from 0 inside: numba then needs no negative-index fix-up per access, and
     # the zeroing becomes a memset.
@@ -83,7 +83,7 @@ def _scatter_task(
 @njit(cache=True)
 def scatter_serial(
     grad, g_k, g_c, g_h, g_w, argmax, rois, levels, num_images, channels,
-    planes, offsets, blocks, task_start, pooled_h, pooled_w, out,
+    table, tasks, pooled_h, pooled_w, out,
 ):  # fmt: skip
     """grad_input_l[n, c].flat[argmax] += grad_output for the ROIs of each level l, one
     (level, image, channel block) per task.
@@ -100,31 +100,28 @@ def scatter_serial(
         rois: (K, 5) float32/float64, the forward's rows (their batch indices are read).
         levels: (K,) int64 level of each ROI (outside [0, L): none), or empty: all on level 0.
         num_images, channels: N and C.
-        planes: (L,) int64 H * W of each level.
-        offsets: (L,) int64 start of each level's (N, C, H, W) contiguous gradient in `out`.
-        blocks: (L,) int64 channels per task of each level (their planes are accumulated
-            together, so keep ``block * plane`` within the cache).
-        task_start: (L + 1,) int64: level l's tasks are ``task_start[l]`` up to
-            ``task_start[l + 1]``, ``N * ceil(C / blocks[l])`` of them.
+        table: (L, 4) int64 rows (plane, offset, block, first) of each level: H * W; the start
+            of its (N, C, H, W) contiguous gradient in `out`; its channels per task (their
+            planes are accumulated together, so keep ``block * plane`` within the cache); its
+            first task (level l has ``N * ceil(C / block)`` tasks, numbered on from ``first``).
+        tasks: the task count of all levels.
         pooled_h, pooled_w: PH, PW.
         out: float32/float64 memory of every level's accumulator (`memory.shared_storage`),
             fully overwritten.
     """
-    order, source_start = rois_by_source(rois, levels, num_images, planes.shape[0])
-    for task in range(task_start[-1]):
+    order, source_start = rois_by_source(rois, levels, num_images, table.shape[0])
+    for task in range(tasks):
         _scatter_task(task, grad, g_k, g_c, g_h, g_w, argmax, order, source_start, num_images,
-                      channels, planes, offsets, blocks, task_start, pooled_h, pooled_w,
-                      out)  # fmt: skip
+                      channels, table, pooled_h, pooled_w, out)  # fmt: skip
 
 
 @njit(parallel=True, cache=True)
 def scatter_parallel(
     grad, g_k, g_c, g_h, g_w, argmax, rois, levels, num_images, channels,
-    planes, offsets, blocks, task_start, pooled_h, pooled_w, out,
+    table, tasks, pooled_h, pooled_w, out,
 ):  # fmt: skip
     """`scatter_serial` over numba's threads (run it in `ops.parallel_region`)."""
-    order, source_start = rois_by_source(rois, levels, num_images, planes.shape[0])
-    for task in prange(task_start[-1]):
+    order, source_start = rois_by_source(rois, levels, num_images, table.shape[0])
+    for task in prange(tasks):
         _scatter_task(task, grad, g_k, g_c, g_h, g_w, argmax, order, source_start, num_images,
-                      channels, planes, offsets, blocks, task_start, pooled_h, pooled_w,
-                      out)  # fmt: skip
+                      channels, table, pooled_h, pooled_w, out)  # fmt: skip

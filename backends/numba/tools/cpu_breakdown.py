@@ -19,7 +19,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from roi_ops import roi_pool
 from roi_ops.backend import RoIPoolProblem
@@ -87,10 +86,11 @@ def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor, 
     from roi_ops_numba.memory import flat_storage
 
     x = problem.input
-    c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    c, h = x.shape[1], x.shape[2]
     if x.stride(1) == 1 or x.dtype not in (torch.float32, torch.float64):
         return None
-    geometry = ops.BinGeometry(ops.PoolCall(problem), 1)
+    call = ops.PoolCall(problem)
+    geometry = ops.BinGeometry(call, 1)
     threads = ops.num_threads()
     t = tuning
     order, groups, block, size = pool_groups.plan_groups(
@@ -104,7 +104,7 @@ def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor, 
     groups[:, 2] = groups[:, 1]  # no ROIs
     scratch = torch.zeros((threads, size), dtype=x.dtype).numpy()
     src = flat_storage(x)
-    layout = np.array([[0, *x.stride(), w]], dtype=np.int64)
+    layout = call.layout
 
     def run():
         with ops.parallel_region(threads):
