@@ -28,6 +28,12 @@ from .dispatch import (
 from .functional import RoIPool, explain, roi_pool, roi_pool_with_argmax
 from .multi_scale import MultiScaleRoIPool, multi_scale_roi_pool
 from .registry import BackendInfo, list_backends, register_backend, unregister_backend
+from .torchvision_compat import (
+    TorchvisionPatch,
+    patch_torchvision,
+    torchvision_patched,
+    unpatch_torchvision,
+)
 
 __version__ = "0.1.0"
 
@@ -43,16 +49,20 @@ __all__ = [
     "RoIPool",
     "RoIPoolBackwardProblem",
     "RoIPoolProblem",
+    "TorchvisionPatch",
     "accumulate_dtype",
     "check_errors",
     "explain",
     "list_backends",
     "multi_scale_roi_pool",
+    "patch_torchvision",
     "register_backend",
     "resolve_backend",
     "roi_pool",
     "roi_pool_with_argmax",
     "set_value_checks",
+    "torchvision_patched",
+    "unpatch_torchvision",
     "unregister_backend",
     "use_backend",
     "value_check_mode",

@@ -333,7 +333,9 @@ def explain_problem(problem: RoIPoolProblem, backend: str = AUTO) -> Explanation
         for entry in REGISTRY.entries()
     )
     mode = value_check_mode()
-    if mode == "off":
+    if problem.input.device.type == "meta":
+        checks = "none: meta tensors hold no values (shapes only)"
+    elif mode == "off":
         checks = "off: invalid rows give zeros and argmax -1"
     elif problem.input.device.type == "cuda" and mode == "on":
         checks = (

@@ -1,4 +1,5 @@
-"""The ``roi_ops::roi_pool`` and ``roi_ops::roi_pool_backward`` custom ops and their fake kernels.
+"""The ``roi_ops::roi_pool`` and ``roi_ops::roi_pool_backward`` custom ops and their fake kernels,
+and ``roi_ops::roi_pool_jit``, the op TorchScript graphs record.
 
 What torch.compile, torch.export, FakeTensor, TorchScript and opcheck see. The op takes the
 backend request as a string and resolves it inside, on real tensors, so the choice (including
@@ -9,6 +10,8 @@ backward works.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import Tensor
@@ -34,8 +37,20 @@ def roi_pool_op(
     return output, argmax
 
 
+def register_onnx_if_exporting() -> None:
+    """`roi_ops.onnx.register` when a torch.onnx export is running (it traces the model, so this
+    runs before the exporter looks up its translations)."""
+    onnx = sys.modules.get("torch.onnx")
+    if onnx is not None and onnx.is_in_onnx_export():
+        from .onnx import register, register_in_running_export
+
+        register()
+        register_in_running_export()
+
+
 @roi_pool_op.register_fake
 def _roi_pool_fake(input, rois, pooled_height, pooled_width, spatial_scale, backend, needs_argmax):
+    register_onnx_if_exporting()  # the dynamo exporter traces with fake tensors
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
     output = input.new_empty(shape)
     argmax = input.new_empty(shape if needs_argmax else (0,), dtype=torch.int32)
@@ -102,3 +117,27 @@ roi_pool_backward_op.register_autograd(_backward_backward, setup_context=_backwa
 from . import autograd  # noqa: E402  (uses the ops above)
 
 roi_pool_op.register_autograd(autograd.backward, setup_context=autograd.setup_context)
+
+
+# TorchScript graphs (torch.jit.script and torch.jit.trace) record ``roi_pool_jit``: it decides
+# at run time whether an argmax is needed, from grad mode and the input, so one graph serves
+# inference and training (a trace taken under no_grad still trains), and the graph holds no
+# requires_grad test that ONNX could not express. CompositeImplicitAutograd: it runs as the
+# roi_pool op, so autograd, compile and export see only that.
+_library = torch.library.Library("roi_ops", "FRAGMENT")
+_library.define(
+    "roi_pool_jit(Tensor input, Tensor rois, SymInt pooled_height, SymInt pooled_width, "
+    "float spatial_scale, str backend) -> Tensor"
+)
+
+
+def _roi_pool_jit(input, rois, pooled_height, pooled_width, spatial_scale, backend):
+    register_onnx_if_exporting()  # exporting a traced or scripted model runs it once
+    needs_argmax = input.requires_grad and torch.is_grad_enabled()
+    output, _ = roi_pool_op(
+        input, rois, pooled_height, pooled_width, spatial_scale, backend, needs_argmax
+    )
+    return output
+
+
+_library.impl("roi_pool_jit", _roi_pool_jit, "CompositeImplicitAutograd")

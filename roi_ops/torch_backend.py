@@ -26,7 +26,8 @@ def _first_max(values: torch.Tensor, valid: torch.Tensor, dim: int):
     best = masked.amax(dim=dim, keepdim=True)
     hit = valid & ((masked == best) | (masked.isnan() & best.isnan()))
     index = hit.to(torch.uint8).argmax(dim=dim)
-    return best.squeeze(dim), index
+    # The element itself, not `best`: among equal maxima (-0.0 and 0.0) amax may return either.
+    return masked.gather(dim, index.unsqueeze(dim)).squeeze(dim), index
 
 
 def _pool_chunk(

@@ -15,6 +15,11 @@ def test_opcheck():
     torch.library.opcheck(roi_pool_op, (x.detach(), rois, 3, 2, 0.5, "auto", False))
     _, argmax = roi_ops.roi_pool_with_argmax(x, rois, (3, 2), 0.5)
     grad = torch.randn(argmax.shape, dtype=x.dtype, requires_grad=True)
+    for needs_grad in (True, False):  # the op traced and scripted graphs hold
+        leaf = x.detach().requires_grad_(needs_grad)
+        torch.library.opcheck(
+            torch.ops.roi_ops.roi_pool_jit.default, (leaf, rois, 3, 2, 0.5, "auto")
+        )
     for channels_last in (False, True):  # the fake gradient's strides match the real one's
         torch.library.opcheck(
             roi_pool_backward_op,
@@ -68,3 +73,23 @@ def test_export_with_dynamic_roi_count():
     for count in (2, 9):
         _, other = small_inputs(torch.float32, k=count, seed=count)
         assert torch.equal(exported.module()(x, other), Head()(x, other))
+
+
+def test_compile_and_export_with_torchvision_style_arguments():
+    x, rois = small_inputs(torch.float32)
+    per_image = [rois[rois[:, 0] == i, 1:] for i in range(2)]
+    expected = roi_ops.roi_pool(x, per_image, (3, 2), 0.5)
+
+    def pool(a, boxes):
+        return roi_ops.roi_pool(a, boxes=boxes, output_size=(3, 2), spatial_scale=0.5)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(pool, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x, per_image), expected)
+
+    class Head(torch.nn.Module):
+        def forward(self, a, first, second):
+            return pool(a, [first, second])
+
+    exported = torch.export.export(Head(), (x, *per_image))
+    assert torch.equal(exported.module()(x, *per_image), expected)

@@ -4,6 +4,7 @@ scripts, stages and `python -m roi_ops` options."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -25,8 +26,9 @@ NOT_RUNNABLE = {
     ("contract.md", "roi_ops.roi_pool(input, rois"): "a signature, not code",
     (
         "deployment.md",
-        "import roi_ops.onnx",
+        "import torch\n\n# the dynamo exporter",
     ): "a fragment: `model`, `features` and `rois` are yours",
+    ("torchvision.md", "patch = roi_ops.patch_torchvision()"): "a fragment: `model` is yours",
 }
 
 
@@ -48,6 +50,8 @@ def _skip_reason(page: str, code: str) -> str | None:
     code_only = "\n".join(line.split("#", 1)[0] for line in code.splitlines())
     if "cuda" in code_only and not torch.cuda.is_available():
         return "needs CUDA"
+    if "torchvision" in code_only and importlib.util.find_spec("torchvision") is None:
+        return "needs torchvision (the torchvision CI stage runs it)"
     return None
 
 

@@ -208,3 +208,18 @@ def test_meta_tensors_give_shapes():
     leaf = x.to("meta").requires_grad_(True)
     roi_ops.roi_pool(leaf, rois.to("meta"), 2).sum().backward()
     assert leaf.grad.shape == x.shape and leaf.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_torch_backend_returns_the_first_maximal_element_itself(dtype):
+    """Among equal maxima (-0.0 and 0.0) the output is the first one in scan order, bit for
+    bit, not whichever amax returns."""
+    from roi_ops.testing import RoiPoolCase, tie_heavy_features
+
+    x = tie_heavy_features((2, 8, 40, 48), 4, dtype)  # float64 showed it at this size
+    assert bool((x == 0).any()) and bool(torch.signbit(x[x == 0]).any())
+    g = torch.Generator().manual_seed(5)
+    boxes = torch.rand(30, 4, generator=g) * 40
+    boxes[:, 2:] += boxes[:, :2]
+    rois = torch.cat([torch.arange(30.0)[:, None] % 2, boxes], 1).to(dtype)
+    check_case(RoiPoolCase("signed-zeros", x, rois, (3, 2), 1.0), "torch")

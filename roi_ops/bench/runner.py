@@ -193,43 +193,6 @@ def median_time_ms(
     return time_calls(fn, device, budget_s, warmup, min_reps, max_reps, queue).median
 
 
-def host_time_per_call_us(
-    fn: Callable[[], object],
-    device: torch.device,
-    budget_s: float,
-    calls: int = 20,
-    min_reps: int = 5,
-) -> Timing:
-    """Host microseconds per call of `fn`, issued `calls` times back to back per sample.
-
-    Nothing synchronises between the calls of a sample (the device is drained between samples,
-    untimed), so on CUDA this is what the host spends per call while a training loop queues work;
-    on the CPU it is the whole cost of a call.
-    """
-    fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    one_call = time.perf_counter() - t0
-    _sync(device)
-    # Slow calls (a pure-torch backend, a loaded machine) get shorter samples, so a row stays
-    # near its budget; fast ones keep `calls` per sample.
-    calls = max(1, min(calls, int(budget_s / (10 * max(one_call, 1e-7)))))
-    if one_call * calls * min_reps > 3 * budget_s:
-        min_reps = 3
-    samples: list[float] = []
-    started = time.perf_counter()
-    while len(samples) < min_reps or time.perf_counter() - started < budget_s:
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-        _sync(device)
-        if len(samples) >= 1000:
-            break
-    return Timing.of(samples)
-
-
 def copy_bandwidth(device: torch.device, budget_s: float) -> float:
     """Measured device copy bandwidth in bytes/s (bytes read plus bytes written)."""
     elements = 256 * 2**20 // 4  # 256 MiB: well past every cache
@@ -467,6 +430,37 @@ def host_rows(backends: list[str], named: bool, checks_off: bool) -> list[tuple[
     return rows
 
 
+def interleaved_host_us(
+    fns: list[Callable[[], object]],
+    device: torch.device,
+    budget_s: float,
+    calls: int = 20,
+    min_rounds: int = 7,
+) -> list[Timing]:
+    """Host microseconds per call of each of `fns`, sampled in turn (round-robin), so that a
+    machine's drift and noise fall on every row alike. A sample issues `calls` back-to-back calls
+    with nothing synchronising between them; the device is drained after each sample (untimed).
+    """
+    for fn in fns:  # warm-up: compile, allocate, fill caches
+        fn()
+        fn()
+    _sync(device)
+    samples: list[list[float]] = [[] for _ in fns]
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or time.perf_counter() - started < budget_s * len(fns):
+        for index, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[index].append((time.perf_counter() - t0) / calls * 1e6)
+            _sync(device)
+        rounds += 1
+        if rounds >= 500:
+            break
+    return [Timing.of(s) for s in samples]
+
+
 def run_host_overhead(
     device: torch.device,
     rows: list[tuple[str, str]],
@@ -474,41 +468,46 @@ def run_host_overhead(
     modes: tuple[str, ...] = MODES,
     progress: Callable[[str], None] | None = None,
 ) -> list[HostMeasurement]:
-    """Host microseconds per call of `SMALL_PROBLEM` (float32) for each (backend, settings)."""
+    """Host microseconds per call of `SMALL_PROBLEM` (float32) for each (backend, settings),
+    the rows of one mode sampled in turn (`interleaved_host_us`)."""
     workload = SMALL_PROBLEM
     x = make_input(workload, torch.float32, device)
     rois = make_rois(workload, torch.float32, device)
-    results = []
-    for backend, settings in rows:
-        m = HostMeasurement(backend, settings)
-        if backend == AUTO:
+    results = [HostMeasurement(backend, settings) for backend, settings in rows]
+    for m in results:
+        if m.backend == AUTO:
             try:
-                problem = RoIPoolProblem(
-                    x,
-                    rois,
-                    workload.output_size,
-                    workload.output_size,
-                    workload.spatial_scale,
-                    True,
-                )
+                size = workload.output_size
+                problem = RoIPoolProblem(x, rois, size, size, workload.spatial_scale, True)
                 m.resolved = resolve_backend(AUTO, problem).name
             except Exception as error:
                 m.error = _error_text(error)
-        for mode in modes:
+    for mode in modes:
+        live = []
+        for m in results:
             if progress:
                 progress(f"small problem {m.label} {mode}")
             if m.error:
                 continue
-            try:
+            run = _runner(m.backend, x, rois, workload, mode)
+            settings = m.settings
+
+            def in_settings(run=run, settings=settings):
                 with _settings_context(settings):
-                    timing = host_time_per_call_us(
-                        _runner(backend, x, rois, workload, mode), device, budget_s
-                    )
-                m.host_us[mode] = timing.median
-                m.spread_us[mode] = [timing.q1, timing.q3]
+                    return run()
+
+            try:
+                in_settings()
             except Exception as error:
                 m.error = _error_text(error)
-        results.append(m)
+                continue
+            live.append((m, in_settings))
+        if not live:
+            continue
+        timings = interleaved_host_us([fn for _, fn in live], device, budget_s)
+        for (m, _), timing in zip(live, timings, strict=True):
+            m.host_us[mode] = timing.median
+            m.spread_us[mode] = [timing.q1, timing.q3]
     return results
 
 

@@ -43,8 +43,9 @@ from .cases import (
     first_difference,
     rois_dtype_for,
 )
+from .multi_scale import check_multi_scale_case, pyramid_case
 from .reference import reference_roi_pool
-from .strategies import DTYPES, case_to_device, roi_pool_cases
+from .strategies import DTYPES, case_to_device, multi_scale_cases, roi_pool_cases
 
 _DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
 
@@ -204,6 +205,31 @@ class BackendConformance:
                 for needs_argmax in (False, True):
                     check_bad_roi_log(backend, case, log, needs_argmax)
 
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+    def test_multi_scale_pyramid(self, backend_name, device, channels_last):
+        """multi_scale_roi_pool on this backend (fused or level by level) is bit for bit the
+        reference of every ROI on its level, forward and gradients."""
+        for dtype in _multi_scale_dtypes(backend_name, device):
+            case = pyramid_case(device, dtype, seed=3, channels_last=channels_last)
+            check_multi_scale_case(case, backend_name)
+
+    def test_multi_scale_hypothesis(self, backend_name, device):
+        usable = _multi_scale_dtypes(backend_name, device)
+        if not usable:
+            pytest.skip("no dtype usable")
+
+        @settings(
+            max_examples=max(5, self.hypothesis_examples // 2),
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(multi_scale_cases(dtypes=usable))
+        def run(case) -> None:
+            check_multi_scale_case(case.to(device), backend_name)
+
+        run()
+
     def test_hypothesis_differential(self, backend_name, device):
         usable = tuple(d for d in DTYPES if not _usable_reasons(backend_name, device, d))
         if not usable:
@@ -220,6 +246,10 @@ class BackendConformance:
             check_case(case_to_device(case, device), backend_name)
 
         run()
+
+
+def _multi_scale_dtypes(backend_name: str, device: torch.device) -> tuple[torch.dtype, ...]:
+    return tuple(d for d in DTYPES if not _usable_reasons(backend_name, device, d))
 
 
 def _with_input(case: RoiPoolCase, input: torch.Tensor) -> RoiPoolCase:

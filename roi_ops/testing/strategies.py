@@ -136,3 +136,45 @@ def case_to_device(case: RoiPoolCase, device: torch.device | str) -> RoiPoolCase
         case.needs_unchecked,
         case.tags,
     )
+
+
+@st.composite
+def multi_scale_cases(draw, dtypes=DTYPES, max_levels: int = 4):
+    """A `MultiScaleCase` on the CPU: 2 to `max_levels` consecutive levels (a feature pyramid
+    whose finest level has stride 1, 2 or 4), ties/NaN/inf features, boxes from one cell to
+    larger than the image, exact-half coordinates and boxes inverted along one axis."""
+    from .multi_scale import MultiScaleCase
+
+    dtype = draw(st.sampled_from(dtypes))
+    rois_dtype = rois_dtype_for(dtype)
+    if dtype in (torch.float16, torch.bfloat16) and draw(st.booleans()):
+        rois_dtype = torch.float32
+    levels = draw(st.integers(2, max_levels))
+    first_level = draw(st.integers(0, 2))
+    num_images, channels = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    height = draw(st.integers(2**levels, 24))
+    width = draw(st.integers(2**levels, 24))
+    special = draw(st.sampled_from([None, math.nan, -math.inf]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    features = []
+    for level in range(levels):
+        shape = (num_images, channels, -(-height // 2**level), -(-width // 2**level))
+        values = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).round()  # ties
+        if special is not None:
+            values[torch.rand(shape, generator=g) < 0.05] = special
+        features.append(values.to(dtype))
+    stride = 2**first_level
+    image_w, image_h = width * stride, height * stride
+    rows = []
+    for _ in range(draw(st.integers(0, 10))):
+        batch = float(draw(st.integers(0, num_images - 1)))
+        size = draw(st.sampled_from([1.0, 3.5, 16.0, 57.0, 112.0, 224.0, 450.0, 1000.0]))
+        x1 = draw(coordinates(image_w))
+        y1 = draw(coordinates(image_h))
+        x2 = x1 + size * draw(st.sampled_from([1.0, 0.5, 2.0, -0.5]))  # negative: inverted
+        y2 = y1 + size
+        rows.append([batch, x1, y1, x2, y2])
+    rois = torch.tensor(rows, dtype=torch.float64).reshape(-1, 5).to(rois_dtype)
+    scales = [1 / 2 ** (first_level + level) for level in range(levels)]
+    output_size = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    return MultiScaleCase("hypothesis-pyramid", features, rois, output_size, scales)

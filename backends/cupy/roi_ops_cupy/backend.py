@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import torch
-from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolBackwardProblem, RoIPoolProblem
+from roi_ops.backend import (
+    ALL_FLOAT_DTYPES,
+    Backend,
+    MultiScaleRoIPoolBackwardProblem,
+    MultiScaleRoIPoolProblem,
+    RoIPoolBackwardProblem,
+    RoIPoolProblem,
+)
 
 from . import planning
 
@@ -17,7 +24,8 @@ class CupyBackend(Backend):
     Kernels are compiled once per device and dtype pair. The forward kernels record invalid ROIs
     in the bad-ROI log themselves. The backward sums with atomics (not run-to-run
     deterministic): under ``torch.use_deterministic_algorithms(True)`` roi_ops' shared
-    deterministic backward runs instead.
+    deterministic backward runs instead. Multi-level (FPN) calls of up to eight levels run fused:
+    one launch per direction for every level, each ROI's level read on the device.
     """
 
     name = "cupy"
@@ -90,3 +98,33 @@ class CupyBackend(Backend):
         from .launch import DEFAULT_LAUNCHER
 
         return DEFAULT_LAUNCHER.backward(problem)
+
+    def multi_scale_not_supported_reasons(self, problem: MultiScaleRoIPoolProblem) -> list[str]:
+        """Why the fused multi-level kernels cannot run `problem`: more than eight levels, or a
+        dtype pair or size the kernels do not take (every layout runs fused)."""
+        return planning.multi_scale_unsupported_reasons(problem)
+
+    def forward_multi_scale(
+        self,
+        problem: MultiScaleRoIPoolProblem,
+        output: torch.Tensor,
+        argmax: torch.Tensor | None,
+    ) -> None:
+        """Fill `output` (K, C, PH, PW) and, unless None, the int32 `argmax` for every ROI from
+        its level's map in one launch, recording invalid ROIs in ``problem.bad_roi_log`` unless
+        it is None; reads no level on the host (see `Backend.forward_multi_scale`)."""
+        from .launch import DEFAULT_LAUNCHER
+
+        DEFAULT_LAUNCHER.forward_multi_scale(problem, output, argmax)
+
+    def backward_multi_scale(self, problem: MultiScaleRoIPoolBackwardProblem) -> list[torch.Tensor]:
+        """The L gradients by one launch of an atomic scatter into each ROI's level (not
+        run-to-run deterministic; see `deterministic_backward`).
+
+        Returns one (N, C, H_l, W_l) tensor of ``problem.input_dtype`` per level
+        (float16/bfloat16 accumulated in float32 and rounded once), dense in its wanted memory
+        format (channels_last ones contiguous instead when the gradients do not fit in L2).
+        """
+        from .launch import DEFAULT_LAUNCHER
+
+        return DEFAULT_LAUNCHER.backward_multi_scale(problem)

@@ -2,7 +2,9 @@
 
 Imports no CuPy. The source is a shared header plus one file per kernel family (``cuda/``),
 joined in a fixed order into one NVRTC source that includes nothing. One NVRTC module holds a
-(input, rois) dtype pair's forward instantiations, another an input dtype's backward ones.
+(input, rois) dtype pair's forward instantiations, another an input dtype's backward ones; the
+fused multi-level kernels (``*_levels``, one launch for every pyramid level) have modules of their
+own, compiled on the first multi-level call.
 `roi_ops_cupy.planning` maps a call to a `Launch`; `roi_ops_cupy.launch` hands it to CuPy, and
 the tests hand the same `Launch` to a CPU emulator of the kernels (``tools/emulator.py``).
 """
@@ -19,6 +21,7 @@ import torch
 # The header first, then one file per kernel family; joined in this order.
 SOURCE_FILES = (
     "common.cuh",
+    "levels.cuh",  # the multi-level kernels' table of levels
     "forward_plane.cu",
     "forward_chan.cu",
     "forward_unit.cu",
@@ -62,9 +65,14 @@ FORWARD_KERNELS = (
     FORWARD_SMALL,
     FORWARD_SMALL_CVEC,
 )
+# The fused multi-level kernel of each forward kernel: the same work per ROI, on the map of the
+# ROI's pyramid level (a table of at most MAX_LEVELS maps passed by value).
+LEVELS_SUFFIX = "_levels"
+MAX_LEVELS = 8  # kMaxLevels in cuda/common.cuh
 BACKWARD_ATOMIC = "roi_pool_backward_atomic"
 BACKWARD_PLANES = "roi_pool_backward_planes"
 BACKWARD_KERNELS = (BACKWARD_ATOMIC, BACKWARD_PLANES)
+BACKWARD_ATOMIC_LEVELS = BACKWARD_ATOMIC + LEVELS_SUFFIX
 # The planes kernel's block sizes (its kBlock template argument).
 PLANES_THREADS = (256, 1024)
 
@@ -95,6 +103,21 @@ def forward_names(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> tuple[st
     )
 
 
+def levels_kernel(kernel: str) -> str:
+    """The fused multi-level kernel of forward `kernel` (one of FORWARD_KERNELS)."""
+    return kernel + LEVELS_SUFFIX
+
+
+@functools.cache
+def forward_levels_names(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> tuple[str, ...]:
+    """Every fused multi-level forward instantiation of one dtype pair (one NVRTC module)."""
+    return tuple(
+        forward_name(levels_kernel(kernel), input_dtype, rois_dtype, argmax)
+        for kernel in FORWARD_KERNELS
+        for argmax in (True, False)
+    )
+
+
 def backward_name(
     kernel: str, dtype: torch.dtype, rois_dtype: torch.dtype, threads: int = PLANES_THREADS[0]
 ) -> str:
@@ -118,19 +141,35 @@ def backward_names(dtype: torch.dtype) -> tuple[str, ...]:
     return tuple(names)
 
 
+@functools.cache
+def backward_levels_names(dtype: torch.dtype) -> tuple[str, ...]:
+    """Every fused multi-level backward instantiation for gradients of `dtype` (one NVRTC
+    module)."""
+    return tuple(
+        backward_name(BACKWARD_ATOMIC_LEVELS, dtype, rois_dtype)
+        for input_dtype, rois_dtype in FORWARD_PAIRS
+        if input_dtype == dtype
+    )
+
+
 def module_names(name: str) -> tuple[str, ...]:
     """The names compiled in one NVRTC module together with kernel `name`."""
     types = {v: k for k, v in C_TYPES.items()}
-    arguments = name[name.index("<") + 1 : -1].split(", ")
-    if name.startswith(FORWARD_KERNELS):
-        return forward_names(types[arguments[0]], types[arguments[1]])
-    return backward_names(types[arguments[0]])
+    kernel, arguments = name[: name.index("<")], name[name.index("<") + 1 : -1].split(", ")
+    first = types[arguments[0]]
+    levels = kernel.endswith(LEVELS_SUFFIX)
+    if kernel.startswith("roi_pool_forward"):
+        pair = (first, types[arguments[1]])
+        return forward_levels_names(*pair) if levels else forward_names(*pair)
+    return backward_levels_names(first) if levels else backward_names(first)
 
 
 def all_names() -> tuple[str, ...]:
     """Every instantiation the backend may ask NVRTC for."""
     forward = [n for pair in FORWARD_PAIRS for n in forward_names(*pair)]
+    forward += [n for pair in FORWARD_PAIRS for n in forward_levels_names(*pair)]
     backward = [n for dtype in C_TYPES for n in backward_names(dtype)]
+    backward += [n for dtype in C_TYPES for n in backward_levels_names(dtype)]
     return tuple(forward + backward)
 
 
@@ -141,17 +180,40 @@ Arg = tuple[str, np.generic]
 class Launch:
     """One kernel launch. Every argument is 8 bytes (np.uint64 pointers, np.int64 integers,
     np.float64) and is named as the kernel's parameter; the launch finds the pointers it swaps
-    by name."""
+    by name. A kernel parameter that is a struct passed by value (the multi-level kernels' level
+    tables, every member 8 bytes) is a run of named words: `param_words` gives the words of each
+    kernel parameter in order (empty: one word each)."""
 
     name: str
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_mem: int
     args: tuple[Arg, ...]
+    param_words: tuple[int, ...] = ()
 
     def words(self) -> np.ndarray:
         """The arguments as uint64 words, in order."""
         return np.array([np.asarray(v).view(np.uint64) for _, v in self.args], np.uint64)
+
+    def param_offsets(self) -> tuple[int, ...]:
+        """The index of each kernel parameter's first word (what cuLaunchKernel's kernelParams
+        point at).
+
+        Raises:
+            ValueError: `param_words` does not add up to the arguments' words.
+        """
+        if not self.param_words:
+            return tuple(range(len(self.args)))
+        if sum(self.param_words) != len(self.args):
+            raise ValueError(
+                f"{self.name}: param_words add up to {sum(self.param_words)} words, "
+                f"the arguments have {len(self.args)}"
+            )
+        offsets, at = [], 0
+        for count in self.param_words:
+            offsets.append(at)
+            at += count
+        return tuple(offsets)
 
     def position(self, name: str) -> int:
         """The index of argument `name`. Raises KeyError when the kernel has none."""

@@ -7,7 +7,9 @@ tensor's device and torch's current stream, through cuLaunchKernel (CuPy's drive
 
 A `Launcher` plans with one `CupyTuning` and caches a packed launch per problem key (shapes,
 strides, dtypes, output size, which optional buffers are given): a call then only writes its
-tensors' pointers into the packed arguments and launches. The backend uses `DEFAULT_LAUNCHER`.
+tensors' pointers into the packed arguments and launches. Multi-level calls work the same way,
+with one fused launch per direction for every pyramid level. The backend uses
+`DEFAULT_LAUNCHER`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import cupy
 import numpy as np
 import torch
 from cupy_backends.cuda.api import driver
-from roi_ops.backend import RoIPoolBackwardProblem, RoIPoolProblem, accumulate_dtype
+from roi_ops.backend import (
+    MultiScaleRoIPoolBackwardProblem,
+    MultiScaleRoIPoolProblem,
+    RoIPoolBackwardProblem,
+    RoIPoolProblem,
+    accumulate_dtype,
+)
 from roi_ops.device_info import cuda_sizes
 
 from . import kernels, planning
@@ -35,6 +43,9 @@ _opted_in_shared: dict[int, int] = {}
 # passes them on every call.
 FORWARD_TENSORS = ("input", "rois", "output", "argmax", "bad_roi_log")
 BACKWARD_TENSORS = ("grad_output", "argmax", "rois", "grad_input")
+# The same for the multi-level launches of L levels: then each level's map (gradient).
+FORWARD_LEVELS_TENSORS = ("rois", "levels", "output", "argmax", "bad_roi_log")
+BACKWARD_LEVELS_TENSORS = ("grad_output", "argmax", "rois", "levels")
 _MAX_CACHED_PLANS = 256
 
 
@@ -118,8 +129,9 @@ class PackedLaunch:
         self.block = launch.block
         self.shared_mem = launch.shared_mem
         self.words = launch.words()
-        # cuLaunchKernel's kernelParams: the address of each argument.
-        self.pointers = self.words.ctypes.data + 8 * np.arange(len(self.words), dtype=np.uint64)
+        # cuLaunchKernel's kernelParams: the address of each argument (of a struct's first word).
+        offsets = np.array(launch.param_offsets(), dtype=np.uint64)
+        self.pointers = self.words.ctypes.data + np.uint64(8) * offsets
         self.params = self.pointers.ctypes.data  # both arrays live as long as this object
         self.positions = tuple(launch.position(name) for name in tensor_names)
         self.lock = threading.Lock()  # held from rewriting `words` until the launch is queued
@@ -169,6 +181,19 @@ class _BackwardPlan:
         self.zero_fill = zero_fill
 
 
+class _BackwardLevelsPlan:
+    """What a multi-level backward call with a given key does: the packed launch (None: nothing
+    to add), the gradients' dtype as the kernel writes them (zero-filled first) and their
+    layouts."""
+
+    __slots__ = ("packed", "written", "memory_formats")
+
+    def __init__(self, packed, written, memory_formats):
+        self.packed = packed
+        self.written = written
+        self.memory_formats = memory_formats
+
+
 class Launcher:
     """Plans with one `CupyTuning`, caches the packed plans per problem key, and launches.
 
@@ -179,6 +204,8 @@ class Launcher:
         self.tuning = tuning
         self._forward: dict[tuple, PackedLaunch | None] = {}
         self._backward: dict[tuple, _BackwardPlan] = {}
+        self._forward_levels: dict[tuple, PackedLaunch | None] = {}
+        self._backward_levels: dict[tuple, _BackwardLevelsPlan] = {}
 
     def forward(
         self, problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
@@ -284,6 +311,122 @@ class Launcher:
         )
         packed = None if launch is None else PackedLaunch(device, launch, BACKWARD_TENSORS)
         return _BackwardPlan(packed, written, memory_format, not planes)
+
+    def forward_multi_scale(
+        self,
+        problem: MultiScaleRoIPoolProblem,
+        output: torch.Tensor,
+        argmax: torch.Tensor | None,
+    ) -> None:
+        """Fill `output` and, unless None, `argmax` for every ROI of every level in one launch,
+        and record invalid ROIs in ``problem.bad_roi_log`` unless it is None (see
+        `roi_ops.Backend.forward_multi_scale`). Reads no ROI's level on the host."""
+        features, rois, levels = problem.features, problem.rois, problem.levels
+        log = problem.bad_roi_log
+        first = features[0]
+        device = first.get_device()
+        key = (
+            device,
+            first.dtype,
+            # the cvec kernels need aligned inputs
+            tuple((x.shape, x.stride(), x.data_ptr() % planning.CVEC_BYTES) for x in features),
+            rois.shape,
+            rois.stride(),
+            rois.dtype,
+            levels.stride(),
+            problem.pooled_height,
+            problem.pooled_width,
+            problem.spatial_scales,
+            argmax is None,
+            log is None,
+        )
+        try:
+            packed = self._forward_levels[key]
+        except KeyError:
+            make = lambda: self._plan_forward_levels(problem, output, argmax, device)  # noqa: E731
+            packed = self._cache(self._forward_levels, key, make)
+        if packed is not None:
+            packed.launch(device, (rois, levels, output, argmax, log, *features))
+
+    def _plan_forward_levels(self, problem, output, argmax, device) -> PackedLaunch | None:
+        sizes = cuda_sizes(device)
+        plan = planning.plan_forward_levels(problem, output, argmax, sizes, self.tuning)
+        if plan is None:
+            return None
+        names = FORWARD_LEVELS_TENSORS + planning.level_names("input", problem.num_levels)
+        return PackedLaunch(device, plan, names)
+
+    def backward_multi_scale(self, problem: MultiScaleRoIPoolBackwardProblem) -> list[torch.Tensor]:
+        """The L gradients of a fused forward, by one launch of the atomic kernel that adds each
+        ROI's gradients into its level's (not run-to-run deterministic in its last bits).
+
+        Returns:
+            One (N, C, H_l, W_l) tensor of ``problem.input_dtype`` per level, dense in its
+            ``problem.memory_formats`` entry (channels_last ones contiguous instead when all
+            gradients together do not fit in L2, see `planning.channels_last_gradient`);
+            float16/bfloat16 summed in float32 and rounded once.
+        """
+        input_dtype = problem.input_dtype
+        grad_output, argmax = problem.grad_output, problem.argmax
+        rois, levels = problem.rois, problem.levels
+        if grad_output.dtype != input_dtype:
+            grad_output = grad_output.to(input_dtype)
+        if not argmax.is_contiguous():
+            argmax = argmax.contiguous()
+        device = grad_output.get_device()
+        key = (
+            device,
+            grad_output.shape,
+            grad_output.stride(),
+            input_dtype,
+            rois.stride(),
+            rois.dtype,
+            levels.stride(),
+            problem.input_shapes,
+            problem.memory_formats,
+        )
+        try:
+            plan = self._backward_levels[key]
+        except KeyError:
+            make = lambda: self._plan_backward_levels(problem, grad_output, argmax, device)  # noqa: E731
+            plan = self._cache(self._backward_levels, key, make)
+        written, where = plan.written, grad_output.device
+        grads = [
+            torch.empty(shape, dtype=written, device=where, memory_format=fmt).zero_()
+            for shape, fmt in zip(problem.input_shapes, plan.memory_formats)  # noqa: B905
+        ]
+        if plan.packed is not None:
+            plan.packed.launch(device, (grad_output, argmax, rois, levels, *grads))
+        if written != input_dtype:
+            return [grad.to(input_dtype) for grad in grads]
+        return grads
+
+    def _plan_backward_levels(self, problem, grad_output, argmax, device) -> _BackwardLevelsPlan:
+        sizes = cuda_sizes(device)
+        written = accumulate_dtype(problem.input_dtype)
+        total = 0
+        for shape in problem.input_shapes:
+            size = written.itemsize
+            for extent in shape:
+                size *= extent
+            total += size
+        channels_last = planning.channels_last_gradient(total, sizes.l2_bytes, self.tuning)
+        formats = tuple(
+            fmt if channels_last else torch.contiguous_format for fmt in problem.memory_formats
+        )
+        # Stand-ins with the gradients' strides: plans read strides, never memory.
+        grads = [
+            torch.empty(shape, dtype=written, device="meta", memory_format=fmt)
+            for shape, fmt in zip(problem.input_shapes, formats, strict=True)
+        ]
+        launch = planning.plan_backward_levels(
+            grad_output, argmax, problem.rois, problem.levels, grads, sizes, self.tuning
+        )
+        packed = None
+        if launch is not None:
+            names = BACKWARD_LEVELS_TENSORS + planning.level_names("grad_input", len(grads))
+            packed = PackedLaunch(device, launch, names)
+        return _BackwardLevelsPlan(packed, written, formats)
 
     @staticmethod
     def _cache(cache: dict, key: tuple, make: Callable):

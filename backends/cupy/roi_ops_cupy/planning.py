@@ -8,9 +8,10 @@ constants come in as a `CupyTuning`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
-from roi_ops.backend import RoIPoolProblem, accumulate_dtype
+from roi_ops.backend import MultiScaleRoIPoolProblem, RoIPoolProblem, accumulate_dtype
 from roi_ops.device_info import CudaSizes
 from roi_ops.layout import aligned_channel_vector
 
@@ -35,16 +36,37 @@ INT32_LIMIT = 2**31
 
 def unsupported_reasons(problem: RoIPoolProblem) -> list[str]:
     """Size and dtype limits of these kernels (beyond what roi_ops validates)."""
+    return _limits(
+        problem.input.dtype,
+        problem.rois.dtype,
+        problem.pooled_height * problem.pooled_width,
+        problem.num_rois,
+    )
+
+
+def multi_scale_unsupported_reasons(problem: MultiScaleRoIPoolProblem) -> list[str]:
+    """Why the fused multi-level kernels cannot run `problem` (empty: they can): more levels
+    than their table holds, and the single-level kernels' dtype and size limits."""
     reasons = []
-    pair = (problem.input.dtype, problem.rois.dtype)
-    if pair not in kernels.FORWARD_PAIRS and problem.input.dtype in kernels.C_TYPES:
+    if problem.num_levels > kernels.MAX_LEVELS:
+        reasons.append(
+            f"{problem.num_levels} pyramid levels (the fused kernels take at most "
+            f"{kernels.MAX_LEVELS})"
+        )
+    bins = problem.pooled_height * problem.pooled_width
+    return reasons + _limits(problem.dtype, problem.rois.dtype, bins, problem.rois.shape[0])
+
+
+def _limits(dtype: torch.dtype, rois_dtype: torch.dtype, bins: int, num_rois: int) -> list[str]:
+    reasons = []
+    pair = (dtype, rois_dtype)
+    if pair not in kernels.FORWARD_PAIRS and dtype in kernels.C_TYPES:
         names = [str(d).removeprefix("torch.") for d in pair]
         reasons.append(f"input dtype {names[0]} with rois dtype {names[1]} not supported")
-    bins = problem.pooled_height * problem.pooled_width
     if bins >= INT32_LIMIT - THREADS:
         reasons.append(f"output_size with {bins} bins per ROI (needs fewer than 2^31 - 256)")
-    if problem.num_rois >= INT32_LIMIT:
-        reasons.append(f"{problem.num_rois} ROIs (needs fewer than 2^31: one grid row each)")
+    if num_rois >= INT32_LIMIT:
+        reasons.append(f"{num_rois} ROIs (needs fewer than 2^31: one grid row each)")
     return reasons
 
 
@@ -193,11 +215,9 @@ def plan_forward(
         tuning: the planning constants.
     """
     input, rois = problem.input, problem.rois
-    num_images, channels, height, width = input.shape
     ph, pw = problem.pooled_height, problem.pooled_width
-    num_rois = problem.num_rois
     log = problem.bad_roi_log
-    if num_rois == 0 or (output.numel() == 0 and log is None):
+    if problem.num_rois == 0 or (output.numel() == 0 and log is None):
         return None
     kernel = forward_kernel(input, ph * pw, tuning)
     name = kernels.forward_name(kernel, input.dtype, rois.dtype, argmax is not None)
@@ -213,27 +233,36 @@ def plan_forward(
         integer("PW", pw),
     )
     tail = (pointer("output", output), pointer("argmax", argmax), pointer("bad_roi_log", log))
+    grid, block, shared_mem, extra = _forward_shape(
+        kernel, input, _dense_bytes(input), problem.num_rois, ph, pw, argmax, sizes, tuning
+    )
+    return Launch(name, grid, block, shared_mem, (*head, *extra, *tail))
+
+
+def _dense_bytes(input: torch.Tensor) -> int:
+    size = input.element_size()
+    for extent in input.shape:
+        size *= extent
+    return size
+
+
+def _forward_shape(kernel, input, input_bytes, num_rois, ph, pw, argmax, sizes, tuning):
+    """(grid, block, dynamic shared memory, the arguments after PW) of forward `kernel` for
+    inputs like `input` (its channels and dtype) of `input_bytes` in all, and `num_rois`."""
+    channels = input.shape[1]
     multiprocessors = sizes.multiprocessors
     if kernel in (kernels.FORWARD_SMALL, kernels.FORWARD_SMALL_CVEC):
         roi_bytes = small_roi_bytes(kernel, ph * pw, channels, input.dtype, argmax is not None)
         per_block = small_rois_per_block(num_rois, channels * ph * pw, roi_bytes, sizes, tuning)
-        return Launch(
-            name,
-            (math.ceil(num_rois / per_block), 1, 1),
-            (THREADS, 1, 1),
-            roi_bytes * per_block,
-            (*head, integer("rois_per_block", per_block), integer("K", num_rois), *tail),
-        )
+        extra = (integer("rois_per_block", per_block), integer("K", num_rois))
+        grid = (math.ceil(num_rois / per_block), 1, 1)
+        return grid, (THREADS, 1, 1), roi_bytes * per_block, extra
     if kernel == kernels.FORWARD_CHAN:
         cache_edges = ph + pw <= tuning.max_cached_edges
         grid_y = _grid_y(channels, CHAN_LANES)
-        return Launch(
-            name,
-            (num_rois, grid_y, 1),
-            (CHAN_LANES, THREADS // CHAN_LANES, 1),
-            8 * (ph + pw) if cache_edges else 0,
-            (*head, integer("cache_edges", int(cache_edges)), *tail),
-        )
+        extra = (integer("cache_edges", int(cache_edges)),)
+        shared_mem = 8 * (ph + pw) if cache_edges else 0
+        return (num_rois, grid_y, 1), (CHAN_LANES, THREADS // CHAN_LANES, 1), shared_mem, extra
     if kernel == kernels.FORWARD_CVEC:
         per_block = cvec_channels_per_block(
             num_rois, channels, input.dtype, multiprocessors, tuning
@@ -241,7 +270,6 @@ def plan_forward(
     else:
         target = tuning.block_elements
         if kernel == kernels.FORWARD_UNIT:
-            input_bytes = num_images * channels * height * width * input.element_size()
             cached = input_bytes <= sizes.l2_bytes
             target = (
                 tuning.unit_block_elements_cached if cached else tuning.unit_block_elements_streamed
@@ -249,13 +277,110 @@ def plan_forward(
         per_block = channels_per_block(num_rois, channels, ph * pw, multiprocessors, target, tuning)
         if kernel == kernels.FORWARD_UNIT:
             per_block = whole_unit_steps(per_block, ph * pw, input.dtype)
-    return Launch(
-        name,
-        (num_rois, _grid_y(channels, per_block), 1),
-        (THREADS, 1, 1),
-        0,
-        (*head, integer("channels_per_block", per_block), *tail),
+    extra = (integer("channels_per_block", per_block),)
+    return (num_rois, _grid_y(channels, per_block), 1), (THREADS, 1, 1), 0, extra
+
+
+# ---- Multi-level (pyramid) forward ----------------------------------------------------------
+
+# The members of one level's map (LevelMap<T> in cuda/common.cuh), one word each, in order; the
+# kernels take kernels.MAX_LEVELS of them as one parameter, the unused ones zero.
+LEVEL_MAP_FIELDS = ("input", "H", "W", "sN", "sC", "sH", "sW", "spatial_scale")
+
+
+def level_names(field: str, count: int) -> tuple[str, ...]:
+    """The argument names of `field` for the first `count` levels (``input0``, ``input1``, ...
+    for "input")."""
+    return tuple(f"{field}{level}" for level in range(count))
+
+
+def level_maps(features: Sequence[torch.Tensor], spatial_scales: Sequence[float]) -> tuple:
+    """The multi-level kernels' table of maps (LevelMaps<T>): MAX_LEVELS * 8 named words
+    (``input0``, ``H0``, ... ``spatial_scale0``, ``input1``, ...), the unused levels zero."""
+    words = []
+    for level in range(kernels.MAX_LEVELS):
+        if level < len(features):
+            x = features[level]
+            words.append(pointer(f"input{level}", x))
+            values, scale = (*x.shape[2:], *x.stride()), spatial_scales[level]
+        else:
+            words.append(pointer(f"input{level}", None))
+            values, scale = (0,) * 6, 0.0
+        fields = LEVEL_MAP_FIELDS[1:-1]
+        words += [integer(f"{f}{level}", v) for f, v in zip(fields, values, strict=True)]
+        words.append(real(f"spatial_scale{level}", scale))
+    return tuple(words)
+
+
+def forward_levels_kernel(
+    features: Sequence[torch.Tensor], bins: int, tuning: CupyTuning = DEFAULT_TUNING
+) -> str:
+    """The forward kernel family that pools every level of a multi-level call: the one that
+    `forward_kernel` picks for each level when they agree (they do for levels of one layout:
+    the choice reads the layout, the alignment, C and `bins`, never H or W); otherwise chan
+    when every level has its channels adjacent, else plane (both read any strides)."""
+    chosen = {forward_kernel(x, bins, tuning) for x in features}
+    if len(chosen) == 1:
+        return chosen.pop()
+    if all(uses_channel_kernel(x, tuning) for x in features):
+        return kernels.FORWARD_CHAN
+    return kernels.FORWARD_PLANE
+
+
+def plan_forward_levels(
+    problem: MultiScaleRoIPoolProblem,
+    output: torch.Tensor,
+    argmax: torch.Tensor | None,
+    sizes: CudaSizes,
+    tuning: CupyTuning = DEFAULT_TUNING,
+) -> Launch | None:
+    """The fused forward launch of a multi-level call (one launch for every level); None when
+    there is nothing to do. Needs no ROI's level: the grid and blocks are those of the
+    single-level kernel over all K ROIs (the unit kernel's block size as if every level's input
+    were one, cached in L2 only when all of them fit together).
+
+    Args:
+        problem: the validated call (at most kernels.MAX_LEVELS levels, any strides; its
+            ``levels`` (K,) int64 and ``bad_roi_log`` go to the kernel).
+        output, argmax, sizes, tuning: as for `plan_forward`.
+    """
+    features, rois, levels = problem.features, problem.rois, problem.levels
+    first = features[0]
+    ph, pw = problem.pooled_height, problem.pooled_width
+    num_rois = rois.shape[0]
+    log = problem.bad_roi_log
+    if num_rois == 0 or (output.numel() == 0 and log is None):
+        return None
+    if len(features) > kernels.MAX_LEVELS:
+        raise ValueError(
+            f"features: the fused kernels take at most {kernels.MAX_LEVELS} levels, got "
+            f"{len(features)}"
+        )
+    kernel = forward_levels_kernel(features, ph * pw, tuning)
+    name = kernels.forward_name(
+        kernels.levels_kernel(kernel), first.dtype, rois.dtype, argmax is not None
     )
+    head = (
+        *level_maps(features, problem.spatial_scales),
+        integer("L", len(features)),
+        pointer("levels", levels),
+        integer("ls0", levels.stride(0)),
+        integer("N", first.shape[0]),
+        integer("C", first.shape[1]),
+        pointer("rois", rois),
+        integer("rs0", rois.stride(0)),
+        integer("rs1", rois.stride(1)),
+        integer("PH", ph),
+        integer("PW", pw),
+    )
+    tail = (pointer("output", output), pointer("argmax", argmax), pointer("bad_roi_log", log))
+    input_bytes = sum(_dense_bytes(x) for x in features)
+    grid, block, shared_mem, extra = _forward_shape(
+        kernel, first, input_bytes, num_rois, ph, pw, argmax, sizes, tuning
+    )
+    args = (*head, *extra, *tail)
+    table = kernels.MAX_LEVELS * len(LEVEL_MAP_FIELDS)
+    return Launch(name, grid, block, shared_mem, args, (table,) + (1,) * (len(args) - table))
 
 
 def small_rois_per_block(
@@ -431,3 +556,105 @@ def plan_backward(
     args = (*head, integer("channels_per_block", per_block), *gradient)
     block = (plane_threads(ph * pw), 1, 1)
     return Launch(name, (num_rois, _grid_y(channels, per_block), 1), block, 0, args)
+
+
+# ---- Multi-level (pyramid) backward ---------------------------------------------------------
+
+# The members of one level's gradient (LevelGrad<A> in cuda/common.cuh), one word each.
+LEVEL_GRAD_FIELDS = ("grad_input", "gi_image", "gi_channel", "gi_pixel")
+
+
+def level_grads(grads: Sequence[torch.Tensor]) -> tuple:
+    """The multi-level backward's table of gradients (LevelGrads<A>): MAX_LEVELS * 4 named words
+    (``grad_input0``, ``gi_image0``, ...), the unused levels zero.
+
+    Raises:
+        ValueError: a gradient's H stride is not W times its W stride.
+    """
+    words = []
+    for level in range(kernels.MAX_LEVELS):
+        grad = grads[level] if level < len(grads) else None
+        values = (0, 0, 0)
+        if grad is not None:
+            _, _, height, width = grad.shape
+            image_stride, channel_stride, row_stride, pixel_stride = grad.stride()
+            if row_stride != width * pixel_stride and height > 1:  # kernels index h * W + w
+                raise ValueError(
+                    f"grads[{level}]: the H stride must be W times the W stride (contiguous or "
+                    f"channels_last), got strides {grad.stride()} for shape {tuple(grad.shape)}"
+                )
+            values = (image_stride, channel_stride, pixel_stride)
+        words.append(pointer(f"grad_input{level}", grad))
+        fields = LEVEL_GRAD_FIELDS[1:]
+        words += [integer(f"{f}{level}", v) for f, v in zip(fields, values, strict=True)]
+    return tuple(words)
+
+
+def plan_backward_levels(
+    grad_output: torch.Tensor,
+    argmax: torch.Tensor,
+    rois: torch.Tensor,
+    levels: torch.Tensor,
+    grads: Sequence[torch.Tensor],
+    sizes: CudaSizes,
+    tuning: CupyTuning = DEFAULT_TUNING,
+) -> Launch | None:
+    """The fused backward launch of a multi-level call: the atomic kernel adding each ROI's
+    gradients into its level's gradient (None when there is nothing to add).
+
+    Args:
+        grad_output: (K, C, PH, PW) of the input's dtype, any strides (zero strides too).
+        argmax: contiguous int32 (K, C, PH, PW), indices into each ROI's level.
+        rois: the forward's (K, 5) rois, any strides (the kernel reads each batch index).
+        levels: the forward's (K,) int64 levels, any stride.
+        grads: the L (at most MAX_LEVELS) zero-filled gradients (N, C, H_l, W_l) of
+            `accumulate_dtype` of grad_output's dtype, each contiguous or channels_last.
+        sizes: the device's SM count and L2 size (0: the gradients count as not cached).
+        tuning: the planning constants (the atomic kernel's block size; ``backward_kernel``
+            does not apply: there is no fused planes kernel).
+
+    Raises:
+        ValueError: more than MAX_LEVELS gradients; a gradient neither contiguous nor
+            channels_last.
+    """
+    num_rois, channels, ph, pw = argmax.shape
+    if len(grads) > kernels.MAX_LEVELS:
+        raise ValueError(
+            f"grads: the fused kernels take at most {kernels.MAX_LEVELS} levels, got {len(grads)}"
+        )
+    table = level_grads(grads)
+    if argmax.numel() == 0 or all(grad.numel() == 0 for grad in grads):
+        return None
+    name = kernels.backward_name(kernels.BACKWARD_ATOMIC_LEVELS, grad_output.dtype, rois.dtype)
+    grad_bytes = sum(grad.numel() * grad.element_size() for grad in grads)
+    target = (
+        tuning.block_elements
+        if grad_bytes <= sizes.l2_bytes
+        else tuning.backward_block_elements_streamed
+    )
+    per_block = channels_per_block(
+        num_rois, channels, ph * pw, sizes.multiprocessors, target, tuning
+    )
+    args = (
+        *table,
+        integer("L", len(grads)),
+        pointer("levels", levels),
+        integer("ls0", levels.stride(0)),
+        pointer("grad_output", grad_output),
+        *(
+            integer(n, v)
+            for n, v in zip(("gs0", "gs1", "gs2", "gs3"), grad_output.stride(), strict=True)
+        ),
+        pointer("argmax", argmax),
+        pointer("rois", rois),
+        integer("rs0", rois.stride(0)),
+        integer("N", grads[0].shape[0]),
+        integer("C", channels),
+        integer("PH", ph),
+        integer("PW", pw),
+        integer("channels_per_block", per_block),
+    )
+    grid = (num_rois, _grid_y(channels, per_block), 1)
+    block = (plane_threads(ph * pw), 1, 1)
+    words = kernels.MAX_LEVELS * len(LEVEL_GRAD_FIELDS)
+    return Launch(name, grid, block, 0, args, (words,) + (1,) * (len(args) - words))

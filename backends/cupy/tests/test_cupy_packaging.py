@@ -15,7 +15,11 @@ import torch
 
 cupy_backend = pytest.importorskip("roi_ops_cupy.backend")
 
-from roi_ops.backend import ALL_FLOAT_DTYPES, RoIPoolProblem  # noqa: E402
+from roi_ops.backend import (  # noqa: E402
+    ALL_FLOAT_DTYPES,
+    MultiScaleRoIPoolProblem,
+    RoIPoolProblem,
+)
 
 from roi_ops_cupy import kernels, planning  # noqa: E402
 from roi_ops_cupy.tuning import CupyTuning  # noqa: E402
@@ -114,7 +118,7 @@ def test_importing_the_backend_does_not_import_cupy():
         "import sys, torch\n"
         "import roi_ops_cupy\n"
         "from roi_ops_cupy.backend import CupyBackend\n"
-        "from roi_ops.backend import RoIPoolProblem\n"
+        "from roi_ops.backend import MultiScaleRoIPoolProblem, RoIPoolProblem\n"
         "p = RoIPoolProblem(torch.ones(1, 1, 2, 2), torch.zeros(1, 5), 1, 1, 1.0, True)\n"
         "CupyBackend().not_supported_reasons(p)\n"
         "print('cupy' in sys.modules, 'roi_ops_cupy.launch' in sys.modules)"
@@ -167,7 +171,24 @@ def test_kernel_names_and_modules():
     )
     name = kernels.backward_name(kernels.BACKWARD_PLANES, torch.float16, torch.float32, 1024)
     assert kernels.module_names(name) == kernels.backward_names(torch.float16)
-    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 12 + 6 * 3
+    # The fused multi-level kernels: modules of their own.
+    for t, r in kernels.FORWARD_PAIRS:
+        levels = kernels.forward_levels_names(t, r)
+        assert len(levels) == 12 and not set(levels) & set(kernels.forward_names(t, r))
+        for expr in levels:
+            assert re.fullmatch(
+                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec)_levels"
+                r"<\w+, \w+, (true|false)>",
+                expr,
+            )
+            assert kernels.module_names(expr) == levels
+    assert kernels.backward_levels_names(torch.float16) == (
+        "roi_pool_backward_atomic_levels<roi_half, roi_half>",
+        "roi_pool_backward_atomic_levels<roi_half, float>",
+    )
+    name = kernels.backward_name(kernels.BACKWARD_ATOMIC_LEVELS, torch.float64, torch.float64)
+    assert kernels.module_names(name) == kernels.backward_levels_names(torch.float64)
+    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 4
 
 
 def test_source_is_self_contained_and_split_by_family():
@@ -184,6 +205,8 @@ def test_source_is_self_contained_and_split_by_family():
     for kernel in (*kernels.FORWARD_KERNELS, *kernels.BACKWARD_KERNELS):
         family = kernel.removeprefix("roi_pool_") + ".cu"
         assert f"{kernel}(" in (CUDA_DIR / family).read_text(), family
+        if kernel != kernels.BACKWARD_PLANES:  # every other kernel has its multi-level one
+            assert f"{kernel}_levels(" in (CUDA_DIR / family).read_text(), family
 
 
 def _parameters(kernel: str) -> list[str]:
@@ -223,6 +246,30 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
         grad_input = torch.zeros(2, 24, 9, 11)
         launch = planning.plan_backward(grad, grad.int(), rois, grad_input, kernel, sizes)
         assert [n for n, _ in launch.args] == _parameters(kernel)
+    # The multi-level kernels: the table of levels (one struct parameter of named words), then
+    # one word per parameter.
+    levels = torch.zeros(3, dtype=torch.int64)
+    for kernel, placed in layouts.items():
+        features = [placed, placed[:, :, :5, :6]]
+        problem = MultiScaleRoIPoolProblem(features, rois, levels, 3, 3, (0.5, 0.25), True)
+        out = torch.empty(problem.output_shape)
+        tuning = CupyTuning(forward_kernel=kernel)
+        launch = planning.plan_forward_levels(problem, out, out.int(), sizes, tuning)
+        assert launch.name.startswith(kernel + "_levels<"), (kernel, launch.name)
+        table = kernels.MAX_LEVELS * len(planning.LEVEL_MAP_FIELDS)
+        parameters = _parameters(kernels.levels_kernel(kernel))
+        assert parameters[0] == "maps" and launch.param_words[0] == table
+        assert [n for n, _ in launch.args[table:]] == parameters[1:]
+        assert len(launch.param_words) == len(parameters)
+        assert [n for n, _ in launch.args[:16]] == [
+            f"{field}{level}" for level in (0, 1) for field in planning.LEVEL_MAP_FIELDS
+        ]
+    grads = [torch.zeros(2, 24, 9, 11), torch.zeros(2, 24, 5, 6)]
+    launch = planning.plan_backward_levels(grad, grad.int(), rois, levels, grads, sizes)
+    table = kernels.MAX_LEVELS * len(planning.LEVEL_GRAD_FIELDS)
+    parameters = _parameters(kernels.BACKWARD_ATOMIC_LEVELS)
+    assert parameters[0] == "grads" and launch.param_words == (table,) + (1,) * 16
+    assert [n for n, _ in launch.args[table:]] == parameters[1:]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -268,4 +315,6 @@ def test_nvrtc_compiles_every_module_through_cupy():
         "        assert binary and sorted(mapping) == sorted(names), mapping\n"
         "print('compiled', 2 * len(modules))"
     )
-    assert out == f"compiled {2 * (len(kernels.FORWARD_PAIRS) + 4)}"
+    # A forward and a multi-level forward module per dtype pair, a backward and a multi-level
+    # backward module per dtype.
+    assert out == f"compiled {2 * 2 * (len(kernels.FORWARD_PAIRS) + 4)}"

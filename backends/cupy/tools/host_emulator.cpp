@@ -17,8 +17,10 @@
 //   g++ -std=c++20 -O1 -ffp-contract=off -fPIC -shared -pthread -I<folder>
 //       tools/host_emulator.cpp -o host_emulator.so
 // API: roi_emulate(name, grid_x, grid_y, block_x, block_y, args, count, shared_mem) runs one
-// launch of `count` 8-byte arguments (pointers, int64, double bit patterns), as kernels.Launch.
+// launch of `count` 8-byte words of arguments (pointers, int64, double bit patterns; a struct
+// argument takes its size in words), as kernels.Launch.
 
+#include <array>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -201,9 +203,21 @@ namespace {
 using Args = const std::uint64_t*;
 using Runner = void (*)(Args);
 
+// The 8-byte words of one argument: one for a scalar or pointer, ceil(size / 8) for a struct
+// passed by value (the level tables: every member 8 bytes).
 template <class P>
-P from_word(std::uint64_t word) {
-  if constexpr (std::is_pointer_v<P>) {
+constexpr unsigned int words_of() {
+  return static_cast<unsigned int>((sizeof(P) + 7) / 8);
+}
+
+template <class P>
+P from_words(const std::uint64_t* words) {
+  const std::uint64_t word = words[0];
+  if constexpr (std::is_class_v<P>) {
+    P value;
+    std::memcpy(&value, words, sizeof value);
+    return value;
+  } else if constexpr (std::is_pointer_v<P>) {
     return reinterpret_cast<P>(static_cast<std::uintptr_t>(word));
   } else if constexpr (std::is_floating_point_v<P>) {
     return bit_cast<double>(word);
@@ -212,10 +226,24 @@ P from_word(std::uint64_t word) {
   }
 }
 
+// The word offset of each argument.
+template <class... P>
+constexpr std::array<unsigned int, sizeof...(P)> offsets() {
+  std::array<unsigned int, sizeof...(P)> at{};
+  const unsigned int sizes[] = {words_of<P>()..., 0};
+  unsigned int next = 0;
+  for (std::size_t i = 0; i < sizeof...(P); ++i) {
+    at[i] = next;
+    next += sizes[i];
+  }
+  return at;
+}
+
 // Calls a kernel (a plain function here) with its arguments unpacked from 8-byte words.
 template <class... P, std::size_t... I>
 void call(void (*kernel)(P...), Args args, std::index_sequence<I...>) {
-  kernel(from_word<P>(args[I])...);
+  constexpr std::array<unsigned int, sizeof...(P)> at = offsets<P...>();
+  kernel(from_words<P>(args + at[I])...);
 }
 template <class... P>
 void call(void (*kernel)(P...), Args args) {
@@ -225,9 +253,10 @@ template <auto kKernel>
 void run(Args args) {
   call(kKernel, args);
 }
+// The kernel's arguments in words.
 template <class... P>
 constexpr unsigned int arity(void (*)(P...)) {
-  return sizeof...(P);
+  return (0u + ... + words_of<P>());
 }
 
 struct Entry {

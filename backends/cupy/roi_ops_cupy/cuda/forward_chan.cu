@@ -8,17 +8,18 @@ namespace roi_ops_cuda {
 constexpr int kChanLanes = 32;  // channels per block
 constexpr int kChanWarps = kThreads / kChanLanes;
 constexpr int kChanBins = 64;  // bins staged in shared memory per round
-}  // namespace roi_ops_cuda
 
+// The chan kernel's work in block (k, channel blocks) of ROI k on one map (input, its sizes and
+// strides, spatial_scale). num_images: N, or 0 for a ROI that pools nothing (every bin empty).
+// Every thread of the block runs it (it has barriers).
 template <class T, class R, bool kArgmax>
-__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kBlocksPerSM)
-    roi_pool_forward_chan(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
-                          const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
-                          const R* __restrict__ rois, const i64 rs0, const i64 rs1,
-                          const double spatial_scale, const i64 PH, const i64 PW,
-                          const i64 cache_edges, T* __restrict__ output,
-                          int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
-  using namespace roi_ops_cuda;
+__device__ __forceinline__ void chan_roi(const T* __restrict__ input, const i64 num_images,
+                                         const i64 C, const i64 H, const i64 W, const i64 sN,
+                                         const i64 sC, const i64 sH, const i64 sW,
+                                         const R* __restrict__ row, const i64 rs1,
+                                         const double spatial_scale, const i64 PH, const i64 PW,
+                                         const i64 cache_edges, T* __restrict__ output,
+                                         int* __restrict__ argmax, const i64 k) {
   typedef typename Rois<R>::G G;
   // [bin][channel], padded so that both the lane-per-channel writes and the bin-major reads
   // are free of bank conflicts.
@@ -28,8 +29,7 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kBlocksP
   const int lane = threadIdx.x;
   const int warp = threadIdx.y;
   const int tid = warp * kChanLanes + lane;
-  const i64 k = blockIdx.x;
-  const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
+  const RoiGeometry<G> g = roi_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW);
   const bool cached = cache_edges != 0;
   if (cached) fill_edge_cache<G>(edges, g, PH, PW, H, W, tid);
   const int nb = static_cast<int>(PH * PW);  // < 2^31 (checked by the backend)
@@ -65,5 +65,42 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kBlocksP
       __syncthreads();
     }
   }
+}
+}  // namespace roi_ops_cuda
+
+template <class T, class R, bool kArgmax>
+__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kBlocksPerSM)
+    roi_pool_forward_chan(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
+                          const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
+                          const R* __restrict__ rois, const i64 rs0, const i64 rs1,
+                          const double spatial_scale, const i64 PH, const i64 PW,
+                          const i64 cache_edges, T* __restrict__ output,
+                          int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
+  using namespace roi_ops_cuda;
+  const i64 k = blockIdx.x;
+  chan_roi<T, R, kArgmax>(input, N, C, H, W, sN, sC, sH, sW, rois + k * rs0, rs1, spatial_scale,
+                          PH, PW, cache_edges, output, argmax, k);
+  report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
+}
+
+// ---- roi_pool_forward_chan_levels<T, R, kArgmax>: the chan kernel over pyramid levels --------
+// Block (k, channel blocks) pools ROI k from the map of its level (common.cuh: LevelMaps); a ROI
+// with no level pools nothing. Arguments: the L maps, the (K,) int64 levels (row stride ls0),
+// then as the chan kernel's without the map's.
+template <class T, class R, bool kArgmax>
+__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kBlocksPerSM)
+    roi_pool_forward_chan_levels(const roi_ops_cuda::LevelMaps<T> maps, const i64 L,
+                                 const i64* __restrict__ levels, const i64 ls0, const i64 N,
+                                 const i64 C, const R* __restrict__ rois, const i64 rs0,
+                                 const i64 rs1, const i64 PH, const i64 PW,
+                                 const i64 cache_edges, T* __restrict__ output,
+                                 int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
+  using namespace roi_ops_cuda;
+  const i64 k = blockIdx.x;
+  const int level = roi_level(levels, ls0, k, L);
+  const LevelMap<T>& map = maps.level[level < 0 ? 0 : level];
+  chan_roi<T, R, kArgmax>(map.input, level < 0 ? 0 : N, C, map.H, map.W, map.sN, map.sC, map.sH,
+                          map.sW, rois + k * rs0, rs1, map.spatial_scale, PH, PW, cache_edges,
+                          output, argmax, k);
   report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
 }

@@ -12,6 +12,11 @@ constexpr int kCvecThreads = 8;  // most threads per bin (launch plan: a power o
 constexpr int kCvecBins = 64;    // bins staged in shared memory per round
 constexpr int kCvecEdges = 128;  // PH + PW up to this: the block caches its bin edges
 constexpr int kCvecBlocksPerSM = 4;
+// The multi-level kernel: its level's map in registers would spill float64's inference at 64.
+template <class T>
+struct CvecLevelsBlocksPerSM {
+  static constexpr int value = sizeof(T) == 8 ? 3 : kCvecBlocksPerSM;
+};
 
 // A 16-byte vector's channels, and the 32-bit (64-bit for float64) shared-memory word that
 // holds one channel's result.
@@ -201,20 +206,18 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
     }
   }
 }
-}  // namespace roi_ops_cuda
 
-// channels_per_block: CvecShape<T>::kChannels times a power of two <= kCvecThreads (threads per
-// bin); C a multiple of Lanes<T>::kCount; the input pointer and sN, sH, sW 16-byte aligned
-// (sC == 1).
+// The cvec kernel's work in block (k, channel blocks) of ROI k on one map (input, its sizes and
+// strides, spatial_scale; sC is 1). num_images: N, or 0 for a ROI that pools nothing (every
+// bin empty). Every thread of the block runs it (it has barriers).
 template <class T, class R, bool kArgmax>
-__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
-    roi_pool_forward_cvec(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
-                          const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
-                          const R* __restrict__ rois, const i64 rs0, const i64 rs1,
-                          const double spatial_scale, const i64 PH, const i64 PW,
-                          const i64 channels_per_block, T* __restrict__ output,
-                          int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
-  using namespace roi_ops_cuda;
+__device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 num_images,
+                                         const i64 C, const i64 H, const i64 W, const i64 sN,
+                                         const i64 sH, const i64 sW, const R* __restrict__ row,
+                                         const i64 rs1, const double spatial_scale, const i64 PH,
+                                         const i64 PW, const i64 channels_per_block,
+                                         T* __restrict__ output, int* __restrict__ argmax,
+                                         const i64 k) {
   typedef typename Rois<R>::G G;
   typedef Lanes<T> L;
   typedef typename L::Word Word;
@@ -224,10 +227,8 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlo
   __shared__ Word tile_value[kCvecBins][kWidth];
   __shared__ int tile_index[kArgmax ? kCvecBins : 1][kArgmax ? kWidth : 1];
   __shared__ int2 edges[kCvecEdges];
-  (void)sC;  // 1
   const int tid = threadIdx.x;
-  const i64 k = blockIdx.x;
-  const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
+  const RoiGeometry<G> g = roi_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW);
   const bool valid = g.batch >= 0;
   const bool cached = PH + PW <= kCvecEdges;  // the same for the whole block
   if (cached) fill_edge_cache<G>(edges, g, PH, PW, H, W, tid);
@@ -293,6 +294,47 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlo
       __syncthreads();
     }
   }
+}
+}  // namespace roi_ops_cuda
+
+// channels_per_block: CvecShape<T>::kChannels times a power of two <= kCvecThreads (threads per
+// bin); C a multiple of Lanes<T>::kCount; the input pointer and sN, sH, sW 16-byte aligned
+// (sC == 1).
+template <class T, class R, bool kArgmax>
+__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
+    roi_pool_forward_cvec(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
+                          const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
+                          const R* __restrict__ rois, const i64 rs0, const i64 rs1,
+                          const double spatial_scale, const i64 PH, const i64 PW,
+                          const i64 channels_per_block, T* __restrict__ output,
+                          int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
+  using namespace roi_ops_cuda;
+  (void)sC;  // 1
+  const i64 k = blockIdx.x;
+  cvec_roi<T, R, kArgmax>(input, N, C, H, W, sN, sH, sW, rois + k * rs0, rs1, spatial_scale, PH,
+                          PW, channels_per_block, output, argmax, k);
   report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
 }
 
+// ---- roi_pool_forward_cvec_levels<T, R, kArgmax>: the cvec kernel over pyramid levels --------
+// Block (k, channel blocks) pools ROI k from the map of its level (common.cuh: LevelMaps); a ROI
+// with no level pools nothing. Every level is one the cvec kernel can read. Arguments: the L
+// maps, the (K,) int64 levels (row stride ls0), then as the cvec kernel's without the map's.
+template <class T, class R, bool kArgmax>
+__global__ void __launch_bounds__(roi_ops_cuda::kThreads,
+                                  roi_ops_cuda::CvecLevelsBlocksPerSM<T>::value)
+    roi_pool_forward_cvec_levels(const roi_ops_cuda::LevelMaps<T> maps, const i64 L,
+                                 const i64* __restrict__ levels, const i64 ls0, const i64 N,
+                                 const i64 C, const R* __restrict__ rois, const i64 rs0,
+                                 const i64 rs1, const i64 PH, const i64 PW,
+                                 const i64 channels_per_block, T* __restrict__ output,
+                                 int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
+  using namespace roi_ops_cuda;
+  const i64 k = blockIdx.x;
+  const int level = roi_level(levels, ls0, k, L);
+  const LevelMap<T>& map = maps.level[level < 0 ? 0 : level];
+  cvec_roi<T, R, kArgmax>(map.input, level < 0 ? 0 : N, C, map.H, map.W, map.sN, map.sH, map.sW,
+                          rois + k * rs0, rs1, map.spatial_scale, PH, PW, channels_per_block,
+                          output, argmax, k);
+  report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
+}

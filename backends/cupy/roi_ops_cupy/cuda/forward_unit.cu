@@ -218,26 +218,24 @@ __device__ __forceinline__ void unit_channels(
 }
 }  // namespace roi_ops_cuda
 
-// channels_per_block <= 2^24 (kernels.MAX_CHANNELS_PER_BLOCK; in practice a few thousand
-// outputs per block), so the channel counters within a block are 32-bit; every offset into a
-// tensor stays 64-bit. Arguments as the plane kernel's.
+// The unit kernel's work in block (k, channel blocks) of ROI k on one map (input, its sizes
+// and strides, spatial_scale). num_images: N, or 0 for a ROI that pools nothing (every bin
+// empty). Returns false in a thread with nothing to do (no barrier follows).
+namespace roi_ops_cuda {
 template <class T, class R, bool kArgmax>
-__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kUnitBlocksPerSM)
-    roi_pool_forward_unit(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
-                          const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
-                          const R* __restrict__ rois, const i64 rs0, const i64 rs1,
-                          const double spatial_scale, const i64 PH, const i64 PW,
-                          const i64 channels_per_block, T* __restrict__ output,
-                          int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
-  using namespace roi_ops_cuda;
+__device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 num_images,
+                                         const i64 C, const i64 H, const i64 W, const i64 sN,
+                                         const i64 sC, const i64 sH, const R* __restrict__ row,
+                                         const i64 rs1, const double spatial_scale, const i64 PH,
+                                         const i64 PW, const i64 channels_per_block,
+                                         T* __restrict__ output, int* __restrict__ argmax,
+                                         const i64 k) {
   typedef typename Rois<R>::G G;
   // float64 values and maxima take two registers each: half as many channels fit.
   constexpr int U = sizeof(T) == 8 ? kUnitChannels / 2 : kUnitChannels;
-  (void)sW;  // 1: the launch plan picks this kernel only for a unit W stride
-  const i64 k = blockIdx.x;
-  const RoiGeometry<G> g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
+  const RoiGeometry<G> g = roi_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW);
   const UnitLayout layout(PH, PW, threadIdx.x, blockDim.x, !kArgmax);
-  if (!layout.active) return;  // no barrier follows
+  if (!layout.active) return false;
   const bool valid = g.batch >= 0;
   const i64 image = (valid ? g.batch : 0) * sN;
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
@@ -269,6 +267,52 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kUnitBlo
                                           in_step, out_step, corner, k, q, layout.bins, groups,
                                           first_channel, bin_h, bin_w, empty, w_int, first_index);
     }
+  }
+  return true;
+}
+}  // namespace roi_ops_cuda
+
+// channels_per_block <= 2^24 (kernels.MAX_CHANNELS_PER_BLOCK; in practice a few thousand
+// outputs per block), so the channel counters within a block are 32-bit; every offset into a
+// tensor stays 64-bit. Arguments as the plane kernel's.
+template <class T, class R, bool kArgmax>
+__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kUnitBlocksPerSM)
+    roi_pool_forward_unit(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
+                          const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
+                          const R* __restrict__ rois, const i64 rs0, const i64 rs1,
+                          const double spatial_scale, const i64 PH, const i64 PW,
+                          const i64 channels_per_block, T* __restrict__ output,
+                          int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
+  using namespace roi_ops_cuda;
+  (void)sW;  // 1: the launch plan picks this kernel only for a unit W stride
+  const i64 k = blockIdx.x;
+  if (!unit_roi<T, R, kArgmax>(input, N, C, H, W, sN, sC, sH, rois + k * rs0, rs1, spatial_scale,
+                               PH, PW, channels_per_block, output, argmax, k)) {
+    return;
+  }
+  report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
+}
+
+// ---- roi_pool_forward_unit_levels<T, R, kArgmax>: the unit kernel over pyramid levels --------
+// Block (k, channel blocks) pools ROI k from the map of its level (common.cuh: LevelMaps); a ROI
+// with no level pools nothing. Every level has a unit W stride. Arguments: the L maps, the
+// (K,) int64 levels (row stride ls0), then as the unit kernel's without the map's.
+template <class T, class R, bool kArgmax>
+__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kUnitBlocksPerSM)
+    roi_pool_forward_unit_levels(const roi_ops_cuda::LevelMaps<T> maps, const i64 L,
+                                 const i64* __restrict__ levels, const i64 ls0, const i64 N,
+                                 const i64 C, const R* __restrict__ rois, const i64 rs0,
+                                 const i64 rs1, const i64 PH, const i64 PW,
+                                 const i64 channels_per_block, T* __restrict__ output,
+                                 int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
+  using namespace roi_ops_cuda;
+  const i64 k = blockIdx.x;
+  const int level = roi_level(levels, ls0, k, L);
+  const LevelMap<T>& map = maps.level[level < 0 ? 0 : level];
+  if (!unit_roi<T, R, kArgmax>(map.input, level < 0 ? 0 : N, C, map.H, map.W, map.sN, map.sC,
+                               map.sH, rois + k * rs0, rs1, map.spatial_scale, PH, PW,
+                               channels_per_block, output, argmax, k)) {
+    return;
   }
   report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
 }

@@ -1,0 +1,233 @@
+"""The CuPy backend's fused multi-level kernels (``*_levels``: every pyramid level in one launch)
+against roi_pool of each ROI on its level (the scalar reference, level by level), bit for bit:
+on the CPU emulator without a GPU, through CuPy with one (the `runner` fixture). Every layout
+(each takes another kernel family), every dtype pair, rows of every level, rows with no level,
+invalid rows and the bad-ROI log; the fused atomic backward into each level's gradient."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from cupy_harness import (
+    _LAYOUT_KERNELS,
+    LAYOUTS,
+    assert_same_bits,
+    check_guards,
+    guarded,
+    place_input,
+    poisoned_outputs,
+    sizes,
+)
+from roi_ops import bad_rois
+from roi_ops.backend import MultiScaleRoIPoolProblem, accumulate_dtype
+from roi_ops.levels import level_range, roi_levels
+from roi_ops.testing.cases import tie_heavy_features
+from roi_ops.testing.reference import reference_roi_pool, reference_roi_pool_backward
+
+from roi_ops_cupy import kernels, planning
+from roi_ops_cupy.tuning import DEFAULT_TUNING
+
+SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+NUM_IMAGES = 2
+# The levels of a 256 x 352 image.
+MAP_SIZES = ((64, 88), (32, 44), (16, 22), (8, 11))
+PAIRS = list(kernels.FORWARD_PAIRS)
+PAIR_IDS = [f"{str(t)[6:]}-{str(r)[6:]}" for t, r in PAIRS]
+
+
+def _features(dtype: torch.dtype, layout: str, seed: int = 0) -> list[torch.Tensor]:
+    """The levels, finest first, of ties-heavy values (NaN, -inf, signed zeros among them); 24
+    channels for the channels_last layouts (channel-lane kernels), 3 otherwise."""
+    channels = 24 if layout.startswith("channels_last") else 3
+    levels = []
+    for level, (height, width) in enumerate(MAP_SIZES):
+        x = tie_heavy_features((NUM_IMAGES, channels, height, width), seed + level, dtype)
+        levels.append(x)
+    return levels
+
+
+def _rois(rois_dtype: torch.dtype, count: int = 36, seed: int = 1) -> torch.Tensor:
+    """Boxes of every level (log-uniform sides of 16 to 500 pixels) over a 256 x 352 image, some
+    cut by the border, then rows that are special for a multi-level call, in random order."""
+    g = torch.Generator().manual_seed(seed)
+    side = torch.exp(torch.rand(count, 1, generator=g, dtype=torch.float64) * math.log(500 / 16))
+    side *= 16
+    aspect = torch.exp(torch.rand(count, 1, generator=g, dtype=torch.float64) - 0.5)
+    corner = torch.rand(count, 2, generator=g, dtype=torch.float64) * torch.tensor([340.0, 250.0])
+    corner -= 8.0
+    boxes = torch.cat([corner, corner + torch.cat([side * aspect, side / aspect], 1)], 1)
+    batch = torch.randint(0, NUM_IMAGES, (count, 1), generator=g).double()
+    batch += torch.rand(count, 1, generator=g, dtype=torch.float64) * 0.9  # truncated
+    rows = torch.cat([batch, boxes], 1)
+    special = torch.tensor(
+        [
+            [1, 130.0, 40.0, 20.0, 160.0],  # inverted along x: no level, but a valid row
+            [0, 300.0, 200.0, 60.0, 20.0],  # inverted along both: a level, a valid row
+            [2, 30.0, 30.0, 90.0, 70.0],  # batch index N: invalid, with a level
+            [0, 30.0, math.nan, 90.0, 70.0],  # NaN: invalid, no level
+            [-1, 10.0, 10.0, 40.0, 40.0],  # batch index -1: invalid, with a level
+            [1, 0.0, 0.0, 351.0, 255.0],  # the whole image
+        ],
+        dtype=torch.float64,
+    )
+    order = torch.randperm(count + len(special), generator=g)
+    return torch.cat([rows, special])[order].to(rois_dtype)
+
+
+def _levels(rois: torch.Tensor) -> torch.Tensor:
+    """Each ROI's level as roi_ops computes it, then four rows of level 0 moved to levels 1, 2,
+    3 and L (outside [0, L): no level, as -1), so that every level pools several rows."""
+    levels = roi_levels(rois, *level_range(SCALES))
+    moved = (levels == 0).nonzero().squeeze(1)[:4]
+    levels[moved] = torch.tensor([1, 2, 3, len(SCALES)])
+    return levels
+
+
+def _per_level_reference(features, rois, levels, size):
+    """roi_pool of each ROI on its level (zeros and -1 without one), as a loop over levels."""
+    channels = features[0].shape[1]
+    output = torch.zeros(rois.shape[0], channels, *size, dtype=features[0].dtype)
+    argmax = torch.full(output.shape, -1, dtype=torch.int32)
+    for level, feature in enumerate(features):
+        rows = (levels == level).nonzero().squeeze(1)
+        if len(rows):
+            out, arg = reference_roi_pool(feature, rois[rows], size, SCALES[level])
+            output[rows], argmax[rows] = out, arg
+    return output, argmax
+
+
+def run_forward_levels(
+    runner, features, rois, levels, size, *, layout, needs_argmax=True, log=None, **options
+):
+    """The fused forward on poisoned outputs, every level placed in `layout`; returns CPU
+    (output, argmax or None)."""
+    tuning = options.pop("tuning", DEFAULT_TUNING)
+    if layout in _LAYOUT_KERNELS and tuning.forward_kernel is None:
+        tuning = replace(tuning, forward_kernel=_LAYOUT_KERNELS[layout])
+    device = runner.device
+    placed = [place_input(x, layout, device) for x in features]
+    problem = MultiScaleRoIPoolProblem(
+        placed, rois.to(device), levels.to(device), *size, SCALES, needs_argmax, log
+    )
+    output, out_buf, argmax, arg_buf = poisoned_outputs(
+        problem.output_shape, features[0].dtype, device, needs_argmax
+    )
+    grid_y = options.pop("grid_y", None)
+    launch = planning.plan_forward_levels(problem, output, argmax, sizes(**options), tuning)
+    if grid_y is not None:  # fewer block rows than channel blocks: the kernels loop
+        assert launch.grid[1] > grid_y
+        launch = replace(launch, grid=(launch.grid[0], grid_y, 1))
+    runner.launch(launch)
+    check_guards(out_buf, -7.0)
+    check_guards(arg_buf, -7)
+    return output.cpu(), (argmax.cpu() if needs_argmax else None)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_fused_forward_is_roi_pool_per_level(runner, pair, layout):
+    dtype, rois_dtype = pair
+    features = _features(dtype, layout)
+    rois = _rois(rois_dtype)
+    levels = _levels(rois)
+    assert set(levels.tolist()) == {-1, 0, 1, 2, 3, 4}
+    size = (3, 2)
+    expected, expected_argmax = _per_level_reference(features, rois, levels, size)
+    expected_log = bad_rois.new_log()
+    bad_rois.record_bad_rois(expected_log, rois, NUM_IMAGES)
+    # The first invalid row has no level (it must be recorded all the same), and valid rows
+    # without a level come before it (recording one of them would show).
+    no_level = ((levels < 0) | (levels >= len(SCALES))).nonzero().squeeze(1).tolist()
+    first_bad = bad_rois.decode(expected_log).row
+    assert first_bad in no_level and min(no_level) < first_bad
+    for needs_argmax in (True, False):
+        log = bad_rois.new_log(runner.device)
+        output, argmax = run_forward_levels(
+            runner, features, rois, levels, size, layout=layout, needs_argmax=needs_argmax,
+            log=log,
+        )  # fmt: skip
+        assert_same_bits(output, expected)
+        if needs_argmax:
+            assert torch.equal(argmax, expected_argmax)
+        assert torch.equal(log.cpu(), expected_log)
+
+
+@pytest.mark.parametrize("layout", ["contiguous_unit", "channels_last_cvec", "strided"])
+def test_channel_blocks_loop(runner, layout):
+    """72 channels in blocks of a few: grid rows fewer than channel blocks, and enough of them."""
+    g = torch.Generator().manual_seed(12)
+    features = [torch.randn(NUM_IMAGES, 72, h, w, generator=g) for h, w in MAP_SIZES]
+    rois = _rois(torch.float32, count=12, seed=13)
+    levels = _levels(rois)
+    expected, expected_argmax = _per_level_reference(features, rois, levels, (2, 3))
+    for options in ({"multiprocessors": 64, "grid_y": 1}, {"multiprocessors": 64}):
+        output, argmax = run_forward_levels(
+            runner, features, rois, levels, (2, 3), layout=layout, **options
+        )
+        assert_same_bits(output, expected)
+        assert torch.equal(argmax, expected_argmax)
+
+
+GRADIENT_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def run_backward_levels(runner, grad_output, argmax, rois, levels, shapes, layout, **options):
+    """The fused atomic backward into zero-filled gradients (accumulator dtype, in `layout`,
+    inside guard buffers); with `grid_y`, fewer grid rows than channel blocks."""
+    device = runner.device
+    grid_y = options.pop("grid_y", None)
+    accumulate = accumulate_dtype(grad_output.dtype)
+    fmt = GRADIENT_LAYOUTS[layout]
+    grads, buffers = [], []
+    for shape in shapes:
+        strides = torch.empty(shape, device="meta", memory_format=fmt).stride()
+        grad, buffer = guarded(shape, strides, accumulate, device, -7.0)
+        grads.append(grad.zero_())
+        buffers.append(buffer)
+    launch = planning.plan_backward_levels(
+        grad_output.to(device), argmax.to(device), rois.to(device), levels.to(device), grads,
+        sizes(**options),
+    )  # fmt: skip
+    if grid_y is not None:
+        assert launch.grid[1] > 1
+        launch = replace(launch, grid=(launch.grid[0], grid_y, 1))
+    runner.launch(launch)
+    for buffer in buffers:
+        check_guards(buffer, -7.0)
+    return [grad.cpu() for grad in grads]
+
+
+@pytest.mark.parametrize("layout", list(GRADIENT_LAYOUTS))
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_fused_backward_adds_into_each_level(runner, pair, layout):
+    """Each ROI's gradients land in its level's gradient (none for rows without a level or
+    invalid ones); integer gradients, so that the atomic sums are exact in any order; real and
+    zero-stride grad_output, one or many channel blocks."""
+    dtype, rois_dtype = pair
+    features = _features(dtype, "contiguous")
+    rois = _rois(rois_dtype)
+    levels = _levels(rois)
+    size = (3, 2)
+    _, argmax = _per_level_reference(features, rois, levels, size)
+    g = torch.Generator().manual_seed(4)
+    grad = torch.randint(-3, 4, argmax.shape, generator=g).to(dtype)
+    zero_strides = grad[:, :, :1, :1].expand(grad.shape)
+    shapes = [tuple(x.shape) for x in features]
+    for grad_output, options in [
+        (grad, {}),
+        (grad, {"multiprocessors": 64, "grid_y": 1}),
+        (zero_strides, {}),
+    ]:
+        grads = run_backward_levels(
+            runner, grad_output, argmax, rois, levels, shapes, layout, **options
+        )
+        for level, (shape, result) in enumerate(zip(shapes, grads, strict=True)):
+            rows = (levels == level).nonzero().squeeze(1)
+            expected = reference_roi_pool_backward(
+                grad_output[rows], argmax[rows], rois[rows], shape
+            )
+            assert torch.equal(result.to(torch.float64), expected), f"level {level}"
+            assert bool(expected.ne(0).any())  # real sums, not zeros
