@@ -1,5 +1,6 @@
-"""ROI geometry in numba: each ROI's batch index and bin edges (steps 1-5 of docs/contract.md),
-the bad-ROI log of `roi_ops.bad_rois`, and the work estimate that decides serial or parallel.
+"""ROI geometry in numba: each ROI's source (pyramid level and image) and bin edges (steps 1-5 of
+docs/contract.md, on the map of the ROI's level), the bad-ROI log of `roi_ops.bad_rois`, and the
+work estimate that decides serial or parallel.
 
 Importing this module imports numba.
 """
@@ -13,6 +14,12 @@ from numba import njit, prange
 
 INDEX_LIMIT = 2**40
 _INDEX_LIMIT_F = float(2**40)
+
+# The level table every kernel takes: one int64 row per level (a one-map call has one row).
+# Element (n, c, h, w) of level l is at OFFSET + n*S_N + c*S_C + h*S_H + w*S_W of the shared
+# storage (`memory.shared_storage`); WIDTH and HEIGHT are the level's W and H.
+LAYOUT_COLUMNS = ("offset", "s_n", "s_c", "s_h", "s_w", "width", "height")
+OFFSET, S_N, S_C, S_H, S_W, WIDTH, HEIGHT = range(7)
 
 # Geometry dtype G, as passed to `roi_geometry`.
 MODE_HALF = 0
@@ -111,22 +118,37 @@ def _scale_in_g(spatial_scale, mode):
 
 
 @njit(cache=True, inline="always")
-def _roi_edges(rois, k, num_images, height, width, pooled_h, pooled_w, scale, mode,
-               batch, hstart, hend, wstart, wend):  # fmt: skip
-    """ROI `k`'s batch index (-1: invalid) and bin edges; returns the pixels its bins scan."""
-    valid = True
+def _roi_valid(rois, k, num_images):
+    """Whether row `k` is valid: five finite values and ``trunc(rois[k, 0])`` in [0, N)."""
     for j in range(5):
         if not math.isfinite(rois[k, j]):
-            valid = False
+            return False
     b = np.trunc(np.float64(rois[k, 0]))
-    if not (valid and b >= 0.0 and b < num_images):
-        batch[k] = -1
+    return b >= 0.0 and b < num_images
+
+
+@njit(cache=True, inline="always")
+def _level_of(levels, k, num_levels):
+    """ROI `k`'s level: ``levels[k]`` (-1 when outside [0, L)), or 0 when `levels` is empty."""
+    if levels.shape[0] == 0:
+        return np.int64(0)
+    level = np.int64(levels[k])
+    return level if level >= 0 and level < num_levels else np.int64(-1)
+
+
+@njit(cache=True, inline="always")
+def _roi_edges(rois, k, level, num_images, height, width, pooled_h, pooled_w, scale, mode,
+               source, hstart, hend, wstart, wend):  # fmt: skip
+    """ROI `k`'s source (-1: invalid or no level) and bin edges on the map of `level` (H, W,
+    the scale in G); returns the pixels its bins scan."""
+    if level < 0 or not _roi_valid(rois, k, num_images):
+        source[k] = -1
         hstart[k * pooled_h : (k + 1) * pooled_h] = 0
         hend[k * pooled_h : (k + 1) * pooled_h] = 0
         wstart[k * pooled_w : (k + 1) * pooled_w] = 0
         wend[k * pooled_w : (k + 1) * pooled_w] = 0
         return np.int64(0)
-    batch[k] = np.int64(b)
+    source[k] = level * num_images + np.int64(np.trunc(np.float64(rois[k, 0])))
     x1 = _index(_c_round(_to_g(np.float64(rois[k, 1]) * scale, mode)))
     y1 = _index(_c_round(_to_g(np.float64(rois[k, 2]) * scale, mode)))
     x2 = _index(_c_round(_to_g(np.float64(rois[k, 3]) * scale, mode)))
@@ -144,37 +166,54 @@ def _roi_edges(rois, k, num_images, height, width, pooled_h, pooled_w, scale, mo
     return rows * cols + pooled_h * pooled_w
 
 
+@njit(cache=True, inline="always")
+def _one_roi(rois, k, levels, num_images, layout, pooled_h, pooled_w, spatial_scales, mode,
+             source, hstart, hend, wstart, wend):  # fmt: skip
+    level = _level_of(levels, k, layout.shape[0])
+    at = max(level, 0)
+    height, width = layout[at, HEIGHT], layout[at, WIDTH]
+    scale = _scale_in_g(spatial_scales[at], mode)
+    return _roi_edges(rois, k, level, num_images, height, width, pooled_h, pooled_w, scale,
+                      mode, source, hstart, hend, wstart, wend)  # fmt: skip
+
+
 @njit(cache=True)
 def roi_geometry(
-    rois, num_images, height, width, pooled_h, pooled_w, spatial_scale, mode,
-    batch, hstart, hend, wstart, wend, log, record,
+    rois, levels, num_images, layout, spatial_scales, pooled_h, pooled_w, mode,
+    source, hstart, hend, wstart, wend, log, record,
 ):  # fmt: skip
-    """Per-ROI batch index and bin edges, computed in the geometry dtype given by `mode`.
+    """Per-ROI source (level and image) and bin edges, computed in the geometry dtype of `mode`.
+
+    Each ROI is placed on the map of its level (its H, W and scale); one level is the plain
+    roi_pool case.
 
     Args:
         rois: (K, 5) float32 or float64 rows (batch_index, x1, y1, x2, y2); float16 and
             bfloat16 rows come converted (exactly) to float32.
-        num_images, height, width: N, H, W of the input.
+        levels: (K,) int64 level of each ROI (-1, or any value outside [0, L): none; the ROI
+            gives zeros), or an empty array: every ROI is on level 0.
+        num_images: N of every level.
+        layout: (L, 7) int64 level table (see `LAYOUT_COLUMNS`); H and W are read here.
+        spatial_scales: (L,) float64 scales (the Python floats).
         pooled_h, pooled_w: PH, PW.
-        spatial_scale: the Python float.
         mode: MODE_HALF, MODE_FLOAT or MODE_DOUBLE.
-        batch: (K,) int64 out; -1 marks an invalid ROI (whose bins are all empty).
-        hstart, hend: (K * PH,) int64 out; row edges clamped to [0, H].
-        wstart, wend: (K * PW,) int64 out; column edges clamped to [0, W].
+        source: (K,) int64 out: ``level * N + batch_index``, or -1 for an invalid ROI or one
+            without a level (whose bins are all empty).
+        hstart, hend: (K * PH,) int64 out; row edges clamped to [0, H of the ROI's level].
+        wstart, wend: (K * PW,) int64 out; column edges clamped to [0, W of its level].
         log: int64 bad-ROI log (`roi_ops.bad_rois.SLOTS` entries), written when `record`: the
-            first invalid row's keys (later rows' keys are all larger).
+            first invalid row's keys (later rows' keys are all larger), whatever its level.
         record: whether to record into `log`.
 
     Returns:
-        The pixels the forward scans per channel: the sum over valid ROIs of the bins' areas
-        (rows of all bin rows times columns of all bin columns), plus one per bin.
+        The pixels the forward scans per channel: the sum over ROIs with a source of the bins'
+        areas (rows of all bin rows times columns of all bin columns), plus one per bin.
     """
-    scale = _scale_in_g(spatial_scale, mode)
     work = np.int64(0)
     for k in range(rois.shape[0]):
-        work += _roi_edges(rois, k, num_images, height, width, pooled_h, pooled_w, scale, mode,
-                           batch, hstart, hend, wstart, wend)  # fmt: skip
-        if record and batch[k] < 0:
+        work += _one_roi(rois, k, levels, num_images, layout, pooled_h, pooled_w,
+                         spatial_scales, mode, source, hstart, hend, wstart, wend)  # fmt: skip
+        if record and not _roi_valid(rois, k, num_images):
             _record_bad_row(rois, k, num_images, log)
             record = False
     return work
@@ -182,27 +221,26 @@ def roi_geometry(
 
 @njit(parallel=True, cache=True)
 def roi_geometry_parallel(
-    rois, num_images, height, width, pooled_h, pooled_w, spatial_scale, mode,
-    batch, hstart, hend, wstart, wend, log, record,
+    rois, levels, num_images, layout, spatial_scales, pooled_h, pooled_w, mode,
+    source, hstart, hend, wstart, wend, log, record,
 ):  # fmt: skip
     """`roi_geometry` with the ROIs spread over numba's threads (for many ROIs); the bad-ROI
     log is written afterwards from the first invalid row, so it is the same."""
-    scale = _scale_in_g(spatial_scale, mode)
     count = rois.shape[0]
     work = np.empty(count, np.int64)
     for k in prange(count):
-        work[k] = _roi_edges(rois, k, num_images, height, width, pooled_h, pooled_w, scale,
-                             mode, batch, hstart, hend, wstart, wend)  # fmt: skip
+        work[k] = _one_roi(rois, k, levels, num_images, layout, pooled_h, pooled_w,
+                           spatial_scales, mode, source, hstart, hend, wstart, wend)  # fmt: skip
     if record:
         for k in range(count):
-            if batch[k] < 0:
+            if not _roi_valid(rois, k, num_images):
                 _record_bad_row(rois, k, num_images, log)
                 break
     return work.sum()
 
 
 @njit(cache=True)
-def roi_windows(batch, hstart, hend, wstart, wend, pooled_h, pooled_w, rois):
+def roi_windows(hstart, hend, wstart, wend, pooled_h, pooled_w, rois):
     """(y0, y1, x0, x1) of each of `rois` (indices): the bounding box of its bins, empty (y1 <= y0
     or x1 <= x0) when every bin is; (K,) int64 arrays each."""
     count = rois.shape[0]

@@ -2,11 +2,15 @@
 
 Every call computes the ROI geometry in one compiled pass (which also records bad ROIs and
 estimates the work), then runs a serial kernel in the calling thread when the work is below
-``tuning.serial_work``, or the parallel one otherwise. Importing this module imports numba.
+``tuning.serial_work``, or the parallel one otherwise. A multi-level (FPN) call is the same
+pass over every level's ROIs: the kernels address all levels through one base array
+(`memory.shared_storage`) and a per-level layout, and a one-map call is its one-level case.
+Importing this module imports numba.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,11 +18,17 @@ from contextlib import contextmanager
 import numba
 import numpy as np
 import torch
-from roi_ops.backend import RoIPoolBackwardProblem, RoIPoolProblem, accumulate_dtype
+from roi_ops.backend import (
+    MultiScaleRoIPoolBackwardProblem,
+    MultiScaleRoIPoolProblem,
+    RoIPoolBackwardProblem,
+    RoIPoolProblem,
+    accumulate_dtype,
+)
 from roi_ops.bad_rois import SLOTS
 
 from roi_ops_numba import geometry, pool_groups, pool_keys, scatter
-from roi_ops_numba.memory import advise_tensor, flat_storage
+from roi_ops_numba.memory import advise_tensor, flat_storage, level_offsets, shared_storage
 from roi_ops_numba.tuning import NumbaTuning
 
 # input dtype -> (integer view dtype, magnitude mask, bit pattern of +inf); see pool_keys._key.
@@ -40,6 +50,7 @@ _FLOATS = (torch.float32, torch.float64)
 
 _EMPTY_ARGMAX = np.empty(0, dtype=np.int32)
 _NO_LOG = np.empty(SLOTS, dtype=np.int64)
+_ONE_LEVEL = np.empty(0, dtype=np.int64)  # `levels` of a one-map call: every ROI on level 0
 
 # numba sizes its pool from NUMBA_NUM_THREADS when it is imported; read once, like numba does.
 _THREADS_FROM_ENVIRONMENT = "NUMBA_NUM_THREADS" in os.environ
@@ -80,32 +91,79 @@ def rois_array(rois: torch.Tensor) -> np.ndarray:
     return rois.contiguous().numpy()
 
 
-class BinGeometry:
-    """Every ROI's batch index and bin edges (`geometry.roi_geometry`), and the work estimate,
-    computed on `threads` threads (1: in the calling thread).
+def levels_array(levels: torch.Tensor) -> np.ndarray:
+    """(K,) int64 C-contiguous NumPy view of each ROI's level (a copy if it must be)."""
+    levels = levels.detach()
+    if levels.dtype != torch.int64 or not levels.is_contiguous():
+        levels = levels.to(torch.int64).contiguous()
+    return levels.numpy()
 
-    batch: (K,) image index, -1 for an invalid ROI. hstart, hend: (K * PH,) rows [start, end)
-    of each bin row; wstart, wend: (K * PW,) columns of each bin column; all clamped to the map.
-    work: pixels the forward scans per channel (see `geometry.roi_geometry`).
+
+class PoolCall:
+    """A forward call as the kernels see it: one map (`RoIPoolProblem`) or the L levels of a
+    pyramid (`MultiScaleRoIPoolProblem`), the ROIs and, with several levels, each ROI's level.
+
+    features: the L (N, C, H_l, W_l) maps; spatial_scales: their L scales; levels: (K,) int64
+    level of each ROI (-1: none), or an empty array when every ROI is on the one map; layout:
+    the (L, 7) int64 level table of the kernels (`geometry.LAYOUT_COLUMNS`), offsets into
+    `memory.shared_storage` of the features.
     """
 
-    __slots__ = ("batch", "hstart", "hend", "wstart", "wend", "pooled_h", "pooled_w", "work")
+    __slots__ = (
+        "features", "spatial_scales", "levels", "layout", "rois", "pooled_height",
+        "pooled_width", "bad_roi_log",
+    )  # fmt: skip
 
-    def __init__(self, problem: RoIPoolProblem, threads: int) -> None:
-        num_images, _, height, width = problem.input.shape
-        pooled_h, pooled_w = problem.pooled_height, problem.pooled_width
-        rois = rois_array(problem.rois)
+    def __init__(self, problem: RoIPoolProblem | MultiScaleRoIPoolProblem) -> None:
+        if isinstance(problem, MultiScaleRoIPoolProblem):
+            self.features = problem.features
+            self.spatial_scales = problem.spatial_scales
+            self.levels = levels_array(problem.levels)
+        else:
+            self.features = (problem.input,)
+            self.spatial_scales = (problem.spatial_scale,)
+            self.levels = _ONE_LEVEL
+        offsets = level_offsets(self.features)
+        self.layout = np.array(
+            [
+                (offset, *f.stride(), f.shape[3], f.shape[2])
+                for f, offset in zip(self.features, offsets, strict=True)
+            ],
+            dtype=np.int64,
+        )
+        self.rois = problem.rois
+        self.pooled_height = problem.pooled_height
+        self.pooled_width = problem.pooled_width
+        self.bad_roi_log = problem.bad_roi_log
+
+
+class BinGeometry:
+    """Every ROI's source and bin edges (`geometry.roi_geometry`), and the work estimate,
+    computed on `threads` threads (1: in the calling thread).
+
+    source: (K,) ``level * N + image``, -1 for an invalid ROI or one without a level.
+    hstart, hend: (K * PH,) rows [start, end) of each bin row; wstart, wend: (K * PW,) columns
+    of each bin column; all clamped to the map of the ROI's level. work: pixels the forward
+    scans per channel (see `geometry.roi_geometry`).
+    """
+
+    __slots__ = ("source", "hstart", "hend", "wstart", "wend", "pooled_h", "pooled_w", "work")
+
+    def __init__(self, call: PoolCall, threads: int) -> None:
+        pooled_h, pooled_w = call.pooled_height, call.pooled_width
+        rois = rois_array(call.rois)
         count = rois.shape[0]
-        self.batch = np.empty(count, dtype=np.int64)
+        self.source = np.empty(count, dtype=np.int64)
         self.hstart = np.empty(count * pooled_h, dtype=np.int64)
         self.hend = np.empty(count * pooled_h, dtype=np.int64)
         self.wstart = np.empty(count * pooled_w, dtype=np.int64)
         self.wend = np.empty(count * pooled_w, dtype=np.int64)
         self.pooled_h, self.pooled_w = pooled_h, pooled_w
-        log = problem.bad_roi_log
+        scales = np.array(call.spatial_scales, dtype=np.float64)
+        log = call.bad_roi_log
         arguments = (
-            rois, num_images, height, width, pooled_h, pooled_w, float(problem.spatial_scale),
-            _GEOMETRY_MODE[problem.rois.dtype], self.batch, self.hstart, self.hend,
+            rois, call.levels, call.features[0].shape[0], call.layout, scales, pooled_h,
+            pooled_w, _GEOMETRY_MODE[call.rois.dtype], self.source, self.hstart, self.hend,
             self.wstart, self.wend, _NO_LOG if log is None else log.numpy(), log is not None,
         )  # fmt: skip
         if threads == 1:
@@ -120,28 +178,31 @@ class BinGeometry:
 
 
 def forward(
-    problem: RoIPoolProblem,
+    problem: RoIPoolProblem | MultiScaleRoIPoolProblem,
     output: torch.Tensor,
     argmax: torch.Tensor | None,
     tuning: NumbaTuning,
 ) -> None:
-    """Fill `output` (and `argmax`, unless None) for `problem`; see `Backend.forward`.
+    """Fill `output` (and `argmax`, unless None) for `problem`; see `Backend.forward` and
+    `Backend.forward_multi_scale` (every level's ROIs in one pass).
 
     Records the first invalid ROI in ``problem.bad_roi_log`` when it is given.
     """
     if problem.rois.shape[0] == 0:
         return
-    input = problem.input
-    channels = input.shape[1]
+    call = PoolCall(problem)
+    features = call.features
+    channels = features[0].shape[1]
+    readable = any(f.numel() for f in features)
     available = num_threads()
     # The output's size is known before the geometry and about bounds the work from below (a
     # bin reads at least one pixel unless it is empty): calls that large compute the geometry
     # of their many ROIs in parallel too.
-    least = output.numel() if input.numel() else 0
-    bins = BinGeometry(problem, available if least >= tuning.serial_work else 1)
+    least = output.numel() if readable else 0
+    bins = BinGeometry(call, available if least >= tuning.serial_work else 1)
     if output.numel() == 0:
         return
-    if input.numel() == 0:  # N, H or W is 0: every ROI is invalid or every bin empty
+    if not readable:  # N is 0 (every ROI is invalid) or every map is empty (every bin is)
         output.zero_()
         if argmax is not None:
             argmax.fill_(-1)
@@ -150,14 +211,15 @@ def forward(
     advise_tensor(output, tuning.huge_page_min_bytes)
     if argmax is not None:
         advise_tensor(argmax, tuning.huge_page_min_bytes)
-    _warm_up(input.dtype)
-    if input.dtype in _FLOATS and _forward_groups(input, bins, output, argmax, threads, tuning):
+    dtype = features[0].dtype
+    _warm_up(dtype)
+    if dtype in _FLOATS and _forward_groups(call, bins, output, argmax, threads, tuning):
         return
-    _forward_keys(input, bins, output, argmax, threads, tuning)
+    _forward_keys(call, bins, output, argmax, threads, tuning)
 
 
 def _forward_keys(
-    input: torch.Tensor,
+    call: PoolCall,
     bins: BinGeometry,
     output: torch.Tensor,
     argmax: torch.Tensor | None,
@@ -165,16 +227,17 @@ def _forward_keys(
     tuning: NumbaTuning,
 ) -> None:
     """The per-ROI forward (`pool_keys`), every dtype and layout."""
-    view_dtype, mag_mask, nan_threshold = _BITS[input.dtype]
-    channels, width = input.shape[1], input.shape[3]
-    s_n, s_c, s_h, s_w = input.stride()
+    features = call.features
+    dtype = features[0].dtype
+    view_dtype, mag_mask, nan_threshold = _BITS[dtype]
+    num_images, channels = features[0].shape[:2]
     arguments = (
-        flat_storage(input, view_dtype), s_n, s_c, s_h, s_w, channels, width, bins.batch,
+        shared_storage(features, view_dtype), call.layout, num_images, channels, bins.source,
         *bins.edges(), mag_mask, nan_threshold, output.view(view_dtype).view(-1).numpy(),
         _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy(), argmax is not None,
-        _keys_block(channels, bins.batch.shape[0], threads, bins.pooled_h *
+        _keys_block(channels, bins.source.shape[0], threads, bins.pooled_h *
                     bins.pooled_w, tuning),
-        tuning.stage_bytes // input.element_size(),
+        tuning.stage_bytes // features[0].element_size(),
     )  # fmt: skip
     if threads == 1:
         pool_keys.pool_keys_serial(*arguments)
@@ -184,7 +247,7 @@ def _forward_keys(
 
 
 def _forward_groups(
-    input: torch.Tensor,
+    call: PoolCall,
     bins: BinGeometry,
     output: torch.Tensor,
     argmax: torch.Tensor | None,
@@ -193,27 +256,30 @@ def _forward_groups(
 ) -> bool:
     """float32/float64 forward by groups of ROIs; False if `pool_keys` should run instead.
 
-    Channels-contiguous inputs are read in place. Other layouts are staged a group's region and
+    Channels-contiguous levels are read in place. Other layouts are staged a group's region and
     a block of channels at a time (a dense image's ROIs together, a sparse image's one by one;
-    see `pool_groups.plan_groups`); when one channel of a region does not fit a thread's buffer
-    (``tuning.stage_max_bytes``), returns False without writing anything.
+    see `pool_groups.plan_groups`; a group's ROIs are all of one level); when one channel of a
+    region does not fit a thread's buffer (``tuning.stage_max_bytes``), returns False without
+    writing anything.
     """
-    channels, height, width = input.shape[1], input.shape[2], input.shape[3]
-    s_n, s_c, s_h, s_w = input.stride()
-    staged = s_c != 1
+    features = call.features
+    num_images, channels = features[0].shape[:2]
+    height = max(f.shape[2] for f in features)
+    itemsize = features[0].element_size()
+    staged = any(f.stride(1) != 1 for f in features)
     t = tuning
     order, groups, block, scratch_size = pool_groups.plan_groups(
-        bins.batch, *bins.edges(), height, channels, input.element_size(), threads,
+        bins.source, *bins.edges(), height, channels, itemsize, threads,
         staged, t.tasks_per_thread if threads > 1 else 1, t.min_block, t.max_block,
         t.task_output_bytes, t.stage_min_coverage, t.stage_min_block, t.stage_task_bytes,
         t.stage_max_bytes,
     )  # fmt: skip
     if block == 0:
         return False
-    scratch = torch.empty((threads if staged else 1, scratch_size), dtype=input.dtype)
+    scratch = torch.empty((threads if staged else 1, scratch_size), dtype=features[0].dtype)
     advise_tensor(scratch, tuning.huge_page_min_bytes)
     arguments = (
-        flat_storage(input), s_n, s_c, s_h, s_w, channels, width, bins.batch, order,
+        shared_storage(features), call.layout, num_images, channels, bins.source, order,
         groups, *bins.edges(), output.view(-1).numpy(),
         _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy(), argmax is not None,
         block, scratch.numpy(),
@@ -256,36 +322,73 @@ def backward(problem: RoIPoolBackwardProblem, tuning: NumbaTuning) -> torch.Tens
     float16/bfloat16 gradients are accumulated in float32 and rounded once. The batch index of
     each ROI is read from ``problem.rois`` inside the kernel.
     """
-    num_images, channels, height, width = problem.input_shape
-    argmax = problem.argmax
+    (grad,) = _scatter(
+        problem.grad_output, problem.argmax, problem.rois, _ONE_LEVEL, (problem.input_shape,),
+        problem.input_dtype, tuning,
+    )  # fmt: skip
+    return grad
+
+
+def backward_multi_scale(
+    problem: MultiScaleRoIPoolBackwardProblem, tuning: NumbaTuning
+) -> list[torch.Tensor]:
+    """The L deterministic level gradients, contiguous, of ``problem.input_dtype``, in one pass;
+    see `Backend.backward_multi_scale`. Summed as `backward` sums one level's."""
+    return _scatter(
+        problem.grad_output, problem.argmax, problem.rois, levels_array(problem.levels),
+        problem.input_shapes, problem.input_dtype, tuning,
+    )  # fmt: skip
+
+
+def _scatter(
+    grad_output: torch.Tensor,
+    argmax: torch.Tensor,
+    rois: torch.Tensor,
+    levels: np.ndarray,
+    input_shapes: tuple[tuple[int, int, int, int], ...],
+    input_dtype: torch.dtype,
+    tuning: NumbaTuning,
+) -> list[torch.Tensor]:
+    """Each level's gradient (N, C, H_l, W_l) from the rows of that level (`levels`, or every
+    row on the one level when it is empty), all levels in one parallel pass."""
+    num_images, channels = input_shapes[0][:2]
     num_rois = argmax.shape[0]
-    acc_dtype = accumulate_dtype(problem.input_dtype)
-    if num_images * channels * height * width == 0 or num_rois * channels == 0:
-        return torch.zeros(problem.input_shape, dtype=problem.input_dtype)
-    grad = problem.grad_output.detach()
+    acc_dtype = accumulate_dtype(input_dtype)
+    if num_rois * channels == 0 or not any(math.prod(shape) for shape in input_shapes):
+        return [torch.zeros(shape, dtype=input_dtype) for shape in input_shapes]
+    grad = grad_output.detach()
     if grad.dtype != acc_dtype:
         grad = grad.to(acc_dtype)
     pooled_h, pooled_w = argmax.shape[2], argmax.shape[3]
     if argmax.dtype != torch.int32 or not argmax.is_contiguous():
         argmax = argmax.to(torch.int32).contiguous()
-    result = torch.empty(problem.input_shape, dtype=acc_dtype)
-    advise_tensor(result, tuning.huge_page_min_bytes)
-    plane = height * width
-    work = result.numel() + num_rois * channels * pooled_h * pooled_w
+    results = [torch.empty(shape, dtype=acc_dtype) for shape in input_shapes]
+    for result in results:
+        advise_tensor(result, tuning.huge_page_min_bytes)
+    work = sum(r.numel() for r in results) + num_rois * channels * pooled_h * pooled_w
     threads = 1 if work < tuning.serial_work else num_threads()
+    # One row per level (plane size, offset, channels per task, first task), as scatter takes it.
+    rows, tasks = [], 0
+    itemsize = results[0].element_size()
+    for (_, _, height, width), offset in zip(input_shapes, level_offsets(results), strict=True):
+        plane = height * width
+        block = _backward_block(num_images, channels, plane * itemsize, threads, tuning)
+        rows.append((plane, offset, block, tasks))
+        tasks += num_images * -(-channels // block)
     _warm_up(acc_dtype, backward=True)
     arguments = (
-        flat_storage(grad), *grad.stride(), flat_storage(argmax), rois_array(problem.rois),
-        num_images, channels, plane, pooled_h, pooled_w,
-        _backward_block(num_images, channels, plane * result.element_size(), threads, tuning),
-        result.view(-1).numpy(),
+        flat_storage(grad), *grad.stride(), flat_storage(argmax), rois_array(rois), levels,
+        num_images, channels, np.array(rows, dtype=np.int64), tasks, pooled_h, pooled_w,
+        shared_storage(results),
     )  # fmt: skip
     if threads == 1:
         scatter.scatter_serial(*arguments)
     else:
         with parallel_region(threads):
             scatter.scatter_parallel(*arguments)
-    return result if acc_dtype == problem.input_dtype else result.to(problem.input_dtype)
+    if acc_dtype == input_dtype:
+        return results
+    return [result.to(input_dtype) for result in results]
 
 
 _warm: set[tuple[torch.dtype, bool]] = set()
@@ -296,31 +399,38 @@ def _warm_up(dtype: torch.dtype, backward: bool = False) -> None:
 
     Which kernel runs depends on the work (serial or parallel) and, for float32/float64, on how
     much of the map the ROIs cover (grouped or per ROI); loading them all on the first call of
-    each dtype keeps later calls, whatever they take, free of compilation.
+    each dtype keeps later calls, whatever they take, free of compilation. One map or several
+    levels take the same specialisations.
     """
     if (dtype, backward) in _warm:
         return
     one = np.ones(1, dtype=np.int64)
     zero = np.zeros(1, dtype=np.int64)
+    layout = np.ones((1, 7), dtype=np.int64)
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype if dtype in _FLOATS else None
     if backward:
         grad = np.zeros(1, dtype=np_dtype)
         argmax = np.zeros(1, dtype=np.int32)
         rois = np.zeros((1, 5), dtype=np_dtype)
-        arguments = (grad, 1, 1, 1, 1, argmax, rois, 1, 1, 1, 1, 1, 1, np.zeros(1, np_dtype))
+        table = np.array([[1, 0, 1, 0]], dtype=np.int64)
+        arguments = (
+            grad, 1, 1, 1, 1, argmax, rois, _ONE_LEVEL, 1, 1, table, 1, 1, 1, np.zeros(1, np_dtype),
+        )  # fmt: skip
         scatter.scatter_serial(*arguments)
         scatter.scatter_parallel(*arguments)
         _warm.add((dtype, backward))
         return
     rois = np.zeros((1, 5), dtype=np.float64 if dtype == torch.float64 else np.float32)
     edges = (np.empty(1, np.int64), np.empty(1, np.int64), np.empty(1, np.int64))
-    geometry_arguments = (rois, 1, 1, 1, 1, 1, 1.0, 1, *edges, *edges[:2], _NO_LOG, False)
+    geometry_arguments = (
+        rois, _ONE_LEVEL, 1, layout, np.ones(1), 1, 1, 1, *edges, *edges[:2], _NO_LOG, False,
+    )  # fmt: skip
     geometry.roi_geometry(*geometry_arguments)
     geometry.roi_geometry_parallel(*geometry_arguments)
     view_dtype, mag_mask, nan_threshold = _BITS[dtype]
     bits = torch.empty((), dtype=view_dtype).numpy().dtype
     keys = (
-        np.zeros(1, dtype=bits), 1, 1, 1, 1, 1, 1, zero, zero, one, zero, one, 1, 1,
+        np.zeros(1, dtype=bits), layout, 1, 1, zero, zero, one, zero, one, 1, 1,
         mag_mask, nan_threshold, np.zeros(1, dtype=bits), np.zeros(1, dtype=np.int32), True, 1,
         1,
     )  # fmt: skip
@@ -329,7 +439,7 @@ def _warm_up(dtype: torch.dtype, backward: bool = False) -> None:
     if np_dtype is not None:
         groups = np.array([[0, 0, 1, 0, 1, 0, 1]], dtype=np.int64)
         floats = (
-            np.zeros(1, dtype=np_dtype), 1, 1, 1, 1, 1, 1, zero, zero, groups, zero, one, zero,
+            np.zeros(1, dtype=np_dtype), layout, 1, 1, zero, zero, groups, zero, one, zero,
             one, 1, 1, np.zeros(1, dtype=np_dtype), np.zeros(1, dtype=np.int32), True, 1,
             np.zeros((1, 1), dtype=np_dtype),
         )  # fmt: skip

@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-from roi_ops_numba.geometry import roi_windows
+from roi_ops_numba.geometry import OFFSET, S_C, S_H, S_N, S_W, WIDTH, roi_windows
 from roi_ops_numba.staging import _stage
 
 
@@ -98,7 +98,7 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
 
 @njit(cache=True)
 def _groups_task(
-    task, src, s_n, s_c, s_h, s_w, channels, width, order, groups,
+    task, src, layout, num_images, channels, order, groups,
     hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, buffer,
 ):  # fmt: skip
     """Task `task` of `pool_groups_serial`: group ``task // blocks``, one block of channels,
@@ -108,16 +108,20 @@ def _groups_task(
     g = task // num_blocks
     c0 = (task % num_blocks) * block
     nl = min(c0 + block, channels) - c0
-    n, first, end = groups[g, 0], groups[g, 1], groups[g, 2]
+    level = groups[g, 0] // num_images
+    n = groups[g, 0] - level * num_images
+    first, end = groups[g, 1], groups[g, 2]
     y0, y1, x0, x1 = groups[g, 3], groups[g, 4], groups[g, 5], groups[g, 6]
+    origin, s_n, s_c = layout[level, OFFSET], layout[level, S_N], layout[level, S_C]
+    s_h, s_w, width = layout[level, S_H], layout[level, S_W], layout[level, WIDTH]
     tile = np.empty(num_bins * nl, src.dtype)
     tile_pos = np.empty((num_bins if need_argmax else 1) * nl, np.int32)
     if s_c == 1:
-        data, org, row, pix = src, n * s_n + c0, s_h, s_w
+        data, org, row, pix = src, origin + n * s_n + c0, s_h, s_w
     else:
         region_w = x1 - x0
         data = buffer[: (y1 - y0) * region_w * nl]
-        _stage(src, n * s_n + c0 * s_c, s_c, s_h, s_w, nl, y0, y1, x0, x1, data)
+        _stage(src, origin + n * s_n + c0 * s_c, s_c, s_h, s_w, nl, y0, y1, x0, x1, data)
         # Pixel (h, w) of the region starts at ((h - y0) * region_w + (w - x0)) * nl.
         org, row, pix = -(y0 * region_w + x0) * nl, region_w * nl, nl
     for i in range(first, end):
@@ -128,10 +132,10 @@ def _groups_task(
 
 
 @njit(cache=True)
-def _zero_invalid(batch, per_roi, out, argmax, need_argmax):
-    """Zeros (argmax -1) for every ROI whose batch is -1 (invalid: every bin empty)."""
-    for k in range(batch.shape[0]):
-        if batch[k] < 0:
+def _zero_invalid(source, per_roi, out, argmax, need_argmax):
+    """Zeros (argmax -1) for every ROI whose source is -1 (invalid or no level)."""
+    for k in range(source.shape[0]):
+        if source[k] < 0:
             for o in range(k * per_roi, (k + 1) * per_roi):
                 out[o] = 0
             if need_argmax:
@@ -141,15 +145,15 @@ def _zero_invalid(batch, per_roi, out, argmax, need_argmax):
 
 @njit(parallel=True, cache=True)
 def pool_groups_parallel(
-    src, s_n, s_c, s_h, s_w, channels, width, batch, order, groups,
+    src, layout, num_images, channels, source, order, groups,
     hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, scratch,
 ):  # fmt: skip
     """`pool_groups_serial` over numba's threads (run it in `ops.parallel_region`)."""
-    _zero_invalid(batch, channels * pooled_h * pooled_w, out, argmax, need_argmax)
+    _zero_invalid(source, channels * pooled_h * pooled_w, out, argmax, need_argmax)
     tasks = groups.shape[0] * ((channels + block - 1) // block)
     for task in prange(tasks):
         _groups_task(
-            task, src, s_n, s_c, s_h, s_w, channels, width, order, groups,
+            task, src, layout, num_images, channels, order, groups,
             hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
             scratch[get_thread_id()],
         )  # fmt: skip
@@ -157,23 +161,25 @@ def pool_groups_parallel(
 
 @njit(cache=True)
 def pool_groups_serial(
-    src, s_n, s_c, s_h, s_w, channels, width, batch, order, groups,
+    src, layout, num_images, channels, source, order, groups,
     hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, scratch,
 ):  # fmt: skip
-    """roi_pool forward of groups of ROIs of one image each, in the calling thread.
+    """roi_pool forward of groups of ROIs of one image (of one level) each, in the calling
+    thread.
 
-    A task is one group and a block of channels. When the input's channels are contiguous
+    A task is one group and a block of channels. When the level's channels are contiguous
     (channels_last) it reads them in place; otherwise it first copies the group's region of its
     channels channels-last into its thread's row of `scratch`, then pools each of the group's
     ROIs from there with `_pool_roi`. Either way a task's reads stay within one image's block of
-    channels, which stays in cache while the group's ROIs, which overlap, re-read it. Invalid
-    ROIs (batch -1) get zeros and argmax -1.
+    channels, which stays in cache while the group's ROIs, which overlap, re-read it. ROIs
+    without a source (invalid, or without a level) get zeros and argmax -1.
 
     Args:
-        src: float32/float64 storage of the input; element (n, c, h, w) is at
-            ``n * s_n + c * s_c + h * s_h + w * s_w``.
-        channels, width: C and W.
-        batch: (K,) from `geometry.roi_geometry`.
+        src: float32/float64 memory of every level (`memory.shared_storage`).
+        layout: (L, 7) int64 level table (`geometry.LAYOUT_COLUMNS`): element (n, c, h, w) of
+            level l is at ``offset + n * s_n + c * s_c + h * s_h + w * s_w`` of `src`.
+        num_images, channels: N and C (of every level).
+        source: (K,) from `geometry.roi_geometry` (``level * N + n``, -1: none).
         order, groups: from `plan_groups`.
         hstart, hend, wstart, wend, pooled_h, pooled_w: the geometry.
         out: (K * C * PH * PW,) output, same dtype as `src`.
@@ -184,10 +190,10 @@ def pool_groups_serial(
             channels are not contiguous (the serial kernel uses row 0, the parallel one row
             ``numba.get_thread_id()``); else unused.
     """
-    _zero_invalid(batch, channels * pooled_h * pooled_w, out, argmax, need_argmax)
+    _zero_invalid(source, channels * pooled_h * pooled_w, out, argmax, need_argmax)
     for task in range(groups.shape[0] * ((channels + block - 1) // block)):
         _groups_task(
-            task, src, s_n, s_c, s_h, s_w, channels, width, order, groups,
+            task, src, layout, num_images, channels, order, groups,
             hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
             scratch[0],
         )  # fmt: skip
@@ -231,37 +237,37 @@ def _region(y0, y1, x0, x1, a, b):
 
 @njit(cache=True)
 def plan_groups(
-    batch, hstart, hend, wstart, wend, pooled_h, pooled_w, height, channels, itemsize,
+    source, hstart, hend, wstart, wend, pooled_h, pooled_w, height, channels, itemsize,
     threads, staged, tasks_per_thread, min_block, max_block, task_output_bytes,
     stage_min_coverage, stage_min_block, stage_task_bytes, stage_max_bytes,
 ):  # fmt: skip
     """Groups and channel block for `pool_groups_*`, or block 0: use `pool_keys` instead.
 
-    The valid ROIs of each image are ordered by their window's first row. When `staged`, an
-    image whose ROIs' windows cover at least `stage_min_coverage` times the area of their
-    bounding box is one *segment* (its region is staged once per task and re-read from cache by
-    every ROI); an image whose ROIs are sparser makes one segment per ROI (each ROI stages only
-    its own window). Without staging every image is one segment. Tasks (group, channel block)
+    An *image* here is one source of `source` (one image of one level; `height` is the largest H of
+    the levels). The ROIs of each image (those with a source) are ordered by their window's first
+    row. When `staged`, an image whose ROIs' windows cover at least `stage_min_coverage` times the
+    area of their bounding box is one *segment* (its region is staged once per task and re-read from
+    cache by every ROI); an image whose ROIs are sparser makes one segment per ROI (each ROI stages
+    only its own window). Without staging every image is one segment. Tasks (group, channel block)
     are wanted `tasks_per_thread` per thread: channel blocks first (they share nothing), down to
-    `stage_min_block` channels, whose scan loops are long enough to vectorise well, then
-    segments are cut into consecutive groups, which each restage their region. A block's region
-    is kept within `stage_task_bytes` and its output per ROI within `task_output_bytes` where
-    that minimum allows; with fewer ROIs than groups wanted, blocks go down to `min_block`
-    channels. When `staged`, gives block 0 if one channel of a region exceeds
-    `stage_max_bytes`.
+    `stage_min_block` channels, whose scan loops are long enough to vectorise well, then segments
+    are cut into consecutive groups, which each restage their region. A block's region is kept
+    within `stage_task_bytes` and its output per ROI within `task_output_bytes` where that minimum
+    allows; with fewer ROIs than groups wanted, blocks go down to `min_block` channels. When
+    `staged`, gives block 0 if one channel of a region exceeds `stage_max_bytes`.
 
     Returns:
-        (order, groups, block, scratch): the ROI indices grouped; (G, 7) int64 rows (image,
+        (order, groups, block, scratch): the ROI indices grouped; (G, 7) int64 rows (source,
         first, end, y0, y1, x0, x1), the group owning ``order[first:end]`` and its region rows
         y0..y1-1, columns x0..x1-1; channels per task (0: use `pool_keys`); and the elements of
         staging buffer each thread needs (0 when not `staged`).
     """
-    valid = np.flatnonzero(batch >= 0)
-    y0, y1, x0, x1 = roi_windows(batch, hstart, hend, wstart, wend, pooled_h, pooled_w, valid)
-    sort = _sort_by_image_and_row(batch[valid], y0, height)
+    valid = np.flatnonzero(source >= 0)
+    y0, y1, x0, x1 = roi_windows(hstart, hend, wstart, wend, pooled_h, pooled_w, valid)
+    sort = _sort_by_image_and_row(source[valid], y0, height)
     order = valid[sort]
     y0, y1, x0, x1 = y0[sort], y1[sort], x0[sort], x1[sort]
-    images = batch[order]
+    images = source[order]
     count = order.shape[0]
     empty = np.zeros((0, 7), np.int64)
     if count == 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from roi_ops_numba.geometry import OFFSET, S_C, S_H, S_N, S_W, WIDTH
 from roi_ops_numba.staging import _stage
 
 
@@ -105,8 +106,8 @@ _GATHER = 3  # too large to stage: gathered in place
 
 @njit(cache=True)
 def _keys_task(
-    task, src, s_n, s_c, s_h, s_w, channels, width,
-    batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
+    task, src, layout, num_images, channels,
+    source, hstart, hend, wstart, wend, pooled_h, pooled_w,
     mag_mask, nan_threshold, out, argmax, need_argmax, block, stage_elements,
 ):  # fmt: skip
     """Task `task` of `pool_keys_serial`: ROI ``task // blocks``, one block of channels."""
@@ -115,13 +116,16 @@ def _keys_task(
     k = task // num_blocks
     c0 = (task % num_blocks) * block
     nc = min(c0 + block, channels) - c0
-    b = batch[k]
-    if b < 0:
+    if source[k] < 0:
         for o in range((k * channels + c0) * num_bins, (k * channels + c0 + nc) * num_bins):
             out[o] = 0
             if need_argmax:
                 argmax[o] = -1
         return
+    level = source[k] // num_images
+    b = source[k] - level * num_images
+    origin, s_n, s_c = layout[level, OFFSET], layout[level, S_N], layout[level, S_C]
+    s_h, s_w, width = layout[level, S_H], layout[level, S_W], layout[level, WIDTH]
     # The running key, raw bits and position of the current bin, per channel.
     rk = np.empty(nc, src.dtype)
     rb = np.empty(nc, src.dtype)
@@ -140,7 +144,7 @@ def _keys_task(
         x0 = min(x0, wstart[k * pooled_w + pw])
         x1 = max(x1, wend[k * pooled_w + pw])
     x1 = max(x1, x0)
-    plane0 = b * s_n + c0 * s_c
+    plane0 = origin + b * s_n + c0 * s_c
     if s_c == 1:
         stage, size = _IN_PLACE, 0
     elif (y1 - y0) * (x1 - x0) * nc <= stage_elements:
@@ -190,34 +194,37 @@ def _keys_task(
 
 @njit(parallel=True, cache=True)
 def pool_keys_parallel(
-    src, s_n, s_c, s_h, s_w, channels, width,
-    batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
+    src, layout, num_images, channels,
+    source, hstart, hend, wstart, wend, pooled_h, pooled_w,
     mag_mask, nan_threshold, out, argmax, need_argmax, block, stage_elements,
 ):  # fmt: skip
     """`pool_keys_serial` over numba's threads (run it in `ops.parallel_region`)."""
-    tasks = batch.shape[0] * ((channels + block - 1) // block)
+    tasks = source.shape[0] * ((channels + block - 1) // block)
     for task in prange(tasks):
         _keys_task(
-            task, src, s_n, s_c, s_h, s_w, channels, width,
-            batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
+            task, src, layout, num_images, channels,
+            source, hstart, hend, wstart, wend, pooled_h, pooled_w,
             mag_mask, nan_threshold, out, argmax, need_argmax, block, stage_elements,
         )  # fmt: skip
 
 
 @njit(cache=True)
 def pool_keys_serial(
-    src, s_n, s_c, s_h, s_w, channels, width,
-    batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
+    src, layout, num_images, channels,
+    source, hstart, hend, wstart, wend, pooled_h, pooled_w,
     mag_mask, nan_threshold, out, argmax, need_argmax, block, stage_elements,
 ):  # fmt: skip
-    """roi_pool forward over (ROI, channel block) tasks in the calling thread, any strides.
+    """roi_pool forward over (ROI, channel block) tasks in the calling thread, any strides; each
+    ROI is read from the level and image of its source.
 
     Args:
-        src: the input's storage as a flat signed-integer view (int16/int32/int64), starting at
-            the input's storage offset; element (n, c, h, w) is at
-            ``n * s_n + c * s_c + h * s_h + w * s_w``.
-        channels, width: C and W.
-        batch, hstart, hend, wstart, wend: from `geometry.roi_geometry`.
+        src: the memory of every level as a flat signed-integer view (int16/int32/int64;
+            `memory.shared_storage`).
+        layout: (L, 7) int64 level table (`geometry.LAYOUT_COLUMNS`): element (n, c, h, w) of
+            level l is at ``offset + n * s_n + c * s_c + h * s_h + w * s_w`` of `src`.
+        num_images, channels: N and C (of every level).
+        source, hstart, hend, wstart, wend: from `geometry.roi_geometry` (source
+            ``level * N + n``, -1: none; the ROI gives zeros).
         pooled_h, pooled_w: PH, PW.
         mag_mask, nan_threshold: the dtype's magnitude mask and +inf bit pattern (see `_key`).
         out: (K * C * PH * PW,) output, same integer view type as `src`.
@@ -228,9 +235,9 @@ def pool_keys_serial(
             copies its ROI window (or else each bin row's band) channels-last into a buffer of
             at most this many elements and scans that; larger regions are gathered in place.
     """
-    for task in range(batch.shape[0] * ((channels + block - 1) // block)):
+    for task in range(source.shape[0] * ((channels + block - 1) // block)):
         _keys_task(
-            task, src, s_n, s_c, s_h, s_w, channels, width,
-            batch, hstart, hend, wstart, wend, pooled_h, pooled_w,
+            task, src, layout, num_images, channels,
+            source, hstart, hend, wstart, wend, pooled_h, pooled_w,
             mag_mask, nan_threshold, out, argmax, need_argmax, block, stage_elements,
         )  # fmt: skip

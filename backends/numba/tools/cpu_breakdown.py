@@ -86,14 +86,15 @@ def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor, 
     from roi_ops_numba.memory import flat_storage
 
     x = problem.input
-    c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    c, h = x.shape[1], x.shape[2]
     if x.stride(1) == 1 or x.dtype not in (torch.float32, torch.float64):
         return None
-    geometry = ops.BinGeometry(problem, 1)
+    call = ops.PoolCall(problem)
+    geometry = ops.BinGeometry(call, 1)
     threads = ops.num_threads()
     t = tuning
     order, groups, block, size = pool_groups.plan_groups(
-        geometry.batch, *geometry.edges(), h, c, x.element_size(), threads, True,
+        geometry.source, *geometry.edges(), h, c, x.element_size(), threads, True,
         t.tasks_per_thread, t.min_block, t.max_block, t.task_output_bytes, t.stage_min_coverage,
         t.stage_min_block, t.stage_task_bytes, t.stage_max_bytes,
     )  # fmt: skip
@@ -103,11 +104,12 @@ def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor, 
     groups[:, 2] = groups[:, 1]  # no ROIs
     scratch = torch.zeros((threads, size), dtype=x.dtype).numpy()
     src = flat_storage(x)
+    layout = call.layout
 
     def run():
         with ops.parallel_region(threads):
             pool_groups.pool_groups_parallel(
-                src, *x.stride(), c, w, geometry.batch, order, groups, *geometry.edges(),
+                src, layout, x.shape[0], c, geometry.source, order, groups, *geometry.edges(),
                 out.view(-1).numpy(), arg.view(-1).numpy(), True, block, scratch,
             )  # fmt: skip
 

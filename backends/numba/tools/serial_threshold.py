@@ -58,7 +58,7 @@ def main() -> None:
             w = Workload("sweep", 2, channels, 50, 68, num_rois, 7, 1 / 16, 16, 512)
             x, rois = make_input(w, torch.float32, "cpu"), make_rois(w, torch.float32, "cpu")
             problem = RoIPoolProblem(x, rois, 7, 7, 1 / 16, True)
-            work = ops.BinGeometry(problem, 1).work * channels
+            work = ops.BinGeometry(ops.PoolCall(problem), 1).work * channels
             out = torch.empty(problem.output_shape)
             argmax = torch.empty(problem.output_shape, dtype=torch.int32)
             forward = [
