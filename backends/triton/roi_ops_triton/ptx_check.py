@@ -10,7 +10,10 @@ and fails unless the PTX has:
 * ``.rn`` on every float32/float64 multiply, add and subtract (so ptxas cannot fuse them);
 * no flush-to-zero comparison (subnormal features must stay ordered);
 * 64-bit atomic minimums where bad ROIs are reported, and 16-byte loads in the aligned
-  channels_last variants.
+  channels_last variants;
+* in the unit kernel, a scan loop that loads each of a lane's channels once per element and
+  clamps the column once for all of them, with no shared memory (a lane's channels stay in its
+  thread).
 
 Floor and ceil come out as ``cvt.rmi.ftz`` / ``cvt.rpi.ftz``: the kernels only floor values that
 are zero or at least 2^-31 in magnitude, where flushing changes nothing. It prints registers
@@ -41,6 +44,7 @@ UNIT_VARIANTS: dict[str, dict[str, object]] = {
     "unit-float32-report": dict(REPORT_BAD=True),
     "unit-float32-inference": dict(NEEDS_ARGMAX=False),
     "unit-float32-two-channels": dict(CHANNELS=2, LANES=128),
+    "unit-float32-one-channel": dict(CHANNELS=1),
     "unit-float16-half-geometry": dict(inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True),
     "unit-bfloat16-inference": dict(inp="bf16", out="bf16", NEEDS_ARGMAX=False),
     "unit-float64": dict(inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True),
@@ -173,6 +177,50 @@ def check_ptx(ptx: str, float64_geometry: bool) -> list[str]:
     return problems
 
 
+def innermost_loops(ptx: str) -> list[list[str]]:
+    """The instruction lines of each innermost loop of the PTX, from its header label to the
+    branch back to it (LLVM's comments mark innermost loop headers)."""
+    lines = ptx.splitlines()
+    loops = []
+    for index, line in enumerate(lines):
+        match = re.match(r"(\$L__BB\d+_\d+):", line)
+        if not match:
+            continue
+        header = index + 1
+        while header < len(lines) and lines[header].strip().startswith("//"):
+            header += 1
+        if not any("Inner Loop Header" in text for text in lines[index:header]):
+            continue
+        body = []
+        for other in lines[header:]:
+            code = other.split("//")[0].strip()
+            if code and not code.startswith((".loc", "$L__tmp")):
+                body.append(code)
+            if re.search(rf"bra(\.uni)?\s+{re.escape(match.group(1))};", code):
+                break
+        loops.append(body)
+    return loops
+
+
+def check_unit_loop(ptx: str, channels: int) -> list[str]:
+    """Problems with the unit kernel's scan: its innermost loop (one element of every lane's bin)
+    must load `channels` values, clamp the column once for all of them (one ``min.s32``), and
+    touch no shared memory. A kernel laid out channels-fastest recomputes the clamp per channel."""
+    loops = [loop for loop in innermost_loops(ptx) if any("setp.gtu" in line for line in loop)]
+    if len(loops) != 1:
+        return [f"expected one innermost loop with comparisons, found {len(loops)}"]
+    (loop,) = loops
+    loads = sum("ld.global" in line for line in loop)
+    clamps = sum(line.startswith("min.s32") for line in loop)
+    shared = sum(".shared" in line or "bar.sync" in line for line in loop)
+    if (loads, clamps, shared) != (channels, 1, 0):
+        return [
+            f"the scan loop has {loads} global loads (expected {channels}), {clamps} column "
+            f"clamps (expected 1) and {shared} shared-memory operations (expected 0)"
+        ]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     """Compile and check every variant; return a process exit status (0 when all pass)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -207,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             problems = [what for what, pattern in _FORBIDDEN.items() if pattern.search(ptx)]
         else:
             problems = check_ptx(ptx, "float64" in name)
+        if name.startswith("unit-"):
+            channels = {**_UNIT_DEFAULTS, **UNIT_VARIANTS[name]}["CHANNELS"]
+            problems += check_unit_loop(ptx, channels)
         if name.startswith("cl-") and "unaligned" not in name and "ld.global.v" not in ptx:
             problems.append("expected vector loads of aligned channels")
         reports = "report" in name or name.startswith("record")
