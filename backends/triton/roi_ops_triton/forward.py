@@ -53,34 +53,17 @@ def _channel_step(pointer, best, at, cand, F64: tl.constexpr, TRACK: tl.constexp
     return first_max_update(comparable(tl.load(pointer), F64), best, at, cand, F64, TRACK)
 
 
-@triton.jit(do_not_specialize=[*RUNTIME, "chan_per_prog"])
-def roi_pool_forward_unit(
-    inp_ptr, rois_ptr, out_ptr, arg_ptr, log_ptr,
-    N, C, H, W, PH, PW, s_n, s_c, s_h, s_w, s_rk, s_rj, scale_f32, scale_bits, blk_offset,
-    chan_per_prog,
+@triton.jit
+def unit_pool(
+    image, out_ptr, arg_ptr, k, blk, valid, x1, y1, bin_h, bin_w,
+    C, H, W, PH, PW, s_c, s_h, chan_per_prog,
     GEOM_HALF: tl.constexpr, GEOM_F64: tl.constexpr, ACC_F64: tl.constexpr,
-    LANES: tl.constexpr, CHANNELS: tl.constexpr,
-    NEEDS_ARGMAX: tl.constexpr, REPORT_BAD: tl.constexpr,
+    LANES: tl.constexpr, CHANNELS: tl.constexpr, NEEDS_ARGMAX: tl.constexpr,
 ):  # fmt: skip
-    """Unit W stride (`s_w` is 1 and unused): each lane owns one bin (its edges in registers) and
-    reduces CHANNELS (1, 2 or 4) channels of it at once, sharing addresses, loop bounds and the
-    argmax offset between them.
-
-    Program (k, blk) covers channels [blk * chan_per_prog, ...) of ROI k. Lanes form `groups`
-    groups of `span` bins; lane (g, b) takes channels c0 + u * groups + g (u < CHANNELS) of bin
-    b, so for each u the lanes' outputs are contiguous. Channels past the program's end are read
-    from channel c0 and never stored.
-
-    Every value is a [LANES] vector, one per channel (written out, not a [CHANNELS, LANES]
-    tile): Triton then gives each thread one lane and all its channels whatever its version
-    (the coalescing pass of some versions lays a tile out channels-fastest, recomputing each
-    lane's geometry per channel and splitting warps over channels).
-    """
+    """The unit kernel's work for ROI k, block blk (see `roi_pool_forward_unit`), given the
+    ROI's geometry (`device.program_roi`) and `image`, the ROI's image in the input (any image
+    in bounds for an invalid ROI)."""
     phpw = PH * PW
-    k, blk, valid, batch, x1, y1, bin_h, bin_w = program_roi(
-        rois_ptr, s_rk, s_rj, N, PH, PW, scale_f32, scale_bits, blk_offset, log_ptr,
-        GEOM_HALF, GEOM_F64, REPORT_BAD,
-    )  # fmt: skip
     span = tl.minimum(phpw, LANES)
     groups = LANES // span
     lanes = tl.arange(0, LANES)
@@ -88,7 +71,6 @@ def roi_pool_forward_unit(
     lane_bin = lanes - lane_group * span
     c_start = blk.to(tl.int64) * chan_per_prog
     c_end = tl.minimum(c_start + chan_per_prog, C)
-    image = inp_ptr + tl.where(valid, batch, 0) * s_n
     out_roi = k.to(tl.int64) * C * phpw
     for b0 in range(0, phpw, span):
         bins = b0 + lane_bin
@@ -159,28 +141,50 @@ def roi_pool_forward_unit(
                            best3, at3, first_index, NEEDS_ARGMAX)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=RUNTIME)
-def roi_pool_forward_channels_last(
+@triton.jit(do_not_specialize=[*RUNTIME, "chan_per_prog"])
+def roi_pool_forward_unit(
     inp_ptr, rois_ptr, out_ptr, arg_ptr, log_ptr,
     N, C, H, W, PH, PW, s_n, s_c, s_h, s_w, s_rk, s_rj, scale_f32, scale_bits, blk_offset,
+    chan_per_prog,
     GEOM_HALF: tl.constexpr, GEOM_F64: tl.constexpr, ACC_F64: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, VEC: tl.constexpr, EVEN_C: tl.constexpr,
-    C_UNIT: tl.constexpr,
+    LANES: tl.constexpr, CHANNELS: tl.constexpr,
     NEEDS_ARGMAX: tl.constexpr, REPORT_BAD: tl.constexpr,
 ):  # fmt: skip
-    """Unit C stride (channels_last; C_UNIT, though any C stride runs): a [BLOCK_B bins,
-    BLOCK_C channels] tile; each element of a bin is read for BLOCK_C adjacent channels at once,
-    as VEC-element vectors when the host has checked that every bin's first channel is
-    VEC-element aligned (VEC > 1).
+    """Unit W stride (`s_w` is 1 and unused): each lane owns one bin (its edges in registers) and
+    reduces CHANNELS (1, 2 or 4) channels of it at once, sharing addresses, loop bounds and the
+    argmax offset between them.
 
-    Program (k, blk) covers one block of bins and one block of channels of ROI k. Channels past
-    C read channel C - 1 unless C is a multiple of BLOCK_C (EVEN_C), and are never stored.
-    Triton converts the tile's layout for the bin-contiguous stores.
+    Program (k, blk) covers channels [blk * chan_per_prog, ...) of ROI k. Lanes form `groups`
+    groups of `span` bins; lane (g, b) takes channels c0 + u * groups + g (u < CHANNELS) of bin
+    b, so for each u the lanes' outputs are contiguous. Channels past the program's end are read
+    from channel c0 and never stored.
+
+    Every value is a [LANES] vector, one per channel (written out, not a [CHANNELS, LANES]
+    tile): Triton then gives each thread one lane and all its channels whatever its version
+    (the coalescing pass of some versions lays a tile out channels-fastest, recomputing each
+    lane's geometry per channel and splitting warps over channels).
     """
     k, blk, valid, batch, x1, y1, bin_h, bin_w = program_roi(
         rois_ptr, s_rk, s_rj, N, PH, PW, scale_f32, scale_bits, blk_offset, log_ptr,
         GEOM_HALF, GEOM_F64, REPORT_BAD,
     )  # fmt: skip
+    unit_pool(
+        inp_ptr + tl.where(valid, batch, 0) * s_n, out_ptr, arg_ptr, k, blk, valid, x1, y1,
+        bin_h, bin_w, C, H, W, PH, PW, s_c, s_h, chan_per_prog,
+        GEOM_HALF, GEOM_F64, ACC_F64, LANES, CHANNELS, NEEDS_ARGMAX,
+    )  # fmt: skip
+
+
+@triton.jit
+def channels_last_pool(
+    inp_ptr, out_ptr, arg_ptr, k, blk, valid, batch, x1, y1, bin_h, bin_w,
+    C, H, W, PH, PW, s_n, s_c, s_h, s_w,
+    GEOM_HALF: tl.constexpr, GEOM_F64: tl.constexpr, ACC_F64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, VEC: tl.constexpr, EVEN_C: tl.constexpr,
+    C_UNIT: tl.constexpr, NEEDS_ARGMAX: tl.constexpr,
+):  # fmt: skip
+    """The channels_last kernel's work for ROI k, block blk (see
+    `roi_pool_forward_channels_last`), given the ROI's geometry (`device.program_roi`)."""
     phpw = PH * PW
     bin_blocks = tl.cdiv(phpw, BLOCK_B)
     bins = (blk % bin_blocks) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -205,6 +209,35 @@ def roi_pool_forward_channels_last(
     ok = bin_ok[:, None] & (chan < C)[None, :]
     store_bins(out_ptr, arg_ptr, offsets, ok, filled[:, None], best, at, (hs * W + ws)[:, None],
                NEEDS_ARGMAX)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=RUNTIME)
+def roi_pool_forward_channels_last(
+    inp_ptr, rois_ptr, out_ptr, arg_ptr, log_ptr,
+    N, C, H, W, PH, PW, s_n, s_c, s_h, s_w, s_rk, s_rj, scale_f32, scale_bits, blk_offset,
+    GEOM_HALF: tl.constexpr, GEOM_F64: tl.constexpr, ACC_F64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, VEC: tl.constexpr, EVEN_C: tl.constexpr,
+    C_UNIT: tl.constexpr,
+    NEEDS_ARGMAX: tl.constexpr, REPORT_BAD: tl.constexpr,
+):  # fmt: skip
+    """Unit C stride (channels_last; C_UNIT, though any C stride runs): a [BLOCK_B bins,
+    BLOCK_C channels] tile; each element of a bin is read for BLOCK_C adjacent channels at once,
+    as VEC-element vectors when the host has checked that every bin's first channel is
+    VEC-element aligned (VEC > 1).
+
+    Program (k, blk) covers one block of bins and one block of channels of ROI k. Channels past
+    C read channel C - 1 unless C is a multiple of BLOCK_C (EVEN_C), and are never stored.
+    Triton converts the tile's layout for the bin-contiguous stores.
+    """
+    k, blk, valid, batch, x1, y1, bin_h, bin_w = program_roi(
+        rois_ptr, s_rk, s_rj, N, PH, PW, scale_f32, scale_bits, blk_offset, log_ptr,
+        GEOM_HALF, GEOM_F64, REPORT_BAD,
+    )  # fmt: skip
+    channels_last_pool(
+        inp_ptr, out_ptr, arg_ptr, k, blk, valid, batch, x1, y1, bin_h, bin_w,
+        C, H, W, PH, PW, s_n, s_c, s_h, s_w,
+        GEOM_HALF, GEOM_F64, ACC_F64, BLOCK_C, BLOCK_B, VEC, EVEN_C, C_UNIT, NEEDS_ARGMAX,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=RUNTIME)

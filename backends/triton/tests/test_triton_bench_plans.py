@@ -70,7 +70,7 @@ def launches(monkeypatch):
         )
 
     monkeypatch.setattr(launch.launch_cache, "launch", record)
-    monkeypatch.setattr(launch, "_device_sizes", lambda index: H200)
+    monkeypatch.setattr(launch, "device_sizes", lambda index: H200)
     return recorded
 
 

@@ -123,7 +123,7 @@ def _workload_launches(old, launch_module, w, dtype, channels_last, needs_argmax
     old.launcher.launch = old_record
     old._device_sizes = lambda device: sizes
     launch_module.launch_cache.launch = new_record
-    launch_module._device_sizes = lambda index: sizes
+    launch_module.device_sizes = lambda index: sizes
     old.roi_pool_forward(x, rois, size, size, scale, out, arg if needs_argmax else None)
     runner = launch_module.Runner()
     problem = RoIPoolProblem(x, rois, size, size, scale, needs_argmax)
