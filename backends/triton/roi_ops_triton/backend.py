@@ -12,8 +12,16 @@ from typing import ClassVar
 
 import torch
 
-from roi_ops.backend import ALL_FLOAT_DTYPES, Backend, RoIPoolBackwardProblem, RoIPoolProblem
+from roi_ops.backend import (
+    ALL_FLOAT_DTYPES,
+    Backend,
+    MultiScaleRoIPoolBackwardProblem,
+    MultiScaleRoIPoolProblem,
+    RoIPoolBackwardProblem,
+    RoIPoolProblem,
+)
 
+from . import plan
 from .interpreter import interpreting
 from .tuning import DEFAULT_TUNING, Tuning
 
@@ -25,7 +33,9 @@ class TritonBackend(Backend):
     none); invalid ROIs are recorded in roi_ops' bad-ROI log by the kernel itself. Backward: an
     atomic scatter that writes the gradient in the input's layout (contiguous or channels_last);
     not run-to-run deterministic, so under ``torch.use_deterministic_algorithms(True)`` roi_ops
-    runs its shared deterministic backward instead.
+    runs its shared deterministic backward instead. Multi-level (FPN) calls whose levels all
+    take the unit kernel, or all the channels_last kernel, run fused: one launch per direction
+    over every level (`roi_ops_triton.multi_scale`).
 
     Args:
         tuning: launch sizes (`roi_ops_triton.tuning`); probes pass variants, roi_ops the
@@ -47,6 +57,7 @@ class TritonBackend(Backend):
     def __init__(self, tuning: Tuning = DEFAULT_TUNING) -> None:
         self.tuning = tuning
         self._runner = None
+        self._multi_scale_runner = None
 
     def check_available(self) -> str | None:
         """Return why Triton cannot run here (missing, broken, or no CUDA device), else None."""
@@ -91,6 +102,45 @@ class TritonBackend(Backend):
         ``problem.rois`` names (not run-to-run deterministic). Shapes and dtypes as in
         `Backend.backward`."""
         return self._kernels().backward(problem)
+
+    def multi_scale_not_supported_reasons(self, problem: MultiScaleRoIPoolProblem) -> list[str]:
+        """Why `problem` cannot run fused (empty: it can): the single-level checks of level 0,
+        and `plan.multi_scale_kernel` (at most `plan.MAX_LEVELS` levels, every level with
+        pixels, all NCHW or all channels_last). roi_ops otherwise pools level by level."""
+        features = problem.features
+        reasons = self.not_supported_reasons(problem.level(0))
+        _, layout_reasons = plan.multi_scale_kernel(
+            [f.stride() for f in features],
+            features[0].shape[1],
+            [f.shape[0] * f.shape[2] * f.shape[3] for f in features],
+            self.tuning,
+        )
+        return reasons + layout_reasons
+
+    def forward_multi_scale(
+        self,
+        problem: MultiScaleRoIPoolProblem,
+        output: torch.Tensor,
+        argmax: torch.Tensor | None,
+    ) -> None:
+        """Write every ROI's roi_pool on its level into `output` (and `argmax` unless None) in
+        one launch, and record invalid ROIs in ``problem.bad_roi_log`` unless that is None.
+        Rows of level -1 get zeros and argmax -1. Launches without waiting; the levels are read
+        on the device."""
+        self._multi_scale_kernels().forward(problem, output, argmax)
+
+    def backward_multi_scale(self, problem: MultiScaleRoIPoolBackwardProblem) -> list[torch.Tensor]:
+        """The L gradients of a fused forward: one atomic scatter into every level (not
+        run-to-run deterministic). Each is (N, C, H_l, W_l) of ``problem.input_dtype``."""
+        return self._multi_scale_kernels().backward(problem)
+
+    def _multi_scale_kernels(self):
+        runner = self._multi_scale_runner
+        if runner is None:
+            from .multi_scale import MultiScaleRunner
+
+            runner = self._multi_scale_runner = MultiScaleRunner(self.tuning)
+        return runner
 
     def _kernels(self):
         runner = self._runner

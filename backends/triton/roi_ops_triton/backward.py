@@ -15,6 +15,30 @@ import triton.language as tl
 from .device import roi_image, widen
 
 
+@triton.jit
+def gradient_block(
+    grad_out_ptr, arg_ptr, k, blk, C, PH, PW, s_k, s_c, s_h, s_w,
+    ACC_F64: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Block blk of ROI k's grad_output elements, flat over (C, PH, PW): (channel, argmax,
+    whether it adds anything, the gradient widened to the accumulation type) of each. `k` is
+    int64; grad_output has any strides (zero strides included), argmax is contiguous."""
+    phpw = PH * PW
+    first = blk.to(tl.int64) * BLOCK
+    c0 = first // phpw
+    local = (first - c0 * phpw).to(tl.int32) + tl.arange(0, BLOCK)
+    chan = c0 + local // phpw
+    bins = local % phpw
+    ph = bins // PW
+    pw = bins - ph * PW
+    ok = chan < C
+    index = tl.load(arg_ptr + k * C * phpw + first + tl.arange(0, BLOCK), mask=ok, other=-1)
+    hit = ok & (index >= 0)
+    g_off = k * s_k + chan * s_c + ph.to(tl.int64) * s_h + pw.to(tl.int64) * s_w
+    grad = widen(tl.load(grad_out_ptr + g_off, mask=hit, other=0.0), ACC_F64)
+    return chan, index, hit, grad
+
+
 @triton.jit(
     do_not_specialize=["N", "C", "HW", "PH", "PW", "s_k", "s_c", "s_h", "s_w", "blk_offset"]
 )
@@ -46,19 +70,9 @@ def roi_pool_backward_scatter(
     """
     k = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1) + blk_offset
-    phpw = PH * PW
-    first = blk.to(tl.int64) * BLOCK
-    c0 = first // phpw
-    local = (first - c0 * phpw).to(tl.int32) + tl.arange(0, BLOCK)
-    chan = c0 + local // phpw
-    bins = local % phpw
-    ph = bins // PW
-    pw = bins - ph * PW
-    ok = chan < C
-    index = tl.load(arg_ptr + k * C * phpw + first + tl.arange(0, BLOCK), mask=ok, other=-1)
-    hit = ok & (index >= 0)
-    g_off = k * s_k + chan * s_c + ph.to(tl.int64) * s_h + pw.to(tl.int64) * s_w
-    grad = widen(tl.load(grad_out_ptr + g_off, mask=hit, other=0.0), ACC_F64)
+    chan, index, hit, grad = gradient_block(
+        grad_out_ptr, arg_ptr, k, blk, C, PH, PW, s_k, s_c, s_h, s_w, ACC_F64, BLOCK
+    )
     batch = roi_image(rois_ptr, k, s_rk, N, ROIS_F64)
     if CHANNELS_LAST:  # grad_input is dense (N, H, W, C)
         dst = grad_in_ptr + (batch * HW + index) * C + chan

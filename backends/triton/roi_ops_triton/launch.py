@@ -141,23 +141,14 @@ class Runner:
         found = self._forward_plans.get(key)
         if found is None:
             found = self._plan_forward(key, problem, argmax is not None, log is not None)
-        log_argument = output if log is None else _pointer(log, input)
+        log_pointer = output if log is None else log_argument(log, input)
         if found.kernel is None:
             _fill_empty(output, argmax)
             if log is not None:
-                _record_only(rois, log_argument, input.shape[0], found.device_index)
+                _record_only(rois, log_pointer, input.shape[0], found.device_index)
             return
-        pointers = (input, rois, output, output if argmax is None else argmax, log_argument)
-        if found.unit is None:
-            _launch(found, num_rois, found.blocks, pointers, ())
-        elif num_rois * found.blocks >= found.unit.enough_programs:  # the common case
-            _launch(found, num_rois, found.blocks, pointers, (found.unit.channels_per_program,))
-        else:  # few ROIs: fewer channels per program, for more programs
-            channels, bins, multiprocessors, target = found.unit.sizes
-            per = plan.unit_channels_per_program(
-                num_rois, channels, bins, multiprocessors, target, self.tuning
-            )
-            _launch(found, num_rois, -(-channels // per), pointers, (per,))
+        pointers = (input, rois, output, output if argmax is None else argmax, log_pointer)
+        launch_forward(found, num_rois, pointers, self.tuning)
 
     def plan_forward(
         self, problem: RoIPoolProblem, needs_argmax: bool, reports: bool
@@ -173,46 +164,26 @@ class Runner:
             return ForwardPlan(None, "empty", (), {}, 0, None, device_index)
         tuning = self.tuning
         name = plan.forward_kernel(input.stride(), channels, tuning)
-        multiprocessors, l2_bytes = _device_sizes(device_index)
         scalars = (*input.shape, height, width, *input.stride(), *rois.stride(),
-                   *_scale_arguments(problem.spatial_scale))  # fmt: skip
-        meta: dict[str, Any] = {
-            "GEOM_HALF": rois.dtype == torch.float16,
-            "GEOM_F64": rois.dtype == torch.float64,
-            "ACC_F64": input.dtype == torch.float64,
-        }
+                   *scale_arguments(problem.spatial_scale))  # fmt: skip
+        meta = dtype_flags(input.dtype, rois.dtype)
         unit = None
-        blocks = 0
         if name == "unit":
-            target = plan.unit_target(input.numel() * input.element_size(), l2_bytes, tuning)
-            sizes = (channels, bins, multiprocessors, target)
-            per = plan.unit_channels_most(channels, bins, target, tuning)
-            blocks = -(-channels // per)
-            unit = UnitSizes(sizes, per, tuning.min_programs_per_sm * multiprocessors)
-            meta.update(LANES=tuning.unit_lanes, CHANNELS=tuning.unit_channels)
-            warps = tuning.unit_warps
-        elif name == "channels_last":
-            block_c, block_b = plan.channels_last_tile(channels, bins, input.element_size(), tuning)
-            blocks = -(-channels // block_c) * -(-bins // block_b)
-            meta.update(
-                BLOCK_C=block_c,
-                BLOCK_B=block_b,
-                VEC=aligned_channel_vector(input, VECTOR_BYTES),
-                EVEN_C=channels % block_c == 0,
-                C_UNIT=input.stride(1) == 1,
+            input_bytes = input.numel() * input.element_size()
+            sizes, blocks, unit, warps = unit_sizes(
+                channels, bins, input_bytes, device_index, tuning
             )
-            warps = tuning.channels_last_warps
+        elif name == "channels_last":
+            sizes, blocks, warps = channels_last_sizes([input], bins, tuning)
         else:
             lanes = plan.flat_lanes(channels, bins, tuning)
-            blocks = -(-(channels * bins) // lanes)
-            meta.update(LANES=lanes)
-            warps = tuning.flat_warps
-        meta.update(
-            NEEDS_ARGMAX=needs_argmax,
-            REPORT_BAD=reports,
-            num_warps=warps,
-            enable_fp_fusion=False,
-        )
+            sizes, blocks, warps = (
+                {"LANES": lanes},
+                -(-(channels * bins) // lanes),
+                tuning.flat_warps,
+            )
+        meta.update(sizes)
+        meta.update(forward_options(needs_argmax, reports, warps))
         return ForwardPlan(_FORWARD_KERNELS[name], name, scalars, meta, blocks, unit, device_index)
 
     def _plan_forward(
@@ -261,7 +232,7 @@ class Runner:
         if found.blocks:
             pointers = (grad_output, argmax, rois, grad_input)
             extra = (grad_input.data_ptr() & 15,)
-            _launch(found, argmax.shape[0], found.blocks, pointers, (), extra)
+            launch_kernel(found, argmax.shape[0], found.blocks, pointers, (), extra)
         if grad_input.dtype != problem.input_dtype:
             return grad_input.to(problem.input_dtype)
         return grad_input
@@ -285,7 +256,7 @@ class Runner:
         meta: dict[str, Any] = {}
         if num_rois > 0 and input_elements > 0 and problem.argmax.numel() > 0:
             element_size = torch.empty((), dtype=accumulate).element_size()
-            l2_bytes = _device_sizes(device_index)[1]
+            l2_bytes = device_sizes(device_index)[1]
             block = plan.backward_block(input_elements * element_size, l2_bytes, tuning)
             blocks = -(-(channels * pooled_height * pooled_width) // block)
             meta = {
@@ -307,7 +278,7 @@ class Runner:
 _MAX_PLANS = 1024
 
 
-def _pointer(log: torch.Tensor, input: torch.Tensor) -> Any:
+def log_argument(log: torch.Tensor, input: torch.Tensor) -> Any:
     """The bad-ROI log as a kernel argument: itself, or its address where it is pinned host
     memory and the kernel runs on CUDA."""
     if input.device.type == "cuda" and log.device.type != "cuda":
@@ -315,7 +286,7 @@ def _pointer(log: torch.Tensor, input: torch.Tensor) -> Any:
     return log
 
 
-def _device_sizes(device_index: int) -> tuple[int, int]:
+def device_sizes(device_index: int) -> tuple[int, int]:
     """(SM count, L2 bytes) of a CUDA device; (1, 0) for CPU tensors (interpreter)."""
     if device_index < 0:
         return 1, 0
@@ -324,14 +295,81 @@ def _device_sizes(device_index: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _scale_arguments(spatial_scale: float) -> tuple[float, int]:
+def scale_arguments(spatial_scale: float) -> tuple[float, int]:
     """(float32(spatial_scale), the float64's bits as int64): the kernel takes either exactly."""
     as_float32 = float(torch.tensor(spatial_scale, dtype=torch.float32))
     bits = torch.tensor(spatial_scale, dtype=torch.float64).view(torch.int64).item()
     return as_float32, bits
 
 
-def _launch(
+def dtype_flags(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> dict[str, Any]:
+    """The forward kernels' dtype constants."""
+    return {
+        "GEOM_HALF": rois_dtype == torch.float16,
+        "GEOM_F64": rois_dtype == torch.float64,
+        "ACC_F64": input_dtype == torch.float64,
+    }
+
+
+def forward_options(needs_argmax: bool, reports: bool, warps: int) -> dict[str, Any]:
+    """The forward kernels' output flags and launch options."""
+    return {
+        "NEEDS_ARGMAX": needs_argmax,
+        "REPORT_BAD": reports,
+        "num_warps": warps,
+        "enable_fp_fusion": False,
+    }
+
+
+def unit_sizes(
+    channels: int, bins: int, input_bytes: int, device_index: int, tuning: Tuning
+) -> tuple[dict[str, Any], int, UnitSizes, int]:
+    """(constexprs, blocks per ROI, `UnitSizes`, warps) of the unit kernel for inputs of
+    `input_bytes` bytes in all on this device."""
+    multiprocessors, l2_bytes = device_sizes(device_index)
+    target = plan.unit_target(input_bytes, l2_bytes, tuning)
+    per = plan.unit_channels_most(channels, bins, target, tuning)
+    unit = UnitSizes(
+        (channels, bins, multiprocessors, target), per, tuning.min_programs_per_sm * multiprocessors
+    )
+    sizes = {"LANES": tuning.unit_lanes, "CHANNELS": tuning.unit_channels}
+    return sizes, -(-channels // per), unit, tuning.unit_warps
+
+
+def channels_last_sizes(
+    inputs: list[torch.Tensor], bins: int, tuning: Tuning
+) -> tuple[dict[str, Any], int, int]:
+    """(constexprs, blocks per ROI, warps) of the channels_last kernel reading all of `inputs`
+    (one dtype and channel count): 16-byte vectors only when every input allows them."""
+    channels = inputs[0].shape[1]
+    block_c, block_b = plan.channels_last_tile(channels, bins, inputs[0].element_size(), tuning)
+    sizes = {
+        "BLOCK_C": block_c,
+        "BLOCK_B": block_b,
+        "VEC": min(aligned_channel_vector(x, VECTOR_BYTES) for x in inputs),
+        "EVEN_C": channels % block_c == 0,
+        "C_UNIT": all(x.stride(1) == 1 for x in inputs),
+    }
+    return sizes, -(-channels // block_c) * -(-bins // block_b), tuning.channels_last_warps
+
+
+def launch_forward(found: ForwardPlan, num_rois: int, pointers: tuple, tuning: Tuning) -> None:
+    """Launch a forward plan's kernel for `num_rois` ROIs with these pointer arguments: the
+    unit kernel with fewer channels per program when there are too few ROIs to fill the
+    device (`plan.unit_channels_per_program`)."""
+    if found.unit is None:
+        launch_kernel(found, num_rois, found.blocks, pointers, ())
+    elif num_rois * found.blocks >= found.unit.enough_programs:  # the common case
+        launch_kernel(found, num_rois, found.blocks, pointers, (found.unit.channels_per_program,))
+    else:  # few ROIs: fewer channels per program, for more programs
+        channels, bins, multiprocessors, target = found.unit.sizes
+        per = plan.unit_channels_per_program(
+            num_rois, channels, bins, multiprocessors, target, tuning
+        )
+        launch_kernel(found, num_rois, -(-channels // per), pointers, (per,))
+
+
+def launch_kernel(
     found: ForwardPlan | BackwardPlan,
     num_rois: int,
     blocks: int,
@@ -346,7 +384,7 @@ def _launch(
     index = found.device_index
     if index >= 0 and torch.cuda.current_device() != index:
         with torch.cuda.device(index):
-            _launch(found, num_rois, blocks, pointers, tail, extra_key)
+            launch_kernel(found, num_rois, blocks, pointers, tail, extra_key)
         return
     kernel = found.kernel
     for start in range(0, blocks, MAX_GRID_Y):

@@ -103,3 +103,40 @@ def channels_last_gradient(input_elements: int, grad_output_elements: int, tunin
     if tuning.gradient_layout != "auto":
         return tuning.gradient_layout == "channels_last"
     return input_elements >= grad_output_elements
+
+
+MAX_LEVELS = 5  # argument sets of the fused multi-level kernels (FPN P2-P6)
+
+
+def multi_scale_kernel(
+    strides: list[tuple[int, int, int, int]], channels: int, pixels: list[int], tuning: Tuning
+) -> tuple[str | None, list[str]]:
+    """The fused multi-level forward kernel for levels of these strides and H * W sizes:
+    (``"unit"`` or ``"channels_last"``, []) when every level takes that kernel
+    (`forward_kernel`), else (None, the reasons roi_ops pools level by level instead)."""
+    reasons = []
+    if len(strides) > MAX_LEVELS:
+        reasons.append(
+            f"{len(strides)} pyramid levels: the fused kernels take at most {MAX_LEVELS}"
+        )
+    empty = [level for level, count in enumerate(pixels) if count == 0]
+    if empty or channels == 0:
+        reasons.append(f"levels {empty} have no pixel" if empty else "no channel")
+    kernels = []
+    for level, level_strides in enumerate(strides):
+        try:
+            kernels.append(forward_kernel(level_strides, channels, tuning))
+        except ValueError:
+            kernels.append(f"none (level {level} has no unit W stride)")
+    names = sorted(set(kernels))
+    if names not in (["unit"], ["channels_last"]):
+        by_kernel = {name: [i for i, k in enumerate(kernels) if k == name] for name in names}
+        described = ", ".join(f"{name} for levels {levels}" for name, levels in by_kernel.items())
+        reasons.append(
+            f"no fused kernel for these levels' layouts ({described}): every level needs a unit "
+            "W stride (NCHW), or every level a unit C stride and at least "
+            f"{tuning.channels_last_min_channels} channels (channels_last)"
+        )
+    if reasons:
+        return None, reasons
+    return names[0], []

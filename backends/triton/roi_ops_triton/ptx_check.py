@@ -2,15 +2,18 @@
 
 Usage: ``python -m roi_ops_triton.ptx_check [--arch 90] [--dump DIR]`` (``TRITON_INTERPRET``
 must be off). It compiles variants of every kernel (the three forward kernels with each geometry
-dtype, with and without the argmax and the bad-ROI report; the backward; the bad-ROI recorder)
-and fails unless the PTX has:
+dtype, with and without the argmax and the bad-ROI report; the backward; the bad-ROI recorder;
+the fused multi-level forward and backward kernels) and fails unless the PTX has:
 
 * no fused multiply-add (a fused ``x * s - t`` would change C rounding and bin edges);
 * correctly rounded divisions only (``div.rn``; Triton's ``/`` on float32 is ``div.full``);
 * ``.rn`` on every float32/float64 multiply, add and subtract (so ptxas cannot fuse them);
 * no flush-to-zero comparison (subnormal features must stay ordered);
 * 64-bit atomic minimums where bad ROIs are reported, and 16-byte loads in the aligned
-  channels_last variants.
+  channels_last variants;
+* in the unit kernel and its multi-level form, a scan loop that loads each of a lane's
+  channels once per element and clamps the column once for all of them, with no shared memory
+  (a lane's channels stay in its thread).
 
 Floor and ceil come out as ``cvt.rmi.ftz`` / ``cvt.rpi.ftz``: the kernels only floor values that
 are zero or at least 2^-31 in magnitude, where flushing changes nothing. It prints registers
@@ -41,6 +44,7 @@ UNIT_VARIANTS: dict[str, dict[str, object]] = {
     "unit-float32-report": dict(REPORT_BAD=True),
     "unit-float32-inference": dict(NEEDS_ARGMAX=False),
     "unit-float32-two-channels": dict(CHANNELS=2, LANES=128),
+    "unit-float32-one-channel": dict(CHANNELS=1),
     "unit-float16-half-geometry": dict(inp="fp16", rois="fp16", out="fp16", GEOM_HALF=True),
     "unit-bfloat16-inference": dict(inp="bf16", out="bf16", NEEDS_ARGMAX=False),
     "unit-float64": dict(inp="fp64", rois="fp64", out="fp64", GEOM_F64=True, ACC_F64=True),
@@ -119,6 +123,57 @@ def _forward(kernel_name: str, defaults, variants, runtime, warps: int, name: st
     return _compile(getattr(forward, kernel_name), signature, settings, arch, warps)
 
 
+def _levels_forward(kind: str, dtype: str, arch: int, **flags):
+    """A fused multi-level forward kernel (`multi_scale_kernels`), four levels."""
+    from roi_ops_triton import multi_scale_kernels
+
+    rois = "fp64" if dtype == "fp64" else "fp32"
+    signature = {f"inp{level}": f"*{dtype}" for level in range(multi_scale_kernels.MAX_LEVELS)}
+    signature.update({"rois_ptr": f"*{rois}", "levels_ptr": "*i64", "out_ptr": f"*{dtype}",
+                      "arg_ptr": "*i32", "log_ptr": "*i64", "N": "i32", "C": "i32", "PH": "i32",
+                      "PW": "i32", "s_rk": "i32", "s_rj": "i32"})  # fmt: skip
+    for level in range(multi_scale_kernels.MAX_LEVELS):
+        for name, kind_of in (("H", "i32"), ("W", "i32"), ("s_n", "i64"), ("s_c", "i32"),
+                              ("s_h", "i32"), ("s_w", "i32"), ("sf", "fp32"),
+                              ("scale_bits", "i64")):  # fmt: skip
+            signature[f"{name}{level}"] = kind_of
+    signature["blk_offset"] = "i32"
+    constexprs = dict(GEOM_HALF=False, GEOM_F64=dtype == "fp64", ACC_F64=dtype == "fp64",
+                      LEVELS=4, NEEDS_ARGMAX=True, REPORT_BAD=False)  # fmt: skip
+    constexprs.update(flags)
+    if kind == "unit":
+        signature["chan_per_prog"] = "i32"
+        constexprs.update(LANES=256, CHANNELS=4)
+        kernel, warps = multi_scale_kernels.roi_pool_forward_unit_levels, 8
+    else:
+        element = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}[dtype]
+        constexprs.update(BLOCK_C=128 // element, BLOCK_B=64, VEC=16 // element, EVEN_C=True,
+                          C_UNIT=True)  # fmt: skip
+        kernel, warps = multi_scale_kernels.roi_pool_forward_channels_last_levels, 4
+    return _compile(kernel, signature, constexprs, arch, warps)
+
+
+def _levels_backward(dtype: str, arch: int):
+    """The fused multi-level backward scatter, four levels."""
+    from roi_ops_triton import multi_scale_kernels
+
+    accumulate = "fp64" if dtype == "fp64" else "fp32"
+    rois = "fp64" if dtype == "fp64" else "fp32"
+    signature = {"grad_out_ptr": f"*{dtype}", "arg_ptr": "*i32", "rois_ptr": f"*{rois}",
+                 "levels_ptr": "*i64"}  # fmt: skip
+    signature.update({f"grad{level}": f"*{accumulate}" for level in range(5)})
+    signature.update({name: "i32" for name in ("N", "C", "PH", "PW", "s_k", "s_c", "s_h", "s_w",
+                                               "s_rk")})  # fmt: skip
+    for level in range(multi_scale_kernels.MAX_LEVELS):
+        signature.update({f"s_gn{level}": "i32", f"s_gc{level}": "i32", f"s_gi{level}": "i32"})
+    signature["blk_offset"] = "i32"
+    constexprs = {"ROIS_F64": rois == "fp64", "ACC_F64": dtype == "fp64", "BLOCK": 1024,
+                  "LEVELS": 4}  # fmt: skip
+    return _compile(
+        multi_scale_kernels.roi_pool_backward_scatter_levels, signature, constexprs, arch
+    )
+
+
 def _backward(dtype: str, arch: int, channels_last: bool = False):
     from roi_ops_triton import backward
 
@@ -173,6 +228,50 @@ def check_ptx(ptx: str, float64_geometry: bool) -> list[str]:
     return problems
 
 
+def innermost_loops(ptx: str) -> list[list[str]]:
+    """The instruction lines of each innermost loop of the PTX, from its header label to the
+    branch back to it (LLVM's comments mark innermost loop headers)."""
+    lines = ptx.splitlines()
+    loops = []
+    for index, line in enumerate(lines):
+        match = re.match(r"(\$L__BB\d+_\d+):", line)
+        if not match:
+            continue
+        header = index + 1
+        while header < len(lines) and lines[header].strip().startswith("//"):
+            header += 1
+        if not any("Inner Loop Header" in text for text in lines[index:header]):
+            continue
+        body = []
+        for other in lines[header:]:
+            code = other.split("//")[0].strip()
+            if code and not code.startswith((".loc", "$L__tmp")):
+                body.append(code)
+            if re.search(rf"bra(\.uni)?\s+{re.escape(match.group(1))};", code):
+                break
+        loops.append(body)
+    return loops
+
+
+def check_unit_loop(ptx: str, channels: int) -> list[str]:
+    """Problems with the unit kernel's scan: its innermost loop (one element of every lane's bin)
+    must load `channels` values, clamp the column once for all of them (one ``min.s32``), and
+    touch no shared memory. A kernel laid out channels-fastest recomputes the clamp per channel."""
+    loops = [loop for loop in innermost_loops(ptx) if any("setp.gtu" in line for line in loop)]
+    if len(loops) != 1:
+        return [f"expected one innermost loop with comparisons, found {len(loops)}"]
+    (loop,) = loops
+    loads = sum("ld.global" in line for line in loop)
+    clamps = sum(line.startswith("min.s32") for line in loop)
+    shared = sum(".shared" in line or "bar.sync" in line for line in loop)
+    if (loads, clamps, shared) != (channels, 1, 0):
+        return [
+            f"the scan loop has {loads} global loads (expected {channels}), {clamps} column "
+            f"clamps (expected 1) and {shared} shared-memory operations (expected 0)"
+        ]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     """Compile and check every variant; return a process exit status (0 when all pass)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -197,17 +296,34 @@ def main(argv: list[str] | None = None) -> int:
     jobs += [("backward-fp64", lambda: _backward("fp64", args.arch))]
     jobs += [("backward-fp32-channels-last", lambda: _backward("fp32", args.arch, True))]
     jobs += [("record-bad-rois", lambda: _record(args.arch))]
+    jobs += [
+        ("levels-unit-float32", lambda: _levels_forward("unit", "fp32", args.arch)),
+        ("levels-unit-float16-inference-report", lambda: _levels_forward(
+            "unit", "fp16", args.arch, NEEDS_ARGMAX=False, REPORT_BAD=True)),
+        ("levels-unit-float64", lambda: _levels_forward("unit", "fp64", args.arch)),
+        ("levels-cl-float32", lambda: _levels_forward("cl", "fp32", args.arch)),
+        ("levels-cl-bfloat16-report", lambda: _levels_forward(
+            "cl", "bf16", args.arch, REPORT_BAD=True)),
+        ("levels-backward-fp32", lambda: _levels_backward("fp32", args.arch)),
+        ("levels-backward-fp64", lambda: _levels_backward("fp64", args.arch)),
+    ]  # fmt: skip
     for name, build in jobs:
         kernel = build()
         ptx = kernel.asm["ptx"]
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             (args.dump / f"{name}.ptx").write_text(ptx)
-        if name.startswith(("backward", "record")):
+        if name.startswith(("backward", "record", "levels-backward")):
             problems = [what for what, pattern in _FORBIDDEN.items() if pattern.search(ptx)]
         else:
             problems = check_ptx(ptx, "float64" in name)
-        if name.startswith("cl-") and "unaligned" not in name and "ld.global.v" not in ptx:
+        if name.startswith("unit-"):
+            channels = {**_UNIT_DEFAULTS, **UNIT_VARIANTS[name]}["CHANNELS"]
+            problems += check_unit_loop(ptx, channels)
+        if name.startswith("levels-unit-"):
+            problems += check_unit_loop(ptx, 4)
+        vector_variant = name.startswith(("cl-", "levels-cl-")) and "unaligned" not in name
+        if vector_variant and "ld.global.v" not in ptx:
             problems.append("expected vector loads of aligned channels")
         reports = "report" in name or name.startswith("record")
         if reports != bool(re.search(r"(atom|red)\.[a-z.]*min\.s64", ptx)):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 FORWARD_KERNELS = ("auto", "unit", "channels_last", "flat")
 GRADIENT_LAYOUTS = ("auto", "channels_last", "contiguous")
+UNIT_CHANNELS = (1, 2, 4)  # the unit kernel's channels per lane (written out in the kernel)
 _POWERS_OF_TWO = (
     "unit_lanes unit_warps unit_channels channels_last_bins channels_last_bytes "
     "channels_last_warps flat_lanes flat_warps backward_outputs backward_outputs_streamed "
@@ -33,7 +34,8 @@ class Tuning:
             `channels_last_min_channels` channels, ``flat`` otherwise); ``channels_last`` and
             ``flat`` run on any strides, ``unit`` needs a unit W stride.
         unit_lanes, unit_warps: the unit kernel's lanes (one bin each) and warps per program.
-        unit_channels: channels each unit lane reduces at once (sharing its bin's addresses).
+        unit_channels: channels each unit lane reduces at once (sharing its bin's addresses): 1,
+            2 or 4.
         unit_outputs_cached, unit_outputs_streamed: outputs per unit program when the input
             fits in L2 (each lane's bin geometry amortised over many channels) and when it does
             not (the planes that resident programs read together then stay in L2).
@@ -82,6 +84,10 @@ class Tuning:
             value = getattr(self, name)
             if not _power_of_two(value):
                 raise ValueError(f"{name}: expected a power of two, got {value}")
+        if self.unit_channels not in UNIT_CHANNELS:
+            raise ValueError(
+                f"unit_channels: expected one of {UNIT_CHANNELS}, got {self.unit_channels}"
+            )
         for name in ("unit_outputs_cached", "unit_outputs_streamed", "min_programs_per_sm"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected at least 1, got {getattr(self, name)}")

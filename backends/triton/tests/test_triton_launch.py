@@ -150,7 +150,7 @@ def test_a_pinned_log_is_passed_by_address_to_cuda_kernels():
     argument, its address and dtype, without the tensor's CPU device."""
     log = torch.zeros(12, dtype=torch.int64)
     on_cuda = types.SimpleNamespace(device=torch.device("cuda", 0))
-    argument = launch._pointer(log, on_cuda)
+    argument = launch.log_argument(log, on_cuda)
     assert not isinstance(argument, torch.Tensor)
     assert argument.data_ptr() == log.data_ptr() and argument.dtype == torch.int64
-    assert launch._pointer(log, torch.zeros(1)) is log  # the interpreter takes the tensor
+    assert launch.log_argument(log, torch.zeros(1)) is log  # the interpreter takes the tensor

@@ -93,6 +93,7 @@ def test_channels_last_gradient_when_the_input_outnumbers_grad_output():
         ({"gradient_layout": "nhwc"}, "gradient_layout: expected one of"),
         ({"unit_lanes": 96}, "unit_lanes: expected a power of two, got 96"),
         ({"unit_channels": 3}, "unit_channels: expected a power of two, got 3"),
+        ({"unit_channels": 8}, r"unit_channels: expected one of \(1, 2, 4\), got 8"),
         ({"unit_outputs_cached": 0}, "unit_outputs_cached: expected at least 1, got 0"),
     ],
 )

@@ -8,6 +8,13 @@ inference and backward, for torchvision, the old Triton kernels (``--old``), the
 the default tuning and at each ``--variant``; and whether old and new give identical bits
 (outputs, argmax, and gradients from small integer gradients, whose sums are exact).
 
+``multi``: the bench's fpn-multi workload (P2-P5 of 800x1088, N=8, C=256, 8,000 boxes, 7x7),
+NCHW and channels_last, float32 and float16: median times of inference, forward and
+forward+backward of roi_ops' one call on the Triton backend (fused: one launch per direction)
+against torchvision's per-level loop over ``torchvision.ops.roi_pool`` and over
+``roi_ops.roi_pool(backend="triton")``, and whether the fused call and the torch backend give
+the same bits (outputs and, from small integer gradients, gradients).
+
 ``host``: host microseconds per call of a small problem (N=2, C=256, 50x68, K=64, 7x7,
 float32, scale 1/16), calls queued: the new Runner (plan and launch caches), the same with the
 launch cache emptied before every call (Triton binds each launch), the old kernels, the CuPy
@@ -21,6 +28,7 @@ Usage (each well under ten minutes on an H200):
     python backends/triton/tools/probe.py kernels
     python backends/triton/tools/probe.py kernels --workload many-small --variant l128w4 l64w2 \
         l32w1 c2 c1 l64w2c2 l128w4c2 l256w4
+    python backends/triton/tools/probe.py multi
     python backends/triton/tools/probe.py host
 """
 
@@ -181,6 +189,97 @@ def _compare(w, x, rois, old, runners, device, channels_last) -> None:
         print(" | ".join(cells), flush=True)
 
 
+def multi_report(args) -> None:
+    from roi_ops.bench.pyramid import FPN_MULTI, make_boxes, make_pyramid
+    from roi_ops.bench.runner import torchvision_roi_pool
+
+    tv = torchvision_roi_pool()
+    device = torch.device("cuda")
+    w = FPN_MULTI
+    size, scales = w.output_size, w.spatial_scales
+    print(f"{w.name}: {w.describe()}")
+    print("dtype | layout | mode | fused ms | loop tv ms | loop triton ms | tv loop/fused | same")
+    for dtype in (torch.float32, torch.float16):
+        rois = make_boxes(w, dtype, device)
+        for channels_last in (False, True):
+            features = make_pyramid(w, dtype, device)
+            if channels_last:
+                features = [f.contiguous(memory_format=torch.channels_last) for f in features]
+            leaves = [f.detach().requires_grad_(True) for f in features]
+            grad = torch.randint(1, 4, (w.num_rois, w.channels, size, size), device=device)
+            grad = grad.to(dtype)
+            calls = _multi_calls(tv, rois, size, scales)
+            same = _multi_same(features, rois, size, scales, grad)
+            layout = "channels_last" if channels_last else "nchw"
+            for mode in ("infer", "fwd", "fwd+bwd"):
+                times = {}
+                for name, call in calls.items():
+                    times[name] = bench_ms(_multi_mode(mode, call, features, leaves, grad))
+                print(
+                    f"{str(dtype).removeprefix('torch.')} | {layout} | {mode} | "
+                    f"{times['fused']:.3f} | {times['loop tv']:.3f} | "
+                    f"{times['loop triton']:.3f} | {times['loop tv'] / times['fused']:.2f}x | "
+                    f"{'yes' if same else 'NO'}",
+                    flush=True,
+                )
+
+
+def _multi_calls(tv, rois, size, scales) -> dict:
+    """The compared calls, each of the feature levels."""
+    import roi_ops
+    from roi_ops.bench.pyramid import level_loop
+
+    def fused(features):
+        return roi_ops.multi_scale_roi_pool(features, rois, size, scales, backend="triton")
+
+    def loop_torchvision(features):
+        pool = lambda x, b, o, scale: tv(x, b.to(x.dtype), o, scale)  # noqa: E731
+        return level_loop(pool, features, rois, size, scales)
+
+    def loop_triton(features):
+        pool = lambda x, b, o, scale: roi_ops.roi_pool(x, b, o, scale, backend="triton")  # noqa: E731
+        return level_loop(pool, features, rois, size, scales)
+
+    return {"fused": fused, "loop tv": loop_torchvision, "loop triton": loop_triton}
+
+
+def _multi_mode(mode, call, features, leaves, grad):
+    if mode == "infer":
+
+        def infer():
+            with torch.no_grad():
+                call(features)
+
+        return infer
+    if mode == "fwd":
+        return lambda: call(leaves)
+
+    def forward_backward():
+        for leaf in leaves:
+            leaf.grad = None
+        call(leaves).backward(grad)
+
+    return forward_backward
+
+
+def _multi_same(features, rois, size, scales, grad) -> bool:
+    """Whether the fused Triton call and the torch backend give the same bits, forward and
+    backward (integer gradients: exact sums in any order)."""
+    import roi_ops
+
+    results = []
+    for backend in ("triton", "torch"):
+        leaves = [f.detach().requires_grad_(True) for f in features]
+        output = roi_ops.multi_scale_roi_pool(leaves, rois, size, scales, backend=backend)
+        output.backward(grad)
+        results.append((output.detach(), [leaf.grad for leaf in leaves]))
+    (fused, fused_grads), (torch_out, torch_grads) = results
+    return same_bits(fused, torch_out) and all(
+        same_bits(a.contiguous(), b.contiguous())
+        for a, b in zip(fused_grads, torch_grads, strict=True)
+    )
+
+
 def host_report(args) -> None:
     old = load_old(args.old)
     device = torch.device("cuda")
@@ -232,7 +331,7 @@ def host_report(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("report", choices=("kernels", "host"))
+    parser.add_argument("report", choices=("kernels", "multi", "host"))
     parser.add_argument("--old", default=OLD_REVISION, help="git revision or folder")
     parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument(
@@ -243,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2
-    (kernels_report if args.report == "kernels" else host_report)(args)
+    reports = {"kernels": kernels_report, "multi": multi_report, "host": host_report}
+    reports[args.report](args)
     return 0
 
 
