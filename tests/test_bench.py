@@ -128,11 +128,11 @@ def _png(path: Path) -> bool:
 
 def test_plot_from_a_saved_json(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    for name in ("bench-h200-sample.json", "bench-cpu-sample.json"):
+    for name in ("sample-h200-bench.json", "sample-cpu-bench.json"):
         chart = tmp_path / f"{name}.png"
         assert main(["plot", str(SAMPLES / name), str(chart), "--dtype", "float32"]) == 0
         assert _png(chart)
-    assert main(["plot", str(SAMPLES / "bench-h200-sample.json"), str(tmp_path / "all.png")]) == 0
+    assert main(["plot", str(SAMPLES / "sample-h200-bench.json"), str(tmp_path / "all.png")]) == 0
     assert sorted(p.name for p in tmp_path.glob("all-*.png")) == [
         "all-float16.png",
         "all-float32.png",

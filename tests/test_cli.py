@@ -288,7 +288,7 @@ def test_plot_bad_inputs(capsys, tmp_path):
     bad.write_text('{"rows": []}')
     code, _, err = run(capsys, "plot", str(bad), png)
     assert code == 2 and "has no 'results' list" in error_line(err)
-    good = os.path.join(os.path.dirname(__file__), "data", "bench-h200-sample.json")
+    good = os.path.join(os.path.dirname(__file__), "data", "sample-h200-bench.json")
     code, _, err = run(capsys, "plot", good, png, "--dtype", "float64")
     assert code == 2
     assert "no measurement of 'float64' (it has: float32, float16)" in error_line(err)
