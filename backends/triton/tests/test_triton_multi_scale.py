@@ -213,27 +213,31 @@ def test_what_the_backend_declines_to_fuse():
     """More levels than the kernels take, mixed or strided layouts, a level without pixels,
     roi_ops then pools level by level (through the single-level kernels)."""
     backend = TritonBackend()
+    # CPU tensors run only under the interpreter; on a GPU machine the kernels take CUDA ones.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def reasons(features, tuning=None):
-        levels = torch.zeros(2, dtype=torch.int64)
+        levels = torch.zeros(2, dtype=torch.int64, device=device)
         problem = MultiScaleRoIPoolProblem(
-            features, _rois(k=2), levels, 2, 2, [1 / 4] * len(features), True
+            features, _rois(k=2).to(device), levels, 2, 2, [1 / 4] * len(features), True
         )
         chosen = backend if tuning is None else TritonBackend(tuning)
         return chosen.multi_scale_not_supported_reasons(problem)
 
-    x = torch.zeros(1, 8, 4, 4)
+    x = torch.zeros(1, 8, 4, 4, device=device)
     last = x.contiguous(memory_format=torch.channels_last)
     assert reasons([x, x]) == [] and reasons([last, last]) == []
     too_many = reasons([x] * (plan.MAX_LEVELS + 1))
     assert len(too_many) == 1 and f"at most {plan.MAX_LEVELS}" in too_many[0]
     (mixed,) = reasons([x, last])
     assert "channels_last for levels [1], unit for levels [0]" in mixed
-    strided = torch.zeros(1, 8, 4, 8)[..., ::2]
+    strided = torch.zeros(1, 8, 4, 8, device=device)[..., ::2]
     assert "flat for levels [1]" in reasons([x, strided])[0]
-    assert "levels [1] have no pixel" in reasons([x, torch.zeros(1, 8, 0, 4)])[0]
+    assert "levels [1] have no pixel" in reasons([x, torch.zeros(1, 8, 0, 4, device=device)])[0]
     assert reasons([x, x], Tuning(kernel="flat"))
-    few_channels = torch.zeros(1, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+    few_channels = torch.zeros(1, 4, 4, 4, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
     assert reasons([few_channels, few_channels])  # the flat kernel's
 
 
