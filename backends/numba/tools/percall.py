@@ -1,6 +1,6 @@
 """Per-call time of small roi_pool problems: the numba backend against torchvision on the CPU.
 
-    PYTHONPATH=$PWD:$PWD/backends/numba /work/venv-tv/bin/python \\
+    PYTHONPATH=$PWD:$PWD/backends/numba .venv-tv/bin/python \\
         backends/numba/tools/percall.py [--threads 2] [--busy 1] [--channels 256 16]
 
 For each small problem (N=2, C channels, a 50x68 map at stride 16, 16 ROIs, 7x7, float32 by

@@ -1,6 +1,6 @@
 """The numba backend against torchvision on every bench workload, calls interleaved.
 
-    PYTHONPATH=$PWD:$PWD/backends/numba /work/venv-tv/bin/python \\
+    PYTHONPATH=$PWD:$PWD/backends/numba .venv-tv/bin/python \\
         backends/numba/tools/vs_torchvision.py --threads 2 [--full-size] [--cpu-time]
 
 For each workload (scaled down for the CPU unless --full-size, float32, NCHW unless
