@@ -102,26 +102,16 @@ class RoIPoolFunction(torch.autograd.Function):
 
 # The C++ apply beneath torch.autograd.Function.apply. The Python wrapper only binds default
 # arguments (this Function has no setup_context and no defaults) and unwraps the functorch
-# wrappers of transforms that have exited; `eager_roi_pool` takes that path itself when its
-# input is such a wrapper. About 5 us per call.
+# wrappers of transforms that have exited; `apply_with_gradient` takes that path itself when
+# its input is such a wrapper.
 _apply_without_wrapper = torch._C._FunctionBase.__dict__["apply"].__get__(None, RoIPoolFunction)
 _is_functorch_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", None)
 
 
-def eager_roi_pool(
-    input: Tensor,
-    rois: Tensor,
-    pooled_height: int,
-    pooled_width: int,
-    spatial_scale: float,
-    backend: str,
-    needs_argmax: bool,
-) -> Tensor:
-    """roi_pool of validated arguments on the eager fast path (the caller checked
-    `plain_eager`)."""
-    if needs_argmax:
-        arguments = (input, rois, pooled_height, pooled_width, spatial_scale, backend, True)
-        if _is_functorch_wrapped is None or _is_functorch_wrapped(input):
-            return RoIPoolFunction.apply(*arguments)
-        return _apply_without_wrapper(*arguments)
-    return run_forward(input, rois, pooled_height, pooled_width, spatial_scale, backend, False)[0]
+def apply_with_gradient(*arguments) -> Tensor:
+    """`RoIPoolFunction.apply` of validated arguments ``(input, rois, pooled_height,
+    pooled_width, spatial_scale, backend, True)`` on the eager fast path (the caller checked
+    `plain_eager`): roi_pool's output, recorded for autograd."""
+    if _is_functorch_wrapped is None or _is_functorch_wrapped(arguments[0]):
+        return RoIPoolFunction.apply(*arguments)
+    return _apply_without_wrapper(*arguments)

@@ -106,10 +106,10 @@ def run_forward(
     spatial_scale: float,
     backend: str,
     needs_argmax: bool,
-) -> tuple[Tensor, Tensor, Backend | None]:
+) -> tuple[Tensor, Tensor | None, Backend | None]:
     """The forward of one validated call.
 
-    Returns (output (K, C, PH, PW), int32 argmax of the same shape or an empty one when not
+    Returns (output (K, C, PH, PW), int32 argmax of the same shape or None when not
     `needs_argmax`, the backend that ran; None for meta tensors, which only get shapes).
 
     Raises:
@@ -120,28 +120,32 @@ def run_forward(
     """
     device = input.device
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
-    if device.type == "meta":
-        output = torch.empty(shape, dtype=input.dtype, device=device)
-        argmax = torch.empty(shape if needs_argmax else (0,), dtype=torch.int32, device=device)
-        return output, argmax, None
+    # new_empty: the input's dtype and device without parsing them again (a small call's host
+    # time is what this path is measured by).
+    output = input.new_empty(shape)
+    argmax = input.new_empty(shape, dtype=_INT32) if needs_argmax else None
     cuda = device.type == "cuda"
+    if device.type == "meta":
+        return output, argmax, None
     if cuda:
         bad_rois.raise_pending(device)
     problem = RoIPoolProblem(input, rois, pooled_height, pooled_width, spatial_scale, needs_argmax)
     chosen = resolve_backend(backend, problem)
     log = start_value_checks(chosen.reports_bad_rois, rois, input.shape[0], device)
     problem.bad_roi_log = log
-    output = torch.empty(shape, dtype=input.dtype, device=device)
-    argmax = torch.empty(shape if needs_argmax else (0,), dtype=torch.int32, device=device)
     if poisoning_enabled():
         output.fill_(float("nan"))
-        argmax.fill_(-7)
-    call_forward(chosen, chosen.forward, problem, output, argmax if needs_argmax else None)
-    if log is not None:
+        if argmax is not None:
+            argmax.fill_(-7)
+    call_forward(chosen, chosen.forward, problem, output, argmax)
+    if log is not None and not (cuda and bad_rois.KERNEL_LOG_IN_HOST_MEMORY):
         finish_value_checks(log, device)
-    if needs_argmax:
+    if argmax is not None:
         record_owner(argmax, chosen)
     return output, argmax, chosen
+
+
+_INT32 = torch.int32
 
 
 def _check_plugin_gradient(
@@ -239,8 +243,14 @@ def backward_on(
     )
     # The result must not alias an input (custom ops forbid it, and autograd would let the
     # caller's gradient share memory with the backward's inputs): copy it in that rare case.
-    storage = grad.untyped_storage().data_ptr()
+    storage = _storage_address(grad)
     inputs = (problem.grad_output, problem.rois, problem.argmax)
-    if any(storage == t.untyped_storage().data_ptr() for t in inputs):
+    if any(storage == _storage_address(t) for t in inputs):
         return grad.clone()
     return grad
+
+
+def _storage_address(tensor: Tensor) -> int:
+    """The address of `tensor`'s storage (what ``untyped_storage().data_ptr()`` gives, without
+    making a storage object)."""
+    return tensor.data_ptr() - tensor.storage_offset() * tensor.element_size()

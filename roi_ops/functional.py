@@ -6,9 +6,10 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .autograd import eager_roi_pool, plain_eager
+from .autograd import apply_with_gradient, plain_eager
 from .backend import RoIPoolProblem
 from .dispatch import AUTO, Explanation, check_spec, explain_problem
+from .execute import run_forward
 from .ops import register_onnx_if_exporting, roi_pool_op
 from .validation import (
     check_input,
@@ -85,9 +86,10 @@ def roi_pool(
         table = table.float()  # float32 geometry under autocast, as torchvision computes it
     needs_argmax = input.requires_grad and torch.is_grad_enabled()
     if plain_eager(input, table):
-        return eager_roi_pool(
-            input, table, pooled_height, pooled_width, scale, backend, needs_argmax
-        )
+        arguments = (input, table, pooled_height, pooled_width, scale, backend, needs_argmax)
+        if needs_argmax:
+            return apply_with_gradient(*arguments)
+        return run_forward(*arguments)[0]  # inference: no autograd record to make
     if torch.jit.is_tracing():
         sizes = (pooled_height, pooled_width)
         return _traced_roi_pool(input, table, sizes, scale, backend)

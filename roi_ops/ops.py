@@ -34,6 +34,8 @@ def roi_pool_op(
     output, argmax, _ = run_forward(
         input, rois, pooled_height, pooled_width, spatial_scale, backend, needs_argmax
     )
+    if argmax is None:
+        argmax = input.new_empty((0,), dtype=torch.int32)
     return output, argmax
 
 

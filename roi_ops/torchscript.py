@@ -22,21 +22,6 @@ from torch import Tensor
 from torch.jit.annotations import BroadcastingList2
 
 
-def pool(
-    input: Tensor,
-    rois: Tensor,
-    pooled_height: int,
-    pooled_width: int,
-    spatial_scale: float,
-    backend: str,
-) -> Tensor:
-    """The ``roi_ops::roi_pool_jit`` call for checked arguments (it decides at run time whether
-    an argmax is needed: a script run without grad still trains)."""
-    return torch.ops.roi_ops.roi_pool_jit(
-        input, rois, pooled_height, pooled_width, spatial_scale, backend
-    )
-
-
 def _float_dtype(dtype: int) -> bool:
     return (
         dtype == torch.float16
@@ -130,4 +115,8 @@ def roi_pool(
             f"{spatial_scale}"
         )
     table = _rois_table(rois, input)
-    return pool(input, table, output_size[0], output_size[1], spatial_scale, backend)
+    # roi_pool_jit decides at run time whether an argmax is needed: a script run without grad
+    # still trains.
+    return torch.ops.roi_ops.roi_pool_jit(
+        input, table, output_size[0], output_size[1], spatial_scale, backend
+    )
