@@ -28,8 +28,8 @@ MODES: tuple[str, ...] = ("on", "immediate", "off")
 _OFF_WORDS = {"0", "false", "off", "no"}
 _ON_WORDS = {"", "1", "true", "on", "yes"}
 
-# os.environ's own bytes dict (POSIX CPython): a read costs a dict lookup instead of the ~1 us
-# of os.environ.get, and still sees every change made through os.environ.
+# os.environ's own bytes dict (POSIX CPython): a read is one dict lookup, without
+# os.environ.get's key encoding, and still sees every change made through os.environ.
 _ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
 
 
