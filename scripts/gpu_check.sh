@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, backend report, GPU tests, GPU (and 16-core CPU)
 # benchmarks. Logs and JSON go to $OUT (default ./gpu-out). Stages: install info tests bench
-# bitcheck tvbattery tprobe benchsync benchcl cpubench sanitize soak probe ncu (default: install info tests bench). Example: bash scripts/gpu_check.sh install info tests
+# bitcheck tvbattery tprobe hostbudget benchsync benchcl cpubench sanitize soak probe ncu (default: install info tests bench). Example: bash scripts/gpu_check.sh install info tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -49,6 +49,11 @@ for stage in $stages; do
       timeout ${TPROBE_TIMEOUT:-150} "$PYTHON" backends/triton/tools/probe.py kernels \
         --old "$old/backends/triton/roi_ops_triton" ${TPROBE_ARGS:-} 2>&1 \
         | tee "$OUT/tprobe.txt" | tail -40
+      ;;
+    hostbudget)  # where a small call's host time goes, step by step, beside torchvision's
+      "$PYTHON" backends/cupy/tools/host_budget.py --budget ${HOST_BUDGET_S:-0.4} 2>&1 \
+        | tee "$OUT/host-budget.txt"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     bench)
       "$PYTHON" -m roi_ops bench --device cuda --dtype float32 float16 bfloat16 \
