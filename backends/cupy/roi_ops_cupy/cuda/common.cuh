@@ -76,31 +76,19 @@ __device__ __forceinline__ roi_vec16 load_vec16(const void* __restrict__ address
 // float16/bfloat16 values per 32-bit word.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define ROI_OPS_MAX_NAN 1
-__device__ __forceinline__ float max_nan(float a, float b) {
-  float d;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-  return d;
-}
-__device__ __forceinline__ unsigned short max_nan_f16(unsigned short a, unsigned short b) {
-  unsigned short d;
-  asm("max.NaN.f16 %0, %1, %2;" : "=h"(d) : "h"(a), "h"(b));
-  return d;
-}
-__device__ __forceinline__ unsigned short max_nan_bf16(unsigned short a, unsigned short b) {
-  unsigned short d;
-  asm("max.NaN.bf16 %0, %1, %2;" : "=h"(d) : "h"(a), "h"(b));
-  return d;
-}
-__device__ __forceinline__ unsigned int max_nan_f16x2(unsigned int a, unsigned int b) {
-  unsigned int d;
-  asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-__device__ __forceinline__ unsigned int max_nan_bf16x2(unsigned int a, unsigned int b) {
-  unsigned int d;
-  asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
+// One max.NaN instruction on operands of register class `reg` (asm takes only literal text).
+#define ROI_OPS_MAX_NAN_PTX(name, type, suffix, reg)                           \
+  __device__ __forceinline__ type name(type a, type b) {                        \
+    type d;                                                                     \
+    asm("max.NaN." suffix " %0, %1, %2;" : "=" reg(d) : reg(a), reg(b));        \
+    return d;                                                                   \
+  }
+ROI_OPS_MAX_NAN_PTX(max_nan, float, "f32", "f")
+ROI_OPS_MAX_NAN_PTX(max_nan_f16, unsigned short, "f16", "h")
+ROI_OPS_MAX_NAN_PTX(max_nan_bf16, unsigned short, "bf16", "h")
+ROI_OPS_MAX_NAN_PTX(max_nan_f16x2, unsigned int, "f16x2", "r")
+ROI_OPS_MAX_NAN_PTX(max_nan_bf16x2, unsigned int, "bf16x2", "r")
+#undef ROI_OPS_MAX_NAN_PTX
 #endif
 
 // Whether this thread is thread (0, 0) of a block in grid row 0, and its block's blockIdx.x,
