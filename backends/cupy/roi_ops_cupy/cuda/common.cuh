@@ -612,9 +612,10 @@ struct NaNMax<float> {
   }
 };
 // float16 and bfloat16: the same on their raw bits; kInfBits is the type's +inf pattern.
-template <class T, unsigned int kInfBits>
+template <class T, unsigned int kInf>
 struct NaNMax16 {
   static constexpr bool kEnabled = true;
+  static constexpr unsigned int kInfBits = kInf;
   typedef unsigned short V;
   static __device__ __forceinline__ V load(const T* p) { return p->bits; }
   static __device__ __forceinline__ V lowest() { return V(kInfBits | 0x8000u); }
