@@ -483,6 +483,41 @@ __device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 r
   return m;
 }
 
+// A walk through a block's outputs in memory order (ROI r, channel c, bin q, the bin fastest)
+// from output `first` in steps of `step` outputs: the position is counted with carries, so the
+// walk's loop has no division. Every step component is below its radix, so one carry each
+// suffices.
+struct OutputWalk {
+  unsigned int r, c, q;                 // where the walk is
+  unsigned int step_r, step_c, step_q;  // the step in the same radices
+  unsigned int channels, bins;
+  __device__ __forceinline__ OutputWalk(unsigned int first, unsigned int step,
+                                        unsigned int channel_count, unsigned int bin_count) {
+    channels = channel_count;
+    bins = bin_count;
+    const unsigned int per_roi = channels * bins;
+    step_r = step / per_roi;
+    step_c = (step - step_r * per_roi) / bins;
+    step_q = step - step_r * per_roi - step_c * bins;
+    r = first / per_roi;
+    c = (first - r * per_roi) / bins;
+    q = first - r * per_roi - c * bins;
+  }
+  __device__ __forceinline__ void advance() {
+    q += step_q;
+    c += step_c;
+    r += step_r;
+    if (q >= bins) {
+      q -= bins;
+      ++c;
+    }
+    if (c >= channels) {
+      c -= channels;
+      ++r;
+    }
+  }
+};
+
 // The plane layout: which bins a thread owns and which channels of a block it visits. The
 // launch plan sizes the block to whole groups (rounded up to a warp) when nb <= 256.
 struct PlaneLayout {
