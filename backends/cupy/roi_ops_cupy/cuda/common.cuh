@@ -497,11 +497,11 @@ struct OutputWalk {
     bins = bin_count;
     const unsigned int per_roi = channels * bins;
     step_r = step / per_roi;
-    step_c = (step - step_r * per_roi) / bins;
-    step_q = step - step_r * per_roi - step_c * bins;
+    step_c = (step % per_roi) / bins;
+    step_q = (step % per_roi) % bins;
     r = first / per_roi;
-    c = (first - r * per_roi) / bins;
-    q = first - r * per_roi - c * bins;
+    c = (first % per_roi) / bins;
+    q = (first % per_roi) % bins;
   }
   __device__ __forceinline__ void advance() {
     q += step_q;
