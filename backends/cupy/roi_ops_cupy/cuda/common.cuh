@@ -171,24 +171,22 @@ struct Elem<double> {
   }
   static __device__ __forceinline__ double value_of(double v) { return v; }
 };
-template <>
-struct Elem<roi_half> {
+// float16 and bfloat16: the same on their 16 bits; kInfBits is the type's +inf pattern.
+template <class T, int kInfBits>
+struct Elem16 {
   typedef int key;
-  static __device__ __forceinline__ int key_of(roi_half v) {
+  static __device__ __forceinline__ int key_of(T v) {
     const int magnitude = v.bits & 0x7fff;
-    return magnitude > 0x7c00 ? 0x7fff : ((v.bits & 0x8000) ? -magnitude : magnitude);
+    return magnitude > kInfBits ? 0x7fff : ((v.bits & 0x8000) ? -magnitude : magnitude);
   }
-  static __device__ __forceinline__ float value_of(roi_half v) { return half_to_float(v.bits); }
+  static __device__ __forceinline__ float value_of(T v) {
+    return kInfBits == 0x7c00 ? half_to_float(v.bits) : bf16_to_float(v.bits);
+  }
 };
 template <>
-struct Elem<roi_bf16> {
-  typedef int key;
-  static __device__ __forceinline__ int key_of(roi_bf16 v) {
-    const int magnitude = v.bits & 0x7fff;
-    return magnitude > 0x7f80 ? 0x7fff : ((v.bits & 0x8000) ? -magnitude : magnitude);
-  }
-  static __device__ __forceinline__ float value_of(roi_bf16 v) { return bf16_to_float(v.bits); }
-};
+struct Elem<roi_half> : Elem16<roi_half, 0x7c00> {};
+template <>
+struct Elem<roi_bf16> : Elem16<roi_bf16, 0x7f80> {};
 
 // ---- Geometry dtypes: every operation rounded to G, as C++ does with a variable of type G ----
 
