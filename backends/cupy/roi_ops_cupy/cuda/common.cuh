@@ -14,6 +14,9 @@
 //
 // tools/host_emulator.cpp compiles the same source as host C++ for tests without a GPU: it
 // supplies host versions of the PTX primitives below (the one ROI_OPS_HOST_EMULATION block).
+//
+// Each kernel spells out its whole parameter list, so the families' entry points repeat one
+// another's signatures: launch.py passes arguments by position and finds them by these names.
 
 typedef long long i64;
 
@@ -560,24 +563,25 @@ __device__ __forceinline__ void store_result(T* __restrict__ address, T value) {
 // on the round trip (float16's does not, so the kernels copy a NaN result from the input).
 template <class T>
 struct Work;
-template <>
-struct Work<float> {
-  typedef float V;
+// float32 and float64 work on themselves.
+template <class T>
+struct WorkNative {
+  typedef T V;
   static constexpr bool kKeepsNaN = true;
-  static __device__ __forceinline__ float lowest() { return __int_as_float(0xff800000u); }
-  static __device__ __forceinline__ float in(float v) { return v; }
-  static __device__ __forceinline__ float out(float v) { return v; }
-};
-template <>
-struct Work<double> {
-  typedef double V;
-  static constexpr bool kKeepsNaN = true;
-  static __device__ __forceinline__ double lowest() {
-    return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
+  static __device__ __forceinline__ T lowest() {
+    if constexpr (sizeof(T) == 4) {
+      return __int_as_float(0xff800000u);
+    } else {
+      return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
+    }
   }
-  static __device__ __forceinline__ double in(double v) { return v; }
-  static __device__ __forceinline__ double out(double v) { return v; }
+  static __device__ __forceinline__ T in(T v) { return v; }
+  static __device__ __forceinline__ T out(T v) { return v; }
 };
+template <>
+struct Work<float> : WorkNative<float> {};
+template <>
+struct Work<double> : WorkNative<double> {};
 template <>
 struct Work<roi_half> {
   typedef float V;
