@@ -472,6 +472,25 @@ def planes_threads(shared_mem: int, shared_limit: int, tuning: CupyTuning = DEFA
     return kernels.PLANES_THREADS[-1] if alone else kernels.PLANES_THREADS[0]
 
 
+def _grad_output_strides(grad_output: torch.Tensor) -> tuple:
+    """grad_output's four strides as the backward kernels' arguments gs0 to gs3."""
+    names = ("gs0", "gs1", "gs2", "gs3")
+    return tuple(integer(n, v) for n, v in zip(names, grad_output.stride(), strict=True))
+
+
+def _atomic_channels_per_block(
+    grad_bytes: int, num_rois: int, channels: int, bins: int, sizes: CudaSizes, tuning: CupyTuning
+) -> int:
+    """The atomic backward's channels per block for gradients of `grad_bytes` in all: blocks of
+    tuning.block_elements outputs while the gradients fit in L2, else of the streamed size."""
+    target = (
+        tuning.block_elements
+        if grad_bytes <= sizes.l2_bytes
+        else tuning.backward_block_elements_streamed
+    )
+    return channels_per_block(num_rois, channels, bins, sizes.multiprocessors, target, tuning)
+
+
 def plan_backward(
     grad_output: torch.Tensor,
     argmax: torch.Tensor,
@@ -511,10 +530,7 @@ def plan_backward(
         )
     head = (
         pointer("grad_output", grad_output),
-        *(
-            integer(n, v)
-            for n, v in zip(("gs0", "gs1", "gs2", "gs3"), grad_output.stride(), strict=True)
-        ),
+        *_grad_output_strides(grad_output),
         pointer("argmax", argmax),
         pointer("rois", rois),
         integer("rs0", rois.stride(0)),
@@ -545,14 +561,7 @@ def plan_backward(
         )
     name = kernels.backward_name(kernel, grad_output.dtype, rois.dtype)
     grad_bytes = grad_input.numel() * grad_input.element_size()
-    target = (
-        tuning.block_elements
-        if grad_bytes <= sizes.l2_bytes
-        else tuning.backward_block_elements_streamed
-    )
-    per_block = channels_per_block(
-        num_rois, channels, ph * pw, sizes.multiprocessors, target, tuning
-    )
+    per_block = _atomic_channels_per_block(grad_bytes, num_rois, channels, ph * pw, sizes, tuning)
     args = (*head, integer("channels_per_block", per_block), *gradient)
     block = (plane_threads(ph * pw), 1, 1)
     return Launch(name, (num_rois, _grid_y(channels, per_block), 1), block, 0, args)
@@ -627,24 +636,14 @@ def plan_backward_levels(
         return None
     name = kernels.backward_name(kernels.BACKWARD_ATOMIC_LEVELS, grad_output.dtype, rois.dtype)
     grad_bytes = sum(grad.numel() * grad.element_size() for grad in grads)
-    target = (
-        tuning.block_elements
-        if grad_bytes <= sizes.l2_bytes
-        else tuning.backward_block_elements_streamed
-    )
-    per_block = channels_per_block(
-        num_rois, channels, ph * pw, sizes.multiprocessors, target, tuning
-    )
+    per_block = _atomic_channels_per_block(grad_bytes, num_rois, channels, ph * pw, sizes, tuning)
     args = (
         *table,
         integer("L", len(grads)),
         pointer("levels", levels),
         integer("ls0", levels.stride(0)),
         pointer("grad_output", grad_output),
-        *(
-            integer(n, v)
-            for n, v in zip(("gs0", "gs1", "gs2", "gs3"), grad_output.stride(), strict=True)
-        ),
+        *_grad_output_strides(grad_output),
         pointer("argmax", argmax),
         pointer("rois", rois),
         integer("rs0", rois.stride(0)),

@@ -77,13 +77,9 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
   }
   for (i64 i = tid; i < plane_size; i += kBlock) planes[i] = A(0);
   const unsigned int per_roi = channels * bins;
-  // The block's step (kBlock elements) and this thread's first element as (ROI, channel, bin).
-  const unsigned int step_roi = kBlock / per_roi;
-  const unsigned int step_channel = (kBlock % per_roi) / bins;
-  const unsigned int step_bin = (kBlock % per_roi) % bins;
-  const unsigned int first_roi = tid / per_roi;
-  const unsigned int first_channel = (tid % per_roi) / bins;
-  const unsigned int first_bin = (tid % per_roi) % bins;
+  // This thread's first element of a round as (ROI of the round, channel, bin), and the block's
+  // step (kBlock elements).
+  const OutputWalk round_start(tid, kBlock, channels, bins);
   // The next round's batch indices, loaded a round ahead; as int (each is in [0, N) and
   // N < 2^31), which keeps the kernel within its register bound too.
   int next_image[kScan];
@@ -120,7 +116,7 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
       }
     }
     __syncthreads();
-    unsigned int j = first_roi, c = first_channel, q = first_bin;
+    OutputWalk at = round_start;
     for (unsigned int e0 = tid; e0 < found * per_roi; e0 += kPlanesUnroll * kBlock) {
       int a[kPlanesUnroll];
       A g[kPlanesUnroll];
@@ -129,24 +125,14 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
       for (int u = 0; u < kPlanesUnroll; ++u) {
         a[u] = -1;
         g[u] = A(0);
-        plane[u] = c;
-        if (j < found) {
-          const i64 k = round_rois[j];
-          a[u] = __ldcs(argmax + ((k * C + c0 + c) * bins + q));  // read once: evict first
+        plane[u] = at.c;
+        if (at.r < found) {
+          const i64 k = round_rois[at.r];
+          a[u] = __ldcs(argmax + ((k * C + c0 + at.c) * bins + at.q));  // read once: evict first
           g[u] = static_cast<A>(Elem<T>::value_of(
-              grad_output[k * gs0 + (c0 + c) * gs1 + bin_offset[q]]));
+              grad_output[k * gs0 + (c0 + at.c) * gs1 + bin_offset[at.q]]));
         }
-        q += step_bin;  // one step of the block, with carries
-        c += step_channel;
-        j += step_roi;
-        if (q >= bins) {
-          q -= bins;
-          ++c;
-        }
-        if (c >= channels) {
-          c -= channels;
-          ++j;
-        }
+        at.advance();
       }
 #pragma unroll
       for (int u = 0; u < kPlanesUnroll; ++u) {

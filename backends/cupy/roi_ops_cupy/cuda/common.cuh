@@ -14,6 +14,9 @@
 //
 // tools/host_emulator.cpp compiles the same source as host C++ for tests without a GPU: it
 // supplies host versions of the PTX primitives below (the one ROI_OPS_HOST_EMULATION block).
+//
+// Each kernel spells out its whole parameter list, so the families' entry points repeat one
+// another's signatures: launch.py passes arguments by position and finds them by these names.
 
 typedef long long i64;
 
@@ -76,31 +79,19 @@ __device__ __forceinline__ roi_vec16 load_vec16(const void* __restrict__ address
 // float16/bfloat16 values per 32-bit word.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define ROI_OPS_MAX_NAN 1
-__device__ __forceinline__ float max_nan(float a, float b) {
-  float d;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-  return d;
-}
-__device__ __forceinline__ unsigned short max_nan_f16(unsigned short a, unsigned short b) {
-  unsigned short d;
-  asm("max.NaN.f16 %0, %1, %2;" : "=h"(d) : "h"(a), "h"(b));
-  return d;
-}
-__device__ __forceinline__ unsigned short max_nan_bf16(unsigned short a, unsigned short b) {
-  unsigned short d;
-  asm("max.NaN.bf16 %0, %1, %2;" : "=h"(d) : "h"(a), "h"(b));
-  return d;
-}
-__device__ __forceinline__ unsigned int max_nan_f16x2(unsigned int a, unsigned int b) {
-  unsigned int d;
-  asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-__device__ __forceinline__ unsigned int max_nan_bf16x2(unsigned int a, unsigned int b) {
-  unsigned int d;
-  asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
+// One max.NaN instruction on operands of register class `reg` (asm takes only literal text).
+#define ROI_OPS_MAX_NAN_PTX(name, type, suffix, reg)                           \
+  __device__ __forceinline__ type name(type a, type b) {                        \
+    type d;                                                                     \
+    asm("max.NaN." suffix " %0, %1, %2;" : "=" reg(d) : reg(a), reg(b));        \
+    return d;                                                                   \
+  }
+ROI_OPS_MAX_NAN_PTX(max_nan, float, "f32", "f")
+ROI_OPS_MAX_NAN_PTX(max_nan_f16, unsigned short, "f16", "h")
+ROI_OPS_MAX_NAN_PTX(max_nan_bf16, unsigned short, "bf16", "h")
+ROI_OPS_MAX_NAN_PTX(max_nan_f16x2, unsigned int, "f16x2", "r")
+ROI_OPS_MAX_NAN_PTX(max_nan_bf16x2, unsigned int, "bf16x2", "r")
+#undef ROI_OPS_MAX_NAN_PTX
 #endif
 
 // Whether this thread is thread (0, 0) of a block in grid row 0, and its block's blockIdx.x,
@@ -183,24 +174,22 @@ struct Elem<double> {
   }
   static __device__ __forceinline__ double value_of(double v) { return v; }
 };
-template <>
-struct Elem<roi_half> {
+// float16 and bfloat16: the same on their 16 bits; kInfBits is the type's +inf pattern.
+template <class T, int kInfBits>
+struct Elem16 {
   typedef int key;
-  static __device__ __forceinline__ int key_of(roi_half v) {
+  static __device__ __forceinline__ int key_of(T v) {
     const int magnitude = v.bits & 0x7fff;
-    return magnitude > 0x7c00 ? 0x7fff : ((v.bits & 0x8000) ? -magnitude : magnitude);
+    return magnitude > kInfBits ? 0x7fff : ((v.bits & 0x8000) ? -magnitude : magnitude);
   }
-  static __device__ __forceinline__ float value_of(roi_half v) { return half_to_float(v.bits); }
+  static __device__ __forceinline__ float value_of(T v) {
+    return kInfBits == 0x7c00 ? half_to_float(v.bits) : bf16_to_float(v.bits);
+  }
 };
 template <>
-struct Elem<roi_bf16> {
-  typedef int key;
-  static __device__ __forceinline__ int key_of(roi_bf16 v) {
-    const int magnitude = v.bits & 0x7fff;
-    return magnitude > 0x7f80 ? 0x7fff : ((v.bits & 0x8000) ? -magnitude : magnitude);
-  }
-  static __device__ __forceinline__ float value_of(roi_bf16 v) { return bf16_to_float(v.bits); }
-};
+struct Elem<roi_half> : Elem16<roi_half, 0x7c00> {};
+template <>
+struct Elem<roi_bf16> : Elem16<roi_bf16, 0x7f80> {};
 
 // ---- Geometry dtypes: every operation rounded to G, as C++ does with a variable of type G ----
 
@@ -495,6 +484,41 @@ __device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 r
   return m;
 }
 
+// A walk through a block's outputs in memory order (ROI r, channel c, bin q, the bin fastest)
+// from output `first` in steps of `step` outputs: the position is counted with carries, so the
+// walk's loop has no division. Every step component is below its radix, so one carry each
+// suffices.
+struct OutputWalk {
+  unsigned int r, c, q;                 // where the walk is
+  unsigned int step_r, step_c, step_q;  // the step in the same radices
+  unsigned int channels, bins;
+  __device__ __forceinline__ OutputWalk(unsigned int first, unsigned int step,
+                                        unsigned int channel_count, unsigned int bin_count) {
+    channels = channel_count;
+    bins = bin_count;
+    const unsigned int per_roi = channels * bins;
+    step_r = step / per_roi;
+    step_c = (step % per_roi) / bins;
+    step_q = (step % per_roi) % bins;
+    r = first / per_roi;
+    c = (first % per_roi) / bins;
+    q = (first % per_roi) % bins;
+  }
+  __device__ __forceinline__ void advance() {
+    q += step_q;
+    c += step_c;
+    r += step_r;
+    if (q >= bins) {
+      q -= bins;
+      ++c;
+    }
+    if (c >= channels) {
+      c -= channels;
+      ++r;
+    }
+  }
+};
+
 // The plane layout: which bins a thread owns and which channels of a block it visits. The
 // launch plan sizes the block to whole groups (rounded up to a warp) when nb <= 256.
 struct PlaneLayout {
@@ -539,24 +563,25 @@ __device__ __forceinline__ void store_result(T* __restrict__ address, T value) {
 // on the round trip (float16's does not, so the kernels copy a NaN result from the input).
 template <class T>
 struct Work;
-template <>
-struct Work<float> {
-  typedef float V;
+// float32 and float64 work on themselves.
+template <class T>
+struct WorkNative {
+  typedef T V;
   static constexpr bool kKeepsNaN = true;
-  static __device__ __forceinline__ float lowest() { return __int_as_float(0xff800000u); }
-  static __device__ __forceinline__ float in(float v) { return v; }
-  static __device__ __forceinline__ float out(float v) { return v; }
-};
-template <>
-struct Work<double> {
-  typedef double V;
-  static constexpr bool kKeepsNaN = true;
-  static __device__ __forceinline__ double lowest() {
-    return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
+  static __device__ __forceinline__ T lowest() {
+    if constexpr (sizeof(T) == 4) {
+      return __int_as_float(0xff800000u);
+    } else {
+      return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
+    }
   }
-  static __device__ __forceinline__ double in(double v) { return v; }
-  static __device__ __forceinline__ double out(double v) { return v; }
+  static __device__ __forceinline__ T in(T v) { return v; }
+  static __device__ __forceinline__ T out(T v) { return v; }
 };
+template <>
+struct Work<float> : WorkNative<float> {};
+template <>
+struct Work<double> : WorkNative<double> {};
 template <>
 struct Work<roi_half> {
   typedef float V;
@@ -624,9 +649,10 @@ struct NaNMax<float> {
   }
 };
 // float16 and bfloat16: the same on their raw bits; kInfBits is the type's +inf pattern.
-template <class T, unsigned int kInfBits>
+template <class T, unsigned int kInf>
 struct NaNMax16 {
   static constexpr bool kEnabled = true;
+  static constexpr unsigned int kInfBits = kInf;
   typedef unsigned short V;
   static __device__ __forceinline__ V load(const T* p) { return p->bits; }
   static __device__ __forceinline__ V lowest() { return V(kInfBits | 0x8000u); }

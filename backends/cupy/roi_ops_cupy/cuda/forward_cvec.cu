@@ -68,23 +68,14 @@ struct Lanes<roi_half> : Lanes16<roi_half> {};
 template <>
 struct Lanes<roi_bf16> : Lanes16<roi_bf16> {};
 
-// max.NaN on a vector's four 32-bit words: one float32, or two packed float16/bfloat16 channels
-// (max.NaN.f16x2 / .bf16x2: each half as the scalar max.NaN). Only where NaNMax is enabled.
+// max.NaN on a vector's four 32-bit words: two packed float16/bfloat16 channels (max.NaN.f16x2 /
+// .bf16x2: each half as the scalar max.NaN), or one float32. Only where NaNMax is enabled.
 template <class T>
 struct PackedMax;
 #ifdef ROI_OPS_MAX_NAN
-template <>
-struct PackedMax<float> {
-  static __device__ __forceinline__ unsigned int lowest() { return 0xff800000u; }
-  static __device__ __forceinline__ unsigned int max(unsigned int a, unsigned int b) {
-    return __float_as_uint(max_nan(__uint_as_float(a), __uint_as_float(b)));
-  }
-  static __device__ __forceinline__ bool exact(const unsigned int (&m)[4], int i) {
-    return NaNMax<float>::exact(__uint_as_float(m[i]));
-  }
-};
-template <class T, unsigned int kInfBits>
-struct PackedMax16 {
+template <class T>
+struct PackedMax {
+  static constexpr unsigned int kInfBits = NaNMax<T>::kInfBits;
   static __device__ __forceinline__ unsigned int lowest() {
     return (kInfBits | 0x8000u) * 0x10001u;  // -inf in both halves
   }
@@ -96,9 +87,15 @@ struct PackedMax16 {
   }
 };
 template <>
-struct PackedMax<roi_half> : PackedMax16<roi_half, 0x7c00u> {};
-template <>
-struct PackedMax<roi_bf16> : PackedMax16<roi_bf16, 0x7f80u> {};
+struct PackedMax<float> {
+  static __device__ __forceinline__ unsigned int lowest() { return 0xff800000u; }
+  static __device__ __forceinline__ unsigned int max(unsigned int a, unsigned int b) {
+    return __float_as_uint(max_nan(__uint_as_float(a), __uint_as_float(b)));
+  }
+  static __device__ __forceinline__ bool exact(const unsigned int (&m)[4], int i) {
+    return NaNMax<float>::exact(__uint_as_float(m[i]));
+  }
+};
 #endif
 
 // The vectors a thread reads per element: two for float32 and float64 (loop and address work

@@ -56,49 +56,54 @@ __device__ __forceinline__ SmallBin small_bin(const RoiGeometry<G>& g, unsigned 
   return bin;
 }
 
-// Fills table[r * PH * PW + q] for the block's `count` ROIs from `first_roi` (all threads of
-// the block; a barrier follows) and records the invalid ones in the bad-ROI log (null: none).
-template <class R>
-__device__ __forceinline__ void fill_small_table(
-    SmallBin* __restrict__ table, const R* __restrict__ rois, i64 rs0, i64 rs1, i64 N, i64 H,
-    i64 W, i64 sN, i64 sH, i64 sW, double spatial_scale, i64 PH, i64 PW, i64 first_roi,
-    unsigned int count, long long* __restrict__ bad_roi_log) {
-  typedef typename Rois<R>::G G;
-  const unsigned int bins = static_cast<unsigned int>(PH * PW);
-  const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
-  for (unsigned int e = threadIdx.x; e < count * bins; e += blockDim.x) {
-    const unsigned int r = e / bins;
-    const unsigned int q = e - r * bins;
-    const i64 k = first_roi + r;
-    const R* __restrict__ row = rois + k * rs0;
-    const RoiGeometry<G> g = roi_geometry<R>(row, rs1, N, spatial_scale, PH, PW);
-    const bool valid = g.batch >= 0;
-    const unsigned int ph = q / static_cast<unsigned int>(PW);
-    const unsigned int pw = q - ph * static_cast<unsigned int>(PW);
-    const int2 rows = bin_span<G>(ph, g.bin_h, g.y1, H, valid);
-    const int2 cols = bin_span<G>(pw, g.bin_w, g.x1, W, valid);
-    SmallBin bin;
-    bin.corner = (valid ? g.batch : 0) * sN + rows.x * sH + cols.x * sW;
-    bin.bin_h = rows.y - rows.x;
-    bin.bin_w = cols.y - cols.x;
-    bin.first_index = rows.x * w_int + cols.x;
-    bin.level = 0;
-    table[e] = bin;
-    if (!valid && q == 0 && bad_roi_log != nullptr) {
-      record_bad_row<R>(bad_roi_log, row, rs1, k, N);
-    }
+// The maps a block's bins read. OneMap: the single-level kernels' map, whose table corners are
+// offsets from its input. PyramidMaps: the multi-level kernels' table of levels, whose table
+// corners are addresses (each ROI's bins on the map of its level, a ROI with no level pools
+// nothing) and whose bins carry their level.
+template <class T>
+struct OneMap {
+  static constexpr bool kLevels = false;
+  LevelMap<T> map;
+  __device__ __forceinline__ int level_of(i64) const { return 0; }
+  __device__ __forceinline__ const LevelMap<T>& at(int) const { return map; }
+  __device__ __forceinline__ void place(SmallBin&, int) const {}
+  __device__ __forceinline__ const LevelMap<T>& of(const SmallBin&) const { return map; }
+  __device__ __forceinline__ const T* corner(const SmallBin& bin) const {
+    return map.input + bin.corner;
   }
-  __syncthreads();
-}
+};
+template <class T>
+struct PyramidMaps {
+  static constexpr bool kLevels = true;
+  const LevelMaps<T>& maps;
+  i64 L;
+  const i64* __restrict__ levels;
+  i64 ls0;
+  __device__ __forceinline__ int level_of(i64 k) const { return roi_level(levels, ls0, k, L); }
+  __device__ __forceinline__ const LevelMap<T>& at(int level) const {
+    return maps.level[level < 0 ? 0 : level];
+  }
+  __device__ __forceinline__ void place(SmallBin& bin, int level) const {
+    bin.corner = reinterpret_cast<i64>(at(level).input + bin.corner);
+    bin.level = level < 0 ? 0 : level;
+  }
+  __device__ __forceinline__ const LevelMap<T>& of(const SmallBin& bin) const {
+    return maps.level[bin.level];
+  }
+  __device__ __forceinline__ const T* corner(const SmallBin& bin) const {
+    return reinterpret_cast<const T*>(bin.corner);
+  }
+};
 
-// The same for the multi-level kernels: each ROI's bins on the map of its level, each corner the
-// address of the bin's first element (in channel 0); a ROI with no level gets empty bins, and
-// is recorded only when its row is invalid.
-template <class T, class R>
-__device__ __forceinline__ void fill_small_table_levels(
-    SmallBin* __restrict__ table, const LevelMaps<T>& maps, i64 L, const i64* __restrict__ levels,
-    i64 ls0, const R* __restrict__ rois, i64 rs0, i64 rs1, i64 N, i64 PH, i64 PW, i64 first_roi,
-    unsigned int count, long long* __restrict__ bad_roi_log) {
+// Fills table[r * PH * PW + q] for the block's `count` ROIs from `first_roi` (all threads of
+// the block; a barrier follows) and records the invalid ones in the bad-ROI log (null: none). A
+// ROI with no level is recorded only when its row is invalid.
+template <class R, class Maps>
+__device__ __forceinline__ void fill_small_table(SmallBin* __restrict__ table, const Maps& maps,
+                                                 const R* __restrict__ rois, i64 rs0, i64 rs1,
+                                                 i64 N, i64 PH, i64 PW, i64 first_roi,
+                                                 unsigned int count,
+                                                 long long* __restrict__ bad_roi_log) {
   typedef typename Rois<R>::G G;
   const unsigned int bins = static_cast<unsigned int>(PH * PW);
   for (unsigned int e = threadIdx.x; e < count * bins; e += blockDim.x) {
@@ -106,17 +111,17 @@ __device__ __forceinline__ void fill_small_table_levels(
     const unsigned int q = e - r * bins;
     const i64 k = first_roi + r;
     const R* __restrict__ row = rois + k * rs0;
-    const int level = roi_level(levels, ls0, k, L);
-    const LevelMap<T>& map = maps.level[level < 0 ? 0 : level];
+    const int level = maps.level_of(k);
+    const auto& map = maps.at(level);
     const RoiGeometry<G> g =
         roi_geometry<R>(row, rs1, level < 0 ? 0 : N, map.spatial_scale, PH, PW);
     const unsigned int ph = q / static_cast<unsigned int>(PW);
     const unsigned int pw = q - ph * static_cast<unsigned int>(PW);
     SmallBin bin = small_bin<G>(g, ph, pw, map.H, map.W, map.sN, map.sH, map.sW);
-    bin.corner = reinterpret_cast<i64>(map.input + bin.corner);  // an address: see SmallBin
-    bin.level = level < 0 ? 0 : level;
+    maps.place(bin, level);
     table[e] = bin;
-    if (g.batch < 0 && q == 0 && bad_roi_log != nullptr && !roi_valid<R>(row, rs1, N)) {
+    if (g.batch < 0 && q == 0 && bad_roi_log != nullptr &&
+        (!Maps::kLevels || !roi_valid<R>(row, rs1, N))) {
       record_bad_row<R>(bad_roi_log, row, rs1, k, N);
     }
   }
@@ -129,30 +134,24 @@ __device__ __forceinline__ unsigned int small_count(i64 first_roi, i64 rois_per_
                                                                   : rois_per_block);
 }
 
-// The small kernel's outputs (its loop after the table) in the multi-level kernel: each bin's
-// corner is the address of its first element (fill_small_table_levels), and its level's channel
-// and row strides and width come from the level's map.
-template <class T, bool kArgmax>
-__device__ __forceinline__ void small_outputs_levels(
-    const SmallBin* __restrict__ table, const LevelMaps<T>& maps, i64 C, unsigned int bins,
-    i64 first_roi, unsigned int count, unsigned int tid, unsigned int step,
-    T* __restrict__ output, int* __restrict__ argmax) {
+// The small kernel's outputs after its table, (ROI, channel, bin) with the bin fastest: thread
+// tid takes output tid, then every step-th.
+template <class T, bool kArgmax, class Maps>
+__device__ __forceinline__ void small_outputs(const SmallBin* __restrict__ table, const Maps& maps,
+                                              i64 C, unsigned int bins, i64 first_roi,
+                                              unsigned int count, unsigned int tid,
+                                              unsigned int step, T* __restrict__ output,
+                                              int* __restrict__ argmax) {
   const unsigned int per_roi = static_cast<unsigned int>(C) * bins;
   const unsigned int total = count * per_roi;
-  const unsigned int step_r = step / per_roi;
-  const unsigned int step_c = (step - step_r * per_roi) / bins;
-  const unsigned int step_q = step - step_r * per_roi - step_c * bins;
-  unsigned int r = tid / per_roi;
-  unsigned int c = (tid - r * per_roi) / bins;
-  unsigned int q = tid - r * per_roi - c * bins;
+  OutputWalk at(tid, step, static_cast<unsigned int>(C), bins);
   T* __restrict__ const out = output + first_roi * per_roi;
   int* __restrict__ const arg = kArgmax ? argmax + first_roi * per_roi : nullptr;
   for (unsigned int e = tid; e < total; e += step) {
-    const SmallBin bin = table[r * bins + q];
-    const LevelMap<T>& map = maps.level[bin.level];
+    const SmallBin bin = table[at.r * bins + at.q];
+    const LevelMap<T>& map = maps.of(bin);
     const bool empty = bin.bin_h <= 0 || bin.bin_w <= 0;
-    const T* __restrict__ plane =
-        reinterpret_cast<const T*>(bin.corner) + static_cast<i64>(c) * map.sC;
+    const T* __restrict__ plane = maps.corner(bin) + static_cast<i64>(at.c) * map.sC;
     if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
       unit_max_no_argmax<T, 1, false>(plane, 0, map.sH, 1, 1, bin.bin_h, bin.bin_w, empty,
                                       out + e, 0);
@@ -161,17 +160,7 @@ __device__ __forceinline__ void small_outputs_levels(
           plane, 0, map.sH, 1, 1, bin.bin_h, bin.bin_w, empty, static_cast<int>(map.W),
           bin.first_index, out + e, kArgmax ? arg + e : nullptr, 0);
     }
-    q += step_q;
-    c += step_c;
-    r += step_r;
-    if (q >= bins) {
-      q -= bins;
-      ++c;
-    }
-    if (c >= C) {
-      c -= static_cast<unsigned int>(C);
-      ++r;
-    }
+    at.advance();
   }
 }
 }  // namespace roi_ops_cuda
@@ -187,51 +176,13 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::SmallBlo
   using namespace roi_ops_cuda;
   (void)sW;  // 1: the launch plan picks this kernel only for a unit W stride
   SmallBin* const table = reinterpret_cast<SmallBin*>(roi_dynamic_shared);
-  const unsigned int tid = threadIdx.x;
-  const unsigned int step = blockDim.x;
-  const unsigned int bins = static_cast<unsigned int>(PH * PW);
   const i64 first_roi = static_cast<i64>(blockIdx.x) * rois_per_block;
   const unsigned int count = small_count(first_roi, rois_per_block, K);
-  const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
-  fill_small_table<R>(table, rois, rs0, rs1, N, H, W, sN, sH, 1, spatial_scale, PH, PW,
-                      first_roi, count, bad_roi_log);
+  const OneMap<T> map = {{input, H, W, sN, sC, sH, 1, spatial_scale}};
+  fill_small_table<R>(table, map, rois, rs0, rs1, N, PH, PW, first_roi, count, bad_roi_log);
   if (C == 0) return;  // nothing to pool (the table still recorded the block's bad ROIs)
-  // The block's outputs, (ROI, channel, bin) with the bin fastest: thread tid takes tid, then
-  // every step-th, counting (r, c, q) with carries (no division in the loop).
-  const unsigned int per_roi = static_cast<unsigned int>(C) * bins;
-  const unsigned int total = count * per_roi;
-  const unsigned int step_r = step / per_roi;
-  const unsigned int step_c = (step - step_r * per_roi) / bins;
-  const unsigned int step_q = step - step_r * per_roi - step_c * bins;
-  unsigned int r = tid / per_roi;
-  unsigned int c = (tid - r * per_roi) / bins;
-  unsigned int q = tid - r * per_roi - c * bins;
-  T* __restrict__ const out = output + first_roi * per_roi;
-  int* __restrict__ const arg = kArgmax ? argmax + first_roi * per_roi : nullptr;
-  for (unsigned int e = tid; e < total; e += step) {
-    const SmallBin bin = table[r * bins + q];
-    const bool empty = bin.bin_h <= 0 || bin.bin_w <= 0;
-    const T* __restrict__ plane = input + bin.corner + static_cast<i64>(c) * sC;
-    if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
-      unit_max_no_argmax<T, 1, false>(plane, 0, sH, 1, 1, bin.bin_h, bin.bin_w, empty, out + e,
-                                      0);
-    } else {
-      unit_max_compare<T, 1, kArgmax, false>(plane, 0, sH, 1, 1, bin.bin_h, bin.bin_w, empty,
-                                             w_int, bin.first_index, out + e,
-                                             kArgmax ? arg + e : nullptr, 0);
-    }
-    q += step_q;
-    c += step_c;
-    r += step_r;
-    if (q >= bins) {
-      q -= bins;
-      ++c;
-    }
-    if (c >= C) {
-      c -= static_cast<unsigned int>(C);
-      ++r;
-    }
-  }
+  small_outputs<T, kArgmax>(table, map, C, static_cast<unsigned int>(PH * PW), first_roi, count,
+                            threadIdx.x, blockDim.x, output, argmax);
 }
 
 // ---- roi_pool_forward_small_levels<T, R, kArgmax>: the small kernel over pyramid levels -----
@@ -249,14 +200,11 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads,
                                   int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
   using namespace roi_ops_cuda;
   SmallBin* const table = reinterpret_cast<SmallBin*>(roi_dynamic_shared);
-  const unsigned int tid = threadIdx.x;
-  const unsigned int step = blockDim.x;
-  const unsigned int bins = static_cast<unsigned int>(PH * PW);
   const i64 first_roi = static_cast<i64>(blockIdx.x) * rois_per_block;
   const unsigned int count = small_count(first_roi, rois_per_block, K);
-  fill_small_table_levels<T, R>(table, maps, L, levels, ls0, rois, rs0, rs1, N, PH, PW,
-                                first_roi, count, bad_roi_log);
+  const PyramidMaps<T> pyramid = {maps, L, levels, ls0};
+  fill_small_table<R>(table, pyramid, rois, rs0, rs1, N, PH, PW, first_roi, count, bad_roi_log);
   if (C == 0) return;  // nothing to pool (the table still recorded the block's bad ROIs)
-  small_outputs_levels<T, kArgmax>(table, maps, C, bins, first_roi, count, tid, step, output,
-                                   argmax);
+  small_outputs<T, kArgmax>(table, pyramid, C, static_cast<unsigned int>(PH * PW), first_roi,
+                            count, threadIdx.x, blockDim.x, output, argmax);
 }

@@ -13,14 +13,15 @@
 // values, then (kArgmax) as many of ints. C a multiple of Lanes<T>::kCount; the input pointer
 // and sN, sH, sW 16-byte aligned (sC == 1).
 namespace roi_ops_cuda {
-// The small_cvec kernel after its table, in the multi-level kernel (all threads of the block):
-// as roi_pool_forward_small_cvec, except that the table's corners are addresses
-// (fill_small_table_levels) and each bin's strides and width are those of its level's map.
-template <class T, bool kArgmax>
-__device__ __forceinline__ void small_cvec_outputs_levels(
-    const SmallBin* __restrict__ table, const LevelMaps<T>& maps, i64 C, unsigned int bins,
-    i64 rois_per_block, i64 first_roi, unsigned int count, unsigned int tid, unsigned int step,
-    T* __restrict__ output, int* __restrict__ argmax) {
+// The small_cvec kernel after its table (all threads of the block): work items (ROI, bin,
+// vector) into the tile, then the tile out in output order.
+template <class T, bool kArgmax, class Maps>
+__device__ __forceinline__ void small_cvec_outputs(const SmallBin* __restrict__ table,
+                                                   const Maps& maps, i64 C, unsigned int bins,
+                                                   i64 rois_per_block, i64 first_roi,
+                                                   unsigned int count, unsigned int tid,
+                                                   unsigned int step, T* __restrict__ output,
+                                                   int* __restrict__ argmax) {
   typedef Lanes<T> L;
   typedef typename L::Word Word;
   constexpr int V = L::kCount;
@@ -49,37 +50,21 @@ __device__ __forceinline__ void small_cvec_outputs_levels(
       }
     } else {
       const int second = c0 + V < channels ? V : 0;  // kVectors == 2: the next vector, if any
-      const LevelMap<T>& map = maps.level[bin.level];
-      cvec_bin<T, kArgmax>(reinterpret_cast<const T*>(bin.corner) + c0, second, map.sH, map.sW,
-                           bin.bin_h, bin.bin_w, bin.first_index, static_cast<int>(map.W),
-                           values, indices);
+      const LevelMap<T>& map = maps.of(bin);
+      cvec_bin<T, kArgmax>(maps.corner(bin) + c0, second, map.sH, map.sW, bin.bin_h, bin.bin_w,
+                           bin.first_index, static_cast<int>(map.W), values, indices);
     }
   }
   __syncthreads();
   // The block's outputs in memory order (r, channel, q), read across the tile's rows.
   T* __restrict__ const out = output + first_roi * per_roi;
   int* __restrict__ const arg = kArgmax ? argmax + first_roi * per_roi : nullptr;
-  const unsigned int step_r = step / per_roi;
-  const unsigned int step_c = (step - step_r * per_roi) / bins;
-  const unsigned int step_q = step - step_r * per_roi - step_c * bins;
-  unsigned int r = tid / per_roi;
-  unsigned int c = (tid - r * per_roi) / bins;
-  unsigned int q = tid - r * per_roi - c * bins;
+  OutputWalk at(tid, step, channels, bins);
   for (unsigned int e = tid; e < count * per_roi; e += step) {
-    const unsigned int at = (r * bins + q) * width + c;
-    store_result<T>(out + e, L::from_word(tile_value[at]));
-    if constexpr (kArgmax) store_result<int>(arg + e, tile_index[at]);
-    q += step_q;
-    c += step_c;
-    r += step_r;
-    if (q >= bins) {
-      q -= bins;
-      ++c;
-    }
-    if (c >= channels) {
-      c -= channels;
-      ++r;
-    }
+    const unsigned int tile_at = (at.r * bins + at.q) * width + at.c;
+    store_result<T>(out + e, L::from_word(tile_value[tile_at]));
+    if constexpr (kArgmax) store_result<int>(arg + e, tile_index[tile_at]);
+    at.advance();
   }
 }
 }  // namespace roi_ops_cuda
@@ -94,75 +79,15 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlo
                                 const i64 K, T* __restrict__ output, int* __restrict__ argmax,
                                 long long* __restrict__ bad_roi_log) {
   using namespace roi_ops_cuda;
-  typedef Lanes<T> L;
-  typedef typename L::Word Word;
-  constexpr int V = L::kCount;
-  constexpr int kChannels = CvecShape<T>::kChannels;
-  (void)sC;  // 1
-  const unsigned int tid = threadIdx.x;
-  const unsigned int step = blockDim.x;
-  const unsigned int bins = static_cast<unsigned int>(PH * PW);
   const i64 first_roi = static_cast<i64>(blockIdx.x) * rois_per_block;
   const unsigned int count = small_count(first_roi, rois_per_block, K);
   SmallBin* const table = reinterpret_cast<SmallBin*>(roi_dynamic_shared);
-  fill_small_table<R>(table, rois, rs0, rs1, N, H, W, sN, sH, sW, spatial_scale, PH, PW,
-                      first_roi, count, bad_roi_log);
+  const OneMap<T> map = {{input, H, W, sN, sC, sH, sW, spatial_scale}};
+  fill_small_table<R>(table, map, rois, rs0, rs1, N, PH, PW, first_roi, count, bad_roi_log);
   if (C == 0) return;  // nothing to pool (the table still recorded the block's bad ROIs)
-  const unsigned int channels = static_cast<unsigned int>(C);
-  const unsigned int per_roi = channels * bins;
-  // The tile: one row per (ROI, bin) of every vector's channels, padded by one word so that the
-  // stores' reads (bin fastest) do not all hit one bank; argmax rows after the value rows.
-  const unsigned int vectors = (channels + kChannels - 1) / kChannels;
-  const unsigned int width = vectors * kChannels + 1;
-  const unsigned int rows = static_cast<unsigned int>(rois_per_block) * bins;
-  Word* const tile_value = reinterpret_cast<Word*>(table + rows);
-  int* const tile_index = reinterpret_cast<int*>(tile_value + rows * width);
-  const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
-  // Work items (r * bins + q, v), v fastest: v counts vectors of kChannels channels.
-  for (unsigned int item = tid; item < count * bins * vectors; item += step) {
-    const unsigned int rq = item / vectors;
-    const unsigned int c0 = (item - rq * vectors) * kChannels;
-    const SmallBin bin = table[rq];
-    Word* const values = tile_value + rq * width + c0;
-    int* const indices = kArgmax ? tile_index + rq * width + c0 : nullptr;
-    if (bin.bin_h <= 0 || bin.bin_w <= 0) {
-#pragma unroll
-      for (int c = 0; c < kChannels; ++c) {
-        values[c] = L::word(Work<T>::out(typename Work<T>::V(0)));
-        if constexpr (kArgmax) indices[c] = -1;
-      }
-    } else {
-      const int second = c0 + V < channels ? V : 0;  // kVectors == 2: the next vector, if any
-      cvec_bin<T, kArgmax>(input + bin.corner + c0, second, sH, sW, bin.bin_h, bin.bin_w,
-                           bin.first_index, w_int, values, indices);
-    }
-  }
-  __syncthreads();
-  // The block's outputs in memory order (r, channel, q), read across the tile's rows.
-  T* __restrict__ const out = output + first_roi * per_roi;
-  int* __restrict__ const arg = kArgmax ? argmax + first_roi * per_roi : nullptr;
-  const unsigned int step_r = step / per_roi;
-  const unsigned int step_c = (step - step_r * per_roi) / bins;
-  const unsigned int step_q = step - step_r * per_roi - step_c * bins;
-  unsigned int r = tid / per_roi;
-  unsigned int c = (tid - r * per_roi) / bins;
-  unsigned int q = tid - r * per_roi - c * bins;
-  for (unsigned int e = tid; e < count * per_roi; e += step) {
-    const unsigned int at = (r * bins + q) * width + c;
-    store_result<T>(out + e, L::from_word(tile_value[at]));
-    if constexpr (kArgmax) store_result<int>(arg + e, tile_index[at]);
-    q += step_q;
-    c += step_c;
-    r += step_r;
-    if (q >= bins) {
-      q -= bins;
-      ++c;
-    }
-    if (c >= channels) {
-      c -= channels;
-      ++r;
-    }
-  }
+  small_cvec_outputs<T, kArgmax>(table, map, C, static_cast<unsigned int>(PH * PW),
+                                 rois_per_block, first_roi, count, threadIdx.x, blockDim.x,
+                                 output, argmax);
 }
 
 // ---- roi_pool_forward_small_cvec_levels<T, R, kArgmax>: small_cvec over pyramid levels ------
@@ -180,15 +105,13 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlo
                                        T* __restrict__ output, int* __restrict__ argmax,
                                        long long* __restrict__ bad_roi_log) {
   using namespace roi_ops_cuda;
-  const unsigned int tid = threadIdx.x;
-  const unsigned int step = blockDim.x;
-  const unsigned int bins = static_cast<unsigned int>(PH * PW);
   const i64 first_roi = static_cast<i64>(blockIdx.x) * rois_per_block;
   const unsigned int count = small_count(first_roi, rois_per_block, K);
   SmallBin* const table = reinterpret_cast<SmallBin*>(roi_dynamic_shared);
-  fill_small_table_levels<T, R>(table, maps, L, levels, ls0, rois, rs0, rs1, N, PH, PW,
-                                first_roi, count, bad_roi_log);
+  const PyramidMaps<T> pyramid = {maps, L, levels, ls0};
+  fill_small_table<R>(table, pyramid, rois, rs0, rs1, N, PH, PW, first_roi, count, bad_roi_log);
   if (C == 0) return;  // nothing to pool (the table still recorded the block's bad ROIs)
-  small_cvec_outputs_levels<T, kArgmax>(table, maps, C, bins, rois_per_block, first_roi, count,
-                                        tid, step, output, argmax);
+  small_cvec_outputs<T, kArgmax>(table, pyramid, C, static_cast<unsigned int>(PH * PW),
+                                 rois_per_block, first_roi, count, threadIdx.x, blockDim.x,
+                                 output, argmax);
 }
