@@ -423,10 +423,7 @@ class Backend:
         return ["no fused multi-level kernel (roi_ops pools level by level through it)"]
 
     def forward_multi_scale(
-        self,
-        problem: MultiScaleRoIPoolProblem,
-        output: torch.Tensor,
-        argmax: torch.Tensor | None,
+        self, problem: MultiScaleRoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
     ) -> None:
         """Fill `output` (K, C, PH, PW) and, unless None, the int32 `argmax` for every ROI of
         every level in one pass (see `MultiScaleRoIPoolProblem`); on CUDA without waiting."""
