@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -201,6 +202,13 @@ def _positive(kind, name: str, minimum):
         return value
 
     return parse
+
+
+def _number_option(
+    parser: argparse.ArgumentParser, flag: str, kind: type, minimum: float, **options: Any
+) -> None:
+    """Add option `flag`: a number of `kind` (int or float), at least `minimum`."""
+    parser.add_argument(flag, type=_positive(kind, flag, minimum), **options)
 
 
 # Commands ---------------------------------------------------------------------------------
@@ -504,9 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time each roi_ops backend with the ROI value checks off "
         "(roi_ops.value_checks(False)), in extra rows labelled [checks off]",
     )
-    bench.add_argument(
+    _number_option(
+        bench,
         "--queue",
-        type=_positive(int, "--queue", 1),
+        int,
+        1,
         default=None,
         metavar="CALLS",
         help=f"CUDA: calls issued back to back per timed sample (default: {DEFAULT_QUEUE}, as "
@@ -518,23 +528,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="CUDA: time one synchronised call per sample (same as --queue 1): the latency of "
         "an isolated call, host launch work included",
     )
-    bench.add_argument(
+    _number_option(
+        bench,
         "--threads",
-        type=_positive(int, "--threads", 0),
+        int,
+        0,
         default=0,
         help="torch and numba threads (default: 0, meaning torch's own choice)",
     )
-    bench.add_argument(
+    _number_option(
+        bench,
         "--budget",
-        type=_positive(float, "--budget", 0.0),
+        float,
+        0.0,
         default=0.0,
         metavar="SECONDS",
         help="seconds of repeats per measurement (default: 0, meaning 0.5 on the CPU and 0.25 "
         "on CUDA)",
     )
-    bench.add_argument(
+    _number_option(
+        bench,
         "--min-reps",
-        type=_positive(int, "--min-reps", 1),
+        int,
+        1,
         default=3,
         help="timed samples per measurement at least",
     )

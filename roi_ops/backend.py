@@ -106,7 +106,51 @@ class RoIPoolProblem:
         )
 
 
-class RoIPoolBackwardProblem:
+class _BackwardProblem:
+    """What the one-map and the multi-level backward problems share: the incoming gradient, the
+    forward's argmax and ROIs, the dtype of the gradients to return, determinism, and the batch
+    index of each ROI, computed on first use."""
+
+    __slots__ = ("grad_output", "argmax", "rois", "input_dtype", "deterministic", "_batch_index")
+
+    def __init__(
+        self,
+        grad_output: torch.Tensor,
+        argmax: torch.Tensor,
+        rois: torch.Tensor,
+        input_dtype: torch.dtype,
+        deterministic: bool,
+    ) -> None:
+        self.grad_output = grad_output
+        self.argmax = argmax
+        self.rois = rois
+        self.input_dtype = input_dtype
+        self.deterministic = deterministic
+        self._batch_index: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.grad_output.device
+
+    @property
+    def num_images(self) -> int:
+        """N, the images of the forward's input (every level has the same)."""
+        raise NotImplementedError
+
+    @property
+    def batch_index(self) -> torch.Tensor:
+        """(K,) int64 batch index of each ROI, clamped into [0, N), computed on first use (two
+        small kernels; a backend that reads ``rois`` in its own kernel never pays them).
+
+        Valid ROIs get ``trunc(rois[:, 0])``; invalid ones (whose argmax is all -1) get some
+        index in [0, N).
+        """
+        if self._batch_index is None:
+            self._batch_index = batch_indices(self.rois, self.num_images)
+        return self._batch_index
+
+
+class RoIPoolBackwardProblem(_BackwardProblem):
     """One roi_pool backward call, as a backend sees it.
 
     Attributes:
@@ -123,16 +167,7 @@ class RoIPoolBackwardProblem:
             calls the backward of a backend that declares ``deterministic_backward`` then.
     """
 
-    __slots__ = (
-        "grad_output",
-        "argmax",
-        "rois",
-        "input_shape",
-        "input_dtype",
-        "memory_format",
-        "deterministic",
-        "_batch_index",
-    )
+    __slots__ = ("input_shape", "memory_format")
 
     def __init__(
         self,
@@ -144,18 +179,9 @@ class RoIPoolBackwardProblem:
         memory_format: torch.memory_format = torch.contiguous_format,
         deterministic: bool = False,
     ) -> None:
-        self.grad_output = grad_output
-        self.argmax = argmax
-        self.rois = rois
+        super().__init__(grad_output, argmax, rois, input_dtype, deterministic)
         self.input_shape = tuple(input_shape)
-        self.input_dtype = input_dtype
         self.memory_format = memory_format
-        self.deterministic = deterministic
-        self._batch_index: torch.Tensor | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.grad_output.device
 
     @property
     def num_images(self) -> int:
@@ -165,18 +191,6 @@ class RoIPoolBackwardProblem:
     def accumulate_dtype(self) -> torch.dtype:
         """float32 for float16/bfloat16 gradients, else ``input_dtype`` (see `accumulate_dtype`)."""
         return accumulate_dtype(self.input_dtype)
-
-    @property
-    def batch_index(self) -> torch.Tensor:
-        """(K,) int64 batch index of each ROI, clamped into [0, N), computed on first use (two
-        small kernels; a backend that reads ``rois`` in its own kernel never pays them).
-
-        Valid ROIs get ``trunc(rois[:, 0])``; invalid ones (whose argmax is all -1) get some
-        index in [0, N).
-        """
-        if self._batch_index is None:
-            self._batch_index = batch_indices(self.rois, self.input_shape[0])
-        return self._batch_index
 
     def __repr__(self) -> str:
         dtype = str(self.input_dtype).removeprefix("torch.")
@@ -267,7 +281,7 @@ class MultiScaleRoIPoolProblem:
         )
 
 
-class MultiScaleRoIPoolBackwardProblem:
+class MultiScaleRoIPoolBackwardProblem(_BackwardProblem):
     """One multi-level roi_pool backward call, as a backend sees it.
 
     Attributes:
@@ -281,17 +295,7 @@ class MultiScaleRoIPoolBackwardProblem:
         deterministic: True under ``torch.use_deterministic_algorithms(True)``.
     """
 
-    __slots__ = (
-        "grad_output",
-        "argmax",
-        "rois",
-        "levels",
-        "input_shapes",
-        "input_dtype",
-        "memory_formats",
-        "deterministic",
-        "_batch_index",
-    )
+    __slots__ = ("levels", "input_shapes", "memory_formats")
 
     def __init__(
         self,
@@ -304,26 +308,14 @@ class MultiScaleRoIPoolBackwardProblem:
         memory_formats: tuple[torch.memory_format, ...],
         deterministic: bool = False,
     ) -> None:
-        self.grad_output = grad_output
-        self.argmax = argmax
-        self.rois = rois
+        super().__init__(grad_output, argmax, rois, input_dtype, deterministic)
         self.levels = levels
         self.input_shapes = tuple(tuple(s) for s in input_shapes)
-        self.input_dtype = input_dtype
         self.memory_formats = tuple(memory_formats)
-        self.deterministic = deterministic
-        self._batch_index: torch.Tensor | None = None
 
     @property
-    def device(self) -> torch.device:
-        return self.grad_output.device
-
-    @property
-    def batch_index(self) -> torch.Tensor:
-        """(K,) int64 batch index of each ROI clamped into [0, N), computed on first use."""
-        if self._batch_index is None:
-            self._batch_index = batch_indices(self.rois, self.input_shapes[0][0])
-        return self._batch_index
+    def num_images(self) -> int:
+        return self.input_shapes[0][0]
 
 
 class Backend:
@@ -431,10 +423,7 @@ class Backend:
         return ["no fused multi-level kernel (roi_ops pools level by level through it)"]
 
     def forward_multi_scale(
-        self,
-        problem: MultiScaleRoIPoolProblem,
-        output: torch.Tensor,
-        argmax: torch.Tensor | None,
+        self, problem: MultiScaleRoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
     ) -> None:
         """Fill `output` (K, C, PH, PW) and, unless None, the int32 `argmax` for every ROI of
         every level in one pass (see `MultiScaleRoIPoolProblem`); on CUDA without waiting."""

@@ -7,8 +7,12 @@ the geometry dtype G, so torch rounds each one to G exactly as the contract asks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .backend import RoIPoolProblem
 
 INDEX_LIMIT = 2**40
 
@@ -113,4 +117,18 @@ def roi_bins(
         hend=torch.where(keep, hend, 0),
         wstart=torch.where(keep, wstart, 0),
         wend=torch.where(keep, wend, 0),
+    )
+
+
+def problem_bins(problem: RoIPoolProblem) -> RoiBins:
+    """`roi_bins` of every ROI of `problem`, on its input's sizes and its output size and scale."""
+    num_images, _, height, width = problem.input.shape
+    return roi_bins(
+        problem.rois,
+        num_images,
+        height,
+        width,
+        problem.pooled_height,
+        problem.pooled_width,
+        problem.spatial_scale,
     )

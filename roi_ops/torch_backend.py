@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend, RoIPoolProblem
-from .geometry import RoiBins, roi_bins
+from .geometry import RoiBins, problem_bins
 
 # Elements gathered per chunk (values plus masks): bounds the extra memory to a few hundred MB.
 CHUNK_ELEMENTS = 1 << 24
@@ -103,21 +103,13 @@ class TorchBackend(Backend):
         self, problem: RoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
     ) -> None:
         x = problem.input
-        num_images, channels, height, width = x.shape
+        _, channels, height, width = x.shape
         output.zero_()
         if argmax is not None:
             argmax.fill_(-1)
         if problem.num_rois == 0 or height == 0 or width == 0 or channels == 0:
             return
-        bins = roi_bins(
-            problem.rois,
-            num_images,
-            height,
-            width,
-            problem.pooled_height,
-            problem.pooled_width,
-            problem.spatial_scale,
-        )
+        bins = problem_bins(problem)
         span = (bins.hend[:, -1] - bins.hstart[:, 0]).clamp(min=0)
         col_len = (bins.wend - bins.wstart).amax(dim=1).clamp(min=0)
         row_len = (bins.hend - bins.hstart).amax(dim=1).clamp(min=0)

@@ -18,7 +18,7 @@ import torch
 from ..functional import roi_pool
 from ..levels import level_range, roi_levels
 from ..multi_scale import multi_scale_roi_pool
-from .runner import MODES, TORCHVISION, Timing, time_calls, torchvision_roi_pool
+from .runner import MODES, TORCHVISION, Timing, row_fields, time_calls, torchvision_roi_pool
 
 FUSED = "roi_ops (one call)"
 LOOP_ROI_OPS = "loop over roi_ops.roi_pool"
@@ -175,13 +175,7 @@ def run_pyramid_benchmark(
         leaves = [f.detach().requires_grad_(True) for f in features]
         grad = None
         for method, call in pyramid_methods().items():
-            row = PyramidMeasurement(
-                workload.name,
-                workload.describe(),
-                str(device),
-                str(dtype).removeprefix("torch."),
-                method,
-            )
+            row = PyramidMeasurement(*row_fields(workload, device, dtype), method)
             for mode in modes:
                 if progress:
                     progress(f"{workload.name} {row.dtype} {method} {mode}")

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +30,9 @@ from ..dispatch import reasons_against, resolve_backend
 from ..functional import roi_pool
 from ..registry import REGISTRY
 from .workloads import SMALL_PROBLEM, Workload, make_input, make_rois
+
+if TYPE_CHECKING:
+    from .pyramid import PyramidWorkload
 
 MODES = ("infer", "fwd", "fwd+bwd")
 TORCHVISION = "torchvision"
@@ -137,6 +141,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def row_fields(
+    workload: Workload | PyramidWorkload, device: torch.device, dtype: torch.dtype
+) -> tuple[str, str, str, str]:
+    """The fields every result row begins with: workload name, its shape, device, dtype."""
+    return workload.name, workload.describe(), str(device), str(dtype).removeprefix("torch.")
+
+
 def time_calls(
     fn: Callable[[], object],
     device: torch.device,
@@ -180,17 +191,9 @@ def time_calls(
     return Timing.of(samples)
 
 
-def median_time_ms(
-    fn: Callable[[], object],
-    device: torch.device,
-    budget_s: float,
-    warmup: int = 2,
-    min_reps: int = 3,
-    max_reps: int = 200,
-    queue: int = 1,
-) -> float:
-    """The median of `time_calls` (milliseconds per call)."""
-    return time_calls(fn, device, budget_s, warmup, min_reps, max_reps, queue).median
+def median_time_ms(*args: Any, **kwargs: Any) -> float:
+    """The median of `time_calls`, which takes the same arguments (milliseconds per call)."""
+    return time_calls(*args, **kwargs).median
 
 
 def copy_bandwidth(device: torch.device, budget_s: float) -> float:
@@ -380,15 +383,7 @@ def run_benchmark(
         floors = _floor_bytes(workload, x.element_size())
         runnable = set(usable_backends(device, dtype, case.backends, x))
         for backend, settings in _variants(case.backends, checks_off):
-            m = Measurement(
-                workload.name,
-                workload.describe(),
-                str(device),
-                str(dtype).removeprefix("torch."),
-                backend,
-                layout,
-                settings,
-            )
+            m = Measurement(*row_fields(workload, device, dtype), backend, layout, settings)
             m.floor_ms = {k: v / bandwidth * 1e3 for k, v in floors.items()}
             if backend not in runnable:
                 m.error = "cannot run this case: " + "; ".join(

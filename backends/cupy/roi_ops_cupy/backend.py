@@ -105,10 +105,7 @@ class CupyBackend(Backend):
         return planning.multi_scale_unsupported_reasons(problem)
 
     def forward_multi_scale(
-        self,
-        problem: MultiScaleRoIPoolProblem,
-        output: torch.Tensor,
-        argmax: torch.Tensor | None,
+        self, problem: MultiScaleRoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
     ) -> None:
         """Fill `output` (K, C, PH, PW) and, unless None, the int32 `argmax` for every ROI from
         its level's map in one launch, recording invalid ROIs in ``problem.bad_roi_log`` unless

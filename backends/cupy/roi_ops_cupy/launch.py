@@ -14,6 +14,7 @@ with one fused launch per direction for every pyramid level. The backend uses
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 
@@ -168,6 +169,55 @@ def run(device: int, launch: kernels.Launch) -> None:
     PackedLaunch(device, launch, ()).launch(device, ())
 
 
+def _forward_key(
+    device: int,
+    inputs: tuple,
+    scales: float | tuple[float, ...],
+    problem: RoIPoolProblem | MultiScaleRoIPoolProblem,
+    argmax: torch.Tensor | None,
+) -> tuple:
+    """The plan key of a forward call: the device, what its plan reads of its inputs (`inputs`)
+    and their `scales`, then what every forward plan depends on (the ROIs' layout, the output
+    size, which optional buffers are given)."""
+    rois = problem.rois
+    return (
+        device, inputs, scales, rois.shape, rois.stride(), rois.dtype, problem.pooled_height,
+        problem.pooled_width, argmax is None, problem.bad_roi_log is None,
+    )  # fmt: skip
+
+
+def _backward_operands(
+    problem: RoIPoolBackwardProblem | MultiScaleRoIPoolBackwardProblem,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_output, argmax) as the backward kernels read them: the gradient in
+    ``problem.input_dtype``, the argmax contiguous (each copied only when it is not already)."""
+    grad_output, argmax = problem.grad_output, problem.argmax
+    if grad_output.dtype != problem.input_dtype:
+        grad_output = grad_output.to(problem.input_dtype)
+    if not argmax.is_contiguous():
+        argmax = argmax.contiguous()
+    return grad_output, argmax
+
+
+def _backward_key(
+    device: int,
+    grad_output: torch.Tensor,
+    problem: RoIPoolBackwardProblem | MultiScaleRoIPoolBackwardProblem,
+    *rest: object,
+) -> tuple:
+    """The plan key of a backward call: what every backward plan depends on, then `rest`."""
+    rois = problem.rois
+    return (
+        device, grad_output.shape, grad_output.stride(), problem.input_dtype, rois.stride(),
+        rois.dtype, *rest,
+    )  # fmt: skip
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a dense tensor of `shape` and `dtype`."""
+    return math.prod(shape) * dtype.itemsize
+
+
 class _BackwardPlan:
     """What a backward call with a given key does: the packed launch (None: nothing to add), the
     gradient's dtype and layout as the kernel writes it, and whether it is zero-filled first."""
@@ -215,21 +265,9 @@ class Launcher:
         x, rois = problem.input, problem.rois
         log = problem.bad_roi_log
         device = x.get_device()
-        key = (
-            device,
-            x.shape,
-            x.stride(),
-            x.dtype,
-            x.data_ptr() % planning.CVEC_BYTES,  # the cvec kernel needs an aligned input
-            rois.shape,
-            rois.stride(),
-            rois.dtype,
-            problem.pooled_height,
-            problem.pooled_width,
-            problem.spatial_scale,
-            argmax is None,
-            log is None,
-        )
+        # the cvec kernel needs an aligned input
+        inputs = (x.shape, x.stride(), x.dtype, x.data_ptr() % planning.CVEC_BYTES)
+        key = _forward_key(device, inputs, problem.spatial_scale, problem, argmax)
         try:
             packed = self._forward[key]
         except KeyError:
@@ -253,22 +291,11 @@ class Launcher:
             channels_last was asked; float16/bfloat16 are accumulated in float32 and rounded
             once.
         """
-        input_dtype = problem.input_dtype
-        grad_output, argmax, rois = problem.grad_output, problem.argmax, problem.rois
-        if grad_output.dtype != input_dtype:
-            grad_output = grad_output.to(input_dtype)
-        if not argmax.is_contiguous():
-            argmax = argmax.contiguous()
+        input_dtype, rois = problem.input_dtype, problem.rois
+        grad_output, argmax = _backward_operands(problem)
         device = grad_output.get_device()
-        key = (
-            device,
-            grad_output.shape,
-            grad_output.stride(),
-            input_dtype,
-            rois.stride(),
-            rois.dtype,
-            problem.input_shape,
-            problem.memory_format,
+        key = _backward_key(
+            device, grad_output, problem, problem.input_shape, problem.memory_format
         )
         try:
             plan = self._backward[key]
@@ -297,9 +324,7 @@ class Launcher:
         written = input_dtype if planes else accumulate_dtype(input_dtype)
         memory_format = problem.memory_format
         if memory_format == torch.channels_last:
-            size = written.itemsize
-            for extent in input_shape:
-                size *= extent
+            size = _nbytes(input_shape, written)
             if not planning.channels_last_gradient(size, sizes.l2_bytes, self.tuning):
                 memory_format = torch.contiguous_format
         # A stand-in with the gradient's strides: plans read strides, never memory.
@@ -313,10 +338,7 @@ class Launcher:
         return _BackwardPlan(packed, written, memory_format, not planes)
 
     def forward_multi_scale(
-        self,
-        problem: MultiScaleRoIPoolProblem,
-        output: torch.Tensor,
-        argmax: torch.Tensor | None,
+        self, problem: MultiScaleRoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
     ) -> None:
         """Fill `output` and, unless None, `argmax` for every ROI of every level in one launch,
         and record invalid ROIs in ``problem.bad_roi_log`` unless it is None (see
@@ -325,21 +347,13 @@ class Launcher:
         log = problem.bad_roi_log
         first = features[0]
         device = first.get_device()
-        key = (
-            device,
+        inputs = (
             first.dtype,
             # the cvec kernels need aligned inputs
             tuple((x.shape, x.stride(), x.data_ptr() % planning.CVEC_BYTES) for x in features),
-            rois.shape,
-            rois.stride(),
-            rois.dtype,
             levels.stride(),
-            problem.pooled_height,
-            problem.pooled_width,
-            problem.spatial_scales,
-            argmax is None,
-            log is None,
         )
+        key = _forward_key(device, inputs, problem.spatial_scales, problem, argmax)
         try:
             packed = self._forward_levels[key]
         except KeyError:
@@ -366,25 +380,13 @@ class Launcher:
             gradients together do not fit in L2, see `planning.channels_last_gradient`);
             float16/bfloat16 summed in float32 and rounded once.
         """
-        input_dtype = problem.input_dtype
-        grad_output, argmax = problem.grad_output, problem.argmax
-        rois, levels = problem.rois, problem.levels
-        if grad_output.dtype != input_dtype:
-            grad_output = grad_output.to(input_dtype)
-        if not argmax.is_contiguous():
-            argmax = argmax.contiguous()
+        input_dtype, rois, levels = problem.input_dtype, problem.rois, problem.levels
+        grad_output, argmax = _backward_operands(problem)
         device = grad_output.get_device()
-        key = (
-            device,
-            grad_output.shape,
-            grad_output.stride(),
-            input_dtype,
-            rois.stride(),
-            rois.dtype,
-            levels.stride(),
-            problem.input_shapes,
+        key = _backward_key(
+            device, grad_output, problem, levels.stride(), problem.input_shapes,
             problem.memory_formats,
-        )
+        )  # fmt: skip
         try:
             plan = self._backward_levels[key]
         except KeyError:
@@ -404,12 +406,7 @@ class Launcher:
     def _plan_backward_levels(self, problem, grad_output, argmax, device) -> _BackwardLevelsPlan:
         sizes = cuda_sizes(device)
         written = accumulate_dtype(problem.input_dtype)
-        total = 0
-        for shape in problem.input_shapes:
-            size = written.itemsize
-            for extent in shape:
-                size *= extent
-            total += size
+        total = sum(_nbytes(shape, written) for shape in problem.input_shapes)
         channels_last = planning.channels_last_gradient(total, sizes.l2_bytes, self.tuning)
         formats = tuple(
             fmt if channels_last else torch.contiguous_format for fmt in problem.memory_formats

@@ -96,10 +96,7 @@ class NumbaBackend(Backend):
         return reasons
 
     def forward_multi_scale(
-        self,
-        problem: MultiScaleRoIPoolProblem,
-        output: torch.Tensor,
-        argmax: torch.Tensor | None,
+        self, problem: MultiScaleRoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
     ) -> None:
         """Fill `output` (K, C, PH, PW) and, unless None, the int32 `argmax` for the ROIs of
         every level in one pass (rows without a level: zeros, argmax -1); see `Backend`.

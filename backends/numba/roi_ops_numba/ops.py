@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numba
 import numpy as np
@@ -80,6 +81,15 @@ def parallel_region(threads: int) -> Iterator[None]:
     finally:
         numba.set_parallel_chunksize(previous_chunk)
         numba.set_num_threads(previous_threads)
+
+
+def run_kernel(serial: Callable, parallel: Callable, threads: int, arguments: tuple) -> Any:
+    """Call `serial` in the calling thread when `threads` is 1, else `parallel` on `threads`
+    threads (`parallel_region`); return what it returns."""
+    if threads == 1:
+        return serial(*arguments)
+    with parallel_region(threads):
+        return parallel(*arguments)
 
 
 def rois_array(rois: torch.Tensor) -> np.ndarray:
@@ -166,11 +176,9 @@ class BinGeometry:
             pooled_w, _GEOMETRY_MODE[call.rois.dtype], self.source, self.hstart, self.hend,
             self.wstart, self.wend, _NO_LOG if log is None else log.numpy(), log is not None,
         )  # fmt: skip
-        if threads == 1:
-            self.work = geometry.roi_geometry(*arguments)
-        else:
-            with parallel_region(threads):
-                self.work = geometry.roi_geometry_parallel(*arguments)
+        self.work = run_kernel(
+            geometry.roi_geometry, geometry.roi_geometry_parallel, threads, arguments
+        )
 
     def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
         """(hstart, hend, wstart, wend, PH, PW), as the kernels take them."""
@@ -239,11 +247,7 @@ def _forward_keys(
                     bins.pooled_w, tuning),
         tuning.stage_bytes // features[0].element_size(),
     )  # fmt: skip
-    if threads == 1:
-        pool_keys.pool_keys_serial(*arguments)
-    else:
-        with parallel_region(threads):
-            pool_keys.pool_keys_parallel(*arguments)
+    run_kernel(pool_keys.pool_keys_serial, pool_keys.pool_keys_parallel, threads, arguments)
 
 
 def _forward_groups(
@@ -284,11 +288,7 @@ def _forward_groups(
         _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy(), argmax is not None,
         block, scratch.numpy(),
     )  # fmt: skip
-    if threads == 1:
-        pool_groups.pool_groups_serial(*arguments)
-    else:
-        with parallel_region(threads):
-            pool_groups.pool_groups_parallel(*arguments)
+    run_kernel(pool_groups.pool_groups_serial, pool_groups.pool_groups_parallel, threads, arguments)
     return True
 
 
@@ -381,11 +381,7 @@ def _scatter(
         num_images, channels, np.array(rows, dtype=np.int64), tasks, pooled_h, pooled_w,
         shared_storage(results),
     )  # fmt: skip
-    if threads == 1:
-        scatter.scatter_serial(*arguments)
-    else:
-        with parallel_region(threads):
-            scatter.scatter_parallel(*arguments)
+    run_kernel(scatter.scatter_serial, scatter.scatter_parallel, threads, arguments)
     if acc_dtype == input_dtype:
         return results
     return [result.to(input_dtype) for result in results]

@@ -53,21 +53,16 @@ def _keys_init(seg, n, mag_mask, nan_threshold, hw, track, rk, rb, rh):
 @njit(cache=True, inline="always")
 def _keys_update(seg, n, mag_mask, nan_threshold, hw, track, rk, rb, rh):
     """Fold one pixel into a bin: a strictly greater key replaces (so the first max stays)."""
-    if track:
-        for j in range(n):
-            x = seg[j]
-            key = _key(x, mag_mask, nan_threshold)
-            greater = key > rk[j]
-            rk[j] = key if greater else rk[j]
-            rb[j] = x if greater else rb[j]
+    for j in range(n):
+        x = seg[j]
+        key = _key(x, mag_mask, nan_threshold)
+        greater = key > rk[j]
+        rk[j] = key if greater else rk[j]
+        rb[j] = x if greater else rb[j]
+        # `track` does not change in the loop: LLVM unswitches it into two branch-free loops,
+        # which vectorise as the two hand-written ones did.
+        if track:
             rh[j] = hw if greater else rh[j]
-    else:
-        for j in range(n):
-            x = seg[j]
-            key = _key(x, mag_mask, nan_threshold)
-            greater = key > rk[j]
-            rk[j] = key if greater else rk[j]
-            rb[j] = x if greater else rb[j]
 
 
 @njit(cache=True, inline="always")

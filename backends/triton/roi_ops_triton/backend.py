@@ -8,8 +8,6 @@ import Triton; the kernels (`roi_ops_triton.launch`) are imported on first use.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
 from roi_ops.backend import (
@@ -42,17 +40,15 @@ class TritonBackend(Backend):
             default.
     """
 
-    name: ClassVar[str] = "triton"
-    priority: ClassVar[int] = 100
-    device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
-    dtypes: ClassVar[frozenset[torch.dtype]] = ALL_FLOAT_DTYPES
-    deterministic: ClassVar[bool] = True
-    deterministic_backward: ClassVar[bool] = False
-    reports_bad_rois: ClassVar[bool] = True
-    description: ClassVar[str] = "Triton kernels for CUDA GPUs (portable; no CUDA toolkit needed)"
-    gradient_formats: ClassVar[frozenset[torch.memory_format]] = frozenset(
-        {torch.contiguous_format, torch.channels_last}
-    )
+    name = "triton"
+    priority = 100
+    device_types = frozenset({"cuda"})
+    dtypes = ALL_FLOAT_DTYPES
+    deterministic = True
+    deterministic_backward = False
+    reports_bad_rois = True
+    description = "Triton kernels for CUDA GPUs (portable; no CUDA toolkit needed)"
+    gradient_formats = frozenset({torch.contiguous_format, torch.channels_last})
 
     def __init__(self, tuning: Tuning = DEFAULT_TUNING) -> None:
         self.tuning = tuning
@@ -118,10 +114,7 @@ class TritonBackend(Backend):
         return reasons + layout_reasons
 
     def forward_multi_scale(
-        self,
-        problem: MultiScaleRoIPoolProblem,
-        output: torch.Tensor,
-        argmax: torch.Tensor | None,
+        self, problem: MultiScaleRoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
     ) -> None:
         """Write every ROI's roi_pool on its level into `output` (and `argmax` unless None) in
         one launch, and record invalid ROIs in ``problem.bad_roi_log`` unless that is None.

@@ -16,7 +16,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from roi_ops.backend import RoIPoolBackwardProblem, RoIPoolProblem, accumulate_dtype
+from roi_ops.backend import (
+    MultiScaleRoIPoolBackwardProblem,
+    RoIPoolBackwardProblem,
+    RoIPoolProblem,
+    accumulate_dtype,
+)
 from roi_ops.device_info import cuda_sizes
 from roi_ops.layout import aligned_channel_vector
 
@@ -140,7 +145,8 @@ class Runner:
         )  # fmt: skip
         found = self._forward_plans.get(key)
         if found is None:
-            found = self._plan_forward(key, problem, argmax is not None, log is not None)
+            found = self.plan_forward(problem, argmax is not None, log is not None)
+            store_plan(self._forward_plans, key, found)
         log_pointer = output if log is None else log_argument(log, input)
         if found.kernel is None:
             _fill_empty(output, argmax)
@@ -159,7 +165,7 @@ class Runner:
         _, channels, _, _ = input.shape
         height, width = problem.pooled_height, problem.pooled_width
         bins = height * width
-        device_index = input.device.index if input.device.type == "cuda" else -1
+        device_index = device_index_of(input.device)
         if input.numel() == 0:
             return ForwardPlan(None, "empty", (), {}, 0, None, device_index)
         tuning = self.tuning
@@ -186,15 +192,6 @@ class Runner:
         meta.update(forward_options(needs_argmax, reports, warps))
         return ForwardPlan(_FORWARD_KERNELS[name], name, scalars, meta, blocks, unit, device_index)
 
-    def _plan_forward(
-        self, key: tuple, problem: RoIPoolProblem, needs_argmax: bool, reports: bool
-    ) -> ForwardPlan:
-        found = self.plan_forward(problem, needs_argmax, reports)
-        if len(self._forward_plans) >= _MAX_PLANS:
-            self._forward_plans.clear()
-        self._forward_plans[key] = found
-        return found
-
     # ----------------------------------------------------------------------------------------
     # Backward
     # ----------------------------------------------------------------------------------------
@@ -220,9 +217,7 @@ class Runner:
         found = self._backward_plans.get(key)
         if found is None:
             found = self.plan_backward(problem)
-            if len(self._backward_plans) >= _MAX_PLANS:
-                self._backward_plans.clear()
-            self._backward_plans[key] = found
+            store_plan(self._backward_plans, key, found)
         grad_input = torch.empty(
             found.shape,
             dtype=found.accumulate,
@@ -242,9 +237,8 @@ class Runner:
         tuning = self.tuning
         grad_output = problem.grad_output
         num_images, channels, height, width = problem.input_shape
-        num_rois, _, pooled_height, pooled_width = problem.argmax.shape
-        device = grad_output.device
-        device_index = device.index if device.type == "cuda" else -1
+        _, _, pooled_height, pooled_width = problem.argmax.shape
+        device_index = device_index_of(grad_output.device)
         accumulate = accumulate_dtype(problem.input_dtype)
         memory_format = problem.memory_format
         input_elements = num_images * channels * height * width
@@ -252,21 +246,10 @@ class Runner:
             input_elements, problem.argmax.numel(), tuning
         ):
             memory_format = torch.contiguous_format
-        blocks = 0
-        meta: dict[str, Any] = {}
-        if num_rois > 0 and input_elements > 0 and problem.argmax.numel() > 0:
-            element_size = torch.empty((), dtype=accumulate).element_size()
-            l2_bytes = device_sizes(device_index)[1]
-            block = plan.backward_block(input_elements * element_size, l2_bytes, tuning)
-            blocks = -(-(channels * pooled_height * pooled_width) // block)
-            meta = {
-                "ROIS_F64": problem.rois.dtype == torch.float64,
-                "ACC_F64": accumulate == torch.float64,
-                "BLOCK": block,
-                "CHANNELS_LAST": memory_format == torch.channels_last,
-                "num_warps": tuning.backward_warps,
-                "enable_fp_fusion": False,
-            }
+        layout = {"CHANNELS_LAST": memory_format == torch.channels_last}
+        blocks, meta = scatter_sizes(
+            problem, input_elements, accumulate, device_index, tuning, layout
+        )
         scalars = (num_images, channels, height * width, pooled_height, pooled_width,
                    *grad_output.stride(), problem.rois.stride(0))  # fmt: skip
         return BackwardPlan(
@@ -276,6 +259,19 @@ class Runner:
 
 
 _MAX_PLANS = 1024
+
+
+def store_plan(plans: dict[tuple, Any], key: tuple, found: Any) -> None:
+    """Keep plan `found` under `key`, emptying `plans` first when it is full: a run of ever new
+    call shapes must not grow it without bound."""
+    if len(plans) >= _MAX_PLANS:
+        plans.clear()
+    plans[key] = found
+
+
+def device_index_of(device: torch.device) -> int:
+    """The CUDA device's index, or -1 for CPU tensors (interpreter)."""
+    return device.index if device.type == "cuda" else -1
 
 
 def log_argument(log: torch.Tensor, input: torch.Tensor) -> Any:
@@ -300,6 +296,34 @@ def scale_arguments(spatial_scale: float) -> tuple[float, int]:
     as_float32 = float(torch.tensor(spatial_scale, dtype=torch.float32))
     bits = torch.tensor(spatial_scale, dtype=torch.float64).view(torch.int64).item()
     return as_float32, bits
+
+
+def scatter_sizes(
+    problem: RoIPoolBackwardProblem | MultiScaleRoIPoolBackwardProblem,
+    gradient_elements: int,
+    accumulate: torch.dtype,
+    device_index: int,
+    tuning: Tuning,
+    layout: dict[str, Any],
+) -> tuple[int, dict[str, Any]]:
+    """(blocks per ROI, constexprs and options) of a backward scatter of ``problem.argmax`` into
+    gradients of `gradient_elements` in all, summed in `accumulate`, with the kernel's `layout`
+    constants; (0, {}) when there is nothing to scatter."""
+    num_rois, channels, pooled_height, pooled_width = problem.argmax.shape
+    if num_rois == 0 or gradient_elements == 0 or problem.argmax.numel() == 0:
+        return 0, {}
+    element_size = torch.empty((), dtype=accumulate).element_size()
+    l2_bytes = device_sizes(device_index)[1]
+    block = plan.backward_block(gradient_elements * element_size, l2_bytes, tuning)
+    meta = {
+        "ROIS_F64": problem.rois.dtype == torch.float64,
+        "ACC_F64": accumulate == torch.float64,
+        "BLOCK": block,
+        **layout,
+        "num_warps": tuning.backward_warps,
+        "enable_fp_fusion": False,
+    }
+    return -(-(channels * pooled_height * pooled_width) // block), meta
 
 
 def dtype_flags(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> dict[str, Any]:

@@ -33,7 +33,6 @@ _FORWARD_KERNELS = {
     "unit": roi_pool_forward_unit_levels,
     "channels_last": roi_pool_forward_channels_last_levels,
 }
-_MAX_PLANS = 1024
 
 
 @dataclass(eq=False)
@@ -89,9 +88,7 @@ class MultiScaleRunner:
         found = self._forward_plans.get(key)
         if found is None:
             found = self.plan_forward(problem, argmax is not None, log is not None)
-            if len(self._forward_plans) >= _MAX_PLANS:
-                self._forward_plans.clear()
-            self._forward_plans[key] = found
+            launch.store_plan(self._forward_plans, key, found)
         padded = (*features, *(features[0],) * (MAX_LEVELS - len(features)))
         pointers = (
             *padded, rois, levels, output, output if argmax is None else argmax,
@@ -112,7 +109,7 @@ class MultiScaleRunner:
         first = features[0]
         num_images, channels = first.shape[:2]
         bins = problem.pooled_height * problem.pooled_width
-        device_index = first.device.index if first.device.type == "cuda" else -1
+        device_index = launch.device_index_of(first.device)
         tuning = self.tuning
         name, why = plan.multi_scale_kernel(
             [f.stride() for f in features],
@@ -166,9 +163,7 @@ class MultiScaleRunner:
         found = self._backward_plans.get(key)
         if found is None:
             found = self.plan_backward(problem)
-            if len(self._backward_plans) >= _MAX_PLANS:
-                self._backward_plans.clear()
-            self._backward_plans[key] = found
+            launch.store_plan(self._backward_plans, key, found)
         device = grad_output.device
         grads = [
             torch.empty(shape, dtype=found.accumulate, device=device, memory_format=fmt).zero_()
@@ -189,11 +184,9 @@ class MultiScaleRunner:
         grad_output = problem.grad_output
         shapes = problem.input_shapes
         num_images, channels = shapes[0][:2]
-        num_rois, _, pooled_height, pooled_width = problem.argmax.shape
-        device = grad_output.device
-        device_index = device.index if device.type == "cuda" else -1
+        _, _, pooled_height, pooled_width = problem.argmax.shape
+        device_index = launch.device_index_of(grad_output.device)
         accumulate = accumulate_dtype(problem.input_dtype)
-        element_size = torch.empty((), dtype=accumulate).element_size()
         formats = []
         per_level = []
         for level in range(MAX_LEVELS):
@@ -208,20 +201,9 @@ class MultiScaleRunner:
             # (image, channel, argmax) strides of the dense gradient
             per_level += [c * h * w, 1, c] if channels_last else [c * h * w, h * w, 1]
         total_elements = sum(n * c * h * w for n, c, h, w in shapes)
-        blocks = 0
-        meta: dict[str, Any] = {}
-        if num_rois > 0 and total_elements > 0 and problem.argmax.numel() > 0:
-            l2_bytes = launch.device_sizes(device_index)[1]
-            block = plan.backward_block(total_elements * element_size, l2_bytes, tuning)
-            blocks = -(-(channels * pooled_height * pooled_width) // block)
-            meta = {
-                "ROIS_F64": problem.rois.dtype == torch.float64,
-                "ACC_F64": accumulate == torch.float64,
-                "BLOCK": block,
-                "LEVELS": len(shapes),
-                "num_warps": tuning.backward_warps,
-                "enable_fp_fusion": False,
-            }
+        blocks, meta = launch.scatter_sizes(
+            problem, total_elements, accumulate, device_index, tuning, {"LEVELS": len(shapes)}
+        )
         scalars = (num_images, channels, pooled_height, pooled_width, *grad_output.stride(),
                    problem.rois.stride(0), *per_level)  # fmt: skip
         return MultiScaleBackwardPlan(

@@ -1,7 +1,7 @@
 """ExampleBackend: a complete, minimal roi_ops backend.
 
-It computes the bin edges with `roi_ops.geometry.roi_bins` (exact per the contract) and reduces
-each bin with plain torch ops: slow, simple, and exact on every device.
+It computes the bin edges with `roi_ops.geometry.problem_bins` (exact per the contract) and
+reduces each bin with plain torch ops: slow, simple, and exact on every device.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from roi_ops import Backend, RoIPoolProblem
-from roi_ops.geometry import roi_bins
+from roi_ops.geometry import problem_bins
 
 
 def _first_max(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,16 +27,8 @@ class ExampleBackend(Backend):
 
     def forward(self, problem: RoIPoolProblem, output, argmax) -> None:
         x = problem.input
-        num_images, channels, height, width = x.shape
-        bins = roi_bins(
-            problem.rois,
-            num_images,
-            height,
-            width,
-            problem.pooled_height,
-            problem.pooled_width,
-            problem.spatial_scale,
-        )
+        _, channels, _, width = x.shape
+        bins = problem_bins(problem)
         output.zero_()
         if argmax is not None:
             argmax.fill_(-1)
