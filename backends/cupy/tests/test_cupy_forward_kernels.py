@@ -17,7 +17,6 @@ from cupy_harness import (
     DTYPE_IDS,
     DTYPES,
     LAYOUTS,
-    assert_same_bits,
     check,
     rois_dtype_for,
     run_forward,
@@ -25,6 +24,7 @@ from cupy_harness import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from roi_ops.testing import assert_same_bits
 from roi_ops.testing.cases import contract_cases, tie_heavy_features
 from roi_ops.testing.reference import reference_roi_pool
 from roi_ops.testing.strategies import roi_pool_cases

@@ -9,7 +9,7 @@ from numba_cases import SCHEDULES, make_backend
 
 @pytest.fixture(params=list(SCHEDULES))
 def schedule(request) -> str:
-    """"serial" or "parallel": which kernels every call takes."""
+    """Which kernels every call takes: "serial" or "parallel"."""
     return request.param
 
 
