@@ -61,16 +61,12 @@ def rois_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Every (input dtype, rois dtype) pair the contract accepts: rois of the input's dtype, or float32
 # rois with half-precision inputs.
-DTYPE_PAIRS: tuple[tuple[torch.dtype, torch.dtype], ...] = (
-    (torch.float16, torch.float16),
-    (torch.float16, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-)
+DTYPE_PAIRS: tuple[tuple[torch.dtype, torch.dtype], ...] = tuple(
+    (dtype, dtype) for dtype in _FLOAT_DTYPES
+) + ((torch.float16, torch.float32), (torch.bfloat16, torch.float32))
 
 
 def dtype_id(value: torch.dtype | Sequence[torch.dtype]) -> str:
