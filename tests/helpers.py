@@ -1,8 +1,13 @@
-"""Small input builders shared by the core's tests."""
+"""Small input builders and stand-ins shared by the core's tests."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+
+import roi_ops
 
 
 def small_inputs(dtype=torch.float64, k=6, seed=0):
@@ -14,3 +19,26 @@ def small_inputs(dtype=torch.float64, k=6, seed=0):
     batch = torch.arange(k, dtype=torch.float64)[:, None] % 2
     rois_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     return x, torch.cat([batch, boxes], dim=1).to(rois_dtype)
+
+
+class TorchKernels(roi_ops.Backend):
+    """A float64 CPU backend that runs the torch backend's kernels under another name, for tests
+    of how backends are chosen: subclasses give it a `name` (and a `priority`)."""
+
+    device_types = frozenset({"cpu"})
+    dtypes = frozenset({torch.float64})
+
+    def forward(self, problem, output, argmax):
+        from roi_ops.torch_backend import TorchBackend
+
+        TorchBackend().forward(problem, output, argmax)
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside the block, False again after it."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)

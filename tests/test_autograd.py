@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import small_inputs
+from helpers import TorchKernels, deterministic_algorithms, small_inputs
 
 import roi_ops
 from roi_ops.autograd import plain_eager
 from roi_ops.ops import roi_pool_op
 from roi_ops.registry import REGISTRY
-from roi_ops.testing import reference_roi_pool, reference_roi_pool_backward
+from roi_ops.testing import reference_roi_pool, reference_roi_pool_backward, registered_backend
 
 
 def test_gradcheck_and_gradgradcheck_on_both_call_paths(call_path):
@@ -124,11 +124,9 @@ def test_empty_rois_give_empty_output_and_zero_gradient():
 # The backward runs on the forward's backend --------------------------------------------------
 
 
-class Recording(roi_ops.Backend):
+class Recording(TorchKernels):
     """float64 CPU backend (the torch backend's kernels) that records its calls."""
 
-    device_types = frozenset({"cpu"})
-    dtypes = frozenset({torch.float64})
     priority = 1000
     deterministic_backward = True
 
@@ -136,10 +134,8 @@ class Recording(roi_ops.Backend):
         self.calls = []
 
     def forward(self, problem, output, argmax):
-        from roi_ops.torch_backend import TorchBackend
-
         self.calls.append("forward")
-        TorchBackend().forward(problem, output, argmax)
+        super().forward(problem, output, argmax)
 
     def backward(self, problem):
         from roi_ops.scatter import scatter_backward
@@ -164,10 +160,8 @@ class Second(Recording):
 
 @pytest.fixture
 def two_backends():
-    first, second = roi_ops.register_backend(First()), roi_ops.register_backend(Second())
-    yield first, second
-    roi_ops.unregister_backend("first")
-    roi_ops.unregister_backend("second")
+    with registered_backend(First()) as first, registered_backend(Second()) as second:
+        yield first, second
 
 
 def _expected_gradient(x, rois, grad_output):
@@ -216,43 +210,36 @@ class Atomic(Recording):
     deterministic_backward = False
 
 
+def _two_gradients(x, rois, backend):
+    """The input gradients of two identical calls (3 x 3 bins) on `backend`."""
+    grads = []
+    for _ in range(2):
+        leaf = x.clone().requires_grad_(True)
+        out = roi_ops.roi_pool(leaf, rois, 3, backend=backend)
+        out.backward(torch.linspace(-3, 3, out.numel(), dtype=out.dtype).view(out.shape))
+        grads.append(leaf.grad)
+    return grads
+
+
 def test_deterministic_mode_replaces_a_nondeterministic_backward_with_the_shared_scatter():
-    backend = roi_ops.register_backend(Atomic())
-    try:
+    with registered_backend(Atomic()) as backend:
         x, rois = small_inputs(k=40)
-        torch.use_deterministic_algorithms(True)
-        try:
-            grads = []
-            for _ in range(2):
-                leaf = x.clone().requires_grad_(True)
-                out = roi_ops.roi_pool(leaf, rois, 3, backend="atomic")
-                out.backward(torch.linspace(-3, 3, out.numel(), dtype=x.dtype).view(out.shape))
-                grads.append(leaf.grad)
+        leaf = x.clone().requires_grad_(True)
+        with deterministic_algorithms():
+            grads = _two_gradients(x, rois, "atomic")
             explanation = roi_ops.explain(leaf, rois, 3, backend="atomic")
-        finally:
-            torch.use_deterministic_algorithms(False)
         assert backend.calls == ["forward", "forward"]  # its backward was not called
         assert torch.equal(grads[0], grads[1])
         assert "shared deterministic scatter" in explanation.backward
         out = roi_ops.roi_pool(leaf, rois, 3, backend="atomic")
         out.sum().backward()
         assert backend.calls[-1] == "backward"
-    finally:
-        roi_ops.unregister_backend("atomic")
 
 
 def test_deterministic_mode_gives_identical_gradients():
     x, rois = small_inputs(torch.float32, k=40)
-    torch.use_deterministic_algorithms(True)
-    try:
-        grads = []
-        for _ in range(2):
-            leaf = x.clone().requires_grad_(True)
-            out = roi_ops.roi_pool(leaf, rois, 3, backend="torch")
-            out.backward(torch.linspace(-3, 3, out.numel()).reshape(out.shape))
-            grads.append(leaf.grad)
-    finally:
-        torch.use_deterministic_algorithms(False)
+    with deterministic_algorithms():
+        grads = _two_gradients(x, rois, "torch")
     assert torch.equal(grads[0], grads[1])
 
 

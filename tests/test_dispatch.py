@@ -6,29 +6,22 @@ import logging
 
 import pytest
 import torch
-from helpers import small_inputs
+from helpers import TorchKernels, deterministic_algorithms, small_inputs
 
 import roi_ops
 from roi_ops.registry import REGISTRY
+from roi_ops.testing import registered_backend
 
 
-class Fake(roi_ops.Backend):
+class Fake(TorchKernels):
     name = "Fake-Fast"
     priority = 10_000
-    device_types = frozenset({"cpu"})
-    dtypes = frozenset({torch.float64})
-
-    def forward(self, problem, output, argmax):
-        from roi_ops.torch_backend import TorchBackend
-
-        TorchBackend().forward(problem, output, argmax)
 
 
 @pytest.fixture
 def fake():
-    backend = roi_ops.register_backend(Fake())
-    yield backend
-    roi_ops.unregister_backend("Fake-Fast")
+    with registered_backend(Fake()) as backend:
+        yield backend
 
 
 def test_names_ignore_case():
@@ -70,13 +63,10 @@ def test_registering_a_backend_takes_effect_at_once():
     x, rois = small_inputs()
     assert roi_ops.explain(x, rois, 2).backend != "Fake-Fast"
     roi_ops.roi_pool(x, rois, 2)  # cached choice
-    roi_ops.register_backend(Fake())
-    try:
+    with registered_backend(Fake()):
         assert roi_ops.explain(x, rois, 2).backend == "Fake-Fast"
         with roi_ops.use_backend("fake-fast"):
             roi_ops.roi_pool(x, rois, 2)
-    finally:
-        roi_ops.unregister_backend("Fake-Fast")
     assert roi_ops.explain(x, rois, 2).backend != "Fake-Fast"
 
 
@@ -104,13 +94,10 @@ def test_explain_reports_the_choice_and_every_reason(fake):
 def test_nondeterministic_forward_is_not_chosen_in_deterministic_mode(fake, monkeypatch):
     monkeypatch.setattr(Fake, "deterministic", False)
     x, rois = small_inputs()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         explanation = roi_ops.explain(x, rois, 2)
         with pytest.raises(roi_ops.BackendUnavailableError, match="forward is not determin"):
             roi_ops.roi_pool(x, rois, 2, backend="fake-fast")
-    finally:
-        torch.use_deterministic_algorithms(False)
     assert explanation.backend != "Fake-Fast"
     assert "its forward is not deterministic" in str(explanation)
     assert roi_ops.explain(x, rois, 2).backend == "Fake-Fast"

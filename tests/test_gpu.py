@@ -106,18 +106,31 @@ def test_gpu_backends_agree_bitwise_on_workloads(dtype, workload, channels_last)
         assert torch.equal(out.view(torch.int8), out0.view(torch.int8)), f"{name} vs {first}"
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_non_default_stream(backend):
+def _fpn_p4_call(backend: str):
+    """(input, pool): fpn-p4's (medium) float32 input and rois on the GPU, and a call that pools
+    them (7 x 7) on `backend`."""
     w = _medium("fpn-p4")
     x = make_input(w, torch.float32, "cuda")
     rois = make_rois(w, torch.float32, "cuda")
-    expected = roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend)
+    return x, lambda: roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend)
+
+
+def _on_a_side_stream(call, times: int = 1):
+    """The last result of `times` calls of `call` on a new stream that the current one waits for."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
-            out = roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend)
+        for _ in range(times):
+            result = call()
     torch.cuda.current_stream().wait_stream(stream)
+    return result
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_non_default_stream(backend):
+    _, pool = _fpn_p4_call(backend)
+    expected = pool()
+    out = _on_a_side_stream(pool, times=3)
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
 
@@ -126,22 +139,16 @@ def test_non_default_stream(backend):
 def test_cuda_graph_capture_and_replay(backend):
     if backend == "torch":
         pytest.skip("the torch backend reads bin sizes on the host, which capture forbids")
-    w = _medium("fpn-p4")
-    x = make_input(w, torch.float32, "cuda")
-    rois = make_rois(w, torch.float32, "cuda")
-    expected = roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend)  # warm-up / compile
-    torch.cuda.current_stream().wait_stream(stream)
+    x, pool = _fpn_p4_call(backend)
+    expected = pool()
+    _on_a_side_stream(pool)  # warm-up / compile
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # value checks are skipped during capture
-        captured = roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend)
+        captured = pool()
     x.mul_(-1)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(captured, roi_ops.roi_pool(x, rois, 7, w.spatial_scale, backend=backend))
+    assert torch.equal(captured, pool())
     assert not torch.equal(captured, expected)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TorchKernels
 
 import roi_ops
 from roi_ops.registry import REGISTRY
@@ -54,6 +55,12 @@ def example_plugin(site):
         site, "roi-ops-example", {"example": "roi_ops_example.backend:ExampleBackend"}
     )
     return site
+
+
+def _listed_with_warning(match: str) -> dict:
+    """`roi_ops.list_backends()` by name; listing must warn (RuntimeWarning) with `match`."""
+    with pytest.warns(RuntimeWarning, match=match):
+        return {i.name: i for i in roi_ops.list_backends()}
 
 
 def _x_rois(device="cpu"):
@@ -105,8 +112,7 @@ def test_broken_plugin_is_isolated_and_warns_once(site):
         {"broken": "plugin_broken:Backend"},
         {"plugin_broken": "raise ImportError('kernel library missing')\n"},
     )
-    with pytest.warns(RuntimeWarning, match="kernel library missing"):
-        infos = {i.name: i for i in roi_ops.list_backends()}
+    infos = _listed_with_warning("kernel library missing")
     assert not infos["broken"].available
     assert "ImportError: kernel library missing" in infos["broken"].reasons[0]
     with warnings.catch_warnings():
@@ -135,20 +141,28 @@ class Failing(roi_ops.Backend):
 """
 
 
-def _plugin(site, name, check="return None", forward="raise ValueError('kernel exploded')"):
+def _plugin(
+    site,
+    name,
+    check="return None",
+    forward="raise ValueError('kernel exploded')",
+    *,
+    entry_point=None,
+    backend_name=None,
+):
+    """Install the distribution plugin-`name`: module plugin_`name` defines PLUGIN_SOURCE's
+    backend, named `backend_name`, under the entry point `entry_point` (both default to
+    `name`)."""
     module = f"plugin_{name}"
+    source = PLUGIN_SOURCE.format(name=backend_name or name, check=check, forward=forward)
     _install_distribution(
-        site,
-        f"plugin-{name}",
-        {name: f"{module}:Failing"},
-        {module: PLUGIN_SOURCE.format(name=name, check=check, forward=forward)},
+        site, f"plugin-{name}", {entry_point or name: f"{module}:Failing"}, {module: source}
     )
 
 
 def test_plugin_whose_availability_check_raises_is_unavailable(site):
     _plugin(site, "flaky", check="raise RuntimeError('driver too old')")
-    with pytest.warns(RuntimeWarning, match="driver too old"):
-        infos = {i.name: i for i in roi_ops.list_backends()}
+    infos = _listed_with_warning("driver too old")
     assert not infos["flaky"].available
     x, rois = _x_rois()
     assert roi_ops.roi_pool(x, rois, 2).shape == (2, 3, 2, 2)  # auto skips it
@@ -163,26 +177,15 @@ def test_plugin_that_raises_at_call_time_is_named(site):
 
 
 def test_plugin_with_mismatched_name_is_rejected(site):
-    _install_distribution(
-        site,
-        "plugin-misnamed",
-        {"misnamed": "plugin_misnamed:Failing"},
-        {
-            "plugin_misnamed": PLUGIN_SOURCE.format(
-                name="other", check="return None", forward="pass"
-            )
-        },
-    )
-    with pytest.warns(RuntimeWarning, match="differs from the backend's name"):
-        infos = {i.name: i for i in roi_ops.list_backends()}
+    _plugin(site, "misnamed", forward="pass", backend_name="other")
+    infos = _listed_with_warning("differs from the backend's name")
     assert not infos["misnamed"].available
 
 
 def test_two_plugins_cannot_share_a_name_silently(site):
     for dist in ("plugin-one", "plugin-two"):
         _install_distribution(site, dist, {"twin": "roi_ops.torch_backend:TorchBackend"})
-    with pytest.warns(RuntimeWarning, match="claimed by several plugins"):
-        infos = {i.name: i for i in roi_ops.list_backends()}
+    infos = _listed_with_warning("claimed by several plugins")
     assert not infos["twin"].available
     x, rois = _x_rois()
     with pytest.raises(roi_ops.BackendUnavailableError, match="claimed by several"):
@@ -190,31 +193,14 @@ def test_two_plugins_cannot_share_a_name_silently(site):
 
 
 def test_a_plugin_cannot_replace_the_core_torch_backend(site):
-    _install_distribution(
-        site,
-        "plugin-impostor",
-        {"torch": "plugin_impostor:Failing"},
-        {
-            "plugin_impostor": PLUGIN_SOURCE.format(
-                name="torch", check="return None", forward="raise ValueError"
-            )
-        },
-    )
-    with pytest.warns(RuntimeWarning, match="the core's wins"):
-        infos = {i.name: i for i in roi_ops.list_backends()}
+    _plugin(site, "impostor", forward="raise ValueError", entry_point="torch", backend_name="torch")
+    infos = _listed_with_warning("the core's wins")
     assert infos["torch"].distribution == "roi-ops"
 
 
-class Tiny(roi_ops.Backend):
+class Tiny(TorchKernels):
     name = "tiny"
     priority = 5
-    device_types = frozenset({"cpu"})
-    dtypes = frozenset({torch.float64})
-
-    def forward(self, problem, output, argmax):
-        from roi_ops.torch_backend import TorchBackend
-
-        TorchBackend().forward(problem, output, argmax)
 
 
 @pytest.fixture

@@ -2,10 +2,16 @@
 
 - `reference_roi_pool` / `reference_roi_pool_backward`: the slow scalar reference.
 - `contract_cases`, `check_case`, `RoiPoolCase`: hand-picked inputs and exact comparison;
-  `first_difference` says where two tensors first differ.
+  `first_difference` says where two tensors first differ, `assert_same_bits` asserts there is
+  no such place.
+- `DTYPE_PAIRS`: the (input dtype, rois dtype) pairs the contract accepts; `dtype_id` names a
+  dtype or a pair in test ids.
+- `poisoned_forward`, `check_with_and_without_argmax`: a backend's own `forward` called
+  directly on poisoned outputs, and checked in both modes against the reference.
+- `registered_backend`: a backend registered for the duration of a test.
 - `tie_heavy_features`: inputs full of ties, signed zeros, NaN and -inf.
 - `MultiScaleCase`, `check_multi_scale_case`, `pyramid_case`: multi-level (FPN) calls checked
-  level by level against the reference.
+  level by level against the reference; `reference_by_level` is that reference for given levels.
 - `roi_pool_cases`, `multi_scale_cases` (hypothesis strategies; need `hypothesis`).
 - `BackendConformance`: a pytest base class for a plugin's own test suite (needs `pytest`).
 """
@@ -13,27 +19,39 @@
 from __future__ import annotations
 
 from .cases import (
+    DTYPE_PAIRS,
     RoiPoolCase,
+    assert_same_bits,
     check_case,
     contract_cases,
+    dtype_id,
     first_difference,
     tie_heavy_features,
 )
-from .multi_scale import MultiScaleCase, check_multi_scale_case, pyramid_case
+from .direct import check_with_and_without_argmax, poisoned_forward
+from .multi_scale import MultiScaleCase, check_multi_scale_case, pyramid_case, reference_by_level
 from .reference import reference_roi_pool, reference_roi_pool_backward
+from .registration import registered_backend
 
 __all__ = [
+    "DTYPE_PAIRS",
     "BackendConformance",
     "MultiScaleCase",
     "RoiPoolCase",
+    "assert_same_bits",
     "check_case",
     "check_multi_scale_case",
+    "check_with_and_without_argmax",
     "contract_cases",
+    "dtype_id",
     "first_difference",
     "multi_scale_cases",
+    "poisoned_forward",
     "pyramid_case",
+    "reference_by_level",
     "reference_roi_pool",
     "reference_roi_pool_backward",
+    "registered_backend",
     "roi_pool_cases",
     "tie_heavy_features",
 ]

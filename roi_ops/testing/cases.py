@@ -61,6 +61,24 @@ def rois_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Every (input dtype, rois dtype) pair the contract accepts: rois of the input's dtype, or float32
+# rois with half-precision inputs.
+DTYPE_PAIRS: tuple[tuple[torch.dtype, torch.dtype], ...] = tuple(
+    (dtype, dtype) for dtype in _FLOAT_DTYPES
+) + ((torch.float16, torch.float32), (torch.bfloat16, torch.float32))
+
+
+def dtype_id(value: torch.dtype | Sequence[torch.dtype]) -> str:
+    """A short test id for a dtype or a tuple of dtypes: ``"float16"``, ``"float16-float32"``.
+
+    For ``pytest.mark.parametrize(..., ids=dtype_id)``, e.g. over `DTYPE_PAIRS`.
+    """
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return "-".join(dtype_id(dtype) for dtype in value)
+
+
 def tie_heavy_features(shape: Sequence[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
     """Features that exercise the ordering rules: small integers in [-2, 1] (ties everywhere),
     zeros of either sign, and about 1% NaN and 1% -inf.
@@ -285,6 +303,16 @@ def _assert_same_values(
     difference = first_difference(actual, expected, **options)
     if difference is not None:
         raise AssertionError(f"{what} differs from the reference: {difference}")
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "output") -> None:
+    """Assert `actual` equals `expected` bit for bit: same dtype and shape, -0.0 differs from
+    0.0, and NaN must stand where the reference has NaN (its payload may differ).
+
+    `expected` may live on another device; the message says where they first differ (see
+    `first_difference`).
+    """
+    _assert_same_values(actual, expected, what)
 
 
 def check_case(case: RoiPoolCase, backend: str, check_backward: bool = True) -> None:

@@ -9,6 +9,7 @@ gradient from small-integer grad_outputs (exact sums).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,21 +64,40 @@ def _pair(output_size: int | tuple[int, int]) -> tuple[int, int]:
     return (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
 
 
-def reference_multi_scale(case: MultiScaleCase):
-    """(output, argmax, levels) on the CPU: `reference_roi_pool` of every ROI on its level."""
-    levels = roi_levels(case.rois, *level_range(case.spatial_scales)).cpu()
-    rois = case.rois.cpu()
-    ph, pw = _pair(case.output_size)
-    first = case.features[0]
+def reference_by_level(
+    features: Sequence[torch.Tensor],
+    rois: torch.Tensor,
+    levels: torch.Tensor,
+    output_size: int | tuple[int, int],
+    spatial_scales: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, argmax) on the CPU: row k is `reference_roi_pool` of ROI k on
+    ``features[levels[k]]`` with ``spatial_scales[levels[k]]``; zeros and argmax -1 for a row
+    whose level is outside [0, L) (no level).
+
+    The levels are given, not computed, so a test may assign any level to any row.
+    """
+    levels, rois = levels.cpu(), rois.cpu()
+    ph, pw = _pair(output_size)
+    first = features[0]
     output = torch.zeros(rois.shape[0], first.shape[1], ph, pw, dtype=first.dtype)
     argmax = torch.full(output.shape, -1, dtype=torch.int32)
-    for level, feature in enumerate(case.features):
+    for level, feature in enumerate(features):
         rows = (levels == level).nonzero().squeeze(1)
         if len(rows):
             out, arg = reference_roi_pool(
-                feature.detach().cpu(), rois[rows], case.output_size, case.spatial_scales[level]
+                feature.detach().cpu(), rois[rows], (ph, pw), spatial_scales[level]
             )
             output[rows], argmax[rows] = out, arg
+    return output, argmax
+
+
+def reference_multi_scale(case: MultiScaleCase):
+    """(output, argmax, levels) on the CPU: `reference_roi_pool` of every ROI on its level."""
+    levels = roi_levels(case.rois, *level_range(case.spatial_scales)).cpu()
+    output, argmax = reference_by_level(
+        case.features, case.rois, levels, case.output_size, case.spatial_scales
+    )
     return output, argmax, levels
 
 

@@ -10,11 +10,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import TorchKernels
 from torch import nn
 from tv_support import DEVICES
 
 torchvision = pytest.importorskip("torchvision")
 import roi_ops  # noqa: E402
+from roi_ops.testing import registered_backend  # noqa: E402
 
 TV_ROI_POOL = torchvision.ops.roi_pool
 TV_ROIPOOL = torchvision.ops.RoIPool
@@ -69,11 +71,10 @@ def no_patch_left_behind():
     assert torchvision.ops.roi_pool is TV_ROI_POOL and torchvision.ops.RoIPool is TV_ROIPOOL
 
 
-class Counting(roi_ops.Backend):
+class Counting(TorchKernels):
     """A CPU backend (the torch backend's kernels) that counts its forwards."""
 
     name = "counting"
-    device_types = frozenset({"cpu"})
     dtypes = frozenset({torch.float32, torch.float64})
     priority = 10_000
 
@@ -81,17 +82,14 @@ class Counting(roi_ops.Backend):
         self.forwards = 0
 
     def forward(self, problem, output, argmax):
-        from roi_ops.torch_backend import TorchBackend
-
         self.forwards += 1
-        TorchBackend().forward(problem, output, argmax)
+        super().forward(problem, output, argmax)
 
 
 @pytest.fixture
 def counting():
-    backend = roi_ops.register_backend(Counting())
-    yield backend
-    roi_ops.unregister_backend("counting")
+    with registered_backend(Counting()) as backend:
+        yield backend
 
 
 def _inputs(device="cpu", seed=0):

@@ -39,3 +39,15 @@ def runner(request):
     if reason is not None:
         pytest.skip(f"cupy backend unavailable: {reason}")
     return CudaRunner()
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    """A CupyBackend on the CUDA device (the test is skipped where it is unavailable)."""
+    from roi_ops_cupy.backend import CupyBackend
+
+    backend = CupyBackend()
+    reason = backend.check_available()
+    if reason is not None:
+        pytest.skip(f"cupy backend unavailable: {reason}")
+    return backend

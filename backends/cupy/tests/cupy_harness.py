@@ -11,6 +11,7 @@ import pytest
 import torch
 from roi_ops.backend import RoIPoolProblem
 from roi_ops.device_info import CudaSizes
+from roi_ops.testing import check_with_and_without_argmax
 from roi_ops.testing.reference import reference_roi_pool
 
 from roi_ops_cupy import kernels, planning
@@ -41,6 +42,8 @@ _LAYOUT_KERNELS = {
 BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 GUARD = 64  # elements of sentinel before and after every buffer a kernel touches
 HAS_CUDA = torch.cuda.is_available()
+# The marks of a test module that runs only on a CUDA device.
+GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 
 
 def sizes(multiprocessors: int = 1, l2_bytes: int = 0, shared: int = 227 * 1024) -> CudaSizes:
@@ -152,27 +155,14 @@ def run_forward(
     return output.cpu(), (argmax.cpu() if needs_argmax else None)
 
 
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Bit equality (so -0.0 differs from +0.0); NaNs must match in place, not in payload."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    bits = BITS[actual.element_size()]
-    nan = expected.isnan()
-    mismatch = (actual.isnan() != nan) | (~nan & (actual.view(bits) != expected.view(bits)))
-    if mismatch.any():
-        where = mismatch.nonzero()[:5].tolist()
-        pytest.fail(f"{int(mismatch.sum())} of {mismatch.numel()} elements differ, e.g. {where}")
-
-
 def check(runner, x, rois, size, scale, **options) -> None:
     """Both modes (with and without argmax) bit for bit against the scalar reference."""
-    expected, expected_argmax = reference_roi_pool(x, rois, size, scale)
-    for needs_argmax in (True, False):
-        output, argmax = run_forward(
+    check_with_and_without_argmax(
+        lambda needs_argmax: run_forward(
             runner, x, rois, size, scale, needs_argmax=needs_argmax, **options
-        )
-        assert_same_bits(output, expected)
-        if needs_argmax:
-            assert torch.equal(argmax, expected_argmax)
+        ),
+        *reference_roi_pool(x, rois, size, scale),
+    )
 
 
 def wide(x: torch.Tensor, channels: int = 24) -> torch.Tensor:

@@ -17,7 +17,6 @@ from cupy_harness import (
     DTYPE_IDS,
     DTYPES,
     LAYOUTS,
-    assert_same_bits,
     check,
     rois_dtype_for,
     run_forward,
@@ -25,28 +24,36 @@ from cupy_harness import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from roi_ops.testing.cases import contract_cases, tie_heavy_features
-from roi_ops.testing.reference import reference_roi_pool
-from roi_ops.testing.strategies import roi_pool_cases
+from roi_ops.testing import (
+    assert_same_bits,
+    contract_cases,
+    reference_roi_pool,
+    roi_pool_cases,
+    tie_heavy_features,
+)
 
 from roi_ops_cupy import kernels
 from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
 
 
+def _check_cases(runner, cases, layout):
+    """Each of the contract's `cases` in `layout` (widened for the channels_last layouts, so that
+    they take a channel-lane kernel)."""
+    for case in cases:
+        x = wide(case.input) if layout.startswith("channels_last") else case.input
+        check(runner, x, case.rois_tensor(), case.output_size, case.spatial_scale, layout=layout)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_contract_cases(runner, dtype, layout):
-    for case in contract_cases("cpu", dtype):
-        x = wide(case.input) if layout.startswith("channels_last") else case.input
-        check(runner, x, case.rois_tensor(), case.output_size, case.spatial_scale, layout=layout)
+    _check_cases(runner, contract_cases("cpu", dtype), layout)
 
 
 @pytest.mark.parametrize("layout", BLOCK_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_float32_rois_with_half_input(runner, dtype, layout):
-    for case in contract_cases("cpu", dtype, seed=3, rois_dtype=torch.float32):
-        x = wide(case.input) if layout.startswith("channels_last") else case.input
-        check(runner, x, case.rois_tensor(), case.output_size, case.spatial_scale, layout=layout)
+    _check_cases(runner, contract_cases("cpu", dtype, seed=3, rois_dtype=torch.float32), layout)
 
 
 @pytest.mark.parametrize("layout", BLOCK_LAYOUTS)

@@ -9,38 +9,21 @@ from dataclasses import replace
 
 import pytest
 import torch
-from cupy_harness import assert_same_bits
+from cupy_harness import GPU_ONLY
 from roi_ops import bad_rois
 from roi_ops.backend import RoIPoolBackwardProblem, RoIPoolProblem
+from roi_ops.testing import assert_same_bits, poisoned_forward
 from roi_ops.testing.reference import reference_roi_pool, reference_roi_pool_backward
 
 from roi_ops_cupy import kernels, planning
-from roi_ops_cupy.backend import CupyBackend
 from roi_ops_cupy.tuning import DEFAULT_TUNING
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
-
-
-@pytest.fixture(scope="module")
-def backend() -> CupyBackend:
-    backend = CupyBackend()
-    reason = backend.check_available()
-    if reason is not None:
-        pytest.skip(f"cupy backend unavailable: {reason}")
-    return backend
+pytestmark = GPU_ONLY
 
 
 def _forward(backend, x, rois, size, scale, needs_argmax=True, log=None):
     problem = RoIPoolProblem(x, rois, size[0], size[1], scale, needs_argmax, bad_roi_log=log)
-    output = torch.full(problem.output_shape, math.nan, dtype=x.dtype, device=x.device)
-    argmax = None
-    if needs_argmax:
-        argmax = torch.full(problem.output_shape, -7, dtype=torch.int32, device=x.device)
-    backend.forward(problem, output, argmax)
-    return output, argmax
+    return poisoned_forward(backend, problem)
 
 
 def _backward(launcher_or_backend, grad, argmax, rois, shape, dtype, memory_format):
@@ -58,7 +41,7 @@ def _detection_rois(num_images, count, height, width, scale, g, dtype=torch.floa
     return torch.cat([batch, low, high], dim=1).to(dtype)
 
 
-def test_forward_on_a_side_stream(backend):
+def test_forward_on_a_side_stream(cuda_backend):
     g = torch.Generator().manual_seed(21)
     x = torch.randn(2, 32, 20, 24, generator=g)
     rois = _detection_rois(2, 40, 20, 24, 0.5, g)
@@ -71,14 +54,14 @@ def test_forward_on_a_side_stream(backend):
         torch.cuda._sleep(50_000_000)  # the features are written late on this stream ...
         features.copy_(source)
         # ... so a kernel launched on any other stream would pool NaN.
-        output, argmax = _forward(backend, features, rois_gpu, (7, 7), 0.5)
+        output, argmax = _forward(cuda_backend, features, rois_gpu, (7, 7), 0.5)
     torch.cuda.synchronize()
     assert_same_bits(output.cpu(), expected)
     assert torch.equal(argmax.cpu(), expected_argmax)
 
 
 @pytest.mark.parametrize("pinned", [True, False], ids=["pinned-host-log", "device-log"])
-def test_bad_roi_log_without_waiting(backend, pinned):
+def test_bad_roi_log_without_waiting(cuda_backend, pinned):
     """The kernels record the first invalid row into a pinned host log (or a device one) that
     roi_ops reads later; the call itself does not synchronise."""
     g = torch.Generator().manual_seed(22)
@@ -94,10 +77,10 @@ def test_bad_roi_log_without_waiting(backend, pinned):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for needs_argmax in (True, False):
-            _forward(backend, x, rois_gpu, (7, 7), 0.5, needs_argmax, log)
+            _forward(cuda_backend, x, rois_gpu, (7, 7), 0.5, needs_argmax, log)
             with torch.cuda.stream(side):  # not on the default stream either
                 torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())
-                _forward(backend, x, rois_gpu, (7, 7), 0.5, needs_argmax, log)
+                _forward(cuda_backend, x, rois_gpu, (7, 7), 0.5, needs_argmax, log)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()
@@ -110,7 +93,7 @@ def test_bad_roi_log_without_waiting(backend, pinned):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("kernel", kernels.BACKWARD_KERNELS)
 @pytest.mark.parametrize("layout", ["auto", "channels_last", "contiguous"])
-def test_backward_with_planes_that_fill_shared_memory(backend, dtype, kernel, layout):
+def test_backward_with_planes_that_fill_shared_memory(cuda_backend, dtype, kernel, layout):
     """A 160 x 200 gradient plane (125 KB of float32 sums): the planes kernel runs one
     1024-thread block per SM with the shared-memory opt-in; against the scalar reference. The
     gradient of a channels_last input comes back channels_last (it fits in L2: "auto"), or in
@@ -173,19 +156,19 @@ def test_planes_backward_opts_in_below_the_default_shared_memory():
     assert bool(expected.ne(0).sum() > 1000)  # real sums, not zeros
 
 
-def test_backend_backward(backend):
+def test_backend_backward(cuda_backend):
     argmax = torch.tensor([[[[0, 3]]], [[[2, -1]]]], dtype=torch.int32, device="cuda")
     grad = torch.tensor([[[[1.0, 2.0]]], [[[4.0, 8.0]]]], device="cuda")
     rois = torch.tensor([[1.7, 0, 0, 1, 1], [0, 0, 0, 1, 1]], device="cuda")
     result = _backward(
-        backend, grad, argmax, rois, (2, 1, 2, 2), torch.float32, torch.contiguous_format
+        cuda_backend, grad, argmax, rois, (2, 1, 2, 2), torch.float32, torch.contiguous_format
     )
     assert result.tolist() == [[[[0.0, 0.0], [4.0, 0.0]]], [[[1.0, 0.0], [0.0, 2.0]]]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_matches_torchvision_on_finite_inputs(backend, dtype, layout):
+def test_matches_torchvision_on_finite_inputs(cuda_backend, dtype, layout):
     torchvision = pytest.importorskip("torchvision")
     g = torch.Generator().manual_seed(31)
     for n, c, h, w, k, size, scale in [
@@ -197,13 +180,13 @@ def test_matches_torchvision_on_finite_inputs(backend, dtype, layout):
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         rois = _detection_rois(n, k, h, w, scale, g, dtype).cuda()
-        output, _ = _forward(backend, x, rois, size, scale)
+        output, _ = _forward(cuda_backend, x, rois, size, scale)
         expected = torchvision.ops.roi_pool(x, rois, size, scale)
         assert torch.equal(output, expected)
 
 
 @pytest.mark.slow
-def test_offsets_past_2_31_elements(backend):
+def test_offsets_past_2_31_elements(cuda_backend):
     # Three 2^15 x 2^15 float16 planes (6 GiB): image 2 starts at element 2^31.
     side = 2**15
     x = torch.full((3, 1, side, side), -1.0, dtype=torch.float16, device="cuda")
@@ -212,7 +195,7 @@ def test_offsets_past_2_31_elements(backend):
     x[2, :, side - 14 :, side - 14 :] = patch.cuda()
     lo = float(side - 14)
     rois = torch.tensor([[2, lo, lo, side - 1.0, side - 1.0]], device="cuda")
-    output, argmax = _forward(backend, x, rois, (7, 7), 1.0)
+    output, argmax = _forward(cuda_backend, x, rois, (7, 7), 1.0)
     expected, expected_argmax = reference_roi_pool(
         patch, torch.tensor([[0, 0.0, 0.0, 13.0, 13.0]]), (7, 7), 1.0
     )
@@ -221,7 +204,7 @@ def test_offsets_past_2_31_elements(backend):
     assert torch.equal(argmax.cpu(), ((rows + side - 14) * side + cols + side - 14).int())
 
 
-def test_roi_pool_through_roi_ops(backend):
+def test_roi_pool_through_roi_ops(cuda_backend):
     import roi_ops
 
     g = torch.Generator().manual_seed(51)

@@ -8,24 +8,11 @@ from __future__ import annotations
 import pytest
 import roi_ops
 import torch
-from cupy_harness import assert_same_bits
+from cupy_harness import GPU_ONLY
 from roi_ops.bench.pyramid import FPN_MULTI, make_boxes, make_pyramid
+from roi_ops.testing import assert_same_bits
 
-from roi_ops_cupy.backend import CupyBackend
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
-
-
-@pytest.fixture(scope="module")
-def backend() -> CupyBackend:
-    backend = CupyBackend()
-    reason = backend.check_available()
-    if reason is not None:
-        pytest.skip(f"cupy backend unavailable: {reason}")
-    return backend
+pytestmark = GPU_ONLY
 
 
 def _workload(dtype: torch.dtype, layout: str):
@@ -48,7 +35,7 @@ def _pool(features, rois, **options):
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"]
 )
-def test_fpn_multi_bit_for_bit_with_the_torch_backend(backend, monkeypatch, dtype, layout):
+def test_fpn_multi_bit_for_bit_with_the_torch_backend(cuda_backend, monkeypatch, dtype, layout):
     """fpn-multi (N=8, C=256, P2-P5 of 800 x 1088, 8000 boxes, 7 x 7): outputs, inference and
     gradients equal the torch backend's level-by-level loop; integer gradients make the atomic
     sums exact in any order."""
@@ -78,7 +65,7 @@ def test_fpn_multi_bit_for_bit_with_the_torch_backend(backend, monkeypatch, dtyp
     assert all(bool(g.ne(0).any()) for g in expected_grads)  # every level gets gradients
 
 
-def test_a_default_fused_call_never_synchronises(backend):
+def test_a_default_fused_call_never_synchronises(cuda_backend):
     """backend="auto" picks cupy; with value checks on (the default) neither the forward nor the
     backward waits for the device."""
     from roi_ops_cupy.launch import DEFAULT_LAUNCHER

@@ -14,7 +14,6 @@ import torch
 from cupy_harness import (
     _LAYOUT_KERNELS,
     LAYOUTS,
-    assert_same_bits,
     check_guards,
     guarded,
     place_input,
@@ -24,8 +23,8 @@ from cupy_harness import (
 from roi_ops import bad_rois
 from roi_ops.backend import MultiScaleRoIPoolProblem, accumulate_dtype
 from roi_ops.levels import level_range, roi_levels
-from roi_ops.testing.cases import tie_heavy_features
-from roi_ops.testing.reference import reference_roi_pool, reference_roi_pool_backward
+from roi_ops.testing import assert_same_bits, reference_by_level, tie_heavy_features
+from roi_ops.testing.reference import reference_roi_pool_backward
 
 from roi_ops_cupy import kernels, planning
 from roi_ops_cupy.tuning import DEFAULT_TUNING
@@ -88,15 +87,7 @@ def _levels(rois: torch.Tensor) -> torch.Tensor:
 
 def _per_level_reference(features, rois, levels, size):
     """roi_pool of each ROI on its level (zeros and -1 without one), as a loop over levels."""
-    channels = features[0].shape[1]
-    output = torch.zeros(rois.shape[0], channels, *size, dtype=features[0].dtype)
-    argmax = torch.full(output.shape, -1, dtype=torch.int32)
-    for level, feature in enumerate(features):
-        rows = (levels == level).nonzero().squeeze(1)
-        if len(rows):
-            out, arg = reference_roi_pool(feature, rois[rows], size, SCALES[level])
-            output[rows], argmax[rows] = out, arg
-    return output, argmax
+    return reference_by_level(features, rois, levels, size, SCALES)
 
 
 def run_forward_levels(

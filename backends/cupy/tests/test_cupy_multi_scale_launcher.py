@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import roi_ops
 import torch
-from cupy_harness import assert_same_bits, sizes
+from cupy_harness import sizes
 from roi_ops import multi_scale as multi_scale_module
 from roi_ops.backend import MultiScaleRoIPoolBackwardProblem, MultiScaleRoIPoolProblem
 from roi_ops.levels import level_range, roi_levels
+from roi_ops.testing import assert_same_bits
 
 pytest.importorskip("cupy")  # roi_ops_cupy.launch imports CuPy (it needs no device here)
 from roi_ops_cupy import launch as launch_module  # noqa: E402

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from roi_ops.backend import RoIPoolProblem
-from roi_ops.bench.runner import median_time_ms
+from roi_ops.bench.runner import interleaved_host_us, median_time_ms
 from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
 from roi_ops.device_info import cuda_sizes
 
@@ -222,9 +222,8 @@ def ncu_target(name: str, variants) -> None:
 
 def host_overhead(calls: int = 2000) -> None:
     """Host microseconds per call on a small problem (its GPU time is negligible): the backend's
-    forward and backward methods, and whole roi_pool calls against torchvision's."""
-    import time
-
+    forward and backward methods, and whole roi_pool calls against torchvision's; the median of
+    samples of 200 calls, `calls` calls of each in all, taken in turn."""
     import roi_ops
     from roi_ops.backend import RoIPoolBackwardProblem
 
@@ -253,16 +252,11 @@ def host_overhead(calls: int = 2000) -> None:
         calls_by_name["torchvision forward"] = lambda: tv(leaf, rois, 7, 1 / 16)
     except ImportError:
         pass
-    for label, fn in calls_by_name.items():
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        host = (time.perf_counter() - start) / calls * 1e6
-        torch.cuda.synchronize()
-        print(f"host {label}: {host:.1f} us per call")
+    timings = interleaved_host_us(
+        list(calls_by_name.values()), device, budget_s=0.0, calls=200, min_rounds=calls // 200
+    )
+    for label, timing in zip(calls_by_name, timings, strict=True):
+        print(f"host {label}: {timing.median:.1f} us per call")
 
 
 def main() -> int:

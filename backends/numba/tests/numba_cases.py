@@ -7,16 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 from roi_ops.backend import RoIPoolProblem
-from roi_ops.testing.reference import reference_roi_pool
+from roi_ops.testing import check_with_and_without_argmax, poisoned_forward, reference_roi_pool
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 LAYOUTS = ["contiguous", "channels_last"]
-_BIT_VIEWS = {
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-    torch.float32: torch.int32,
-    torch.float64: torch.int64,
-}
 
 # The serial kernels take every call below `serial_work`; these force one kind or the other.
 SCHEDULES = {"serial": 2**62, "parallel": 0}
@@ -43,34 +37,16 @@ def layout(x: torch.Tensor, name: str) -> torch.Tensor:
 def run_forward(backend, x, rois, size, scale, needs_argmax=True, log=None):
     """Call the backend on outputs poisoned with NaN and -7."""
     problem = RoIPoolProblem(x, rois, size[0], size[1], scale, needs_argmax, log)
-    output = torch.full(problem.output_shape, float("nan"), dtype=x.dtype)
-    argmax = torch.full(problem.output_shape, -7, dtype=torch.int32) if needs_argmax else None
-    backend.forward(problem, output, argmax)
-    return output, argmax
-
-
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Bit equality (so -0.0 differs from +0.0); NaNs must match in place, not in payload."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    bits = _BIT_VIEWS[actual.dtype]
-    nan = expected.isnan()
-    mismatch = (actual.isnan() != nan) | (~nan & (actual.view(bits) != expected.view(bits)))
-    if mismatch.any():
-        where = mismatch.nonzero()[:5].tolist()
-        pytest.fail(f"{int(mismatch.sum())} elements differ, e.g. at {where}")
+    return poisoned_forward(backend, problem)
 
 
 def check(backend, x, rois, size, scale):
     """Forward with and without argmax against the reference; returns (output, argmax)."""
     size = (size, size) if isinstance(size, int) else size
-    expected_out, expected_arg = reference_roi_pool(x, rois, size, scale)
-    output, argmax = run_forward(backend, x, rois, size, scale)
-    assert_same_bits(output, expected_out)
-    assert torch.equal(argmax, expected_arg)
-    output_only, none = run_forward(backend, x, rois, size, scale, needs_argmax=False)
-    assert none is None
-    assert_same_bits(output_only, expected_out)
-    return output, argmax
+    return check_with_and_without_argmax(
+        lambda needs_argmax: run_forward(backend, x, rois, size, scale, needs_argmax),
+        *reference_roi_pool(x, rois, size, scale),
+    )
 
 
 def random_features(shape, dtype, generator, ties: bool = False) -> torch.Tensor:

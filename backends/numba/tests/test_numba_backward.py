@@ -13,11 +13,6 @@ from roi_ops.testing.reference import reference_roi_pool_backward
 pytest.importorskip("numba")
 
 
-@pytest.fixture(params=["serial", "parallel"])
-def backend(request):
-    return make_backend(request.param)
-
-
 def _backward_inputs(dtype, g):
     x = random_features((2, 3, 7, 8), dtype, g, ties=True)
     rois = random_rois(9, 2, 7, 8, 1.0, g).to(dtype)

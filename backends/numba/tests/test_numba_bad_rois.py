@@ -7,24 +7,13 @@ import struct
 
 import pytest
 import torch
-from numba_cases import DTYPES, check, make_backend, random_features, random_rois, run_forward
+from numba_cases import DTYPES, check, random_features, random_rois, run_forward
 from roi_ops.bad_rois import EMPTY, decode, new_log, record_bad_rois
+from roi_ops.testing import DTYPE_PAIRS, dtype_id
 
 pytest.importorskip("numba")
 
-ROIS_DTYPES = {  # input dtype -> the rois dtypes it accepts
-    torch.float16: [torch.float16, torch.float32],
-    torch.bfloat16: [torch.bfloat16, torch.float32],
-    torch.float32: [torch.float32],
-    torch.float64: [torch.float64],
-}
-CASES = [(x, r) for x, dtypes in ROIS_DTYPES.items() for r in dtypes]
 BAD_VALUES = [math.nan, -math.nan, math.inf, -math.inf]
-
-
-@pytest.fixture(params=["serial", "parallel"])
-def backend(request):
-    return make_backend(request.param)
 
 
 def _logs(backend, x, rois, size=(2, 3), scale=0.5):
@@ -43,7 +32,7 @@ def _rois(dtype, g, count=10, num_images=2):
     return random_rois(count, num_images, 6, 7, 0.5, g).to(dtype)
 
 
-@pytest.mark.parametrize("dtypes", CASES, ids=[f"{x}-{r}" for x, r in CASES])
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_id)
 def test_valid_rois_leave_the_log_empty(backend, dtypes):
     input_dtype, rois_dtype = dtypes
     g = torch.Generator().manual_seed(1)
@@ -52,7 +41,7 @@ def test_valid_rois_leave_the_log_empty(backend, dtypes):
     assert (log == EMPTY).all()
 
 
-@pytest.mark.parametrize("dtypes", CASES, ids=[f"{x}-{r}" for x, r in CASES])
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_id)
 @pytest.mark.parametrize("batch", [-1.0, 2.0, 2.5, 7.0, -1e30, 1e30])
 def test_batch_out_of_range(backend, dtypes, batch):
     input_dtype, rois_dtype = dtypes
@@ -66,7 +55,7 @@ def test_batch_out_of_range(backend, dtypes, batch):
     assert bad.values == tuple(rois[4].double().tolist())
 
 
-@pytest.mark.parametrize("dtypes", CASES, ids=[f"{x}-{r}" for x, r in CASES])
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_id)
 @pytest.mark.parametrize("column", range(5))
 @pytest.mark.parametrize("value", BAD_VALUES, ids=["nan", "-nan", "inf", "-inf"])
 def test_non_finite_value_in_each_column(backend, dtypes, column, value):
@@ -90,7 +79,7 @@ def test_nan_payload_and_sign_bits_are_kept(backend):
     assert decode(log).row == 3
 
 
-@pytest.mark.parametrize("dtypes", CASES, ids=[f"{x}-{r}" for x, r in CASES])
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_id)
 @pytest.mark.parametrize("seed", range(4))
 def test_several_bad_rows_scrambled(backend, dtypes, seed):
     """Many bad rows of every kind in a random order: the log names the first."""

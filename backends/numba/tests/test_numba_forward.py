@@ -22,16 +22,6 @@ from numba_cases import layout as to_layout
 pytest.importorskip("numba")
 
 
-@pytest.fixture(params=["serial", "parallel"])
-def schedule(request) -> str:
-    return request.param
-
-
-@pytest.fixture
-def backend(schedule):
-    return make_backend(schedule)
-
-
 def _with_work(serial_work: int):
     from roi_ops_numba import NumbaBackend
     from roi_ops_numba.tuning import NumbaTuning

@@ -10,27 +10,23 @@ import zlib
 import pytest
 import roi_ops
 import torch
-from numba_cases import DTYPES, assert_same_bits, make_backend, random_features
+from numba_cases import DTYPES, make_backend, random_features
 from roi_ops.backend import MultiScaleRoIPoolBackwardProblem, MultiScaleRoIPoolProblem
 from roi_ops.bad_rois import EMPTY, decode, new_log, record_bad_rois
 from roi_ops.levels import level_range, roi_levels
-from roi_ops.testing.reference import (
-    backward_error_bound,
-    reference_roi_pool,
-    reference_roi_pool_backward,
+from roi_ops.testing import (
+    DTYPE_PAIRS,
+    assert_same_bits,
+    check_with_and_without_argmax,
+    dtype_id,
+    poisoned_forward,
+    reference_by_level,
 )
+from roi_ops.testing.reference import backward_error_bound, reference_roi_pool_backward
 
 pytest.importorskip("numba")
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
-ROIS_DTYPES = {  # feature dtype -> the rois dtypes it accepts
-    torch.float16: [torch.float16, torch.float32],
-    torch.bfloat16: [torch.bfloat16, torch.float32],
-    torch.float32: [torch.float32],
-    torch.float64: [torch.float64],
-}
-CASES = [(x, r) for x, dtypes in ROIS_DTYPES.items() for r in dtypes]
-CASE_IDS = [f"{x}-{r}".replace("torch.", "") for x, r in CASES]
 # One layout per level, finest first: strided is a view with a storage offset, strided channels
 # and a W stride of 2.
 LAYOUTS = {
@@ -39,16 +35,6 @@ LAYOUTS = {
     "strided": ("strided",) * 4,
     "mixed": ("contiguous", "channels_last", "strided", "channels_last"),
 }
-
-
-@pytest.fixture(params=["serial", "parallel"])
-def schedule(request) -> str:
-    return request.param
-
-
-@pytest.fixture
-def backend(schedule):
-    return make_backend(schedule)
 
 
 def _level(shape, dtype, layout, g, ties):
@@ -102,38 +88,23 @@ def run_multi(backend, features, rois, levels, size, needs_argmax=True, log=None
         features, rois, levels, size[0], size[1], SCALES, needs_argmax, log
     )
     assert backend.multi_scale_not_supported_reasons(problem) == []
-    output = torch.full(problem.output_shape, float("nan"), dtype=features[0].dtype)
-    argmax = torch.full(problem.output_shape, -7, dtype=torch.int32) if needs_argmax else None
-    backend.forward_multi_scale(problem, output, argmax)
-    return output, argmax
+    return poisoned_forward(backend, problem)
 
 
 def reference_multi(features, rois, levels, size):
     """The scalar reference, level by level: row k from ``features[levels[k]]``."""
-    channels = features[0].shape[1]
-    output = torch.zeros(rois.shape[0], channels, *size, dtype=features[0].dtype)
-    argmax = torch.full(output.shape, -1, dtype=torch.int32)
-    for level, feature in enumerate(features):
-        rows = (levels == level).nonzero().squeeze(1)
-        if len(rows):
-            out, arg = reference_roi_pool(feature, rois[rows], size, SCALES[level])
-            output[rows], argmax[rows] = out, arg
-    return output, argmax
+    return reference_by_level(features, rois, levels, size, SCALES)
 
 
 def check_multi(backend, features, rois, levels, size):
     """Forward with and without argmax against the reference; returns (output, argmax)."""
-    expected, expected_argmax = reference_multi(features, rois, levels, size)
-    output, argmax = run_multi(backend, features, rois, levels, size)
-    assert_same_bits(output, expected)
-    assert torch.equal(argmax, expected_argmax)
-    inferred, none = run_multi(backend, features, rois, levels, size, needs_argmax=False)
-    assert none is None
-    assert_same_bits(inferred, expected)
-    return output, argmax
+    return check_with_and_without_argmax(
+        lambda needs_argmax: run_multi(backend, features, rois, levels, size, needs_argmax),
+        *reference_multi(features, rois, levels, size),
+    )
 
 
-@pytest.mark.parametrize("dtypes", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_id)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_forward_matches_the_core_level_by_level(backend, dtypes, layout):
     """Row k is roi_pool of its level, bit for bit: against `roi_ops.multi_scale_roi_pool` on
@@ -194,7 +165,7 @@ def test_every_kernel_path(schedule, tuning, dtype):
         check_multi(backend, features, rois, _levels(rois), (3, 4))
 
 
-@pytest.mark.parametrize("dtypes", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_id)
 def test_bad_rows_are_logged_as_by_one_level(backend, dtypes):
     """Bad rows (a batch index out of range, a non-finite value), on a level or without one,
     are recorded exactly as `roi_ops.bad_rois.record_bad_rois` records them, and give zeros."""
@@ -302,7 +273,7 @@ def _backward(backend, grad_output, argmax, rois, levels, features):
     return backend.backward_multi_scale(problem)
 
 
-@pytest.mark.parametrize("dtypes", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_id)
 def test_backward_matches_the_reference_per_level(backend, dtypes):
     """Level l's gradient is the scatter of level l's rows: within the float error bound of the
     float64 reference, and bit for bit the numba one-level backward of those rows (the same sums

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import torch
+from busy import busy_cores
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -180,8 +179,7 @@ def main() -> None:
         f"torch {torch.__version__}, numba {numba.__version__}, {args.threads} threads, "
         f"{args.busy} busy processes"
     )
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
-    try:
+    with busy_cores(args.busy) as busy:
         if busy:
             time.sleep(0.5)
         for channels in args.channels:
@@ -211,10 +209,6 @@ def main() -> None:
                     a = statistics.median(results[mine])
                     b = statistics.median(results[theirs])
                     print(f"  {mine} / {theirs}: {a / b:.2f}x")
-    finally:
-        for process in busy:
-            process.kill()
-            process.wait()
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ processes keeping cores busy (where a thread pool can stall a call).
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 
 import torch
+from busy import busy_cores
 
 SIZES = [(16, 4), (16, 16), (64, 16), (256, 16), (256, 64), (256, 256), (1024, 256), (1024, 1024)]
 
@@ -51,8 +50,7 @@ def main() -> None:
 
     serial = NumbaBackend(NumbaTuning(serial_work=2**62))
     parallel = NumbaBackend(NumbaTuning(serial_work=0))
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
-    try:
+    with busy_cores(args.busy):
         print(f"{args.threads} threads, {args.busy} busy processes; us per call, median (min)")
         for channels, num_rois in SIZES:
             w = Workload("sweep", 2, channels, 50, 68, num_rois, 7, 1 / 16, 16, 512)
@@ -78,10 +76,6 @@ def main() -> None:
                 f"({backward[0][1]:7.0f}) parallel {backward[1][0]:8.0f} ({backward[1][1]:7.0f})",
                 flush=True,
             )
-    finally:
-        for process in busy:
-            process.kill()
-            process.wait()
 
 
 if __name__ == "__main__":

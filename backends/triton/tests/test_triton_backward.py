@@ -50,7 +50,7 @@ def test_backward_matches_the_reference_scatter(device, dtype, block, layout, mo
     grad_output = torch.randint(1, 5, argmax.shape, generator=g).to(dtype).to(device)
 
     def backward(grad):
-        result = run_backward(grad, argmax, rois, shape, dtype, memory_format, tuning)
+        result = run_backward(grad, argmax, rois, shape, dtype, memory_format, tuning=tuning)
         assert result.dtype == dtype and result.is_contiguous(memory_format=memory_format)
         return result.cpu().double()
 

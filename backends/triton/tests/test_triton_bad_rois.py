@@ -10,29 +10,19 @@ import pytest
 import torch
 
 from roi_ops import bad_rois
-from roi_ops.testing import reference_roi_pool
+from roi_ops.testing import DTYPE_PAIRS, assert_same_bits, dtype_id, reference_roi_pool
 
 pytest.importorskip("triton")
 
 from triton_cases import (  # noqa: E402
     COMPILED,
     DEVICES,
-    assert_same_bits,
     in_layout,
     run_forward,
 )
 
 from roi_ops_triton.tuning import DEFAULT_TUNING, Tuning  # noqa: E402
 
-# input dtype -> rois dtypes it may come with
-ROIS_DTYPES = [
-    (torch.float16, torch.float16),
-    (torch.float16, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-]
 KERNELS = {
     "unit": ("contiguous", DEFAULT_TUNING),
     "channels-last": ("channels_last", DEFAULT_TUNING),
@@ -68,9 +58,7 @@ def _scrambled_rows(num_images: int) -> list[list[float]]:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", list(KERNELS))
-@pytest.mark.parametrize(
-    "dtype, rois_dtype", ROIS_DTYPES, ids=[f"{a}-{b}".replace("torch.", "") for a, b in ROIS_DTYPES]
-)
+@pytest.mark.parametrize("dtype, rois_dtype", DTYPE_PAIRS, ids=dtype_id)
 def test_the_log_matches_the_torch_recorder(device, kernel, dtype, rois_dtype):
     """Several bad rows in scrambled order among valid ones, every kernel and rois dtype; the
     outputs are still the reference's, with and without the argmax."""

@@ -9,6 +9,8 @@ needs no git history.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -26,36 +28,29 @@ DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
 }
-# NCHW, the unit kernel (256 lanes, 4 channels per lane, 8 warps): (blocks, channels per program).
-UNIT = {
-    "frcnn-c4": (7, 160),
-    "fpn-p2": (13, 20),
-    "fpn-p4": (2, 160),
-    "mask-14": (7, 40),
-    "big-batch": (13, 20),
-    "wsddn": (4, 160),
-    "many-small": (1, 112),
-}
-# channels_last (4 warps, BLOCK_C of 128 bytes, 16-byte vectors): (blocks for 2-byte elements,
-# BLOCK_B); blocks double with each doubling of the element size.
-CHANNELS_LAST = {
-    "frcnn-c4": (16, 64),
-    "fpn-p2": (4, 64),
-    "fpn-p4": (4, 64),
-    "mask-14": (16, 64),
-    "big-batch": (4, 64),
-    "wsddn": (8, 64),
-    "many-small": (1, 16),
-}
-# The backward scatter (4 warps), every dtype and layout: (blocks, BLOCK).
-BACKWARD = {
-    "frcnn-c4": (25, 2048),
-    "fpn-p2": (25, 512),
-    "fpn-p4": (7, 2048),
-    "mask-14": (25, 2048),
-    "big-batch": (25, 512),
-    "wsddn": (13, 2048),
-    "many-small": (1, 2048),
+
+
+class Plans(NamedTuple):
+    """A workload's launches, each a pair of numbers."""
+
+    # NCHW, the unit kernel (256 lanes, 4 channels per lane, 8 warps): (blocks, channels per
+    # program).
+    unit: tuple[int, int]
+    # channels_last (4 warps, BLOCK_C of 128 bytes, 16-byte vectors): (blocks for 2-byte
+    # elements, BLOCK_B); blocks double with each doubling of the element size.
+    channels_last: tuple[int, int]
+    # The backward scatter (4 warps), every dtype and layout: (blocks, BLOCK).
+    backward: tuple[int, int]
+
+
+PLANS = {
+    "frcnn-c4": Plans(unit=(7, 160), channels_last=(16, 64), backward=(25, 2048)),
+    "fpn-p2": Plans(unit=(13, 20), channels_last=(4, 64), backward=(25, 512)),
+    "fpn-p4": Plans(unit=(2, 160), channels_last=(4, 64), backward=(7, 2048)),
+    "mask-14": Plans(unit=(7, 40), channels_last=(16, 64), backward=(25, 2048)),
+    "big-batch": Plans(unit=(13, 20), channels_last=(4, 64), backward=(25, 512)),
+    "wsddn": Plans(unit=(4, 160), channels_last=(8, 64), backward=(13, 2048)),
+    "many-small": Plans(unit=(1, 112), channels_last=(1, 16), backward=(1, 2048)),
 }
 
 
@@ -112,7 +107,7 @@ def test_bench_workload_launches_are_the_old_ones(
     shapes = dict(zip(("N", "C", "H", "W"), x.shape, strict=True)) | dict(PH=size, PW=size)
     shapes |= dict(zip(("s_n", "s_c", "s_h", "s_w"), x.stride(), strict=True)) | {"blk_offset": 0}
     if channels_last:
-        blocks, block_b = CHANNELS_LAST[workload]
+        blocks, block_b = PLANS[workload].channels_last
         element = x.element_size()
         expected = common | {
             "BLOCK_C": 128 // element, "BLOCK_B": block_b, "VEC": 16 // element,
@@ -121,7 +116,7 @@ def test_bench_workload_launches_are_the_old_ones(
         assert name == "roi_pool_forward_channels_last"
         assert grid == (k, blocks * element // 2)
     else:
-        blocks, per_program = UNIT[workload]
+        blocks, per_program = PLANS[workload].unit
         expected = common | {"LANES": 256, "CHANNELS": 4, "num_warps": 8}
         expected["chan_per_prog"] = per_program
         assert name == "roi_pool_forward_unit"
@@ -136,7 +131,7 @@ def test_bench_workload_launches_are_the_old_ones(
             RoIPoolBackwardProblem(grad, arg, rois, tuple(x.shape), dtype, memory_format)
         )
         name, grid, args = launches[1]
-        blocks, block = BACKWARD[workload]
+        blocks, block = PLANS[workload].backward
         assert name == "roi_pool_backward_scatter" and grid == (k, blocks)
         assert args["BLOCK"] == block and args["num_warps"] == 4
         assert args["ACC_F64"] == (dtype == torch.float64)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from roi_ops.testing import reference_roi_pool
+from roi_ops.testing import assert_same_bits, reference_roi_pool
 
 pytest.importorskip("triton")
 
 from triton_cases import (  # noqa: E402
     COMPILED,
     DTYPES,
-    assert_same_bits,
     check,
     rois_dtype,
     run_forward,

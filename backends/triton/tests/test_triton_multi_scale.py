@@ -15,7 +15,7 @@ import roi_ops
 from roi_ops import bad_rois
 from roi_ops.backend import MultiScaleRoIPoolBackwardProblem, MultiScaleRoIPoolProblem
 from roi_ops.multi_scale import run_multi_forward
-from roi_ops.testing import reference_roi_pool_backward
+from roi_ops.testing import assert_same_bits, reference_roi_pool_backward
 
 pytest.importorskip("triton")
 
@@ -27,7 +27,6 @@ from triton_cases import (  # noqa: E402
     INTERPRET,
     LAYOUTS,
     MEMORY_FORMATS,
-    assert_same_bits,
     embedded,
     in_layout,
     rois_dtype,

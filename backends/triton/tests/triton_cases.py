@@ -1,4 +1,5 @@
-"""Shared helpers of the Triton backend's tests: devices, poisoned calls, bit comparisons."""
+"""Shared helpers of the Triton backend's tests: devices, poisoned calls, checks against the
+reference (bit comparisons: `roi_ops.testing.assert_same_bits`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from roi_ops.backend import RoIPoolBackwardProblem, RoIPoolProblem
-from roi_ops.testing import reference_roi_pool
+from roi_ops.testing import check_with_and_without_argmax, poisoned_forward, reference_roi_pool
 from roi_ops_triton.backend import TritonBackend
 from roi_ops_triton.interpreter import interpreting
 from roi_ops_triton.tuning import DEFAULT_TUNING, Tuning
@@ -25,12 +26,6 @@ DEVICES = (["cpu"] if INTERPRET else []) + (
     [pytest.param("cuda", marks=pytest.mark.gpu)] if CUDA else []
 )
 COMPILED = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs compiled kernels on CUDA")
-_BIT_VIEWS = {
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-    torch.float32: torch.int32,
-    torch.float64: torch.int64,
-}
 
 
 def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -57,38 +52,12 @@ def run_forward(
     backend = TritonBackend(tuning)
     assert backend.check_available() is None
     assert backend.not_supported_reasons(problem) == []
-    output = torch.full(problem.output_shape, math.nan, dtype=x.dtype, device=x.device)
-    argmax = None
-    if needs_argmax:
-        argmax = torch.full(problem.output_shape, -7, dtype=torch.int32, device=x.device)
-    backend.forward(problem, output, argmax)
-    return output, argmax
+    return poisoned_forward(backend, problem)
 
 
-def run_backward(
-    grad_output: torch.Tensor,
-    argmax: torch.Tensor,
-    rois: torch.Tensor,
-    shape: tuple[int, int, int, int],
-    dtype: torch.dtype,
-    memory_format: torch.memory_format = torch.contiguous_format,
-    tuning: Tuning = DEFAULT_TUNING,
-) -> torch.Tensor:
-    """The backend's backward of one problem."""
-    problem = RoIPoolBackwardProblem(grad_output, argmax, rois, shape, dtype, memory_format)
-    return TritonBackend(tuning).backward(problem)
-
-
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Bit equality (so -0.0 differs from +0.0); NaNs must match in place, not in payload."""
-    actual = actual.cpu()
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    bits = _BIT_VIEWS[actual.dtype]
-    nan = expected.isnan()
-    mismatch = (actual.isnan() != nan) | (~nan & (actual.view(bits) != expected.view(bits)))
-    if mismatch.any():
-        where = mismatch.nonzero()[:5].tolist()
-        pytest.fail(f"{int(mismatch.sum())} elements differ, e.g. at {where}")
+def run_backward(*problem: object, tuning: Tuning = DEFAULT_TUNING) -> torch.Tensor:
+    """The backend's backward of ``RoIPoolBackwardProblem(*problem)``."""
+    return TritonBackend(tuning).backward(RoIPoolBackwardProblem(*problem))
 
 
 def check(
@@ -98,14 +67,15 @@ def check(
     scale: float,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compare training (with argmax) and inference forwards with the reference."""
+    """Compare training (with argmax) and inference forwards with the reference; returns the
+    reference's (output, argmax)."""
     size = (size, size) if isinstance(size, int) else tuple(size)
     expected, expected_argmax = reference_roi_pool(x, rois, size, scale)
-    output, argmax = run_forward(x, rois, size, scale, tuning=tuning)
-    assert_same_bits(output, expected)
-    assert torch.equal(argmax.cpu(), expected_argmax), "argmax differs from the reference"
-    inference, _ = run_forward(x, rois, size, scale, needs_argmax=False, tuning=tuning)
-    assert_same_bits(inference, expected)
+    check_with_and_without_argmax(
+        lambda needs_argmax: run_forward(x, rois, size, scale, needs_argmax, tuning),
+        expected,
+        expected_argmax,
+    )
     return expected, expected_argmax
 
 

@@ -40,12 +40,12 @@ import importlib.util
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from roi_ops.backend import RoIPoolBackwardProblem, RoIPoolProblem
+from roi_ops.bench.runner import interleaved_host_us
 from roi_ops.bench.workloads import WORKLOADS, Workload, make_input, make_rois
 from roi_ops_triton import launch, launch_cache
 from roi_ops_triton.tuning import DEFAULT_TUNING
@@ -314,19 +314,12 @@ def host_report(args) -> None:
         calls["torchvision"] = lambda: torch.ops.torchvision.roi_pool(x, rois, 1 / 16, 7, 7)
     except ImportError:
         pass
-    for name, fn in calls.items():
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(15):
-            start = time.perf_counter()
-            for _ in range(200):
-                fn()
-            samples.append((time.perf_counter() - start) / 200 * 1e6)
-            torch.cuda.synchronize()
-        samples.sort()
-        print(f"{name:22s} {samples[len(samples) // 2]:7.1f} us host per call", flush=True)
+    # The median of 15 samples of 200 calls of each, taken in turn.
+    timings = interleaved_host_us(
+        list(calls.values()), device, budget_s=0.0, calls=200, min_rounds=15
+    )
+    for name, timing in zip(calls, timings, strict=True):
+        print(f"{name:22s} {timing.median:7.1f} us host per call", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
