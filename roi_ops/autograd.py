@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import ops
+from .backend import RoIPoolProblem
 from .execute import run_backward, run_forward
 from .layout import gradient_memory_format
 
@@ -90,7 +91,8 @@ class RoIPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, rois, pooled_height, pooled_width, scale, backend, needs_argmax):
         inputs = (input, rois, pooled_height, pooled_width, scale, backend, needs_argmax)
-        output, argmax, _ = run_forward(*inputs)
+        problem = RoIPoolProblem(input, rois, pooled_height, pooled_width, scale, needs_argmax)
+        output, argmax, _ = run_forward(problem, backend)
         setup_context(ctx, inputs, (output, argmax))
         ctx.eager = True
         return output
@@ -108,10 +110,12 @@ _apply_without_wrapper = torch._C._FunctionBase.__dict__["apply"].__get__(None, 
 _is_functorch_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", None)
 
 
-def apply_with_gradient(*arguments) -> Tensor:
-    """`RoIPoolFunction.apply` of validated arguments ``(input, rois, pooled_height,
-    pooled_width, spatial_scale, backend, True)`` on the eager fast path (the caller checked
-    `plain_eager`): roi_pool's output, recorded for autograd."""
-    if _is_functorch_wrapped is None or _is_functorch_wrapped(arguments[0]):
+def apply_with_gradient(
+    input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int, scale: float, backend: str
+) -> Tensor:
+    """`RoIPoolFunction.apply` of validated arguments on the eager fast path (the caller
+    checked `plain_eager`): roi_pool's output with its argmax kept, recorded for autograd."""
+    arguments = (input, rois, pooled_height, pooled_width, scale, backend, True)
+    if _is_functorch_wrapped is None or _is_functorch_wrapped(input):
         return RoIPoolFunction.apply(*arguments)
     return _apply_without_wrapper(*arguments)

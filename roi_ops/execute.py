@@ -99,18 +99,13 @@ def call_forward(backend: Backend, method, problem, output: Tensor, argmax: Tens
 
 
 def run_forward(
-    input: Tensor,
-    rois: Tensor,
-    pooled_height: int,
-    pooled_width: int,
-    spatial_scale: float,
-    backend: str,
-    needs_argmax: bool,
+    problem: RoIPoolProblem, backend: str
 ) -> tuple[Tensor, Tensor | None, Backend | None]:
-    """The forward of one validated call.
+    """The forward of one validated call, `problem`, for the request ``backend=`` `backend`.
 
     Returns (output (K, C, PH, PW), int32 argmax of the same shape or None when not
-    `needs_argmax`, the backend that ran; None for meta tensors, which only get shapes).
+    ``problem.needs_argmax``, the backend that ran; None for meta tensors, which only get
+    shapes).
 
     Raises:
         ValueError: invalid ROI rows found by the value checks (this call's on the CPU or in
@@ -118,18 +113,18 @@ def run_forward(
         BackendNotFoundError, BackendUnavailableError: see `roi_ops.resolve_backend`.
         BackendError: the chosen backend failed.
     """
+    input, rois = problem.input, problem.rois
     device = input.device
-    shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
+    shape = (rois.shape[0], input.shape[1], problem.pooled_height, problem.pooled_width)
     # new_empty: the input's dtype and device without parsing them again (a small call's host
     # time is what this path is measured by).
     output = input.new_empty(shape)
-    argmax = input.new_empty(shape, dtype=_INT32) if needs_argmax else None
+    argmax = input.new_empty(shape, dtype=_INT32) if problem.needs_argmax else None
     cuda = device.type == "cuda"
     if device.type == "meta":
         return output, argmax, None
     if cuda:
         bad_rois.raise_pending(device)
-    problem = RoIPoolProblem(input, rois, pooled_height, pooled_width, spatial_scale, needs_argmax)
     chosen = resolve_backend(backend, problem)
     log = start_value_checks(chosen.reports_bad_rois, rois, input.shape[0], device)
     problem.bad_roi_log = log

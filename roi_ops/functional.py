@@ -86,10 +86,11 @@ def roi_pool(
         table = table.float()  # float32 geometry under autocast, as torchvision computes it
     needs_argmax = input.requires_grad and torch.is_grad_enabled()
     if plain_eager(input, table):
-        arguments = (input, table, pooled_height, pooled_width, scale, backend, needs_argmax)
         if needs_argmax:
-            return apply_with_gradient(*arguments)
-        return run_forward(*arguments)[0]  # inference: no autograd record to make
+            return apply_with_gradient(input, table, pooled_height, pooled_width, scale, backend)
+        # Inference: no autograd record to make.
+        problem = RoIPoolProblem(input, table, pooled_height, pooled_width, scale, False)
+        return run_forward(problem, backend)[0]
     if torch.jit.is_tracing():
         sizes = (pooled_height, pooled_width)
         return _traced_roi_pool(input, table, sizes, scale, backend)

@@ -16,6 +16,7 @@ import sys
 import torch
 from torch import Tensor
 
+from .backend import RoIPoolProblem
 from .execute import run_backward, run_forward
 from .scatter import batch_indices, gather_at_argmax
 
@@ -31,9 +32,8 @@ def roi_pool_op(
     needs_argmax: bool,
 ) -> tuple[Tensor, Tensor]:
     """(output, argmax) for validated arguments; argmax is empty when not `needs_argmax`."""
-    output, argmax, _ = run_forward(
-        input, rois, pooled_height, pooled_width, spatial_scale, backend, needs_argmax
-    )
+    problem = RoIPoolProblem(input, rois, pooled_height, pooled_width, spatial_scale, needs_argmax)
+    output, argmax, _ = run_forward(problem, backend)
     if argmax is None:
         argmax = input.new_empty((0,), dtype=torch.int32)
     return output, argmax

@@ -91,10 +91,10 @@ def calls(device: torch.device) -> dict[str, object]:
             "step backend.forward infer": lambda: backend.forward(inference, output, None),
             "step backend.forward argmax": lambda: backend.forward(problem, output, argmax),
             "step run_forward infer": lambda: execute.run_forward(
-                x, rois, size, size, scale, "auto", False
+                RoIPoolProblem(x, rois, size, size, scale, False), "auto"
             ),
             "step run_forward argmax": lambda: execute.run_forward(
-                x, rois, size, size, scale, "auto", True
+                RoIPoolProblem(x, rois, size, size, scale, True), "auto"
             ),
             "step Function.apply (trivial)": lambda: Trivial.apply(leaf),
             "step backend.backward": lambda: backend.backward(backward),
