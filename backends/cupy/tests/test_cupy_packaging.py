@@ -3,6 +3,7 @@ its kernel source (self-contained, split by family, compiled by nvcc and by NVRT
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -274,8 +275,9 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_compile_check_script_passes():
+    environment = {**os.environ, "PYTHON": sys.executable}  # the Python that runs the tests
     result = subprocess.run(
-        ["bash", str(CHECK_COMPILE)], capture_output=True, text=True, timeout=1200
+        ["bash", str(CHECK_COMPILE)], capture_output=True, text=True, timeout=1200, env=environment
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "check_compile: all ok (80 90)" in result.stdout

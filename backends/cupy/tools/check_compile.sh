@@ -41,7 +41,7 @@ for arch in "${archs[@]}"; do
   echo "check_compile: nvcc ${flags[*]}"
   "$nvcc" "${flags[@]}" >"$work/log" 2>&1 || { cat "$work/log" >&2; exit 1; }
   if [ "$arch" = 90 ]; then
-    python3 - "$work/log" <<'PY'
+    "$python" - "$work/log" <<'PY'
 import re, subprocess, sys
 
 # ptxas -v prints, per kernel: "Compiling entry function '<mangled>'", then a line with its
