@@ -210,9 +210,21 @@ def test_source_is_self_contained_and_split_by_family():
             assert f"{kernel}_levels(" in (CUDA_DIR / family).read_text(), family
 
 
+def _expanded_source() -> str:
+    """The kernel source with the parameter-group macros (``#define ROI_OPS_..._PARAMETERS``,
+    ``..._OUTPUTS``) written out where kernels use them."""
+    text = kernels.source()
+    pattern = re.compile(r"^#define (ROI_OPS_\w+_(?:PARAMETERS|OUTPUTS))((?:.*\\\n)*.*)$", re.M)
+    groups = {m.group(1): m.group(2).replace("\\\n", " ") for m in pattern.finditer(text)}
+    text = pattern.sub("", text)
+    for name, body in groups.items():
+        text = text.replace(name, body)
+    return text
+
+
 def _parameters(kernel: str) -> list[str]:
     """The parameter names of `kernel` in the source."""
-    text = kernels.source()
+    text = _expanded_source()
     start = text.index(f"    {kernel}(")
     signature = text[start : text.index(")", text.index("{", start) - 2) + 1]
     signature = signature[signature.index("(") + 1 : signature.rindex(")")]

@@ -15,10 +15,20 @@
 // tools/host_emulator.cpp compiles the same source as host C++ for tests without a GPU: it
 // supplies host versions of the PTX primitives below (the one ROI_OPS_HOST_EMULATION block).
 //
-// Each kernel spells out its whole parameter list, so the families' entry points repeat one
-// another's signatures: launch.py passes arguments by position and finds them by these names.
-
 typedef long long i64;
+
+// Forward entry points: a map group (one map, or the pyramid's level table and levels), the
+// kernel's work split, the outputs; in planning.py's argument order (launch.py finds them by name).
+#define ROI_OPS_MAP_PARAMETERS                                                                  \
+  const T *__restrict__ input, const i64 N, const i64 C, const i64 H, const i64 W, const i64 sN, \
+      const i64 sC, const i64 sH, const i64 sW, const R *__restrict__ rois, const i64 rs0,       \
+      const i64 rs1, const double spatial_scale, const i64 PH, const i64 PW
+#define ROI_OPS_LEVELS_PARAMETERS                                                                \
+  const roi_ops_cuda::LevelMaps<T> maps, const i64 L, const i64 *__restrict__ levels,            \
+      const i64 ls0, const i64 N, const i64 C, const R *__restrict__ rois, const i64 rs0,        \
+      const i64 rs1, const i64 PH, const i64 PW
+#define ROI_OPS_FORWARD_OUTPUTS \
+  T *__restrict__ output, int *__restrict__ argmax, long long *__restrict__ bad_roi_log
 
 struct roi_half {
   unsigned short bits;

@@ -299,12 +299,8 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
 // (sC == 1).
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
-    roi_pool_forward_cvec(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
-                          const i64 W, const i64 sN, const i64 sC, const i64 sH, const i64 sW,
-                          const R* __restrict__ rois, const i64 rs0, const i64 rs1,
-                          const double spatial_scale, const i64 PH, const i64 PW,
-                          const i64 channels_per_block, T* __restrict__ output,
-                          int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
+    roi_pool_forward_cvec(ROI_OPS_MAP_PARAMETERS, const i64 channels_per_block,
+                          ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
   (void)sC;  // 1
   const i64 k = blockIdx.x;
@@ -320,12 +316,8 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlo
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads,
                                   roi_ops_cuda::CvecLevelsBlocksPerSM<T>::value)
-    roi_pool_forward_cvec_levels(const roi_ops_cuda::LevelMaps<T> maps, const i64 L,
-                                 const i64* __restrict__ levels, const i64 ls0, const i64 N,
-                                 const i64 C, const R* __restrict__ rois, const i64 rs0,
-                                 const i64 rs1, const i64 PH, const i64 PW,
-                                 const i64 channels_per_block, T* __restrict__ output,
-                                 int* __restrict__ argmax, long long* __restrict__ bad_roi_log) {
+    roi_pool_forward_cvec_levels(ROI_OPS_LEVELS_PARAMETERS, const i64 channels_per_block,
+                                 ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
   const i64 k = blockIdx.x;
   const int level = roi_level(levels, ls0, k, L);

@@ -71,13 +71,8 @@ __device__ __forceinline__ void small_cvec_outputs(const SmallBin* __restrict__ 
 
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
-    roi_pool_forward_small_cvec(const T* __restrict__ input, const i64 N, const i64 C,
-                                const i64 H, const i64 W, const i64 sN, const i64 sC,
-                                const i64 sH, const i64 sW, const R* __restrict__ rois,
-                                const i64 rs0, const i64 rs1, const double spatial_scale,
-                                const i64 PH, const i64 PW, const i64 rois_per_block,
-                                const i64 K, T* __restrict__ output, int* __restrict__ argmax,
-                                long long* __restrict__ bad_roi_log) {
+    roi_pool_forward_small_cvec(ROI_OPS_MAP_PARAMETERS, const i64 rois_per_block, const i64 K,
+                                ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
   const i64 first_roi = static_cast<i64>(blockIdx.x) * rois_per_block;
   const unsigned int count = small_count(first_roi, rois_per_block, K);
@@ -97,13 +92,8 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlo
 // map's.
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
-    roi_pool_forward_small_cvec_levels(const roi_ops_cuda::LevelMaps<T> maps, const i64 L,
-                                       const i64* __restrict__ levels, const i64 ls0,
-                                       const i64 N, const i64 C, const R* __restrict__ rois,
-                                       const i64 rs0, const i64 rs1, const i64 PH, const i64 PW,
-                                       const i64 rois_per_block, const i64 K,
-                                       T* __restrict__ output, int* __restrict__ argmax,
-                                       long long* __restrict__ bad_roi_log) {
+    roi_pool_forward_small_cvec_levels(ROI_OPS_LEVELS_PARAMETERS, const i64 rois_per_block,
+                                       const i64 K, ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
   const i64 first_roi = static_cast<i64>(blockIdx.x) * rois_per_block;
   const unsigned int count = small_count(first_roi, rois_per_block, K);
