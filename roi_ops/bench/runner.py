@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -191,17 +191,12 @@ def time_calls(
     return Timing.of(samples)
 
 
-def median_time_ms(*args: Any, **kwargs: Any) -> float:
-    """The median of `time_calls`, which takes the same arguments (milliseconds per call)."""
-    return time_calls(*args, **kwargs).median
-
-
 def copy_bandwidth(device: torch.device, budget_s: float) -> float:
     """Measured device copy bandwidth in bytes/s (bytes read plus bytes written)."""
     elements = 256 * 2**20 // 4  # 256 MiB: well past every cache
     source = torch.randn(elements, device=device)
     target = torch.empty_like(source)
-    ms = median_time_ms(lambda: target.copy_(source), device, budget_s)
+    ms = time_calls(lambda: target.copy_(source), device, budget_s).median
     return 2 * source.numel() * 4 / (ms / 1e3)
 
 

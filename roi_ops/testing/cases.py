@@ -12,6 +12,7 @@ import torch
 from ..config import poisoned_outputs, value_checks
 from ..functional import roi_pool, roi_pool_with_argmax
 from ..layout import gradient_memory_format
+from ..validation import FLOAT_DTYPES
 from .reference import reference_roi_pool, reference_roi_pool_backward
 
 # How many calls `check_case` compared against the reference, per backend (for test reports).
@@ -61,11 +62,10 @@ def rois_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Every (input dtype, rois dtype) pair the contract accepts: rois of the input's dtype, or float32
 # rois with half-precision inputs.
 DTYPE_PAIRS: tuple[tuple[torch.dtype, torch.dtype], ...] = tuple(
-    (dtype, dtype) for dtype in _FLOAT_DTYPES
+    (dtype, dtype) for dtype in FLOAT_DTYPES
 ) + ((torch.float16, torch.float32), (torch.bfloat16, torch.float32))
 
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 from roi_ops.backend import RoIPoolBackwardProblem, RoIPoolProblem
-from roi_ops.bench.runner import median_time_ms
+from roi_ops.bench.runner import time_calls
 from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
 from roi_ops.device_info import cuda_sizes
 
@@ -43,7 +43,7 @@ VARIANTS = {
 
 
 def timed_ms(fn) -> float:
-    return median_time_ms(fn, torch.device("cuda"), 0.6, min_reps=5, queue=10)
+    return time_calls(fn, torch.device("cuda"), 0.6, min_reps=5, queue=10).median
 
 
 def main() -> None:

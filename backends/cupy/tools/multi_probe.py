@@ -27,7 +27,7 @@ from roi_ops.backend import (
     RoIPoolProblem,
 )
 from roi_ops.bench.pyramid import FPN_MULTI, make_boxes, make_pyramid
-from roi_ops.bench.runner import median_time_ms
+from roi_ops.bench.runner import time_calls
 from roi_ops.levels import level_range, roi_levels
 
 from roi_ops_cupy import launch
@@ -38,7 +38,7 @@ FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 
 
 def pipelined_ms(fn, device: torch.device, reps: int, inner: int) -> float:
-    return median_time_ms(fn, device, 0.0, min_reps=reps, max_reps=reps, queue=inner)
+    return time_calls(fn, device, 0.0, min_reps=reps, max_reps=reps, queue=inner).median
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

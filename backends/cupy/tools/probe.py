@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from roi_ops.backend import RoIPoolProblem
-from roi_ops.bench.runner import interleaved_host_us, median_time_ms
+from roi_ops.bench.runner import interleaved_host_us, time_calls
 from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
 from roi_ops.device_info import cuda_sizes
 
@@ -55,7 +55,9 @@ _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def pipelined_ms(fn, reps: int, inner: int) -> float:
     """Median over `reps` samples of `inner` back-to-back calls (the bench's own timer)."""
-    return median_time_ms(fn, torch.device("cuda"), 0.0, min_reps=reps, max_reps=reps, queue=inner)
+    return time_calls(
+        fn, torch.device("cuda"), 0.0, min_reps=reps, max_reps=reps, queue=inner
+    ).median
 
 
 class Variant:
