@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import torch
 from roi_ops.backend import (
@@ -31,6 +32,7 @@ from roi_ops.bench.runner import time_calls
 from roi_ops.levels import level_range, roi_levels
 
 from roi_ops_cupy import launch
+from roi_ops_cupy.tuning import DEFAULT_TUNING
 
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -46,9 +48,16 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def probe(
-    dtype: torch.dtype, layout: str, reps: int, inner: int, workload=FPN_MULTI, device="cuda"
+    dtype: torch.dtype,
+    layout: str,
+    reps: int,
+    inner: int,
+    workload=FPN_MULTI,
+    device="cuda",
+    kernels: tuple[str, ...] = (),
 ) -> dict[str, float]:
-    """Times of one dtype and layout; raises AssertionError when the results differ."""
+    """Times of one dtype and layout, and of the fused forward with each forward kernel of
+    `kernels` forced (``fwd fused NAME``); raises AssertionError when the results differ."""
     w, fmt, device = workload, FORMATS[layout], torch.device(device)
     features = [x.contiguous(memory_format=fmt) for x in make_pyramid(w, dtype, device)]
     rois = make_boxes(w, torch.float32 if dtype == torch.bfloat16 else dtype, device)
@@ -80,6 +89,14 @@ def probe(
         assert _same_bits(out[rows], sub_out) and torch.equal(arg[rows], sub_arg)
     times = {"fwd fused": pipelined_ms(fused, device, reps, inner)}
     times["fwd levels"] = pipelined_ms(level_by_level, device, reps, inner)
+    for name in kernels:
+        forced = launch.Launcher(replace(DEFAULT_TUNING, forward_kernel=name))
+        forced_out, forced_arg = torch.full_like(out, 1.5), torch.full_like(arg, -7)
+        forced.forward_multi_scale(problem, forced_out, forced_arg)
+        assert _same_bits(forced_out, out) and torch.equal(forced_arg, arg), name
+        times[f"fwd fused {name}"] = pipelined_ms(
+            lambda f=forced: f.forward_multi_scale(problem, out, arg), device, reps, inner
+        )
 
     g = torch.Generator().manual_seed(3)
     grad = torch.randint(-3, 4, out.shape, generator=g).to(dtype).to(device)  # exact sums
@@ -109,6 +126,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--layout", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--inner", type=int, default=10)
+    parser.add_argument("--kernel", nargs="*", default=[], help="forced fused forward kernels")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("multi_probe: needs a CUDA device", file=sys.stderr)
@@ -118,12 +136,14 @@ def main(argv: list[str]) -> int:
     print(header)
     for dtype_name in args.dtype:
         for layout in args.layout:
-            t = probe(DTYPES[dtype_name], layout, args.reps, args.inner)
+            t = probe(DTYPES[dtype_name], layout, args.reps, args.inner, kernels=args.kernel)
             print(
                 f"{dtype_name:9s} {layout:13s} {t['fwd fused']:9.3f} {t['fwd levels']:11.3f} "
                 f"{t['fwd levels'] / t['fwd fused']:6.2f} {t['bwd fused']:10.3f} "
                 f"{t['bwd levels']:11.3f} {t['bwd levels'] / t['bwd fused']:6.2f}"
             )
+            for name in args.kernel:
+                print(f"  fused forward, {name} forced: {t[f'fwd fused {name}']:.3f} ms")
     return 0
 
 
