@@ -103,7 +103,8 @@ for stage in $stages; do
       for workload in ${NCU_WORKLOADS:-fpn-p4 big-batch}; do
         timeout 300 ncu --clock-control none -k regex:roi_pool --csv \
           --metrics "$(tr '\n' ',' < backends/cupy/tools/ncu_metrics.txt | sed 's/,$//')" \
-          "$PYTHON" backends/cupy/tools/probe.py --ncu "$workload" ${NCU_PROBE_ARGS:-} >"$OUT/ncu-$workload.csv" 2>&1
+          "$PYTHON" backends/cupy/tools/probe.py --ncu "$workload" ${NCU_PROBE_ARGS:-} \
+          >"$OUT/ncu-$workload.csv" 2>&1
         "$PYTHON" backends/cupy/tools/ncu_summary.py "$OUT/ncu-$workload.csv" | tee "$OUT/ncu-$workload.txt"
       done
       ;;

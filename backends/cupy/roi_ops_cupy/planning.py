@@ -30,9 +30,6 @@ SMALL_BIN_BYTES = 24  # one (ROI, bin) entry of the small kernels' table (SmallB
 SMALL_MAX_SHARED = 48 * 1024  # the small kernels' table (and tile) per block, at most
 PLANES_STATIC_SHARED = 5 * 1024  # the planes kernel's own __shared__ arrays (4224 B), and room
 DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without opting in
-# The window kernel's bin-edge table (PH + PW int2 entries, at most bins + 1) stays within 8 KiB.
-WINDOW_MAX_BINS = 1023
-WINDOW_PLAN_BYTES = 128  # kWindowPlanBytes
 MAX_GRID_Y = 65535
 INT32_LIMIT = 2**31
 
@@ -119,8 +116,6 @@ def _aligned_channels(input: torch.Tensor) -> bool:
 def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
     if kernel in (kernels.FORWARD_UNIT, kernels.FORWARD_SMALL):
         unit = input.stride(3) == 1
-    elif kernel == kernels.FORWARD_WINDOW:
-        unit = input.stride(3) == 1 and bins <= WINDOW_MAX_BINS
     elif kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_SMALL_CVEC):
         unit = _aligned_channels(input)
     else:
@@ -191,13 +186,6 @@ def cvec_channels_per_block(
     ):
         threads //= 2
     return threads * per_thread
-
-
-def window_shared(edges: int, buffer_words: int) -> int:
-    """Dynamic shared memory of the window kernel: its bin-edge table (8 bytes per edge, padded
-    to 16 bytes), its plan (WINDOW_PLAN_BYTES), then two buffers of `buffer_words` 4-byte
-    words."""
-    return -(-8 * edges // 16) * 16 + WINDOW_PLAN_BYTES + 2 * 4 * buffer_words
 
 
 def plane_threads(bins: int) -> int:
@@ -275,16 +263,6 @@ def _forward_shape(kernel, input, input_bytes, num_rois, ph, pw, argmax, sizes, 
         extra = (integer("cache_edges", int(cache_edges)),)
         shared_mem = 8 * (ph + pw) if cache_edges else 0
         return (num_rois, grid_y, 1), (CHAN_LANES, THREADS // CHAN_LANES, 1), shared_mem, extra
-    if kernel == kernels.FORWARD_WINDOW:
-        cached = input_bytes <= sizes.l2_bytes
-        target = (
-            tuning.unit_block_elements_cached if cached else tuning.unit_block_elements_streamed
-        )
-        per_block = channels_per_block(num_rois, channels, ph * pw, multiprocessors, target, tuning)
-        words = tuning.window_buffer_words
-        extra = (integer("channels_per_block", per_block), integer("buffer_words", words))
-        grid = (num_rois, _grid_y(channels, per_block), 1)
-        return grid, (plane_threads(ph * pw), 1, 1), window_shared(ph + pw, words), extra
     if kernel == kernels.FORWARD_CVEC:
         per_block = cvec_channels_per_block(
             num_rois, channels, input.dtype, multiprocessors, tuning

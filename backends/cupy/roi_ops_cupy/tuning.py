@@ -37,7 +37,6 @@ class CupyTuning:
             outputs (C * PH * PW) take the small kernel (many ROIs per block) instead of the
             unit kernel (one ROI per block); 0 never.
         small_block_elements: outputs per block of the small kernel (whole ROIs).
-        window_buffer_words: 4-byte words in each of the window kernel's two staging buffers.
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC` / `kernels.BACKWARD_PLANES` (planes
@@ -58,7 +57,6 @@ class CupyTuning:
     planes_min_blocks_per_sm: int = 4
     small_roi_outputs: int = 1024
     small_block_elements: int = 4096
-    window_buffer_words: int = 4096
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

@@ -20,10 +20,9 @@ from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
 # Each layout takes another kernel (forced where it can run): contiguous the small kernel, or as
-# "contiguous_unit" the unit kernel, as "contiguous_window" (or, one element into its buffer,
-# "contiguous_window_shifted") the window kernel; channels_last (16-byte aligned channel
-# vectors) the small_cvec kernel, or as "channels_last_cvec" the cvec kernel; shifted by one
-# element the chan kernel; strided the plane kernel.
+# "contiguous_unit" the unit kernel; channels_last (16-byte aligned channel vectors) the
+# small_cvec kernel, or as "channels_last_cvec" the cvec kernel; shifted by one element the chan
+# kernel; strided the plane kernel.
 LAYOUTS = [
     "contiguous",
     "channels_last",
@@ -31,15 +30,12 @@ LAYOUTS = [
     "strided",
     "contiguous_unit",
     "channels_last_cvec",
-    "contiguous_window",
 ]
 # The layouts of the kernels that read channel blocks or rows of bins in rounds.
 BLOCK_LAYOUTS = [layout for layout in LAYOUTS if layout != "strided"]
 _LAYOUT_KERNELS = {
     "contiguous": kernels.FORWARD_SMALL,
     "contiguous_unit": kernels.FORWARD_UNIT,
-    "contiguous_window": kernels.FORWARD_WINDOW,
-    "contiguous_window_shifted": kernels.FORWARD_WINDOW,
     "channels_last": kernels.FORWARD_SMALL_CVEC,
     "channels_last_cvec": kernels.FORWARD_CVEC,
 }
@@ -70,13 +66,9 @@ def guarded(shape, strides, dtype, device, fill, shift=0):
 
 def place_input(x: torch.Tensor, layout: str, device) -> torch.Tensor:
     """`x` copied onto `device` in `layout`, every element around it NaN (so a stray read shows)."""
-    shift = 1 if layout in ("channels_last_unaligned", "contiguous_window_shifted") else 0
-    layout = {
-        "contiguous_unit": "contiguous",
-        "contiguous_window": "contiguous",
-        "contiguous_window_shifted": "contiguous",
-        "channels_last_cvec": "channels_last",
-    }.get(layout, layout)
+    layout = {"contiguous_unit": "contiguous", "channels_last_cvec": "channels_last"}.get(
+        layout, layout
+    )
     if layout == "strided":  # every other column of a wider map: contiguous in no format
         n, c, h, w = x.shape
         view, _ = guarded(
@@ -87,6 +79,7 @@ def place_input(x: torch.Tensor, layout: str, device) -> torch.Tensor:
         last = layout.startswith("channels_last")
         fmt = torch.channels_last if last else torch.contiguous_format
         strides = torch.empty(x.shape, device="meta").contiguous(memory_format=fmt).stride()
+        shift = 1 if layout == "channels_last_unaligned" else 0
         view, _ = guarded(tuple(x.shape), strides, x.dtype, device, math.nan, shift)
     view.copy_(x)
     return view

@@ -87,9 +87,7 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
     check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
 
 
-@pytest.mark.parametrize(
-    "kernel", ["unit", "small", "plane", "cvec", "small_cvec", "chan", "window"]
-)
+@pytest.mark.parametrize("kernel", ["unit", "small", "plane", "cvec", "small_cvec", "chan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
@@ -105,7 +103,6 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
         "small_cvec": "channels_last",
         "chan": "channels_last_unaligned",
         "unit": "contiguous_unit",
-        "window": "contiguous_window",
     }.get(kernel, "contiguous")
     lane_channels = {torch.float32: 20, torch.float64: 22}.get(dtype, 24)
     channels = lane_channels if layout.startswith("channels_last") else 11
@@ -281,26 +278,3 @@ def test_hypothesis_differential(runner, layout):
             assert torch.equal(argmax, expected_argmax)
 
     run()
-
-
-@pytest.mark.parametrize("buffer_words", [4096, 60, 12, 2], ids=lambda w: f"buffer{w}")
-@pytest.mark.parametrize("layout", ["contiguous_window", "contiguous_window_shifted"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_window_kernel_tiles_strips_and_odd_rows(runner, dtype, layout, buffer_words):
-    # The window kernel's staging: W = 13 and H * W = 117 are odd, so 16-bit rows start at odd
-    # elements every other row and channel (and every row when the map starts one element in);
-    # the smaller buffers hold a few channels' windows, then strips of rows of bins, then rows
-    # of bins too tall for a buffer, which are read from global memory.
-    tuning = CupyTuning(forward_kernel=kernels.FORWARD_WINDOW, window_buffer_words=buffer_words)
-    x = tie_heavy_features((2, 5, 9, 13), 31, dtype)
-    rows = [
-        [0, 0.0, 0.0, 12.0, 8.0],
-        [1, 2.0, 1.0, 9.0, 7.0],
-        [1, -4.0, -2.0, 20.0, 14.0],
-        [0, 12.0, 8.0, 12.0, 8.0],
-        [1, 30.0, 2.0, 40.0, 5.0],
-        [0, 3.0, 3.0, 4.0, 3.0],
-    ]
-    rois = torch.tensor(rows, dtype=torch.float64).to(rois_dtype_for(dtype))
-    for size in [(7, 7), (3, 2), (1, 1), (9, 13), (2, 5)]:
-        check(runner, x, rois, size, 1.0, layout=layout, multiprocessors=1, tuning=tuning)

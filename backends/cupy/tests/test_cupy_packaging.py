@@ -158,8 +158,7 @@ def test_kernel_names_and_modules():
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
             assert re.fullmatch(
-                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec|window)"
-                r"<\w+, \w+, (true|false)>",
+                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec)<\w+, \w+, (true|false)>",
                 expr,
             )
             assert kernels.module_names(expr) == kernels.forward_names(t, r)
@@ -179,7 +178,7 @@ def test_kernel_names_and_modules():
         assert len(levels) == 12 and not set(levels) & set(kernels.forward_names(t, r))
         for expr in levels:
             assert re.fullmatch(
-                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec|window)_levels"
+                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec)_levels"
                 r"<\w+, \w+, (true|false)>",
                 expr,
             )
@@ -190,7 +189,7 @@ def test_kernel_names_and_modules():
     )
     name = kernels.backward_name(kernels.BACKWARD_ATOMIC_LEVELS, torch.float64, torch.float64)
     assert kernels.module_names(name) == kernels.backward_levels_names(torch.float64)
-    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 28 + 6 * 4
+    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 4
 
 
 def test_source_is_self_contained_and_split_by_family():
@@ -239,7 +238,6 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
     channels_last = x.contiguous(memory_format=torch.channels_last)
     layouts = {
         kernels.FORWARD_UNIT: x,
-        kernels.FORWARD_WINDOW: x,
         kernels.FORWARD_SMALL: x,
         kernels.FORWARD_PLANE: x,
         kernels.FORWARD_CVEC: channels_last,

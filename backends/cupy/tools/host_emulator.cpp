@@ -169,14 +169,6 @@ inline roi_vec16 load_vec16(const void* address) {
   return v;
 }
 
-template <int kBytes>
-inline void copy_async(void* shared, const void* global) {
-  std::memcpy(shared, global, kBytes);
-}
-inline void copy_async_commit() {}
-template <int kPending>
-inline void copy_async_wait() {}
-
 inline float max_nan(float a, float b) {
   return a != a || b != b ? bit_cast<float>(0x7fffffffu) : (b >= a ? b : a);
 }

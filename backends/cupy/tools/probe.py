@@ -49,13 +49,6 @@ VARIANTS: dict[str, CupyTuning] = {
     "small-8k": replace(
         DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL, small_block_elements=8192
     ),
-    "window": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_WINDOW),
-    "window-2k": replace(
-        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_WINDOW, window_buffer_words=2048
-    ),
-    "window-8k": replace(
-        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_WINDOW, window_buffer_words=8192
-    ),
 }
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 

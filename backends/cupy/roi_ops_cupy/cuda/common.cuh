@@ -104,35 +104,6 @@ ROI_OPS_MAX_NAN_PTX(max_nan_bf16x2, unsigned int, "bf16x2", "r")
 #undef ROI_OPS_MAX_NAN_PTX
 #endif
 
-// Asynchronous copies of kBytes (4 or 8) from global to shared memory, and the waits for them:
-// cp.async (sm_80+) keeps no register waiting for the data, so a thread issues every copy of a
-// tile before it waits on any. Older devices copy through a register.
-template <int kBytes>
-__device__ __forceinline__ void copy_async(void* shared, const void* global) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("{\n\t.reg .u64 a;\n\t.reg .u32 s;\n\tcvta.to.shared.u64 a, %0;\n\t"
-               "cvt.u32.u64 s, a;\n\tcp.async.ca.shared.global [s], [%1], %2;\n\t}"
-               ::"l"(shared), "l"(global), "n"(kBytes) : "memory");
-#else
-  if constexpr (kBytes == 8) {
-    *static_cast<unsigned long long*>(shared) = *static_cast<const unsigned long long*>(global);
-  } else {
-    *static_cast<unsigned int*>(shared) = *static_cast<const unsigned int*>(global);
-  }
-#endif
-}
-__device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-template <int kPending>  // wait until at most kPending of this thread's groups are in flight
-__device__ __forceinline__ void copy_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-#endif
-}
-
 // Whether this thread is thread (0, 0) of a block in grid row 0, and its block's blockIdx.x,
 // read afresh from the special registers: the optimiser cannot keep the kernel's own earlier
 // reads of them (or what it computed from them) live until here.
@@ -487,6 +458,40 @@ template <class G>
 __device__ __forceinline__ int2 col_span(const int2* edges, const RoiGeometry<G>& g, bool cached,
                                          i64 PH, int pw, i64 W) {
   return cached ? edges[PH + pw] : bin_span<G>(pw, g.bin_w, g.x1, W, g.batch >= 0);
+}
+
+template <class T>
+struct BinMax {
+  T value;
+  int index;  // h * W + w, or -1 for an empty bin
+};
+
+// The first maximal element of one bin in row-major scan order; NaN is maximal (first NaN wins),
+// -inf is ordinary, -0 equals +0. An empty bin gives +0 and -1. The value is copied, never
+// converted.
+template <class T>
+__device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 rows, int2 cols,
+                                             i64 sH, i64 sW, i64 W) {
+  typedef typename Elem<T>::key K;
+  BinMax<T> m;
+  m.value = T();
+  m.index = -1;
+  K best = 0;
+  for (int h = rows.x; h < rows.y; ++h) {
+    const T* __restrict__ line = plane + h * sH;
+    const int base = h * static_cast<int>(W);  // < H * W < 2^31 (checked by roi_ops)
+#pragma unroll 4
+    for (int w = cols.x; w < cols.y; ++w) {
+      const T v = line[w * sW];
+      const K key = Elem<T>::key_of(v);
+      if (m.index < 0 || key > best) {
+        best = key;
+        m.value = v;
+        m.index = base + w;
+      }
+    }
+  }
+  return m;
 }
 
 // A walk through a block's outputs in memory order (ROI r, channel c, bin q, the bin fastest)
