@@ -73,6 +73,7 @@ BACKWARD_ATOMIC = "roi_pool_backward_atomic"
 BACKWARD_PLANES = "roi_pool_backward_planes"
 BACKWARD_KERNELS = (BACKWARD_ATOMIC, BACKWARD_PLANES)
 BACKWARD_ATOMIC_LEVELS = BACKWARD_ATOMIC + LEVELS_SUFFIX
+BACKWARD_PLANES_LEVELS = BACKWARD_PLANES + LEVELS_SUFFIX
 # The planes kernel's block sizes (its kBlock template argument).
 PLANES_THREADS = (256, 1024)
 
@@ -122,9 +123,9 @@ def backward_name(
     kernel: str, dtype: torch.dtype, rois_dtype: torch.dtype, threads: int = PLANES_THREADS[0]
 ) -> str:
     """The name expression of backward `kernel` for gradients of `dtype` and rois of
-    `rois_dtype`; the planes kernel's also names its block size (one of PLANES_THREADS)."""
+    `rois_dtype`; the planes kernels' also name their block size (one of PLANES_THREADS)."""
     types = f"{C_TYPES[dtype]}, {C_TYPES[rois_dtype]}"
-    if kernel == BACKWARD_PLANES:
+    if kernel in (BACKWARD_PLANES, BACKWARD_PLANES_LEVELS):
         return f"{kernel}<{types}, {threads}>"
     return f"{kernel}<{types}>"
 
@@ -145,11 +146,15 @@ def backward_names(dtype: torch.dtype) -> tuple[str, ...]:
 def backward_levels_names(dtype: torch.dtype) -> tuple[str, ...]:
     """Every fused multi-level backward instantiation for gradients of `dtype` (one NVRTC
     module)."""
-    return tuple(
-        backward_name(BACKWARD_ATOMIC_LEVELS, dtype, rois_dtype)
-        for input_dtype, rois_dtype in FORWARD_PAIRS
-        if input_dtype == dtype
-    )
+    names = []
+    for input_dtype, rois_dtype in FORWARD_PAIRS:
+        if input_dtype == dtype:
+            names.append(backward_name(BACKWARD_ATOMIC_LEVELS, dtype, rois_dtype))
+            names += [
+                backward_name(BACKWARD_PLANES_LEVELS, dtype, rois_dtype, threads)
+                for threads in PLANES_THREADS
+            ]
+    return tuple(names)
 
 
 def module_names(name: str) -> tuple[str, ...]:

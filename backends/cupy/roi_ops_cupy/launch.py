@@ -233,13 +233,14 @@ class _BackwardPlan:
 
 class _BackwardLevelsPlan:
     """What a multi-level backward call with a given key does: the packed launch (None: nothing
-    to add), the gradients' dtype as the kernel writes them (zero-filled first) and their
-    layouts."""
+    to add), the gradients' dtype as the kernel writes them, their layouts, and whether they are
+    zero-filled first."""
 
-    __slots__ = ("packed", "written", "memory_formats")
+    __slots__ = ("packed", "written", "memory_formats", "zero_fill")
 
-    def __init__(self, packed, written, memory_formats):
+    def __init__(self, packed, written, memory_formats, zero_fill):
         self.packed = packed
+        self.zero_fill = zero_fill
         self.written = written
         self.memory_formats = memory_formats
 
@@ -371,8 +372,10 @@ class Launcher:
         return PackedLaunch(device, plan, names)
 
     def backward_multi_scale(self, problem: MultiScaleRoIPoolBackwardProblem) -> list[torch.Tensor]:
-        """The L gradients of a fused forward, by one launch of the atomic kernel that adds each
-        ROI's gradients into its level's (not run-to-run deterministic in its last bits).
+        """The L gradients of a fused forward, by one launch: of the planes kernel that sums each
+        level's gradient planes in shared memory and writes them whole, or (where its planes do
+        not fit) of the atomic kernel that adds each ROI's gradients into its level's
+        zero-filled gradient; neither is run-to-run deterministic in its last bits.
 
         Returns:
             One (N, C, H_l, W_l) tensor of ``problem.input_dtype`` per level, dense in its
@@ -394,9 +397,12 @@ class Launcher:
             plan = self._cache(self._backward_levels, key, make)
         written, where = plan.written, grad_output.device
         grads = [
-            torch.empty(shape, dtype=written, device=where, memory_format=fmt).zero_()
+            torch.empty(shape, dtype=written, device=where, memory_format=fmt)
             for shape, fmt in zip(problem.input_shapes, plan.memory_formats)  # noqa: B905
         ]
+        if plan.zero_fill:
+            for grad in grads:
+                grad.zero_()
         if plan.packed is not None:
             plan.packed.launch(device, (grad_output, argmax, rois, levels, *grads))
         if written != input_dtype:
@@ -405,7 +411,12 @@ class Launcher:
 
     def _plan_backward_levels(self, problem, grad_output, argmax, device) -> _BackwardLevelsPlan:
         sizes = cuda_sizes(device)
-        written = accumulate_dtype(problem.input_dtype)
+        input_dtype = problem.input_dtype
+        kernel = planning.backward_levels_kernel(
+            problem.input_shapes, input_dtype, tuple(argmax.shape), sizes, self.tuning
+        )
+        planes = kernel == kernels.BACKWARD_PLANES_LEVELS  # writes every element, rounded
+        written = input_dtype if planes else accumulate_dtype(input_dtype)
         total = sum(_nbytes(shape, written) for shape in problem.input_shapes)
         channels_last = planning.channels_last_gradient(total, sizes.l2_bytes, self.tuning)
         formats = tuple(
@@ -417,13 +428,13 @@ class Launcher:
             for shape, fmt in zip(problem.input_shapes, formats, strict=True)
         ]
         launch = planning.plan_backward_levels(
-            grad_output, argmax, problem.rois, problem.levels, grads, sizes, self.tuning
+            grad_output, argmax, problem.rois, problem.levels, grads, sizes, self.tuning, kernel
         )
         packed = None
         if launch is not None:
             names = BACKWARD_LEVELS_TENSORS + planning.level_names("grad_input", len(grads))
             packed = PackedLaunch(device, launch, names)
-        return _BackwardLevelsPlan(packed, written, formats)
+        return _BackwardLevelsPlan(packed, written, formats, not planes)
 
     @staticmethod
     def _cache(cache: dict, key: tuple, make: Callable):

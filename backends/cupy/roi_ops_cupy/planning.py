@@ -599,6 +599,92 @@ def level_grads(grads: Sequence[torch.Tensor]) -> tuple:
     return tuple(words)
 
 
+# The members of one level of the planes backward over levels (LevelPlane<T> in
+# cuda/levels.cuh), one word each.
+LEVEL_PLANE_FIELDS = (*LEVEL_GRAD_FIELDS, "HW", "channels_per_block", "first_block")
+
+
+def planes_levels_channels(
+    input_shapes: Sequence[tuple[int, int, int, int]], sizes: CudaSizes, tuning: CupyTuning
+) -> tuple[int, ...]:
+    """Channels per block of each level in the planes backward over levels: as many as fill
+    the shared memory that ``tuning.planes_channels`` planes of the largest level take (fewer
+    blocks, each scanning every ROI once), but at most so many that each level keeps
+    ``tuning.planes_min_blocks_per_sm * multiprocessors / L`` blocks."""
+    largest = max(h * w for _, _, h, w in input_shapes)
+    budget = tuning.planes_channels * largest
+    min_blocks = tuning.planes_min_blocks_per_sm * sizes.multiprocessors / len(input_shapes)
+    per_level = []
+    for num_images, channels, height, width in input_shapes:
+        per_block = max(1, min(channels, budget // max(height * width, 1)))
+        while per_block > 1 and num_images * math.ceil(channels / per_block) < min_blocks:
+            per_block = (per_block + 1) // 2
+        per_level.append(per_block)
+    return tuple(per_level)
+
+
+def backward_levels_kernel(
+    input_shapes: Sequence[tuple[int, int, int, int]],
+    input_dtype: torch.dtype,
+    argmax_shape: tuple[int, ...],
+    sizes: CudaSizes,
+    tuning: CupyTuning = DEFAULT_TUNING,
+) -> str:
+    """BACKWARD_PLANES_LEVELS when every level's block of gradient planes fits in shared memory
+    and there are enough blocks (as `backward_kernel` decides for one level), else
+    BACKWARD_ATOMIC_LEVELS. ``tuning.backward_kernel`` forces one (BACKWARD_PLANES asks for
+    the planes kernels, which run only where they can)."""
+    num_rois, _, ph, pw = argmax_shape
+    per_level = planes_levels_channels(input_shapes, sizes, tuning)
+    accumulator = accumulate_dtype(input_dtype).itemsize
+    largest = max(c * h * w for c, (_, _, h, w) in zip(per_level, input_shapes, strict=True))
+    blocks = sum(
+        n * math.ceil(channels / c)
+        for c, (n, channels, _, _) in zip(per_level, input_shapes, strict=True)
+    )
+    can_run = (
+        num_rois * ph * pw > 0
+        and planes_shared(largest * accumulator, ph * pw) + PLANES_STATIC_SHARED
+        <= sizes.shared_per_block_optin
+        and max(per_level) * ph * pw * kernels.PLANES_THREADS[-1] < INT32_LIMIT
+        and num_rois < INT32_LIMIT
+        and blocks < INT32_LIMIT
+    )
+    if tuning.backward_kernel is not None:
+        planes = tuning.backward_kernel == kernels.BACKWARD_PLANES and can_run
+    else:
+        planes = can_run and blocks >= tuning.planes_min_blocks_per_sm * sizes.multiprocessors
+    return kernels.BACKWARD_PLANES_LEVELS if planes else kernels.BACKWARD_ATOMIC_LEVELS
+
+
+def level_planes(grads: Sequence[torch.Tensor], per_level: Sequence[int]) -> tuple[tuple, int]:
+    """The planes backward's table of levels (LevelPlanes<T>): MAX_LEVELS * 7 named words
+    (``grad_input0``, ``gi_image0``, ... ``first_block0``, ``grad_input1``, ...), the unused
+    levels zero, and the number of blocks of all levels. The coarsest level's blocks come
+    first: its blocks hold the most channels, so the lightest blocks run last.
+
+    Raises:
+        ValueError: a gradient's H stride is not W times its W stride.
+    """
+    grad_words = level_grads(grads)  # checks the strides
+    first, next_block = {}, 0
+    for level in reversed(range(len(grads))):
+        num_images, channels, _, _ = grads[level].shape
+        first[level] = next_block
+        next_block += num_images * math.ceil(channels / per_level[level])
+    words = []
+    step = len(LEVEL_GRAD_FIELDS)
+    for level in range(kernels.MAX_LEVELS):
+        words += grad_words[level * step : (level + 1) * step]
+        values = (0, 0, 0)
+        if level < len(grads):
+            _, _, height, width = grads[level].shape
+            values = (height * width, per_level[level], first[level])
+        fields = LEVEL_PLANE_FIELDS[step:]
+        words += [integer(f"{f}{level}", v) for f, v in zip(fields, values, strict=True)]
+    return tuple(words), next_block
+
+
 def plan_backward_levels(
     grad_output: torch.Tensor,
     argmax: torch.Tensor,
@@ -607,20 +693,25 @@ def plan_backward_levels(
     grads: Sequence[torch.Tensor],
     sizes: CudaSizes,
     tuning: CupyTuning = DEFAULT_TUNING,
+    kernel: str = kernels.BACKWARD_ATOMIC_LEVELS,
 ) -> Launch | None:
-    """The fused backward launch of a multi-level call: the atomic kernel adding each ROI's
-    gradients into its level's gradient (None when there is nothing to add).
+    """The fused backward launch of a multi-level call (None when there is nothing to add):
+    the atomic kernel adding each ROI's gradients into its level's gradient, or the planes
+    kernel summing each level's gradient planes in shared memory.
 
     Args:
         grad_output: (K, C, PH, PW) of the input's dtype, any strides (zero strides too).
         argmax: contiguous int32 (K, C, PH, PW), indices into each ROI's level.
         rois: the forward's (K, 5) rois, any strides (the kernel reads each batch index).
         levels: the forward's (K,) int64 levels, any stride.
-        grads: the L (at most MAX_LEVELS) zero-filled gradients (N, C, H_l, W_l) of
-            `accumulate_dtype` of grad_output's dtype, each contiguous or channels_last.
-        sizes: the device's SM count and L2 size (0: the gradients count as not cached).
-        tuning: the planning constants (the atomic kernel's block size; ``backward_kernel``
-            does not apply: there is no fused planes kernel).
+        grads: the L (at most MAX_LEVELS) gradients (N, C, H_l, W_l), each contiguous or
+            channels_last: for BACKWARD_ATOMIC_LEVELS zero-filled, of `accumulate_dtype` of
+            grad_output's dtype; for BACKWARD_PLANES_LEVELS of grad_output's dtype, any
+            contents (every element is written).
+        sizes: the device's SM count, L2 size (0: the gradients count as not cached) and the
+            shared memory a block may opt in to.
+        tuning: the planning constants.
+        kernel: BACKWARD_ATOMIC_LEVELS or BACKWARD_PLANES_LEVELS (`backward_levels_kernel`).
 
     Raises:
         ValueError: more than MAX_LEVELS gradients; a gradient neither contiguous nor
@@ -634,6 +725,8 @@ def plan_backward_levels(
     table = level_grads(grads)
     if argmax.numel() == 0 or all(grad.numel() == 0 for grad in grads):
         return None
+    if kernel == kernels.BACKWARD_PLANES_LEVELS:
+        return _plan_planes_levels(grad_output, argmax, rois, levels, grads, sizes, tuning)
     name = kernels.backward_name(kernels.BACKWARD_ATOMIC_LEVELS, grad_output.dtype, rois.dtype)
     grad_bytes = sum(grad.numel() * grad.element_size() for grad in grads)
     per_block = _atomic_channels_per_block(grad_bytes, num_rois, channels, ph * pw, sizes, tuning)
@@ -657,3 +750,36 @@ def plan_backward_levels(
     block = (plane_threads(ph * pw), 1, 1)
     words = kernels.MAX_LEVELS * len(LEVEL_GRAD_FIELDS)
     return Launch(name, grid, block, 0, args, (words,) + (1,) * (len(args) - words))
+
+
+def _plan_planes_levels(grad_output, argmax, rois, levels, grads, sizes, tuning) -> Launch:
+    num_rois, channels, ph, pw = argmax.shape
+    per_level = planes_levels_channels([tuple(g.shape) for g in grads], sizes, tuning)
+    table, blocks = level_planes(grads, per_level)
+    accumulator = accumulate_dtype(grad_output.dtype).itemsize
+    largest = max(c * g.shape[2] * g.shape[3] for c, g in zip(per_level, grads, strict=True))
+    shared = planes_shared(largest * accumulator, ph * pw)
+    threads = planes_threads(shared, sizes.shared_per_block_optin, tuning)
+    name = kernels.backward_name(
+        kernels.BACKWARD_PLANES_LEVELS, grad_output.dtype, rois.dtype, threads
+    )
+    args = (
+        *table,
+        integer("L", len(grads)),
+        pointer("levels", levels),
+        integer("ls0", levels.stride(0)),
+        pointer("grad_output", grad_output),
+        *_grad_output_strides(grad_output),
+        pointer("argmax", argmax),
+        pointer("rois", rois),
+        integer("rs0", rois.stride(0)),
+        integer("N", grads[0].shape[0]),
+        integer("C", channels),
+        integer("PH", ph),
+        integer("PW", pw),
+        integer("K", num_rois),
+    )
+    words = kernels.MAX_LEVELS * len(LEVEL_PLANE_FIELDS)
+    return Launch(
+        name, (blocks, 1, 1), (threads, 1, 1), shared, args, (words,) + (1,) * (len(args) - words)
+    )

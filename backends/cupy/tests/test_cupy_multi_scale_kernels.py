@@ -166,21 +166,24 @@ GRADIENT_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torc
 
 
 def run_backward_levels(runner, grad_output, argmax, rois, levels, shapes, layout, **options):
-    """The fused atomic backward into zero-filled gradients (accumulator dtype, in `layout`,
-    inside guard buffers); with `grid_y`, fewer grid rows than channel blocks."""
+    """The fused backward (``kernel``: the atomic kernel into zero-filled accumulators, or the
+    planes kernel into NaN-poisoned gradients of grad_output's dtype), each gradient in
+    `layout` inside guard buffers; with `grid_y`, fewer grid rows than channel blocks."""
     device = runner.device
     grid_y = options.pop("grid_y", None)
-    accumulate = accumulate_dtype(grad_output.dtype)
+    kernel = options.pop("kernel", kernels.BACKWARD_ATOMIC_LEVELS)
+    planes = kernel == kernels.BACKWARD_PLANES_LEVELS
+    written = grad_output.dtype if planes else accumulate_dtype(grad_output.dtype)
     fmt = GRADIENT_LAYOUTS[layout]
     grads, buffers = [], []
     for shape in shapes:
         strides = torch.empty(shape, device="meta", memory_format=fmt).stride()
-        grad, buffer = guarded(shape, strides, accumulate, device, -7.0)
-        grads.append(grad.zero_())
+        grad, buffer = guarded(shape, strides, written, device, -7.0)
+        grads.append(grad.fill_(math.nan) if planes else grad.zero_())
         buffers.append(buffer)
     launch = planning.plan_backward_levels(
         grad_output.to(device), argmax.to(device), rois.to(device), levels.to(device), grads,
-        sizes(**options),
+        sizes(**options), kernel=kernel,
     )  # fmt: skip
     if grid_y is not None:
         assert launch.grid[1] > 1
@@ -195,8 +198,9 @@ def run_backward_levels(runner, grad_output, argmax, rois, levels, shapes, layou
 @pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
 def test_fused_backward_adds_into_each_level(runner, pair, layout):
     """Each ROI's gradients land in its level's gradient (none for rows without a level or
-    invalid ones); integer gradients, so that the atomic sums are exact in any order; real and
-    zero-stride grad_output, one or many channel blocks."""
+    invalid ones), through the atomic kernel and the planes kernel; integer gradients, so that
+    the sums are exact in any order; real and zero-stride grad_output, one or many channel
+    blocks."""
     dtype, rois_dtype = pair
     features = _features(dtype, "contiguous")
     rois = _rois(rois_dtype)
@@ -207,10 +211,14 @@ def test_fused_backward_adds_into_each_level(runner, pair, layout):
     grad = torch.randint(-3, 4, argmax.shape, generator=g).to(dtype)
     zero_strides = grad[:, :, :1, :1].expand(grad.shape)
     shapes = [tuple(x.shape) for x in features]
+    planes = {"kernel": kernels.BACKWARD_PLANES_LEVELS}
     for grad_output, options in [
         (grad, {}),
         (grad, {"multiprocessors": 64, "grid_y": 1}),
         (zero_strides, {}),
+        (grad, planes),  # one channel per block on the finest level, more on coarser ones
+        (grad, {**planes, "multiprocessors": 64}),  # levels split into more blocks
+        (zero_strides, planes),
     ]:
         grads = run_backward_levels(
             runner, grad_output, argmax, rois, levels, shapes, layout, **options

@@ -185,11 +185,15 @@ def test_kernel_names_and_modules():
             assert kernels.module_names(expr) == levels
     assert kernels.backward_levels_names(torch.float16) == (
         "roi_pool_backward_atomic_levels<roi_half, roi_half>",
+        "roi_pool_backward_planes_levels<roi_half, roi_half, 256>",
+        "roi_pool_backward_planes_levels<roi_half, roi_half, 1024>",
         "roi_pool_backward_atomic_levels<roi_half, float>",
+        "roi_pool_backward_planes_levels<roi_half, float, 256>",
+        "roi_pool_backward_planes_levels<roi_half, float, 1024>",
     )
     name = kernels.backward_name(kernels.BACKWARD_ATOMIC_LEVELS, torch.float64, torch.float64)
     assert kernels.module_names(name) == kernels.backward_levels_names(torch.float64)
-    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 4
+    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 6
 
 
 def test_source_is_self_contained_and_split_by_family():
@@ -206,8 +210,7 @@ def test_source_is_self_contained_and_split_by_family():
     for kernel in (*kernels.FORWARD_KERNELS, *kernels.BACKWARD_KERNELS):
         family = kernel.removeprefix("roi_pool_") + ".cu"
         assert f"{kernel}(" in (CUDA_DIR / family).read_text(), family
-        if kernel != kernels.BACKWARD_PLANES:  # every other kernel has its multi-level one
-            assert f"{kernel}_levels(" in (CUDA_DIR / family).read_text(), family
+        assert f"{kernel}_levels(" in (CUDA_DIR / family).read_text(), family
 
 
 def _expanded_source() -> str:
@@ -283,6 +286,17 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
     parameters = _parameters(kernels.BACKWARD_ATOMIC_LEVELS)
     assert parameters[0] == "grads" and launch.param_words == (table,) + (1,) * 16
     assert [n for n, _ in launch.args[table:]] == parameters[1:]
+    planes = kernels.BACKWARD_PLANES_LEVELS
+    grads = [g.to(torch.float32) for g in grads]
+    launch = planning.plan_backward_levels(
+        grad, grad.int(), rois, levels, grads, sizes, kernel=planes
+    )
+    table = kernels.MAX_LEVELS * len(planning.LEVEL_PLANE_FIELDS)
+    parameters = _parameters(planes)
+    assert launch.name.startswith(planes + "<")
+    assert parameters[0] == "planes" and launch.param_words == (table,) + (1,) * 16
+    assert [n for n, _ in launch.args[table:]] == parameters[1:]
+    assert [n for n, _ in launch.args[:7]] == [f"{f}0" for f in planning.LEVEL_PLANE_FIELDS]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")

@@ -279,3 +279,45 @@ def test_backward_plans_size_blocks_and_shared_memory():
         planning.plan_backward(
             grad_output[:0], empty, rois[:0], grad_input, kernels.BACKWARD_PLANES, sizes(1)
         )
+
+
+def test_backward_levels_kernel_and_channels_per_level():
+    # fpn-multi: P2 to P5 of an 800 x 1088 batch of 8, 256 channels, 8,000 ROIs of 7 x 7.
+    shapes = [(8, 256, 200, 272), (8, 256, 100, 136), (8, 256, 50, 68), (8, 256, 25, 34)]
+    h200 = sizes(132, 50 * 2**20, 227 * 1024)
+    # Every level's planes fill about one P2 plane's shared memory, while each level keeps at
+    # least 132 blocks (P4 and P5 halve to 8 channels).
+    assert planning.planes_levels_channels(shapes, h200, DEFAULT_TUNING) == (1, 4, 8, 8)
+    argmax_shape = (8000, 256, 7, 7)
+    choose = planning.backward_levels_kernel
+    assert choose(shapes, torch.float32, argmax_shape, h200) == kernels.BACKWARD_PLANES_LEVELS
+    assert choose(shapes, torch.float16, argmax_shape, h200) == kernels.BACKWARD_PLANES_LEVELS
+    # float64 planes of P2 (435 KB) do not fit in an SM's shared memory; no ROIs add nothing.
+    assert choose(shapes, torch.float64, argmax_shape, h200) == kernels.BACKWARD_ATOMIC_LEVELS
+    assert choose(shapes, torch.float32, (0, 256, 7, 7), h200) == kernels.BACKWARD_ATOMIC_LEVELS
+    # Too few blocks for the GPU, unless forced; forcing the atomic kernel.
+    few = [(1, 4, 20, 20), (1, 4, 10, 10)]
+    assert choose(few, torch.float32, (9, 4, 2, 2), h200) == kernels.BACKWARD_ATOMIC_LEVELS
+    forced = CupyTuning(backward_kernel=kernels.BACKWARD_PLANES)
+    assert choose(few, torch.float32, (9, 4, 2, 2), h200, forced) == kernels.BACKWARD_PLANES_LEVELS
+    atomic = CupyTuning(backward_kernel=kernels.BACKWARD_ATOMIC)
+    assert choose(shapes, torch.float32, argmax_shape, h200, atomic) == (
+        kernels.BACKWARD_ATOMIC_LEVELS
+    )
+
+
+def test_planes_levels_plan_orders_levels_coarsest_first():
+    grads = [torch.empty(2, 6, 8, 8, device="meta"), torch.empty(2, 6, 4, 4, device="meta")]
+    grad = torch.empty(3, 6, 2, 2, device="meta")
+    levels = torch.zeros(3, dtype=torch.int64, device="meta")
+    launch = planning.plan_backward_levels(
+        grad, grad.int(), torch.empty(3, 5, device="meta"), levels, grads, sizes(1),
+        kernel=kernels.BACKWARD_PLANES_LEVELS,
+    )  # fmt: skip
+    assert launch.name == "roi_pool_backward_planes_levels<float, float, 256>"
+    # Level 1 (4 x 4) takes 4 channels a block (one 8 x 8 plane's room): 2 images x 2 blocks,
+    # first; level 0 then has 2 images x 6 channels.
+    assert (launch.value("channels_per_block1"), launch.value("first_block1")) == (4, 0)
+    assert (launch.value("channels_per_block0"), launch.value("first_block0")) == (1, 4)
+    assert launch.grid == (16, 1, 1)
+    assert launch.shared_mem == planning.planes_shared(64 * 4, 4)

@@ -39,18 +39,18 @@ template <class T, int kBlock>
 struct PlanesBlocksPerSM {
   static constexpr int value = kBlock == 256 ? (sizeof(T) == 8 ? 4 : 5) : 1;
 };
-}  // namespace roi_ops_cuda
 
-template <class T, class R, int kBlock>
-__global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBlock>::value)
-    roi_pool_backward_planes(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
-                             const i64 gs2, const i64 gs3, const int* __restrict__ argmax,
-                             const R* __restrict__ rois, const i64 rs0, const i64 N,
-                             const i64 C, const i64 HW, const i64 PH, const i64 PW,
-                             const i64 channels_per_block, T* __restrict__ grad_input,
-                             const i64 gi_image, const i64 gi_channel, const i64 gi_pixel,
-                             const i64 K) {
-  using namespace roi_ops_cuda;
+// The planes kernel's work in one block: the gradient planes of channels [c0, c0 + channels)
+// of `image`, HW pixels each, written to grad_planes (channel and pixel strides gi_channel,
+// gi_pixel), from the ROIs of that image (kLevels: and of `level`, per the (K,) levels).
+template <class T, class R, int kBlock, bool kLevels>
+__device__ __forceinline__ void planes_block(
+    const T* __restrict__ grad_output, const i64 gs0, const i64 gs1, const i64 gs2, const i64 gs3,
+    const int* __restrict__ argmax, const R* __restrict__ rois, const i64 rs0, const i64 N,
+    const i64 C, const i64 HW, const i64 PH, const i64 PW, const int image, const i64 c0,
+    const unsigned int channels, T* __restrict__ const grad_planes, const i64 gi_channel,
+    const i64 gi_pixel, const i64 K, const i64* __restrict__ levels, const i64 ls0,
+    const i64 L, const int level) {
   typedef typename Accum<T>::type A;
   const unsigned int bins = static_cast<unsigned int>(PH * PW);
   i64* bin_offset = reinterpret_cast<i64*>(roi_dynamic_shared);  // grad_output offset of each bin
@@ -63,13 +63,6 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
   const unsigned int tid = threadIdx.x;
   const unsigned int lane = tid & 31u;
   const unsigned int warp = tid >> 5;
-  const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
-  const int image = static_cast<int>(blockIdx.x / channel_blocks);  // N < 2^31
-  const i64 c0 = (blockIdx.x - image * channel_blocks) * channels_per_block;
-  // This block's gradient planes, computed here: it keeps the kernel within its register bound.
-  T* __restrict__ const grad_planes = grad_input + image * gi_image + c0 * gi_channel;
-  const unsigned int channels =
-      static_cast<unsigned int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
   const i64 plane_size = channels * HW;
   for (unsigned int q = tid; q < bins; q += kBlock) {
     const unsigned int ph = q / static_cast<unsigned int>(PW);
@@ -80,14 +73,19 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
   // This thread's first element of a round as (ROI of the round, channel, bin), and the block's
   // step (kBlock elements).
   const OutputWalk round_start(tid, kBlock, channels, bins);
-  // The next round's batch indices, loaded a round ahead; as int (each is in [0, N) and
-  // N < 2^31), which keeps the kernel within its register bound too.
+  // The image of ROI k when it adds to this block (-1 otherwise): its batch index as int (in
+  // [0, N), N < 2^31), which keeps the kernel within its register bound too.
+  auto image_of = [&](i64 k) -> int {
+    if (k >= K) return -1;
+    if constexpr (kLevels) {
+      if (roi_level(levels, ls0, k, L) != level) return -1;
+    }
+    return roi_image<R>(rois, rs0, k, N);
+  };
+  // The next round's batch indices, loaded a round ahead.
   int next_image[kScan];
 #pragma unroll
-  for (int s = 0; s < kScan; ++s) {
-    const i64 k = s * kBlock + tid;
-    next_image[s] = k < K ? roi_image<R>(rois, rs0, k, N) : -1;
-  }
+  for (int s = 0; s < kScan; ++s) next_image[s] = image_of(s * kBlock + tid);
   for (i64 r0 = 0; r0 < K; r0 += kRound) {
     // This image's ROIs among the next kRound, in order, as rows [0, found) of round_rois.
     bool mine[kScan];
@@ -95,8 +93,7 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
 #pragma unroll
     for (int s = 0; s < kScan; ++s) {
       mine[s] = next_image[s] == image;
-      const i64 k_next = r0 + kRound + s * kBlock + tid;
-      next_image[s] = k_next < K ? roi_image<R>(rois, rs0, k_next, N) : -1;
+      next_image[s] = image_of(r0 + kRound + s * kBlock + tid);
       ballots[s] = __ballot_sync(0xffffffffu, mine[s]);
       if (lane == 0) warp_counts[s][warp] = __popc(ballots[s]);
     }
@@ -153,4 +150,66 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
     }
   }
 }
+}  // namespace roi_ops_cuda
 
+template <class T, class R, int kBlock>
+__global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBlock>::value)
+    roi_pool_backward_planes(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
+                             const i64 gs2, const i64 gs3, const int* __restrict__ argmax,
+                             const R* __restrict__ rois, const i64 rs0, const i64 N,
+                             const i64 C, const i64 HW, const i64 PH, const i64 PW,
+                             const i64 channels_per_block, T* __restrict__ grad_input,
+                             const i64 gi_image, const i64 gi_channel, const i64 gi_pixel,
+                             const i64 K) {
+  using namespace roi_ops_cuda;
+  const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
+  const int image = static_cast<int>(blockIdx.x / channel_blocks);  // N < 2^31
+  const i64 c0 = (blockIdx.x - image * channel_blocks) * channels_per_block;
+  // This block's gradient planes, computed here: it keeps the kernel within its register bound.
+  T* __restrict__ const grad_planes = grad_input + image * gi_image + c0 * gi_channel;
+  const unsigned int channels =
+      static_cast<unsigned int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
+  planes_block<T, R, kBlock, false>(grad_output, gs0, gs1, gs2, gs3, argmax, rois, rs0, N, C, HW,
+                                    PH, PW, image, c0, channels, grad_planes, gi_channel,
+                                    gi_pixel, K, nullptr, 0, 0, 0);
+}
+
+// ---- roi_pool_backward_planes_levels<T, R, kBlock>: the planes backward over pyramid levels ---
+// Each level has its own run of blocks (levels.cuh: LevelPlanes, in any order; each level's
+// channels_per_block sized so that its planes fill about the same shared memory): a block sums
+// the gradients of its image's ROIs of its level. Every element of every level's gradient
+// is written. Arguments: the L levels' planes, the (K,) int64 levels (row stride ls0), then as
+// the planes kernel's without HW, channels_per_block and the gradient's. Grid: the blocks of
+// all levels; dynamic shared memory PH * PW * 8 + the largest level's planes.
+template <class T, class R, int kBlock>
+__global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBlock>::value)
+    roi_pool_backward_planes_levels(const roi_ops_cuda::LevelPlanes<T> planes, const i64 L,
+                                    const i64* __restrict__ levels, const i64 ls0,
+                                    const T* __restrict__ grad_output, const i64 gs0,
+                                    const i64 gs1, const i64 gs2, const i64 gs3,
+                                    const int* __restrict__ argmax, const R* __restrict__ rois,
+                                    const i64 rs0, const i64 N, const i64 C, const i64 PH,
+                                    const i64 PW, const i64 K) {
+  using namespace roi_ops_cuda;
+  int level = 0;  // the level whose blocks start last at or before this one
+  i64 start = -1;
+  for (int l = 0; l < L; ++l) {
+    const i64 first = planes.level[l].first_block;
+    if (first <= static_cast<i64>(blockIdx.x) && first > start) {
+      start = first;
+      level = l;
+    }
+  }
+  const LevelPlane<T>& plane = planes.level[level];
+  const i64 block = blockIdx.x - plane.first_block;
+  const i64 channel_blocks = (C + plane.channels_per_block - 1) / plane.channels_per_block;
+  const int image = static_cast<int>(block / channel_blocks);  // N < 2^31
+  const i64 c0 = (block - image * channel_blocks) * plane.channels_per_block;
+  T* __restrict__ const grad_planes =
+      plane.grad_input + image * plane.gi_image + c0 * plane.gi_channel;
+  const unsigned int channels = static_cast<unsigned int>(
+      C - c0 < plane.channels_per_block ? C - c0 : plane.channels_per_block);
+  planes_block<T, R, kBlock, true>(grad_output, gs0, gs1, gs2, gs3, argmax, rois, rs0, N, C,
+                                   plane.HW, PH, PW, image, c0, channels, grad_planes,
+                                   plane.gi_channel, plane.gi_pixel, K, levels, ls0, L, level);
+}

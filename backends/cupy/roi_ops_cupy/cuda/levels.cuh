@@ -33,6 +33,19 @@ struct LevelGrads {
   LevelGrad<A> level[kMaxLevels];
 };
 
+// One level's gradient for the planes backward over levels (written whole, in the gradient's
+// dtype): its first element and strides (in elements), H * W, channels per block, and the grid
+// index of its first block (each level's blocks are a run; the launch plan orders the runs).
+template <class T>
+struct LevelPlane {
+  T* grad_input;
+  i64 gi_image, gi_channel, gi_pixel, HW, channels_per_block, first_block;
+};
+template <class T>
+struct LevelPlanes {
+  LevelPlane<T> level[kMaxLevels];
+};
+
 // The level of ROI k: levels[k * ls0] when it is in [0, L), else -1.
 __device__ __forceinline__ int roi_level(const i64* __restrict__ levels, i64 ls0, i64 k, i64 L) {
   const i64 level = levels[k * ls0];
