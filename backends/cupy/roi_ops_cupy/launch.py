@@ -270,17 +270,32 @@ class Launcher:
         inputs = (x.shape, x.stride(), x.dtype, x.data_ptr() % planning.CVEC_BYTES)
         key = _forward_key(device, inputs, problem.spatial_scale, problem, argmax)
         try:
-            packed = self._forward[key]
+            packed, staged = self._forward[key]
         except KeyError:
-            packed = self._cache(
-                self._forward, key, lambda: self._plan_forward(problem, output, argmax, device)
-            )
+            make = lambda: self._plan_forward(problem, output, argmax, device)  # noqa: E731
+            packed, staged = self._cache(self._forward, key, make)
         if packed is not None:
+            if staged:
+                x = x.contiguous(memory_format=torch.channels_last)
             packed.launch(device, (x, rois, output, argmax, log))
 
-    def _plan_forward(self, problem, output, argmax, device) -> PackedLaunch | None:
-        plan = planning.plan_forward(problem, output, argmax, cuda_sizes(device), self.tuning)
-        return None if plan is None else PackedLaunch(device, plan, FORWARD_TENSORS)
+    def _plan_forward(self, problem, output, argmax, device) -> tuple[PackedLaunch | None, bool]:
+        """The packed launch of a forward key, and whether it reads a channels_last copy of the
+        input (`planning.stages_channels_last`; planned on a stand-in with its strides)."""
+        sizes = cuda_sizes(device)
+        x = problem.input
+        bins = problem.pooled_height * problem.pooled_width
+        staged = planning.stages_channels_last(x, bins, sizes, self.tuning)
+        if staged:
+            copy = torch.empty(x.shape, dtype=x.dtype, device="meta")
+            problem = RoIPoolProblem(
+                copy.contiguous(memory_format=torch.channels_last), problem.rois,
+                problem.pooled_height, problem.pooled_width, problem.spatial_scale,
+                problem.needs_argmax, problem.bad_roi_log,
+            )  # fmt: skip
+        plan = planning.plan_forward(problem, output, argmax, sizes, self.tuning)
+        packed = None if plan is None else PackedLaunch(device, plan, FORWARD_TENSORS)
+        return packed, staged
 
     def backward(self, problem: RoIPoolBackwardProblem) -> torch.Tensor:
         """grad_input by the planes or the atomic kernel (not run-to-run deterministic in its last

@@ -150,6 +150,29 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
     return kernels.FORWARD_PLANE
 
 
+def stages_channels_last(
+    input: torch.Tensor, bins: int, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
+) -> bool:
+    """Whether a forward of `input` (NCHW and the like: a unit W stride) with `bins` (PH * PW)
+    per ROI runs on a channels_last copy of it (the small_cvec kernel) instead of on the input
+    itself (the small kernel): in the small kernels' regime (few outputs per ROI, many ROIs),
+    where the NCHW kernel re-reads each window row's sectors from L2 for every channel and the
+    copy reads and writes the input once, when the copy fits in L2 and its channel vectors are
+    16-byte aligned (C * itemsize a multiple of 16). ``tuning.stage_small_channels_last``
+    switches it; a forced forward kernel never stages."""
+    if not tuning.stage_small_channels_last or tuning.forward_kernel is not None:
+        return False
+    if uses_channel_kernel(input, tuning) or input.stride(3) != 1:
+        return False
+    channels = input.shape[1]
+    return (
+        forward_kernel(input, bins, tuning) == kernels.FORWARD_SMALL
+        and channels >= tuning.chan_min_channels
+        and channels * input.element_size() % CVEC_BYTES == 0
+        and _dense_bytes(input) <= sizes.l2_bytes
+    )
+
+
 def channels_per_block(
     num_rois: int, channels: int, bins: int, multiprocessors: int, target: int, tuning: CupyTuning
 ) -> int:

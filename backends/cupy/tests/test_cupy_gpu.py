@@ -217,3 +217,35 @@ def test_roi_pool_through_roi_ops(cuda_backend):
     pooled.backward(grad.cuda())
     expected_grad = reference_roi_pool_backward(grad, argmax, rois.cpu(), tuple(x.shape))
     assert torch.equal(x.grad.cpu(), expected_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_small_rois_on_nchw_inputs_pool_a_channels_last_copy(dtype):
+    """Many small ROIs of few outputs on an NCHW map that fits in L2: the launcher pools a
+    channels_last copy with the small_cvec kernel (the plan says so), bit for bit the
+    reference's, both modes, on tie-heavy inputs; the input itself is left as it was."""
+    from roi_ops.testing import tie_heavy_features
+
+    from roi_ops_cupy import launch
+
+    launcher = launch.Launcher()
+    g = torch.Generator().manual_seed(41)
+    x = tie_heavy_features((2, 64, 30, 41), 43, dtype).cuda()
+    before = x.clone()
+    rois = _detection_rois(2, 300, 30, 41, 0.5, g, dtype).cuda()
+    for needs_argmax in (True, False):
+        problem = RoIPoolProblem(x, rois, 3, 3, 0.5, needs_argmax)
+        output, argmax = poisoned_forward(launcher, problem)
+        expected, expected_argmax = reference_roi_pool(x.cpu(), rois.cpu(), (3, 3), 0.5)
+        assert_same_bits(output.cpu(), expected)
+        if needs_argmax:
+            assert torch.equal(argmax.cpu(), expected_argmax)
+    (packed, staged), *_ = launcher._forward.values()
+    assert staged and packed.name.startswith(kernels.FORWARD_SMALL_CVEC)
+    assert_same_bits(x, before)
+    # Switched off, the same call pools the NCHW input with the small kernel.
+    unstaged = launch.Launcher(replace(DEFAULT_TUNING, stage_small_channels_last=False))
+    output, _ = poisoned_forward(unstaged, RoIPoolProblem(x, rois, 3, 3, 0.5, False))
+    assert_same_bits(output.cpu(), expected)
+    (packed, staged), *_ = unstaged._forward.values()
+    assert not staged and packed.name.startswith(kernels.FORWARD_SMALL + "<")

@@ -321,3 +321,21 @@ def test_planes_levels_plan_orders_levels_coarsest_first():
     assert (launch.value("channels_per_block0"), launch.value("first_block0")) == (1, 4)
     assert launch.grid == (16, 1, 1)
     assert launch.shared_mem == planning.planes_shared(64 * 4, 4)
+
+
+def test_small_rois_stage_a_channels_last_copy_where_it_fits_in_l2():
+    h200 = sizes(132, 50 * 2**20, 227 * 1024)
+    x = torch.empty(4, 64, 100, 136, device="meta")  # many-small: 14 MB
+    assert planning.stages_channels_last(x, 9, h200)
+    assert not planning.stages_channels_last(x, 49, h200)  # 3,136 outputs a ROI: the unit kernel
+    assert not planning.stages_channels_last(x, 9, sizes(132, 8 * 2**20))  # beyond L2
+    assert not planning.stages_channels_last(x[:, :8], 9, h200)  # too few channels for lanes
+    assert not planning.stages_channels_last(x.half()[:, :20], 9, h200)  # 40-byte vectors
+    assert not planning.stages_channels_last(
+        x.contiguous(memory_format=torch.channels_last), 9, h200
+    )
+    assert not planning.stages_channels_last(x[..., ::2], 9, h200)  # no unit W stride
+    off = replace(DEFAULT_TUNING, stage_small_channels_last=False)
+    assert not planning.stages_channels_last(x, 9, h200, off)
+    forced = replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL)
+    assert not planning.stages_channels_last(x, 9, h200, forced)
