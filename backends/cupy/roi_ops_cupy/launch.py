@@ -240,9 +240,9 @@ class _BackwardLevelsPlan:
 
     def __init__(self, packed, written, memory_formats, zero_fill):
         self.packed = packed
-        self.zero_fill = zero_fill
         self.written = written
         self.memory_formats = memory_formats
+        self.zero_fill = zero_fill
 
 
 class Launcher:

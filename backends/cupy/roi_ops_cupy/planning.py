@@ -680,16 +680,14 @@ def backward_levels_kernel(
     return kernels.BACKWARD_PLANES_LEVELS if planes else kernels.BACKWARD_ATOMIC_LEVELS
 
 
-def level_planes(grads: Sequence[torch.Tensor], per_level: Sequence[int]) -> tuple[tuple, int]:
+def level_planes(
+    grad_words: tuple, grads: Sequence[torch.Tensor], per_level: Sequence[int]
+) -> tuple[tuple, int]:
     """The planes backward's table of levels (LevelPlanes<T>): MAX_LEVELS * 7 named words
     (``grad_input0``, ``gi_image0``, ... ``first_block0``, ``grad_input1``, ...), the unused
-    levels zero, and the number of blocks of all levels. The coarsest level's blocks come
-    first: its blocks hold the most channels, so the lightest blocks run last.
-
-    Raises:
-        ValueError: a gradient's H stride is not W times its W stride.
-    """
-    grad_words = level_grads(grads)  # checks the strides
+    levels zero, and the number of blocks of all levels, from `grad_words` (`level_grads` of
+    `grads`) and each level's channels per block. The coarsest level's blocks come first: its
+    blocks hold the most channels, so the lightest blocks run last."""
     first, next_block = {}, 0
     for level in reversed(range(len(grads))):
         num_images, channels, _, _ = grads[level].shape
@@ -745,16 +743,28 @@ def plan_backward_levels(
         raise ValueError(
             f"grads: the fused kernels take at most {kernels.MAX_LEVELS} levels, got {len(grads)}"
         )
-    table = level_grads(grads)
+    table = level_grads(grads)  # checks the gradients' strides
     if argmax.numel() == 0 or all(grad.numel() == 0 for grad in grads):
         return None
+    shared_args = _levels_backward_args(grad_output, argmax, rois, levels, grads)
     if kernel == kernels.BACKWARD_PLANES_LEVELS:
-        return _plan_planes_levels(grad_output, argmax, rois, levels, grads, sizes, tuning)
+        return _plan_planes_levels(
+            grad_output, argmax, rois, grads, table, shared_args, sizes, tuning
+        )
     name = kernels.backward_name(kernels.BACKWARD_ATOMIC_LEVELS, grad_output.dtype, rois.dtype)
     grad_bytes = sum(grad.numel() * grad.element_size() for grad in grads)
     per_block = _atomic_channels_per_block(grad_bytes, num_rois, channels, ph * pw, sizes, tuning)
-    args = (
-        *table,
+    args = (*table, *shared_args, integer("channels_per_block", per_block))
+    grid = (num_rois, _grid_y(channels, per_block), 1)
+    block = (plane_threads(ph * pw), 1, 1)
+    words = kernels.MAX_LEVELS * len(LEVEL_GRAD_FIELDS)
+    return Launch(name, grid, block, 0, args, (words,) + (1,) * (len(args) - words))
+
+
+def _levels_backward_args(grad_output, argmax, rois, levels, grads) -> tuple:
+    """The arguments both fused backward kernels take after their table of levels (L to PW)."""
+    _, channels, ph, pw = argmax.shape
+    return (
         integer("L", len(grads)),
         pointer("levels", levels),
         integer("ls0", levels.stride(0)),
@@ -767,18 +777,15 @@ def plan_backward_levels(
         integer("C", channels),
         integer("PH", ph),
         integer("PW", pw),
-        integer("channels_per_block", per_block),
     )
-    grid = (num_rois, _grid_y(channels, per_block), 1)
-    block = (plane_threads(ph * pw), 1, 1)
-    words = kernels.MAX_LEVELS * len(LEVEL_GRAD_FIELDS)
-    return Launch(name, grid, block, 0, args, (words,) + (1,) * (len(args) - words))
 
 
-def _plan_planes_levels(grad_output, argmax, rois, levels, grads, sizes, tuning) -> Launch:
-    num_rois, channels, ph, pw = argmax.shape
+def _plan_planes_levels(
+    grad_output, argmax, rois, grads, grad_words, shared_args, sizes, tuning
+) -> Launch:
+    num_rois, _, ph, pw = argmax.shape
     per_level = planes_levels_channels([tuple(g.shape) for g in grads], sizes, tuning)
-    table, blocks = level_planes(grads, per_level)
+    table, blocks = level_planes(grad_words, grads, per_level)
     accumulator = accumulate_dtype(grad_output.dtype).itemsize
     largest = max(c * g.shape[2] * g.shape[3] for c, g in zip(per_level, grads, strict=True))
     shared = planes_shared(largest * accumulator, ph * pw)
@@ -786,22 +793,7 @@ def _plan_planes_levels(grad_output, argmax, rois, levels, grads, sizes, tuning)
     name = kernels.backward_name(
         kernels.BACKWARD_PLANES_LEVELS, grad_output.dtype, rois.dtype, threads
     )
-    args = (
-        *table,
-        integer("L", len(grads)),
-        pointer("levels", levels),
-        integer("ls0", levels.stride(0)),
-        pointer("grad_output", grad_output),
-        *_grad_output_strides(grad_output),
-        pointer("argmax", argmax),
-        pointer("rois", rois),
-        integer("rs0", rois.stride(0)),
-        integer("N", grads[0].shape[0]),
-        integer("C", channels),
-        integer("PH", ph),
-        integer("PW", pw),
-        integer("K", num_rois),
-    )
+    args = (*table, *shared_args, integer("K", num_rois))
     words = kernels.MAX_LEVELS * len(LEVEL_PLANE_FIELDS)
     return Launch(
         name, (blocks, 1, 1), (threads, 1, 1), shared, args, (words,) + (1,) * (len(args) - words)
