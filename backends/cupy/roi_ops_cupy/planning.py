@@ -113,9 +113,22 @@ def _aligned_channels(input: torch.Tensor) -> bool:
     )
 
 
+UNIT_OFFSET_LIMIT = 2**31  # the unit kernel's 32-bit offsets within an image (forward_unit.cu)
+
+
+def unit_offsets_fit(input: torch.Tensor) -> bool:
+    """Whether every element of each image of `input` (N, C, H, W) lies fewer than
+    UNIT_OFFSET_LIMIT elements after the image's first one: the unit kernel addresses an image
+    through 32-bit offsets (so does the small kernel within a bin)."""
+    span = sum((size - 1) * stride for size, stride in zip(input.shape[1:], input.stride()[1:]))
+    return span < UNIT_OFFSET_LIMIT
+
+
 def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
-    if kernel in (kernels.FORWARD_UNIT, kernels.FORWARD_SMALL):
-        unit = input.stride(3) == 1
+    if kernel == kernels.FORWARD_UNIT:
+        return input.stride(3) == 1 and unit_offsets_fit(input)
+    if kernel == kernels.FORWARD_SMALL:
+        unit = input.stride(3) == 1 and unit_offsets_fit(input)
     elif kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_SMALL_CVEC):
         unit = _aligned_channels(input)
     else:
@@ -131,7 +144,8 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
     device sync): the choice table of tools/NOTES.md.
 
     For channels_last: cvec when its channel vectors are 16-byte aligned, chan otherwise; for
-    any other unit W stride (NCHW contiguous), unit; plane for the rest. Where a ROI has at most
+    any other unit W stride (NCHW contiguous), unit (where its 32-bit offsets reach every
+    element of an image: `unit_offsets_fit`); plane for the rest. Where a ROI has at most
     ``tuning.small_roi_outputs`` outputs (C * PH * PW), small_cvec replaces cvec and small
     replaces unit. ``tuning.forward_kernel`` overrides the choice where that kernel can run.
     """
@@ -145,8 +159,10 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
         small = few and _can_run(kernels.FORWARD_SMALL_CVEC, input, bins)
         return kernels.FORWARD_SMALL_CVEC if small else kernels.FORWARD_CVEC
     if input.stride(3) == 1:
-        small = few and _can_run(kernels.FORWARD_SMALL, input, bins)
-        return kernels.FORWARD_SMALL if small else kernels.FORWARD_UNIT
+        if few and _can_run(kernels.FORWARD_SMALL, input, bins):
+            return kernels.FORWARD_SMALL
+        if unit_offsets_fit(input):
+            return kernels.FORWARD_UNIT
     return kernels.FORWARD_PLANE
 
 
