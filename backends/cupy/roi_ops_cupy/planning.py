@@ -120,7 +120,8 @@ def unit_offsets_fit(input: torch.Tensor) -> bool:
     """Whether every element of each image of `input` (N, C, H, W) lies fewer than
     UNIT_OFFSET_LIMIT elements after the image's first one: the unit kernel addresses an image
     through 32-bit offsets (so does the small kernel within a bin)."""
-    span = sum((size - 1) * stride for size, stride in zip(input.shape[1:], input.stride()[1:]))
+    sizes, strides = input.shape[1:], input.stride()[1:]
+    span = sum((size - 1) * stride for size, stride in zip(sizes, strides, strict=True))
     return span < UNIT_OFFSET_LIMIT
 
 
