@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from roi_ops.backend import MultiScaleRoIPoolProblem, RoIPoolProblem, accumulate_dtype
@@ -125,7 +126,13 @@ def unit_offsets_fit(input: torch.Tensor) -> bool:
     return span < UNIT_OFFSET_LIMIT
 
 
+FORWARD_PLANES_MAX_PLANE = 96 * 1024  # bytes: one plane of the planes forward, at most
+
+
 def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
+    if kernel == kernels.FORWARD_PLANES:
+        n, c, h, w = input.shape
+        return n > 0 and c > 0 and h * w * input.element_size() <= FORWARD_PLANES_MAX_PLANE
     if kernel == kernels.FORWARD_UNIT:
         return input.stride(3) == 1 and unit_offsets_fit(input)
     if kernel == kernels.FORWARD_SMALL:
@@ -291,6 +298,15 @@ def _forward_shape(kernel, input, input_bytes, num_rois, ph, pw, argmax, sizes, 
     inputs like `input` (its channels and dtype) of `input_bytes` in all, and `num_rois`."""
     channels = input.shape[1]
     multiprocessors = sizes.multiprocessors
+    if kernel == kernels.FORWARD_PLANES:
+        images, plane = input.shape[0], input.shape[2] * input.shape[3] * input.element_size()
+        per_block = max(1, min(channels, tuning.forward_planes_bytes // plane))
+        wanted = tuning.forward_planes_min_blocks_per_sm * multiprocessors
+        while per_block > 1 and images * math.ceil(channels / per_block) < wanted:
+            per_block = (per_block + 1) // 2
+        grid = (images * math.ceil(channels / per_block), 1, 1)
+        extra = (integer("channels_per_block", per_block), integer("K", num_rois))
+        return grid, (THREADS, 1, 1), per_block * plane, extra
     if kernel in (kernels.FORWARD_SMALL, kernels.FORWARD_SMALL_CVEC):
         roi_bytes = small_roi_bytes(kernel, ph * pw, channels, input.dtype, argmax is not None)
         per_block = small_rois_per_block(num_rois, channels * ph * pw, roi_bytes, sizes, tuning)
@@ -359,6 +375,8 @@ def forward_levels_kernel(
     `forward_kernel` picks for each level when they agree (they do for levels of one layout:
     the choice reads the layout, the alignment, C and `bins`, never H or W); otherwise chan
     when every level has its channels adjacent, else plane (both read any strides)."""
+    if tuning.forward_kernel not in (None, *kernels.FORWARD_LEVELS_KERNELS):
+        tuning = replace(tuning, forward_kernel=None)  # a kernel with no multi-level form
     chosen = {forward_kernel(x, bins, tuning) for x in features}
     if len(chosen) == 1:
         return chosen.pop()
