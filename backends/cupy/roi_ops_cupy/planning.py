@@ -147,7 +147,22 @@ def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
     return unit
 
 
-def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_TUNING) -> str:
+def prefers_planes(input: torch.Tensor, bins: int, num_rois: int, tuning: CupyTuning) -> bool:
+    """Whether the planes forward pools `num_rois` ROIs of `bins` bins from `input` (NCHW and
+    the like): at least ``tuning.forward_planes_rois_per_image`` ROIs per image (so that the
+    ROIs' windows, fetched one by one, would read the planes many times over) and planes small
+    enough to stage."""
+    per_image = tuning.forward_planes_rois_per_image
+    return (
+        per_image > 0
+        and num_rois >= per_image * input.shape[0]
+        and _can_run(kernels.FORWARD_PLANES, input, bins)
+    )
+
+
+def forward_kernel(
+    input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_TUNING, num_rois: int = 0
+) -> str:
     """The forward kernel for an input's strides and alignment and `bins` (PH * PW) per ROI (no
     device sync): the choice table of tools/NOTES.md.
 
@@ -155,7 +170,9 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
     any other unit W stride (NCHW contiguous), unit (where its 32-bit offsets reach every
     element of an image: `unit_offsets_fit`); plane for the rest. Where a ROI has at most
     ``tuning.small_roi_outputs`` outputs (C * PH * PW), small_cvec replaces cvec and small
-    replaces unit. ``tuning.forward_kernel`` overrides the choice where that kernel can run.
+    replaces unit, and where there are many ROIs per image (`prefers_planes`, given
+    `num_rois`), planes replaces both. ``tuning.forward_kernel`` overrides the choice where that
+    kernel can run.
     """
     forced = tuning.forward_kernel
     if forced is not None and _can_run(forced, input, bins):
@@ -167,6 +184,8 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
         small = few and _can_run(kernels.FORWARD_SMALL_CVEC, input, bins)
         return kernels.FORWARD_SMALL_CVEC if small else kernels.FORWARD_CVEC
     if input.stride(3) == 1:
+        if prefers_planes(input, bins, num_rois, tuning):
+            return kernels.FORWARD_PLANES
         if few and _can_run(kernels.FORWARD_SMALL, input, bins):
             return kernels.FORWARD_SMALL
         if unit_offsets_fit(input):
@@ -175,7 +194,11 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
 
 
 def stages_channels_last(
-    input: torch.Tensor, bins: int, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
+    input: torch.Tensor,
+    bins: int,
+    sizes: CudaSizes,
+    tuning: CupyTuning = DEFAULT_TUNING,
+    num_rois: int = 0,
 ) -> bool:
     """Whether a forward of `input` (NCHW and the like: a unit W stride) with `bins` (PH * PW)
     per ROI runs on a channels_last copy of it (the small_cvec kernel) instead of on the input
@@ -190,7 +213,7 @@ def stages_channels_last(
         return False
     channels = input.shape[1]
     return (
-        forward_kernel(input, bins, tuning) == kernels.FORWARD_SMALL
+        forward_kernel(input, bins, tuning, num_rois) == kernels.FORWARD_SMALL
         and channels >= tuning.chan_min_channels
         and channels * input.element_size() % CVEC_BYTES == 0
         and _dense_bytes(input) <= sizes.l2_bytes
@@ -266,7 +289,7 @@ def plan_forward(
     log = problem.bad_roi_log
     if problem.num_rois == 0 or (output.numel() == 0 and log is None):
         return None
-    kernel = forward_kernel(input, ph * pw, tuning)
+    kernel = forward_kernel(input, ph * pw, tuning, problem.num_rois)
     name = kernels.forward_name(kernel, input.dtype, rois.dtype, argmax is not None)
     head = (
         pointer("input", input),
