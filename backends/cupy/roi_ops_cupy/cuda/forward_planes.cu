@@ -50,10 +50,40 @@ __device__ __forceinline__ void planes_bin(const T* plane, unsigned int channels
     }
   }
 }
+
+// The same without an argmax: one max.NaN per element (NaNMax; zeros and NaNs fixed up from the
+// bin's first element with the same key, as in the unit kernel).
+template <class T>
+__device__ __forceinline__ void planes_bin_max(const T* plane, unsigned int channels,
+                                               unsigned int HW, int W, int bin_h, int bin_w,
+                                               T* __restrict__ out, i64 out_step) {
+  typedef typename NaNMax<T>::V V;
+  const bool empty = bin_h <= 0 || bin_w <= 0;
+  for (unsigned int c = 0; c < channels; ++c, plane += HW, out += out_step) {
+    V m = NaNMax<T>::lowest();
+    if (!empty) {
+      const T* line = plane;
+      for (int i = 0; i < bin_h; ++i, line += W) {
+        for (int j = 0; j < bin_w; ++j) {
+          if constexpr (sizeof(T) == 2) {
+            m = NaNMax<T>::max(m, line[j].bits);
+          } else {
+            m = NaNMax<T>::max(m, line[j]);
+          }
+        }
+      }
+    }
+    T value = NaNMax<T>::bits(empty ? V(0) : m);
+    if (!empty && !NaNMax<T>::exact(m)) {
+      value = first_with_key<T>(plane, bin_h, bin_w, W, 1, Elem<T>::key_of(value));
+    }
+    store_result<T>(out, value);
+  }
+}
 }  // namespace roi_ops_cuda
 
 template <class T, class R, bool kArgmax>
-__global__ void __launch_bounds__(roi_ops_cuda::kThreads)
+__global__ void __launch_bounds__(roi_ops_cuda::kThreads, 2)
     roi_pool_forward_planes(ROI_OPS_MAP_PARAMETERS, const i64 channels_per_block, const i64 K,
                             ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
@@ -134,9 +164,16 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads)
       const int2 span_w = bin_span<G>(q - ph * pw_count, g.bin_w, g.x1, W, valid);
       const int first_index = span_h.x * w_int + span_w.x;
       const i64 first_output = (round_rois[r] * C + c0) * bins + q;
-      planes_bin<T, kArgmax>(planes + first_index, channels, HW, w_int, span_h.y - span_h.x,
-                             span_w.y - span_w.x, first_index, output + first_output,
-                             kArgmax ? argmax + first_output : nullptr, bins);
+      const int bin_h = span_h.y - span_h.x;
+      const int bin_w = span_w.y - span_w.x;
+      if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
+        planes_bin_max<T>(planes + first_index, channels, HW, w_int, bin_h, bin_w,
+                          output + first_output, bins);
+      } else {
+        planes_bin<T, kArgmax>(planes + first_index, channels, HW, w_int, bin_h, bin_w,
+                               first_index, output + first_output,
+                               kArgmax ? argmax + first_output : nullptr, bins);
+      }
     }
     __syncthreads();  // before the round's tables are overwritten
   }
