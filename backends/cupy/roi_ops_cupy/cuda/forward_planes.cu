@@ -15,38 +15,54 @@ namespace roi_ops_cuda {
 constexpr int kForwardScan = 2;  // batch indices each thread checks per round
 constexpr int kForwardRound = kForwardScan * kThreads;
 
+constexpr int kPlanesChannels = 4;  // channels reduced together (independent loads in flight)
+
 // The first maximal element of a bin of `channels` planes in shared memory (HW elements apart,
 // rows W apart), each stored at out + c * out_step (argmax likewise); NaN rules in `replaces`.
+// Channels go kPlanesChannels at a time; past the last channel a step re-reads the last one and
+// stores nothing.
 template <class T, bool kArgmax>
 __device__ __forceinline__ void planes_bin(const T* plane, unsigned int channels, unsigned int HW,
                                            int W, int bin_h, int bin_w, int first_index,
                                            T* __restrict__ out, int* __restrict__ arg,
                                            i64 out_step) {
   typedef typename Work<T>::V V;
+  constexpr int U = kPlanesChannels;
   const bool empty = bin_h <= 0 || bin_w <= 0;
-  for (unsigned int c = 0; c < channels; ++c, plane += HW, out += out_step) {
-    V best = Work<T>::lowest();  // the first element replaces it unless it is -inf itself
-    int at = 0;
+  for (unsigned int c = 0; c < channels; c += U) {
+    const T* p[U];
+    V best[U];
+    int at[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      p[u] = plane + (c + u < channels ? c + u : channels - 1) * HW;
+      best[u] = Work<T>::lowest();  // the first element replaces it unless it is -inf itself
+      at[u] = 0;
+    }
     if (!empty) {
-      const T* line = plane;
-      for (int i = 0; i < bin_h; ++i, line += W) {
+      for (int i = 0; i < bin_h; ++i) {
         for (int j = 0; j < bin_w; ++j) {
-          const V v = Work<T>::in(line[j]);
-          if (replaces(v, best)) {
-            best = v;
-            at = i * W + j;
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const V v = Work<T>::in(p[u][i * W + j]);
+            if (replaces(v, best[u])) {
+              best[u] = v;
+              at[u] = i * W + j;
+            }
           }
         }
       }
     }
-    T value = Work<T>::out(empty ? V(0) : best);
-    if (!Work<T>::kKeepsNaN && !(best == best)) {  // the NaN's payload was lost
-      value = first_with_key<T>(plane, bin_h, bin_w, W, 1, Elem<T>::key_of(value));
-    }
-    store_result<T>(out, value);
-    if (kArgmax) {
-      store_result<int>(arg, empty ? -1 : first_index + at);
-      arg += out_step;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (c + u < channels) {
+        T value = Work<T>::out(empty ? V(0) : best[u]);
+        if (!Work<T>::kKeepsNaN && !(best[u] == best[u])) {  // the NaN's payload was lost
+          value = first_with_key<T>(p[u], bin_h, bin_w, W, 1, Elem<T>::key_of(value));
+        }
+        store_result<T>(out + (c + u) * out_step, value);
+        if (kArgmax) store_result<int>(arg + (c + u) * out_step, empty ? -1 : first_index + at[u]);
+      }
     }
   }
 }
@@ -58,26 +74,40 @@ __device__ __forceinline__ void planes_bin_max(const T* plane, unsigned int chan
                                                unsigned int HW, int W, int bin_h, int bin_w,
                                                T* __restrict__ out, i64 out_step) {
   typedef typename NaNMax<T>::V V;
+  constexpr int U = kPlanesChannels;
   const bool empty = bin_h <= 0 || bin_w <= 0;
-  for (unsigned int c = 0; c < channels; ++c, plane += HW, out += out_step) {
-    V m = NaNMax<T>::lowest();
+  for (unsigned int c = 0; c < channels; c += U) {
+    const T* p[U];
+    V m[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      p[u] = plane + (c + u < channels ? c + u : channels - 1) * HW;
+      m[u] = NaNMax<T>::lowest();
+    }
     if (!empty) {
-      const T* line = plane;
-      for (int i = 0; i < bin_h; ++i, line += W) {
+      for (int i = 0; i < bin_h; ++i) {
         for (int j = 0; j < bin_w; ++j) {
-          if constexpr (sizeof(T) == 2) {
-            m = NaNMax<T>::max(m, line[j].bits);
-          } else {
-            m = NaNMax<T>::max(m, line[j]);
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            if constexpr (sizeof(T) == 2) {
+              m[u] = NaNMax<T>::max(m[u], p[u][i * W + j].bits);
+            } else {
+              m[u] = NaNMax<T>::max(m[u], p[u][i * W + j]);
+            }
           }
         }
       }
     }
-    T value = NaNMax<T>::bits(empty ? V(0) : m);
-    if (!empty && !NaNMax<T>::exact(m)) {
-      value = first_with_key<T>(plane, bin_h, bin_w, W, 1, Elem<T>::key_of(value));
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (c + u < channels) {
+        T value = NaNMax<T>::bits(empty ? V(0) : m[u]);
+        if (!empty && !NaNMax<T>::exact(m[u])) {
+          value = first_with_key<T>(p[u], bin_h, bin_w, W, 1, Elem<T>::key_of(value));
+        }
+        store_result<T>(out + (c + u) * out_step, value);
+      }
     }
-    store_result<T>(out, value);
   }
 }
 }  // namespace roi_ops_cuda
