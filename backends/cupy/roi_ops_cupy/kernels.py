@@ -28,7 +28,6 @@ SOURCE_FILES = (
     "forward_small.cu",  # reuses forward_unit.cu's per-bin reduction
     "forward_cvec.cu",
     "forward_small_cvec.cu",  # reuses forward_small.cu's table and forward_cvec.cu's cvec_bin
-    "forward_planes.cu",
     "backward_atomic.cu",
     "backward_planes.cu",
 )
@@ -58,9 +57,7 @@ FORWARD_UNIT = "roi_pool_forward_unit"
 FORWARD_CVEC = "roi_pool_forward_cvec"
 FORWARD_SMALL = "roi_pool_forward_small"
 FORWARD_SMALL_CVEC = "roi_pool_forward_small_cvec"
-FORWARD_PLANES = "roi_pool_forward_planes"
-# The kernels that have a fused multi-level form (below), and those that run on one map only.
-FORWARD_LEVELS_KERNELS = (
+FORWARD_KERNELS = (
     FORWARD_PLANE,
     FORWARD_CHAN,
     FORWARD_UNIT,
@@ -68,7 +65,6 @@ FORWARD_LEVELS_KERNELS = (
     FORWARD_SMALL,
     FORWARD_SMALL_CVEC,
 )
-FORWARD_KERNELS = (*FORWARD_LEVELS_KERNELS, FORWARD_PLANES)
 # The fused multi-level kernel of each forward kernel: the same work per ROI, on the map of the
 # ROI's pyramid level (a table of at most MAX_LEVELS maps passed by value).
 LEVELS_SUFFIX = "_levels"
@@ -109,7 +105,7 @@ def forward_names(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> tuple[st
 
 
 def levels_kernel(kernel: str) -> str:
-    """The fused multi-level kernel of forward `kernel` (one of FORWARD_LEVELS_KERNELS)."""
+    """The fused multi-level kernel of forward `kernel` (one of FORWARD_KERNELS)."""
     return kernel + LEVELS_SUFFIX
 
 
@@ -118,7 +114,7 @@ def forward_levels_names(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> t
     """Every fused multi-level forward instantiation of one dtype pair (one NVRTC module)."""
     return tuple(
         forward_name(levels_kernel(kernel), input_dtype, rois_dtype, argmax)
-        for kernel in FORWARD_LEVELS_KERNELS
+        for kernel in FORWARD_KERNELS
         for argmax in (True, False)
     )
 

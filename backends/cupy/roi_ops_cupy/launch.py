@@ -285,7 +285,7 @@ class Launcher:
         sizes = cuda_sizes(device)
         x = problem.input
         bins = problem.pooled_height * problem.pooled_width
-        staged = planning.stages_channels_last(x, bins, sizes, self.tuning, problem.num_rois)
+        staged = planning.stages_channels_last(x, bins, sizes, self.tuning)
         if staged:
             copy = torch.empty(x.shape, dtype=x.dtype, device="meta")
             problem = RoIPoolProblem(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 from roi_ops.backend import MultiScaleRoIPoolProblem, RoIPoolProblem, accumulate_dtype
@@ -114,29 +113,9 @@ def _aligned_channels(input: torch.Tensor) -> bool:
     )
 
 
-UNIT_OFFSET_LIMIT = 2**31  # the unit kernel's 32-bit offsets within an image (forward_unit.cu)
-
-
-def unit_offsets_fit(input: torch.Tensor) -> bool:
-    """Whether every element of each image of `input` (N, C, H, W) lies fewer than
-    UNIT_OFFSET_LIMIT elements after the image's first one: the unit kernel addresses an image
-    through 32-bit offsets (so does the small kernel within a bin)."""
-    sizes, strides = input.shape[1:], input.stride()[1:]
-    span = sum((size - 1) * stride for size, stride in zip(sizes, strides, strict=True))
-    return span < UNIT_OFFSET_LIMIT
-
-
-FORWARD_PLANES_MAX_PLANE = 96 * 1024  # bytes: one plane of the planes forward, at most
-
-
 def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
-    if kernel == kernels.FORWARD_PLANES:
-        n, c, h, w = input.shape
-        return n > 0 and c > 0 and h * w * input.element_size() <= FORWARD_PLANES_MAX_PLANE
-    if kernel == kernels.FORWARD_UNIT:
-        return input.stride(3) == 1 and unit_offsets_fit(input)
-    if kernel == kernels.FORWARD_SMALL:
-        unit = input.stride(3) == 1 and unit_offsets_fit(input)
+    if kernel in (kernels.FORWARD_UNIT, kernels.FORWARD_SMALL):
+        unit = input.stride(3) == 1
     elif kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_SMALL_CVEC):
         unit = _aligned_channels(input)
     else:
@@ -147,32 +126,14 @@ def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
     return unit
 
 
-def prefers_planes(input: torch.Tensor, bins: int, num_rois: int, tuning: CupyTuning) -> bool:
-    """Whether the planes forward pools `num_rois` ROIs of `bins` bins from `input` (NCHW and
-    the like): at least ``tuning.forward_planes_rois_per_image`` ROIs per image (so that the
-    ROIs' windows, fetched one by one, would read the planes many times over) and planes small
-    enough to stage."""
-    per_image = tuning.forward_planes_rois_per_image
-    return (
-        per_image > 0
-        and num_rois >= per_image * input.shape[0]
-        and _can_run(kernels.FORWARD_PLANES, input, bins)
-    )
-
-
-def forward_kernel(
-    input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_TUNING, num_rois: int = 0
-) -> str:
+def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_TUNING) -> str:
     """The forward kernel for an input's strides and alignment and `bins` (PH * PW) per ROI (no
     device sync): the choice table of tools/NOTES.md.
 
     For channels_last: cvec when its channel vectors are 16-byte aligned, chan otherwise; for
-    any other unit W stride (NCHW contiguous), unit (where its 32-bit offsets reach every
-    element of an image: `unit_offsets_fit`); plane for the rest. Where a ROI has at most
+    any other unit W stride (NCHW contiguous), unit; plane for the rest. Where a ROI has at most
     ``tuning.small_roi_outputs`` outputs (C * PH * PW), small_cvec replaces cvec and small
-    replaces unit, and where there are many ROIs per image (`prefers_planes`, given
-    `num_rois`), planes replaces both. ``tuning.forward_kernel`` overrides the choice where that
-    kernel can run.
+    replaces unit. ``tuning.forward_kernel`` overrides the choice where that kernel can run.
     """
     forced = tuning.forward_kernel
     if forced is not None and _can_run(forced, input, bins):
@@ -184,21 +145,13 @@ def forward_kernel(
         small = few and _can_run(kernels.FORWARD_SMALL_CVEC, input, bins)
         return kernels.FORWARD_SMALL_CVEC if small else kernels.FORWARD_CVEC
     if input.stride(3) == 1:
-        if prefers_planes(input, bins, num_rois, tuning):
-            return kernels.FORWARD_PLANES
-        if few and _can_run(kernels.FORWARD_SMALL, input, bins):
-            return kernels.FORWARD_SMALL
-        if unit_offsets_fit(input):
-            return kernels.FORWARD_UNIT
+        small = few and _can_run(kernels.FORWARD_SMALL, input, bins)
+        return kernels.FORWARD_SMALL if small else kernels.FORWARD_UNIT
     return kernels.FORWARD_PLANE
 
 
 def stages_channels_last(
-    input: torch.Tensor,
-    bins: int,
-    sizes: CudaSizes,
-    tuning: CupyTuning = DEFAULT_TUNING,
-    num_rois: int = 0,
+    input: torch.Tensor, bins: int, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
 ) -> bool:
     """Whether a forward of `input` (NCHW and the like: a unit W stride) with `bins` (PH * PW)
     per ROI runs on a channels_last copy of it (the small_cvec kernel) instead of on the input
@@ -213,7 +166,7 @@ def stages_channels_last(
         return False
     channels = input.shape[1]
     return (
-        forward_kernel(input, bins, tuning, num_rois) == kernels.FORWARD_SMALL
+        forward_kernel(input, bins, tuning) == kernels.FORWARD_SMALL
         and channels >= tuning.chan_min_channels
         and channels * input.element_size() % CVEC_BYTES == 0
         and _dense_bytes(input) <= sizes.l2_bytes
@@ -289,7 +242,7 @@ def plan_forward(
     log = problem.bad_roi_log
     if problem.num_rois == 0 or (output.numel() == 0 and log is None):
         return None
-    kernel = forward_kernel(input, ph * pw, tuning, problem.num_rois)
+    kernel = forward_kernel(input, ph * pw, tuning)
     name = kernels.forward_name(kernel, input.dtype, rois.dtype, argmax is not None)
     head = (
         pointer("input", input),
@@ -321,15 +274,6 @@ def _forward_shape(kernel, input, input_bytes, num_rois, ph, pw, argmax, sizes, 
     inputs like `input` (its channels and dtype) of `input_bytes` in all, and `num_rois`."""
     channels = input.shape[1]
     multiprocessors = sizes.multiprocessors
-    if kernel == kernels.FORWARD_PLANES:
-        images, plane = input.shape[0], input.shape[2] * input.shape[3] * input.element_size()
-        per_block = max(1, min(channels, tuning.forward_planes_bytes // plane))
-        wanted = tuning.forward_planes_min_blocks_per_sm * multiprocessors
-        while per_block > 1 and images * math.ceil(channels / per_block) < wanted:
-            per_block = (per_block + 1) // 2
-        grid = (images * math.ceil(channels / per_block), 1, 1)
-        extra = (integer("channels_per_block", per_block), integer("K", num_rois))
-        return grid, (THREADS, 1, 1), per_block * plane, extra
     if kernel in (kernels.FORWARD_SMALL, kernels.FORWARD_SMALL_CVEC):
         roi_bytes = small_roi_bytes(kernel, ph * pw, channels, input.dtype, argmax is not None)
         per_block = small_rois_per_block(num_rois, channels * ph * pw, roi_bytes, sizes, tuning)
@@ -398,8 +342,6 @@ def forward_levels_kernel(
     `forward_kernel` picks for each level when they agree (they do for levels of one layout:
     the choice reads the layout, the alignment, C and `bins`, never H or W); otherwise chan
     when every level has its channels adjacent, else plane (both read any strides)."""
-    if tuning.forward_kernel not in (None, *kernels.FORWARD_LEVELS_KERNELS):
-        tuning = replace(tuning, forward_kernel=None)  # a kernel with no multi-level form
     chosen = {forward_kernel(x, bins, tuning) for x in features}
     if len(chosen) == 1:
         return chosen.pop()

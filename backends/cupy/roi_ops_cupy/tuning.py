@@ -40,12 +40,6 @@ class CupyTuning:
         stage_small_channels_last: where the small kernel would pool an NCHW input that fits
             in L2, pool a channels_last copy of it with the small_cvec kernel instead
             (`planning.stages_channels_last`).
-        forward_planes_rois_per_image: NCHW inputs with at least this many ROIs per image take
-            the planes forward (`planning.prefers_planes`); 0 never.
-        forward_planes_bytes: shared memory for the planes of one block of the planes forward
-            (channels per block: how many planes fit, at least one).
-        forward_planes_min_blocks_per_sm: the planes forward's channel blocks are halved
-            until its grid has this many blocks per SM.
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC` / `kernels.BACKWARD_PLANES` (planes
@@ -67,9 +61,6 @@ class CupyTuning:
     small_roi_outputs: int = 1024
     small_block_elements: int = 4096
     stage_small_channels_last: bool = True
-    forward_planes_rois_per_image: int = 0
-    forward_planes_bytes: int = 64 * 1024
-    forward_planes_min_blocks_per_sm: int = 2
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

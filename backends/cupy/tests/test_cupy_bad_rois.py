@@ -15,7 +15,6 @@ from roi_ops.testing import assert_same_bits
 from roi_ops.testing.reference import reference_roi_pool
 
 from roi_ops_cupy import kernels
-from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
 
 NUM_IMAGES = 3
 GOOD = [[0, 1.0, 1.0, 6.0, 5.0], [2, 0.5, 2.0, 9.0, 8.0], [1.9, 3.0, 0.0, 4.0, 7.5]]
@@ -42,16 +41,13 @@ def _expected_log(rois: torch.Tensor, num_images: int) -> torch.Tensor:
     return log
 
 
-def _kernel_log(
-    runner, x, rois, size=(3, 2), layout="contiguous", needs_argmax=True, tuning=DEFAULT_TUNING
-):
+def _kernel_log(runner, x, rois, size=(3, 2), layout="contiguous", needs_argmax=True):
     """The log after one forward launch, and the launch's outputs checked against the
     reference (invalid rows pool to zeros and -1)."""
     log = bad_rois.new_log(runner.device)
     output, argmax = run_forward(
-        runner, x, rois, size, 0.5, layout=layout, needs_argmax=needs_argmax, bad_roi_log=log,
-        tuning=tuning,
-    )  # fmt: skip
+        runner, x, rois, size, 0.5, layout=layout, needs_argmax=needs_argmax, bad_roi_log=log
+    )
     if x.numel() == 0:  # no images: every bin empty
         assert bool((output == 0).all()) and (argmax is None or bool((argmax == -1).all()))
     else:
@@ -83,20 +79,6 @@ def test_each_invalid_row_alone(runner, pair, layout):
         expected = _expected_log(rois, NUM_IMAGES)
         assert bad_rois.decode(log).row == 2
         assert torch.equal(log, expected), (bad, log.tolist(), expected.tolist())
-
-
-@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
-def test_planes_kernel_records_each_invalid_row_once(runner, pair):
-    """The planes forward (one block per image and channel block) hands an invalid row to the
-    image its clamped batch index names; that image's first channel block records it."""
-    dtype, rois_dtype = pair
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(NUM_IMAGES, 4, 8, 12, generator=g).to(dtype)
-    one_plane = CupyTuning(forward_kernel=kernels.FORWARD_PLANES, forward_planes_bytes=1)
-    for i, bad in enumerate(_bad_rows()):
-        rois = _rois([GOOD[0], GOOD[1], bad, GOOD[2]], rois_dtype)
-        log = _kernel_log(runner, x, rois, needs_argmax=i % 2 == 0, tuning=one_plane)
-        assert torch.equal(log, _expected_log(rois, NUM_IMAGES)), (bad, log.tolist())
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)

@@ -87,33 +87,7 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
     check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_planes_kernel_on_contract_cases(runner, dtype):
-    # Every ROI of an image from planes staged once; invalid rows go to a clamped image's
-    # blocks and pool nothing; one channel per block (rounds of several blocks per image).
-    one_plane = CupyTuning(forward_kernel=kernels.FORWARD_PLANES, forward_planes_bytes=1)
-    for tuning in (CupyTuning(forward_kernel=kernels.FORWARD_PLANES), one_plane):
-        for case in contract_cases("cpu", dtype):
-            x, rois = case.input, case.rois_tensor()
-            check(runner, x, rois, case.output_size, case.spatial_scale, tuning=tuning)
-
-
-def test_planes_kernel_finds_each_images_rois_over_rounds(runner):
-    # 1300 ROIs over 3 images: three rounds of 512 rows, each image's ROIs spread over them.
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 5, 9, 14, generator=g)
-    k = 1300
-    corners = torch.rand(k, 2, generator=g) * torch.tensor([13.0, 8.0])
-    sides = torch.rand(k, 2, generator=g) * 6
-    batch = torch.randint(0, 3, (k, 1), generator=g).float()
-    rois = torch.cat([batch, corners, corners + sides], dim=1)
-    tuning = CupyTuning(forward_kernel=kernels.FORWARD_PLANES)
-    check(runner, x, rois, (3, 2), 1.0, multiprocessors=1, tuning=tuning)
-
-
-@pytest.mark.parametrize(
-    "kernel", ["unit", "small", "plane", "planes", "cvec", "small_cvec", "chan"]
-)
+@pytest.mark.parametrize("kernel", ["unit", "small", "plane", "cvec", "small_cvec", "chan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
@@ -122,8 +96,8 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # and 196 bins leave 8 and 4 bins to a last warp whose lanes spread over channels);
     # ROIs cut by the border. cvec: 24 float16 channels leave the last of 4 threads per bin
     # empty; 20 float32 (22 float64) channels leave one thread half its channels.
-    forced = {"plane": kernels.FORWARD_PLANE, "planes": kernels.FORWARD_PLANES}.get(kernel)
-    tuning = CupyTuning(forward_kernel=forced) if forced else DEFAULT_TUNING
+    tuning = CupyTuning(forward_kernel=kernels.FORWARD_PLANE) if kernel == "plane" else None
+    tuning = tuning or DEFAULT_TUNING
     layout = {
         "cvec": "channels_last_cvec",
         "small_cvec": "channels_last",

@@ -158,8 +158,7 @@ def test_kernel_names_and_modules():
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
             assert re.fullmatch(
-                r"roi_pool_forward_(plane|planes|chan|unit|cvec|small|small_cvec)"
-                r"<\w+, \w+, (true|false)>",
+                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec)<\w+, \w+, (true|false)>",
                 expr,
             )
             assert kernels.module_names(expr) == kernels.forward_names(t, r)
@@ -194,7 +193,7 @@ def test_kernel_names_and_modules():
     )
     name = kernels.backward_name(kernels.BACKWARD_ATOMIC_LEVELS, torch.float64, torch.float64)
     assert kernels.module_names(name) == kernels.backward_levels_names(torch.float64)
-    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 26 + 6 * 6
+    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 6
 
 
 def test_source_is_self_contained_and_split_by_family():
@@ -211,8 +210,7 @@ def test_source_is_self_contained_and_split_by_family():
     for kernel in (*kernels.FORWARD_KERNELS, *kernels.BACKWARD_KERNELS):
         family = kernel.removeprefix("roi_pool_") + ".cu"
         assert f"{kernel}(" in (CUDA_DIR / family).read_text(), family
-        if kernel != kernels.FORWARD_PLANES:  # pools one map only
-            assert f"{kernel}_levels(" in (CUDA_DIR / family).read_text(), family
+        assert f"{kernel}_levels(" in (CUDA_DIR / family).read_text(), family
 
 
 def _expanded_source() -> str:
@@ -244,7 +242,6 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
     layouts = {
         kernels.FORWARD_UNIT: x,
         kernels.FORWARD_SMALL: x,
-        kernels.FORWARD_PLANES: x,
         kernels.FORWARD_PLANE: x,
         kernels.FORWARD_CVEC: channels_last,
         kernels.FORWARD_SMALL_CVEC: channels_last,
@@ -269,8 +266,6 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
     # one word per parameter.
     levels = torch.zeros(3, dtype=torch.int64)
     for kernel, placed in layouts.items():
-        if kernel not in kernels.FORWARD_LEVELS_KERNELS:
-            continue  # the planes forward pools one map only
         features = [placed, placed[:, :, :5, :6]]
         problem = MultiScaleRoIPoolProblem(features, rois, levels, 3, 3, (0.5, 0.25), True)
         out = torch.empty(problem.output_shape)

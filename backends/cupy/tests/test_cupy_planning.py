@@ -64,26 +64,6 @@ def test_forced_forward_kernels_only_where_they_run():
     assert planning.forward_kernel(x, 50 * 50, forced_small) == kernels.FORWARD_UNIT
 
 
-def test_unit_and_small_kernels_need_images_within_32_bit_offsets():
-    # Meta tensors (no storage) whose images span up to 2^31 elements and beyond.
-    def spanning(channel_stride):
-        return torch.empty_strided((2, 3, 5, 6), (0, channel_stride, 6, 1), device="meta")
-
-    limit = planning.UNIT_OFFSET_LIMIT
-    fits = spanning((limit - 30) // 2)  # last element at 2 * sC + 4 * 6 + 5 = limit - 1
-    assert planning.unit_offsets_fit(fits)
-    assert not planning.unit_offsets_fit(spanning((limit - 28) // 2))
-    no_small = CupyTuning(small_roi_outputs=0)
-    assert planning.forward_kernel(fits, 49) == kernels.FORWARD_SMALL
-    assert planning.forward_kernel(fits, 49, no_small) == kernels.FORWARD_UNIT
-    too_far = spanning(limit // 2)
-    assert planning.forward_kernel(too_far, 49) == kernels.FORWARD_PLANE
-    assert planning.forward_kernel(too_far, 49, no_small) == kernels.FORWARD_PLANE
-    for kernel in (kernels.FORWARD_UNIT, kernels.FORWARD_SMALL):
-        forced = CupyTuning(forward_kernel=kernel)
-        assert planning.forward_kernel(too_far, 49, forced) == kernels.FORWARD_PLANE
-
-
 def test_small_plans_many_rois_per_block():
     x = torch.ones(4, 64, 10, 13)
     problem = _problem(x, torch.zeros(1000, 5), size=3, log=torch.zeros(12, dtype=torch.int64))

@@ -74,10 +74,6 @@ inline unsigned int __ballot_sync(unsigned int, bool predicate) {
 inline int __popc(unsigned int v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned int v) { return __builtin_ffs(static_cast<int>(v)); }
 template <class P>
-inline P __ldg(const P* address) {
-  return *address;
-}
-template <class P>
 inline P __ldcs(const P* address) {
   return *address;
 }
@@ -171,10 +167,6 @@ inline roi_vec16 load_vec16(const void* address) {
   roi_vec16 v;
   std::memcpy(&v, address, sizeof v);
   return v;
-}
-template <class P>
-inline P* opaque(P* p) {
-  return p;
 }
 
 inline float max_nan(float a, float b) {

@@ -43,13 +43,6 @@ VARIANTS: dict[str, CupyTuning] = {
     "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
     "small": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL),
     "small_cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL_CVEC),
-    "planes": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_PLANES),
-    "planes-32k": replace(
-        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_PLANES, forward_planes_bytes=32 * 1024
-    ),
-    "planes-128k": replace(
-        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_PLANES, forward_planes_bytes=128 * 1024
-    ),
     "small-2k": replace(
         DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL, small_block_elements=2048
     ),

@@ -83,13 +83,6 @@ struct __align__(16) roi_vec16 {
 __device__ __forceinline__ roi_vec16 load_vec16(const void* __restrict__ address) {
   return *static_cast<const roi_vec16*>(address);
 }
-// A pointer the optimiser cannot see through, so that it does not fold a kernel's 32-bit offsets
-// into 64-bit ones from the parameter it came from: each address is then one multiply-add.
-template <class P>
-__device__ __forceinline__ P* opaque(P* p) {
-  asm("" : "+l"(p));
-  return p;
-}
 
 // max.NaN (sm_80+): NaN-propagating, no .ftz; returns one of its operands unless the result is a
 // zero (either sign may come back) or a NaN (canonical, payload lost). The packed forms take two
@@ -467,6 +460,40 @@ __device__ __forceinline__ int2 col_span(const int2* edges, const RoiGeometry<G>
   return cached ? edges[PH + pw] : bin_span<G>(pw, g.bin_w, g.x1, W, g.batch >= 0);
 }
 
+template <class T>
+struct BinMax {
+  T value;
+  int index;  // h * W + w, or -1 for an empty bin
+};
+
+// The first maximal element of one bin in row-major scan order; NaN is maximal (first NaN wins),
+// -inf is ordinary, -0 equals +0. An empty bin gives +0 and -1. The value is copied, never
+// converted.
+template <class T>
+__device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 rows, int2 cols,
+                                             i64 sH, i64 sW, i64 W) {
+  typedef typename Elem<T>::key K;
+  BinMax<T> m;
+  m.value = T();
+  m.index = -1;
+  K best = 0;
+  for (int h = rows.x; h < rows.y; ++h) {
+    const T* __restrict__ line = plane + h * sH;
+    const int base = h * static_cast<int>(W);  // < H * W < 2^31 (checked by roi_ops)
+#pragma unroll 4
+    for (int w = cols.x; w < cols.y; ++w) {
+      const T v = line[w * sW];
+      const K key = Elem<T>::key_of(v);
+      if (m.index < 0 || key > best) {
+        best = key;
+        m.value = v;
+        m.index = base + w;
+      }
+    }
+  }
+  return m;
+}
+
 // A walk through a block's outputs in memory order (ROI r, channel c, bin q, the bin fastest)
 // from output `first` in steps of `step` outputs: the position is counted with carries, so the
 // walk's loop has no division. Every step component is below its radix, so one carry each
@@ -621,7 +648,7 @@ template <>
 struct NaNMax<float> {
   static constexpr bool kEnabled = true;
   typedef float V;
-  static __device__ __forceinline__ V load(const float* p) { return __ldg(p); }
+  static __device__ __forceinline__ V load(const float* p) { return *p; }
   static __device__ __forceinline__ V lowest() { return Work<float>::lowest(); }
   static __device__ __forceinline__ V max(V a, V b) { return max_nan(a, b); }
   static __device__ __forceinline__ float bits(V m) { return m; }
@@ -637,7 +664,7 @@ struct NaNMax16 {
   static constexpr bool kEnabled = true;
   static constexpr unsigned int kInfBits = kInf;
   typedef unsigned short V;
-  static __device__ __forceinline__ V load(const T* p) { return __ldg(&p->bits); }
+  static __device__ __forceinline__ V load(const T* p) { return p->bits; }
   static __device__ __forceinline__ V lowest() { return V(kInfBits | 0x8000u); }
   static __device__ __forceinline__ V max(V a, V b) {
     return kInfBits == 0x7c00u ? max_nan_f16(a, b) : max_nan_bf16(a, b);

@@ -9,40 +9,6 @@
 // Shapes and strides are in elements. Grid (K, channel blocks); argmax may be null when kArgmax
 // is false; bad_roi_log may be null.
 namespace roi_ops_cuda {
-template <class T>
-struct BinMax {
-  T value;
-  int index;  // h * W + w, or -1 for an empty bin
-};
-
-// The first maximal element of one bin in row-major scan order (the plane and chan kernels);
-// NaN is maximal (first NaN wins), -inf is ordinary, -0 equals +0. An empty bin gives +0 and -1.
-// The value is copied, never converted.
-template <class T>
-__device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ plane, int2 rows, int2 cols,
-                                             i64 sH, i64 sW, i64 W) {
-  typedef typename Elem<T>::key K;
-  BinMax<T> m;
-  m.value = T();
-  m.index = -1;
-  K best = 0;
-  for (int h = rows.x; h < rows.y; ++h) {
-    const T* __restrict__ line = plane + h * sH;
-    const int base = h * static_cast<int>(W);  // < H * W < 2^31 (checked by roi_ops)
-#pragma unroll 4
-    for (int w = cols.x; w < cols.y; ++w) {
-      const T v = line[w * sW];
-      const K key = Elem<T>::key_of(v);
-      if (m.index < 0 || key > best) {
-        best = key;
-        m.value = v;
-        m.index = base + w;
-      }
-    }
-  }
-  return m;
-}
-
 // The plane kernel's work in block (k, channel blocks) of ROI k on one map (input, its sizes and
 // strides, spatial_scale). num_images: N, or 0 for a ROI that pools nothing (every bin empty).
 // Returns false in a thread with nothing to do (no barrier follows).

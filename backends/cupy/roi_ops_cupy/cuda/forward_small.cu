@@ -152,14 +152,13 @@ __device__ __forceinline__ void small_outputs(const SmallBin* __restrict__ table
     const LevelMap<T>& map = maps.of(bin);
     const bool empty = bin.bin_h <= 0 || bin.bin_w <= 0;
     const T* __restrict__ plane = maps.corner(bin) + static_cast<i64>(at.c) * map.sC;
-    const u32 row_stride = static_cast<u32>(map.sH);  // < 2^31 (planning: unit_offsets_fit)
     if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
-      unit_max_no_argmax<T, 1, false>(plane, 0u, 0u, row_stride, 1, 1, bin.bin_h, bin.bin_w,
-                                      empty, out + e, 0u, 0u);
+      unit_max_no_argmax<T, 1, false>(plane, 0, map.sH, 1, 1, bin.bin_h, bin.bin_w, empty,
+                                      out + e, 0);
     } else {
-      unit_max_compare<T, 1, kArgmax>(plane, 0u, 0u, row_stride, 1, 1, bin.bin_h, bin.bin_w,
-                                      empty, static_cast<int>(map.W), bin.first_index, out + e,
-                                      kArgmax ? arg + e : nullptr, 0u, 0u);
+      unit_max_compare<T, 1, kArgmax, false>(
+          plane, 0, map.sH, 1, 1, bin.bin_h, bin.bin_w, empty, static_cast<int>(map.W),
+          bin.first_index, out + e, kArgmax ? arg + e : nullptr, 0);
     }
     at.advance();
   }

@@ -41,103 +41,78 @@ struct UnitLayout {
   }
 };
 
-// Addresses: planning picks this kernel only where every element of an image lies within 2^31
-// elements of the image's first one (`unit_offsets_fit`), so a block reads through one 64-bit
-// pointer per channel block plus 32-bit offsets (one multiply-add per address). 64-bit pointer
-// steps cost two instructions each and were most of what the kernel issued.
-typedef unsigned int u32;
-
-// One input element through the read-only path (ld.global.nc): the kernel's pointers are opaque
-// (common.cuh), so the compiler no longer knows by itself that they point to global memory.
-template <class T>
-__device__ __forceinline__ T load_input(const T* p) {
-  if constexpr (sizeof(T) == 2) {
-    T t;
-    t.bits = __ldg(&p->bits);
-    return t;
-  } else {
-    return __ldg(p);
-  }
-}
-
-// The unit kernel's step for U channels of one bin of at most 2 x 2 elements (not empty).
-// Channel u (0 <= u < U) of the step starts at offset off + u * in_step from `planes` and stores
-// at out_off + u * out_step (argmax likewise); it exists when u * groups < remaining. A missing
-// channel reads channel 0 again and stores nothing. A missing second row or column is -inf,
-// which never replaces the maximum. down: sH, or 0 when the bin has one row.
-template <class T, int U, bool kArgmax>
-__device__ __forceinline__ void unit_small_compare(
-    const T* __restrict__ planes, u32 off, u32 in_step, u32 down, bool two_rows, bool two_cols,
-    int remaining, int groups, int w_int, int first_index, T* __restrict__ out,
-    int* __restrict__ arg, u32 out_off, u32 out_step) {
-  typedef typename Work<T>::V V;
-  const V lowest = Work<T>::lowest();
+// The unit kernel's step for U channels of one bin. Channel u (0 <= u < U) of the step starts at
+// planes + u * in_step and stores at out + u * out_step (arg likewise); it exists when
+// u * groups < remaining. A missing channel reads channel 0 again and stores nothing. Pointers
+// step by additions only: 64-bit index products per channel cost more than the reduction of a
+// small bin (mask-14's bins hold about three elements).
+template <class T, int U>
+__device__ __forceinline__ void unit_channel_pointers(const T* __restrict__ planes, i64 in_step,
+                                                      int remaining, int groups,
+                                                      const T* __restrict__ (&p)[U],
+                                                      bool (&exists)[U]) {
+  const T* __restrict__ next = planes;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    const bool exists = u == 0 || u * groups < remaining;  // remaining >= 1
-    const u32 at_off = exists ? off + u * in_step : off;
-    const T* __restrict__ upper = planes + at_off;
-    const T* __restrict__ lower = planes + (at_off + down);
-    // The bin's first element starts the scan (whatever it is, the scan then leaves or replaces
-    // it exactly as if it had started from -inf).
-    V best = Work<T>::in(load_input(upper));
-    const V right = two_cols ? Work<T>::in(load_input(upper + 1)) : lowest;
-    const V below = two_rows ? Work<T>::in(load_input(lower)) : lowest;
-    const V corner = two_rows && two_cols ? Work<T>::in(load_input(lower + 1)) : lowest;
-    int at = 0;
-    if (replaces(right, best)) {
-      best = right;
-      at = 1;
-    }
-    if (replaces(below, best)) {
-      best = below;
-      at = w_int;
-    }
-    if (replaces(corner, best)) {
-      best = corner;
-      at = w_int + 1;
-    }
-    if (exists) {
-      T value = Work<T>::out(best);
-      if (!Work<T>::kKeepsNaN && !(best == best)) {  // the NaN's payload was lost
-        value = first_with_key<T>(planes + (off + u * in_step), two_rows ? 2 : 1,
-                                  two_cols ? 2 : 1, down, 1, Elem<T>::key_of(value));
-      }
-      const u32 o = out_off + u * out_step;
-      store_result<T>(out + o, value);
-      if (kArgmax) store_result<int>(arg + o, first_index + at);
-    }
+    exists[u] = u == 0 || u * groups < remaining;  // remaining >= 1
+    p[u] = exists[u] ? next : planes;
+    next += in_step;
   }
 }
 
-// The general step: compare and select per element over the bin's rows and columns, tracking
-// the argmax (NaN rules in `replaces`).
-template <class T, int U, bool kArgmax>
-__device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, u32 off,
-                                                 u32 in_step, u32 sH, int remaining, int groups,
-                                                 int bin_h, int bin_w, bool empty, int w_int,
+// Compare and select per element, tracking the argmax (NaN rules in `replaces`).
+template <class T, int U, bool kArgmax, bool kSmall>
+__device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i64 in_step,
+                                                 i64 sH, int remaining, int groups, int bin_h,
+                                                 int bin_w, bool empty, int w_int,
                                                  int first_index, T* __restrict__ out,
-                                                 int* __restrict__ arg, u32 out_off,
-                                                 u32 out_step) {
+                                                 int* __restrict__ arg, i64 out_step) {
   typedef typename Work<T>::V V;
-  const T* __restrict__ line[U];  // row i of each channel's bin
+  const T* __restrict__ p[U];
   bool exists[U];
+  unit_channel_pointers<T, U>(planes, in_step, remaining, groups, p, exists);
+  // -inf and the bin's first element: whatever the first element is (-inf, NaN, -0, ...), the
+  // scan then leaves or replaces them exactly as if the scan had started from that element.
   V best[U];
   int at[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    exists[u] = u == 0 || u * groups < remaining;  // remaining >= 1
-    line[u] = planes + (exists[u] ? off + u * in_step : off);
-    best[u] = Work<T>::lowest();  // the first element replaces it unless it is -inf itself
+    best[u] = Work<T>::lowest();
     at[u] = 0;
   }
-  if (!empty) {
+  if constexpr (kSmall) {
+    // At most 2 x 2 (and not empty): four loads per channel, all issued at once, no loop. A
+    // missing second row or column re-reads the first (a re-read element never replaces the
+    // maximum). A 3 x 3 path for bins up to two pixels long measured slower on the H100 (its
+    // 36 loads at once spill registers).
+    const i64 down = bin_h > 1 ? sH : 0;
+    const int right = bin_w > 1 ? 1 : 0;
+    const int at_down = bin_h > 1 ? w_int : 0;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const T* __restrict__ line = i == 0 ? p[u] : p[u] + down;
+        const V left_value = Work<T>::in(line[0]);
+        const V right_value = Work<T>::in(line[right]);
+        const int row = i == 0 ? 0 : at_down;
+        if (replaces(left_value, best[u])) {
+          best[u] = left_value;
+          at[u] = row;
+        }
+        if (replaces(right_value, best[u])) {
+          best[u] = right_value;
+          at[u] = row + right;
+        }
+      }
+    }
+  } else if (!empty) {
     int row = 0;  // i * W: the argmax offset of the current row
     for (int i = 0; i < bin_h; ++i) {
       for (int j = 0; j < bin_w; ++j) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const V v = Work<T>::in(load_input(line[u] + j));
+          const V v = Work<T>::in(p[u][j]);
           if (replaces(v, best[u])) {
             best[u] = v;
             at[u] = row + j;
@@ -145,7 +120,7 @@ __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, u
         }
       }
 #pragma unroll
-      for (int u = 0; u < U; ++u) line[u] += sH;
+      for (int u = 0; u < U; ++u) p[u] += sH;
       row += w_int;
     }
   }
@@ -154,57 +129,48 @@ __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, u
     if (exists[u]) {
       T value = Work<T>::out(empty ? V(0) : best[u]);
       if (!Work<T>::kKeepsNaN && !(best[u] == best[u])) {  // the NaN's payload was lost
-        value = first_with_key<T>(planes + (off + u * in_step), bin_h, bin_w, sH, 1,
+        value = first_with_key<T>(planes + u * in_step, bin_h, bin_w, sH, 1,
                                   Elem<T>::key_of(value));
       }
-      const u32 o = out_off + u * out_step;
-      store_result<T>(out + o, value);
-      if (kArgmax) store_result<int>(arg + o, empty ? -1 : first_index + at[u]);
+      store_result<T>(out, value);
+      if (kArgmax) store_result<int>(arg, empty ? -1 : first_index + at[u]);
     }
+    out += out_step;
+    if (kArgmax) arg += out_step;
   }
 }
 
-// The unit kernel's inference step for U channels of one bin (see NaNMax); offsets as in
-// unit_small_compare. kSmall: at most 2 x 2 elements (and not empty), a missing row or column
-// read again (a re-read element changes no maximum).
+// The unit kernel's inference step for U channels of one bin (see NaNMax).
 template <class T, int U, bool kSmall>
-__device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes, u32 off,
-                                                   u32 in_step, u32 sH, int remaining,
-                                                   int groups, int bin_h, int bin_w, bool empty,
-                                                   T* __restrict__ out, u32 out_off,
-                                                   u32 out_step) {
+__device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes, i64 in_step,
+                                                   i64 sH, int remaining, int groups, int bin_h,
+                                                   int bin_w, bool empty, T* __restrict__ out,
+                                                   i64 out_step) {
   typedef typename NaNMax<T>::V V;
-  u32 row_off[U];
+  const T* __restrict__ p[U];
   bool exists[U];
+  unit_channel_pointers<T, U>(planes, in_step, remaining, groups, p, exists);
   V m[U];  // max.NaN(-inf, v) is v for every v (a NaN's payload aside: see exact)
 #pragma unroll
-  for (int u = 0; u < U; ++u) {
-    exists[u] = u == 0 || u * groups < remaining;
-    row_off[u] = exists[u] ? off + u * in_step : off;
-    m[u] = NaNMax<T>::lowest();
-  }
-  if constexpr (kSmall) {
-    const u32 down = bin_h > 1 ? sH : 0u;
-    const u32 right = bin_w > 1 ? 1u : 0u;
+  for (int u = 0; u < U; ++u) m[u] = NaNMax<T>::lowest();
+  if constexpr (kSmall) {  // as in unit_max_compare
+    const i64 down = bin_h > 1 ? sH : 0;
+    const int right = bin_w > 1 ? 1 : 0;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const T* __restrict__ upper = planes + row_off[u];
-      const T* __restrict__ lower = planes + (row_off[u] + down);
-      const V upper_max = NaNMax<T>::max(NaNMax<T>::load(upper), NaNMax<T>::load(upper + right));
+      const T* __restrict__ lower = p[u] + down;
+      const V upper_max = NaNMax<T>::max(NaNMax<T>::load(p[u]), NaNMax<T>::load(p[u] + right));
       const V lower_max = NaNMax<T>::max(NaNMax<T>::load(lower), NaNMax<T>::load(lower + right));
       m[u] = NaNMax<T>::max(upper_max, lower_max);
     }
   } else if (!empty) {
-    const T* __restrict__ line[U];  // row i of each channel's bin
-#pragma unroll
-    for (int u = 0; u < U; ++u) line[u] = planes + row_off[u];
     for (int i = 0; i < bin_h; ++i) {
       for (int j = 0; j < bin_w; ++j) {
 #pragma unroll
-        for (int u = 0; u < U; ++u) m[u] = NaNMax<T>::max(m[u], NaNMax<T>::load(line[u] + j));
+        for (int u = 0; u < U; ++u) m[u] = NaNMax<T>::max(m[u], NaNMax<T>::load(p[u] + j));
       }
 #pragma unroll
-      for (int u = 0; u < U; ++u) line[u] += sH;
+      for (int u = 0; u < U; ++u) p[u] += sH;
     }
   }
 #pragma unroll
@@ -212,49 +178,41 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
     if (exists[u]) {
       T value = NaNMax<T>::bits(empty ? V(0) : m[u]);
       if (!empty && !NaNMax<T>::exact(m[u])) {
-        value = first_with_key<T>(planes + (off + u * in_step), bin_h, bin_w, sH, 1,
+        value = first_with_key<T>(planes + u * in_step, bin_h, bin_w, sH, 1,
                                   Elem<T>::key_of(value));
       }
-      store_result<T>(out + (out_off + u * out_step), value);
+      store_result<T>(out, value);
     }
+    out += out_step;
   }
 }
 
 // Every channel block of one bin: the thread's channels first_channel, + groups, ... of each
-// block, U at a time. corner: the bin's first element's offset within a plane. kSmall: the bin
-// has at most 2 x 2 elements (and is not empty); separate instantiations keep the two paths'
-// registers apart.
+// block, U at a time. kSmall: the bin has at most 2 x 2 elements (and is not empty); separate
+// instantiations keep the two paths' registers apart.
 template <class T, int U, bool kArgmax, bool kSmall>
 __device__ __forceinline__ void unit_channels(
-    const T* __restrict__ image, T* __restrict__ output, int* __restrict__ argmax, i64 C,
-    i64 channels_per_block, i64 sC, u32 sH, u32 in_step, u32 out_step, u32 corner, i64 k,
+    const T* __restrict__ input, T* __restrict__ output, int* __restrict__ argmax, i64 C,
+    i64 channels_per_block, i64 sC, i64 sH, i64 in_step, i64 out_step, i64 corner, i64 k,
     unsigned int q, unsigned int bins, int groups, int first_channel, int bin_h, int bin_w,
     bool empty, int w_int, int first_index) {
   for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
     const int channels =
         static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
-    // 64-bit bases of this channel block; 32-bit offsets within it.
-    const T* __restrict__ planes = opaque(image + c0 * sC);
-    const i64 first_output = (k * C + c0) * bins;
-    T* __restrict__ out = opaque(output + first_output);
-    int* __restrict__ arg = kArgmax ? opaque(argmax + first_output) : nullptr;
-    u32 in_off = static_cast<u32>(first_channel) * static_cast<u32>(sC) + corner;
-    u32 out_off = static_cast<u32>(first_channel) * bins + q;
+    // Offsets (not pointers: the bases stay in constant memory) of the thread's next channel.
+    i64 in_at = corner + (c0 + first_channel) * sC;
+    i64 out_at = (k * C + c0 + first_channel) * bins + q;
     for (int cl = first_channel; cl < channels; cl += U * groups) {
       if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
-        unit_max_no_argmax<T, U, kSmall>(planes, in_off, in_step, sH, channels - cl, groups,
-                                         bin_h, bin_w, empty, out, out_off, out_step);
-      } else if constexpr (kSmall) {
-        unit_small_compare<T, U, kArgmax>(planes, in_off, in_step, bin_h > 1 ? sH : 0u,
-                                          bin_h > 1, bin_w > 1, channels - cl, groups, w_int,
-                                          first_index, out, arg, out_off, out_step);
+        unit_max_no_argmax<T, U, kSmall>(input + in_at, in_step, sH, channels - cl, groups,
+                                         bin_h, bin_w, empty, output + out_at, out_step);
       } else {
-        unit_max_compare<T, U, kArgmax>(planes, in_off, in_step, sH, channels - cl, groups,
-                                        bin_h, bin_w, empty, w_int, first_index, out, arg,
-                                        out_off, out_step);
+        unit_max_compare<T, U, kArgmax, kSmall>(
+            input + in_at, in_step, sH, channels - cl, groups, bin_h, bin_w, empty, w_int,
+            first_index, output + out_at, kArgmax ? argmax + out_at : nullptr, out_step);
       }
-      in_off += U * in_step;
-      out_off += U * out_step;
+      in_at += U * in_step;
+      out_at += U * out_step;
     }
   }
 }
@@ -279,14 +237,13 @@ __device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 
   const UnitLayout layout(PH, PW, threadIdx.x, blockDim.x, !kArgmax);
   if (!layout.active) return false;
   const bool valid = g.batch >= 0;
-  const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
+  const i64 image = (valid ? g.batch : 0) * sN;
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
-  const u32 row_stride = static_cast<u32>(sH);  // < 2^31 (unit_offsets_fit)
   const int groups = static_cast<int>(layout.stride);
   const int first_channel = static_cast<int>(layout.first_channel);
   // Between the channels a thread visits: `groups` channels apart.
-  const u32 in_step = static_cast<u32>(groups) * static_cast<u32>(sC);
-  const u32 out_step = static_cast<u32>(groups) * layout.bins;
+  const i64 in_step = static_cast<i64>(groups) * sC;
+  const i64 out_step = static_cast<i64>(groups) * layout.bins;
   // Bins at most one pixel long give every bin at most 2 x 2 elements (the exact test below
   // stays per bin); ROI-wide, so the block's threads agree on the path.
   const bool small_roi = g.bin_h <= typename G::V(1) && g.bin_w <= typename G::V(1);
@@ -299,20 +256,16 @@ __device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 
     const int bin_w = cols.y - cols.x;
     const bool empty = bin_h <= 0 || bin_w <= 0;
     const bool small = small_roi && !empty && bin_h <= 2 && bin_w <= 2;
-    // The bin's first element within a plane (0 for an empty bin, which reads nothing).
-    const u32 corner = empty ? 0u
-                             : static_cast<u32>(rows.x) * row_stride + static_cast<u32>(cols.x);
+    const i64 corner = image + rows.x * sH + cols.x;  // the bin's first element in plane 0
     const int first_index = rows.x * w_int + cols.x;
     if (small) {
-      unit_channels<T, U, kArgmax, true>(image, output, argmax, C, channels_per_block, sC,
-                                         row_stride, in_step, out_step, corner, k, q,
-                                         layout.bins, groups, first_channel, bin_h, bin_w, empty,
-                                         w_int, first_index);
+      unit_channels<T, U, kArgmax, true>(input, output, argmax, C, channels_per_block, sC, sH,
+                                         in_step, out_step, corner, k, q, layout.bins, groups,
+                                         first_channel, bin_h, bin_w, empty, w_int, first_index);
     } else {
-      unit_channels<T, U, kArgmax, false>(image, output, argmax, C, channels_per_block, sC,
-                                          row_stride, in_step, out_step, corner, k, q,
-                                          layout.bins, groups, first_channel, bin_h, bin_w,
-                                          empty, w_int, first_index);
+      unit_channels<T, U, kArgmax, false>(input, output, argmax, C, channels_per_block, sC, sH,
+                                          in_step, out_step, corner, k, q, layout.bins, groups,
+                                          first_channel, bin_h, bin_w, empty, w_int, first_index);
     }
   }
   return true;
