@@ -7,13 +7,15 @@ Not a benchmark of record (that is ``python -m roi_ops bench``): this times the 
 
     python backends/cupy/tools/probe.py [--workload many-small ...] [--dtype float32 ...]
         [--layout nchw channels_last] [--variant auto unit small ...] [--ab OTHER/cuda]
+        [--sort-rois]
     python backends/cupy/tools/probe.py --ncu many-small    # a few launches each, for ncu -k
     python backends/cupy/tools/probe.py --host              # host microseconds per call
 
 A variant is a `CupyTuning` (`VARIANTS`): a forced kernel runs only where it can run, so a
 variant that cannot run on a layout is left out of that row. ``--ab DIR`` adds variant ``ab``:
 the backend's choice compiled from the kernel files in DIR (another checkout's
-``roi_ops_cupy/cuda``, with the same kernel arguments). Times are medians over samples of
+``roi_ops_cupy/cuda``, with the same kernel arguments). ``--sort-rois`` orders each workload's
+ROIs by image and position (torchvision gets the same ROIs). Times are medians over samples of
 `--inner` back-to-back launches between two CUDA events; the table prints milliseconds with
 argmax / without, and torchvision's time over each (higher is faster than torchvision).
 """
