@@ -15,7 +15,7 @@ namespace roi_ops_cuda {
 template <class T>
 __device__ __forceinline__ void atomic_roi(const T* __restrict__ grad_output, const i64 gs0,
                                            const i64 gs1, const i64 gs2, const i64 gs3,
-                                           const roi_arg* __restrict__ argmax, const i64 C,
+                                           const int* __restrict__ argmax, const i64 C,
                                            const i64 PH, const i64 PW,
                                            const i64 channels_per_block,
                                            typename Accum<T>::type* __restrict__ image,
@@ -30,7 +30,7 @@ __device__ __forceinline__ void atomic_roi(const T* __restrict__ grad_output, co
       const i64 channels = C - c0 < channels_per_block ? C - c0 : channels_per_block;
       const i64 arg0 = (k * C + c0) * layout.bins + q;
       for (i64 cl = layout.first_channel; cl < channels; cl += layout.groups) {
-        const int a = index_of(argmax[arg0 + cl * layout.bins]);
+        const int a = argmax[arg0 + cl * layout.bins];
         if (a < 0) continue;
         const T grad = grad_bin[(c0 + cl) * gs1];
         atomicAdd(image + (c0 + cl) * gi_channel + a * gi_pixel,
@@ -44,7 +44,7 @@ __device__ __forceinline__ void atomic_roi(const T* __restrict__ grad_output, co
 template <class T, class R>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kBlocksPerSM)
     roi_pool_backward_atomic(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
-                             const i64 gs2, const i64 gs3, const roi_arg* __restrict__ argmax,
+                             const i64 gs2, const i64 gs3, const int* __restrict__ argmax,
                              const R* __restrict__ rois, const i64 rs0, const i64 N,
                              const i64 C, const i64 HW, const i64 PH, const i64 PW,
                              const i64 channels_per_block,
@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kBlocksP
         const roi_ops_cuda::LevelGrads<typename roi_ops_cuda::Accum<T>::type> grads, const i64 L,
         const i64* __restrict__ levels, const i64 ls0, const T* __restrict__ grad_output,
         const i64 gs0, const i64 gs1, const i64 gs2, const i64 gs3,
-        const roi_arg* __restrict__ argmax, const R* __restrict__ rois, const i64 rs0, const i64 N,
+        const int* __restrict__ argmax, const R* __restrict__ rois, const i64 rs0, const i64 N,
         const i64 C, const i64 PH, const i64 PW, const i64 channels_per_block) {
   using namespace roi_ops_cuda;
   typedef typename Accum<T>::type A;

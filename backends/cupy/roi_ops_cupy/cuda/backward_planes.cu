@@ -46,7 +46,7 @@ struct PlanesBlocksPerSM {
 template <class T, class R, int kBlock, bool kLevels>
 __device__ __forceinline__ void planes_block(
     const T* __restrict__ grad_output, const i64 gs0, const i64 gs1, const i64 gs2, const i64 gs3,
-    const roi_arg* __restrict__ argmax, const R* __restrict__ rois, const i64 rs0, const i64 N,
+    const int* __restrict__ argmax, const R* __restrict__ rois, const i64 rs0, const i64 N,
     const i64 C, const i64 HW, const i64 PH, const i64 PW, const int image, const i64 c0,
     const unsigned int channels, T* __restrict__ const grad_planes, const i64 gi_channel,
     const i64 gi_pixel, const i64 K, const i64* __restrict__ levels, const i64 ls0,
@@ -125,7 +125,7 @@ __device__ __forceinline__ void planes_block(
         plane[u] = at.c;
         if (at.r < found) {
           const i64 k = round_rois[at.r];
-          a[u] = index_of(__ldcs(argmax + ((k * C + c0 + at.c) * bins + at.q)));  // read once: evict first
+          a[u] = __ldcs(argmax + ((k * C + c0 + at.c) * bins + at.q));  // read once: evict first
           g[u] = static_cast<A>(Elem<T>::value_of(
               grad_output[k * gs0 + (c0 + at.c) * gs1 + bin_offset[at.q]]));
         }
@@ -155,7 +155,7 @@ __device__ __forceinline__ void planes_block(
 template <class T, class R, int kBlock>
 __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBlock>::value)
     roi_pool_backward_planes(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
-                             const i64 gs2, const i64 gs3, const roi_arg* __restrict__ argmax,
+                             const i64 gs2, const i64 gs3, const int* __restrict__ argmax,
                              const R* __restrict__ rois, const i64 rs0, const i64 N,
                              const i64 C, const i64 HW, const i64 PH, const i64 PW,
                              const i64 channels_per_block, T* __restrict__ grad_input,
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
                                     const i64* __restrict__ levels, const i64 ls0,
                                     const T* __restrict__ grad_output, const i64 gs0,
                                     const i64 gs1, const i64 gs2, const i64 gs3,
-                                    const roi_arg* __restrict__ argmax, const R* __restrict__ rois,
+                                    const int* __restrict__ argmax, const R* __restrict__ rois,
                                     const i64 rs0, const i64 N, const i64 C, const i64 PH,
                                     const i64 PW, const i64 K) {
   using namespace roi_ops_cuda;

@@ -28,17 +28,7 @@ typedef long long i64;
       const i64 ls0, const i64 N, const i64 C, const R *__restrict__ rois, const i64 rs0,        \
       const i64 rs1, const i64 PH, const i64 PW
 #define ROI_OPS_FORWARD_OUTPUTS \
-  T *__restrict__ output, roi_arg *__restrict__ argmax, long long *__restrict__ bad_roi_log
-
-// How the kernels store the argmax. The contract's argmax is int32; a module compiled with
-// ROI_OPS_ARGMAX_16 stores it in 16 bits, for planes of at most 65535 elements: the index
-// h * W + w as an unsigned 16-bit value and -1 as 0xFFFF (read as int16, -1 stays -1). It halves
-// the argmax's bytes, which the forward writes and the backward reads once each.
-#ifdef ROI_OPS_ARGMAX_16
-typedef unsigned short roi_arg;
-#else
-typedef int roi_arg;
-#endif
+  T *__restrict__ output, int *__restrict__ argmax, long long *__restrict__ bad_roi_log
 
 struct roi_half {
   unsigned short bits;
@@ -558,13 +548,6 @@ struct PlaneLayout {
   // Bins q owned by this thread: first_bin, then in steps of the block when there is one group.
   __device__ __forceinline__ unsigned int bin_step() const { return groups > 1 ? bins : threads; }
 };
-
-// The stored argmax of an index in [-1, 65535) (any index for int32), and back.
-__device__ __forceinline__ roi_arg arg_of(int index) { return static_cast<roi_arg>(index); }
-__device__ __forceinline__ int index_of(roi_arg stored) {
-  if constexpr (sizeof(roi_arg) == 2) return stored == 0xFFFFu ? -1 : static_cast<int>(stored);
-  return static_cast<int>(stored);
-}
 
 // Streaming store of one value of any element type.
 template <class T>

@@ -19,7 +19,7 @@ __device__ __forceinline__ void chan_roi(const T* __restrict__ input, const i64 
                                          const R* __restrict__ row, const i64 rs1,
                                          const double spatial_scale, const i64 PH, const i64 PW,
                                          const i64 cache_edges, T* __restrict__ output,
-                                         roi_arg* __restrict__ argmax, const i64 k) {
+                                         int* __restrict__ argmax, const i64 k) {
   typedef typename Rois<R>::G G;
   // [bin][channel], padded so that both the lane-per-channel writes and the bin-major reads
   // are free of bank conflicts.
@@ -60,7 +60,7 @@ __device__ __forceinline__ void chan_roi(const T* __restrict__ input, const i64 
         const int qi = e - cl * bins;
         const i64 o = out0 + static_cast<i64>(cl) * nb + qi;
         output[o] = tile_value[qi][cl];
-        if (kArgmax) argmax[o] = arg_of(tile_index[qi][cl]);
+        if (kArgmax) argmax[o] = tile_index[qi][cl];
       }
       __syncthreads();
     }

@@ -213,7 +213,7 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
                                          const i64 sH, const i64 sW, const R* __restrict__ row,
                                          const i64 rs1, const double spatial_scale, const i64 PH,
                                          const i64 PW, const i64 channels_per_block,
-                                         T* __restrict__ output, roi_arg* __restrict__ argmax,
+                                         T* __restrict__ output, int* __restrict__ argmax,
                                          const i64 k) {
   typedef typename Rois<R>::G G;
   typedef Lanes<T> L;
@@ -280,7 +280,7 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
       for (int e = tid; e < channels * bins; e += kThreads) {
         const i64 o = out0 + static_cast<i64>(cl) * nb + qi;
         store_result<T>(output + o, L::from_word(tile_value[qi][cl]));
-        if constexpr (kArgmax) store_result<roi_arg>(argmax + o, arg_of(tile_index[qi][cl]));
+        if constexpr (kArgmax) store_result<int>(argmax + o, tile_index[qi][cl]);
         qi += step_bins;
         cl += step_channels;
         if (qi >= bins) {

@@ -19,7 +19,7 @@ __device__ __forceinline__ bool plane_roi(const T* __restrict__ input, const i64
                                           const R* __restrict__ row, const i64 rs1,
                                           const double spatial_scale, const i64 PH, const i64 PW,
                                           const i64 channels_per_block, T* __restrict__ output,
-                                          roi_arg* __restrict__ argmax, const i64 k) {
+                                          int* __restrict__ argmax, const i64 k) {
   typedef typename Rois<R>::G G;
   const RoiGeometry<G> g = roi_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW);
   const PlaneLayout layout(PH, PW, threadIdx.x, blockDim.x);
@@ -38,7 +38,7 @@ __device__ __forceinline__ bool plane_roi(const T* __restrict__ input, const i64
       for (i64 cl = layout.first_channel; cl < channels; cl += layout.groups) {
         const BinMax<T> m = bin_max<T>(image + (c0 + cl) * sC, rows, cols, sH, sW, W);
         output[out0 + cl * layout.bins] = m.value;
-        if (kArgmax) argmax[out0 + cl * layout.bins] = arg_of(m.index);
+        if (kArgmax) argmax[out0 + cl * layout.bins] = m.index;
       }
     }
   }

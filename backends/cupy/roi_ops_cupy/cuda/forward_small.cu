@@ -141,12 +141,12 @@ __device__ __forceinline__ void small_outputs(const SmallBin* __restrict__ table
                                               i64 C, unsigned int bins, i64 first_roi,
                                               unsigned int count, unsigned int tid,
                                               unsigned int step, T* __restrict__ output,
-                                              roi_arg* __restrict__ argmax) {
+                                              int* __restrict__ argmax) {
   const unsigned int per_roi = static_cast<unsigned int>(C) * bins;
   const unsigned int total = count * per_roi;
   OutputWalk at(tid, step, static_cast<unsigned int>(C), bins);
   T* __restrict__ const out = output + first_roi * per_roi;
-  roi_arg* __restrict__ const arg = kArgmax ? argmax + first_roi * per_roi : nullptr;
+  int* __restrict__ const arg = kArgmax ? argmax + first_roi * per_roi : nullptr;
   for (unsigned int e = tid; e < total; e += step) {
     const SmallBin bin = table[at.r * bins + at.q];
     const LevelMap<T>& map = maps.of(bin);

@@ -21,7 +21,7 @@ __device__ __forceinline__ void small_cvec_outputs(const SmallBin* __restrict__ 
                                                    i64 rois_per_block, i64 first_roi,
                                                    unsigned int count, unsigned int tid,
                                                    unsigned int step, T* __restrict__ output,
-                                                   roi_arg* __restrict__ argmax) {
+                                                   int* __restrict__ argmax) {
   typedef Lanes<T> L;
   typedef typename L::Word Word;
   constexpr int V = L::kCount;
@@ -58,12 +58,12 @@ __device__ __forceinline__ void small_cvec_outputs(const SmallBin* __restrict__ 
   __syncthreads();
   // The block's outputs in memory order (r, channel, q), read across the tile's rows.
   T* __restrict__ const out = output + first_roi * per_roi;
-  roi_arg* __restrict__ const arg = kArgmax ? argmax + first_roi * per_roi : nullptr;
+  int* __restrict__ const arg = kArgmax ? argmax + first_roi * per_roi : nullptr;
   OutputWalk at(tid, step, channels, bins);
   for (unsigned int e = tid; e < count * per_roi; e += step) {
     const unsigned int tile_at = (at.r * bins + at.q) * width + at.c;
     store_result<T>(out + e, L::from_word(tile_value[tile_at]));
-    if constexpr (kArgmax) store_result<roi_arg>(arg + e, arg_of(tile_index[tile_at]));
+    if constexpr (kArgmax) store_result<int>(arg + e, tile_index[tile_at]);
     at.advance();
   }
 }

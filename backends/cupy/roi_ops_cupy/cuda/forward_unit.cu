@@ -66,7 +66,7 @@ __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i
                                                  i64 sH, int remaining, int groups, int bin_h,
                                                  int bin_w, bool empty, int w_int,
                                                  int first_index, T* __restrict__ out,
-                                                 roi_arg* __restrict__ arg, i64 out_step) {
+                                                 int* __restrict__ arg, i64 out_step) {
   typedef typename Work<T>::V V;
   const T* __restrict__ p[U];
   bool exists[U];
@@ -133,7 +133,7 @@ __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i
                                   Elem<T>::key_of(value));
       }
       store_result<T>(out, value);
-      if (kArgmax) store_result<roi_arg>(arg, arg_of(empty ? -1 : first_index + at[u]));
+      if (kArgmax) store_result<int>(arg, empty ? -1 : first_index + at[u]);
     }
     out += out_step;
     if (kArgmax) arg += out_step;
@@ -192,7 +192,7 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
 // instantiations keep the two paths' registers apart.
 template <class T, int U, bool kArgmax, bool kSmall>
 __device__ __forceinline__ void unit_channels(
-    const T* __restrict__ input, T* __restrict__ output, roi_arg* __restrict__ argmax, i64 C,
+    const T* __restrict__ input, T* __restrict__ output, int* __restrict__ argmax, i64 C,
     i64 channels_per_block, i64 sC, i64 sH, i64 in_step, i64 out_step, i64 corner, i64 k,
     unsigned int q, unsigned int bins, int groups, int first_channel, int bin_h, int bin_w,
     bool empty, int w_int, int first_index) {
@@ -228,7 +228,7 @@ __device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 
                                          const i64 sC, const i64 sH, const R* __restrict__ row,
                                          const i64 rs1, const double spatial_scale, const i64 PH,
                                          const i64 PW, const i64 channels_per_block,
-                                         T* __restrict__ output, roi_arg* __restrict__ argmax,
+                                         T* __restrict__ output, int* __restrict__ argmax,
                                          const i64 k) {
   typedef typename Rois<R>::G G;
   // float64 values and maxima take two registers each: half as many channels fit.
