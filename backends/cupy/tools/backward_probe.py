@@ -3,19 +3,22 @@ variant, Triton's backward and torchvision's backward op.
 
 Not a benchmark of record (that is ``python -m roi_ops bench``). Run on the GPU machine:
 
-    python backends/cupy/tools/backward_probe.py [--workload NAME...] [--no-triton]
+    python backends/cupy/tools/backward_probe.py [--workload NAME...] [--no-triton] [--ab DIR]
 
 Prints, per workload and dtype, the kernel `planning.backward_kernel` picks and the median time
 of a backward call (allocation, kernel and rounding, ten calls queued per sample) with that
 choice and with each variant of `VARIANTS` (a `CupyTuning` each; the atomic one where the planes
 kernel cannot run), the largest difference between the chosen and the atomic result, then the
 Triton backend's backward and torchvision's ``_roi_pool_backward`` on its own argmax.
+``--ab DIR`` adds variant ``ab``: the chosen kernel compiled from another ``cuda/`` folder (an
+A/B of a kernel change in one run), with its largest difference from the chosen result.
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from roi_ops.backend import RoIPoolBackwardProblem, RoIPoolProblem
@@ -23,7 +26,7 @@ from roi_ops.bench.runner import time_calls
 from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
 from roi_ops.device_info import cuda_sizes
 
-from roi_ops_cupy import kernels, planning
+from roi_ops_cupy import kernels, launch, planning
 from roi_ops_cupy.backend import CupyBackend
 from roi_ops_cupy.launch import Launcher
 from roi_ops_cupy.tuning import DEFAULT_TUNING
@@ -42,6 +45,29 @@ VARIANTS = {
 }
 
 
+class OtherSource:
+    """A Launcher whose kernels are compiled from another ``cuda/`` folder, apart from the
+    backend's own kernel cache (its launches are planned, compiled and cached on first use)."""
+
+    def __init__(self, folder: str):
+        self.source = "\n".join((Path(folder) / n).read_text() for n in kernels.SOURCE_FILES)
+        self.kernels: dict = {}
+        self.launcher = Launcher(DEFAULT_TUNING)
+
+    def backward(self, problem):
+        own, own_source = dict(launch._kernels), kernels.source
+        launch._kernels.clear()
+        launch._kernels.update(self.kernels)
+        kernels.source = lambda: self.source
+        try:
+            return self.launcher.backward(problem)
+        finally:
+            self.kernels.update(launch._kernels)
+            launch._kernels.clear()
+            launch._kernels.update(own)
+            kernels.source = own_source
+
+
 def timed_ms(fn) -> float:
     return time_calls(fn, torch.device("cuda"), 0.6, min_reps=5, queue=10).median
 
@@ -50,7 +76,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--ab", default=None, help="another cuda/ folder: variant 'ab'")
     options = parser.parse_args()
+    other = OtherSource(options.ab) if options.ab else None
     device = torch.device("cuda")
     backend = CupyBackend()
     for name in options.workload:
@@ -74,8 +102,16 @@ def main() -> None:
                 results[label] = launcher.backward(problem)
                 row[label] = timed_ms(lambda run=launcher.backward, p=problem: run(p))
             diff = float((results["chosen"].double() - results["atomic"].double()).abs().max())
+            if other is not None:
+                ab = other.backward(problem).double()
+                diff_ab = float((results["chosen"].double() - ab).abs().max())
+                row["ab"] = timed_ms(lambda p=problem: other.backward(p))
+                again = Launcher()
+                row["chosen again"] = timed_ms(lambda run=again.backward, p=problem: run(p))
             times = "  ".join(f"{k} {v:.3f} ms" for k, v in row.items())
             print(f"{name:10} {str(dtype)[6:]:8} {chosen:25} {times}  max diff {diff:.3g}")
+            if other is not None:
+                print(f"{'':45} ab max diff from chosen {diff_ab:.3g}")
             if not options.no_triton:
                 print(f"{'':45} {triton_time(problem)}")
             print(f"{'':45} {torchvision_time(x, rois, w, grad)}")

@@ -40,6 +40,88 @@ struct PlanesBlocksPerSM {
   static constexpr int value = kBlock == 256 ? (sizeof(T) == 8 ? 4 : 5) : 1;
 };
 
+// How a round addresses its elements. kStrided: round_rois holds ROI indices k, and the offsets
+// are 64-bit, from the gradient's strides (gs0, gs1 and the bins' table) and the argmax's (C,
+// channel c0 + c). kDense: grad_output has the argmax's strides and K * C * PH * PW < 2^31, and
+// round_rois holds each ROI's 32-bit offset of the block's first channel, (k * C + c0) * PH * PW,
+// to which c * bins + q adds the element's, for the argmax and grad_output alike. kDenseOne:
+// kDense for one channel a block (the default), walking (ROI, bin) only.
+enum RoundAddressing { kStrided, kDense, kDenseOne };
+
+// One round of the planes kernel: adds the gradients of the round's `found` ROIs (round_rois)
+// to the block's planes (`pixels` accumulators each), each thread walking its elements from
+// `start` in steps of the block. Fewer instructions per element is what speeds this loop: it
+// is bound by issue and by the shared-memory atomics (a compare-and-swap loop for floats).
+template <class A, int kBlock, RoundAddressing kMode, class T>
+__device__ __forceinline__ void add_round(
+    const T* __restrict__ grad_output, const int* __restrict__ argmax,
+    const int* __restrict__ round_rois, const unsigned int found, const OutputWalk& start,
+    const i64 gs0, const i64 gs1, const i64 C, const i64* __restrict__ bin_offset, const i64 c0,
+    A* __restrict__ planes, const unsigned int pixels) {
+  const unsigned int bins = start.bins;
+  const unsigned int elements = found * start.channels * bins;
+  if constexpr (kMode == kDenseOne) {
+    unsigned int r = start.r, q = start.q;
+    const unsigned int step_r = start.step_r, step_q = start.step_q;
+    for (unsigned int e0 = threadIdx.x; e0 < elements; e0 += kPlanesUnroll * kBlock) {
+      int a[kPlanesUnroll];
+      A g[kPlanesUnroll];
+#pragma unroll
+      for (int u = 0; u < kPlanesUnroll; ++u) {
+        a[u] = -1;
+        g[u] = A(0);
+        if (r < found) {
+          const unsigned int offset = static_cast<unsigned int>(round_rois[r]) + q;
+          a[u] = __ldcs(argmax + offset);  // read once: evict first
+          g[u] = static_cast<A>(Elem<T>::value_of(grad_output[offset]));
+        }
+        q += step_q;
+        r += step_r;
+        if (q >= bins) {
+          q -= bins;
+          ++r;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kPlanesUnroll; ++u) {
+        if (a[u] >= 0) atomicAdd(planes + a[u], g[u]);
+      }
+    }
+  } else {
+    OutputWalk at = start;
+    for (unsigned int e0 = threadIdx.x; e0 < elements; e0 += kPlanesUnroll * kBlock) {
+      int a[kPlanesUnroll];
+      A g[kPlanesUnroll];
+      unsigned int plane[kPlanesUnroll];
+#pragma unroll
+      for (int u = 0; u < kPlanesUnroll; ++u) {
+        a[u] = -1;
+        g[u] = A(0);
+        plane[u] = at.c * pixels;
+        if (at.r < found) {
+          if constexpr (kMode == kDense) {
+            const unsigned int offset =
+                static_cast<unsigned int>(round_rois[at.r]) + at.c * bins + at.q;
+            a[u] = __ldcs(argmax + offset);
+            g[u] = static_cast<A>(Elem<T>::value_of(grad_output[offset]));
+          } else {
+            const i64 k = round_rois[at.r];
+            const i64 c = c0 + at.c;
+            a[u] = __ldcs(argmax + ((k * C + c) * bins + at.q));
+            g[u] = static_cast<A>(
+                Elem<T>::value_of(grad_output[k * gs0 + c * gs1 + bin_offset[at.q]]));
+          }
+        }
+        at.advance();
+      }
+#pragma unroll
+      for (int u = 0; u < kPlanesUnroll; ++u) {
+        if (a[u] >= 0) atomicAdd(planes + plane[u] + a[u], g[u]);
+      }
+    }
+  }
+}
+
 // The planes kernel's work in one block: the gradient planes of channels [c0, c0 + channels)
 // of `image`, HW pixels each, written to grad_planes (channel and pixel strides gi_channel,
 // gi_pixel), from the ROIs of that image (kLevels: and of `level`, per the (K,) levels).
@@ -69,7 +151,11 @@ __device__ __forceinline__ void planes_block(
     bin_offset[q] = ph * gs2 + (q - ph * static_cast<unsigned int>(PW)) * gs3;
   }
   for (i64 i = tid; i < plane_size; i += kBlock) planes[i] = A(0);
-  const unsigned int per_roi = channels * bins;
+  // kDense addressing (add_round) where it applies; the multi-level kernel keeps the strided
+  // loop alone: it has no registers to spare for another copy of the loop (sm_80 spills at 48).
+  const bool dense = !kLevels && gs3 == 1 && gs2 == PW && gs1 == PH * PW && gs0 == C * gs1 &&
+                     K * gs0 <= static_cast<i64>(0x7fffffff);
+  const unsigned int pixels = static_cast<unsigned int>(HW);  // plane_size is below 2^31
   // This thread's first element of a round as (ROI of the round, channel, bin), and the block's
   // step (kBlock elements).
   const OutputWalk round_start(tid, kBlock, channels, bins);
@@ -109,37 +195,24 @@ __device__ __forceinline__ void planes_block(
       }
       if (mine[s]) {
         const unsigned int below = __popc(ballots[s] & ((1u << lane) - 1u));
-        round_rois[offset + below] = static_cast<int>(r0 + s * kBlock + tid);
+        const i64 k = r0 + s * kBlock + tid;
+        round_rois[offset + below] = static_cast<int>(dense ? (k * C + c0) * bins : k);
       }
     }
     __syncthreads();
-    OutputWalk at = round_start;
-    for (unsigned int e0 = tid; e0 < found * per_roi; e0 += kPlanesUnroll * kBlock) {
-      int a[kPlanesUnroll];
-      A g[kPlanesUnroll];
-      unsigned int plane[kPlanesUnroll];
-#pragma unroll
-      for (int u = 0; u < kPlanesUnroll; ++u) {
-        a[u] = -1;
-        g[u] = A(0);
-        plane[u] = at.c;
-        if (at.r < found) {
-          const i64 k = round_rois[at.r];
-          a[u] = __ldcs(argmax + ((k * C + c0 + at.c) * bins + at.q));  // read once: evict first
-          g[u] = static_cast<A>(Elem<T>::value_of(
-              grad_output[k * gs0 + (c0 + at.c) * gs1 + bin_offset[at.q]]));
-        }
-        at.advance();
-      }
-#pragma unroll
-      for (int u = 0; u < kPlanesUnroll; ++u) {
-        if (a[u] >= 0) atomicAdd(planes + plane[u] * HW + a[u], g[u]);
-      }
+    if (dense && channels == 1) {
+      add_round<A, kBlock, kDenseOne>(grad_output, argmax, round_rois, found, round_start, 0, 0,
+                                      0, nullptr, 0, planes, pixels);
+    } else if (dense) {
+      add_round<A, kBlock, kDense>(grad_output, argmax, round_rois, found, round_start, 0, 0, 0,
+                                   nullptr, 0, planes, pixels);
+    } else {
+      add_round<A, kBlock, kStrided>(grad_output, argmax, round_rois, found, round_start, gs0,
+                                     gs1, C, bin_offset, c0, planes, pixels);
     }
     __syncthreads();  // before round_rois and warp_counts are overwritten
   }
   // Pointer steps: index arithmetic per element measured slower.
-  const unsigned int pixels = static_cast<unsigned int>(HW);  // plane_size is below 2^31
   const i64 step = kBlock * gi_pixel;
 #pragma unroll 1
   for (unsigned int c = 0; c < channels; ++c) {  // one channel per block by default
