@@ -7,8 +7,9 @@
 // writes the planes out once, rounded: grad_input needs no zero fill and no conversion pass.
 // kBlock is 256, or 1024 for planes so large that one block fills an SM's shared memory (enough
 // loads in flight). Each thread walks its elements (ROI of the round, channel, bin) in steps of
-// the block with a mixed-radix counter, so the inner loop has no division; the bins'
-// grad_output offsets sit in a table. Grid: N * ceil(C / channels_per_block) blocks, channel
+// the block with a mixed-radix counter, so the inner loop has no division (add_round). A dense
+// grad_output (the argmax's strides) is addressed with one 32-bit offset per element; any
+// other through its strides and a table of the bins' offsets. Grid: N * ceil(C / channels_per_block) blocks, channel
 // block fastest; kBlock threads; dynamic shared memory PH * PW * 8 + channels_per_block * HW *
 // sizeof(accumulator) bytes. grad_input (N, C, H, W) of T, contiguous or channels_last.
 // Requires channels_per_block * PH * PW * kBlock < 2^31 and K < 2^31. Not run-to-run
