@@ -363,6 +363,37 @@ def test_small_calls_run_serially_and_large_ones_in_parallel(monkeypatch):
         assert calls == [expected, expected]
 
 
+def test_parallel_geometry_matches_serial():
+    """The parallel geometry (runs of GEOMETRY_RUN ROIs, the last one short) gives the serial
+    one's edges, sources, work estimate and bad-ROI log, invalid rows among them."""
+    import numpy as np
+    from roi_ops.backend import RoIPoolProblem
+    from roi_ops.bad_rois import decode, new_log
+    from roi_ops_numba import geometry, ops
+
+    g = torch.Generator().manual_seed(37)
+    count = 2 * geometry.GEOMETRY_RUN + 300
+    x = random_features((3, 2, 12, 15), torch.float32, g)
+    rois = random_rois(count, 3, 12, 15, 0.5, g)
+    rois[1100, 0] = 3.0  # batch index out of range: the first invalid row
+    rois[1200, 2] = math.nan
+    rois[5, 0] = 2.5  # truncated to image 2: valid
+    results = []
+    for threads in (1, 2):
+        log = new_log()
+        problem = RoIPoolProblem(x, rois, 3, 4, 0.5, True, bad_roi_log=log)
+        bins = ops.BinGeometry(ops.PoolCall(problem), threads)
+        arrays = (bins.source, bins.hstart, bins.hend, bins.wstart, bins.wend)
+        results.append(([a.copy() for a in arrays], int(bins.work), log.clone()))
+    (serial, work, log), (parallel, parallel_work, parallel_log) = results
+    for expected, got in zip(serial, parallel, strict=True):
+        assert np.array_equal(expected, got)
+    assert serial[0][1100] == -1 and serial[0][1200] == -1 and serial[0][5] == 2
+    assert work == parallel_work > 0
+    assert torch.equal(log, parallel_log)
+    assert decode(log).row == 1100
+
+
 def test_serial_kernel_runs_before_any_parallel_one():
     """A serial kernel called first in a process (no thread pool started yet) stages in its
     own buffer row: nothing may depend on numba's thread id there."""
