@@ -87,13 +87,18 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
                     pos[j] = -1
             else:
                 _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, need_argmax, result, pos, nl)
+    # Through slices of this ROI's outputs, indexed from 0: a signed offset from o_base would
+    # take numba's negative-index fix-up on every store (the copy took twice as long).
+    size = nl * num_bins
+    values = out[o_base : o_base + size]
     for j in range(nl):
-        o = o_base + j * num_bins
         for b in range(num_bins):
-            out[o + b] = tile[b * nl + j]
-        if need_argmax:
+            values[j * num_bins + b] = tile[b * nl + j]
+    if need_argmax:
+        positions = argmax[o_base : o_base + size]
+        for j in range(nl):
             for b in range(num_bins):
-                argmax[o + b] = tile_pos[b * nl + j]
+                positions[j * num_bins + b] = tile_pos[b * nl + j]
 
 
 @njit(cache=True)
