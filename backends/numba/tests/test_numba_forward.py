@@ -369,6 +369,7 @@ def test_parallel_geometry_matches_serial():
     import numpy as np
     from roi_ops.backend import RoIPoolProblem
     from roi_ops.bad_rois import decode, new_log
+
     from roi_ops_numba import geometry, ops
 
     g = torch.Generator().manual_seed(37)
