@@ -141,7 +141,7 @@ __device__ __forceinline__ void planes_block(
   // Batch indices each thread checks per round: more ROIs per round, fewer rounds of waiting.
   constexpr int kScan = kBlock == 256 ? 4 : 1;
   constexpr int kRound = kScan * kBlock;
-  __shared__ int round_rois[kRound];  // this image's ROIs of the round, in order
+  __shared__ int round_rois[kRound];  // this image's ROIs of the round, in order (add_round)
   __shared__ int warp_counts[kScan][kBlock / 32];
   const unsigned int tid = threadIdx.x;
   const unsigned int lane = tid & 31u;
