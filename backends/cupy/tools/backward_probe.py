@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from pathlib import Path
 
 import torch
+from probe import compiled_from, folder_source
 from roi_ops.backend import RoIPoolBackwardProblem, RoIPoolProblem
 from roi_ops.bench.runner import time_calls
 from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
 from roi_ops.device_info import cuda_sizes
 
-from roi_ops_cupy import kernels, launch, planning
+from roi_ops_cupy import kernels, planning
 from roi_ops_cupy.backend import CupyBackend
 from roi_ops_cupy.launch import Launcher
 from roi_ops_cupy.tuning import DEFAULT_TUNING
@@ -50,22 +50,13 @@ class OtherSource:
     backend's own kernel cache (its launches are planned, compiled and cached on first use)."""
 
     def __init__(self, folder: str):
-        self.source = "\n".join((Path(folder) / n).read_text() for n in kernels.SOURCE_FILES)
+        self.source = folder_source(folder)
         self.kernels: dict = {}
         self.launcher = Launcher(DEFAULT_TUNING)
 
     def backward(self, problem):
-        own, own_source = dict(launch._kernels), kernels.source
-        launch._kernels.clear()
-        launch._kernels.update(self.kernels)
-        kernels.source = lambda: self.source
-        try:
+        with compiled_from(self.source, self.kernels):
             return self.launcher.backward(problem)
-        finally:
-            self.kernels.update(launch._kernels)
-            launch._kernels.clear()
-            launch._kernels.update(own)
-            kernels.source = own_source
 
 
 def timed_ms(fn) -> float:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -90,18 +92,30 @@ class Variant:
     def _pack(self, device, plan):
         if self.source is None:
             return launch.PackedLaunch(device, plan, launch.FORWARD_TENSORS)
-        # Compile from the other source, apart from the backend's own cache.
-        own, own_source = dict(launch._kernels), kernels.source
-        launch._kernels.clear()
-        launch._kernels.update(self.kernels)
-        kernels.source = lambda: self.source
-        try:
+        with compiled_from(self.source, self.kernels):
             return launch.PackedLaunch(device, plan, launch.FORWARD_TENSORS)
-        finally:
-            self.kernels.update(launch._kernels)
-            launch._kernels.clear()
-            launch._kernels.update(own)
-            kernels.source = own_source
+
+
+def folder_source(folder: str) -> str:
+    """The kernel source of another ``cuda/`` folder, joined as `kernels.source` joins ours."""
+    return "\n".join((Path(folder) / name).read_text() for name in kernels.SOURCE_FILES)
+
+
+@contextmanager
+def compiled_from(source: str, cache: dict) -> Iterator[None]:
+    """Kernels compiled inside the block come from `source` and are kept in `cache`, apart from
+    the backend's own compiled kernels, which are restored afterwards."""
+    own, own_source = dict(launch._kernels), kernels.source
+    launch._kernels.clear()
+    launch._kernels.update(cache)
+    kernels.source = lambda: source
+    try:
+        yield
+    finally:
+        cache.update(launch._kernels)
+        launch._kernels.clear()
+        launch._kernels.update(own)
+        kernels.source = own_source
 
 
 def tie_heavy(x: torch.Tensor) -> torch.Tensor:
@@ -288,9 +302,7 @@ def main() -> int:
         return 0
     variants = [Variant(name, VARIANTS[name]) for name in args.variant]
     if args.ab:
-        folder = Path(args.ab)
-        source = "\n".join((folder / n).read_text() for n in kernels.SOURCE_FILES)
-        variants.append(Variant("ab", DEFAULT_TUNING, source))
+        variants.append(Variant("ab", DEFAULT_TUNING, folder_source(args.ab)))
     if args.ncu:
         ncu_target(args.ncu, variants)
         return 0

@@ -229,9 +229,9 @@ def roi_geometry_parallel(
     source, hstart, hend, wstart, wend, log, record,
 ):  # fmt: skip
     """`roi_geometry` with the ROIs spread over numba's threads (for many ROIs) in runs of
-    `GEOMETRY_RUN` consecutive ROIs: one ROI takes about a hundred nanoseconds, less than
-    handing a task to a thread (tasks are dealt one at a time, `ops.parallel_region`), and
-    neighbouring ROIs' edges share cache lines. The bad-ROI log is written afterwards from the
+    `GEOMETRY_RUN` consecutive ROIs: one ROI is less work than handing a task to a thread
+    (tasks are dealt one at a time, `ops.parallel_region`), and neighbouring ROIs' edges share
+    cache lines (README: many-small). The bad-ROI log is written afterwards from the
     first invalid row, so it is the same."""
     count = rois.shape[0]
     runs = (count + GEOMETRY_RUN - 1) // GEOMETRY_RUN

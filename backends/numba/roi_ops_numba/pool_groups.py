@@ -88,7 +88,7 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
             else:
                 _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, need_argmax, result, pos, nl)
     # Through slices of this ROI's outputs, indexed from 0: a signed offset from o_base would
-    # take numba's negative-index fix-up on every store (the copy took twice as long).
+    # take numba's negative-index fix-up on every store (README: many-small).
     size = nl * num_bins
     values = out[o_base : o_base + size]
     for j in range(nl):

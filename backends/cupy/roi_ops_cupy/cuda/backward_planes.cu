@@ -9,11 +9,11 @@
 // loads in flight). Each thread walks its elements (ROI of the round, channel, bin) in steps of
 // the block with a mixed-radix counter, so the inner loop has no division (add_round). A dense
 // grad_output (the argmax's strides) is addressed with one 32-bit offset per element; any
-// other through its strides and a table of the bins' offsets. Grid: N * ceil(C / channels_per_block) blocks, channel
-// block fastest; kBlock threads; dynamic shared memory PH * PW * 8 + channels_per_block * HW *
-// sizeof(accumulator) bytes. grad_input (N, C, H, W) of T, contiguous or channels_last.
-// Requires channels_per_block * PH * PW * kBlock < 2^31 and K < 2^31. Not run-to-run
-// deterministic (the order of the shared-memory additions varies).
+// other through its strides and a table of the bins' offsets. Grid: N * ceil(C /
+// channels_per_block) blocks, channel block fastest; kBlock threads; dynamic shared memory
+// PH * PW * 8 + channels_per_block * HW * sizeof(accumulator) bytes. grad_input (N, C, H, W)
+// of T, contiguous or channels_last. Requires channels_per_block * PH * PW * kBlock < 2^31 and
+// K < 2^31. Not run-to-run deterministic (the order of the shared-memory additions varies).
 // Arguments as the atomic kernel's (grad_input of T, in either layout), then K.
 namespace roi_ops_cuda {
 constexpr int kPlanesUnroll = 4;  // independent (argmax, gradient) loads in flight per thread
