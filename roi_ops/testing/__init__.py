@@ -3,7 +3,7 @@
 - `reference_roi_pool` / `reference_roi_pool_backward`: the slow scalar reference.
 - `contract_cases`, `check_case`, `RoiPoolCase`: hand-picked inputs and exact comparison;
   `first_difference` says where two tensors first differ, `assert_same_bits` asserts there is
-  no such place.
+  no such place. `nans_with_payloads`: NaNs with distinct bits, for the bad-ROI log.
 - `DTYPE_PAIRS`: the (input dtype, rois dtype) pairs the contract accepts; `dtype_id` names a
   dtype or a pair in test ids.
 - `poisoned_forward`, `check_with_and_without_argmax`: a backend's own `forward` called
@@ -26,6 +26,7 @@ from .cases import (
     contract_cases,
     dtype_id,
     first_difference,
+    nans_with_payloads,
     tie_heavy_features,
 )
 from .direct import check_with_and_without_argmax, poisoned_forward
@@ -46,6 +47,7 @@ __all__ = [
     "dtype_id",
     "first_difference",
     "multi_scale_cases",
+    "nans_with_payloads",
     "poisoned_forward",
     "pyramid_case",
     "reference_by_level",

@@ -62,6 +62,28 @@ def rois_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
+# Five NaNs of each dtype, positive and negative, with and without payload bits (16-bit and
+# float32 ones quiet: widening quiets a signalling NaN, and hardware need not agree on how).
+_NAN_BITS = {
+    torch.float16: (torch.int16, [0x7E00, -0x0200, 0x7F23, -0x00FF, 0x7E01]),
+    torch.bfloat16: (torch.int16, [0x7FC0, -0x0040, 0x7FE3, -0x001D, 0x7FC1]),
+    torch.float32: (torch.int32, [0x7FC00000, -0x00400000, 0x7FC12345, -0x003EDCBB, 0x7FFFFFFF]),
+    torch.float64: (
+        torch.int64,
+        [0x7FF8000000000000, -0x0008000000000000, 0x7FF8123456789ABC, -1, 0x7FF0000000000001],
+    ),
+}
+
+
+def nans_with_payloads(dtype: torch.dtype) -> torch.Tensor:
+    """(5,) NaNs of `dtype` with distinct bits: signs, payloads, quiet (and, in float64, one
+    signalling). The bad-ROI log keeps a row's float64 bits, so a backend must widen each as
+    torch's ``.to(torch.float64)`` does; torch's float16 -> float32 on the CPU does not (its
+    result depends on the element's place in the tensor)."""
+    bits_dtype, words = _NAN_BITS[dtype]
+    return torch.tensor(words, dtype=bits_dtype).view(dtype)
+
+
 # Every (input dtype, rois dtype) pair the contract accepts: rois of the input's dtype, or float32
 # rois with half-precision inputs.
 DTYPE_PAIRS: tuple[tuple[torch.dtype, torch.dtype], ...] = tuple(

@@ -41,6 +41,7 @@ from .cases import (
     check_case,
     contract_cases,
     first_difference,
+    nans_with_payloads,
     rois_dtype_for,
 )
 from .multi_scale import check_multi_scale_case, pyramid_case
@@ -293,6 +294,11 @@ def bad_roi_cases(device: torch.device, dtype: torch.dtype) -> list[RoiPoolCase]
         rows = [*valid, row, *valid[:2], [5.0, 0, 0, 1, 1]]  # a later bad row must not win
         rois = torch.tensor(rows, dtype=torch.float64).to(rdt).to(device)
         cases.append(RoiPoolCase(f"bad-roi-{name}", x, rois, (2, 3), 1.0, needs_unchecked=True))
+    rois = torch.tensor([*valid, [0.0, 1, 1, 2, 2]], dtype=torch.float64).to(rdt)
+    rois[-1] = nans_with_payloads(rdt)  # last: torch's CPU conversions treat tails apart
+    cases.append(
+        RoiPoolCase("bad-roi-nan-payloads", x, rois.to(device), (2, 3), 1.0, needs_unchecked=True)
+    )
     rois = torch.tensor(valid, dtype=torch.float64).to(rdt).to(device)
     cases.append(RoiPoolCase("bad-roi-none", x, rois, 2, 0.5))
     return cases

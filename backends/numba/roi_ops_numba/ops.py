@@ -93,9 +93,13 @@ def run_kernel(serial: Callable, parallel: Callable, threads: int, arguments: tu
 
 
 def rois_array(rois: torch.Tensor) -> np.ndarray:
-    """(K, 5) float32/float64 C-contiguous NumPy view (or exact float32 copy of 16-bit rows)."""
+    """(K, 5) float32/float64 C-contiguous NumPy view, or an exact float64 copy of 16-bit rows.
+
+    16-bit rows go through torch's conversion to float64, the one `roi_ops.bad_rois` records
+    values with: torch's float16 -> float32 conversion on the CPU turns a NaN into a different
+    NaN than its float16 -> float64 conversion does, and the bad-ROI log keeps the bits."""
     if rois.dtype not in _FLOATS:
-        rois = rois.float()
+        rois = rois.double()
     if rois.requires_grad:
         rois = rois.detach()
     return rois.contiguous().numpy()
@@ -416,13 +420,17 @@ def _warm_up(dtype: torch.dtype, backward: bool = False) -> None:
         scatter.scatter_parallel(*arguments)
         _warm.add((dtype, backward))
         return
-    rois = np.zeros((1, 5), dtype=np.float64 if dtype == torch.float64 else np.float32)
+    # 16-bit rows reach the geometry as float64 (`rois_array`); 16-bit maps often come with
+    # float32 rows (autocast keeps boxes in float32).
+    rois_dtypes = {torch.float32: (np.float32,), torch.float64: (np.float64,)}
     edges = (np.empty(1, np.int64), np.empty(1, np.int64), np.empty(1, np.int64))
-    geometry_arguments = (
-        rois, _ONE_LEVEL, 1, layout, np.ones(1), 1, 1, 1, *edges, *edges[:2], _NO_LOG, False,
-    )  # fmt: skip
-    geometry.roi_geometry(*geometry_arguments)
-    geometry.roi_geometry_parallel(*geometry_arguments)
+    for rois_dtype in rois_dtypes.get(dtype, (np.float32, np.float64)):
+        rois = np.zeros((1, 5), dtype=rois_dtype)
+        geometry_arguments = (
+            rois, _ONE_LEVEL, 1, layout, np.ones(1), 1, 1, 1, *edges, *edges[:2], _NO_LOG, False,
+        )  # fmt: skip
+        geometry.roi_geometry(*geometry_arguments)
+        geometry.roi_geometry_parallel(*geometry_arguments)
     view_dtype, mag_mask, nan_threshold = _BITS[dtype]
     bits = torch.empty((), dtype=view_dtype).numpy().dtype
     keys = (

@@ -9,7 +9,7 @@ import pytest
 import torch
 from numba_cases import DTYPES, check, random_features, random_rois, run_forward
 from roi_ops.bad_rois import EMPTY, decode, new_log, record_bad_rois
-from roi_ops.testing import DTYPE_PAIRS, dtype_id
+from roi_ops.testing import DTYPE_PAIRS, dtype_id, nans_with_payloads
 
 pytest.importorskip("numba")
 
@@ -77,6 +77,21 @@ def test_nan_payload_and_sign_bits_are_kept(backend):
     rois[3, 2] = payload
     log, _ = _logs(backend, x, rois)
     assert decode(log).row == 3
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_id)
+@pytest.mark.parametrize("count", [1, 6, 7, 13])
+def test_nan_bits_of_16_bit_rows_wherever_the_row_is(backend, dtypes, count):
+    """The log holds torch's float64 widening of each value bit for bit. torch's float16 ->
+    float32 conversion on the CPU gives a NaN at the end of a tensor other bits than one in the
+    middle; the log must not depend on where the row is."""
+    input_dtype, rois_dtype = dtypes
+    g = torch.Generator().manual_seed(6)
+    x = random_features((2, 3, 6, 7), input_dtype, g)
+    rois = _rois(rois_dtype, g, count)
+    rois[-1] = nans_with_payloads(rois_dtype)
+    assert rois[-1].isnan().all()
+    _logs(backend, x, rois)  # asserts the logs are equal word for word
 
 
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=dtype_id)
