@@ -18,7 +18,16 @@ import math
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-from roi_ops_numba.geometry import OFFSET, S_C, S_H, S_N, S_W, WIDTH, roi_windows
+from roi_ops_numba.geometry import (
+    OFFSET,
+    S_C,
+    S_H,
+    S_N,
+    S_W,
+    WIDTH,
+    roi_windows,
+    roi_windows_parallel,
+)
 from roi_ops_numba.staging import _stage
 
 
@@ -225,6 +234,27 @@ def _sort_by_image_and_row(images, rows, height):
 
 
 @njit(cache=True)
+def _region_and_cover(y0, y1, x0, x1, a, b):
+    """`_region` of windows a..b-1, the sum of their areas, and the largest of them, in one
+    pass."""
+    r0, r1, c0, c1 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
+    covered, widest = np.int64(0), np.int64(0)
+    found = False
+    for i in range(a, b):
+        area = (y1[i] - y0[i]) * (x1[i] - x0[i])
+        covered += area
+        widest = max(widest, area)
+        if y1[i] > y0[i] and x1[i] > x0[i]:
+            if not found:
+                r0, r1, c0, c1 = y0[i], y1[i], x0[i], x1[i]
+                found = True
+            else:
+                r0, r1 = min(r0, y0[i]), max(r1, y1[i])
+                c0, c1 = min(c0, x0[i]), max(c1, x1[i])
+    return r0, r1, c0, c1, covered, widest
+
+
+@njit(cache=True)
 def _region(y0, y1, x0, x1, a, b):
     """The bounding box of the windows a..b-1 that are not empty; (0, 0, 0, 0) if none is."""
     r0, r1, c0, c1 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
@@ -268,7 +298,10 @@ def plan_groups(
         staging buffer each thread needs (0 when not `staged`).
     """
     valid = np.flatnonzero(source >= 0)
-    y0, y1, x0, x1 = roi_windows(hstart, hend, wstart, wend, pooled_h, pooled_w, valid)
+    if threads > 1:
+        y0, y1, x0, x1 = roi_windows_parallel(hstart, hend, wstart, wend, pooled_h, pooled_w, valid)
+    else:
+        y0, y1, x0, x1 = roi_windows(hstart, hend, wstart, wend, pooled_h, pooled_w, valid)
     sort = _sort_by_image_and_row(source[valid], y0, height)
     order = valid[sort]
     y0, y1, x0, x1 = y0[sort], y1[sort], x0[sort], x1[sort]
@@ -277,30 +310,28 @@ def plan_groups(
     empty = np.zeros((0, 7), np.int64)
     if count == 0:
         return order, empty, channels, 0
-    # Segments [starts[s], starts[s + 1]) of `order`: whole images, or single sparse ROIs.
+    # Segments [starts[s], starts[s + 1]) of `order`: whole images, or single sparse ROIs;
+    # `largest`: the largest region of a segment.
     starts = [0]
     dense = [True]
+    largest = 0
     a = 0
     for i in range(1, count + 1):
         if i < count and images[i] == images[a]:
             continue
-        r0, r1, c0, c1 = _region(y0, y1, x0, x1, a, i)
-        covered = 0
-        for j in range(a, i):
-            covered += (y1[j] - y0[j]) * (x1[j] - x0[j])
+        r0, r1, c0, c1, covered, widest = _region_and_cover(y0, y1, x0, x1, a, i)
         if staged and covered < stage_min_coverage * (r1 - r0) * (c1 - c0):
             dense[-1] = False
             for j in range(a + 1, i):
                 starts.append(j)
                 dense.append(False)
+            largest = max(largest, widest)
+        else:
+            largest = max(largest, (r1 - r0) * (c1 - c0))
         starts.append(i)
         dense.append(True)
         a = i
     segments = len(starts) - 1
-    largest = 0
-    for s in range(segments):
-        r0, r1, c0, c1 = _region(y0, y1, x0, x1, starts[s], starts[s + 1])
-        largest = max(largest, (r1 - r0) * (c1 - c0))
     region_bytes = max(largest * itemsize, 1)
     if staged and region_bytes > stage_max_bytes:
         return order, empty, 0, 0
