@@ -222,6 +222,14 @@ def _info(args: argparse.Namespace) -> int:
     return 0 if selection_usable else FAILED
 
 
+def _build_native(args: argparse.Namespace) -> int:
+    from . import native
+
+    built = native.build()
+    print(f"C++ autograd node: {native.status()}")
+    return 0 if built else FAILED
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench.runner import (
         count_steps,
@@ -450,6 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
         "exit status 1 then).",
         formatter_class=formatter,
     )
+    sub.add_parser(
+        "build-native",
+        help="build roi_ops' C++ autograd node now (else the first call that needs a gradient "
+        "builds it in the background)",
+        description="Compiles roi_ops' C++ autograd node (roi_ops.native) into torch's "
+        "extension cache, or loads it from there, and says whether it is in use (exit status 1 "
+        "when the build failed; roi_ops then keeps its Python autograd path).",
+        formatter_class=formatter,
+    )
     bench = sub.add_parser(
         "bench",
         help="time every usable backend side by side with torchvision",
@@ -598,7 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help, --version, or a parse error argparse has printed
         return stop.code if isinstance(stop.code, int) else USAGE_ERROR
     args.argv = argv
-    command = {"info": _info, "bench": _bench, "plot": _plot}[args.command]
+    command = {"info": _info, "build-native": _build_native, "bench": _bench, "plot": _plot}[
+        args.command
+    ]
     try:
         return command(args)
     except UsageError as error:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import ops
+from . import native, ops
 from .backend import RoIPoolProblem
 from .execute import run_backward, run_forward
 from .layout import gradient_memory_format
@@ -65,24 +65,41 @@ def backward(ctx, grad_output: Tensor, _grad_argmax: Tensor | None = None) -> tu
             "requires grad, with grad mode on"
         )
     rois, argmax = ctx.saved_tensors
-    arguments = (ctx.input_dtype, ctx.backend, ctx.channels_last)
-    if torch.is_grad_enabled() or not getattr(ctx, "eager", False):
-        # Recorded as the backward op, whose own gradient is a gather: double backward works,
-        # and compiled graphs see an op rather than Python.
-        grad_input = ops.roi_pool_backward_op(
-            grad_output, rois, argmax, *ctx.input_shape, *arguments
-        )
-    else:
-        grad_input = run_backward(
-            grad_output,
-            rois,
-            argmax,
-            ctx.input_shape,
-            ctx.input_dtype,
-            ctx.channels_last,
-            ctx.backend,
-        )
+    grad_input = gradient(
+        grad_output,
+        rois,
+        argmax,
+        ctx.input_shape,
+        ctx.input_dtype,
+        ctx.channels_last,
+        ctx.backend,
+        getattr(ctx, "eager", False),
+    )
     return grad_input, None, None, None, None, None, None
+
+
+def gradient(
+    grad_output: Tensor,
+    rois: Tensor,
+    argmax: Tensor,
+    input_shape: tuple[int, int, int, int],
+    input_dtype: torch.dtype,
+    channels_last: bool,
+    backend: str,
+    eager: bool = True,
+) -> Tensor:
+    """The input's gradient from what a forward saved; the backward of every autograd path
+    (the custom op, `RoIPoolFunction` and the C++ node of `roi_ops.native`).
+
+    Under grad mode (double backward), or from a compiled graph (`eager` False), it is recorded
+    as the backward op, whose own gradient is a gather, so compiled graphs see an op rather than
+    Python; else the backend that ran the forward computes it directly (`roi_ops.execute`).
+    """
+    if torch.is_grad_enabled() or not eager:
+        return ops.roi_pool_backward_op(
+            grad_output, rois, argmax, *input_shape, input_dtype, backend, channels_last
+        )
+    return run_backward(grad_output, rois, argmax, input_shape, input_dtype, channels_last, backend)
 
 
 class RoIPoolFunction(torch.autograd.Function):
@@ -115,7 +132,24 @@ def apply_with_gradient(
 ) -> Tensor:
     """`RoIPoolFunction.apply` of validated arguments on the eager fast path (the caller
     checked `plain_eager`): roi_pool's output with its argmax kept, recorded for autograd."""
+    attach = native.attach
+    wrapped = _is_functorch_wrapped is None or _is_functorch_wrapped(input)
+    if attach is not None and not wrapped:
+        # The C++ node (`roi_ops.native`): the same forward, state and gradient as the Function.
+        _set_grad_enabled(False)  # as inside Function.forward; the caller checked it was on
+        try:
+            problem = RoIPoolProblem(input, rois, pooled_height, pooled_width, scale, True)
+            output, argmax, _ = run_forward(problem, backend)
+        finally:
+            _set_grad_enabled(True)
+        channels_last = gradient_memory_format(input) == _CHANNELS_LAST
+        return attach(input, output, rois, argmax, input.shape, input.dtype, channels_last, backend)
+    native.start()
     arguments = (input, rois, pooled_height, pooled_width, scale, backend, True)
-    if _is_functorch_wrapped is None or _is_functorch_wrapped(input):
+    if wrapped:
         return RoIPoolFunction.apply(*arguments)
     return _apply_without_wrapper(*arguments)
+
+
+_set_grad_enabled = torch._C._set_grad_enabled
+_CHANNELS_LAST = torch.channels_last

@@ -162,6 +162,9 @@ def info_report() -> tuple[str, bool]:
             f"{_determinism(info):<5} {','.join(info.device_types):<10} "
             f"{','.join(info.dtypes):<34} {dist:<22} {'; '.join(info.reasons) or '-'}"
         )
+    from . import native
+
+    lines += ["", f"C++ autograd node (roi_ops.native): {native.status()}"]
     report = selection_report()
     lines += ["", f"selection: {report.spec!r} (from {report.source})"]
     problem = report.problem
