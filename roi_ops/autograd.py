@@ -6,7 +6,9 @@ op) and are also what `RoIPoolFunction`, the eager fast path, runs. The op's Pyt
 costs tens of microseconds per call, more than a small GPU kernel takes, so in plain eager mode
 (no compile, no tracing, no functorch transform, no dispatch or function mode, plain tensors)
 `roi_ops.roi_pool` calls the same forward body (`roi_ops.execute.run_forward`) through this
-Function instead, and inference calls skip autograd altogether. Results are identical.
+Function instead, or, once `roi_ops.native` is built, attaches its C++ node, which saves the same
+state and calls the same `gradient`; inference calls skip autograd altogether. Results are
+identical.
 
 Saved state: rois, argmax, the input's shape, dtype and gradient layout, and the backend
 request. The backward runs on the backend that ran the forward (`roi_ops.execute`).
