@@ -39,29 +39,9 @@ def call_path(request, monkeypatch):
 
         monkeypatch.setattr(roi_ops.functional, "plain_eager", lambda *_: False)
     if request.param == "eager-native":
+        from helpers import native_attach
+
         monkeypatch.setattr(roi_ops.native, "attach", native_attach())
     else:
         monkeypatch.setattr(roi_ops.native, "attach", None)
     return request.param
-
-
-_BUILT_ATTACH = []
-
-
-def native_attach():
-    """The C++ autograd node's attach, built (or loaded from torch's cache) on first use; fails
-    the test when the build fails on a machine with a C++ compiler, skips it without one.
-    roi_ops.native.attach itself is left None, so tests that do not choose a path keep to the
-    Python Function whatever ran before them."""
-    import shutil
-
-    import roi_ops.native
-
-    if not _BUILT_ATTACH:
-        if not roi_ops.native.build():
-            if shutil.which("c++") is None and shutil.which("g++") is None:
-                pytest.skip(f"no C++ compiler here: {roi_ops.native.status()}")
-            pytest.fail(f"roi_ops.native did not build: {roi_ops.native.status()}")
-        _BUILT_ATTACH.append(roi_ops.native.attach)
-        roi_ops.native.attach = None
-    return _BUILT_ATTACH[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import torch
 
 import roi_ops
@@ -42,3 +43,25 @@ def deterministic_algorithms() -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+_BUILT_ATTACH = []
+
+
+def native_attach():
+    """The C++ autograd node's attach, built (or loaded from torch's cache) on first use; fails
+    the test when the build fails on a machine with a C++ compiler, skips it without one.
+    roi_ops.native.attach itself is left None, so tests that do not choose a path keep to the
+    Python Function whatever ran before them."""
+    import shutil
+
+    import roi_ops.native
+
+    if not _BUILT_ATTACH:
+        if not roi_ops.native.build():
+            if shutil.which("c++") is None and shutil.which("g++") is None:
+                pytest.skip(f"no C++ compiler here: {roi_ops.native.status()}")
+            pytest.fail(f"roi_ops.native did not build: {roi_ops.native.status()}")
+        _BUILT_ATTACH.append(roi_ops.native.attach)
+        roi_ops.native.attach = None
+    return _BUILT_ATTACH[0]

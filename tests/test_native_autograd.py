@@ -11,11 +11,10 @@ import sys
 
 import pytest
 import torch
-from helpers import small_inputs
+from helpers import native_attach, small_inputs
 
 import roi_ops
 import roi_ops.native
-from conftest import native_attach
 from roi_ops import autograd
 
 
