@@ -294,6 +294,14 @@ def _bench(args: argparse.Namespace) -> int:
     budget = args.budget if args.budget else (0.5 if device.type == "cpu" else 0.25)
     progress = _progress(total)
     queue_used = queue if device.type == "cuda" else 1
+    if any(mode != "infer" for mode in modes):
+        # Default calls that need a gradient run through roi_ops' C++ autograd node once it is
+        # built (roi_ops.native); time that steady state, not the calls before it.
+        from . import native
+
+        sys.stderr.write("waiting for roi_ops' C++ autograd node (roi_ops.native) ...\n")
+        native.wait(timeout=600)
+        sys.stderr.write(f"C++ autograd node: {native.status()}\n")
     results, bandwidth = run_benchmark(
         device,
         plan,

@@ -121,20 +121,36 @@ print(before, "|", built, roi_ops.roi_pool(x, rois, 2).grad_fn.name())
 
 
 def test_a_failed_build_keeps_the_python_path_and_says_why(monkeypatch):
-    import torch.utils.cpp_extension
-
-    def no_compiler(*_args, **_kwargs):
+    def no_compiler():
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(roi_ops.native, "attach", None)
-    monkeypatch.setattr(roi_ops.native, "build_error", None)
+    monkeypatch.setattr(roi_ops.native, "_compile", no_compiler)
+    for name, value in (("attach", None), ("build_error", None), ("_finished", False)):
+        monkeypatch.setattr(roi_ops.native, name, value)
     monkeypatch.setattr(roi_ops.native, "_status", "not started")
-    roi_ops.native._load()
+    assert not roi_ops.native.build()
     assert roi_ops.native.attach is None
     assert isinstance(roi_ops.native.build_error, RuntimeError)
     assert roi_ops.native.status().startswith("build failed, so calls keep the Python autograd")
     assert "Ninja is required" in roi_ops.native.status()
+
+
+def test_a_failed_background_build_keeps_the_python_path(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    code = """
+import torch, roi_ops, roi_ops.native as native
+x = torch.randn(1, 2, 5, 5, requires_grad=True)
+rois = torch.tensor([[0.0, 0, 0, 3, 3]])
+roi_ops.roi_pool(x, rois, 2).sum().backward()
+built = native.wait(timeout=600)
+out = roi_ops.roi_pool(x, rois, 2)
+out.sum().backward()
+print(built, out.grad_fn.name(), "|", native.status())
+"""
+    output = _run(code, ROI_OPS_NATIVE="1", TORCH_EXTENSIONS_DIR=str(not_a_folder))
+    assert output.startswith("False RoIPoolFunctionBackward | build failed"), output
+    assert "the build process exited with status" in output
 
 
 def test_the_command_line_builds_and_reports(native):

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import native
 from ..backend import RoIPoolProblem
 from ..config import value_checks
 from ..dispatch import reasons_against, resolve_backend
@@ -464,9 +463,6 @@ def run_host_overhead(
     workload = SMALL_PROBLEM
     x = make_input(workload, torch.float32, device)
     rois = make_rois(workload, torch.float32, device)
-    # A default call that needs a gradient starts building roi_ops' C++ autograd node in the
-    # background (roi_ops.native); the steady state this table measures runs with it built.
-    native.wait(timeout=600)
     results = [HostMeasurement(backend, settings) for backend, settings in rows]
     for m in results:
         if m.backend == AUTO:

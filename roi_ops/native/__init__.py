@@ -3,27 +3,34 @@ fast path of calls that need a gradient.
 
 A Python `torch.autograd.Function` spends several microseconds per call in its apply and again
 in its Python backward node; a small CUDA call's kernel takes less. When this module's
-extension is built, `roi_ops.autograd.apply_with_gradient` attaches a C++ node to the output
+extension is loaded, `roi_ops.autograd.apply_with_gradient` attaches a C++ node to the output
 instead, which saves the same state and calls the same Python gradient,
 `roi_ops.autograd.gradient`. Results are identical either way.
 
 The extension is compiled with `torch.utils.cpp_extension` (a C++ compiler, ninja and Python's
 headers are needed) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), once per source and torch version. The first call that needs a
-gradient starts the build in a background thread and runs the Python path until it is done;
-`build` builds (or loads) it at once, and ``python -m roi_ops build-native`` does that from the
-shell. ``ROI_OPS_NATIVE=0`` (read at that first call) stops the automatic build, so only an
-explicit `build` puts the extension in use. Where the build fails, roi_ops keeps the Python
-path and `status` says why.
+gradient starts that build in a child process (so the compiler's driver never competes with the
+caller's threads for the GIL) and calls run the Python path until the child is done; the next
+call then loads the compiled module. `build` builds (or loads) it at once in this process, and
+``python -m roi_ops build-native`` does that from the shell. ``ROI_OPS_NATIVE=0`` (read at that
+first call) stops the automatic build, so only an explicit `build` puts the extension in use.
+Where the build fails, roi_ops keeps the Python path and `status` says why.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import IO
 
 import torch
 
@@ -37,8 +44,10 @@ build_error: Exception | None = None
 
 _status = "not started"
 _started = False
+_finished = False
+_child: subprocess.Popen | None = None
+_child_output: IO[bytes] | None = None
 _lock = threading.Lock()
-_done = threading.Event()
 
 
 def status() -> str:
@@ -55,36 +64,56 @@ def _extension_name() -> str:
     return f"roi_ops_native_{digest}"
 
 
-def _load() -> None:
-    global attach, _status, build_error
-    try:
-        from torch.utils.cpp_extension import load
+def _compile() -> ModuleType:
+    from torch.utils.cpp_extension import load
 
-        from ..autograd import gradient
+    return load(name=_extension_name(), sources=[str(SOURCE)], extra_cflags=["-O2"], verbose=False)
 
-        module = load(
-            name=_extension_name(), sources=[str(SOURCE)], extra_cflags=["-O2"], verbose=False
-        )
-        module.set_gradient(gradient)
-        attach = module.attach
-        _status = f"in use ({module.__file__})"
-    except Exception as error:  # no compiler, no headers, a read-only cache: keep Python's
-        build_error = error
-        text = " ".join(str(error).split())
-        text = text if len(text) <= 300 else text[:300] + " ..."
-        _status = (
-            "build failed, so calls keep the Python autograd path (roi_ops.native.build_error "
-            f"has the whole error): {type(error).__name__}: {text}"
-        )
-    finally:
-        _done.set()
+
+def _use(module: ModuleType) -> None:
+    global attach, _status
+    from ..autograd import gradient
+
+    module.set_gradient(gradient)
+    attach = module.attach
+    _status = f"in use ({module.__file__})"
+
+
+def _fail(error: Exception) -> None:
+    global _status, build_error
+    build_error = error
+    text = " ".join(str(error).split())
+    text = text if len(text) <= 300 else text[:300] + " ..."
+    _status = (
+        "build failed, so calls keep the Python autograd path (roi_ops.native.build_error "
+        f"has the whole error): {type(error).__name__}: {text}"
+    )
+
+
+def build() -> bool:
+    """Build (or load from torch's extension cache) the extension now, in this process, whatever
+    ``ROI_OPS_NATIVE`` says. Returns whether it is in use; `status` says why not."""
+    global _started, _finished
+    with _lock:
+        _started = _finished = True  # no automatic build after this
+        if attach is None:
+            try:
+                _use(_compile())
+            except Exception as error:  # no compiler, no headers, a read-only cache
+                _fail(error)
+    return attach is not None
 
 
 def start() -> None:
-    """Start building (or loading) the extension in a background thread, once per process,
-    unless ``ROI_OPS_NATIVE=0``. Cheap after the first call."""
-    global _started, _status
+    """The hot path's hook while the extension is not in use: the first call starts the build
+    in a child process (unless ``ROI_OPS_NATIVE=0``); later calls check, without waiting,
+    whether it has finished, and load the module when it has. Cheap once it has finished."""
+    global _started, _finished, _status, _child, _child_output
+    if _finished:
+        return
     if _started:
+        if _child is not None and _child.poll() is not None:
+            _finish_child()
         return
     with _lock:
         if _started:
@@ -92,41 +121,73 @@ def start() -> None:
         _started = True
         if _disabled():
             _status = "off (ROI_OPS_NATIVE=0)"
-            _done.set()
+            _finished = True
             return
         _status = "building"
-        threading.Thread(target=_load, name="roi_ops-native-build", daemon=True).start()
+        try:
+            _child_output = tempfile.TemporaryFile()
+            code = "import roi_ops.native as native; native._child_main()"
+            _child = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.DEVNULL,
+                stdout=_child_output,
+                stderr=subprocess.STDOUT,
+            )
+        except Exception as error:
+            _fail(error)
+            _finished = True
 
 
-def build(timeout: float | None = None) -> bool:
-    """Build (or load from torch's extension cache) the extension now, whatever
-    ``ROI_OPS_NATIVE`` says, and wait for it at most `timeout` seconds (None: no limit).
-    Returns whether it is in use; `status` says why not."""
-    global _started, _status
+def _child_main() -> None:
+    """The child process of `start`: compile (or load) and print the module's path last."""
+    print(_compile().__file__)
+
+
+def _finish_child() -> None:
+    global _finished, _child
     with _lock:
-        if not _started or (_status.startswith("off") and attach is None):
-            _started = True
-            _done.clear()
-            _status = "building"
-            threading.Thread(target=_load, name="roi_ops-native-build", daemon=True).start()
-    _done.wait(timeout)
-    return attach is not None
+        if _finished or _child is None:
+            return
+        returncode, output = _child.returncode, b""
+        if _child_output is not None:
+            _child_output.seek(0)
+            output = _child_output.read()
+            _child_output.close()
+        _child, _finished = None, True
+        text = output.decode(errors="replace").strip()
+        try:
+            if returncode != 0:
+                raise RuntimeError(f"the build process exited with status {returncode}: {text}")
+            path = text.splitlines()[-1]
+            spec = importlib.util.spec_from_file_location(_extension_name(), path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _use(module)
+        except Exception as error:
+            _fail(error)
 
 
 def wait(timeout: float | None = None) -> bool:
     """Start the automatic build (unless ``ROI_OPS_NATIVE=0``) and wait for it at most `timeout`
-    seconds. Returns whether the extension is in use."""
+    seconds (None: no limit). Returns whether the extension is in use."""
     start()
-    _done.wait(timeout)
+    child = _child
+    if child is not None:
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        _finish_child()
     return attach is not None
 
 
 def _forget_in_child() -> None:
-    # A forked child has no build thread: let it start its own.
-    global _started, _lock, _done, _status
+    # A forked child is not the build process's parent: let it start its own.
+    global _started, _finished, _status, _child, _child_output, _lock
     if attach is None:
-        _started, _status = False, "not started"
-        _lock, _done = threading.Lock(), threading.Event()
+        _started = _finished = False
+        _status, _child, _child_output = "not started", None, None
+        _lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

@@ -443,8 +443,8 @@ def backward_kernel(
     tuning: CupyTuning = DEFAULT_TUNING,
 ) -> str:
     """BACKWARD_PLANES when a block's gradient planes fit in shared memory and there are enough
-    (image, channel) blocks, else BACKWARD_ATOMIC. ``tuning.backward_kernel`` forces one
-    (planes only where it can run).
+    (image, channel) blocks or the gradient is small (``tuning.planes_small_gradient_bytes``),
+    else BACKWARD_ATOMIC. ``tuning.backward_kernel`` forces one (planes only where it can run).
 
     Args:
         input_shape: (N, C, H, W); input_dtype: the gradient's dtype.
@@ -468,7 +468,10 @@ def backward_kernel(
         planes = tuning.backward_kernel == kernels.BACKWARD_PLANES and can_run
         return kernels.BACKWARD_PLANES if planes else kernels.BACKWARD_ATOMIC
     enough_blocks = num_images * channels >= tuning.planes_min_blocks_per_sm * sizes.multiprocessors
-    return kernels.BACKWARD_PLANES if can_run and enough_blocks else kernels.BACKWARD_ATOMIC
+    gradient_bytes = num_images * channels * height * width * input_dtype.itemsize
+    small = gradient_bytes <= tuning.planes_small_gradient_bytes
+    planes = can_run and (enough_blocks or small)
+    return kernels.BACKWARD_PLANES if planes else kernels.BACKWARD_ATOMIC
 
 
 def channels_last_gradient(

@@ -32,7 +32,10 @@ class CupyTuning:
             PH + PW.
         planes_channels: channels per block of the planes backward.
         planes_min_blocks_per_sm: the planes backward runs only with N * C at least this many
-            blocks per SM.
+            blocks per SM, or with a gradient of at most `planes_small_gradient_bytes`.
+        planes_small_gradient_bytes: gradients this small take the planes backward whatever
+            their block count: both kernels then take less device time than the host spends
+            on a launch, and the planes kernel needs no zero fill (one launch instead of two).
         small_roi_outputs: inputs with a unit W stride whose ROIs have at most this many
             outputs (C * PH * PW) take the small kernel (many ROIs per block) instead of the
             unit kernel (one ROI per block); 0 never.
@@ -58,6 +61,7 @@ class CupyTuning:
     max_cached_edges: int = 2048
     planes_channels: int = 1
     planes_min_blocks_per_sm: int = 4
+    planes_small_gradient_bytes: int = 8 << 20
     small_roi_outputs: int = 1024
     small_block_elements: int = 4096
     stage_small_channels_last: bool = True

@@ -200,7 +200,12 @@ def test_backward_kernel_choice():
     assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), h200) == planes
     small = sizes(132, 50 * 2**20, 99 * 1024)
     assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), small) == atomic
-    assert choose((1, 16, 38, 63), torch.float32, (512, 16, 7, 7), h200) == atomic  # few planes
+    # few planes: the atomic kernel, unless the gradient is small enough for one launch to win
+    assert choose((4, 64, 100, 136), torch.float32, (32000, 64, 3, 3), h200) == atomic
+    assert choose((1, 16, 38, 63), torch.float32, (512, 16, 7, 7), h200) == planes
+    assert choose((2, 256, 50, 68), torch.float32, (64, 256, 7, 7), h200) == planes
+    no_small = CupyTuning(planes_small_gradient_bytes=0)
+    assert choose((1, 16, 38, 63), torch.float32, (512, 16, 7, 7), h200, no_small) == atomic
     assert choose((2, 1024, 38, 63), torch.float32, (0, 1024, 7, 7), h200) == atomic
     assert choose((2, 1024, 38, 63), torch.float32, (5, 1024, 0, 7), h200) == atomic
     old = sizes(132, 50 * 2**20, 48 * 1024)
