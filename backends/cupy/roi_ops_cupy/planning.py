@@ -468,7 +468,7 @@ def backward_kernel(
         planes = tuning.backward_kernel == kernels.BACKWARD_PLANES and can_run
         return kernels.BACKWARD_PLANES if planes else kernels.BACKWARD_ATOMIC
     enough_blocks = num_images * channels >= tuning.planes_min_blocks_per_sm * sizes.multiprocessors
-    gradient_bytes = num_images * channels * height * width * input_dtype.itemsize
+    gradient_bytes = num_images * channels * height * width * accumulate_dtype(input_dtype).itemsize
     small = gradient_bytes <= tuning.planes_small_gradient_bytes
     planes = can_run and (enough_blocks or small)
     return kernels.BACKWARD_PLANES if planes else kernels.BACKWARD_ATOMIC

@@ -33,7 +33,8 @@ class CupyTuning:
         planes_channels: channels per block of the planes backward.
         planes_min_blocks_per_sm: the planes backward runs only with N * C at least this many
             blocks per SM, or with a gradient of at most `planes_small_gradient_bytes`.
-        planes_small_gradient_bytes: gradients this small take the planes backward whatever
+        planes_small_gradient_bytes: gradients this small (counted in the atomic kernel's
+            accumulation dtype, float32 for 16-bit inputs) take the planes backward whatever
             their block count: both kernels then take less device time than the host spends
             on a launch, and the planes kernel needs no zero fill (one launch instead of two).
         small_roi_outputs: inputs with a unit W stride whose ROIs have at most this many

@@ -202,6 +202,7 @@ def test_backward_kernel_choice():
     assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), small) == atomic
     # few planes: the atomic kernel, unless the gradient is small enough for one launch to win
     assert choose((4, 64, 100, 136), torch.float32, (32000, 64, 3, 3), h200) == atomic
+    assert choose((4, 64, 100, 136), torch.float16, (32000, 64, 3, 3), h200) == atomic  # 14 MB
     assert choose((1, 16, 38, 63), torch.float32, (512, 16, 7, 7), h200) == planes
     assert choose((2, 256, 50, 68), torch.float32, (64, 256, 7, 7), h200) == planes
     no_small = CupyTuning(planes_small_gradient_bytes=0)
