@@ -134,6 +134,8 @@ def start() -> None:
                 stderr=subprocess.STDOUT,
             )
         except Exception as error:
+            if _child_output is not None:
+                _child_output.close()
             _fail(error)
             _finished = True
 

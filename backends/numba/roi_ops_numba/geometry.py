@@ -250,20 +250,6 @@ def roi_geometry_parallel(
     return work.sum()
 
 
-@njit(cache=True, inline="always")
-def _window(hstart, hend, wstart, wend, pooled_h, pooled_w, k):
-    """ROI `k`'s window: the bounding box (y0, y1, x0, x1) of its bins."""
-    a, b = hstart[k * pooled_h], hend[k * pooled_h]
-    for p in range(k * pooled_h + 1, (k + 1) * pooled_h):
-        a = min(a, hstart[p])
-        b = max(b, hend[p])
-    c, d = wstart[k * pooled_w], wend[k * pooled_w]
-    for p in range(k * pooled_w + 1, (k + 1) * pooled_w):
-        c = min(c, wstart[p])
-        d = max(d, wend[p])
-    return a, max(b, a), c, max(d, c)
-
-
 @njit(cache=True)
 def roi_windows(hstart, hend, wstart, wend, pooled_h, pooled_w, rois):
     """(y0, y1, x0, x1) of each of `rois` (indices): the bounding box of its bins, empty (y1 <= y0
@@ -274,22 +260,14 @@ def roi_windows(hstart, hend, wstart, wend, pooled_h, pooled_w, rois):
     x0 = np.empty(count, np.int64)
     x1 = np.empty(count, np.int64)
     for i in range(count):
-        a, b, c, d = _window(hstart, hend, wstart, wend, pooled_h, pooled_w, rois[i])
-        y0[i], y1[i], x0[i], x1[i] = a, b, c, d
-    return y0, y1, x0, x1
-
-
-@njit(parallel=True, cache=True)
-def roi_windows_parallel(hstart, hend, wstart, wend, pooled_h, pooled_w, rois):
-    """`roi_windows` over numba's threads, in runs of `GEOMETRY_RUN` ROIs (run it in
-    `ops.parallel_region`)."""
-    count = rois.shape[0]
-    y0 = np.empty(count, np.int64)
-    y1 = np.empty(count, np.int64)
-    x0 = np.empty(count, np.int64)
-    x1 = np.empty(count, np.int64)
-    for run in prange((count + GEOMETRY_RUN - 1) // GEOMETRY_RUN):
-        for i in range(run * GEOMETRY_RUN, min(count, (run + 1) * GEOMETRY_RUN)):
-            a, b, c, d = _window(hstart, hend, wstart, wend, pooled_h, pooled_w, rois[i])
-            y0[i], y1[i], x0[i], x1[i] = a, b, c, d
+        k = rois[i]
+        a, b = hstart[k * pooled_h], hend[k * pooled_h]
+        for p in range(k * pooled_h + 1, (k + 1) * pooled_h):
+            a = min(a, hstart[p])
+            b = max(b, hend[p])
+        c, d = wstart[k * pooled_w], wend[k * pooled_w]
+        for p in range(k * pooled_w + 1, (k + 1) * pooled_w):
+            c = min(c, wstart[p])
+            d = max(d, wend[p])
+        y0[i], y1[i], x0[i], x1[i] = a, max(b, a), c, max(d, c)
     return y0, y1, x0, x1

@@ -276,13 +276,11 @@ def _forward_groups(
     itemsize = features[0].element_size()
     staged = any(f.stride(1) != 1 for f in features)
     t = tuning
-    order, groups, block, scratch_size = run_kernel(
-        pool_groups.plan_groups, pool_groups.plan_groups, threads, (
-            bins.source, *bins.edges(), height, channels, itemsize, threads,
-            staged, t.tasks_per_thread if threads > 1 else 1, t.min_block, t.max_block,
-            t.task_output_bytes, t.stage_min_coverage, t.stage_min_block, t.stage_task_bytes,
-            t.stage_max_bytes,
-        ),
+    order, groups, block, scratch_size = pool_groups.plan_groups(
+        bins.source, *bins.edges(), height, channels, itemsize, threads,
+        staged, t.tasks_per_thread if threads > 1 else 1, t.min_block, t.max_block,
+        t.task_output_bytes, t.stage_min_coverage, t.stage_min_block, t.stage_task_bytes,
+        t.stage_max_bytes,
     )  # fmt: skip
     if block == 0:
         return False

@@ -26,7 +26,6 @@ from roi_ops_numba.geometry import (
     S_W,
     WIDTH,
     roi_windows,
-    roi_windows_parallel,
 )
 from roi_ops_numba.staging import _stage
 
@@ -235,8 +234,8 @@ def _sort_by_image_and_row(images, rows, height):
 
 @njit(cache=True)
 def _region_and_cover(y0, y1, x0, x1, a, b):
-    """`_region` of windows a..b-1, the sum of their areas, and the largest of them, in one
-    pass."""
+    """(r0, r1, c0, c1, covered, widest) of windows a..b-1: the bounding box of those that are
+    not empty ((0, 0, 0, 0) if none is), the sum of their areas and the largest area."""
     r0, r1, c0, c1 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
     covered, widest = np.int64(0), np.int64(0)
     found = False
@@ -252,22 +251,6 @@ def _region_and_cover(y0, y1, x0, x1, a, b):
                 r0, r1 = min(r0, y0[i]), max(r1, y1[i])
                 c0, c1 = min(c0, x0[i]), max(c1, x1[i])
     return r0, r1, c0, c1, covered, widest
-
-
-@njit(cache=True)
-def _region(y0, y1, x0, x1, a, b):
-    """The bounding box of the windows a..b-1 that are not empty; (0, 0, 0, 0) if none is."""
-    r0, r1, c0, c1 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
-    found = False
-    for i in range(a, b):
-        if y1[i] > y0[i] and x1[i] > x0[i]:
-            if not found:
-                r0, r1, c0, c1 = y0[i], y1[i], x0[i], x1[i]
-                found = True
-            else:
-                r0, r1 = min(r0, y0[i]), max(r1, y1[i])
-                c0, c1 = min(c0, x0[i]), max(c1, x1[i])
-    return r0, r1, c0, c1
 
 
 @njit(cache=True)
@@ -298,10 +281,7 @@ def plan_groups(
         staging buffer each thread needs (0 when not `staged`).
     """
     valid = np.flatnonzero(source >= 0)
-    if threads > 1:
-        y0, y1, x0, x1 = roi_windows_parallel(hstart, hend, wstart, wend, pooled_h, pooled_w, valid)
-    else:
-        y0, y1, x0, x1 = roi_windows(hstart, hend, wstart, wend, pooled_h, pooled_w, valid)
+    y0, y1, x0, x1 = roi_windows(hstart, hend, wstart, wend, pooled_h, pooled_w, valid)
     sort = _sort_by_image_and_row(source[valid], y0, height)
     order = valid[sort]
     y0, y1, x0, x1 = y0[sort], y1[sort], x0[sort], x1[sort]
@@ -358,7 +338,7 @@ def plan_groups(
             first = a + int(math.floor(p * (b - a) / parts + 0.5))
             end = a + int(math.floor((p + 1) * (b - a) / parts + 0.5))
             if end > first:
-                r0, r1, c0, c1 = _region(y0, y1, x0, x1, first, end)
+                r0, r1, c0, c1, _, _ = _region_and_cover(y0, y1, x0, x1, first, end)
                 rows.append((images[a], np.int64(first), np.int64(end), r0, r1, c0, c1))
     groups = np.empty((len(rows), 7), np.int64)
     scratch = 0

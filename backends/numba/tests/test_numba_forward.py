@@ -395,30 +395,6 @@ def test_parallel_geometry_matches_serial():
     assert decode(log).row == 1100
 
 
-def test_parallel_windows_match_serial():
-    """The parallel ROI windows (runs of GEOMETRY_RUN ROIs, the last one short) are the serial
-    ones, empty windows and a subset of the ROIs among them."""
-    import numpy as np
-    from roi_ops.backend import RoIPoolProblem
-
-    from roi_ops_numba import geometry, ops
-
-    g = torch.Generator().manual_seed(38)
-    count = 2 * geometry.GEOMETRY_RUN + 300
-    x = random_features((3, 2, 12, 15), torch.float32, g)
-    rois = random_rois(count, 3, 12, 15, 0.5, g)
-    rois[7, 1:] = torch.tensor([40.0, 40.0, 50.0, 50.0])  # outside the map: an empty window
-    bins = ops.BinGeometry(ops.PoolCall(RoIPoolProblem(x, rois, 3, 4, 0.5, False)), 1)
-    for subset in (np.arange(count), np.arange(count)[::3].copy()):
-        serial = geometry.roi_windows(*bins.edges(), subset)
-        with ops.parallel_region(2):
-            parallel = geometry.roi_windows_parallel(*bins.edges(), subset)
-        for expected, got in zip(serial, parallel, strict=True):
-            assert np.array_equal(expected, got)
-    y0, y1, x0, x1 = geometry.roi_windows(*bins.edges(), np.arange(count))
-    assert y1[7] == y0[7] or x1[7] == x0[7]  # row 7's window is empty
-
-
 def test_serial_kernel_runs_before_any_parallel_one():
     """A serial kernel called first in a process (no thread pool started yet) stages in its
     own buffer row: nothing may depend on numba's thread id there."""
