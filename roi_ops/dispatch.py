@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import Backend, RoIPoolProblem
+from .backend import Backend, RoIPoolProblem, device_type_of
 from .config import environ_get
 from .registry import REGISTRY, BackendEntry
 
@@ -226,7 +226,7 @@ def resolve_backend(argument: str, problem: RoIPoolProblem) -> Backend:
     """
     spec, source = effective_spec(argument)
     deterministic = None
-    for backend in _candidates_for(spec, source, problem.input.device.type):
+    for backend in _candidates_for(spec, source, device_type_of(problem.input)):
         if backend.not_supported_reasons(problem):
             continue
         if not backend.deterministic:

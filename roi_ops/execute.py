@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import bad_rois
-from .backend import Backend, RoIPoolBackwardProblem, RoIPoolProblem
+from .backend import Backend, RoIPoolBackwardProblem, RoIPoolProblem, device_type_of
 from .config import poisoning_enabled, value_check_mode
 from .dispatch import BackendError, resolve_backend
 from .scatter import scatter_backward
@@ -61,11 +61,12 @@ def start_value_checks(
     mode = value_check_mode()
     if mode == "off":
         return None
-    if device.type == "cpu":
+    kind = device_type_of(rois)  # the rois are on the input's device
+    if kind == "cpu":
         if reports:
             return bad_rois.cpu_log()
         check_roi_values_cpu(rois, num_images)
-    elif device.type == "cuda" and mode == "on":
+    elif kind == "cuda" and mode == "on":
         if reports:
             return bad_rois.cuda_kernel_log(device)
         bad_rois.record_on_cuda(rois, num_images, copy=not _capturing(device))
@@ -114,15 +115,15 @@ def run_forward(
         BackendError: the chosen backend failed.
     """
     input, rois = problem.input, problem.rois
-    device = input.device
     shape = (rois.shape[0], input.shape[1], problem.pooled_height, problem.pooled_width)
     # new_empty: the input's dtype and device without parsing them again (a small call's host
     # time is what this path is measured by).
     output = input.new_empty(shape)
     argmax = input.new_empty(shape, dtype=_INT32) if problem.needs_argmax else None
-    cuda = device.type == "cuda"
-    if device.type == "meta":
+    if input.is_meta:
         return output, argmax, None
+    device = input.device
+    cuda = input.is_cuda
     if cuda:
         bad_rois.raise_pending(device)
     chosen = resolve_backend(backend, problem)
@@ -141,17 +142,21 @@ def run_forward(
 
 
 _INT32 = torch.int32
+_CHANNELS_LAST = torch.channels_last
+_CONTIGUOUS = torch.contiguous_format
 
 
 def _check_plugin_gradient(
-    backend: Backend, grad: object, shape, dtype, device, memory_format
+    backend: Backend, grad: object, shape: tuple[int, ...], dtype, like: Tensor, memory_format
 ) -> Tensor:
-    """The plugin's gradient, dense in `memory_format` (copied into it when it is not)."""
+    """The plugin's gradient, dense in `memory_format` (copied into it when it is not); it
+    must have `shape` and `dtype` and be on the device of `like`."""
     if not isinstance(grad, Tensor):
         raise BackendError(
             f"backend {backend.name!r}: backward returned {type(grad).__name__}, expected a "
             "Tensor or None"
         )
+    device = like.device
     if grad.shape != shape or grad.dtype != dtype or grad.device != device:
         raise BackendError(
             f"backend {backend.name!r}: backward returned a {tuple(grad.shape)} "
@@ -161,7 +166,7 @@ def _check_plugin_gradient(
 
 
 def _backend_for_backward(
-    argmax: Tensor, spec: str, shape: torch.Size, dtype: torch.dtype, rois: Tensor
+    argmax: Tensor, spec: str, shape: tuple[int, ...], dtype: torch.dtype, rois: Tensor
 ) -> Backend:
     owner = owner_of(argmax)
     if owner is not None:
@@ -189,20 +194,20 @@ def run_backward(
     scatter when that backend has none, or under ``torch.use_deterministic_algorithms(True)``
     when its backward is not deterministic.
     """
-    shape = torch.Size(input_shape)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    device = grad_output.device
-    if device.type == "meta":
-        return torch.empty(shape, dtype=input_dtype, device=device, memory_format=memory_format)
-    if device.type == "cuda":
-        bad_rois.raise_pending(device)
-    chosen = _backend_for_backward(argmax, spec, shape, input_dtype, rois)
-    asked = memory_format if memory_format in chosen.gradient_formats else torch.contiguous_format
+    memory_format = _CHANNELS_LAST if channels_last else _CONTIGUOUS
+    if grad_output.is_meta:
+        return torch.empty(
+            input_shape, dtype=input_dtype, device="meta", memory_format=memory_format
+        )
+    if grad_output.is_cuda:
+        bad_rois.raise_pending(grad_output.device)
+    chosen = _backend_for_backward(argmax, spec, input_shape, input_dtype, rois)
+    asked = memory_format if memory_format in chosen.gradient_formats else _CONTIGUOUS
     problem = RoIPoolBackwardProblem(
         grad_output,
         argmax,
         rois,
-        shape,
+        input_shape,
         input_dtype,
         asked,
         torch.are_deterministic_algorithms_enabled(),
@@ -223,24 +228,27 @@ def backward_on(
             raise BackendError(
                 f"backend {chosen.name!r} failed in backward: {type(error).__name__}: {error}"
             ) from error
-    shape = torch.Size(problem.input_shape)
+    grad_output = problem.grad_output
     if grad is None:
         return scatter_backward(
-            problem.grad_output,
+            grad_output,
             problem.argmax,
             problem.batch_index,
-            shape,
+            torch.Size(problem.input_shape),
             problem.input_dtype,
             memory_format,
         )
     grad = _check_plugin_gradient(
-        chosen, grad, shape, problem.input_dtype, problem.grad_output.device, memory_format
+        chosen, grad, problem.input_shape, problem.input_dtype, grad_output, memory_format
     )
     # The result must not alias an input (custom ops forbid it, and autograd would let the
     # caller's gradient share memory with the backward's inputs): copy it in that rare case.
     storage = _storage_address(grad)
-    inputs = (problem.grad_output, problem.rois, problem.argmax)
-    if any(storage == _storage_address(t) for t in inputs):
+    if (
+        storage == _storage_address(grad_output)
+        or storage == _storage_address(problem.rois)
+        or storage == _storage_address(problem.argmax)
+    ):
         return grad.clone()
     return grad
 

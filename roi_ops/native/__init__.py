@@ -60,7 +60,13 @@ def _disabled() -> bool:
 
 
 def _extension_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    """A name per source text, torch, Python and checkout: torch's cache rebuilds a name whose
+    build command changed (another checkout's path, another Python's headers), so two
+    environments sharing one cache would otherwise rebuild each other's module in turn."""
+    key = "\0".join(
+        (torch.__version__, sys.implementation.cache_tag or "", str(SOURCE.resolve()))
+    ).encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + key).hexdigest()[:12]
     return f"roi_ops_native_{digest}"
 
 

@@ -318,12 +318,15 @@ class Launcher:
         except KeyError:
             make = lambda: self._plan_backward(problem, grad_output, argmax, device)  # noqa: E731
             plan = self._cache(self._backward, key, make)
-        grad_input = torch.empty(
-            problem.input_shape,
-            dtype=plan.written,
-            device=grad_output.device,
-            memory_format=plan.memory_format,
-        )
+        if plan.memory_format == torch.contiguous_format:  # new_empty: less argument parsing
+            grad_input = grad_output.new_empty(problem.input_shape, dtype=plan.written)
+        else:
+            grad_input = torch.empty(
+                problem.input_shape,
+                dtype=plan.written,
+                device=grad_output.device,
+                memory_format=plan.memory_format,
+            )
         if plan.zero_fill:
             grad_input.zero_()
         if plan.packed is not None:
