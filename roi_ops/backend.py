@@ -98,11 +98,6 @@ class RoIPoolProblem:
         return self.input.device
 
     @property
-    def device_type(self) -> str:
-        """``input.device.type``, read cheaply (see `device_type_of`)."""
-        return device_type_of(self.input)
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.input.dtype
 

@@ -147,16 +147,14 @@ _CONTIGUOUS = torch.contiguous_format
 
 
 def _check_plugin_gradient(
-    backend: Backend, grad: object, shape: tuple[int, ...], dtype, like: Tensor, memory_format
+    backend: Backend, grad: object, shape: tuple[int, ...], dtype, device, memory_format
 ) -> Tensor:
-    """The plugin's gradient, dense in `memory_format` (copied into it when it is not); it
-    must have `shape` and `dtype` and be on the device of `like`."""
+    """The plugin's gradient, dense in `memory_format` (copied into it when it is not)."""
     if not isinstance(grad, Tensor):
         raise BackendError(
             f"backend {backend.name!r}: backward returned {type(grad).__name__}, expected a "
             "Tensor or None"
         )
-    device = like.device
     if grad.shape != shape or grad.dtype != dtype or grad.device != device:
         raise BackendError(
             f"backend {backend.name!r}: backward returned a {tuple(grad.shape)} "
@@ -239,7 +237,7 @@ def backward_on(
             memory_format,
         )
     grad = _check_plugin_gradient(
-        chosen, grad, problem.input_shape, problem.input_dtype, grad_output, memory_format
+        chosen, grad, problem.input_shape, problem.input_dtype, grad_output.device, memory_format
     )
     # The result must not alias an input (custom ops forbid it, and autograd would let the
     # caller's gradient share memory with the backward's inputs): copy it in that rare case.

@@ -9,13 +9,14 @@ instead, which saves the same state and calls the same Python gradient,
 
 The extension is compiled with `torch.utils.cpp_extension` (a C++ compiler, ninja and Python's
 headers are needed) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``), once per source and torch version. The first call that needs a
-gradient starts that build in a child process (so the compiler's driver never competes with the
-caller's threads for the GIL) and calls run the Python path until the child is done; the next
-call then loads the compiled module. `build` builds (or loads) it at once in this process, and
-``python -m roi_ops build-native`` does that from the shell. ``ROI_OPS_NATIVE=0`` (read at that
-first call) stops the automatic build, so only an explicit `build` puts the extension in use.
-Where the build fails, roi_ops keeps the Python path and `status` says why.
+``~/.cache/torch_extensions``), once per source, torch, Python and checkout. The first call
+that needs a gradient starts that build in a child process (so the compiler's driver never
+competes with the caller's threads for the GIL) and calls run the Python path until the child
+is done; the next call then loads the compiled module. `build` builds (or loads) it at once in
+this process, and ``python -m roi_ops build-native`` does that from the shell.
+``ROI_OPS_NATIVE=0`` (read at that first call) stops the automatic build, so only an explicit
+`build` puts the extension in use. Where the build fails, roi_ops keeps the Python path and
+`status` says why.
 """
 
 from __future__ import annotations
