@@ -25,7 +25,6 @@ SOURCE_FILES = (
     "forward_plane.cu",
     "forward_chan.cu",
     "forward_unit.cu",
-    "forward_tile.cu",  # reuses forward_unit.cu's ROI path for windows that do not fit a tile
     "forward_small.cu",  # reuses forward_unit.cu's per-bin reduction
     "forward_cvec.cu",
     "forward_small_cvec.cu",  # reuses forward_small.cu's table and forward_cvec.cu's cvec_bin
@@ -55,7 +54,6 @@ FORWARD_PAIRS: tuple[tuple[torch.dtype, torch.dtype], ...] = (
 FORWARD_PLANE = "roi_pool_forward_plane"
 FORWARD_CHAN = "roi_pool_forward_chan"
 FORWARD_UNIT = "roi_pool_forward_unit"
-FORWARD_TILE = "roi_pool_forward_tile"
 FORWARD_CVEC = "roi_pool_forward_cvec"
 FORWARD_SMALL = "roi_pool_forward_small"
 FORWARD_SMALL_CVEC = "roi_pool_forward_small_cvec"
@@ -63,7 +61,6 @@ FORWARD_KERNELS = (
     FORWARD_PLANE,
     FORWARD_CHAN,
     FORWARD_UNIT,
-    FORWARD_TILE,
     FORWARD_CVEC,
     FORWARD_SMALL,
     FORWARD_SMALL_CVEC,

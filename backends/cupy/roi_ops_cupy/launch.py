@@ -38,8 +38,6 @@ _lock = threading.Lock()
 _kernels: dict[tuple[int, str], cupy.RawKernel] = {}  # (device, name) -> compiled kernel
 # cuFuncSetAttribute's CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _MAX_DYNAMIC_SHARED_ATTRIBUTE = 8
-# cuFuncSetAttribute's CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT (percent of the most)
-_CARVEOUT_ATTRIBUTE = 9
 # CUfunction handle -> the dynamic shared memory it is opted in to (bytes).
 _opted_in_shared: dict[int, int] = {}
 # The tensors a forward and a backward launch take, by argument name, in the order the launcher
@@ -127,8 +125,6 @@ class PackedLaunch:
                     self.function, _MAX_DYNAMIC_SHARED_ATTRIBUTE, launch.shared_mem
                 )
                 _opted_in_shared[self.function] = launch.shared_mem
-                if launch.name.startswith(kernels.FORWARD_TILE):
-                    driver.funcSetAttribute(self.function, _CARVEOUT_ATTRIBUTE, 100)
         self.name = launch.name
         self.grid = launch.grid
         self.block = launch.block

@@ -32,9 +32,6 @@ PLANES_STATIC_SHARED = 5 * 1024  # the planes kernel's own __shared__ arrays (42
 DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without opting in
 MAX_GRID_Y = 65535
 INT32_LIMIT = 2**31
-TILE_WARPS = THREADS // 32  # the tile kernel's warps per block, a tile each (kTileWarps)
-TILE_BIN_BYTES = 16  # one bin of the tile kernel's table (TileBin)
-TILE_MAX_BINS = 1024  # PH * PW up to this: the bin table takes at most 16 KiB
 
 
 def unsupported_reasons(problem: RoIPoolProblem) -> list[str]:
@@ -119,8 +116,6 @@ def _aligned_channels(input: torch.Tensor) -> bool:
 def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
     if kernel in (kernels.FORWARD_UNIT, kernels.FORWARD_SMALL):
         unit = input.stride(3) == 1
-    elif kernel == kernels.FORWARD_TILE:
-        return input.stride(3) == 1 and bins <= TILE_MAX_BINS
     elif kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_SMALL_CVEC):
         unit = _aligned_channels(input)
     else:
@@ -188,21 +183,6 @@ def channels_per_block(
     ):
         per_block = (per_block + 1) // 2
     return per_block
-
-
-def tile_head_bytes(ph: int, pw: int) -> int:
-    """The tile kernel's shared memory before its tiles (TileShared): a 16-byte TileBin per bin,
-    a 16-byte TileStrip, an 8-byte span and a 4-byte first row per bin row, a 4-byte count,
-    rounded up to 16 bytes."""
-    return -(-(ph * pw * TILE_BIN_BYTES + ph * (16 + 8 + 4) + 4) // 16) * 16
-
-
-def tile_elements(ph: int, pw: int, dtype: torch.dtype, tuning: CupyTuning = DEFAULT_TUNING) -> int:
-    """The tile kernel's elements per warp tile: what ``tuning.tile_shared`` bytes hold beside
-    the head (`tile_head_bytes`), split among the block's warps (at least one element)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    free = tuning.tile_shared - tile_head_bytes(ph, pw)
-    return max(1, free // (TILE_WARPS * itemsize))
 
 
 def whole_unit_steps(per_block: int, bins: int, dtype: torch.dtype) -> int:
@@ -312,20 +292,15 @@ def _forward_shape(kernel, input, input_bytes, num_rois, ph, pw, argmax, sizes, 
         )
     else:
         target = tuning.block_elements
-        if kernel in (kernels.FORWARD_UNIT, kernels.FORWARD_TILE):
+        if kernel == kernels.FORWARD_UNIT:
             cached = input_bytes <= sizes.l2_bytes
             target = (
                 tuning.unit_block_elements_cached if cached else tuning.unit_block_elements_streamed
             )
         per_block = channels_per_block(num_rois, channels, ph * pw, multiprocessors, target, tuning)
-        if kernel in (kernels.FORWARD_UNIT, kernels.FORWARD_TILE):
+        if kernel == kernels.FORWARD_UNIT:
             per_block = whole_unit_steps(per_block, ph * pw, input.dtype)
     extra = (integer("channels_per_block", per_block),)
-    if kernel == kernels.FORWARD_TILE:
-        elements = tile_elements(ph, pw, input.dtype, tuning)
-        extra += (integer("tile_elements", elements),)
-        shared_mem = tile_head_bytes(ph, pw) + TILE_WARPS * elements * input.element_size()
-        return (num_rois, _grid_y(channels, per_block), 1), (THREADS, 1, 1), shared_mem, extra
     return (num_rois, _grid_y(channels, per_block), 1), (THREADS, 1, 1), 0, extra
 
 

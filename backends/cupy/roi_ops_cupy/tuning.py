@@ -44,9 +44,6 @@ class CupyTuning:
         stage_small_channels_last: where the small kernel would pool an NCHW input that fits
             in L2, pool a channels_last copy of it with the small_cvec kernel instead
             (`planning.stages_channels_last`).
-        tile_shared: the tile kernel's shared memory per block (its bin table and its warps'
-            window tiles); ROIs whose window does not fit a tile take the unit kernel's path.
-            52 KiB: four blocks an SM on an SM of 228 KiB (1 KiB reserved per block).
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC` / `kernels.BACKWARD_PLANES` (planes
@@ -69,7 +66,6 @@ class CupyTuning:
     small_roi_outputs: int = 1024
     small_block_elements: int = 4096
     stage_small_channels_last: bool = True
-    tile_shared: int = 52 * 1024
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

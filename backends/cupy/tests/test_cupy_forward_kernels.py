@@ -32,7 +32,7 @@ from roi_ops.testing import (
     tie_heavy_features,
 )
 
-from roi_ops_cupy import kernels, planning
+from roi_ops_cupy import kernels
 from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
 
 
@@ -87,7 +87,7 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
     check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
 
 
-@pytest.mark.parametrize("kernel", ["unit", "tile", "small", "plane", "cvec", "small_cvec", "chan"])
+@pytest.mark.parametrize("kernel", ["unit", "small", "plane", "cvec", "small_cvec", "chan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
@@ -103,7 +103,6 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
         "small_cvec": "channels_last",
         "chan": "channels_last_unaligned",
         "unit": "contiguous_unit",
-        "tile": "contiguous_tile",
     }.get(kernel, "contiguous")
     lane_channels = {torch.float32: 20, torch.float64: 22}.get(dtype, 24)
     channels = lane_channels if layout.startswith("channels_last") else 11
@@ -121,44 +120,6 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
         check(runner, x, rois, size, 1.0, layout=layout, multiprocessors=1, tuning=tuning)
     # channel blocks loop
     check(runner, x, rois, (7, 7), 1.0, layout=layout, multiprocessors=64, grid_y=1, tuning=tuning)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_tile_kernel_windows_around_its_tile(runner, dtype):
-    # Tiles of 600 elements a warp (150 a channel in float32 and the 16-bit types, 4 channels
-    # at a time; 300 in float64, 2 at a time): windows that take one and two load rounds,
-    # one narrower than the step of 32 lanes (3 columns: each step wraps over rows) and one
-    # wider (40), one cut into strips of bin rows (10 x 34), empty and invalid ROIs, and
-    # windows one of whose bin rows does not fit, which take the unit kernel's path in the
-    # same kernel. 11 channels leave a warp's last group of channels partly empty.
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    x = tie_heavy_features((2, 11, 35, 45), 31, dtype)
-    if dtype != torch.float64:  # normal values too: the ties alone leave most bins equal
-        g = torch.Generator().manual_seed(5)
-        normal = torch.randn(x.shape, generator=g).to(dtype)
-        x = torch.where(torch.rand(x.shape, generator=g) < 0.5, normal, x)
-    rows = [
-        [0, 3.0, 2.0, 14.0, 11.0],  # 12 x 10
-        [1, 5.0, 4.0, 17.0, 14.0],  # 13 x 11
-        [0, 7.0, 0.0, 9.0, 34.0],  # 3 x 35
-        [1, 2.0, 30.0, 41.0, 32.0],  # 40 x 3
-        [0, 30.0, 0.0, 39.0, 33.0],  # 10 x 34: strips
-        [0, 0.0, 0.0, 44.0, 34.0],  # the whole map: the unit path
-        [1, 20.0, 5.0, 44.0, 30.0],  # 25 x 26: the unit path
-        [1, 50.0, 40.0, 60.0, 50.0],  # outside the map: every bin empty
-        [2, 1.0, 1.0, 5.0, 5.0],  # no such image
-        [0, -3.0, -2.0, 4.0, 3.0],  # cut by the border
-    ]
-    rois = torch.tensor(rows, dtype=torch.float64).to(rois_dtype_for(dtype))
-    for size, options in [
-        ((3, 4), {"multiprocessors": 1}),
-        ((7, 2), {"multiprocessors": 1}),
-        ((2, 2), {"multiprocessors": 1}),
-        ((3, 4), {"multiprocessors": 64, "grid_y": 1}),
-    ]:
-        shared = planning.tile_head_bytes(*size) + planning.TILE_WARPS * itemsize * 600
-        tuning = CupyTuning(forward_kernel=kernels.FORWARD_TILE, tile_shared=shared)
-        check(runner, x, rois, size, 1.0, layout="contiguous_tile", tuning=tuning, **options)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -20,7 +20,6 @@
 // launch of `count` 8-byte words of arguments (pointers, int64, double bit patterns; a struct
 // argument takes its size in words), as kernels.Launch.
 
-#include <algorithm>
 #include <array>
 #include <atomic>
 #include <barrier>
@@ -28,7 +27,6 @@
 #include <cstdint>
 #include <cstring>
 #include <math.h>
-#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -58,14 +56,6 @@ dim3 gridDim, blockDim;
 thread_local dim3 blockIdx, threadIdx;
 std::barrier<>* block_barrier = nullptr;
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
-
-// __syncwarp: a barrier per warp of the block (its threads, at most 32). Valid for code whose
-// lanes reach it together, as the kernels use it.
-std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-inline void __syncwarp(unsigned int = 0xffffffffu) {
-  const unsigned int t = threadIdx.y * blockDim.x + threadIdx.x;
-  warp_barriers[t / 32]->arrive_and_wait();
-}
 
 std::vector<unsigned char> ballot_votes;  // one per thread of the block
 inline unsigned int __ballot_sync(unsigned int, bool predicate) {
@@ -299,10 +289,6 @@ extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int g
   if (threads == 0 || threads > kMaxThreads) return -3;
   if (count != entry->arity) return -4;
   ballot_votes.assign(threads, 0);
-  warp_barriers.clear();
-  for (unsigned int first = 0; first < threads; first += 32) {
-    warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - first)));
-  }
   gridDim = dim3{grid_x, grid_y, 1};
   blockDim = dim3{block_x, block_y, 1};
   // The block's threads walk the blocks in the same order; a barrier after each block keeps the

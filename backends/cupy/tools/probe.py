@@ -43,7 +43,6 @@ VARIANTS: dict[str, CupyTuning] = {
     "auto": DEFAULT_TUNING,
     "plane": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_PLANE),
     "unit": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT),
-    "tile": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_TILE),
     "cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC),
     "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
     "small": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL),
