@@ -32,6 +32,10 @@ PLANES_STATIC_SHARED = 5 * 1024  # the planes kernel's own __shared__ arrays (42
 DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without opting in
 MAX_GRID_Y = 65535
 INT32_LIMIT = 2**31
+UNIT_GEOMETRY_BYTES = 16  # the unit kernel's shared ROI geometry (UnitGeometry) before its edges
+# The unit kernel's PH + PW edges fit the shared memory every device gives a block, since PH + PW
+# <= PH * PW + 1.
+UNIT_MAX_BINS = (DEFAULT_SHARED_LIMIT - UNIT_GEOMETRY_BYTES) // 8 - 1
 
 
 def unsupported_reasons(problem: RoIPoolProblem) -> list[str]:
@@ -114,7 +118,9 @@ def _aligned_channels(input: torch.Tensor) -> bool:
 
 
 def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
-    if kernel in (kernels.FORWARD_UNIT, kernels.FORWARD_SMALL):
+    if kernel == kernels.FORWARD_UNIT:
+        return input.stride(3) == 1 and bins <= UNIT_MAX_BINS
+    if kernel == kernels.FORWARD_SMALL:
         unit = input.stride(3) == 1
     elif kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_SMALL_CVEC):
         unit = _aligned_channels(input)
@@ -131,7 +137,8 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
     device sync): the choice table of tools/NOTES.md.
 
     For channels_last: cvec when its channel vectors are 16-byte aligned, chan otherwise; for
-    any other unit W stride (NCHW contiguous), unit; plane for the rest. Where a ROI has at most
+    any other unit W stride (NCHW contiguous), unit (PH * PW at most UNIT_MAX_BINS: its bin
+    edges fit a block's shared memory); plane for the rest. Where a ROI has at most
     ``tuning.small_roi_outputs`` outputs (C * PH * PW), small_cvec replaces cvec and small
     replaces unit. ``tuning.forward_kernel`` overrides the choice where that kernel can run.
     """
@@ -145,8 +152,10 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
         small = few and _can_run(kernels.FORWARD_SMALL_CVEC, input, bins)
         return kernels.FORWARD_SMALL_CVEC if small else kernels.FORWARD_CVEC
     if input.stride(3) == 1:
-        small = few and _can_run(kernels.FORWARD_SMALL, input, bins)
-        return kernels.FORWARD_SMALL if small else kernels.FORWARD_UNIT
+        if few and _can_run(kernels.FORWARD_SMALL, input, bins):
+            return kernels.FORWARD_SMALL
+        if _can_run(kernels.FORWARD_UNIT, input, bins):
+            return kernels.FORWARD_UNIT
     return kernels.FORWARD_PLANE
 
 
@@ -269,9 +278,21 @@ def _dense_bytes(input: torch.Tensor) -> int:
     return size
 
 
-def _forward_shape(kernel, input, input_bytes, num_rois, ph, pw, argmax, sizes, tuning):
+def _unit_block_elements(input, input_bytes, sizes, tuning, levels):
+    """The unit kernel's outputs per block: cached, or streamed (single map or pyramid levels)
+    scaled to the same bytes of planes as 4-byte elements."""
+    if input_bytes <= sizes.l2_bytes:
+        return tuning.unit_block_elements_cached
+    target = tuning.unit_block_elements_levels if levels else tuning.unit_block_elements_streamed
+    return max(1, target * 4 // input.element_size())
+
+
+def _forward_shape(
+    kernel, input, input_bytes, num_rois, ph, pw, argmax, sizes, tuning, levels=False
+):
     """(grid, block, dynamic shared memory, the arguments after PW) of forward `kernel` for
-    inputs like `input` (its channels and dtype) of `input_bytes` in all, and `num_rois`."""
+    inputs like `input` (its channels and dtype) of `input_bytes` in all, and `num_rois`;
+    `levels`: for the fused multi-level kernel."""
     channels = input.shape[1]
     multiprocessors = sizes.multiprocessors
     if kernel in (kernels.FORWARD_SMALL, kernels.FORWARD_SMALL_CVEC):
@@ -293,15 +314,13 @@ def _forward_shape(kernel, input, input_bytes, num_rois, ph, pw, argmax, sizes, 
     else:
         target = tuning.block_elements
         if kernel == kernels.FORWARD_UNIT:
-            cached = input_bytes <= sizes.l2_bytes
-            target = (
-                tuning.unit_block_elements_cached if cached else tuning.unit_block_elements_streamed
-            )
+            target = _unit_block_elements(input, input_bytes, sizes, tuning, levels)
         per_block = channels_per_block(num_rois, channels, ph * pw, multiprocessors, target, tuning)
         if kernel == kernels.FORWARD_UNIT:
             per_block = whole_unit_steps(per_block, ph * pw, input.dtype)
     extra = (integer("channels_per_block", per_block),)
-    return (num_rois, _grid_y(channels, per_block), 1), (THREADS, 1, 1), 0, extra
+    shared_mem = UNIT_GEOMETRY_BYTES + 8 * (ph + pw) if kernel == kernels.FORWARD_UNIT else 0
+    return (num_rois, _grid_y(channels, per_block), 1), (THREADS, 1, 1), shared_mem, extra
 
 
 # ---- Multi-level (pyramid) forward ----------------------------------------------------------
@@ -360,7 +379,8 @@ def plan_forward_levels(
     """The fused forward launch of a multi-level call (one launch for every level); None when
     there is nothing to do. Needs no ROI's level: the grid and blocks are those of the
     single-level kernel over all K ROIs (the unit kernel's block size as if every level's input
-    were one, cached in L2 only when all of them fit together).
+    were one, cached in L2 only when all of them fit together, else
+    ``tuning.unit_block_elements_levels``).
 
     Args:
         problem: the validated call (at most kernels.MAX_LEVELS levels, any strides; its
@@ -399,7 +419,7 @@ def plan_forward_levels(
     tail = (pointer("output", output), pointer("argmax", argmax), pointer("bad_roi_log", log))
     input_bytes = sum(_dense_bytes(x) for x in features)
     grid, block, shared_mem, extra = _forward_shape(
-        kernel, first, input_bytes, num_rois, ph, pw, argmax, sizes, tuning
+        kernel, first, input_bytes, num_rois, ph, pw, argmax, sizes, tuning, levels=True
     )
     args = (*head, *extra, *tail)
     table = kernels.MAX_LEVELS * len(LEVEL_MAP_FIELDS)

@@ -21,7 +21,12 @@ class CupyTuning:
             in L2: large blocks amortise each thread's bin geometry over many channels.
         unit_block_elements_streamed: the same when it does not: small channel blocks keep the
             planes that the resident blocks read together (all ROIs of one channel block run
-            first) small enough to stay in L2.
+            first) small enough to stay in L2. Counted for 4-byte elements: 16-bit inputs take
+            twice as many outputs a block (the same bytes of planes), float64 half as many.
+        unit_block_elements_levels: the same for the fused multi-level launch when its levels
+            together do not fit in L2 (counted the same way): its blocks pool every level, most
+            of them from levels far smaller than the finest, and larger channel blocks were
+            faster there (docs/dev-log.md, fpn-multi).
         backward_block_elements_streamed: outputs per block of the atomic backward when
             grad_input does not fit in L2 (the planes being added into stay in L2).
         min_blocks_per_sm: channel blocks are halved until the grid has this many blocks per
@@ -56,6 +61,7 @@ class CupyTuning:
     block_elements: int = 2048
     unit_block_elements_cached: int = 8192
     unit_block_elements_streamed: int = 1024
+    unit_block_elements_levels: int = 4096
     backward_block_elements_streamed: int = 512
     min_blocks_per_sm: int = 8
     chan_min_channels: int = 16

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 from cupy_harness import DTYPES, place_input, sizes
-from roi_ops.backend import RoIPoolProblem
+from roi_ops.backend import MultiScaleRoIPoolProblem, RoIPoolProblem
 
 from roi_ops_cupy import kernels, planning
 from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
@@ -96,9 +96,13 @@ def test_unit_plan_sizes_channel_blocks_by_l2():
     out, arg = _outputs(problem)
     unit = planning.plan_forward(problem, out, arg, sizes(132))
     assert unit.name == "roi_pool_forward_unit<float, float, true>"
-    assert unit.block == (256, 1, 1) and unit.shared_mem == 0
+    # The ROI's geometry (16 bytes) and its PH + PW = 14 bin edges, computed once per block.
+    assert unit.block == (256, 1, 1) and unit.shared_mem == 16 + 8 * 14
     per_block = unit.value("channels_per_block")
     assert unit.grid == (3, math.ceil(64 / per_block), 1)
+    # More bins than a block's default shared memory holds edges for: the plane kernel.
+    assert planning.forward_kernel(x, planning.UNIT_MAX_BINS) == kernels.FORWARD_UNIT
+    assert planning.forward_kernel(x, planning.UNIT_MAX_BINS + 1) == kernels.FORWARD_PLANE
     assert unit.value("argmax") == arg.data_ptr() and unit.value("bad_roi_log") == 0
     # Unit channel blocks hold whole steps: 4 channels (2 for float64) in each group of bins.
     assert planning.whole_unit_steps(41, 196, torch.float32) == 40
@@ -114,6 +118,29 @@ def test_unit_plan_sizes_channel_blocks_by_l2():
     assert streamed.value("channels_per_block") == 20  # 1024 outputs
     tuned = replace(DEFAULT_TUNING, unit_block_elements_streamed=2048)
     assert planning.plan_forward(big, out, arg, sizes(1), tuned).value("channels_per_block") == 40
+    # Streamed blocks hold the same bytes of planes whatever the dtype: 2048 float16 outputs.
+    half = _problem(torch.ones(2, 4096, 10, 10, dtype=torch.float16), torch.zeros(600, 5))
+    half_out, half_arg = _outputs(half)
+    half_plan = planning.plan_forward(half, half_out, half_arg, sizes(1, l2_bytes=2**10))
+    assert half_plan.value("channels_per_block") == 40
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_unit_plan_streams_larger_channel_blocks(dtype):
+    # Levels that do not fit in L2 together: unit_block_elements_levels (4096 outputs for
+    # 4-byte elements: 80 channels of 49 bins in whole steps of 20; twice the outputs in
+    # float16); together in L2: the cached plan (8192: 160 channels).
+    features = [torch.ones(2, 1024, 16, 16, dtype=dtype), torch.ones(2, 1024, 8, 8, dtype=dtype)]
+    rois = torch.zeros(600, 5)
+    levels = torch.zeros(600, dtype=torch.int64)
+    problem = MultiScaleRoIPoolProblem(features, rois, levels, 7, 7, (1.0, 0.5), True)
+    out = torch.empty(problem.output_shape, dtype=dtype)
+    arg = torch.empty(problem.output_shape, dtype=torch.int32)
+    streamed = planning.plan_forward_levels(problem, out, arg, sizes(1, l2_bytes=2**10))
+    cached = planning.plan_forward_levels(problem, out, arg, sizes(1, l2_bytes=2**30))
+    assert streamed.name.startswith(kernels.levels_kernel(kernels.FORWARD_UNIT))
+    assert streamed.value("channels_per_block") == (80 if dtype == torch.float32 else 160)
+    assert cached.value("channels_per_block") == 160
 
 
 def test_plane_cvec_and_chan_plans():

@@ -43,6 +43,12 @@ VARIANTS: dict[str, CupyTuning] = {
     "auto": DEFAULT_TUNING,
     "plane": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_PLANE),
     "unit": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT),
+    "unit-2k": replace(
+        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT, unit_block_elements_streamed=2048
+    ),
+    "unit-4k": replace(
+        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT, unit_block_elements_streamed=4096
+    ),
     "cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC),
     "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
     "small": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL),

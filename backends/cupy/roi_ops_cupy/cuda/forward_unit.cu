@@ -218,10 +218,46 @@ __device__ __forceinline__ void unit_channels(
 }
 }  // namespace roi_ops_cuda
 
+namespace roi_ops_cuda {
+// The ROI's geometry, computed once per block into dynamic shared memory (the launch plan sizes
+// it: sizeof(UnitGeometry) + PH + PW int2 edges): its image (-1 for an invalid ROI), whether
+// every bin is at most one pixel long, then the bin edges, rows then columns. The first PH + PW
+// threads compute it, an edge each, instead of every thread computing the ROI's row, its two
+// divisions and its bins' floors and ceilings; every thread reaches the barrier that follows.
+struct UnitGeometry {
+  i64 batch;
+  int small_roi;
+  int pad;
+};
+
+template <class R>
+__device__ __forceinline__ const int2* unit_geometry(const R* __restrict__ row, const i64 rs1,
+                                                     const i64 num_images,
+                                                     const double spatial_scale, const i64 PH,
+                                                     const i64 PW, const i64 H, const i64 W) {
+  typedef typename Rois<R>::G G;
+  UnitGeometry* const shared = reinterpret_cast<UnitGeometry*>(roi_dynamic_shared);
+  int2* const edges = reinterpret_cast<int2*>(shared + 1);
+  const i64 count = PH + PW;
+  if (threadIdx.x < count) {
+    const RoiGeometry<G> g = roi_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW);
+    const bool valid = g.batch >= 0;
+    for (i64 i = threadIdx.x; i < count; i += blockDim.x) {
+      edges[i] = i < PH ? bin_span<G>(i, g.bin_h, g.y1, H, valid)
+                        : bin_span<G>(i - PH, g.bin_w, g.x1, W, valid);
+    }
+    if (threadIdx.x == 0) {
+      shared->batch = g.batch;
+      shared->small_roi = g.bin_h <= typename G::V(1) && g.bin_w <= typename G::V(1);
+    }
+  }
+  __syncthreads();
+  return edges;
+}
+
 // The unit kernel's work in block (k, channel blocks) of ROI k on one map (input, its sizes
 // and strides, spatial_scale). num_images: N, or 0 for a ROI that pools nothing (every bin
 // empty). Returns false in a thread with nothing to do (no barrier follows).
-namespace roi_ops_cuda {
 template <class T, class R, bool kArgmax>
 __device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 num_images,
                                          const i64 C, const i64 H, const i64 W, const i64 sN,
@@ -230,14 +266,15 @@ __device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 
                                          const i64 PW, const i64 channels_per_block,
                                          T* __restrict__ output, int* __restrict__ argmax,
                                          const i64 k) {
-  typedef typename Rois<R>::G G;
   // float64 values and maxima take two registers each: half as many channels fit.
   constexpr int U = sizeof(T) == 8 ? kUnitChannels / 2 : kUnitChannels;
-  const RoiGeometry<G> g = roi_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW);
+  const int2* const edges =
+      unit_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW, H, W);
   const UnitLayout layout(PH, PW, threadIdx.x, blockDim.x, !kArgmax);
   if (!layout.active) return false;
-  const bool valid = g.batch >= 0;
-  const i64 image = (valid ? g.batch : 0) * sN;
+  const UnitGeometry* const shared = reinterpret_cast<const UnitGeometry*>(roi_dynamic_shared);
+  const i64 batch = shared->batch;
+  const i64 image = (batch >= 0 ? batch : 0) * sN;
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
   const int groups = static_cast<int>(layout.stride);
   const int first_channel = static_cast<int>(layout.first_channel);
@@ -246,12 +283,12 @@ __device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 
   const i64 out_step = static_cast<i64>(groups) * layout.bins;
   // Bins at most one pixel long give every bin at most 2 x 2 elements (the exact test below
   // stays per bin); ROI-wide, so the block's threads agree on the path.
-  const bool small_roi = g.bin_h <= typename G::V(1) && g.bin_w <= typename G::V(1);
+  const bool small_roi = shared->small_roi != 0;
   for (unsigned int q = layout.first_bin; q < layout.bins; q += layout.bin_step) {
     const unsigned int ph = q / static_cast<unsigned int>(PW);
     const unsigned int pw = q - ph * static_cast<unsigned int>(PW);
-    const int2 rows = bin_span<G>(ph, g.bin_h, g.y1, H, valid);
-    const int2 cols = bin_span<G>(pw, g.bin_w, g.x1, W, valid);
+    const int2 rows = edges[ph];
+    const int2 cols = edges[PH + pw];
     const int bin_h = rows.y - rows.x;
     const int bin_w = cols.y - cols.x;
     const bool empty = bin_h <= 0 || bin_w <= 0;
