@@ -37,16 +37,16 @@ def roi_levels(
     [k_min, k_max], in the rois' dtype, as torchvision's ``LevelMapper`` does. No device
     synchronisation.
     """
-    boxes = rois[:, 1:5]
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    sizes = torch.sqrt(area)
-    levels = torch.floor(
-        canonical_level + torch.log2(sizes / canonical_scale) + torch.tensor(eps, dtype=sizes.dtype)
-    )
-    levels = torch.clamp(levels, min=k_min, max=k_max)
-    defined = ~torch.isnan(levels)
-    index = torch.where(defined, levels, torch.full_like(levels, k_min)).to(torch.int64) - k_min
-    return torch.where(defined, index, torch.full_like(index, -1))
+    # In place after the first product (few launches: each costs a call device time), in
+    # torchvision's order, each operation rounding in the rois' dtype as it does there.
+    rois = rois.detach()
+    sides = rois[:, 3:5] - rois[:, 1:3]  # x2 - x1, y2 - y1
+    levels = sides[:, 0] * sides[:, 1]
+    levels.sqrt_().div_(canonical_scale).log2_().add_(canonical_level)
+    levels.add_(torch.tensor(eps, dtype=levels.dtype)).floor_()
+    # NaN stays NaN through clamp; the integral levels minus k_min are exact in any float dtype.
+    levels.clamp_(min=k_min, max=k_max).sub_(k_min).nan_to_num_(nan=-1.0)
+    return levels.to(torch.int64)
 
 
 def infer_scale(feature: torch.Tensor, original_size: Sequence[int]) -> float:

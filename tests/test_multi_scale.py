@@ -74,6 +74,68 @@ def test_levels_are_torchvisions():
     assert roi_levels(rois, 2, 5).tolist() == [2, 1, 0, 3, -1, 2]
 
 
+def _torchvision_level_mapper(rois, k_min, k_max, s0=224, lvl0=4, eps=1e-6):
+    # torchvision's LevelMapper.__call__ and box_area, verbatim, with -1 where the level is NaN.
+    boxes = rois[:, 1:5]
+    s = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    target = torch.floor(lvl0 + torch.log2(s / s0) + torch.tensor(eps, dtype=s.dtype))
+    target = torch.clamp(target, min=k_min, max=k_max)
+    nan = torch.isnan(target)
+    index = (torch.where(nan, k_min, target).to(torch.int64) - k_min).to(torch.int64)
+    return torch.where(nan, -1, index)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str
+)
+def test_levels_equal_torchvisions_formula_at_every_threshold(device, dtype):
+    # Squares whose side steps one value of the dtype at a time across each level's threshold
+    # (224 * 2^(k - 4): where eps and the rounding of every operation decide), random boxes,
+    # zero, inverted and non-finite boxes.
+    sides = []
+    for k in range(1, 8):
+        threshold = torch.tensor(224.0 * 2.0 ** (k - 4), dtype=dtype)
+        step = torch.tensor(float("inf"), dtype=dtype)
+        below = above = threshold
+        for _ in range(24):
+            below = torch.nextafter(below, -step)
+            above = torch.nextafter(above, step)
+            sides += [below, above]
+        sides.append(threshold)
+    side = torch.stack(sides).to(torch.float64)
+    origin = torch.full_like(side, 3.0)
+    squares = torch.stack([torch.zeros_like(side), origin, origin, origin + side, origin + side], 1)
+    special = torch.tensor(
+        [
+            [0, 5.0, 5, 5, 5],  # zero area: log2(0) = -inf, the finest level
+            [0, 10.0, 0, 0, 20],  # inverted along x: no level
+            [0, 200.0, 300, 0, 0],  # inverted along both: level 4
+            [0, float("nan"), 0, 10, 10],
+            [0, 0, 0, float("inf"), 10],
+            [0, float("-inf"), 0, 10, 10],
+        ],
+        dtype=torch.float64,
+    )
+    rois = torch.cat([squares.to(dtype).to(torch.float64), special, _rois(k=400, seed=7)])
+    rois = rois.to(dtype).to(device)
+    for k_min, k_max in [(2, 5), (0, 7), (3, 3)]:
+        expected = _torchvision_level_mapper(rois, k_min, k_max)
+        assert torch.equal(roi_levels(rois, k_min, k_max), expected)
+
+
 def test_rows_without_a_level_are_zero_and_get_no_gradient():
     features = _pyramid(requires_grad=True)
     rois = _rois(k=8)
