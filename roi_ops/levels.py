@@ -37,8 +37,8 @@ def roi_levels(
     [k_min, k_max], in the rois' dtype, as torchvision's ``LevelMapper`` does. No device
     synchronisation.
     """
-    # In place after the first product (few launches: each costs a call device time), in
-    # torchvision's order, each operation rounding in the rois' dtype as it does there.
+    # torchvision's operations in its order, each rounding in the rois' dtype as there, but in
+    # place after the first product: every launch adds to a call's device time.
     rois = rois.detach()
     sides = rois[:, 3:5] - rois[:, 1:3]  # x2 - x1, y2 - y1
     levels = sides[:, 0] * sides[:, 1]
