@@ -33,10 +33,9 @@ DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without
 MAX_GRID_Y = 65535
 INT32_LIMIT = 2**31
 UNIT_GEOMETRY_BYTES = 16  # the unit kernel's shared ROI geometry (UnitGeometry) before its edges
-UNIT_BUFFERS = 2  # the unit kernel's geometry buffers (a worker's items alternate between them)
-# The unit kernel's buffers of PH + PW edges fit the shared memory every device gives a block,
-# since PH + PW <= PH * PW + 1.
-UNIT_MAX_BINS = (DEFAULT_SHARED_LIMIT // UNIT_BUFFERS - UNIT_GEOMETRY_BYTES) // 8 - 1
+# The unit kernel's PH + PW edges fit the shared memory every device gives a block, since PH + PW
+# <= PH * PW + 1.
+UNIT_MAX_BINS = (DEFAULT_SHARED_LIMIT - UNIT_GEOMETRY_BYTES) // 8 - 1
 
 
 def unsupported_reasons(problem: RoIPoolProblem) -> list[str]:
@@ -319,26 +318,9 @@ def _forward_shape(
         per_block = channels_per_block(num_rois, channels, ph * pw, multiprocessors, target, tuning)
         if kernel == kernels.FORWARD_UNIT:
             per_block = whole_unit_steps(per_block, ph * pw, input.dtype)
-            return _unit_shape(num_rois, channels, per_block, ph, pw, multiprocessors, tuning)
     extra = (integer("channels_per_block", per_block),)
-    return (num_rois, _grid_y(channels, per_block), 1), (THREADS, 1, 1), 0, extra
-
-
-def _unit_shape(num_rois, channels, per_block, ph, pw, multiprocessors, tuning):
-    """The unit kernels' launch: workers that loop over the K * ceil(C / per_block) items (ROI,
-    channel block), at most `tuning.unit_workers_per_sm` a multiprocessor (0: one per item),
-    each with its two geometry buffers."""
-    items = num_rois * math.ceil(channels / per_block)
-    workers = min(items, INT32_LIMIT - 1)
-    if tuning.unit_workers_per_sm > 0:
-        workers = min(workers, tuning.unit_workers_per_sm * multiprocessors)
-    shared_mem = UNIT_BUFFERS * (UNIT_GEOMETRY_BYTES + 8 * (ph + pw))
-    extra = (
-        integer("channels_per_block", per_block),
-        integer("K", num_rois),
-        integer("items", items),
-    )
-    return (workers, 1, 1), (THREADS, 1, 1), shared_mem, extra
+    shared_mem = UNIT_GEOMETRY_BYTES + 8 * (ph + pw) if kernel == kernels.FORWARD_UNIT else 0
+    return (num_rois, _grid_y(channels, per_block), 1), (THREADS, 1, 1), shared_mem, extra
 
 
 # ---- Multi-level (pyramid) forward ----------------------------------------------------------

@@ -27,8 +27,6 @@ class CupyTuning:
             together do not fit in L2 (counted the same way): its blocks pool every level, most
             of them from levels far smaller than the finest, and larger channel blocks were
             faster there (docs/dev-log.md, fpn-multi).
-        unit_workers_per_sm: the unit kernels' blocks loop over their work items (ROI, channel
-            block); the grid holds this many blocks a multiprocessor (0: one block per item).
         backward_block_elements_streamed: outputs per block of the atomic backward when
             grad_input does not fit in L2 (the planes being added into stay in L2).
         min_blocks_per_sm: channel blocks are halved until the grid has this many blocks per
@@ -64,7 +62,6 @@ class CupyTuning:
     unit_block_elements_cached: int = 8192
     unit_block_elements_streamed: int = 1024
     unit_block_elements_levels: int = 4096
-    unit_workers_per_sm: int = 4
     backward_block_elements_streamed: int = 512
     min_blocks_per_sm: int = 8
     chan_min_channels: int = 16

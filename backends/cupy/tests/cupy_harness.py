@@ -144,22 +144,15 @@ def run_forward(
     )
     launch = planning.plan_forward(problem, output, argmax, sizes(multiprocessors), tuning)
     if launch is not None:
-        if grid_y is not None:
-            launch = fewer_blocks(launch, grid_y)
+        if grid_y is not None:  # fewer block rows than channel blocks: the kernels loop
+            launch = kernels.Launch(
+                launch.name, (launch.grid[0], grid_y, 1), launch.block, launch.shared_mem,
+                launch.args,
+            )  # fmt: skip
         runner.launch(launch)
     check_guards(out_buf, -7.0)
     check_guards(arg_buf, -7)
     return output.cpu(), (argmax.cpu() if needs_argmax else None)
-
-
-def fewer_blocks(launch: kernels.Launch, count: int) -> kernels.Launch:
-    """`launch` with fewer blocks than it has work, so that the kernel's loops over work run:
-    `count` workers for the unit kernels (whose blocks loop over their (ROI, channel block)
-    items), else `count` grid rows for the channel blocks."""
-    if launch.name.startswith(kernels.FORWARD_UNIT):
-        assert launch.grid[1:] == (1, 1)
-        return replace(launch, grid=(count, 1, 1))
-    return replace(launch, grid=(launch.grid[0], count, 1))
 
 
 def check(runner, x, rois, size, scale, **options) -> None:

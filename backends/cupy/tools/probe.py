@@ -49,10 +49,6 @@ VARIANTS: dict[str, CupyTuning] = {
     "unit-4k": replace(
         DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT, unit_block_elements_streamed=4096
     ),
-    "unit-items": replace(
-        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT, unit_workers_per_sm=0
-    ),
-    "unit-w8": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT, unit_workers_per_sm=8),
     "cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC),
     "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
     "small": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL),

@@ -411,18 +411,6 @@ __device__ __forceinline__ void report_bad_roi(const R* __restrict__ rois, i64 r
   }
 }
 
-// The same for kernels whose blocks loop over work items (the unit kernels): thread 0 of the
-// block that pools ROI k's first channel block records it, at the end of that item.
-template <class R>
-__device__ __forceinline__ void report_bad_roi_at(const R* __restrict__ rois, i64 rs0, i64 rs1,
-                                                  i64 num_images, long long* __restrict__ log,
-                                                  i64 k) {
-  if (log != nullptr && threadIdx.x == 0) {
-    const R* __restrict__ row = rois + k * rs0;
-    if (!roi_valid<R>(row, rs1, num_images)) record_bad_row<R>(log, row, rs1, k, num_images);
-  }
-}
-
 // The backward's image of ROI k: trunc(rois[k, 0]) clamped into [0, N), as
 // roi_ops.backend.RoIPoolBackwardProblem.batch_index (NaN gives 0). Only ROIs whose argmax is
 // not all -1 (valid ones, whose index is already in range) add gradients.

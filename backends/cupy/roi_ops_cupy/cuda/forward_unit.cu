@@ -187,72 +187,56 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
   }
 }
 
-// Channel block [c0, c0 + channels_per_block) of one bin: the thread's channels first_channel,
-// + groups, ..., U at a time. kSmall: the bin has at most 2 x 2 elements (and is not empty);
-// separate instantiations keep the two paths' registers apart.
+// Every channel block of one bin: the thread's channels first_channel, + groups, ... of each
+// block, U at a time. kSmall: the bin has at most 2 x 2 elements (and is not empty); separate
+// instantiations keep the two paths' registers apart.
 template <class T, int U, bool kArgmax, bool kSmall>
 __device__ __forceinline__ void unit_channels(
-    const T* __restrict__ input, T* __restrict__ output, int* __restrict__ argmax, i64 C, i64 c0,
+    const T* __restrict__ input, T* __restrict__ output, int* __restrict__ argmax, i64 C,
     i64 channels_per_block, i64 sC, i64 sH, i64 in_step, i64 out_step, i64 corner, i64 k,
     unsigned int q, unsigned int bins, int groups, int first_channel, int bin_h, int bin_w,
     bool empty, int w_int, int first_index) {
-  const int channels =
-      static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
-  // Offsets (not pointers: the bases stay in constant memory) of the thread's next channel.
-  i64 in_at = corner + (c0 + first_channel) * sC;
-  i64 out_at = (k * C + c0 + first_channel) * bins + q;
-  for (int cl = first_channel; cl < channels; cl += U * groups) {
-    if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
-      unit_max_no_argmax<T, U, kSmall>(input + in_at, in_step, sH, channels - cl, groups,
-                                       bin_h, bin_w, empty, output + out_at, out_step);
-    } else {
-      unit_max_compare<T, U, kArgmax, kSmall>(
-          input + in_at, in_step, sH, channels - cl, groups, bin_h, bin_w, empty, w_int,
-          first_index, output + out_at, kArgmax ? argmax + out_at : nullptr, out_step);
+  for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
+    const int channels =
+        static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
+    // Offsets (not pointers: the bases stay in constant memory) of the thread's next channel.
+    i64 in_at = corner + (c0 + first_channel) * sC;
+    i64 out_at = (k * C + c0 + first_channel) * bins + q;
+    for (int cl = first_channel; cl < channels; cl += U * groups) {
+      if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
+        unit_max_no_argmax<T, U, kSmall>(input + in_at, in_step, sH, channels - cl, groups,
+                                         bin_h, bin_w, empty, output + out_at, out_step);
+      } else {
+        unit_max_compare<T, U, kArgmax, kSmall>(
+            input + in_at, in_step, sH, channels - cl, groups, bin_h, bin_w, empty, w_int,
+            first_index, output + out_at, kArgmax ? argmax + out_at : nullptr, out_step);
+      }
+      in_at += U * in_step;
+      out_at += U * out_step;
     }
-    in_at += U * in_step;
-    out_at += U * out_step;
   }
 }
 }  // namespace roi_ops_cuda
 
 namespace roi_ops_cuda {
-// The unit kernel's blocks are resident workers: block b pools work items b, b + gridDim.x, ...
-// of the K * ceil(C / channels_per_block) items (ROI k, channel block cb), item cb * K + k, so
-// that the items in flight at any time are consecutive ROIs of one channel block, as a grid of
-// one block per item runs them. A grid of SMs x kUnitBlocksPerSM workers pays a block's start
-// and its ROI-row loads once instead of once per item (the launch plan sizes the grid).
-//
-// Each item's ROI geometry is computed once into dynamic shared memory: its image (-1 for an
-// invalid ROI), whether every bin is at most one pixel long, then the bin edges, rows then
-// columns. The first PH + PW threads compute it, an edge each, instead of every thread computing
-// the ROI's row, its two divisions and its bins' floors and ceilings; a barrier follows. Two
-// buffers alternate between a worker's items: a thread still scanning item i reads buffer i % 2
-// while item i + 1's geometry goes into the other, and every thread has left item i before
-// the barrier of item i + 1, so item i + 2 may overwrite it (the launch plan sizes both
-// buffers: unit_buffer_bytes each).
+// The ROI's geometry, computed once per block into dynamic shared memory (the launch plan sizes
+// it: sizeof(UnitGeometry) + PH + PW int2 edges): its image (-1 for an invalid ROI), whether
+// every bin is at most one pixel long, then the bin edges, rows then columns. The first PH + PW
+// threads compute it, an edge each, instead of every thread computing the ROI's row, its two
+// divisions and its bins' floors and ceilings; every thread reaches the barrier that follows.
 struct UnitGeometry {
   i64 batch;
   int small_roi;
   int pad;
 };
 
-__device__ __forceinline__ i64 unit_buffer_bytes(const i64 PH, const i64 PW) {
-  return static_cast<i64>(sizeof(UnitGeometry)) + 8 * (PH + PW);  // a multiple of 8
-}
-
-__device__ __forceinline__ UnitGeometry* unit_buffer(const i64 PH, const i64 PW,
-                                                     const unsigned int parity) {
-  return reinterpret_cast<UnitGeometry*>(roi_dynamic_shared + parity * unit_buffer_bytes(PH, PW));
-}
-
 template <class R>
-__device__ __forceinline__ void unit_geometry(UnitGeometry* const shared,
-                                              const R* __restrict__ row, const i64 rs1,
-                                              const i64 num_images, const double spatial_scale,
-                                              const i64 PH, const i64 PW, const i64 H,
-                                              const i64 W) {
+__device__ __forceinline__ const int2* unit_geometry(const R* __restrict__ row, const i64 rs1,
+                                                     const i64 num_images,
+                                                     const double spatial_scale, const i64 PH,
+                                                     const i64 PW, const i64 H, const i64 W) {
   typedef typename Rois<R>::G G;
+  UnitGeometry* const shared = reinterpret_cast<UnitGeometry*>(roi_dynamic_shared);
   int2* const edges = reinterpret_cast<int2*>(shared + 1);
   const i64 count = PH + PW;
   if (threadIdx.x < count) {
@@ -267,22 +251,28 @@ __device__ __forceinline__ void unit_geometry(UnitGeometry* const shared,
       shared->small_roi = g.bin_h <= typename G::V(1) && g.bin_w <= typename G::V(1);
     }
   }
+  __syncthreads();
+  return edges;
 }
 
-// Item (ROI k, channels [c0, c0 + channels_per_block) of C) on one map (input, its sizes and
-// strides), from the geometry in `shared` (written, and a barrier passed, before).
-template <class T, bool kArgmax>
-__device__ __forceinline__ void unit_item(const UnitGeometry* const shared,
-                                          const T* __restrict__ input, const i64 C, const i64 W,
-                                          const i64 sN, const i64 sC, const i64 sH,
-                                          const i64 PH, const i64 PW, const i64 c0,
-                                          const i64 channels_per_block, T* __restrict__ output,
-                                          int* __restrict__ argmax, const i64 k) {
+// The unit kernel's work in block (k, channel blocks) of ROI k on one map (input, its sizes
+// and strides, spatial_scale). num_images: N, or 0 for a ROI that pools nothing (every bin
+// empty). Returns false in a thread with nothing to do (no barrier follows).
+template <class T, class R, bool kArgmax>
+__device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 num_images,
+                                         const i64 C, const i64 H, const i64 W, const i64 sN,
+                                         const i64 sC, const i64 sH, const R* __restrict__ row,
+                                         const i64 rs1, const double spatial_scale, const i64 PH,
+                                         const i64 PW, const i64 channels_per_block,
+                                         T* __restrict__ output, int* __restrict__ argmax,
+                                         const i64 k) {
   // float64 values and maxima take two registers each: half as many channels fit.
   constexpr int U = sizeof(T) == 8 ? kUnitChannels / 2 : kUnitChannels;
+  const int2* const edges =
+      unit_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW, H, W);
   const UnitLayout layout(PH, PW, threadIdx.x, blockDim.x, !kArgmax);
-  if (!layout.active) return;
-  const int2* const edges = reinterpret_cast<const int2*>(shared + 1);
+  if (!layout.active) return false;
+  const UnitGeometry* const shared = reinterpret_cast<const UnitGeometry*>(roi_dynamic_shared);
   const i64 batch = shared->batch;
   const i64 image = (batch >= 0 ? batch : 0) * sN;
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
@@ -306,73 +296,52 @@ __device__ __forceinline__ void unit_item(const UnitGeometry* const shared,
     const i64 corner = image + rows.x * sH + cols.x;  // the bin's first element in plane 0
     const int first_index = rows.x * w_int + cols.x;
     if (small) {
-      unit_channels<T, U, kArgmax, true>(input, output, argmax, C, c0, channels_per_block, sC,
-                                         sH, in_step, out_step, corner, k, q, layout.bins,
-                                         groups, first_channel, bin_h, bin_w, empty, w_int,
-                                         first_index);
+      unit_channels<T, U, kArgmax, true>(input, output, argmax, C, channels_per_block, sC, sH,
+                                         in_step, out_step, corner, k, q, layout.bins, groups,
+                                         first_channel, bin_h, bin_w, empty, w_int, first_index);
     } else {
-      unit_channels<T, U, kArgmax, false>(input, output, argmax, C, c0, channels_per_block, sC,
-                                          sH, in_step, out_step, corner, k, q, layout.bins,
-                                          groups, first_channel, bin_h, bin_w, empty, w_int,
-                                          first_index);
+      unit_channels<T, U, kArgmax, false>(input, output, argmax, C, channels_per_block, sC, sH,
+                                          in_step, out_step, corner, k, q, layout.bins, groups,
+                                          first_channel, bin_h, bin_w, empty, w_int, first_index);
     }
   }
-}
-
-// Work item i of this worker: blockIdx.x + i * gridDim.x, below `items` (K * ceil(C /
-// channels_per_block) < 2^31: the launch plan's condition), and its ROI (item % K) and channel
-// block (item / K). 32-bit: the unit kernels are at their register bound, and only i and k stay
-// live through an item.
-__device__ __forceinline__ unsigned int unit_item_at(const unsigned int i) {
-  return blockIdx.x + i * gridDim.x;
+  return true;
 }
 }  // namespace roi_ops_cuda
 
 // channels_per_block <= 2^24 (kernels.MAX_CHANNELS_PER_BLOCK; in practice a few thousand
 // outputs per block), so the channel counters within a block are 32-bit; every offset into a
-// tensor stays 64-bit. Arguments as the plane kernel's, K (the ROIs) and the work items.
+// tensor stays 64-bit. Arguments as the plane kernel's.
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kUnitBlocksPerSM)
-    roi_pool_forward_unit(ROI_OPS_MAP_PARAMETERS, const i64 channels_per_block, const i64 K,
-                          const i64 items, ROI_OPS_FORWARD_OUTPUTS) {
+    roi_pool_forward_unit(ROI_OPS_MAP_PARAMETERS, const i64 channels_per_block,
+                          ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
   (void)sW;  // 1: the launch plan picks this kernel only for a unit W stride
-  const unsigned int num_rois = static_cast<unsigned int>(K);
-  for (unsigned int i = 0; unit_item_at(i) < static_cast<unsigned int>(items); ++i) {
-    const unsigned int parity = i & 1u;
-    const unsigned int cb = unit_item_at(i) / num_rois;
-    const unsigned int k = unit_item_at(i) - cb * num_rois;
-    UnitGeometry* const shared = unit_buffer(PH, PW, parity);
-    unit_geometry<R>(shared, rois + k * rs0, rs1, N, spatial_scale, PH, PW, H, W);
-    __syncthreads();
-    unit_item<T, kArgmax>(shared, input, C, W, sN, sC, sH, PH, PW, cb * channels_per_block,
-                          channels_per_block, output, argmax, k);
-    if (unit_item_at(i) < num_rois) report_bad_roi_at<R>(rois, rs0, rs1, N, bad_roi_log, k);
+  const i64 k = blockIdx.x;
+  if (!unit_roi<T, R, kArgmax>(input, N, C, H, W, sN, sC, sH, rois + k * rs0, rs1, spatial_scale,
+                               PH, PW, channels_per_block, output, argmax, k)) {
+    return;
   }
+  report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
 }
 
 // ---- roi_pool_forward_unit_levels<T, R, kArgmax>: the unit kernel over pyramid levels --------
-// Item (k, channel block) pools ROI k from the map of its level (common.cuh: LevelMaps); a ROI
+// Block (k, channel blocks) pools ROI k from the map of its level (common.cuh: LevelMaps); a ROI
 // with no level pools nothing. Every level has a unit W stride. Arguments: the L maps, the
 // (K,) int64 levels (row stride ls0), then as the unit kernel's without the map's.
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kUnitBlocksPerSM)
     roi_pool_forward_unit_levels(ROI_OPS_LEVELS_PARAMETERS, const i64 channels_per_block,
-                                 const i64 K, const i64 items, ROI_OPS_FORWARD_OUTPUTS) {
+                                 ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
-  const unsigned int num_rois = static_cast<unsigned int>(K);
-  for (unsigned int i = 0; unit_item_at(i) < static_cast<unsigned int>(items); ++i) {
-    const unsigned int parity = i & 1u;
-    const unsigned int cb = unit_item_at(i) / num_rois;
-    const unsigned int k = unit_item_at(i) - cb * num_rois;
-    const int level = roi_level(levels, ls0, k, L);
-    const LevelMap<T>& map = maps.level[level < 0 ? 0 : level];
-    UnitGeometry* const shared = unit_buffer(PH, PW, parity);
-    unit_geometry<R>(shared, rois + k * rs0, rs1, level < 0 ? 0 : N, map.spatial_scale, PH, PW,
-                     map.H, map.W);
-    __syncthreads();
-    unit_item<T, kArgmax>(shared, map.input, C, map.W, map.sN, map.sC, map.sH, PH, PW,
-                          cb * channels_per_block, channels_per_block, output, argmax, k);
-    if (unit_item_at(i) < num_rois) report_bad_roi_at<R>(rois, rs0, rs1, N, bad_roi_log, k);
+  const i64 k = blockIdx.x;
+  const int level = roi_level(levels, ls0, k, L);
+  const LevelMap<T>& map = maps.level[level < 0 ? 0 : level];
+  if (!unit_roi<T, R, kArgmax>(map.input, level < 0 ? 0 : N, C, map.H, map.W, map.sN, map.sC,
+                               map.sH, rois + k * rs0, rs1, map.spatial_scale, PH, PW,
+                               channels_per_block, output, argmax, k)) {
+    return;
   }
+  report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
 }
