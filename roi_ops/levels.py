@@ -1,12 +1,17 @@
 """Which pyramid level pools each ROI: torchvision's FPN level mapping, exactly.
 
-`roi_levels` is torchvision's ``LevelMapper`` (eq. 1 of the FPN paper), computed with the same
-torch operations in the same order on the same device, so every ROI gets the level torchvision
-would give it. `level_range` and `infer_scales` are ``MultiScaleRoIAlign``'s scale set-up.
+`levels_by_formula` is torchvision's ``LevelMapper`` (eq. 1 of the FPN paper), computed with the
+same torch operations in the same order on the same device, so every ROI gets the level
+torchvision would give it. `roi_levels` gives the same levels; on CUDA it compares each box's
+area with the smallest area of every level (`area_thresholds`, found once per device, dtype and
+constants by running that formula on every candidate area near each level's boundary), which
+takes five launches instead of twelve. `level_range` and `infer_scales` are
+``MultiScaleRoIAlign``'s scale set-up.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -19,6 +24,45 @@ def level_range(spatial_scales: Sequence[float]) -> tuple[int, int]:
     first = -torch.log2(torch.tensor(spatial_scales[0], dtype=torch.float32)).item()
     last = -torch.log2(torch.tensor(spatial_scales[-1], dtype=torch.float32)).item()
     return int(first), int(last)
+
+
+def box_areas(rois: torch.Tensor) -> torch.Tensor:
+    """(K,) areas (x2 - x1) * (y2 - y1) of (K, 5) ROI rows, in their dtype, as torchvision's
+    ``box_area`` computes them (a fresh tensor)."""
+    sides = rois.detach()[:, 3:5] - rois.detach()[:, 1:3]
+    return sides[:, 0] * sides[:, 1]
+
+
+def levels_of_areas(
+    areas: torch.Tensor,
+    k_min: int,
+    k_max: int,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """(K,) int64 level index of each area, torchvision's formula (see `roi_levels`); overwrites
+    `areas`."""
+    # torchvision's operations in its order, each rounding in the areas' dtype as there, in
+    # place: every launch adds to a call's device time.
+    areas.sqrt_().div_(canonical_scale).log2_().add_(canonical_level)
+    areas.add_(torch.tensor(eps, dtype=areas.dtype)).floor_()
+    # NaN stays NaN through clamp; the integral levels minus k_min are exact in any float dtype.
+    areas.clamp_(min=k_min, max=k_max).sub_(k_min).nan_to_num_(nan=-1.0)
+    return areas.to(torch.int64)
+
+
+def levels_by_formula(
+    rois: torch.Tensor,
+    k_min: int,
+    k_max: int,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """`roi_levels` computed as torchvision computes it, one torch operation after another (12
+    launches on CUDA), on any device."""
+    return levels_of_areas(box_areas(rois), k_min, k_max, canonical_scale, canonical_level, eps)
 
 
 def roi_levels(
@@ -34,19 +78,91 @@ def roi_levels(
     coordinates), where torchvision's loop over levels pools nothing.
 
     ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``, clamped to
-    [k_min, k_max], in the rois' dtype, as torchvision's ``LevelMapper`` does. No device
-    synchronisation.
+    [k_min, k_max], in the rois' dtype, exactly as torchvision's ``LevelMapper`` computes it on
+    the rois' device. On CUDA each area is compared with the smallest area of every level
+    (`area_thresholds`), which gives the same levels in five launches; elsewhere, or where the
+    formula's levels are not monotonic in the area near a boundary, the formula itself runs
+    (`levels_by_formula`). No device synchronisation after the first call with a dtype and
+    these constants on a device.
     """
-    # torchvision's operations in its order, each rounding in the rois' dtype as there, but in
-    # place after the first product: every launch adds to a call's device time.
-    rois = rois.detach()
-    sides = rois[:, 3:5] - rois[:, 1:3]  # x2 - x1, y2 - y1
-    levels = sides[:, 0] * sides[:, 1]
-    levels.sqrt_().div_(canonical_scale).log2_().add_(canonical_level)
-    levels.add_(torch.tensor(eps, dtype=levels.dtype)).floor_()
-    # NaN stays NaN through clamp; the integral levels minus k_min are exact in any float dtype.
-    levels.clamp_(min=k_min, max=k_max).sub_(k_min).nan_to_num_(nan=-1.0)
-    return levels.to(torch.int64)
+    areas = box_areas(rois)
+    if areas.is_cuda and k_max > k_min:
+        constants = (k_min, k_max, canonical_scale, canonical_level, eps)
+        bounds = area_thresholds(areas.dtype, areas.device, *constants)
+        if bounds is not None:
+            return levels_by_thresholds(areas, bounds)
+    return levels_of_areas(areas, k_min, k_max, canonical_scale, canonical_level, eps)
+
+
+def levels_by_thresholds(areas: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """(K,) int64 level index of each area: how many of `bounds` (`area_thresholds`, same dtype
+    and device) it reaches; -1 for a negative or NaN area (whose square root is NaN). -0
+    compares >= 0 and gets the first level, as log2(-0) = -inf does."""
+    return torch.where(areas >= 0, torch.bucketize(areas, bounds, right=True), -1)
+
+
+# The bit patterns of a dtype's areas from +0 to +inf, in increasing order of their values: the
+# integer dtype that views them and the pattern of +inf.
+_AREA_PATTERNS = {
+    torch.float16: (torch.int16, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+}
+_SEARCH_POINTS = 1 << 20  # candidate areas evaluated in one pass
+
+
+@functools.lru_cache(maxsize=64)
+def area_thresholds(
+    dtype: torch.dtype,
+    device: torch.device,
+    k_min: int,
+    k_max: int,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    eps: float = 1e-6,
+) -> torch.Tensor | None:
+    """(k_max - k_min,) tensor of `dtype` on `device`: entry j - 1 is the smallest area >= 0
+    whose level index (`levels_of_areas` run on `device`) is at least j; None where those
+    levels are not monotonic in the area (then no thresholds give them).
+
+    The search runs the formula itself on `device`: every area of a 16-bit dtype at once; for
+    float32 and float64, evenly spaced areas narrow each boundary to at most 2^20 consecutive
+    values, and then every one of them. Levels are checked to never decrease across every set
+    of areas evaluated. Between samples away from a boundary the formula cannot step: its value
+    would have to cross an integer there, and near an integer it is only within the last few
+    units of its dtype of the boundary, which the exhaustive window covers.
+    """
+    int_dtype, top = _AREA_PATTERNS[dtype]
+    constants = (k_min, k_max, canonical_scale, canonical_level, eps)
+
+    def levels_at(patterns: torch.Tensor) -> torch.Tensor:
+        areas = patterns.to(device=device, dtype=int_dtype).view(dtype).clone()
+        return levels_of_areas(areas, *constants).cpu()
+
+    thresholds = []
+    for level in range(1, k_max - k_min + 1):
+        low, high = 0, top  # the first pattern at this level is in [low, high]
+        while True:
+            if high - low + 1 <= _SEARCH_POINTS:
+                patterns = torch.arange(low, high + 1, dtype=torch.int64)
+            else:
+                step = -(-(high - low + 1) // _SEARCH_POINTS)
+                patterns = torch.cat(
+                    [torch.arange(low, high, step, dtype=torch.int64), torch.tensor([high])]
+                )
+            levels = levels_at(patterns)
+            if bool((levels[1:] < levels[:-1]).any()) or int(levels[-1]) < level:
+                return None
+            # The first area at this level; the one before it (the previous pass's sample,
+            # when first is 0 in a narrowed window) is below it.
+            first = int(torch.argmax((levels >= level).to(torch.int8)))
+            if first == 0 or int(patterns[first] - patterns[first - 1]) == 1:
+                thresholds.append(int(patterns[first]))
+                break
+            low, high = int(patterns[first - 1]) + 1, int(patterns[first])
+    bits = torch.tensor(thresholds, dtype=torch.int64).to(int_dtype)
+    return bits.view(dtype).to(device)
 
 
 def infer_scale(feature: torch.Tensor, original_size: Sequence[int]) -> float:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import roi_ops
-from roi_ops.levels import infer_scales, level_range, roi_levels
+from roi_ops.levels import infer_scales, level_range, levels_by_formula, roi_levels
 from roi_ops.testing import reference_roi_pool, reference_roi_pool_backward
 
 SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
@@ -35,7 +35,7 @@ def _rois(k=60, n=2, size=256.0, seed=1, dtype=torch.float64):
 
 def _per_level_reference(features, rois, output_size, scales):
     """A Python loop over levels, as torchvision writes it, over the scalar reference."""
-    levels = roi_levels(rois, *level_range(scales))
+    levels = levels_by_formula(rois, *level_range(scales))
     channels = features[0].shape[1]
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
     output = torch.zeros(rois.shape[0], channels, ph, pw, dtype=features[0].dtype)

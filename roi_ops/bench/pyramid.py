@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..functional import roi_pool
-from ..levels import level_range, roi_levels
+from ..levels import level_range, levels_by_formula
 from ..multi_scale import multi_scale_roi_pool
 from .runner import MODES, TORCHVISION, Timing, row_fields, time_calls, torchvision_roi_pool
 
@@ -96,8 +96,9 @@ def make_boxes(workload: PyramidWorkload, dtype: torch.dtype, device, seed: int 
 
 
 def level_loop(pool: Callable, features, rois, output_size: int, scales) -> torch.Tensor:
-    """Per-level pooling as torchvision's ``_multiscale_roi_align`` writes it."""
-    levels = roi_levels(rois, *level_range(scales))
+    """Per-level pooling as torchvision's ``_multiscale_roi_align`` writes it (its
+    ``LevelMapper``'s operations included)."""
+    levels = levels_by_formula(rois, *level_range(scales))
     first = features[0]
     result = torch.zeros(
         (rois.shape[0], first.shape[1], output_size, output_size),

@@ -1,9 +1,9 @@
 """Multi-level (FPN) cases and their exact check against the scalar reference, level by level.
 
 `check_multi_scale_case` compares `roi_ops.multi_scale_roi_pool` on a backend with
-`reference_roi_pool` of each ROI on its level (the level computed by `roi_ops.levels.roi_levels`
-on the rois' device, as the contract says): output bits, inference output, and every level's
-gradient from small-integer grad_outputs (exact sums).
+`reference_roi_pool` of each ROI on its level (the level computed by torchvision's formula,
+`roi_ops.levels.levels_by_formula`, on the rois' device, as the contract says): output bits,
+inference output, and every level's gradient from small-integer grad_outputs (exact sums).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import poisoned_outputs, value_checks
-from ..levels import level_range, roi_levels
+from ..levels import level_range, levels_by_formula
 from ..multi_scale import multi_scale_roi_pool
 from .cases import INPUT_AXES, _assert_same_values
 from .reference import reference_roi_pool, reference_roi_pool_backward
@@ -94,7 +94,7 @@ def reference_by_level(
 
 def reference_multi_scale(case: MultiScaleCase):
     """(output, argmax, levels) on the CPU: `reference_roi_pool` of every ROI on its level."""
-    levels = roi_levels(case.rois, *level_range(case.spatial_scales)).cpu()
+    levels = levels_by_formula(case.rois, *level_range(case.spatial_scales)).cpu()
     output, argmax = reference_by_level(
         case.features, case.rois, levels, case.output_size, case.spatial_scales
     )
