@@ -137,30 +137,30 @@ def area_thresholds(
     constants = (k_min, k_max, canonical_scale, canonical_level, eps)
 
     def levels_at(patterns: torch.Tensor) -> torch.Tensor:
-        areas = patterns.to(device=device, dtype=int_dtype).view(dtype).clone()
-        return levels_of_areas(areas, *constants).cpu()
+        return levels_of_areas(patterns.to(int_dtype).view(dtype).clone(), *constants)
 
     thresholds = []
     for level in range(1, k_max - k_min + 1):
         low, high = 0, top  # the first pattern at this level is in [low, high]
         while True:
-            if high - low + 1 <= _SEARCH_POINTS:
-                patterns = torch.arange(low, high + 1, dtype=torch.int64)
-            else:
-                step = -(-(high - low + 1) // _SEARCH_POINTS)
-                patterns = torch.cat(
-                    [torch.arange(low, high, step, dtype=torch.int64), torch.tensor([high])]
-                )
+            # The candidates on the device; only three numbers a pass come back.
+            step = max(1, -(-(high - low + 1) // _SEARCH_POINTS))
+            patterns = torch.arange(low, high + step, step, dtype=torch.int64, device=device)
+            patterns[-1] = high  # the last sample is the window's end
             levels = levels_at(patterns)
-            if bool((levels[1:] < levels[:-1]).any()) or int(levels[-1]) < level:
-                return None
+            falls = (levels[1:] < levels[:-1]).any().to(torch.int64)
             # The first area at this level; the one before it (the previous pass's sample,
             # when first is 0 in a narrowed window) is below it.
-            first = int(torch.argmax((levels >= level).to(torch.int8)))
-            if first == 0 or int(patterns[first] - patterns[first - 1]) == 1:
-                thresholds.append(int(patterns[first]))
+            first = torch.argmax((levels >= level).to(torch.int8))
+            before = patterns[(first - 1).clamp(min=0)]
+            summary = torch.stack([falls, levels[-1], first, before, patterns[first]])
+            falls, last, first, before, at = summary.tolist()
+            if falls or last < level:
+                return None
+            if first == 0 or at - before == 1:
+                thresholds.append(at)
                 break
-            low, high = int(patterns[first - 1]) + 1, int(patterns[first])
+            low, high = before + 1, at
     bits = torch.tensor(thresholds, dtype=torch.int64).to(int_dtype)
     return bits.view(dtype).to(device)
 

@@ -88,7 +88,7 @@ def test_areas_near_every_boundary_get_the_formulas_level(device, dtype, constan
     _assert_levels_match(torch.cat([areas, -areas, _specials(dtype).to(device)]), constants)
 
 
-@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_levels_without_thresholds_come_from_the_formula(device, monkeypatch):
     # Levels that fall again after a boundary: no thresholds give them, so roi_levels runs
     # the formula (here a stand-in that is not monotonic in the area).
