@@ -80,13 +80,14 @@ def roi_levels(
     ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``, clamped to
     [k_min, k_max], in the rois' dtype, exactly as torchvision's ``LevelMapper`` computes it on
     the rois' device. On CUDA each area is compared with the smallest area of every level
-    (`area_thresholds`), which gives the same levels in five launches; elsewhere, or where the
-    formula's levels are not monotonic in the area near a boundary, the formula itself runs
-    (`levels_by_formula`). No device synchronisation after the first call with a dtype and
-    these constants on a device.
+    (`area_thresholds`), which gives the same levels in five launches; elsewhere, under
+    torch.compile, or where the formula's levels are not monotonic in the area near a boundary,
+    the formula itself runs (`levels_by_formula`). No device synchronisation after the first
+    call with a dtype and these constants on a device.
     """
     areas = box_areas(rois)
-    if areas.is_cuda and k_max > k_min:
+    # Under torch.compile the formula is traced (its search reads results on the host).
+    if areas.is_cuda and k_max > k_min and not torch.compiler.is_compiling():
         constants = (k_min, k_max, canonical_scale, canonical_level, eps)
         bounds = area_thresholds(areas.dtype, areas.device, *constants)
         if bounds is not None:

@@ -183,10 +183,23 @@ def test_gradcheck_and_gradgradcheck(call_path):
     assert torch.autograd.gradgradcheck(pool, tuple(features))
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+def test_compile_fullgraph(device):
     torch._dynamo.reset()
-    features = _pyramid(torch.float32)
-    rois = _rois(dtype=torch.float32)
+    features = [f.to(device) for f in _pyramid(torch.float32)]
+    rois = _rois(dtype=torch.float32).to(device)
     compiled = torch.compile(
         lambda f, r: roi_ops.multi_scale_roi_pool(f, r, 3, SCALES) * 2, fullgraph=True
     )
