@@ -381,12 +381,14 @@ def _bench(args: argparse.Namespace) -> int:
         sys.stderr.write("error: no measurement succeeded (the table shows each error)\n")
         return FAILED
     if args.plot:
-        from .bench.plot import plot_results
+        from .bench.plot import chartable_dtypes, plot_results
 
-        measured = {r.dtype for r in results if r.times_ms}
+        chartable = chartable_dtypes(document)
         for dtype, path in chart_paths(args.plot, dtype_names).items():
-            if dtype in measured:
+            if dtype in chartable:
                 print(f"wrote {plot_results(document, path, dtype)}")
+            else:
+                sys.stderr.write(f"note: no chart for {dtype}: no baseline measured for it\n")
     return 0
 
 
@@ -408,7 +410,7 @@ def _plot(args: argparse.Namespace) -> int:
             f"plot: {args.json} has no 'results' list; give a file written by "
             "`python -m roi_ops bench --json FILE`"
         )
-    from .bench.plot import dtypes_in, plot_results
+    from .bench.plot import chartable_dtypes, dtypes_in, plot_results
 
     available = dtypes_in(document)
     if not available:
@@ -418,7 +420,13 @@ def _plot(args: argparse.Namespace) -> int:
             f"plot --dtype: {args.json} has no measurement of {args.dtype!r} (it has: "
             f"{', '.join(available)})"
         )
-    wanted = [args.dtype] if args.dtype else available
+    if args.dtype:
+        wanted = [args.dtype]
+    else:  # every dtype that has a baseline (torchvision has no bfloat16 kernel)
+        wanted = chartable_dtypes(document) or available
+        for dtype in available:
+            if dtype not in wanted:
+                sys.stderr.write(f"note: no chart for {dtype}: no baseline measured for it\n")
     for dtype, png in chart_paths(args.png, wanted).items():
         print(f"wrote {plot_results(document, png, dtype)}")
     return 0

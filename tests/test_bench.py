@@ -139,6 +139,24 @@ def test_plot_from_a_saved_json(tmp_path, capsys):
     ]
 
 
+def test_plot_skips_a_dtype_without_a_baseline(tmp_path, capsys):
+    # torchvision has no bfloat16 kernel: a run with bfloat16 rows charts the other dtypes.
+    pytest.importorskip("matplotlib")
+    document = json.loads((SAMPLES / "sample-h200-bench.json").read_text())
+    bf16 = [
+        {**r, "dtype": "bfloat16"} for r in document["results"] if r["backend"] != "torchvision"
+    ]
+    document["results"] += bf16
+    source = tmp_path / "with-bf16.json"
+    source.write_text(json.dumps(document))
+    assert main(["plot", str(source), str(tmp_path / "all.png")]) == 0
+    assert sorted(p.name for p in tmp_path.glob("all-*.png")) == [
+        "all-float16.png",
+        "all-float32.png",
+    ]
+    assert "no chart for bfloat16: no baseline measured for it" in capsys.readouterr().err
+
+
 def test_plot_of_a_fresh_run_with_checks_off_rows(tiny, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "bench.json"

@@ -32,6 +32,29 @@ def dtypes_in(document: dict) -> list[str]:
     return list(dict.fromkeys(r["dtype"] for r in document.get("results", []) if _ok(r)))
 
 
+def chartable_dtypes(document: dict) -> list[str]:
+    """The dtypes of `document` that `plot_results` can chart: measured by torchvision (or the
+    torch backend) and by at least one other backend (torchvision has no bfloat16 kernel)."""
+    rows = [r for r in document.get("results", []) if _ok(r)]
+    return [
+        dtype
+        for dtype in dtypes_in(document)
+        if all(_baseline_and_contenders([r for r in rows if r["dtype"] == dtype]))
+    ]
+
+
+def _baseline_and_contenders(results: list[dict]) -> tuple[str | None, list[tuple[str, str]]]:
+    """The baseline backend of one dtype's rows (torchvision, else the torch backend, else None)
+    and the (backend, settings) keys charted against it (the torch backend only when nothing
+    else was measured)."""
+    keys = list(dict.fromkeys(_key(r) for r in results))
+    baseline_name = next((b for b in (TORCHVISION, "torch") if (b, DEFAULT) in keys), None)
+    contenders = [k for k in keys if k != (baseline_name, DEFAULT)]
+    if any(k[0] != "torch" for k in contenders):
+        contenders = [k for k in contenders if k[0] != "torch"]
+    return baseline_name, contenders
+
+
 def _key(row: dict) -> tuple[str, str]:
     return row["backend"], row.get("settings", DEFAULT)
 
@@ -65,17 +88,13 @@ def plot_results(document: dict, path: str | Path, dtype: str | None = None) -> 
         raise ValueError(
             f"dtype: no successful measurement of {dtype!r} (have: {dtypes_in(document)})"
         )
-    keys = list(dict.fromkeys(_key(r) for r in results))
-    baseline_name = next((b for b in (TORCHVISION, "torch") if (b, DEFAULT) in keys), None)
+    baseline_name, contenders = _baseline_and_contenders(results)
     if baseline_name is None:
         raise ValueError(
             "document: charts show speed-ups over torchvision (or the torch backend), and "
             f"neither was measured for {dtype}; rerun bench with torchvision installed"
         )
     baseline = {r["workload"]: r for r in results if _key(r) == (baseline_name, DEFAULT)}
-    contenders = [k for k in keys if k != (baseline_name, DEFAULT)]
-    if any(k[0] != "torch" for k in contenders):
-        contenders = [k for k in contenders if k[0] != "torch"]
     if not contenders:
         raise ValueError(
             f"document: only {baseline_name} was measured for {dtype}; nothing to compare"
