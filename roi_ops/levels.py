@@ -4,8 +4,8 @@
 same torch operations in the same order on the same device, so every ROI gets the level
 torchvision would give it. `roi_levels` gives the same levels; on CUDA it compares each box's
 area with the smallest area of every level (`area_thresholds`, found once per device, dtype and
-constants by running that formula on every candidate area near each level's boundary), which
-takes five launches instead of twelve. `level_range` and `infer_scales` are
+constants by running that formula on candidate areas, every one near each level's boundary),
+which takes five launches instead of twelve. `level_range` and `infer_scales` are
 ``MultiScaleRoIAlign``'s scale set-up.
 """
 
@@ -111,6 +111,7 @@ _AREA_PATTERNS = {
     torch.float64: (torch.int64, 0x7FF0000000000000),
 }
 _SEARCH_POINTS = 1 << 20  # candidate areas evaluated in one pass
+_NEAR = 1 << 16  # every area this many values either side of a boundary is checked
 
 
 @functools.lru_cache(maxsize=64)
@@ -128,11 +129,12 @@ def area_thresholds(
     levels are not monotonic in the area (then no thresholds give them).
 
     The search runs the formula itself on `device`: every area of a 16-bit dtype at once; for
-    float32 and float64, evenly spaced areas narrow each boundary to at most 2^20 consecutive
-    values, and then every one of them. Levels are checked to never decrease across every set
-    of areas evaluated. Between samples away from a boundary the formula cannot step: its value
-    would have to cross an integer there, and near an integer it is only within the last few
-    units of its dtype of the boundary, which the exhaustive window covers.
+    float32 and float64, passes of 2^20 evenly spaced areas narrow each boundary down to
+    consecutive values, and then every area within 2^16 values of the boundary is evaluated.
+    Levels are checked to never fall across every set of areas evaluated. Far from a boundary
+    the formula's value before its floor is far from an integer (each operation is within an
+    ulp or two, and one ulp of the area moves that value by under one of its own), so the
+    level cannot change between the samples there; near it, the window covers every area.
     """
     int_dtype, top = _AREA_PATTERNS[dtype]
     constants = (k_min, k_max, canonical_scale, canonical_level, eps)
@@ -140,28 +142,38 @@ def area_thresholds(
     def levels_at(patterns: torch.Tensor) -> torch.Tensor:
         return levels_of_areas(patterns.to(int_dtype).view(dtype).clone(), *constants)
 
+    def falls(levels: torch.Tensor) -> torch.Tensor:
+        return (levels[1:] < levels[:-1]).any().to(torch.int64)
+
     thresholds = []
     for level in range(1, k_max - k_min + 1):
         low, high = 0, top  # the first pattern at this level is in [low, high]
         while True:
-            # The candidates on the device; only three numbers a pass come back.
+            # The candidates on the device; five numbers a pass come back.
             step = max(1, -(-(high - low + 1) // _SEARCH_POINTS))
             patterns = torch.arange(low, high + step, step, dtype=torch.int64, device=device)
             patterns[-1] = high  # the last sample is the window's end
             levels = levels_at(patterns)
-            falls = (levels[1:] < levels[:-1]).any().to(torch.int64)
             # The first area at this level; the one before it (the previous pass's sample,
             # when first is 0 in a narrowed window) is below it.
             first = torch.argmax((levels >= level).to(torch.int8))
             before = patterns[(first - 1).clamp(min=0)]
-            summary = torch.stack([falls, levels[-1], first, before, patterns[first]])
-            falls, last, first, before, at = summary.tolist()
-            if falls or last < level:
+            summary = torch.stack([falls(levels), levels[-1], first, before, patterns[first]])
+            fell, last, first, before, at = summary.tolist()
+            if fell or last < level:
                 return None
             if first == 0 or at - before == 1:
-                thresholds.append(at)
                 break
             low, high = before + 1, at
+        # Every area within 2^16 values of the boundary: below it, none at this level.
+        near = torch.arange(
+            max(0, at - _NEAR), min(top, at + _NEAR) + 1, dtype=torch.int64, device=device
+        )
+        levels = levels_at(near)
+        below = ((levels >= level) & (near < at)).any().to(torch.int64)
+        if torch.stack([falls(levels), below]).any().item():
+            return None
+        thresholds.append(at)
     bits = torch.tensor(thresholds, dtype=torch.int64).to(int_dtype)
     return bits.view(dtype).to(device)
 

@@ -107,6 +107,26 @@ def test_levels_without_thresholds_come_from_the_formula(device, monkeypatch):
         area_thresholds.cache_clear()
 
 
+def test_a_level_that_falls_near_a_boundary_gives_no_thresholds(monkeypatch):
+    # One area 3,000 values above the boundary at 100 falls back a level: the evenly spaced
+    # passes step over it, the check of every area near the boundary does not.
+    boundary = torch.tensor(100.0).view(torch.int32)
+    dip = (boundary + 3000).view(torch.float32)
+
+    def dipped(areas, k_min, k_max, *rest):
+        return ((areas >= 100.0) & (areas != dip)).to(torch.int64)
+
+    area_thresholds.cache_clear()
+    monkeypatch.setattr(levels_module, "levels_of_areas", dipped)
+    try:
+        assert area_thresholds(torch.float32, torch.device("cpu"), 2, 3) is None
+        monkeypatch.setattr(levels_module, "levels_of_areas", lambda a, *_: (a >= 100.0).long())
+        area_thresholds.cache_clear()
+        assert area_thresholds(torch.float32, torch.device("cpu"), 2, 3).tolist() == [100.0]
+    finally:
+        area_thresholds.cache_clear()
+
+
 def test_the_cpu_runs_the_formula():
     # On the CPU torch's vectorised and scalar loops may round log2 differently by position,
     # so the levels come from the formula on the same tensor, as torchvision's do.
