@@ -5,7 +5,7 @@ same torch operations in the same order on the same device, so every ROI gets th
 torchvision would give it. `roi_levels` gives the same levels; on CUDA it compares each box's
 area with the smallest area of every level (`area_thresholds`, found once per device, dtype and
 constants by running that formula on candidate areas, every one near each level's boundary),
-which takes five launches instead of twelve. `level_range` and `infer_scales` are
+which takes six kernels instead of twelve. `level_range` and `infer_scales` are
 ``MultiScaleRoIAlign``'s scale set-up.
 """
 
@@ -80,7 +80,7 @@ def roi_levels(
     ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``, clamped to
     [k_min, k_max], in the rois' dtype, exactly as torchvision's ``LevelMapper`` computes it on
     the rois' device. On CUDA each area is compared with the smallest area of every level
-    (`area_thresholds`), which gives the same levels in five launches; elsewhere, under
+    (`area_thresholds`), which gives the same levels in six kernels; elsewhere, under
     torch.compile, or where the formula's levels are not monotonic in the area near a boundary,
     the formula itself runs (`levels_by_formula`). No device synchronisation after the first
     call with a dtype and these constants on a device.
