@@ -10,6 +10,16 @@ import torch
 
 import roi_ops
 
+# A "device" parameter: the CPU always; CUDA marked gpu and skipped without a device.
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ],
+)
+CPU_AND_CUDA = ["cpu", CUDA]
+
 
 def small_inputs(dtype=torch.float64, k=6, seed=0):
     """(x (2, 3, 10, 12), rois (k, 5)): random features and valid boxes, alternating images."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CPU_AND_CUDA
 
 import roi_ops.levels as levels_module
 from roi_ops.levels import (
@@ -16,13 +17,6 @@ from roi_ops.levels import (
     roi_levels,
 )
 
-CUDA = pytest.param(
-    "cuda",
-    marks=[
-        pytest.mark.gpu,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    ],
-)
 INTEGERS = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
@@ -61,7 +55,7 @@ def _assert_levels_match(areas: torch.Tensor, constants) -> None:
     )
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("constants", CONSTANTS, ids=str)
 def test_every_16_bit_area_gets_the_formulas_level(device, dtype, constants):
@@ -71,7 +65,7 @@ def test_every_16_bit_area_gets_the_formulas_level(device, dtype, constants):
     _assert_levels_match(areas, constants)
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("constants", CONSTANTS, ids=str)
 def test_areas_near_every_boundary_get_the_formulas_level(device, dtype, constants):
@@ -88,7 +82,7 @@ def test_areas_near_every_boundary_get_the_formulas_level(device, dtype, constan
     _assert_levels_match(torch.cat([areas, -areas, _specials(dtype).to(device)]), constants)
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_levels_without_thresholds_come_from_the_formula(device, monkeypatch):
     # Levels that fall again after a boundary: no thresholds give them, so roi_levels runs
     # the formula (here a stand-in that is not monotonic in the area).

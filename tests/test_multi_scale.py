@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CPU_AND_CUDA
 
 import roi_ops
 from roi_ops.levels import infer_scales, level_range, levels_by_formula, roi_levels
@@ -85,19 +86,7 @@ def _torchvision_level_mapper(rois, k_min, k_max, s0=224, lvl0=4, eps=1e-6):
     return torch.where(nan, -1, index)
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.gpu,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize(
     "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str
 )
@@ -183,19 +172,7 @@ def test_gradcheck_and_gradgradcheck(call_path):
     assert torch.autograd.gradgradcheck(pool, tuple(features))
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.gpu,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_compile_fullgraph(device):
     torch._dynamo.reset()
     features = [f.to(device) for f in _pyramid(torch.float32)]
