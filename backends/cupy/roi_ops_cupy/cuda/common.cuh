@@ -635,26 +635,6 @@ __device__ __noinline__ T first_with_key(const T* __restrict__ bin, int bin_h, i
   return bin[0];  // unreachable: the maximum is one of the bin's elements
 }
 
-// `first_with_key` with the element's argmax offset from the bin's first element (i * w + j,
-// w the map's width).
-template <class T>
-struct KeyedElement {
-  T value;
-  int offset;
-};
-template <class T>
-__device__ __forceinline__ KeyedElement<T> first_offset_with_key(const T* __restrict__ bin,
-                                                                 int bin_h, int bin_w, i64 sH,
-                                                                 int w, typename Elem<T>::key key) {
-  for (int i = 0; i < bin_h; ++i) {
-    for (int j = 0; j < bin_w; ++j) {
-      const T v = bin[i * sH + j];
-      if (Elem<T>::key_of(v) == key) return KeyedElement<T>{v, i * w + j};
-    }
-  }
-  return KeyedElement<T>{bin[0], 0};  // unreachable, as in first_with_key
-}
-
 // Inference without argmax: the bin's maximum through one max.NaN per element instead of a
 // compare-and-select. Results that are a zero or a NaN are replaced by the bin's first element
 // with the same key (`first_with_key`): the contract's first zero or first NaN. float64 keeps
@@ -672,9 +652,6 @@ struct NaNMax<float> {
   static __device__ __forceinline__ V lowest() { return Work<float>::lowest(); }
   static __device__ __forceinline__ V max(V a, V b) { return max_nan(a, b); }
   static __device__ __forceinline__ float bits(V m) { return m; }
-  static __device__ __forceinline__ bool same(V a, V b) {
-    return __float_as_uint(a) == __float_as_uint(b);
-  }
   // Not a zero and not a NaN: the result's bits are those of the bin's first maximal element.
   static __device__ __forceinline__ bool exact(V m) {
     const unsigned int magnitude = __float_as_int(m) & 0x7fffffffu;
@@ -697,7 +674,6 @@ struct NaNMax16 {
     t.bits = m;
     return t;
   }
-  static __device__ __forceinline__ bool same(V a, V b) { return a == b; }
   static __device__ __forceinline__ bool exact(V m) {
     const unsigned int magnitude = m & 0x7fffu;
     return magnitude != 0u && magnitude <= kInfBits;

@@ -1,11 +1,11 @@
 // ---- roi_pool_forward_unit<T, R, kArgmax>: a unit W stride (NCHW contiguous and the like) ----
 // The plane kernel's thread layout (a thread keeps one bin's geometry for every channel it
-// visits), with the inner loop cut to a load, a max.NaN, a compare of bits and a select per
-// element with the argmax (NaNMax; one max.NaN without it): each thread reduces kUnitChannels
-// channels at once (independent loads in flight, loop overhead shared), starts from -inf at the
-// bin's first element (so no "empty so far" test and no extra first load), steps along a row
-// with unit stride, and moves between channels by pointer additions. float64 (no max.NaN)
-// compares in PTX without flushing subnormals (`replaces`). Outputs are stored evict-first.
+// visits), with the inner loop cut to a load, two compares and two selects per element: each
+// thread reduces kUnitChannels channels at once (independent loads in flight, loop overhead
+// shared), compares floats directly in PTX without flushing subnormals (`replaces`), starts from
+// -inf at the bin's first element (so no "empty so far" test and no extra first load), steps
+// along a row with unit stride, and moves between channels by pointer additions. Without an
+// argmax it reduces with max.NaN (NaNMax). Outputs are stored evict-first.
 namespace roi_ops_cuda {
 constexpr int kUnitChannels = 4;  // channels per thread and step (2 for float64)
 constexpr int kUnitBlocksPerSM = 4;  // 64 registers: four channels' pointers, maxima, argmaxes
@@ -187,93 +187,6 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
   }
 }
 
-// Channels (bits of `inexact`) whose max.NaN result was a zero or a NaN get the bin's first
-// element with that key and its offset instead (stored again), after the stores of every
-// channel, with nothing but the bin's description live.
-template <class T>
-__device__ __forceinline__ void replace_inexact(const T* __restrict__ planes, i64 in_step,
-                                             int bin_h, int bin_w, i64 sH, int w_int,
-                                             int first_index, T* __restrict__ out,
-                                             int* __restrict__ arg, i64 out_step,
-                                             unsigned int inexact) {
-  for (int u = 0; inexact != 0u; ++u, inexact >>= 1) {
-    if ((inexact & 1u) == 0u) continue;
-    const KeyedElement<T> first = first_offset_with_key<T>(
-        planes + u * in_step, bin_h, bin_w, sH, w_int, Elem<T>::key_of(out[u * out_step]));
-    store_result<T>(out + u * out_step, first.value);
-    store_result<int>(arg + u * out_step, first_index + first.offset);
-  }
-}
-
-// The unit kernel's step for U channels of one bin with the argmax, through max.NaN (see
-// NaNMax): one max, one compare of bits and one select per element instead of two compares and
-// two selects. Arguments as unit_max_compare's.
-template <class T, int U, bool kSmall>
-__device__ __forceinline__ void unit_max_nan_argmax(const T* __restrict__ planes, i64 in_step,
-                                                    i64 sH, int remaining, int groups, int bin_h,
-                                                    int bin_w, bool empty, int w_int,
-                                                    int first_index, T* __restrict__ out,
-                                                    int* __restrict__ arg, i64 out_step) {
-  typedef NaNMax<T> M;
-  typedef typename M::V V;
-  const T* __restrict__ p[U];
-  bool exists[U];
-  unit_channel_pointers<T, U>(planes, in_step, remaining, groups, p, exists);
-  V m[U];
-  int at[U];  // the first element's offset (0) until an element changes the maximum
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    m[u] = M::lowest();
-    at[u] = 0;
-  }
-  if constexpr (kSmall) {  // as in unit_max_compare
-    const i64 down = bin_h > 1 ? sH : 0;
-    const int right = bin_w > 1 ? 1 : 0;
-    const int at_down = bin_h > 1 ? w_int : 0;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const T* __restrict__ line = i == 0 ? p[u] : p[u] + down;
-        const int row = i == 0 ? 0 : at_down;
-        const V left = M::max(m[u], M::load(line));
-        at[u] = M::same(left, m[u]) ? at[u] : row;
-        const V both = M::max(left, M::load(line + right));
-        at[u] = M::same(both, left) ? at[u] : row + right;
-        m[u] = both;
-      }
-    }
-  } else if (!empty) {
-    int row = 0;  // i * W: the argmax offset of the current row
-    for (int i = 0; i < bin_h; ++i) {
-      for (int j = 0; j < bin_w; ++j) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const V next = M::max(m[u], M::load(p[u] + j));
-          at[u] = M::same(next, m[u]) ? at[u] : row + j;
-          m[u] = next;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) p[u] += sH;
-      row += w_int;
-    }
-  }
-  unsigned int inexact = 0;  // bit u: channel u's maximum is a zero or a NaN
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    if (exists[u]) {
-      store_result<T>(out + u * out_step, M::bits(empty ? V(0) : m[u]));
-      store_result<int>(arg + u * out_step, empty ? -1 : first_index + at[u]);
-      if (!empty && !M::exact(m[u])) inexact |= 1u << u;
-    }
-  }
-  if (inexact != 0u) {
-    replace_inexact<T>(planes, in_step, bin_h, bin_w, sH, w_int, first_index, out, arg,
-                       out_step, inexact);
-  }
-}
-
 // Every channel block of one bin: the thread's channels first_channel, + groups, ... of each
 // block, U at a time. kSmall: the bin has at most 2 x 2 elements (and is not empty); separate
 // instantiations keep the two paths' registers apart.
@@ -293,10 +206,6 @@ __device__ __forceinline__ void unit_channels(
       if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
         unit_max_no_argmax<T, U, kSmall>(input + in_at, in_step, sH, channels - cl, groups,
                                          bin_h, bin_w, empty, output + out_at, out_step);
-      } else if constexpr (NaNMax<T>::kEnabled) {
-        unit_max_nan_argmax<T, U, kSmall>(input + in_at, in_step, sH, channels - cl, groups,
-                                          bin_h, bin_w, empty, w_int, first_index,
-                                          output + out_at, argmax + out_at, out_step);
       } else {
         unit_max_compare<T, U, kArgmax, kSmall>(
             input + in_at, in_step, sH, channels - cl, groups, bin_h, bin_w, empty, w_int,
