@@ -216,158 +216,6 @@ __device__ __forceinline__ void unit_channels(
     }
   }
 }
-
-// ---- experiment: two lanes per bin, each reducing half of the bin's columns ----
-__device__ __forceinline__ unsigned int pair_mask() { return 3u << ((threadIdx.x & 31u) & 30u); }
-
-template <class T>
-__device__ __forceinline__ T pair_other(T v) { return __shfl_xor_sync(pair_mask(), v, 1); }
-template <>
-__device__ __forceinline__ unsigned short pair_other(unsigned short v) {
-  return static_cast<unsigned short>(__shfl_xor_sync(pair_mask(), static_cast<unsigned int>(v), 1));
-}
-
-// Work-value key: float/double keys as Elem's, on the work type.
-__device__ __forceinline__ int work_key(float v) { return Elem<float>::key_of(v); }
-__device__ __forceinline__ i64 work_key(double v) { return Elem<double>::key_of(v); }
-
-// The pair's argmax step: this lane reduces columns [its part] of U channels of one bin; lane
-// `half` 0 holds the first ceil(w/2) columns. Lane 0 combines and stores.
-template <class T, int U, bool kArgmax>
-__device__ __forceinline__ void pair_max_compare(const T* __restrict__ planes, i64 in_step,
-                                                 i64 sH, int remaining, int groups, int bin_h,
-                                                 int my_w, int col_offset, bool other_has,
-                                                 bool empty, int w_int, int first_index,
-                                                 bool half, T* __restrict__ out,
-                                                 int* __restrict__ arg, i64 out_step,
-                                                 const T* __restrict__ bin_planes, int bin_w) {
-  typedef typename Work<T>::V V;
-  const T* __restrict__ p[U];
-  bool exists[U];
-  unit_channel_pointers<T, U>(planes, in_step, remaining, groups, p, exists);
-  V best[U];
-  int at[U];
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    best[u] = Work<T>::lowest();
-    at[u] = col_offset;
-  }
-  if (!empty) {
-    int row = col_offset;
-    for (int i = 0; i < bin_h; ++i) {
-      for (int j = 0; j < my_w; ++j) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const V v = Work<T>::in(p[u][j]);
-          if (replaces(v, best[u])) {
-            best[u] = v;
-            at[u] = row + j;
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) p[u] += sH;
-      row += w_int;
-    }
-  }
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const V ob = pair_other(best[u]);
-    const int oa = pair_other(at[u]);
-    if (!half && other_has) {
-      const auto ko = work_key(ob);
-      const auto km = work_key(best[u]);
-      if (ko > km || (ko == km && oa < at[u])) {
-        best[u] = ob;
-        at[u] = oa;
-      }
-    }
-  }
-  if (half) return;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    if (exists[u]) {
-      T value = Work<T>::out(empty ? V(0) : best[u]);
-      if (!Work<T>::kKeepsNaN && !(best[u] == best[u])) {
-        value = first_with_key<T>(bin_planes + u * in_step, bin_h, bin_w, sH, 1,
-                                  Elem<T>::key_of(value));
-      }
-      store_result<T>(out, value);
-      if (kArgmax) store_result<int>(arg, empty ? -1 : first_index + at[u]);
-    }
-    out += out_step;
-    if (kArgmax) arg += out_step;
-  }
-}
-
-template <class T, int U>
-__device__ __forceinline__ void pair_max_no_argmax(const T* __restrict__ planes, i64 in_step,
-                                                   i64 sH, int remaining, int groups, int bin_h,
-                                                   int my_w, bool empty, bool half,
-                                                   T* __restrict__ out, i64 out_step,
-                                                   const T* __restrict__ bin_planes, int bin_w) {
-  typedef typename NaNMax<T>::V V;
-  const T* __restrict__ p[U];
-  bool exists[U];
-  unit_channel_pointers<T, U>(planes, in_step, remaining, groups, p, exists);
-  V m[U];
-#pragma unroll
-  for (int u = 0; u < U; ++u) m[u] = NaNMax<T>::lowest();
-  if (!empty) {
-    for (int i = 0; i < bin_h; ++i) {
-      for (int j = 0; j < my_w; ++j) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) m[u] = NaNMax<T>::max(m[u], NaNMax<T>::load(p[u] + j));
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) p[u] += sH;
-    }
-  }
-#pragma unroll
-  for (int u = 0; u < U; ++u) m[u] = NaNMax<T>::max(m[u], pair_other(m[u]));
-  if (half) return;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    if (exists[u]) {
-      T value = NaNMax<T>::bits(empty ? V(0) : m[u]);
-      if (!empty && !NaNMax<T>::exact(m[u])) {
-        value = first_with_key<T>(bin_planes + u * in_step, bin_h, bin_w, sH, 1,
-                                  Elem<T>::key_of(value));
-      }
-      store_result<T>(out, value);
-    }
-    out += out_step;
-  }
-}
-
-template <class T, int U, bool kArgmax>
-__device__ __forceinline__ void pair_channels(
-    const T* __restrict__ input, T* __restrict__ output, int* __restrict__ argmax, i64 C,
-    i64 channels_per_block, i64 sC, i64 sH, i64 in_step, i64 out_step, i64 corner, i64 k,
-    unsigned int q, unsigned int bins, int groups, int first_channel, int bin_h, int bin_w,
-    int my_w, int col_offset, bool other_has, bool empty, int w_int, int first_index,
-    bool half) {
-  for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
-    const int channels =
-        static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
-    i64 in_at = corner + (c0 + first_channel) * sC;
-    i64 out_at = (k * C + c0 + first_channel) * bins + q;
-    for (int cl = first_channel; cl < channels; cl += U * groups) {
-      if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
-        pair_max_no_argmax<T, U>(input + in_at + col_offset, in_step, sH, channels - cl, groups,
-                                 bin_h, my_w, empty, half, output + out_at, out_step,
-                                 input + in_at, bin_w);
-      } else {
-        pair_max_compare<T, U, kArgmax>(
-            input + in_at + col_offset, in_step, sH, channels - cl, groups, bin_h, my_w,
-            col_offset, other_has, empty, w_int, first_index, half, output + out_at,
-            kArgmax ? argmax + out_at : nullptr, out_step, input + in_at, bin_w);
-      }
-      in_at += U * in_step;
-      out_at += U * out_step;
-    }
-  }
-}
 }  // namespace roi_ops_cuda
 
 namespace roi_ops_cuda {
@@ -422,21 +270,21 @@ __device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 
   constexpr int U = sizeof(T) == 8 ? kUnitChannels / 2 : kUnitChannels;
   const int2* const edges =
       unit_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW, H, W);
-  const PlaneLayout plane(PH, 2 * PW, threadIdx.x, blockDim.x);
-  if (!plane.active) return false;
-  const unsigned int bins = static_cast<unsigned int>(PH * PW);
+  const UnitLayout layout(PH, PW, threadIdx.x, blockDim.x, !kArgmax);
+  if (!layout.active) return false;
   const UnitGeometry* const shared = reinterpret_cast<const UnitGeometry*>(roi_dynamic_shared);
   const i64 batch = shared->batch;
   const i64 image = (batch >= 0 ? batch : 0) * sN;
-  const int w_int = static_cast<int>(W);
-  const int groups = static_cast<int>(plane.groups);
-  const int first_channel = static_cast<int>(plane.first_channel);
+  const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
+  const int groups = static_cast<int>(layout.stride);
+  const int first_channel = static_cast<int>(layout.first_channel);
+  // Between the channels a thread visits: `groups` channels apart.
   const i64 in_step = static_cast<i64>(groups) * sC;
-  const i64 out_step = static_cast<i64>(groups) * bins;
+  const i64 out_step = static_cast<i64>(groups) * layout.bins;
+  // Bins at most one pixel long give every bin at most 2 x 2 elements (the exact test below
+  // stays per bin); ROI-wide, so the block's threads agree on the path.
   const bool small_roi = shared->small_roi != 0;
-  for (unsigned int qq = plane.first_bin; qq < plane.bins; qq += plane.bin_step()) {
-    const unsigned int q = qq >> 1;
-    const bool half = (qq & 1u) != 0u;
+  for (unsigned int q = layout.first_bin; q < layout.bins; q += layout.bin_step) {
     const unsigned int ph = q / static_cast<unsigned int>(PW);
     const unsigned int pw = q - ph * static_cast<unsigned int>(PW);
     const int2 rows = edges[ph];
@@ -445,30 +293,17 @@ __device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 
     const int bin_w = cols.y - cols.x;
     const bool empty = bin_h <= 0 || bin_w <= 0;
     const bool small = small_roi && !empty && bin_h <= 2 && bin_w <= 2;
-    const i64 corner = image + rows.x * sH + cols.x;
+    const i64 corner = image + rows.x * sH + cols.x;  // the bin's first element in plane 0
     const int first_index = rows.x * w_int + cols.x;
-    if (small_roi) {  // ROI-wide: the first lane of each pair does the whole bin
-      if (half) continue;
-      if (small) {
-        unit_channels<T, U, kArgmax, true>(input, output, argmax, C, channels_per_block, sC, sH,
-                                           in_step, out_step, corner, k, q, bins, groups,
-                                           first_channel, bin_h, bin_w, empty, w_int,
-                                           first_index);
-      } else {
-        unit_channels<T, U, kArgmax, false>(input, output, argmax, C, channels_per_block, sC,
-                                            sH, in_step, out_step, corner, k, q, bins, groups,
-                                            first_channel, bin_h, bin_w, empty, w_int,
-                                            first_index);
-      }
-      continue;
+    if (small) {
+      unit_channels<T, U, kArgmax, true>(input, output, argmax, C, channels_per_block, sC, sH,
+                                         in_step, out_step, corner, k, q, layout.bins, groups,
+                                         first_channel, bin_h, bin_w, empty, w_int, first_index);
+    } else {
+      unit_channels<T, U, kArgmax, false>(input, output, argmax, C, channels_per_block, sC, sH,
+                                          in_step, out_step, corner, k, q, layout.bins, groups,
+                                          first_channel, bin_h, bin_w, empty, w_int, first_index);
     }
-    const int left_w = bin_w > 0 ? (bin_w + 1) >> 1 : 0;
-    const int my_w = half ? (bin_w > 0 ? bin_w - left_w : 0) : left_w;
-    const bool other_has = bin_w - left_w > 0;
-    pair_channels<T, U, kArgmax>(input, output, argmax, C, channels_per_block, sC, sH, in_step,
-                                 out_step, corner, k, q, bins, groups, first_channel, bin_h,
-                                 bin_w, my_w, half ? left_w : 0, other_has, empty, w_int,
-                                 first_index, half);
   }
   return true;
 }
