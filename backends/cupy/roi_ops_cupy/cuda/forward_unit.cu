@@ -66,7 +66,7 @@ __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i
                                                  i64 sH, int remaining, int groups, int bin_h,
                                                  int bin_w, bool empty, int w_int,
                                                  int first_index, T* __restrict__ out,
-                                                 int* __restrict__ arg, i64 out_step, int odd) {
+                                                 int* __restrict__ arg, i64 out_step) {
   typedef typename Work<T>::V V;
   const T* __restrict__ p[U];
   bool exists[U];
@@ -107,44 +107,6 @@ __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i
       }
     }
   } else if (!empty) {
-    bool done = false;
-    if constexpr (sizeof(T) == 4) {
-      if (odd >= 0) {
-
-    // Pairs: aligned 8-byte loads covering each row; the slot before the bin (odd start) and
-    // the slot after it (odd end) are -inf, which never replaces.
-    const int pairs = (odd + bin_w + 1) >> 1;
-    const bool end_odd = ((odd + bin_w) & 1) != 0;
-    const float neg = Work<float>::lowest();
-#pragma unroll
-    for (int u = 0; u < U; ++u) p[u] -= odd;
-    int row = -odd;
-    for (int i = 0; i < bin_h; ++i) {
-      for (int t = 0; t < pairs; ++t) {
-        const bool first = t == 0, last = t == pairs - 1;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const float2 w = *reinterpret_cast<const float2*>(reinterpret_cast<const float*>(p[u]) + 2 * t);
-          const float x = (first && odd) ? neg : w.x;
-          const float y = (last && end_odd) ? neg : w.y;
-          if (replaces(x, best[u])) {
-            best[u] = x;
-            at[u] = row + 2 * t;
-          }
-          if (replaces(y, best[u])) {
-            best[u] = y;
-            at[u] = row + 2 * t + 1;
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) p[u] += sH;
-      row += w_int;
-    }
-        done = true;
-      }
-    }
-    if (!done) {
     int row = 0;  // i * W: the argmax offset of the current row
     for (int i = 0; i < bin_h; ++i) {
       for (int j = 0; j < bin_w; ++j) {
@@ -160,7 +122,6 @@ __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i
 #pragma unroll
       for (int u = 0; u < U; ++u) p[u] += sH;
       row += w_int;
-    }
     }
   }
 #pragma unroll
@@ -184,7 +145,7 @@ template <class T, int U, bool kSmall>
 __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes, i64 in_step,
                                                    i64 sH, int remaining, int groups, int bin_h,
                                                    int bin_w, bool empty, T* __restrict__ out,
-                                                   i64 out_step, int odd) {
+                                                   i64 out_step) {
   typedef typename NaNMax<T>::V V;
   const T* __restrict__ p[U];
   bool exists[U];
@@ -203,33 +164,6 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
       m[u] = NaNMax<T>::max(upper_max, lower_max);
     }
   } else if (!empty) {
-    bool done = false;
-    if constexpr (sizeof(T) == 4) {
-      if (odd >= 0) {
-
-    const int pairs = (odd + bin_w + 1) >> 1;
-    const bool end_odd = ((odd + bin_w) & 1) != 0;
-    const float neg = Work<float>::lowest();
-#pragma unroll
-    for (int u = 0; u < U; ++u) p[u] -= odd;
-    for (int i = 0; i < bin_h; ++i) {
-      for (int t = 0; t < pairs; ++t) {
-        const bool first = t == 0, last = t == pairs - 1;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const float2 w = *reinterpret_cast<const float2*>(reinterpret_cast<const float*>(p[u]) + 2 * t);
-          const float x = (first && odd) ? neg : w.x;
-          const float y = (last && end_odd) ? neg : w.y;
-          m[u] = NaNMax<T>::max(m[u], NaNMax<T>::max(x, y));
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) p[u] += sH;
-    }
-        done = true;
-      }
-    }
-    if (!done) {
     for (int i = 0; i < bin_h; ++i) {
       for (int j = 0; j < bin_w; ++j) {
 #pragma unroll
@@ -237,7 +171,6 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) p[u] += sH;
-    }
     }
   }
 #pragma unroll
@@ -262,7 +195,7 @@ __device__ __forceinline__ void unit_channels(
     const T* __restrict__ input, T* __restrict__ output, int* __restrict__ argmax, i64 C,
     i64 channels_per_block, i64 sC, i64 sH, i64 in_step, i64 out_step, i64 corner, i64 k,
     unsigned int q, unsigned int bins, int groups, int first_channel, int bin_h, int bin_w,
-    bool empty, int w_int, int first_index, int odd) {
+    bool empty, int w_int, int first_index) {
   for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
     const int channels =
         static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
@@ -272,11 +205,11 @@ __device__ __forceinline__ void unit_channels(
     for (int cl = first_channel; cl < channels; cl += U * groups) {
       if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
         unit_max_no_argmax<T, U, kSmall>(input + in_at, in_step, sH, channels - cl, groups,
-                                         bin_h, bin_w, empty, output + out_at, out_step, odd);
+                                         bin_h, bin_w, empty, output + out_at, out_step);
       } else {
         unit_max_compare<T, U, kArgmax, kSmall>(
             input + in_at, in_step, sH, channels - cl, groups, bin_h, bin_w, empty, w_int,
-            first_index, output + out_at, kArgmax ? argmax + out_at : nullptr, out_step, odd);
+            first_index, output + out_at, kArgmax ? argmax + out_at : nullptr, out_step);
       }
       in_at += U * in_step;
       out_at += U * out_step;
@@ -362,19 +295,14 @@ __device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 
     const bool small = small_roi && !empty && bin_h <= 2 && bin_w <= 2;
     const i64 corner = image + rows.x * sH + cols.x;  // the bin's first element in plane 0
     const int first_index = rows.x * w_int + cols.x;
-    // Pairs when every row, plane and image starts 8-byte aligned (even strides, aligned base).
-    const int odd = (sizeof(T) == 4 && ((sH | sC | sN) & 1) == 0 &&
-                     (reinterpret_cast<unsigned long long>(input) & 7ull) == 0 && bin_w >= 2)
-                        ? static_cast<int>(corner & 1)
-                        : -1;
     if (small) {
       unit_channels<T, U, kArgmax, true>(input, output, argmax, C, channels_per_block, sC, sH,
                                          in_step, out_step, corner, k, q, layout.bins, groups,
-                                         first_channel, bin_h, bin_w, empty, w_int, first_index, odd);
+                                         first_channel, bin_h, bin_w, empty, w_int, first_index);
     } else {
       unit_channels<T, U, kArgmax, false>(input, output, argmax, C, channels_per_block, sC, sH,
                                           in_step, out_step, corner, k, q, layout.bins, groups,
-                                          first_channel, bin_h, bin_w, empty, w_int, first_index, odd);
+                                          first_channel, bin_h, bin_w, empty, w_int, first_index);
     }
   }
   return true;
