@@ -7,9 +7,13 @@ Not a benchmark of record (that is ``python -m roi_ops bench --workload fpn-mult
 whole calls against the per-level loops over torchvision and roi_ops.roi_pool). On the GPU:
 
     python backends/cupy/tools/multi_probe.py [--dtype float32 float16] [--layout nchw ...]
+        [--ab OTHER/cuda]
 
 Prints milliseconds per call (medians of `--reps` samples of `--inner` back-to-back calls) and
-the level-by-level time over the fused one (above 1: the fused launch is faster). The backward
+the level-by-level time over the fused one (above 1: the fused launch is faster). ``--ab DIR``
+also times the fused forward compiled from the kernel files in DIR (another checkout's
+``roi_ops_cupy/cuda``, with the same kernel arguments), in rounds alternating with this tree's,
+after checking that both give the same bits: an A/B of a kernel change in one run. The backward
 columns include allocating and zero-filling the gradients (and rounding the 16-bit ones), as a
 call does; level by level, each level takes the kernel the single-level backward picks.
 """
@@ -17,10 +21,12 @@ call does; level by level, each level takes the kernel the single-level backward
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from dataclasses import replace
 
 import torch
+from probe import compiled_from, folder_source
 from roi_ops.backend import (
     MultiScaleRoIPoolBackwardProblem,
     MultiScaleRoIPoolProblem,
@@ -55,9 +61,12 @@ def probe(
     workload=FPN_MULTI,
     device="cuda",
     kernels: tuple[str, ...] = (),
+    ab_source: str | None = None,
 ) -> dict[str, float]:
-    """Times of one dtype and layout, and of the fused forward with each forward kernel of
-    `kernels` forced (``fwd fused NAME``); raises AssertionError when the results differ."""
+    """Times of one dtype and layout, of the fused forward with each forward kernel of
+    `kernels` forced (``fwd fused NAME``), and with `ab_source`'s kernels (``fwd fused ab``,
+    against ``fwd fused tree`` timed in alternating rounds); raises AssertionError when the
+    results differ."""
     w, fmt, device = workload, FORMATS[layout], torch.device(device)
     features = [x.contiguous(memory_format=fmt) for x in make_pyramid(w, dtype, device)]
     rois = make_boxes(w, torch.float32 if dtype == torch.bfloat16 else dtype, device)
@@ -97,6 +106,8 @@ def probe(
         times[f"fwd fused {name}"] = pipelined_ms(
             lambda f=forced: f.forward_multi_scale(problem, out, arg), device, reps, inner
         )
+    if ab_source is not None:
+        times.update(ab_forward(problem, out, arg, ab_source, fused, device, reps, inner))
 
     g = torch.Generator().manual_seed(3)
     grad = torch.randint(-3, 4, out.shape, generator=g).to(dtype).to(device)  # exact sums
@@ -120,6 +131,28 @@ def probe(
     return times
 
 
+def ab_forward(problem, out, arg, source: str, fused, device, reps: int, inner: int):
+    """The fused forward compiled from `source` against this tree's (`fused`, which last
+    wrote `out` and `arg`): the same bits, then the median of five alternating rounds each."""
+    other, cache = launch.Launcher(), {}
+    other_out, other_arg = torch.full_like(out, 1.5), torch.full_like(arg, -7)
+    with compiled_from(source, cache):
+        other.forward_multi_scale(problem, other_out, other_arg)
+    torch.cuda.synchronize()
+    assert _same_bits(other_out, out) and torch.equal(other_arg, arg), "ab"
+    rounds, samples = 5, max(3, reps // 5)
+    tree, ab = [], []
+    for _ in range(rounds):
+        tree.append(pipelined_ms(fused, device, samples, inner))
+        with compiled_from(source, cache):
+            ab.append(
+                pipelined_ms(
+                    lambda: other.forward_multi_scale(problem, out, arg), device, samples, inner
+                )
+            )
+    return {"fwd fused tree": statistics.median(tree), "fwd fused ab": statistics.median(ab)}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", default=["float32", "float16"], choices=DTYPES)
@@ -127,7 +160,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--kernel", nargs="*", default=[], help="forced fused forward kernels")
+    parser.add_argument("--ab", default=None, help="another cuda/ folder: its fused forward")
     args = parser.parse_args(argv)
+    ab_source = folder_source(args.ab) if args.ab else None
     if not torch.cuda.is_available():
         print("multi_probe: needs a CUDA device", file=sys.stderr)
         return 2
@@ -136,7 +171,14 @@ def main(argv: list[str]) -> int:
     print(header)
     for dtype_name in args.dtype:
         for layout in args.layout:
-            t = probe(DTYPES[dtype_name], layout, args.reps, args.inner, kernels=args.kernel)
+            t = probe(
+                DTYPES[dtype_name],
+                layout,
+                args.reps,
+                args.inner,
+                kernels=args.kernel,
+                ab_source=ab_source,
+            )
             print(
                 f"{dtype_name:9s} {layout:13s} {t['fwd fused']:9.3f} {t['fwd levels']:11.3f} "
                 f"{t['fwd levels'] / t['fwd fused']:6.2f} {t['bwd fused']:10.3f} "
@@ -144,6 +186,10 @@ def main(argv: list[str]) -> int:
             )
             for name in args.kernel:
                 print(f"  fused forward, {name} forced: {t[f'fwd fused {name}']:.3f} ms")
+            if ab_source is not None:
+                tree, ab = t["fwd fused tree"], t["fwd fused ab"]
+                ratio = ab / tree
+                print(f"  fused forward: this tree {tree:.3f} ms, --ab {ab:.3f} ms ({ratio:.3f})")
     return 0
 
 
