@@ -20,10 +20,21 @@ import torch
 
 def level_range(spatial_scales: Sequence[float]) -> tuple[int, int]:
     """(k_min, k_max): the pyramid levels of the first (finest) and last scale, as torchvision
-    computes them (``int(-log2(float32(scale)))``)."""
-    first = -torch.log2(torch.tensor(spatial_scales[0], dtype=torch.float32)).item()
-    last = -torch.log2(torch.tensor(spatial_scales[-1], dtype=torch.float32)).item()
+    computes them (``int(-log2(float32(scale)))``). Remembered per pair of scales outside
+    torch.compile: a call computes it with four torch operations on the host."""
+    first, last = float(spatial_scales[0]), float(spatial_scales[-1])
+    if torch.compiler.is_compiling():
+        return _level_range(first, last)
+    return _remembered_level_range(first, last)
+
+
+def _level_range(first_scale: float, last_scale: float) -> tuple[int, int]:
+    first = -torch.log2(torch.tensor(first_scale, dtype=torch.float32)).item()
+    last = -torch.log2(torch.tensor(last_scale, dtype=torch.float32)).item()
     return int(first), int(last)
+
+
+_remembered_level_range = functools.lru_cache(maxsize=64)(_level_range)
 
 
 def box_areas(rois: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import roi_ops.levels as levels_module
 from roi_ops.levels import (
     area_thresholds,
     box_areas,
+    level_range,
     levels_by_formula,
     levels_by_thresholds,
     roi_levels,
@@ -127,3 +128,22 @@ def test_the_cpu_runs_the_formula():
     rois = _rois_of_areas(torch.tensor([0.0, 50.0**2, 224.0**2, 1e6, -4.0, float("nan")]))
     expected = levels_by_formula(rois, 2, 5)
     assert roi_levels(rois, 2, 5).tolist() == expected.tolist() == [0, 0, 2, 3, -1, -1]
+
+
+def _torchvision_level(scale: float) -> int:
+    """The level of `scale` as MultiScaleRoIAlign's set-up computes it."""
+    return int(-torch.log2(torch.tensor(scale, dtype=torch.float32)).item())
+
+
+def test_level_range_matches_torchvision_on_repeated_calls():
+    # Scales at and one float64 or float32 step either side of powers of two: float32 rounding
+    # decides the level, as in torchvision.
+    powers = [2.0**-k for k in range(0, 8)]
+    near = [s * (1 + d) for s in powers for d in (2.0**-52, -(2.0**-52), 2.0**-23, -(2.0**-23))]
+    scales = powers + near + [0.3, 1 / 3, 0.0625, 1e-3]
+    for first in scales:
+        for last in (first / 8, first / 2, first):
+            expected = (_torchvision_level(first), _torchvision_level(last))
+            for _ in range(2):  # the second call is answered from memory
+                assert level_range([first, last]) == expected, (first, last)
+                assert level_range((first, 0.5, last)) == expected, (first, last)
