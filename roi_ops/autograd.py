@@ -32,12 +32,13 @@ _interpreter_stack = getattr(_functorch, "peek_interpreter_stack", None)
 FAST_PATH_AVAILABLE = _function_mode_enabled is not None and _interpreter_stack is not None
 
 
-def plain_eager(input: Tensor, rois: Tensor) -> bool:
-    """True when a call on these tensors can skip the custom op without anyone noticing."""
+def plain_eager(*tensors: Tensor) -> bool:
+    """True when a call on these tensors (the input or every pyramid level, and the rois) can
+    skip the custom op without anyone noticing: plain tensors, and no compiler, tracer,
+    dispatch or function mode, or functorch transform active."""
     return (
         FAST_PATH_AVAILABLE
-        and type(input) is Tensor
-        and type(rois) is Tensor
+        and all(type(t) is Tensor for t in tensors)
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and _get_current_dispatch_mode() is None

@@ -443,8 +443,7 @@ def multi_scale_roi_pool(
     levels = roi_levels(boxes, k_min, k_max, canonical_scale, canonical_level, eps)
     needs_argmax = torch.is_grad_enabled() and any(f.requires_grad for f in features)
     arguments = (pooled_height, pooled_width, scales, backend)
-    # The state plain_eager reads besides the tensors' types is the same for every level.
-    if plain_eager(features[0], boxes) and all(type(f) is Tensor for f in features[1:]):
+    if plain_eager(boxes, *features):
         if needs_argmax:
             return MultiScaleFunction.apply(boxes, levels, *arguments, *features)
         return run_multi_forward(features, boxes, levels, *arguments, False)[0]

@@ -56,6 +56,10 @@ def test_eager_fast_path_steps_aside_for_tracing_and_transforms():
     seen = []
     torch.vmap(lambda a: seen.append(plain_eager(a, rois)) or a)(x)
     assert seen == [False]
+    # A pyramid: one tensor that is not plain among the levels turns the fast path off.
+    levels = [x, x[:, :, ::2, ::2].contiguous()]
+    assert plain_eager(rois, *levels)
+    assert not plain_eager(rois, levels[0], torch.nn.Parameter(levels[1]))
 
 
 def test_inference_does_not_record_autograd():
