@@ -286,11 +286,12 @@ def _forward_groups(
         return False
     scratch = torch.empty((threads if staged else 1, scratch_size), dtype=features[0].dtype)
     advise_tensor(scratch, tuning.huge_page_min_bytes)
+    written = output.numel() * output.element_size() * (1 if argmax is None else 2)
     arguments = (
         shared_storage(features), call.layout, num_images, channels, bins.source, order,
         groups, *bins.edges(), output.view(-1).numpy(),
         _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy(), argmax is not None,
-        block, scratch.numpy(),
+        block, scratch.numpy(), written >= tuning.stream_min_bytes,
     )  # fmt: skip
     run_kernel(pool_groups.pool_groups_serial, pool_groups.pool_groups_parallel, threads, arguments)
     return True
@@ -445,7 +446,7 @@ def _warm_up(dtype: torch.dtype, backward: bool = False) -> None:
         floats = (
             np.zeros(1, dtype=np_dtype), layout, 1, 1, zero, zero, groups, zero, one, zero,
             one, 1, 1, np.zeros(1, dtype=np_dtype), np.zeros(1, dtype=np.int32), True, 1,
-            np.zeros((1, 1), dtype=np_dtype),
+            np.zeros((1, 1), dtype=np_dtype), True,
         )  # fmt: skip
         pool_groups.pool_groups_serial(*floats)
         pool_groups.pool_groups_parallel(*floats)

@@ -28,6 +28,7 @@ from roi_ops_numba.geometry import (
     roi_windows,
 )
 from roi_ops_numba.staging import _stage
+from roi_ops_numba.streaming import store_fence, stream_store
 
 
 @njit(cache=True, inline="always")
@@ -68,7 +69,7 @@ def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, best, pos, nl):
 
 @njit(cache=True, inline="always")
 def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, wend,
-              pooled_h, pooled_w, out, argmax, need_argmax, tile, tile_pos):  # fmt: skip
+              pooled_h, pooled_w, out, argmax, need_argmax, tile, tile_pos, stream):  # fmt: skip
     """Pool every bin of ROI `k` for `nl` channels read from a channels-last view.
 
     Pixel (h, w) has its channels at ``data[org + h*row + w*pix:][:nl]``. Channel j of bin b goes
@@ -76,7 +77,8 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
     channels contiguous, as the scan leaves them) into `tile` (``PH * PW * nl`` elements; and
     `tile_pos` with the argmax, else ``nl``), then are transposed into the output's
     channel-major order: contiguous runs instead of nl stores PH * PW elements apart per bin
-    (faster with and without the argmax; the README has the measurements).
+    (faster with and without the argmax; the README has the measurements). With `stream` the
+    runs are written with non-temporal stores (`streaming`; the caller fences).
     """
     num_bins = pooled_h * pooled_w
     for ph in range(pooled_h):
@@ -99,11 +101,20 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
     # take numba's negative-index fix-up on every store (README: many-small).
     size = nl * num_bins
     values = out[o_base : o_base + size]
+    positions = argmax[o_base : o_base + size] if need_argmax else argmax[:0]
+    if stream:
+        for j in range(nl):
+            for b in range(num_bins):
+                stream_store(values, j * num_bins + b, tile[b * nl + j])
+        if need_argmax:
+            for j in range(nl):
+                for b in range(num_bins):
+                    stream_store(positions, j * num_bins + b, tile_pos[b * nl + j])
+        return
     for j in range(nl):
         for b in range(num_bins):
             values[j * num_bins + b] = tile[b * nl + j]
     if need_argmax:
-        positions = argmax[o_base : o_base + size]
         for j in range(nl):
             for b in range(num_bins):
                 positions[j * num_bins + b] = tile_pos[b * nl + j]
@@ -113,9 +124,11 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
 def _groups_task(
     task, src, layout, num_images, channels, order, groups,
     hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, buffer,
+    stream,
 ):  # fmt: skip
     """Task `task` of `pool_groups_serial`: group ``task // blocks``, one block of channels,
-    staged (when the channels are not contiguous) in `buffer`, the running thread's own."""
+    staged (when the channels are not contiguous) in `buffer`, the running thread's own; with
+    `stream`, its outputs written by non-temporal stores and fenced before it returns."""
     num_blocks = (channels + block - 1) // block
     num_bins = pooled_h * pooled_w
     g = task // num_blocks
@@ -141,7 +154,9 @@ def _groups_task(
         k = order[i]
         _pool_roi(data, org, row, pix, width, k, (k * channels + c0) * num_bins, nl,
                   hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax,
-                  tile, tile_pos)  # fmt: skip
+                  tile, tile_pos, stream)  # fmt: skip
+    if stream:
+        store_fence()
 
 
 @njit(cache=True)
@@ -160,6 +175,7 @@ def _zero_invalid(source, per_roi, out, argmax, need_argmax):
 def pool_groups_parallel(
     src, layout, num_images, channels, source, order, groups,
     hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, scratch,
+    stream,
 ):  # fmt: skip
     """`pool_groups_serial` over numba's threads (run it in `ops.parallel_region`)."""
     _zero_invalid(source, channels * pooled_h * pooled_w, out, argmax, need_argmax)
@@ -168,7 +184,7 @@ def pool_groups_parallel(
         _groups_task(
             task, src, layout, num_images, channels, order, groups,
             hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
-            scratch[get_thread_id()],
+            scratch[get_thread_id()], stream,
         )  # fmt: skip
 
 
@@ -176,6 +192,7 @@ def pool_groups_parallel(
 def pool_groups_serial(
     src, layout, num_images, channels, source, order, groups,
     hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, scratch,
+    stream,
 ):  # fmt: skip
     """roi_pool forward of groups of ROIs of one image (of one level) each, in the calling
     thread.
@@ -202,13 +219,15 @@ def pool_groups_serial(
         scratch: (threads, S) buffer, S at least the largest region times `block`, when the
             channels are not contiguous (the serial kernel uses row 0, the parallel one row
             ``numba.get_thread_id()``); else unused.
+        stream: write `out` and `argmax` with non-temporal stores (`streaming`), for outputs
+            much larger than the caches; each task fences its stores before it returns.
     """
     _zero_invalid(source, channels * pooled_h * pooled_w, out, argmax, need_argmax)
     for task in range(groups.shape[0] * ((channels + block - 1) // block)):
         _groups_task(
             task, src, layout, num_images, channels, order, groups,
             hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
-            scratch[0],
+            scratch[0], stream,
         )  # fmt: skip
 
 

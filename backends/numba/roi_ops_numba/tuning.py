@@ -40,6 +40,9 @@ class NumbaTuning:
         backward_block_bytes: the planes one backward task accumulates together, at most.
         huge_page_min_bytes: buffers at least this large are advised into transparent huge pages
             (Linux): first-touch page faults of fresh outputs otherwise cost as much as a kernel.
+        stream_min_bytes: float32/float64 forwards whose output and argmax together are at
+            least this large write them with non-temporal stores (no read of each output line
+            before it is written); smaller outputs stay in cache for whatever reads them next.
     """
 
     serial_work: int = 1 << 21
@@ -54,6 +57,7 @@ class NumbaTuning:
     stage_max_bytes: int = 32 * 2**20
     backward_block_bytes: int = 256 * 1024
     huge_page_min_bytes: int = 4 * 2**20
+    stream_min_bytes: int = 32 * 2**20
 
 
 DEFAULT_TUNING = NumbaTuning()

@@ -49,8 +49,9 @@ def _cases(draw):
     min_block=st.sampled_from([1, 64]),
     task_bytes=st.sampled_from([0, 16 * 2**20]),
     schedule=st.sampled_from(["serial", "parallel"]),
+    stream=st.sampled_from([0, 2**62]),
 )
-def test_differential(case, stage_bytes, coverage, min_block, task_bytes, schedule):
+def test_differential(case, stage_bytes, coverage, min_block, task_bytes, schedule, stream):
     """Random small problems (bad rows and special values included) under every tuning knob
     that picks a path, serial and parallel: bits, argmax and the bad-ROI log."""
     backend = make_backend(
@@ -59,6 +60,7 @@ def test_differential(case, stage_bytes, coverage, min_block, task_bytes, schedu
         stage_min_coverage=coverage,
         stage_min_block=min_block,
         stage_task_bytes=task_bytes,
+        stream_min_bytes=stream,
     )
     dtype, rois_dtype, shape, size, scale, rows, seed, ties, specials, layout = case
     g = torch.Generator().manual_seed(seed)

@@ -307,6 +307,68 @@ def test_staged_blocks_and_groups(
     check(backend, x.contiguous(memory_format=torch.channels_last), rois, (3, 4), 0.5)  # in place
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stream", [False, True], ids=["plain-stores", "streamed"])
+def test_streamed_outputs(schedule, dtype, layout, stream):
+    """Grouped float32/float64 outputs written with non-temporal stores (`stream_min_bytes` 0)
+    or plain ones: the same bits, on poisoned outputs, with invalid rows, ROIs past the map and
+    groups cut small so that many tasks write (and fence) concurrently."""
+    backend = make_backend(
+        schedule,
+        stream_min_bytes=0 if stream else 2**62,
+        stage_min_coverage=0.0,
+        stage_min_block=1,
+        tasks_per_thread=64,
+    )
+    g = torch.Generator().manual_seed(59)
+    x = random_features((2, 37, 15, 18), dtype, g, ties=True)
+    flat = x.view(-1)
+    for value in (math.nan, -0.0, math.inf, -math.inf):
+        flat[int(torch.randint(0, flat.numel(), (1,), generator=g))] = value
+    x = to_layout(x, layout)
+    rois = random_rois(60, 2, 15, 18, 0.5, g).to(dtype)
+    rois[2, 0] = -1.0
+    rois[7, 1:] = torch.tensor([50.0, 40.0, 90.0, 80.0], dtype=dtype)
+    check(backend, x, rois, (3, 5), 0.5)
+    check(backend, x, rois, (1, 1), 0.5)
+
+
+def test_stream_store_writes_bits_non_temporally():
+    """`stream_store` stores the exact bits of every float (NaN payloads, -0.0) and integer
+    dtype the kernels write; on x86-64 the compiled store of a value loaded from memory (as the
+    kernels' are) is a non-temporal one (``movnti``), else the outputs would silently take
+    plain stores."""
+    import platform
+
+    import numpy as np
+    from numba import njit
+
+    from roi_ops_numba.streaming import store_fence, stream_store
+
+    @njit
+    def copy(src, dst):
+        for i in range(src.shape[0]):
+            stream_store(dst, i, src[i])
+        store_fence()
+
+    payloads = {
+        np.float32: np.array([0x7FC00001, 0xFFA00000, 0x80000000, 0x00000001, 0x3F800000]),
+        np.float64: np.array([0x7FF8000000000001, 0x8000000000000000, 0x0000000000000001]),
+        np.int32: np.array([-(2**31), -1, 0, 2**31 - 1]),
+        np.int64: np.array([-(2**63), -1, 0, 2**63 - 1]),
+    }
+    for dtype, values in payloads.items():
+        bits = np.dtype(dtype).str.replace("f", "u").replace("i", "u")
+        src = values.astype(bits).view(dtype)
+        dst = np.full(src.shape, 7, dtype=dtype)
+        copy(src, dst)
+        assert dst.view(bits).tolist() == src.view(bits).tolist(), dtype
+    if platform.machine() in ("x86_64", "AMD64"):
+        for signature in copy.signatures:
+            assert "movnt" in copy.inspect_asm(signature), signature
+
+
 def test_many_channels_few_rois(backend):
     """Work is split over channel blocks: one ROI, many channels, both layouts."""
     g = torch.Generator().manual_seed(23)
@@ -417,7 +479,8 @@ out = torch.full(problem.output_shape, float("nan"))
 argmax = torch.full(problem.output_shape, -7, dtype=torch.int32)
 pool_groups.pool_groups_serial(
     flat_storage(x), call.layout, 1, 3, bins.source, order, groups, *bins.edges(),
-    out.view(-1).numpy(), argmax.view(-1).numpy(), True, block, np.empty((1, size), np.float32))
+    out.view(-1).numpy(), argmax.view(-1).numpy(), True, block, np.empty((1, size), np.float32),
+    True)
 expected, expected_argmax = reference_roi_pool(x, rois, (2, 2), 1.0)
 assert torch.equal(out, expected) and torch.equal(argmax, expected_argmax)
 """

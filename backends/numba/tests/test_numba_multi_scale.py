@@ -145,13 +145,15 @@ def test_any_level_assignment_and_ties(backend, dtype):
         {"stage_max_bytes": 100},
         {"stage_max_bytes": 100, "stage_bytes": 0},
         {"stage_max_bytes": 100, "stage_bytes": 200, "min_block": 1},
+        {"stage_min_coverage": 0.0, "stream_min_bytes": 0, "tasks_per_thread": 64},
     ],
-    ids=["dense", "sparse", "one-channel", "many-groups", "per-roi", "gather", "bands"],
+    ids=["dense", "sparse", "one-channel", "many-groups", "per-roi", "gather", "bands", "streamed"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
 def test_every_kernel_path(schedule, tuning, dtype):
     """The tuning knobs that pick a path (grouped regions staged densely or per ROI, one
-    channel per task, many groups, the per-ROI kernel with window, band or gathered reads), on
+    channel per task, many groups, the per-ROI kernel with window, band or gathered reads,
+    outputs written by non-temporal stores), on
     NCHW, channels_last and mixed levels, with bad rows and rows without a level among them."""
     backend = make_backend(schedule, **tuning)
     g = torch.Generator().manual_seed(11)

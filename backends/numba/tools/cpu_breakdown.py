@@ -110,7 +110,7 @@ def staging_only(problem: RoIPoolProblem, out: torch.Tensor, arg: torch.Tensor, 
         with ops.parallel_region(threads):
             pool_groups.pool_groups_parallel(
                 src, layout, x.shape[0], c, geometry.source, order, groups, *geometry.edges(),
-                out.view(-1).numpy(), arg.view(-1).numpy(), True, block, scratch,
+                out.view(-1).numpy(), arg.view(-1).numpy(), True, block, scratch, False,
             )  # fmt: skip
 
     return run
