@@ -47,7 +47,7 @@ def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, best, pos, nl):
         for j in range(nl):
             pos[j] = first
     for h in range(h0, h1):
-        for w in range(w0, w1):
+        for w in range(w0 + 1 if h == h0 else w0, w1):  # the first pixel is already in
             p = org + h * row + w * pix
             seg = data[p : p + nl]
             if track:
