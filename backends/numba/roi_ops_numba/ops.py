@@ -286,7 +286,7 @@ def _forward_groups(
         return False
     scratch = torch.empty((threads if staged else 1, scratch_size), dtype=features[0].dtype)
     advise_tensor(scratch, tuning.huge_page_min_bytes)
-    written = output.numel() * output.element_size() * (1 if argmax is None else 2)
+    written = sum(t.numel() * t.element_size() for t in (output, argmax) if t is not None)
     arguments = (
         shared_storage(features), call.layout, num_images, channels, bins.source, order,
         groups, *bins.edges(), output.view(-1).numpy(),
