@@ -334,6 +334,31 @@ def test_streamed_outputs(schedule, dtype, layout, stream):
     check(backend, x, rois, (1, 1), 0.5)
 
 
+def test_outputs_stream_from_the_threshold(monkeypatch):
+    """The grouped kernels stream where the output and argmax together reach
+    `stream_min_bytes` (the argmax counted at its own four bytes), and not below it."""
+    from roi_ops_numba import pool_groups
+
+    seen = []
+    kernel = pool_groups.pool_groups_serial
+
+    def spy(*arguments):
+        seen.append(arguments[-1])
+        return kernel(*arguments)
+
+    monkeypatch.setattr(pool_groups, "pool_groups_serial", spy)
+    g = torch.Generator().manual_seed(61)
+    x = random_features((1, 4, 9, 9), torch.float64, g)
+    rois = random_rois(5, 1, 9, 9, 1.0, g).to(torch.float64)
+    output_bytes = 5 * 4 * 2 * 2 * 8  # (5, 4, 2, 2) float64
+    for needs_argmax, written in ((True, output_bytes * 3 // 2), (False, output_bytes)):
+        for threshold, expected in ((written, True), (written + 1, False)):
+            seen.clear()
+            backend = make_backend("serial", stream_min_bytes=threshold)
+            run_forward(backend, x, rois, (2, 2), 1.0, needs_argmax)
+            assert seen == [expected], (needs_argmax, threshold)
+
+
 def test_stream_store_writes_bits_non_temporally():
     """`stream_store` stores the exact bits of every float (NaN payloads, -0.0) and integer
     dtype the kernels write; on x86-64 the compiled store of a value loaded from memory (as the
