@@ -28,7 +28,7 @@ from roi_ops.backend import (
 )
 from roi_ops.bad_rois import SLOTS
 
-from roi_ops_numba import geometry, pool_groups, pool_keys, scatter
+from roi_ops_numba import geometry, pool_groups, pool_keys, scatter, staging
 from roi_ops_numba.memory import advise_tensor, flat_storage, level_offsets, shared_storage
 from roi_ops_numba.tuning import NumbaTuning
 
@@ -48,6 +48,10 @@ _GEOMETRY_MODE = {
     torch.float64: geometry.MODE_DOUBLE,
 }
 _FLOATS = (torch.float32, torch.float64)
+# 16-bit maps the grouped kernels stage widened to float32 (`staging.widen_bits`).
+_WIDENED = {torch.bfloat16: staging.BFLOAT16, torch.float16: staging.FLOAT16}
+_NO_BITS = np.empty(0, dtype=np.int16)
+_NO_FLOATS = np.empty(0, dtype=np.float32)
 
 _EMPTY_ARGMAX = np.empty(0, dtype=np.int32)
 _NO_LOG = np.empty(SLOTS, dtype=np.int64)
@@ -225,7 +229,8 @@ def forward(
         advise_tensor(argmax, tuning.huge_page_min_bytes)
     dtype = features[0].dtype
     _warm_up(dtype)
-    if dtype in _FLOATS and _forward_groups(call, bins, output, argmax, threads, tuning):
+    grouped = dtype in _FLOATS or dtype in _WIDENED
+    if grouped and _forward_groups(call, bins, output, argmax, threads, tuning):
         return
     _forward_keys(call, bins, output, argmax, threads, tuning)
 
@@ -262,19 +267,23 @@ def _forward_groups(
     threads: int,
     tuning: NumbaTuning,
 ) -> bool:
-    """float32/float64 forward by groups of ROIs; False if `pool_keys` should run instead.
+    """float32/float64 (and float16/bfloat16, widened) forward by groups of ROIs; False if
+    `pool_keys` should run instead.
 
-    Channels-contiguous levels are read in place. Other layouts are staged a group's region and
-    a block of channels at a time (a dense image's ROIs together, a sparse image's one by one;
-    see `pool_groups.plan_groups`; a group's ROIs are all of one level); when one channel of a
-    region does not fit a thread's buffer (``tuning.stage_max_bytes``), returns False without
-    writing anything.
+    Channels-contiguous float32/float64 levels are read in place. Other layouts are staged a
+    group's region and a block of channels at a time (a dense image's ROIs together, a sparse
+    image's one by one; see `pool_groups.plan_groups`; a group's ROIs are all of one level);
+    float16 and bfloat16 regions are always staged, widened exactly to float32, and the results
+    narrowed back to their elements' bits. When one channel of a region does not fit a thread's
+    buffer (``tuning.stage_max_bytes``), returns False without writing anything.
     """
     features = call.features
     num_images, channels = features[0].shape[:2]
     height = max(f.shape[2] for f in features)
-    itemsize = features[0].element_size()
-    staged = any(f.stride(1) != 1 for f in features)
+    kind = _WIDENED.get(features[0].dtype, 0)
+    scanned = torch.float32 if kind else features[0].dtype
+    itemsize = scanned.itemsize
+    staged = kind != 0 or any(f.stride(1) != 1 for f in features)
     t = tuning
     order, groups, block, scratch_size = pool_groups.plan_groups(
         bins.source, *bins.edges(), height, channels, itemsize, threads,
@@ -284,14 +293,21 @@ def _forward_groups(
     )  # fmt: skip
     if block == 0:
         return False
-    scratch = torch.empty((threads if staged else 1, scratch_size), dtype=features[0].dtype)
+    scratch = torch.empty((threads if staged else 1, scratch_size), dtype=scanned)
     advise_tensor(scratch, tuning.huge_page_min_bytes)
     written = sum(t.numel() * t.element_size() for t in (output, argmax) if t is not None)
+    # Non-temporal stores take 4 or 8 bytes: 16-bit outputs are stored plainly.
+    stream = kind == 0 and written >= tuning.stream_min_bytes
+    if kind:
+        src, bits = _NO_FLOATS, shared_storage(features, torch.int16)
+        out, out_bits = _NO_FLOATS, output.view(torch.int16).view(-1).numpy()
+    else:
+        src, bits = shared_storage(features), _NO_BITS
+        out, out_bits = output.view(-1).numpy(), _NO_BITS
     arguments = (
-        shared_storage(features), call.layout, num_images, channels, bins.source, order,
-        groups, *bins.edges(), output.view(-1).numpy(),
+        src, call.layout, num_images, channels, bins.source, order, groups, *bins.edges(), out,
         _EMPTY_ARGMAX if argmax is None else argmax.view(-1).numpy(), argmax is not None,
-        block, scratch.numpy(), written >= tuning.stream_min_bytes,
+        block, scratch.numpy(), stream, bits, out_bits, kind,
     )  # fmt: skip
     run_kernel(pool_groups.pool_groups_serial, pool_groups.pool_groups_parallel, threads, arguments)
     return True
@@ -441,12 +457,13 @@ def _warm_up(dtype: torch.dtype, backward: bool = False) -> None:
     )  # fmt: skip
     pool_keys.pool_keys_serial(*keys)
     pool_keys.pool_keys_parallel(*keys)
-    if np_dtype is not None:
+    scanned = np.dtype(np.float32) if dtype in _WIDENED else np_dtype  # the grouped kernels'
+    if scanned is not None:
         groups = np.array([[0, 0, 1, 0, 1, 0, 1]], dtype=np.int64)
         floats = (
-            np.zeros(1, dtype=np_dtype), layout, 1, 1, zero, zero, groups, zero, one, zero,
-            one, 1, 1, np.zeros(1, dtype=np_dtype), np.zeros(1, dtype=np.int32), True, 1,
-            np.zeros((1, 1), dtype=np_dtype), True,
+            np.zeros(1, dtype=scanned), layout, 1, 1, zero, zero, groups, zero, one, zero,
+            one, 1, 1, np.zeros(1, dtype=scanned), np.zeros(1, dtype=np.int32), True, 1,
+            np.zeros((1, 1), dtype=scanned), True, _NO_BITS, _NO_BITS, 0,
         )  # fmt: skip
         pool_groups.pool_groups_serial(*floats)
         pool_groups.pool_groups_parallel(*floats)

@@ -27,7 +27,7 @@ from roi_ops_numba.geometry import (
     WIDTH,
     roi_windows,
 )
-from roi_ops_numba.staging import _stage
+from roi_ops_numba.staging import _stage, _stage_widened, narrow_bits
 from roi_ops_numba.streaming import store_fence, stream_store
 
 
@@ -69,7 +69,8 @@ def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, best, pos, nl):
 
 @njit(cache=True, inline="always")
 def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, wend,
-              pooled_h, pooled_w, out, argmax, need_argmax, tile, tile_pos, stream):  # fmt: skip
+              pooled_h, pooled_w, out, argmax, need_argmax, tile, tile_pos, stream, out_bits,
+              kind):  # fmt: skip
     """Pool every bin of ROI `k` for `nl` channels read from a channels-last view.
 
     Pixel (h, w) has its channels at ``data[org + h*row + w*pix:][:nl]``. Channel j of bin b goes
@@ -78,7 +79,8 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
     `tile_pos` with the argmax, else ``nl``), then are transposed into the output's
     channel-major order: contiguous runs instead of nl stores PH * PW elements apart per bin
     (faster with and without the argmax; the README has the measurements). With `stream` the
-    runs are written with non-temporal stores (`streaming`; the caller fences).
+    runs are written with non-temporal stores (`streaming`; the caller fences). With a 16-bit
+    `kind` the results are narrowed back to their raw bits into `out_bits` instead of `out`.
     """
     num_bins = pooled_h * pooled_w
     for ph in range(pooled_h):
@@ -100,8 +102,19 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
     # Through slices of this ROI's outputs, indexed from 0: a signed offset from o_base would
     # take numba's negative-index fix-up on every store (README: many-small).
     size = nl * num_bins
-    values = out[o_base : o_base + size]
     positions = argmax[o_base : o_base + size] if need_argmax else argmax[:0]
+    if kind != 0:
+        narrow = out_bits[o_base : o_base + size]
+        tile_bits = tile.view(np.int32)
+        for j in range(nl):
+            for b in range(num_bins):
+                narrow[j * num_bins + b] = narrow_bits(tile_bits[b * nl + j], kind)
+        if need_argmax:
+            for j in range(nl):
+                for b in range(num_bins):
+                    positions[j * num_bins + b] = tile_pos[b * nl + j]
+        return
+    values = out[o_base : o_base + size]
     if stream:
         for j in range(nl):
             for b in range(num_bins):
@@ -124,11 +137,12 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
 def _groups_task(
     task, src, layout, num_images, channels, order, groups,
     hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, buffer,
-    stream,
+    stream, bits, out_bits, kind,
 ):  # fmt: skip
     """Task `task` of `pool_groups_serial`: group ``task // blocks``, one block of channels,
-    staged (when the channels are not contiguous) in `buffer`, the running thread's own; with
-    `stream`, its outputs written by non-temporal stores and fenced before it returns."""
+    staged (when the channels are not contiguous, or widened from 16 bits) in `buffer`, the
+    running thread's own; with `stream`, its outputs written by non-temporal stores and fenced
+    before it returns."""
     num_blocks = (channels + block - 1) // block
     num_bins = pooled_h * pooled_w
     g = task // num_blocks
@@ -140,9 +154,15 @@ def _groups_task(
     y0, y1, x0, x1 = groups[g, 3], groups[g, 4], groups[g, 5], groups[g, 6]
     origin, s_n, s_c = layout[level, OFFSET], layout[level, S_N], layout[level, S_C]
     s_h, s_w, width = layout[level, S_H], layout[level, S_W], layout[level, WIDTH]
-    tile = np.empty(num_bins * nl, src.dtype)
+    tile = np.empty(num_bins * nl, buffer.dtype)
     tile_pos = np.empty((num_bins if need_argmax else 1) * nl, np.int32)
-    if s_c == 1:
+    if kind != 0:
+        region_w = x1 - x0
+        data = buffer[: (y1 - y0) * region_w * nl]
+        _stage_widened(bits, origin + n * s_n + c0 * s_c, s_c, s_h, s_w, nl, y0, y1, x0, x1,
+                       data.view(np.int32), kind)  # fmt: skip
+        org, row, pix = -(y0 * region_w + x0) * nl, region_w * nl, nl
+    elif s_c == 1:
         data, org, row, pix = src, origin + n * s_n + c0, s_h, s_w
     else:
         region_w = x1 - x0
@@ -154,18 +174,22 @@ def _groups_task(
         k = order[i]
         _pool_roi(data, org, row, pix, width, k, (k * channels + c0) * num_bins, nl,
                   hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax,
-                  tile, tile_pos, stream)  # fmt: skip
+                  tile, tile_pos, stream, out_bits, kind)  # fmt: skip
     if stream:
         store_fence()
 
 
 @njit(cache=True)
-def _zero_invalid(source, per_roi, out, argmax, need_argmax):
-    """Zeros (argmax -1) for every ROI whose source is -1 (invalid or no level)."""
+def _zero_invalid(source, per_roi, out, argmax, need_argmax, out_bits, kind):
+    """Zeros (argmax -1) for every ROI whose source is -1 (invalid or no level), in `out`, or
+    in `out_bits` for a 16-bit `kind`."""
     for k in range(source.shape[0]):
         if source[k] < 0:
             for o in range(k * per_roi, (k + 1) * per_roi):
-                out[o] = 0
+                if kind != 0:
+                    out_bits[o] = 0
+                else:
+                    out[o] = 0
             if need_argmax:
                 for o in range(k * per_roi, (k + 1) * per_roi):
                     argmax[o] = -1
@@ -175,16 +199,16 @@ def _zero_invalid(source, per_roi, out, argmax, need_argmax):
 def pool_groups_parallel(
     src, layout, num_images, channels, source, order, groups,
     hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, scratch,
-    stream,
+    stream, bits, out_bits, kind,
 ):  # fmt: skip
     """`pool_groups_serial` over numba's threads (run it in `ops.parallel_region`)."""
-    _zero_invalid(source, channels * pooled_h * pooled_w, out, argmax, need_argmax)
+    _zero_invalid(source, channels * pooled_h * pooled_w, out, argmax, need_argmax, out_bits, kind)
     tasks = groups.shape[0] * ((channels + block - 1) // block)
     for task in prange(tasks):
         _groups_task(
             task, src, layout, num_images, channels, order, groups,
             hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
-            scratch[get_thread_id()], stream,
+            scratch[get_thread_id()], stream, bits, out_bits, kind,
         )  # fmt: skip
 
 
@@ -192,7 +216,7 @@ def pool_groups_parallel(
 def pool_groups_serial(
     src, layout, num_images, channels, source, order, groups,
     hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block, scratch,
-    stream,
+    stream, bits, out_bits, kind,
 ):  # fmt: skip
     """roi_pool forward of groups of ROIs of one image (of one level) each, in the calling
     thread.
@@ -221,13 +245,19 @@ def pool_groups_serial(
             ``numba.get_thread_id()``); else unused.
         stream: write `out` and `argmax` with non-temporal stores (`streaming`), for outputs
             much larger than the caches; each task fences its stores before it returns.
+        bits, out_bits, kind: for float16 (`staging.FLOAT16`) and bfloat16
+            (`staging.BFLOAT16`) maps: the maps' raw bits (int16 memory addressed as `src`
+            would be; `src` and `out` are then unused), the output's raw bits (int16, as
+            `out`), and the format. Every region is staged widened to float32 (`scratch` is
+            float32), scanned as float32, and each result narrowed back to its element's bits.
+            `kind` 0: float32/float64 `src` and `out`; `bits` and `out_bits` unused.
     """
-    _zero_invalid(source, channels * pooled_h * pooled_w, out, argmax, need_argmax)
+    _zero_invalid(source, channels * pooled_h * pooled_w, out, argmax, need_argmax, out_bits, kind)
     for task in range(groups.shape[0] * ((channels + block - 1) // block)):
         _groups_task(
             task, src, layout, num_images, channels, order, groups,
             hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax, block,
-            scratch[0], stream,
+            scratch[0], stream, bits, out_bits, kind,
         )  # fmt: skip
 
 

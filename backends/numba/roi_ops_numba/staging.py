@@ -1,9 +1,13 @@
 """The channels-last staging copy both forward kernels use for inputs whose channels are not
-contiguous (NCHW and other strides). Importing this module imports numba."""
+contiguous (NCHW and other strides), and its widening form that stages float16 and bfloat16 as
+float32 for the grouped kernels. Importing this module imports numba."""
 
 from __future__ import annotations
 
-from numba import njit
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 
 @njit(cache=True, inline="always")
@@ -36,3 +40,86 @@ def _stage(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf):
             s = s_row + w * s_w
             for j in range(c0, nc):
                 buf[d + j] = src[s + j * s_c]
+
+
+# The 16-bit formats the grouped kernels widen to float32 while staging (`_stage_widened`).
+BFLOAT16 = 1
+FLOAT16 = 2
+
+
+@intrinsic
+def _float32_bits(typingctx, value):
+    """The bits of a float32 as an int32 (a bit cast)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        return builder.bitcast(arguments[0], ir.IntType(32))
+
+    return types.int32(value), codegen
+
+
+@njit(cache=True, inline="always")
+def widen_bits(bits, kind):
+    """The float32 bit pattern (int64) of a bfloat16 (`kind` BFLOAT16) or float16 (FLOAT16)
+    element's raw bits: exact, the sign of zeros and the payload of NaNs kept. Branch-free, so
+    the staging loops vectorise; no float operation sees a subnormal (a float16 subnormal
+    m * 2^-24 is float32(m), an integer, with its exponent lowered by 24), so flush-to-zero
+    settings cannot change it."""
+    h = np.int64(bits) & 0xFFFF
+    if kind == BFLOAT16:
+        return h << 16
+    sign = (h & 0x8000) << 16
+    magnitude = h & 0x7FFF
+    exponent = magnitude >> 10
+    # Normal numbers rebias by 112; infinities and NaNs (exponent 31) by 224, to 255.
+    normal = (magnitude << 13) + (np.int64(112 + 112 * (exponent == 31)) << 23)
+    integer = np.int64(_float32_bits(np.float32(magnitude)))  # exact: magnitude < 2^10 here
+    subnormal = integer - (np.int64(24) << 23) if magnitude != 0 else np.int64(0)
+    return sign | (normal if exponent != 0 else subnormal)
+
+
+@njit(cache=True, inline="always")
+def narrow_bits(bits, kind):
+    """The raw 16-bit pattern (int64) of a float32 bit pattern that `widen_bits` made (or a
+    zero): the exact inverse. Branch-free."""
+    f = np.int64(bits) & 0xFFFFFFFF
+    if kind == BFLOAT16:
+        return f >> 16
+    sign = (f >> 16) & 0x8000
+    exponent = (f >> 23) & 0xFF
+    mantissa = f & 0x7FFFFF
+    special = 0x7C00 | (mantissa >> 13)  # infinity or NaN, payload kept
+    normal = ((exponent - 112) << 10) | (mantissa >> 13)
+    shift = min(max(126 - exponent, 0), 31)
+    subnormal = (mantissa | 0x800000) >> shift  # a float16 subnormal: exponent 103 to 112
+    small = subnormal if exponent != 0 else np.int64(0)
+    wide = special if exponent == 0xFF else normal
+    return sign | (wide if exponent >= 113 else small)
+
+
+@njit(cache=True, inline="always")
+def _stage_widened(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf, kind):
+    """`_stage` from 16-bit raw bits (`src`, int16) into a float32 buffer's bits (`buf`, int32),
+    each element widened exactly (`widen_bits`), so the float32 scan compares the same values
+    and its winners narrow back to the same bits."""
+    region_w = x1 - x0
+    c0 = 0
+    if s_w == 1:
+        while c0 + 16 <= nc:
+            for h in range(h0, h1):
+                d_row = (h - h0) * region_w * nc + c0
+                s_row = plane0 + c0 * s_c + h * s_h + x0
+                for w in range(region_w):
+                    d = d_row + w * nc
+                    for j in range(16):
+                        buf[d + j] = widen_bits(src[s_row + w + j * s_c], kind)
+            c0 += 16
+    for h in range(h0, h1):
+        d_row = (h - h0) * region_w * nc
+        s_row = plane0 + h * s_h + x0 * s_w
+        for w in range(region_w):
+            d = d_row + w * nc
+            s = s_row + w * s_w
+            for j in range(c0, nc):
+                buf[d + j] = widen_bits(src[s + j * s_c], kind)

@@ -18,6 +18,7 @@ from numba_cases import (
     run_forward,
 )
 from numba_cases import layout as to_layout
+from roi_ops.testing import reference_roi_pool
 
 pytest.importorskip("numba")
 
@@ -334,6 +335,60 @@ def test_streamed_outputs(schedule, dtype, layout, stream):
     check(backend, x, rois, (1, 1), 0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_widening_is_exact_for_every_16_bit_pattern(dtype):
+    """The grouped kernels scan float16 and bfloat16 widened to float32: every raw pattern
+    widens to its value's float32 bits (NaNs to NaNs) and narrows back to itself."""
+    import numpy as np
+    from numba import njit
+
+    from roi_ops_numba import staging
+
+    kind = staging.FLOAT16 if dtype == torch.float16 else staging.BFLOAT16
+
+    @njit
+    def round_trip(patterns, widened, narrowed, kind):
+        for i in range(patterns.shape[0]):
+            widened[i] = staging.widen_bits(patterns[i], kind)
+            narrowed[i] = staging.narrow_bits(widened[i], kind)
+
+    patterns = np.arange(-(2**15), 2**15, dtype=np.int64).astype(np.int16)
+    widened, narrowed = np.empty(2**16, np.int32), np.empty(2**16, np.int16)
+    round_trip(patterns, widened, narrowed, kind)
+    assert np.array_equal(narrowed, patterns)
+    values = torch.from_numpy(patterns).view(dtype).float()
+    as_float = torch.from_numpy(widened).view(torch.float32)
+    nan = values.isnan()
+    assert torch.equal(as_float.isnan(), nan)
+    assert torch.equal(as_float[~nan].view(torch.int32), values[~nan].view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_16_bit_pattern_pools_to_itself(schedule, dtype, layout):
+    """Every float16 / bfloat16 bit pattern (NaN payloads, subnormals, signed zeros and
+    infinities) in one map, pooled by the widened grouped kernels: argmax as the reference's,
+    values as its bit for bit, and a NaN result is the bits of the first NaN (the element at
+    the argmax), not a canonical NaN."""
+    g = torch.Generator().manual_seed(67)
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    patterns = patterns[torch.randperm(2**16, generator=g)]
+    x = to_layout(patterns.view(dtype).view(1, 4, 128, 128), layout)
+    rois = random_rois(40, 1, 128, 128, 1.0, g).to(torch.float32)
+    backend = make_backend(schedule, stage_min_coverage=0.0)
+    output, argmax = run_forward(backend, x, rois, (3, 5), 1.0)
+    expected, expected_argmax = reference_roi_pool(x, rois, (3, 5), 1.0)
+    assert torch.equal(argmax, expected_argmax)
+    bits, expected_bits = output.view(torch.int16), expected.view(torch.int16)
+    nan = output.isnan()
+    assert torch.equal(nan, expected.isnan())
+    assert torch.equal(bits[~nan], expected_bits[~nan])
+    assert nan.any()  # the NaN results are checked below
+    _, c, _, _ = torch.nonzero(nan, as_tuple=True)
+    planes = x.contiguous().view(torch.int16).view(1, 4, -1)
+    assert torch.equal(bits[nan], planes[0, c, argmax[nan].long()])
+
+
 def test_outputs_stream_from_the_threshold(monkeypatch):
     """The grouped kernels stream where the output and argmax together reach
     `stream_min_bytes` (the argmax counted at its own four bytes), and not below it."""
@@ -343,7 +398,7 @@ def test_outputs_stream_from_the_threshold(monkeypatch):
     kernel = pool_groups.pool_groups_serial
 
     def spy(*arguments):
-        seen.append(arguments[-1])
+        seen.append(arguments[-4])  # stream (then bits, out_bits, kind)
         return kernel(*arguments)
 
     monkeypatch.setattr(pool_groups, "pool_groups_serial", spy)
@@ -505,7 +560,7 @@ argmax = torch.full(problem.output_shape, -7, dtype=torch.int32)
 pool_groups.pool_groups_serial(
     flat_storage(x), call.layout, 1, 3, bins.source, order, groups, *bins.edges(),
     out.view(-1).numpy(), argmax.view(-1).numpy(), True, block, np.empty((1, size), np.float32),
-    True)
+    True, np.empty(0, np.int16), np.empty(0, np.int16), 0)
 expected, expected_argmax = reference_roi_pool(x, rois, (2, 2), 1.0)
 assert torch.equal(out, expected) and torch.equal(argmax, expected_argmax)
 """
