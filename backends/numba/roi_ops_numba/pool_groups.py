@@ -67,10 +67,18 @@ def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, best, pos, nl):
                     best[j] = x if g else b
 
 
+@njit(cache=True)
+def _narrow_tile(tile_bits, narrowed, kind):
+    """`narrowed[i]` = the 16-bit pattern of float32 bits `tile_bits[i]` (`staging.narrow_bits`);
+    a function of its own, so that its loop is compiled (and vectorised) alone."""
+    for i in range(narrowed.shape[0]):
+        narrowed[i] = narrow_bits(tile_bits[i], kind)
+
+
 @njit(cache=True, inline="always")
 def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, wend,
               pooled_h, pooled_w, out, argmax, need_argmax, tile, tile_pos, stream, out_bits,
-              kind):  # fmt: skip
+              kind, tile16):  # fmt: skip
     """Pool every bin of ROI `k` for `nl` channels read from a channels-last view.
 
     Pixel (h, w) has its channels at ``data[org + h*row + w*pix:][:nl]``. Channel j of bin b goes
@@ -80,7 +88,8 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
     channel-major order: contiguous runs instead of nl stores PH * PW elements apart per bin
     (faster with and without the argmax; the README has the measurements). With `stream` the
     runs are written with non-temporal stores (`streaming`; the caller fences). With a 16-bit
-    `kind` the results are narrowed back to their raw bits into `out_bits` instead of `out`.
+    `kind` the results are narrowed back to their raw bits (through `tile16`, as many int16
+    elements as `tile`) into `out_bits` instead of `out`.
     """
     num_bins = pooled_h * pooled_w
     for ph in range(pooled_h):
@@ -104,11 +113,13 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
     size = nl * num_bins
     positions = argmax[o_base : o_base + size] if need_argmax else argmax[:0]
     if kind != 0:
+        # Narrowed in tile order first (a contiguous loop, which vectorises), then transposed.
+        narrowed = tile16[:size]
+        _narrow_tile(tile.view(np.int32), narrowed, kind)
         narrow = out_bits[o_base : o_base + size]
-        tile_bits = tile.view(np.int32)
         for j in range(nl):
             for b in range(num_bins):
-                narrow[j * num_bins + b] = narrow_bits(tile_bits[b * nl + j], kind)
+                narrow[j * num_bins + b] = narrowed[b * nl + j]
         if need_argmax:
             for j in range(nl):
                 for b in range(num_bins):
@@ -156,6 +167,7 @@ def _groups_task(
     s_h, s_w, width = layout[level, S_H], layout[level, S_W], layout[level, WIDTH]
     tile = np.empty(num_bins * nl, buffer.dtype)
     tile_pos = np.empty((num_bins if need_argmax else 1) * nl, np.int32)
+    tile16 = np.empty(num_bins * nl if kind != 0 else 1, np.int16)
     if kind != 0:
         region_w = x1 - x0
         data = buffer[: (y1 - y0) * region_w * nl]
@@ -174,7 +186,7 @@ def _groups_task(
         k = order[i]
         _pool_roi(data, org, row, pix, width, k, (k * channels + c0) * num_bins, nl,
                   hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax,
-                  tile, tile_pos, stream, out_bits, kind)  # fmt: skip
+                  tile, tile_pos, stream, out_bits, kind, tile16)  # fmt: skip
     if stream:
         store_fence()
 
