@@ -62,10 +62,10 @@ def _float32_bits(typingctx, value):
 @njit(cache=True, inline="always")
 def widen_bits(bits, kind):
     """The float32 bit pattern (int64) of a bfloat16 (`kind` BFLOAT16) or float16 (FLOAT16)
-    element's raw bits: exact, the sign of zeros and the payload of NaNs kept. Branch-free, so
-    the staging loops vectorise; no float operation sees a subnormal (a float16 subnormal
-    m * 2^-24 is float32(m), an integer, with its exponent lowered by 24), so flush-to-zero
-    settings cannot change it."""
+    element's raw bits: exact, the sign of zeros and the payload of NaNs kept. Selects, no
+    branches; no float operation sees a subnormal (a float16 subnormal m * 2^-24 is
+    float32(m), an integer, with its exponent lowered by 24), so flush-to-zero settings cannot
+    change it."""
     h = np.int64(bits) & 0xFFFF
     if kind == BFLOAT16:
         return h << 16
