@@ -27,7 +27,7 @@ from roi_ops_numba.geometry import (
     WIDTH,
     roi_windows,
 )
-from roi_ops_numba.staging import _stage, _stage_widened, narrow_bits
+from roi_ops_numba.staging import _stage, narrow_region, widen_region
 from roi_ops_numba.streaming import store_fence, stream_store
 
 
@@ -65,14 +65,6 @@ def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, best, pos, nl):
                     b = best[j]
                     g = (x > b) | ((x != x) & (b == b))
                     best[j] = x if g else b
-
-
-@njit(cache=True)
-def _narrow_tile(tile_bits, narrowed, kind):
-    """`narrowed[i]` = the 16-bit pattern of float32 bits `tile_bits[i]` (`staging.narrow_bits`);
-    a function of its own, so that its loop is compiled (and vectorised) alone."""
-    for i in range(narrowed.shape[0]):
-        narrowed[i] = narrow_bits(tile_bits[i], kind)
 
 
 @njit(cache=True, inline="always")
@@ -115,7 +107,7 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
     if kind != 0:
         # Narrowed in tile order first (a contiguous loop, which vectorises), then transposed.
         narrowed = tile16[:size]
-        _narrow_tile(tile.view(np.int32), narrowed, kind)
+        narrow_region(tile.view(np.int32), narrowed, kind)
         narrow = out_bits[o_base : o_base + size]
         for j in range(nl):
             for b in range(num_bins):
@@ -171,8 +163,10 @@ def _groups_task(
     if kind != 0:
         region_w = x1 - x0
         data = buffer[: (y1 - y0) * region_w * nl]
-        _stage_widened(bits, origin + n * s_n + c0 * s_c, s_c, s_h, s_w, nl, y0, y1, x0, x1,
-                       data.view(np.int32), kind)  # fmt: skip
+        # The raw bits staged as they are, then widened in one contiguous pass.
+        raw = np.empty(data.shape[0], np.int16)
+        _stage(bits, origin + n * s_n + c0 * s_c, s_c, s_h, s_w, nl, y0, y1, x0, x1, raw)
+        widen_region(raw, data.view(np.int32), kind)
         org, row, pix = -(y0 * region_w + x0) * nl, region_w * nl, nl
     elif s_c == 1:
         data, org, row, pix = src, origin + n * s_n + c0, s_h, s_w
@@ -197,11 +191,10 @@ def _zero_invalid(source, per_roi, out, argmax, need_argmax, out_bits, kind):
     in `out_bits` for a 16-bit `kind`."""
     for k in range(source.shape[0]):
         if source[k] < 0:
-            for o in range(k * per_roi, (k + 1) * per_roi):
-                if kind != 0:
-                    out_bits[o] = 0
-                else:
-                    out[o] = 0
+            if kind != 0:
+                out_bits[k * per_roi : (k + 1) * per_roi] = 0
+            else:
+                out[k * per_roi : (k + 1) * per_roi] = 0
             if need_argmax:
                 for o in range(k * per_roi, (k + 1) * per_roi):
                     argmax[o] = -1

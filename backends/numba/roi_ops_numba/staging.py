@@ -1,6 +1,6 @@
 """The channels-last staging copy both forward kernels use for inputs whose channels are not
-contiguous (NCHW and other strides), and its widening form that stages float16 and bfloat16 as
-float32 for the grouped kernels. Importing this module imports numba."""
+contiguous (NCHW and other strides), and the exact widening of float16 and bfloat16 to float32
+(and back) with which the grouped kernels scan them. Importing this module imports numba."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _stage(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf):
                 buf[d + j] = src[s + j * s_c]
 
 
-# The 16-bit formats the grouped kernels widen to float32 while staging (`_stage_widened`).
+# The 16-bit formats the grouped kernels stage widened to float32 (`widen_region`).
 BFLOAT16 = 1
 FLOAT16 = 2
 
@@ -82,7 +82,7 @@ def widen_bits(bits, kind):
 @njit(cache=True, inline="always")
 def narrow_bits(bits, kind):
     """The raw 16-bit pattern (int64) of a float32 bit pattern that `widen_bits` made (or a
-    zero): the exact inverse. Branch-free."""
+    zero): the exact inverse. Selects, no branches."""
     f = np.int64(bits) & 0xFFFFFFFF
     if kind == BFLOAT16:
         return f >> 16
@@ -98,28 +98,16 @@ def narrow_bits(bits, kind):
     return sign | (wide if exponent >= 113 else small)
 
 
-@njit(cache=True, inline="always")
-def _stage_widened(src, plane0, s_c, s_h, s_w, nc, h0, h1, x0, x1, buf, kind):
-    """`_stage` from 16-bit raw bits (`src`, int16) into a float32 buffer's bits (`buf`, int32),
-    each element widened exactly (`widen_bits`), so the float32 scan compares the same values
-    and its winners narrow back to the same bits."""
-    region_w = x1 - x0
-    c0 = 0
-    if s_w == 1:
-        while c0 + 16 <= nc:
-            for h in range(h0, h1):
-                d_row = (h - h0) * region_w * nc + c0
-                s_row = plane0 + c0 * s_c + h * s_h + x0
-                for w in range(region_w):
-                    d = d_row + w * nc
-                    for j in range(16):
-                        buf[d + j] = widen_bits(src[s_row + w + j * s_c], kind)
-            c0 += 16
-    for h in range(h0, h1):
-        d_row = (h - h0) * region_w * nc
-        s_row = plane0 + h * s_h + x0 * s_w
-        for w in range(region_w):
-            d = d_row + w * nc
-            s = s_row + w * s_w
-            for j in range(c0, nc):
-                buf[d + j] = widen_bits(src[s + j * s_c], kind)
+@njit(cache=True)
+def widen_region(narrow, widened, kind):
+    """``widened[i]`` = `widen_bits` of ``narrow[i]``, the raw 16-bit elements that `_stage` copied:
+    a function of its own, so that its contiguous loop is compiled (and vectorised) alone."""
+    for i in range(narrow.shape[0]):
+        widened[i] = widen_bits(narrow[i], kind)
+
+
+@njit(cache=True)
+def narrow_region(widened, narrow, kind):
+    """``narrow[i]`` = `narrow_bits` of ``widened[i]``: `widen_region` undone."""
+    for i in range(narrow.shape[0]):
+        narrow[i] = narrow_bits(widened[i], kind)
