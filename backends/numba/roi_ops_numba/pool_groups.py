@@ -28,7 +28,7 @@ from roi_ops_numba.geometry import (
     roi_windows,
 )
 from roi_ops_numba.staging import _stage, narrow_region, widen_region
-from roi_ops_numba.streaming import store_fence, stream_store
+from roi_ops_numba.streaming import store_fence, stream_gathered
 
 
 @njit(cache=True, inline="always")
@@ -70,18 +70,19 @@ def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, best, pos, nl):
 @njit(cache=True, inline="always")
 def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, wend,
               pooled_h, pooled_w, out, argmax, need_argmax, tile, tile_pos, stream, out_bits,
-              kind, tile16):  # fmt: skip
+              kind, tile16, transpose):  # fmt: skip
     """Pool every bin of ROI `k` for `nl` channels read from a channels-last view.
 
     Pixel (h, w) has its channels at ``data[org + h*row + w*pix:][:nl]``. Channel j of bin b goes
     to ``out[o_base + j * PH * PW + b]`` (and `argmax`). The results go bin-major (each bin's
     channels contiguous, as the scan leaves them) into `tile` (``PH * PW * nl`` elements; and
     `tile_pos` with the argmax, else ``nl``), then are transposed into the output's
-    channel-major order: contiguous runs instead of nl stores PH * PW elements apart per bin
-    (faster with and without the argmax; the README has the measurements). With `stream` the
-    runs are written with non-temporal stores (`streaming`; the caller fences). With a 16-bit
-    `kind` the results are narrowed back to their raw bits (through `tile16`, as many int16
-    elements as `tile`) into `out_bits` instead of `out`.
+    channel-major order, output ``j * PH * PW + b`` from tile element ``transpose[j * PH * PW +
+    b] = b * nl + j``: the outputs written in order instead of nl stores PH * PW elements apart
+    per bin (faster with and without the argmax; the README has the measurements). With
+    `stream` they are written by non-temporal stores (`streaming`; the caller fences). With a
+    16-bit `kind` the results are narrowed back to their raw bits (through `tile16`, as many
+    int16 elements as `tile`) into `out_bits` instead of `out`, plainly.
     """
     num_bins = pooled_h * pooled_w
     for ph in range(pooled_h):
@@ -101,7 +102,8 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
             else:
                 _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, need_argmax, result, pos, nl)
     # Through slices of this ROI's outputs, indexed from 0: a signed offset from o_base would
-    # take numba's negative-index fix-up on every store (README: many-small).
+    # take numba's negative-index fix-up on every store (README: many-small). Output o is tile
+    # element transpose[o]: one loop over the outputs, which LLVM vectorises with gathers.
     size = nl * num_bins
     positions = argmax[o_base : o_base + size] if need_argmax else argmax[:0]
     if kind != 0:
@@ -109,31 +111,21 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
         narrowed = tile16[:size]
         narrow_region(tile.view(np.int32), narrowed, kind)
         narrow = out_bits[o_base : o_base + size]
-        for j in range(nl):
-            for b in range(num_bins):
-                narrow[j * num_bins + b] = narrowed[b * nl + j]
-        if need_argmax:
-            for j in range(nl):
-                for b in range(num_bins):
-                    positions[j * num_bins + b] = tile_pos[b * nl + j]
+        for o in range(size):
+            narrow[o] = narrowed[transpose[o]]
+    elif stream:
+        stream_gathered(out[o_base : o_base + size], tile, transpose)
+    else:
+        values = out[o_base : o_base + size]
+        for o in range(size):
+            values[o] = tile[transpose[o]]
+    if not need_argmax:
         return
-    values = out[o_base : o_base + size]
     if stream:
-        for j in range(nl):
-            for b in range(num_bins):
-                stream_store(values, j * num_bins + b, tile[b * nl + j])
-        if need_argmax:
-            for j in range(nl):
-                for b in range(num_bins):
-                    stream_store(positions, j * num_bins + b, tile_pos[b * nl + j])
-        return
-    for j in range(nl):
-        for b in range(num_bins):
-            values[j * num_bins + b] = tile[b * nl + j]
-    if need_argmax:
-        for j in range(nl):
-            for b in range(num_bins):
-                positions[j * num_bins + b] = tile_pos[b * nl + j]
+        stream_gathered(positions, tile_pos, transpose)
+    else:
+        for o in range(size):
+            positions[o] = tile_pos[transpose[o]]
 
 
 @njit(cache=True)
@@ -160,6 +152,10 @@ def _groups_task(
     tile = np.empty(num_bins * nl, buffer.dtype)
     tile_pos = np.empty((num_bins if need_argmax else 1) * nl, np.int32)
     tile16 = np.empty(num_bins * nl if kind != 0 else 1, np.int16)
+    transpose = np.empty(num_bins * nl, np.int32)
+    for j in range(nl):
+        for b in range(num_bins):
+            transpose[j * num_bins + b] = b * nl + j
     if kind != 0:
         region_w = x1 - x0
         data = buffer[: (y1 - y0) * region_w * nl]
@@ -180,7 +176,7 @@ def _groups_task(
         k = order[i]
         _pool_roi(data, org, row, pix, width, k, (k * channels + c0) * num_bins, nl,
                   hstart, hend, wstart, wend, pooled_h, pooled_w, out, argmax, need_argmax,
-                  tile, tile_pos, stream, out_bits, kind, tile16)  # fmt: skip
+                  tile, tile_pos, stream, out_bits, kind, tile16, transpose)  # fmt: skip
     if stream:
         store_fence()
 

@@ -14,11 +14,15 @@ Importing this module imports numba.
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-_NONTEMPORAL = ir.Constant(ir.IntType(32), 1)
+_I1 = ir.IntType(1)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_NONTEMPORAL = ir.Constant(_I32, 1)
+LINE_BYTES = 64
 
 
 @intrinsic
@@ -64,3 +68,92 @@ def store_fence(typingctx):
         return context.get_dummy_value()
 
     return types.void(), codegen
+
+
+def _item_pointer(context, builder, array_type, array_value, index):
+    view = context.make_array(array_type)(context, builder, array_value)
+    return cgutils.get_item_pointer(context, builder, array_type, view, [index], wraparound=False)
+
+
+def _splat(builder, value, lanes):
+    vector = ir.VectorType(value.type, lanes)
+    first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
+    return builder.shuffle_vector(first, first, zeros)
+
+
+def _is_flat(array) -> bool:
+    return isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+
+
+@intrinsic
+def stream_gathered_line(typingctx, dst, d, src, index, i):
+    """``dst[d + l] = src[index[i + l]]`` for the ``64 // itemsize`` elements l of one line, as
+    one gathering vector load and one aligned non-temporal vector store (no bounds checks).
+
+    `dst` and `src` are 1-D C-contiguous arrays of one 4- or 8-byte dtype, `index` int32; the
+    address of ``dst[d]`` must be a multiple of 64 (an unaligned one faults on x86).
+    """
+    if not (_is_flat(dst) and _is_flat(src) and _is_flat(index)):
+        return None
+    if dst.dtype != src.dtype or dst.dtype.bitwidth not in (32, 64) or index.dtype != types.int32:
+        return None
+    if not (isinstance(d, types.Integer) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        dst_type, _, src_type, index_type, _ = signature.args
+        dst_value, d_value, src_value, index_value, i_value = arguments
+        width = dst_type.dtype.bitwidth // 8
+        lanes = LINE_BYTES // width
+        element = context.get_data_type(dst_type.dtype)
+        line = ir.VectorType(element, lanes)
+        wide = ir.VectorType(_I64, lanes)
+        where = _item_pointer(context, builder, index_type, index_value, i_value)
+        indices = builder.load(builder.bitcast(where, ir.VectorType(_I32, lanes).as_pointer()))
+        offsets = builder.mul(
+            builder.sext(indices, wide), _splat(builder, ir.Constant(_I64, width), lanes)
+        )
+        base = _item_pointer(context, builder, src_type, src_value, ir.Constant(_I64, 0))
+        start = _splat(builder, builder.ptrtoint(base, _I64), lanes)
+        pointers = builder.inttoptr(builder.add(start, offsets), ir.VectorType(base.type, lanes))
+        kind = "f" if isinstance(dst_type.dtype, types.Float) else "i"
+        gather = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(line, [pointers.type, _I32, ir.VectorType(_I1, lanes), line]),
+            f"llvm.masked.gather.v{lanes}{kind}{width * 8}.v{lanes}p0",
+        )
+        every = ir.Constant(ir.VectorType(_I1, lanes), [ir.Constant(_I1, 1)] * lanes)
+        value = builder.call(
+            gather, [pointers, ir.Constant(_I32, width), every, ir.Constant(line, ir.Undefined)]
+        )
+        target = _item_pointer(context, builder, dst_type, dst_value, d_value)
+        store = builder.store(value, builder.bitcast(target, line.as_pointer()), align=LINE_BYTES)
+        store.set_metadata("nontemporal", builder.module.add_metadata([_NONTEMPORAL]))
+        return context.get_dummy_value()
+
+    return types.void(dst, d, src, index, i), codegen
+
+
+@njit(cache=True, inline="always")
+def stream_gathered(dst, src, index):
+    """``dst[o] = src[index[o]]`` for every o of `dst`, with non-temporal stores: whole 64-byte
+    lines of `dst` by `stream_gathered_line`, the elements outside them by `stream_store`.
+
+    `dst` and `src` are 1-D C-contiguous arrays of one 4- or 8-byte dtype, `index` int32 with at
+    least as many elements as `dst`, each a valid index of `src` (not checked). The caller runs
+    `store_fence` before anyone reads `dst`.
+    """
+    size = dst.shape[0]
+    lanes = LINE_BYTES // dst.itemsize
+    address = dst.ctypes.data
+    head = size  # elements not aligned to their size never reach a line's start
+    if address % dst.itemsize == 0:
+        head = min((-address) % LINE_BYTES // dst.itemsize, size)
+    body = head + (size - head) // lanes * lanes
+    for o in range(head):
+        stream_store(dst, o, src[index[o]])
+    for o in range(head, body, lanes):
+        stream_gathered_line(dst, o, src, index, o)
+    for o in range(body, size):
+        stream_store(dst, o, src[index[o]])

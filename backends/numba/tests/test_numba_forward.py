@@ -449,6 +449,48 @@ def test_stream_store_writes_bits_non_temporally():
             assert "movnt" in copy.inspect_asm(signature), signature
 
 
+def test_stream_gathered_writes_every_element_once():
+    """`stream_gathered` writes ``src[index[o]]`` (exact bits) at every o of its destination and
+    nothing around it, whatever the destination's alignment and length (elements before the
+    first whole line, whole lines, elements after the last), for each 4- and 8-byte dtype the
+    kernels write; on x86-64 the whole lines take aligned non-temporal vector stores."""
+    import platform
+    import re
+
+    import numpy as np
+    from numba import njit
+
+    from roi_ops_numba.streaming import store_fence, stream_gathered
+
+    @njit
+    def gathered(dst, src, index):
+        stream_gathered(dst, src, index)
+        store_fence()
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float64, np.int32, np.int64):
+        bits = np.dtype(dtype).str.replace("f", "u").replace("i", "u")
+        width = np.dtype(dtype).itemsize * 8
+        src = rng.integers(0, 2**width, 300, dtype=bits).view(dtype)  # NaN payloads too
+        for size in (0, 1, 7, 16, 17, 40, 97, 300):
+            index = rng.permutation(300)[:size].astype(np.int32)
+            for start in range(0, 80 // np.dtype(dtype).itemsize + 1):
+                storage = np.zeros((size + start + 20 + 64) * 8, np.uint8)
+                base = (-storage.ctypes.data) % 64  # 64-aligned, then `start` elements on
+                memory = storage[base : base + (size + start + 20) * np.dtype(dtype).itemsize]
+                whole = memory.view(bits)
+                whole[:] = 0x5A
+                dst = whole.view(dtype)[start : start + size]
+                gathered(dst, src, index)
+                assert whole.view(bits)[start : start + size].tolist() == (
+                    src.view(bits)[index].tolist()
+                ), (dtype, size, start)
+                assert (whole[:start] == 0x5A).all() and (whole[start + size :] == 0x5A).all()
+    if platform.machine() in ("x86_64", "AMD64"):
+        for signature in gathered.signatures:
+            assert re.search(r"movnt(ps|pd|dq)", gathered.inspect_asm(signature)), signature
+
+
 def test_many_channels_few_rois(backend):
     """Work is split over channel blocks: one ROI, many channels, both layouts."""
     g = torch.Generator().manual_seed(23)
