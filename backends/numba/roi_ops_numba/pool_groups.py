@@ -27,44 +27,71 @@ from roi_ops_numba.geometry import (
     WIDTH,
     roi_windows,
 )
+from roi_ops_numba.lines import (
+    LINE_BYTES,
+    choose,
+    int32_line,
+    load_line,
+    replaces_maximum,
+    store_line,
+)
 from roi_ops_numba.staging import _stage, narrow_region, widen_region
 from roi_ops_numba.streaming import store_fence, stream_gathered
 
 
 @njit(cache=True, inline="always")
-def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, best, pos, nl):
-    """Reduce one non-empty bin for `nl` channels into best[:nl] (and pos[:nl] when `track`).
+def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, tile, tile_pos, t, nl):
+    """Reduce one non-empty bin for `nl` channels into tile[t : t + nl] (and tile_pos[t : t +
+    nl] when `track`).
 
-    Pixel (h, w) has its channels at data[org + h*row + w*pix:][:nl]. The channel loop is
-    innermost, with branch-free selects, so LLVM vectorises it.
+    Pixel (h, w) has its channels at data[org + h*row + w*pix:][:nl]. Four lines of channels at
+    a time (`lines`): their running maxima and positions stay in registers over the bin's
+    pixels, and the four are independent, so each pixel's compare-and-select chains overlap.
+    The first pixel starts the maxima; the scan goes on from the second.
     """
-    p = org + h0 * row + w0 * pix
-    seg = data[p : p + nl]
-    for j in range(nl):
-        best[j] = seg[j]
-    if track:
-        first = h0 * width + w0
-        for j in range(nl):
-            pos[j] = first
-    for h in range(h0, h1):
-        for w in range(w0 + 1 if h == h0 else w0, w1):  # the first pixel is already in
-            p = org + h * row + w * pix
-            seg = data[p : p + nl]
-            if track:
-                hw = h * width + w
-                for j in range(nl):
-                    x = seg[j]
-                    b = best[j]
-                    q = pos[j]
-                    g = (x > b) | ((x != x) & (b == b))
-                    best[j] = x if g else b
-                    pos[j] = hw if g else q
-            else:
-                for j in range(nl):
-                    x = seg[j]
-                    b = best[j]
-                    g = (x > b) | ((x != x) & (b == b))
-                    best[j] = x if g else b
+    lanes = LINE_BYTES // data.itemsize
+    for c in range(0, nl, 4 * lanes):
+        n0 = min(lanes, nl - c)
+        n1 = max(min(lanes, nl - c - lanes), 0)
+        n2 = max(min(lanes, nl - c - 2 * lanes), 0)
+        n3 = max(min(lanes, nl - c - 3 * lanes), 0)
+        p = org + h0 * row + w0 * pix + c
+        b0 = load_line(data, p, n0)
+        b1 = load_line(data, p + lanes, n1)
+        b2 = load_line(data, p + 2 * lanes, n2)
+        b3 = load_line(data, p + 3 * lanes, n3)
+        q0 = int32_line(h0 * width + w0, b0)
+        q1, q2, q3 = q0, q0, q0
+        for h in range(h0, h1):
+            for w in range(w0 + 1 if h == h0 else w0, w1):
+                p = org + h * row + w * pix + c
+                x0 = load_line(data, p, n0)
+                x1 = load_line(data, p + lanes, n1)
+                x2 = load_line(data, p + 2 * lanes, n2)
+                x3 = load_line(data, p + 3 * lanes, n3)
+                g0 = replaces_maximum(x0, b0)
+                g1 = replaces_maximum(x1, b1)
+                g2 = replaces_maximum(x2, b2)
+                g3 = replaces_maximum(x3, b3)
+                b0 = choose(g0, x0, b0)
+                b1 = choose(g1, x1, b1)
+                b2 = choose(g2, x2, b2)
+                b3 = choose(g3, x3, b3)
+                if track:
+                    hw = int32_line(h * width + w, b0)
+                    q0 = choose(g0, hw, q0)
+                    q1 = choose(g1, hw, q1)
+                    q2 = choose(g2, hw, q2)
+                    q3 = choose(g3, hw, q3)
+        store_line(tile, t + c, n0, b0)
+        store_line(tile, t + c + lanes, n1, b1)
+        store_line(tile, t + c + 2 * lanes, n2, b2)
+        store_line(tile, t + c + 3 * lanes, n3, b3)
+        if track:
+            store_line(tile_pos, t + c, n0, q0)
+            store_line(tile_pos, t + c + lanes, n1, q1)
+            store_line(tile_pos, t + c + 2 * lanes, n2, q2)
+            store_line(tile_pos, t + c + 3 * lanes, n3, q3)
 
 
 @njit(cache=True, inline="always")
@@ -92,15 +119,13 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
             w0 = wstart[k * pooled_w + pw]
             w1 = wend[k * pooled_w + pw]
             t = (ph * pooled_w + pw) * nl
-            result = tile[t : t + nl]
-            tp = t if need_argmax else 0
-            pos = tile_pos[tp : tp + nl]
             if h1 <= h0 or w1 <= w0:
-                for j in range(nl):
-                    result[j] = 0
-                    pos[j] = -1
+                tile[t : t + nl] = 0
+                if need_argmax:
+                    tile_pos[t : t + nl] = -1
             else:
-                _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, need_argmax, result, pos, nl)
+                _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, need_argmax, tile, tile_pos,
+                          t, nl)  # fmt: skip
     # Through slices of this ROI's outputs, indexed from 0: a signed offset from o_base would
     # take numba's negative-index fix-up on every store (README: many-small). Output o is tile
     # element transpose[o]: one loop over the outputs, which LLVM vectorises with gathers.
