@@ -96,6 +96,21 @@ def _masked_memory(builder, name, line_type, dtype, lanes, arguments):
 
 
 @intrinsic
+def lanes_of(typingctx, array):
+    """The lanes of a line of `array`'s dtype (16 for 4-byte elements, 8 for 8-byte ones) as a
+    compile-time constant, so that loops stepping by it compile to fixed strides (numba reads
+    ``array.itemsize`` from the array at run time; the numba README has what that cost)."""
+    if not (isinstance(array, types.Array) and array.dtype.bitwidth in (32, 64)):
+        return None
+    lanes = LINE_BYTES * 8 // array.dtype.bitwidth
+
+    def codegen(context, builder, signature, arguments):
+        return ir.Constant(_I64, lanes)
+
+    return types.int64(array), codegen
+
+
+@intrinsic
 def load_line(typingctx, array, index, count):
     """The line of ``array[index : index + count]`` (`count` from 0 to the line's lanes): lanes
     at and after `count` are 0 and their memory is not read. No bounds checks.

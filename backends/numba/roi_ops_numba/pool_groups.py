@@ -28,9 +28,9 @@ from roi_ops_numba.geometry import (
     roi_windows,
 )
 from roi_ops_numba.lines import (
-    LINE_BYTES,
     choose,
     int32_line,
+    lanes_of,
     load_line,
     replaces_maximum,
     store_line,
@@ -49,7 +49,7 @@ def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, tile, tile_pos,
     pixels, and the four are independent, so each pixel's compare-and-select chains overlap.
     The first pixel starts the maxima; the scan goes on from the second.
     """
-    lanes = LINE_BYTES // data.itemsize
+    lanes = lanes_of(data)
     for c in range(0, nl, 4 * lanes):
         n0 = min(lanes, nl - c)
         n1 = max(min(lanes, nl - c - lanes), 0)

@@ -18,11 +18,12 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from roi_ops_numba.lines import LINE_BYTES, lanes_of
+
 _I1 = ir.IntType(1)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _NONTEMPORAL = ir.Constant(_I32, 1)
-LINE_BYTES = 64
 
 
 @intrinsic
@@ -145,11 +146,12 @@ def stream_gathered(dst, src, index):
     `store_fence` before anyone reads `dst`.
     """
     size = dst.shape[0]
-    lanes = LINE_BYTES // dst.itemsize
+    lanes = lanes_of(dst)
+    width = LINE_BYTES // lanes
     address = dst.ctypes.data
     head = size  # elements not aligned to their size never reach a line's start
-    if address % dst.itemsize == 0:
-        head = min((-address) % LINE_BYTES // dst.itemsize, size)
+    if address % width == 0:
+        head = min((-address) % LINE_BYTES // width, size)
     body = head + (size - head) // lanes * lanes
     for o in range(head):
         stream_store(dst, o, src[index[o]])

@@ -12,12 +12,23 @@ from roi_ops_numba.lines import (
     LINE_BYTES,
     choose,
     int32_line,
+    lanes_of,
     load_line,
     replaces_maximum,
     store_line,
 )
 
 DTYPES = [np.float32, np.float64, np.int32, np.int64]
+
+
+@njit
+def _lanes(array):
+    return lanes_of(array)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lanes_of_a_line(dtype):
+    assert _lanes(np.zeros(1, dtype)) == LINE_BYTES // np.dtype(dtype).itemsize
 
 
 @njit
