@@ -58,24 +58,31 @@ class _LaneMaskModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, ir.VectorType(_I1, fe_type.lanes))
 
 
-def _is_flat(array) -> bool:
+def is_flat(array) -> bool:
+    """Whether numba type `array` is a 1-D C-contiguous array (what the intrinsics here and in
+    `streaming` address)."""
     return isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
 
 
-def _pointer(context, builder, array_type, array_value, index):
+def item_pointer(context, builder, array_type, array_value, index):
+    """LLVM pointer to ``array[index]`` (no bounds check, no negative index), for codegen."""
     view = context.make_array(array_type)(context, builder, array_value)
     return cgutils.get_item_pointer(context, builder, array_type, view, [index], wraparound=False)
 
 
+def splat(builder, value, lanes):
+    """LLVM vector of `lanes` copies of `value`, for codegen."""
+    vector = ir.VectorType(value.type, lanes)
+    first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
+    return builder.shuffle_vector(first, first, zeros)
+
+
 def _first_lanes(builder, lanes, count):
     """<lanes x i1>: lane < count."""
-    wide = ir.VectorType(_I64, lanes)
     count = builder.sext(count, _I64) if count.type.width < 64 else count
-    splat = builder.insert_element(ir.Constant(wide, ir.Undefined), count, ir.Constant(_I32, 0))
-    zeros = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
-    splat = builder.shuffle_vector(splat, splat, zeros)
-    iota = ir.Constant(wide, [ir.Constant(_I64, i) for i in range(lanes)])
-    return builder.icmp_signed("<", iota, splat)
+    iota = ir.Constant(ir.VectorType(_I64, lanes), [ir.Constant(_I64, i) for i in range(lanes)])
+    return builder.icmp_signed("<", iota, splat(builder, count, lanes))
 
 
 def _masked_memory(builder, name, line_type, dtype, lanes, arguments):
@@ -117,7 +124,7 @@ def load_line(typingctx, array, index, count):
 
     `array` is a 1-D C-contiguous array of a 4- or 8-byte dtype.
     """
-    if not (_is_flat(array) and array.dtype.bitwidth in (32, 64)):
+    if not (is_flat(array) and array.dtype.bitwidth in (32, 64)):
         return None
     if not (isinstance(index, types.Integer) and isinstance(count, types.Integer)):
         return None
@@ -127,7 +134,7 @@ def load_line(typingctx, array, index, count):
     def codegen(context, builder, signature, arguments):
         array_type = signature.args[0]
         array_value, index_value, count_value = arguments
-        pointer = _pointer(context, builder, array_type, array_value, index_value)
+        pointer = item_pointer(context, builder, array_type, array_value, index_value)
         line_type = ir.VectorType(context.get_data_type(array_type.dtype), lanes)
         width = ir.Constant(_I32, array_type.dtype.bitwidth // 8)
         mask = _first_lanes(builder, lanes, count_value)
@@ -146,7 +153,7 @@ def store_line(typingctx, array, index, count, line):
 
     `array` is a 1-D C-contiguous array of `line`'s dtype.
     """
-    if not (_is_flat(array) and isinstance(line, Line) and line.dtype == array.dtype):
+    if not (is_flat(array) and isinstance(line, Line) and line.dtype == array.dtype):
         return None
     if not (isinstance(index, types.Integer) and isinstance(count, types.Integer)):
         return None
@@ -154,7 +161,7 @@ def store_line(typingctx, array, index, count, line):
     def codegen(context, builder, signature, arguments):
         array_type, _, _, line_type = signature.args
         array_value, index_value, count_value, line_value = arguments
-        pointer = _pointer(context, builder, array_type, array_value, index_value)
+        pointer = item_pointer(context, builder, array_type, array_value, index_value)
         width = ir.Constant(_I32, array_type.dtype.bitwidth // 8)
         mask = _first_lanes(builder, line_type.lanes, count_value)
         _masked_memory(
@@ -175,11 +182,7 @@ def int32_line(typingctx, value, like):
 
     def codegen(context, builder, signature, arguments):
         scalar = context.cast(builder, arguments[0], signature.args[0], types.int32)
-        line_type = ir.VectorType(_I32, lanes)
-        first = builder.insert_element(ir.Constant(line_type, ir.Undefined), scalar,
-                                       ir.Constant(_I32, 0))  # fmt: skip
-        zeros = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
-        return builder.shuffle_vector(first, first, zeros)
+        return splat(builder, scalar, lanes)
 
     return Line(types.int32, lanes)(value, like), codegen
 

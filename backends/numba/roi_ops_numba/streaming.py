@@ -18,7 +18,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from roi_ops_numba.lines import LINE_BYTES, lanes_of
+from roi_ops_numba.lines import LINE_BYTES, is_flat, item_pointer, lanes_of, splat
 
 _I1 = ir.IntType(1)
 _I32 = ir.IntType(32)
@@ -71,22 +71,6 @@ def store_fence(typingctx):
     return types.void(), codegen
 
 
-def _item_pointer(context, builder, array_type, array_value, index):
-    view = context.make_array(array_type)(context, builder, array_value)
-    return cgutils.get_item_pointer(context, builder, array_type, view, [index], wraparound=False)
-
-
-def _splat(builder, value, lanes):
-    vector = ir.VectorType(value.type, lanes)
-    first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(_I32, 0))
-    zeros = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
-    return builder.shuffle_vector(first, first, zeros)
-
-
-def _is_flat(array) -> bool:
-    return isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
-
-
 @intrinsic
 def stream_gathered_line(typingctx, dst, d, src, index, i):
     """``dst[d + l] = src[index[i + l]]`` for the ``64 // itemsize`` elements l of one line, as
@@ -95,7 +79,7 @@ def stream_gathered_line(typingctx, dst, d, src, index, i):
     `dst` and `src` are 1-D C-contiguous arrays of one 4- or 8-byte dtype, `index` int32; the
     address of ``dst[d]`` must be a multiple of 64 (an unaligned one faults on x86).
     """
-    if not (_is_flat(dst) and _is_flat(src) and _is_flat(index)):
+    if not (is_flat(dst) and is_flat(src) and is_flat(index)):
         return None
     if dst.dtype != src.dtype or dst.dtype.bitwidth not in (32, 64) or index.dtype != types.int32:
         return None
@@ -110,13 +94,15 @@ def stream_gathered_line(typingctx, dst, d, src, index, i):
         element = context.get_data_type(dst_type.dtype)
         line = ir.VectorType(element, lanes)
         wide = ir.VectorType(_I64, lanes)
-        where = _item_pointer(context, builder, index_type, index_value, i_value)
-        indices = builder.load(builder.bitcast(where, ir.VectorType(_I32, lanes).as_pointer()))
+        where = item_pointer(context, builder, index_type, index_value, i_value)
+        indices = builder.load(
+            builder.bitcast(where, ir.VectorType(_I32, lanes).as_pointer()), align=4
+        )  # the table's elements are only 4-byte aligned
         offsets = builder.mul(
-            builder.sext(indices, wide), _splat(builder, ir.Constant(_I64, width), lanes)
+            builder.sext(indices, wide), splat(builder, ir.Constant(_I64, width), lanes)
         )
-        base = _item_pointer(context, builder, src_type, src_value, ir.Constant(_I64, 0))
-        start = _splat(builder, builder.ptrtoint(base, _I64), lanes)
+        base = item_pointer(context, builder, src_type, src_value, ir.Constant(_I64, 0))
+        start = splat(builder, builder.ptrtoint(base, _I64), lanes)
         pointers = builder.inttoptr(builder.add(start, offsets), ir.VectorType(base.type, lanes))
         kind = "f" if isinstance(dst_type.dtype, types.Float) else "i"
         gather = cgutils.get_or_insert_function(
@@ -128,7 +114,7 @@ def stream_gathered_line(typingctx, dst, d, src, index, i):
         value = builder.call(
             gather, [pointers, ir.Constant(_I32, width), every, ir.Constant(line, ir.Undefined)]
         )
-        target = _item_pointer(context, builder, dst_type, dst_value, d_value)
+        target = item_pointer(context, builder, dst_type, dst_value, d_value)
         store = builder.store(value, builder.bitcast(target, line.as_pointer()), align=LINE_BYTES)
         store.set_metadata("nontemporal", builder.module.add_metadata([_NONTEMPORAL]))
         return context.get_dummy_value()
