@@ -24,8 +24,9 @@ class NumbaTuning:
             ROI sizes.
         min_block: fewest channels per task; the inner loop is vectorised over them.
         max_block: most channels per task.
-        task_output_bytes: output and argmax bytes one task writes at most (8 per element), so
-            those lines stay cached between the bins that fill them.
+        task_output_bytes: output and argmax bytes one task writes per ROI at most (8 per
+            element): the grouped task's tile of results, their positions and its transpose
+            table are each about half that, and stay in the core's cache.
         stage_bytes: the largest channels-last copy of one ROI's window (or one bin row's band)
             that the per-ROI kernel makes for an input whose channels are not contiguous; larger
             ones are gathered in place.
@@ -49,7 +50,7 @@ class NumbaTuning:
     tasks_per_thread: int = 8
     min_block: int = 16
     max_block: int = 256
-    task_output_bytes: int = 256 * 1024
+    task_output_bytes: int = 128 * 1024
     stage_bytes: int = 512 * 1024
     stage_min_coverage: float = 0.5
     stage_min_block: int = 64
