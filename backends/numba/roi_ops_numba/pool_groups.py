@@ -97,7 +97,8 @@ def _scan_bin(data, org, row, pix, h0, h1, w0, w1, width, track, tile, tile_pos,
 # Compiled without numba's reference counting (`_nrt=False`: it allocates nothing, and every
 # array it sees is owned by its caller): inlined into the task with counting on, each array it
 # takes or slices was counted up and down around every ROI, atomic operations that on x86 also
-# wait until the streamed stores before them have left the core (numba README, many-small).
+# wait until the streamed stores before them have left the core (numba README, "Reference
+# counts around each ROI").
 @njit(cache=True, _nrt=False)
 def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, wend,
               pooled_h, pooled_w, out, argmax, need_argmax, tile, tile_pos, stream, out_bits,
