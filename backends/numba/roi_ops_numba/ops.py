@@ -19,6 +19,7 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from roi_ops import host_memory
 from roi_ops.backend import (
     MultiScaleRoIPoolBackwardProblem,
     MultiScaleRoIPoolProblem,
@@ -293,7 +294,7 @@ def _forward_groups(
     )  # fmt: skip
     if block == 0:
         return False
-    scratch = torch.empty((threads if staged else 1, scratch_size), dtype=scanned)
+    scratch = host_memory.empty((threads if staged else 1, scratch_size), scanned)
     advise_tensor(scratch, tuning.huge_page_min_bytes)
     written = sum(t.numel() * t.element_size() for t in (output, argmax) if t is not None)
     # Non-temporal stores take 4 or 8 bytes: 16-bit outputs are stored plainly.
@@ -383,7 +384,7 @@ def _scatter(
     pooled_h, pooled_w = argmax.shape[2], argmax.shape[3]
     if argmax.dtype != torch.int32 or not argmax.is_contiguous():
         argmax = argmax.to(torch.int32).contiguous()
-    results = [torch.empty(shape, dtype=acc_dtype) for shape in input_shapes]
+    results = [host_memory.empty(shape, acc_dtype) for shape in input_shapes]
     for result in results:
         advise_tensor(result, tuning.huge_page_min_bytes)
     work = sum(r.numel() for r in results) + num_rois * channels * pooled_h * pooled_w
