@@ -26,6 +26,7 @@ from .dispatch import (
     use_backend,
 )
 from .functional import RoIPool, explain, roi_pool, roi_pool_with_argmax
+from .host_memory import HostMemoryStats, host_memory_stats, release_host_memory
 from .multi_scale import MultiScaleRoIPool, multi_scale_roi_pool
 from .registry import BackendInfo, list_backends, register_backend, unregister_backend
 from .torchvision_compat import (
@@ -45,6 +46,7 @@ __all__ = [
     "BackendNotFoundError",
     "BackendUnavailableError",
     "Explanation",
+    "HostMemoryStats",
     "MultiScaleRoIPool",
     "RoIPool",
     "RoIPoolBackwardProblem",
@@ -53,10 +55,12 @@ __all__ = [
     "accumulate_dtype",
     "check_errors",
     "explain",
+    "host_memory_stats",
     "list_backends",
     "multi_scale_roi_pool",
     "patch_torchvision",
     "register_backend",
+    "release_host_memory",
     "resolve_backend",
     "roi_pool",
     "roi_pool_with_argmax",
