@@ -2,11 +2,11 @@
 
 A CPU tensor of many megabytes is a fresh anonymous mapping: PyTorch's allocator takes it from
 the system and gives it back when the tensor is freed, so every call of a training loop pays the
-system's page faults and zero-filling on its outputs again before writing them (on the 2-core
-development machine, frcnn-c4's 205 MB of outputs and argmax: about 24 ms on top of a 15 ms
-kernel at 2 threads; docs/benchmarks.md, "CPU"). roi_ops allocates its own large CPU outputs
-here: each one is a view of a mapping that goes back to an idle list when the last tensor using
-it is freed, and the next call of a similar size takes it from there, already in memory.
+system's page faults and zero-filling on its outputs again before writing them, which can take
+as long as the pooling itself (docs/benchmarks.md, "CPU"). roi_ops allocates its own large CPU
+outputs here: each one is a view of a mapping that goes back to an idle list when the last
+tensor using it is freed, and the next call of a similar size takes it from there, already in
+memory.
 
 Bounds: requests below `MIN_BYTES` take ``torch.empty``; the idle list keeps at most
 ``min(limit, peak)`` bytes, where `peak` is the most bytes of these buffers ever in use at once
@@ -94,10 +94,11 @@ class _Cache:
                 buffer = best[1]
             else:
                 buffer = None
-                self.mapped += 1
-        if buffer is None:
+        fresh = buffer is None
+        if fresh:
             buffer = _Buffer(-(-nbytes // GRANULE_BYTES) * GRANULE_BYTES)
         with self.lock:
+            self.mapped += fresh
             self.in_use_bytes += buffer.size
             self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
         return buffer
@@ -108,7 +109,11 @@ class _Cache:
         dropped = []
         with self.lock:
             self.in_use_bytes -= buffer.size
-            bound = min(_limit(), self.peak_in_use_bytes)
+            try:
+                limit = _limit()
+            except ValueError:  # set badly since; the next allocation says so
+                limit = 0
+            bound = min(limit, self.peak_in_use_bytes)
             if buffer.size <= bound:
                 while self.idle and self.idle_bytes + buffer.size > bound:
                     _, old = self.idle.popitem(last=False)
@@ -167,7 +172,10 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MIN_BYTES or _limit() == 0:
         return torch.empty(shape, dtype=dtype)
-    buffer = _cache.take(nbytes)
+    try:
+        buffer = _cache.take(nbytes)
+    except OSError:  # no mapping to be had: torch's allocator then says why, in its own words
+        return torch.empty(shape, dtype=dtype)
     array = np.frombuffer(buffer.mapping, dtype=np.uint8, count=nbytes, offset=buffer.offset)
     # The array lives as long as any tensor on its memory (torch.from_numpy keeps it): when it
     # goes, so does the last user of the buffer.

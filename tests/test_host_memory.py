@@ -179,3 +179,23 @@ def test_multi_scale_outputs_come_from_the_cache():
         del out
     stats = host_memory_stats()
     assert stats.mapped > mapped and stats.reused >= 1
+
+
+def test_no_mapping_falls_back_to_torch(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(host_memory.mmap, "mmap", refuse)
+    stats = host_memory_stats()
+    tensor = host_memory.empty(BIG, torch.float32)
+    tensor.resize_(BIG[0] * 2)  # torch's own, resizable
+    after = host_memory_stats()
+    assert (after.mapped, after.in_use_bytes) == (stats.mapped, stats.in_use_bytes)
+
+
+def test_a_limit_set_badly_later_drops_buffers_quietly(monkeypatch):
+    tensor = host_memory.empty(BIG, torch.float32)
+    monkeypatch.setenv(host_memory.LIMIT_ENV, "-1")
+    del tensor  # the finalizer must not raise
+    stats = host_memory_stats()
+    assert stats.in_use_bytes == 0 and stats.idle_bytes == 0
