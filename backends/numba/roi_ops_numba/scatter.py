@@ -61,23 +61,22 @@ def _scatter_task(
     n = (task - first) // num_blocks
     c0 = ((task - first) % num_blocks) * block
     c1 = min(c0 + block, channels)
-    # Slices, indexed from 0 inside: numba then needs no negative-index fix-up per access, and
-    # the zeroing becomes a memset.
+    # The zeroing through a slice becomes a memset. The adds index with unsigned offsets: no
+    # negative-index fix-up per access, and no slice per (ROI, channel), whose reference count
+    # is an atomic operation each way.
     out[base + (n * channels + c0) * plane : base + (n * channels + c1) * plane] = 0
     s = level * num_images + n
     for j in range(source_start[s], source_start[s + 1]):
         k = order[j]
         for c in range(c0, c1):
-            a_base = (k * channels + c) * num_bins
-            marks = argmax[a_base : a_base + num_bins]
+            marks = np.uint64((k * channels + c) * num_bins)
             g_base = k * g_k + c * g_c
-            d = base + (n * channels + c) * plane
-            dst = out[d : d + plane]
+            dst = np.uint64(base + (n * channels + c) * plane)
             for ph in range(pooled_h):
                 for pw in range(pooled_w):
-                    a = marks[ph * pooled_w + pw]
+                    a = argmax[marks + np.uint64(ph * pooled_w + pw)]
                     if a >= 0 and a < plane:  # never trust an index with memory
-                        dst[a] += grad[g_base + ph * g_h + pw * g_w]
+                        out[dst + np.uint64(a)] += grad[np.uint64(g_base + ph * g_h + pw * g_w)]
 
 
 @njit(cache=True)
