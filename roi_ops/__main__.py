@@ -230,6 +230,22 @@ def _build_native(args: argparse.Namespace) -> int:
     return 0 if built else FAILED
 
 
+# The environment variables that change what a default call does (docs/faq.md).
+SETTINGS_ENV = (
+    "ROI_OPS_BACKEND",
+    "ROI_OPS_VALUE_CHECKS",
+    "ROI_OPS_HOST_CACHE_BYTES",
+    "ROI_OPS_NATIVE",
+    "ROI_OPS_LOG",
+)
+
+
+def _settings_from_environment() -> dict[str, str]:
+    """The `SETTINGS_ENV` variables set for this run, by name: a run with any of them is not
+    at roi_ops' defaults, and its table and JSON say so."""
+    return {name: os.environ[name] for name in SETTINGS_ENV if name in os.environ}
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench.runner import (
         count_steps,
@@ -338,8 +354,10 @@ def _bench(args: argparse.Namespace) -> int:
         f"{bandwidth / 1e9:.1f} GB/s  layout "
         f"{'channels_last' if args.channels_last else 'contiguous'}  timing: {timing}"
     )
+    changed = _settings_from_environment()
     print(
         "settings: roi_ops defaults (value checks on)"
+        + "".join(f", except {name}={value}" for name, value in changed.items())
         + ("; rows marked [checks off] use roi_ops.value_checks(False)" if args.checks_off else "")
     )
     for w in workloads:
@@ -359,6 +377,7 @@ def _bench(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
         "queue": queue_used,
         "settings": "default" + (" and checks off" if args.checks_off else ""),
+        "environment": changed,
         "command": " ".join(
             ["python -m roi_ops", *(sys.argv[1:] if args.argv is None else args.argv)]
         ),

@@ -93,6 +93,23 @@ def test_default_settings_are_timed_and_checks_off_is_labelled(tiny, spy, tmp_pa
     assert "host time per call, small problem" in printed
 
 
+def test_settings_changed_through_the_environment_are_named(tiny, tmp_path, capsys, monkeypatch):
+    for name in ("ROI_OPS_BACKEND", "ROI_OPS_VALUE_CHECKS", "ROI_OPS_NATIVE", "ROI_OPS_LOG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ROI_OPS_HOST_CACHE_BYTES", "0")
+    out = tmp_path / "bench.json"
+    code = main(
+        ["bench", "--workload", "tiny", "--backend", "torch", "--budget", "0.001",
+         "--min-reps", "1", "--mode", "fwd", "--no-host-time", "--json", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "settings: roi_ops defaults (value checks on), except ROI_OPS_HOST_CACHE_BYTES=0" in (
+        printed
+    )
+    assert json.loads(out.read_text())["environment"] == {"ROI_OPS_HOST_CACHE_BYTES": "0"}
+
+
 def test_host_rows_default_to_auto_at_defaults_and_checks_off():
     rows = runner.host_rows(["numba", "torch", "torchvision"], named=False, checks_off=False)
     assert rows == [
