@@ -18,6 +18,11 @@ from typing import Any
 
 import torch
 
+from .config import VALUE_CHECKS_ENV
+from .dispatch import BACKEND_ENV, LOG_ENV
+from .host_memory import LIMIT_ENV
+from .native import NATIVE_ENV
+
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -231,13 +236,7 @@ def _build_native(args: argparse.Namespace) -> int:
 
 
 # The environment variables that change what a default call does (docs/faq.md).
-SETTINGS_ENV = (
-    "ROI_OPS_BACKEND",
-    "ROI_OPS_VALUE_CHECKS",
-    "ROI_OPS_HOST_CACHE_BYTES",
-    "ROI_OPS_NATIVE",
-    "ROI_OPS_LOG",
-)
+SETTINGS_ENV = (BACKEND_ENV, VALUE_CHECKS_ENV, LIMIT_ENV, NATIVE_ENV, LOG_ENV)
 
 
 def _settings_from_environment() -> dict[str, str]:

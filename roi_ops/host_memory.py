@@ -161,15 +161,20 @@ def _limit() -> int:
     return value
 
 
-def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised contiguous CPU tensor of `shape` and `dtype`, on a reused buffer when it
-    is at least `MIN_BYTES` and reuse is on (see the module's docstring).
+def empty(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """An uninitialised contiguous tensor of `shape` and `dtype` on `device`: on the CPU, on a
+    reused buffer when it is at least `MIN_BYTES` and reuse is on (see the module's docstring);
+    elsewhere ``torch.empty``.
 
     Raises:
         ValueError: ``ROI_OPS_HOST_CACHE_BYTES`` is set to something other than a whole number
             of bytes.
     """
     nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     if nbytes < MIN_BYTES or _limit() == 0:
         return torch.empty(shape, dtype=dtype)
     try:

@@ -80,12 +80,8 @@ def run_multi_forward(
     log = start_value_checks(fused and chosen.reports_bad_rois, rois, first.shape[0], device)
     if fused:
         problem.bad_roi_log = log
-        if device.type == "cpu":
-            output = host_memory.empty(shape, first.dtype)
-            argmax = host_memory.empty(argmax_shape, torch.int32)
-        else:
-            output = torch.empty(shape, dtype=first.dtype, device=device)
-            argmax = torch.empty(argmax_shape, dtype=torch.int32, device=device)
+        output = host_memory.empty(shape, first.dtype, device)
+        argmax = host_memory.empty(argmax_shape, torch.int32, device)
         if poisoning_enabled():
             output.fill_(float("nan"))
             argmax.fill_(-7)

@@ -70,6 +70,8 @@ def test_tensors_are_ordinary_contiguous_cpu_tensors(dtype):
 def test_small_requests_and_zero_limit_take_plain_tensors(monkeypatch):
     small = host_memory.empty((10, 10), torch.float32)
     small.resize_(1000, 1000)  # an ordinary, resizable tensor
+    elsewhere = host_memory.empty(BIG, torch.float32, "meta")  # other devices: torch.empty
+    assert elsewhere.is_meta and elsewhere.shape == BIG
     monkeypatch.setenv(host_memory.LIMIT_ENV, "0")
     mapped = host_memory_stats().mapped
     plain = host_memory.empty(BIG, torch.float32)

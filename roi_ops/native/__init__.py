@@ -36,6 +36,7 @@ from typing import IO
 import torch
 
 SOURCE = Path(__file__).with_name("autograd_node.cpp")
+NATIVE_ENV = "ROI_OPS_NATIVE"
 
 # The C++ attach (see autograd_node.cpp) once the extension is loaded, else None: the one
 # thing the hot path reads.
@@ -57,7 +58,7 @@ def status() -> str:
 
 
 def _disabled() -> bool:
-    return os.environ.get("ROI_OPS_NATIVE", "1").strip() == "0"
+    return os.environ.get(NATIVE_ENV, "1").strip() == "0"
 
 
 def _extension_name() -> str:
