@@ -382,6 +382,9 @@ def _scatter(
     if grad.dtype != acc_dtype:
         grad = grad.to(acc_dtype)
     pooled_h, pooled_w = argmax.shape[2], argmax.shape[3]
+    # The kernel walks each (ROI, channel)'s bins with one stride: a view when the two bin
+    # dimensions merge (contiguous, channels_last and expanded gradients do), else a copy.
+    grad = grad.flatten(2)
     if argmax.dtype != torch.int32 or not argmax.is_contiguous():
         argmax = argmax.to(torch.int32).contiguous()
     results = [host_memory.empty(shape, acc_dtype) for shape in input_shapes]
@@ -400,8 +403,8 @@ def _scatter(
     _warm_up(acc_dtype, backward=True)
     arguments = (
         flat_storage(grad), *grad.stride(), flat_storage(argmax), rois_array(rois), levels,
-        num_images, channels, np.array(rows, dtype=np.int64), tasks, pooled_h, pooled_w,
-        shared_storage(results),
+        num_images, channels, np.array(rows, dtype=np.int64), tasks, pooled_h * pooled_w,
+        tuning.backward_prefetch_bytes // argmax.element_size(), shared_storage(results),
     )  # fmt: skip
     run_kernel(scatter.scatter_serial, scatter.scatter_parallel, threads, arguments)
     if acc_dtype == input_dtype:
@@ -432,7 +435,7 @@ def _warm_up(dtype: torch.dtype, backward: bool = False) -> None:
         rois = np.zeros((1, 5), dtype=np_dtype)
         table = np.array([[1, 0, 1, 0]], dtype=np.int64)
         arguments = (
-            grad, 1, 1, 1, 1, argmax, rois, _ONE_LEVEL, 1, 1, table, 1, 1, 1, np.zeros(1, np_dtype),
+            grad, 1, 1, 1, argmax, rois, _ONE_LEVEL, 1, 1, table, 1, 1, 1, np.zeros(1, np_dtype),
         )  # fmt: skip
         scatter.scatter_serial(*arguments)
         scatter.scatter_parallel(*arguments)

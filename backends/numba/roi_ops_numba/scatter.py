@@ -9,6 +9,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from roi_ops_numba.lines import lanes_of
+from roi_ops_numba.prefetch import prefetch
+
 
 @njit(cache=True)
 def rois_by_source(rois, levels, num_images, num_levels):
@@ -46,43 +49,84 @@ def rois_by_source(rois, levels, num_images, num_levels):
     return order, source_start
 
 
+# How many ROIs ahead a prefetching task asks for argmax and gradient lines: far enough for a
+# memory access to complete while the ROIs in between are added.
+_PREFETCH_AHEAD = 4
+
+
+@njit(cache=True, inline="always")
+def _add_roi(grad, g_base, g_c, g_b, argmax, marks, num_bins, c0, c1, plane, out, dst):
+    """``out[dst + c * plane + argmax[...]] += grad[...]`` for one ROI's bins of channels
+    [c0, c1): channel by channel, bins in row-major order (the order that fixes the sums' bits).
+    The offsets are unsigned: no negative-index fix-up per access, and no slice per (ROI,
+    channel), whose reference count is an atomic operation each way."""
+    for c in range(c1 - c0):
+        m = marks + np.uint64(c * num_bins)
+        g = g_base + c * g_c
+        d = dst + np.uint64(c * plane)
+        for b in range(num_bins):
+            a = argmax[m + np.uint64(b)]
+            if a >= 0 and a < plane:  # never trust an index with memory
+                out[d + np.uint64(a)] += grad[np.uint64(g + b * g_b)]
+
+
+@njit(cache=True, inline="always")
+def _prefetch_roi(grad, g_base, g_extent, argmax, marks, span):
+    """Prefetch the `span` argmax elements from `marks` and, when they are dense, the
+    `g_extent` gradient elements from `g_base` (every line of each run)."""
+    for e in range(0, span + 15, 16):  # 16 int32 to a 64-byte line
+        prefetch(argmax, marks + np.uint64(min(e, span - 1)))
+    if g_extent <= 2 * span:
+        step = lanes_of(grad)
+        for e in range(0, g_extent + step - 1, step):
+            prefetch(grad, np.uint64(g_base + min(e, g_extent - 1)))
+
+
 @njit(cache=True)
 def _scatter_task(
-    task, grad, g_k, g_c, g_h, g_w, argmax, order, source_start, num_images, channels,
-    table, pooled_h, pooled_w, out,
+    task, grad, g_k, g_c, g_b, argmax, order, source_start, num_images, channels, table,
+    num_bins, prefetch_span, out,
 ):  # fmt: skip
     """Task `task` of `scatter_serial`: one level's image and one block of its channels."""
     level = 0
     while level + 1 < table.shape[0] and task >= table[level + 1, 3]:
         level += 1
     plane, base, block, first = table[level, 0], table[level, 1], table[level, 2], table[level, 3]
-    num_bins = pooled_h * pooled_w
     num_blocks = (channels + block - 1) // block
     n = (task - first) // num_blocks
     c0 = ((task - first) % num_blocks) * block
     c1 = min(c0 + block, channels)
-    # The zeroing through a slice becomes a memset. The adds index with unsigned offsets: no
-    # negative-index fix-up per access, and no slice per (ROI, channel), whose reference count
-    # is an atomic operation each way.
+    # The zeroing through a slice becomes a memset.
     out[base + (n * channels + c0) * plane : base + (n * channels + c1) * plane] = 0
+    dst = np.uint64(base + (n * channels + c0) * plane)
     s = level * num_images + n
-    for j in range(source_start[s], source_start[s + 1]):
+    begin, end = source_start[s], source_start[s + 1]
+    span = (c1 - c0) * num_bins
+    if span > prefetch_span or span == 0:
+        for j in range(begin, end):
+            k = order[j]
+            marks = np.uint64((k * channels + c0) * num_bins)
+            _add_roi(grad, k * g_k + c0 * g_c, g_c, g_b, argmax, marks, num_bins, c0, c1,
+                     plane, out, dst)  # fmt: skip
+        return
+    # A short run from each ROI's row of argmax (C * PH * PW apart): the hardware prefetchers
+    # do not follow it, so the task asks for the ROIs ahead itself.
+    g_extent = (c1 - c0 - 1) * g_c + (num_bins - 1) * g_b + 1
+    for j in range(begin, end):
+        if j + _PREFETCH_AHEAD < end:
+            ahead = order[j + _PREFETCH_AHEAD]
+            _prefetch_roi(grad, ahead * g_k + c0 * g_c, g_extent, argmax,
+                          np.uint64((ahead * channels + c0) * num_bins), span)  # fmt: skip
         k = order[j]
-        for c in range(c0, c1):
-            marks = np.uint64((k * channels + c) * num_bins)
-            g_base = k * g_k + c * g_c
-            dst = np.uint64(base + (n * channels + c) * plane)
-            for ph in range(pooled_h):
-                for pw in range(pooled_w):
-                    a = argmax[marks + np.uint64(ph * pooled_w + pw)]
-                    if a >= 0 and a < plane:  # never trust an index with memory
-                        out[dst + np.uint64(a)] += grad[np.uint64(g_base + ph * g_h + pw * g_w)]
+        marks = np.uint64((k * channels + c0) * num_bins)
+        _add_roi(grad, k * g_k + c0 * g_c, g_c, g_b, argmax, marks, num_bins, c0, c1,
+                 plane, out, dst)  # fmt: skip
 
 
 @njit(cache=True)
 def scatter_serial(
-    grad, g_k, g_c, g_h, g_w, argmax, rois, levels, num_images, channels,
-    table, tasks, pooled_h, pooled_w, out,
+    grad, g_k, g_c, g_b, argmax, rois, levels, num_images, channels, table, tasks, num_bins,
+    prefetch_span, out,
 ):  # fmt: skip
     """grad_input_l[n, c].flat[argmax] += grad_output for the ROIs of each level l, one
     (level, image, channel block) per task.
@@ -92,8 +136,8 @@ def scatter_serial(
     depend on the thread count or on the blocks.
 
     Args:
-        grad: grad_output's storage as a flat float32/float64 array; element (k, c, ph, pw) is at
-            ``k * g_k + c * g_c + ph * g_h + pw * g_w`` (zero strides allowed).
+        grad: grad_output's storage as a flat float32/float64 array; element (k, c, bin) is at
+            ``k * g_k + c * g_c + bin * g_b`` (bins in row-major order; zero strides allowed).
         argmax: (K * C * PH * PW,) int32 from the forward (into the plane of the ROI's level);
             -1 gets no gradient.
         rois: (K, 5) float32/float64, the forward's rows (their batch indices are read).
@@ -104,23 +148,25 @@ def scatter_serial(
             planes are accumulated together, so keep ``block * plane`` within the cache); its
             first task (level l has ``N * ceil(C / block)`` tasks, numbered on from ``first``).
         tasks: the task count of all levels.
-        pooled_h, pooled_w: PH, PW.
+        num_bins: PH * PW.
+        prefetch_span: a task whose block of one ROI's argmax has at most this many elements
+            prefetches the ROIs ahead of the one it adds.
         out: float32/float64 memory of every level's accumulator (`memory.shared_storage`),
             fully overwritten.
     """
     order, source_start = rois_by_source(rois, levels, num_images, table.shape[0])
     for task in range(tasks):
-        _scatter_task(task, grad, g_k, g_c, g_h, g_w, argmax, order, source_start, num_images,
-                      channels, table, pooled_h, pooled_w, out)  # fmt: skip
+        _scatter_task(task, grad, g_k, g_c, g_b, argmax, order, source_start, num_images,
+                      channels, table, num_bins, prefetch_span, out)  # fmt: skip
 
 
 @njit(parallel=True, cache=True)
 def scatter_parallel(
-    grad, g_k, g_c, g_h, g_w, argmax, rois, levels, num_images, channels,
-    table, tasks, pooled_h, pooled_w, out,
+    grad, g_k, g_c, g_b, argmax, rois, levels, num_images, channels, table, tasks, num_bins,
+    prefetch_span, out,
 ):  # fmt: skip
     """`scatter_serial` over numba's threads (run it in `ops.parallel_region`)."""
     order, source_start = rois_by_source(rois, levels, num_images, table.shape[0])
     for task in prange(tasks):
-        _scatter_task(task, grad, g_k, g_c, g_h, g_w, argmax, order, source_start, num_images,
-                      channels, table, pooled_h, pooled_w, out)  # fmt: skip
+        _scatter_task(task, grad, g_k, g_c, g_b, argmax, order, source_start, num_images,
+                      channels, table, num_bins, prefetch_span, out)  # fmt: skip

@@ -39,6 +39,9 @@ class NumbaTuning:
         stage_max_bytes: the most a thread's staging buffer holds; a region whose one channel is
             larger goes to the per-ROI kernel.
         backward_block_bytes: the planes one backward task accumulates together, at most.
+        backward_prefetch_bytes: a backward task whose share of one ROI's argmax (its channel
+            block's bins) is at most this long prefetches the argmax and gradient of the ROIs
+            ahead: such short runs, a whole ROI's row apart, defeat the hardware prefetchers.
         huge_page_min_bytes: buffers at least this large are advised into transparent huge pages
             (Linux): first-touch page faults of fresh outputs otherwise cost as much as a kernel.
         stream_min_bytes: float32/float64 forwards whose output and argmax together are at
@@ -56,7 +59,8 @@ class NumbaTuning:
     stage_min_block: int = 64
     stage_task_bytes: int = 16 * 2**20
     stage_max_bytes: int = 32 * 2**20
-    backward_block_bytes: int = 256 * 1024
+    backward_block_bytes: int = 512 * 1024
+    backward_prefetch_bytes: int = 2048
     huge_page_min_bytes: int = 4 * 2**20
     stream_min_bytes: int = 32 * 2**20
 

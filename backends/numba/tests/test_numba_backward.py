@@ -104,3 +104,33 @@ def test_backward_empty(backend):
     x = torch.zeros(2, 3, 4, 4)
     grad = _backward(backend, torch.zeros(0, 3, 2, 2), argmax, torch.zeros(0, 5), x)
     assert torch.equal(grad, torch.zeros(2, 3, 4, 4))
+
+
+def _grad_in_layout(grad: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "channels_last":
+        return grad.contiguous(memory_format=torch.channels_last)
+    if name == "bins-apart":  # bin rows not adjacent: the bins cannot be walked with one stride
+        wide = torch.full((*grad.shape[:3], grad.shape[3] + 2), math.nan, dtype=grad.dtype)
+        wide[..., : grad.shape[3]] = grad
+        return wide[..., : grad.shape[3]]
+    return grad
+
+
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "bins-apart"])
+@pytest.mark.parametrize("prefetch_bytes", [0, 2**30], ids=["no-prefetch", "prefetch"])
+def test_backward_prefetch_and_gradient_layout_do_not_change_results(
+    backend, grad_layout, prefetch_bytes
+):
+    """Tasks that prefetch the ROIs ahead and tasks that do not add the same values in the same
+    order, whatever the gradient's strides."""
+    g = torch.Generator().manual_seed(43)
+    x = random_features((2, 5, 9, 8), torch.float32, g, ties=True)
+    rois = random_rois(40, 2, 9, 8, 1.0, g).to(torch.float32)
+    _, argmax = run_forward(backend, x, rois, (3, 2), 1.0)
+    grad_output = torch.randn(argmax.shape, generator=g)
+    default = _backward(make_backend("serial"), grad_output, argmax, rois, x)
+    tuned = make_backend("parallel", backward_prefetch_bytes=prefetch_bytes, backward_block_bytes=1)
+    grad = _backward(tuned, _grad_in_layout(grad_output, grad_layout), argmax, rois, x)
+    assert torch.equal(default.view(torch.int32), grad.view(torch.int32))
+    expected = reference_roi_pool_backward(grad_output, argmax, rois, x.shape)
+    torch.testing.assert_close(grad.to(torch.float64), expected, rtol=1e-5, atol=1e-6)
