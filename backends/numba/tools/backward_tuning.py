@@ -1,11 +1,12 @@
 """Whole backward calls under several backward tunings, in alternating rounds.
 
     python backends/numba/tools/backward_tuning.py --threads 2 --workload many-small fpn-p4 \
-        --block-kib 256 512 1024 --prefetch-bytes 0 2048
+        --block-kib 256 512 1024 --prefetch-bytes 0 2048 --tasks-per-thread 2 8
 
 For each full-size float32 workload (NCHW): the forward once (for its argmax), then
-`NumbaBackend.backward` with every combination of `backward_block_bytes` (KiB) and
-`backward_prefetch_bytes` (0: never prefetch), each call's result freed outside the timing.
+`NumbaBackend.backward` with every combination of `backward_block_bytes` (KiB),
+`backward_prefetch_bytes` (0: never prefetch) and `tasks_per_thread` (which bounds the blocks
+from above when there are many threads), each call's result freed outside the timing.
 Every combination must give the same bits (the sums' order does not depend on them); medians and
 ranges of the rounds, with each task's block of channels and whether it prefetches.
 """
@@ -71,14 +72,21 @@ def main() -> None:
                         default=[DEFAULT_TUNING.backward_block_bytes // 1024])  # fmt: skip
     parser.add_argument("--prefetch-bytes", nargs="+", type=int,
                         default=[DEFAULT_TUNING.backward_prefetch_bytes])  # fmt: skip
+    parser.add_argument("--tasks-per-thread", nargs="+", type=int,
+                        default=[DEFAULT_TUNING.tasks_per_thread])  # fmt: skip
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tunings = {
-        f"block {kib} KiB, prefetch <= {prefetch} B": replace(
-            DEFAULT_TUNING, backward_block_bytes=kib * 1024, backward_prefetch_bytes=prefetch
+        f"block {kib} KiB, prefetch <= {prefetch} B, {tasks} tasks a thread": replace(
+            DEFAULT_TUNING,
+            backward_block_bytes=kib * 1024,
+            backward_prefetch_bytes=prefetch,
+            tasks_per_thread=tasks,
         )
-        for kib, prefetch in itertools.product(args.block_kib, args.prefetch_bytes)
+        for kib, prefetch, tasks in itertools.product(
+            args.block_kib, args.prefetch_bytes, args.tasks_per_thread
+        )
     }
     print(f"threads {args.threads}, {args.rounds} alternating rounds, ms per backward call")
     for name in args.workload:
