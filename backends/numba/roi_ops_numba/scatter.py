@@ -55,12 +55,13 @@ _PREFETCH_AHEAD = 4
 
 
 @njit(cache=True, inline="always")
-def _add_roi(grad, g_base, g_c, g_b, argmax, marks, num_bins, c0, c1, plane, out, dst):
-    """``out[dst + c * plane + argmax[...]] += grad[...]`` for one ROI's bins of channels
-    [c0, c1): channel by channel, bins in row-major order (the order that fixes the sums' bits).
+def _add_roi(grad, g_base, g_c, g_b, argmax, marks, num_bins, count, plane, out, dst):
+    """``out[dst + c * plane + argmax[...]] += grad[...]`` for one ROI's bins of `count`
+    channels (c from 0, each offset from the block's first channel): channel by channel, bins
+    in row-major order (the order that fixes the sums' bits).
     The offsets are unsigned: no negative-index fix-up per access, and no slice per (ROI,
     channel), whose reference count is an atomic operation each way."""
-    for c in range(c1 - c0):
+    for c in range(count):
         m = marks + np.uint64(c * num_bins)
         g = g_base + c * g_c
         d = dst + np.uint64(c * plane)
@@ -106,7 +107,7 @@ def _scatter_task(
         for j in range(begin, end):
             k = order[j]
             marks = np.uint64((k * channels + c0) * num_bins)
-            _add_roi(grad, k * g_k + c0 * g_c, g_c, g_b, argmax, marks, num_bins, c0, c1,
+            _add_roi(grad, k * g_k + c0 * g_c, g_c, g_b, argmax, marks, num_bins, c1 - c0,
                      plane, out, dst)  # fmt: skip
         return
     # A short run from each ROI's row of argmax (C * PH * PW apart): the hardware prefetchers
@@ -119,7 +120,7 @@ def _scatter_task(
                           np.uint64((ahead * channels + c0) * num_bins), span)  # fmt: skip
         k = order[j]
         marks = np.uint64((k * channels + c0) * num_bins)
-        _add_roi(grad, k * g_k + c0 * g_c, g_c, g_b, argmax, marks, num_bins, c0, c1,
+        _add_roi(grad, k * g_k + c0 * g_c, g_c, g_b, argmax, marks, num_bins, c1 - c0,
                  plane, out, dst)  # fmt: skip
 
 
