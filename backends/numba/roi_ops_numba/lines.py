@@ -104,10 +104,11 @@ def _masked_memory(builder, name, line_type, dtype, lanes, arguments):
 
 @intrinsic
 def lanes_of(typingctx, array):
-    """The lanes of a line of `array`'s dtype (16 for 4-byte elements, 8 for 8-byte ones) as a
-    compile-time constant, so that loops stepping by it compile to fixed strides (numba reads
-    ``array.itemsize`` from the array at run time; the numba README has what that cost)."""
-    if not (isinstance(array, types.Array) and array.dtype.bitwidth in (32, 64)):
+    """The elements of `array`'s dtype in a 64-byte line (32 for 2-byte elements, 16 for 4-byte
+    ones, 8 for 8-byte ones) as a compile-time constant, so that loops stepping by it compile to
+    fixed strides (numba reads ``array.itemsize`` from the array at run time; the numba README
+    has what that cost)."""
+    if not (isinstance(array, types.Array) and array.dtype.bitwidth in (16, 32, 64)):
         return None
     lanes = LINE_BYTES * 8 // array.dtype.bitwidth
 

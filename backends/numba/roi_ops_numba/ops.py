@@ -379,7 +379,10 @@ def _scatter(
     if num_rois * channels == 0 or not any(math.prod(shape) for shape in input_shapes):
         return [torch.zeros(shape, dtype=input_dtype) for shape in input_shapes]
     grad = grad_output.detach()
-    if grad.dtype != acc_dtype:
+    # 16-bit gradients summed in float32 are read as their raw bits and widened in the kernel
+    # (a float32 copy of grad_output would cost more than the sums).
+    kind = _WIDENED.get(grad.dtype, 0) if acc_dtype == torch.float32 else 0
+    if not kind and grad.dtype != acc_dtype:
         grad = grad.to(acc_dtype)
     pooled_h, pooled_w = argmax.shape[2], argmax.shape[3]
     # The kernel walks each (ROI, channel)'s bins with one stride: a view when the two bin
@@ -400,9 +403,10 @@ def _scatter(
         block = _backward_block(num_images, channels, plane * itemsize, threads, tuning)
         rows.append((plane, offset, block, tasks))
         tasks += num_images * -(-channels // block)
-    _warm_up(acc_dtype, backward=True)
+    _warm_up(grad.dtype if kind else acc_dtype, backward=True)
+    grad_array = flat_storage(grad, torch.int16) if kind else flat_storage(grad)
     arguments = (
-        flat_storage(grad), *grad.stride(), flat_storage(argmax), rois_array(rois), levels,
+        grad_array, *grad.stride(), kind, flat_storage(argmax), rois_array(rois), levels,
         num_images, channels, np.array(rows, dtype=np.int64), tasks, pooled_h * pooled_w,
         tuning.backward_prefetch_bytes // argmax.element_size(), shared_storage(results),
     )  # fmt: skip
@@ -430,15 +434,21 @@ def _warm_up(dtype: torch.dtype, backward: bool = False) -> None:
     layout = np.ones((1, 7), dtype=np.int64)
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype if dtype in _FLOATS else None
     if backward:
-        grad = np.zeros(1, dtype=np_dtype)
+        # 16-bit gradients are read as raw bits into float32 sums, their rows in float32
+        # (autocast) or widened to float64 (`rois_array`).
+        kind = _WIDENED.get(dtype, 0)
+        grad = np.zeros(1, dtype=np.int16 if kind else np_dtype)
+        acc = np.float32 if kind else np_dtype
         argmax = np.zeros(1, dtype=np.int32)
-        rois = np.zeros((1, 5), dtype=np_dtype)
         table = np.array([[1, 0, 1, 0]], dtype=np.int64)
-        arguments = (
-            grad, 1, 1, 1, argmax, rois, _ONE_LEVEL, 1, 1, table, 1, 1, 1, np.zeros(1, np_dtype),
-        )  # fmt: skip
-        scatter.scatter_serial(*arguments)
-        scatter.scatter_parallel(*arguments)
+        for rois_dtype in (np.float32, np.float64) if kind else (np_dtype,):
+            rois = np.zeros((1, 5), dtype=rois_dtype)
+            arguments = (
+                grad, 1, 1, 1, kind, argmax, rois, _ONE_LEVEL, 1, 1, table, 1, 1, 1,
+                np.zeros(1, acc),
+            )  # fmt: skip
+            scatter.scatter_serial(*arguments)
+            scatter.scatter_parallel(*arguments)
         _warm.add((dtype, backward))
         return
     # 16-bit rows reach the geometry as float64 (`rois_array`); 16-bit maps often come with

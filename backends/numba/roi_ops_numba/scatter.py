@@ -7,10 +7,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from roi_ops_numba.lines import lanes_of
 from roi_ops_numba.prefetch import prefetch
+from roi_ops_numba.staging import widen
 
 
 @njit(cache=True)
@@ -49,13 +51,25 @@ def rois_by_source(rois, levels, num_images, num_levels):
     return order, source_start
 
 
+def _gradient(grad, index, kind):
+    """``grad[index]`` as a float: a float array's element, or the exact float32 of a 16-bit
+    element's raw bits (an int16 array; `kind` says bfloat16 or float16, `staging.widen`)."""
+
+
+@overload(_gradient)
+def _gradient_typed(grad, index, kind):
+    if isinstance(grad.dtype, types.Integer):
+        return lambda grad, index, kind: widen(grad[index], kind)
+    return lambda grad, index, kind: grad[index]
+
+
 # How many ROIs ahead a prefetching task asks for argmax and gradient lines: far enough for a
 # memory access to complete while the ROIs in between are added.
 _PREFETCH_AHEAD = 4
 
 
 @njit(cache=True, inline="always")
-def _add_roi(grad, g_base, g_c, g_b, argmax, marks, num_bins, count, plane, out, dst):
+def _add_roi(grad, g_base, g_c, g_b, kind, argmax, marks, num_bins, count, plane, out, dst):
     """``out[dst + c * plane + argmax[...]] += grad[...]`` for one ROI's bins of `count`
     channels (c from 0, each offset from the block's first channel): channel by channel, bins
     in row-major order (the order that fixes the sums' bits).
@@ -68,7 +82,7 @@ def _add_roi(grad, g_base, g_c, g_b, argmax, marks, num_bins, count, plane, out,
         for b in range(num_bins):
             a = argmax[m + np.uint64(b)]
             if a >= 0 and a < plane:  # never trust an index with memory
-                out[d + np.uint64(a)] += grad[np.uint64(g + b * g_b)]
+                out[d + np.uint64(a)] += _gradient(grad, np.uint64(g + b * g_b), kind)
 
 
 @njit(cache=True, inline="always")
@@ -85,7 +99,7 @@ def _prefetch_roi(grad, g_base, g_extent, argmax, marks, span):
 
 @njit(cache=True)
 def _scatter_task(
-    task, grad, g_k, g_c, g_b, argmax, order, source_start, num_images, channels, table,
+    task, grad, g_k, g_c, g_b, kind, argmax, order, source_start, num_images, channels, table,
     num_bins, prefetch_span, out,
 ):  # fmt: skip
     """Task `task` of `scatter_serial`: one level's image and one block of its channels."""
@@ -107,7 +121,7 @@ def _scatter_task(
         for j in range(begin, end):
             k = order[j]
             marks = np.uint64((k * channels + c0) * num_bins)
-            _add_roi(grad, k * g_k + c0 * g_c, g_c, g_b, argmax, marks, num_bins, c1 - c0,
+            _add_roi(grad, k * g_k + c0 * g_c, g_c, g_b, kind, argmax, marks, num_bins, c1 - c0,
                      plane, out, dst)  # fmt: skip
         return
     # A short run from each ROI's row of argmax (C * PH * PW apart): the hardware prefetchers
@@ -120,13 +134,13 @@ def _scatter_task(
                           np.uint64((ahead * channels + c0) * num_bins), span)  # fmt: skip
         k = order[j]
         marks = np.uint64((k * channels + c0) * num_bins)
-        _add_roi(grad, k * g_k + c0 * g_c, g_c, g_b, argmax, marks, num_bins, c1 - c0,
+        _add_roi(grad, k * g_k + c0 * g_c, g_c, g_b, kind, argmax, marks, num_bins, c1 - c0,
                  plane, out, dst)  # fmt: skip
 
 
 @njit(cache=True)
 def scatter_serial(
-    grad, g_k, g_c, g_b, argmax, rois, levels, num_images, channels, table, tasks, num_bins,
+    grad, g_k, g_c, g_b, kind, argmax, rois, levels, num_images, channels, table, tasks, num_bins,
     prefetch_span, out,
 ):  # fmt: skip
     """grad_input_l[n, c].flat[argmax] += grad_output for the ROIs of each level l, one
@@ -137,8 +151,11 @@ def scatter_serial(
     depend on the thread count or on the blocks.
 
     Args:
-        grad: grad_output's storage as a flat float32/float64 array; element (k, c, bin) is at
-            ``k * g_k + c * g_c + bin * g_b`` (bins in row-major order; zero strides allowed).
+        grad: grad_output's storage as a flat float32/float64 array, or as int16 raw bits of
+            bfloat16/float16; element (k, c, bin) is at ``k * g_k + c * g_c + bin * g_b`` (bins
+            in row-major order; zero strides allowed).
+        kind: 0 for float grads, else `staging.BFLOAT16` or `staging.FLOAT16` (each 16-bit
+            element is widened exactly to float32 as it is read).
         argmax: (K * C * PH * PW,) int32 from the forward (into the plane of the ROI's level);
             -1 gets no gradient.
         rois: (K, 5) float32/float64, the forward's rows (their batch indices are read).
@@ -152,22 +169,22 @@ def scatter_serial(
         num_bins: PH * PW.
         prefetch_span: a task whose block of one ROI's argmax has at most this many elements
             prefetches the ROIs ahead of the one it adds.
-        out: float32/float64 memory of every level's accumulator (`memory.shared_storage`),
-            fully overwritten.
+        out: float32/float64 memory of every level's accumulator (`memory.shared_storage`;
+            float32 for 16-bit grads), fully overwritten.
     """
     order, source_start = rois_by_source(rois, levels, num_images, table.shape[0])
     for task in range(tasks):
-        _scatter_task(task, grad, g_k, g_c, g_b, argmax, order, source_start, num_images,
+        _scatter_task(task, grad, g_k, g_c, g_b, kind, argmax, order, source_start, num_images,
                       channels, table, num_bins, prefetch_span, out)  # fmt: skip
 
 
 @njit(parallel=True, cache=True)
 def scatter_parallel(
-    grad, g_k, g_c, g_b, argmax, rois, levels, num_images, channels, table, tasks, num_bins,
+    grad, g_k, g_c, g_b, kind, argmax, rois, levels, num_images, channels, table, tasks, num_bins,
     prefetch_span, out,
 ):  # fmt: skip
     """`scatter_serial` over numba's threads (run it in `ops.parallel_region`)."""
     order, source_start = rois_by_source(rois, levels, num_images, table.shape[0])
     for task in prange(tasks):
-        _scatter_task(task, grad, g_k, g_c, g_b, argmax, order, source_start, num_images,
+        _scatter_task(task, grad, g_k, g_c, g_b, kind, argmax, order, source_start, num_images,
                       channels, table, num_bins, prefetch_span, out)  # fmt: skip

@@ -1,6 +1,7 @@
 """The channels-last staging copy both forward kernels use for inputs whose channels are not
 contiguous (NCHW and other strides), and the exact widening of float16 and bfloat16 to float32
-(and back) with which the grouped kernels scan them. Importing this module imports numba."""
+(and back) with which the grouped kernels scan them and the backward reads 16-bit gradients.
+Importing this module imports numba."""
 
 from __future__ import annotations
 
@@ -57,6 +58,28 @@ def _float32_bits(typingctx, value):
         return builder.bitcast(arguments[0], ir.IntType(32))
 
     return types.int32(value), codegen
+
+
+@intrinsic
+def _float32_of_bits(typingctx, bits):
+    """The float32 whose bits are the low 32 bits of integer `bits` (a bit cast)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        (value,) = arguments
+        if value.type.width != 32:
+            value = builder.trunc(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(cache=True, inline="always")
+def widen(bits, kind):
+    """The float32 value of a bfloat16 (`kind` BFLOAT16) or float16 (FLOAT16) element's raw
+    bits: `widen_bits` as a float, exact."""
+    return _float32_of_bits(widen_bits(bits, kind))
 
 
 @njit(cache=True, inline="always")

@@ -134,3 +134,23 @@ def test_backward_prefetch_and_gradient_layout_do_not_change_results(
     assert torch.equal(default.view(torch.int32), grad.view(torch.int32))
     expected = reference_roi_pool_backward(grad_output, argmax, rois, x.shape)
     torch.testing.assert_close(grad.to(torch.float64), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backward_widens_16_bit_gradients_exactly(backend, dtype):
+    """16-bit gradients are read as raw bits and widened in the kernel: the same bits as
+    summing their float32 conversion and rounding once, special values included (subnormals,
+    signed zeros, infinities, NaN)."""
+    g = torch.Generator().manual_seed(47)
+    x = random_features((2, 6, 7, 9), torch.float32, g, ties=True).to(dtype)
+    rois = random_rois(30, 2, 7, 9, 1.0, g)
+    _, argmax = run_forward(backend, x, rois, (3, 3), 1.0)
+    grad_output = torch.randn(argmax.shape, generator=g).to(dtype)
+    flat = grad_output.view(-1)
+    tiny = torch.finfo(dtype).tiny
+    specials = [tiny / 4, -tiny / 8, 0.0, -0.0, math.inf, -math.inf, math.nan, 65504.0, 1e-3]
+    flat[: 9 * len(specials)] = torch.tensor(specials, dtype=dtype).repeat_interleave(9)
+    grad = _backward(backend, grad_output, argmax, rois, x)
+    widened = _backward(make_backend("serial"), grad_output.float(), argmax, rois, x.float())
+    assert grad.dtype == dtype
+    assert torch.equal(grad.view(torch.int16), widened.to(dtype).view(torch.int16))
