@@ -35,8 +35,8 @@ from roi_ops_numba.lines import (
     replaces_maximum,
     store_line,
 )
-from roi_ops_numba.staging import _stage, narrow_region, widen_region
-from roi_ops_numba.streaming import store_fence, stream_gathered
+from roi_ops_numba.staging import BFLOAT16, _stage, narrow_region, widen_region
+from roi_ops_numba.streaming import store_fence, stream_bfloat16_gathered, stream_gathered
 
 
 @njit(cache=True, inline="always")
@@ -136,7 +136,11 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
     # element transpose[o]: one loop over the outputs, which LLVM vectorises with gathers.
     size = nl * num_bins
     positions = argmax[o_base : o_base + size] if need_argmax else argmax[:0]
-    if kind != 0:
+    if kind == BFLOAT16 and stream:
+        # A bfloat16's float32 pattern is its bits and 16 zeros: gathered, halved and streamed
+        # 16 at a time (a loop of 16-bit stores of gathered elements stays scalar).
+        stream_bfloat16_gathered(out_bits[o_base : o_base + size], tile.view(np.int32), transpose)
+    elif kind != 0:
         # Narrowed in tile order first (a contiguous loop, which vectorises), then transposed.
         narrowed = tile16[:size]
         narrow_region(tile.view(np.int32), narrowed, kind)

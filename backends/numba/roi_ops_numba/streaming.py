@@ -122,6 +122,75 @@ def stream_gathered_line(typingctx, dst, d, src, index, i):
     return types.void(dst, d, src, index, i), codegen
 
 
+@intrinsic
+def stream_bfloat16_gathered_line(typingctx, dst, d, src, index, i):
+    """``dst[d + l] = src[index[i + l]] >> 16`` for 16 lanes l: one gathering vector load of
+    float32 bit patterns, their high halves (the bfloat16 each was widened from) stored as one
+    aligned non-temporal 32-byte vector. No bounds checks.
+
+    `dst` is a 1-D C-contiguous int16 array, `src` and `index` int32 ones; the address of
+    ``dst[d]`` must be a multiple of 32.
+    """
+    if not (is_flat(dst) and is_flat(src) and is_flat(index)):
+        return None
+    if dst.dtype != types.int16 or src.dtype != types.int32 or index.dtype != types.int32:
+        return None
+    if not (isinstance(d, types.Integer) and isinstance(i, types.Integer)):
+        return None
+    lanes = 16
+
+    def codegen(context, builder, signature, arguments):
+        dst_type, _, src_type, index_type, _ = signature.args
+        dst_value, d_value, src_value, index_value, i_value = arguments
+        line = ir.VectorType(_I32, lanes)
+        where = item_pointer(context, builder, index_type, index_value, i_value)
+        indices = builder.load(builder.bitcast(where, line.as_pointer()), align=4)
+        offsets = builder.mul(
+            builder.sext(indices, ir.VectorType(_I64, lanes)),
+            splat(builder, ir.Constant(_I64, 4), lanes),
+        )
+        base = item_pointer(context, builder, src_type, src_value, ir.Constant(_I64, 0))
+        start = splat(builder, builder.ptrtoint(base, _I64), lanes)
+        pointers = builder.inttoptr(builder.add(start, offsets), ir.VectorType(base.type, lanes))
+        gather = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(line, [pointers.type, _I32, ir.VectorType(_I1, lanes), line]),
+            f"llvm.masked.gather.v{lanes}i32.v{lanes}p0",
+        )
+        every = ir.Constant(ir.VectorType(_I1, lanes), [ir.Constant(_I1, 1)] * lanes)
+        patterns = builder.call(
+            gather, [pointers, ir.Constant(_I32, 4), every, ir.Constant(line, ir.Undefined)]
+        )
+        high = builder.lshr(patterns, splat(builder, ir.Constant(_I32, 16), lanes))
+        halves = builder.trunc(high, ir.VectorType(ir.IntType(16), lanes))
+        target = item_pointer(context, builder, dst_type, dst_value, d_value)
+        store = builder.store(halves, builder.bitcast(target, halves.type.as_pointer()), align=32)
+        store.set_metadata("nontemporal", builder.module.add_metadata([_NONTEMPORAL]))
+        return context.get_dummy_value()
+
+    return types.void(dst, d, src, index, i), codegen
+
+
+@njit(cache=True, inline="always")
+def stream_bfloat16_gathered(dst, src, index):
+    """``dst[o] = src[index[o]] >> 16`` for every o of `dst` (int16), the float32 patterns of
+    widened bfloat16 values in `src` (int32): aligned 32-byte runs by
+    `stream_bfloat16_gathered_line` (non-temporal), the elements outside them plainly. The
+    caller runs `store_fence` before anyone reads `dst`."""
+    size = dst.shape[0]
+    address = dst.ctypes.data
+    head = size
+    if address % 2 == 0:
+        head = min((-address) % 32 // 2, size)
+    body = head + (size - head) // 16 * 16
+    for o in range(head):
+        dst[o] = src[index[o]] >> 16
+    for o in range(head, body, 16):
+        stream_bfloat16_gathered_line(dst, o, src, index, o)
+    for o in range(body, size):
+        dst[o] = src[index[o]] >> 16
+
+
 @njit(cache=True, inline="always")
 def stream_gathered(dst, src, index):
     """``dst[o] = src[index[o]]`` for every o of `dst`, with non-temporal stores: whole 64-byte

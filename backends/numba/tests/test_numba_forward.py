@@ -308,13 +308,16 @@ def test_staged_blocks_and_groups(
     check(backend, x.contiguous(memory_format=torch.channels_last), rois, (3, 4), 0.5)  # in place
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str
+)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("stream", [False, True], ids=["plain-stores", "streamed"])
 def test_streamed_outputs(schedule, dtype, layout, stream):
-    """Grouped float32/float64 outputs written with non-temporal stores (`stream_min_bytes` 0)
-    or plain ones: the same bits, on poisoned outputs, with invalid rows, ROIs past the map and
-    groups cut small so that many tasks write (and fence) concurrently."""
+    """Grouped outputs written with non-temporal stores (`stream_min_bytes` 0: float32/float64
+    values, bfloat16 values 16 at a time, every argmax) or plain ones: the same bits, on
+    poisoned outputs, with invalid rows, ROIs past the map and groups cut small so that many
+    tasks write (and fence) concurrently."""
     backend = make_backend(
         schedule,
         stream_min_bytes=0 if stream else 2**62,
@@ -333,6 +336,9 @@ def test_streamed_outputs(schedule, dtype, layout, stream):
     rois[7, 1:] = torch.tensor([50.0, 40.0, 90.0, 80.0], dtype=dtype)
     check(backend, x, rois, (3, 5), 0.5)
     check(backend, x, rois, (1, 1), 0.5)
+    # Default blocks: each ROI's outputs long enough for whole aligned runs between its ends.
+    default_blocks = make_backend(schedule, stream_min_bytes=0 if stream else 2**62)
+    check(default_blocks, x, rois, (3, 5), 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
