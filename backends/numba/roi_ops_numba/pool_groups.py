@@ -113,8 +113,9 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
     b] = b * nl + j``: the outputs written in order instead of nl stores PH * PW elements apart
     per bin (faster with and without the argmax; the README has the measurements). With
     `stream` they are written by non-temporal stores (`streaming`; the caller fences). With a
-    16-bit `kind` the results are narrowed back to their raw bits (through `tile16`, as many
-    int16 elements as `tile`) into `out_bits` instead of `out`, plainly.
+    16-bit `kind` the results are narrowed back to their raw bits into `out_bits` instead of
+    `out`: bfloat16 ones streamed with `stream` (the high half of each float32 pattern), else
+    plainly (through `tile16`, as many int16 elements as `tile`).
     """
     num_bins = pooled_h * pooled_w
     for ph in range(pooled_h):
@@ -278,8 +279,9 @@ def pool_groups_serial(
         scratch: (threads, S) buffer, S at least the largest region times `block`, when the
             channels are not contiguous (the serial kernel uses row 0, the parallel one row
             ``numba.get_thread_id()``); else unused.
-        stream: write `out` and `argmax` with non-temporal stores (`streaming`), for outputs
-            much larger than the caches; each task fences its stores before it returns.
+        stream: write `out` (or bfloat16 `out_bits`) and `argmax` with non-temporal stores
+            (`streaming`), for outputs much larger than the caches; each task fences its stores
+            before it returns. float16 `out_bits` are written plainly either way.
         bits, out_bits, kind: for float16 (`staging.FLOAT16`) and bfloat16
             (`staging.BFLOAT16`) maps: the maps' raw bits (int16 memory addressed as `src`
             would be; `src` and `out` are then unused), the output's raw bits (int16, as
