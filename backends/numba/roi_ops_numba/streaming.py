@@ -71,6 +71,35 @@ def store_fence(typingctx):
     return types.void(), codegen
 
 
+def _gather(context, builder, src_type, src_value, index_type, index_value, i_value, lanes):
+    """LLVM vector of ``src[index[i + l]]`` for the `lanes` lanes l (one masked gather, every
+    lane on), for codegen; `src` a 1-D C-contiguous array of a 4- or 8-byte dtype, `index`
+    int32."""
+    width = src_type.dtype.bitwidth // 8
+    line = ir.VectorType(context.get_data_type(src_type.dtype), lanes)
+    where = item_pointer(context, builder, index_type, index_value, i_value)
+    indices = builder.load(
+        builder.bitcast(where, ir.VectorType(_I32, lanes).as_pointer()), align=4
+    )  # the table's elements are only 4-byte aligned
+    offsets = builder.mul(
+        builder.sext(indices, ir.VectorType(_I64, lanes)),
+        splat(builder, ir.Constant(_I64, width), lanes),
+    )
+    base = item_pointer(context, builder, src_type, src_value, ir.Constant(_I64, 0))
+    start = splat(builder, builder.ptrtoint(base, _I64), lanes)
+    pointers = builder.inttoptr(builder.add(start, offsets), ir.VectorType(base.type, lanes))
+    kind = "f" if isinstance(src_type.dtype, types.Float) else "i"
+    gather = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(line, [pointers.type, _I32, ir.VectorType(_I1, lanes), line]),
+        f"llvm.masked.gather.v{lanes}{kind}{width * 8}.v{lanes}p0",
+    )
+    every = ir.Constant(ir.VectorType(_I1, lanes), [ir.Constant(_I1, 1)] * lanes)
+    return builder.call(
+        gather, [pointers, ir.Constant(_I32, width), every, ir.Constant(line, ir.Undefined)]
+    )
+
+
 @intrinsic
 def stream_gathered_line(typingctx, dst, d, src, index, i):
     """``dst[d + l] = src[index[i + l]]`` for the ``64 // itemsize`` elements l of one line, as
@@ -89,33 +118,14 @@ def stream_gathered_line(typingctx, dst, d, src, index, i):
     def codegen(context, builder, signature, arguments):
         dst_type, _, src_type, index_type, _ = signature.args
         dst_value, d_value, src_value, index_value, i_value = arguments
-        width = dst_type.dtype.bitwidth // 8
-        lanes = LINE_BYTES // width
-        element = context.get_data_type(dst_type.dtype)
-        line = ir.VectorType(element, lanes)
-        wide = ir.VectorType(_I64, lanes)
-        where = item_pointer(context, builder, index_type, index_value, i_value)
-        indices = builder.load(
-            builder.bitcast(where, ir.VectorType(_I32, lanes).as_pointer()), align=4
-        )  # the table's elements are only 4-byte aligned
-        offsets = builder.mul(
-            builder.sext(indices, wide), splat(builder, ir.Constant(_I64, width), lanes)
-        )
-        base = item_pointer(context, builder, src_type, src_value, ir.Constant(_I64, 0))
-        start = splat(builder, builder.ptrtoint(base, _I64), lanes)
-        pointers = builder.inttoptr(builder.add(start, offsets), ir.VectorType(base.type, lanes))
-        kind = "f" if isinstance(dst_type.dtype, types.Float) else "i"
-        gather = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(line, [pointers.type, _I32, ir.VectorType(_I1, lanes), line]),
-            f"llvm.masked.gather.v{lanes}{kind}{width * 8}.v{lanes}p0",
-        )
-        every = ir.Constant(ir.VectorType(_I1, lanes), [ir.Constant(_I1, 1)] * lanes)
-        value = builder.call(
-            gather, [pointers, ir.Constant(_I32, width), every, ir.Constant(line, ir.Undefined)]
+        lanes = LINE_BYTES * 8 // dst_type.dtype.bitwidth
+        value = _gather(
+            context, builder, src_type, src_value, index_type, index_value, i_value, lanes
         )
         target = item_pointer(context, builder, dst_type, dst_value, d_value)
-        store = builder.store(value, builder.bitcast(target, line.as_pointer()), align=LINE_BYTES)
+        store = builder.store(
+            value, builder.bitcast(target, value.type.as_pointer()), align=LINE_BYTES
+        )
         store.set_metadata("nontemporal", builder.module.add_metadata([_NONTEMPORAL]))
         return context.get_dummy_value()
 
@@ -142,24 +152,8 @@ def stream_bfloat16_gathered_line(typingctx, dst, d, src, index, i):
     def codegen(context, builder, signature, arguments):
         dst_type, _, src_type, index_type, _ = signature.args
         dst_value, d_value, src_value, index_value, i_value = arguments
-        line = ir.VectorType(_I32, lanes)
-        where = item_pointer(context, builder, index_type, index_value, i_value)
-        indices = builder.load(builder.bitcast(where, line.as_pointer()), align=4)
-        offsets = builder.mul(
-            builder.sext(indices, ir.VectorType(_I64, lanes)),
-            splat(builder, ir.Constant(_I64, 4), lanes),
-        )
-        base = item_pointer(context, builder, src_type, src_value, ir.Constant(_I64, 0))
-        start = splat(builder, builder.ptrtoint(base, _I64), lanes)
-        pointers = builder.inttoptr(builder.add(start, offsets), ir.VectorType(base.type, lanes))
-        gather = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(line, [pointers.type, _I32, ir.VectorType(_I1, lanes), line]),
-            f"llvm.masked.gather.v{lanes}i32.v{lanes}p0",
-        )
-        every = ir.Constant(ir.VectorType(_I1, lanes), [ir.Constant(_I1, 1)] * lanes)
-        patterns = builder.call(
-            gather, [pointers, ir.Constant(_I32, 4), every, ir.Constant(line, ir.Undefined)]
+        patterns = _gather(
+            context, builder, src_type, src_value, index_type, index_value, i_value, lanes
         )
         high = builder.lshr(patterns, splat(builder, ir.Constant(_I32, 16), lanes))
         halves = builder.trunc(high, ir.VectorType(ir.IntType(16), lanes))
