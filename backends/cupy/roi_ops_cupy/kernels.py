@@ -30,6 +30,7 @@ SOURCE_FILES = (
     "forward_small_cvec.cu",  # reuses forward_small.cu's table and forward_cvec.cu's cvec_bin
     "backward_atomic.cu",
     "backward_planes.cu",
+    "copy_channels_last.cu",  # the staged forward's copy of its input
 )
 # --fmad=false: no contraction into FMA anywhere (the geometry also uses _rn intrinsics).
 COMPILE_OPTIONS = ("--fmad=false", "-std=c++17")
@@ -76,6 +77,10 @@ BACKWARD_ATOMIC_LEVELS = BACKWARD_ATOMIC + LEVELS_SUFFIX
 BACKWARD_PLANES_LEVELS = BACKWARD_PLANES + LEVELS_SUFFIX
 # The planes kernel's block sizes (its kBlock template argument).
 PLANES_THREADS = (256, 1024)
+# The staged forward's copy of an NCHW input to channels_last (one NVRTC module, every dtype).
+COPY_CHANNELS_LAST = "roi_ops_copy_channels_last"
+COPY_TILE = 32  # kCopyTile: a block copies COPY_TILE channels of COPY_TILE positions
+COPY_ROWS = 8  # kCopyRows: the block is COPY_TILE x COPY_ROWS threads
 
 
 @functools.cache
@@ -157,10 +162,23 @@ def backward_levels_names(dtype: torch.dtype) -> tuple[str, ...]:
     return tuple(names)
 
 
+def copy_name(dtype: torch.dtype) -> str:
+    """The name expression of the channels_last copy of `dtype` elements."""
+    return f"{COPY_CHANNELS_LAST}<{C_TYPES[dtype]}>"
+
+
+@functools.cache
+def copy_names() -> tuple[str, ...]:
+    """Every instantiation of the channels_last copy (one NVRTC module)."""
+    return tuple(copy_name(dtype) for dtype in C_TYPES)
+
+
 def module_names(name: str) -> tuple[str, ...]:
     """The names compiled in one NVRTC module together with kernel `name`."""
     types = {v: k for k, v in C_TYPES.items()}
     kernel, arguments = name[: name.index("<")], name[name.index("<") + 1 : -1].split(", ")
+    if kernel == COPY_CHANNELS_LAST:
+        return copy_names()
     first = types[arguments[0]]
     levels = kernel.endswith(LEVELS_SUFFIX)
     if kernel.startswith("roi_pool_forward"):
@@ -175,7 +193,7 @@ def all_names() -> tuple[str, ...]:
     forward += [n for pair in FORWARD_PAIRS for n in forward_levels_names(*pair)]
     backward = [n for dtype in C_TYPES for n in backward_names(dtype)]
     backward += [n for dtype in C_TYPES for n in backward_levels_names(dtype)]
-    return tuple(forward + backward)
+    return tuple(forward + backward) + copy_names()
 
 
 Arg = tuple[str, np.generic]

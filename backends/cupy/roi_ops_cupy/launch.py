@@ -44,6 +44,8 @@ _opted_in_shared: dict[int, int] = {}
 # passes them on every call.
 FORWARD_TENSORS = ("input", "rois", "output", "argmax", "bad_roi_log")
 BACKWARD_TENSORS = ("grad_output", "argmax", "rois", "grad_input")
+COPY_TENSORS = ("input", "output")  # the staged forward's channels_last copy
+_CHANNELS_LAST = torch.channels_last
 # The same for the multi-level launches of L levels: then each level's map (gradient).
 FORWARD_LEVELS_TENSORS = ("rois", "levels", "output", "argmax", "bad_roi_log")
 BACKWARD_LEVELS_TENSORS = ("grad_output", "argmax", "rois", "levels")
@@ -253,7 +255,7 @@ class Launcher:
 
     def __init__(self, tuning: CupyTuning = DEFAULT_TUNING):
         self.tuning = tuning
-        self._forward: dict[tuple, PackedLaunch | None] = {}
+        self._forward: dict[tuple, tuple] = {}  # (forward launch, staged, copy launch)
         self._backward: dict[tuple, _BackwardPlan] = {}
         self._forward_levels: dict[tuple, PackedLaunch | None] = {}
         self._backward_levels: dict[tuple, _BackwardLevelsPlan] = {}
@@ -270,32 +272,46 @@ class Launcher:
         inputs = (x.shape, x.stride(), x.dtype, x.data_ptr() % planning.CVEC_BYTES)
         key = _forward_key(device, inputs, problem.spatial_scale, problem, argmax)
         try:
-            packed, staged = self._forward[key]
+            packed, staged, copy = self._forward[key]
         except KeyError:
             make = lambda: self._plan_forward(problem, output, argmax, device)  # noqa: E731
-            packed, staged = self._cache(self._forward, key, make)
+            packed, staged, copy = self._cache(self._forward, key, make)
         if packed is not None:
             if staged:
-                x = x.contiguous(memory_format=torch.channels_last)
+                x = self._stage(x, copy, device)
             packed.launch(device, (x, rois, output, argmax, log))
 
-    def _plan_forward(self, problem, output, argmax, device) -> tuple[PackedLaunch | None, bool]:
-        """The packed launch of a forward key, and whether it reads a channels_last copy of the
-        input (`planning.stages_channels_last`; planned on a stand-in with its strides)."""
+    @staticmethod
+    def _stage(x: torch.Tensor, copy: PackedLaunch | None, device: int) -> torch.Tensor:
+        """A dense channels_last copy of `x`, written by the copy kernel (`copy`; None: `x` is
+        empty)."""
+        staged = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CHANNELS_LAST)
+        if copy is not None:
+            copy.launch(device, (x, staged))
+        return staged
+
+    def _plan_forward(self, problem, output, argmax, device) -> tuple:
+        """(the packed launch of a forward key, whether it reads a channels_last copy of the
+        input (`planning.stages_channels_last`; planned on a stand-in with its strides), the
+        packed launch of that copy or None)."""
         sizes = cuda_sizes(device)
         x = problem.input
         bins = problem.pooled_height * problem.pooled_width
         staged = planning.stages_channels_last(x, bins, sizes, self.tuning)
+        copy = None
         if staged:
-            copy = torch.empty(x.shape, dtype=x.dtype, device="meta")
+            stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
+            stand_in = stand_in.contiguous(memory_format=torch.channels_last)
+            copy_plan = planning.plan_copy_channels_last(x, stand_in)
+            if copy_plan is not None:
+                copy = PackedLaunch(device, copy_plan, COPY_TENSORS)
             problem = RoIPoolProblem(
-                copy.contiguous(memory_format=torch.channels_last), problem.rois,
-                problem.pooled_height, problem.pooled_width, problem.spatial_scale,
-                problem.needs_argmax, problem.bad_roi_log,
+                stand_in, problem.rois, problem.pooled_height, problem.pooled_width,
+                problem.spatial_scale, problem.needs_argmax, problem.bad_roi_log,
             )  # fmt: skip
         plan = planning.plan_forward(problem, output, argmax, sizes, self.tuning)
         packed = None if plan is None else PackedLaunch(device, plan, FORWARD_TENSORS)
-        return packed, staged
+        return packed, staged, copy
 
     def backward(self, problem: RoIPoolBackwardProblem) -> torch.Tensor:
         """grad_input by the planes or the atomic kernel (not run-to-run deterministic in its last

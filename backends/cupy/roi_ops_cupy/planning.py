@@ -163,23 +163,71 @@ def stages_channels_last(
     input: torch.Tensor, bins: int, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
 ) -> bool:
     """Whether a forward of `input` (NCHW and the like: a unit W stride) with `bins` (PH * PW)
-    per ROI runs on a channels_last copy of it (the small_cvec kernel) instead of on the input
-    itself (the small kernel): in the small kernels' regime (few outputs per ROI, many ROIs),
-    where the NCHW kernel re-reads each window row's sectors from L2 for every channel and the
-    copy reads and writes the input once, when the copy fits in L2 and its channel vectors are
-    16-byte aligned (C * itemsize a multiple of 16). ``tuning.stage_small_channels_last``
-    switches it; a forced forward kernel never stages."""
-    if not tuning.stage_small_channels_last or tuning.forward_kernel is not None:
+    per ROI runs on a channels_last copy of it (`plan_copy_channels_last`), pooled by the
+    channel-vector kernels, instead of on the input itself.
+
+    The copy reads and writes the input once; the channel-vector kernels then read each
+    window element of 16 bytes of channels with one load, where the NCHW kernels fetch a 32-byte
+    sector of a window row for each channel. Staged: in the small kernels' regime (few outputs
+    per ROI, many ROIs) when the input fits in L2. Only where the copy's channel vectors are
+    16-byte aligned (C * itemsize a multiple of 16) and C has at least
+    ``tuning.chan_min_channels`` channels; ``tuning.stage_channels_last`` forces the choice
+    there (True) or switches staging off (False); a forced forward kernel never stages.
+    """
+    if tuning.stage_channels_last is False or tuning.forward_kernel is not None:
         return False
     if uses_channel_kernel(input, tuning) or input.stride(3) != 1:
         return False
     channels = input.shape[1]
+    if (
+        channels < tuning.chan_min_channels
+        or channels * input.element_size() % CVEC_BYTES != 0
+        or math.ceil(channels / kernels.COPY_TILE) > MAX_GRID_Y
+    ):
+        return False
+    if tuning.stage_channels_last:
+        return True
     return (
         forward_kernel(input, bins, tuning) == kernels.FORWARD_SMALL
-        and channels >= tuning.chan_min_channels
-        and channels * input.element_size() % CVEC_BYTES == 0
         and _dense_bytes(input) <= sizes.l2_bytes
     )
+
+
+def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch | None:
+    """The launch that copies `input` into `copy`, bit for bit; None when there is nothing to
+    copy.
+
+    Args:
+        input: (N, C, H, W) with a unit W stride (any other strides).
+        copy: the same shape and dtype, dense channels_last.
+
+    Raises:
+        ValueError: `copy` is not `input`'s shape and dtype, dense channels_last, or `input` has
+            no unit W stride.
+    """
+    dense = copy.is_contiguous(memory_format=torch.channels_last)
+    if copy.shape != input.shape or copy.dtype != input.dtype or not dense:
+        raise ValueError(
+            f"copy: expected a dense channels_last tensor of shape {tuple(input.shape)} and "
+            f"dtype {input.dtype}, got shape {tuple(copy.shape)}, dtype {copy.dtype}, strides "
+            f"{copy.stride()}"
+        )
+    if input.stride(3) != 1 and input.shape[3] > 1:
+        raise ValueError(f"input: expected a W stride of 1, got strides {input.stride()}")
+    if input.numel() == 0:
+        return None
+    n, c, h, w = input.shape
+    position_tiles = math.ceil(h * w / kernels.COPY_TILE)
+    args = (
+        pointer("input", input),
+        *(integer(name, v) for name, v in zip("CHW", (c, h, w), strict=True)),
+        *(integer(name, v) for name, v in zip(("sN", "sC", "sH"), input.stride()[:3], strict=True)),
+        integer("position_tiles", position_tiles),
+        pointer("output", copy),
+    )
+    grid = (n * position_tiles, math.ceil(c / kernels.COPY_TILE), 1)
+    block = (kernels.COPY_TILE, kernels.COPY_ROWS, 1)
+    return Launch(kernels.copy_name(input.dtype), grid, block, 0, args)
 
 
 def channels_per_block(

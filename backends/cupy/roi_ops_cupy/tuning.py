@@ -46,9 +46,9 @@ class CupyTuning:
             outputs (C * PH * PW) take the small kernel (many ROIs per block) instead of the
             unit kernel (one ROI per block); 0 never.
         small_block_elements: outputs per block of the small kernel (whole ROIs).
-        stage_small_channels_last: where the small kernel would pool an NCHW input that fits
-            in L2, pool a channels_last copy of it with the small_cvec kernel instead
-            (`planning.stages_channels_last`).
+        stage_channels_last: None, or whether a forward of an NCHW-like input (unit W
+            stride, 16-byte channel vectors when copied) pools a channels_last copy of it with
+            the channel-vector kernels; None: `planning.stages_channels_last` decides.
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC` / `kernels.BACKWARD_PLANES` (planes
@@ -71,7 +71,7 @@ class CupyTuning:
     planes_small_gradient_bytes: int = 8 << 20
     small_roi_outputs: int = 1024
     small_block_elements: int = 4096
-    stage_small_channels_last: bool = True
+    stage_channels_last: bool | None = None
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

@@ -16,8 +16,10 @@ from cupy_harness import (
     BLOCK_LAYOUTS,
     DTYPE_IDS,
     DTYPES,
+    GUARD,
     LAYOUTS,
     check,
+    guarded,
     rois_dtype_for,
     run_forward,
     wide,
@@ -33,6 +35,7 @@ from roi_ops.testing import (
 )
 
 from roi_ops_cupy import kernels
+from roi_ops_cupy.planning import plan_copy_channels_last
 from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
 
 
@@ -278,3 +281,45 @@ def test_hypothesis_differential(runner, layout):
             assert torch.equal(argmax, expected_argmax)
 
     run()
+
+
+# (N, C, H, W): channels and positions (H * W) around the 32 x 32 tiles, one channel, one pixel.
+COPY_SHAPES = [(2, 40, 5, 9), (1, 64, 4, 16), (3, 33, 1, 1), (1, 1, 6, 11), (1, 8, 33, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", COPY_SHAPES, ids=str)
+def test_channels_last_copy_is_the_input_bit_for_bit(runner, dtype, shape):
+    """The staged forward's copy kernel: every element's bits (NaN payloads, signed zeros) land
+    at its channels_last place, from an input whose rows and images are further apart than
+    dense (the first columns of a wider map), and nothing outside the copy is written."""
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    info = torch.iinfo(BITS[dtype.itemsize])
+    bits = torch.randint(info.min, info.max, shape, generator=g, dtype=BITS[dtype.itemsize])
+    x = bits.view(dtype)
+    strides = (c * h * (w + 3) + 5, h * (w + 3), w + 3, 1)
+    placed, _ = guarded(shape, strides, dtype, runner.device, math.nan)
+    placed.copy_(x)
+    cl = torch.empty(shape, device="meta", memory_format=torch.channels_last).stride()
+    copy, buffer = guarded(shape, cl, dtype, runner.device, -7.0)
+    copy.fill_(1.5)
+    runner.launch(plan_copy_channels_last(placed, copy))
+    assert torch.equal(copy.cpu().contiguous().view(bits.dtype), bits)
+    guard = torch.cat([buffer[:GUARD], buffer[-GUARD:]]).cpu()
+    assert bool((guard == -7.0).all()), "the copy wrote outside its tensor"
+
+
+def test_channels_last_copy_refuses_what_it_cannot_copy():
+    x = torch.randn(2, 16, 5, 6)
+    good = torch.empty_like(x, memory_format=torch.channels_last)
+    empty = torch.empty(2, 16, 0, 6, memory_format=torch.channels_last)
+    assert plan_copy_channels_last(x[:, :, :0], empty) is None  # nothing to copy
+    with pytest.raises(ValueError, match="copy: expected a dense channels_last tensor"):
+        plan_copy_channels_last(x, torch.empty_like(x))
+    with pytest.raises(ValueError, match="copy: expected"):
+        plan_copy_channels_last(x, good.half())
+    with pytest.raises(ValueError, match="input: expected a W stride of 1"):
+        plan_copy_channels_last(
+            x[..., ::2], torch.empty_like(x[..., ::2]).to(memory_format=torch.channels_last)
+        )

@@ -240,12 +240,40 @@ def test_small_rois_on_nchw_inputs_pool_a_channels_last_copy(dtype):
         assert_same_bits(output.cpu(), expected)
         if needs_argmax:
             assert torch.equal(argmax.cpu(), expected_argmax)
-    (packed, staged), *_ = launcher._forward.values()
+    (packed, staged, copy), *_ = launcher._forward.values()
     assert staged and packed.name.startswith(kernels.FORWARD_SMALL_CVEC)
+    assert copy.name == kernels.copy_name(dtype)
     assert_same_bits(x, before)
     # Switched off, the same call pools the NCHW input with the small kernel.
-    unstaged = launch.Launcher(replace(DEFAULT_TUNING, stage_small_channels_last=False))
+    unstaged = launch.Launcher(replace(DEFAULT_TUNING, stage_channels_last=False))
     output, _ = poisoned_forward(unstaged, RoIPoolProblem(x, rois, 3, 3, 0.5, False))
     assert_same_bits(output.cpu(), expected)
-    (packed, staged), *_ = unstaged._forward.values()
-    assert not staged and packed.name.startswith(kernels.FORWARD_SMALL + "<")
+    (packed, staged, copy), *_ = unstaged._forward.values()
+    assert not staged and copy is None and packed.name.startswith(kernels.FORWARD_SMALL + "<")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_staged_forward_of_large_rois_and_row_gaps(dtype):
+    """Staging forced where the rule would not stage (ROIs of 7 x 7 bins: the cvec kernel reads
+    the copy), from an NCHW input whose rows are further apart than dense (the first columns of
+    a wider map): bit for bit the reference's, both modes, on tie-heavy inputs."""
+    from roi_ops.testing import tie_heavy_features
+
+    from roi_ops_cupy import launch
+
+    launcher = launch.Launcher(replace(DEFAULT_TUNING, stage_channels_last=True))
+    g = torch.Generator().manual_seed(43)
+    wide_map = tie_heavy_features((2, 40, 23, 37), 44, dtype).cuda()
+    x = wide_map[..., :29]
+    rois_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    rois = _detection_rois(2, 200, 23, 29, 0.5, g, rois_dtype).cuda()
+    expected, expected_argmax = reference_roi_pool(x.cpu(), rois.cpu(), (7, 7), 0.5)
+    for needs_argmax in (True, False):
+        problem = RoIPoolProblem(x, rois, 7, 7, 0.5, needs_argmax)
+        output, argmax = poisoned_forward(launcher, problem)
+        assert_same_bits(output.cpu(), expected)
+        if needs_argmax:
+            assert torch.equal(argmax.cpu(), expected_argmax)
+    for packed, staged, copy in launcher._forward.values():
+        assert staged and packed.name.startswith(kernels.FORWARD_CVEC + "<")
+        assert copy.name == kernels.copy_name(dtype)

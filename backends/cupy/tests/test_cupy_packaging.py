@@ -193,7 +193,12 @@ def test_kernel_names_and_modules():
     )
     name = kernels.backward_name(kernels.BACKWARD_ATOMIC_LEVELS, torch.float64, torch.float64)
     assert kernels.module_names(name) == kernels.backward_levels_names(torch.float64)
-    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 6
+    # The staged forward's copy: one module, one instantiation a dtype.
+    assert kernels.copy_names() == tuple(
+        f"roi_ops_copy_channels_last<{t}>" for t in ("roi_half", "roi_bf16", "float", "double")
+    )
+    assert kernels.module_names(kernels.copy_name(torch.float32)) == kernels.copy_names()
+    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 6 + 4
 
 
 def test_source_is_self_contained_and_split_by_family():
@@ -344,5 +349,5 @@ def test_nvrtc_compiles_every_module_through_cupy():
         "print('compiled', 2 * len(modules))"
     )
     # A forward and a multi-level forward module per dtype pair, a backward and a multi-level
-    # backward module per dtype.
-    assert out == f"compiled {2 * 2 * (len(kernels.FORWARD_PAIRS) + 4)}"
+    # backward module per dtype, and the channels_last copy's module.
+    assert out == f"compiled {2 * (2 * (len(kernels.FORWARD_PAIRS) + 4) + 1)}"

@@ -368,7 +368,12 @@ def test_small_rois_stage_a_channels_last_copy_where_it_fits_in_l2():
         x.contiguous(memory_format=torch.channels_last), 9, h200
     )
     assert not planning.stages_channels_last(x[..., ::2], 9, h200)  # no unit W stride
-    off = replace(DEFAULT_TUNING, stage_small_channels_last=False)
+    off = replace(DEFAULT_TUNING, stage_channels_last=False)
     assert not planning.stages_channels_last(x, 9, h200, off)
     forced = replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL)
     assert not planning.stages_channels_last(x, 9, h200, forced)
+    # Forced on: wherever the copy can feed the channel-vector kernels, whatever the regime.
+    on = replace(DEFAULT_TUNING, stage_channels_last=True)
+    assert planning.stages_channels_last(x, 49, sizes(132, 8 * 2**20), on)
+    assert not planning.stages_channels_last(x.half()[:, :20], 9, h200, on)
+    assert not planning.stages_channels_last(x[..., ::2], 9, h200, on)
