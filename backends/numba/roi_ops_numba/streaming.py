@@ -133,44 +133,46 @@ def stream_gathered_line(typingctx, dst, d, src, index, i):
 
 
 @intrinsic
-def stream_bfloat16_gathered_line(typingctx, dst, d, src, index, i):
-    """``dst[d + l] = src[index[i + l]] >> 16`` for 16 lanes l: one gathering vector load of
-    float32 bit patterns, their high halves (the bfloat16 each was widened from) stored as one
-    aligned non-temporal 32-byte vector. No bounds checks.
+def stream_halves_gathered_line(typingctx, dst, d, src, index, i, shift):
+    """``dst[d + l] = src[index[i + l]] >> shift`` for 16 lanes l, the low 16 bits of each: one
+    gathering vector load of 32-bit patterns, shifted and truncated, stored as one aligned
+    non-temporal 32-byte vector. No bounds checks.
 
-    `dst` is a 1-D C-contiguous int16 array, `src` and `index` int32 ones; the address of
-    ``dst[d]`` must be a multiple of 32.
+    `dst` is a 1-D C-contiguous int16 array, `src` and `index` int32 ones, `shift` an integer
+    below 32; the address of ``dst[d]`` must be a multiple of 32.
     """
     if not (is_flat(dst) and is_flat(src) and is_flat(index)):
         return None
     if dst.dtype != types.int16 or src.dtype != types.int32 or index.dtype != types.int32:
         return None
-    if not (isinstance(d, types.Integer) and isinstance(i, types.Integer)):
+    if not all(isinstance(t, types.Integer) for t in (d, i, shift)):
         return None
     lanes = 16
 
     def codegen(context, builder, signature, arguments):
-        dst_type, _, src_type, index_type, _ = signature.args
-        dst_value, d_value, src_value, index_value, i_value = arguments
+        dst_type, _, src_type, index_type, _, shift_type = signature.args
+        dst_value, d_value, src_value, index_value, i_value, shift_value = arguments
         patterns = _gather(
             context, builder, src_type, src_value, index_type, index_value, i_value, lanes
         )
-        high = builder.lshr(patterns, splat(builder, ir.Constant(_I32, 16), lanes))
+        amount = context.cast(builder, shift_value, shift_type, types.int32)
+        high = builder.lshr(patterns, splat(builder, amount, lanes))
         halves = builder.trunc(high, ir.VectorType(ir.IntType(16), lanes))
         target = item_pointer(context, builder, dst_type, dst_value, d_value)
         store = builder.store(halves, builder.bitcast(target, halves.type.as_pointer()), align=32)
         store.set_metadata("nontemporal", builder.module.add_metadata([_NONTEMPORAL]))
         return context.get_dummy_value()
 
-    return types.void(dst, d, src, index, i), codegen
+    return types.void(dst, d, src, index, i, shift), codegen
 
 
 @njit(cache=True, inline="always")
-def stream_bfloat16_gathered(dst, src, index):
-    """``dst[o] = src[index[o]] >> 16`` for every o of `dst` (int16), the float32 patterns of
-    widened bfloat16 values in `src` (int32): aligned 32-byte runs by
-    `stream_bfloat16_gathered_line` (non-temporal), the elements outside them plainly. The
-    caller runs `store_fence` before anyone reads `dst`."""
+def stream_halves_gathered(dst, src, index, shift):
+    """``dst[o] = src[index[o]] >> shift`` (its low 16 bits) for every o of `dst` (int16), from
+    the 32-bit patterns in `src` (int32): the high halves of widened bfloat16 values (`shift`
+    16), or float16 bits already narrowed into the low halves (0). Aligned 32-byte runs by
+    `stream_halves_gathered_line` (non-temporal), the elements outside them plainly. The caller
+    runs `store_fence` before anyone reads `dst`."""
     size = dst.shape[0]
     address = dst.ctypes.data
     head = size
@@ -178,11 +180,11 @@ def stream_bfloat16_gathered(dst, src, index):
         head = min((-address) % 32 // 2, size)
     body = head + (size - head) // 16 * 16
     for o in range(head):
-        dst[o] = src[index[o]] >> 16
+        dst[o] = src[index[o]] >> shift
     for o in range(head, body, 16):
-        stream_bfloat16_gathered_line(dst, o, src, index, o)
+        stream_halves_gathered_line(dst, o, src, index, o, shift)
     for o in range(body, size):
-        dst[o] = src[index[o]] >> 16
+        dst[o] = src[index[o]] >> shift
 
 
 @njit(cache=True, inline="always")

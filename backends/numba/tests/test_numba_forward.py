@@ -315,7 +315,7 @@ def test_staged_blocks_and_groups(
 @pytest.mark.parametrize("stream", [False, True], ids=["plain-stores", "streamed"])
 def test_streamed_outputs(schedule, dtype, layout, stream):
     """Grouped outputs written with non-temporal stores (`stream_min_bytes` 0: float32/float64
-    values, bfloat16 values 16 at a time, every argmax) or plain ones: the same bits, on
+    values, float16 and bfloat16 values 16 at a time, every argmax) or plain ones: the same bits, on
     poisoned outputs, with invalid rows, ROIs past the map and groups cut small so that many
     tasks write (and fence) concurrently."""
     backend = make_backend(
@@ -371,17 +371,20 @@ def test_widening_is_exact_for_every_16_bit_pattern(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_every_16_bit_pattern_pools_to_itself(schedule, dtype, layout):
+@pytest.mark.parametrize("stream", [False, True], ids=["plain-stores", "streamed"])
+def test_every_16_bit_pattern_pools_to_itself(schedule, dtype, layout, stream):
     """Every float16 / bfloat16 bit pattern (NaN payloads, subnormals, signed zeros and
-    infinities) in one map, pooled by the widened grouped kernels: argmax as the reference's,
-    values as its bit for bit, and a NaN result is the bits of the first NaN (the element at
-    the argmax), not a canonical NaN."""
+    infinities) in one map, pooled by the widened grouped kernels, their results narrowed and
+    stored plainly or streamed: argmax as the reference's, values as its bit for bit, and a NaN
+    result is the bits of the first NaN (the element at the argmax), not a canonical NaN."""
     g = torch.Generator().manual_seed(67)
     patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     patterns = patterns[torch.randperm(2**16, generator=g)]
     x = to_layout(patterns.view(dtype).view(1, 4, 128, 128), layout)
     rois = random_rois(40, 1, 128, 128, 1.0, g).to(torch.float32)
-    backend = make_backend(schedule, stage_min_coverage=0.0)
+    backend = make_backend(
+        schedule, stage_min_coverage=0.0, stream_min_bytes=0 if stream else 2**62
+    )
     output, argmax = run_forward(backend, x, rois, (3, 5), 1.0)
     expected, expected_argmax = reference_roi_pool(x, rois, (3, 5), 1.0)
     assert torch.equal(argmax, expected_argmax)
