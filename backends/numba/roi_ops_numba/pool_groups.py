@@ -35,7 +35,7 @@ from roi_ops_numba.lines import (
     replaces_maximum,
     store_line,
 )
-from roi_ops_numba.staging import BFLOAT16, _stage, narrow_in_place, narrow_region, widen_region
+from roi_ops_numba.staging import _stage, narrow_region, widen_region
 from roi_ops_numba.streaming import store_fence, stream_gathered, stream_halves_gathered
 
 
@@ -114,9 +114,8 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
     per bin (faster with and without the argmax; the README has the measurements). With
     `stream` they are written by non-temporal stores (`streaming`; the caller fences). With a
     16-bit `kind` the results are narrowed back to their raw bits into `out_bits` instead of
-    `out`: with `stream` streamed (a bfloat16's the high half of its float32 pattern, float16
-    ones narrowed in place in `tile` first), else plainly (through `tile16`, as many int16
-    elements as `tile`).
+    `out`: with `stream` narrowed and streamed 16 at a time, else plainly (through `tile16`, as
+    many int16 elements as `tile`).
     """
     num_bins = pooled_h * pooled_w
     for ph in range(pooled_h):
@@ -139,15 +138,12 @@ def _pool_roi(data, org, row, pix, width, k, o_base, nl, hstart, hend, wstart, w
     size = nl * num_bins
     positions = argmax[o_base : o_base + size] if need_argmax else argmax[:0]
     if kind != 0 and stream:
-        # 16 results at a time: their 32-bit patterns gathered, shifted to the low half and
-        # streamed (a loop of 16-bit stores of gathered elements stays scalar). A bfloat16's
-        # float32 pattern is its bits and 16 zeros; float16 ones are narrowed in place first,
-        # in tile order (a contiguous loop, which vectorises).
-        patterns = tile.view(np.int32)
-        if kind != BFLOAT16:
-            narrow_in_place(patterns[:size], kind)
-        shift = 16 if kind == BFLOAT16 else 0
-        stream_halves_gathered(out_bits[o_base : o_base + size], patterns, transpose, shift)
+        # 16 results at a time: their float32 patterns gathered, narrowed in 32-bit vector
+        # lanes and streamed (a loop of 16-bit stores of gathered elements stays scalar, and
+        # the scalar narrowing's int64 arithmetic fills half as many lanes).
+        stream_halves_gathered(
+            out_bits[o_base : o_base + size], tile.view(np.int32), transpose, kind
+        )
     elif kind != 0:
         # Narrowed in tile order first (a contiguous loop, which vectorises), then transposed.
         narrowed = tile16[:size]

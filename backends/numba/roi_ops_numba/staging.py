@@ -134,12 +134,3 @@ def narrow_region(widened, narrow, kind):
     """``narrow[i]`` = `narrow_bits` of ``widened[i]``: `widen_region` undone."""
     for i in range(narrow.shape[0]):
         narrow[i] = narrow_bits(widened[i], kind)
-
-
-@njit(cache=True)
-def narrow_in_place(bits, kind):
-    """``bits[i]`` = `narrow_bits` of ``bits[i]``, int32 patterns that `widen_bits` made: one
-    array (so that the loop vectorises with no overlap test), the 16-bit results in the low
-    halves."""
-    for i in range(bits.shape[0]):
-        bits[i] = narrow_bits(bits[i], kind)

@@ -19,6 +19,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from roi_ops_numba.lines import LINE_BYTES, is_flat, item_pointer, lanes_of, splat
+from roi_ops_numba.staging import BFLOAT16, FLOAT16, narrow_bits
 
 _I1 = ir.IntType(1)
 _I32 = ir.IntType(32)
@@ -132,47 +133,76 @@ def stream_gathered_line(typingctx, dst, d, src, index, i):
     return types.void(dst, d, src, index, i), codegen
 
 
+def _narrow_float16(builder, patterns, lanes):
+    """`staging.narrow_bits` (float16) of a vector of int32 float32 patterns, in 32-bit lanes:
+    the float16 bits in each lane's low half. The scalar version's int64 arithmetic does the
+    same in half as many lanes."""
+
+    def const(value):
+        return splat(builder, ir.Constant(_I32, value), lanes)
+
+    sign = builder.and_(builder.lshr(patterns, const(16)), const(0x8000))
+    exponent = builder.and_(builder.lshr(patterns, const(23)), const(0xFF))
+    mantissa = builder.and_(patterns, const(0x7FFFFF))
+    top = builder.lshr(mantissa, const(13))
+    special = builder.or_(top, const(0x7C00))  # infinity or NaN, payload kept
+    normal = builder.or_(builder.shl(builder.sub(exponent, const(112)), const(10)), top)
+    # A float16 subnormal (float32 exponent 103 to 112): the mantissa with its implicit bit,
+    # shifted right by 126 - exponent (at most 31: larger exponents never select it).
+    below = builder.sub(const(126), exponent)
+    positive = builder.select(builder.icmp_signed(">", below, const(0)), below, const(0))
+    shift = builder.select(builder.icmp_signed("<", positive, const(31)), positive, const(31))
+    subnormal = builder.lshr(builder.or_(mantissa, const(0x800000)), shift)
+    small = builder.select(builder.icmp_signed("!=", exponent, const(0)), subnormal, const(0))
+    wide = builder.select(builder.icmp_signed("==", exponent, const(0xFF)), special, normal)
+    magnitude = builder.select(builder.icmp_signed(">=", exponent, const(113)), wide, small)
+    return builder.or_(sign, magnitude)
+
+
 @intrinsic
-def stream_halves_gathered_line(typingctx, dst, d, src, index, i, shift):
-    """``dst[d + l] = src[index[i + l]] >> shift`` for 16 lanes l, the low 16 bits of each: one
-    gathering vector load of 32-bit patterns, shifted and truncated, stored as one aligned
+def stream_halves_gathered_line(typingctx, dst, d, src, index, i, kind):
+    """``dst[d + l] = staging.narrow_bits(src[index[i + l]], kind)`` for 16 lanes l: one
+    gathering vector load of float32 patterns of widened 16-bit values, narrowed in 32-bit
+    vector lanes (bfloat16: the high half; float16: `_narrow_float16`), stored as one aligned
     non-temporal 32-byte vector. No bounds checks.
 
-    `dst` is a 1-D C-contiguous int16 array, `src` and `index` int32 ones, `shift` an integer
-    below 32; the address of ``dst[d]`` must be a multiple of 32.
+    `dst` is a 1-D C-contiguous int16 array, `src` and `index` int32 ones, `kind` a literal
+    `staging.BFLOAT16` or `staging.FLOAT16`; the address of ``dst[d]`` must be a multiple of
+    32.
     """
     if not (is_flat(dst) and is_flat(src) and is_flat(index)):
         return None
     if dst.dtype != types.int16 or src.dtype != types.int32 or index.dtype != types.int32:
         return None
-    if not all(isinstance(t, types.Integer) for t in (d, i, shift)):
+    if not (isinstance(d, types.Integer) and isinstance(i, types.Integer)):
+        return None
+    if not isinstance(kind, types.IntegerLiteral) or kind.literal_value not in (BFLOAT16, FLOAT16):
         return None
     lanes = 16
+    float16 = kind.literal_value == FLOAT16
 
     def codegen(context, builder, signature, arguments):
-        dst_type, _, src_type, index_type, _, shift_type = signature.args
-        dst_value, d_value, src_value, index_value, i_value, shift_value = arguments
+        dst_type, _, src_type, index_type, _, _ = signature.args
+        dst_value, d_value, src_value, index_value, i_value, _ = arguments
         patterns = _gather(
             context, builder, src_type, src_value, index_type, index_value, i_value, lanes
         )
-        amount = context.cast(builder, shift_value, shift_type, types.int32)
-        high = builder.lshr(patterns, splat(builder, amount, lanes))
-        halves = builder.trunc(high, ir.VectorType(ir.IntType(16), lanes))
+        if float16:
+            narrow = _narrow_float16(builder, patterns, lanes)
+        else:
+            narrow = builder.lshr(patterns, splat(builder, ir.Constant(_I32, 16), lanes))
+        halves = builder.trunc(narrow, ir.VectorType(ir.IntType(16), lanes))
         target = item_pointer(context, builder, dst_type, dst_value, d_value)
         store = builder.store(halves, builder.bitcast(target, halves.type.as_pointer()), align=32)
         store.set_metadata("nontemporal", builder.module.add_metadata([_NONTEMPORAL]))
         return context.get_dummy_value()
 
-    return types.void(dst, d, src, index, i, shift), codegen
+    return types.void(dst, d, src, index, i, kind), codegen
 
 
 @njit(cache=True, inline="always")
-def stream_halves_gathered(dst, src, index, shift):
-    """``dst[o] = src[index[o]] >> shift`` (its low 16 bits) for every o of `dst` (int16), from
-    the 32-bit patterns in `src` (int32): the high halves of widened bfloat16 values (`shift`
-    16), or float16 bits already narrowed into the low halves (0). Aligned 32-byte runs by
-    `stream_halves_gathered_line` (non-temporal), the elements outside them plainly. The caller
-    runs `store_fence` before anyone reads `dst`."""
+def _stream_narrowed(dst, src, index, kind):
+    """`stream_halves_gathered` for a literal `kind`."""
     size = dst.shape[0]
     address = dst.ctypes.data
     head = size
@@ -180,11 +210,24 @@ def stream_halves_gathered(dst, src, index, shift):
         head = min((-address) % 32 // 2, size)
     body = head + (size - head) // 16 * 16
     for o in range(head):
-        dst[o] = src[index[o]] >> shift
+        dst[o] = narrow_bits(src[index[o]], kind)
     for o in range(head, body, 16):
-        stream_halves_gathered_line(dst, o, src, index, o, shift)
+        stream_halves_gathered_line(dst, o, src, index, o, kind)
     for o in range(body, size):
-        dst[o] = src[index[o]] >> shift
+        dst[o] = narrow_bits(src[index[o]], kind)
+
+
+@njit(cache=True, inline="always")
+def stream_halves_gathered(dst, src, index, kind):
+    """``dst[o] = staging.narrow_bits(src[index[o]], kind)`` for every o of `dst` (int16), from
+    the float32 patterns of widened bfloat16 (`kind` BFLOAT16) or float16 (FLOAT16) values in
+    `src` (int32): aligned 32-byte runs by `stream_halves_gathered_line` (gathered, narrowed in
+    vector lanes, non-temporal), the elements outside them plainly. The caller runs
+    `store_fence` before anyone reads `dst`."""
+    if kind == BFLOAT16:
+        _stream_narrowed(dst, src, index, BFLOAT16)
+    else:
+        _stream_narrowed(dst, src, index, FLOAT16)
 
 
 @njit(cache=True, inline="always")
