@@ -79,8 +79,13 @@ BACKWARD_PLANES_LEVELS = BACKWARD_PLANES + LEVELS_SUFFIX
 PLANES_THREADS = (256, 1024)
 # The staged forward's copy of an NCHW input to channels_last (one NVRTC module, every dtype).
 COPY_CHANNELS_LAST = "roi_ops_copy_channels_last"
-COPY_TILE = 32  # kCopyTile: a block copies COPY_TILE channels of COPY_TILE positions
-COPY_ROWS = 8  # kCopyRows: the block is COPY_TILE x COPY_ROWS threads
+COPY_ROWS = 8  # kCopyRows: the copy's blocks are 32 x COPY_ROWS threads
+
+
+def copy_tile(dtype: torch.dtype) -> int:
+    """CopyTile<T>: a block of the channels_last copy moves this many channels of this many
+    positions (64 for 2-byte elements, else 32)."""
+    return 64 if dtype.itemsize == 2 else 32
 
 
 @functools.cache

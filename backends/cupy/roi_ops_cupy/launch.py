@@ -296,8 +296,7 @@ class Launcher:
         packed launch of that copy or None)."""
         sizes = cuda_sizes(device)
         x = problem.input
-        bins = problem.pooled_height * problem.pooled_width
-        staged = planning.stages_channels_last(x, bins, sizes, self.tuning)
+        staged = planning.stages_channels_last(problem, sizes, self.tuning)
         copy = None
         if staged:
             stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")

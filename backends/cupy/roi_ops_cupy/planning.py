@@ -160,20 +160,29 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
 
 
 def stages_channels_last(
-    input: torch.Tensor, bins: int, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
+    problem: RoIPoolProblem, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
 ) -> bool:
-    """Whether a forward of `input` (NCHW and the like: a unit W stride) with `bins` (PH * PW)
-    per ROI runs on a channels_last copy of it (`plan_copy_channels_last`), pooled by the
-    channel-vector kernels, instead of on the input itself.
+    """Whether the forward `problem` of an NCHW-like input (a unit W stride) runs on a
+    channels_last copy of it (`plan_copy_channels_last`), pooled by the channel-vector kernels,
+    instead of on the input itself (no device sync: shapes and dtypes only).
 
-    The copy reads and writes the input once; the channel-vector kernels then read each
-    window element of 16 bytes of channels with one load, where the NCHW kernels fetch a 32-byte
-    sector of a window row for each channel. Staged: in the small kernels' regime (few outputs
-    per ROI, many ROIs) when the input fits in L2. Only where the copy's channel vectors are
-    16-byte aligned (C * itemsize a multiple of 16) and C has at least
-    ``tuning.chan_min_channels`` channels; ``tuning.stage_channels_last`` forces the choice
-    there (True) or switches staging off (False); a forced forward kernel never stages.
+    The copy reads and writes the input once; the channel-vector kernels then read each window
+    element of 16 bytes of channels with one load, where the NCHW kernels fetch a 32-byte sector
+    of a window row for each channel, and reduce 16-bit inputs two channels an instruction
+    without the argmax. Staged (the choice table of tools/NOTES.md, measured on every bench
+    workload):
+
+    - in the small kernels' regime (few outputs per ROI, many ROIs), when the input fits in L2;
+    - when the outputs are at least ``tuning.stage_min_reads`` times the input's elements (so
+      that the copy is a small part of the work), and either the input does not fit in L2 (its
+      NCHW windows' sectors are re-read from memory) or it is a 16-bit inference.
+
+    Only where the copy's channel vectors are 16-byte aligned (C * itemsize a multiple of 16)
+    and C has at least ``tuning.chan_min_channels`` channels; ``tuning.stage_channels_last``
+    forces the choice there (True) or switches staging off (False); a forced forward kernel
+    never stages.
     """
+    input = problem.input
     if tuning.stage_channels_last is False or tuning.forward_kernel is not None:
         return False
     if uses_channel_kernel(input, tuning) or input.stride(3) != 1:
@@ -182,15 +191,19 @@ def stages_channels_last(
     if (
         channels < tuning.chan_min_channels
         or channels * input.element_size() % CVEC_BYTES != 0
-        or math.ceil(channels / kernels.COPY_TILE) > MAX_GRID_Y
+        or math.ceil(channels / kernels.copy_tile(input.dtype)) > MAX_GRID_Y
     ):
         return False
     if tuning.stage_channels_last:
         return True
-    return (
-        forward_kernel(input, bins, tuning) == kernels.FORWARD_SMALL
-        and _dense_bytes(input) <= sizes.l2_bytes
-    )
+    bins = problem.pooled_height * problem.pooled_width
+    cached = _dense_bytes(input) <= sizes.l2_bytes
+    if forward_kernel(input, bins, tuning) == kernels.FORWARD_SMALL:
+        return cached
+    outputs = problem.rois.shape[0] * channels * bins
+    if outputs < tuning.stage_min_reads * input.numel():
+        return False
+    return not cached or (input.element_size() == 2 and not problem.needs_argmax)
 
 
 def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch | None:
@@ -217,7 +230,8 @@ def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch |
     if input.numel() == 0:
         return None
     n, c, h, w = input.shape
-    position_tiles = math.ceil(h * w / kernels.COPY_TILE)
+    tile = kernels.copy_tile(input.dtype)
+    position_tiles = math.ceil(h * w / tile)
     args = (
         pointer("input", input),
         *(integer(name, v) for name, v in zip("CHW", (c, h, w), strict=True)),
@@ -225,8 +239,8 @@ def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch |
         integer("position_tiles", position_tiles),
         pointer("output", copy),
     )
-    grid = (n * position_tiles, math.ceil(c / kernels.COPY_TILE), 1)
-    block = (kernels.COPY_TILE, kernels.COPY_ROWS, 1)
+    grid = (n * position_tiles, math.ceil(c / tile), 1)
+    block = (32, kernels.COPY_ROWS, 1)
     return Launch(kernels.copy_name(input.dtype), grid, block, 0, args)
 
 

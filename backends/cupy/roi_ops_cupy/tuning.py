@@ -49,6 +49,8 @@ class CupyTuning:
         stage_channels_last: None, or whether a forward of an NCHW-like input (unit W
             stride, 16-byte channel vectors when copied) pools a channels_last copy of it with
             the channel-vector kernels; None: `planning.stages_channels_last` decides.
+        stage_min_reads: outside the small kernels' regime, a forward is staged only when its
+            outputs are at least this many times its input's elements.
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC` / `kernels.BACKWARD_PLANES` (planes
@@ -72,6 +74,7 @@ class CupyTuning:
     small_roi_outputs: int = 1024
     small_block_elements: int = 4096
     stage_channels_last: bool | None = None
+    stage_min_reads: float = 2.0
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

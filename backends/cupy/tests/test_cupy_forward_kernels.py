@@ -283,8 +283,16 @@ def test_hypothesis_differential(runner, layout):
     run()
 
 
-# (N, C, H, W): channels and positions (H * W) around the 32 x 32 tiles, one channel, one pixel.
-COPY_SHAPES = [(2, 40, 5, 9), (1, 64, 4, 16), (3, 33, 1, 1), (1, 1, 6, 11), (1, 8, 33, 1)]
+# (N, C, H, W): channels and positions (H * W) around the tiles (32 a side, 64 for 16-bit
+# elements), one channel, one pixel.
+COPY_SHAPES = [
+    (2, 40, 5, 9),
+    (1, 64, 4, 16),
+    (1, 70, 9, 8),
+    (3, 33, 1, 1),
+    (1, 1, 6, 11),
+    (1, 8, 33, 1),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

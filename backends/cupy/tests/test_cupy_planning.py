@@ -356,24 +356,47 @@ def test_planes_levels_plan_orders_levels_coarsest_first():
     assert launch.shared_mem == planning.planes_shared(64 * 4, 4)
 
 
+def _stages(x, bins, device, tuning=DEFAULT_TUNING, num_rois=32000, argmax=True):
+    side = math.isqrt(bins)
+    rois = torch.empty(num_rois, 5, device="meta")
+    problem = RoIPoolProblem(x, rois, side, bins // side, 1 / 8, argmax)
+    return planning.stages_channels_last(problem, device, tuning)
+
+
 def test_small_rois_stage_a_channels_last_copy_where_it_fits_in_l2():
     h200 = sizes(132, 50 * 2**20, 227 * 1024)
     x = torch.empty(4, 64, 100, 136, device="meta")  # many-small: 14 MB
-    assert planning.stages_channels_last(x, 9, h200)
-    assert not planning.stages_channels_last(x, 49, h200)  # 3,136 outputs a ROI: the unit kernel
-    assert not planning.stages_channels_last(x, 9, sizes(132, 8 * 2**20))  # beyond L2
-    assert not planning.stages_channels_last(x[:, :8], 9, h200)  # too few channels for lanes
-    assert not planning.stages_channels_last(x.half()[:, :20], 9, h200)  # 40-byte vectors
-    assert not planning.stages_channels_last(
-        x.contiguous(memory_format=torch.channels_last), 9, h200
-    )
-    assert not planning.stages_channels_last(x[..., ::2], 9, h200)  # no unit W stride
+    assert _stages(x, 9, h200)
+    assert not _stages(x, 49, h200)  # 3,136 outputs a ROI: the unit kernel, float32 in L2
+    assert not _stages(x, 9, sizes(132, 8 * 2**20))  # beyond L2
+    assert not _stages(x[:, :8], 9, h200)  # too few channels for lanes
+    assert not _stages(x.half()[:, :20], 9, h200)  # 40-byte vectors
+    assert not _stages(x.contiguous(memory_format=torch.channels_last), 9, h200)
+    assert not _stages(x[..., ::2], 9, h200)  # no unit W stride
     off = replace(DEFAULT_TUNING, stage_channels_last=False)
-    assert not planning.stages_channels_last(x, 9, h200, off)
+    assert not _stages(x, 9, h200, off)
     forced = replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL)
-    assert not planning.stages_channels_last(x, 9, h200, forced)
+    assert not _stages(x, 9, h200, forced)
     # Forced on: wherever the copy can feed the channel-vector kernels, whatever the regime.
     on = replace(DEFAULT_TUNING, stage_channels_last=True)
-    assert planning.stages_channels_last(x, 49, sizes(132, 8 * 2**20), on)
-    assert not planning.stages_channels_last(x.half()[:, :20], 9, h200, on)
-    assert not planning.stages_channels_last(x[..., ::2], 9, h200, on)
+    assert _stages(x, 49, sizes(132, 8 * 2**20), on, num_rois=1)
+    assert not _stages(x.half()[:, :20], 9, h200, on)
+    assert not _stages(x[..., ::2], 9, h200, on)
+
+
+def test_many_reads_stage_beyond_l2_and_16_bit_inference():
+    h200 = sizes(132, 50 * 2**20, 227 * 1024)
+    big = torch.empty(16, 256, 100, 136, device="meta")  # big-batch: 223 MB, 3.6 outputs each
+    assert _stages(big, 49, h200, num_rois=16000)
+    assert _stages(big.half(), 49, h200, num_rois=16000)
+    assert not _stages(big, 49, h200, num_rois=4000)  # 0.9 outputs an element
+    p4 = torch.empty(8, 256, 50, 68, device="meta")  # fpn-p4: 28 MB, in L2, 7.3 outputs each
+    assert not _stages(p4, 49, h200, num_rois=4096)  # float32: the NCHW kernel reads L2
+    assert not _stages(p4.half(), 49, h200, num_rois=4096)  # the argmax kernels: not staged
+    assert _stages(p4.half(), 49, h200, num_rois=4096, argmax=False)
+    assert _stages(p4.bfloat16(), 49, h200, num_rois=4096, argmax=False)
+    assert not _stages(p4.double()[:4], 49, h200, num_rois=4096, argmax=False)  # in L2
+    p2 = torch.empty(8, 256, 200, 272, device="meta")  # fpn-p2: 0.46 outputs an element
+    assert not _stages(p2.half(), 49, h200, num_rois=4096, argmax=False)
+    fewer = replace(DEFAULT_TUNING, stage_min_reads=0.25)
+    assert _stages(p2.half(), 49, h200, fewer, num_rois=4096, argmax=False)
