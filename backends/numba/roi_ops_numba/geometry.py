@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 INDEX_LIMIT = 2**40
 _INDEX_LIMIT_F = float(2**40)
@@ -29,7 +31,33 @@ MODE_DOUBLE = 2
 _HALF_OVERFLOW = 65520.0  # the smallest magnitude that rounds to inf in float16
 _HALF_MIN_NORMAL = 2.0**-14
 _HALF_SUBNORMAL_SCALE = 2.0**24  # 1 / (float16 subnormal spacing)
+_HALF_DROPPED = 42  # float64 mantissa bits that a normal float16 does not keep
+_HALF_DROPPED_HALF = 1 << (_HALF_DROPPED - 1)
 _LOW = 0xFFFFFFFF
+
+
+@intrinsic
+def _float64_bits(typingctx, x):
+    """The int64 whose bits are float64 `x`'s (a bit cast)."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        return builder.bitcast(arguments[0], ir.IntType(64))
+
+    return types.int64(x), codegen
+
+
+@intrinsic
+def _float64_of_bits(typingctx, bits):
+    """The float64 whose bits are int64 `bits`'s (a bit cast)."""
+    if bits != types.int64:
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        return builder.bitcast(arguments[0], ir.DoubleType())
+
+    return types.float64(bits), codegen
 
 
 @njit(cache=True)
@@ -44,9 +72,11 @@ def _round_half(x):
         # Scaling by a power of two is exact; np.rint rounds halves to even.
         r = np.rint(a * _HALF_SUBNORMAL_SCALE) / _HALF_SUBNORMAL_SCALE
     else:
-        _, e = math.frexp(a)  # a in [2^(e-1), 2^e): float16 spacing there is 2^(e-11)
-        q = math.ldexp(1.0, e - 11)
-        r = np.rint(a / q) * q
+        # A normal float16 keeps the top 10 of float64's 52 mantissa bits: the other 42 are
+        # rounded off to nearest, ties to even (a carry into the exponent is the rounding up).
+        bits = _float64_bits(a)
+        bits += _HALF_DROPPED_HALF - 1 + ((bits >> _HALF_DROPPED) & 1)
+        r = _float64_of_bits(bits & ~(_HALF_DROPPED_HALF * 2 - 1))
     return math.copysign(r, x)
 
 

@@ -297,8 +297,7 @@ def _forward_groups(
     scratch = host_memory.empty((threads if staged else 1, scratch_size), scanned)
     advise_tensor(scratch, tuning.huge_page_min_bytes)
     written = sum(t.numel() * t.element_size() for t in (output, argmax) if t is not None)
-    # Streamed: float32/float64 outputs, bfloat16 outputs 16 at a time, and the argmax;
-    # float16 outputs are stored plainly.
+    # Streamed: float32/float64 outputs, float16/bfloat16 outputs 16 at a time, and the argmax.
     stream = written >= tuning.stream_min_bytes
     if kind:
         src, bits = _NO_FLOATS, shared_storage(features, torch.int16)

@@ -616,3 +616,38 @@ expected, expected_argmax = reference_roi_pool(x, rois, (2, 2), 1.0)
 assert torch.equal(out, expected) and torch.equal(argmax, expected_argmax)
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_float16_geometry_rounding_is_torchs():
+    """`geometry._round_half` (float16 ROI geometry, rounded through float64 bits): equal to
+    torch's float32 -> float16 rounding on every float32 pattern of a random sample, on every
+    float16 value, on the midpoints between neighbours (ties to even) and on the float32 values
+    next to them, signed zeros, infinities, NaN and overflow included."""
+    import numpy as np
+    from numba import njit
+
+    from roi_ops_numba import geometry
+
+    @njit
+    def rounded(values, out):
+        for i in range(values.shape[0]):
+            out[i] = geometry._round_half(values[i])
+
+    g = torch.Generator().manual_seed(71)
+    sample = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=g, dtype=torch.int64)
+    sample = sample.to(torch.int32).view(torch.float32)
+    halves = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    ordered = halves[halves.isfinite()].float().unique()
+    middles = (ordered[1:] + ordered[:-1]) / 2  # exact in float32
+    up, down = torch.nextafter(middles, middles + 1), torch.nextafter(middles, middles - 1)
+    around = torch.cat([up, down])
+    edges = torch.tensor([65504.0, 65519.996, 65520.0, 2.0**-14, 2.0**-24, 2.0**-25, 0.0, -0.0])
+    values = torch.cat([sample, halves.float(), middles, around, edges, -edges])
+    out = np.empty(values.numel(), np.float64)
+    rounded(values.double().numpy(), out)
+    expected = values.to(torch.float16).double()
+    actual = torch.from_numpy(out)
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan)
+    assert torch.equal(actual[~nan], expected[~nan])
+    assert torch.equal(actual[~nan].signbit(), expected[~nan].signbit())
