@@ -283,26 +283,27 @@ class Launcher:
 
     @staticmethod
     def _stage(x: torch.Tensor, copy: PackedLaunch | None, device: int) -> torch.Tensor:
-        """A dense channels_last copy of `x`, written by the copy kernel (`copy`; None: `x` is
-        empty)."""
+        """A dense channels_last copy of `x`, written by the copy kernel (`copy`), or by torch
+        where `copy` is None."""
+        if copy is None:
+            return x.contiguous(memory_format=_CHANNELS_LAST)
         staged = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CHANNELS_LAST)
-        if copy is not None:
-            copy.launch(device, (x, staged))
+        copy.launch(device, (x, staged))
         return staged
 
     def _plan_forward(self, problem, output, argmax, device) -> tuple:
         """(the packed launch of a forward key, whether it reads a channels_last copy of the
         input (`planning.stages_channels_last`; planned on a stand-in with its strides), the
-        packed launch of that copy or None)."""
+        packed launch of the copy kernel that makes it, or None for torch's copy)."""
         sizes = cuda_sizes(device)
         x = problem.input
-        staged = planning.stages_channels_last(problem, sizes, self.tuning)
-        copy = None
+        staging = planning.stages_channels_last(problem, sizes, self.tuning)
+        staged, copy = staging is not None, None
         if staged:
             stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
             stand_in = stand_in.contiguous(memory_format=torch.channels_last)
             copy_plan = planning.plan_copy_channels_last(x, stand_in)
-            if copy_plan is not None:
+            if staging == planning.STAGE_COPY_KERNEL and copy_plan is not None:
                 copy = PackedLaunch(device, copy_plan, COPY_TENSORS)
             problem = RoIPoolProblem(
                 stand_in, problem.rois, problem.pooled_height, problem.pooled_width,

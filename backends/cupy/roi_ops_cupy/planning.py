@@ -159,12 +159,17 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
     return kernels.FORWARD_PLANE
 
 
+STAGE_TORCH_COPY = "torch"  # a staged forward copies its input with torch's copy
+STAGE_COPY_KERNEL = "kernel"  # ... with the copy kernel (`plan_copy_channels_last`)
+
+
 def stages_channels_last(
     problem: RoIPoolProblem, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
-) -> bool:
+) -> str | None:
     """Whether the forward `problem` of an NCHW-like input (a unit W stride) runs on a
-    channels_last copy of it (`plan_copy_channels_last`), pooled by the channel-vector kernels,
-    instead of on the input itself (no device sync: shapes and dtypes only).
+    channels_last copy of it, pooled by the channel-vector kernels, instead of on the input
+    itself (no device sync: shapes and dtypes only): None, or how the copy is made
+    (STAGE_TORCH_COPY, STAGE_COPY_KERNEL).
 
     The copy reads and writes the input once; the channel-vector kernels then read each window
     element of 16 bytes of channels with one load, where the NCHW kernels fetch a 32-byte sector
@@ -172,10 +177,12 @@ def stages_channels_last(
     without the argmax. Staged (the choice table of tools/NOTES.md, measured on every bench
     workload):
 
-    - in the small kernels' regime (few outputs per ROI, many ROIs), when the input fits in L2;
+    - in the small kernels' regime (few outputs per ROI, many ROIs), when the input fits in L2,
+      with torch's copy (faster than the copy kernel on those small maps);
     - when the outputs are at least ``tuning.stage_min_reads`` times the input's elements (so
       that the copy is a small part of the work), and either the input does not fit in L2 (its
-      NCHW windows' sectors are re-read from memory) or it is a 16-bit inference.
+      NCHW windows' sectors are re-read from memory) or it is a 16-bit inference, with the copy
+      kernel.
 
     Only where the copy's channel vectors are 16-byte aligned (C * itemsize a multiple of 16)
     and C has at least ``tuning.chan_min_channels`` channels; ``tuning.stage_channels_last``
@@ -184,26 +191,28 @@ def stages_channels_last(
     """
     input = problem.input
     if tuning.stage_channels_last is False or tuning.forward_kernel is not None:
-        return False
+        return None
     if uses_channel_kernel(input, tuning) or input.stride(3) != 1:
-        return False
+        return None
     channels = input.shape[1]
     if (
         channels < tuning.chan_min_channels
         or channels * input.element_size() % CVEC_BYTES != 0
         or math.ceil(channels / kernels.copy_tile(input.dtype)) > MAX_GRID_Y
     ):
-        return False
+        return None
     if tuning.stage_channels_last:
-        return True
+        return STAGE_COPY_KERNEL
     bins = problem.pooled_height * problem.pooled_width
     cached = _dense_bytes(input) <= sizes.l2_bytes
     if forward_kernel(input, bins, tuning) == kernels.FORWARD_SMALL:
-        return cached
+        return STAGE_TORCH_COPY if cached else None
     outputs = problem.rois.shape[0] * channels * bins
     if outputs < tuning.stage_min_reads * input.numel():
-        return False
-    return not cached or (input.element_size() == 2 and not problem.needs_argmax)
+        return None
+    if not cached or (input.element_size() == 2 and not problem.needs_argmax):
+        return STAGE_COPY_KERNEL
+    return None
 
 
 def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch | None:

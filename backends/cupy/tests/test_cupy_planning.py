@@ -366,7 +366,7 @@ def _stages(x, bins, device, tuning=DEFAULT_TUNING, num_rois=32000, argmax=True)
 def test_small_rois_stage_a_channels_last_copy_where_it_fits_in_l2():
     h200 = sizes(132, 50 * 2**20, 227 * 1024)
     x = torch.empty(4, 64, 100, 136, device="meta")  # many-small: 14 MB
-    assert _stages(x, 9, h200)
+    assert _stages(x, 9, h200) == planning.STAGE_TORCH_COPY
     assert not _stages(x, 49, h200)  # 3,136 outputs a ROI: the unit kernel, float32 in L2
     assert not _stages(x, 9, sizes(132, 8 * 2**20))  # beyond L2
     assert not _stages(x[:, :8], 9, h200)  # too few channels for lanes
@@ -379,7 +379,7 @@ def test_small_rois_stage_a_channels_last_copy_where_it_fits_in_l2():
     assert not _stages(x, 9, h200, forced)
     # Forced on: wherever the copy can feed the channel-vector kernels, whatever the regime.
     on = replace(DEFAULT_TUNING, stage_channels_last=True)
-    assert _stages(x, 49, sizes(132, 8 * 2**20), on, num_rois=1)
+    assert _stages(x, 49, sizes(132, 8 * 2**20), on, num_rois=1) == planning.STAGE_COPY_KERNEL
     assert not _stages(x.half()[:, :20], 9, h200, on)
     assert not _stages(x[..., ::2], 9, h200, on)
 
@@ -387,13 +387,13 @@ def test_small_rois_stage_a_channels_last_copy_where_it_fits_in_l2():
 def test_many_reads_stage_beyond_l2_and_16_bit_inference():
     h200 = sizes(132, 50 * 2**20, 227 * 1024)
     big = torch.empty(16, 256, 100, 136, device="meta")  # big-batch: 223 MB, 3.6 outputs each
-    assert _stages(big, 49, h200, num_rois=16000)
+    assert _stages(big, 49, h200, num_rois=16000) == planning.STAGE_COPY_KERNEL
     assert _stages(big.half(), 49, h200, num_rois=16000)
     assert not _stages(big, 49, h200, num_rois=4000)  # 0.9 outputs an element
     p4 = torch.empty(8, 256, 50, 68, device="meta")  # fpn-p4: 28 MB, in L2, 7.3 outputs each
     assert not _stages(p4, 49, h200, num_rois=4096)  # float32: the NCHW kernel reads L2
     assert not _stages(p4.half(), 49, h200, num_rois=4096)  # the argmax kernels: not staged
-    assert _stages(p4.half(), 49, h200, num_rois=4096, argmax=False)
+    assert _stages(p4.half(), 49, h200, num_rois=4096, argmax=False) == planning.STAGE_COPY_KERNEL
     assert _stages(p4.bfloat16(), 49, h200, num_rois=4096, argmax=False)
     assert not _stages(p4.double()[:4], 49, h200, num_rois=4096, argmax=False)  # in L2
     p2 = torch.empty(8, 256, 200, 272, device="meta")  # fpn-p2: 0.46 outputs an element
