@@ -12,7 +12,7 @@ from numba.extending import overload
 
 from roi_ops_numba.lines import lanes_of
 from roi_ops_numba.prefetch import prefetch
-from roi_ops_numba.staging import widen
+from roi_ops_numba.staging import widen_summand
 
 
 @njit(cache=True)
@@ -52,14 +52,14 @@ def rois_by_source(rois, levels, num_images, num_levels):
 
 
 def _gradient(grad, index, kind):
-    """``grad[index]`` as a float: a float array's element, or the exact float32 of a 16-bit
-    element's raw bits (an int16 array; `kind` says bfloat16 or float16, `staging.widen`)."""
+    """``grad[index]`` as a float: a float array's element, or the float32 of a 16-bit element's
+    raw bits (an int16 array; `kind` says bfloat16 or float16, `staging.widen_summand`)."""
 
 
 @overload(_gradient)
 def _gradient_typed(grad, index, kind):
     if isinstance(grad.dtype, types.Integer):
-        return lambda grad, index, kind: widen(grad[index], kind)
+        return lambda grad, index, kind: widen_summand(grad[index], kind)
     return lambda grad, index, kind: grad[index]
 
 

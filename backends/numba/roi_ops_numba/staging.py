@@ -6,7 +6,7 @@ Importing this module imports numba."""
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import njit, types
 from numba.extending import intrinsic
 
@@ -134,3 +134,42 @@ def narrow_region(widened, narrow, kind):
     """``narrow[i]`` = `narrow_bits` of ``widened[i]``: `widen_region` undone."""
     for i in range(narrow.shape[0]):
         narrow[i] = narrow_bits(widened[i], kind)
+
+
+def _converts_float16() -> bool:
+    """Whether this CPU converts float16 to float32 in one instruction (x86's F16C, where LLVM
+    lowers a half-to-float extension to ``vcvtph2ps``; elsewhere it may become a call into a
+    runtime library that numba's JIT does not link)."""
+    try:
+        return "f16c" in binding.get_host_cpu_features().flatten()
+    except RuntimeError:  # hosts whose features LLVM cannot read
+        return False
+
+
+HAS_F16C = _converts_float16()
+
+
+@intrinsic
+def _float16_value(typingctx, bits):
+    """The float32 value of the float16 whose raw bits are the low 16 of integer `bits`, by a
+    half-to-float extension: exact, except that a signalling NaN comes back quiet."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        (value,) = arguments
+        if value.type.width != 16:
+            value = builder.trunc(value, ir.IntType(16))
+        return builder.fpext(builder.bitcast(value, ir.HalfType()), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(cache=True, inline="always")
+def widen_summand(bits, kind):
+    """`widen`, for a value that is added to a float32 at once (a gradient): with F16C a
+    float16 is converted by one instruction, whose quieting of a signalling NaN the addition
+    would do anyway (the sum's bits are the same)."""
+    if kind == FLOAT16 and HAS_F16C:
+        return _float16_value(bits)
+    return widen(bits, kind)

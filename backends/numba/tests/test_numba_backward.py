@@ -152,9 +152,34 @@ def test_backward_widens_16_bit_gradients_exactly(backend, dtype):
     tiny = torch.finfo(dtype).tiny
     specials = [tiny / 4, -tiny / 8, 0.0, -0.0, math.inf, -math.inf, math.nan, 65504.0, 1e-3]
     flat[: 9 * len(specials)] = torch.tensor(specials, dtype=dtype).repeat_interleave(9)
+    # NaNs with payloads, quiet and signalling (the quiet bit clear), as raw bits.
+    payloads = [0x7C01, 0xFD55, 0x7E37] if dtype == torch.float16 else [0x7F81, 0xFFA5, 0x7FC3]
+    nans = torch.tensor(payloads, dtype=torch.int32).to(torch.int16).view(dtype)
+    flat[-9 * len(payloads) :] = nans.repeat_interleave(9)
     grad = _backward(backend, grad_output, argmax, rois, x)
     widened = _backward(make_backend("serial"), grad_output.float(), argmax, rois, x.float())
     assert grad.dtype == dtype
     assert torch.equal(grad.view(torch.int16), widened.to(dtype).view(torch.int16))
     expected = reference_roi_pool_backward(grad_output, argmax, rois, x.shape).to(dtype)
     torch.testing.assert_close(grad, expected, rtol=1e-2, atol=1e-2, equal_nan=True)
+
+
+def test_backward_widens_float16_subnormals_under_flush_to_zero():
+    """float16 subnormal gradients are widened exactly even where the calling thread flushes
+    subnormals (`torch.set_flush_denormal`): they are normal float32 values."""
+    g = torch.Generator().manual_seed(53)
+    x = random_features((1, 4, 6, 7), torch.float32, g, ties=True).to(torch.float16)
+    rois = random_rois(20, 1, 6, 7, 1.0, g)
+    serial = make_backend("serial")
+    _, argmax = run_forward(serial, x, rois, (2, 2), 1.0)
+    subnormals = torch.randint(1, 1024, argmax.shape, generator=g, dtype=torch.int32)
+    grad_output = subnormals.to(torch.int16).view(torch.float16)
+    expected = _backward(serial, grad_output.float(), argmax, rois, x.float()).to(torch.float16)
+    assert expected.abs().max() > 0
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        grad = _backward(serial, grad_output, argmax, rois, x)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(grad.view(torch.int16), expected.view(torch.int16))
