@@ -302,9 +302,10 @@ class Launcher:
         if staged:
             stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
             stand_in = stand_in.contiguous(memory_format=torch.channels_last)
-            copy_plan = planning.plan_copy_channels_last(x, stand_in)
-            if staging == planning.STAGE_COPY_KERNEL and copy_plan is not None:
-                copy = PackedLaunch(device, copy_plan, COPY_TENSORS)
+            if staging == planning.STAGE_COPY_KERNEL:
+                copy_plan = planning.plan_copy_channels_last(x, stand_in)
+                if copy_plan is not None:  # None: an empty input, which torch copies
+                    copy = PackedLaunch(device, copy_plan, COPY_TENSORS)
             problem = RoIPoolProblem(
                 stand_in, problem.rois, problem.pooled_height, problem.pooled_width,
                 problem.spatial_scale, problem.needs_argmax, problem.bad_roi_log,
