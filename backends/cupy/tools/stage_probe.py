@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import torch
 from roi_ops.backend import RoIPoolProblem
+from roi_ops.bench.runner import time_calls
 from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
 
 from roi_ops_cupy import launch
@@ -31,14 +32,9 @@ _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def sample_ms(fn, inner: int) -> float:
-    """Milliseconds per call over `inner` back-to-back calls between two CUDA events."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(inner):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / inner
+    """Milliseconds per call over one sample of `inner` back-to-back calls (the bench's timer)."""
+    cuda = torch.device("cuda")
+    return time_calls(fn, cuda, 0.0, warmup=0, min_reps=1, max_reps=1, queue=inner).median
 
 
 def probe(w, dtype, args) -> dict:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
+
+from roi_ops_numba.staging import float64_of_bits, float_bits
 
 INDEX_LIMIT = 2**40
 _INDEX_LIMIT_F = float(2**40)
@@ -36,30 +36,6 @@ _HALF_DROPPED_HALF = 1 << (_HALF_DROPPED - 1)
 _LOW = 0xFFFFFFFF
 
 
-@intrinsic
-def _float64_bits(typingctx, x):
-    """The int64 whose bits are float64 `x`'s (a bit cast)."""
-    if x != types.float64:
-        return None
-
-    def codegen(context, builder, signature, arguments):
-        return builder.bitcast(arguments[0], ir.IntType(64))
-
-    return types.int64(x), codegen
-
-
-@intrinsic
-def _float64_of_bits(typingctx, bits):
-    """The float64 whose bits are int64 `bits`'s (a bit cast)."""
-    if bits != types.int64:
-        return None
-
-    def codegen(context, builder, signature, arguments):
-        return builder.bitcast(arguments[0], ir.DoubleType())
-
-    return types.float64(bits), codegen
-
-
 @njit(cache=True)
 def _round_half(x):
     """float64 `x` rounded to the nearest float16 value (ties to even), returned as float64."""
@@ -74,9 +50,9 @@ def _round_half(x):
     else:
         # A normal float16 keeps the top 10 of float64's 52 mantissa bits: the other 42 are
         # rounded off to nearest, ties to even (a carry into the exponent is the rounding up).
-        bits = _float64_bits(a)
+        bits = float_bits(a)
         bits += _HALF_DROPPED_HALF - 1 + ((bits >> _HALF_DROPPED) & 1)
-        r = _float64_of_bits(bits & ~(_HALF_DROPPED_HALF * 2 - 1))
+        r = float64_of_bits(bits & ~(_HALF_DROPPED_HALF * 2 - 1))
     return math.copysign(r, x)
 
 

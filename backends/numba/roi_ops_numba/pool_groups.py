@@ -282,9 +282,9 @@ def pool_groups_serial(
         scratch: (threads, S) buffer, S at least the largest region times `block`, when the
             channels are not contiguous (the serial kernel uses row 0, the parallel one row
             ``numba.get_thread_id()``); else unused.
-        stream: write `out` (or bfloat16 `out_bits`) and `argmax` with non-temporal stores
+        stream: write `out` (or `out_bits`) and `argmax` with non-temporal stores
             (`streaming`), for outputs much larger than the caches; each task fences its stores
-            before it returns. float16 `out_bits` are written plainly either way.
+            before it returns.
         bits, out_bits, kind: for float16 (`staging.FLOAT16`) and bfloat16
             (`staging.BFLOAT16`) maps: the maps' raw bits (int16 memory addressed as `src`
             would be; `src` and `out` are then unused), the output's raw bits (int16, as

@@ -49,37 +49,50 @@ FLOAT16 = 2
 
 
 @intrinsic
-def _float32_bits(typingctx, value):
-    """The bits of a float32 as an int32 (a bit cast)."""
-    if value != types.float32:
+def float_bits(typingctx, value):
+    """The bits of a float32 or float64 as an int32 or int64 (a bit cast)."""
+    if value not in (types.float32, types.float64):
         return None
+    width = value.bitwidth
 
     def codegen(context, builder, signature, arguments):
-        return builder.bitcast(arguments[0], ir.IntType(32))
+        return builder.bitcast(arguments[0], ir.IntType(width))
 
-    return types.int32(value), codegen
+    return types.Integer.from_bitwidth(width)(value), codegen
 
 
-@intrinsic
-def _float32_of_bits(typingctx, bits):
-    """The float32 whose bits are the low 32 bits of integer `bits` (a bit cast)."""
-    if not isinstance(bits, types.Integer):
-        return None
+def _low_bits(builder, value, width):
+    """The low `width` bits of LLVM integer `value`, for codegen."""
+    return value if value.type.width == width else builder.trunc(value, ir.IntType(width))
 
-    def codegen(context, builder, signature, arguments):
-        (value,) = arguments
-        if value.type.width != 32:
-            value = builder.trunc(value, ir.IntType(32))
-        return builder.bitcast(value, ir.FloatType())
 
-    return types.float32(bits), codegen
+def _float_of_bits(float_type, llvm_type):
+    """An intrinsic: the `float_type` whose bits are the low ones of an integer at least as wide
+    (a bit cast)."""
+
+    @intrinsic
+    def of_bits(typingctx, bits):
+        if not (isinstance(bits, types.Integer) and bits.bitwidth >= float_type.bitwidth):
+            return None
+
+        def codegen(context, builder, signature, arguments):
+            low = _low_bits(builder, arguments[0], float_type.bitwidth)
+            return builder.bitcast(low, llvm_type)
+
+        return float_type(bits), codegen
+
+    return of_bits
+
+
+float32_of_bits = _float_of_bits(types.float32, ir.FloatType())
+float64_of_bits = _float_of_bits(types.float64, ir.DoubleType())
 
 
 @njit(cache=True, inline="always")
 def widen(bits, kind):
     """The float32 value of a bfloat16 (`kind` BFLOAT16) or float16 (FLOAT16) element's raw
     bits: `widen_bits` as a float, exact."""
-    return _float32_of_bits(widen_bits(bits, kind))
+    return float32_of_bits(widen_bits(bits, kind))
 
 
 @njit(cache=True, inline="always")
@@ -97,7 +110,7 @@ def widen_bits(bits, kind):
     exponent = magnitude >> 10
     # Normal numbers rebias by 112; infinities and NaNs (exponent 31) by 224, to 255.
     normal = (magnitude << 13) + (np.int64(112 + 112 * (exponent == 31)) << 23)
-    integer = np.int64(_float32_bits(np.float32(magnitude)))  # exact: magnitude < 2^10 here
+    integer = np.int64(float_bits(np.float32(magnitude)))  # exact: magnitude < 2^10 here
     subnormal = integer - (np.int64(24) << 23) if magnitude != 0 else np.int64(0)
     return sign | (normal if exponent != 0 else subnormal)
 
@@ -157,10 +170,8 @@ def _float16_value(typingctx, bits):
         return None
 
     def codegen(context, builder, signature, arguments):
-        (value,) = arguments
-        if value.type.width != 16:
-            value = builder.trunc(value, ir.IntType(16))
-        return builder.fpext(builder.bitcast(value, ir.HalfType()), ir.FloatType())
+        half = builder.bitcast(_low_bits(builder, arguments[0], 16), ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
 
     return types.float32(bits), codegen
 
