@@ -181,8 +181,10 @@ def stages_channels_last(
       with torch's copy (faster than the copy kernel on those small maps);
     - when the outputs are at least ``tuning.stage_min_reads`` times the input's elements (so
       that the copy is a small part of the work), and either the input does not fit in L2 (its
-      NCHW windows' sectors are re-read from memory) or it is a 16-bit inference, with the copy
-      kernel.
+      NCHW windows' sectors are re-read from memory), or it is a 16-bit inference, or a float32
+      forward with the argmax of at most ``tuning.stage_argmax_max_bins`` bins per ROI (fewer
+      bins, larger ones: the channel-vector kernels' argmax loses on bins of one to four
+      elements), with the copy kernel.
 
     Only where the copy's channel vectors are 16-byte aligned (C * itemsize a multiple of 16)
     and C has at least ``tuning.chan_min_channels`` channels; ``tuning.stage_channels_last``
@@ -211,6 +213,12 @@ def stages_channels_last(
     if outputs < tuning.stage_min_reads * input.numel():
         return None
     if not cached or (input.element_size() == 2 and not problem.needs_argmax):
+        return STAGE_COPY_KERNEL
+    if (
+        input.dtype == torch.float32
+        and problem.needs_argmax
+        and bins <= tuning.stage_argmax_max_bins
+    ):
         return STAGE_COPY_KERNEL
     return None
 

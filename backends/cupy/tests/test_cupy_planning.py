@@ -367,7 +367,8 @@ def test_small_rois_stage_a_channels_last_copy_where_it_fits_in_l2():
     h200 = sizes(132, 50 * 2**20, 227 * 1024)
     x = torch.empty(4, 64, 100, 136, device="meta")  # many-small: 14 MB
     assert _stages(x, 9, h200) == planning.STAGE_TORCH_COPY
-    assert not _stages(x, 49, h200)  # 3,136 outputs a ROI: the unit kernel, float32 in L2
+    # 3,136 outputs a ROI: float32 inference in L2 takes the unit kernel unstaged
+    assert not _stages(x, 49, h200, argmax=False)
     assert not _stages(x, 9, sizes(132, 8 * 2**20))  # beyond L2
     assert not _stages(x[:, :8], 9, h200)  # too few channels for lanes
     assert not _stages(x.half()[:, :20], 9, h200)  # 40-byte vectors
@@ -391,8 +392,13 @@ def test_many_reads_stage_beyond_l2_and_16_bit_inference():
     assert _stages(big.half(), 49, h200, num_rois=16000)
     assert not _stages(big, 49, h200, num_rois=4000)  # 0.9 outputs an element
     p4 = torch.empty(8, 256, 50, 68, device="meta")  # fpn-p4: 28 MB, in L2, 7.3 outputs each
-    assert not _stages(p4, 49, h200, num_rois=4096)  # float32: the NCHW kernel reads L2
-    assert not _stages(p4.half(), 49, h200, num_rois=4096)  # the argmax kernels: not staged
+    # float32 in L2: inference reads L2 with the NCHW kernel; the argmax with 7 x 7 bins is
+    # staged, with 14 x 14 (small bins) not.
+    assert not _stages(p4, 49, h200, num_rois=4096, argmax=False)
+    assert _stages(p4, 49, h200, num_rois=4096) == planning.STAGE_COPY_KERNEL
+    assert not _stages(p4, 196, h200, num_rois=4096)
+    assert not _stages(p4.double()[:4], 49, h200, num_rois=4096)
+    assert not _stages(p4.half(), 49, h200, num_rois=4096)  # 16-bit argmax kernels: not staged
     assert _stages(p4.half(), 49, h200, num_rois=4096, argmax=False) == planning.STAGE_COPY_KERNEL
     assert _stages(p4.bfloat16(), 49, h200, num_rois=4096, argmax=False)
     assert not _stages(p4.double()[:4], 49, h200, num_rois=4096, argmax=False)  # in L2
