@@ -14,6 +14,13 @@
 namespace roi_ops_cuda {
 constexpr int kStripBlocksPerSM = 4;
 
+// Columns per load where the rows allow vectors: 16 bytes, but 8 for 16-bit elements with the
+// argmax (eight maxima and rows at once spill registers).
+template <class T, bool kArgmax>
+__host__ __device__ constexpr int strip_vector() {
+  return kArgmax && sizeof(T) == 2 ? 4 : 16 / static_cast<int>(sizeof(T));
+}
+
 // Pass 1 of one column strip of kVec columns: the maxima over each bin row's rows into
 // columns[ph * row_length + e] (e < kVec), and with the argmax their first rows into rows[...].
 template <class T, int kVec, bool kArgmax>
@@ -74,16 +81,30 @@ struct StripColumns<T, kVec, false> {
 template <class T, int kVec>
 struct StripColumns<T, kVec, true> {
   typedef typename Work<T>::V V;
-  static __device__ __forceinline__ void load(const T* __restrict__ p, V (&v)[kVec]) {
-    if constexpr (kVec == 1) {
-      v[0] = Work<T>::in(*p);
-    } else {
-      const roi_vec16 words = load_vec16(p);
-      const T* __restrict__ elements = reinterpret_cast<const T*>(&words);
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) v[e] = Work<T>::in(elements[e]);
+  // Element e of the kVec at p: one 16-byte (or 8-byte) load when kVec > 1, converted element
+  // by element (16-bit elements stay packed until compared).
+  struct Line {
+    roi_vec16 words;
+    T single;
+    __device__ __forceinline__ explicit Line(const T* __restrict__ p) {
+      if constexpr (kVec == 1) {
+        single = *p;
+      } else if constexpr (kVec * sizeof(T) == 8) {
+        const uint2 half = *reinterpret_cast<const uint2*>(p);
+        words.w[0] = half.x;
+        words.w[1] = half.y;
+      } else {
+        words = load_vec16(p);
+      }
     }
-  }
+    __device__ __forceinline__ V operator[](int e) const {
+      if constexpr (kVec == 1) {
+        return Work<T>::in(single);
+      } else {
+        return Work<T>::in(reinterpret_cast<const T*>(&words)[e]);
+      }
+    }
+  };
   static __device__ __forceinline__ void run(const T* __restrict__ column, i64 sH,
                                              const int2* __restrict__ edges, int PH,
                                              int row_length, V* __restrict__ columns,
@@ -99,12 +120,12 @@ struct StripColumns<T, kVec, true> {
       }
       const T* __restrict__ p = column + span.x * sH;
       for (int y = span.x; y < span.y; ++y) {
-        V v[kVec];
-        load(p, v);
+        const Line line(p);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          if (replaces(v[e], best[e])) {
-            best[e] = v[e];
+          const V v = line[e];
+          if (replaces(v, best[e])) {
+            best[e] = v;
             at[e] = y;
           }
         }
@@ -250,9 +271,9 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kStripBl
   (void)sW;  // 1: the launch plan picks this kernel only for a unit W stride
   const i64 k = blockIdx.x;
   if (vector != 0) {
-    strip_roi<T, R, kArgmax, 16 / sizeof(T)>(input, N, C, H, W, sN, sC, sH, rois + k * rs0, rs1,
-                                             spatial_scale, PH, PW, channels_per_block,
-                                             column_bytes, output, argmax, k);
+    strip_roi<T, R, kArgmax, strip_vector<T, kArgmax>()>(
+        input, N, C, H, W, sN, sC, sH, rois + k * rs0, rs1, spatial_scale, PH, PW,
+        channels_per_block, column_bytes, output, argmax, k);
   } else {
     strip_roi<T, R, kArgmax, 1>(input, N, C, H, W, sN, sC, sH, rois + k * rs0, rs1,
                                 spatial_scale, PH, PW, channels_per_block, column_bytes, output,
@@ -275,10 +296,9 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kStripBl
   const LevelMap<T>& map = maps.level[level < 0 ? 0 : level];
   const i64 images = level < 0 ? 0 : N;
   if (vector != 0) {
-    strip_roi<T, R, kArgmax, 16 / sizeof(T)>(map.input, images, C, map.H, map.W, map.sN,
-                                             map.sC, map.sH, rois + k * rs0, rs1,
-                                             map.spatial_scale, PH, PW, channels_per_block,
-                                             column_bytes, output, argmax, k);
+    strip_roi<T, R, kArgmax, strip_vector<T, kArgmax>()>(
+        map.input, images, C, map.H, map.W, map.sN, map.sC, map.sH, rois + k * rs0, rs1,
+        map.spatial_scale, PH, PW, channels_per_block, column_bytes, output, argmax, k);
   } else {
     strip_roi<T, R, kArgmax, 1>(map.input, images, C, map.H, map.W, map.sN, map.sC, map.sH,
                                 rois + k * rs0, rs1, map.spatial_scale, PH, PW,
