@@ -90,9 +90,9 @@ struct StripColumns<T, kVec, true> {
       if constexpr (kVec == 1) {
         single = *p;
       } else if constexpr (kVec * sizeof(T) == 8) {
-        const uint2 half = *reinterpret_cast<const uint2*>(p);
-        words.w[0] = half.x;
-        words.w[1] = half.y;
+        const unsigned long long pair = *reinterpret_cast<const unsigned long long*>(p);
+        words.w[0] = static_cast<unsigned int>(pair);
+        words.w[1] = static_cast<unsigned int>(pair >> 32);
       } else {
         words = load_vec16(p);
       }
