@@ -28,7 +28,6 @@ SOURCE_FILES = (
     "forward_small.cu",  # reuses forward_unit.cu's per-bin reduction
     "forward_cvec.cu",
     "forward_small_cvec.cu",  # reuses forward_small.cu's table and forward_cvec.cu's cvec_bin
-    "forward_strip.cu",  # reuses forward_unit.cu's geometry and forward_cvec.cu's PackedMax
     "backward_atomic.cu",
     "backward_planes.cu",
     "copy_channels_last.cu",  # the staged forward's copy of its input
@@ -59,7 +58,6 @@ FORWARD_UNIT = "roi_pool_forward_unit"
 FORWARD_CVEC = "roi_pool_forward_cvec"
 FORWARD_SMALL = "roi_pool_forward_small"
 FORWARD_SMALL_CVEC = "roi_pool_forward_small_cvec"
-FORWARD_STRIP = "roi_pool_forward_strip"
 FORWARD_KERNELS = (
     FORWARD_PLANE,
     FORWARD_CHAN,
@@ -67,7 +65,6 @@ FORWARD_KERNELS = (
     FORWARD_CVEC,
     FORWARD_SMALL,
     FORWARD_SMALL_CVEC,
-    FORWARD_STRIP,
 )
 # The fused multi-level kernel of each forward kernel: the same work per ROI, on the map of the
 # ROI's pyramid level (a table of at most MAX_LEVELS maps passed by value).

@@ -117,44 +117,9 @@ def _aligned_channels(input: torch.Tensor) -> bool:
     )
 
 
-def strip_vector(maps: Sequence[torch.Tensor]) -> int:
-    """Columns per load of the strip kernel on `maps`: 16 bytes of them where every map has a
-    unit W stride, a 16-byte aligned start, and W and its other strides multiples of that (so
-    that every row starts aligned and no load passes a row's end); else 1."""
-    vector = 16 // maps[0].element_size()
-    for x in maps:
-        if x.stride(3) != 1 or x.data_ptr() % 16 != 0 or x.shape[3] % vector != 0:
-            return 1
-        if any(stride % vector != 0 for stride in x.stride()[:3]):
-            return 1
-    return vector
-
-
-def strip_shared(
-    maps: Sequence[torch.Tensor], ph: int, pw: int, argmax: bool, tuning: CupyTuning
-) -> tuple[int, int, int]:
-    """(dynamic shared memory, bytes of it for column maxima, columns per load) of the strip
-    kernel: its ROI geometry and edges, then at least `tuning.strip_column_bytes`, more where one
-    channel's column maxima of a window as wide as the widest map need more."""
-    vector = strip_vector(maps)
-    dtype = maps[0].dtype
-    compare = argmax or dtype == torch.float64  # compare and select: a float value and a row
-    entry = (4 if dtype.itemsize == 2 else dtype.itemsize) + 4 if compare else dtype.itemsize
-    widest = max(x.shape[3] for x in maps)
-    column = max(tuning.strip_column_bytes, ph * (-(-widest // vector) + 1) * vector * entry)
-    edges = -(-(UNIT_GEOMETRY_BYTES + 8 * (ph + pw)) // 16) * 16
-    return edges + column, column, vector
-
-
-def _can_run(kernel: str, input: torch.Tensor, bins: int, ph: int | None = None) -> bool:
+def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
     if kernel == kernels.FORWARD_UNIT:
         return input.stride(3) == 1 and bins <= UNIT_MAX_BINS
-    if kernel == kernels.FORWARD_STRIP:
-        ph = bins if ph is None else ph
-        if input.stride(3) != 1 or bins > UNIT_MAX_BINS:
-            return False
-        shared = strip_shared([input], ph, bins // ph, True, DEFAULT_TUNING)[0]
-        return shared <= DEFAULT_SHARED_LIMIT
     if kernel == kernels.FORWARD_SMALL:
         unit = input.stride(3) == 1
     elif kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_SMALL_CVEC):
@@ -167,12 +132,7 @@ def _can_run(kernel: str, input: torch.Tensor, bins: int, ph: int | None = None)
     return unit
 
 
-def forward_kernel(
-    input: torch.Tensor,
-    bins: int,
-    tuning: CupyTuning = DEFAULT_TUNING,
-    pooled_height: int | None = None,
-) -> str:
+def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_TUNING) -> str:
     """The forward kernel for an input's strides and alignment and `bins` (PH * PW) per ROI (no
     device sync): the choice table of tools/NOTES.md.
 
@@ -183,7 +143,7 @@ def forward_kernel(
     replaces unit. ``tuning.forward_kernel`` overrides the choice where that kernel can run.
     """
     forced = tuning.forward_kernel
-    if forced is not None and _can_run(forced, input, bins, pooled_height):
+    if forced is not None and _can_run(forced, input, bins):
         return forced
     few = input.shape[1] * bins <= tuning.small_roi_outputs
     if uses_channel_kernel(input, tuning):
@@ -370,7 +330,7 @@ def plan_forward(
     log = problem.bad_roi_log
     if problem.num_rois == 0 or (output.numel() == 0 and log is None):
         return None
-    kernel = forward_kernel(input, ph * pw, tuning, ph)
+    kernel = forward_kernel(input, ph * pw, tuning)
     name = kernels.forward_name(kernel, input.dtype, rois.dtype, argmax is not None)
     head = (
         pointer("input", input),
@@ -385,7 +345,7 @@ def plan_forward(
     )
     tail = (pointer("output", output), pointer("argmax", argmax), pointer("bad_roi_log", log))
     grid, block, shared_mem, extra = _forward_shape(
-        kernel, [input], _dense_bytes(input), problem.num_rois, ph, pw, argmax, sizes, tuning
+        kernel, input, _dense_bytes(input), problem.num_rois, ph, pw, argmax, sizes, tuning
     )
     return Launch(name, grid, block, shared_mem, (*head, *extra, *tail))
 
@@ -407,12 +367,11 @@ def _unit_block_elements(input, input_bytes, sizes, tuning, levels):
 
 
 def _forward_shape(
-    kernel, maps, input_bytes, num_rois, ph, pw, argmax, sizes, tuning, levels=False
+    kernel, input, input_bytes, num_rois, ph, pw, argmax, sizes, tuning, levels=False
 ):
     """(grid, block, dynamic shared memory, the arguments after PW) of forward `kernel` for
-    `maps` (one input, or a pyramid's levels: same channels and dtype) of `input_bytes` in all,
-    and `num_rois`; `levels`: for the fused multi-level kernel."""
-    input = maps[0]
+    inputs like `input` (its channels and dtype) of `input_bytes` in all, and `num_rois`;
+    `levels`: for the fused multi-level kernel."""
     channels = input.shape[1]
     multiprocessors = sizes.multiprocessors
     if kernel in (kernels.FORWARD_SMALL, kernels.FORWARD_SMALL_CVEC):
@@ -433,16 +392,12 @@ def _forward_shape(
         )
     else:
         target = tuning.block_elements
-        if kernel in (kernels.FORWARD_UNIT, kernels.FORWARD_STRIP):
+        if kernel == kernels.FORWARD_UNIT:
             target = _unit_block_elements(input, input_bytes, sizes, tuning, levels)
         per_block = channels_per_block(num_rois, channels, ph * pw, multiprocessors, target, tuning)
         if kernel == kernels.FORWARD_UNIT:
             per_block = whole_unit_steps(per_block, ph * pw, input.dtype)
     extra = (integer("channels_per_block", per_block),)
-    if kernel == kernels.FORWARD_STRIP:
-        shared_mem, column, vector = strip_shared(maps, ph, pw, argmax is not None, tuning)
-        extra += (integer("column_bytes", column), integer("vector", int(vector > 1)))
-        return (num_rois, _grid_y(channels, per_block), 1), (THREADS, 1, 1), shared_mem, extra
     shared_mem = UNIT_GEOMETRY_BYTES + 8 * (ph + pw) if kernel == kernels.FORWARD_UNIT else 0
     return (num_rois, _grid_y(channels, per_block), 1), (THREADS, 1, 1), shared_mem, extra
 
@@ -479,16 +434,13 @@ def level_maps(features: Sequence[torch.Tensor], spatial_scales: Sequence[float]
 
 
 def forward_levels_kernel(
-    features: Sequence[torch.Tensor],
-    bins: int,
-    tuning: CupyTuning = DEFAULT_TUNING,
-    pooled_height: int | None = None,
+    features: Sequence[torch.Tensor], bins: int, tuning: CupyTuning = DEFAULT_TUNING
 ) -> str:
     """The forward kernel family that pools every level of a multi-level call: the one that
     `forward_kernel` picks for each level when they agree (they do for levels of one layout:
     the choice reads the layout, the alignment, C and `bins`, never H or W); otherwise chan
     when every level has its channels adjacent, else plane (both read any strides)."""
-    chosen = {forward_kernel(x, bins, tuning, pooled_height) for x in features}
+    chosen = {forward_kernel(x, bins, tuning) for x in features}
     if len(chosen) == 1:
         return chosen.pop()
     if all(uses_channel_kernel(x, tuning) for x in features):
@@ -526,7 +478,7 @@ def plan_forward_levels(
             f"features: the fused kernels take at most {kernels.MAX_LEVELS} levels, got "
             f"{len(features)}"
         )
-    kernel = forward_levels_kernel(features, ph * pw, tuning, ph)
+    kernel = forward_levels_kernel(features, ph * pw, tuning)
     name = kernels.forward_name(
         kernels.levels_kernel(kernel), first.dtype, rois.dtype, argmax is not None
     )
@@ -546,7 +498,7 @@ def plan_forward_levels(
     tail = (pointer("output", output), pointer("argmax", argmax), pointer("bad_roi_log", log))
     input_bytes = sum(_dense_bytes(x) for x in features)
     grid, block, shared_mem, extra = _forward_shape(
-        kernel, features, input_bytes, num_rois, ph, pw, argmax, sizes, tuning, levels=True
+        kernel, first, input_bytes, num_rois, ph, pw, argmax, sizes, tuning, levels=True
     )
     args = (*head, *extra, *tail)
     table = kernels.MAX_LEVELS * len(LEVEL_MAP_FIELDS)

@@ -53,8 +53,6 @@ class CupyTuning:
             outputs are at least this many times its input's elements.
         stage_argmax_max_bins: a float32 forward with the argmax whose input fits in L2 is
             staged (outputs permitting) only with at most this many bins per ROI.
-        strip_column_bytes: shared memory for column maxima per block of the strip kernel
-            (more where one channel of the widest window needs more).
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC` / `kernels.BACKWARD_PLANES` (planes
@@ -80,7 +78,6 @@ class CupyTuning:
     stage_channels_last: bool | None = None
     stage_min_reads: float = 2.0
     stage_argmax_max_bins: int = 64
-    strip_column_bytes: int = 24 * 1024
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

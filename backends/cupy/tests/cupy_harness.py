@@ -20,7 +20,7 @@ from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
 # Each layout takes another kernel (forced where it can run): contiguous the small kernel, or as
-# "contiguous_unit" the unit kernel, or as "contiguous_strip" the strip kernel; channels_last (16-byte aligned channel vectors) the
+# "contiguous_unit" the unit kernel; channels_last (16-byte aligned channel vectors) the
 # small_cvec kernel, or as "channels_last_cvec" the cvec kernel; shifted by one element the chan
 # kernel; strided the plane kernel.
 LAYOUTS = [
@@ -29,7 +29,6 @@ LAYOUTS = [
     "channels_last_unaligned",
     "strided",
     "contiguous_unit",
-    "contiguous_strip",
     "channels_last_cvec",
 ]
 # The layouts of the kernels that read channel blocks or rows of bins in rounds.
@@ -37,7 +36,6 @@ BLOCK_LAYOUTS = [layout for layout in LAYOUTS if layout != "strided"]
 _LAYOUT_KERNELS = {
     "contiguous": kernels.FORWARD_SMALL,
     "contiguous_unit": kernels.FORWARD_UNIT,
-    "contiguous_strip": kernels.FORWARD_STRIP,
     "channels_last": kernels.FORWARD_SMALL_CVEC,
     "channels_last_cvec": kernels.FORWARD_CVEC,
 }
@@ -68,11 +66,9 @@ def guarded(shape, strides, dtype, device, fill, shift=0):
 
 def place_input(x: torch.Tensor, layout: str, device) -> torch.Tensor:
     """`x` copied onto `device` in `layout`, every element around it NaN (so a stray read shows)."""
-    layout = {
-        "contiguous_unit": "contiguous",
-        "contiguous_strip": "contiguous",
-        "channels_last_cvec": "channels_last",
-    }.get(layout, layout)
+    layout = {"contiguous_unit": "contiguous", "channels_last_cvec": "channels_last"}.get(
+        layout, layout
+    )
     if layout == "strided":  # every other column of a wider map: contiguous in no format
         n, c, h, w = x.shape
         view, _ = guarded(

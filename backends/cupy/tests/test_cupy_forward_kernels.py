@@ -90,9 +90,7 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
     check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
 
 
-@pytest.mark.parametrize(
-    "kernel", ["unit", "strip", "small", "plane", "cvec", "small_cvec", "chan"]
-)
+@pytest.mark.parametrize("kernel", ["unit", "small", "plane", "cvec", "small_cvec", "chan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
@@ -108,7 +106,6 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
         "small_cvec": "channels_last",
         "chan": "channels_last_unaligned",
         "unit": "contiguous_unit",
-        "strip": "contiguous_strip",
     }.get(kernel, "contiguous")
     lane_channels = {torch.float32: 20, torch.float64: 22}.get(dtype, 24)
     channels = lane_channels if layout.startswith("channels_last") else 11

@@ -158,8 +158,7 @@ def test_kernel_names_and_modules():
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
             assert re.fullmatch(
-                r"roi_pool_forward_(plane|chan|unit|strip|cvec|small|small_cvec)"
-                r"<\w+, \w+, (true|false)>",
+                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec)<\w+, \w+, (true|false)>",
                 expr,
             )
             assert kernels.module_names(expr) == kernels.forward_names(t, r)
@@ -176,10 +175,10 @@ def test_kernel_names_and_modules():
     # The fused multi-level kernels: modules of their own.
     for t, r in kernels.FORWARD_PAIRS:
         levels = kernels.forward_levels_names(t, r)
-        assert len(levels) == 14 and not set(levels) & set(kernels.forward_names(t, r))
+        assert len(levels) == 12 and not set(levels) & set(kernels.forward_names(t, r))
         for expr in levels:
             assert re.fullmatch(
-                r"roi_pool_forward_(plane|chan|unit|strip|cvec|small|small_cvec)_levels"
+                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec)_levels"
                 r"<\w+, \w+, (true|false)>",
                 expr,
             )
@@ -199,7 +198,7 @@ def test_kernel_names_and_modules():
         f"roi_ops_copy_channels_last<{t}>" for t in ("roi_half", "roi_bf16", "float", "double")
     )
     assert kernels.module_names(kernels.copy_name(torch.float32)) == kernels.copy_names()
-    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 28 + 6 * 6 + 4
+    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 6 + 4
 
 
 def test_source_is_self_contained_and_split_by_family():
@@ -247,7 +246,6 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
     channels_last = x.contiguous(memory_format=torch.channels_last)
     layouts = {
         kernels.FORWARD_UNIT: x,
-        kernels.FORWARD_STRIP: x,
         kernels.FORWARD_SMALL: x,
         kernels.FORWARD_PLANE: x,
         kernels.FORWARD_CVEC: channels_last,

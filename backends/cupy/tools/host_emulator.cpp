@@ -35,7 +35,6 @@
 #include <vector>
 
 #define __device__
-#define __host__
 #define __global__
 #define __forceinline__ inline
 #define __noinline__

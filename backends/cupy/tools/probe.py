@@ -49,19 +49,6 @@ VARIANTS: dict[str, CupyTuning] = {
     "unit-4k": replace(
         DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT, unit_block_elements_streamed=4096
     ),
-    "strip": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_STRIP),
-    "strip-12k": replace(
-        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_STRIP, strip_column_bytes=12 * 1024
-    ),
-    "strip-40k": replace(
-        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_STRIP, strip_column_bytes=40 * 1024
-    ),
-    "strip-4k-blocks": replace(
-        DEFAULT_TUNING,
-        forward_kernel=kernels.FORWARD_STRIP,
-        unit_block_elements_cached=4096,
-        unit_block_elements_streamed=4096,
-    ),
     "cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC),
     "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
     "small": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL),
