@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
-from roi_ops_numba.staging import float64_of_bits, float_bits
+from roi_ops_numba.staging import HAS_F16C, float64_of_bits, float_bits
 
 INDEX_LIMIT = 2**40
 _INDEX_LIMIT_F = float(2**40)
@@ -36,8 +38,37 @@ _HALF_DROPPED_HALF = 1 << (_HALF_DROPPED - 1)
 _LOW = 0xFFFFFFFF
 
 
+@intrinsic
+def _through_half(typingctx, value):
+    """float64 `value` rounded to float32, then to float16 (one instruction each with F16C), and
+    widened back to float64."""
+    if value != types.float64:
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        single = builder.fptrunc(arguments[0], ir.FloatType())
+        return builder.fpext(builder.fptrunc(single, ir.HalfType()), ir.DoubleType())
+
+    return types.float64(value), codegen
+
+
 @njit(cache=True)
 def _round_half(x):
+    """float64 `x`, the result of one float64 operation on float16 values (or an integer),
+    rounded to the nearest float16 value (ties to even), returned as float64.
+
+    With F16C, through float32: rounding such a result to float64, then float32, then float16
+    equals rounding it once to float16, since each format carries at least 2p + 2 bits of the
+    next one's p (53 >= 50, 24 >= 24); an integer is exact in float32 below 2^24, and float16
+    overflows from 65520. Without F16C, on float64 bits (`_round_half_bits`).
+    """
+    if HAS_F16C:
+        return _through_half(x)
+    return _round_half_bits(x)
+
+
+@njit(cache=True)
+def _round_half_bits(x):
     """float64 `x` rounded to the nearest float16 value (ties to even), returned as float64."""
     if not math.isfinite(x):
         return x

@@ -618,20 +618,24 @@ assert torch.equal(out, expected) and torch.equal(argmax, expected_argmax)
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_float16_geometry_rounding_is_torchs():
-    """`geometry._round_half` (float16 ROI geometry, rounded through float64 bits): equal to
-    torch's float32 -> float16 rounding on every float32 pattern of a random sample, on every
-    float16 value, on the midpoints between neighbours (ties to even) and on the float32 values
-    next to them, signed zeros, infinities, NaN and overflow included."""
+@pytest.mark.parametrize("path", ["_round_half", "_round_half_bits"])
+def test_float16_geometry_rounding_is_torchs(path):
+    """`geometry._round_half` (float16 ROI geometry: through float32 with F16C) and
+    `_round_half_bits` (on float64 bits, the path without F16C): equal to torch's float32 ->
+    float16 rounding on every float32 pattern of a random sample, on every float16 value, on the
+    midpoints between neighbours (ties to even) and on the float32 values next to them, signed
+    zeros, infinities, NaN and overflow included."""
     import numpy as np
     from numba import njit
 
     from roi_ops_numba import geometry
 
+    round_half = getattr(geometry, path)
+
     @njit
     def rounded(values, out):
         for i in range(values.shape[0]):
-            out[i] = geometry._round_half(values[i])
+            out[i] = round_half(values[i])
 
     g = torch.Generator().manual_seed(71)
     sample = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=g, dtype=torch.int64)
@@ -651,3 +655,31 @@ def test_float16_geometry_rounding_is_torchs():
     assert torch.equal(actual.isnan(), nan)
     assert torch.equal(actual[~nan], expected[~nan])
     assert torch.equal(actual[~nan].signbit(), expected[~nan].signbit())
+
+
+def test_float16_geometry_rounding_of_float64_results():
+    """The geometry rounds float64 results of one operation on float16 values (quotients,
+    products; bin counts up to 2048 are float16 values) and integers up to 2^41: the F16C path (through float32) gives the same float16 as
+    rounding on float64 bits, near every tie included."""
+    import numpy as np
+    from numba import njit
+
+    from roi_ops_numba import geometry
+
+    @njit
+    def both(values, fast, exact):
+        for i in range(values.shape[0]):
+            fast[i] = geometry._round_half(values[i])
+            exact[i] = geometry._round_half_bits(values[i])
+
+    g = torch.Generator().manual_seed(72)
+    bits = torch.randint(0, 0x7C00, (2, 1 << 18), generator=g, dtype=torch.int32)
+    a, b = bits.to(torch.int16).view(torch.float16).double()
+    sizes = torch.randint(1, 2**41, (1 << 16,), generator=g, dtype=torch.int64).double()
+    near = torch.arange(65400, 65600, dtype=torch.float64)
+    counts = torch.arange(1, 2049, dtype=torch.float64).repeat(b.numel() // 2048)  # halves too
+    values = torch.cat([a / b, a * b, b / counts, sizes, near])
+    values = torch.cat([values, -values])
+    fast, exact = np.empty(values.numel()), np.empty(values.numel())
+    both(values.numpy(), fast, exact)
+    assert np.array_equal(fast, exact, equal_nan=True)
