@@ -659,8 +659,8 @@ def test_float16_geometry_rounding_is_torchs(path):
 
 def test_float16_geometry_rounding_of_float64_results():
     """The geometry rounds float64 results of one operation on float16 values (quotients,
-    products; bin counts up to 2048 are float16 values) and integers up to 2^41: the F16C path (through float32) gives the same float16 as
-    rounding on float64 bits, near every tie included."""
+    products; bin counts up to 2048 are float16 values) and integers up to 2^41: the F16C path
+    (through float32) gives the same float16 as rounding on float64 bits, ties included."""
     import numpy as np
     from numba import njit
 
