@@ -659,8 +659,8 @@ def test_float16_geometry_rounding_is_torchs(path):
 
 def test_float16_geometry_rounding_of_float64_results():
     """The geometry rounds float64 results of one operation on float16 values (quotients,
-    products; bin counts up to 2048 are float16 values) and integers up to 2^41: the F16C path
-    (through float32) gives the same float16 as rounding on float64 bits, ties included."""
+    products; bin counts up to 2048 are float16 values) and integers up to 2^41: both paths give
+    numpy's float64 -> float16 rounding (one rounding, not through float32), ties included."""
     import numpy as np
     from numba import njit
 
@@ -682,4 +682,9 @@ def test_float16_geometry_rounding_of_float64_results():
     values = torch.cat([values, -values])
     fast, exact = np.empty(values.numel()), np.empty(values.numel())
     both(values.numpy(), fast, exact)
-    assert np.array_equal(fast, exact, equal_nan=True)
+    with np.errstate(over="ignore"):  # overflow to inf is part of the rounding tested
+        expected = values.numpy().astype(np.float16).astype(np.float64)
+    assert np.isfinite(expected).sum() > values.numel() // 2  # mostly finite values
+    assert np.array_equal(fast, expected, equal_nan=True)
+    assert np.array_equal(exact, expected, equal_nan=True)
+    assert np.array_equal(np.signbit(fast), np.signbit(expected))
