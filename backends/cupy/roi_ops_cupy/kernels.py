@@ -30,6 +30,7 @@ SOURCE_FILES = (
     "forward_small_cvec.cu",  # reuses forward_small.cu's table and forward_cvec.cu's cvec_bin
     "backward_atomic.cu",
     "backward_planes.cu",
+    "group_rois.cu",  # each (level, image)'s ROIs, for the planes backward over levels
     "copy_channels_last.cu",  # the staged forward's copy of its input
 )
 # --fmad=false: no contraction into FMA anywhere (the geometry also uses _rn intrinsics).
@@ -77,6 +78,10 @@ BACKWARD_ATOMIC_LEVELS = BACKWARD_ATOMIC + LEVELS_SUFFIX
 BACKWARD_PLANES_LEVELS = BACKWARD_PLANES + LEVELS_SUFFIX
 # The planes kernel's block sizes (its kBlock template argument).
 PLANES_THREADS = (256, 1024)
+# Lists each (level, image)'s ROIs before the planes backward over levels (one NVRTC module,
+# every rois dtype); one block of GROUP_THREADS threads (kGroupThreads).
+GROUP_ROIS = "roi_ops_group_rois"
+GROUP_THREADS = 1024
 # The staged forward's copy of an NCHW input to channels_last (one NVRTC module, every dtype).
 COPY_CHANNELS_LAST = "roi_ops_copy_channels_last"
 COPY_ROWS = 8  # kCopyRows: the copy's blocks are 32 x COPY_ROWS threads
@@ -178,12 +183,25 @@ def copy_names() -> tuple[str, ...]:
     return tuple(copy_name(dtype) for dtype in C_TYPES)
 
 
+def group_rois_name(rois_dtype: torch.dtype) -> str:
+    """The name expression of the ROI grouping kernel for rois of `rois_dtype`."""
+    return f"{GROUP_ROIS}<{C_TYPES[rois_dtype]}>"
+
+
+@functools.cache
+def group_rois_names() -> tuple[str, ...]:
+    """Every instantiation of the ROI grouping kernel (one NVRTC module)."""
+    return tuple(group_rois_name(dtype) for dtype in C_TYPES)
+
+
 def module_names(name: str) -> tuple[str, ...]:
     """The names compiled in one NVRTC module together with kernel `name`."""
     types = {v: k for k, v in C_TYPES.items()}
     kernel, arguments = name[: name.index("<")], name[name.index("<") + 1 : -1].split(", ")
     if kernel == COPY_CHANNELS_LAST:
         return copy_names()
+    if kernel == GROUP_ROIS:
+        return group_rois_names()
     first = types[arguments[0]]
     levels = kernel.endswith(LEVELS_SUFFIX)
     if kernel.startswith("roi_pool_forward"):
@@ -198,7 +216,7 @@ def all_names() -> tuple[str, ...]:
     forward += [n for pair in FORWARD_PAIRS for n in forward_levels_names(*pair)]
     backward = [n for dtype in C_TYPES for n in backward_names(dtype)]
     backward += [n for dtype in C_TYPES for n in backward_levels_names(dtype)]
-    return tuple(forward + backward) + copy_names()
+    return tuple(forward + backward) + group_rois_names() + copy_names()
 
 
 Arg = tuple[str, np.generic]

@@ -48,7 +48,9 @@ COPY_TENSORS = ("input", "output")  # the staged forward's channels_last copy
 _CHANNELS_LAST = torch.channels_last
 # The same for the multi-level launches of L levels: then each level's map (gradient).
 FORWARD_LEVELS_TENSORS = ("rois", "levels", "output", "argmax", "bad_roi_log")
-BACKWARD_LEVELS_TENSORS = ("grad_output", "argmax", "rois", "levels")
+BACKWARD_LEVELS_TENSORS = ("grad_output", "argmax", "rois", "levels")  # the atomic kernel's
+PLANES_LEVELS_TENSORS = ("grad_output", "argmax", "groups")  # the planes kernel's
+GROUP_ROIS_TENSORS = ("rois", "levels", "groups")  # the grouping before the planes kernel
 _MAX_CACHED_PLANS = 256
 
 
@@ -235,16 +237,19 @@ class _BackwardPlan:
 
 class _BackwardLevelsPlan:
     """What a multi-level backward call with a given key does: the packed launch (None: nothing
-    to add), the gradients' dtype as the kernel writes them, their layouts, and whether they are
-    zero-filled first."""
+    to add), the gradients' dtype as the kernel writes them, their layouts, whether they are
+    zero-filled first, and for the planes kernel the launch that groups the ROIs before it and
+    the int32 elements of its buffer (else None and 0)."""
 
-    __slots__ = ("packed", "written", "memory_formats", "zero_fill")
+    __slots__ = ("packed", "written", "memory_formats", "zero_fill", "grouping", "groups_size")
 
-    def __init__(self, packed, written, memory_formats, zero_fill):
+    def __init__(self, packed, written, memory_formats, zero_fill, grouping=None, groups_size=0):
         self.packed = packed
         self.written = written
         self.memory_formats = memory_formats
         self.zero_fill = zero_fill
+        self.grouping = grouping
+        self.groups_size = groups_size
 
 
 class Launcher:
@@ -438,7 +443,11 @@ class Launcher:
         if plan.zero_fill:
             for grad in grads:
                 grad.zero_()
-        if plan.packed is not None:
+        if plan.grouping is not None:
+            groups = torch.empty(plan.groups_size, dtype=torch.int32, device=where)
+            plan.grouping.launch(device, (rois, levels, groups))
+            plan.packed.launch(device, (grad_output, argmax, groups, *grads))
+        elif plan.packed is not None:
             plan.packed.launch(device, (grad_output, argmax, rois, levels, *grads))
         if written != input_dtype:
             return [grad.to(input_dtype) for grad in grads]
@@ -462,14 +471,24 @@ class Launcher:
             torch.empty(shape, dtype=written, device="meta", memory_format=fmt)
             for shape, fmt in zip(problem.input_shapes, formats, strict=True)
         ]
+        rois, levels = problem.rois, problem.levels
+        grouping, groups_size, groups = None, 0, None
+        if planes:  # a stand-in for the grouping's buffer: plans read no memory
+            num_images = problem.input_shapes[0][0]
+            groups_size = planning.group_rois_size(rois.shape[0], len(grads), num_images)
+            groups = torch.empty(groups_size, dtype=torch.int32, device="meta")
         launch = planning.plan_backward_levels(
-            grad_output, argmax, problem.rois, problem.levels, grads, sizes, self.tuning, kernel
+            grad_output, argmax, rois, levels, grads, sizes, self.tuning, kernel, groups
         )
-        packed = None
-        if launch is not None:
-            names = BACKWARD_LEVELS_TENSORS + planning.level_names("grad_input", len(grads))
-            packed = PackedLaunch(device, launch, names)
-        return _BackwardLevelsPlan(packed, written, formats, not planes)
+        if launch is None:
+            return _BackwardLevelsPlan(None, written, formats, not planes)
+        names = PLANES_LEVELS_TENSORS if planes else BACKWARD_LEVELS_TENSORS
+        names += planning.level_names("grad_input", len(grads))
+        packed = PackedLaunch(device, launch, names)
+        if planes:
+            group_plan = planning.plan_group_rois(rois, levels, len(grads), num_images, groups)
+            grouping = PackedLaunch(device, group_plan, GROUP_ROIS_TENSORS)
+        return _BackwardLevelsPlan(packed, written, formats, not planes, grouping, groups_size)
 
     @staticmethod
     def _cache(cache: dict, key: tuple, make: Callable):

@@ -767,12 +767,13 @@ def backward_levels_kernel(
         n * math.ceil(channels / c)
         for c, (n, channels, _, _) in zip(per_level, input_shapes, strict=True)
     )
+    num_images = input_shapes[0][0]
     can_run = (
         num_rois * ph * pw > 0
         and planes_shared(largest * accumulator, ph * pw) + PLANES_STATIC_SHARED
         <= sizes.shared_per_block_optin
         and max(per_level) * ph * pw * kernels.PLANES_THREADS[-1] < INT32_LIMIT
-        and num_rois < INT32_LIMIT
+        and group_rois_size(num_rois, len(input_shapes), num_images) < INT32_LIMIT
         and blocks < INT32_LIMIT
     )
     if tuning.backward_kernel is not None:
@@ -808,6 +809,40 @@ def level_planes(
     return tuple(words), next_block
 
 
+def group_rois_size(num_rois: int, num_levels: int, num_images: int) -> int:
+    """Elements of the int32 buffer that `plan_group_rois` fills: K ROI indices, then the
+    first position of each of the L * N (level, image) groups and their total."""
+    return num_rois + num_levels * num_images + 1
+
+
+def plan_group_rois(
+    rois: torch.Tensor, levels: torch.Tensor, num_levels: int, num_images: int,
+    groups: torch.Tensor,
+) -> Launch:  # fmt: skip
+    """The launch that lists each (level, image) group's ROIs into `groups` (one block;
+    cuda/group_rois.cu), for the planes backward over levels, which reads them after it on the
+    same stream.
+
+    Args:
+        rois: the forward's (K, 5) rois, any strides (the kernel reads each batch index).
+        levels: the forward's (K,) int64 levels, any stride.
+        num_levels: L; num_images: N.
+        groups: int32 of `group_rois_size` (K, L, N) elements, any contents.
+    """
+    args = (
+        pointer("rois", rois),
+        integer("rs0", rois.stride(0)),
+        pointer("levels", levels),
+        integer("ls0", levels.stride(0)),
+        integer("L", num_levels),
+        integer("N", num_images),
+        integer("K", rois.shape[0]),
+        pointer("groups", groups),
+    )
+    name = kernels.group_rois_name(rois.dtype)
+    return Launch(name, (1, 1, 1), (kernels.GROUP_THREADS, 1, 1), 0, args)
+
+
 def plan_backward_levels(
     grad_output: torch.Tensor,
     argmax: torch.Tensor,
@@ -817,10 +852,12 @@ def plan_backward_levels(
     sizes: CudaSizes,
     tuning: CupyTuning = DEFAULT_TUNING,
     kernel: str = kernels.BACKWARD_ATOMIC_LEVELS,
+    groups: torch.Tensor | None = None,
 ) -> Launch | None:
     """The fused backward launch of a multi-level call (None when there is nothing to add):
     the atomic kernel adding each ROI's gradients into its level's gradient, or the planes
-    kernel summing each level's gradient planes in shared memory.
+    kernel summing each level's gradient planes in shared memory from the ROIs that
+    `plan_group_rois`'s launch, queued before it, lists in `groups`.
 
     Args:
         grad_output: (K, C, PH, PW) of the input's dtype, any strides (zero strides too).
@@ -835,10 +872,11 @@ def plan_backward_levels(
             shared memory a block may opt in to.
         tuning: the planning constants.
         kernel: BACKWARD_ATOMIC_LEVELS or BACKWARD_PLANES_LEVELS (`backward_levels_kernel`).
+        groups: for BACKWARD_PLANES_LEVELS, the int32 buffer of `plan_group_rois`.
 
     Raises:
         ValueError: more than MAX_LEVELS gradients; a gradient neither contiguous nor
-            channels_last.
+            channels_last; BACKWARD_PLANES_LEVELS without `groups`.
     """
     num_rois, channels, ph, pw = argmax.shape
     if len(grads) > kernels.MAX_LEVELS:
@@ -848,25 +886,18 @@ def plan_backward_levels(
     table = level_grads(grads)  # checks the gradients' strides
     if argmax.numel() == 0 or all(grad.numel() == 0 for grad in grads):
         return None
-    shared_args = _levels_backward_args(grad_output, argmax, rois, levels, grads)
     if kernel == kernels.BACKWARD_PLANES_LEVELS:
-        return _plan_planes_levels(
-            grad_output, argmax, rois, grads, table, shared_args, sizes, tuning
-        )
+        if groups is None:
+            raise ValueError(
+                "groups: the planes backward over levels reads the ROIs of each (level, image) "
+                "from plan_group_rois' buffer; got None"
+            )
+        return _plan_planes_levels(grad_output, argmax, rois, groups, grads, table, sizes, tuning)
     name = kernels.backward_name(kernels.BACKWARD_ATOMIC_LEVELS, grad_output.dtype, rois.dtype)
     grad_bytes = sum(grad.numel() * grad.element_size() for grad in grads)
     per_block = _atomic_channels_per_block(grad_bytes, num_rois, channels, ph * pw, sizes, tuning)
-    args = (*table, *shared_args, integer("channels_per_block", per_block))
-    grid = (num_rois, _grid_y(channels, per_block), 1)
-    block = (plane_threads(ph * pw), 1, 1)
-    words = kernels.MAX_LEVELS * len(LEVEL_GRAD_FIELDS)
-    return Launch(name, grid, block, 0, args, (words,) + (1,) * (len(args) - words))
-
-
-def _levels_backward_args(grad_output, argmax, rois, levels, grads) -> tuple:
-    """The arguments both fused backward kernels take after their table of levels (L to PW)."""
-    _, channels, ph, pw = argmax.shape
-    return (
+    args = (
+        *table,
         integer("L", len(grads)),
         pointer("levels", levels),
         integer("ls0", levels.stride(0)),
@@ -879,13 +910,16 @@ def _levels_backward_args(grad_output, argmax, rois, levels, grads) -> tuple:
         integer("C", channels),
         integer("PH", ph),
         integer("PW", pw),
+        integer("channels_per_block", per_block),
     )
+    grid = (num_rois, _grid_y(channels, per_block), 1)
+    block = (plane_threads(ph * pw), 1, 1)
+    words = kernels.MAX_LEVELS * len(LEVEL_GRAD_FIELDS)
+    return Launch(name, grid, block, 0, args, (words,) + (1,) * (len(args) - words))
 
 
-def _plan_planes_levels(
-    grad_output, argmax, rois, grads, grad_words, shared_args, sizes, tuning
-) -> Launch:
-    num_rois, _, ph, pw = argmax.shape
+def _plan_planes_levels(grad_output, argmax, rois, groups, grads, grad_words, sizes, tuning):
+    num_rois, channels, ph, pw = argmax.shape
     per_level = planes_levels_channels([tuple(g.shape) for g in grads], sizes, tuning)
     table, blocks = level_planes(grad_words, grads, per_level)
     accumulator = accumulate_dtype(grad_output.dtype).itemsize
@@ -895,7 +929,19 @@ def _plan_planes_levels(
     name = kernels.backward_name(
         kernels.BACKWARD_PLANES_LEVELS, grad_output.dtype, rois.dtype, threads
     )
-    args = (*table, *shared_args, integer("K", num_rois))
+    args = (
+        *table,
+        integer("L", len(grads)),
+        pointer("groups", groups),
+        pointer("grad_output", grad_output),
+        *_grad_output_strides(grad_output),
+        pointer("argmax", argmax),
+        integer("N", grads[0].shape[0]),
+        integer("C", channels),
+        integer("PH", ph),
+        integer("PW", pw),
+        integer("K", num_rois),
+    )
     words = kernels.MAX_LEVELS * len(LEVEL_PLANE_FIELDS)
     return Launch(
         name, (blocks, 1, 1), (threads, 1, 1), shared, args, (words,) + (1,) * (len(args) - words)

@@ -181,9 +181,13 @@ def run_backward_levels(runner, grad_output, argmax, rois, levels, shapes, layou
         grad, buffer = guarded(shape, strides, written, device, -7.0)
         grads.append(grad.fill_(math.nan) if planes else grad.zero_())
         buffers.append(buffer)
+    rois, levels = rois.to(device), levels.to(device)
+    groups = groups_buffer = None
+    if planes:
+        groups, groups_buffer = run_group_rois(runner, rois, levels, len(shapes), shapes[0][0])
     launch = planning.plan_backward_levels(
-        grad_output.to(device), argmax.to(device), rois.to(device), levels.to(device), grads,
-        sizes(**options), kernel=kernel,
+        grad_output.to(device), argmax.to(device), rois, levels, grads, sizes(**options),
+        kernel=kernel, groups=groups,
     )  # fmt: skip
     if grid_y is not None:
         assert launch.grid[1] > 1
@@ -191,7 +195,49 @@ def run_backward_levels(runner, grad_output, argmax, rois, levels, shapes, layou
     runner.launch(launch)
     for buffer in buffers:
         check_guards(buffer, -7.0)
+    if groups_buffer is not None:
+        check_guards(groups_buffer, -7)
     return [grad.cpu() for grad in grads]
+
+
+def run_group_rois(runner, rois, levels, num_levels, num_images):
+    """The ROI grouping into a poisoned int32 buffer inside guards: (buffer, guarded)."""
+    size = planning.group_rois_size(rois.shape[0], num_levels, num_images)
+    groups, buffer = guarded((size,), (1,), torch.int32, runner.device, -7)
+    groups.fill_(-5)
+    runner.launch(planning.plan_group_rois(rois, levels, num_levels, num_images, groups))
+    return groups, buffer
+
+
+@pytest.mark.parametrize("rois_dtype", list(kernels.C_TYPES), ids=str)
+def test_group_rois_lists_each_level_and_image(runner, rois_dtype):
+    """Each (level, image) group lists exactly the ROIs of that level whose batch index (as
+    the backward reads it: clamped to [0, N)) is that image; rows with no level are in none;
+    strided rois and levels; more ROIs than the block has threads."""
+    device = runner.device
+    base = _rois(rois_dtype)
+    rois = torch.cat([base] * 40)  # 1680 rows
+    levels = torch.cat([_levels(base)] * 40)
+    strided_rois = torch.empty(rois.shape[0], 7, dtype=rois_dtype)[:, 1:6].copy_(rois)
+    strided_levels = torch.zeros(rois.shape[0], 2, dtype=torch.int64)[:, 1].copy_(levels)
+    num_levels, num_images = len(SCALES), NUM_IMAGES
+    groups, buffer = run_group_rois(
+        runner, strided_rois.to(device), strided_levels.to(device), num_levels, num_images
+    )
+    check_guards(buffer, -7)
+    groups = groups.cpu()
+    num_rois = rois.shape[0]
+    first = groups[num_rois:].tolist()
+    batch = rois[:, 0].double()
+    image = torch.where(batch >= 1, batch.clamp(max=num_images - 1).trunc(), 0).long()
+    has_level = (levels >= 0) & (levels < num_levels)
+    assert first[0] == 0 and first[-1] == int(has_level.sum())
+    for level in range(num_levels):
+        for n in range(num_images):
+            g = level * num_images + n
+            listed = sorted(groups[first[g] : first[g + 1]].tolist())
+            expected = ((levels == level) & (image == n)).nonzero().squeeze(1).tolist()
+            assert listed == expected, f"level {level} image {n}"
 
 
 @pytest.mark.parametrize("layout", list(GRADIENT_LAYOUTS))

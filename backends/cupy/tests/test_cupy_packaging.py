@@ -198,7 +198,13 @@ def test_kernel_names_and_modules():
         f"roi_ops_copy_channels_last<{t}>" for t in ("roi_half", "roi_bf16", "float", "double")
     )
     assert kernels.module_names(kernels.copy_name(torch.float32)) == kernels.copy_names()
-    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 6 + 4
+    # The grouping before the planes backward over levels: one module, one a rois dtype.
+    assert kernels.group_rois_names() == tuple(
+        f"roi_ops_group_rois<{t}>" for t in ("roi_half", "roi_bf16", "float", "double")
+    )
+    name = kernels.group_rois_name(torch.float16)
+    assert kernels.module_names(name) == kernels.group_rois_names()
+    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 6 + 4 + 4
 
 
 def test_source_is_self_contained_and_split_by_family():
@@ -293,15 +299,22 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
     assert [n for n, _ in launch.args[table:]] == parameters[1:]
     planes = kernels.BACKWARD_PLANES_LEVELS
     grads = [g.to(torch.float32) for g in grads]
+    groups = torch.empty(planning.group_rois_size(3, 2, 2), dtype=torch.int32)
     launch = planning.plan_backward_levels(
-        grad, grad.int(), rois, levels, grads, sizes, kernel=planes
+        grad, grad.int(), rois, levels, grads, sizes, kernel=planes, groups=groups
     )
     table = kernels.MAX_LEVELS * len(planning.LEVEL_PLANE_FIELDS)
     parameters = _parameters(planes)
     assert launch.name.startswith(planes + "<")
-    assert parameters[0] == "planes" and launch.param_words == (table,) + (1,) * 16
+    assert parameters[0] == "planes" and launch.param_words == (table,) + (1,) * 13
     assert [n for n, _ in launch.args[table:]] == parameters[1:]
     assert [n for n, _ in launch.args[:7]] == [f"{f}0" for f in planning.LEVEL_PLANE_FIELDS]
+    with pytest.raises(ValueError, match="groups"):
+        planning.plan_backward_levels(grad, grad.int(), rois, levels, grads, sizes, kernel=planes)
+    launch = planning.plan_group_rois(rois, levels, 2, 2, groups)
+    assert launch.name == "roi_ops_group_rois<float>"
+    assert [n for n, _ in launch.args] == _parameters(kernels.GROUP_ROIS)
+    assert launch.block == (kernels.GROUP_THREADS, 1, 1) and launch.grid == (1, 1, 1)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -349,5 +362,5 @@ def test_nvrtc_compiles_every_module_through_cupy():
         "print('compiled', 2 * len(modules))"
     )
     # A forward and a multi-level forward module per dtype pair, a backward and a multi-level
-    # backward module per dtype, and the channels_last copy's module.
-    assert out == f"compiled {2 * (2 * (len(kernels.FORWARD_PAIRS) + 4) + 1)}"
+    # backward module per dtype, the ROI grouping's module and the channels_last copy's.
+    assert out == f"compiled {2 * (2 * (len(kernels.FORWARD_PAIRS) + 4) + 2)}"

@@ -343,9 +343,10 @@ def test_planes_levels_plan_orders_levels_coarsest_first():
     grads = [torch.empty(2, 6, 8, 8, device="meta"), torch.empty(2, 6, 4, 4, device="meta")]
     grad = torch.empty(3, 6, 2, 2, device="meta")
     levels = torch.zeros(3, dtype=torch.int64, device="meta")
+    groups = torch.empty(planning.group_rois_size(3, 2, 2), dtype=torch.int32, device="meta")
     launch = planning.plan_backward_levels(
         grad, grad.int(), torch.empty(3, 5, device="meta"), levels, grads, sizes(1),
-        kernel=kernels.BACKWARD_PLANES_LEVELS,
+        kernel=kernels.BACKWARD_PLANES_LEVELS, groups=groups,
     )  # fmt: skip
     assert launch.name == "roi_pool_backward_planes_levels<float, float, 256>"
     # Level 1 (4 x 4) takes 4 channels a block (one 8 x 8 plane's room): 2 images x 2 blocks,

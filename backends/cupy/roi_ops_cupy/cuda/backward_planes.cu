@@ -35,10 +35,11 @@ struct Rounded<roi_bf16> {
 };
 
 // Blocks per SM in the planes kernel's launch bounds: 5 of 256 threads (4 for float64, whose
-// 64-bit addresses and sums need more than 48 registers on sm_80), or 1 of 1024.
-template <class T, int kBlock>
+// 64-bit addresses and sums need more than 48 registers on sm_80, and for the kernel over levels,
+// whose level table and three addressing loops do too), or 1 of 1024.
+template <class T, int kBlock, bool kLevels = false>
 struct PlanesBlocksPerSM {
-  static constexpr int value = kBlock == 256 ? (sizeof(T) == 8 ? 4 : 5) : 1;
+  static constexpr int value = kBlock == 256 ? (sizeof(T) == 8 || kLevels ? 4 : 5) : 1;
 };
 
 // How a round addresses its elements. kStrided: round_rois holds ROI indices k, and the offsets
@@ -123,17 +124,38 @@ __device__ __forceinline__ void add_round(
   }
 }
 
+// One round of the planes kernel by the addressing that applies (add_round): dense with one
+// channel a block, dense, or strided.
+template <class A, int kBlock, class T>
+__device__ __forceinline__ void planes_round(
+    const bool dense, const unsigned int channels, const T* __restrict__ grad_output,
+    const int* __restrict__ argmax, const int* __restrict__ round_rois, const unsigned int found,
+    const OutputWalk& start, const i64 gs0, const i64 gs1, const i64 C,
+    const i64* __restrict__ bin_offset, const i64 c0, A* __restrict__ planes,
+    const unsigned int pixels) {
+  if (dense && channels == 1) {
+    add_round<A, kBlock, kDenseOne>(grad_output, argmax, round_rois, found, start, 0, 0, 0,
+                                    nullptr, 0, planes, pixels);
+  } else if (dense) {
+    add_round<A, kBlock, kDense>(grad_output, argmax, round_rois, found, start, 0, 0, 0,
+                                 nullptr, 0, planes, pixels);
+  } else {
+    add_round<A, kBlock, kStrided>(grad_output, argmax, round_rois, found, start, gs0, gs1, C,
+                                   bin_offset, c0, planes, pixels);
+  }
+}
+
 // The planes kernel's work in one block: the gradient planes of channels [c0, c0 + channels)
 // of `image`, HW pixels each, written to grad_planes (channel and pixel strides gi_channel,
-// gi_pixel), from the ROIs of that image (kLevels: and of `level`, per the (K,) levels).
-template <class T, class R, int kBlock, bool kLevels>
+// gi_pixel), from the ROIs of that image: found among all K by their batch indices, or
+// (kGrouped) the `group_size` ROIs listed at `group` (group_rois.cu).
+template <class T, class R, int kBlock, bool kGrouped>
 __device__ __forceinline__ void planes_block(
     const T* __restrict__ grad_output, const i64 gs0, const i64 gs1, const i64 gs2, const i64 gs3,
     const int* __restrict__ argmax, const R* __restrict__ rois, const i64 rs0, const i64 N,
     const i64 C, const i64 HW, const i64 PH, const i64 PW, const int image, const i64 c0,
     const unsigned int channels, T* __restrict__ const grad_planes, const i64 gi_channel,
-    const i64 gi_pixel, const i64 K, const i64* __restrict__ levels, const i64 ls0,
-    const i64 L, const int level) {
+    const i64 gi_pixel, const i64 K, const int* __restrict__ group, const int group_size) {
   typedef typename Accum<T>::type A;
   const unsigned int bins = static_cast<unsigned int>(PH * PW);
   i64* bin_offset = reinterpret_cast<i64*>(roi_dynamic_shared);  // grad_output offset of each bin
@@ -152,66 +174,73 @@ __device__ __forceinline__ void planes_block(
     bin_offset[q] = ph * gs2 + (q - ph * static_cast<unsigned int>(PW)) * gs3;
   }
   for (i64 i = tid; i < plane_size; i += kBlock) planes[i] = A(0);
-  // kDense addressing (add_round) where it applies; the multi-level kernel keeps the strided
-  // loop alone: it has no registers to spare for another copy of the loop (sm_80 spills at 48).
-  const bool dense = !kLevels && gs3 == 1 && gs2 == PW && gs1 == PH * PW && gs0 == C * gs1 &&
-                     K * gs0 <= static_cast<i64>(0x7fffffff);
+  // kDense addressing (add_round) where it applies.
+  const bool dense = gs3 == 1 && gs2 == PW && gs1 == PH * PW &&
+                     gs0 == C * gs1 && K * gs0 <= static_cast<i64>(0x7fffffff);
   const unsigned int pixels = static_cast<unsigned int>(HW);  // plane_size is below 2^31
   // This thread's first element of a round as (ROI of the round, channel, bin), and the block's
   // step (kBlock elements).
   const OutputWalk round_start(tid, kBlock, channels, bins);
-  // The image of ROI k when it adds to this block (-1 otherwise): its batch index as int (in
-  // [0, N), N < 2^31), which keeps the kernel within its register bound too.
-  auto image_of = [&](i64 k) -> int {
-    if (k >= K) return -1;
-    if constexpr (kLevels) {
-      if (roi_level(levels, ls0, k, L) != level) return -1;
-    }
-    return roi_image<R>(rois, rs0, k, N);
-  };
-  // The next round's batch indices, loaded a round ahead.
-  int next_image[kScan];
+  if constexpr (kGrouped) {
+    for (int r0 = 0; r0 < group_size; r0 += kRound) {
+      const unsigned int found =
+          static_cast<unsigned int>(group_size - r0 < kRound ? group_size - r0 : kRound);
 #pragma unroll
-  for (int s = 0; s < kScan; ++s) next_image[s] = image_of(s * kBlock + tid);
-  for (i64 r0 = 0; r0 < K; r0 += kRound) {
-    // This image's ROIs among the next kRound, in order, as rows [0, found) of round_rois.
-    bool mine[kScan];
-    unsigned int ballots[kScan];
-#pragma unroll
-    for (int s = 0; s < kScan; ++s) {
-      mine[s] = next_image[s] == image;
-      next_image[s] = image_of(r0 + kRound + s * kBlock + tid);
-      ballots[s] = __ballot_sync(0xffffffffu, mine[s]);
-      if (lane == 0) warp_counts[s][warp] = __popc(ballots[s]);
-    }
-    __syncthreads();  // also orders the table and the zero fill (first round) before their use
-    unsigned int found = 0;
-#pragma unroll
-    for (int s = 0; s < kScan; ++s) {
-      unsigned int offset = found;
-#pragma unroll
-      for (unsigned int w = 0; w < kBlock / 32; ++w) {
-        offset += w < warp ? warp_counts[s][w] : 0;
-        found += warp_counts[s][w];
+      for (int s = 0; s < kScan; ++s) {
+        const unsigned int i = s * kBlock + tid;
+        if (i < found) {
+          const i64 k = group[r0 + i];
+          round_rois[i] = static_cast<int>(dense ? (k * C + c0) * bins : k);
+        }
       }
-      if (mine[s]) {
-        const unsigned int below = __popc(ballots[s] & ((1u << lane) - 1u));
-        const i64 k = r0 + s * kBlock + tid;
-        round_rois[offset + below] = static_cast<int>(dense ? (k * C + c0) * bins : k);
+      __syncthreads();  // also orders the table and the zero fill (first round) before their use
+      planes_round<A, kBlock>(dense, channels, grad_output, argmax, round_rois,
+                                         found, round_start, gs0, gs1, C, bin_offset, c0, planes,
+                                         pixels);
+      __syncthreads();  // before round_rois is overwritten
+    }
+    __syncthreads();  // the zero fill before the planes are written, when no round ran
+  } else {
+    // The image of ROI k (-1 beyond K): its batch index as int (in [0, N), N < 2^31), which
+    // keeps the kernel within its register bound too.
+    auto image_of = [&](i64 k) -> int { return k < K ? roi_image<R>(rois, rs0, k, N) : -1; };
+    // The next round's batch indices, loaded a round ahead.
+    int next_image[kScan];
+#pragma unroll
+    for (int s = 0; s < kScan; ++s) next_image[s] = image_of(s * kBlock + tid);
+    for (i64 r0 = 0; r0 < K; r0 += kRound) {
+      // This image's ROIs among the next kRound, in order, as rows [0, found) of round_rois.
+      bool mine[kScan];
+      unsigned int ballots[kScan];
+#pragma unroll
+      for (int s = 0; s < kScan; ++s) {
+        mine[s] = next_image[s] == image;
+        next_image[s] = image_of(r0 + kRound + s * kBlock + tid);
+        ballots[s] = __ballot_sync(0xffffffffu, mine[s]);
+        if (lane == 0) warp_counts[s][warp] = __popc(ballots[s]);
       }
+      __syncthreads();  // also orders the table and the zero fill (first round) before their use
+      unsigned int found = 0;
+#pragma unroll
+      for (int s = 0; s < kScan; ++s) {
+        unsigned int offset = found;
+#pragma unroll
+        for (unsigned int w = 0; w < kBlock / 32; ++w) {
+          offset += w < warp ? warp_counts[s][w] : 0;
+          found += warp_counts[s][w];
+        }
+        if (mine[s]) {
+          const unsigned int below = __popc(ballots[s] & ((1u << lane) - 1u));
+          const i64 k = r0 + s * kBlock + tid;
+          round_rois[offset + below] = static_cast<int>(dense ? (k * C + c0) * bins : k);
+        }
+      }
+      __syncthreads();
+      planes_round<A, kBlock>(dense, channels, grad_output, argmax, round_rois,
+                                         found, round_start, gs0, gs1, C, bin_offset, c0, planes,
+                                         pixels);
+      __syncthreads();  // before round_rois and warp_counts are overwritten
     }
-    __syncthreads();
-    if (dense && channels == 1) {
-      add_round<A, kBlock, kDenseOne>(grad_output, argmax, round_rois, found, round_start, 0, 0,
-                                      0, nullptr, 0, planes, pixels);
-    } else if (dense) {
-      add_round<A, kBlock, kDense>(grad_output, argmax, round_rois, found, round_start, 0, 0, 0,
-                                   nullptr, 0, planes, pixels);
-    } else {
-      add_round<A, kBlock, kStrided>(grad_output, argmax, round_rois, found, round_start, gs0,
-                                     gs1, C, bin_offset, c0, planes, pixels);
-    }
-    __syncthreads();  // before round_rois and warp_counts are overwritten
   }
   // Pointer steps: index arithmetic per element measured slower.
   const i64 step = kBlock * gi_pixel;
@@ -245,25 +274,25 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
       static_cast<unsigned int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
   planes_block<T, R, kBlock, false>(grad_output, gs0, gs1, gs2, gs3, argmax, rois, rs0, N, C, HW,
                                     PH, PW, image, c0, channels, grad_planes, gi_channel,
-                                    gi_pixel, K, nullptr, 0, 0, 0);
+                                    gi_pixel, K, nullptr, 0);
 }
 
 // ---- roi_pool_backward_planes_levels<T, R, kBlock>: the planes backward over pyramid levels ---
 // Each level has its own run of blocks (levels.cuh: LevelPlanes, in any order; each level's
 // channels_per_block sized so that its planes fill about the same shared memory): a block sums
-// the gradients of its image's ROIs of its level. Every element of every level's gradient
-// is written. Arguments: the L levels' planes, the (K,) int64 levels (row stride ls0), then as
-// the planes kernel's without HW, channels_per_block and the gradient's. Grid: the blocks of
-// all levels; dynamic shared memory PH * PW * 8 + the largest level's planes.
+// the gradients of its image's ROIs of its level, listed by roi_ops_group_rois in `groups`
+// (K + L * N + 1 int32, launched before on the same stream). Every element of every level's
+// gradient is written. Arguments: the L levels' planes, L, groups, then as the planes kernel's
+// without the rois, HW, channels_per_block and the gradient's. Grid: the blocks of all levels;
+// dynamic shared memory PH * PW * 8 + the largest level's planes.
 template <class T, class R, int kBlock>
-__global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBlock>::value)
+__global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBlock, true>::value)
     roi_pool_backward_planes_levels(const roi_ops_cuda::LevelPlanes<T> planes, const i64 L,
-                                    const i64* __restrict__ levels, const i64 ls0,
+                                    const int* __restrict__ groups,
                                     const T* __restrict__ grad_output, const i64 gs0,
                                     const i64 gs1, const i64 gs2, const i64 gs3,
-                                    const int* __restrict__ argmax, const R* __restrict__ rois,
-                                    const i64 rs0, const i64 N, const i64 C, const i64 PH,
-                                    const i64 PW, const i64 K) {
+                                    const int* __restrict__ argmax, const i64 N, const i64 C,
+                                    const i64 PH, const i64 PW, const i64 K) {
   using namespace roi_ops_cuda;
   int level = 0;  // the level whose blocks start last at or before this one
   i64 start = -1;
@@ -283,7 +312,11 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
       plane.grad_input + image * plane.gi_image + c0 * plane.gi_channel;
   const unsigned int channels = static_cast<unsigned int>(
       C - c0 < plane.channels_per_block ? C - c0 : plane.channels_per_block);
-  planes_block<T, R, kBlock, true>(grad_output, gs0, gs1, gs2, gs3, argmax, rois, rs0, N, C,
+  const int* const first = groups + K;  // each group's first position (group_rois.cu)
+  const i64 group = level * N + image;
+  const int begin = first[group];
+  planes_block<T, R, kBlock, true>(grad_output, gs0, gs1, gs2, gs3, argmax, nullptr, 0, N, C,
                                    plane.HW, PH, PW, image, c0, channels, grad_planes,
-                                   plane.gi_channel, plane.gi_pixel, K, levels, ls0, L, level);
+                                   plane.gi_channel, plane.gi_pixel, K, groups + begin,
+                                   first[group + 1] - begin);
 }

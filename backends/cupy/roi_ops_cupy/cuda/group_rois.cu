@@ -1,0 +1,71 @@
+// ---- roi_ops_group_rois<R>: each (level, image)'s ROIs, for the planes backward over levels ----
+// The planes backward over levels gives a block one image of one level; this kernel lists each
+// such group's ROIs once, so that a block reads its group's ROIs instead of scanning all K.
+// ROI k with level l (levels.cuh: roi_level) belongs to group g = l * N + roi_image(k); a ROI
+// with no level belongs to none. One block of kGroupThreads threads writes, in groups (K + G + 1
+// int32, G = L * N):
+//   groups[0, grouped): ROI indices, group by group in group order, any order within a group;
+//   groups[K + g]: the first position of group g, for g in [0, G]; groups[K + G] = grouped.
+// The counts are kept at groups[K + 1 + g] while counting, turned into each group's first
+// position there by an exclusive scan, and advanced by one per ROI placed: each then ends as the
+// first position of group g + 1. Requires K + G + 1 < 2^31 (launch plan).
+namespace roi_ops_cuda {
+constexpr int kGroupThreads = 1024;  // kernels.GROUP_THREADS
+
+// The group of ROI k, or -1.
+template <class R>
+__device__ __forceinline__ int group_of(const R* __restrict__ rois, i64 rs0,
+                                        const i64* __restrict__ levels, i64 ls0, i64 L, i64 N,
+                                        i64 k) {
+  const int level = roi_level(levels, ls0, k, L);
+  return level < 0 ? -1 : level * static_cast<int>(N) + roi_image<R>(rois, rs0, k, N);
+}
+}  // namespace roi_ops_cuda
+
+template <class R>
+__global__ void __launch_bounds__(roi_ops_cuda::kGroupThreads)
+    roi_ops_group_rois(const R* __restrict__ rois, const i64 rs0, const i64* __restrict__ levels,
+                       const i64 ls0, const i64 L, const i64 N, const i64 K,
+                       int* __restrict__ groups) {
+  using namespace roi_ops_cuda;
+  __shared__ int chunk_sums[kGroupThreads];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int G = static_cast<int>(L * N);
+  int* const first = groups + K;  // first[g]: see above; the counts sit at first[g + 1]
+  for (int g = tid; g <= G; g += kGroupThreads) first[g] = 0;
+  __syncthreads();
+  for (i64 k = tid; k < K; k += kGroupThreads) {
+    const int g = group_of<R>(rois, rs0, levels, ls0, L, N, k);
+    if (g >= 0) atomicAdd(first + g + 1, 1);
+  }
+  __syncthreads();
+  // Exclusive scan of the counts at first[1, G]: each thread sums a run of them, the runs'
+  // sums are scanned by one thread, and each thread then writes its run's prefixes.
+  const int run = (G + kGroupThreads - 1) / kGroupThreads;
+  const int begin = 1 + tid * run;
+  const int end = begin + run < G + 1 ? begin + run : G + 1;
+  int sum = 0;
+  for (int g = begin; g < end; ++g) sum += first[g];
+  chunk_sums[tid] = sum;
+  __syncthreads();
+  if (tid == 0) {
+    int total = 0;
+    for (int t = 0; t < kGroupThreads; ++t) {
+      const int s = chunk_sums[t];
+      chunk_sums[t] = total;
+      total += s;
+    }
+  }
+  __syncthreads();
+  int prefix = chunk_sums[tid];
+  for (int g = begin; g < end; ++g) {
+    const int count = first[g];
+    first[g] = prefix;
+    prefix += count;
+  }
+  __syncthreads();
+  for (i64 k = tid; k < K; k += kGroupThreads) {
+    const int g = group_of<R>(rois, rs0, levels, ls0, L, N, k);
+    if (g >= 0) groups[atomicAdd(first + g + 1, 1)] = static_cast<int>(k);
+  }
+}
