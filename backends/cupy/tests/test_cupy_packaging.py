@@ -269,9 +269,12 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
         assert launch.name.startswith(kernel + "<"), (kernel, launch.name)
         assert [n for n, _ in launch.args] == _parameters(kernel)
     grad = torch.ones(3, 24, 3, 3)
+    groups = torch.zeros(planning.group_rois_size(3, 1, 2), dtype=torch.int32)
     for kernel in kernels.BACKWARD_KERNELS:
         grad_input = torch.zeros(2, 24, 9, 11)
-        launch = planning.plan_backward(grad, grad.int(), rois, grad_input, kernel, sizes)
+        launch = planning.plan_backward(
+            grad, grad.int(), rois, grad_input, kernel, sizes, groups=groups
+        )
         assert [n for n, _ in launch.args] == _parameters(kernel)
     # The multi-level kernels: the table of levels (one struct parameter of named words), then
     # one word per parameter.

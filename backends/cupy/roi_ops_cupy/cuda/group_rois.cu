@@ -1,9 +1,9 @@
-// ---- roi_ops_group_rois<R>: each (level, image)'s ROIs, for the planes backward over levels ----
-// The planes backward over levels gives a block one image of one level; this kernel lists each
-// such group's ROIs once, so that a block reads its group's ROIs instead of scanning all K.
-// ROI k with level l (levels.cuh: roi_level) belongs to group g = l * N + roi_image(k); a ROI
-// with no level belongs to none. One block of kGroupThreads threads writes, in groups (K + G + 1
-// int32, G = L * N):
+// ---- roi_ops_group_rois<R>: each (level, image)'s ROIs, for the planes backward ---------------
+// The planes backward gives a block one image (of one level); this kernel lists each such
+// group's ROIs once, so that a block reads its group's ROIs instead of scanning all K. ROI k
+// with level l (levels.cuh: roi_level; levels null: every ROI has level 0 and L is 1) belongs
+// to group g = l * N + roi_image(k); a ROI with no level belongs to none. One block of
+// kGroupThreads threads writes, in groups (K + G + 1 int32, G = L * N):
 //   groups[0, grouped): ROI indices, group by group in group order, any order within a group;
 //   groups[K + g]: the first position of group g, for g in [0, G]; groups[K + G] = grouped.
 // The counts are kept at groups[K + 1 + g] while counting, turned into each group's first
@@ -11,13 +11,14 @@
 // first position of group g + 1. Requires K + G + 1 < 2^31 (launch plan).
 namespace roi_ops_cuda {
 constexpr int kGroupThreads = 1024;  // kernels.GROUP_THREADS
+constexpr int kGroupUnroll = 4;      // ROIs a thread reads before it counts or places them
 
 // The group of ROI k, or -1.
 template <class R>
 __device__ __forceinline__ int group_of(const R* __restrict__ rois, i64 rs0,
                                         const i64* __restrict__ levels, i64 ls0, i64 L, i64 N,
                                         i64 k) {
-  const int level = roi_level(levels, ls0, k, L);
+  const int level = levels == nullptr ? 0 : roi_level(levels, ls0, k, L);
   return level < 0 ? -1 : level * static_cast<int>(N) + roi_image<R>(rois, rs0, k, N);
 }
 }  // namespace roi_ops_cuda
@@ -34,9 +35,19 @@ __global__ void __launch_bounds__(roi_ops_cuda::kGroupThreads)
   int* const first = groups + K;  // first[g]: see above; the counts sit at first[g + 1]
   for (int g = tid; g <= G; g += kGroupThreads) first[g] = 0;
   __syncthreads();
-  for (i64 k = tid; k < K; k += kGroupThreads) {
-    const int g = group_of<R>(rois, rs0, levels, ls0, L, N, k);
-    if (g >= 0) atomicAdd(first + g + 1, 1);
+  // Each pass reads kGroupUnroll ROIs' rows a thread before it uses them (loads in flight).
+  constexpr i64 kStep = static_cast<i64>(kGroupThreads) * kGroupUnroll;
+  for (i64 k0 = tid; k0 < K; k0 += kStep) {
+    int g[kGroupUnroll];
+#pragma unroll
+    for (int u = 0; u < kGroupUnroll; ++u) {
+      const i64 k = k0 + u * kGroupThreads;
+      g[u] = k < K ? group_of<R>(rois, rs0, levels, ls0, L, N, k) : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kGroupUnroll; ++u) {
+      if (g[u] >= 0) atomicAdd(first + g[u] + 1, 1);
+    }
   }
   __syncthreads();
   // Exclusive scan of the counts at first[1, G]: each thread sums a run of them, the runs'
@@ -64,8 +75,17 @@ __global__ void __launch_bounds__(roi_ops_cuda::kGroupThreads)
     prefix += count;
   }
   __syncthreads();
-  for (i64 k = tid; k < K; k += kGroupThreads) {
-    const int g = group_of<R>(rois, rs0, levels, ls0, L, N, k);
-    if (g >= 0) groups[atomicAdd(first + g + 1, 1)] = static_cast<int>(k);
+  for (i64 k0 = tid; k0 < K; k0 += kStep) {
+    int g[kGroupUnroll];
+#pragma unroll
+    for (int u = 0; u < kGroupUnroll; ++u) {
+      const i64 k = k0 + u * kGroupThreads;
+      g[u] = k < K ? group_of<R>(rois, rs0, levels, ls0, L, N, k) : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kGroupUnroll; ++u) {
+      const int k = static_cast<int>(k0 + u * kGroupThreads);  // K < 2^31
+      if (g[u] >= 0) groups[atomicAdd(first + g[u] + 1, 1)] = k;
+    }
   }
 }
