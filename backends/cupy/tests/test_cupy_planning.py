@@ -270,7 +270,7 @@ def test_backward_plans_size_blocks_and_shared_memory():
         grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES, sizes(132, 0, OPTIN),
         groups=groups,
     )  # fmt: skip
-    assert planes.name == "roi_pool_backward_planes<float, float, 256>"
+    assert planes.name == "roi_pool_backward_planes<float, 256>"
     assert planes.grid == (3 * 20, 1, 1) and planes.block == (256, 1, 1)
     assert planes.shared_mem == 49 * 8 + 30 * 40 * 4
     assert planes.value("channels_per_block") == 1 and planes.value("K") == 600
@@ -295,14 +295,14 @@ def test_backward_plans_size_blocks_and_shared_memory():
         grad_output.half(), argmax, rois, grad_input.half(), kernels.BACKWARD_PLANES,
         sizes(132, 0, OPTIN), groups=groups,
     )  # fmt: skip
-    assert half.name == "roi_pool_backward_planes<roi_half, float, 256>"
+    assert half.name == "roi_pool_backward_planes<roi_half, 256>"
     assert half.shared_mem == planes.shared_mem  # float32 accumulators
     # 1024 threads when the block leaves no room for a second one on the SM
     alone = planning.plan_backward(
         grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES, sizes(132, 0, 8 * 1024),
         groups=groups,
     )  # fmt: skip
-    assert alone.name == "roi_pool_backward_planes<float, float, 1024>"
+    assert alone.name == "roi_pool_backward_planes<float, 1024>"
     assert alone.block == (1024, 1, 1)
     assert planning.planes_threads(218 * 1024, OPTIN) == 1024
     assert planning.planes_threads(55 * 1024, OPTIN) == 256
@@ -362,7 +362,7 @@ def test_planes_levels_plan_orders_levels_coarsest_first():
         grad, grad.int(), torch.empty(3, 5, device="meta"), levels, grads, sizes(1),
         kernel=kernels.BACKWARD_PLANES_LEVELS, groups=groups,
     )  # fmt: skip
-    assert launch.name == "roi_pool_backward_planes_levels<float, float, 256>"
+    assert launch.name == "roi_pool_backward_planes_levels<float, 256>"
     # Level 1 (4 x 4) takes 4 channels a block (one 8 x 8 plane's room): 2 images x 2 blocks,
     # first; level 0 then has 2 images x 6 channels.
     assert (launch.value("channels_per_block1"), launch.value("first_block1")) == (4, 0)

@@ -1,4 +1,4 @@
-// ---- roi_pool_backward_planes<T, R, kBlock>: gradient planes summed in shared memory --------
+// ---- roi_pool_backward_planes<T, kBlock>: gradient planes summed in shared memory -----------
 // The backward without global atomics or zero fill. One block per (image, channel block) keeps
 // the block's gradient planes (channels_per_block * HW accumulators, float32 for the 16-bit
 // types) in dynamic shared memory, reads its image's ROIs from the list roi_ops_group_rois
@@ -13,9 +13,9 @@
 // channel block fastest; kBlock threads; dynamic shared memory PH * PW * 8 + channels_per_block
 // * HW * sizeof(accumulator) bytes. grad_input (N, C, H, W) of T, contiguous or channels_last.
 // Requires channels_per_block * PH * PW * kBlock < 2^31 and K < 2^31. Not run-to-run
-// deterministic (the order of the shared-memory additions varies). R, the rois' dtype, names
-// the instantiation only (the grouping reads the rois). Arguments: grad_output and its strides,
-// argmax, groups, then as the atomic kernel's from N (grad_input of T, in either layout), then K.
+// deterministic (the order of the shared-memory additions varies). Arguments: grad_output and
+// its strides, argmax, groups, then as the atomic kernel's from N (grad_input of T, in either
+// layout), then K.
 namespace roi_ops_cuda {
 constexpr int kPlanesUnroll = 4;  // independent (argmax, gradient) loads in flight per thread
 
@@ -208,7 +208,7 @@ __device__ __forceinline__ void planes_block(
 }
 }  // namespace roi_ops_cuda
 
-template <class T, class R, int kBlock>
+template <class T, int kBlock>
 __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBlock>::value)
     roi_pool_backward_planes(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
                              const i64 gs2, const i64 gs3, const int* __restrict__ argmax,
@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
                           first[image + 1] - begin);
 }
 
-// ---- roi_pool_backward_planes_levels<T, R, kBlock>: the planes backward over pyramid levels ---
+// ---- roi_pool_backward_planes_levels<T, kBlock>: the planes backward over pyramid levels ------
 // Each level has its own run of blocks (levels.cuh: LevelPlanes, in any order; each level's
 // channels_per_block sized so that its planes fill about the same shared memory): a block sums
 // the gradients of its image's ROIs of its level, listed by roi_ops_group_rois in `groups`
@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
 // gradient is written. Arguments: the L levels' planes, L, groups, then as the planes kernel's
 // without the rois, HW, channels_per_block and the gradient's. Grid: the blocks of all levels;
 // dynamic shared memory PH * PW * 8 + the largest level's planes.
-template <class T, class R, int kBlock>
+template <class T, int kBlock>
 __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBlock, true>::value)
     roi_pool_backward_planes_levels(const roi_ops_cuda::LevelPlanes<T> planes, const i64 L,
                                     const int* __restrict__ groups,
