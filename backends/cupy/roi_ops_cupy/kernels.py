@@ -138,33 +138,38 @@ def backward_name(
     kernel: str, dtype: torch.dtype, rois_dtype: torch.dtype, threads: int = PLANES_THREADS[0]
 ) -> str:
     """The name expression of backward `kernel` for gradients of `dtype` and rois of
-    `rois_dtype`. The planes kernels read no rois (the grouping kernel does): theirs name the
-    gradient's dtype and their block size (one of PLANES_THREADS)."""
+    `rois_dtype`; the planes kernels' also name their block size (one of PLANES_THREADS)."""
+    types = f"{C_TYPES[dtype]}, {C_TYPES[rois_dtype]}"
     if kernel in (BACKWARD_PLANES, BACKWARD_PLANES_LEVELS):
-        return f"{kernel}<{C_TYPES[dtype]}, {threads}>"
-    return f"{kernel}<{C_TYPES[dtype]}, {C_TYPES[rois_dtype]}>"
-
-
-def _backward_module(dtype: torch.dtype, atomic: str, planes: str) -> tuple[str, ...]:
-    """The atomic kernel `atomic` for each rois dtype paired with `dtype`, then the planes
-    kernel `planes` for each block size."""
-    names = [backward_name(atomic, dtype, r) for t, r in FORWARD_PAIRS if t == dtype]
-    names += [backward_name(planes, dtype, dtype, threads) for threads in PLANES_THREADS]
-    return tuple(names)
+        return f"{kernel}<{types}, {threads}>"
+    return f"{kernel}<{types}>"
 
 
 @functools.cache
 def backward_names(dtype: torch.dtype) -> tuple[str, ...]:
-    """Every backward instantiation for gradients of `dtype` (the atomic kernel's for each rois
-    dtype paired with it): what one NVRTC module compiles."""
-    return _backward_module(dtype, BACKWARD_ATOMIC, BACKWARD_PLANES)
+    """Every backward instantiation for gradients of `dtype` (each rois dtype paired with it):
+    what one NVRTC module compiles."""
+    names = []
+    for input_dtype, rois_dtype in FORWARD_PAIRS:
+        if input_dtype == dtype:
+            names.append(backward_name(BACKWARD_ATOMIC, dtype, rois_dtype))
+            names += [backward_name(BACKWARD_PLANES, dtype, rois_dtype, t) for t in PLANES_THREADS]
+    return tuple(names)
 
 
 @functools.cache
 def backward_levels_names(dtype: torch.dtype) -> tuple[str, ...]:
     """Every fused multi-level backward instantiation for gradients of `dtype` (one NVRTC
     module)."""
-    return _backward_module(dtype, BACKWARD_ATOMIC_LEVELS, BACKWARD_PLANES_LEVELS)
+    names = []
+    for input_dtype, rois_dtype in FORWARD_PAIRS:
+        if input_dtype == dtype:
+            names.append(backward_name(BACKWARD_ATOMIC_LEVELS, dtype, rois_dtype))
+            names += [
+                backward_name(BACKWARD_PLANES_LEVELS, dtype, rois_dtype, threads)
+                for threads in PLANES_THREADS
+            ]
+    return tuple(names)
 
 
 def copy_name(dtype: torch.dtype) -> str:

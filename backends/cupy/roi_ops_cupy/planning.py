@@ -560,7 +560,7 @@ def backward_kernel(
         and planes_shared(plane_bytes, ph * pw) + PLANES_STATIC_SHARED
         <= sizes.shared_per_block_optin
         and per_block * ph * pw * kernels.PLANES_THREADS[-1] < INT32_LIMIT
-        and group_rois_size(num_rois, 1, num_images) < INT32_LIMIT
+        and num_rois < INT32_LIMIT
         and num_images * math.ceil(channels / per_block) < INT32_LIMIT
     )
     if tuning.backward_kernel is not None:
@@ -624,7 +624,6 @@ def plan_backward(
     kernel: str,
     sizes: CudaSizes,
     tuning: CupyTuning = DEFAULT_TUNING,
-    groups: torch.Tensor | None = None,
 ) -> Launch | None:
     """The backward launch (None when there is nothing to launch).
 
@@ -639,12 +638,10 @@ def plan_backward(
         sizes: the device's SM count, L2 size (0: grad_input counts as not cached) and the
             shared memory a block may opt in to (picks the planes kernel's block size).
         tuning: the planning constants.
-        groups: for BACKWARD_PLANES, the int32 buffer in which `plan_group_rois`'s launch
-            (one level, queued before this one) lists each image's ROIs.
 
     Raises:
         ValueError: grad_input's H stride is not W times its W stride; the planes kernel with
-            no ROI or no bin, or without `groups`.
+            no ROI or no bin.
     """
     num_rois, channels, ph, pw = argmax.shape
     if grad_input.numel() == 0 or (argmax.numel() == 0 and kernel == kernels.BACKWARD_ATOMIC):
@@ -656,19 +653,12 @@ def plan_backward(
             f"grad_input's H stride must be W times its W stride (contiguous or channels_last), "
             f"got strides {grad_input.stride()} for shape {tuple(grad_input.shape)}"
         )
-    sources = (pointer("rois", rois), integer("rs0", rois.stride(0)))  # the atomic kernel's
-    if kernel == kernels.BACKWARD_PLANES:
-        if groups is None:
-            raise ValueError(
-                "groups: the planes backward reads each image's ROIs from plan_group_rois' "
-                "buffer; got None"
-            )
-        sources = (pointer("groups", groups),)
     head = (
         pointer("grad_output", grad_output),
         *_grad_output_strides(grad_output),
         pointer("argmax", argmax),
-        *sources,
+        pointer("rois", rois),
+        integer("rs0", rois.stride(0)),
         integer("N", num_images),
         integer("C", channels),
         integer("HW", height * width),
@@ -826,16 +816,16 @@ def group_rois_size(num_rois: int, num_levels: int, num_images: int) -> int:
 
 
 def plan_group_rois(
-    rois: torch.Tensor, levels: torch.Tensor | None, num_levels: int, num_images: int,
+    rois: torch.Tensor, levels: torch.Tensor, num_levels: int, num_images: int,
     groups: torch.Tensor,
 ) -> Launch:  # fmt: skip
     """The launch that lists each (level, image) group's ROIs into `groups` (one block;
-    cuda/group_rois.cu), for the planes backward, which reads them after it on the same stream.
+    cuda/group_rois.cu), for the planes backward over levels, which reads them after it on the
+    same stream.
 
     Args:
         rois: the forward's (K, 5) rois, any strides (the kernel reads each batch index).
-        levels: the forward's (K,) int64 levels, any stride; None for a single-level call
-            (then `num_levels` is 1).
+        levels: the forward's (K,) int64 levels, any stride.
         num_levels: L; num_images: N.
         groups: int32 of `group_rois_size` (K, L, N) elements, any contents.
     """
@@ -843,7 +833,7 @@ def plan_group_rois(
         pointer("rois", rois),
         integer("rs0", rois.stride(0)),
         pointer("levels", levels),
-        integer("ls0", 0 if levels is None else levels.stride(0)),
+        integer("ls0", levels.stride(0)),
         integer("L", num_levels),
         integer("N", num_images),
         integer("K", rois.shape[0]),

@@ -31,21 +31,15 @@ def _gradient_strides(shape, layout: str) -> tuple[int, ...]:
 
 def run_planes(runner, grad_output, argmax, rois, shape, dtype, layout, tuning=DEFAULT_TUNING):
     """grad_input (in `layout`) from the planes kernel, poisoned first (every element must be
-    written), inside a guard buffer, after the grouping of the ROIs by image into a poisoned
-    buffer."""
+    written), inside a guard buffer."""
     strides = _gradient_strides(shape, layout)
     grad_input, buffer = guarded(shape, strides, dtype, runner.device, -7.0)
     grad_input.fill_(math.nan)
-    size = planning.group_rois_size(rois.shape[0], 1, shape[0])
-    groups, groups_buffer = guarded((size,), (1,), torch.int32, runner.device, -7)
-    groups.fill_(-5)
-    runner.launch(planning.plan_group_rois(rois, None, 1, shape[0], groups))
     launch = planning.plan_backward(
-        grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES, sizes(1), tuning, groups
+        grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES, sizes(1), tuning
     )
     runner.launch(launch)
     check_guards(buffer, -7.0)
-    check_guards(groups_buffer, -7)
     return grad_input
 
 

@@ -162,13 +162,13 @@ def test_kernel_names_and_modules():
                 expr,
             )
             assert kernels.module_names(expr) == kernels.forward_names(t, r)
-    # The atomic kernel reads the rois (one instantiation per rois dtype); the planes kernel
-    # reads the grouping kernel's lists (one per block size).
     assert kernels.backward_names(torch.bfloat16) == (
         "roi_pool_backward_atomic<roi_bf16, roi_bf16>",
+        "roi_pool_backward_planes<roi_bf16, roi_bf16, 256>",
+        "roi_pool_backward_planes<roi_bf16, roi_bf16, 1024>",
         "roi_pool_backward_atomic<roi_bf16, float>",
-        "roi_pool_backward_planes<roi_bf16, 256>",
-        "roi_pool_backward_planes<roi_bf16, 1024>",
+        "roi_pool_backward_planes<roi_bf16, float, 256>",
+        "roi_pool_backward_planes<roi_bf16, float, 1024>",
     )
     name = kernels.backward_name(kernels.BACKWARD_PLANES, torch.float16, torch.float32, 1024)
     assert kernels.module_names(name) == kernels.backward_names(torch.float16)
@@ -185,9 +185,11 @@ def test_kernel_names_and_modules():
             assert kernels.module_names(expr) == levels
     assert kernels.backward_levels_names(torch.float16) == (
         "roi_pool_backward_atomic_levels<roi_half, roi_half>",
+        "roi_pool_backward_planes_levels<roi_half, roi_half, 256>",
+        "roi_pool_backward_planes_levels<roi_half, roi_half, 1024>",
         "roi_pool_backward_atomic_levels<roi_half, float>",
-        "roi_pool_backward_planes_levels<roi_half, 256>",
-        "roi_pool_backward_planes_levels<roi_half, 1024>",
+        "roi_pool_backward_planes_levels<roi_half, float, 256>",
+        "roi_pool_backward_planes_levels<roi_half, float, 1024>",
     )
     name = kernels.backward_name(kernels.BACKWARD_ATOMIC_LEVELS, torch.float64, torch.float64)
     assert kernels.module_names(name) == kernels.backward_levels_names(torch.float64)
@@ -202,10 +204,7 @@ def test_kernel_names_and_modules():
     )
     name = kernels.group_rois_name(torch.float16)
     assert kernels.module_names(name) == kernels.group_rois_names()
-    # Forward and multi-level forward: 12 a dtype pair each; backward and multi-level backward:
-    # an atomic kernel a pair and two planes kernels a dtype each; grouping and copy: 4 each.
-    count = 6 * 24 + 2 * (6 + 4 * 2) + 4 + 4
-    assert len(set(kernels.all_names())) == len(kernels.all_names()) == count
+    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 6 + 4 + 4
 
 
 def test_source_is_self_contained_and_split_by_family():
@@ -270,12 +269,9 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
         assert launch.name.startswith(kernel + "<"), (kernel, launch.name)
         assert [n for n, _ in launch.args] == _parameters(kernel)
     grad = torch.ones(3, 24, 3, 3)
-    groups = torch.zeros(planning.group_rois_size(3, 1, 2), dtype=torch.int32)
     for kernel in kernels.BACKWARD_KERNELS:
         grad_input = torch.zeros(2, 24, 9, 11)
-        launch = planning.plan_backward(
-            grad, grad.int(), rois, grad_input, kernel, sizes, groups=groups
-        )
+        launch = planning.plan_backward(grad, grad.int(), rois, grad_input, kernel, sizes)
         assert [n for n, _ in launch.args] == _parameters(kernel)
     # The multi-level kernels: the table of levels (one struct parameter of named words), then
     # one word per parameter.

@@ -194,7 +194,7 @@ def test_empty_outputs_launch_only_to_record_bad_rois():
 def test_plans_name_every_tensor_argument(layout):
     """The launcher swaps tensors by argument name: the names it uses exist, and no other
     argument holds one of the tensors' pointers."""
-    from roi_ops_cupy.launch import BACKWARD_TENSORS, FORWARD_TENSORS, PLANES_TENSORS
+    from roi_ops_cupy.launch import BACKWARD_TENSORS, FORWARD_TENSORS
 
     x = place_input(torch.randn(2, 20, 9, 11), layout, "cpu")
     rois = torch.tensor([[0, 1.0, 1.0, 8.0, 7.0]] * 3)
@@ -208,17 +208,11 @@ def test_plans_name_every_tensor_argument(layout):
     pointers = {t.data_ptr() for t in tensors}
     assert not any(v.item() in pointers for i, (_, v) in enumerate(plan.args) if i not in named)
     grad = torch.randn(3, 20, 3, 3)
-    groups = torch.zeros(planning.group_rois_size(3, 1, 2), dtype=torch.int32)
-    for kernel, names, source in [
-        (kernels.BACKWARD_ATOMIC, BACKWARD_TENSORS, rois),
-        (kernels.BACKWARD_PLANES, PLANES_TENSORS, groups),
-    ]:
+    for kernel in kernels.BACKWARD_KERNELS:
         grad_input = torch.zeros(2, 20, 9, 11)
-        launch = planning.plan_backward(
-            grad, arg, rois, grad_input, kernel, sizes(132, 0, OPTIN), groups=groups
-        )
-        tensors = (grad, arg, source, grad_input)
-        assert [launch.value(n) for n in names] == [t.data_ptr() for t in tensors]
+        launch = planning.plan_backward(grad, arg, rois, grad_input, kernel, sizes(132, 0, OPTIN))
+        tensors = (grad, arg, rois, grad_input)
+        assert [launch.value(n) for n in BACKWARD_TENSORS] == [t.data_ptr() for t in tensors]
     with pytest.raises(KeyError, match="has no argument 'nothing'"):
         plan.position("nothing")
 
@@ -265,20 +259,14 @@ def test_backward_plans_size_blocks_and_shared_memory():
     argmax = torch.zeros(600, 20, 7, 7, dtype=torch.int32)
     rois = torch.zeros(600, 5)
     grad_input = torch.zeros(3, 20, 30, 40)
-    groups = torch.zeros(planning.group_rois_size(600, 1, 3), dtype=torch.int32)
     planes = planning.plan_backward(
-        grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES, sizes(132, 0, OPTIN),
-        groups=groups,
-    )  # fmt: skip
-    assert planes.name == "roi_pool_backward_planes<float, 256>"
+        grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES, sizes(132, 0, OPTIN)
+    )
+    assert planes.name == "roi_pool_backward_planes<float, float, 256>"
     assert planes.grid == (3 * 20, 1, 1) and planes.block == (256, 1, 1)
     assert planes.shared_mem == 49 * 8 + 30 * 40 * 4
     assert planes.value("channels_per_block") == 1 and planes.value("K") == 600
-    assert planes.value("N") == 3 and planes.value("groups") == groups.data_ptr()
-    with pytest.raises(ValueError, match="groups"):
-        planning.plan_backward(
-            grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES, sizes(132)
-        )
+    assert planes.value("N") == 3 and planes.value("rs0") == 5
     strides = [planes.value(n) for n in ("gi_image", "gi_channel", "gi_pixel")]
     assert strides == [20 * 30 * 40, 30 * 40, 1]
     last = grad_input.contiguous(memory_format=torch.channels_last)
@@ -293,16 +281,15 @@ def test_backward_plans_size_blocks_and_shared_memory():
         )
     half = planning.plan_backward(
         grad_output.half(), argmax, rois, grad_input.half(), kernels.BACKWARD_PLANES,
-        sizes(132, 0, OPTIN), groups=groups,
+        sizes(132, 0, OPTIN),
     )  # fmt: skip
-    assert half.name == "roi_pool_backward_planes<roi_half, 256>"
+    assert half.name == "roi_pool_backward_planes<roi_half, float, 256>"
     assert half.shared_mem == planes.shared_mem  # float32 accumulators
     # 1024 threads when the block leaves no room for a second one on the SM
     alone = planning.plan_backward(
-        grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES, sizes(132, 0, 8 * 1024),
-        groups=groups,
-    )  # fmt: skip
-    assert alone.name == "roi_pool_backward_planes<float, 1024>"
+        grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES, sizes(132, 0, 8 * 1024)
+    )
+    assert alone.name == "roi_pool_backward_planes<float, float, 1024>"
     assert alone.block == (1024, 1, 1)
     assert planning.planes_threads(218 * 1024, OPTIN) == 1024
     assert planning.planes_threads(55 * 1024, OPTIN) == 256
@@ -323,9 +310,8 @@ def test_backward_plans_size_blocks_and_shared_memory():
     )
     with pytest.raises(ValueError, match="at least one ROI"):
         planning.plan_backward(
-            grad_output[:0], empty, rois[:0], grad_input, kernels.BACKWARD_PLANES, sizes(1),
-            groups=groups,
-        )  # fmt: skip
+            grad_output[:0], empty, rois[:0], grad_input, kernels.BACKWARD_PLANES, sizes(1)
+        )
 
 
 def test_backward_levels_kernel_and_channels_per_level():
@@ -362,7 +348,7 @@ def test_planes_levels_plan_orders_levels_coarsest_first():
         grad, grad.int(), torch.empty(3, 5, device="meta"), levels, grads, sizes(1),
         kernel=kernels.BACKWARD_PLANES_LEVELS, groups=groups,
     )  # fmt: skip
-    assert launch.name == "roi_pool_backward_planes_levels<float, 256>"
+    assert launch.name == "roi_pool_backward_planes_levels<float, float, 256>"
     # Level 1 (4 x 4) takes 4 channels a block (one 8 x 8 plane's room): 2 images x 2 blocks,
     # first; level 0 then has 2 images x 6 channels.
     assert (launch.value("channels_per_block1"), launch.value("first_block1")) == (4, 0)

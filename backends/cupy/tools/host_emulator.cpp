@@ -7,7 +7,9 @@
 // -ffp-contract=off), and the PTX primitives of cuda/common.cuh host functions: float16
 // conversions in software with round-to-nearest-even, and max.NaN adversarial (ties return the
 // later operand, NaNs a canonical NaN) so that the kernels' fix-ups for zeros and NaNs are tested.
-// What it cannot check: warp scheduling, real memory coalescing, NVRTC itself, CuPy launches.
+// __ballot_sync is emulated for code that every thread of the block reaches together (it
+// synchronises the whole block), which is how the kernels use it. What it cannot check: warp
+// scheduling, real memory coalescing, NVRTC itself, CuPy launches.
 //
 // Build (tools/emulator.py does this), with the folder holding roi_ops_kernels.cu and
 // roi_ops_kernel_names.inc (one ROI_KERNEL(name, expression) line per instantiation) on the
@@ -55,6 +57,21 @@ thread_local dim3 blockIdx, threadIdx;
 std::barrier<>* block_barrier = nullptr;
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
 
+std::vector<unsigned char> ballot_votes;  // one per thread of the block
+inline unsigned int __ballot_sync(unsigned int, bool predicate) {
+  const unsigned int count = blockDim.x * blockDim.y;
+  const unsigned int t = threadIdx.y * blockDim.x + threadIdx.x;
+  ballot_votes[t] = predicate;
+  __syncthreads();
+  unsigned int bits = 0;
+  const unsigned int first = t & ~31u;
+  for (unsigned int i = 0; i < 32 && first + i < count; ++i) {
+    if (ballot_votes[first + i]) bits |= 1u << i;
+  }
+  __syncthreads();
+  return bits;
+}
+inline int __popc(unsigned int v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned int v) { return __builtin_ffs(static_cast<int>(v)); }
 template <class P>
 inline P __ldcs(const P* address) {
@@ -271,6 +288,7 @@ extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int g
   const unsigned int threads = block_x * block_y;
   if (threads == 0 || threads > kMaxThreads) return -3;
   if (count != entry->arity) return -4;
+  ballot_votes.assign(threads, 0);
   gridDim = dim3{grid_x, grid_y, 1};
   blockDim = dim3{block_x, block_y, 1};
   // The block's threads walk the blocks in the same order; a barrier after each block keeps the

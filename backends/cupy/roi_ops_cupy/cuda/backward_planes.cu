@@ -1,21 +1,20 @@
-// ---- roi_pool_backward_planes<T, kBlock>: gradient planes summed in shared memory -----------
+// ---- roi_pool_backward_planes<T, R, kBlock>: gradient planes summed in shared memory --------
 // The backward without global atomics or zero fill. One block per (image, channel block) keeps
 // the block's gradient planes (channels_per_block * HW accumulators, float32 for the 16-bit
-// types) in dynamic shared memory, reads its image's ROIs from the list roi_ops_group_rois
-// wrote before it on the stream (group_rois.cu; `groups`, K + N + 1 int32) 1024 at a time,
-// adds their gradients there with shared-memory atomics and writes the planes out once,
-// rounded: grad_input needs no zero fill and no conversion pass. kBlock is 256, or 1024 for
-// planes so large that one block fills an SM's shared memory (enough loads in flight). Each
-// thread walks its elements (ROI of the round, channel, bin) in steps of the block with a
-// mixed-radix counter, so the inner loop has no division (add_round). A dense grad_output (the
-// argmax's strides) is addressed with one 32-bit offset per element; any other through its
-// strides and a table of the bins' offsets. Grid: N * ceil(C / channels_per_block) blocks,
-// channel block fastest; kBlock threads; dynamic shared memory PH * PW * 8 + channels_per_block
-// * HW * sizeof(accumulator) bytes. grad_input (N, C, H, W) of T, contiguous or channels_last.
-// Requires channels_per_block * PH * PW * kBlock < 2^31 and K < 2^31. Not run-to-run
-// deterministic (the order of the shared-memory additions varies). Arguments: grad_output and
-// its strides, argmax, groups, then as the atomic kernel's from N (grad_input of T, in either
-// layout), then K.
+// types) in dynamic shared memory, finds its image's ROIs 1024 at a time (four per thread in
+// 256-thread blocks; in order, by block-wide ballots; the next round's batch indices load while
+// this round's gradients are added), adds their gradients there with shared-memory atomics and
+// writes the planes out once, rounded: grad_input needs no zero fill and no conversion pass.
+// kBlock is 256, or 1024 for planes so large that one block fills an SM's shared memory (enough
+// loads in flight). Each thread walks its elements (ROI of the round, channel, bin) in steps of
+// the block with a mixed-radix counter, so the inner loop has no division (add_round). A dense
+// grad_output (the argmax's strides) is addressed with one 32-bit offset per element; any
+// other through its strides and a table of the bins' offsets. Grid: N * ceil(C /
+// channels_per_block) blocks, channel block fastest; kBlock threads; dynamic shared memory
+// PH * PW * 8 + channels_per_block * HW * sizeof(accumulator) bytes. grad_input (N, C, H, W)
+// of T, contiguous or channels_last. Requires channels_per_block * PH * PW * kBlock < 2^31 and
+// K < 2^31. Not run-to-run deterministic (the order of the shared-memory additions varies).
+// Arguments as the atomic kernel's (grad_input of T, in either layout), then K.
 namespace roi_ops_cuda {
 constexpr int kPlanesUnroll = 4;  // independent (argmax, gradient) loads in flight per thread
 
@@ -147,24 +146,28 @@ __device__ __forceinline__ void planes_round(
 }
 
 // The planes kernel's work in one block: the gradient planes of channels [c0, c0 + channels)
-// of one image, HW pixels each, written to grad_planes (channel and pixel strides gi_channel,
-// gi_pixel), from the `group_size` ROIs of that image listed at `group` (group_rois.cu).
-template <class T, int kBlock>
+// of `image`, HW pixels each, written to grad_planes (channel and pixel strides gi_channel,
+// gi_pixel), from the ROIs of that image: found among all K by their batch indices, or
+// (kGrouped) the `group_size` ROIs listed at `group` (group_rois.cu).
+template <class T, class R, int kBlock, bool kGrouped>
 __device__ __forceinline__ void planes_block(
     const T* __restrict__ grad_output, const i64 gs0, const i64 gs1, const i64 gs2, const i64 gs3,
-    const int* __restrict__ argmax, const i64 C, const i64 HW, const i64 PH, const i64 PW,
-    const i64 c0, const unsigned int channels, T* __restrict__ const grad_planes,
-    const i64 gi_channel, const i64 gi_pixel, const i64 K, const int* __restrict__ group,
-    const int group_size) {
+    const int* __restrict__ argmax, const R* __restrict__ rois, const i64 rs0, const i64 N,
+    const i64 C, const i64 HW, const i64 PH, const i64 PW, const int image, const i64 c0,
+    const unsigned int channels, T* __restrict__ const grad_planes, const i64 gi_channel,
+    const i64 gi_pixel, const i64 K, const int* __restrict__ group, const int group_size) {
   typedef typename Accum<T>::type A;
   const unsigned int bins = static_cast<unsigned int>(PH * PW);
   i64* bin_offset = reinterpret_cast<i64*>(roi_dynamic_shared);  // grad_output offset of each bin
   A* planes = reinterpret_cast<A*>(bin_offset + bins);
-  // ROIs a thread reads into a round: more ROIs per round, fewer barriers.
-  constexpr int kRead = kBlock == 256 ? 4 : 1;
-  constexpr int kRound = kRead * kBlock;
-  __shared__ int round_rois[kRound];  // the round's ROIs (add_round)
+  // Batch indices each thread checks per round: more ROIs per round, fewer rounds of waiting.
+  constexpr int kScan = kBlock == 256 ? 4 : 1;
+  constexpr int kRound = kScan * kBlock;
+  __shared__ int round_rois[kRound];  // this image's ROIs of the round, in order (add_round)
+  __shared__ int warp_counts[kScan][kBlock / 32];
   const unsigned int tid = threadIdx.x;
+  const unsigned int lane = tid & 31u;
+  const unsigned int warp = tid >> 5;
   const i64 plane_size = channels * HW;
   for (unsigned int q = tid; q < bins; q += kBlock) {
     const unsigned int ph = q / static_cast<unsigned int>(PW);
@@ -172,29 +175,73 @@ __device__ __forceinline__ void planes_block(
   }
   for (i64 i = tid; i < plane_size; i += kBlock) planes[i] = A(0);
   // kDense addressing (add_round) where it applies.
-  const bool dense = gs3 == 1 && gs2 == PW && gs1 == PH * PW && gs0 == C * gs1 &&
-                     K * gs0 <= static_cast<i64>(0x7fffffff);
+  const bool dense = gs3 == 1 && gs2 == PW && gs1 == PH * PW &&
+                     gs0 == C * gs1 && K * gs0 <= static_cast<i64>(0x7fffffff);
   const unsigned int pixels = static_cast<unsigned int>(HW);  // plane_size is below 2^31
   // This thread's first element of a round as (ROI of the round, channel, bin), and the block's
   // step (kBlock elements).
   const OutputWalk round_start(tid, kBlock, channels, bins);
-  for (int r0 = 0; r0 < group_size; r0 += kRound) {
-    const unsigned int found =
-        static_cast<unsigned int>(group_size - r0 < kRound ? group_size - r0 : kRound);
+  if constexpr (kGrouped) {
+    for (int r0 = 0; r0 < group_size; r0 += kRound) {
+      const unsigned int found =
+          static_cast<unsigned int>(group_size - r0 < kRound ? group_size - r0 : kRound);
 #pragma unroll
-    for (int s = 0; s < kRead; ++s) {
-      const unsigned int i = s * kBlock + tid;
-      if (i < found) {
-        const i64 k = group[r0 + i];
-        round_rois[i] = static_cast<int>(dense ? (k * C + c0) * bins : k);
+      for (int s = 0; s < kScan; ++s) {
+        const unsigned int i = s * kBlock + tid;
+        if (i < found) {
+          const i64 k = group[r0 + i];
+          round_rois[i] = static_cast<int>(dense ? (k * C + c0) * bins : k);
+        }
       }
+      __syncthreads();  // also orders the table and the zero fill (first round) before their use
+      planes_round<A, kBlock>(dense, channels, grad_output, argmax, round_rois,
+                                         found, round_start, gs0, gs1, C, bin_offset, c0, planes,
+                                         pixels);
+      __syncthreads();  // before round_rois is overwritten
     }
-    __syncthreads();  // also orders the table and the zero fill (first round) before their use
-    planes_round<A, kBlock>(dense, channels, grad_output, argmax, round_rois, found, round_start,
-                            gs0, gs1, C, bin_offset, c0, planes, pixels);
-    __syncthreads();  // before round_rois is overwritten
+    __syncthreads();  // the zero fill before the planes are written, when no round ran
+  } else {
+    // The image of ROI k (-1 beyond K): its batch index as int (in [0, N), N < 2^31), which
+    // keeps the kernel within its register bound too.
+    auto image_of = [&](i64 k) -> int { return k < K ? roi_image<R>(rois, rs0, k, N) : -1; };
+    // The next round's batch indices, loaded a round ahead.
+    int next_image[kScan];
+#pragma unroll
+    for (int s = 0; s < kScan; ++s) next_image[s] = image_of(s * kBlock + tid);
+    for (i64 r0 = 0; r0 < K; r0 += kRound) {
+      // This image's ROIs among the next kRound, in order, as rows [0, found) of round_rois.
+      bool mine[kScan];
+      unsigned int ballots[kScan];
+#pragma unroll
+      for (int s = 0; s < kScan; ++s) {
+        mine[s] = next_image[s] == image;
+        next_image[s] = image_of(r0 + kRound + s * kBlock + tid);
+        ballots[s] = __ballot_sync(0xffffffffu, mine[s]);
+        if (lane == 0) warp_counts[s][warp] = __popc(ballots[s]);
+      }
+      __syncthreads();  // also orders the table and the zero fill (first round) before their use
+      unsigned int found = 0;
+#pragma unroll
+      for (int s = 0; s < kScan; ++s) {
+        unsigned int offset = found;
+#pragma unroll
+        for (unsigned int w = 0; w < kBlock / 32; ++w) {
+          offset += w < warp ? warp_counts[s][w] : 0;
+          found += warp_counts[s][w];
+        }
+        if (mine[s]) {
+          const unsigned int below = __popc(ballots[s] & ((1u << lane) - 1u));
+          const i64 k = r0 + s * kBlock + tid;
+          round_rois[offset + below] = static_cast<int>(dense ? (k * C + c0) * bins : k);
+        }
+      }
+      __syncthreads();
+      planes_round<A, kBlock>(dense, channels, grad_output, argmax, round_rois,
+                                         found, round_start, gs0, gs1, C, bin_offset, c0, planes,
+                                         pixels);
+      __syncthreads();  // before round_rois and warp_counts are overwritten
+    }
   }
-  __syncthreads();  // the zero fill before the planes are written, when no round ran
   // Pointer steps: index arithmetic per element measured slower.
   const i64 step = kBlock * gi_pixel;
 #pragma unroll 1
@@ -208,17 +255,16 @@ __device__ __forceinline__ void planes_block(
 }
 }  // namespace roi_ops_cuda
 
-template <class T, int kBlock>
+template <class T, class R, int kBlock>
 __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBlock>::value)
     roi_pool_backward_planes(const T* __restrict__ grad_output, const i64 gs0, const i64 gs1,
                              const i64 gs2, const i64 gs3, const int* __restrict__ argmax,
-                             const int* __restrict__ groups, const i64 N, const i64 C,
-                             const i64 HW, const i64 PH, const i64 PW,
+                             const R* __restrict__ rois, const i64 rs0, const i64 N,
+                             const i64 C, const i64 HW, const i64 PH, const i64 PW,
                              const i64 channels_per_block, T* __restrict__ grad_input,
                              const i64 gi_image, const i64 gi_channel, const i64 gi_pixel,
                              const i64 K) {
   using namespace roi_ops_cuda;
-  (void)N;
   const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
   const int image = static_cast<int>(blockIdx.x / channel_blocks);  // N < 2^31
   const i64 c0 = (blockIdx.x - image * channel_blocks) * channels_per_block;
@@ -226,14 +272,12 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
   T* __restrict__ const grad_planes = grad_input + image * gi_image + c0 * gi_channel;
   const unsigned int channels =
       static_cast<unsigned int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
-  const int* const first = groups + K;  // each image's first position (group_rois.cu)
-  const int begin = first[image];
-  planes_block<T, kBlock>(grad_output, gs0, gs1, gs2, gs3, argmax, C, HW, PH, PW, c0, channels,
-                          grad_planes, gi_channel, gi_pixel, K, groups + begin,
-                          first[image + 1] - begin);
+  planes_block<T, R, kBlock, false>(grad_output, gs0, gs1, gs2, gs3, argmax, rois, rs0, N, C, HW,
+                                    PH, PW, image, c0, channels, grad_planes, gi_channel,
+                                    gi_pixel, K, nullptr, 0);
 }
 
-// ---- roi_pool_backward_planes_levels<T, kBlock>: the planes backward over pyramid levels ------
+// ---- roi_pool_backward_planes_levels<T, R, kBlock>: the planes backward over pyramid levels ---
 // Each level has its own run of blocks (levels.cuh: LevelPlanes, in any order; each level's
 // channels_per_block sized so that its planes fill about the same shared memory): a block sums
 // the gradients of its image's ROIs of its level, listed by roi_ops_group_rois in `groups`
@@ -241,7 +285,7 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
 // gradient is written. Arguments: the L levels' planes, L, groups, then as the planes kernel's
 // without the rois, HW, channels_per_block and the gradient's. Grid: the blocks of all levels;
 // dynamic shared memory PH * PW * 8 + the largest level's planes.
-template <class T, int kBlock>
+template <class T, class R, int kBlock>
 __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBlock, true>::value)
     roi_pool_backward_planes_levels(const roi_ops_cuda::LevelPlanes<T> planes, const i64 L,
                                     const int* __restrict__ groups,
@@ -271,7 +315,8 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
   const int* const first = groups + K;  // each group's first position (group_rois.cu)
   const i64 group = level * N + image;
   const int begin = first[group];
-  planes_block<T, kBlock>(grad_output, gs0, gs1, gs2, gs3, argmax, C, plane.HW, PH, PW, c0,
-                          channels, grad_planes, plane.gi_channel, plane.gi_pixel, K,
-                          groups + begin, first[group + 1] - begin);
+  planes_block<T, R, kBlock, true>(grad_output, gs0, gs1, gs2, gs3, argmax, nullptr, 0, N, C,
+                                   plane.HW, PH, PW, image, c0, channels, grad_planes,
+                                   plane.gi_channel, plane.gi_pixel, K, groups + begin,
+                                   first[group + 1] - begin);
 }
