@@ -734,7 +734,7 @@ def planes_levels_channels(
 ) -> tuple[int, ...]:
     """Channels per block of each level in the planes backward over levels: as many as fill
     the shared memory that ``tuning.planes_channels`` planes of the largest level take (fewer
-    blocks, each scanning every ROI once), but at most so many that each level keeps
+    blocks), but at most so many that each level keeps
     ``tuning.planes_min_blocks_per_sm * multiprocessors / L`` blocks."""
     largest = max(h * w for _, _, h, w in input_shapes)
     budget = tuning.planes_channels * largest
@@ -918,7 +918,9 @@ def plan_backward_levels(
     return Launch(name, grid, block, 0, args, (words,) + (1,) * (len(args) - words))
 
 
-def _plan_planes_levels(grad_output, argmax, rois, groups, grads, grad_words, sizes, tuning):
+def _plan_planes_levels(
+    grad_output, argmax, rois, groups, grads, grad_words, sizes, tuning
+) -> Launch:
     num_rois, channels, ph, pw = argmax.shape
     per_level = planes_levels_channels([tuple(g.shape) for g in grads], sizes, tuning)
     table, blocks = level_planes(grad_words, grads, per_level)

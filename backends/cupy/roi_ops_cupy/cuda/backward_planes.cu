@@ -175,8 +175,8 @@ __device__ __forceinline__ void planes_block(
   }
   for (i64 i = tid; i < plane_size; i += kBlock) planes[i] = A(0);
   // kDense addressing (add_round) where it applies.
-  const bool dense = gs3 == 1 && gs2 == PW && gs1 == PH * PW &&
-                     gs0 == C * gs1 && K * gs0 <= static_cast<i64>(0x7fffffff);
+  const bool dense = gs3 == 1 && gs2 == PW && gs1 == PH * PW && gs0 == C * gs1 &&
+                     K * gs0 <= static_cast<i64>(0x7fffffff);
   const unsigned int pixels = static_cast<unsigned int>(HW);  // plane_size is below 2^31
   // This thread's first element of a round as (ROI of the round, channel, bin), and the block's
   // step (kBlock elements).
@@ -194,9 +194,8 @@ __device__ __forceinline__ void planes_block(
         }
       }
       __syncthreads();  // also orders the table and the zero fill (first round) before their use
-      planes_round<A, kBlock>(dense, channels, grad_output, argmax, round_rois,
-                                         found, round_start, gs0, gs1, C, bin_offset, c0, planes,
-                                         pixels);
+      planes_round<A, kBlock>(dense, channels, grad_output, argmax, round_rois, found,
+                              round_start, gs0, gs1, C, bin_offset, c0, planes, pixels);
       __syncthreads();  // before round_rois is overwritten
     }
     __syncthreads();  // the zero fill before the planes are written, when no round ran
@@ -236,9 +235,8 @@ __device__ __forceinline__ void planes_block(
         }
       }
       __syncthreads();
-      planes_round<A, kBlock>(dense, channels, grad_output, argmax, round_rois,
-                                         found, round_start, gs0, gs1, C, bin_offset, c0, planes,
-                                         pixels);
+      planes_round<A, kBlock>(dense, channels, grad_output, argmax, round_rois, found,
+                              round_start, gs0, gs1, C, bin_offset, c0, planes, pixels);
       __syncthreads();  // before round_rois and warp_counts are overwritten
     }
   }
