@@ -21,6 +21,19 @@ __device__ __forceinline__ int group_of(const R* __restrict__ rois, i64 rs0,
   const int level = roi_level(levels, ls0, k, L);
   return level < 0 ? -1 : level * static_cast<int>(N) + roi_image<R>(rois, rs0, k, N);
 }
+
+// The groups of ROIs k0, k0 + kGroupThreads, ... (kGroupUnroll of them; -1 from K on), read
+// before any is used (loads in flight).
+template <class R>
+__device__ __forceinline__ void groups_of(const R* __restrict__ rois, i64 rs0,
+                                          const i64* __restrict__ levels, i64 ls0, i64 L, i64 N,
+                                          i64 K, i64 k0, int (&g)[kGroupUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kGroupUnroll; ++u) {
+    const i64 k = k0 + u * kGroupThreads;
+    g[u] = k < K ? group_of<R>(rois, rs0, levels, ls0, L, N, k) : -1;
+  }
+}
 }  // namespace roi_ops_cuda
 
 template <class R>
@@ -35,15 +48,10 @@ __global__ void __launch_bounds__(roi_ops_cuda::kGroupThreads)
   int* const first = groups + K;  // first[g]: see above; the counts sit at first[g + 1]
   for (int g = tid; g <= G; g += kGroupThreads) first[g] = 0;
   __syncthreads();
-  // Each pass reads kGroupUnroll ROIs' rows a thread before it uses them (loads in flight).
   constexpr i64 kStep = static_cast<i64>(kGroupThreads) * kGroupUnroll;
   for (i64 k0 = tid; k0 < K; k0 += kStep) {
     int g[kGroupUnroll];
-#pragma unroll
-    for (int u = 0; u < kGroupUnroll; ++u) {
-      const i64 k = k0 + u * kGroupThreads;
-      g[u] = k < K ? group_of<R>(rois, rs0, levels, ls0, L, N, k) : -1;
-    }
+    groups_of<R>(rois, rs0, levels, ls0, L, N, K, k0, g);
 #pragma unroll
     for (int u = 0; u < kGroupUnroll; ++u) {
       if (g[u] >= 0) atomicAdd(first + g[u] + 1, 1);
@@ -77,11 +85,7 @@ __global__ void __launch_bounds__(roi_ops_cuda::kGroupThreads)
   __syncthreads();
   for (i64 k0 = tid; k0 < K; k0 += kStep) {
     int g[kGroupUnroll];
-#pragma unroll
-    for (int u = 0; u < kGroupUnroll; ++u) {
-      const i64 k = k0 + u * kGroupThreads;
-      g[u] = k < K ? group_of<R>(rois, rs0, levels, ls0, L, N, k) : -1;
-    }
+    groups_of<R>(rois, rs0, levels, ls0, L, N, K, k0, g);
 #pragma unroll
     for (int u = 0; u < kGroupUnroll; ++u) {
       const int k = static_cast<int>(k0 + u * kGroupThreads);  // K < 2^31
