@@ -73,13 +73,16 @@ LEVELS_SUFFIX = "_levels"
 MAX_LEVELS = 8  # kMaxLevels in cuda/common.cuh
 BACKWARD_ATOMIC = "roi_pool_backward_atomic"
 BACKWARD_PLANES = "roi_pool_backward_planes"
-BACKWARD_KERNELS = (BACKWARD_ATOMIC, BACKWARD_PLANES)
+# The planes kernel reading each image's ROIs from GROUP_ROIS' list (takes no rois).
+BACKWARD_PLANES_GROUPED = "roi_pool_backward_planes_grouped"
+BACKWARD_KERNELS = (BACKWARD_ATOMIC, BACKWARD_PLANES, BACKWARD_PLANES_GROUPED)
 BACKWARD_ATOMIC_LEVELS = BACKWARD_ATOMIC + LEVELS_SUFFIX
 BACKWARD_PLANES_LEVELS = BACKWARD_PLANES + LEVELS_SUFFIX
 # The planes kernel's block sizes (its kBlock template argument).
 PLANES_THREADS = (256, 1024)
-# Lists each (level, image)'s ROIs before the planes backward over levels (one NVRTC module,
-# every rois dtype); one block of GROUP_THREADS threads (kGroupThreads).
+# Lists each (level, image)'s ROIs before the grouped planes backward and the planes backward
+# over levels (one NVRTC module, every rois dtype); one block of GROUP_THREADS threads
+# (kGroupThreads).
 GROUP_ROIS = "roi_ops_group_rois"
 GROUP_THREADS = 1024
 # The staged forward's copy of an NCHW input to channels_last (one NVRTC module, every dtype).
@@ -138,7 +141,10 @@ def backward_name(
     kernel: str, dtype: torch.dtype, rois_dtype: torch.dtype, threads: int = PLANES_THREADS[0]
 ) -> str:
     """The name expression of backward `kernel` for gradients of `dtype` and rois of
-    `rois_dtype`; the planes kernels' also name their block size (one of PLANES_THREADS)."""
+    `rois_dtype`; the planes kernels' also name their block size (one of PLANES_THREADS), and
+    the grouped one, which reads no rois, names no rois dtype."""
+    if kernel == BACKWARD_PLANES_GROUPED:
+        return f"{kernel}<{C_TYPES[dtype]}, {threads}>"
     types = f"{C_TYPES[dtype]}, {C_TYPES[rois_dtype]}"
     if kernel in (BACKWARD_PLANES, BACKWARD_PLANES_LEVELS):
         return f"{kernel}<{types}, {threads}>"
@@ -154,6 +160,7 @@ def backward_names(dtype: torch.dtype) -> tuple[str, ...]:
         if input_dtype == dtype:
             names.append(backward_name(BACKWARD_ATOMIC, dtype, rois_dtype))
             names += [backward_name(BACKWARD_PLANES, dtype, rois_dtype, t) for t in PLANES_THREADS]
+    names += [backward_name(BACKWARD_PLANES_GROUPED, dtype, dtype, t) for t in PLANES_THREADS]
     return tuple(names)
 
 

@@ -44,6 +44,7 @@ _opted_in_shared: dict[int, int] = {}
 # passes them on every call.
 FORWARD_TENSORS = ("input", "rois", "output", "argmax", "bad_roi_log")
 BACKWARD_TENSORS = ("grad_output", "argmax", "rois", "grad_input")
+PLANES_GROUPED_TENSORS = ("grad_output", "argmax", "groups", "grad_input")
 COPY_TENSORS = ("input", "output")  # the staged forward's channels_last copy
 _CHANNELS_LAST = torch.channels_last
 # The same for the multi-level launches of L levels: then each level's map (gradient).
@@ -224,15 +225,19 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 class _BackwardPlan:
     """What a backward call with a given key does: the packed launch (None: nothing to add), the
-    gradient's dtype and layout as the kernel writes it, and whether it is zero-filled first."""
+    gradient's dtype and layout as the kernel writes it, whether it is zero-filled first, and
+    for the grouped planes kernel the launch that lists each image's ROIs before it and the
+    int32 elements of its buffer (else None and 0)."""
 
-    __slots__ = ("packed", "written", "memory_format", "zero_fill")
+    __slots__ = ("packed", "written", "memory_format", "zero_fill", "grouping", "groups_size")
 
-    def __init__(self, packed, written, memory_format, zero_fill):
+    def __init__(self, packed, written, memory_format, zero_fill, grouping=None, groups_size=0):
         self.packed = packed
         self.written = written
         self.memory_format = memory_format
         self.zero_fill = zero_fill
+        self.grouping = grouping
+        self.groups_size = groups_size
 
 
 class _BackwardLevelsPlan:
@@ -351,7 +356,11 @@ class Launcher:
             )
         if plan.zero_fill:
             grad_input.zero_()
-        if plan.packed is not None:
+        if plan.grouping is not None:
+            groups = torch.empty(plan.groups_size, dtype=torch.int32, device=grad_output.device)
+            plan.grouping.launch(device, (rois, None, groups))
+            plan.packed.launch(device, (grad_output, argmax, groups, grad_input))
+        elif plan.packed is not None:
             plan.packed.launch(device, (grad_output, argmax, rois, grad_input))
         return grad_input if plan.written == input_dtype else grad_input.to(input_dtype)
 
@@ -361,7 +370,8 @@ class Launcher:
         kernel = planning.backward_kernel(
             input_shape, input_dtype, tuple(argmax.shape), sizes, self.tuning
         )
-        planes = kernel == kernels.BACKWARD_PLANES  # writes every element, rounded
+        planes = kernel != kernels.BACKWARD_ATOMIC  # writes every element, rounded
+        grouped = kernel == kernels.BACKWARD_PLANES_GROUPED
         written = input_dtype if planes else accumulate_dtype(input_dtype)
         memory_format = problem.memory_format
         if memory_format == torch.channels_last:
@@ -372,11 +382,23 @@ class Launcher:
         grad_input = torch.empty(
             input_shape, dtype=written, device="meta", memory_format=memory_format
         )
+        rois, num_images = problem.rois, input_shape[0]
+        groups_size, groups = 0, None
+        if grouped:  # a stand-in for the grouping's buffer: plans read no memory
+            groups_size = planning.group_rois_size(rois.shape[0], 1, num_images)
+            groups = torch.empty(groups_size, dtype=torch.int32, device="meta")
         launch = planning.plan_backward(
-            grad_output, argmax, problem.rois, grad_input, kernel, sizes, self.tuning
+            grad_output, argmax, rois, grad_input, kernel, sizes, self.tuning, groups
         )
-        packed = None if launch is None else PackedLaunch(device, launch, BACKWARD_TENSORS)
-        return _BackwardPlan(packed, written, memory_format, not planes)
+        if launch is None:
+            return _BackwardPlan(None, written, memory_format, not planes)
+        names = PLANES_GROUPED_TENSORS if grouped else BACKWARD_TENSORS
+        packed = PackedLaunch(device, launch, names)
+        grouping = None
+        if grouped:
+            group_plan = planning.plan_group_rois(rois, None, 1, num_images, groups)
+            grouping = PackedLaunch(device, group_plan, GROUP_ROIS_TENSORS)
+        return _BackwardPlan(packed, written, memory_format, not planes, grouping, groups_size)
 
     def forward_multi_scale(
         self, problem: MultiScaleRoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None

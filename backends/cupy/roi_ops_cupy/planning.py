@@ -541,9 +541,12 @@ def backward_kernel(
     sizes: CudaSizes,
     tuning: CupyTuning = DEFAULT_TUNING,
 ) -> str:
-    """BACKWARD_PLANES when a block's gradient planes fit in shared memory and there are enough
+    """A planes kernel when a block's gradient planes fit in shared memory and there are enough
     (image, channel) blocks or the gradient is small (``tuning.planes_small_gradient_bytes``),
-    else BACKWARD_ATOMIC. ``tuning.backward_kernel`` forces one (planes only where it can run).
+    else BACKWARD_ATOMIC. The planes kernel is BACKWARD_PLANES_GROUPED (each image's ROIs
+    listed by a launch before it) where scanning every ROI's batch index would be a large part
+    of its blocks' work (`groups_rois_first`), else BACKWARD_PLANES. ``tuning.backward_kernel``
+    forces one (a planes kernel only where it can run).
 
     Args:
         input_shape: (N, C, H, W); input_dtype: the gradient's dtype.
@@ -560,17 +563,40 @@ def backward_kernel(
         and planes_shared(plane_bytes, ph * pw) + PLANES_STATIC_SHARED
         <= sizes.shared_per_block_optin
         and per_block * ph * pw * kernels.PLANES_THREADS[-1] < INT32_LIMIT
-        and num_rois < INT32_LIMIT
+        and group_rois_size(num_rois, 1, num_images) < INT32_LIMIT
         and num_images * math.ceil(channels / per_block) < INT32_LIMIT
     )
+    planes_kernels = (kernels.BACKWARD_PLANES, kernels.BACKWARD_PLANES_GROUPED)
     if tuning.backward_kernel is not None:
-        planes = tuning.backward_kernel == kernels.BACKWARD_PLANES and can_run
-        return kernels.BACKWARD_PLANES if planes else kernels.BACKWARD_ATOMIC
+        planes = tuning.backward_kernel in planes_kernels and can_run
+        return tuning.backward_kernel if planes else kernels.BACKWARD_ATOMIC
     enough_blocks = num_images * channels >= tuning.planes_min_blocks_per_sm * sizes.multiprocessors
     gradient_bytes = num_images * channels * height * width * accumulate_dtype(input_dtype).itemsize
     small = gradient_bytes <= tuning.planes_small_gradient_bytes
-    planes = can_run and (enough_blocks or small)
-    return kernels.BACKWARD_PLANES if planes else kernels.BACKWARD_ATOMIC
+    if not (can_run and (enough_blocks or small)):
+        return kernels.BACKWARD_ATOMIC
+    blocks = num_images * math.ceil(channels / per_block)
+    threads = planes_threads(
+        planes_shared(plane_bytes, ph * pw), sizes.shared_per_block_optin, tuning
+    )
+    grouped = groups_rois_first(blocks, num_rois, threads, tuning)
+    return kernels.BACKWARD_PLANES_GROUPED if grouped else kernels.BACKWARD_PLANES
+
+
+def groups_rois_first(
+    blocks: int, num_rois: int, threads: int, tuning: CupyTuning = DEFAULT_TUNING
+) -> bool:
+    """Whether the single-level planes backward of `blocks` blocks of `threads` threads over
+    `num_rois` ROIs reads each image's ROIs from a list made by a launch before it
+    (BACKWARD_PLANES_GROUPED) rather than scanning every ROI's batch index in each block: when
+    the scans would check at least ``tuning.planes_group_min_checks`` batch indices in all, or
+    the blocks have 1,024 threads (one an SM, which idles at every barrier of the scan).
+    Measured in docs/dev-log.md ("The planes backward over levels reads lists of ROIs"): the
+    list was 1.2x to 1.4x faster at 65 M checks (big-batch) and with 1,024-thread blocks
+    (fpn-p2), and up to 1.12x slower in float32 at 1 M to 8.4 M checks."""
+    return (
+        threads == kernels.PLANES_THREADS[-1] or blocks * num_rois >= tuning.planes_group_min_checks
+    )
 
 
 def channels_last_gradient(
@@ -624,6 +650,7 @@ def plan_backward(
     kernel: str,
     sizes: CudaSizes,
     tuning: CupyTuning = DEFAULT_TUNING,
+    groups: torch.Tensor | None = None,
 ) -> Launch | None:
     """The backward launch (None when there is nothing to launch).
 
@@ -634,14 +661,16 @@ def plan_backward(
         grad_input: (N, C, H, W), contiguous or channels_last: for BACKWARD_ATOMIC zero-filled, of
             `accumulate_dtype(grad_output.dtype)`; for BACKWARD_PLANES of grad_output's dtype,
             any contents (every element is written).
-        kernel: BACKWARD_ATOMIC or BACKWARD_PLANES (see `backward_kernel`).
+        kernel: one of kernels.BACKWARD_KERNELS (see `backward_kernel`).
         sizes: the device's SM count, L2 size (0: grad_input counts as not cached) and the
             shared memory a block may opt in to (picks the planes kernel's block size).
         tuning: the planning constants.
+        groups: for BACKWARD_PLANES_GROUPED, the int32 buffer in which `plan_group_rois`'s
+            launch (one level, queued before this one) lists each image's ROIs.
 
     Raises:
-        ValueError: grad_input's H stride is not W times its W stride; the planes kernel with
-            no ROI or no bin.
+        ValueError: grad_input's H stride is not W times its W stride; a planes kernel with no
+            ROI or no bin; BACKWARD_PLANES_GROUPED without `groups`.
     """
     num_rois, channels, ph, pw = argmax.shape
     if grad_input.numel() == 0 or (argmax.numel() == 0 and kernel == kernels.BACKWARD_ATOMIC):
@@ -653,12 +682,19 @@ def plan_backward(
             f"grad_input's H stride must be W times its W stride (contiguous or channels_last), "
             f"got strides {grad_input.stride()} for shape {tuple(grad_input.shape)}"
         )
+    sources = (pointer("rois", rois), integer("rs0", rois.stride(0)))
+    if kernel == kernels.BACKWARD_PLANES_GROUPED:
+        if groups is None:
+            raise ValueError(
+                "groups: the grouped planes backward reads each image's ROIs from "
+                "plan_group_rois' buffer; got None"
+            )
+        sources = (pointer("groups", groups),)
     head = (
         pointer("grad_output", grad_output),
         *_grad_output_strides(grad_output),
         pointer("argmax", argmax),
-        pointer("rois", rois),
-        integer("rs0", rois.stride(0)),
+        *sources,
         integer("N", num_images),
         integer("C", channels),
         integer("HW", height * width),
@@ -671,7 +707,7 @@ def plan_backward(
         integer("gi_channel", channel_stride),
         integer("gi_pixel", pixel_stride),
     )
-    if kernel == kernels.BACKWARD_PLANES:
+    if kernel != kernels.BACKWARD_ATOMIC:
         if argmax.numel() == 0:
             raise ValueError("the planes backward needs at least one ROI and one bin")
         per_block = tuning.planes_channels
@@ -757,8 +793,8 @@ def backward_levels_kernel(
 ) -> str:
     """BACKWARD_PLANES_LEVELS when every level's block of gradient planes fits in shared memory
     and there are enough blocks (as `backward_kernel` decides for one level), else
-    BACKWARD_ATOMIC_LEVELS. ``tuning.backward_kernel`` forces one (BACKWARD_PLANES asks for
-    the planes kernels, which run only where they can)."""
+    BACKWARD_ATOMIC_LEVELS. ``tuning.backward_kernel`` forces one (BACKWARD_PLANES or
+    BACKWARD_PLANES_GROUPED asks for the planes kernels, which run only where they can)."""
     num_rois, _, ph, pw = argmax_shape
     per_level = planes_levels_channels(input_shapes, sizes, tuning)
     accumulator = accumulate_dtype(input_dtype).itemsize
@@ -777,7 +813,8 @@ def backward_levels_kernel(
         and blocks < INT32_LIMIT
     )
     if tuning.backward_kernel is not None:
-        planes = tuning.backward_kernel == kernels.BACKWARD_PLANES and can_run
+        planes_kernels = (kernels.BACKWARD_PLANES, kernels.BACKWARD_PLANES_GROUPED)
+        planes = tuning.backward_kernel in planes_kernels and can_run
     else:
         planes = can_run and blocks >= tuning.planes_min_blocks_per_sm * sizes.multiprocessors
     return kernels.BACKWARD_PLANES_LEVELS if planes else kernels.BACKWARD_ATOMIC_LEVELS
@@ -816,16 +853,17 @@ def group_rois_size(num_rois: int, num_levels: int, num_images: int) -> int:
 
 
 def plan_group_rois(
-    rois: torch.Tensor, levels: torch.Tensor, num_levels: int, num_images: int,
+    rois: torch.Tensor, levels: torch.Tensor | None, num_levels: int, num_images: int,
     groups: torch.Tensor,
 ) -> Launch:  # fmt: skip
     """The launch that lists each (level, image) group's ROIs into `groups` (one block;
-    cuda/group_rois.cu), for the planes backward over levels, which reads them after it on the
-    same stream.
+    cuda/group_rois.cu), for the grouped planes backward or the planes backward over levels,
+    which reads them after it on the same stream.
 
     Args:
         rois: the forward's (K, 5) rois, any strides (the kernel reads each batch index).
-        levels: the forward's (K,) int64 levels, any stride.
+        levels: the forward's (K,) int64 levels, any stride; None for a single-level call
+            (then `num_levels` is 1).
         num_levels: L; num_images: N.
         groups: int32 of `group_rois_size` (K, L, N) elements, any contents.
     """
@@ -833,7 +871,7 @@ def plan_group_rois(
         pointer("rois", rois),
         integer("rs0", rois.stride(0)),
         pointer("levels", levels),
-        integer("ls0", levels.stride(0)),
+        integer("ls0", 0 if levels is None else levels.stride(0)),
         integer("L", num_levels),
         integer("N", num_images),
         integer("K", rois.shape[0]),

@@ -42,6 +42,10 @@ class CupyTuning:
             accumulation dtype, float32 for 16-bit inputs) take the planes backward whatever
             their block count: both kernels then take less device time than the host spends
             on a launch, and the planes kernel needs no zero fill (one launch instead of two).
+        planes_group_min_checks: the single-level planes backward reads each image's ROIs
+            from a list made before it (`planning.groups_rois_first`) when its blocks would
+            otherwise check at least this many batch indices in all (blocks x K); set between
+            the measured 8.4 M (no gain) and 65 M (1.2x faster).
         small_roi_outputs: inputs with a unit W stride whose ROIs have at most this many
             outputs (C * PH * PW) take the small kernel (many ROIs per block) instead of the
             unit kernel (one ROI per block); 0 never.
@@ -55,8 +59,9 @@ class CupyTuning:
             staged (outputs permitting) only with at most this many bins per ROI.
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
-        backward_kernel: None, or `kernels.BACKWARD_ATOMIC` / `kernels.BACKWARD_PLANES` (planes
-            only where its planes fit in shared memory).
+        backward_kernel: None, or `kernels.BACKWARD_ATOMIC`, `kernels.BACKWARD_PLANES` or
+            `kernels.BACKWARD_PLANES_GROUPED` (planes only where its planes fit in shared
+            memory).
         planes_threads: None, or the planes backward's block size (`kernels.PLANES_THREADS`).
         channels_last_gradient: None, or whether the backward writes a channels_last input's
             gradient channels_last (else contiguous, which roi_ops copies).
@@ -73,6 +78,7 @@ class CupyTuning:
     planes_channels: int = 1
     planes_min_blocks_per_sm: int = 4
     planes_small_gradient_bytes: int = 8 << 20
+    planes_group_min_checks: int = 1 << 24
     small_roi_outputs: int = 1024
     small_block_elements: int = 4096
     stage_channels_last: bool | None = None

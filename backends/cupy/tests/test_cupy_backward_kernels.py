@@ -1,6 +1,7 @@
 """The CuPy backend's backward kernels (atomic and planes) against the scalar reference: on the
 CPU emulator without a GPU, through CuPy on a CUDA device (the `runner` fixture). Each kernel
-reads the ROIs' batch indices from the rois itself."""
+reads the ROIs' batch indices from the rois itself, but the grouped planes kernel, which reads
+each image's ROIs from the grouping launch's list."""
 
 from __future__ import annotations
 
@@ -29,14 +30,27 @@ def _gradient_strides(shape, layout: str) -> tuple[int, ...]:
     return torch.empty(shape, device="meta", memory_format=GRADIENT_LAYOUTS[layout]).stride()
 
 
-def run_planes(runner, grad_output, argmax, rois, shape, dtype, layout, tuning=DEFAULT_TUNING):
-    """grad_input (in `layout`) from the planes kernel, poisoned first (every element must be
-    written), inside a guard buffer."""
+PLANES_KERNELS = (kernels.BACKWARD_PLANES, kernels.BACKWARD_PLANES_GROUPED)
+
+
+def run_planes(
+    runner, grad_output, argmax, rois, shape, dtype, layout, tuning=DEFAULT_TUNING,
+    kernel=kernels.BACKWARD_PLANES,
+):  # fmt: skip
+    """grad_input (in `layout`) from a planes kernel, poisoned first (every element must be
+    written), inside a guard buffer; the grouped one after the grouping launch, which writes a
+    buffer poisoned first too."""
     strides = _gradient_strides(shape, layout)
     grad_input, buffer = guarded(shape, strides, dtype, runner.device, -7.0)
     grad_input.fill_(math.nan)
+    groups = None
+    if kernel == kernels.BACKWARD_PLANES_GROUPED:
+        num_images = shape[0]
+        size = planning.group_rois_size(rois.shape[0], 1, num_images)
+        groups = torch.full((size,), -7, dtype=torch.int32, device=runner.device)
+        runner.launch(planning.plan_group_rois(rois, None, 1, num_images, groups))
     launch = planning.plan_backward(
-        grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES, sizes(1), tuning
+        grad_output, argmax, rois, grad_input, kernel, sizes(1), tuning, groups
     )
     runner.launch(launch)
     check_guards(buffer, -7.0)
@@ -90,13 +104,15 @@ def test_backward_scatter(runner, dtype, layout):
             multiprocessors, grid_y,
         )  # fmt: skip
         assert torch.equal(result.cpu().to(torch.float64), reference)
-        # The planes kernel: one channel per block, then blocks of 2 (the last one short); blocks
-        # of 256 and of 1024 threads.
-        for channels, threads in itertools.product((1, 2), kernels.PLANES_THREADS):
+        # The planes kernels: one channel per block, then blocks of 2 (the last one short);
+        # blocks of 256 and of 1024 threads; scanning the ROIs and reading their lists.
+        for channels, threads, kernel in itertools.product(
+            (1, 2), kernels.PLANES_THREADS, PLANES_KERNELS
+        ):
             tuning = replace(DEFAULT_TUNING, planes_channels=channels, planes_threads=threads)
             planes = run_planes(
                 runner, grad_output, argmax.to(device), strided_rois, x.shape, dtype, layout,
-                tuning,
+                tuning, kernel,
             )  # fmt: skip
             assert torch.equal(planes.cpu(), reference.to(dtype))
 
@@ -105,11 +121,11 @@ def test_backward_scatter(runner, dtype, layout):
 @pytest.mark.parametrize(
     "kernel, threads",
     [(kernels.BACKWARD_ATOMIC, None)]
-    + [(kernels.BACKWARD_PLANES, t) for t in kernels.PLANES_THREADS],
+    + [(kernel, t) for kernel in PLANES_KERNELS for t in kernels.PLANES_THREADS],
 )
 @pytest.mark.parametrize("layout", list(GRADIENT_LAYOUTS))
 def test_backward_many_rois_in_rounds(runner, dtype, kernel, threads, layout):
-    """2600 ROIs (the planes kernel collects an image's ROIs 1024 at a time, the last round
+    """2600 ROIs (the planes kernels take an image's ROIs 1024 at a time, the last round
     short), images interleaved, some ROIs invalid (batch index N, -1, NaN, fractional), into a
     gradient in `layout`; float16/bfloat16 sums pass their precision and are rounded once."""
     g = torch.Generator().manual_seed(7)
@@ -130,9 +146,9 @@ def test_backward_many_rois_in_rounds(runner, dtype, kernel, threads, layout):
     expected = reference_roi_pool_backward(grad, argmax, rois, tuple(x.shape))
     device = runner.device
     args = (grad.to(device), argmax.to(device), rois.to(device))
-    if kernel == kernels.BACKWARD_PLANES:
+    if kernel in PLANES_KERNELS:
         tuning = replace(DEFAULT_TUNING, planes_threads=threads)
-        result = run_planes(runner, *args, tuple(x.shape), dtype, layout, tuning).cpu()
+        result = run_planes(runner, *args, tuple(x.shape), dtype, layout, tuning, kernel).cpu()
     else:
         result = run_atomic(runner, *args, x.shape, layout).cpu().to(dtype)
     # Atomic sums come in any order: within the summation bound of the exact float64 sum.

@@ -249,3 +249,33 @@ def test_channels_last_gradients_are_written_channels_last_while_they_fit_in_l2(
 
 def _levels_of(rois):
     return roi_levels(rois, *level_range(SCALES))
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [launch_module.kernels.BACKWARD_PLANES, launch_module.kernels.BACKWARD_PLANES_GROUPED],
+)
+def test_single_level_planes_backward_through_the_launcher(backend, kernel):
+    """`roi_ops.roi_pool` on one map through the launcher: the grouped planes backward queues
+    the grouping launch before it and passes its buffer (two calls: the cached plan takes each
+    call's tensors); gradients equal the torch backend's."""
+    from roi_ops_cupy.tuning import DEFAULT_TUNING
+
+    backend.launcher = launch_module.Launcher(replace(DEFAULT_TUNING, backward_kernel=kernel))
+    g = torch.Generator().manual_seed(12)
+    rois = _boxes(torch.float32, count=40, seed=13)  # row 5 inverted: no gradient
+    for seed in (14, 15):
+        x = torch.randn(NUM_IMAGES, 3, 24, 32, generator=torch.Generator().manual_seed(seed))
+        x.requires_grad_(True)
+        out = roi_ops.roi_pool(x, rois, (3, 4), 1 / 8, backend=backend.name)
+        grad = torch.randint(-3, 4, out.shape, generator=g).float()  # exact sums in any order
+        (actual,) = torch.autograd.grad(out, x, grad)
+        expected = roi_ops.roi_pool(x, rois, (3, 4), 1 / 8, backend="torch")
+        (wanted,) = torch.autograd.grad(expected, x, grad)
+        assert_same_bits(out.detach(), expected.detach())
+        assert torch.equal(actual, wanted) and bool(wanted.ne(0).any())
+    grouped = kernel == launch_module.kernels.BACKWARD_PLANES_GROUPED
+    built = EmulatedPackedLaunch.built
+    assert any(name.startswith(kernel + "<") for name in built)
+    assert any(name.startswith("roi_ops_group_rois<") for name in built) == grouped
+    assert len(backend.launcher._backward) == 1

@@ -169,6 +169,8 @@ def test_kernel_names_and_modules():
         "roi_pool_backward_atomic<roi_bf16, float>",
         "roi_pool_backward_planes<roi_bf16, float, 256>",
         "roi_pool_backward_planes<roi_bf16, float, 1024>",
+        "roi_pool_backward_planes_grouped<roi_bf16, 256>",  # reads no rois
+        "roi_pool_backward_planes_grouped<roi_bf16, 1024>",
     )
     name = kernels.backward_name(kernels.BACKWARD_PLANES, torch.float16, torch.float32, 1024)
     assert kernels.module_names(name) == kernels.backward_names(torch.float16)
@@ -198,13 +200,19 @@ def test_kernel_names_and_modules():
         f"roi_ops_copy_channels_last<{t}>" for t in ("roi_half", "roi_bf16", "float", "double")
     )
     assert kernels.module_names(kernels.copy_name(torch.float32)) == kernels.copy_names()
-    # The grouping before the planes backward over levels: one module, one a rois dtype.
+    name = kernels.backward_name(kernels.BACKWARD_PLANES_GROUPED, torch.float16, torch.float32)
+    assert name == "roi_pool_backward_planes_grouped<roi_half, 256>"
+    assert kernels.module_names(name) == kernels.backward_names(torch.float16)
+    # The grouping before the grouped planes backward and the planes backward over levels: one
+    # module, one a rois dtype.
     assert kernels.group_rois_names() == tuple(
         f"roi_ops_group_rois<{t}>" for t in ("roi_half", "roi_bf16", "float", "double")
     )
     name = kernels.group_rois_name(torch.float16)
     assert kernels.module_names(name) == kernels.group_rois_names()
-    assert len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 6 + 4 + 4
+    assert (
+        len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 6 + 4 * 2 + 4 + 4
+    )
 
 
 def test_source_is_self_contained_and_split_by_family():
@@ -219,6 +227,9 @@ def test_source_is_self_contained_and_split_by_family():
     hooks = re.findall(r"^\s*#\s*if.*ROI_OPS_HOST_EMULATION", header, re.MULTILINE)
     assert hooks == ["#ifndef ROI_OPS_HOST_EMULATION"]  # one block of PTX primitives
     for kernel in (*kernels.FORWARD_KERNELS, *kernels.BACKWARD_KERNELS):
+        if kernel == kernels.BACKWARD_PLANES_GROUPED:  # the planes family's, single-level only
+            assert f"{kernel}(" in (CUDA_DIR / "backward_planes.cu").read_text()
+            continue
         family = kernel.removeprefix("roi_pool_") + ".cu"
         assert f"{kernel}(" in (CUDA_DIR / family).read_text(), family
         assert f"{kernel}_levels(" in (CUDA_DIR / family).read_text(), family
@@ -269,9 +280,12 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
         assert launch.name.startswith(kernel + "<"), (kernel, launch.name)
         assert [n for n, _ in launch.args] == _parameters(kernel)
     grad = torch.ones(3, 24, 3, 3)
+    groups = torch.empty(planning.group_rois_size(3, 1, 2), dtype=torch.int32)
     for kernel in kernels.BACKWARD_KERNELS:
         grad_input = torch.zeros(2, 24, 9, 11)
-        launch = planning.plan_backward(grad, grad.int(), rois, grad_input, kernel, sizes)
+        launch = planning.plan_backward(
+            grad, grad.int(), rois, grad_input, kernel, sizes, groups=groups
+        )
         assert [n for n, _ in launch.args] == _parameters(kernel)
     # The multi-level kernels: the table of levels (one struct parameter of named words), then
     # one word per parameter.

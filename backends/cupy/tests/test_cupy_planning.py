@@ -194,7 +194,7 @@ def test_empty_outputs_launch_only_to_record_bad_rois():
 def test_plans_name_every_tensor_argument(layout):
     """The launcher swaps tensors by argument name: the names it uses exist, and no other
     argument holds one of the tensors' pointers."""
-    from roi_ops_cupy.launch import BACKWARD_TENSORS, FORWARD_TENSORS
+    from roi_ops_cupy.launch import BACKWARD_TENSORS, FORWARD_TENSORS, PLANES_GROUPED_TENSORS
 
     x = place_input(torch.randn(2, 20, 9, 11), layout, "cpu")
     rois = torch.tensor([[0, 1.0, 1.0, 8.0, 7.0]] * 3)
@@ -208,11 +208,16 @@ def test_plans_name_every_tensor_argument(layout):
     pointers = {t.data_ptr() for t in tensors}
     assert not any(v.item() in pointers for i, (_, v) in enumerate(plan.args) if i not in named)
     grad = torch.randn(3, 20, 3, 3)
+    groups = torch.zeros(planning.group_rois_size(3, 1, 2), dtype=torch.int32)
     for kernel in kernels.BACKWARD_KERNELS:
         grad_input = torch.zeros(2, 20, 9, 11)
-        launch = planning.plan_backward(grad, arg, rois, grad_input, kernel, sizes(132, 0, OPTIN))
-        tensors = (grad, arg, rois, grad_input)
-        assert [launch.value(n) for n in BACKWARD_TENSORS] == [t.data_ptr() for t in tensors]
+        launch = planning.plan_backward(
+            grad, arg, rois, grad_input, kernel, sizes(132, 0, OPTIN), groups=groups
+        )
+        names, tensors = BACKWARD_TENSORS, (grad, arg, rois, grad_input)
+        if kernel == kernels.BACKWARD_PLANES_GROUPED:
+            names, tensors = PLANES_GROUPED_TENSORS, (grad, arg, groups, grad_input)
+        assert [launch.value(n) for n in names] == [t.data_ptr() for t in tensors]
     with pytest.raises(KeyError, match="has no argument 'nothing'"):
         plan.position("nothing")
 
@@ -220,11 +225,20 @@ def test_plans_name_every_tensor_argument(layout):
 def test_backward_kernel_choice():
     choose = planning.backward_kernel
     planes, atomic = kernels.BACKWARD_PLANES, kernels.BACKWARD_ATOMIC
+    grouped = kernels.BACKWARD_PLANES_GROUPED
     h200 = sizes(132, 50 * 2**20, OPTIN)
     assert choose((2, 1024, 38, 63), torch.float32, (512, 1024, 7, 7), h200) == planes
     assert choose((2, 1024, 38, 63), torch.float16, (512, 1024, 14, 14), h200) == planes
-    # a 200 x 272 float32 plane (218 KB) fits: one block of 1024 threads per SM
-    assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), h200) == planes
+    assert choose((8, 256, 50, 68), torch.float32, (4096, 256, 14, 14), h200) == planes  # 8.4 M
+    # 4,096 blocks scanning 16,000 ROIs each (65 M checks): each image's ROIs listed first
+    assert choose((16, 256, 100, 136), torch.float32, (16000, 256, 7, 7), h200) == grouped
+    never = CupyTuning(planes_group_min_checks=2**62)
+    assert choose((16, 256, 100, 136), torch.float32, (16000, 256, 7, 7), h200, never) == planes
+    # a 200 x 272 float32 plane (218 KB) fits: one block of 1024 threads per SM, listed ROIs
+    assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), h200) == grouped
+    assert planning.groups_rois_first(2048, 4096, 1024)
+    assert not planning.groups_rois_first(2048, 4096, 256)
+    assert planning.groups_rois_first(4096, 4096, 256)  # 2^24 checks
     small = sizes(132, 50 * 2**20, 99 * 1024)
     assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), small) == atomic
     # few planes: the atomic kernel, unless the gradient is small enough for one launch to win
@@ -244,7 +258,11 @@ def test_backward_kernel_choice():
     )
     forced = CupyTuning(backward_kernel=planes)
     assert choose((1, 16, 38, 63), torch.float32, (512, 16, 7, 7), h200, forced) == planes
+    assert choose((8, 256, 200, 272), torch.float32, (4096, 256, 7, 7), h200, forced) == planes
     assert choose((2, 1, 300, 300), torch.float32, (5, 1, 7, 7), h200, forced) == atomic  # no fit
+    forced = CupyTuning(backward_kernel=grouped)
+    assert choose((1, 16, 38, 63), torch.float32, (512, 16, 7, 7), h200, forced) == grouped
+    assert choose((2, 1, 300, 300), torch.float32, (5, 1, 7, 7), h200, forced) == atomic
 
 
 def test_channels_last_gradient_while_it_fits_in_l2():
@@ -312,6 +330,23 @@ def test_backward_plans_size_blocks_and_shared_memory():
         planning.plan_backward(
             grad_output[:0], empty, rois[:0], grad_input, kernels.BACKWARD_PLANES, sizes(1)
         )
+    # The grouped planes kernel reads the grouping's buffer instead of the rois.
+    groups = torch.zeros(planning.group_rois_size(600, 1, 3), dtype=torch.int32)
+    grouped = planning.plan_backward(
+        grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES_GROUPED,
+        sizes(132, 0, OPTIN), groups=groups,
+    )  # fmt: skip
+    assert grouped.name == "roi_pool_backward_planes_grouped<float, 256>"
+    assert grouped.grid == planes.grid and grouped.shared_mem == planes.shared_mem
+    assert grouped.value("groups") == groups.data_ptr() and grouped.value("K") == 600
+    with pytest.raises(KeyError):
+        grouped.position("rois")
+    with pytest.raises(ValueError, match="groups: the grouped planes backward"):
+        planning.plan_backward(
+            grad_output, argmax, rois, grad_input, kernels.BACKWARD_PLANES_GROUPED, sizes(1)
+        )
+    grouping = planning.plan_group_rois(rois, None, 1, 3, groups)
+    assert grouping.value("levels") == 0 and grouping.value("L") == 1
 
 
 def test_backward_levels_kernel_and_channels_per_level():

@@ -42,6 +42,8 @@ VARIANTS = {
         )
         for t in kernels.PLANES_THREADS
     },
+    "planes, scanning": replace(DEFAULT_TUNING, backward_kernel=kernels.BACKWARD_PLANES),
+    "planes, grouped": replace(DEFAULT_TUNING, backward_kernel=kernels.BACKWARD_PLANES_GROUPED),
 }
 
 

@@ -275,6 +275,38 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
                                     gi_pixel, K, nullptr, 0);
 }
 
+// ---- roi_pool_backward_planes_grouped<T, kBlock>: the planes kernel reading its image's list ---
+// roi_pool_backward_planes with each block reading its image's ROIs from the list that
+// roi_ops_group_rois wrote in `groups` (one level: K + N + 1 int32, launched before on the same
+// stream) instead of scanning all K batch indices: for problems where that scan is most of a
+// block's work (planning.backward_kernel). Arguments as roi_pool_backward_planes' with groups
+// in place of the rois and rs0.
+template <class T, int kBlock>
+__global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBlock>::value)
+    roi_pool_backward_planes_grouped(const T* __restrict__ grad_output, const i64 gs0,
+                                     const i64 gs1, const i64 gs2, const i64 gs3,
+                                     const int* __restrict__ argmax,
+                                     const int* __restrict__ groups, const i64 N, const i64 C,
+                                     const i64 HW, const i64 PH, const i64 PW,
+                                     const i64 channels_per_block, T* __restrict__ grad_input,
+                                     const i64 gi_image, const i64 gi_channel,
+                                     const i64 gi_pixel, const i64 K) {
+  using namespace roi_ops_cuda;
+  const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
+  const int image = static_cast<int>(blockIdx.x / channel_blocks);  // N < 2^31
+  const i64 c0 = (blockIdx.x - image * channel_blocks) * channels_per_block;
+  T* __restrict__ const grad_planes = grad_input + image * gi_image + c0 * gi_channel;
+  const unsigned int channels =
+      static_cast<unsigned int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
+  const int* const first = groups + K;  // each image's first position (group_rois.cu)
+  const int begin = first[image];
+  // The rois type is unused where the ROIs come listed.
+  planes_block<T, float, kBlock, true>(grad_output, gs0, gs1, gs2, gs3, argmax, nullptr, 0, N,
+                                       C, HW, PH, PW, image, c0, channels, grad_planes,
+                                       gi_channel, gi_pixel, K, groups + begin,
+                                       first[image + 1] - begin);
+}
+
 // ---- roi_pool_backward_planes_levels<T, R, kBlock>: the planes backward over pyramid levels ---
 // Each level has its own run of blocks (levels.cuh: LevelPlanes, in any order; each level's
 // channels_per_block sized so that its planes fill about the same shared memory): a block sums

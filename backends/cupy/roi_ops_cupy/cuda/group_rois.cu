@@ -1,9 +1,10 @@
-// ---- roi_ops_group_rois<R>: each (level, image)'s ROIs, for the planes backward over levels ----
-// The planes backward over levels gives a block one image of one level; this kernel lists each
-// such group's ROIs once, so that a block reads its group's ROIs instead of scanning all K.
-// ROI k with level l (levels.cuh: roi_level) belongs to group g = l * N + roi_image(k); a ROI
-// with no level belongs to none. One block of kGroupThreads threads writes, in groups (K + G + 1
-// int32, G = L * N):
+// ---- roi_ops_group_rois<R>: each (level, image)'s ROIs, for the planes backward ---------------
+// The planes backward over levels gives a block one image of one level (the grouped single-level
+// planes kernel, one image); this kernel lists each such group's ROIs once, so that a block
+// reads its group's ROIs instead of scanning all K. ROI k with level l (levels.cuh: roi_level;
+// with levels null every ROI has level 0 and L is 1) belongs to group g = l * N + roi_image(k);
+// a ROI with no level belongs to none. One block of kGroupThreads threads writes, in groups
+// (K + G + 1 int32, G = L * N):
 //   groups[0, grouped): ROI indices, group by group in group order, any order within a group;
 //   groups[K + g]: the first position of group g, for g in [0, G]; groups[K + G] = grouped.
 // The counts are kept at groups[K + 1 + g] while counting, turned into each group's first
@@ -18,7 +19,7 @@ template <class R>
 __device__ __forceinline__ int group_of(const R* __restrict__ rois, i64 rs0,
                                         const i64* __restrict__ levels, i64 ls0, i64 L, i64 N,
                                         i64 k) {
-  const int level = roi_level(levels, ls0, k, L);
+  const int level = levels == nullptr ? 0 : roi_level(levels, ls0, k, L);
   return level < 0 ? -1 : level * static_cast<int>(N) + roi_image<R>(rois, rs0, k, N);
 }
 
