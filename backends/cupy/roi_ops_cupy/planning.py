@@ -846,6 +846,11 @@ def level_planes(
     return tuple(words), next_block
 
 
+# The grouping kernel counts in shared memory while its L * N + 1 counters take at most this
+# many bytes (else in its global buffer, with contended atomics).
+GROUP_SHARED_COUNTS_BYTES = 32 * 1024
+
+
 def group_rois_size(num_rois: int, num_levels: int, num_images: int) -> int:
     """Elements of the int32 buffer that `plan_group_rois` fills: K ROI indices, then the
     first position of each of the L * N (level, image) groups and their total."""
@@ -866,7 +871,12 @@ def plan_group_rois(
             (then `num_levels` is 1).
         num_levels: L; num_images: N.
         groups: int32 of `group_rois_size` (K, L, N) elements, any contents.
+
+    The L * N + 1 counters live in shared memory while they fit in
+    `GROUP_SHARED_COUNTS_BYTES`, else in `groups` itself.
     """
+    counts_bytes = 4 * (num_levels * num_images + 1)
+    in_shared = counts_bytes <= GROUP_SHARED_COUNTS_BYTES
     args = (
         pointer("rois", rois),
         integer("rs0", rois.stride(0)),
@@ -876,9 +886,11 @@ def plan_group_rois(
         integer("N", num_images),
         integer("K", rois.shape[0]),
         pointer("groups", groups),
+        integer("counts_in_shared", int(in_shared)),
     )
     name = kernels.group_rois_name(rois.dtype)
-    return Launch(name, (1, 1, 1), (kernels.GROUP_THREADS, 1, 1), 0, args)
+    shared = counts_bytes if in_shared else 0
+    return Launch(name, (1, 1, 1), (kernels.GROUP_THREADS, 1, 1), shared, args)
 
 
 def plan_backward_levels(

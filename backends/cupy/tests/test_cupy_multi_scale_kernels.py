@@ -209,11 +209,15 @@ def run_group_rois(runner, rois, levels, num_levels, num_images):
     return groups, buffer
 
 
+@pytest.mark.parametrize("counts", ["shared", "global"])
 @pytest.mark.parametrize("rois_dtype", list(kernels.C_TYPES), ids=str)
-def test_group_rois_lists_each_level_and_image(runner, rois_dtype):
+def test_group_rois_lists_each_level_and_image(runner, rois_dtype, counts, monkeypatch):
     """Each (level, image) group lists exactly the ROIs of that level whose batch index (as
     the backward reads it: clamped to [0, N)) is that image; rows with no level are in none;
-    strided rois and levels; more ROIs than the block has threads."""
+    strided rois and levels; more ROIs than the block has threads; the counters in shared
+    memory or in the buffer. Without levels, one level: each image's ROIs."""
+    if counts == "global":
+        monkeypatch.setattr(planning, "GROUP_SHARED_COUNTS_BYTES", 0)
     device = runner.device
     base = _rois(rois_dtype)
     rois = torch.cat([base] * 40)  # 1680 rows
@@ -238,6 +242,14 @@ def test_group_rois_lists_each_level_and_image(runner, rois_dtype):
             listed = sorted(groups[first[g] : first[g + 1]].tolist())
             expected = ((levels == level) & (image == n)).nonzero().squeeze(1).tolist()
             assert listed == expected, f"level {level} image {n}"
+    groups, buffer = run_group_rois(runner, strided_rois.to(device), None, 1, num_images)
+    check_guards(buffer, -7)
+    groups = groups.cpu()
+    first = groups[num_rois:].tolist()
+    assert first[0] == 0 and first[-1] == num_rois
+    for n in range(num_images):
+        listed = sorted(groups[first[n] : first[n + 1]].tolist())
+        assert listed == (image == n).nonzero().squeeze(1).tolist(), f"image {n}"
 
 
 @pytest.mark.parametrize("layout", list(GRADIENT_LAYOUTS))

@@ -347,6 +347,10 @@ def test_backward_plans_size_blocks_and_shared_memory():
         )
     grouping = planning.plan_group_rois(rois, None, 1, 3, groups)
     assert grouping.value("levels") == 0 and grouping.value("L") == 1
+    # its 3 + 1 counters in shared memory; beyond 32 KiB of them, in the buffer
+    assert grouping.value("counts_in_shared") == 1 and grouping.shared_mem == 16
+    many = planning.plan_group_rois(rois, None, 1, 8192, groups)
+    assert many.value("counts_in_shared") == 0 and many.shared_mem == 0
 
 
 def test_backward_levels_kernel_and_channels_per_level():
