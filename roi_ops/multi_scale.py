@@ -416,7 +416,9 @@ def multi_scale_roi_pool(
         output_size: int or (PH, PW), each >= 1.
         spatial_scales: L scales, finest first, of consecutive pyramid levels (e.g. 1/4, 1/8,
             1/16, 1/32); `MultiScaleRoIPool` infers them from the image sizes.
-        canonical_scale, canonical_level, eps: the level mapping's constants.
+        canonical_scale: the level mapping's canonical box side (224 pixels).
+        canonical_level: the level of a box of that side (4).
+        eps: added before the floor (1e-6).
         backend: as for `roi_pool`.
 
     Returns:
@@ -461,7 +463,8 @@ class MultiScaleRoIPool(nn.Module):
     Args:
         featmap_names: names of the feature maps of `x` to pool from.
         output_size: int or (PH, PW).
-        canonical_scale, canonical_level: the level mapping's constants (224 and 4).
+        canonical_scale: the level mapping's canonical box side (224 pixels).
+        canonical_level: the level of a box of that side (4).
         backend: as for `roi_pool`.
     """
 

@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python3}
 bash scripts/setup.sh --test
 "$PYTHON" -m ruff check .
 "$PYTHON" -m ruff format --check .
-NO_MKDOCS_2_WARNING=1 "$PYTHON" -m mkdocs build --strict --quiet -d site
+NO_MKDOCS_2_WARNING=1 "$PYTHON" -m mkdocs build --strict -d site  # not --quiet: it hides the warnings that --strict counts
 "$PYTHON" -m pytest -q "$@"
 if [ $# -eq 0 ]; then
   bash scripts/test_torchvision.sh

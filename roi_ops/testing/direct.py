@@ -43,7 +43,8 @@ def check_with_and_without_argmax(
 
     Args:
         run: ``run(needs_argmax)`` -> (output, argmax or None), e.g. a `poisoned_forward` call.
-        expected, expected_argmax: the reference's output and argmax (on any device).
+        expected: the reference's output (on any device).
+        expected_argmax: the reference's argmax (on any device).
 
     With the argmax, the output must equal `expected` bit for bit and the argmax
     `expected_argmax`; without, the output must be the same and the argmax None.
