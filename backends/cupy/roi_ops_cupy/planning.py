@@ -591,9 +591,9 @@ def groups_rois_first(
     (BACKWARD_PLANES_GROUPED) rather than scanning every ROI's batch index in each block: when
     the scans would check at least ``tuning.planes_group_min_checks`` batch indices in all, or
     the blocks have 1,024 threads (one an SM, which idles at every barrier of the scan).
-    Measured in docs/dev-log.md ("The planes backward over levels reads lists of ROIs"): the
-    list was 1.2x to 1.4x faster at 65 M checks (big-batch) and with 1,024-thread blocks
-    (fpn-p2), and up to 1.12x slower in float32 at 1 M to 8.4 M checks."""
+    Measured in docs/dev-log.md ("The single-level planes backward reads lists where the scan
+    is the work"): the list was 1.2x to 1.4x faster at 65 M checks (big-batch) and with
+    1,024-thread blocks (fpn-p2), and up to 1.12x slower in float32 at 1 M to 8.4 M checks."""
     return (
         threads == kernels.PLANES_THREADS[-1] or blocks * num_rois >= tuning.planes_group_min_checks
     )
@@ -659,8 +659,8 @@ def plan_backward(
         argmax: contiguous int32 (K, C, PH, PW).
         rois: the forward's (K, 5) rois, any strides: the kernels read each ROI's batch index.
         grad_input: (N, C, H, W), contiguous or channels_last: for BACKWARD_ATOMIC zero-filled, of
-            `accumulate_dtype(grad_output.dtype)`; for BACKWARD_PLANES of grad_output's dtype,
-            any contents (every element is written).
+            `accumulate_dtype(grad_output.dtype)`; for the planes kernels of grad_output's
+            dtype, any contents (every element is written).
         kernel: one of kernels.BACKWARD_KERNELS (see `backward_kernel`).
         sizes: the device's SM count, L2 size (0: grad_input counts as not cached) and the
             shared memory a block may opt in to (picks the planes kernel's block size).

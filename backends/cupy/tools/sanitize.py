@@ -77,14 +77,15 @@ def cases(device: str) -> list[RoiPoolCase]:
 
 
 @contextlib.contextmanager
-def planes_backward():
-    """The cupy backend with its planes backward forced wherever it can run."""
+def planes_backward(grouped: bool = False):
+    """The cupy backend with its planes backward (scanning or, `grouped`, reading the grouping
+    launch's lists) forced wherever it can run."""
     from roi_ops_cupy import kernels, launch
     from roi_ops_cupy.tuning import DEFAULT_TUNING
 
     default = launch.DEFAULT_LAUNCHER
-    tuning = replace(DEFAULT_TUNING, backward_kernel=kernels.BACKWARD_PLANES)
-    launch.DEFAULT_LAUNCHER = launch.Launcher(tuning)
+    kernel = kernels.BACKWARD_PLANES_GROUPED if grouped else kernels.BACKWARD_PLANES
+    launch.DEFAULT_LAUNCHER = launch.Launcher(replace(DEFAULT_TUNING, backward_kernel=kernel))
     try:
         yield
     finally:
@@ -92,7 +93,10 @@ def planes_backward():
 
 
 # Pseudo-backends: a backend run with a forced kernel choice.
-FORCED = {"cupy-planes": ("cupy", planes_backward)}
+FORCED = {
+    "cupy-planes": ("cupy", planes_backward),
+    "cupy-planes-grouped": ("cupy", lambda: planes_backward(grouped=True)),
+}
 
 
 def main() -> int:
