@@ -223,38 +223,60 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
+def _groups_stand_in(rois: torch.Tensor, num_levels: int, num_images: int) -> torch.Tensor:
+    """The grouping's buffer (`planning.group_rois_size`) without memory: plans read none."""
+    size = planning.group_rois_size(rois.shape[0], num_levels, num_images)
+    return torch.empty(size, dtype=torch.int32, device="meta")
+
+
+class _Grouping:
+    """The launch that lists each (level, image)'s ROIs (`planning.plan_group_rois`) before a
+    planes kernel that reads the lists, planned once on the stand-in buffer that the planes
+    kernel's plan took; `run` allocates each call's buffer and queues the launch."""
+
+    __slots__ = ("packed", "size")
+
+    def __init__(self, device: int, rois, levels, num_levels: int, num_images: int, stand_in):
+        self.size = stand_in.numel()
+        plan = planning.plan_group_rois(rois, levels, num_levels, num_images, stand_in)
+        self.packed = PackedLaunch(device, plan, GROUP_ROIS_TENSORS)
+
+    def run(self, device: int, rois, levels, where: torch.device) -> torch.Tensor:
+        """A new buffer, filled by the launch queued on the current stream."""
+        groups = torch.empty(self.size, dtype=torch.int32, device=where)
+        self.packed.launch(device, (rois, levels, groups))
+        return groups
+
+
 class _BackwardPlan:
     """What a backward call with a given key does: the packed launch (None: nothing to add), the
     gradient's dtype and layout as the kernel writes it, whether it is zero-filled first, and
-    for the grouped planes kernel the launch that lists each image's ROIs before it and the
-    int32 elements of its buffer (else None and 0)."""
+    for the grouped planes kernel the `_Grouping` queued before it (else None)."""
 
-    __slots__ = ("packed", "written", "memory_format", "zero_fill", "grouping", "groups_size")
+    __slots__ = ("packed", "written", "memory_format", "zero_fill", "grouping")
 
-    def __init__(self, packed, written, memory_format, zero_fill, grouping=None, groups_size=0):
+    def __init__(self, packed, written, memory_format, zero_fill, grouping=None):
         self.packed = packed
         self.written = written
         self.memory_format = memory_format
         self.zero_fill = zero_fill
         self.grouping = grouping
-        self.groups_size = groups_size
 
 
 class _BackwardLevelsPlan:
     """What a multi-level backward call with a given key does: the packed launch (None: nothing
     to add), the gradients' dtype as the kernel writes them, their layouts, whether they are
-    zero-filled first, and for the planes kernel the launch that groups the ROIs before it and
-    the int32 elements of its buffer (else None and 0)."""
+    zero-filled first, and for the planes kernel the `_Grouping` queued before it (else
+    None)."""
 
-    __slots__ = ("packed", "written", "memory_formats", "zero_fill", "grouping", "groups_size")
+    __slots__ = ("packed", "written", "memory_formats", "zero_fill", "grouping")
 
-    def __init__(self, packed, written, memory_formats, zero_fill, grouping=None, groups_size=0):
+    def __init__(self, packed, written, memory_formats, zero_fill, grouping=None):
         self.packed = packed
         self.written = written
         self.memory_formats = memory_formats
         self.zero_fill = zero_fill
         self.grouping = grouping
-        self.groups_size = groups_size
 
 
 class Launcher:
@@ -357,8 +379,7 @@ class Launcher:
         if plan.zero_fill:
             grad_input.zero_()
         if plan.grouping is not None:
-            groups = torch.empty(plan.groups_size, dtype=torch.int32, device=grad_output.device)
-            plan.grouping.launch(device, (rois, None, groups))
+            groups = plan.grouping.run(device, rois, None, grad_output.device)
             plan.packed.launch(device, (grad_output, argmax, groups, grad_input))
         elif plan.packed is not None:
             plan.packed.launch(device, (grad_output, argmax, rois, grad_input))
@@ -383,10 +404,7 @@ class Launcher:
             input_shape, dtype=written, device="meta", memory_format=memory_format
         )
         rois, num_images = problem.rois, input_shape[0]
-        groups_size, groups = 0, None
-        if grouped:  # a stand-in for the grouping's buffer: plans read no memory
-            groups_size = planning.group_rois_size(rois.shape[0], 1, num_images)
-            groups = torch.empty(groups_size, dtype=torch.int32, device="meta")
+        groups = _groups_stand_in(rois, 1, num_images) if grouped else None
         launch = planning.plan_backward(
             grad_output, argmax, rois, grad_input, kernel, sizes, self.tuning, groups
         )
@@ -394,11 +412,8 @@ class Launcher:
             return _BackwardPlan(None, written, memory_format, not planes)
         names = PLANES_GROUPED_TENSORS if grouped else BACKWARD_TENSORS
         packed = PackedLaunch(device, launch, names)
-        grouping = None
-        if grouped:
-            group_plan = planning.plan_group_rois(rois, None, 1, num_images, groups)
-            grouping = PackedLaunch(device, group_plan, GROUP_ROIS_TENSORS)
-        return _BackwardPlan(packed, written, memory_format, not planes, grouping, groups_size)
+        grouping = _Grouping(device, rois, None, 1, num_images, groups) if grouped else None
+        return _BackwardPlan(packed, written, memory_format, not planes, grouping)
 
     def forward_multi_scale(
         self, problem: MultiScaleRoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
@@ -466,8 +481,7 @@ class Launcher:
             for grad in grads:
                 grad.zero_()
         if plan.grouping is not None:
-            groups = torch.empty(plan.groups_size, dtype=torch.int32, device=where)
-            plan.grouping.launch(device, (rois, levels, groups))
+            groups = plan.grouping.run(device, rois, levels, where)
             plan.packed.launch(device, (grad_output, argmax, groups, *grads))
         elif plan.packed is not None:
             plan.packed.launch(device, (grad_output, argmax, rois, levels, *grads))
@@ -493,12 +507,8 @@ class Launcher:
             torch.empty(shape, dtype=written, device="meta", memory_format=fmt)
             for shape, fmt in zip(problem.input_shapes, formats, strict=True)
         ]
-        rois, levels = problem.rois, problem.levels
-        grouping, groups_size, groups = None, 0, None
-        if planes:  # a stand-in for the grouping's buffer: plans read no memory
-            num_images = problem.input_shapes[0][0]
-            groups_size = planning.group_rois_size(rois.shape[0], len(grads), num_images)
-            groups = torch.empty(groups_size, dtype=torch.int32, device="meta")
+        rois, levels, num_images = problem.rois, problem.levels, problem.input_shapes[0][0]
+        groups = _groups_stand_in(rois, len(grads), num_images) if planes else None
         launch = planning.plan_backward_levels(
             grad_output, argmax, rois, levels, grads, sizes, self.tuning, kernel, groups
         )
@@ -507,10 +517,10 @@ class Launcher:
         names = PLANES_LEVELS_TENSORS if planes else BACKWARD_LEVELS_TENSORS
         names += planning.level_names("grad_input", len(grads))
         packed = PackedLaunch(device, launch, names)
+        grouping = None
         if planes:
-            group_plan = planning.plan_group_rois(rois, levels, len(grads), num_images, groups)
-            grouping = PackedLaunch(device, group_plan, GROUP_ROIS_TENSORS)
-        return _BackwardLevelsPlan(packed, written, formats, not planes, grouping, groups_size)
+            grouping = _Grouping(device, rois, levels, len(grads), num_images, groups)
+        return _BackwardLevelsPlan(packed, written, formats, not planes, grouping)
 
     @staticmethod
     def _cache(cache: dict, key: tuple, make: Callable):

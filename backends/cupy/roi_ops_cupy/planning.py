@@ -591,9 +591,8 @@ def groups_rois_first(
     (BACKWARD_PLANES_GROUPED) rather than scanning every ROI's batch index in each block: when
     the scans would check at least ``tuning.planes_group_min_checks`` batch indices in all, or
     the blocks have 1,024 threads (one an SM, which idles at every barrier of the scan).
-    Measured in docs/dev-log.md ("The single-level planes backward reads lists where the scan
-    is the work"): the list was 1.2x to 1.4x faster at 65 M checks (big-batch) and with
-    1,024-thread blocks (fpn-p2), and up to 1.12x slower in float32 at 1 M to 8.4 M checks."""
+    The measurements behind it: docs/dev-log.md, "The single-level planes backward reads lists
+    where the scan is the work"."""
     return (
         threads == kernels.PLANES_THREADS[-1] or blocks * num_rois >= tuning.planes_group_min_checks
     )

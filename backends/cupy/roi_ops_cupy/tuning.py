@@ -44,8 +44,8 @@ class CupyTuning:
             on a launch, and the planes kernel needs no zero fill (one launch instead of two).
         planes_group_min_checks: the single-level planes backward reads each image's ROIs
             from a list made before it (`planning.groups_rois_first`) when its blocks would
-            otherwise check at least this many batch indices in all (blocks x K); set between
-            the measured 8.4 M (no gain) and 65 M (1.2x faster).
+            otherwise check at least this many batch indices in all (blocks x K); chosen from
+            the measurements in docs/dev-log.md.
         small_roi_outputs: inputs with a unit W stride whose ROIs have at most this many
             outputs (C * PH * PW) take the small kernel (many ROIs per block) instead of the
             unit kernel (one ROI per block); 0 never.

@@ -145,6 +145,24 @@ __device__ __forceinline__ void planes_round(
   }
 }
 
+// Which planes a block sums: its image, its first channel c0 and its channel count, from its
+// index among its N * ceil(C / channels_per_block) blocks (channel block fastest).
+struct PlanesBlockAt {
+  int image;  // N < 2^31
+  i64 c0;
+  unsigned int channels;
+};
+__device__ __forceinline__ PlanesBlockAt planes_block_at(const i64 block, const i64 C,
+                                                          const i64 channels_per_block) {
+  const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
+  PlanesBlockAt at;
+  at.image = static_cast<int>(block / channel_blocks);
+  at.c0 = (block - at.image * channel_blocks) * channels_per_block;
+  at.channels =
+      static_cast<unsigned int>(C - at.c0 < channels_per_block ? C - at.c0 : channels_per_block);
+  return at;
+}
+
 // The planes kernel's work in one block: the gradient planes of channels [c0, c0 + channels)
 // of `image`, HW pixels each, written to grad_planes (channel and pixel strides gi_channel,
 // gi_pixel), from the ROIs of that image: found among all K by their batch indices, or
@@ -263,16 +281,12 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
                              const i64 gi_image, const i64 gi_channel, const i64 gi_pixel,
                              const i64 K) {
   using namespace roi_ops_cuda;
-  const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
-  const int image = static_cast<int>(blockIdx.x / channel_blocks);  // N < 2^31
-  const i64 c0 = (blockIdx.x - image * channel_blocks) * channels_per_block;
+  const PlanesBlockAt at = planes_block_at(blockIdx.x, C, channels_per_block);
   // This block's gradient planes, computed here: it keeps the kernel within its register bound.
-  T* __restrict__ const grad_planes = grad_input + image * gi_image + c0 * gi_channel;
-  const unsigned int channels =
-      static_cast<unsigned int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
+  T* __restrict__ const grad_planes = grad_input + at.image * gi_image + at.c0 * gi_channel;
   planes_block<T, R, kBlock, false>(grad_output, gs0, gs1, gs2, gs3, argmax, rois, rs0, N, C, HW,
-                                    PH, PW, image, c0, channels, grad_planes, gi_channel,
-                                    gi_pixel, K, nullptr, 0);
+                                    PH, PW, at.image, at.c0, at.channels, grad_planes,
+                                    gi_channel, gi_pixel, K, nullptr, 0);
 }
 
 // ---- roi_pool_backward_planes_grouped<T, kBlock>: the planes kernel reading its image's list ---
@@ -292,19 +306,15 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
                                      const i64 gi_image, const i64 gi_channel,
                                      const i64 gi_pixel, const i64 K) {
   using namespace roi_ops_cuda;
-  const i64 channel_blocks = (C + channels_per_block - 1) / channels_per_block;
-  const int image = static_cast<int>(blockIdx.x / channel_blocks);  // N < 2^31
-  const i64 c0 = (blockIdx.x - image * channel_blocks) * channels_per_block;
-  T* __restrict__ const grad_planes = grad_input + image * gi_image + c0 * gi_channel;
-  const unsigned int channels =
-      static_cast<unsigned int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
+  const PlanesBlockAt at = planes_block_at(blockIdx.x, C, channels_per_block);
+  T* __restrict__ const grad_planes = grad_input + at.image * gi_image + at.c0 * gi_channel;
   const int* const first = groups + K;  // each image's first position (group_rois.cu)
-  const int begin = first[image];
+  const int begin = first[at.image];
   // The rois type is unused where the ROIs come listed.
   planes_block<T, float, kBlock, true>(grad_output, gs0, gs1, gs2, gs3, argmax, nullptr, 0, N,
-                                       C, HW, PH, PW, image, c0, channels, grad_planes,
+                                       C, HW, PH, PW, at.image, at.c0, at.channels, grad_planes,
                                        gi_channel, gi_pixel, K, groups + begin,
-                                       first[image + 1] - begin);
+                                       first[at.image + 1] - begin);
 }
 
 // ---- roi_pool_backward_planes_levels<T, R, kBlock>: the planes backward over pyramid levels ---
@@ -334,19 +344,15 @@ __global__ void __launch_bounds__(kBlock, roi_ops_cuda::PlanesBlocksPerSM<T, kBl
     }
   }
   const LevelPlane<T>& plane = planes.level[level];
-  const i64 block = blockIdx.x - plane.first_block;
-  const i64 channel_blocks = (C + plane.channels_per_block - 1) / plane.channels_per_block;
-  const int image = static_cast<int>(block / channel_blocks);  // N < 2^31
-  const i64 c0 = (block - image * channel_blocks) * plane.channels_per_block;
+  const PlanesBlockAt at =
+      planes_block_at(blockIdx.x - plane.first_block, C, plane.channels_per_block);
   T* __restrict__ const grad_planes =
-      plane.grad_input + image * plane.gi_image + c0 * plane.gi_channel;
-  const unsigned int channels = static_cast<unsigned int>(
-      C - c0 < plane.channels_per_block ? C - c0 : plane.channels_per_block);
+      plane.grad_input + at.image * plane.gi_image + at.c0 * plane.gi_channel;
   const int* const first = groups + K;  // each group's first position (group_rois.cu)
-  const i64 group = level * N + image;
+  const i64 group = level * N + at.image;
   const int begin = first[group];
   planes_block<T, R, kBlock, true>(grad_output, gs0, gs1, gs2, gs3, argmax, nullptr, 0, N, C,
-                                   plane.HW, PH, PW, image, c0, channels, grad_planes,
+                                   plane.HW, PH, PW, at.image, at.c0, at.channels, grad_planes,
                                    plane.gi_channel, plane.gi_pixel, K, groups + begin,
                                    first[group + 1] - begin);
 }
