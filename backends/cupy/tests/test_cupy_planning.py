@@ -446,3 +446,58 @@ def test_many_reads_stage_beyond_l2_and_16_bit_inference():
     assert not _stages(p2.half(), 49, h200, num_rois=4096, argmax=False)
     fewer = replace(DEFAULT_TUNING, stage_min_reads=0.25)
     assert _stages(p2.half(), 49, h200, fewer, num_rois=4096, argmax=False)
+
+
+def _quad(x, bins, device, tuning=DEFAULT_TUNING, num_rois=4096, argmax=False):
+    side = math.isqrt(bins)
+    rois = torch.empty(num_rois, 5, device="meta")
+    problem = RoIPoolProblem(x, rois, side, bins // side, 1 / 16, argmax)
+    return planning.stages_quad_table(problem, device, tuning)
+
+
+def test_inference_of_many_outputs_reads_a_table_of_2x2_maxima():
+    h200 = sizes(132, 50 * 2**20, 227 * 1024)
+    p4 = torch.empty(8, 256, 50, 68, device="meta")  # fpn-p4: 7.3 outputs an element
+    for x in (p4, p4.half(), p4.bfloat16()):
+        assert _quad(x, 49, h200)
+    assert not _quad(p4, 49, h200, argmax=True)  # the table has no positions
+    assert not _quad(p4.double(), 49, h200)  # no max.NaN for float64
+    assert not _quad(p4, 49, h200._replace(compute_capability=(7, 5)))  # nor before sm_80
+    assert not _quad(p4, 196, h200)  # 14 x 14 bins: mostly smaller than 2 x 2
+    assert not _quad(p4[..., :60], 49, h200)  # not dense: the table's layout is not the map's
+    assert not _quad(p4.contiguous(memory_format=torch.channels_last), 49, h200)
+    assert not _quad(torch.empty(8, 256, 1, 68, device="meta"), 1, h200, num_rois=20000)
+    p2 = torch.empty(8, 256, 200, 272, device="meta")  # fpn-p2: 0.46 outputs an element
+    assert not _quad(p2, 49, h200)
+    big = torch.empty(16, 256, 100, 136, device="meta")  # beyond L2 as well
+    assert _quad(big, 49, h200, num_rois=16000)
+    many_small = torch.empty(4, 64, 100, 136, device="meta")  # the small kernel's regime
+    assert not _quad(many_small, 9, h200, num_rois=32000)
+    assert not _quad(p4, 49, h200, replace(DEFAULT_TUNING, quad_table=False))
+    forced = replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT)
+    assert not _quad(p4, 49, h200, forced)
+    # Forced on: wherever the unit quad kernel can run, whatever the outputs and bins.
+    on = replace(DEFAULT_TUNING, quad_table=True)
+    assert _quad(p2, 196, h200, on, num_rois=1)
+    assert not _quad(p4, 49, h200, on, argmax=True)
+    assert not _quad(p4.double(), 49, h200, on)
+
+
+def test_quad_plans_take_the_table_and_the_unit_kernels_shape():
+    x = torch.empty(2, 24, 9, 11)
+    problem = _problem(x, needs_argmax=False)  # 7 x 7 bins of 24 channels: the unit kernel
+    out = torch.empty(problem.output_shape)
+    table = torch.empty_like(x)
+    device = sizes(132, 50 * 2**20)
+    unit = planning.plan_forward(problem, out, None, device)
+    quad = planning.plan_forward(problem, out, None, device, quad=table)
+    assert unit.name == kernels.forward_name(kernels.FORWARD_UNIT, x.dtype, x.dtype, False)
+    assert quad.name == "roi_pool_forward_unit_quad<float, float>"
+    assert (quad.grid, quad.block, quad.shared_mem) == (unit.grid, unit.block, unit.shared_mem)
+    names = [n for n, _ in quad.args]
+    assert names == [n for n, _ in unit.args][:-3] + ["quad", "output", "argmax", "bad_roi_log"]
+    assert quad.value("quad") == table.data_ptr()
+    launch = planning.plan_quad_table(x, table)
+    assert launch.name == "roi_ops_quad_table<float>"
+    assert launch.grid == (1, 48, 1) and launch.block == (kernels.QUAD_THREADS, 1, 1)
+    assert [n for n, _ in launch.args] == ["input", "planes", "H", "W", "table"]
