@@ -15,13 +15,11 @@ class CudaSizes(NamedTuple):
         multiprocessors: streaming multiprocessors (SMs).
         l2_bytes: L2 cache size in bytes (0 when torch does not report it).
         shared_per_block_optin: the most shared memory one block may opt in to, in bytes.
-        compute_capability: (major, minor); (8, 0) where planning runs without a device.
     """
 
     multiprocessors: int
     l2_bytes: int
     shared_per_block_optin: int
-    compute_capability: tuple[int, int] = (8, 0)
 
 
 @functools.cache
@@ -32,5 +30,4 @@ def cuda_sizes(index: int) -> CudaSizes:
         properties.multi_processor_count,
         getattr(properties, "L2_cache_size", 0),
         getattr(properties, "shared_memory_per_block_optin", 48 * 1024),
-        (properties.major, properties.minor),
     )

@@ -32,7 +32,6 @@ SOURCE_FILES = (
     "backward_planes.cu",
     "group_rois.cu",  # each (level, image)'s ROIs, for the planes backward over levels
     "copy_channels_last.cu",  # the staged forward's copy of its input
-    "quad_table.cu",  # the 2 x 2 maxima that the unit quad kernel reads
 )
 # --fmad=false: no contraction into FMA anywhere (the geometry also uses _rn intrinsics).
 COMPILE_OPTIONS = ("--fmad=false", "-std=c++17")
@@ -68,11 +67,6 @@ FORWARD_KERNELS = (
     FORWARD_SMALL,
     FORWARD_SMALL_CVEC,
 )
-# The unit kernel's inference from a table of 2 x 2 maxima (QUAD_TABLE), for the input dtypes
-# that have max.NaN; in the forward modules of those dtype pairs. Not a FORWARD_KERNELS member:
-# it needs the table, and it is planned by `planning.stages_quad_table`, not `forward_kernel`.
-FORWARD_UNIT_QUAD = "roi_pool_forward_unit_quad"
-QUAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The fused multi-level kernel of each forward kernel: the same work per ROI, on the map of the
 # ROI's pyramid level (a table of at most MAX_LEVELS maps passed by value).
 LEVELS_SUFFIX = "_levels"
@@ -94,9 +88,6 @@ GROUP_THREADS = 1024
 # The staged forward's copy of an NCHW input to channels_last (one NVRTC module, every dtype).
 COPY_CHANNELS_LAST = "roi_ops_copy_channels_last"
 COPY_ROWS = 8  # kCopyRows: the copy's blocks are 32 x COPY_ROWS threads
-# The table of 2 x 2 maxima before FORWARD_UNIT_QUAD (one NVRTC module, every QUAD_DTYPES).
-QUAD_TABLE = "roi_ops_quad_table"
-QUAD_THREADS = 128  # kQuadThreads
 
 
 def copy_tile(dtype: torch.dtype) -> int:
@@ -121,22 +112,14 @@ def forward_name(
     return f"{kernel}<{C_TYPES[input_dtype]}, {C_TYPES[rois_dtype]}, {flag}>"
 
 
-def quad_forward_name(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> str:
-    """The name expression of the unit quad kernel (inference only) of one dtype pair."""
-    return f"{FORWARD_UNIT_QUAD}<{C_TYPES[input_dtype]}, {C_TYPES[rois_dtype]}>"
-
-
 @functools.cache
 def forward_names(input_dtype: torch.dtype, rois_dtype: torch.dtype) -> tuple[str, ...]:
     """Every forward instantiation of one dtype pair: what one NVRTC module compiles."""
-    names = [
+    return tuple(
         forward_name(kernel, input_dtype, rois_dtype, argmax)
         for kernel in FORWARD_KERNELS
         for argmax in (True, False)
-    ]
-    if input_dtype in QUAD_DTYPES:
-        names.append(quad_forward_name(input_dtype, rois_dtype))
-    return tuple(names)
+    )
 
 
 def levels_kernel(kernel: str) -> str:
@@ -207,17 +190,6 @@ def copy_names() -> tuple[str, ...]:
     return tuple(copy_name(dtype) for dtype in C_TYPES)
 
 
-def quad_table_name(dtype: torch.dtype) -> str:
-    """The name expression of the 2 x 2 maxima table of `dtype` elements."""
-    return f"{QUAD_TABLE}<{C_TYPES[dtype]}>"
-
-
-@functools.cache
-def quad_table_names() -> tuple[str, ...]:
-    """Every instantiation of the 2 x 2 maxima table (one NVRTC module)."""
-    return tuple(quad_table_name(dtype) for dtype in QUAD_DTYPES)
-
-
 def group_rois_name(rois_dtype: torch.dtype) -> str:
     """The name expression of the ROI grouping kernel for rois of `rois_dtype`."""
     return f"{GROUP_ROIS}<{C_TYPES[rois_dtype]}>"
@@ -235,8 +207,6 @@ def module_names(name: str) -> tuple[str, ...]:
     kernel, arguments = name[: name.index("<")], name[name.index("<") + 1 : -1].split(", ")
     if kernel == COPY_CHANNELS_LAST:
         return copy_names()
-    if kernel == QUAD_TABLE:
-        return quad_table_names()
     if kernel == GROUP_ROIS:
         return group_rois_names()
     first = types[arguments[0]]
@@ -253,7 +223,7 @@ def all_names() -> tuple[str, ...]:
     forward += [n for pair in FORWARD_PAIRS for n in forward_levels_names(*pair)]
     backward = [n for dtype in C_TYPES for n in backward_names(dtype)]
     backward += [n for dtype in C_TYPES for n in backward_levels_names(dtype)]
-    return tuple(forward + backward) + group_rois_names() + copy_names() + quad_table_names()
+    return tuple(forward + backward) + group_rois_names() + copy_names()
 
 
 Arg = tuple[str, np.generic]

@@ -46,8 +46,6 @@ FORWARD_TENSORS = ("input", "rois", "output", "argmax", "bad_roi_log")
 BACKWARD_TENSORS = ("grad_output", "argmax", "rois", "grad_input")
 PLANES_GROUPED_TENSORS = ("grad_output", "argmax", "groups", "grad_input")
 COPY_TENSORS = ("input", "output")  # the staged forward's channels_last copy
-FORWARD_QUAD_TENSORS = (*FORWARD_TENSORS, "quad")  # the unit quad kernel's, then its table
-QUAD_TABLE_TENSORS = ("input", "table")  # the table of 2 x 2 maxima before it
 _CHANNELS_LAST = torch.channels_last
 # The same for the multi-level launches of L levels: then each level's map (gradient).
 FORWARD_LEVELS_TENSORS = ("rois", "levels", "output", "argmax", "bad_roi_log")
@@ -250,21 +248,6 @@ class _Grouping:
         return groups
 
 
-class _ForwardPlan:
-    """What a forward call with a given key does: the packed launch (None: nothing to do);
-    whether it reads a channels_last copy of the input (`planning.stages_channels_last`) and
-    the packed copy launch that makes it (None: torch's copy); or the packed launch that makes
-    the table of 2 x 2 maxima that it reads (`planning.stages_quad_table`; else None)."""
-
-    __slots__ = ("packed", "staged", "copy", "quad_table")
-
-    def __init__(self, packed, staged=False, copy=None, quad_table=None):
-        self.packed = packed
-        self.staged = staged
-        self.copy = copy
-        self.quad_table = quad_table
-
-
 class _BackwardPlan:
     """What a backward call with a given key does: the packed launch (None: nothing to add), the
     gradient's dtype and layout as the kernel writes it, whether it is zero-filled first, and
@@ -304,7 +287,7 @@ class Launcher:
 
     def __init__(self, tuning: CupyTuning = DEFAULT_TUNING):
         self.tuning = tuning
-        self._forward: dict[tuple, _ForwardPlan] = {}
+        self._forward: dict[tuple, tuple] = {}  # (forward launch, staged, copy launch)
         self._backward: dict[tuple, _BackwardPlan] = {}
         self._forward_levels: dict[tuple, PackedLaunch | None] = {}
         self._backward_levels: dict[tuple, _BackwardLevelsPlan] = {}
@@ -321,20 +304,14 @@ class Launcher:
         inputs = (x.shape, x.stride(), x.dtype, x.data_ptr() % planning.CVEC_BYTES)
         key = _forward_key(device, inputs, problem.spatial_scale, problem, argmax)
         try:
-            plan = self._forward[key]
+            packed, staged, copy = self._forward[key]
         except KeyError:
             make = lambda: self._plan_forward(problem, output, argmax, device)  # noqa: E731
-            plan = self._cache(self._forward, key, make)
-        if plan.packed is None:
-            return
-        if plan.quad_table is not None:
-            table = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            plan.quad_table.launch(device, (x, table))
-            plan.packed.launch(device, (x, rois, output, argmax, log, table))
-            return
-        if plan.staged:
-            x = self._stage(x, plan.copy, device)
-        plan.packed.launch(device, (x, rois, output, argmax, log))
+            packed, staged, copy = self._cache(self._forward, key, make)
+        if packed is not None:
+            if staged:
+                x = self._stage(x, copy, device)
+            packed.launch(device, (x, rois, output, argmax, log))
 
     @staticmethod
     def _stage(x: torch.Tensor, copy: PackedLaunch | None, device: int) -> torch.Tensor:
@@ -346,19 +323,12 @@ class Launcher:
         copy.launch(device, (x, staged))
         return staged
 
-    def _plan_forward(self, problem, output, argmax, device) -> _ForwardPlan:
-        """The `_ForwardPlan` of a forward key (a staged copy or a table planned on a
-        stand-in of its shape, dtype and strides)."""
+    def _plan_forward(self, problem, output, argmax, device) -> tuple:
+        """(the packed launch of a forward key, whether it reads a channels_last copy of the
+        input (`planning.stages_channels_last`; planned on a stand-in with its strides), the
+        packed launch of the copy kernel that makes it, or None for torch's copy)."""
         sizes = cuda_sizes(device)
         x = problem.input
-        if planning.stages_quad_table(problem, sizes, self.tuning):
-            stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
-            table_plan = planning.plan_quad_table(x, stand_in)
-            if table_plan is not None:
-                quad_table = PackedLaunch(device, table_plan, QUAD_TABLE_TENSORS)
-                plan = planning.plan_forward(problem, output, argmax, sizes, self.tuning, stand_in)
-                packed = None if plan is None else PackedLaunch(device, plan, FORWARD_QUAD_TENSORS)
-                return _ForwardPlan(packed, quad_table=quad_table)
         staging = planning.stages_channels_last(problem, sizes, self.tuning)
         staged, copy = staging is not None, None
         if staged:
@@ -374,7 +344,7 @@ class Launcher:
             )  # fmt: skip
         plan = planning.plan_forward(problem, output, argmax, sizes, self.tuning)
         packed = None if plan is None else PackedLaunch(device, plan, FORWARD_TENSORS)
-        return _ForwardPlan(packed, staged, copy)
+        return packed, staged, copy
 
     def backward(self, problem: RoIPoolBackwardProblem) -> torch.Tensor:
         """grad_input by the planes or the atomic kernel (not run-to-run deterministic in its last

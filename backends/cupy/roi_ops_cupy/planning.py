@@ -31,7 +31,6 @@ SMALL_MAX_SHARED = 48 * 1024  # the small kernels' table (and tile) per block, a
 PLANES_STATIC_SHARED = 5 * 1024  # the planes kernel's own __shared__ arrays (4224 B), and room
 DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without opting in
 MAX_GRID_Y = 65535
-MAX_NAN_CAPABILITY = (8, 0)  # the PTX max.NaN instruction (ROI_OPS_MAX_NAN in cuda/common.cuh)
 INT32_LIMIT = 2**31
 UNIT_GEOMETRY_BYTES = 16  # the unit kernel's shared ROI geometry (UnitGeometry) before its edges
 # The unit kernel's PH + PW edges fit the shared memory every device gives a block, since PH + PW
@@ -224,82 +223,6 @@ def stages_channels_last(
     return None
 
 
-def stages_quad_table(
-    problem: RoIPoolProblem, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
-) -> bool:
-    """Whether the forward `problem` is pooled by the unit quad kernel from a table of the
-    input's 2 x 2 maxima (`plan_quad_table`) made first (no device sync: shapes and dtypes
-    only). A bin of at least 2 x 2 elements then reads a quarter to a half of the loads; the
-    table costs a read and a write of the input.
-
-    Only for inference (the table has no positions) of a dense NCHW input of float32, float16
-    or bfloat16 on a device with max.NaN (compute capability 8.0 and later), of at least 2 x 2
-    per plane, that the unit kernel would pool, with at least ``tuning.stage_min_reads`` outputs
-    per input element (so that the table is a small part of the work) and at most
-    ``tuning.quad_max_bins`` bins per ROI (more bins, smaller ones: fewer of them reach
-    2 x 2). Taken before the channels_last staging (`stages_channels_last`).
-    ``tuning.quad_table`` forces the choice where the kernel can run (True) or switches it off
-    (False); a forced forward kernel never takes it.
-    """
-    input = problem.input
-    if tuning.quad_table is False or tuning.forward_kernel is not None:
-        return False
-    bins = problem.pooled_height * problem.pooled_width
-    if (
-        problem.needs_argmax
-        or input.dtype not in kernels.QUAD_DTYPES
-        or sizes.compute_capability < MAX_NAN_CAPABILITY
-        or not input.is_contiguous()
-        or input.shape[2] < 2
-        or input.shape[3] < 2
-        or forward_kernel(input, bins, tuning) != kernels.FORWARD_UNIT
-    ):
-        return False
-    if tuning.quad_table:
-        return True
-    outputs = problem.rois.shape[0] * input.shape[1] * bins
-    return bins <= tuning.quad_max_bins and outputs >= tuning.stage_min_reads * input.numel()
-
-
-def plan_quad_table(input: torch.Tensor, table: torch.Tensor) -> Launch | None:
-    """The launch that writes `table`'s 2 x 2 maxima of `input` (roi_ops_quad_table: element
-    (n, c, h, w) the max.NaN of rows h, h + 1 and columns w, w + 1, for h < H - 1 and w < W - 1;
-    the rest unwritten); None when there is no such block.
-
-    Args:
-        input: dense (N, C, H, W) of float32, float16 or bfloat16.
-        table: the same shape and dtype, dense.
-
-    Raises:
-        ValueError: `input` or `table` is not dense, or their shapes or dtypes differ, or the
-            dtype has no table kernel.
-    """
-    if (
-        table.shape != input.shape
-        or table.dtype != input.dtype
-        or not table.is_contiguous()
-        or not input.is_contiguous()
-        or input.dtype not in kernels.QUAD_DTYPES
-    ):
-        raise ValueError(
-            f"table: expected dense tensors of one shape and of float32, float16 or bfloat16, "
-            f"got input {tuple(input.shape)} {input.dtype} strides {input.stride()}, table "
-            f"{tuple(table.shape)} {table.dtype} strides {table.stride()}"
-        )
-    n, c, h, w = input.shape
-    if n * c == 0 or h < 2 or w < 2:
-        return None
-    args = (
-        pointer("input", input),
-        integer("planes", n * c),
-        integer("H", h),
-        integer("W", w),
-        pointer("table", table),
-    )
-    grid = (math.ceil((w - 1) / kernels.QUAD_THREADS), min(n * c, MAX_GRID_Y), 1)
-    return Launch(kernels.quad_table_name(input.dtype), grid, (kernels.QUAD_THREADS, 1, 1), 0, args)
-
-
 def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch | None:
     """The launch that copies `input` into `copy`, bit for bit; None when there is nothing to
     copy.
@@ -390,7 +313,6 @@ def plan_forward(
     argmax: torch.Tensor | None,
     sizes: CudaSizes,
     tuning: CupyTuning = DEFAULT_TUNING,
-    quad: torch.Tensor | None = None,
 ) -> Launch | None:
     """The forward launch for `problem`; None when there is nothing to do (no output and no
     bad-ROI log to fill).
@@ -402,9 +324,6 @@ def plan_forward(
         argmax: contiguous int32 tensor of the same shape, or None to skip the argmax.
         sizes: the device's SM count and L2 size (an L2 of 0: inputs count as not cached).
         tuning: the planning constants.
-        quad: the table of the input's 2 x 2 maxima (`plan_quad_table`) for the unit quad
-            kernel, where `stages_quad_table` takes it (argmax None); None: the kernel that
-            `forward_kernel` picks.
     """
     input, rois = problem.input, problem.rois
     ph, pw = problem.pooled_height, problem.pooled_width
@@ -413,8 +332,6 @@ def plan_forward(
         return None
     kernel = forward_kernel(input, ph * pw, tuning)
     name = kernels.forward_name(kernel, input.dtype, rois.dtype, argmax is not None)
-    if quad is not None:
-        kernel, name = kernels.FORWARD_UNIT, kernels.quad_forward_name(input.dtype, rois.dtype)
     head = (
         pointer("input", input),
         *(integer(n, v) for n, v in zip(("N", "C", "H", "W"), input.shape, strict=True)),
@@ -430,8 +347,6 @@ def plan_forward(
     grid, block, shared_mem, extra = _forward_shape(
         kernel, input, _dense_bytes(input), problem.num_rois, ph, pw, argmax, sizes, tuning
     )
-    if quad is not None:
-        extra = (*extra, pointer("quad", quad))
     return Launch(name, grid, block, shared_mem, (*head, *extra, *tail))
 
 

@@ -57,11 +57,6 @@ class CupyTuning:
             outputs are at least this many times its input's elements.
         stage_argmax_max_bins: a float32 forward with the argmax whose input fits in L2 is
             staged (outputs permitting) only with at most this many bins per ROI.
-        quad_table: None, or whether an inference of a dense NCHW input that the unit kernel
-            pools reads a table of the input's 2 x 2 maxima (the unit quad kernel); None:
-            `planning.stages_quad_table` decides.
-        quad_max_bins: the table is made (outputs permitting) only with at most this many
-            bins per ROI.
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC`, `kernels.BACKWARD_PLANES` or
@@ -89,8 +84,6 @@ class CupyTuning:
     stage_channels_last: bool | None = None
     stage_min_reads: float = 2.0
     stage_argmax_max_bins: int = 64
-    quad_table: bool | None = None
-    quad_max_bins: int = 64
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

@@ -20,11 +20,9 @@ from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
 # Each layout takes another kernel (forced where it can run): contiguous the small kernel, or as
-# "contiguous_unit" the unit kernel, or as "contiguous_quad" the unit quad kernel on a table of
-# 2 x 2 maxima made first (inference of float32, float16 and bfloat16; the unit kernel
-# otherwise); channels_last (16-byte aligned channel vectors) the small_cvec kernel, or as
-# "channels_last_cvec" the cvec kernel; shifted by one element the chan kernel; strided the plane
-# kernel.
+# "contiguous_unit" the unit kernel; channels_last (16-byte aligned channel vectors) the
+# small_cvec kernel, or as "channels_last_cvec" the cvec kernel; shifted by one element the chan
+# kernel; strided the plane kernel.
 LAYOUTS = [
     "contiguous",
     "channels_last",
@@ -32,14 +30,12 @@ LAYOUTS = [
     "strided",
     "contiguous_unit",
     "channels_last_cvec",
-    "contiguous_quad",
 ]
 # The layouts of the kernels that read channel blocks or rows of bins in rounds.
 BLOCK_LAYOUTS = [layout for layout in LAYOUTS if layout != "strided"]
 _LAYOUT_KERNELS = {
     "contiguous": kernels.FORWARD_SMALL,
     "contiguous_unit": kernels.FORWARD_UNIT,
-    "contiguous_quad": kernels.FORWARD_UNIT,
     "channels_last": kernels.FORWARD_SMALL_CVEC,
     "channels_last_cvec": kernels.FORWARD_CVEC,
 }
@@ -70,11 +66,9 @@ def guarded(shape, strides, dtype, device, fill, shift=0):
 
 def place_input(x: torch.Tensor, layout: str, device) -> torch.Tensor:
     """`x` copied onto `device` in `layout`, every element around it NaN (so a stray read shows)."""
-    layout = {
-        "contiguous_unit": "contiguous",
-        "contiguous_quad": "contiguous",
-        "channels_last_cvec": "channels_last",
-    }.get(layout, layout)
+    layout = {"contiguous_unit": "contiguous", "channels_last_cvec": "channels_last"}.get(
+        layout, layout
+    )
     if layout == "strided":  # every other column of a wider map: contiguous in no format
         n, c, h, w = x.shape
         view, _ = guarded(
@@ -106,8 +100,7 @@ def poisoned_outputs(shape, dtype, device, needs_argmax):
 
 def check_guards(buffer: torch.Tensor, fill: float) -> None:
     guard = torch.cat([buffer[:GUARD], buffer[-GUARD:]]).cpu()
-    same = guard.isnan() if math.isnan(fill) else guard == fill
-    assert bool(same.all()), "a kernel wrote outside its output"
+    assert bool((guard == fill).all()), "a kernel wrote outside its output"
 
 
 class CudaRunner:
@@ -149,12 +142,7 @@ def run_forward(
     output, out_buf, argmax, arg_buf = poisoned_outputs(
         problem.output_shape, x.dtype, device, needs_argmax
     )
-    quad = None
-    if layout == "contiguous_quad" and not needs_argmax and x.dtype in kernels.QUAD_DTYPES:
-        quad = quad_table(runner, placed)
-    launch = planning.plan_forward(problem, output, argmax, sizes(multiprocessors), tuning, quad)
-    if quad is not None and launch is not None:
-        assert launch.name == kernels.quad_forward_name(x.dtype, rois.dtype)
+    launch = planning.plan_forward(problem, output, argmax, sizes(multiprocessors), tuning)
     if launch is not None:
         if grid_y is not None:  # fewer block rows than channel blocks: the kernels loop
             launch = kernels.Launch(
@@ -165,20 +153,6 @@ def run_forward(
     check_guards(out_buf, -7.0)
     check_guards(arg_buf, -7)
     return output.cpu(), (argmax.cpu() if needs_argmax else None)
-
-
-def quad_table(runner, placed: torch.Tensor) -> torch.Tensor:
-    """The table of `placed`'s 2 x 2 maxima (`planning.plan_quad_table`), in a guarded buffer
-    poisoned with NaN (its last row and column of each plane stay NaN: nothing may read them)."""
-    table, buffer = guarded(
-        tuple(placed.shape), contiguous_strides(placed.shape), placed.dtype, placed.device,
-        math.nan,
-    )  # fmt: skip
-    launch = planning.plan_quad_table(placed, table)
-    if launch is not None:
-        runner.launch(launch)
-    check_guards(buffer, math.nan)
-    return table
 
 
 def check(runner, x, rois, size, scale, **options) -> None:

@@ -20,8 +20,6 @@ from cupy_harness import (
     LAYOUTS,
     check,
     guarded,
-    place_input,
-    quad_table,
     rois_dtype_for,
     run_forward,
     wide,
@@ -37,7 +35,7 @@ from roi_ops.testing import (
 )
 
 from roi_ops_cupy import kernels
-from roi_ops_cupy.planning import plan_copy_channels_last, plan_quad_table
+from roi_ops_cupy.planning import plan_copy_channels_last
 from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
 
 
@@ -92,9 +90,7 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
     check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
 
 
-@pytest.mark.parametrize(
-    "kernel", ["unit", "unit_quad", "small", "plane", "cvec", "small_cvec", "chan"]
-)
+@pytest.mark.parametrize("kernel", ["unit", "small", "plane", "cvec", "small_cvec", "chan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
@@ -110,7 +106,6 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
         "small_cvec": "channels_last",
         "chan": "channels_last_unaligned",
         "unit": "contiguous_unit",
-        "unit_quad": "contiguous_quad",
     }.get(kernel, "contiguous")
     lane_channels = {torch.float32: 20, torch.float64: 22}.get(dtype, 24)
     channels = lane_channels if layout.startswith("channels_last") else 11
@@ -158,9 +153,8 @@ def test_half_geometry_rounds_every_step(runner):
         check(runner, x, torch.tensor(rows, dtype=rois_dtype), (5, 3), 0.3)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "contiguous_quad"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_subnormals_and_signed_zeros(runner, dtype, layout):
+def test_subnormals_and_signed_zeros(runner, dtype):
     # CuPy compiles with -ftz=true, under which float comparisons see subnormals as zero; the
     # kernels compare integer keys instead. -0 and +0 are equal: the first one stays.
     tiny = {
@@ -185,7 +179,7 @@ def test_subnormals_and_signed_zeros(runner, dtype, layout):
         [[0, 0, 0, 3, 3], [0, 0, 0, 1, 1], [0, 2, 0, 3, 3], [0, 0, 2, 3, 3]], dtype=rois_dtype
     )
     for size in ((2, 2), (1, 1), (4, 4)):
-        check(runner, x, rois, size, 1.0, layout=layout)
+        check(runner, x, rois, size, 1.0)
 
 
 _NAN_PAYLOADS = {  # quiet, negative, signalling and odd-payload NaNs of each dtype
@@ -200,9 +194,8 @@ def _signed(value: int, nbits: int) -> int:
     return value - (1 << nbits) if value >= 1 << (nbits - 1) else value
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "contiguous_quad"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_any_nan_is_maximal_and_copied_bit_for_bit(runner, dtype, layout):
+def test_any_nan_is_maximal_and_copied_bit_for_bit(runner, dtype):
     g = torch.Generator().manual_seed(9)
     bits = BITS[torch.empty((), dtype=dtype).element_size()]
     x = (torch.randn(1, 4, 6, 6, generator=g, dtype=torch.float64) * 5).to(dtype)
@@ -213,14 +206,13 @@ def test_any_nan_is_maximal_and_copied_bit_for_bit(runner, dtype, layout):
     assert int(x.isnan().sum()) == len(places)
     rois_dtype = rois_dtype_for(dtype)
     rois = torch.tensor([[0, 0, 0, 5, 5], [0, 1, 1, 5, 5], [0, 0, 2, 3, 5]], dtype=rois_dtype)
-    check(runner, x, rois, (2, 3), 1.0, layout=layout)
-    output, argmax = run_forward(runner, x, rois, (2, 3), 1.0, layout=layout)
+    check(runner, x, rois, (2, 3), 1.0)
+    output, argmax = run_forward(runner, x, rois, (2, 3), 1.0)
     planes = x.view(bits).reshape(1, 4, 36).expand(3, 4, 36)
     picked = planes.gather(2, argmax.clamp(min=0).long().reshape(3, 4, 6)).reshape(argmax.shape)
     assert torch.equal(output.view(bits)[argmax >= 0], picked[argmax >= 0])
-    # Inference (no argmax) takes another reduction (max.NaN in the unit kernel, from 2 x 2
-    # maxima in the quad layout): same bits.
-    inference, _ = run_forward(runner, x, rois, (2, 3), 1.0, needs_argmax=False, layout=layout)
+    # Inference (no argmax) takes another reduction (max.NaN in the unit kernel): same bits.
+    inference, _ = run_forward(runner, x, rois, (2, 3), 1.0, needs_argmax=False)
     assert torch.equal(inference.view(bits), output.view(bits))
 
 
@@ -339,56 +331,3 @@ def test_channels_last_copy_refuses_what_it_cannot_copy():
         plan_copy_channels_last(
             x[..., ::2], torch.empty_like(x[..., ::2]).to(memory_format=torch.channels_last)
         )
-
-
-# (N, C, H, W): planes of at least 2 x 2, a single row or column (no block: nothing written).
-QUAD_SHAPES = [(2, 3, 5, 7), (1, 2, 2, 2), (1, 1, 9, 2), (1, 2, 1, 6), (2, 1, 6, 1)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("shape", QUAD_SHAPES, ids=str)
-def test_quad_table_holds_each_2x2_maximum(runner, dtype, shape):
-    """Element (n, c, h, w) of the table is the maximum of rows h, h + 1 and columns w, w + 1
-    (NaN where one of them is NaN; a zero of either sign where the maximum is a zero), for
-    h < H - 1 and w < W - 1; the last row and column stay as poisoned (NaN), and nothing outside
-    the table is written."""
-    x = tie_heavy_features(shape, 5, dtype).contiguous()
-    x.view(-1)[::7] = float("nan")
-    x.view(-1)[3::11] = -0.0
-    placed = place_input(x, "contiguous", runner.device)
-    table = quad_table(runner, placed).cpu().double()
-    n, c, h, w = shape
-    expected = torch.full(shape, float("nan"), dtype=torch.float64)
-    if h > 1 and w > 1:
-        blocks = torch.stack(
-            [x[:, :, i : h - 1 + i, j : w - 1 + j].double() for i in (0, 1) for j in (0, 1)]
-        )
-        maxima = blocks.amax(0)
-        maxima[blocks.isnan().any(0)] = float("nan")
-        expected[:, :, : h - 1, : w - 1] = maxima
-    assert torch.equal(table.isnan(), expected.isnan())
-    assert torch.equal(table.nan_to_num(7.0), expected.nan_to_num(7.0))  # -0.0 == 0.0
-
-
-def test_quad_table_refuses_what_it_cannot_hold():
-    x = torch.randn(2, 3, 4, 5)
-    one_row = torch.randn(2, 3, 1, 5)
-    assert plan_quad_table(one_row, torch.empty_like(one_row)) is None  # no 2 x 2 block
-    with pytest.raises(ValueError, match="table"):
-        plan_quad_table(x, torch.empty(2, 3, 4, 6))
-    with pytest.raises(ValueError, match="table"):
-        plan_quad_table(x.double(), x.double())
-    with pytest.raises(ValueError, match="table"):
-        plan_quad_table(x.transpose(2, 3).contiguous().transpose(2, 3), torch.empty_like(x))
-
-
-def test_quad_table_walks_the_planes_of_a_short_grid(runner):
-    # Fewer block rows than planes: each block row takes every gridDim.y-th plane.
-    x = torch.randn(3, 5, 4, 6, generator=torch.Generator().manual_seed(2))
-    placed = place_input(x, "contiguous", runner.device)
-    table = torch.full_like(placed, float("nan"))
-    launch = plan_quad_table(placed, table)
-    assert launch.grid[1] == 15
-    runner.launch(kernels.Launch(launch.name, (launch.grid[0], 2, 1), launch.block, 0, launch.args))
-    expected = torch.nn.functional.max_pool2d(x, 2, stride=1)
-    assert torch.equal(table.cpu()[:, :, :3, :5], expected)

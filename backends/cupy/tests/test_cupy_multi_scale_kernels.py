@@ -117,7 +117,7 @@ def run_forward_levels(
     return output.cpu(), (argmax.cpu() if needs_argmax else None)
 
 
-@pytest.mark.parametrize("layout", [layout for layout in LAYOUTS if layout != "contiguous_quad"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
 def test_fused_forward_is_roi_pool_per_level(runner, pair, layout):
     dtype, rois_dtype = pair

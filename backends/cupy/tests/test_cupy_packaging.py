@@ -158,14 +158,10 @@ def test_kernel_names_and_modules():
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
             assert re.fullmatch(
-                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec)<\w+, \w+, (true|false)>"
-                r"|roi_pool_forward_unit_quad<\w+, \w+>",
+                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec)<\w+, \w+, (true|false)>",
                 expr,
             )
             assert kernels.module_names(expr) == kernels.forward_names(t, r)
-        # The unit quad kernel (inference from 2 x 2 maxima): every dtype with max.NaN.
-        quad = kernels.quad_forward_name(t, r) in kernels.forward_names(t, r)
-        assert quad == (t != torch.float64)
     assert kernels.backward_names(torch.bfloat16) == (
         "roi_pool_backward_atomic<roi_bf16, roi_bf16>",
         "roi_pool_backward_planes<roi_bf16, roi_bf16, 256>",
@@ -214,16 +210,8 @@ def test_kernel_names_and_modules():
     )
     name = kernels.group_rois_name(torch.float16)
     assert kernels.module_names(name) == kernels.group_rois_names()
-    # The table of 2 x 2 maxima before the unit quad kernel: one module, no float64.
-    assert kernels.quad_table_names() == tuple(
-        f"roi_ops_quad_table<{t}>" for t in ("roi_half", "roi_bf16", "float")
-    )
-    name = kernels.quad_table_name(torch.bfloat16)
-    assert kernels.module_names(name) == kernels.quad_table_names()
     assert (
-        len(set(kernels.all_names()))
-        == len(kernels.all_names())
-        == (6 * 24 + 5 + 6 * 6 + 4 * 2 + 4 + 4 + 3)
+        len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 6 + 4 * 2 + 4 + 4
     )
 
 
@@ -341,15 +329,6 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
     assert launch.name == "roi_ops_group_rois<float>"
     assert [n for n, _ in launch.args] == _parameters(kernels.GROUP_ROIS)
     assert launch.block == (kernels.GROUP_THREADS, 1, 1) and launch.grid == (1, 1, 1)
-    # Inference from a table of 2 x 2 maxima: the table's launch, then the unit quad kernel's.
-    table = torch.empty_like(x)
-    assert [n for n, _ in planning.plan_quad_table(x, table).args] == _parameters(
-        kernels.QUAD_TABLE
-    )
-    problem = RoIPoolProblem(x, rois, 3, 3, 0.5, False)
-    launch = planning.plan_forward(problem, torch.empty(problem.output_shape), None, sizes,
-                                   quad=table)  # fmt: skip
-    assert [n for n, _ in launch.args] == _parameters(kernels.FORWARD_UNIT_QUAD)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -397,6 +376,5 @@ def test_nvrtc_compiles_every_module_through_cupy():
         "print('compiled', 2 * len(modules))"
     )
     # A forward and a multi-level forward module per dtype pair, a backward and a multi-level
-    # backward module per dtype, the ROI grouping's module, the channels_last copy's and the
-    # table of 2 x 2 maxima's.
-    assert out == f"compiled {2 * (2 * (len(kernels.FORWARD_PAIRS) + 4) + 3)}"
+    # backward module per dtype, the ROI grouping's module and the channels_last copy's.
+    assert out == f"compiled {2 * (2 * (len(kernels.FORWARD_PAIRS) + 4) + 2)}"

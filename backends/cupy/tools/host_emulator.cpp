@@ -155,7 +155,6 @@ inline bool first_thread_of_row_0() {
 inline long long block_column() { return blockIdx.x; }
 
 inline bool replaces(float v, float best) { return !(v <= best) && best == best; }
-inline int min(int a, int b) { return a < b ? a : b; }  // CUDA's integer min
 
 inline void store_streaming(unsigned short* a, unsigned short v) { *a = v; }
 inline void store_streaming(unsigned int* a, unsigned int v) { *a = v; }

@@ -3,9 +3,7 @@
     compute-sanitizer --tool memcheck python backends/cupy/tools/sanitize.py --backend cupy triton
 
 `cupy-planes` runs the cupy backend with its planes backward forced (the cases are too small for
-it to be chosen), through a `Launcher` with another `CupyTuning`; `cupy-planes-grouped` the
-grouped planes backward; `cupy-quad` its inference from a table of 2 x 2 maxima wherever the
-unit quad kernel can run.
+it to be chosen), through a `Launcher` with another `CupyTuning`.
 
 Each case is also compared with the scalar reference, so a silent wrong result fails too.
 """
@@ -79,33 +77,25 @@ def cases(device: str) -> list[RoiPoolCase]:
 
 
 @contextlib.contextmanager
-def tuned(**choices):
-    """The cupy backend planning with `choices` forced (`CupyTuning` fields)."""
-    from roi_ops_cupy import launch
+def planes_backward(grouped: bool = False):
+    """The cupy backend with its planes backward (scanning or, `grouped`, reading the grouping
+    launch's lists) forced wherever it can run."""
+    from roi_ops_cupy import kernels, launch
     from roi_ops_cupy.tuning import DEFAULT_TUNING
 
     default = launch.DEFAULT_LAUNCHER
-    launch.DEFAULT_LAUNCHER = launch.Launcher(replace(DEFAULT_TUNING, **choices))
+    kernel = kernels.BACKWARD_PLANES_GROUPED if grouped else kernels.BACKWARD_PLANES
+    launch.DEFAULT_LAUNCHER = launch.Launcher(replace(DEFAULT_TUNING, backward_kernel=kernel))
     try:
         yield
     finally:
         launch.DEFAULT_LAUNCHER = default
 
 
-def planes_backward(grouped: bool = False):
-    """The cupy backend with its planes backward (scanning or, `grouped`, reading the grouping
-    launch's lists) forced wherever it can run."""
-    from roi_ops_cupy import kernels
-
-    kernel = kernels.BACKWARD_PLANES_GROUPED if grouped else kernels.BACKWARD_PLANES
-    return tuned(backward_kernel=kernel)
-
-
 # Pseudo-backends: a backend run with a forced kernel choice.
 FORCED = {
     "cupy-planes": ("cupy", planes_backward),
     "cupy-planes-grouped": ("cupy", lambda: planes_backward(grouped=True)),
-    "cupy-quad": ("cupy", lambda: tuned(quad_table=True)),
 }
 
 

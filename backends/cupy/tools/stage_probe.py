@@ -1,14 +1,12 @@
-"""GPU probe of the staged forwards: NCHW inputs pooled from a channels_last copy, and
-inference from a table of 2 x 2 maxima (the unit quad kernel), on every bench workload, against
-the same forward on the input itself, in one run.
+"""GPU probe of the staged forward: NCHW inputs pooled from a channels_last copy, on every bench
+workload, against the same forward on the input itself, in one run.
 
 Not a benchmark of record (that is ``python -m roi_ops bench``): this times the backend's
-launcher (preallocated outputs, no roi_ops dispatch) with each staging forced on and both off
-(``nchw``), the rule's choice, the copy alone (the copy kernel against torch's
-``contiguous(memory_format=torch.channels_last)``), and torchvision. Rounds alternate the
-variants; each figure is the median over rounds of a sample of `--inner` back-to-back calls
-between two CUDA events. The staged, table and unstaged outputs and argmax are checked bit for
-bit. Run on the GPU machine:
+launcher (preallocated outputs, no roi_ops dispatch) with staging forced on and off, the copy
+alone (the copy kernel against torch's ``contiguous(memory_format=torch.channels_last)``), and
+torchvision. Rounds alternate the variants; each figure is the median over rounds of a
+sample of `--inner` back-to-back calls between two CUDA events. The staged and unstaged outputs
+and argmax are checked bit for bit. Run on the GPU machine:
 
     python backends/cupy/tools/stage_probe.py [--workload fpn-p2 ...] [--dtype float16 ...]
         [--rounds 9] [--inner 10] [--json FILE]
@@ -47,18 +45,14 @@ def probe(w, dtype, args) -> dict:
     shape = (rois.shape[0], w.channels, size, size)
     out = torch.empty(shape, dtype=dtype, device=device)
     arg = torch.empty(shape, dtype=torch.int32, device=device)
-    unstaged = replace(DEFAULT_TUNING, stage_channels_last=False, quad_table=False)
     launchers = {
         "rule": launch.Launcher(DEFAULT_TUNING),
-        "staged": launch.Launcher(replace(unstaged, stage_channels_last=True)),
-        "nchw": launch.Launcher(unstaged),
-        "quad": launch.Launcher(replace(unstaged, quad_table=True)),  # inference only
+        "staged": launch.Launcher(replace(DEFAULT_TUNING, stage_channels_last=True)),
+        "nchw": launch.Launcher(replace(DEFAULT_TUNING, stage_channels_last=False)),
     }
     calls = {}
     for name, launcher in launchers.items():
         for mode, needs in (("fwd", True), ("infer", False)):
-            if name == "quad" and needs:
-                continue
             problem = RoIPoolProblem(x, rois, size, size, w.spatial_scale, needs)
             buffer = arg if needs else None
             calls[f"{name} {mode}"] = lambda la=launcher, p=problem, b=buffer: la.forward(p, out, b)
@@ -70,20 +64,16 @@ def probe(w, dtype, args) -> dict:
             calls["torchvision"] = lambda: tv_roi_pool(x, rois_tv, size, w.spatial_scale)
         except ImportError:
             pass
-    # Bits: staged and the table against unstaged, both modes (the table: inference).
+    # Bits: staged against unstaged, both modes.
     results = {}
-    for name in ("staged", "nchw", "quad"):
+    for name in ("staged", "nchw"):
         o, a, o2 = torch.full_like(out, 1.5), torch.full_like(arg, -7), torch.full_like(out, 2.5)
         launchers[name].forward(RoIPoolProblem(x, rois, size, size, w.spatial_scale, True), o, a)
         launchers[name].forward(
             RoIPoolProblem(x, rois, size, size, w.spatial_scale, False), o2, None
         )
         results[name] = (o.view(_BITS[o.element_size()]), a, o2.view(_BITS[o.element_size()]))
-    same = all(
-        torch.equal(s, n)
-        for other in ("staged", "quad")
-        for s, n in zip(results[other], results["nchw"], strict=True)
-    )
+    same = all(torch.equal(s, n) for s, n in zip(results["staged"], results["nchw"], strict=True))
     copy = _copy_launch(launchers["staged"], w)
     calls["copy kernel"] = lambda: launch.Launcher._stage(x, copy, x.get_device())
     calls["copy torch"] = lambda: x.contiguous(memory_format=torch.channels_last)
@@ -112,9 +102,7 @@ def probe(w, dtype, args) -> dict:
     for mode in ("infer", "fwd"):
         n, s, r = ms[f"nchw {mode}"], ms[f"staged {mode}"], ms[f"rule {mode}"]
         ratio = f" tv/{tv / r:.2f}x" if tv else ""
-        q = ms["quad infer"]
-        quad = f" quad {q:.3f} ({n / q:.2f}x)" if mode == "infer" else ""
-        cells.append(f"{mode} nchw {n:.3f} staged {s:.3f} ({n / s:.2f}x){quad} rule {r:.3f}{ratio}")
+        cells.append(f"{mode} nchw {n:.3f} staged {s:.3f} ({n / s:.2f}x) rule {r:.3f}{ratio}")
     print(
         f"{w.name:10} {str(dtype)[6:]:8} " + " | ".join(cells)
         + f" | copy {ms['copy kernel']:.3f} ({row['copy_kernel_GBps']:.0f} GB/s) torch "
@@ -126,9 +114,9 @@ def probe(w, dtype, args) -> dict:
 
 def _copy_launch(launcher, w):
     """The packed copy launch the staged launcher planned for `x`."""
-    for plan in launcher._forward.values():
-        if plan.staged and plan.copy is not None:
-            return plan.copy
+    for _, staged, copy in launcher._forward.values():
+        if staged and copy is not None:
+            return copy
     raise RuntimeError(f"{w.name}: the staged launcher planned no copy")
 
 

@@ -140,19 +140,13 @@ __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i
   }
 }
 
-// The unit kernel's inference step for U channels of one bin (see NaNMax). kQuad: `table` is the
-// bin's first element in a table of the maxima of every 2 x 2 block of the map, laid out as the
-// map (quad_table.cu), and a bin at least 2 x 2 reads those blocks instead of its elements: 2 x 2
-// blocks starting every other row and column, the last ones moved back inside the bin
-// (overlapping, which max.NaN ignores), a quarter to a half of the loads.
-template <class T, int U, bool kSmall, bool kQuad = false>
+// The unit kernel's inference step for U channels of one bin (see NaNMax).
+template <class T, int U, bool kSmall>
 __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes, i64 in_step,
                                                    i64 sH, int remaining, int groups, int bin_h,
                                                    int bin_w, bool empty, T* __restrict__ out,
-                                                   i64 out_step,
-                                                   const T* __restrict__ table = nullptr) {
+                                                   i64 out_step) {
   typedef typename NaNMax<T>::V V;
-  const bool from_table = kQuad && !empty && bin_h >= 2 && bin_w >= 2;
   const T* __restrict__ p[U];
   bool exists[U];
   unit_channel_pointers<T, U>(planes, in_step, remaining, groups, p, exists);
@@ -160,33 +154,14 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
 #pragma unroll
   for (int u = 0; u < U; ++u) m[u] = NaNMax<T>::lowest();
   if constexpr (kSmall) {  // as in unit_max_compare
-    if (from_table) {  // a 2 x 2 bin: one maximum
-      const i64 to_table = table - planes;  // the table is laid out as the map
+    const i64 down = bin_h > 1 ? sH : 0;
+    const int right = bin_w > 1 ? 1 : 0;
 #pragma unroll
-      for (int u = 0; u < U; ++u) m[u] = NaNMax<T>::load(p[u] + to_table);
-    } else {
-      const i64 down = bin_h > 1 ? sH : 0;
-      const int right = bin_w > 1 ? 1 : 0;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const T* __restrict__ lower = p[u] + down;
-        const V upper = NaNMax<T>::max(NaNMax<T>::load(p[u]), NaNMax<T>::load(p[u] + right));
-        const V below = NaNMax<T>::max(NaNMax<T>::load(lower), NaNMax<T>::load(lower + right));
-        m[u] = NaNMax<T>::max(upper, below);
-      }
-    }
-  } else if (from_table) {
-    const i64 to_table = table - planes;  // the table is laid out as the map
-#pragma unroll
-    for (int u = 0; u < U; ++u) p[u] += to_table;
-    const int block_rows = (bin_h + 1) >> 1, block_cols = (bin_w + 1) >> 1;
-    for (int i = 0; i < block_rows; ++i) {
-      const i64 row = static_cast<i64>(min(2 * i, bin_h - 2)) * sH;
-      for (int j = 0; j < block_cols; ++j) {
-        const i64 at = row + min(2 * j, bin_w - 2);
-#pragma unroll
-        for (int u = 0; u < U; ++u) m[u] = NaNMax<T>::max(m[u], NaNMax<T>::load(p[u] + at));
-      }
+    for (int u = 0; u < U; ++u) {
+      const T* __restrict__ lower = p[u] + down;
+      const V upper_max = NaNMax<T>::max(NaNMax<T>::load(p[u]), NaNMax<T>::load(p[u] + right));
+      const V lower_max = NaNMax<T>::max(NaNMax<T>::load(lower), NaNMax<T>::load(lower + right));
+      m[u] = NaNMax<T>::max(upper_max, lower_max);
     }
   } else if (!empty) {
     for (int i = 0; i < bin_h; ++i) {
@@ -198,8 +173,7 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
       for (int u = 0; u < U; ++u) p[u] += sH;
     }
   }
-  // A zero or a NaN (rare) takes the bin's first element with its key (read from the map, not
-  // the 2 x 2 maxima): one test for all U.
+  // A zero or a NaN (rare) takes the bin's first element with its key: one test for all U.
   bool inexact = false;
 #pragma unroll
   for (int u = 0; u < U; ++u) inexact |= !NaNMax<T>::exact(m[u]);
@@ -222,14 +196,13 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
 
 // Every channel block of one bin: the thread's channels first_channel, + groups, ... of each
 // block, U at a time. kSmall: the bin has at most 2 x 2 elements (and is not empty); separate
-// instantiations keep the two paths' registers apart. kQuad: inference from the table of 2 x 2
-// maxima `quad` (unit_max_no_argmax), laid out as the input.
-template <class T, int U, bool kArgmax, bool kSmall, bool kQuad = false>
+// instantiations keep the two paths' registers apart.
+template <class T, int U, bool kArgmax, bool kSmall>
 __device__ __forceinline__ void unit_channels(
     const T* __restrict__ input, T* __restrict__ output, int* __restrict__ argmax, i64 C,
     i64 channels_per_block, i64 sC, i64 sH, i64 in_step, i64 out_step, i64 corner, i64 k,
     unsigned int q, unsigned int bins, int groups, int first_channel, int bin_h, int bin_w,
-    bool empty, int w_int, int first_index, const T* __restrict__ quad = nullptr) {
+    bool empty, int w_int, int first_index) {
   for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
     const int channels =
         static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
@@ -238,9 +211,8 @@ __device__ __forceinline__ void unit_channels(
     i64 out_at = (k * C + c0 + first_channel) * bins + q;
     for (int cl = first_channel; cl < channels; cl += U * groups) {
       if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
-        unit_max_no_argmax<T, U, kSmall, kQuad>(input + in_at, in_step, sH, channels - cl,
-                                                groups, bin_h, bin_w, empty, output + out_at,
-                                                out_step, kQuad ? quad + in_at : nullptr);
+        unit_max_no_argmax<T, U, kSmall>(input + in_at, in_step, sH, channels - cl, groups,
+                                         bin_h, bin_w, empty, output + out_at, out_step);
       } else {
         unit_max_compare<T, U, kArgmax, kSmall>(
             input + in_at, in_step, sH, channels - cl, groups, bin_h, bin_w, empty, w_int,
@@ -292,16 +264,15 @@ __device__ __forceinline__ const int2* unit_geometry(const R* __restrict__ row, 
 
 // The unit kernel's work in block (k, channel blocks) of ROI k on one map (input, its sizes
 // and strides, spatial_scale). num_images: N, or 0 for a ROI that pools nothing (every bin
-// empty). Returns false in a thread with nothing to do (no barrier follows). kQuad: inference
-// from `quad`, the table of the map's 2 x 2 maxima laid out as the map.
-template <class T, class R, bool kArgmax, bool kQuad = false>
+// empty). Returns false in a thread with nothing to do (no barrier follows).
+template <class T, class R, bool kArgmax>
 __device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 num_images,
                                          const i64 C, const i64 H, const i64 W, const i64 sN,
                                          const i64 sC, const i64 sH, const R* __restrict__ row,
                                          const i64 rs1, const double spatial_scale, const i64 PH,
                                          const i64 PW, const i64 channels_per_block,
                                          T* __restrict__ output, int* __restrict__ argmax,
-                                         const i64 k, const T* __restrict__ quad = nullptr) {
+                                         const i64 k) {
   // float64 values and maxima take two registers each: half as many channels fit.
   constexpr int U = sizeof(T) == 8 ? kUnitChannels / 2 : kUnitChannels;
   const int2* const edges =
@@ -332,15 +303,13 @@ __device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 
     const i64 corner = image + rows.x * sH + cols.x;  // the bin's first element in plane 0
     const int first_index = rows.x * w_int + cols.x;
     if (small) {
-      unit_channels<T, U, kArgmax, true, kQuad>(
-          input, output, argmax, C, channels_per_block, sC, sH, in_step, out_step, corner, k, q,
-          layout.bins, groups, first_channel, bin_h, bin_w, empty, w_int, first_index,
-          quad);
+      unit_channels<T, U, kArgmax, true>(input, output, argmax, C, channels_per_block, sC, sH,
+                                         in_step, out_step, corner, k, q, layout.bins, groups,
+                                         first_channel, bin_h, bin_w, empty, w_int, first_index);
     } else {
-      unit_channels<T, U, kArgmax, false, kQuad>(
-          input, output, argmax, C, channels_per_block, sC, sH, in_step, out_step, corner, k, q,
-          layout.bins, groups, first_channel, bin_h, bin_w, empty, w_int, first_index,
-          quad);
+      unit_channels<T, U, kArgmax, false>(input, output, argmax, C, channels_per_block, sC, sH,
+                                          in_step, out_step, corner, k, q, layout.bins, groups,
+                                          first_channel, bin_h, bin_w, empty, w_int, first_index);
     }
   }
   return true;
@@ -359,28 +328,6 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kUnitBlo
   const i64 k = blockIdx.x;
   if (!unit_roi<T, R, kArgmax>(input, N, C, H, W, sN, sC, sH, rois + k * rs0, rs1, spatial_scale,
                                PH, PW, channels_per_block, output, argmax, k)) {
-    return;
-  }
-  report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
-}
-
-// ---- roi_pool_forward_unit_quad<T, R>: the unit kernel's inference from 2 x 2 maxima ---------
-// `quad` is roi_ops_quad_table's table of the input (dense, the input's shape: element (n, c, h,
-// w) the maximum of rows h, h + 1 and columns w, w + 1), read where a bin is at least 2 x 2; the
-// input itself is read elsewhere and for zeros and NaNs (whose sign or payload the table may
-// have lost). The launch plan picks it only for dense NCHW inputs (the table's strides) without
-// the argmax, on devices with max.NaN; elsewhere it pools from the input alone. Arguments as the
-// unit kernel's, then the table.
-template <class T, class R>
-__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kUnitBlocksPerSM)
-    roi_pool_forward_unit_quad(ROI_OPS_MAP_PARAMETERS, const i64 channels_per_block,
-                               const T* __restrict__ quad, ROI_OPS_FORWARD_OUTPUTS) {
-  using namespace roi_ops_cuda;
-  (void)sW;
-  const i64 k = blockIdx.x;
-  if (!unit_roi<T, R, false, NaNMax<T>::kEnabled>(input, N, C, H, W, sN, sC, sH, rois + k * rs0,
-                                                  rs1, spatial_scale, PH, PW, channels_per_block,
-                                                  output, argmax, k, quad)) {
     return;
   }
   report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
