@@ -24,6 +24,7 @@ CHAN_LANES = 32  # channels per block of the chan kernel (kChanLanes)
 UNIT_CHANNELS = 4  # channels per thread and step of the unit kernel (kUnitChannels)
 CVEC_BYTES = 16  # the cvec kernel loads 16 aligned bytes of channels at a time
 CVEC_THREADS = 8  # most threads per bin in a block of the cvec kernel (kCvecThreads)
+CVEC_TILE_BYTES = 32768  # the cvec kernel's tile of one round's outputs (kCvecTileBytes)
 # The forward kernels count a block's channels in 32-bit integers (a few thousand in practice).
 MAX_CHANNELS_PER_BLOCK = 2**24
 SMALL_BIN_BYTES = 24  # one (ROI, bin) entry of the small kernels' table (SmallBin)
@@ -282,16 +283,33 @@ def whole_unit_steps(per_block: int, bins: int, dtype: torch.dtype) -> int:
     return per_block // step * step if per_block >= step else per_block
 
 
+def cvec_tile_outputs(dtype: torch.dtype, argmax: bool) -> int:
+    """Outputs one round of the cvec kernel holds in its tile (kCapacity in forward_cvec.cu):
+    each of its values and argmax parts a whole number of 16-byte pieces, less room for the
+    offset of the first output within its 16 bytes."""
+    part = CVEC_TILE_BYTES // (dtype.itemsize + (4 if argmax else 0)) // 8 * 8
+    return part - 8
+
+
 def cvec_channels_per_block(
-    num_rois: int, channels: int, dtype: torch.dtype, multiprocessors: int, tuning: CupyTuning
+    num_rois: int,
+    channels: int,
+    bins: int,
+    dtype: torch.dtype,
+    argmax: bool,
+    multiprocessors: int,
+    tuning: CupyTuning,
 ) -> int:
     """The cvec kernel's channels per block: a thread's channels times a power of two of threads
-    per bin, at most CVEC_THREADS (fewer when C has fewer channels, or when the GPU would get
-    too few blocks)."""
+    per bin, at most CVEC_THREADS (fewer when C has fewer channels, when the block's outputs
+    would not fit its tile in one round, or when the GPU would get too few blocks)."""
     per_thread = cvec_thread_channels(dtype)
+    capacity = cvec_tile_outputs(dtype, argmax)
     threads = 1
     while threads < CVEC_THREADS and threads * per_thread < channels:
         threads *= 2
+    while threads > 1 and threads * per_thread * bins > capacity:
+        threads //= 2
     while threads > 1 and num_rois * math.ceil(channels / (threads * per_thread)) < (
         tuning.min_blocks_per_sm * multiprocessors
     ):
@@ -388,7 +406,7 @@ def _forward_shape(
         return (num_rois, grid_y, 1), (CHAN_LANES, THREADS // CHAN_LANES, 1), shared_mem, extra
     if kernel == kernels.FORWARD_CVEC:
         per_block = cvec_channels_per_block(
-            num_rois, channels, input.dtype, multiprocessors, tuning
+            num_rois, channels, ph * pw, input.dtype, argmax is not None, multiprocessors, tuning
         )
     else:
         target = tuning.block_elements

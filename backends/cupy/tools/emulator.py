@@ -52,7 +52,8 @@ class Emulator:
 
         Raises:
             RuntimeError: the emulator refused it (unknown name, too much shared memory, too
-                many threads, or the wrong number of arguments).
+                many threads, or the wrong number of arguments), or the kernel made a
+                misaligned 16-byte access.
         """
         words = launch.words()
         pointer = words.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))
@@ -67,7 +68,12 @@ class Emulator:
             launch.shared_mem,
         )
         if status != 0:
-            reasons = {-1: "unknown kernel", -2: "too much shared memory", -3: "bad block size"}
+            reasons = {
+                -1: "unknown kernel",
+                -2: "too much shared memory",
+                -3: "bad block size",
+                -5: "a misaligned 16-byte access",
+            }
             reason = reasons.get(status, "wrong number of arguments")
             raise RuntimeError(f"the emulator refused {launch.name}: {reason} ({status})")
 

@@ -163,10 +163,21 @@ inline void store_streaming(unsigned long long* a, unsigned long long v) { *a = 
 struct alignas(16) roi_vec16 {
   unsigned int w[4];
 };
+// A 16-byte access needs a 16-byte aligned address on the GPU (else the launch faults): counted
+// here, and roi_emulate then fails the launch.
+std::atomic<unsigned long long> misaligned_accesses{0};
+inline void check_aligned16(const void* address) {
+  if (reinterpret_cast<std::uintptr_t>(address) % 16 != 0) ++misaligned_accesses;
+}
 inline roi_vec16 load_vec16(const void* address) {
+  check_aligned16(address);
   roi_vec16 v;
   std::memcpy(&v, address, sizeof v);
   return v;
+}
+inline void store_streaming(roi_vec16* a, const roi_vec16& v) {
+  check_aligned16(a);
+  std::memcpy(a, &v, sizeof v);
 }
 
 inline float max_nan(float a, float b) {
@@ -274,7 +285,8 @@ const Entry kEntries[] = {
 }  // namespace
 
 // Returns 0, or -1 for an unknown name, -2 for too much dynamic shared memory, -3 for a block
-// of more than 1024 threads, -4 for the wrong number of arguments.
+// of more than 1024 threads, -4 for the wrong number of arguments, -5 when the kernel made a
+// misaligned 16-byte access (the launch ran to its end).
 constexpr unsigned int kMaxThreads = 1024;
 extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int grid_y,
                            unsigned int block_x, unsigned int block_y, const std::uint64_t* args,
@@ -289,6 +301,7 @@ extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int g
   if (threads == 0 || threads > kMaxThreads) return -3;
   if (count != entry->arity) return -4;
   ballot_votes.assign(threads, 0);
+  roi_ops_cuda::misaligned_accesses = 0;
   gridDim = dim3{grid_x, grid_y, 1};
   blockDim = dim3{block_x, block_y, 1};
   // The block's threads walk the blocks in the same order; a barrier after each block keeps the
@@ -311,7 +324,7 @@ extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int g
     });
   }
   for (std::thread& thread : pool) thread.join();
-  return 0;
+  return roi_ops_cuda::misaligned_accesses == 0 ? 0 : -5;
 }
 
 // The float16 conversions above, exposed so that tests can compare them with torch's.

@@ -76,12 +76,13 @@ __device__ __forceinline__ void store_streaming(unsigned int* a, unsigned int v)
 __device__ __forceinline__ void store_streaming(unsigned long long* a, unsigned long long v) {
   asm volatile("st.global.cs.b64 [%0], %1;" ::"l"(a), "l"(v) : "memory");
 }
-
-struct __align__(16) roi_vec16 {
-  unsigned int w[4];
-};
+struct __align__(16) roi_vec16 { unsigned int w[4]; };
 __device__ __forceinline__ roi_vec16 load_vec16(const void* __restrict__ address) {
   return *static_cast<const roi_vec16*>(address);
+}
+__device__ __forceinline__ void store_streaming(roi_vec16* a, const roi_vec16& v) {
+  asm volatile("st.global.cs.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(a), "r"(v.w[0]), "r"(v.w[1]),
+               "r"(v.w[2]), "r"(v.w[3]) : "memory");
 }
 
 // max.NaN (sm_80+): NaN-propagating, no .ftz; returns one of its operands unless the result is a

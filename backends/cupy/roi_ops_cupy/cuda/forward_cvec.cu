@@ -9,7 +9,7 @@
 // stored channel by channel in output order.
 namespace roi_ops_cuda {
 constexpr int kCvecThreads = 8;  // most threads per bin (launch plan: a power of two)
-constexpr int kCvecBins = 64;    // bins staged in shared memory per round
+constexpr int kCvecTileBytes = 32768;  // the block's outputs of one round (values, argmax)
 constexpr int kCvecEdges = 128;  // PH + PW up to this: the block caches its bin edges
 constexpr int kCvecBlocksPerSM = 4;
 // The multi-level kernel: its level's map in registers would spill float64's inference at 64.
@@ -106,15 +106,26 @@ struct CvecShape {
   static constexpr int kChannels = kVectors * Lanes<T>::kCount;  // a thread's channels
 };
 
+// Where cvec_bin writes a thread's channels: channel c of vector p (c < Lanes<T>::kCount) at
+// values[((p * vector_channels) + c) * stride] (indices likewise), as Out (Lanes<T>::Word, or
+// the element's own bits).
+struct CvecSlots {
+  int stride;           // between adjacent channels of a vector
+  int vector_channels;  // between a thread's two vectors' first channels (kVectors == 2)
+  __device__ __forceinline__ int at(int c, int count) const {
+    return ((c / count) * vector_channels + c % count) * stride;
+  }
+};
+
 // One bin (corner: its first element of the thread's first channel; not empty) for the
 // thread's channels: every element read once, as kVectors 16-byte vectors (a missing second
-// vector re-reads the first: `second` is 0), in the contract's scan order. Writes each channel's
-// value (as Lanes<T>::Word) and, with kArgmax, its argmax.
-template <class T, bool kArgmax>
+// vector re-reads the first: `second` is 0; else `second` is slots.vector_channels), in the
+// contract's scan order. Writes each channel's value and, with kArgmax, its argmax, at `slots`.
+template <class T, bool kArgmax, class Out>
 __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int second, i64 sH, i64 sW,
                                          int bin_h, int bin_w, int first_index, int w_int,
-                                         typename Lanes<T>::Word* __restrict__ values,
-                                         int* __restrict__ indices) {
+                                         Out* __restrict__ values, int* __restrict__ indices,
+                                         CvecSlots slots) {
   typedef Lanes<T> L;
   constexpr int V = L::kCount;
   constexpr int P = CvecShape<T>::kVectors;
@@ -146,7 +157,7 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
       for (int w = 0; w < 4; ++w) result.w[w] = m[p][w];
 #pragma unroll
       for (int c = 0; c < V; ++c) {
-        values[p * V + c] = L::word(L::get(result, c));
+        values[slots.at(p * V + c, V)] = static_cast<Out>(L::word(L::get(result, c)));
         if (!PackedMax<T>::exact(m[p], c)) inexact |= 1u << (p * V + c);
       }
     }
@@ -154,9 +165,10 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
     while (inexact != 0) {
       const int c = __ffs(inexact) - 1;
       inexact &= inexact - 1;
+      Out& slot = values[slots.at(c, V)];
       const T value = first_with_key<T>(corner + (c / V) * second + c % V, bin_h, bin_w, sH, sW,
-                                        Elem<T>::key_of(L::from_word(values[c])));
-      values[c] = L::word(value);
+                                        Elem<T>::key_of(L::from_word(slot)));
+      slot = static_cast<Out>(L::word(value));
     }
   } else {
     typedef typename Work<T>::V WV;
@@ -191,6 +203,8 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
       }
       row += w_int;
     }
+    // Slot by slot from the first (offsets built here, not held through the scan).
+    int slot = 0;
 #pragma unroll
     for (int c = 0; c < kChannels; ++c) {
       T value = Work<T>::out(best[c]);
@@ -198,15 +212,119 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
         const int i = at[c] / w_int;                        // re-read the winner
         value = corner[i * sH + (at[c] - i * w_int) * sW + (c / V) * second + c % V];
       }
-      values[c] = L::word(value);
-      if constexpr (kArgmax) indices[c] = first_index + at[c];
+      if (c == V) slot = slots.vector_channels * slots.stride;
+      values[slot] = static_cast<Out>(L::word(value));
+      if constexpr (kArgmax) indices[slot] = first_index + at[c];
+      slot += slots.stride;
     }
   }
+}
+
+// The element bits the cvec kernel's tile holds (its outputs exactly as they are stored).
+template <int kBytes>
+struct TileBits;
+template <>
+struct TileBits<2> {
+  typedef unsigned short type;
+};
+template <>
+struct TileBits<4> {
+  typedef unsigned int type;
+};
+template <>
+struct TileBits<8> {
+  typedef unsigned long long type;
+};
+
+// The first element of `count` output elements at `out` (of S) whose tile slot is 16-byte
+// aligned in step with it: out's offset from the 16-byte boundary below it, in elements.
+template <class S>
+__device__ __forceinline__ int tile_head(const S* out) {
+  return static_cast<int>(reinterpret_cast<unsigned long long>(out) % 16u) / sizeof(S);
+}
+
+// Copies tile[head, head + count) to out[0, count) by the whole 16-byte pieces of `out` between
+// them (the tile is laid out in step: out - head is 16-byte aligned, as is tile), and the
+// elements before the first piece and after the last one by single stores.
+template <class S>
+__device__ __forceinline__ void copy_tile_out(const S* __restrict__ tile, int head, int count,
+                                              S* __restrict__ out, int tid) {
+  constexpr int kVec = 16 / sizeof(S);
+  S* const base = out - head;  // 16-byte aligned; element i of the tile goes to base[i]
+  const int end = head + count;
+  const int first = (head + kVec - 1) / kVec;  // whole pieces [first, last)
+  const int last = end / kVec;
+  if (first >= last) {
+    for (int i = head + tid; i < end; i += kThreads) store_streaming(base + i, tile[i]);
+    return;
+  }
+  for (int j = first + tid; j < last; j += kThreads) {
+    store_streaming(reinterpret_cast<roi_vec16*>(base + j * kVec),
+                    *reinterpret_cast<const roi_vec16*>(tile + j * kVec));
+  }
+  const int lead = first * kVec - head;  // elements before the first piece
+  const int trail = end - last * kVec;   // and after the last one
+  if (tid < lead) {
+    store_streaming(base + head + tid, tile[head + tid]);
+  } else if (tid >= kVec && tid < kVec + trail) {
+    const int i = last * kVec + tid - kVec;
+    store_streaming(base + i, tile[i]);
+  }
+}
+
+// How a cvec block splits its channels and bins into rounds that fit its tile: `lanes` threads
+// a bin (a power of two, lanes * kChannels channels a round) and `bins` bins a round (all of
+// them when a round of `lanes` fits; then the round's outputs are contiguous in the output).
+// `warp_lanes` of a bin's lanes share a warp (a power of two dividing lanes): chosen so that a
+// warp's tile stores for one channel fall on distinct banks where possible.
+struct CvecRounds {
+  int lanes, bins, warp_lanes;
+};
+
+// Whether the tile stores of one warp for one channel avoid bank conflicts: `warp_lanes` lanes
+// of (32 / warp_lanes) adjacent bins each, lanes `lane_stride` elements of `bytes` apart.
+__device__ __forceinline__ bool cvec_banks_apart(int warp_lanes, int lane_stride, int bytes) {
+  const int bins = 32 / warp_lanes;
+  // A lane's words; elements under 4 bytes may straddle one more.
+  const int words = (bins * bytes + 3) / 4 + (bytes < 4 ? 1 : 0);
+  if (words * warp_lanes > 32) return false;
+  const unsigned int span = words >= 32 ? 0xffffffffu : (1u << words) - 1u;
+  unsigned int taken = 0;
+  for (int l = 0; l < warp_lanes; ++l) {
+    const int bank = static_cast<int>((static_cast<long long>(l) * lane_stride * bytes / 4) % 32);
+    const unsigned int banks = bank == 0 ? span : (span << bank) | (span >> (32 - bank));
+    if (taken & banks) return false;
+    taken |= banks;
+  }
+  return true;
+}
+
+// The rounds of a block of `lanes` threads a bin (channels_per_block / kChannels: the launch
+// plan keeps lanes * kChannels * nb within the tile's `capacity` wherever one channel vector's
+// bins fit).
+template <class T>
+__device__ __forceinline__ CvecRounds cvec_rounds(int lanes, int nb, int capacity) {
+  constexpr int kChannels = CvecShape<T>::kChannels;
+  CvecRounds r;
+  r.lanes = lanes;
+  r.bins = lanes * kChannels * nb <= capacity ? nb : capacity / (lanes * kChannels);
+  r.warp_lanes = lanes;
+  const int lane_stride = Lanes<T>::kCount * r.bins;  // a lane's first channel: lane * kCount
+  while (r.warp_lanes > 2 && !cvec_banks_apart(r.warp_lanes, lane_stride, sizeof(T))) {
+    r.warp_lanes >>= 1;
+  }
+  return r;
 }
 
 // The cvec kernel's work in block (k, channel blocks) of ROI k on one map (input, its sizes and
 // strides, spatial_scale; sC is 1). num_images: N, or 0 for a ROI that pools nothing (every
 // bin empty). Every thread of the block runs it (it has barriers).
+//
+// A round pools the block's channels (channels_per_block = lanes * kChannels, fewer at the end)
+// for `bins` bins into a shared tile laid out as the output (channel by channel, bins
+// contiguous), then copies the tile out, in 16-byte pieces when the round has every bin. Lane l
+// of a bin holds channels l * kCount, ... and (two vectors) the same `lanes * kCount` channels
+// on, so that a warp's first vectors are adjacent.
 template <class T, class R, bool kArgmax>
 __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 num_images,
                                          const i64 C, const i64 H, const i64 W, const i64 sN,
@@ -216,14 +334,18 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
                                          T* __restrict__ output, int* __restrict__ argmax,
                                          const i64 k) {
   typedef typename Rois<R>::G G;
-  typedef Lanes<T> L;
-  typedef typename L::Word Word;
-  constexpr int V = L::kCount;
+  typedef typename TileBits<sizeof(T)>::type S;
+  constexpr int V = Lanes<T>::kCount;
+  constexpr int P = CvecShape<T>::kVectors;
   constexpr int kChannels = CvecShape<T>::kChannels;
-  constexpr int kWidth = kCvecThreads * kChannels + 1;  // padded: bin-major reads conflict-free
-  __shared__ Word tile_value[kCvecBins][kWidth];
-  __shared__ int tile_index[kArgmax ? kCvecBins : 1][kArgmax ? kWidth : 1];
+  // The tile: values, then (kArgmax) as many argmax entries; each part a whole number of
+  // 16-byte pieces with room for the 16-byte offset of its first output.
+  constexpr int kPart = (kCvecTileBytes / (sizeof(T) + (kArgmax ? 4 : 0))) / 8 * 8;
+  constexpr int kCapacity = kPart - 8;  // outputs a round
+  __shared__ roi_vec16 tile[kCvecTileBytes / 16];  // 16-byte pieces
   __shared__ int2 edges[kCvecEdges];
+  S* const tile_value = reinterpret_cast<S*>(tile);
+  int* const tile_index = reinterpret_cast<int*>(tile_value + kPart);
   const int tid = threadIdx.x;
   const RoiGeometry<G> g = roi_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW);
   const bool valid = g.batch >= 0;
@@ -232,63 +354,83 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
   const int nb = static_cast<int>(PH * PW);  // < 2^31 - 256 (launcher checks)
   const int pw_count = static_cast<int>(PW);
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
-  const int per_bin = static_cast<int>(channels_per_block) / kChannels;  // a power of two
-  const int lane = tid & (per_bin - 1);  // the thread's channels: lane * kChannels, ...
-  const int first_bin = tid / per_bin;
-  const int bin_step = kThreads / per_bin;
+  const CvecRounds rounds =
+      cvec_rounds<T>(static_cast<int>(channels_per_block) / kChannels, nb, kCapacity);
+  // The thread's lane and first bin: warp_lanes lanes of 32 / warp_lanes bins in each warp (all
+  // three counts powers of two).
+  const int warp_shift = __ffs(rounds.warp_lanes) - 1;
+  const int group_shift = __ffs(rounds.lanes) - 1 - warp_shift;  // lanes / warp_lanes groups
+  const int warp = tid >> 5;
+  const int lane = ((warp & ((1 << group_shift) - 1)) << warp_shift) |
+                   (tid & (rounds.warp_lanes - 1));
+  const int first_bin = ((warp >> group_shift) << (5 - warp_shift)) | ((tid & 31) >> warp_shift);
+  const int bin_step = kThreads / rounds.lanes;
   const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
   for (i64 c0 = static_cast<i64>(blockIdx.y) * channels_per_block; c0 < C;
        c0 += static_cast<i64>(gridDim.y) * channels_per_block) {
     const int channels =
         static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
-    const bool has_vector = lane * kChannels < channels;
-    const int second = lane * kChannels + V < channels ? V : 0;  // kVectors == 2: the next one
-    const T* __restrict__ planes = image + c0 + lane * kChannels;
-    for (int q0 = 0; q0 < nb; q0 += kCvecBins) {
-      const int bins = nb - q0 < kCvecBins ? nb - q0 : kCvecBins;
-      if (has_vector) {
-        for (int qi = first_bin; qi < bins; qi += bin_step) {
-          const int q = q0 + qi;
-          const int ph = q / pw_count;
-          const int pw = q - ph * pw_count;
-          const int2 rows = row_span<G>(edges, g, cached, ph, H);
-          const int2 cols = col_span<G>(edges, g, cached, PH, pw, W);
-          const int bin_h = rows.y - rows.x;
-          const int bin_w = cols.y - cols.x;
-          Word* __restrict__ values = &tile_value[qi][lane * kChannels];
-          int* __restrict__ indices = nullptr;
-          if constexpr (kArgmax) indices = &tile_index[qi][lane * kChannels];
-          if (bin_h <= 0 || bin_w <= 0) {
+    {
+      const bool has_vector = lane * V < channels;
+      const int second = P == 2 && lane * V + V * rounds.lanes < channels ? V * rounds.lanes : 0;
+      const T* __restrict__ planes = image + c0 + lane * V;
+      for (int q0 = 0; q0 < nb; q0 += rounds.bins) {
+        const int bins = nb - q0 < rounds.bins ? nb - q0 : rounds.bins;
+        // Contiguous rounds (all bins) start their tile in step with the output's 16 bytes.
+        const i64 first = (k * C + c0) * nb;  // the first output of the round's channels
+        const int head_value = bins == nb ? tile_head(output + first) : 0;
+        const int head_index = kArgmax && bins == nb ? tile_head(argmax + first) : 0;
+        const CvecSlots slots = {bins, V * rounds.lanes};  // the tile: bins contiguous
+        S* const lane_values = tile_value + head_value + lane * V * bins;
+        int* const lane_indices = tile_index + head_index + lane * V * bins;
+        if (has_vector) {
+          for (int qi = first_bin; qi < bins; qi += bin_step) {
+            const int q = q0 + qi;
+            const int ph = q / pw_count;
+            const int pw = q - ph * pw_count;
+            const int2 rows = row_span<G>(edges, g, cached, ph, H);
+            const int2 cols = col_span<G>(edges, g, cached, PH, pw, W);
+            const int bin_h = rows.y - rows.x;
+            const int bin_w = cols.y - cols.x;
+            S* __restrict__ values = lane_values + qi;
+            int* __restrict__ indices = lane_indices + qi;
+            if (bin_h <= 0 || bin_w <= 0) {
+              int slot = 0;
 #pragma unroll
-            for (int c = 0; c < kChannels; ++c) {
-              values[c] = L::word(Work<T>::out(typename Work<T>::V(0)));
-              if constexpr (kArgmax) indices[c] = -1;
+              for (int c = 0; c < kChannels; ++c) {
+                if (c == V) slot = slots.vector_channels * slots.stride;
+                values[slot] = static_cast<S>(Lanes<T>::word(Work<T>::out(typename Work<T>::V(0))));
+                if constexpr (kArgmax) indices[slot] = -1;
+                slot += slots.stride;
+              }
+            } else {
+              cvec_bin<T, kArgmax>(planes + rows.x * sH + cols.x * sW, second, sH, sW, bin_h,
+                                   bin_w, rows.x * w_int + cols.x, w_int, values, indices,
+                                   slots);
             }
-          } else {
-            cvec_bin<T, kArgmax>(planes + rows.x * sH + cols.x * sW, second, sH, sW, bin_h, bin_w,
-                                 rows.x * w_int + cols.x, w_int, values, indices);
           }
         }
-      }
-      __syncthreads();
-      // Channel by channel, bins contiguous: all of it contiguous when nb <= kCvecBins.
-      const i64 out0 = (k * C + c0) * nb + q0;
-      const int step_channels = kThreads / bins;
-      const int step_bins = kThreads - step_channels * bins;
-      int cl = tid / bins;
-      int qi = tid - cl * bins;
-      for (int e = tid; e < channels * bins; e += kThreads) {
-        const i64 o = out0 + static_cast<i64>(cl) * nb + qi;
-        store_result<T>(output + o, L::from_word(tile_value[qi][cl]));
-        if constexpr (kArgmax) store_result<int>(argmax + o, tile_index[qi][cl]);
-        qi += step_bins;
-        cl += step_channels;
-        if (qi >= bins) {
-          qi -= bins;
-          ++cl;
+        __syncthreads();
+        const i64 out0 = (k * C + c0) * nb;
+        if (bins == nb) {
+          copy_tile_out<S>(tile_value, head_value, channels * nb,
+                           reinterpret_cast<S*>(output + out0), tid);
+          if constexpr (kArgmax) {
+            copy_tile_out<unsigned int>(reinterpret_cast<const unsigned int*>(tile_index),
+                                        head_index, channels * nb,
+                                        reinterpret_cast<unsigned int*>(argmax + out0), tid);
+          }
+        } else {  // a round of some bins of each channel: one run of `bins` outputs a channel
+          for (int e = tid; e < channels * bins; e += kThreads) {
+            const int cl = e / bins;
+            const i64 o = out0 + static_cast<i64>(cl) * nb + q0 + (e - cl * bins);
+            store_streaming(reinterpret_cast<S*>(output) + o, tile_value[e]);
+            if constexpr (kArgmax) store_streaming(reinterpret_cast<unsigned int*>(argmax) + o,
+                                                   static_cast<unsigned int>(tile_index[e]));
+          }
         }
+        __syncthreads();
       }
-      __syncthreads();
     }
   }
 }

@@ -52,7 +52,8 @@ __device__ __forceinline__ void small_cvec_outputs(const SmallBin* __restrict__ 
       const int second = c0 + V < channels ? V : 0;  // kVectors == 2: the next vector, if any
       const LevelMap<T>& map = maps.of(bin);
       cvec_bin<T, kArgmax>(maps.corner(bin) + c0, second, map.sH, map.sW, bin.bin_h, bin.bin_w,
-                           bin.first_index, static_cast<int>(map.W), values, indices);
+                           bin.first_index, static_cast<int>(map.W), values, indices,
+                           CvecSlots{1, V});
     }
   }
   __syncthreads();
