@@ -285,10 +285,10 @@ def whole_unit_steps(per_block: int, bins: int, dtype: torch.dtype) -> int:
 
 def cvec_tile_outputs(dtype: torch.dtype, argmax: bool) -> int:
     """Outputs one round of the cvec kernel holds in its tile (kCapacity in forward_cvec.cu):
-    each of its values and argmax parts a whole number of 16-byte pieces, less room for the
-    offset of the first output within its 16 bytes."""
-    part = CVEC_TILE_BYTES // (dtype.itemsize + (4 if argmax else 0)) // 8 * 8
-    return part - 8
+    its values and argmax parts each a whole number of 16-byte pieces; with the argmax a
+    16-bit value takes a 32-bit slot."""
+    slot = 4 if argmax and dtype.itemsize == 2 else dtype.itemsize
+    return CVEC_TILE_BYTES // (slot + (4 if argmax else 0)) // 8 * 8
 
 
 def cvec_channels_per_block(

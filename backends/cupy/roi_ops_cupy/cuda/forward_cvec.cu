@@ -9,6 +9,7 @@
 // stored channel by channel in output order.
 namespace roi_ops_cuda {
 constexpr int kCvecThreads = 8;  // most threads per bin (launch plan: a power of two)
+static_assert(kThreads % kCvecThreads == 0, "a block holds whole groups of a bin's threads");
 constexpr int kCvecTileBytes = 32768;  // the block's outputs of one round (values, argmax)
 constexpr int kCvecEdges = 128;  // PH + PW up to this: the block caches its bin edges
 constexpr int kCvecBlocksPerSM = 4;
@@ -236,84 +237,43 @@ struct TileBits<8> {
   typedef unsigned long long type;
 };
 
-// The first element of `count` output elements at `out` (of S) whose tile slot is 16-byte
-// aligned in step with it: out's offset from the 16-byte boundary below it, in elements.
-template <class S>
-__device__ __forceinline__ int tile_head(const S* out) {
-  return static_cast<int>(reinterpret_cast<unsigned long long>(out) % 16u) / sizeof(S);
-}
-
-// Copies tile[head, head + count) to out[0, count) by the whole 16-byte pieces of `out` between
-// them (the tile is laid out in step: out - head is 16-byte aligned, as is tile), and the
-// elements before the first piece and after the last one by single stores.
-template <class S>
-__device__ __forceinline__ void copy_tile_out(const S* __restrict__ tile, int head, int count,
+// Copies tile[0, count) to out[0, count) (slots of the elements' own size, or 16-bit elements
+// in 32-bit slots): in 16-byte pieces of `out` when it is 16-byte aligned (the tile is), else
+// one element at a time.
+template <class Slot, class S>
+__device__ __forceinline__ void copy_tile_out(const Slot* __restrict__ tile, int count,
                                               S* __restrict__ out, int tid) {
   constexpr int kVec = 16 / sizeof(S);
-  S* const base = out - head;  // 16-byte aligned; element i of the tile goes to base[i]
-  const int end = head + count;
-  const int first = (head + kVec - 1) / kVec;  // whole pieces [first, last)
-  const int last = end / kVec;
-  if (first >= last) {
-    for (int i = head + tid; i < end; i += kThreads) store_streaming(base + i, tile[i]);
+  if (reinterpret_cast<unsigned long long>(out) % 16u != 0) {
+    for (int i = tid; i < count; i += kThreads) store_streaming(out + i, static_cast<S>(tile[i]));
     return;
   }
-  for (int j = first + tid; j < last; j += kThreads) {
-    store_streaming(reinterpret_cast<roi_vec16*>(base + j * kVec),
-                    *reinterpret_cast<const roi_vec16*>(tile + j * kVec));
+  const int pieces = count / kVec;
+  for (int j = tid; j < pieces; j += kThreads) {
+    const roi_vec16* from = reinterpret_cast<const roi_vec16*>(tile + j * kVec);
+    roi_vec16 piece = from[0];
+    if constexpr (sizeof(Slot) != sizeof(S)) {  // two pieces of slots: their low halves
+      const roi_vec16 low = piece, high = from[1];
+#pragma unroll
+      for (int w = 0; w < 2; ++w) {
+        piece.w[w] = (low.w[2 * w] & 0xffffu) | (low.w[2 * w + 1] << 16);
+        piece.w[w + 2] = (high.w[2 * w] & 0xffffu) | (high.w[2 * w + 1] << 16);
+      }
+    }
+    store_streaming(reinterpret_cast<roi_vec16*>(out + j * kVec), piece);
   }
-  const int lead = first * kVec - head;  // elements before the first piece
-  const int trail = end - last * kVec;   // and after the last one
-  if (tid < lead) {
-    store_streaming(base + head + tid, tile[head + tid]);
-  } else if (tid >= kVec && tid < kVec + trail) {
-    const int i = last * kVec + tid - kVec;
-    store_streaming(base + i, tile[i]);
-  }
+  const int i = pieces * kVec + tid;  // the last piece's elements, if partial
+  if (i < count) store_streaming(out + i, static_cast<S>(tile[i]));
 }
 
-// How a cvec block splits its channels and bins into rounds that fit its tile: `lanes` threads
-// a bin (a power of two, lanes * kChannels channels a round) and `bins` bins a round (all of
-// them when a round of `lanes` fits; then the round's outputs are contiguous in the output).
-// `warp_lanes` of a bin's lanes share a warp (a power of two dividing lanes): chosen so that a
-// warp's tile stores for one channel fall on distinct banks where possible.
-struct CvecRounds {
-  int lanes, bins, warp_lanes;
-};
-
-// Whether the tile stores of one warp for one channel avoid bank conflicts: `warp_lanes` lanes
-// of (32 / warp_lanes) adjacent bins each, lanes `lane_stride` elements of `bytes` apart.
-__device__ __forceinline__ bool cvec_banks_apart(int warp_lanes, int lane_stride, int bytes) {
-  const int bins = 32 / warp_lanes;
-  // A lane's words; elements under 4 bytes may straddle one more.
-  const int words = (bins * bytes + 3) / 4 + (bytes < 4 ? 1 : 0);
-  if (words * warp_lanes > 32) return false;
-  const unsigned int span = words >= 32 ? 0xffffffffu : (1u << words) - 1u;
-  unsigned int taken = 0;
-  for (int l = 0; l < warp_lanes; ++l) {
-    const int bank = static_cast<int>((static_cast<long long>(l) * lane_stride * bytes / 4) % 32);
-    const unsigned int banks = bank == 0 ? span : (span << bank) | (span >> (32 - bank));
-    if (taken & banks) return false;
-    taken |= banks;
-  }
-  return true;
-}
-
-// The rounds of a block of `lanes` threads a bin (channels_per_block / kChannels: the launch
-// plan keeps lanes * kChannels * nb within the tile's `capacity` wherever one channel vector's
-// bins fit).
+// The bins of one round of a cvec block of `lanes` threads a bin (channels_per_block /
+// kChannels): every bin when the block's outputs fit the tile's `capacity` (the launch plan
+// sees to it wherever one channel vector's bins fit), so that the round's outputs are one
+// contiguous run of the output; else as many as fit.
 template <class T>
-__device__ __forceinline__ CvecRounds cvec_rounds(int lanes, int nb, int capacity) {
+__device__ __forceinline__ int cvec_round_bins(int lanes, int nb, int capacity) {
   constexpr int kChannels = CvecShape<T>::kChannels;
-  CvecRounds r;
-  r.lanes = lanes;
-  r.bins = lanes * kChannels * nb <= capacity ? nb : capacity / (lanes * kChannels);
-  r.warp_lanes = lanes;
-  const int lane_stride = Lanes<T>::kCount * r.bins;  // a lane's first channel: lane * kCount
-  while (r.warp_lanes > 2 && !cvec_banks_apart(r.warp_lanes, lane_stride, sizeof(T))) {
-    r.warp_lanes >>= 1;
-  }
-  return r;
+  return lanes * kChannels * nb <= capacity ? nb : capacity / (lanes * kChannels);
 }
 
 // The cvec kernel's work in block (k, channel blocks) of ROI k on one map (input, its sizes and
@@ -335,17 +295,19 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
                                          const i64 k) {
   typedef typename Rois<R>::G G;
   typedef typename TileBits<sizeof(T)>::type S;
+  // A value's slot in the tile: its own bits, or with the argmax a 16-bit value in a 32-bit
+  // slot, so that a value and its argmax sit at the same offset of their parts.
+  typedef typename TileBits<kArgmax && sizeof(T) == 2 ? 4 : sizeof(T)>::type Slot;
   constexpr int V = Lanes<T>::kCount;
   constexpr int P = CvecShape<T>::kVectors;
   constexpr int kChannels = CvecShape<T>::kChannels;
-  // The tile: values, then (kArgmax) as many argmax entries; each part a whole number of
-  // 16-byte pieces with room for the 16-byte offset of its first output.
-  constexpr int kPart = (kCvecTileBytes / (sizeof(T) + (kArgmax ? 4 : 0))) / 8 * 8;
-  constexpr int kCapacity = kPart - 8;  // outputs a round
+  // The tile: values, then (kArgmax) as many argmax entries, each part a whole number of
+  // 16-byte pieces; an output's value and argmax at the same index of their parts.
+  constexpr int kCapacity = (kCvecTileBytes / (sizeof(Slot) + (kArgmax ? 4 : 0))) / 8 * 8;
   __shared__ roi_vec16 tile[kCvecTileBytes / 16];  // 16-byte pieces
   __shared__ int2 edges[kCvecEdges];
-  S* const tile_value = reinterpret_cast<S*>(tile);
-  int* const tile_index = reinterpret_cast<int*>(tile_value + kPart);
+  Slot* const tile_value = reinterpret_cast<Slot*>(tile);
+  int* const tile_index = reinterpret_cast<int*>(tile_value + kCapacity);
   const int tid = threadIdx.x;
   const RoiGeometry<G> g = roi_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW);
   const bool valid = g.batch >= 0;
@@ -354,17 +316,11 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
   const int nb = static_cast<int>(PH * PW);  // < 2^31 - 256 (launcher checks)
   const int pw_count = static_cast<int>(PW);
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
-  const CvecRounds rounds =
-      cvec_rounds<T>(static_cast<int>(channels_per_block) / kChannels, nb, kCapacity);
-  // The thread's lane and first bin: warp_lanes lanes of 32 / warp_lanes bins in each warp (all
-  // three counts powers of two).
-  const int warp_shift = __ffs(rounds.warp_lanes) - 1;
-  const int group_shift = __ffs(rounds.lanes) - 1 - warp_shift;  // lanes / warp_lanes groups
-  const int warp = tid >> 5;
-  const int lane = ((warp & ((1 << group_shift) - 1)) << warp_shift) |
-                   (tid & (rounds.warp_lanes - 1));
-  const int first_bin = ((warp >> group_shift) << (5 - warp_shift)) | ((tid & 31) >> warp_shift);
-  const int bin_step = kThreads / rounds.lanes;
+  const int lanes = static_cast<int>(channels_per_block) / kChannels;  // a power of two
+  const int round_bins = cvec_round_bins<T>(lanes, nb, kCapacity);
+  const int lane = tid & (lanes - 1);
+  const int first_bin = tid / lanes;
+  const int bin_step = kThreads / lanes;
   const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
   for (i64 c0 = static_cast<i64>(blockIdx.y) * channels_per_block; c0 < C;
        c0 += static_cast<i64>(gridDim.y) * channels_per_block) {
@@ -372,17 +328,12 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
         static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
     {
       const bool has_vector = lane * V < channels;
-      const int second = P == 2 && lane * V + V * rounds.lanes < channels ? V * rounds.lanes : 0;
+      const int second = P == 2 && lane * V + V * lanes < channels ? V * lanes : 0;
       const T* __restrict__ planes = image + c0 + lane * V;
-      for (int q0 = 0; q0 < nb; q0 += rounds.bins) {
-        const int bins = nb - q0 < rounds.bins ? nb - q0 : rounds.bins;
-        // Contiguous rounds (all bins) start their tile in step with the output's 16 bytes.
-        const i64 first = (k * C + c0) * nb;  // the first output of the round's channels
-        const int head_value = bins == nb ? tile_head(output + first) : 0;
-        const int head_index = kArgmax && bins == nb ? tile_head(argmax + first) : 0;
-        const CvecSlots slots = {bins, V * rounds.lanes};  // the tile: bins contiguous
-        S* const lane_values = tile_value + head_value + lane * V * bins;
-        int* const lane_indices = tile_index + head_index + lane * V * bins;
+      for (int q0 = 0; q0 < nb; q0 += round_bins) {
+        const int bins = nb - q0 < round_bins ? nb - q0 : round_bins;
+        const CvecSlots slots = {bins, V * lanes};  // the tile: bins contiguous
+        const int lane_slot = lane * V * bins;
         if (has_vector) {
           for (int qi = first_bin; qi < bins; qi += bin_step) {
             const int q = q0 + qi;
@@ -392,14 +343,14 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
             const int2 cols = col_span<G>(edges, g, cached, PH, pw, W);
             const int bin_h = rows.y - rows.x;
             const int bin_w = cols.y - cols.x;
-            S* __restrict__ values = lane_values + qi;
-            int* __restrict__ indices = lane_indices + qi;
+            Slot* __restrict__ values = tile_value + lane_slot + qi;
+            int* __restrict__ indices = tile_index + lane_slot + qi;
             if (bin_h <= 0 || bin_w <= 0) {
               int slot = 0;
 #pragma unroll
               for (int c = 0; c < kChannels; ++c) {
                 if (c == V) slot = slots.vector_channels * slots.stride;
-                values[slot] = static_cast<S>(Lanes<T>::word(Work<T>::out(typename Work<T>::V(0))));
+                values[slot] = static_cast<Slot>(Lanes<T>::word(Work<T>::out(typename Work<T>::V(0))));
                 if constexpr (kArgmax) indices[slot] = -1;
                 slot += slots.stride;
               }
@@ -413,18 +364,19 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
         __syncthreads();
         const i64 out0 = (k * C + c0) * nb;
         if (bins == nb) {
-          copy_tile_out<S>(tile_value, head_value, channels * nb,
-                           reinterpret_cast<S*>(output + out0), tid);
+          copy_tile_out<Slot, S>(tile_value, channels * nb, reinterpret_cast<S*>(output + out0),
+                                 tid);
           if constexpr (kArgmax) {
-            copy_tile_out<unsigned int>(reinterpret_cast<const unsigned int*>(tile_index),
-                                        head_index, channels * nb,
+            copy_tile_out<unsigned int, unsigned int>(
+                reinterpret_cast<const unsigned int*>(tile_index),
+                                        channels * nb,
                                         reinterpret_cast<unsigned int*>(argmax + out0), tid);
           }
         } else {  // a round of some bins of each channel: one run of `bins` outputs a channel
           for (int e = tid; e < channels * bins; e += kThreads) {
             const int cl = e / bins;
             const i64 o = out0 + static_cast<i64>(cl) * nb + q0 + (e - cl * bins);
-            store_streaming(reinterpret_cast<S*>(output) + o, tile_value[e]);
+            store_streaming(reinterpret_cast<S*>(output) + o, static_cast<S>(tile_value[e]));
             if constexpr (kArgmax) store_streaming(reinterpret_cast<unsigned int*>(argmax) + o,
                                                    static_cast<unsigned int>(tile_index[e]));
           }
