@@ -118,12 +118,12 @@ struct CvecSlots {
   }
 };
 
-// One bin (corner: its first element of the thread's first channel; not empty) for the
-// thread's channels: every element read once, as kVectors 16-byte vectors (a missing second
+// One bin (corner: its first element of the thread's first channel; not empty; sH and sW
+// i64, or int where every offset within an image fits) for the thread's channels: every element read once, as kVectors 16-byte vectors (a missing second
 // vector re-reads the first: `second` is 0; else `second` is slots.vector_channels), in the
 // contract's scan order. Writes each channel's value and, with kArgmax, its argmax, at `slots`.
-template <class T, bool kArgmax, class Out>
-__device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int second, i64 sH, i64 sW,
+template <class T, bool kArgmax, class Out, class I>
+__device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int second, I sH, I sW,
                                          int bin_h, int bin_w, int first_index, int w_int,
                                          Out* __restrict__ values, int* __restrict__ indices,
                                          CvecSlots slots) {
@@ -151,14 +151,18 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
       }
     }
     unsigned int inexact = 0;  // channels whose maximum is a zero or a NaN
+    // Slot by slot from the first (offsets built here, not held through the scan).
+    int slot = 0;
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       roi_vec16 result;
 #pragma unroll
       for (int w = 0; w < 4; ++w) result.w[w] = m[p][w];
+      if (p == 1) slot = slots.vector_channels * slots.stride;
 #pragma unroll
       for (int c = 0; c < V; ++c) {
-        values[slots.at(p * V + c, V)] = static_cast<Out>(L::word(L::get(result, c)));
+        values[slot] = static_cast<Out>(L::word(L::get(result, c)));
+        slot += slots.stride;
         if (!PackedMax<T>::exact(m[p], c)) inexact |= 1u << (p * V + c);
       }
     }
@@ -316,11 +320,14 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
   const int nb = static_cast<int>(PH * PW);  // < 2^31 - 256 (launcher checks)
   const int pw_count = static_cast<int>(PW);
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
+  // Offsets within an image: < 2^31 (the launch plan checks it for this kernel).
+  const int sH_int = static_cast<int>(sH), sW_int = static_cast<int>(sW);
   const int lanes = static_cast<int>(channels_per_block) / kChannels;  // a power of two
   const int round_bins = cvec_round_bins<T>(lanes, nb, kCapacity);
+  const int lane_bits = __ffs(lanes) - 1;
   const int lane = tid & (lanes - 1);
-  const int first_bin = tid / lanes;
-  const int bin_step = kThreads / lanes;
+  const int first_bin = tid >> lane_bits;
+  const int bin_step = kThreads >> lane_bits;
   const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
   for (i64 c0 = static_cast<i64>(blockIdx.y) * channels_per_block; c0 < C;
        c0 += static_cast<i64>(gridDim.y) * channels_per_block) {
@@ -330,8 +337,8 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
       const bool has_vector = lane * V < channels;
       const int second = P == 2 && lane * V + V * lanes < channels ? V * lanes : 0;
       const T* __restrict__ planes = image + c0 + lane * V;
-      for (int q0 = 0; q0 < nb; q0 += round_bins) {
-        const int bins = nb - q0 < round_bins ? nb - q0 : round_bins;
+      // One round: bins q0 .. q0 + bins - 1 of the block's channels.
+      const auto round = [&](const int q0, const int bins) {
         const CvecSlots slots = {bins, V * lanes};  // the tile: bins contiguous
         const int lane_slot = lane * V * bins;
         if (has_vector) {
@@ -355,9 +362,9 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
                 slot += slots.stride;
               }
             } else {
-              cvec_bin<T, kArgmax>(planes + rows.x * sH + cols.x * sW, second, sH, sW, bin_h,
-                                   bin_w, rows.x * w_int + cols.x, w_int, values, indices,
-                                   slots);
+              cvec_bin<T, kArgmax>(planes + (rows.x * sH_int + cols.x * sW_int), second, sH_int,
+                                   sW_int, bin_h, bin_w, rows.x * w_int + cols.x, w_int, values,
+                                   indices, slots);
             }
           }
         }
@@ -382,6 +389,13 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
           }
         }
         __syncthreads();
+      };
+      if (round_bins == nb) {  // the usual case: one round, every bin
+        round(0, nb);
+      } else {
+        for (int q0 = 0; q0 < nb; q0 += round_bins) {
+          round(q0, nb - q0 < round_bins ? nb - q0 : round_bins);
+        }
       }
     }
   }
