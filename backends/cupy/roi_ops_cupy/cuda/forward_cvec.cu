@@ -334,8 +334,11 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
     const int channels =
         static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
     {
-      const bool has_vector = lane * V < channels;
-      const int second = P == 2 && lane * V + V * lanes < channels ? V * lanes : 0;
+      // The thread's vectors exist below `vectors` (C is a multiple of V): compared with the
+      // lane against block-wide counts.
+      const int vectors = channels / V;
+      const bool has_vector = lane < vectors;
+      const int second = P == 2 && lane < vectors - lanes ? V * lanes : 0;
       const T* __restrict__ planes = image + c0 + lane * V;
       // One round: bins q0 .. q0 + bins - 1 of the block's channels.
       const auto round = [&](const int q0, const int bins) {
