@@ -118,12 +118,21 @@ def _aligned_channels(input: torch.Tensor) -> bool:
     )
 
 
+def _image_offsets_fit_int32(input: torch.Tensor) -> bool:
+    """Whether every element's offset from its image's first is below 2^31 (the cvec kernel
+    steps within an image in 32-bit offsets)."""
+    last = sum((extent - 1) * stride for extent, stride in zip(input.shape[1:], input.stride()[1:]))
+    return last < INT32_LIMIT
+
+
 def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
     if kernel == kernels.FORWARD_UNIT:
         return input.stride(3) == 1 and bins <= UNIT_MAX_BINS
     if kernel == kernels.FORWARD_SMALL:
         unit = input.stride(3) == 1
-    elif kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_SMALL_CVEC):
+    elif kernel == kernels.FORWARD_CVEC:
+        unit = _aligned_channels(input) and _image_offsets_fit_int32(input)
+    elif kernel == kernels.FORWARD_SMALL_CVEC:
         unit = _aligned_channels(input)
     else:
         return True  # plane and chan read any strides
@@ -137,7 +146,8 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
     """The forward kernel for an input's strides and alignment and `bins` (PH * PW) per ROI (no
     device sync): the choice table of tools/NOTES.md.
 
-    For channels_last: cvec when its channel vectors are 16-byte aligned, chan otherwise; for
+    For channels_last: cvec when its channel vectors are 16-byte aligned (and an image's
+    offsets fit 32 bits), chan otherwise; for
     any other unit W stride (NCHW contiguous), unit (PH * PW at most UNIT_MAX_BINS: its bin
     edges fit a block's shared memory); plane for the rest. Where a ROI has at most
     ``tuning.small_roi_outputs`` outputs (C * PH * PW), small_cvec replaces cvec and small
@@ -150,8 +160,11 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
     if uses_channel_kernel(input, tuning):
         if aligned_channel_vector(input, CVEC_BYTES) <= 1:
             return kernels.FORWARD_CHAN
-        small = few and _can_run(kernels.FORWARD_SMALL_CVEC, input, bins)
-        return kernels.FORWARD_SMALL_CVEC if small else kernels.FORWARD_CVEC
+        if few and _can_run(kernels.FORWARD_SMALL_CVEC, input, bins):
+            return kernels.FORWARD_SMALL_CVEC
+        if _can_run(kernels.FORWARD_CVEC, input, bins):
+            return kernels.FORWARD_CVEC
+        return kernels.FORWARD_CHAN
     if input.stride(3) == 1:
         if few and _can_run(kernels.FORWARD_SMALL, input, bins):
             return kernels.FORWARD_SMALL
@@ -456,8 +469,9 @@ def forward_levels_kernel(
 ) -> str:
     """The forward kernel family that pools every level of a multi-level call: the one that
     `forward_kernel` picks for each level when they agree (they do for levels of one layout:
-    the choice reads the layout, the alignment, C and `bins`, never H or W); otherwise chan
-    when every level has its channels adjacent, else plane (both read any strides)."""
+    the choice reads the layout, the alignment, C and `bins`, and H and W only to keep an image
+    of 2^31 elements or more from the cvec kernel); otherwise chan when every level has its
+    channels adjacent, else plane (both read any strides)."""
     chosen = {forward_kernel(x, bins, tuning) for x in features}
     if len(chosen) == 1:
         return chosen.pop()
