@@ -89,12 +89,13 @@ def contiguous_strides(shape) -> tuple[int, ...]:
     return torch.empty(shape, device="meta").stride()
 
 
-def poisoned_outputs(shape, dtype, device, needs_argmax):
-    """Poisoned outputs (NaN, -7) inside guard buffers of -7; returns views and buffers."""
+def poisoned_outputs(shape, dtype, device, needs_argmax, shift=0):
+    """Poisoned outputs (NaN, -7) inside guard buffers of -7, starting `shift` elements after a
+    16-byte boundary; returns views and buffers."""
     strides = contiguous_strides(shape)
-    output, out_buf = guarded(shape, strides, dtype, device, -7.0)
+    output, out_buf = guarded(shape, strides, dtype, device, -7.0, shift)
     output.fill_(math.nan)
-    argmax, arg_buf = guarded(shape, strides, torch.int32, device, -7)
+    argmax, arg_buf = guarded(shape, strides, torch.int32, device, -7, shift)
     return output, out_buf, (argmax if needs_argmax else None), arg_buf
 
 
@@ -128,8 +129,10 @@ def run_forward(
     grid_y=None,
     tuning: CupyTuning = DEFAULT_TUNING,
     bad_roi_log=None,
+    output_shift=0,
 ):
-    """The kernels on poisoned outputs; returns CPU (output, argmax or None)."""
+    """The kernels on poisoned outputs (`output_shift` elements past a 16-byte boundary);
+    returns CPU (output, argmax or None)."""
     size = (size, size) if isinstance(size, int) else tuple(size)
     if layout in _LAYOUT_KERNELS and tuning.forward_kernel is None:
         tuning = replace(tuning, forward_kernel=_LAYOUT_KERNELS[layout])
@@ -140,7 +143,7 @@ def run_forward(
         placed, rois, size[0], size[1], scale, needs_argmax, bad_roi_log=bad_roi_log
     )
     output, out_buf, argmax, arg_buf = poisoned_outputs(
-        problem.output_shape, x.dtype, device, needs_argmax
+        problem.output_shape, x.dtype, device, needs_argmax, output_shift
     )
     launch = planning.plan_forward(problem, output, argmax, sizes(multiprocessors), tuning)
     if launch is not None:

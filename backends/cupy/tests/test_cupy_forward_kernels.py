@@ -87,7 +87,30 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
     g = torch.Generator().manual_seed(12)
     x = torch.randn(1, 18, 30, 30, generator=g, dtype=torch.float64)
     rois = torch.tensor([[0, 1.0, 2.0, 27.0, 29.0], [0, 5.0, 5.0, 6.0, 6.0]], dtype=torch.float64)
-    check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins: two rounds of 64
+    check(runner, x, rois, (9, 11), 1.0, layout=layout)  # 99 bins
+    # cvec: 900 bins of one float64 vector (4 channels) are more than its tile holds with the
+    # argmax (2728 outputs): rounds of 682 bins, each channel's run stored on its own.
+    check(runner, x, rois, (30, 30), 1.0, layout=layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shift", [1, 3], ids=lambda s: f"shift{s}")
+def test_cvec_outputs_off_16_byte_boundaries(runner, dtype, shift):
+    # The cvec tile goes out in 16-byte pieces only to an aligned output: outputs a few elements
+    # off a boundary take single stores (every element, guards around).
+    x = tie_heavy_features((2, 24, 12, 40), 5, dtype)
+    rois = torch.tensor([[0, 3.0, 1.0, 30.0, 10.0], [1, -4.0, 0.0, 13.0, 11.0]])
+    rois = rois.to(rois_dtype_for(dtype))
+    for size in [(7, 7), (14, 14)]:
+        reference = reference_roi_pool(x, rois, size, 1.0)
+        for needs_argmax in (True, False):
+            output, argmax = run_forward(
+                runner, x, rois, size, 1.0, layout="channels_last_cvec",
+                needs_argmax=needs_argmax, output_shift=shift,
+            )  # fmt: skip
+            assert_same_bits(output, reference[0])
+            if needs_argmax:
+                assert torch.equal(argmax, reference[1])
 
 
 @pytest.mark.parametrize("kernel", ["unit", "small", "plane", "cvec", "small_cvec", "chan"])

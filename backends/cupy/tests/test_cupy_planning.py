@@ -143,6 +143,43 @@ def test_fused_unit_plan_streams_larger_channel_blocks(dtype):
     assert cached.value("channels_per_block") == 160
 
 
+def test_cvec_blocks_fit_their_tile_in_one_round():
+    # mask-14's 196 bins: 64 channels of float16 values fit the 32 KiB tile; float32 values
+    # take 32 channels, and with the argmax 16 (float16 values then sit in 32-bit slots).
+    capacity = planning.cvec_tile_outputs
+    assert capacity(torch.float16, False) == 16384 and capacity(torch.float32, False) == 8192
+    assert capacity(torch.float32, True) == capacity(torch.float16, True) == 4096
+    assert capacity(torch.float64, True) == 2728
+    per_block = planning.cvec_channels_per_block
+    tuning = DEFAULT_TUNING
+    for dtype, argmax, expected in [
+        (torch.float16, False, 64),
+        (torch.float32, False, 32),
+        (torch.float32, True, 16),
+        (torch.float16, True, 16),
+        (torch.float64, True, 8),
+    ]:
+        channels = per_block(4096, 256, 196, dtype, argmax, 132, tuning)
+        assert channels == expected, (dtype, argmax)
+        assert channels * 196 <= capacity(dtype, argmax)
+    assert per_block(4096, 256, 49, torch.float32, True, 132, tuning) == 64  # 49 bins: 8 threads
+    # One vector's bins beyond the tile: one thread a bin, the kernel pools in rounds of bins.
+    assert per_block(4, 256, 4200, torch.float32, True, 132, tuning) == 8
+
+
+def test_cvec_kernel_only_where_an_image_has_32_bit_offsets():
+    fits = torch.empty(1, 16, 2**13, 2**13, device="meta").contiguous(
+        memory_format=torch.channels_last
+    )  # 2^30 elements an image
+    beyond = torch.empty(2, 16, 2**14 + 1, 2**13, device="meta").contiguous(
+        memory_format=torch.channels_last
+    )  # an offset of 2^31 in each image
+    assert planning.forward_kernel(fits, 196) == kernels.FORWARD_CVEC  # 3136 outputs a ROI
+    assert planning.forward_kernel(beyond, 196) == kernels.FORWARD_CHAN
+    levels = [fits[:, :, :8, :8], beyond]
+    assert planning.forward_levels_kernel(levels, 196) == kernels.FORWARD_CHAN
+
+
 def test_plane_cvec_and_chan_plans():
     x = torch.ones(2, 64, 10, 20)[..., ::2]
     problem = _problem(x)
