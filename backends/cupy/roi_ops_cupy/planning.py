@@ -121,7 +121,8 @@ def _aligned_channels(input: torch.Tensor) -> bool:
 def _image_offsets_fit_int32(input: torch.Tensor) -> bool:
     """Whether every element's offset from its image's first is below 2^31 (the cvec kernel
     steps within an image in 32-bit offsets)."""
-    last = sum((extent - 1) * stride for extent, stride in zip(input.shape[1:], input.stride()[1:]))
+    extents, strides = input.shape[1:], input.stride()[1:]
+    last = sum((extent - 1) * stride for extent, stride in zip(extents, strides, strict=True))
     return last < INT32_LIMIT
 
 
