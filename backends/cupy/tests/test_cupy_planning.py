@@ -4,7 +4,9 @@ grid, block, shared memory and named arguments, and how a `CupyTuning` changes t
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +143,12 @@ def test_fused_unit_plan_streams_larger_channel_blocks(dtype):
     assert streamed.name.startswith(kernels.levels_kernel(kernels.FORWARD_UNIT))
     assert streamed.value("channels_per_block") == (80 if dtype == torch.float32 else 160)
     assert cached.value("channels_per_block") == 160
+
+
+def test_cvec_tile_size_matches_the_kernel():
+    source = (Path(kernels.__file__).parent / "cuda" / "forward_cvec.cu").read_text()
+    match = re.search(r"constexpr int kCvecTileBytes = (\d+);", source)
+    assert match and int(match.group(1)) == planning.CVEC_TILE_BYTES
 
 
 def test_cvec_blocks_fit_their_tile_in_one_round():

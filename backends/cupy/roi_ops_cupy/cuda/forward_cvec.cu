@@ -5,12 +5,14 @@
 // thread keeps CvecShape<T>::kChannels channels (8; 4 in float64) and one bin at a time, and
 // reads each element of the bin for all its channels with one or two 16-byte loads (CvecShape).
 // Inference reduces with max.NaN (packed f16x2/bf16x2 for the 16-bit types), the argmax with
-// the unit kernel's compare and select. Results are staged in shared memory, bin-major, and
-// stored channel by channel in output order.
+// the unit kernel's compare and select. Results are staged in a shared tile laid out as the
+// block's part of the output (channel by channel, bins contiguous: one contiguous run when the
+// tile holds every bin, as the launch plan arranges) and copied out in 16-byte pieces: a few
+// instructions a piece instead of an output offset and a store for every element.
 namespace roi_ops_cuda {
 constexpr int kCvecThreads = 8;  // most threads per bin (launch plan: a power of two)
 static_assert(kThreads % kCvecThreads == 0, "a block holds whole groups of a bin's threads");
-constexpr int kCvecTileBytes = 32768;  // the block's outputs of one round (values, argmax)
+constexpr int kCvecTileBytes = 32768;  // planning.CVEC_TILE_BYTES: one round's outputs
 constexpr int kCvecEdges = 128;  // PH + PW up to this: the block caches its bin edges
 constexpr int kCvecBlocksPerSM = 4;
 // The multi-level kernel: its level's map in registers would spill float64's inference at 64.
