@@ -121,9 +121,10 @@ struct CvecSlots {
 };
 
 // One bin (corner: its first element of the thread's first channel; not empty; sH and sW
-// i64, or int where every offset within an image fits) for the thread's channels: every element read once, as kVectors 16-byte vectors (a missing second
-// vector re-reads the first: `second` is 0; else `second` is slots.vector_channels), in the
-// contract's scan order. Writes each channel's value and, with kArgmax, its argmax, at `slots`.
+// i64, or int where every offset within an image fits) for the thread's channels: every element
+// read once, as kVectors 16-byte vectors (a missing second vector re-reads the first: `second`
+// is 0; else `second` is slots.vector_channels), in the contract's scan order. Writes each
+// channel's value and, with kArgmax, its argmax, at `slots`.
 template <class T, bool kArgmax, class Out, class I>
 __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int second, I sH, I sW,
                                          int bin_h, int bin_w, int first_index, int w_int,
@@ -335,72 +336,70 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
        c0 += static_cast<i64>(gridDim.y) * channels_per_block) {
     const int channels =
         static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
-    {
-      // The thread's vectors exist below `vectors` (C is a multiple of V): compared with the
-      // lane against block-wide counts.
-      const int vectors = channels / V;
-      const bool has_vector = lane < vectors;
-      const int second = P == 2 && lane < vectors - lanes ? V * lanes : 0;
-      const T* __restrict__ planes = image + c0 + lane * V;
-      // One round: bins q0 .. q0 + bins - 1 of the block's channels.
-      const auto round = [&](const int q0, const int bins) {
-        const CvecSlots slots = {bins, V * lanes};  // the tile: bins contiguous
-        const int lane_slot = lane * V * bins;
-        if (has_vector) {
-          for (int qi = first_bin; qi < bins; qi += bin_step) {
-            const int q = q0 + qi;
-            const int ph = q / pw_count;
-            const int pw = q - ph * pw_count;
-            const int2 rows = row_span<G>(edges, g, cached, ph, H);
-            const int2 cols = col_span<G>(edges, g, cached, PH, pw, W);
-            const int bin_h = rows.y - rows.x;
-            const int bin_w = cols.y - cols.x;
-            Slot* __restrict__ values = tile_value + lane_slot + qi;
-            int* __restrict__ indices = tile_index + lane_slot + qi;
-            if (bin_h <= 0 || bin_w <= 0) {
-              int slot = 0;
+    // The thread's vectors exist below `vectors` (C is a multiple of V): compared with the
+    // lane against block-wide counts.
+    const int vectors = channels / V;
+    const bool has_vector = lane < vectors;
+    const int second = P == 2 && lane < vectors - lanes ? V * lanes : 0;
+    const T* __restrict__ planes = image + c0 + lane * V;
+    // One round: bins q0 .. q0 + bins - 1 of the block's channels.
+    const auto round = [&](const int q0, const int bins) {
+      const CvecSlots slots = {bins, V * lanes};  // the tile: bins contiguous
+      const int lane_slot = lane * V * bins;
+      if (has_vector) {
+        for (int qi = first_bin; qi < bins; qi += bin_step) {
+          const int q = q0 + qi;
+          const int ph = q / pw_count;
+          const int pw = q - ph * pw_count;
+          const int2 rows = row_span<G>(edges, g, cached, ph, H);
+          const int2 cols = col_span<G>(edges, g, cached, PH, pw, W);
+          const int bin_h = rows.y - rows.x;
+          const int bin_w = cols.y - cols.x;
+          Slot* __restrict__ values = tile_value + lane_slot + qi;
+          int* __restrict__ indices = tile_index + lane_slot + qi;
+          if (bin_h <= 0 || bin_w <= 0) {
+            int slot = 0;
 #pragma unroll
-              for (int c = 0; c < kChannels; ++c) {
-                if (c == V) slot = slots.vector_channels * slots.stride;
-                values[slot] = static_cast<Slot>(Lanes<T>::word(Work<T>::out(typename Work<T>::V(0))));
-                if constexpr (kArgmax) indices[slot] = -1;
-                slot += slots.stride;
-              }
-            } else {
-              cvec_bin<T, kArgmax>(planes + (rows.x * sH_int + cols.x * sW_int), second, sH_int,
-                                   sW_int, bin_h, bin_w, rows.x * w_int + cols.x, w_int, values,
-                                   indices, slots);
+            for (int c = 0; c < kChannels; ++c) {
+              if (c == V) slot = slots.vector_channels * slots.stride;
+              values[slot] =
+                  static_cast<Slot>(Lanes<T>::word(Work<T>::out(typename Work<T>::V(0))));
+              if constexpr (kArgmax) indices[slot] = -1;
+              slot += slots.stride;
             }
+          } else {
+            cvec_bin<T, kArgmax>(planes + (rows.x * sH_int + cols.x * sW_int), second, sH_int,
+                                 sW_int, bin_h, bin_w, rows.x * w_int + cols.x, w_int, values,
+                                 indices, slots);
           }
         }
-        __syncthreads();
-        const i64 out0 = (k * C + c0) * nb;
-        if (bins == nb) {
-          copy_tile_out<Slot, S>(tile_value, channels * nb, reinterpret_cast<S*>(output + out0),
-                                 tid);
-          if constexpr (kArgmax) {
-            copy_tile_out<unsigned int, unsigned int>(
-                reinterpret_cast<const unsigned int*>(tile_index),
-                                        channels * nb,
-                                        reinterpret_cast<unsigned int*>(argmax + out0), tid);
-          }
-        } else {  // a round of some bins of each channel: one run of `bins` outputs a channel
-          for (int e = tid; e < channels * bins; e += kThreads) {
-            const int cl = e / bins;
-            const i64 o = out0 + static_cast<i64>(cl) * nb + q0 + (e - cl * bins);
-            store_streaming(reinterpret_cast<S*>(output) + o, static_cast<S>(tile_value[e]));
-            if constexpr (kArgmax) store_streaming(reinterpret_cast<unsigned int*>(argmax) + o,
-                                                   static_cast<unsigned int>(tile_index[e]));
-          }
+      }
+      __syncthreads();
+      const i64 out0 = (k * C + c0) * nb;
+      if (bins == nb) {
+        copy_tile_out<Slot, S>(tile_value, channels * nb, reinterpret_cast<S*>(output + out0),
+                               tid);
+        if constexpr (kArgmax) {
+          copy_tile_out<unsigned int, unsigned int>(
+              reinterpret_cast<const unsigned int*>(tile_index), channels * nb,
+              reinterpret_cast<unsigned int*>(argmax + out0), tid);
         }
-        __syncthreads();
-      };
-      if (round_bins == nb) {  // the usual case: one round, every bin
-        round(0, nb);
-      } else {
-        for (int q0 = 0; q0 < nb; q0 += round_bins) {
-          round(q0, nb - q0 < round_bins ? nb - q0 : round_bins);
+      } else {  // a round of some bins of each channel: one run of `bins` outputs a channel
+        for (int e = tid; e < channels * bins; e += kThreads) {
+          const int cl = e / bins;
+          const i64 o = out0 + static_cast<i64>(cl) * nb + q0 + (e - cl * bins);
+          store_streaming(reinterpret_cast<S*>(output) + o, static_cast<S>(tile_value[e]));
+          if constexpr (kArgmax) store_streaming(reinterpret_cast<unsigned int*>(argmax) + o,
+                                                 static_cast<unsigned int>(tile_index[e]));
         }
+      }
+      __syncthreads();
+    };
+    if (round_bins == nb) {  // the usual case: one round, every bin
+      round(0, nb);
+    } else {
+      for (int q0 = 0; q0 < nb; q0 += round_bins) {
+        round(q0, nb - q0 < round_bins ? nb - q0 : round_bins);
       }
     }
   }
