@@ -148,9 +148,9 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
     device sync): the choice table of tools/NOTES.md.
 
     For channels_last: cvec when its channel vectors are 16-byte aligned (and an image's
-    offsets fit 32 bits), chan otherwise; for
-    any other unit W stride (NCHW contiguous), unit (PH * PW at most UNIT_MAX_BINS: its bin
-    edges fit a block's shared memory); plane for the rest. Where a ROI has at most
+    offsets fit 32 bits), chan otherwise; for any other unit W stride (NCHW contiguous), unit
+    (PH * PW at most UNIT_MAX_BINS: its bin edges fit a block's shared memory); plane for the
+    rest. Where a ROI has at most
     ``tuning.small_roi_outputs`` outputs (C * PH * PW), small_cvec replaces cvec and small
     replaces unit. ``tuning.forward_kernel`` overrides the choice where that kernel can run.
     """
