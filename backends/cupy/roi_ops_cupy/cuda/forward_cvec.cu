@@ -154,7 +154,7 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
       }
     }
     unsigned int inexact = 0;  // channels whose maximum is a zero or a NaN
-    // Slot by slot from the first (offsets built here, not held through the scan).
+    // The slots in order, as slots.at(c, V) gives them.
     int slot = 0;
 #pragma unroll
     for (int p = 0; p < P; ++p) {
@@ -211,7 +211,7 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
       }
       row += w_int;
     }
-    // Slot by slot from the first (offsets built here, not held through the scan).
+    // The slots in order, as slots.at(c, V) gives them.
     int slot = 0;
 #pragma unroll
     for (int c = 0; c < kChannels; ++c) {
