@@ -88,12 +88,13 @@ GROUP_THREADS = 1024
 # The staged forward's copy of an NCHW input to channels_last (one NVRTC module, every dtype).
 COPY_CHANNELS_LAST = "roi_ops_copy_channels_last"
 COPY_ROWS = 8  # kCopyRows: the copy's blocks are 32 x COPY_ROWS threads
+COPY_POSITIONS = 64  # kCopyPositions: positions (h * W + w) a block of the copy moves
 
 
-def copy_tile(dtype: torch.dtype) -> int:
-    """CopyTile<T>: a block of the channels_last copy moves this many channels of this many
-    positions (64 for 2-byte elements, else 32)."""
-    return 64 if dtype.itemsize == 2 else 32
+def copy_channels(dtype: torch.dtype) -> int:
+    """CopyTile<T>::kChannels: a block of the channels_last copy moves 128 bytes of channels
+    (32 float32, 64 float16 or bfloat16, 16 float64) of COPY_POSITIONS positions."""
+    return 128 // dtype.itemsize
 
 
 @functools.cache

@@ -196,15 +196,13 @@ def stages_channels_last(
       with torch's copy (faster than the copy kernel on those small maps);
     - when the outputs are at least ``tuning.stage_min_reads`` times the input's elements (so
       that the copy is a small part of the work), and either the input does not fit in L2 (its
-      NCHW windows' sectors are re-read from memory), or it is a 16-bit inference, or a float32
-      forward with the argmax of at most ``tuning.stage_argmax_max_bins`` bins per ROI (fewer
-      bins, larger ones: the channel-vector kernels' argmax loses on bins of one to four
-      elements), with the copy kernel.
+      NCHW windows' sectors are re-read from memory) or its elements are of 16 or 32 bits
+      (float64 in L2 is not measured), with the copy kernel.
 
-    Only where the copy's channel vectors are 16-byte aligned (C * itemsize a multiple of 16)
-    and C has at least ``tuning.chan_min_channels`` channels; ``tuning.stage_channels_last``
-    forces the choice there (True) or switches staging off (False); a forced forward kernel
-    never stages.
+    Only where the copy's channel vectors are 16-byte aligned (C * itemsize a multiple of 16),
+    C has at least ``tuning.chan_min_channels`` channels and the copy kernel's 32-bit offsets
+    reach every element (`copy_fits_int32`); ``tuning.stage_channels_last`` forces the choice
+    there (True) or switches staging off (False); a forced forward kernel never stages.
     """
     input = problem.input
     if tuning.stage_channels_last is False or tuning.forward_kernel is not None:
@@ -215,7 +213,8 @@ def stages_channels_last(
     if (
         channels < tuning.chan_min_channels
         or channels * input.element_size() % CVEC_BYTES != 0
-        or math.ceil(channels / kernels.copy_tile(input.dtype)) > MAX_GRID_Y
+        or math.ceil(channels / kernels.copy_channels(input.dtype)) > MAX_GRID_Y
+        or not copy_fits_int32(input)
     ):
         return None
     if tuning.stage_channels_last:
@@ -227,13 +226,7 @@ def stages_channels_last(
     outputs = problem.rois.shape[0] * channels * bins
     if outputs < tuning.stage_min_reads * input.numel():
         return None
-    if not cached or (input.element_size() == 2 and not problem.needs_argmax):
-        return STAGE_COPY_KERNEL
-    if (
-        input.dtype == torch.float32
-        and problem.needs_argmax
-        and bins <= tuning.stage_argmax_max_bins
-    ):
+    if not cached or input.element_size() <= 4:
         return STAGE_COPY_KERNEL
     return None
 
@@ -243,12 +236,13 @@ def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch |
     copy.
 
     Args:
-        input: (N, C, H, W) with a unit W stride (any other strides).
+        input: (N, C, H, W) with a unit W stride (any other strides), every offset within an
+            image below 2^31 elements (`copy_fits_int32`).
         copy: the same shape and dtype, dense channels_last.
 
     Raises:
         ValueError: `copy` is not `input`'s shape and dtype, dense channels_last, or `input` has
-            no unit W stride.
+            no unit W stride, or an image of offsets beyond 32 bits.
     """
     dense = copy.is_contiguous(memory_format=torch.channels_last)
     if copy.shape != input.shape or copy.dtype != input.dtype or not dense:
@@ -259,11 +253,16 @@ def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch |
         )
     if input.stride(3) != 1 and input.shape[3] > 1:
         raise ValueError(f"input: expected a W stride of 1, got strides {input.stride()}")
+    if not copy_fits_int32(input):
+        raise ValueError(
+            f"input: expected every offset within an image below 2^31 elements (the copy "
+            f"steps in 32-bit offsets), got shape {tuple(input.shape)} and strides "
+            f"{input.stride()}; copy it with torch instead"
+        )
     if input.numel() == 0:
         return None
     n, c, h, w = input.shape
-    tile = kernels.copy_tile(input.dtype)
-    position_tiles = math.ceil(h * w / tile)
+    position_tiles = math.ceil(h * w / kernels.COPY_POSITIONS)
     args = (
         pointer("input", input),
         *(integer(name, v) for name, v in zip("CHW", (c, h, w), strict=True)),
@@ -271,9 +270,18 @@ def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch |
         integer("position_tiles", position_tiles),
         pointer("output", copy),
     )
-    grid = (n * position_tiles, math.ceil(c / tile), 1)
+    grid = (n * position_tiles, math.ceil(c / kernels.copy_channels(input.dtype)), 1)
     block = (32, kernels.COPY_ROWS, 1)
     return Launch(kernels.copy_name(input.dtype), grid, block, 0, args)
+
+
+def copy_fits_int32(input: torch.Tensor) -> bool:
+    """Whether the channels_last copy kernel can copy `input`: every offset within an image, of
+    the input and of its dense copy (C * H * W elements), below 2^31, and the grid's images by
+    position tiles within its limit."""
+    n, c, h, w = input.shape
+    tiles = n * math.ceil(h * w / kernels.COPY_POSITIONS)
+    return _image_offsets_fit_int32(input) and c * h * w < INT32_LIMIT and tiles < INT32_LIMIT
 
 
 def channels_per_block(

@@ -306,38 +306,46 @@ def test_hypothesis_differential(runner, layout):
     run()
 
 
-# (N, C, H, W): channels and positions (H * W) around the tiles (32 a side, 64 for 16-bit
-# elements), one channel, one pixel.
+# (N, C, H, W): channels and positions (H * W) around the tiles (64 positions by 128 bytes of
+# channels: 32 float32, 64 16-bit, 16 float64), C in whole 16-byte vectors or not, one channel,
+# one pixel.
 COPY_SHAPES = [
     (2, 40, 5, 9),
     (1, 64, 4, 16),
     (1, 70, 9, 8),
+    (2, 72, 13, 11),
     (3, 33, 1, 1),
     (1, 1, 6, 11),
     (1, 8, 33, 1),
 ]
+# Where the input's rows are (dense planes, or rows further apart: the first columns of a wider
+# map) and how many elements the copy starts past a 16-byte boundary (1: no 16-byte stores).
+COPY_PLACES = [("dense", 0), ("padded", 0), ("dense", 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", COPY_SHAPES, ids=str)
-def test_channels_last_copy_is_the_input_bit_for_bit(runner, dtype, shape):
+@pytest.mark.parametrize("rows, shift", COPY_PLACES, ids=str)
+def test_channels_last_copy_is_the_input_bit_for_bit(runner, dtype, shape, rows, shift):
     """The staged forward's copy kernel: every element's bits (NaN payloads, signed zeros) land
-    at its channels_last place, from an input whose rows and images are further apart than
-    dense (the first columns of a wider map), and nothing outside the copy is written."""
+    at its channels_last place, from dense inputs and from inputs whose rows and images are
+    further apart than dense, into aligned and unaligned copies, and nothing outside the copy
+    is written."""
     n, c, h, w = shape
     g = torch.Generator().manual_seed(sum(shape))
     info = torch.iinfo(BITS[dtype.itemsize])
     bits = torch.randint(info.min, info.max, shape, generator=g, dtype=BITS[dtype.itemsize])
     x = bits.view(dtype)
-    strides = (c * h * (w + 3) + 5, h * (w + 3), w + 3, 1)
+    pad = 3 if rows == "padded" else 0
+    strides = (c * h * (w + pad) + 5, h * (w + pad), w + pad, 1)
     placed, _ = guarded(shape, strides, dtype, runner.device, math.nan)
     placed.copy_(x)
     cl = torch.empty(shape, device="meta", memory_format=torch.channels_last).stride()
-    copy, buffer = guarded(shape, cl, dtype, runner.device, -7.0)
+    copy, buffer = guarded(shape, cl, dtype, runner.device, -7.0, shift=shift)
     copy.fill_(1.5)
     runner.launch(plan_copy_channels_last(placed, copy))
     assert torch.equal(copy.cpu().contiguous().view(bits.dtype), bits)
-    guard = torch.cat([buffer[:GUARD], buffer[-GUARD:]]).cpu()
+    guard = torch.cat([buffer[:GUARD + shift], buffer[-GUARD:]]).cpu()
     assert bool((guard == -7.0).all()), "the copy wrote outside its tensor"
 
 
@@ -354,3 +362,6 @@ def test_channels_last_copy_refuses_what_it_cannot_copy():
         plan_copy_channels_last(
             x[..., ::2], torch.empty_like(x[..., ::2]).to(memory_format=torch.channels_last)
         )
+    huge = torch.empty(1, 256, 2**12, 2**11, device="meta")
+    with pytest.raises(ValueError, match="input: expected every offset within an image below"):
+        plan_copy_channels_last(huge, torch.empty_like(huge, memory_format=torch.channels_last))

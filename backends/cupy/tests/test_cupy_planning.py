@@ -452,8 +452,8 @@ def test_small_rois_stage_a_channels_last_copy_where_it_fits_in_l2():
     h200 = sizes(132, 50 * 2**20, 227 * 1024)
     x = torch.empty(4, 64, 100, 136, device="meta")  # many-small: 14 MB
     assert _stages(x, 9, h200) == planning.STAGE_TORCH_COPY
-    # 3,136 outputs a ROI: float32 inference in L2 takes the unit kernel unstaged
-    assert not _stages(x, 49, h200, argmax=False)
+    # 3,136 outputs a ROI, 29 outputs an input element: the copy kernel's regime
+    assert _stages(x, 49, h200, argmax=False) == planning.STAGE_COPY_KERNEL
     assert not _stages(x, 9, sizes(132, 8 * 2**20))  # beyond L2
     assert not _stages(x[:, :8], 9, h200)  # too few channels for lanes
     assert not _stages(x.half()[:, :20], 9, h200)  # 40-byte vectors
@@ -468,6 +468,11 @@ def test_small_rois_stage_a_channels_last_copy_where_it_fits_in_l2():
     assert _stages(x, 49, sizes(132, 8 * 2**20), on, num_rois=1) == planning.STAGE_COPY_KERNEL
     assert not _stages(x.half()[:, :20], 9, h200, on)
     assert not _stages(x[..., ::2], 9, h200, on)
+    # An image of 2^31 elements: beyond the copy kernel's 32-bit offsets.
+    huge = torch.empty(1, 256, 2**12, 2**11, device="meta")
+    assert not planning.copy_fits_int32(huge)
+    assert planning.copy_fits_int32(huge[:, :, :, : 2**11 - 1])
+    assert not _stages(huge, 49, h200, on, num_rois=1)
 
 
 def test_many_reads_stage_beyond_l2_and_16_bit_inference():
@@ -477,16 +482,14 @@ def test_many_reads_stage_beyond_l2_and_16_bit_inference():
     assert _stages(big.half(), 49, h200, num_rois=16000)
     assert not _stages(big, 49, h200, num_rois=4000)  # 0.9 outputs an element
     p4 = torch.empty(8, 256, 50, 68, device="meta")  # fpn-p4: 28 MB, in L2, 7.3 outputs each
-    # float32 in L2: inference reads L2 with the NCHW kernel; the argmax with 7 x 7 bins is
-    # staged, with 14 x 14 (small bins) not.
-    assert not _stages(p4, 49, h200, num_rois=4096, argmax=False)
-    assert _stages(p4, 49, h200, num_rois=4096) == planning.STAGE_COPY_KERNEL
-    assert not _stages(p4, 196, h200, num_rois=4096)
+    # 16 and 32 bits in L2: staged in every mode and with any bins; float64 in L2 not.
+    for x in (p4, p4.half(), p4.bfloat16()):
+        for bins in (49, 196):
+            for argmax in (True, False):
+                staging = _stages(x, bins, h200, num_rois=4096, argmax=argmax)
+                assert staging == planning.STAGE_COPY_KERNEL
     assert not _stages(p4.double()[:4], 49, h200, num_rois=4096)
-    assert not _stages(p4.half(), 49, h200, num_rois=4096)  # 16-bit argmax kernels: not staged
-    assert _stages(p4.half(), 49, h200, num_rois=4096, argmax=False) == planning.STAGE_COPY_KERNEL
-    assert _stages(p4.bfloat16(), 49, h200, num_rois=4096, argmax=False)
-    assert not _stages(p4.double()[:4], 49, h200, num_rois=4096, argmax=False)  # in L2
+    assert not _stages(p4.double()[:4], 49, h200, num_rois=4096, argmax=False)
     p2 = torch.empty(8, 256, 200, 272, device="meta")  # fpn-p2: 0.46 outputs an element
     assert not _stages(p2.half(), 49, h200, num_rois=4096, argmax=False)
     fewer = replace(DEFAULT_TUNING, stage_min_reads=0.25)

@@ -1,57 +1,103 @@
 // ---- roi_ops_copy_channels_last<T>: an input with a unit W stride, copied channels_last -------
 // The staged forward (planning.stages_channels_last) pools a dense channels_last copy of an NCHW
 // input with the channel-vector kernels. The copy is a transpose of each image's (C, H * W)
-// matrix: a block moves a tile of CopyTile<T> channels by CopyTile<T> positions (h * W + w)
-// through shared memory, reading rows of positions and writing rows of channels, so that both
-// the loads and the stores of a warp are runs of consecutive addresses, 128 bytes a row of the
-// tile for 16-bit elements (64 a side) and at least that for wider ones (32 a side). Values are
-// moved as bits.
+// matrix, moved as bits. A block takes kCopyPositions positions (h * W + w) by 128 bytes of
+// channels: it reads rows of positions, one channel a warp instruction (consecutive addresses),
+// into a shared tile kept position by position, then each thread gathers 16 bytes of one
+// position's channels from it and writes them with one store, eight threads a position (128
+// consecutive bytes). Each position's row of the tile is rotated by one 4-byte bank per position
+// (by whole elements for 8-byte ones), so that a warp's 32 positions of one channel, and the
+// 8-byte elements' half-warps, fall in distinct banks on both sides. Where C or the output's
+// address does not allow 16-byte stores, each thread writes its channels one at a time.
 //
-// Grid: x = N * position_tiles (image-major), y = ceil(C / CopyTile<T>); block 32 x kCopyRows.
-// Input strides in elements, sW == 1; the output is dense (N, H, W, C).
+// Grid: x = N * position_tiles (image-major), y = ceil(C / CopyTile<T>::kChannels); block
+// 32 x kCopyRows. Input strides in elements, sW == 1; every offset within an image, of the input
+// and of the copy, fits 32 bits (the plan checks); the output is dense (N, H, W, C).
 namespace roi_ops_cuda {
 constexpr int kCopyRows = 8;
+constexpr int kCopyPositions = 64;
 template <class T>
 struct CopyTile {
-  static constexpr int value = sizeof(T) == 2 ? 64 : 32;
+  static constexpr int kChannels = 128 / sizeof(T);  // 128 bytes of a position's channels
+  static constexpr int kVector = 16 / sizeof(T);     // channels a 16-byte store
+  static constexpr int kRotation = sizeof(T) == 2 ? 2 : 1;  // columns a position turns its row
+};
+template <int kBytes>
+struct CopyBits;
+template <>
+struct CopyBits<2> {
+  typedef unsigned short type;
+};
+template <>
+struct CopyBits<4> {
+  typedef unsigned int type;
+};
+template <>
+struct CopyBits<8> {
+  typedef unsigned long long type;
 };
 }  // namespace roi_ops_cuda
 
 template <class T>
 __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
-    roi_ops_copy_channels_last(const T* __restrict__ input, const i64 C, const i64 H, const i64 W,
-                               const i64 sN, const i64 sC, const i64 sH, const i64 position_tiles,
-                               T* __restrict__ output) {
+    roi_ops_copy_channels_last(const T* __restrict__ input, const i64 C64, const i64 H64,
+                               const i64 W64, const i64 sN, const i64 sC64, const i64 sH64,
+                               const i64 position_tiles64, T* __restrict__ output) {
   using namespace roi_ops_cuda;
-  constexpr int kTile = CopyTile<T>::value;
-  // One padding column: a warp's column reads (fixed position, 32 channels) spread over banks.
-  __shared__ T tile[kTile][kTile + 1];
-  const i64 n = static_cast<i64>(blockIdx.x) / position_tiles;
-  const i64 p0 = (static_cast<i64>(blockIdx.x) - n * position_tiles) * kTile;
-  const i64 c0 = static_cast<i64>(blockIdx.y) * kTile;
-  const i64 HW = H * W;
-  const T* __restrict__ image = input + n * sN;
+  typedef typename CopyBits<sizeof(T)>::type B;
+  constexpr int kChannels = CopyTile<T>::kChannels;
+  constexpr int kVector = CopyTile<T>::kVector;
+  constexpr int kRotation = CopyTile<T>::kRotation;
+  constexpr int kVectors = kChannels / kVector;  // 8 threads a position
+  __shared__ B tile[kCopyPositions][kChannels];
+  const int C = static_cast<int>(C64), W = static_cast<int>(W64), sC = static_cast<int>(sC64);
+  const int sH = static_cast<int>(sH64), position_tiles = static_cast<int>(position_tiles64);
+  const int HW = static_cast<int>(H64) * W;
+  const int n = static_cast<int>(blockIdx.x) / position_tiles;
+  const int p0 = (static_cast<int>(blockIdx.x) - n * position_tiles) * kCopyPositions;
+  const int c0 = static_cast<int>(blockIdx.y) * kChannels;
+  const B* __restrict__ image = reinterpret_cast<const B*>(input) + n * sN + c0 * sC;
+  const bool dense = sH == W;  // a position's offset is the position itself
 #pragma unroll
-  for (int x = threadIdx.x; x < kTile; x += 32) {  // the positions this thread reads
-    const i64 p = p0 + x;
+  for (int x = threadIdx.x; x < kCopyPositions; x += 32) {  // the positions this thread reads
+    const int p = p0 + x;
     if (p < HW) {
-      const i64 h = p / W;
-      const T* __restrict__ source = image + h * sH + (p - h * W);
+      int offset = p;
+      if (!dense) {
+        const int h = p / W;
+        offset = h * sH + (p - h * W);
+      }
 #pragma unroll
-      for (int r = threadIdx.y; r < kTile; r += kCopyRows) {
-        if (c0 + r < C) tile[r][x] = source[(c0 + r) * sC];
+      for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
+        if (c0 + r < C) tile[x][(r + x * kRotation) % kChannels] = image[offset + r * sC];
       }
     }
   }
   __syncthreads();
-  T* __restrict__ target = output + n * HW * C;
+  const int thread = threadIdx.y * 32 + threadIdx.x;
+  const int first = (thread % kVectors) * kVector;  // this thread's channels in the tile
+  if (c0 + first >= C) return;
+  B* __restrict__ target = reinterpret_cast<B*>(output) + (static_cast<i64>(n) * HW + p0) * C +
+                           c0 + first;
+  const bool vectors =
+      C % kVector == 0 && reinterpret_cast<unsigned long long>(output) % 16u == 0;
+  constexpr int kStep = 32 * kCopyRows / kVectors;  // positions a pass of the block
 #pragma unroll
-  for (int x = threadIdx.x; x < kTile; x += 32) {  // the channels this thread writes
-    const i64 c = c0 + x;
-    if (c < C) {
+  for (int q = thread / kVectors; q < kCopyPositions; q += kStep) {
+    if (p0 + q >= HW) break;
+    const B* __restrict__ row = tile[q];
+    const int turn = first + q * kRotation;
+    if (vectors) {
+      union {
+        roi_vec16 piece;
+        B values[kVector];
+      } bits;
 #pragma unroll
-      for (int r = threadIdx.y; r < kTile; r += kCopyRows) {
-        if (p0 + r < HW) target[(p0 + r) * C + c] = tile[x][r];
+      for (int k = 0; k < kVector; ++k) bits.values[k] = row[(turn + k) % kChannels];
+      *reinterpret_cast<roi_vec16*>(target + q * C) = bits.piece;
+    } else {
+      for (int k = 0; k < kVector && c0 + first + k < C; ++k) {
+        target[q * C + k] = row[(turn + k) % kChannels];
       }
     }
   }
