@@ -345,7 +345,7 @@ def test_channels_last_copy_is_the_input_bit_for_bit(runner, dtype, shape, rows,
     copy.fill_(1.5)
     runner.launch(plan_copy_channels_last(placed, copy))
     assert torch.equal(copy.cpu().contiguous().view(bits.dtype), bits)
-    guard = torch.cat([buffer[:GUARD + shift], buffer[-GUARD:]]).cpu()
+    guard = torch.cat([buffer[: GUARD + shift], buffer[-GUARD:]]).cpu()
     assert bool((guard == -7.0).all()), "the copy wrote outside its tensor"
 
 
