@@ -316,7 +316,7 @@ class Launcher:
     @staticmethod
     def _stage(x: torch.Tensor, copy: PackedLaunch | None, device: int) -> torch.Tensor:
         """A dense channels_last copy of `x`, written by the copy kernel (`copy`), or by torch
-        where `copy` is None."""
+        where `copy` is None (an empty input)."""
         if copy is None:
             return x.contiguous(memory_format=_CHANNELS_LAST)
         staged = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CHANNELS_LAST)
@@ -326,18 +326,18 @@ class Launcher:
     def _plan_forward(self, problem, output, argmax, device) -> tuple:
         """(the packed launch of a forward key, whether it reads a channels_last copy of the
         input (`planning.stages_channels_last`; planned on a stand-in with its strides), the
-        packed launch of the copy kernel that makes it, or None for torch's copy)."""
+        packed launch of the copy kernel that makes it, or None (unstaged, or an empty input,
+        which torch copies))."""
         sizes = cuda_sizes(device)
         x = problem.input
-        staging = planning.stages_channels_last(problem, sizes, self.tuning)
-        staged, copy = staging is not None, None
+        staged = planning.stages_channels_last(problem, sizes, self.tuning)
+        copy = None
         if staged:
             stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
             stand_in = stand_in.contiguous(memory_format=torch.channels_last)
-            if staging == planning.STAGE_COPY_KERNEL:
-                copy_plan = planning.plan_copy_channels_last(x, stand_in)
-                if copy_plan is not None:  # None: an empty input, which torch copies
-                    copy = PackedLaunch(device, copy_plan, COPY_TENSORS)
+            copy_plan = planning.plan_copy_channels_last(x, stand_in)
+            if copy_plan is not None:  # None: an empty input, which torch copies
+                copy = PackedLaunch(device, copy_plan, COPY_TENSORS)
             problem = RoIPoolProblem(
                 stand_in, problem.rois, problem.pooled_height, problem.pooled_width,
                 problem.spatial_scale, problem.needs_argmax, problem.bad_roi_log,

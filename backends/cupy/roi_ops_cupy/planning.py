@@ -174,17 +174,13 @@ def forward_kernel(input: torch.Tensor, bins: int, tuning: CupyTuning = DEFAULT_
     return kernels.FORWARD_PLANE
 
 
-STAGE_TORCH_COPY = "torch"  # a staged forward copies its input with torch's copy
-STAGE_COPY_KERNEL = "kernel"  # ... with the copy kernel (`plan_copy_channels_last`)
-
-
 def stages_channels_last(
     problem: RoIPoolProblem, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
-) -> str | None:
+) -> bool:
     """Whether the forward `problem` of an NCHW-like input (a unit W stride) runs on a
-    channels_last copy of it, pooled by the channel-vector kernels, instead of on the input
-    itself (no device sync: shapes and dtypes only): None, or how the copy is made
-    (STAGE_TORCH_COPY, STAGE_COPY_KERNEL).
+    channels_last copy of it made by the copy kernel (`plan_copy_channels_last`), pooled by the
+    channel-vector kernels, instead of on the input itself (no device sync: shapes and dtypes
+    only).
 
     The copy reads and writes the input once; the channel-vector kernels then read each window
     element of 16 bytes of channels with one load, where the NCHW kernels fetch a 32-byte sector
@@ -192,12 +188,13 @@ def stages_channels_last(
     without the argmax. Staged (the choice table of tools/NOTES.md, measured on every bench
     workload):
 
-    - in the small kernels' regime (few outputs per ROI, many ROIs), when the input fits in L2,
-      with torch's copy (faster than the copy kernel on those small maps);
+    - in the small kernels' regime (few outputs per ROI, many ROIs), when the input fits in L2;
     - when the outputs are at least ``tuning.stage_min_reads`` times the input's elements (so
       that the copy is a small part of the work), and either the input does not fit in L2 (its
-      NCHW windows' sectors are re-read from memory) or its elements are of 16 or 32 bits
-      (float64 in L2 is not measured), with the copy kernel.
+      NCHW windows' sectors are re-read from memory) or its elements are of 16 or 32 bits,
+      except 16-bit forwards with the argmax of more than ``tuning.stage_argmax_max_bins`` bins
+      per ROI (bins of one to four elements, where the NCHW kernel's argmax is as fast), and
+      float64 (not measured).
 
     Only where the copy's channel vectors are 16-byte aligned (C * itemsize a multiple of 16),
     C has at least ``tuning.chan_min_channels`` channels and the copy kernel's 32-bit offsets
@@ -206,9 +203,9 @@ def stages_channels_last(
     """
     input = problem.input
     if tuning.stage_channels_last is False or tuning.forward_kernel is not None:
-        return None
+        return False
     if uses_channel_kernel(input, tuning) or input.stride(3) != 1:
-        return None
+        return False
     channels = input.shape[1]
     if (
         channels < tuning.chan_min_channels
@@ -216,19 +213,21 @@ def stages_channels_last(
         or math.ceil(channels / kernels.copy_channels(input.dtype)) > MAX_GRID_Y
         or not copy_fits_int32(input)
     ):
-        return None
+        return False
     if tuning.stage_channels_last:
-        return STAGE_COPY_KERNEL
+        return True
     bins = problem.pooled_height * problem.pooled_width
     cached = _dense_bytes(input) <= sizes.l2_bytes
     if forward_kernel(input, bins, tuning) == kernels.FORWARD_SMALL:
-        return STAGE_TORCH_COPY if cached else None
+        return cached
     outputs = problem.rois.shape[0] * channels * bins
     if outputs < tuning.stage_min_reads * input.numel():
-        return None
-    if not cached or input.element_size() <= 4:
-        return STAGE_COPY_KERNEL
-    return None
+        return False
+    if not cached:
+        return True
+    if input.element_size() == 2 and problem.needs_argmax:
+        return bins <= tuning.stage_argmax_max_bins
+    return input.element_size() <= 4
 
 
 def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch | None:

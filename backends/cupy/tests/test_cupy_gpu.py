@@ -222,8 +222,9 @@ def test_roi_pool_through_roi_ops(cuda_backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
 def test_small_rois_on_nchw_inputs_pool_a_channels_last_copy(dtype):
     """Many small ROIs of few outputs on an NCHW map that fits in L2: the launcher pools a
-    channels_last copy with the small_cvec kernel (the plan says so), bit for bit the
-    reference's, both modes, on tie-heavy inputs; the input itself is left as it was."""
+    channels_last copy (the copy kernel's) with the small_cvec kernel (the plan says so), bit
+    for bit the reference's, both modes, on tie-heavy inputs; the input itself is left as it
+    was."""
     from roi_ops.testing import tie_heavy_features
 
     from roi_ops_cupy import launch
@@ -242,7 +243,7 @@ def test_small_rois_on_nchw_inputs_pool_a_channels_last_copy(dtype):
             assert torch.equal(argmax.cpu(), expected_argmax)
     (packed, staged, copy), *_ = launcher._forward.values()
     assert staged and packed.name.startswith(kernels.FORWARD_SMALL_CVEC)
-    assert copy is None  # torch's copy
+    assert copy.name == kernels.copy_name(dtype)
     assert_same_bits(x, before)
     # Switched off, the same call pools the NCHW input with the small kernel.
     unstaged = launch.Launcher(replace(DEFAULT_TUNING, stage_channels_last=False))

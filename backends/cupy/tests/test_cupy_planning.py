@@ -451,9 +451,9 @@ def _stages(x, bins, device, tuning=DEFAULT_TUNING, num_rois=32000, argmax=True)
 def test_small_rois_stage_a_channels_last_copy_where_it_fits_in_l2():
     h200 = sizes(132, 50 * 2**20, 227 * 1024)
     x = torch.empty(4, 64, 100, 136, device="meta")  # many-small: 14 MB
-    assert _stages(x, 9, h200) == planning.STAGE_TORCH_COPY
+    assert _stages(x, 9, h200) is True
     # 3,136 outputs a ROI, 29 outputs an input element: the copy kernel's regime
-    assert _stages(x, 49, h200, argmax=False) == planning.STAGE_COPY_KERNEL
+    assert _stages(x, 49, h200, argmax=False) is True
     assert not _stages(x, 9, sizes(132, 8 * 2**20))  # beyond L2
     assert not _stages(x[:, :8], 9, h200)  # too few channels for lanes
     assert not _stages(x.half()[:, :20], 9, h200)  # 40-byte vectors
@@ -465,7 +465,7 @@ def test_small_rois_stage_a_channels_last_copy_where_it_fits_in_l2():
     assert not _stages(x, 9, h200, forced)
     # Forced on: wherever the copy can feed the channel-vector kernels, whatever the regime.
     on = replace(DEFAULT_TUNING, stage_channels_last=True)
-    assert _stages(x, 49, sizes(132, 8 * 2**20), on, num_rois=1) == planning.STAGE_COPY_KERNEL
+    assert _stages(x, 49, sizes(132, 8 * 2**20), on, num_rois=1) is True
     assert not _stages(x.half()[:, :20], 9, h200, on)
     assert not _stages(x[..., ::2], 9, h200, on)
     # An image of 2^31 elements: beyond the copy kernel's 32-bit offsets.
@@ -478,16 +478,17 @@ def test_small_rois_stage_a_channels_last_copy_where_it_fits_in_l2():
 def test_many_reads_stage_beyond_l2_and_16_bit_inference():
     h200 = sizes(132, 50 * 2**20, 227 * 1024)
     big = torch.empty(16, 256, 100, 136, device="meta")  # big-batch: 223 MB, 3.6 outputs each
-    assert _stages(big, 49, h200, num_rois=16000) == planning.STAGE_COPY_KERNEL
+    assert _stages(big, 49, h200, num_rois=16000) is True
     assert _stages(big.half(), 49, h200, num_rois=16000)
     assert not _stages(big, 49, h200, num_rois=4000)  # 0.9 outputs an element
     p4 = torch.empty(8, 256, 50, 68, device="meta")  # fpn-p4: 28 MB, in L2, 7.3 outputs each
-    # 16 and 32 bits in L2: staged in every mode and with any bins; float64 in L2 not.
+    # 16 and 32 bits in L2: staged in every mode, but 16-bit forwards with the argmax only with
+    # at most 64 bins; float64 in L2 not.
     for x in (p4, p4.half(), p4.bfloat16()):
         for bins in (49, 196):
             for argmax in (True, False):
-                staging = _stages(x, bins, h200, num_rois=4096, argmax=argmax)
-                assert staging == planning.STAGE_COPY_KERNEL
+                staged = _stages(x, bins, h200, num_rois=4096, argmax=argmax)
+                assert staged is not (x.element_size() == 2 and argmax and bins == 196)
     assert not _stages(p4.double()[:4], 49, h200, num_rois=4096)
     assert not _stages(p4.double()[:4], 49, h200, num_rois=4096, argmax=False)
     p2 = torch.empty(8, 256, 200, 272, device="meta")  # fpn-p2: 0.46 outputs an element
