@@ -193,7 +193,7 @@ def stages_channels_last(
       that the copy is a small part of the work), and either the input does not fit in L2 (its
       NCHW windows' sectors are re-read from memory) or its elements are of 16 or 32 bits,
       except 16-bit forwards with the argmax of more than ``tuning.stage_argmax_max_bins`` bins
-      per ROI (bins of one to four elements, where the NCHW kernel's argmax is as fast), and
+      per ROI (bins of one to four elements, where the NCHW kernel's argmax is faster), and
       float64 (not measured).
 
     Only where the copy's channel vectors are 16-byte aligned (C * itemsize a multiple of 16),
