@@ -31,7 +31,7 @@ SOURCE_FILES = (
     "backward_atomic.cu",
     "backward_planes.cu",
     "group_rois.cu",  # each (level, image)'s ROIs, for the planes backward over levels
-    "copy_channels_last.cu",  # the staged forward's copy of its input
+    "copy_channels_last.cu",  # the staged forward's copy (forward_cvec.cu's TileBits)
 )
 # --fmad=false: no contraction into FMA anywhere (the geometry also uses _rn intrinsics).
 COMPILE_OPTIONS = ("--fmad=false", "-std=c++17")

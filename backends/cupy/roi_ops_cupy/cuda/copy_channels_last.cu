@@ -22,20 +22,6 @@ struct CopyTile {
   static constexpr int kVector = 16 / sizeof(T);     // channels a 16-byte store
   static constexpr int kRotation = sizeof(T) == 2 ? 2 : 1;  // columns a position turns its row
 };
-template <int kBytes>
-struct CopyBits;
-template <>
-struct CopyBits<2> {
-  typedef unsigned short type;
-};
-template <>
-struct CopyBits<4> {
-  typedef unsigned int type;
-};
-template <>
-struct CopyBits<8> {
-  typedef unsigned long long type;
-};
 }  // namespace roi_ops_cuda
 
 template <class T>
@@ -44,7 +30,7 @@ __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
                                const i64 W64, const i64 sN, const i64 sC64, const i64 sH64,
                                const i64 position_tiles64, T* __restrict__ output) {
   using namespace roi_ops_cuda;
-  typedef typename CopyBits<sizeof(T)>::type B;
+  typedef typename TileBits<sizeof(T)>::type B;
   constexpr int kChannels = CopyTile<T>::kChannels;
   constexpr int kVector = CopyTile<T>::kVector;
   constexpr int kRotation = CopyTile<T>::kRotation;

@@ -228,7 +228,8 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
   }
 }
 
-// The element bits the cvec kernel's tile holds (its outputs exactly as they are stored).
+// An element's bits as the unsigned type of its size: what the cvec kernel's tile holds (its
+// outputs exactly as they are stored) and what the channels_last copy moves.
 template <int kBytes>
 struct TileBits;
 template <>
