@@ -239,6 +239,55 @@ def test_any_nan_is_maximal_and_copied_bit_for_bit(runner, dtype):
     assert torch.equal(inference.view(bits), output.view(bits))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_cvec_16_bit_argmax_on_zeros_subnormals_nans_and_ties(runner, dtype):
+    # The cvec kernel's 16-bit argmax compares two channels an instruction and finds a maximum
+    # that is a zero or a NaN again by a scan: 16 channels (two threads of 8), each its own mix
+    # of signed zeros, subnormals, NaN payloads, -inf and ties, none shifted (as `wide` would).
+    g = torch.Generator().manual_seed(13)
+    bits = torch.int16
+    tiny = {torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}[dtype]
+    menu = torch.tensor(
+        [0.0, -0.0, tiny, -tiny, 2 * tiny, 1.0, -1.0, -math.inf, math.inf, 2.0], dtype=torch.float64
+    )
+    x = menu[torch.randint(0, len(menu), (2, 16, 9, 11), generator=g)].to(dtype)
+    x[:, 0] = -0.0  # a channel of zeros: the first zero, either sign
+    x[:, 1] = -math.inf  # nothing raises the maximum: the first element
+    x[:, 2] = torch.where(x[:, 2] > 0, -x[:, 2], x[:, 2])  # zeros the maxima, or subnormals
+    x[:, 3] = tiny  # ties of subnormals everywhere: the first
+    raw = x.view(bits)
+    nan_places = torch.rand(x.shape, generator=g) < 0.03
+    payloads = _NAN_PAYLOADS[dtype]
+    for i, where in enumerate(nan_places.nonzero().tolist()):
+        raw[tuple(where)] = _signed(payloads[i % 4], 16)
+    rois_dtype = rois_dtype_for(dtype)
+    rois = torch.tensor(
+        [[0, 0, 0, 10, 8], [1, 1, 2, 7, 8], [0, 3, 0, 3, 8], [1, -2, -1, 12, 3], [0, 2, 2, 2, 2]],
+        dtype=torch.float64,
+    ).to(rois_dtype)
+    for size in ((1, 1), (2, 3), (3, 3), (9, 11)):
+        check(runner, x, rois, size, 1.0, layout="channels_last_cvec")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("height, width", [(2, 256), (1, 257), (257, 1), (256, 3)])
+def test_cvec_16_bit_argmax_in_bins_up_to_and_past_256(runner, dtype, height, width):
+    # The packed argmax holds a bin position as row << 8 | column: bins of at most 256 rows and
+    # columns; longer ones take the one-channel-at-a-time argmax. Each channel's maximum is
+    # planted late in the bin, with a tie after it and one before it on another channel.
+    g = torch.Generator().manual_seed(17)
+    x = (torch.rand((1, 8, height, width), generator=g, dtype=torch.float64) * 4 - 2).to(dtype)
+    for c in range(8):
+        i, j = height - 1 - c % height, width - 1 - (3 * c) % width
+        x[0, c, i, j] = 8.0
+        x[0, c, height - 1, width - 1] = 8.0  # a later tie: not taken (unless the same place)
+    x[0, 5, 0, 0] = 8.0  # the first element is the first maximum
+    rois = torch.tensor([[0, 0, 0, width - 1, height - 1]], dtype=torch.float64)
+    rois = rois.to(rois_dtype_for(dtype))
+    for size in ((1, 1), (1, 2), (2, 1)):
+        check(runner, x, rois, size, 1.0, layout="channels_last_cvec")
+
+
 def test_emulated_half_conversions_are_round_to_nearest_even(emulator):
     to_half = emulator.library.roi_float_to_half
     to_half.restype, to_half.argtypes = ctypes.c_ushort, [ctypes.c_float]

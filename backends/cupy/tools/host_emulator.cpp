@@ -43,6 +43,7 @@
 #define __align__(n) alignas(n)
 #define ROI_OPS_HOST_EMULATION 1
 #define ROI_OPS_MAX_NAN 1
+#define ROI_OPS_GT_MASK_BF16X2 1
 
 struct dim3 {
   unsigned int x = 0, y = 0, z = 0;
@@ -204,6 +205,21 @@ inline unsigned int max_nan_f16x2(unsigned int a, unsigned int b) {
 }
 inline unsigned int max_nan_bf16x2(unsigned int a, unsigned int b) {
   return max_nan_x2<max_nan_bf16>(a, b);
+}
+template <float (*kFloat)(unsigned short)>
+inline unsigned int gt_mask_x2(unsigned int a, unsigned int b) {
+  const unsigned int low = kFloat(a & 0xffffu) > kFloat(b & 0xffffu) ? 0xffffu : 0u;
+  const unsigned int high = kFloat(a >> 16) > kFloat(b >> 16) ? 0xffffu : 0u;
+  return high << 16 | low;
+}
+inline float bf16_bits_to_float(unsigned short b) {
+  return bit_cast<float>(static_cast<unsigned int>(b) << 16);
+}
+inline unsigned int gt_mask_f16x2(unsigned int a, unsigned int b) {
+  return gt_mask_x2<half_to_float>(a, b);
+}
+inline unsigned int gt_mask_bf16x2(unsigned int a, unsigned int b) {
+  return gt_mask_x2<bf16_bits_to_float>(a, b);
 }
 }  // namespace roi_ops_cuda
 

@@ -103,6 +103,21 @@ ROI_OPS_MAX_NAN_PTX(max_nan_bf16, unsigned short, "bf16", "h")
 ROI_OPS_MAX_NAN_PTX(max_nan_f16x2, unsigned int, "f16x2", "r")
 ROI_OPS_MAX_NAN_PTX(max_nan_bf16x2, unsigned int, "bf16x2", "r")
 #undef ROI_OPS_MAX_NAN_PTX
+// set.gt on two packed float16 (bfloat16: sm_90+) values: 0xffff in each half where a > b,
+// ordered (0 where either is a NaN), no .ftz.
+__device__ __forceinline__ unsigned int gt_mask_f16x2(unsigned int a, unsigned int b) {
+  unsigned int d;
+  asm("set.gt.u32.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+#if __CUDA_ARCH__ >= 900
+#define ROI_OPS_GT_MASK_BF16X2 1
+__device__ __forceinline__ unsigned int gt_mask_bf16x2(unsigned int a, unsigned int b) {
+  unsigned int d;
+  asm("set.gt.u32.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+#endif
 #endif
 
 // Whether this thread is thread (0, 0) of a block in grid row 0, and its block's blockIdx.x,
