@@ -239,11 +239,13 @@ def test_any_nan_is_maximal_and_copied_bit_for_bit(runner, dtype):
     assert torch.equal(inference.view(bits), output.view(bits))
 
 
+@pytest.mark.parametrize("layout", ["channels_last_cvec", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_cvec_16_bit_argmax_on_zeros_subnormals_nans_and_ties(runner, dtype):
-    # The cvec kernel's 16-bit argmax compares two channels an instruction and finds a maximum
-    # that is a zero or a NaN again by a scan: 16 channels (two threads of 8), each its own mix
-    # of signed zeros, subnormals, NaN payloads, -inf and ties, none shifted (as `wide` would).
+def test_cvec_16_bit_argmax_on_zeros_subnormals_nans_and_ties(runner, dtype, layout):
+    # The 16-bit argmax of the cvec and small_cvec kernels compares two channels an instruction
+    # and finds a maximum that is a zero or a NaN again by a scan: 16 channels (two threads of
+    # 8), each its own mix of signed zeros, subnormals, NaN payloads, -inf and ties, none
+    # shifted (as `wide` would).
     g = torch.Generator().manual_seed(13)
     bits = torch.int16
     tiny = {torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}[dtype]
@@ -266,7 +268,7 @@ def test_cvec_16_bit_argmax_on_zeros_subnormals_nans_and_ties(runner, dtype):
         dtype=torch.float64,
     ).to(rois_dtype)
     for size in ((1, 1), (2, 3), (3, 3), (9, 11)):
-        check(runner, x, rois, size, 1.0, layout="channels_last_cvec")
+        check(runner, x, rois, size, 1.0, layout=layout)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
