@@ -191,10 +191,8 @@ def stages_channels_last(
     - in the small kernels' regime (few outputs per ROI, many ROIs), when the input fits in L2;
     - when the outputs are at least ``tuning.stage_min_reads`` times the input's elements (so
       that the copy is a small part of the work), and either the input does not fit in L2 (its
-      NCHW windows' sectors are re-read from memory) or its elements are of 16 or 32 bits,
-      except 16-bit forwards with the argmax of more than ``tuning.stage_argmax_max_bins`` bins
-      per ROI (bins of one to four elements, where the NCHW kernel's argmax is faster), and
-      float64 (not measured).
+      NCHW windows' sectors are re-read from memory) or its elements are of 16 or 32 bits
+      (float64 in L2: not measured).
 
     Only where the copy's channel vectors are 16-byte aligned (C * itemsize a multiple of 16),
     C has at least ``tuning.chan_min_channels`` channels and the copy kernel's 32-bit offsets
@@ -223,11 +221,7 @@ def stages_channels_last(
     outputs = problem.rois.shape[0] * channels * bins
     if outputs < tuning.stage_min_reads * input.numel():
         return False
-    if not cached:
-        return True
-    if input.element_size() == 2 and problem.needs_argmax:
-        return bins <= tuning.stage_argmax_max_bins
-    return input.element_size() <= 4
+    return not cached or input.element_size() <= 4
 
 
 def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch | None:

@@ -55,8 +55,6 @@ class CupyTuning:
             the channel-vector kernels; None: `planning.stages_channels_last` decides.
         stage_min_reads: outside the small kernels' regime, a forward is staged only when its
             outputs are at least this many times its input's elements.
-        stage_argmax_max_bins: a 16-bit forward with the argmax whose input fits in L2 is
-            staged (outputs permitting) only with at most this many bins per ROI.
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC`, `kernels.BACKWARD_PLANES` or
@@ -83,7 +81,6 @@ class CupyTuning:
     small_block_elements: int = 4096
     stage_channels_last: bool | None = None
     stage_min_reads: float = 2.0
-    stage_argmax_max_bins: int = 64
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

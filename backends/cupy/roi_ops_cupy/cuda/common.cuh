@@ -651,6 +651,20 @@ __device__ __noinline__ T first_with_key(const T* __restrict__ bin, int bin_h, i
   return bin[0];  // unreachable: the maximum is one of the bin's elements
 }
 
+// first_with_key's element as its row and column in the bin, for a kernel that also needs where
+// it is.
+template <class T>
+__device__ __noinline__ int2 first_position_with_key(const T* __restrict__ bin, int bin_h,
+                                                     int bin_w, i64 sH, i64 sW,
+                                                     typename Elem<T>::key key) {
+  for (int i = 0; i < bin_h; ++i) {
+    for (int j = 0; j < bin_w; ++j) {
+      if (Elem<T>::key_of(bin[i * sH + j * sW]) == key) return make_int2(i, j);
+    }
+  }
+  return make_int2(0, 0);  // unreachable: the maximum is one of the bin's elements
+}
+
 // Inference without argmax: the bin's maximum through one max.NaN per element instead of a
 // compare-and-select. Results that are a zero or a NaN are replaced by the bin's first element
 // with the same key (`first_with_key`): the contract's first zero or first NaN. float64 keeps
@@ -699,6 +713,43 @@ template <>
 struct NaNMax<roi_half> : NaNMax16<roi_half, 0x7c00u> {};
 template <>
 struct NaNMax<roi_bf16> : NaNMax16<roi_bf16, 0x7f80u> {};
+#endif
+
+// The 16-bit argmax two channels an instruction, in 32-bit words of two channels' maxima and of
+// their positions in the bin (row << 8 | column in each half: bins of at most 256 rows and
+// columns). A step takes an element's word of two channels: the mask of the halves it raises
+// (set.gt against the maxima so far), the new maxima (max.NaN), and its position merged where
+// the mask is set. A maximum found first at some element is raised there and never again
+// (ties, and smaller elements, do not raise it), so the position is its first occurrence
+// wherever the maximum is neither a zero (the signs compare equal) nor a NaN (a NaN raises
+// nothing; max.NaN keeps it): those channels scan the bin again (first_position_with_key).
+// float16 wherever max.NaN is (sm_80+), bfloat16 where set.gt takes its pairs (sm_90+);
+// elsewhere the argmax compares one channel at a time.
+template <class T>
+struct PackedArgmax {
+  static constexpr bool kEnabled = false;
+};
+#ifdef ROI_OPS_MAX_NAN
+template <class T, unsigned int (*kRaised)(unsigned int, unsigned int)>
+struct PackedArgmax16 {
+  static constexpr bool kEnabled = true;
+  static __device__ __forceinline__ unsigned int lowest() {
+    return (NaNMax<T>::kInfBits | 0x8000u) * 0x10001u;  // -inf in both halves
+  }
+  // An element at `position` (row << 8 | column) whose two channels are the halves of v.
+  static __device__ __forceinline__ void step(unsigned int v, unsigned int position,
+                                              unsigned int& maxima, unsigned int& positions) {
+    const unsigned int raised = kRaised(v, maxima);
+    maxima = NaNMax<T>::kInfBits == 0x7c00u ? max_nan_f16x2(maxima, v) : max_nan_bf16x2(maxima, v);
+    positions = (positions & ~raised) | (position * 0x10001u & raised);
+  }
+};
+template <>
+struct PackedArgmax<roi_half> : PackedArgmax16<roi_half, gt_mask_f16x2> {};
+#ifdef ROI_OPS_GT_MASK_BF16X2
+template <>
+struct PackedArgmax<roi_bf16> : PackedArgmax16<roi_bf16, gt_mask_bf16x2> {};
+#endif
 #endif
 
 // float16/bfloat16 gradients accumulate in float32.

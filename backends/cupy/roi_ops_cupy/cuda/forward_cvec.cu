@@ -101,32 +101,6 @@ struct PackedMax<float> {
 };
 #endif
 
-// The 16-bit argmax two channels an instruction: set.gt's mask of the halves that a vector's
-// word raises. float16 wherever max.NaN is (sm_80+), bfloat16 where set.gt takes its pairs
-// (sm_90+); elsewhere the argmax compares one channel at a time.
-template <class T>
-struct PackedArgmax {
-  static constexpr bool kEnabled = false;
-};
-#ifdef ROI_OPS_MAX_NAN
-template <>
-struct PackedArgmax<roi_half> {
-  static constexpr bool kEnabled = true;
-  static __device__ __forceinline__ unsigned int raised(unsigned int v, unsigned int m) {
-    return gt_mask_f16x2(v, m);
-  }
-};
-#endif
-#ifdef ROI_OPS_GT_MASK_BF16X2
-template <>
-struct PackedArgmax<roi_bf16> {
-  static constexpr bool kEnabled = true;
-  static __device__ __forceinline__ unsigned int raised(unsigned int v, unsigned int m) {
-    return gt_mask_bf16x2(v, m);
-  }
-};
-#endif
-
 // The vectors a thread reads per element: two for float32 and float64 (loop and address work
 // shared by 8 or 4 channels), one for the 16-bit types (already 8 channels).
 template <class T>
@@ -146,28 +120,8 @@ struct CvecSlots {
   }
 };
 
-// The first element of a non-empty bin whose key equals `key`, as its row and column in the bin
-// (first_with_key's element, for a kernel that also needs where it is).
-template <class T>
-__device__ __noinline__ int2 first_position_with_key(const T* __restrict__ bin, int bin_h,
-                                                     int bin_w, i64 sH, i64 sW,
-                                                     typename Elem<T>::key key) {
-  for (int i = 0; i < bin_h; ++i) {
-    for (int j = 0; j < bin_w; ++j) {
-      if (Elem<T>::key_of(bin[i * sH + j * sW]) == key) return make_int2(i, j);
-    }
-  }
-  return make_int2(0, 0);  // unreachable: the maximum is one of the bin's elements
-}
-
-// cvec_bin's 16-bit bins with the argmax, of at most 256 rows and 256 columns (PackedArgmax<T>
-// enabled; one vector of 8 channels). Per word of a vector: the mask of the halves it raises
-// (set.gt against the maxima so far), the new maxima (max.NaN), and the element's position in
-// the bin (row << 8 | column, in both halves) merged where the mask is set. A maximum found
-// first at element e is raised there and never again (ties, and smaller elements, do not
-// raise it), so the position is its first occurrence wherever the maximum is neither a zero
-// (the signs compare equal) nor a NaN (a NaN raises nothing): those channels scan the bin again
-// for the first element with the maximum's key.
+// cvec_bin's 16-bit bins with the argmax, of at most 256 rows and 256 columns, two channels
+// an instruction (PackedArgmax<T> enabled; one vector of 8 channels).
 template <class T, class Out, class I>
 __device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ corner, I sH, I sW,
                                                        int bin_h, int bin_w, int first_index,
@@ -179,7 +133,7 @@ __device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ cor
   unsigned int m[4], at[4];  // two channels' maxima and bin positions a word
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
-    m[w] = PackedMax<T>::lowest();
+    m[w] = PackedArgmax<T>::lowest();
     at[w] = 0u;  // the first element: where a bin of -inf (raising nothing) has its maximum
   }
   for (int i = 0; i < bin_h; ++i) {
@@ -188,13 +142,9 @@ __device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ cor
 #pragma unroll 2
     for (int j = 0; j < bin_w; ++j) {
       const roi_vec16 v = load_vec16(line + j * sW);
-      const unsigned int here = (row | static_cast<unsigned int>(j)) * 0x10001u;
+      const unsigned int here = row | static_cast<unsigned int>(j);
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const unsigned int raised = PackedArgmax<T>::raised(v.w[w], m[w]);
-        m[w] = PackedMax<T>::max(m[w], v.w[w]);
-        at[w] = (at[w] & ~raised) | (here & raised);
-      }
+      for (int w = 0; w < 4; ++w) PackedArgmax<T>::step(v.w[w], here, m[w], at[w]);
     }
   }
   unsigned int inexact = 0;  // channels whose maximum is a zero or a NaN
