@@ -21,6 +21,7 @@ import torch
 # The header first, then one file per kernel family; joined in this order.
 SOURCE_FILES = (
     "common.cuh",
+    "geometry.cuh",  # the ROIs' arithmetic, bins and bad-ROI log
     "levels.cuh",  # the multi-level kernels' table of levels
     "forward_plane.cu",
     "forward_chan.cu",

@@ -239,16 +239,19 @@ def test_any_nan_is_maximal_and_copied_bit_for_bit(runner, dtype):
     assert torch.equal(inference.view(bits), output.view(bits))
 
 
+_MASKED = [torch.float32, torch.float16, torch.bfloat16]
+
+
 @pytest.mark.parametrize("layout", ["channels_last_cvec", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_cvec_16_bit_argmax_on_zeros_subnormals_nans_and_ties(runner, dtype, layout):
-    # The 16-bit argmax of the cvec and small_cvec kernels compares two channels an instruction
-    # and finds a maximum that is a zero or a NaN again by a scan: 16 channels (two threads of
-    # 8), each its own mix of signed zeros, subnormals, NaN payloads, -inf and ties, none
-    # shifted (as `wide` would).
+@pytest.mark.parametrize("dtype", _MASKED, ids=["float32", "float16", "bfloat16"])
+def test_cvec_masked_argmax_on_zeros_subnormals_nans_and_ties(runner, dtype, layout):
+    # The argmax of the cvec and small_cvec kernels steps masks (a 32-bit word of one float32
+    # or two 16-bit channels an instruction) and finds a maximum that is a zero or a NaN again
+    # by a scan: 16 channels (two threads of 8), each its own mix of signed zeros, subnormals,
+    # NaN payloads, -inf and ties, none shifted (as `wide` would).
     g = torch.Generator().manual_seed(13)
-    bits = torch.int16
-    tiny = {torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}[dtype]
+    bits = BITS[torch.empty((), dtype=dtype).element_size()]
+    tiny = {torch.float32: 2.0**-149, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}[dtype]
     menu = torch.tensor(
         [0.0, -0.0, tiny, -tiny, 2 * tiny, 1.0, -1.0, -math.inf, math.inf, 2.0], dtype=torch.float64
     )
@@ -261,7 +264,7 @@ def test_cvec_16_bit_argmax_on_zeros_subnormals_nans_and_ties(runner, dtype, lay
     nan_places = torch.rand(x.shape, generator=g) < 0.03
     payloads = _NAN_PAYLOADS[dtype]
     for i, where in enumerate(nan_places.nonzero().tolist()):
-        raw[tuple(where)] = _signed(payloads[i % 4], 16)
+        raw[tuple(where)] = _signed(payloads[i % 4], 8 * x.element_size())
     rois_dtype = rois_dtype_for(dtype)
     rois = torch.tensor(
         [[0, 0, 0, 10, 8], [1, 1, 2, 7, 8], [0, 3, 0, 3, 8], [1, -2, -1, 12, 3], [0, 2, 2, 2, 2]],
@@ -271,12 +274,13 @@ def test_cvec_16_bit_argmax_on_zeros_subnormals_nans_and_ties(runner, dtype, lay
         check(runner, x, rois, size, 1.0, layout=layout)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", _MASKED, ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("height, width", [(2, 256), (1, 257), (257, 1), (256, 3)])
-def test_cvec_16_bit_argmax_in_bins_up_to_and_past_256(runner, dtype, height, width):
-    # The packed argmax holds a bin position as row << 8 | column: bins of at most 256 rows and
-    # columns; longer ones take the one-channel-at-a-time argmax. Each channel's maximum is
-    # planted late in the bin, with a tie after it and one before it on another channel.
+def test_cvec_masked_argmax_in_bins_up_to_and_past_256(runner, dtype, height, width):
+    # The 16-bit masked argmax holds a bin position as row << 8 | column: bins of at most 256
+    # rows and columns; longer ones take the one-channel-at-a-time argmax (float32 holds whole
+    # offsets). Each channel's maximum is planted late in the bin, with a tie after it and one
+    # before it on another channel.
     g = torch.Generator().manual_seed(17)
     x = (torch.rand((1, 8, height, width), generator=g, dtype=torch.float64) * 4 - 2).to(dtype)
     for c in range(8):

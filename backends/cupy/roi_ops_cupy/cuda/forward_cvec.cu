@@ -4,8 +4,9 @@
 // (roi_ops.layout.aligned_channel_vector); other channel-adjacent inputs take the chan kernel. A
 // thread keeps CvecShape<T>::kChannels channels (8; 4 in float64) and one bin at a time, and
 // reads each element of the bin for all its channels with one or two 16-byte loads (CvecShape).
-// Inference reduces with max.NaN (packed f16x2/bf16x2 for the 16-bit types), the argmax with
-// the unit kernel's compare and select. Results are staged in a shared tile laid out as the
+// Inference reduces with max.NaN (packed f16x2/bf16x2 for the 16-bit types), the argmax through
+// masks (PackedArgmax) where it can, else with the unit kernel's compare and select. Results are
+// staged in a shared tile laid out as the
 // block's part of the output (channel by channel, bins contiguous: one contiguous run when the
 // tile holds every bin, as the launch plan arranges) and copied out in 16-byte pieces: a few
 // instructions a piece instead of an output offset and a store for every element.
@@ -120,57 +121,72 @@ struct CvecSlots {
   }
 };
 
-// cvec_bin's 16-bit bins with the argmax, of at most 256 rows and 256 columns, two channels
-// an instruction (PackedArgmax<T> enabled; one vector of 8 channels).
+// cvec_bin with the argmax through masks (PackedArgmax<T> enabled; bins of at most kMaxSide
+// rows and columns): each vector's four words stepped as they are loaded.
 template <class T, class Out, class I>
-__device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ corner, I sH, I sW,
-                                                       int bin_h, int bin_w, int first_index,
-                                                       int w_int, Out* __restrict__ values,
+__device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ corner, int second,
+                                                       I sH, I sW, int bin_h, int bin_w,
+                                                       int first_index, int w_int,
+                                                       Out* __restrict__ values,
                                                        int* __restrict__ indices,
                                                        CvecSlots slots) {
-  static_assert(CvecShape<T>::kVectors == 1, "16-bit types: one vector of 8 channels");
-  constexpr int V = Lanes<T>::kCount;
-  unsigned int m[4], at[4];  // two channels' maxima and bin positions a word
+  typedef Lanes<T> L;
+  typedef PackedArgmax<T> A;
+  constexpr int V = L::kCount;
+  constexpr int P = CvecShape<T>::kVectors;
+  constexpr int kChannels = CvecShape<T>::kChannels;
+  constexpr int kPerWord = V / 4;  // channels a 32-bit word holds: 1 or 2
+  // Unrolling two elements spills float32's 8 channels (64 registers); not 16-bit's 8.
+  constexpr int kUnroll = P == 1 ? 2 : 1;
+  (void)kUnroll;  // read by #pragma unroll only (a host build ignores the pragma)
+  unsigned int m[P][4], at[P][4];  // the words' maxima and positions
 #pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    m[w] = PackedArgmax<T>::lowest();
-    at[w] = 0u;  // the first element: where a bin of -inf (raising nothing) has its maximum
+  for (int p = 0; p < P; ++p) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      m[p][w] = A::lowest();
+      at[p][w] = 0u;  // the first element: where a bin of -inf (raising nothing) has its maximum
+    }
   }
   for (int i = 0; i < bin_h; ++i) {
     const T* __restrict__ line = corner + i * sH;
-    const unsigned int row = static_cast<unsigned int>(i) << 8;
-#pragma unroll 2
+    const unsigned int row = A::row(i, w_int);
+#pragma unroll kUnroll
     for (int j = 0; j < bin_w; ++j) {
-      const roi_vec16 v = load_vec16(line + j * sW);
-      const unsigned int here = row | static_cast<unsigned int>(j);
 #pragma unroll
-      for (int w = 0; w < 4; ++w) PackedArgmax<T>::step(v.w[w], here, m[w], at[w]);
+      for (int p = 0; p < P; ++p) {
+        const roi_vec16 v = load_vec16(line + j * sW + p * second);
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          A::step(v.w[w], row + static_cast<unsigned int>(j), m[p][w], at[p][w]);
+        }
+      }
     }
   }
   unsigned int inexact = 0;  // channels whose maximum is a zero or a NaN
+  // The slots in order, as slots.at(c, V) gives them.
   int slot = 0;
 #pragma unroll
-  for (int c = 0; c < V; ++c) {
-    const int shift = (c & 1) * 16;
-    const unsigned int position = (at[c >> 1] >> shift) & 0xffffu;
-    values[slot] = static_cast<Out>((m[c >> 1] >> shift) & 0xffffu);
-    indices[slot] =
-        first_index + static_cast<int>(position >> 8) * w_int + static_cast<int>(position & 255u);
-    if (!PackedMax<T>::exact(m, c)) inexact |= 1u << c;
+  for (int c = 0; c < kChannels; ++c) {
+    const int p = c / V, w = (c % V) / kPerWord, shift = (c % kPerWord) * 16;
+    const unsigned int bits = kPerWord == 1 ? m[p][w] : (m[p][w] >> shift) & 0xffffu;
+    const unsigned int position = kPerWord == 1 ? at[p][w] : (at[p][w] >> shift) & 0xffffu;
+    if (c == V) slot = slots.vector_channels * slots.stride;
+    values[slot] = static_cast<Out>(bits);
+    indices[slot] = first_index + A::offset(position, w_int);
+    if (!A::exact(bits)) inexact |= 1u << c;
     slot += slots.stride;
   }
   // Rare: those take the bin's first element with their key (nothing else is live here).
   while (inexact != 0) {
     const int c = __ffs(inexact) - 1;
     inexact &= inexact - 1;
-    const T* __restrict__ channel = corner + c;
-    T found;
-    found.bits = static_cast<unsigned short>(values[c * slots.stride]);
-    const int2 ij =
-        first_position_with_key<T>(channel, bin_h, bin_w, sH, sW, Elem<T>::key_of(found));
-    found = channel[ij.x * sH + ij.y * sW];
-    values[c * slots.stride] = static_cast<Out>(found.bits);
-    indices[c * slots.stride] = first_index + ij.x * w_int + ij.y;
+    const T* __restrict__ channel = corner + (c / V) * second + c % V;
+    Out& value = values[slots.at(c, V)];
+    const int2 ij = first_position_with_key<T>(channel, bin_h, bin_w, sH, sW,
+                                               Elem<T>::key_of(L::from_word(value)));
+    value = static_cast<Out>(L::word(channel[ij.x * sH + ij.y * sW]));
+    indices[slots.at(c, V)] = first_index + ij.x * w_int + ij.y;
   }
 }
 
@@ -234,9 +250,9 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
     }
   } else {
     if constexpr (kArgmax && PackedArgmax<T>::kEnabled) {
-      if (bin_h <= 256 && bin_w <= 256) {
-        cvec_bin_packed_argmax<T>(corner, sH, sW, bin_h, bin_w, first_index, w_int, values,
-                                  indices, slots);
+      if (bin_h <= PackedArgmax<T>::kMaxSide && bin_w <= PackedArgmax<T>::kMaxSide) {
+        cvec_bin_packed_argmax<T>(corner, second, sH, sW, bin_h, bin_w, first_index, w_int,
+                                  values, indices, slots);
         return;
       }
     }
