@@ -245,10 +245,11 @@ _MASKED = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("layout", ["channels_last_cvec", "channels_last"])
 @pytest.mark.parametrize("dtype", _MASKED, ids=["float32", "float16", "bfloat16"])
 def test_cvec_masked_argmax_on_zeros_subnormals_nans_and_ties(runner, dtype, layout):
-    # The argmax of the cvec and small_cvec kernels steps masks (a 32-bit word of one float32
-    # or two 16-bit channels an instruction) and finds a maximum that is a zero or a NaN again
-    # by a scan: 16 channels (two threads of 8), each its own mix of signed zeros, subnormals,
-    # NaN payloads, -inf and ties, none shifted (as `wide` would).
+    # The 16-bit argmax of the cvec and small_cvec kernels steps masks (two channels an
+    # instruction) and finds a maximum that is a zero or a NaN again by a scan; float32's
+    # compares and selects, on the same values. 16 channels (two threads of 8), each its own
+    # mix of signed zeros, subnormals, NaN payloads, -inf and ties, none shifted (as `wide`
+    # would).
     g = torch.Generator().manual_seed(13)
     bits = BITS[torch.empty((), dtype=dtype).element_size()]
     tiny = {torch.float32: 2.0**-149, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}[dtype]
@@ -278,9 +279,9 @@ def test_cvec_masked_argmax_on_zeros_subnormals_nans_and_ties(runner, dtype, lay
 @pytest.mark.parametrize("height, width", [(2, 256), (1, 257), (257, 1), (256, 3)])
 def test_cvec_masked_argmax_in_bins_up_to_and_past_256(runner, dtype, height, width):
     # The 16-bit masked argmax holds a bin position as row << 8 | column: bins of at most 256
-    # rows and columns; longer ones take the one-channel-at-a-time argmax (float32 holds whole
-    # offsets). Each channel's maximum is planted late in the bin, with a tie after it and one
-    # before it on another channel.
+    # rows and columns; longer ones take the one-channel-at-a-time argmax (float32's always).
+    # Each channel's maximum is planted late in the bin, with a tie after it and one before it
+    # on another channel.
     g = torch.Generator().manual_seed(17)
     x = (torch.rand((1, 8, height, width), generator=g, dtype=torch.float64) * 4 - 2).to(dtype)
     for c in range(8):

@@ -215,9 +215,6 @@ inline unsigned int gt_mask_x2(unsigned int a, unsigned int b) {
 inline float bf16_bits_to_float(unsigned short b) {
   return bit_cast<float>(static_cast<unsigned int>(b) << 16);
 }
-inline unsigned int gt_mask_f32(unsigned int a, unsigned int b) {
-  return bit_cast<float>(a) > bit_cast<float>(b) ? 0xffffffffu : 0u;
-}
 inline unsigned int gt_mask_f16x2(unsigned int a, unsigned int b) {
   return gt_mask_x2<half_to_float>(a, b);
 }

@@ -103,13 +103,8 @@ ROI_OPS_MAX_NAN_PTX(max_nan_bf16, unsigned short, "bf16", "h")
 ROI_OPS_MAX_NAN_PTX(max_nan_f16x2, unsigned int, "f16x2", "r")
 ROI_OPS_MAX_NAN_PTX(max_nan_bf16x2, unsigned int, "bf16x2", "r")
 #undef ROI_OPS_MAX_NAN_PTX
-// set.gt on float32 bits, or on two packed float16 (bfloat16: sm_90+) values: all ones (in each
-// half) where a > b, ordered (0 where either is a NaN), no .ftz.
-__device__ __forceinline__ unsigned int gt_mask_f32(unsigned int a, unsigned int b) {
-  unsigned int d;
-  asm("set.gt.u32.f32 %0, %1, %2;" : "=r"(d) : "f"(__uint_as_float(a)), "f"(__uint_as_float(b)));
-  return d;
-}
+// set.gt on two packed float16 (bfloat16: sm_90+) values: 0xffff in each half where a > b,
+// ordered (0 where either is a NaN), no .ftz.
 __device__ __forceinline__ unsigned int gt_mask_f16x2(unsigned int a, unsigned int b) {
   unsigned int d;
   asm("set.gt.u32.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
@@ -461,44 +456,22 @@ template <>
 struct NaNMax<roi_bf16> : NaNMax16<roi_bf16, 0x7f80u> {};
 #endif
 
-// The argmax through masks, in 32-bit words of maxima and of positions in the bin: one float32
-// channel a word, or two 16-bit channels (row << 8 | column in each half: bins of at most 256
-// rows and columns, kMaxSide). A step takes an element's word: the mask of the channels it
-// raises (set.gt against the maxima so far), the new maxima (max.NaN), and its position merged
-// where the mask is set; no compare-and-select per channel. A maximum found first at some
-// element is raised there and never again (ties, and smaller elements, do not raise it), so the
-// position is its first occurrence wherever the maximum is neither a zero (the signs compare
-// equal) nor a NaN (a NaN raises nothing; max.NaN keeps it): those channels scan the bin again
-// (first_position_with_key). Wherever max.NaN is (sm_80+); bfloat16 where set.gt takes its
-// pairs (sm_90+); elsewhere, and for float64, the argmax compares one channel at a time.
+// The 16-bit argmax through masks, in 32-bit words of two channels' maxima and of their
+// positions in the bin (row << 8 | column in each half: bins of at most 256 rows and columns,
+// kMaxSide). A step takes an element's word of two channels: the mask of the halves it raises
+// (set.gt against the maxima so far), the new maxima (max.NaN), and its position merged where
+// the mask is set; no compare-and-select per channel. A maximum found first at some element is
+// raised there and never again (ties, and smaller elements, do not raise it), so the position
+// is its first occurrence wherever the maximum is neither a zero (the signs compare equal) nor a
+// NaN (a NaN raises nothing; max.NaN keeps it): those channels scan the bin again
+// (first_position_with_key). float16 wherever max.NaN is (sm_80+), bfloat16 where set.gt takes
+// its pairs (sm_90+); elsewhere, and for float32 (through masks it was slower: development
+// log), the argmax compares one channel at a time.
 template <class T>
 struct PackedArgmax {
   static constexpr bool kEnabled = false;
 };
 #ifdef ROI_OPS_MAX_NAN
-template <>
-struct PackedArgmax<float> {
-  static constexpr bool kEnabled = true;
-  static constexpr int kMaxSide = 0x7fffffff;
-  static __device__ __forceinline__ unsigned int lowest() { return 0xff800000u; }  // -inf
-  // The position of row i's first element: row + column is an element's.
-  static __device__ __forceinline__ unsigned int row(int i, int w_int) {
-    return static_cast<unsigned int>(i * w_int);
-  }
-  static __device__ __forceinline__ int offset(unsigned int position, int) {
-    return static_cast<int>(position);
-  }
-  // Not a zero and not a NaN: a channel's maximum (its bits) is its first maximal element.
-  static __device__ __forceinline__ bool exact(unsigned int bits) {
-    return NaNMax<float>::exact(__uint_as_float(bits));
-  }
-  static __device__ __forceinline__ void step(unsigned int v, unsigned int position,
-                                              unsigned int& maxima, unsigned int& positions) {
-    const unsigned int raised = gt_mask_f32(v, maxima);
-    maxima = __float_as_uint(max_nan(__uint_as_float(maxima), __uint_as_float(v)));
-    positions = (positions & ~raised) | (position & raised);
-  }
-};
 template <class T, unsigned int (*kRaised)(unsigned int, unsigned int)>
 struct PackedArgmax16 {
   static constexpr bool kEnabled = true;

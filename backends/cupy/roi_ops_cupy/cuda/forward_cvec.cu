@@ -121,8 +121,8 @@ struct CvecSlots {
   }
 };
 
-// cvec_bin with the argmax through masks (PackedArgmax<T> enabled; bins of at most kMaxSide
-// rows and columns): each vector's four words stepped as they are loaded.
+// cvec_bin with the argmax through masks (PackedArgmax<T> enabled: float16, bfloat16; bins of
+// at most kMaxSide rows and columns): each vector's four words stepped as they are loaded.
 template <class T, class Out, class I>
 __device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ corner, int second,
                                                        I sH, I sW, int bin_h, int bin_w,
@@ -136,7 +136,7 @@ __device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ cor
   constexpr int P = CvecShape<T>::kVectors;
   constexpr int kChannels = CvecShape<T>::kChannels;
   constexpr int kPerWord = V / 4;  // channels a 32-bit word holds: 1 or 2
-  // Unrolling two elements spills float32's 8 channels (64 registers); not 16-bit's 8.
+  // As cvec_bin's compare and select: two elements unrolled for one vector, not for two.
   constexpr int kUnroll = P == 1 ? 2 : 1;
   (void)kUnroll;  // read by #pragma unroll only (a host build ignores the pragma)
   unsigned int m[P][4], at[P][4];  // the words' maxima and positions
