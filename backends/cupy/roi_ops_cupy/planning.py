@@ -185,8 +185,8 @@ def stages_channels_last(
     The copy reads and writes the input once; the channel-vector kernels then read each window
     element of 16 bytes of channels with one load, where the NCHW kernels fetch a 32-byte sector
     of a window row for each channel, and reduce 16-bit inputs two channels an instruction
-    (with the argmax too, on sm_90; float16 on sm_80). Staged (the choice table of tools/NOTES.md, measured on every bench
-    workload):
+    (with the argmax too, on sm_90; float16 on sm_80). Staged (the choice table of
+    tools/NOTES.md, measured on every bench workload):
 
     - in the small kernels' regime (few outputs per ROI, many ROIs), when the input fits in L2;
     - when the outputs are at least ``tuning.stage_min_reads`` times the input's elements (so
