@@ -99,15 +99,16 @@ def cvec_thread_channels(dtype: torch.dtype) -> int:
 
 def small_roi_bytes(kernel: str, bins: int, channels: int, dtype: torch.dtype, argmax: bool):
     """Shared memory of one ROI in a block of a small kernel: its bins' table entries, and for
-    small_cvec its staged outputs (a padded row per bin of 32-bit words, 64-bit for float64,
-    and of int32 argmax when `argmax`)."""
+    small_cvec its staged outputs (SmallCvecTile: its channels padded to whole threads', a slot
+    each of the element's size, 32 bits for a 16-bit element with the argmax, and an int32
+    argmax each when `argmax`)."""
     table = SMALL_BIN_BYTES * bins
     if kernel != kernels.FORWARD_SMALL_CVEC:
         return table
     per_thread = cvec_thread_channels(dtype)
-    width = -(-channels // per_thread) * per_thread + 1
-    word = 8 if dtype.itemsize == 8 else 4
-    return table + bins * width * (word + (4 if argmax else 0))
+    padded = -(-channels // per_thread) * per_thread
+    slot = 4 if argmax and dtype.itemsize == 2 else dtype.itemsize
+    return table + bins * padded * (slot + (4 if argmax else 0))
 
 
 def _aligned_channels(input: torch.Tensor) -> bool:

@@ -84,10 +84,12 @@ def test_small_plans_many_rois_per_block():
     plan = planning.plan_forward(staged, out, arg, sizes(1))
     assert plan.name == "roi_pool_forward_small_cvec<float, float, true>"
     assert plan.value("rois_per_block") == 7
-    assert plan.shared_mem == 7 * 9 * (24 + 65 * 8)  # rows of 64 channels and a pad word
+    assert plan.shared_mem == 7 * 9 * (24 + 64 * 8)  # 64 channels' values and argmax
     small_cvec = kernels.FORWARD_SMALL_CVEC
-    assert planning.small_roi_bytes(small_cvec, 9, 62, torch.float64, False) == 9 * (24 + 65 * 8)
-    assert planning.small_roi_bytes(small_cvec, 9, 20, torch.float16, True) == 9 * (24 + 25 * 8)
+    assert planning.small_roi_bytes(small_cvec, 9, 62, torch.float64, False) == 9 * (24 + 64 * 8)
+    assert planning.small_roi_bytes(small_cvec, 9, 20, torch.float16, True) == 9 * (24 + 24 * 8)
+    assert planning.small_roi_bytes(small_cvec, 9, 20, torch.float16, False) == 9 * (24 + 24 * 2)
+    assert planning.small_roi_bytes(small_cvec, 9, 12, torch.float32, False) == 9 * (24 + 16 * 4)
     tuned = CupyTuning(small_block_elements=1152)
     assert planning.plan_forward(problem, out, arg, sizes(1), tuned).value("rois_per_block") == 2
 

@@ -479,7 +479,7 @@ struct PackedArgmax16 {
   static __device__ __forceinline__ unsigned int lowest() {
     return (NaNMax<T>::kInfBits | 0x8000u) * 0x10001u;  // -inf in both halves
   }
-  static __device__ __forceinline__ unsigned int row(int i, int) {
+  static __device__ __forceinline__ unsigned int row(int i) {
     return static_cast<unsigned int>(i) << 8;
   }
   static __device__ __forceinline__ int offset(unsigned int position, int w_int) {

@@ -121,72 +121,53 @@ struct CvecSlots {
   }
 };
 
-// cvec_bin with the argmax through masks (PackedArgmax<T> enabled: float16, bfloat16; bins of
-// at most kMaxSide rows and columns): each vector's four words stepped as they are loaded.
+// cvec_bin with the argmax through masks (PackedArgmax<T> enabled: float16, bfloat16, one
+// vector of eight channels; bins of at most kMaxSide rows and columns): the vector's four words
+// of two channels stepped as they are loaded.
 template <class T, class Out, class I>
-__device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ corner, int second,
-                                                       I sH, I sW, int bin_h, int bin_w,
-                                                       int first_index, int w_int,
-                                                       Out* __restrict__ values,
+__device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ corner, I sH, I sW,
+                                                       int bin_h, int bin_w, int first_index,
+                                                       int w_int, Out* __restrict__ values,
                                                        int* __restrict__ indices,
                                                        CvecSlots slots) {
-  typedef Lanes<T> L;
   typedef PackedArgmax<T> A;
-  constexpr int V = L::kCount;
-  constexpr int P = CvecShape<T>::kVectors;
-  constexpr int kChannels = CvecShape<T>::kChannels;
-  constexpr int kPerWord = V / 4;  // channels a 32-bit word holds: 1 or 2
-  // As cvec_bin's compare and select: two elements unrolled for one vector, not for two.
-  constexpr int kUnroll = P == 1 ? 2 : 1;
-  (void)kUnroll;  // read by #pragma unroll only (a host build ignores the pragma)
-  unsigned int m[P][4], at[P][4];  // the words' maxima and positions
+  constexpr int V = Lanes<T>::kCount;
+  static_assert(V == 8 && CvecShape<T>::kVectors == 1, "16-bit channels, one vector a thread");
+  unsigned int m[4], at[4];  // the words' maxima and positions
 #pragma unroll
-  for (int p = 0; p < P; ++p) {
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      m[p][w] = A::lowest();
-      at[p][w] = 0u;  // the first element: where a bin of -inf (raising nothing) has its maximum
-    }
+  for (int w = 0; w < 4; ++w) {
+    m[w] = A::lowest();
+    at[w] = 0u;  // the first element: where a bin of -inf (raising nothing) has its maximum
   }
   for (int i = 0; i < bin_h; ++i) {
     const T* __restrict__ line = corner + i * sH;
-    const unsigned int row = A::row(i, w_int);
-#pragma unroll kUnroll
+    const unsigned int row = A::row(i);
+#pragma unroll 2
     for (int j = 0; j < bin_w; ++j) {
+      const roi_vec16 v = load_vec16(line + j * sW);
 #pragma unroll
-      for (int p = 0; p < P; ++p) {
-        const roi_vec16 v = load_vec16(line + j * sW + p * second);
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          A::step(v.w[w], row + static_cast<unsigned int>(j), m[p][w], at[p][w]);
-        }
-      }
+      for (int w = 0; w < 4; ++w) A::step(v.w[w], row + static_cast<unsigned int>(j), m[w], at[w]);
     }
   }
   unsigned int inexact = 0;  // channels whose maximum is a zero or a NaN
-  // The slots in order, as slots.at(c, V) gives them.
-  int slot = 0;
 #pragma unroll
-  for (int c = 0; c < kChannels; ++c) {
-    const int p = c / V, w = (c % V) / kPerWord, shift = (c % kPerWord) * 16;
-    const unsigned int bits = kPerWord == 1 ? m[p][w] : (m[p][w] >> shift) & 0xffffu;
-    const unsigned int position = kPerWord == 1 ? at[p][w] : (at[p][w] >> shift) & 0xffffu;
-    if (c == V) slot = slots.vector_channels * slots.stride;
+  for (int c = 0; c < V; ++c) {
+    const int shift = (c & 1) * 16;
+    const unsigned int bits = (m[c >> 1] >> shift) & 0xffffu;
+    const int slot = c * slots.stride;  // slots.at(c, V)
     values[slot] = static_cast<Out>(bits);
-    indices[slot] = first_index + A::offset(position, w_int);
+    indices[slot] = first_index + A::offset((at[c >> 1] >> shift) & 0xffffu, w_int);
     if (!A::exact(bits)) inexact |= 1u << c;
-    slot += slots.stride;
   }
   // Rare: those take the bin's first element with their key (nothing else is live here).
   while (inexact != 0) {
     const int c = __ffs(inexact) - 1;
     inexact &= inexact - 1;
-    const T* __restrict__ channel = corner + (c / V) * second + c % V;
-    Out& value = values[slots.at(c, V)];
-    const int2 ij = first_position_with_key<T>(channel, bin_h, bin_w, sH, sW,
-                                               Elem<T>::key_of(L::from_word(value)));
-    value = static_cast<Out>(L::word(channel[ij.x * sH + ij.y * sW]));
-    indices[slots.at(c, V)] = first_index + ij.x * w_int + ij.y;
+    Out& value = values[c * slots.stride];
+    const int2 ij = first_position_with_key<T>(corner + c, bin_h, bin_w, sH, sW,
+                                               Elem<T>::key_of(Lanes<T>::from_word(value)));
+    value = static_cast<Out>(Lanes<T>::word(corner[ij.x * sH + ij.y * sW + c]));
+    indices[c * slots.stride] = first_index + ij.x * w_int + ij.y;
   }
 }
 
@@ -251,8 +232,8 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
   } else {
     if constexpr (kArgmax && PackedArgmax<T>::kEnabled) {
       if (bin_h <= PackedArgmax<T>::kMaxSide && bin_w <= PackedArgmax<T>::kMaxSide) {
-        cvec_bin_packed_argmax<T>(corner, second, sH, sW, bin_h, bin_w, first_index, w_int,
-                                  values, indices, slots);
+        cvec_bin_packed_argmax<T>(corner, sH, sW, bin_h, bin_w, first_index, w_int, values,
+                                  indices, slots);
         return;
       }
     }
