@@ -90,11 +90,11 @@ def cvec_lanes(dtype: torch.dtype) -> int:
     return CVEC_BYTES // dtype.itemsize
 
 
-def cvec_thread_channels(dtype: torch.dtype) -> int:
-    """Channels of one cvec thread (CvecShape::kChannels): two vectors for float32 and float64,
-    one for the 16-bit types (8 channels in all but float64's 4)."""
+def cvec_thread_channels(dtype: torch.dtype, argmax: bool) -> int:
+    """Channels of one cvec thread (CvecShape::kChannels): two vectors, but one for the 16-bit
+    types with the argmax (8 float32, 4 float64, 16 or with the argmax 8 16-bit channels)."""
     lanes = cvec_lanes(dtype)
-    return lanes if lanes == 8 else 2 * lanes
+    return lanes if lanes == 8 and argmax else 2 * lanes
 
 
 def small_roi_bytes(kernel: str, bins: int, channels: int, dtype: torch.dtype, argmax: bool):
@@ -105,7 +105,7 @@ def small_roi_bytes(kernel: str, bins: int, channels: int, dtype: torch.dtype, a
     table = SMALL_BIN_BYTES * bins
     if kernel != kernels.FORWARD_SMALL_CVEC:
         return table
-    per_thread = cvec_thread_channels(dtype)
+    per_thread = cvec_thread_channels(dtype, argmax)
     padded = -(-channels // per_thread) * per_thread
     slot = 4 if argmax and dtype.itemsize == 2 else dtype.itemsize
     return table + bins * padded * (slot + (4 if argmax else 0))
@@ -319,7 +319,7 @@ def cvec_channels_per_block(
     """The cvec kernel's channels per block: a thread's channels times a power of two of threads
     per bin, at most CVEC_THREADS (fewer when C has fewer channels, when the block's outputs
     would not fit its tile in one round, or when the GPU would get too few blocks)."""
-    per_thread = cvec_thread_channels(dtype)
+    per_thread = cvec_thread_channels(dtype, argmax)
     capacity = cvec_tile_outputs(dtype, argmax)
     threads = 1
     while threads < CVEC_THREADS and threads * per_thread < channels:

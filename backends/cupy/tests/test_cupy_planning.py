@@ -35,7 +35,8 @@ def test_forward_kernel_by_layout_alignment_and_outputs_per_roi():
 
     choose = planning.forward_kernel
     assert [planning.cvec_lanes(d) for d in DTYPES] == [8, 8, 4, 2]
-    assert [planning.cvec_thread_channels(d) for d in DTYPES] == [8, 8, 8, 4]
+    assert [planning.cvec_thread_channels(d, True) for d in DTYPES] == [8, 8, 8, 4]
+    assert [planning.cvec_thread_channels(d, False) for d in DTYPES] == [16, 16, 8, 4]
     assert choose(torch.empty(2, 64, 5, 6), 9) == kernels.FORWARD_SMALL  # 576 outputs per ROI
     assert choose(torch.empty(2, 64, 5, 6), 16) == kernels.FORWARD_SMALL  # 1024
     assert choose(torch.empty(2, 64, 5, 6), 17) == kernels.FORWARD_UNIT  # 1088
@@ -88,7 +89,7 @@ def test_small_plans_many_rois_per_block():
     small_cvec = kernels.FORWARD_SMALL_CVEC
     assert planning.small_roi_bytes(small_cvec, 9, 62, torch.float64, False) == 9 * (24 + 64 * 8)
     assert planning.small_roi_bytes(small_cvec, 9, 20, torch.float16, True) == 9 * (24 + 24 * 8)
-    assert planning.small_roi_bytes(small_cvec, 9, 20, torch.float16, False) == 9 * (24 + 24 * 2)
+    assert planning.small_roi_bytes(small_cvec, 9, 20, torch.float16, False) == 9 * (24 + 32 * 2)
     assert planning.small_roi_bytes(small_cvec, 9, 12, torch.float32, False) == 9 * (24 + 16 * 4)
     tuned = CupyTuning(small_block_elements=1152)
     assert planning.plan_forward(problem, out, arg, sizes(1), tuned).value("rois_per_block") == 2

@@ -102,11 +102,12 @@ struct PackedMax<float> {
 };
 #endif
 
-// The vectors a thread reads per element: two for float32 and float64 (loop and address work
-// shared by 8 or 4 channels), one for the 16-bit types (already 8 channels).
-template <class T>
+// The vectors a thread reads per element: two (loop and address work shared by 8 float32, 4
+// float64 or 16 16-bit channels), but one for the 16-bit types with the argmax (their masks for
+// two vectors spill at 64 registers).
+template <class T, bool kArgmax>
 struct CvecShape {
-  static constexpr int kVectors = sizeof(T) == 2 ? 1 : 2;
+  static constexpr int kVectors = sizeof(T) == 2 && kArgmax ? 1 : 2;
   static constexpr int kChannels = kVectors * Lanes<T>::kCount;  // a thread's channels
 };
 
@@ -132,7 +133,7 @@ __device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ cor
                                                        CvecSlots slots) {
   typedef PackedArgmax<T> A;
   constexpr int V = Lanes<T>::kCount;
-  static_assert(V == 8 && CvecShape<T>::kVectors == 1, "16-bit channels, one vector a thread");
+  static_assert(V == 8 && CvecShape<T, true>::kVectors == 1, "16-bit, one vector a thread");
   unsigned int m[4], at[4];  // the words' maxima and positions
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
@@ -183,8 +184,8 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
                                          CvecSlots slots) {
   typedef Lanes<T> L;
   constexpr int V = L::kCount;
-  constexpr int P = CvecShape<T>::kVectors;
-  constexpr int kChannels = CvecShape<T>::kChannels;
+  constexpr int P = CvecShape<T, kArgmax>::kVectors;
+  constexpr int kChannels = CvecShape<T, kArgmax>::kChannels;
   if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
     unsigned int m[P][4];  // P vectors of four words of maxima (max.NaN(-inf, v) is v)
 #pragma unroll
@@ -336,9 +337,9 @@ __device__ __forceinline__ void copy_tile_out(const Slot* __restrict__ tile, int
 // kChannels): every bin when the block's outputs fit the tile's `capacity` (the launch plan
 // sees to it wherever one channel vector's bins fit), so that the round's outputs are one
 // contiguous run of the output; else as many as fit.
-template <class T>
+template <class T, bool kArgmax>
 __device__ __forceinline__ int cvec_round_bins(int lanes, int nb, int capacity) {
-  constexpr int kChannels = CvecShape<T>::kChannels;
+  constexpr int kChannels = CvecShape<T, kArgmax>::kChannels;
   return lanes * kChannels * nb <= capacity ? nb : capacity / (lanes * kChannels);
 }
 
@@ -365,8 +366,8 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
   // slot, so that a value and its argmax sit at the same offset of their parts.
   typedef typename TileBits<kArgmax && sizeof(T) == 2 ? 4 : sizeof(T)>::type Slot;
   constexpr int V = Lanes<T>::kCount;
-  constexpr int P = CvecShape<T>::kVectors;
-  constexpr int kChannels = CvecShape<T>::kChannels;
+  constexpr int P = CvecShape<T, kArgmax>::kVectors;
+  constexpr int kChannels = CvecShape<T, kArgmax>::kChannels;
   // The tile: values, then (kArgmax) as many argmax entries, each part a whole number of
   // 16-byte pieces; an output's value and argmax at the same index of their parts.
   constexpr int kCapacity = (kCvecTileBytes / (sizeof(Slot) + (kArgmax ? 4 : 0))) / 8 * 8;
@@ -385,7 +386,7 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
   // Offsets within an image: < 2^31 (the launch plan checks it for this kernel).
   const int sH_int = static_cast<int>(sH), sW_int = static_cast<int>(sW);
   const int lanes = static_cast<int>(channels_per_block) / kChannels;  // a power of two
-  const int round_bins = cvec_round_bins<T>(lanes, nb, kCapacity);
+  const int round_bins = cvec_round_bins<T, kArgmax>(lanes, nb, kCapacity);
   const int lane_bits = __ffs(lanes) - 1;
   const int lane = tid & (lanes - 1);
   const int first_bin = tid >> lane_bits;

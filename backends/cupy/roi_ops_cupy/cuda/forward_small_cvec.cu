@@ -24,7 +24,7 @@ struct SmallCvecTile {
   typedef typename TileBits<kArgmax && sizeof(T) == 2 ? 4 : sizeof(T)>::type Slot;
   static constexpr int kSlotBytes = sizeof(Slot) + (kArgmax ? 4 : 0);
   static __device__ __forceinline__ unsigned int padded(unsigned int channels) {
-    constexpr unsigned int kChannels = CvecShape<T>::kChannels;
+    constexpr unsigned int kChannels = CvecShape<T, kArgmax>::kChannels;
     return (channels + kChannels - 1) / kChannels * kChannels;
   }
   // The table after the tile (whose bytes are a multiple of 16: padded is of 8 channels).
@@ -47,7 +47,7 @@ __device__ __forceinline__ void small_cvec_outputs(const SmallBin* __restrict__ 
   typedef typename TileBits<sizeof(T)>::type S;
   typedef typename SmallCvecTile<T, kArgmax>::Slot Slot;
   constexpr int V = Lanes<T>::kCount;
-  constexpr int kChannels = CvecShape<T>::kChannels;
+  constexpr int kChannels = CvecShape<T, kArgmax>::kChannels;
   const unsigned int channels = static_cast<unsigned int>(C);
   const unsigned int per_roi = channels * bins;
   const unsigned int vectors = (channels + kChannels - 1) / kChannels;
