@@ -121,7 +121,8 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # of the first three ROIs has at most 2 x 2 elements: the unit kernel's loop-free path; 200
     # and 196 bins leave 8 and 4 bins to a last warp whose lanes spread over channels);
     # ROIs cut by the border. cvec: 24 float16 channels leave the last of 4 threads per bin
-    # empty; 20 float32 (22 float64) channels leave one thread half its channels.
+    # empty with the argmax (8 channels a thread) and the second of 2 half its channels in
+    # inference (16); 20 float32 (22 float64) channels leave one thread half its channels.
     tuning = CupyTuning(forward_kernel=kernels.FORWARD_PLANE) if kernel == "plane" else None
     tuning = tuning or DEFAULT_TUNING
     layout = {

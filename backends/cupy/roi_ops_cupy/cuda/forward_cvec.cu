@@ -2,8 +2,9 @@
 // For inputs whose channel stride is 1 (channels_last) and whose channel vectors are 16-byte
 // aligned: the launch plan checks the pointer, C and every stride
 // (roi_ops.layout.aligned_channel_vector); other channel-adjacent inputs take the chan kernel. A
-// thread keeps CvecShape<T>::kChannels channels (8; 4 in float64) and one bin at a time, and
-// reads each element of the bin for all its channels with one or two 16-byte loads (CvecShape).
+// thread keeps CvecShape<T, kArgmax>::kChannels channels (8 float32, 4 float64, 16 or with the
+// argmax 8 float16/bfloat16) and one bin at a time, and reads each element of the bin for all
+// its channels with one or two 16-byte loads (CvecShape).
 // Inference reduces with max.NaN (packed f16x2/bf16x2 for the 16-bit types), the argmax through
 // masks (PackedArgmax) where it can, else with the unit kernel's compare and select. Results are
 // staged in a shared tile laid out as the
@@ -466,9 +467,9 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
 }
 }  // namespace roi_ops_cuda
 
-// channels_per_block: CvecShape<T>::kChannels times a power of two <= kCvecThreads (threads per
-// bin); C a multiple of Lanes<T>::kCount; the input pointer and sN, sH, sW 16-byte aligned
-// (sC == 1).
+// channels_per_block: CvecShape<T, kArgmax>::kChannels times a power of two <= kCvecThreads
+// (threads per bin); C a multiple of Lanes<T>::kCount; the input pointer and sN, sH, sW 16-byte
+// aligned (sC == 1).
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
     roi_pool_forward_cvec(ROI_OPS_MAP_PARAMETERS, const i64 channels_per_block,

@@ -4,10 +4,10 @@
 // outputs (e.g. 64 channels of 3 x 3 bins), the cvec kernel's one ROI per block keeps most of
 // its threads idle (9 bins x 8 threads of 256). Here a block covers `rois_per_block`
 // consecutive ROIs: the shared-memory table of their bins' spans first, then work items
-// (ROI, bin, vector of the thread's CvecShape<T>::kChannels channels), the vector fastest, so
-// that adjacent threads read adjacent 16-byte channel vectors of one pixel (cvec_bin), with the
-// results staged in a shared tile laid out as the block's outputs, then copied out as the cvec
-// kernel copies its tile.
+// (ROI, bin, vector of the thread's CvecShape<T, kArgmax>::kChannels channels), the vector
+// fastest, so that adjacent threads read adjacent 16-byte channel vectors of one pixel
+// (cvec_bin), with the results staged in a shared tile laid out as the block's outputs, then
+// copied out as the cvec kernel copies its tile.
 //
 // Arguments as the small kernel's. Dynamic shared memory (SmallCvecTile): rois_per_block * PH *
 // PW * ceil(C / kChannels) * kChannels slots of values, then (kArgmax) as many ints, then the
