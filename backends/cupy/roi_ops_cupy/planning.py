@@ -90,18 +90,11 @@ def cvec_lanes(dtype: torch.dtype) -> int:
     return CVEC_BYTES // dtype.itemsize
 
 
-CVEC_INFER_VECTORS = 4  # ROI_OPS_CVEC_INFER_VECTORS
-CVEC_INFER_VECTORS16 = 2  # ROI_OPS_CVEC_INFER_VECTORS16
-
-
 def cvec_thread_channels(dtype: torch.dtype, argmax: bool) -> int:
-    """Channels of one cvec thread (CvecShape::kChannels)."""
+    """Channels of one cvec thread (CvecShape::kChannels): two vectors, but one for the 16-bit
+    types with the argmax (8 float32, 4 float64, 16 or with the argmax 8 16-bit channels)."""
     lanes = cvec_lanes(dtype)
-    if argmax:
-        return lanes if lanes == 8 else 2 * lanes
-    if dtype.itemsize == 8:
-        return 2 * lanes
-    return (CVEC_INFER_VECTORS16 if dtype.itemsize == 2 else CVEC_INFER_VECTORS) * lanes
+    return lanes if lanes == 8 and argmax else 2 * lanes
 
 
 def small_roi_bytes(kernel: str, bins: int, channels: int, dtype: torch.dtype, argmax: bool):

@@ -36,7 +36,7 @@ def test_forward_kernel_by_layout_alignment_and_outputs_per_roi():
     choose = planning.forward_kernel
     assert [planning.cvec_lanes(d) for d in DTYPES] == [8, 8, 4, 2]
     assert [planning.cvec_thread_channels(d, True) for d in DTYPES] == [8, 8, 8, 4]
-    assert [planning.cvec_thread_channels(d, False) for d in DTYPES] == [16, 16, 16, 4]
+    assert [planning.cvec_thread_channels(d, False) for d in DTYPES] == [16, 16, 8, 4]
     assert choose(torch.empty(2, 64, 5, 6), 9) == kernels.FORWARD_SMALL  # 576 outputs per ROI
     assert choose(torch.empty(2, 64, 5, 6), 16) == kernels.FORWARD_SMALL  # 1024
     assert choose(torch.empty(2, 64, 5, 6), 17) == kernels.FORWARD_UNIT  # 1088
@@ -203,15 +203,14 @@ def test_plane_cvec_and_chan_plans():
     aligned = _problem(last, needs_argmax=False)
     cvec = planning.plan_forward(aligned, out, None, sizes(1))
     assert cvec.name == "roi_pool_forward_cvec<float, float, false>"
-    # 4 threads of 16 channels (inference) per bin give 3 x 1 blocks, fewer than 8 per SM:
-    # halved twice.
+    # 8 threads of 8 channels per bin give 3 x 1 blocks, fewer than 8 per SM: halved twice.
     assert cvec.block == (256, 1, 1) and cvec.grid == (3, 4, 1)
     assert cvec.value("channels_per_block") == 16
     assert cvec.shared_mem == 0 and cvec.value("argmax") == 0
-    assert planning.plan_forward(aligned, out, None, sizes(132)).value("channels_per_block") == 16
+    assert planning.plan_forward(aligned, out, None, sizes(132)).value("channels_per_block") == 8
     wide = _problem(torch.ones(2, 1000, 3, 3).to(memory_format=torch.channels_last), None, 7)
     out_wide, _ = _outputs(wide)
-    assert planning.plan_forward(wide, out_wide, None, sizes(1)).value("channels_per_block") == 128
+    assert planning.plan_forward(wide, out_wide, None, sizes(1)).value("channels_per_block") == 64
     shifted = torch.empty(2 * 64 * 10 * 10 + 1)[1:].as_strided(last.shape, last.stride())
     unaligned = _problem(shifted, needs_argmax=False)
     chan = planning.plan_forward(unaligned, out, None, sizes(132))

@@ -103,36 +103,13 @@ struct PackedMax<float> {
 };
 #endif
 
-// The vectors a thread reads per element (loop and address work shared by their channels):
-// in inference ROI_OPS_CVEC_INFER_VECTORS (2 in float64); with the argmax two, one for the
-// 16-bit types (their masks for two vectors spill at 64 registers).
-#ifndef ROI_OPS_CVEC_INFER_VECTORS
-#define ROI_OPS_CVEC_INFER_VECTORS 4
-#endif
-#ifndef ROI_OPS_CVEC_INFER_VECTORS16
-#define ROI_OPS_CVEC_INFER_VECTORS16 2
-#endif
+// The vectors a thread reads per element: two (loop and address work shared by 8 float32, 4
+// float64 or 16 16-bit channels), but one for the 16-bit types with the argmax (their masks for
+// two vectors spill at 64 registers).
 template <class T, bool kArgmax>
 struct CvecShape {
-  static constexpr int kVectors =
-      kArgmax ? (sizeof(T) == 2 ? 1 : 2)
-              : (sizeof(T) == 8 ? 2
-                                : (sizeof(T) == 2 ? ROI_OPS_CVEC_INFER_VECTORS16
-                                                  : ROI_OPS_CVEC_INFER_VECTORS));
+  static constexpr int kVectors = sizeof(T) == 2 && kArgmax ? 1 : 2;
   static constexpr int kChannels = kVectors * Lanes<T>::kCount;  // a thread's channels
-};
-
-// A thread's vectors in memory: vector p at p * stride channels from its first, for p < count
-// (the channels that exist); a missing vector re-reads the first (offset 0), its results unused.
-// One register: stride (< 256) in the low byte, count above.
-struct CvecVectors {
-  int bits;
-  static __device__ __forceinline__ CvecVectors of(int stride, int count) {
-    return {stride | count << 8};
-  }
-  __device__ __forceinline__ int offset(int p) const {
-    return p < (bits >> 8) ? p * (bits & 255) : 0;
-  }
 };
 
 // Where cvec_bin writes a thread's channels: channel c of vector p (c < Lanes<T>::kCount) at
@@ -140,7 +117,7 @@ struct CvecVectors {
 // the element's own bits).
 struct CvecSlots {
   int stride;           // between adjacent channels of a vector
-  int vector_channels;  // between a thread's adjacent vectors' first channels
+  int vector_channels;  // between a thread's two vectors' first channels (kVectors == 2)
   __device__ __forceinline__ int at(int c, int count) const {
     return ((c / count) * vector_channels + c % count) * stride;
   }
@@ -198,24 +175,19 @@ __device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ cor
 
 // One bin (corner: its first element of the thread's first channel; not empty; sH and sW
 // i64, or int where every offset within an image fits) for the thread's channels: every element
-// read once, as kVectors 16-byte vectors (`vectors`), in the contract's scan order. Writes each
+// read once, as kVectors 16-byte vectors (a missing second vector re-reads the first: `second`
+// is 0; else `second` is slots.vector_channels), in the contract's scan order. Writes each
 // channel's value and, with kArgmax, its argmax, at `slots`.
 template <class T, bool kArgmax, class Out, class I>
-__device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, CvecVectors vectors, I sH,
-                                         I sW, int bin_h, int bin_w, int first_index, int w_int,
+__device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int second, I sH, I sW,
+                                         int bin_h, int bin_w, int first_index, int w_int,
                                          Out* __restrict__ values, int* __restrict__ indices,
                                          CvecSlots slots) {
   typedef Lanes<T> L;
   constexpr int V = L::kCount;
   constexpr int P = CvecShape<T, kArgmax>::kVectors;
   constexpr int kChannels = CvecShape<T, kArgmax>::kChannels;
-  int offset[P];  // each vector's channels from the first's (indexed by constants only)
-#pragma unroll
-  for (int p = 0; p < P; ++p) offset[p] = vectors.offset(p);
   if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
-    // Two elements unrolled, but one for four vectors (their loads spill at 64 registers).
-    constexpr int kInferUnroll = P == 4 ? 1 : 2;
-    (void)kInferUnroll;  // read by #pragma unroll only (a host build ignores the pragma)
     unsigned int m[P][4];  // P vectors of four words of maxima (max.NaN(-inf, v) is v)
 #pragma unroll
     for (int p = 0; p < P; ++p) {
@@ -224,11 +196,11 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, CvecVecto
     }
     for (int i = 0; i < bin_h; ++i) {
       const T* __restrict__ line = corner + i * sH;
-#pragma unroll kInferUnroll
+#pragma unroll 2
       for (int j = 0; j < bin_w; ++j) {
 #pragma unroll
         for (int p = 0; p < P; ++p) {
-          const roi_vec16 v = load_vec16(line + j * sW + offset[p]);
+          const roi_vec16 v = load_vec16(line + j * sW + p * second);
 #pragma unroll
           for (int w = 0; w < 4; ++w) m[p][w] = PackedMax<T>::max(m[p][w], v.w[w]);
         }
@@ -242,7 +214,7 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, CvecVecto
       roi_vec16 result;
 #pragma unroll
       for (int w = 0; w < 4; ++w) result.w[w] = m[p][w];
-      slot = p * slots.vector_channels * slots.stride;
+      if (p == 1) slot = slots.vector_channels * slots.stride;
 #pragma unroll
       for (int c = 0; c < V; ++c) {
         values[slot] = static_cast<Out>(L::word(L::get(result, c)));
@@ -255,8 +227,8 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, CvecVecto
       const int c = __ffs(inexact) - 1;
       inexact &= inexact - 1;
       Out& slot = values[slots.at(c, V)];
-      const T value = first_with_key<T>(corner + vectors.offset(c / V) + c % V, bin_h, bin_w, sH,
-                                        sW, Elem<T>::key_of(L::from_word(slot)));
+      const T value = first_with_key<T>(corner + (c / V) * second + c % V, bin_h, bin_w, sH, sW,
+                                        Elem<T>::key_of(L::from_word(slot)));
       slot = static_cast<Out>(L::word(value));
     }
   } else {
@@ -286,7 +258,7 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, CvecVecto
       for (int j = 0; j < bin_w; ++j) {
 #pragma unroll
         for (int p = 0; p < P; ++p) {
-          const roi_vec16 v = load_vec16(line + j * sW + offset[p]);
+          const roi_vec16 v = load_vec16(line + j * sW + p * second);
 #pragma unroll
           for (int c = 0; c < V; ++c) {
             const WV x = Work<T>::in(L::get(v, c));
@@ -306,9 +278,9 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, CvecVecto
       T value = Work<T>::out(best[c]);
       if (!Work<T>::kKeepsNaN && !(best[c] == best[c])) {  // the NaN's payload was lost:
         const int i = at[c] / w_int;                        // re-read the winner
-        value = corner[i * sH + (at[c] - i * w_int) * sW + offset[c / V] + c % V];
+        value = corner[i * sH + (at[c] - i * w_int) * sW + (c / V) * second + c % V];
       }
-      if (c % V == 0) slot = (c / V) * slots.vector_channels * slots.stride;
+      if (c == V) slot = slots.vector_channels * slots.stride;
       values[slot] = static_cast<Out>(L::word(value));
       if constexpr (kArgmax) indices[slot] = first_index + at[c];
       slot += slots.stride;
@@ -429,11 +401,7 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
     // lane against block-wide counts.
     const int vectors = channels / V;
     const bool has_vector = lane < vectors;
-    // The thread's vectors that exist (lane + p * lanes < vectors); for two, written as a
-    // compare, which kept float64's inference at 64 registers without spilling.
-    const int present =
-        P <= 2 ? 1 + (lane < vectors - lanes) : (vectors - lane + lanes - 1) >> lane_bits;
-    const CvecVectors thread_vectors = CvecVectors::of(V * lanes, present);
+    const int second = P == 2 && lane < vectors - lanes ? V * lanes : 0;
     const T* __restrict__ planes = image + c0 + lane * V;
     // One round: bins q0 .. q0 + bins - 1 of the block's channels.
     const auto round = [&](const int q0, const int bins) {
@@ -454,16 +422,16 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
             int slot = 0;
 #pragma unroll
             for (int c = 0; c < kChannels; ++c) {
-              if (c % V == 0) slot = (c / V) * slots.vector_channels * slots.stride;
+              if (c == V) slot = slots.vector_channels * slots.stride;
               values[slot] =
                   static_cast<Slot>(Lanes<T>::word(Work<T>::out(typename Work<T>::V(0))));
               if constexpr (kArgmax) indices[slot] = -1;
               slot += slots.stride;
             }
           } else {
-            cvec_bin<T, kArgmax>(planes + (rows.x * sH_int + cols.x * sW_int), thread_vectors,
-                                 sH_int, sW_int, bin_h, bin_w, rows.x * w_int + cols.x, w_int,
-                                 values, indices, slots);
+            cvec_bin<T, kArgmax>(planes + (rows.x * sH_int + cols.x * sW_int), second, sH_int,
+                                 sW_int, bin_h, bin_w, rows.x * w_int + cols.x, w_int, values,
+                                 indices, slots);
           }
         }
       }

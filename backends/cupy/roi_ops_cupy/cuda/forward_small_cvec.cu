@@ -73,11 +73,10 @@ __device__ __forceinline__ void small_cvec_outputs(const SmallBin* __restrict__ 
         if constexpr (kArgmax) indices[slots.at(c, V)] = -1;
       }
     } else {
-      const CvecVectors thread_vectors = CvecVectors::of(V, static_cast<int>(channels - c0) / V);
+      const int second = c0 + V < channels ? V : 0;  // kVectors == 2: the next vector, if any
       const LevelMap<T>& map = maps.of(bin);
-      cvec_bin<T, kArgmax>(maps.corner(bin) + c0, thread_vectors, map.sH, map.sW, bin.bin_h,
-                           bin.bin_w, bin.first_index, static_cast<int>(map.W), values, indices,
-                           slots);
+      cvec_bin<T, kArgmax>(maps.corner(bin) + c0, second, map.sH, map.sW, bin.bin_h, bin.bin_w,
+                           bin.first_index, static_cast<int>(map.W), values, indices, slots);
     }
   }
   __syncthreads();
