@@ -27,7 +27,7 @@ struct SmallCvecTile {
     constexpr unsigned int kChannels = CvecShape<T, kArgmax>::kChannels;
     return (channels + kChannels - 1) / kChannels * kChannels;
   }
-  // The table after the tile (whose bytes are a multiple of 16: padded is of 8 channels).
+  // The table after the tile (a multiple of 16 bytes: a thread's channels take 32 of slots).
   static __device__ __forceinline__ SmallBin* table(i64 C, i64 bins, i64 rois_per_block) {
     const i64 slots = rois_per_block * bins * padded(static_cast<unsigned int>(C));
     return reinterpret_cast<SmallBin*>(roi_dynamic_shared + slots * kSlotBytes);
