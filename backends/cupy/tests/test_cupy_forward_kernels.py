@@ -248,9 +248,10 @@ _MASKED = [torch.float32, torch.float16, torch.bfloat16]
 def test_cvec_masked_argmax_on_zeros_subnormals_nans_and_ties(runner, dtype, layout):
     # The 16-bit argmax of the cvec and small_cvec kernels steps masks (two channels an
     # instruction) and finds a maximum that is a zero or a NaN again by a scan; float32's
-    # compares and selects, on the same values. 16 channels (two threads of 8), each its own
-    # mix of signed zeros, subnormals, NaN payloads, -inf and ties, none shifted (as `wide`
-    # would).
+    # compares and selects, on the same values. 16 channels (two threads of 8 with the argmax;
+    # one thread of two vectors in 16-bit inference, whose zero/NaN rescans reach the second),
+    # each its own mix of signed zeros, subnormals, NaN payloads, -inf and ties, none shifted
+    # (as `wide` would).
     g = torch.Generator().manual_seed(13)
     bits = BITS[torch.empty((), dtype=dtype).element_size()]
     tiny = {torch.float32: 2.0**-149, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}[dtype]
