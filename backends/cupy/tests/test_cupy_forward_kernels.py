@@ -375,10 +375,13 @@ COPY_SHAPES = [
     (3, 33, 1, 1),
     (1, 1, 6, 11),
     (1, 8, 33, 1),
+    (2, 100, 6, 14),
 ]
-# Where the input's rows are (dense planes, or rows further apart: the first columns of a wider
-# map) and how many elements the copy starts past a 16-byte boundary (1: no 16-byte stores).
-COPY_PLACES = [("dense", 0), ("padded", 0), ("dense", 1)]
+# Where the input's rows are (dense planes with images a few elements apart, rows further apart:
+# the first columns of a wider map, or a packed NCHW tensor, 16-byte aligned or one element
+# past it: 16-bit planes of an even size read two positions a load only where aligned) and how
+# many elements the copy starts past a 16-byte boundary (1: no 16-byte stores).
+COPY_PLACES = [("dense", 0), ("padded", 0), ("dense", 1), ("packed", 0), ("packed-late", 0)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -395,8 +398,10 @@ def test_channels_last_copy_is_the_input_bit_for_bit(runner, dtype, shape, rows,
     bits = torch.randint(info.min, info.max, shape, generator=g, dtype=BITS[dtype.itemsize])
     x = bits.view(dtype)
     pad = 3 if rows == "padded" else 0
-    strides = (c * h * (w + pad) + 5, h * (w + pad), w + pad, 1)
-    placed, _ = guarded(shape, strides, dtype, runner.device, math.nan)
+    gap = 0 if rows.startswith("packed") else 5
+    strides = (c * h * (w + pad) + gap, h * (w + pad), w + pad, 1)
+    late = 1 if rows == "packed-late" else 0
+    placed, _ = guarded(shape, strides, dtype, runner.device, math.nan, shift=late)
     placed.copy_(x)
     cl = torch.empty(shape, device="meta", memory_format=torch.channels_last).stride()
     copy, buffer = guarded(shape, cl, dtype, runner.device, -7.0, shift=shift)

@@ -2,12 +2,13 @@
 // The staged forward (planning.stages_channels_last) pools a dense channels_last copy of an NCHW
 // input with the channel-vector kernels. The copy is a transpose of each image's (C, H * W)
 // matrix, moved as bits. A block takes kCopyPositions positions (h * W + w) by 128 bytes of
-// channels: it reads rows of positions, one channel a warp instruction (consecutive addresses),
-// into a shared tile kept position by position, then each thread gathers 16 bytes of one
-// position's channels from it and writes them with one store, eight threads a position (128
-// consecutive bytes). Each position's row of the tile is rotated by one 4-byte bank per position
-// (by whole elements for 8-byte ones), so that a warp's 32 positions of one channel, and the
-// 8-byte elements' half-warps, fall in distinct banks on both sides. Where C or the output's
+// channels: it reads rows of positions, one channel a warp instruction (consecutive addresses;
+// 16-bit elements two positions a 32-bit load where the planes allow it), into a shared tile kept
+// position by position, then each thread gathers 16 bytes of one position's channels from it
+// and writes them with one store, eight threads a position (128 consecutive bytes). Each
+// position's row of the tile is turned (rotated) so that a warp's accesses on both sides fall in
+// distinct banks: by one element per position for 4- and 8-byte elements, by copy16_turn words
+// for 16-bit ones. Where C or the output's
 // address does not allow 16-byte stores, each thread writes its channels one at a time.
 //
 // Grid: x = N * position_tiles (image-major), y = ceil(C / CopyTile<T>::kChannels); block
@@ -20,8 +21,13 @@ template <class T>
 struct CopyTile {
   static constexpr int kChannels = 128 / sizeof(T);  // 128 bytes of a position's channels
   static constexpr int kVector = 16 / sizeof(T);     // channels a 16-byte store
-  static constexpr int kRotation = sizeof(T) == 2 ? 2 : 1;  // columns a position turns its row
+  static constexpr int kRotation = 1;  // columns a position turns its row (8-byte, 4-byte)
 };
+// 16-bit elements: a position's row of the tile is 32 words of two channels, turned by
+// turn(q) words. Reading two positions of a channel a 32-bit load, lane x writes rows 2x and 2x
+// + 1 (turned x and x + 2 words: distinct banks in each store); a thread gathers four words of
+// one position, a warp four positions (turned by distinct residues mod 4: distinct banks).
+__device__ __forceinline__ int copy16_turn(int q) { return (q >> 1) + 2 * (q & 1); }
 }  // namespace roi_ops_cuda
 
 template <class T>
@@ -44,18 +50,58 @@ __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
   const int c0 = static_cast<int>(blockIdx.y) * kChannels;
   const B* __restrict__ image = reinterpret_cast<const B*>(input) + n * sN + c0 * sC;
   const bool dense = sH == W;  // a position's offset is the position itself
+  if constexpr (sizeof(T) == 2) {
+    // Two positions a 32-bit load where they share a word of every channel's plane (dense
+    // planes of an even size, a 4-byte aligned image): a warp reads 128 bytes an instruction.
+    const bool pairs = dense && sC % 2 == 0 && sN % 2 == 0 &&
+                       reinterpret_cast<unsigned long long>(input) % 4u == 0;
+    if (pairs) {
+      const int p = p0 + 2 * threadIdx.x;  // and p + 1 (HW is even: sC is)
+      if (p < HW) {
+        const unsigned int* __restrict__ words = reinterpret_cast<const unsigned int*>(image + p);
 #pragma unroll
-  for (int x = threadIdx.x; x < kCopyPositions; x += 32) {  // the positions this thread reads
-    const int p = p0 + x;
-    if (p < HW) {
-      int offset = p;
-      if (!dense) {
-        const int h = p / W;
-        offset = h * sH + (p - h * W);
+        for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
+          if (c0 + r < C) {
+            const unsigned int both = words[r * sC / 2];
+            const int x = 2 * threadIdx.x;
+            tile[x][(r + 2 * copy16_turn(x)) % kChannels] = static_cast<B>(both);
+            tile[x + 1][(r + 2 * copy16_turn(x + 1)) % kChannels] = static_cast<B>(both >> 16);
+          }
+        }
       }
+    } else {
 #pragma unroll
-      for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
-        if (c0 + r < C) tile[x][(r + x * kRotation) % kChannels] = image[offset + r * sC];
+      for (int x = threadIdx.x; x < kCopyPositions; x += 32) {
+        const int p = p0 + x;
+        if (p < HW) {
+          int offset = p;
+          if (!dense) {
+            const int h = p / W;
+            offset = h * sH + (p - h * W);
+          }
+#pragma unroll
+          for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
+            if (c0 + r < C) {
+              tile[x][(r + 2 * copy16_turn(x)) % kChannels] = image[offset + r * sC];
+            }
+          }
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int x = threadIdx.x; x < kCopyPositions; x += 32) {  // the positions this thread reads
+      const int p = p0 + x;
+      if (p < HW) {
+        int offset = p;
+        if (!dense) {
+          const int h = p / W;
+          offset = h * sH + (p - h * W);
+        }
+#pragma unroll
+        for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
+          if (c0 + r < C) tile[x][(r + x * kRotation) % kChannels] = image[offset + r * sC];
+        }
       }
     }
   }
@@ -72,8 +118,14 @@ __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
   for (int q = thread / kVectors; q < kCopyPositions; q += kStep) {
     if (p0 + q >= HW) break;
     const B* __restrict__ row = tile[q];
-    const int turn = first + q * kRotation;
-    if (vectors) {
+    const int turn = first + (sizeof(T) == 2 ? 2 * copy16_turn(q) : q * kRotation);
+    if (sizeof(T) == 2 && vectors) {  // four whole words (turn is even)
+      const unsigned int* __restrict__ words = reinterpret_cast<const unsigned int*>(row);
+      roi_vec16 piece;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) piece.w[k] = words[(turn / 2 + k) % (kChannels / 2)];
+      *reinterpret_cast<roi_vec16*>(target + q * C) = piece;
+    } else if (vectors) {
       union {
         roi_vec16 piece;
         B values[kVector];
