@@ -193,7 +193,10 @@ def stages_channels_last(
     - when the outputs are at least ``tuning.stage_min_reads`` times the input's elements (so
       that the copy is a small part of the work), and either the input does not fit in L2 (its
       NCHW windows' sectors are re-read from memory) or its elements are of 16 or 32 bits
-      (float64 in L2: not measured).
+      (float64 in L2: not measured);
+    - for 16-bit inputs that do not fit in L2, already from
+      ``tuning.stage_min_reads_16bit_beyond_l2`` outputs an input element (their copy reads
+      two positions a load, their NCHW windows come from memory).
 
     Only where the copy's channel vectors are 16-byte aligned (C * itemsize a multiple of 16),
     C has at least ``tuning.chan_min_channels`` channels and the copy kernel's 32-bit offsets
@@ -220,7 +223,10 @@ def stages_channels_last(
     if forward_kernel(input, bins, tuning) == kernels.FORWARD_SMALL:
         return cached
     outputs = problem.rois.shape[0] * channels * bins
-    if outputs < tuning.stage_min_reads * input.numel():
+    min_reads = tuning.stage_min_reads
+    if not cached and input.element_size() == 2:
+        min_reads = tuning.stage_min_reads_16bit_beyond_l2
+    if outputs < min_reads * input.numel():
         return False
     return not cached or input.element_size() <= 4
 

@@ -55,6 +55,10 @@ class CupyTuning:
             the channel-vector kernels; None: `planning.stages_channels_last` decides.
         stage_min_reads: outside the small kernels' regime, a forward is staged only when its
             outputs are at least this many times its input's elements.
+        stage_min_reads_16bit_beyond_l2: `stage_min_reads` for 16-bit inputs that do not fit
+            in L2, whose copy moves about 2.4 TB/s on an H100 and whose NCHW windows are re-read
+            from memory (staging breaks even at about 0.35 outputs an input element, measured
+            on fpn-p2: docs/dev-log.md).
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC`, `kernels.BACKWARD_PLANES` or
@@ -81,6 +85,7 @@ class CupyTuning:
     small_block_elements: int = 4096
     stage_channels_last: bool | None = None
     stage_min_reads: float = 2.0
+    stage_min_reads_16bit_beyond_l2: float = 0.4
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

@@ -493,6 +493,14 @@ def test_many_reads_stage_beyond_l2_and_16_bit_inference():
     assert not _stages(p4.double()[:4], 49, h200, num_rois=4096)
     assert not _stages(p4.double()[:4], 49, h200, num_rois=4096, argmax=False)
     p2 = torch.empty(8, 256, 200, 272, device="meta")  # fpn-p2: 0.46 outputs an element
-    assert not _stages(p2.half(), 49, h200, num_rois=4096, argmax=False)
+    # Beyond L2, 16-bit inputs are staged from 0.4 outputs an element, float32 from 2.
+    for x in (p2.half(), p2.bfloat16()):
+        for argmax in (True, False):
+            assert _stages(x, 49, h200, num_rois=4096, argmax=argmax) is True
+        assert not _stages(x, 49, h200, num_rois=3072)  # 0.35 outputs an element
+    assert not _stages(p2, 49, h200, num_rois=4096, argmax=False)
+    assert not _stages(big.half(), 49, h200, num_rois=1000)  # 0.22 outputs an element
     fewer = replace(DEFAULT_TUNING, stage_min_reads=0.25)
-    assert _stages(p2.half(), 49, h200, fewer, num_rois=4096, argmax=False)
+    assert _stages(p2, 49, h200, fewer, num_rois=4096, argmax=False)
+    later = replace(DEFAULT_TUNING, stage_min_reads_16bit_beyond_l2=0.5)
+    assert not _stages(p2.half(), 49, h200, later, num_rois=4096, argmax=False)
