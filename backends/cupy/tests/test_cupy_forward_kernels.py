@@ -381,7 +381,14 @@ COPY_SHAPES = [
 # the first columns of a wider map, or a packed NCHW tensor, 16-byte aligned or one element
 # past it: 16-bit planes of an even size read two positions a load only where aligned) and how
 # many elements the copy starts past a 16-byte boundary (1: no 16-byte stores).
-COPY_PLACES = [("dense", 0), ("padded", 0), ("dense", 1), ("packed", 0), ("packed-late", 0)]
+COPY_PLACES = [
+    ("dense", 0),
+    ("padded", 0),
+    ("dense", 1),
+    ("packed", 0),
+    ("packed-late", 0),
+    ("spaced", 0),  # channel planes one element apart: an even stride beside odd planes
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -400,6 +407,8 @@ def test_channels_last_copy_is_the_input_bit_for_bit(runner, dtype, shape, rows,
     pad = 3 if rows == "padded" else 0
     gap = 0 if rows.startswith("packed") else 5
     strides = (c * h * (w + pad) + gap, h * (w + pad), w + pad, 1)
+    if rows == "spaced":
+        strides = (c * (h * w + 1), h * w + 1, w, 1)
     late = 1 if rows == "packed-late" else 0
     placed, _ = guarded(shape, strides, dtype, runner.device, math.nan, shift=late)
     placed.copy_(x)

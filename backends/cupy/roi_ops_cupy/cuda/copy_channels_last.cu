@@ -53,10 +53,10 @@ __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
   if constexpr (sizeof(T) == 2) {
     // Two positions a 32-bit load where they share a word of every channel's plane (dense
     // planes of an even size, a 4-byte aligned image): a warp reads 128 bytes an instruction.
-    const bool pairs = dense && sC % 2 == 0 && sN % 2 == 0 &&
+    const bool pairs = dense && HW % 2 == 0 && sC % 2 == 0 && sN % 2 == 0 &&
                        reinterpret_cast<unsigned long long>(input) % 4u == 0;
     if (pairs) {
-      const int p = p0 + 2 * threadIdx.x;  // and p + 1 (HW is even: sC is)
+      const int p = p0 + 2 * threadIdx.x;  // and p + 1 (HW is even)
       if (p < HW) {
         const unsigned int* __restrict__ words = reinterpret_cast<const unsigned int*>(image + p);
 #pragma unroll
