@@ -6,10 +6,9 @@
 // 16-bit elements two positions a 32-bit load where the planes allow it), into a shared tile kept
 // position by position, then each thread gathers 16 bytes of one position's channels from it
 // and writes them with one store, eight threads a position (128 consecutive bytes). Each
-// position's row of the tile is turned (rotated) so that a warp's accesses on both sides fall in
-// distinct banks: by one element per position for 4- and 8-byte elements, by copy16_turn words
-// for 16-bit ones. Where C or the output's
-// address does not allow 16-byte stores, each thread writes its channels one at a time.
+// position's row of the tile is turned (rotated, CopyTile::turn) so that a warp's accesses on
+// both sides fall in distinct banks. Where C or the output's address does not allow 16-byte
+// stores, each thread writes its channels one at a time.
 //
 // Grid: x = N * position_tiles (image-major), y = ceil(C / CopyTile<T>::kChannels); block
 // 32 x kCopyRows. Input strides in elements, sW == 1; every offset within an image, of the input
@@ -21,13 +20,15 @@ template <class T>
 struct CopyTile {
   static constexpr int kChannels = 128 / sizeof(T);  // 128 bytes of a position's channels
   static constexpr int kVector = 16 / sizeof(T);     // channels a 16-byte store
-  static constexpr int kRotation = 1;  // columns a position turns its row (8-byte, 4-byte)
+  // The columns (elements) that position q's row of the tile is turned by. 4- and 8-byte
+  // elements: q. 16-bit ones: the row is 32 words of two channels, turned (q / 2 + 2 (q % 2))
+  // words; reading two positions of a channel a 32-bit load, lane x writes rows 2x and 2x + 1
+  // (turned x and x + 2 words: distinct banks in each store), and a warp gathers four words of
+  // each of four positions (turned by distinct residues mod 4: distinct banks).
+  static __device__ __forceinline__ int turn(int q) {
+    return sizeof(T) == 2 ? 2 * ((q >> 1) + 2 * (q & 1)) : q;
+  }
 };
-// 16-bit elements: a position's row of the tile is 32 words of two channels, turned by
-// turn(q) words. Reading two positions of a channel a 32-bit load, lane x writes rows 2x and 2x
-// + 1 (turned x and x + 2 words: distinct banks in each store); a thread gathers four words of
-// one position, a warp four positions (turned by distinct residues mod 4: distinct banks).
-__device__ __forceinline__ int copy16_turn(int q) { return (q >> 1) + 2 * (q & 1); }
 }  // namespace roi_ops_cuda
 
 template <class T>
@@ -39,7 +40,6 @@ __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
   typedef typename TileBits<sizeof(T)>::type B;
   constexpr int kChannels = CopyTile<T>::kChannels;
   constexpr int kVector = CopyTile<T>::kVector;
-  constexpr int kRotation = CopyTile<T>::kRotation;
   constexpr int kVectors = kChannels / kVector;  // 8 threads a position
   __shared__ B tile[kCopyPositions][kChannels];
   const int C = static_cast<int>(C64), W = static_cast<int>(W64), sC = static_cast<int>(sC64);
@@ -50,41 +50,22 @@ __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
   const int c0 = static_cast<int>(blockIdx.y) * kChannels;
   const B* __restrict__ image = reinterpret_cast<const B*>(input) + n * sN + c0 * sC;
   const bool dense = sH == W;  // a position's offset is the position itself
-  if constexpr (sizeof(T) == 2) {
-    // Two positions a 32-bit load where they share a word of every channel's plane (dense
-    // planes of an even size, a 4-byte aligned image): a warp reads 128 bytes an instruction.
-    const bool pairs = dense && HW % 2 == 0 && sC % 2 == 0 && sN % 2 == 0 &&
-                       reinterpret_cast<unsigned long long>(input) % 4u == 0;
-    if (pairs) {
-      const int p = p0 + 2 * threadIdx.x;  // and p + 1 (HW is even)
-      if (p < HW) {
-        const unsigned int* __restrict__ words = reinterpret_cast<const unsigned int*>(image + p);
+  // 16-bit elements two positions a 32-bit load where they share a word of every channel's
+  // plane (dense planes of an even size, a 4-byte aligned image): a warp reads 128 bytes an
+  // instruction, as it does in float32.
+  const bool pairs = sizeof(T) == 2 && dense && HW % 2 == 0 && sC % 2 == 0 && sN % 2 == 0 &&
+                     reinterpret_cast<unsigned long long>(input) % 4u == 0;
+  if (pairs) {
+    const int x = 2 * threadIdx.x;  // positions x and x + 1 of the tile
+    if (p0 + x < HW) {  // and p0 + x + 1 (HW is even)
+      const unsigned int* __restrict__ words =
+          reinterpret_cast<const unsigned int*>(image + p0 + x);
 #pragma unroll
-        for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
-          if (c0 + r < C) {
-            const unsigned int both = words[r * sC / 2];
-            const int x = 2 * threadIdx.x;
-            tile[x][(r + 2 * copy16_turn(x)) % kChannels] = static_cast<B>(both);
-            tile[x + 1][(r + 2 * copy16_turn(x + 1)) % kChannels] = static_cast<B>(both >> 16);
-          }
-        }
-      }
-    } else {
-#pragma unroll
-      for (int x = threadIdx.x; x < kCopyPositions; x += 32) {
-        const int p = p0 + x;
-        if (p < HW) {
-          int offset = p;
-          if (!dense) {
-            const int h = p / W;
-            offset = h * sH + (p - h * W);
-          }
-#pragma unroll
-          for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
-            if (c0 + r < C) {
-              tile[x][(r + 2 * copy16_turn(x)) % kChannels] = image[offset + r * sC];
-            }
-          }
+      for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
+        if (c0 + r < C) {
+          const unsigned int both = words[r * sC / 2];
+          tile[x][(r + CopyTile<T>::turn(x)) % kChannels] = static_cast<B>(both);
+          tile[x + 1][(r + CopyTile<T>::turn(x + 1)) % kChannels] = static_cast<B>(both >> 16);
         }
       }
     }
@@ -100,7 +81,9 @@ __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
         }
 #pragma unroll
         for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
-          if (c0 + r < C) tile[x][(r + x * kRotation) % kChannels] = image[offset + r * sC];
+          if (c0 + r < C) {
+            tile[x][(r + CopyTile<T>::turn(x)) % kChannels] = image[offset + r * sC];
+          }
         }
       }
     }
@@ -118,7 +101,7 @@ __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
   for (int q = thread / kVectors; q < kCopyPositions; q += kStep) {
     if (p0 + q >= HW) break;
     const B* __restrict__ row = tile[q];
-    const int turn = first + (sizeof(T) == 2 ? 2 * copy16_turn(q) : q * kRotation);
+    const int turn = first + CopyTile<T>::turn(q);
     if (sizeof(T) == 2 && vectors) {  // four whole words (turn is even)
       const unsigned int* __restrict__ words = reinterpret_cast<const unsigned int*>(row);
       roi_vec16 piece;
