@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, backend report, GPU tests, GPU (and 16-core CPU)
-# benchmarks. Logs and JSON go to $OUT (default ./gpu-out). Stages: install info tests bench
-# bitcheck tvbattery tprobe hostbudget benchsync benchcl cpubench sanitize soak probe ncu (default: install info tests bench). Example: bash scripts/gpu_check.sh install info tests
+# benchmarks. Stages: install info tests bench bitcheck tvbattery tprobe hostbudget benchsync
+# benchcl cpubench sanitize soak probe ncu (default: install info tests bench). Example: bash
+# scripts/gpu_check.sh install info tests
+# Logs and JSON go to $RESULTS (default ./gpu-out), and after every stage into one archive,
+# $OUT/gpu-check.tgz, when OUT is set: the device tool brings back at most 8 files from $OUT,
+# and a call cut by its time limit still brings back the stages it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+RESULTS=${RESULTS:-$PWD/gpu-out}
+mkdir -p "$RESULTS"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 stages=${*:-install info tests bench}
 status=0
+pack() {
+  if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/gpu-check.tgz.part" -C "$RESULTS" . &&
+      mv "$OUT/gpu-check.tgz.part" "$OUT/gpu-check.tgz"
+  fi
+}
 
 for stage in $stages; do
   echo "=== $stage"
@@ -17,86 +27,86 @@ for stage in $stages; do
     install)
       "$PYTHON" -m pip install -q --no-deps --no-build-isolation \
         -e . -e backends/numba -e backends/triton -e backends/cupy 2>&1 | grep -v WARNING
-      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RESULTS/gpu.txt"
       ;;
     bitcheck)  # CuPy outputs, argmax and gradients bit for bit against an older tree (OLD_TREE)
       old=${OLD_TREE:-.gpu-old}
       "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e "$old" -e "$old/backends/cupy" \
         2>&1 | grep -v WARNING
-      (cd /tmp && "$PYTHON" "$OLDPWD/backends/cupy/tools/bitcheck.py" save "$OUT/bits-old.json") \
+      (cd /tmp && "$PYTHON" "$OLDPWD/backends/cupy/tools/bitcheck.py" save "$RESULTS/bits-old.json") \
         2>&1 | tail -3
       "$PYTHON" -m pip install -q --no-deps --no-build-isolation \
         -e . -e backends/numba -e backends/triton -e backends/cupy 2>&1 | grep -v WARNING
-      "$PYTHON" backends/cupy/tools/bitcheck.py compare "$OUT/bits-old.json" 2>&1 \
-        | tee "$OUT/bitcheck.txt" | tail -5
+      "$PYTHON" backends/cupy/tools/bitcheck.py compare "$RESULTS/bits-old.json" 2>&1 \
+        | tee "$RESULTS/bitcheck.txt" | tail -5
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     info)
-      "$PYTHON" -m roi_ops info 2>&1 | tee "$OUT/info.txt"
+      "$PYTHON" -m roi_ops info 2>&1 | tee "$RESULTS/info.txt"
       ;;
     tests)
       timeout ${TEST_TIMEOUT:-420} "$PYTHON" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} \
-        --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/tests.log" | tail -40
+        --junitxml="$RESULTS/junit.xml" 2>&1 | tee "$RESULTS/tests.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     tvbattery)  # the torchvision stage (oracle, RoIPool battery, drop-in patch) on this machine
       ROI_OPS_TV_PYTHON="$PYTHON" timeout ${TV_TIMEOUT:-300} bash scripts/test_torchvision.sh \
-        -q -n ${TV_WORKERS:-8} 2>&1 | tee "$OUT/tvbattery.log" | tail -6
+        -q -n ${TV_WORKERS:-8} 2>&1 | tee "$RESULTS/tvbattery.log" | tail -6
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     tprobe)  # Triton kernels against the previous ones (OLD_TREE) and torchvision
       old=${OLD_TREE:-.gpu-old}
       timeout ${TPROBE_TIMEOUT:-150} "$PYTHON" backends/triton/tools/probe.py kernels \
         --old "$old/backends/triton/roi_ops_triton" ${TPROBE_ARGS:-} 2>&1 \
-        | tee "$OUT/tprobe.txt" | tail -40
+        | tee "$RESULTS/tprobe.txt" | tail -40
       ;;
     hostbudget)  # where a small call's host time goes, step by step, beside torchvision's
       "$PYTHON" backends/cupy/tools/host_budget.py --budget ${HOST_BUDGET_S:-0.4} 2>&1 \
-        | tee "$OUT/host-budget.txt"
+        | tee "$RESULTS/host-budget.txt"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     bench)
       "$PYTHON" -m roi_ops bench --device cuda --dtype float32 float16 bfloat16 \
-        ${BENCH_ARGS:-} --json "$OUT/bench-cuda.json" 2>"$OUT/bench-progress.log" \
-        | tee "$OUT/bench-cuda.txt"
+        ${BENCH_ARGS:-} --json "$RESULTS/bench-cuda.json" 2>"$RESULTS/bench-progress.log" \
+        | tee "$RESULTS/bench-cuda.txt"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     benchsync)  # the same, one synchronised call per sample (the latency of an isolated call)
       "$PYTHON" -m roi_ops bench --device cuda --dtype float32 float16 bfloat16 --sync \
-        ${BENCH_ARGS:-} --json "$OUT/bench-cuda-sync.json" 2>>"$OUT/bench-progress.log" \
-        | tee "$OUT/bench-cuda-sync.txt"
+        ${BENCH_ARGS:-} --json "$RESULTS/bench-cuda-sync.json" 2>>"$RESULTS/bench-progress.log" \
+        | tee "$RESULTS/bench-cuda-sync.txt"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     benchcl)  # channels_last inputs (torchvision copies them to NCHW first)
       "$PYTHON" -m roi_ops bench --device cuda --dtype ${CL_DTYPES:-float32 float16 bfloat16} \
-        --channels-last ${BENCH_ARGS:-} ${CL_ARGS:-} --json "$OUT/bench-cuda-cl.json" \
-        2>>"$OUT/bench-progress.log" | tee "$OUT/bench-cuda-cl.txt"
+        --channels-last ${BENCH_ARGS:-} ${CL_ARGS:-} --json "$RESULTS/bench-cuda-cl.json" \
+        2>>"$RESULTS/bench-progress.log" | tee "$RESULTS/bench-cuda-cl.txt"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     cpubench)
       for threads in ${CPU_THREADS:-16 1}; do
         "$PYTHON" -m roi_ops bench --device cpu --full-size --threads "$threads" \
           --backend numba torchvision --mode fwd fwd+bwd --min-reps 2 --budget 1 \
-          ${CPU_BENCH_ARGS:-} --json "$OUT/bench-cpu-$threads.json" \
-          2>>"$OUT/bench-progress.log" | tee "$OUT/bench-cpu-$threads.txt"
+          ${CPU_BENCH_ARGS:-} --json "$RESULTS/bench-cpu-$threads.json" \
+          2>>"$RESULTS/bench-progress.log" | tee "$RESULTS/bench-cpu-$threads.txt"
       done
       ;;
     sanitize)
       for tool in memcheck racecheck; do
         timeout 400 compute-sanitizer --tool "$tool" --error-exitcode 9 \
           "$PYTHON" backends/cupy/tools/sanitize.py --backend cupy cupy-planes cupy-planes-grouped triton 2>&1 \
-          | tee "$OUT/sanitize-$tool.log" | grep -E "SUMMARY|sanitize cases|Error" | tail -5
+          | tee "$RESULTS/sanitize-$tool.log" | grep -E "SUMMARY|sanitize cases|Error" | tail -5
         [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       done
       ;;
     soak)
       timeout 500 "$PYTHON" scripts/soak.py --device cuda --backend cupy triton \
-        --calls "${SOAK_CALLS:-10000}" --json "$OUT/soak-cuda.json" 2>&1 | tail -5
+        --calls "${SOAK_CALLS:-10000}" --json "$RESULTS/soak-cuda.json" 2>&1 | tail -5
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     probe)
-      timeout 500 "$PYTHON" backends/cupy/tools/probe.py --json "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 \
-        | tee "$OUT/probe.log" | grep -v Warning
+      timeout 500 "$PYTHON" backends/cupy/tools/probe.py --json "$RESULTS/probe.json" ${PROBE_ARGS:-} 2>&1 \
+        | tee "$RESULTS/probe.log" | grep -v Warning
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     ncu)
@@ -104,11 +114,12 @@ for stage in $stages; do
         timeout 300 ncu --clock-control none -k regex:roi_pool --csv \
           --metrics "$(tr '\n' ',' < backends/cupy/tools/ncu_metrics.txt | sed 's/,$//')" \
           "$PYTHON" backends/cupy/tools/probe.py --ncu "$workload" ${NCU_PROBE_ARGS:-} \
-          >"$OUT/ncu-$workload.csv" 2>&1
-        "$PYTHON" backends/cupy/tools/ncu_summary.py "$OUT/ncu-$workload.csv" | tee "$OUT/ncu-$workload.txt"
+          >"$RESULTS/ncu-$workload.csv" 2>&1
+        "$PYTHON" backends/cupy/tools/ncu_summary.py "$RESULTS/ncu-$workload.csv" | tee "$RESULTS/ncu-$workload.txt"
       done
       ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
+  pack
 done
 exit $status
