@@ -90,11 +90,30 @@ def cvec_lanes(dtype: torch.dtype) -> int:
     return CVEC_BYTES // dtype.itemsize
 
 
-def cvec_thread_channels(dtype: torch.dtype, argmax: bool) -> int:
+def cvec_thread_channels(dtype: torch.dtype, argmax: bool, wide: bool = False) -> int:
     """Channels of one cvec thread (CvecShape::kChannels): two vectors, but one for the 16-bit
-    types with the argmax (8 float32, 4 float64, 16 or with the argmax 8 16-bit channels)."""
+    types with the argmax (8 float32, 4 float64, 16 or with the argmax 8 16-bit channels); in
+    the wide kernel (`wide`, CvecWideShape) four vectors in float32 inference (16 channels)."""
     lanes = cvec_lanes(dtype)
+    if wide and dtype.itemsize == 4 and not argmax:
+        return 4 * lanes
     return lanes if lanes == 8 and argmax else 2 * lanes
+
+
+def cvec_wide(
+    input: torch.Tensor, argmax: bool, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
+) -> bool:
+    """Whether a forward that `forward_kernel` gives the cvec kernel runs its wide twin
+    (`kernels.FORWARD_CVEC_WIDE`: four channel vectors a thread in float32 inference): float32
+    inference on a map that fits in L2, where a thread's work per bin shared by 16 channels
+    instead of 8 made frcnn-c4, fpn-p4, mask-14 and wsddn 1.03x to 1.40x faster, and not beyond
+    it, where half the threads a bin left fewer loads in flight (big-batch 1.40x, fpn-p2 1.05x
+    slower; the choice table of tools/NOTES.md). ``tuning.cvec_wide`` forces the choice (True:
+    wherever the cvec kernel is chosen); a forced ``tuning.forward_kernel`` runs as named."""
+    if tuning.cvec_wide is not None:
+        return tuning.cvec_wide
+    cached = 0 < _dense_bytes(input) <= sizes.l2_bytes
+    return input.dtype == torch.float32 and not argmax and cached
 
 
 def small_roi_bytes(kernel: str, bins: int, channels: int, dtype: torch.dtype, argmax: bool):
@@ -132,7 +151,7 @@ def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
         return input.stride(3) == 1 and bins <= UNIT_MAX_BINS
     if kernel == kernels.FORWARD_SMALL:
         unit = input.stride(3) == 1
-    elif kernel == kernels.FORWARD_CVEC:
+    elif kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_CVEC_WIDE):
         unit = _aligned_channels(input) and _image_offsets_fit_int32(input)
     elif kernel == kernels.FORWARD_SMALL_CVEC:
         unit = _aligned_channels(input)
@@ -321,11 +340,13 @@ def cvec_channels_per_block(
     argmax: bool,
     multiprocessors: int,
     tuning: CupyTuning,
+    wide: bool = False,
 ) -> int:
-    """The cvec kernel's channels per block: a thread's channels times a power of two of threads
-    per bin, at most CVEC_THREADS (fewer when C has fewer channels, when the block's outputs
-    would not fit its tile in one round, or when the GPU would get too few blocks)."""
-    per_thread = cvec_thread_channels(dtype, argmax)
+    """The cvec kernel's channels per block (`wide`: its wide twin's): a thread's channels times
+    a power of two of threads per bin, at most CVEC_THREADS (fewer when C has fewer channels,
+    when the block's outputs would not fit its tile in one round, or when the GPU would get too
+    few blocks)."""
+    per_thread = cvec_thread_channels(dtype, argmax, wide)
     capacity = cvec_tile_outputs(dtype, argmax)
     threads = 1
     while threads < CVEC_THREADS and threads * per_thread < channels:
@@ -371,6 +392,13 @@ def plan_forward(
     if problem.num_rois == 0 or (output.numel() == 0 and log is None):
         return None
     kernel = forward_kernel(input, ph * pw, tuning)
+    chosen = tuning.forward_kernel is None
+    if (
+        kernel == kernels.FORWARD_CVEC
+        and chosen
+        and cvec_wide(input, argmax is not None, sizes, tuning)
+    ):
+        kernel = kernels.FORWARD_CVEC_WIDE
     name = kernels.forward_name(kernel, input.dtype, rois.dtype, argmax is not None)
     head = (
         pointer("input", input),
@@ -426,9 +454,16 @@ def _forward_shape(
         extra = (integer("cache_edges", int(cache_edges)),)
         shared_mem = 8 * (ph + pw) if cache_edges else 0
         return (num_rois, grid_y, 1), (CHAN_LANES, THREADS // CHAN_LANES, 1), shared_mem, extra
-    if kernel == kernels.FORWARD_CVEC:
+    if kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_CVEC_WIDE):
         per_block = cvec_channels_per_block(
-            num_rois, channels, ph * pw, input.dtype, argmax is not None, multiprocessors, tuning
+            num_rois,
+            channels,
+            ph * pw,
+            input.dtype,
+            argmax is not None,
+            multiprocessors,
+            tuning,
+            wide=kernel == kernels.FORWARD_CVEC_WIDE,
         )
     else:
         target = tuning.block_elements

@@ -59,6 +59,9 @@ class CupyTuning:
             in L2, whose copy moves about 2.4 TB/s on an H100 and whose NCHW windows are re-read
             from memory (staging breaks even at about 0.35 outputs an input element, measured
             on fpn-p2: docs/dev-log.md).
+        cvec_wide: None, or whether a single-map forward for which the cvec kernel is chosen
+            runs its wide twin (four vectors a thread in float32 inference) instead; None:
+            `planning.cvec_wide` decides.
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC`, `kernels.BACKWARD_PLANES` or
@@ -86,6 +89,7 @@ class CupyTuning:
     stage_channels_last: bool | None = None
     stage_min_reads: float = 2.0
     stage_min_reads_16bit_beyond_l2: float = 0.4
+    cvec_wide: bool | None = None
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

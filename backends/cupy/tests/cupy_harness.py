@@ -21,8 +21,8 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
 # Each layout takes another kernel (forced where it can run): contiguous the small kernel, or as
 # "contiguous_unit" the unit kernel; channels_last (16-byte aligned channel vectors) the
-# small_cvec kernel, or as "channels_last_cvec" the cvec kernel; shifted by one element the chan
-# kernel; strided the plane kernel.
+# small_cvec kernel, or as "channels_last_cvec" the cvec kernel, as "channels_last_cvec_wide" its
+# wide twin; shifted by one element the chan kernel; strided the plane kernel.
 LAYOUTS = [
     "contiguous",
     "channels_last",
@@ -30,6 +30,7 @@ LAYOUTS = [
     "strided",
     "contiguous_unit",
     "channels_last_cvec",
+    "channels_last_cvec_wide",
 ]
 # The layouts of the kernels that read channel blocks or rows of bins in rounds.
 BLOCK_LAYOUTS = [layout for layout in LAYOUTS if layout != "strided"]
@@ -38,6 +39,7 @@ _LAYOUT_KERNELS = {
     "contiguous_unit": kernels.FORWARD_UNIT,
     "channels_last": kernels.FORWARD_SMALL_CVEC,
     "channels_last_cvec": kernels.FORWARD_CVEC,
+    "channels_last_cvec_wide": kernels.FORWARD_CVEC_WIDE,
 }
 BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 GUARD = 64  # elements of sentinel before and after every buffer a kernel touches
@@ -66,9 +68,11 @@ def guarded(shape, strides, dtype, device, fill, shift=0):
 
 def place_input(x: torch.Tensor, layout: str, device) -> torch.Tensor:
     """`x` copied onto `device` in `layout`, every element around it NaN (so a stray read shows)."""
-    layout = {"contiguous_unit": "contiguous", "channels_last_cvec": "channels_last"}.get(
-        layout, layout
-    )
+    layout = {
+        "contiguous_unit": "contiguous",
+        "channels_last_cvec": "channels_last",
+        "channels_last_cvec_wide": "channels_last",
+    }.get(layout, layout)
     if layout == "strided":  # every other column of a wider map: contiguous in no format
         n, c, h, w = x.shape
         view, _ = guarded(

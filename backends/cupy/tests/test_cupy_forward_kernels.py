@@ -95,7 +95,8 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shift", [1, 3], ids=lambda s: f"shift{s}")
-def test_cvec_outputs_off_16_byte_boundaries(runner, dtype, shift):
+@pytest.mark.parametrize("layout", ["channels_last_cvec", "channels_last_cvec_wide"])
+def test_cvec_outputs_off_16_byte_boundaries(runner, dtype, shift, layout):
     # The cvec tile goes out in 16-byte pieces only to an aligned output: outputs a few elements
     # off a boundary take single stores (every element, guards around).
     x = tie_heavy_features((2, 24, 12, 40), 5, dtype)
@@ -105,7 +106,7 @@ def test_cvec_outputs_off_16_byte_boundaries(runner, dtype, shift):
         reference = reference_roi_pool(x, rois, size, 1.0)
         for needs_argmax in (True, False):
             output, argmax = run_forward(
-                runner, x, rois, size, 1.0, layout="channels_last_cvec",
+                runner, x, rois, size, 1.0, layout=layout,
                 needs_argmax=needs_argmax, output_shift=shift,
             )  # fmt: skip
             assert_same_bits(output, reference[0])
@@ -113,7 +114,9 @@ def test_cvec_outputs_off_16_byte_boundaries(runner, dtype, shift):
                 assert torch.equal(argmax, reference[1])
 
 
-@pytest.mark.parametrize("kernel", ["unit", "small", "plane", "cvec", "small_cvec", "chan"])
+@pytest.mark.parametrize(
+    "kernel", ["unit", "small", "plane", "cvec", "cvec_wide", "small_cvec", "chan"]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # Ties everywhere, signed zeros, NaN and -inf; channel counts that leave the unit kernel's
@@ -122,11 +125,14 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # and 196 bins leave 8 and 4 bins to a last warp whose lanes spread over channels);
     # ROIs cut by the border. cvec: 24 float16 channels leave the last of 4 threads per bin
     # empty with the argmax (8 channels a thread) and the second of 2 half its channels in
-    # inference (16); 20 float32 (22 float64) channels leave one thread half its channels.
+    # inference (16); 20 float32 (22 float64) channels leave one thread half its channels, and
+    # in cvec_wide's float32 inference one thread of four vectors and one of one (its three
+    # missing vectors re-read its first).
     tuning = CupyTuning(forward_kernel=kernels.FORWARD_PLANE) if kernel == "plane" else None
     tuning = tuning or DEFAULT_TUNING
     layout = {
         "cvec": "channels_last_cvec",
+        "cvec_wide": "channels_last_cvec_wide",
         "small_cvec": "channels_last",
         "chan": "channels_last_unaligned",
         "unit": "contiguous_unit",
@@ -243,7 +249,9 @@ def test_any_nan_is_maximal_and_copied_bit_for_bit(runner, dtype):
 _MASKED = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("layout", ["channels_last_cvec", "channels_last"])
+@pytest.mark.parametrize(
+    "layout", ["channels_last_cvec", "channels_last_cvec_wide", "channels_last"]
+)
 @pytest.mark.parametrize("dtype", _MASKED, ids=["float32", "float16", "bfloat16"])
 def test_cvec_masked_argmax_on_zeros_subnormals_nans_and_ties(runner, dtype, layout):
     # The 16-bit argmax of the cvec and small_cvec kernels steps masks (two channels an

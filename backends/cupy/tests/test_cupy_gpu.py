@@ -276,5 +276,7 @@ def test_staged_forward_of_large_rois_and_row_gaps(dtype):
         if needs_argmax:
             assert torch.equal(argmax.cpu(), expected_argmax)
     for packed, staged, copy in launcher._forward.values():
-        assert staged and packed.name.startswith(kernels.FORWARD_CVEC + "<")
+        assert staged and packed.name.startswith(
+            (kernels.FORWARD_CVEC + "<", kernels.FORWARD_CVEC_WIDE + "<")
+        )
         assert copy.name == kernels.copy_name(dtype)

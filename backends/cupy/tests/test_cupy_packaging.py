@@ -158,7 +158,8 @@ def test_kernel_names_and_modules():
     for t, r in kernels.FORWARD_PAIRS:
         for expr in kernels.forward_names(t, r):
             assert re.fullmatch(
-                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec)<\w+, \w+, (true|false)>",
+                r"roi_pool_forward_(plane|chan|unit|cvec|cvec_wide|small|small_cvec)"
+                r"<\w+, \w+, (true|false)>",
                 expr,
             )
             assert kernels.module_names(expr) == kernels.forward_names(t, r)
@@ -177,10 +178,10 @@ def test_kernel_names_and_modules():
     # The fused multi-level kernels: modules of their own.
     for t, r in kernels.FORWARD_PAIRS:
         levels = kernels.forward_levels_names(t, r)
-        assert len(levels) == 12 and not set(levels) & set(kernels.forward_names(t, r))
+        assert len(levels) == 14 and not set(levels) & set(kernels.forward_names(t, r))
         for expr in levels:
             assert re.fullmatch(
-                r"roi_pool_forward_(plane|chan|unit|cvec|small|small_cvec)_levels"
+                r"roi_pool_forward_(plane|chan|unit|cvec|cvec_wide|small|small_cvec)_levels"
                 r"<\w+, \w+, (true|false)>",
                 expr,
             )
@@ -211,7 +212,7 @@ def test_kernel_names_and_modules():
     name = kernels.group_rois_name(torch.float16)
     assert kernels.module_names(name) == kernels.group_rois_names()
     assert (
-        len(set(kernels.all_names())) == len(kernels.all_names()) == 6 * 24 + 6 * 6 + 4 * 2 + 4 + 4
+        len(set(kernels.all_names())) == len(kernels.all_names()) == 7 * 24 + 6 * 6 + 4 * 2 + 4 + 4
     )
 
 
@@ -231,6 +232,8 @@ def test_source_is_self_contained_and_split_by_family():
             assert f"{kernel}(" in (CUDA_DIR / "backward_planes.cu").read_text()
             continue
         family = kernel.removeprefix("roi_pool_") + ".cu"
+        if kernel == kernels.FORWARD_CVEC_WIDE:  # the cvec family's, four vectors a thread
+            family = "forward_cvec.cu"
         assert f"{kernel}(" in (CUDA_DIR / family).read_text(), family
         assert f"{kernel}_levels(" in (CUDA_DIR / family).read_text(), family
 
@@ -266,6 +269,7 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
         kernels.FORWARD_SMALL: x,
         kernels.FORWARD_PLANE: x,
         kernels.FORWARD_CVEC: channels_last,
+        kernels.FORWARD_CVEC_WIDE: channels_last,
         kernels.FORWARD_SMALL_CVEC: channels_last,
         kernels.FORWARD_CHAN: torch.empty(2 * 24 * 99 + 1)[1:].as_strided(
             x.shape, channels_last.stride()

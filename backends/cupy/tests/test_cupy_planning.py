@@ -191,6 +191,43 @@ def test_cvec_kernel_only_where_an_image_has_32_bit_offsets():
     assert planning.forward_levels_kernel(levels, 196) == kernels.FORWARD_CHAN
 
 
+def test_cvec_wide_in_float32_inference_on_maps_in_l2():
+    fits = torch.ones(2, 64, 10, 10).contiguous(memory_format=torch.channels_last)  # 51 KB
+    in_l2, no_l2 = sizes(1, 50 * 2**20), sizes(1, 32 * 2**10)
+    assert planning.cvec_wide(fits, False, in_l2)
+    assert not planning.cvec_wide(fits, False, no_l2)  # beyond L2
+    assert not planning.cvec_wide(fits, False, sizes(1))  # no L2 known: not cached
+    assert not planning.cvec_wide(fits, True, in_l2)  # the argmax
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert not planning.cvec_wide(fits.to(dtype), False, in_l2)
+    assert planning.cvec_wide(fits, True, no_l2, CupyTuning(cvec_wide=True))
+    assert not planning.cvec_wide(fits, False, in_l2, CupyTuning(cvec_wide=False))
+    # Four vectors a thread in float32 inference only.
+    assert [planning.cvec_thread_channels(d, False, wide=True) for d in DTYPES] == [16, 16, 16, 4]
+    assert [planning.cvec_thread_channels(d, True, wide=True) for d in DTYPES] == [8, 8, 8, 4]
+    inference = _problem(fits, needs_argmax=False)
+    out, arg = _outputs(inference)
+    plan = planning.plan_forward(inference, out, None, in_l2)
+    assert plan.name == "roi_pool_forward_cvec_wide<float, float, false>"
+    # 4 threads of 16 channels per bin give 3 x 1 blocks, fewer than 8 per SM: halved twice.
+    assert plan.value("channels_per_block") == 16 and plan.grid == (3, 4, 1)
+    assert planning.plan_forward(inference, out, None, no_l2).name.startswith(
+        kernels.FORWARD_CVEC + "<"
+    )
+    forward = _problem(fits)
+    out, arg = _outputs(forward)
+    assert planning.plan_forward(forward, out, arg, in_l2).name.startswith(
+        kernels.FORWARD_CVEC + "<"
+    )
+    # A forced kernel runs as named.
+    forced = CupyTuning(forward_kernel=kernels.FORWARD_CVEC)
+    plan = planning.plan_forward(inference, out, None, in_l2, forced)
+    assert plan.name == "roi_pool_forward_cvec<float, float, false>"
+    forced = CupyTuning(forward_kernel=kernels.FORWARD_CVEC_WIDE)
+    plan = planning.plan_forward(inference, out, None, no_l2, forced)
+    assert plan.name == "roi_pool_forward_cvec_wide<float, float, false>"
+
+
 def test_plane_cvec_and_chan_plans():
     x = torch.ones(2, 64, 10, 20)[..., ::2]
     problem = _problem(x)

@@ -50,6 +50,7 @@ VARIANTS: dict[str, CupyTuning] = {
         DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT, unit_block_elements_streamed=4096
     ),
     "cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC),
+    "cvec_wide": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC_WIDE),
     "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
     "small": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL),
     "small_cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL_CVEC),

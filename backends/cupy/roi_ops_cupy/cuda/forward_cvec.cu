@@ -4,7 +4,9 @@
 // (roi_ops.layout.aligned_channel_vector); other channel-adjacent inputs take the chan kernel. A
 // thread keeps CvecShape<T, kArgmax>::kChannels channels (8 float32, 4 float64, 16 or with the
 // argmax 8 float16/bfloat16) and one bin at a time, and reads each element of the bin for all
-// its channels with one or two 16-byte loads (CvecShape).
+// its channels with one or two 16-byte loads (CvecShape). roi_pool_forward_cvec_wide is the same
+// kernel with four vectors (16 channels) a thread in float32 inference (CvecWideShape), for maps
+// that fit in L2 (planning.cvec_wide).
 // Inference reduces with max.NaN (packed f16x2/bf16x2 for the 16-bit types), the argmax through
 // masks (PackedArgmax) where it can, else with the unit kernel's compare and select. Results are
 // staged in a shared tile laid out as the
@@ -103,13 +105,35 @@ struct PackedMax<float> {
 };
 #endif
 
-// The vectors a thread reads per element: two (loop and address work shared by 8 float32, 4
-// float64 or 16 16-bit channels), but one for the 16-bit types with the argmax (their masks for
-// two vectors spill at 64 registers).
+// The vectors a thread reads per element (loop and address work shared by their channels): two
+// (8 float32, 4 float64 or 16 16-bit channels), but one for the 16-bit types with the argmax
+// (their masks for two vectors spill at 64 registers).
 template <class T, bool kArgmax>
 struct CvecShape {
   static constexpr int kVectors = sizeof(T) == 2 && kArgmax ? 1 : 2;
   static constexpr int kChannels = kVectors * Lanes<T>::kCount;  // a thread's channels
+};
+// The wide cvec kernel's: four vectors (16 channels) in float32 inference, where a thread's work
+// per bin shared by twice the channels pays on maps read from L2 (and costs loads in flight on
+// maps read from memory); else CvecShape's.
+template <class T, bool kArgmax>
+struct CvecWideShape {
+  static constexpr int kVectors =
+      sizeof(T) == 4 && !kArgmax ? 4 : CvecShape<T, kArgmax>::kVectors;
+  static constexpr int kChannels = kVectors * Lanes<T>::kCount;
+};
+
+// A thread's vectors in memory: vector p at p * stride channels from its first, for p < count
+// (the channels that exist); a missing vector re-reads the first (offset 0), its results unused.
+// One register: stride (< 256) in the low byte, count above.
+struct CvecVectors {
+  int bits;
+  static __device__ __forceinline__ CvecVectors of(int stride, int count) {
+    return {stride | count << 8};
+  }
+  __device__ __forceinline__ int offset(int p) const {
+    return p < (bits >> 8) ? p * (bits & 255) : 0;
+  }
 };
 
 // Where cvec_bin writes a thread's channels: channel c of vector p (c < Lanes<T>::kCount) at
@@ -117,7 +141,7 @@ struct CvecShape {
 // the element's own bits).
 struct CvecSlots {
   int stride;           // between adjacent channels of a vector
-  int vector_channels;  // between a thread's two vectors' first channels (kVectors == 2)
+  int vector_channels;  // between a thread's adjacent vectors' first channels
   __device__ __forceinline__ int at(int c, int count) const {
     return ((c / count) * vector_channels + c % count) * stride;
   }
@@ -175,19 +199,23 @@ __device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ cor
 
 // One bin (corner: its first element of the thread's first channel; not empty; sH and sW
 // i64, or int where every offset within an image fits) for the thread's channels: every element
-// read once, as kVectors 16-byte vectors (a missing second vector re-reads the first: `second`
-// is 0; else `second` is slots.vector_channels), in the contract's scan order. Writes each
+// read once, as kVectors 16-byte vectors (`vectors`), in the contract's scan order. Writes each
 // channel's value and, with kArgmax, its argmax, at `slots`.
-template <class T, bool kArgmax, class Out, class I>
-__device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int second, I sH, I sW,
-                                         int bin_h, int bin_w, int first_index, int w_int,
+template <class T, bool kArgmax, int P, class Out, class I>
+__device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, CvecVectors vectors, I sH,
+                                         I sW, int bin_h, int bin_w, int first_index, int w_int,
                                          Out* __restrict__ values, int* __restrict__ indices,
                                          CvecSlots slots) {
   typedef Lanes<T> L;
   constexpr int V = L::kCount;
-  constexpr int P = CvecShape<T, kArgmax>::kVectors;
-  constexpr int kChannels = CvecShape<T, kArgmax>::kChannels;
+  constexpr int kChannels = P * V;
+  int offset[P];  // each vector's channels from the first's (indexed by constants only)
+#pragma unroll
+  for (int p = 0; p < P; ++p) offset[p] = vectors.offset(p);
   if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
+    // Two elements unrolled, but one for four vectors (their loads spill at 64 registers).
+    constexpr int kInferUnroll = P == 4 ? 1 : 2;
+    (void)kInferUnroll;  // read by #pragma unroll only (a host build ignores the pragma)
     unsigned int m[P][4];  // P vectors of four words of maxima (max.NaN(-inf, v) is v)
 #pragma unroll
     for (int p = 0; p < P; ++p) {
@@ -196,11 +224,11 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
     }
     for (int i = 0; i < bin_h; ++i) {
       const T* __restrict__ line = corner + i * sH;
-#pragma unroll 2
+#pragma unroll kInferUnroll
       for (int j = 0; j < bin_w; ++j) {
 #pragma unroll
         for (int p = 0; p < P; ++p) {
-          const roi_vec16 v = load_vec16(line + j * sW + p * second);
+          const roi_vec16 v = load_vec16(line + j * sW + offset[p]);
 #pragma unroll
           for (int w = 0; w < 4; ++w) m[p][w] = PackedMax<T>::max(m[p][w], v.w[w]);
         }
@@ -214,7 +242,7 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
       roi_vec16 result;
 #pragma unroll
       for (int w = 0; w < 4; ++w) result.w[w] = m[p][w];
-      if (p == 1) slot = slots.vector_channels * slots.stride;
+      slot = p * slots.vector_channels * slots.stride;
 #pragma unroll
       for (int c = 0; c < V; ++c) {
         values[slot] = static_cast<Out>(L::word(L::get(result, c)));
@@ -227,8 +255,8 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
       const int c = __ffs(inexact) - 1;
       inexact &= inexact - 1;
       Out& slot = values[slots.at(c, V)];
-      const T value = first_with_key<T>(corner + (c / V) * second + c % V, bin_h, bin_w, sH, sW,
-                                        Elem<T>::key_of(L::from_word(slot)));
+      const T value = first_with_key<T>(corner + vectors.offset(c / V) + c % V, bin_h, bin_w, sH,
+                                        sW, Elem<T>::key_of(L::from_word(slot)));
       slot = static_cast<Out>(L::word(value));
     }
   } else {
@@ -258,7 +286,7 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
       for (int j = 0; j < bin_w; ++j) {
 #pragma unroll
         for (int p = 0; p < P; ++p) {
-          const roi_vec16 v = load_vec16(line + j * sW + p * second);
+          const roi_vec16 v = load_vec16(line + j * sW + offset[p]);
 #pragma unroll
           for (int c = 0; c < V; ++c) {
             const WV x = Work<T>::in(L::get(v, c));
@@ -278,9 +306,9 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, int secon
       T value = Work<T>::out(best[c]);
       if (!Work<T>::kKeepsNaN && !(best[c] == best[c])) {  // the NaN's payload was lost:
         const int i = at[c] / w_int;                        // re-read the winner
-        value = corner[i * sH + (at[c] - i * w_int) * sW + (c / V) * second + c % V];
+        value = corner[i * sH + (at[c] - i * w_int) * sW + offset[c / V] + c % V];
       }
-      if (c == V) slot = slots.vector_channels * slots.stride;
+      if (c % V == 0) slot = (c / V) * slots.vector_channels * slots.stride;
       values[slot] = static_cast<Out>(L::word(value));
       if constexpr (kArgmax) indices[slot] = first_index + at[c];
       slot += slots.stride;
@@ -338,9 +366,8 @@ __device__ __forceinline__ void copy_tile_out(const Slot* __restrict__ tile, int
 // kChannels): every bin when the block's outputs fit the tile's `capacity` (the launch plan
 // sees to it wherever one channel vector's bins fit), so that the round's outputs are one
 // contiguous run of the output; else as many as fit.
-template <class T, bool kArgmax>
+template <int kChannels>
 __device__ __forceinline__ int cvec_round_bins(int lanes, int nb, int capacity) {
-  constexpr int kChannels = CvecShape<T, kArgmax>::kChannels;
   return lanes * kChannels * nb <= capacity ? nb : capacity / (lanes * kChannels);
 }
 
@@ -351,9 +378,9 @@ __device__ __forceinline__ int cvec_round_bins(int lanes, int nb, int capacity) 
 // A round pools the block's channels (channels_per_block = lanes * kChannels, fewer at the end)
 // for `bins` bins into a shared tile laid out as the output (channel by channel, bins
 // contiguous), then copies the tile out, in 16-byte pieces when the round has every bin. Lane l
-// of a bin holds channels l * kCount, ... and (two vectors) the same `lanes * kCount` channels
-// on, so that a warp's first vectors are adjacent.
-template <class T, class R, bool kArgmax>
+// of a bin holds channels l * kCount, ... and (two or four vectors) each next `lanes * kCount`
+// channels on, so that a warp's first vectors are adjacent.
+template <class T, class R, bool kArgmax, int P>
 __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 num_images,
                                          const i64 C, const i64 H, const i64 W, const i64 sN,
                                          const i64 sH, const i64 sW, const R* __restrict__ row,
@@ -367,8 +394,7 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
   // slot, so that a value and its argmax sit at the same offset of their parts.
   typedef typename TileBits<kArgmax && sizeof(T) == 2 ? 4 : sizeof(T)>::type Slot;
   constexpr int V = Lanes<T>::kCount;
-  constexpr int P = CvecShape<T, kArgmax>::kVectors;
-  constexpr int kChannels = CvecShape<T, kArgmax>::kChannels;
+  constexpr int kChannels = P * V;
   // The tile: values, then (kArgmax) as many argmax entries, each part a whole number of
   // 16-byte pieces; an output's value and argmax at the same index of their parts.
   constexpr int kCapacity = (kCvecTileBytes / (sizeof(Slot) + (kArgmax ? 4 : 0))) / 8 * 8;
@@ -387,7 +413,7 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
   // Offsets within an image: < 2^31 (the launch plan checks it for this kernel).
   const int sH_int = static_cast<int>(sH), sW_int = static_cast<int>(sW);
   const int lanes = static_cast<int>(channels_per_block) / kChannels;  // a power of two
-  const int round_bins = cvec_round_bins<T, kArgmax>(lanes, nb, kCapacity);
+  const int round_bins = cvec_round_bins<kChannels>(lanes, nb, kCapacity);
   const int lane_bits = __ffs(lanes) - 1;
   const int lane = tid & (lanes - 1);
   const int first_bin = tid >> lane_bits;
@@ -401,7 +427,11 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
     // lane against block-wide counts.
     const int vectors = channels / V;
     const bool has_vector = lane < vectors;
-    const int second = P == 2 && lane < vectors - lanes ? V * lanes : 0;
+    // The thread's vectors that exist (lane + p * lanes < vectors); for two, written as a
+    // compare, which kept float64's inference at 64 registers without spilling.
+    const int present =
+        P <= 2 ? 1 + (lane < vectors - lanes) : (vectors - lane + lanes - 1) >> lane_bits;
+    const CvecVectors thread_vectors = CvecVectors::of(V * lanes, present);
     const T* __restrict__ planes = image + c0 + lane * V;
     // One round: bins q0 .. q0 + bins - 1 of the block's channels.
     const auto round = [&](const int q0, const int bins) {
@@ -422,16 +452,16 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
             int slot = 0;
 #pragma unroll
             for (int c = 0; c < kChannels; ++c) {
-              if (c == V) slot = slots.vector_channels * slots.stride;
+              if (c % V == 0) slot = (c / V) * slots.vector_channels * slots.stride;
               values[slot] =
                   static_cast<Slot>(Lanes<T>::word(Work<T>::out(typename Work<T>::V(0))));
               if constexpr (kArgmax) indices[slot] = -1;
               slot += slots.stride;
             }
           } else {
-            cvec_bin<T, kArgmax>(planes + (rows.x * sH_int + cols.x * sW_int), second, sH_int,
-                                 sW_int, bin_h, bin_w, rows.x * w_int + cols.x, w_int, values,
-                                 indices, slots);
+            cvec_bin<T, kArgmax, P>(planes + (rows.x * sH_int + cols.x * sW_int), thread_vectors,
+                                 sH_int, sW_int, bin_h, bin_w, rows.x * w_int + cols.x, w_int,
+                                 values, indices, slots);
           }
         }
       }
@@ -467,36 +497,79 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
 }
 }  // namespace roi_ops_cuda
 
-// channels_per_block: CvecShape<T, kArgmax>::kChannels times a power of two <= kCvecThreads
-// (threads per bin); C a multiple of Lanes<T>::kCount; the input pointer and sN, sH, sW 16-byte
-// aligned (sC == 1).
+namespace roi_ops_cuda {
+// The bodies of the cvec kernels (single map and levels) with P vectors a thread.
+template <class T, class R, bool kArgmax, int P>
+__device__ __forceinline__ void cvec_map_kernel(ROI_OPS_MAP_PARAMETERS,
+                                                const i64 channels_per_block,
+                                                ROI_OPS_FORWARD_OUTPUTS) {
+  (void)sC;  // 1
+  const i64 k = blockIdx.x;
+  cvec_roi<T, R, kArgmax, P>(input, N, C, H, W, sN, sH, sW, rois + k * rs0, rs1, spatial_scale,
+                             PH, PW, channels_per_block, output, argmax, k);
+  report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
+}
+template <class T, class R, bool kArgmax, int P>
+__device__ __forceinline__ void cvec_levels_kernel(ROI_OPS_LEVELS_PARAMETERS,
+                                                   const i64 channels_per_block,
+                                                   ROI_OPS_FORWARD_OUTPUTS) {
+  const i64 k = blockIdx.x;
+  const int level = roi_level(levels, ls0, k, L);
+  const LevelMap<T>& map = maps.level[level < 0 ? 0 : level];
+  cvec_roi<T, R, kArgmax, P>(map.input, level < 0 ? 0 : N, C, map.H, map.W, map.sN, map.sH,
+                             map.sW, rois + k * rs0, rs1, map.spatial_scale, PH, PW,
+                             channels_per_block, output, argmax, k);
+  report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
+}
+}  // namespace roi_ops_cuda
+
+// channels_per_block: CvecShape<T, kArgmax>::kChannels (the wide kernel: CvecWideShape's) times
+// a power of two <= kCvecThreads (threads per bin); C a multiple of Lanes<T>::kCount; the input
+// pointer and sN, sH, sW 16-byte aligned (sC == 1).
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
     roi_pool_forward_cvec(ROI_OPS_MAP_PARAMETERS, const i64 channels_per_block,
                           ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
-  (void)sC;  // 1
-  const i64 k = blockIdx.x;
-  cvec_roi<T, R, kArgmax>(input, N, C, H, W, sN, sH, sW, rois + k * rs0, rs1, spatial_scale, PH,
-                          PW, channels_per_block, output, argmax, k);
-  report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
+  cvec_map_kernel<T, R, kArgmax, CvecShape<T, kArgmax>::kVectors>(
+      input, N, C, H, W, sN, sC, sH, sW, rois, rs0, rs1, spatial_scale, PH, PW,
+      channels_per_block, output, argmax, bad_roi_log);
+}
+
+// ---- roi_pool_forward_cvec_wide<T, R, kArgmax>: the cvec kernel, four vectors a thread in
+// float32 inference (CvecWideShape); arguments as the cvec kernel's.
+template <class T, class R, bool kArgmax>
+__global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
+    roi_pool_forward_cvec_wide(ROI_OPS_MAP_PARAMETERS, const i64 channels_per_block,
+                               ROI_OPS_FORWARD_OUTPUTS) {
+  using namespace roi_ops_cuda;
+  cvec_map_kernel<T, R, kArgmax, CvecWideShape<T, kArgmax>::kVectors>(
+      input, N, C, H, W, sN, sC, sH, sW, rois, rs0, rs1, spatial_scale, PH, PW,
+      channels_per_block, output, argmax, bad_roi_log);
 }
 
 // ---- roi_pool_forward_cvec_levels<T, R, kArgmax>: the cvec kernel over pyramid levels --------
 // Block (k, channel blocks) pools ROI k from the map of its level (common.cuh: LevelMaps); a ROI
 // with no level pools nothing. Every level is one the cvec kernel can read. Arguments: the L
 // maps, the (K,) int64 levels (row stride ls0), then as the cvec kernel's without the map's.
+// roi_pool_forward_cvec_wide_levels: likewise with CvecWideShape.
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads,
                                   roi_ops_cuda::CvecLevelsBlocksPerSM<T>::value)
     roi_pool_forward_cvec_levels(ROI_OPS_LEVELS_PARAMETERS, const i64 channels_per_block,
                                  ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
-  const i64 k = blockIdx.x;
-  const int level = roi_level(levels, ls0, k, L);
-  const LevelMap<T>& map = maps.level[level < 0 ? 0 : level];
-  cvec_roi<T, R, kArgmax>(map.input, level < 0 ? 0 : N, C, map.H, map.W, map.sN, map.sH, map.sW,
-                          rois + k * rs0, rs1, map.spatial_scale, PH, PW, channels_per_block,
-                          output, argmax, k);
-  report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
+  cvec_levels_kernel<T, R, kArgmax, CvecShape<T, kArgmax>::kVectors>(
+      maps, L, levels, ls0, N, C, rois, rs0, rs1, PH, PW, channels_per_block, output, argmax,
+      bad_roi_log);
+}
+template <class T, class R, bool kArgmax>
+__global__ void __launch_bounds__(roi_ops_cuda::kThreads,
+                                  roi_ops_cuda::CvecLevelsBlocksPerSM<T>::value)
+    roi_pool_forward_cvec_wide_levels(ROI_OPS_LEVELS_PARAMETERS, const i64 channels_per_block,
+                                      ROI_OPS_FORWARD_OUTPUTS) {
+  using namespace roi_ops_cuda;
+  cvec_levels_kernel<T, R, kArgmax, CvecWideShape<T, kArgmax>::kVectors>(
+      maps, L, levels, ls0, N, C, rois, rs0, rs1, PH, PW, channels_per_block, output, argmax,
+      bad_roi_log);
 }

@@ -15,8 +15,8 @@
 // and sN, sH, sW 16-byte aligned (sC == 1).
 namespace roi_ops_cuda {
 // The small_cvec kernel's dynamic shared memory: a tile laid out as the block's outputs (ROI,
-// channel, bin), each ROI's channels padded to whole threads' (a thread without a second
-// vector writes it past C), its argmax part after the values (kArgmax); then the table. As the
+// channel, bin), each ROI's channels padded to whole threads' (a thread's vectors beyond C
+// are written past it), its argmax part after the values (kArgmax); then the table. As the
 // cvec kernel's tile, a slot holds a value's own bits, or with the argmax a 16-bit value in a
 // 32-bit slot, so that a value and its argmax sit at the same offset of their parts.
 template <class T, bool kArgmax>
@@ -73,10 +73,11 @@ __device__ __forceinline__ void small_cvec_outputs(const SmallBin* __restrict__ 
         if constexpr (kArgmax) indices[slots.at(c, V)] = -1;
       }
     } else {
-      const int second = c0 + V < channels ? V : 0;  // kVectors == 2: the next vector, if any
+      const CvecVectors thread_vectors = CvecVectors::of(V, static_cast<int>(channels - c0) / V);
       const LevelMap<T>& map = maps.of(bin);
-      cvec_bin<T, kArgmax>(maps.corner(bin) + c0, second, map.sH, map.sW, bin.bin_h, bin.bin_w,
-                           bin.first_index, static_cast<int>(map.W), values, indices, slots);
+      cvec_bin<T, kArgmax, CvecShape<T, kArgmax>::kVectors>(
+          maps.corner(bin) + c0, thread_vectors, map.sH, map.sW, bin.bin_h, bin.bin_w,
+          bin.first_index, static_cast<int>(map.W), values, indices, slots);
     }
   }
   __syncthreads();
