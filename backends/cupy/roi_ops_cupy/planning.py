@@ -106,10 +106,10 @@ def cvec_wide(
     """Whether a forward that `forward_kernel` gives the cvec kernel runs its wide twin
     (`kernels.FORWARD_CVEC_WIDE`: four channel vectors a thread in float32 inference): float32
     inference on a map that fits in L2, where a thread's work per bin shared by 16 channels
-    instead of 8 made frcnn-c4, fpn-p4, mask-14 and wsddn 1.03x to 1.40x faster, and not beyond
-    it, where half the threads a bin left fewer loads in flight (big-batch 1.40x, fpn-p2 1.05x
-    slower; the choice table of tools/NOTES.md). ``tuning.cvec_wide`` forces the choice (True:
-    wherever the cvec kernel is chosen); a forced ``tuning.forward_kernel`` runs as named."""
+    instead of 8 pays, and not beyond it, where half the threads a bin leave fewer loads in
+    flight (measured: the choice table of tools/NOTES.md). ``tuning.cvec_wide`` forces the
+    choice (True: wherever the cvec kernel is chosen); a forced ``tuning.forward_kernel`` runs
+    as named."""
     if tuning.cvec_wide is not None:
         return tuning.cvec_wide
     cached = 0 < _dense_bytes(input) <= sizes.l2_bytes

@@ -56,9 +56,8 @@ class CupyTuning:
         stage_min_reads: outside the small kernels' regime, a forward is staged only when its
             outputs are at least this many times its input's elements.
         stage_min_reads_16bit_beyond_l2: `stage_min_reads` for 16-bit inputs that do not fit
-            in L2, whose copy moves about 2.4 TB/s on an H100 and whose NCHW windows are re-read
-            from memory (staging breaks even at about 0.35 outputs an input element, measured
-            on fpn-p2: docs/dev-log.md).
+            in L2, whose copy reads two positions a load and whose NCHW windows are re-read from
+            memory (the break-even, measured on fpn-p2, is in tools/NOTES.md).
         cvec_wide: None, or whether a single-map forward for which the cvec kernel is chosen
             runs its wide twin (four vectors a thread in float32 inference) instead; None:
             `planning.cvec_wide` decides.
