@@ -25,6 +25,16 @@ SHORT = {
     "l1tex__data_pipe_lsu_wavefronts_mem_shared.sum": "smemMwf",
     "smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio": "stallLS",
     "smsp__average_warp_latency_issue_stalled_lg_throttle.ratio": "stallLG",
+    "smsp__average_warp_latency_issue_stalled_barrier.ratio": "stallBar",
+    "smsp__average_warp_latency_issue_stalled_short_scoreboard.ratio": "stallSS",
+    "smsp__average_warp_latency_issue_stalled_mio_throttle.ratio": "stallMIO",
+    "smsp__average_warp_latency_issue_stalled_wait.ratio": "stallWait",
+    "smsp__average_warp_latency_issue_stalled_not_selected.ratio": "stallNS",
+    "smsp__average_warp_latency_issue_stalled_math_pipe_throttle.ratio": "stallMath",
+    "smsp__average_warp_latency_issue_stalled_drain.ratio": "stallDrain",
+    "smsp__average_warp_latency_issue_stalled_no_instruction.ratio": "stallNoI",
+    "smsp__thread_inst_executed_per_inst_executed.ratio": "lanes",
+    "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio": "LSperIssue",
 }
 
 

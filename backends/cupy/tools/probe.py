@@ -9,6 +9,7 @@ Not a benchmark of record (that is ``python -m roi_ops bench``): this times the 
         [--layout nchw channels_last] [--variant auto unit small ...] [--ab OTHER/cuda]
         [--sort-rois]
     python backends/cupy/tools/probe.py --ncu many-small    # a few launches each, for ncu -k
+        [--dtype float16] [--layout channels_last]             # (the first of each)
     python backends/cupy/tools/probe.py --host              # host microseconds per call
 
 A variant is a `CupyTuning` (`VARIANTS`): a forced kernel runs only where it can run, so a
@@ -224,23 +225,27 @@ def probe(w, dtype, layout, variants, args, rows, mismatches):
     print(f"{w.name:10} {str(dtype)[6:]:8} {layout:13} " + "  ".join(cells), flush=True)
 
 
-def ncu_target(name: str, variants) -> None:
-    """Two launches of each variant (with argmax) and of torchvision, for ``ncu -k regex:...``."""
+def ncu_target(name: str, variants, dtype: torch.dtype, layout: str) -> None:
+    """Two launches of each variant with the argmax and two without, and two of torchvision, on
+    one workload in `dtype` and `layout`, for ``ncu -k regex:...``."""
     w = WORKLOADS[name]
     device = torch.device("cuda")
-    x = make_input(w, torch.float32, device)
-    rois = make_rois(w, torch.float32, device)
+    x = make_input(w, dtype, device, channels_last=layout == "channels_last")
+    rois = make_rois(w, torch.float32 if dtype == torch.bfloat16 else dtype, device)
     size = w.output_size
-    problem = RoIPoolProblem(x, rois, size, size, w.spatial_scale, True)
-    out = torch.empty(problem.output_shape, device=device)
-    arg = torch.empty(problem.output_shape, dtype=torch.int32, device=device)
-    fns = [v.runner(problem, out, arg) for v in variants]
-    try:
-        from torchvision.ops import roi_pool as tv
+    fns = []
+    for argmax in (True, False):
+        problem = RoIPoolProblem(x, rois, size, size, w.spatial_scale, argmax)
+        out = torch.empty(problem.output_shape, dtype=dtype, device=device)
+        arg = torch.empty(problem.output_shape, dtype=torch.int32, device=device)
+        fns += [v.runner(problem, out, arg if argmax else None) for v in variants]
+    if dtype != torch.bfloat16:
+        try:
+            from torchvision.ops import roi_pool as tv
 
-        fns.append(lambda: tv(x, rois, size, w.spatial_scale))
-    except ImportError:
-        pass
+            fns.append(lambda: tv(x, rois, size, w.spatial_scale))
+        except ImportError:
+            pass
     for fn in fns:
         if fn is not None:
             fn()
@@ -311,7 +316,7 @@ def main() -> int:
     if args.ab:
         variants.append(Variant("ab", DEFAULT_TUNING, folder_source(args.ab)))
     if args.ncu:
-        ncu_target(args.ncu, variants)
+        ncu_target(args.ncu, variants, getattr(torch, args.dtype[0]), args.layout[0])
         return 0
     rows, mismatches = [], []
     for name in args.workload:
