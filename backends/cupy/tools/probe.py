@@ -15,7 +15,8 @@ Not a benchmark of record (that is ``python -m roi_ops bench``): this times the 
 A variant is a `CupyTuning` (`VARIANTS`): a forced kernel runs only where it can run, so a
 variant that cannot run on a layout is left out of that row. ``--ab DIR`` adds variant ``ab``:
 the backend's choice compiled from the kernel files in DIR (another checkout's
-``roi_ops_cupy/cuda``, with the same kernel arguments). ``--sort-rois`` orders each workload's
+``roi_ops_cupy/cuda``, with the same kernel arguments); several folders add a variant each,
+named after the folder above each ``cuda/``. ``--sort-rois`` orders each workload's
 ROIs by image and position (torchvision gets the same ROIs). Times are medians over samples of
 `--inner` back-to-back launches between two CUDA events; the table prints milliseconds with
 argmax / without, and torchvision's time over each (higher is faster than torchvision).
@@ -300,7 +301,9 @@ def main() -> int:
     parser.add_argument("--dtype", nargs="*", default=["float32", "float16", "bfloat16"])
     parser.add_argument("--layout", nargs="*", default=["nchw"], choices=["nchw", "channels_last"])
     parser.add_argument("--variant", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--ab", default=None, help="another cuda/ folder: variant 'ab'")
+    parser.add_argument(
+        "--ab", nargs="*", default=[], help="other cuda/ folders: variant 'ab', or one per folder"
+    )
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--no-triton", dest="triton", action="store_false")
@@ -315,8 +318,9 @@ def main() -> int:
         host_overhead()
         return 0
     variants = [Variant(name, VARIANTS[name]) for name in args.variant]
-    if args.ab:
-        variants.append(Variant("ab", DEFAULT_TUNING, folder_source(args.ab)))
+    for folder in args.ab:
+        name = "ab" if len(args.ab) == 1 else Path(folder).resolve().parent.name
+        variants.append(Variant(name, DEFAULT_TUNING, folder_source(folder)))
     if args.ncu:
         ncu_target(args.ncu, variants, getattr(torch, args.dtype[0]), args.layout[0])
         return 0
