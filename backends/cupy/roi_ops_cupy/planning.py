@@ -465,15 +465,13 @@ def _forward_shape(
             tuning,
             wide=kernel == kernels.FORWARD_CVEC_WIDE,
         )
-        extra = (integer("channels_per_block", per_block),)
-        grid_y = _grid_y(channels, per_block * tuning.cvec_channel_blocks_per_block)
-        return (num_rois, grid_y, 1), (THREADS, 1, 1), 0, extra
-    target = tuning.block_elements
-    if kernel == kernels.FORWARD_UNIT:
-        target = _unit_block_elements(input, input_bytes, sizes, tuning, levels)
-    per_block = channels_per_block(num_rois, channels, ph * pw, multiprocessors, target, tuning)
-    if kernel == kernels.FORWARD_UNIT:
-        per_block = whole_unit_steps(per_block, ph * pw, input.dtype)
+    else:
+        target = tuning.block_elements
+        if kernel == kernels.FORWARD_UNIT:
+            target = _unit_block_elements(input, input_bytes, sizes, tuning, levels)
+        per_block = channels_per_block(num_rois, channels, ph * pw, multiprocessors, target, tuning)
+        if kernel == kernels.FORWARD_UNIT:
+            per_block = whole_unit_steps(per_block, ph * pw, input.dtype)
     extra = (integer("channels_per_block", per_block),)
     shared_mem = UNIT_GEOMETRY_BYTES + 8 * (ph + pw) if kernel == kernels.FORWARD_UNIT else 0
     return (num_rois, _grid_y(channels, per_block), 1), (THREADS, 1, 1), shared_mem, extra

@@ -61,9 +61,6 @@ class CupyTuning:
         cvec_wide: None, or whether a single-map forward for which the cvec kernel is chosen
             runs its wide twin (four vectors a thread in float32 inference) instead; None:
             `planning.cvec_wide` decides.
-        cvec_channel_blocks_per_block: the cvec kernels' blocks each pool this many of a
-            ROI's channel blocks in turn (the ROI's geometry and bin edges found once), and the
-            grid has as many times fewer rows.
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC`, `kernels.BACKWARD_PLANES` or
@@ -92,7 +89,6 @@ class CupyTuning:
     stage_min_reads: float = 2.0
     stage_min_reads_16bit_beyond_l2: float = 0.4
     cvec_wide: bool | None = None
-    cvec_channel_blocks_per_block: int = 1
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

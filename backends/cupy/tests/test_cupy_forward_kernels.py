@@ -69,9 +69,6 @@ def test_channel_blocks_loop_and_uncached_edges(runner, layout):
     check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64)
     uncached = CupyTuning(max_cached_edges=0)
     check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64, tuning=uncached)
-    # The cvec kernels' blocks pooling two channel blocks each (the others ignore it).
-    looped = CupyTuning(cvec_channel_blocks_per_block=2)
-    check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64, tuning=looped)
 
 
 @pytest.mark.parametrize("layout", BLOCK_LAYOUTS)

@@ -53,8 +53,6 @@ VARIANTS: dict[str, CupyTuning] = {
     ),
     "cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC),
     "cvec_wide": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC_WIDE),
-    "cvec-loop2": replace(DEFAULT_TUNING, cvec_channel_blocks_per_block=2),
-    "cvec-loop4": replace(DEFAULT_TUNING, cvec_channel_blocks_per_block=4),
     "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
     "small": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL),
     "small_cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL_CVEC),
