@@ -45,6 +45,10 @@ for stage in $stages; do
       "$PYTHON" -m roi_ops info 2>&1 | tee "$RESULTS/info.txt"
       ;;
     tests)
+      # Every NVRTC module compiled once into CuPy's cache first (not fatal: the workers would
+      # compile what they need themselves), so that fourteen workers do not each compile them.
+      timeout ${WARM_TIMEOUT:-150} "$PYTHON" backends/cupy/tools/warm_kernels.py 2>&1 \
+        | tee "$RESULTS/warm.log" | tail -2
       timeout ${TEST_TIMEOUT:-420} "$PYTHON" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} \
         --junitxml="$RESULTS/junit.xml" 2>&1 | tee "$RESULTS/tests.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -3,6 +3,7 @@ its kernel source (self-contained, split by family, compiled by nvcc and by NVRT
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -356,6 +357,19 @@ def _nvrtc_reason() -> str | None:
     except Exception as error:
         return f"NVRTC unavailable ({type(error).__name__}: {error})"
     return None
+
+
+def test_warm_kernels_names_one_kernel_of_every_module():
+    spec = importlib.util.spec_from_file_location(
+        "warm_kernels", PLUGIN_DIR / "tools" / "warm_kernels.py"
+    )
+    warm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(warm)
+    leaders = warm.module_leaders()
+    modules = [kernels.module_names(name) for name in leaders]
+    assert len(set(modules)) == len(modules)
+    assert set(modules) == {kernels.module_names(name) for name in kernels.all_names()}
+    assert [len(m) for m in modules] == sorted((len(m) for m in modules), reverse=True)
 
 
 def test_nvrtc_compiles_every_module_through_cupy():
