@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, backend report, GPU tests, GPU (and 16-core CPU)
 # benchmarks. Stages: install info tests bench bitcheck tvbattery tprobe hostbudget benchsync
-# benchcl cpubench sanitize soak probe ncu (default: install info tests bench). Example: bash
+# benchcl cpubench sanitize soak probe tables ncu (default: install info tests bench). Example: bash
 # scripts/gpu_check.sh install info tests
 # Logs and JSON go to $RESULTS (default ./gpu-out), and after every stage into one archive,
 # $OUT/gpu-check.tgz, when OUT is set: the device tool brings back at most 8 files from $OUT,
@@ -111,6 +111,11 @@ for stage in $stages; do
     probe)
       timeout 500 "$PYTHON" backends/cupy/tools/probe.py --json "$RESULTS/probe.json" ${PROBE_ARGS:-} 2>&1 \
         | tee "$RESULTS/probe.log" | grep -v Warning
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      ;;
+    tables)  # the cvec kernels reading tables of maxima (tools/table_probe.py), bit-checked
+      timeout ${TABLES_TIMEOUT:-400} "$PYTHON" backends/cupy/tools/table_probe.py ${TABLES_ARGS:-} 2>&1 \
+        | tee "$RESULTS/tables.txt" | grep -v Warning
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     ncu)

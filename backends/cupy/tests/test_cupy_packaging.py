@@ -372,6 +372,18 @@ def test_warm_kernels_names_one_kernel_of_every_module():
     assert [len(m) for m in modules] == sorted((len(m) for m in modules), reverse=True)
 
 
+def test_table_probe_finds_the_cvec_source_it_changes():
+    spec = importlib.util.spec_from_file_location(
+        "table_probe", PLUGIN_DIR / "tools" / "table_probe.py"
+    )
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    changed = probe.table_source(kernels.source())
+    assert changed.count("table_stride") == 3 and kernels.source().count("table_stride") == 0
+    with pytest.raises(ValueError, match="cvec source changed"):
+        probe.table_source(changed)
+
+
 def test_nvrtc_compiles_every_module_through_cupy():
     """The run-time build: CuPy's NVRTC path, every module, sm_80 and sm_90 (no GPU needed)."""
     reason = _nvrtc_reason()
