@@ -126,6 +126,7 @@ def emulate() -> int:
     """Exactness on the CPU emulator: the table kernels against the plane kernel, bit for bit."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from emulator import build
+    from probe import bits
     from roi_ops.device_info import CudaSizes
 
     from roi_ops_cupy import planning
@@ -134,24 +135,21 @@ def emulate() -> int:
     kernels.source = (lambda own: lambda: table_source(own()))(kernels.source)
     emulator = build(Path(tempfile.mkdtemp(prefix="table-probe-")))
     sizes = CudaSizes(4, 50 << 20, 227 * 1024)
+    plane = CupyTuning(forward_kernel=kernels.FORWARD_PLANE)
     checked = 0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for x, rois in _cases(torch.device("cpu"), dtype):
-            n = x.shape[0]
-            buffer = with_tables(x)
-            for kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_CVEC_WIDE, kernels.FORWARD_PLANE):
-                for size in (3, 7):
+            tabled = with_tables(x)[: x.shape[0]]
+            for size in (3, 7):
+                reference = torch.full((rois.shape[0], x.shape[1], size, size), 2.5, dtype=dtype)
+                problem = RoIPoolProblem(x, rois, size, size, 1.0, False)
+                emulator.launch(planning.plan_forward(problem, reference, None, sizes, plane))
+                problem = RoIPoolProblem(tabled, rois, size, size, 1.0, False)
+                for kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_CVEC_WIDE):
+                    out = torch.full_like(reference, 1.5)
                     tuning = CupyTuning(forward_kernel=kernel)
-                    source = buffer[:n] if kernel != kernels.FORWARD_PLANE else x
-                    problem = RoIPoolProblem(source, rois, size, size, 1.0, False)
-                    out = torch.full(problem.output_shape, 1.5, dtype=dtype)
                     emulator.launch(planning.plan_forward(problem, out, None, sizes, tuning))
-                    reference = torch.full_like(out, 2.5)
-                    plane = RoIPoolProblem(x, rois, size, size, 1.0, False)
-                    plain = CupyTuning(forward_kernel=kernels.FORWARD_PLANE)
-                    emulator.launch(planning.plan_forward(plane, reference, None, sizes, plain))
-                    as_bits = torch.int16 if dtype.itemsize == 2 else torch.int32
-                    if not torch.equal(out.view(as_bits), reference.view(as_bits)):
+                    if not torch.equal(bits(out), bits(reference)):
                         print(f"table_probe: MISMATCH {kernel} {dtype} {tuple(x.shape)} {size}")
                         return 1
                     checked += 1
