@@ -113,7 +113,7 @@ for stage in $stages; do
         | tee "$RESULTS/probe.log" | grep -v Warning
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
-    tables)  # the cvec kernels reading tables of maxima (tools/table_probe.py), bit-checked
+    tables)  # the inference through the tables of maxima, on and off (tools/table_probe.py)
       timeout ${TABLES_TIMEOUT:-400} "$PYTHON" backends/cupy/tools/table_probe.py ${TABLES_ARGS:-} 2>&1 \
         | tee "$RESULTS/tables.txt" | grep -v Warning
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

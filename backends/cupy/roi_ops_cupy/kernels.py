@@ -33,6 +33,7 @@ SOURCE_FILES = (
     "backward_planes.cu",
     "group_rois.cu",  # each (level, image)'s ROIs, for the planes backward over levels
     "copy_channels_last.cu",  # the staged forward's copy (forward_cvec.cu's TileBits)
+    "max_tables.cu",  # the cvec inference's tables of maxima (forward_cvec.cu's PackedMax)
 )
 # --fmad=false: no contraction into FMA anywhere (the geometry also uses _rn intrinsics).
 COMPILE_OPTIONS = ("--fmad=false", "-std=c++17")
@@ -93,6 +94,18 @@ GROUP_THREADS = 1024
 COPY_CHANNELS_LAST = "roi_ops_copy_channels_last"
 COPY_ROWS = 8  # kCopyRows: the copy's blocks are 32 x COPY_ROWS threads
 COPY_POSITIONS = 64  # kCopyPositions: positions (h * W + w) a block of the copy moves
+
+
+# The cvec inference's tables of maxima (cuda/max_tables.cu; one NVRTC module, every dtype):
+# the decision (one block of TABLE_DECISION_THREADS threads, every rois dtype), then the build
+# (blocks of TABLE_THREADS threads, each thread TABLE_ROWS rows of one 16-byte channel vector).
+TABLE_DECISION = "roi_ops_table_decision"
+MAX_TABLES = "roi_ops_max_tables"
+TABLE_DECISION_THREADS = 1024
+TABLE_THREADS = 256
+TABLE_ROWS = 16
+# The input dtypes with tables (the cvec inference's max.NaN reduction).
+TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def copy_channels(dtype: torch.dtype) -> int:
@@ -195,6 +208,23 @@ def copy_names() -> tuple[str, ...]:
     return tuple(copy_name(dtype) for dtype in C_TYPES)
 
 
+def table_decision_name(rois_dtype: torch.dtype) -> str:
+    """The name expression of the tables' decision for rois of `rois_dtype`."""
+    return f"{TABLE_DECISION}<{C_TYPES[rois_dtype]}>"
+
+
+def max_tables_name(dtype: torch.dtype) -> str:
+    """The name expression of the tables' build for maps of `dtype` (one of TABLE_DTYPES)."""
+    return f"{MAX_TABLES}<{C_TYPES[dtype]}>"
+
+
+@functools.cache
+def table_names() -> tuple[str, ...]:
+    """Every instantiation of the tables' decision and build (one NVRTC module)."""
+    decisions = tuple(table_decision_name(dtype) for dtype in C_TYPES)
+    return decisions + tuple(max_tables_name(dtype) for dtype in TABLE_DTYPES)
+
+
 def group_rois_name(rois_dtype: torch.dtype) -> str:
     """The name expression of the ROI grouping kernel for rois of `rois_dtype`."""
     return f"{GROUP_ROIS}<{C_TYPES[rois_dtype]}>"
@@ -214,6 +244,8 @@ def module_names(name: str) -> tuple[str, ...]:
         return copy_names()
     if kernel == GROUP_ROIS:
         return group_rois_names()
+    if kernel in (TABLE_DECISION, MAX_TABLES):
+        return table_names()
     first = types[arguments[0]]
     levels = kernel.endswith(LEVELS_SUFFIX)
     if kernel.startswith("roi_pool_forward"):
@@ -228,7 +260,7 @@ def all_names() -> tuple[str, ...]:
     forward += [n for pair in FORWARD_PAIRS for n in forward_levels_names(*pair)]
     backward = [n for dtype in C_TYPES for n in backward_names(dtype)]
     backward += [n for dtype in C_TYPES for n in backward_levels_names(dtype)]
-    return tuple(forward + backward) + group_rois_names() + copy_names()
+    return tuple(forward + backward) + group_rois_names() + copy_names() + table_names()
 
 
 Arg = tuple[str, np.generic]

@@ -14,6 +14,7 @@ with one fused launch per direction for every pyramid level. The backend uses
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable
@@ -46,6 +47,10 @@ FORWARD_TENSORS = ("input", "rois", "output", "argmax", "bad_roi_log")
 BACKWARD_TENSORS = ("grad_output", "argmax", "rois", "grad_input")
 PLANES_GROUPED_TENSORS = ("grad_output", "argmax", "groups", "grad_input")
 COPY_TENSORS = ("input", "output")  # the staged forward's channels_last copy
+# A forward whose cvec kernel reads the tables of maxima, the tables' decision and their build.
+FORWARD_TABLES_TENSORS = (*FORWARD_TENSORS, "tables", "table_decision")
+TABLE_DECISION_TENSORS = ("rois", "decision")
+MAX_TABLES_TENSORS = ("input", "decision", "tables")
 _CHANNELS_LAST = torch.channels_last
 # The same for the multi-level launches of L levels: then each level's map (gradient).
 FORWARD_LEVELS_TENSORS = ("rois", "levels", "output", "argmax", "bad_roi_log")
@@ -248,6 +253,56 @@ class _Grouping:
         return groups
 
 
+@functools.cache
+def _has_max_nan(device: int) -> bool:
+    """Whether `device` has max.NaN (sm_80 and later), which the tables of maxima need."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+class _Address:
+    """A device address where the launches take a tensor (they read only `data_ptr`)."""
+
+    __slots__ = ("address",)
+
+    def __init__(self, address: int):
+        self.address = address
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+class _Tables:
+    """The tables of maxima of a forward key (`planning.uses_max_tables`): the decision's and
+    the build's launches, planned once on stand-ins; `run` allocates each call's buffer (the
+    decision's int32, then the tables: `planning.table_buffer_elements`) and queues both."""
+
+    __slots__ = ("decide", "build", "elements", "skip")
+
+    def __init__(self, device: int, problem: RoIPoolProblem, sizes, tuning: CupyTuning):
+        x = problem.input
+        self.elements = planning.table_buffer_elements(x)
+        self.skip = planning.CVEC_BYTES  # the decision's bytes before the tables
+        decision = torch.empty(1, dtype=torch.int32, device="meta")
+        tables = torch.empty(self.elements, dtype=x.dtype, device="meta")
+        stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
+        stand_in = stand_in.contiguous(memory_format=_CHANNELS_LAST)
+        decide = planning.plan_table_decision(problem, decision, tuning)
+        build = planning.plan_max_tables(stand_in, decision, tables, sizes)
+        self.decide = PackedLaunch(device, decide, TABLE_DECISION_TENSORS)
+        self.build = PackedLaunch(device, build, MAX_TABLES_TENSORS)
+
+    def run(self, device: int, x: torch.Tensor, rois: torch.Tensor) -> tuple:
+        """(the tables, the decision) of map `x` as the forward launch takes them, their
+        launches queued on the current stream (the buffer is freed for reuse by later work on
+        that stream only, after these launches)."""
+        buffer = torch.empty(self.elements, dtype=x.dtype, device=x.device)
+        decision = _Address(buffer.data_ptr())
+        tables = _Address(decision.address + self.skip)
+        self.decide.launch(device, (rois, decision))
+        self.build.launch(device, (x, decision, tables))
+        return tables, decision
+
+
 class _BackwardPlan:
     """What a backward call with a given key does: the packed launch (None: nothing to add), the
     gradient's dtype and layout as the kernel writes it, whether it is zero-filled first, and
@@ -287,7 +342,8 @@ class Launcher:
 
     def __init__(self, tuning: CupyTuning = DEFAULT_TUNING):
         self.tuning = tuning
-        self._forward: dict[tuple, tuple] = {}  # (forward launch, staged, copy launch)
+        # (forward launch, staged, copy launch, tables)
+        self._forward: dict[tuple, tuple] = {}
         self._backward: dict[tuple, _BackwardPlan] = {}
         self._forward_levels: dict[tuple, PackedLaunch | None] = {}
         self._backward_levels: dict[tuple, _BackwardLevelsPlan] = {}
@@ -304,14 +360,18 @@ class Launcher:
         inputs = (x.shape, x.stride(), x.dtype, x.data_ptr() % planning.CVEC_BYTES)
         key = _forward_key(device, inputs, problem.spatial_scale, problem, argmax)
         try:
-            packed, staged, copy = self._forward[key]
+            packed, staged, copy, tables = self._forward[key]
         except KeyError:
             make = lambda: self._plan_forward(problem, output, argmax, device)  # noqa: E731
-            packed, staged, copy = self._cache(self._forward, key, make)
+            packed, staged, copy, tables = self._cache(self._forward, key, make)
         if packed is not None:
             if staged:
                 x = self._stage(x, copy, device)
-            packed.launch(device, (x, rois, output, argmax, log))
+            if tables is None:
+                packed.launch(device, (x, rois, output, argmax, log))
+            else:
+                table, decision = tables.run(device, x, rois)
+                packed.launch(device, (x, rois, output, argmax, log, table, decision))
 
     @staticmethod
     def _stage(x: torch.Tensor, copy: PackedLaunch | None, device: int) -> torch.Tensor:
@@ -327,7 +387,8 @@ class Launcher:
         """(the packed launch of a forward key, whether it reads a channels_last copy of the
         input (`planning.stages_channels_last`; planned on a stand-in with its strides), the
         packed launch of the copy kernel that makes it, or None (unstaged, or an empty input,
-        which torch copies))."""
+        which torch copies), and the `_Tables` queued before the forward launch, or None
+        (`planning.uses_max_tables`))."""
         sizes = cuda_sizes(device)
         x = problem.input
         staged = planning.stages_channels_last(problem, sizes, self.tuning)
@@ -342,9 +403,17 @@ class Launcher:
                 stand_in, problem.rois, problem.pooled_height, problem.pooled_width,
                 problem.spatial_scale, problem.needs_argmax, problem.bad_roi_log,
             )  # fmt: skip
+        tables = None
+        if planning.uses_max_tables(
+            problem, argmax is not None, sizes, _has_max_nan(device), self.tuning
+        ):
+            tables = _Tables(device, problem, sizes, self.tuning)
         plan = planning.plan_forward(problem, output, argmax, sizes, self.tuning)
-        packed = None if plan is None else PackedLaunch(device, plan, FORWARD_TENSORS)
-        return packed, staged, copy
+        if plan is None:
+            return None, staged, copy, None
+        if tables is None:
+            return PackedLaunch(device, plan, FORWARD_TENSORS), staged, copy, None
+        return PackedLaunch(device, plan, FORWARD_TABLES_TENSORS), staged, copy, tables
 
     def backward(self, problem: RoIPoolBackwardProblem) -> torch.Tensor:
         """grad_input by the planes or the atomic kernel (not run-to-run deterministic in its last

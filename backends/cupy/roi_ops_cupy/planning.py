@@ -33,6 +33,7 @@ PLANES_STATIC_SHARED = 5 * 1024  # the planes kernel's own __shared__ arrays (42
 DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without opting in
 MAX_GRID_Y = 65535
 INT32_LIMIT = 2**31
+TABLE_BLOCKS_PER_SM = 3  # the tables' build: its blocks an SM (kTableBlocksPerSM), all resident
 UNIT_GEOMETRY_BYTES = 16  # the unit kernel's shared ROI geometry (UnitGeometry) before its edges
 # The unit kernel's PH + PW edges fit the shared memory every device gives a block, since PH + PW
 # <= PH * PW + 1.
@@ -114,6 +115,124 @@ def cvec_wide(
         return tuning.cvec_wide
     cached = 0 < _dense_bytes(input) <= sizes.l2_bytes
     return input.dtype == torch.float32 and not argmax and cached
+
+
+def single_map_kernel(
+    input: torch.Tensor, bins: int, argmax: bool, sizes: CudaSizes, tuning: CupyTuning
+) -> str:
+    """The kernel of a single-map forward: `forward_kernel`'s, the cvec kernel's wide twin where
+    `cvec_wide` says so (unless a kernel is forced)."""
+    kernel = forward_kernel(input, bins, tuning)
+    if (
+        kernel == kernels.FORWARD_CVEC
+        and tuning.forward_kernel is None
+        and cvec_wide(input, argmax, sizes, tuning)
+    ):
+        return kernels.FORWARD_CVEC_WIDE
+    return kernel
+
+
+def uses_max_tables(
+    problem: RoIPoolProblem,
+    argmax: bool,
+    sizes: CudaSizes,
+    max_nan: bool,
+    tuning: CupyTuning = DEFAULT_TUNING,
+) -> bool:
+    """Whether a single-map forward (its input as the kernel reads it: the staged copy where
+    there is one) queues the tables of maxima (cuda/max_tables.cu) before its cvec kernel: its
+    decision, its build and the buffers of `plan_max_tables`.
+
+    Inference (`argmax` False) on the cvec kernels, float32, float16 or bfloat16, with the map
+    dense channels_last (the tables share its strides) on a device with max.NaN (`max_nan`:
+    sm_80 and later), at least ``tuning.table_min_outputs`` outputs (below, the two launches
+    cost more host time than the tables can save) and tables of at most
+    ``tuning.table_max_bytes``. Whether the tables are then built and read is decided on the
+    device from the ROIs (`plan_table_decision`). ``tuning.max_tables`` forces the tables
+    (True: wherever they can be read, decided yes on the device) or switches them off (False).
+    """
+    input = problem.input
+    if tuning.max_tables is False or argmax or not max_nan:
+        return False
+    if input.dtype not in kernels.TABLE_DTYPES:
+        return False
+    bins = problem.pooled_height * problem.pooled_width
+    kernel = single_map_kernel(input, bins, argmax, sizes, tuning)
+    if kernel not in (kernels.FORWARD_CVEC, kernels.FORWARD_CVEC_WIDE):
+        return False
+    if not input.is_contiguous(memory_format=torch.channels_last) or input.numel() == 0:
+        return False
+    if tuning.max_tables:
+        return True
+    outputs = problem.num_rois * input.shape[1] * bins
+    return outputs >= tuning.table_min_outputs and 2 * _dense_bytes(input) <= tuning.table_max_bytes
+
+
+def table_buffer_elements(input: torch.Tensor) -> int:
+    """Elements of `input`'s dtype in the tables' buffer: 16 bytes for the decision's int32,
+    then the 2 x 2 and the 4 x 4 table, each of the map's size."""
+    return CVEC_BYTES // input.element_size() + 2 * input.numel()
+
+
+def plan_table_decision(
+    problem: RoIPoolProblem, decision: torch.Tensor, tuning: CupyTuning = DEFAULT_TUNING
+) -> Launch:
+    """The decision's launch: one block writes decision[0] = 1 when the element reads that the
+    tables would save over the problem's bins reach ``tuning.table_min_saved_reads`` per map
+    position (0 when ``tuning.max_tables`` forces them), else 0.
+
+    Args:
+        problem: the forward (its input as the cvec kernel reads it).
+        decision: an int32 tensor of at least one element on the input's device.
+    """
+    input, rois = problem.input, problem.rois
+    n, _, h, w = input.shape
+    threshold = 0.0 if tuning.max_tables else tuning.table_min_saved_reads
+    args = (
+        pointer("rois", rois),
+        integer("rs0", rois.stride(0)),
+        integer("rs1", rois.stride(1)),
+        integer("K", problem.num_rois),
+        *(integer(name, v) for name, v in zip("NHW", (n, h, w), strict=True)),
+        real("spatial_scale", problem.spatial_scale),
+        integer("PH", problem.pooled_height),
+        integer("PW", problem.pooled_width),
+        real("min_saved_per_position", threshold),
+        pointer("decision", decision),
+    )
+    name = kernels.table_decision_name(rois.dtype)
+    return Launch(name, (1, 1, 1), (kernels.TABLE_DECISION_THREADS, 1, 1), 0, args)
+
+
+def plan_max_tables(
+    input: torch.Tensor, decision: torch.Tensor, tables: torch.Tensor, sizes: CudaSizes
+) -> Launch:
+    """The tables' build: `tables` (the 2 x 2 table, then the 4 x 4 one, each of `input`'s
+    numel) from `input`, when decision[0] is 1; at most TABLE_BLOCKS_PER_SM blocks an SM, their
+    threads striding over the work items (a thread's rows of one channel vector).
+
+    Args:
+        input: (N, C, H, W) dense channels_last of a dtype in `kernels.TABLE_DTYPES`, C * itemsize
+            a multiple of 16.
+        decision: int32, written by `plan_table_decision`'s launch before this one runs.
+        tables: 2 * input.numel() elements of input's dtype, 16-byte aligned.
+        sizes: the device's (its SM count).
+    """
+    n, c, h, w = input.shape
+    vectors = c * input.element_size() // CVEC_BYTES
+    threads = n * math.ceil(h / kernels.TABLE_ROWS) * w * vectors
+    args = (
+        pointer("input", input),
+        *(integer(name, v) for name, v in zip("NCHW", (n, c, h, w), strict=True)),
+        pointer("decision", decision),
+        pointer("tables", tables),
+    )
+    blocks = min(
+        math.ceil(threads / kernels.TABLE_THREADS), TABLE_BLOCKS_PER_SM * sizes.multiprocessors
+    )
+    grid = (max(blocks, 1), 1, 1)
+    block = (kernels.TABLE_THREADS, 1, 1)
+    return Launch(kernels.max_tables_name(input.dtype), grid, block, 0, args)
 
 
 def small_roi_bytes(kernel: str, bins: int, channels: int, dtype: torch.dtype, argmax: bool):
@@ -374,6 +493,8 @@ def plan_forward(
     argmax: torch.Tensor | None,
     sizes: CudaSizes,
     tuning: CupyTuning = DEFAULT_TUNING,
+    tables: torch.Tensor | None = None,
+    table_decision: torch.Tensor | None = None,
 ) -> Launch | None:
     """The forward launch for `problem`; None when there is nothing to do (no output and no
     bad-ROI log to fill).
@@ -385,20 +506,17 @@ def plan_forward(
         argmax: contiguous int32 tensor of the same shape, or None to skip the argmax.
         sizes: the device's SM count and L2 size (an L2 of 0: inputs count as not cached).
         tuning: the planning constants.
+        tables, table_decision: None, or where `uses_max_tables` says so the buffers of
+            `plan_max_tables` (the tables after the decision's int32), passed to the cvec
+            kernels (which read them in inference when the decision is 1); other kernels take
+            none.
     """
     input, rois = problem.input, problem.rois
     ph, pw = problem.pooled_height, problem.pooled_width
     log = problem.bad_roi_log
     if problem.num_rois == 0 or (output.numel() == 0 and log is None):
         return None
-    kernel = forward_kernel(input, ph * pw, tuning)
-    chosen = tuning.forward_kernel is None
-    if (
-        kernel == kernels.FORWARD_CVEC
-        and chosen
-        and cvec_wide(input, argmax is not None, sizes, tuning)
-    ):
-        kernel = kernels.FORWARD_CVEC_WIDE
+    kernel = single_map_kernel(input, ph * pw, argmax is not None, sizes, tuning)
     name = kernels.forward_name(kernel, input.dtype, rois.dtype, argmax is not None)
     head = (
         pointer("input", input),
@@ -415,6 +533,8 @@ def plan_forward(
     grid, block, shared_mem, extra = _forward_shape(
         kernel, input, _dense_bytes(input), problem.num_rois, ph, pw, argmax, sizes, tuning
     )
+    if kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_CVEC_WIDE):
+        extra += (pointer("tables", tables), pointer("table_decision", table_decision))
     return Launch(name, grid, block, shared_mem, (*head, *extra, *tail))
 
 

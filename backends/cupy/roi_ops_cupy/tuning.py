@@ -58,6 +58,14 @@ class CupyTuning:
         stage_min_reads_16bit_beyond_l2: `stage_min_reads` for 16-bit inputs that do not fit
             in L2, whose copy reads two positions a load and whose NCHW windows are re-read from
             memory (the break-even, measured on fpn-p2, is in tools/NOTES.md).
+        max_tables: None, or whether single-map inference on the cvec kernels queues the
+            tables of maxima (True: wherever they can be read, always built; False: never);
+            None: `planning.uses_max_tables` decides, and the device from the ROIs.
+        table_min_saved_reads: the tables are built and read when the element reads they save
+            (one channel, every bin of every ROI) are at least this many per map position: a
+            build costs about a pass over the map (the break-even in tools/NOTES.md).
+        table_min_outputs: calls with fewer outputs never queue the tables.
+        table_max_bytes: nor calls whose tables (twice the map) would take more memory.
         cvec_wide: None, or whether a single-map forward for which the cvec kernel is chosen
             runs its wide twin (four vectors a thread in float32 inference) instead; None:
             `planning.cvec_wide` decides.
@@ -88,6 +96,10 @@ class CupyTuning:
     stage_channels_last: bool | None = None
     stage_min_reads: float = 2.0
     stage_min_reads_16bit_beyond_l2: float = 0.4
+    max_tables: bool | None = None
+    table_min_saved_reads: float = 20.0
+    table_min_outputs: int = 1 << 22
+    table_max_bytes: int = 2 << 30
     cvec_wide: bool | None = None
     forward_kernel: str | None = None
     backward_kernel: str | None = None

@@ -22,7 +22,9 @@ DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
 # Each layout takes another kernel (forced where it can run): contiguous the small kernel, or as
 # "contiguous_unit" the unit kernel; channels_last (16-byte aligned channel vectors) the
 # small_cvec kernel, or as "channels_last_cvec" the cvec kernel, as "channels_last_cvec_wide" its
-# wide twin; shifted by one element the chan kernel; strided the plane kernel.
+# wide twin, each with "_tables" reading tables of maxima in inference (built from the input
+# first, every entry poisoned before); shifted by one element the chan kernel; strided the plane
+# kernel.
 LAYOUTS = [
     "contiguous",
     "channels_last",
@@ -31,6 +33,8 @@ LAYOUTS = [
     "contiguous_unit",
     "channels_last_cvec",
     "channels_last_cvec_wide",
+    "channels_last_cvec_tables",
+    "channels_last_cvec_wide_tables",
 ]
 # The layouts of the kernels that read channel blocks or rows of bins in rounds.
 BLOCK_LAYOUTS = [layout for layout in LAYOUTS if layout != "strided"]
@@ -40,6 +44,8 @@ _LAYOUT_KERNELS = {
     "channels_last": kernels.FORWARD_SMALL_CVEC,
     "channels_last_cvec": kernels.FORWARD_CVEC,
     "channels_last_cvec_wide": kernels.FORWARD_CVEC_WIDE,
+    "channels_last_cvec_tables": kernels.FORWARD_CVEC,
+    "channels_last_cvec_wide_tables": kernels.FORWARD_CVEC_WIDE,
 }
 BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 GUARD = 64  # elements of sentinel before and after every buffer a kernel touches
@@ -68,11 +74,9 @@ def guarded(shape, strides, dtype, device, fill, shift=0):
 
 def place_input(x: torch.Tensor, layout: str, device) -> torch.Tensor:
     """`x` copied onto `device` in `layout`, every element around it NaN (so a stray read shows)."""
-    layout = {
-        "contiguous_unit": "contiguous",
-        "channels_last_cvec": "channels_last",
-        "channels_last_cvec_wide": "channels_last",
-    }.get(layout, layout)
+    if layout.startswith("channels_last_cvec"):
+        layout = "channels_last"
+    layout = {"contiguous_unit": "contiguous"}.get(layout, layout)
     if layout == "strided":  # every other column of a wider map: contiguous in no format
         n, c, h, w = x.shape
         view, _ = guarded(
@@ -120,6 +124,22 @@ class CudaRunner:
         torch.cuda.synchronize()
 
 
+def build_tables(runner, problem: RoIPoolProblem, tuning: CupyTuning = DEFAULT_TUNING):
+    """The tables of maxima of `problem`'s input (dense channels_last) as the launcher queues
+    them: the decision (forced yes unless `tuning` says otherwise), then the build into a
+    poisoned (NaN) buffer inside a guard; returns (tables, decision) on the runner's device."""
+    x = problem.input
+    device = runner.device
+    decision = torch.full((4,), -7, dtype=torch.int32, device=device)
+    tables, buffer = guarded((2 * x.numel(),), (1,), x.dtype, device, -7.0)
+    tables.fill_(math.nan)
+    runner.launch(planning.plan_table_decision(problem, decision, tuning))
+    # One SM: a grid of TABLE_BLOCKS_PER_SM blocks, whose threads stride over the work.
+    runner.launch(planning.plan_max_tables(x, decision, tables, sizes()))
+    check_guards(buffer, -7.0)
+    return tables, decision
+
+
 def run_forward(
     runner,
     x,
@@ -149,7 +169,13 @@ def run_forward(
     output, out_buf, argmax, arg_buf = poisoned_outputs(
         problem.output_shape, x.dtype, device, needs_argmax, output_shift
     )
-    launch = planning.plan_forward(problem, output, argmax, sizes(multiprocessors), tuning)
+    tables = decision = None
+    if layout.endswith("_tables") and not needs_argmax and x.dtype in kernels.TABLE_DTYPES:
+        tables, decision = build_tables(runner, problem, replace(tuning, max_tables=True))
+        assert int(decision[0]) == 1
+    launch = planning.plan_forward(
+        problem, output, argmax, sizes(multiprocessors), tuning, tables, decision
+    )
     if launch is not None:
         if grid_y is not None:  # fewer block rows than channel blocks: the kernels loop
             launch = kernels.Launch(

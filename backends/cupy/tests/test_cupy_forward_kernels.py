@@ -115,7 +115,8 @@ def test_cvec_outputs_off_16_byte_boundaries(runner, dtype, shift, layout):
 
 
 @pytest.mark.parametrize(
-    "kernel", ["unit", "small", "plane", "cvec", "cvec_wide", "small_cvec", "chan"]
+    "kernel",
+    ["unit", "small", "plane", "cvec", "cvec_wide", "cvec_tables", "small_cvec", "chan"],
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kernels_on_ties_and_specials(runner, dtype, kernel):
@@ -133,6 +134,7 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     layout = {
         "cvec": "channels_last_cvec",
         "cvec_wide": "channels_last_cvec_wide",
+        "cvec_tables": "channels_last_cvec_tables",
         "small_cvec": "channels_last",
         "chan": "channels_last_unaligned",
         "unit": "contiguous_unit",
@@ -445,3 +447,97 @@ def test_channels_last_copy_refuses_what_it_cannot_copy():
     huge = torch.empty(1, 256, 2**12, 2**11, device="meta")
     with pytest.raises(ValueError, match="input: expected every offset within an image below"):
         plan_copy_channels_last(huge, torch.empty_like(huge, memory_format=torch.channels_last))
+
+
+_TABLE_LAYOUTS = ["channels_last_cvec_tables", "channels_last_cvec_wide_tables"]
+
+
+@pytest.mark.parametrize("layout", _TABLE_LAYOUTS)
+@pytest.mark.parametrize("dtype", _MASKED, ids=["float32", "float16", "bfloat16"])
+def test_tables_of_maxima_on_zeros_nans_and_ties(runner, dtype, layout):
+    # Bins of every side the tables serve (1 to 9 rows and columns: the map, the 2 x 2 table,
+    # the 4 x 4 one, squares overlapping at odd ends), their maxima tied, signed zeros (a table's
+    # max.NaN may return either) and NaNs of every payload (a table's loses it): the outputs are
+    # the scan's, bit for bit.
+    bits = BITS[torch.empty((), dtype=dtype).element_size()]
+    x = wide(tie_heavy_features((2, 3, 19, 23), 31, dtype))
+    raw = x.view(bits)
+    raw[0, 0, 3:5, 4:9] = 0
+    negative_zero = 0x80000000 if dtype == torch.float32 else 0x8000
+    raw[0, 0, 4, 6] = _signed(negative_zero, 8 * x.element_size())
+    for i, (c, h, w) in enumerate([(1, 2, 2), (2, 10, 11), (0, 15, 3), (5, 7, 20)]):
+        raw[i % 2, c, h, w] = _signed(_NAN_PAYLOADS[dtype][i], 8 * x.element_size())
+    rows = [
+        [0, 0, 0, 22, 18],
+        [1, 1, 2, 20, 17],
+        [0, 3, 1, 12, 9],
+        [1, 5, 4, 8, 16],
+        [0, 2, 3, 3, 4],
+    ]
+    rois = torch.tensor(rows, dtype=torch.float64).to(rois_dtype_for(dtype))
+    for size in [(1, 1), (2, 3), (3, 2), (5, 4), (7, 7), (9, 2)]:
+        check(runner, x, rois, size, 1.0, layout=layout)
+
+
+@pytest.mark.parametrize("rois_dtype", [torch.float32, torch.float64, torch.float16])
+def test_table_decision_counts_the_reads_the_tables_save(runner, rois_dtype):
+    # The decision's count against one from the reference geometry (every bin: its elements less
+    # the table entries it reads): yes at exactly the count per map position, no just above it.
+    from roi_ops.backend import RoIPoolProblem
+    from roi_ops.testing.reference import roi_bins
+
+    from roi_ops_cupy import planning
+
+    g = torch.Generator().manual_seed(17)
+    n, h, w = 3, 41, 57
+    k = 300
+    corners = torch.rand(k, 2, generator=g) * torch.tensor([w, h]) * 1.2 - 4
+    sides = torch.exp(torch.rand(k, 2, generator=g) * 4)
+    batch = torch.randint(-1, n + 1, (k, 1), generator=g).float()
+    rois = torch.cat([batch, corners, corners + sides], dim=1).to(rois_dtype)
+    x = torch.empty((n, 8, h, w), dtype=torch.float32, device="meta")
+    for size in [(7, 7), (3, 5), (14, 14)]:
+        saved = 0
+        for row in rois.double().tolist():
+            bins = roi_bins(row, n, h, w, size, 0.5, rois_dtype)
+            if bins is None:
+                continue
+            for y0, y1 in bins[1]:
+                for x0, x1 in bins[2]:
+                    bh, bw = max(y1 - y0, 0), max(x1 - x0, 0)
+                    s = 4 if bh >= 4 and bw >= 4 else 2 if bh >= 2 and bw >= 2 else 1
+                    saved += bh * bw - -(-bh // s) * -(-bw // s)
+        assert saved > 0
+        problem = RoIPoolProblem(x, rois.to(runner.device), *size, 0.5, False)
+        for threshold, expected in ((saved / (n * h * w), 1), ((saved + 1) / (n * h * w), 0)):
+            decision = torch.full((4,), -7, dtype=torch.int32, device=runner.device)
+            tuning = CupyTuning(table_min_saved_reads=threshold)
+            runner.launch(planning.plan_table_decision(problem, decision, tuning))
+            assert decision.cpu().tolist() == [expected, -7, -7, -7]
+
+
+@pytest.mark.parametrize("dtype", _MASKED, ids=["float32", "float16", "bfloat16"])
+def test_tables_are_neither_built_nor_read_when_the_decision_says_no(runner, dtype):
+    # Decision 0: the build writes nothing (its poisoned buffer stays poisoned) and the cvec
+    # kernel reads the map (a poisoned table would show as NaN outputs).
+    from cupy_harness import guarded, place_input, poisoned_outputs, sizes
+    from roi_ops.backend import RoIPoolProblem
+
+    from roi_ops_cupy import planning
+
+    x = wide(tie_heavy_features((2, 3, 16, 16), 7, dtype))
+    rois = torch.tensor([[0, 0, 0, 15, 15], [1, 2, 3, 14, 12]]).to(rois_dtype_for(dtype))
+    placed = place_input(x, "channels_last_cvec", runner.device)
+    rois_d = rois.to(runner.device)
+    problem = RoIPoolProblem(placed, rois_d, 3, 3, 1.0, False)
+    decision = torch.full((4,), -7, dtype=torch.int32, device=runner.device)
+    tables, _ = guarded((2 * x.numel(),), (1,), dtype, runner.device, math.nan)
+    never = CupyTuning(table_min_saved_reads=1e9)
+    runner.launch(planning.plan_table_decision(problem, decision, never))
+    assert int(decision[0]) == 0
+    runner.launch(planning.plan_max_tables(placed, decision, tables, sizes()))
+    assert bool(tables.isnan().all())
+    output, _, _, _ = poisoned_outputs(problem.output_shape, dtype, runner.device, False)
+    tuning = CupyTuning(forward_kernel=kernels.FORWARD_CVEC)
+    runner.launch(planning.plan_forward(problem, output, None, sizes(), tuning, tables, decision))
+    assert_same_bits(output.cpu(), reference_roi_pool(x, rois, (3, 3), 1.0)[0])

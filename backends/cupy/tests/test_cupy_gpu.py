@@ -241,7 +241,7 @@ def test_small_rois_on_nchw_inputs_pool_a_channels_last_copy(dtype):
         assert_same_bits(output.cpu(), expected)
         if needs_argmax:
             assert torch.equal(argmax.cpu(), expected_argmax)
-    (packed, staged, copy), *_ = launcher._forward.values()
+    (packed, staged, copy, _), *_ = launcher._forward.values()
     assert staged and packed.name.startswith(kernels.FORWARD_SMALL_CVEC)
     assert copy.name == kernels.copy_name(dtype)
     assert_same_bits(x, before)
@@ -249,7 +249,7 @@ def test_small_rois_on_nchw_inputs_pool_a_channels_last_copy(dtype):
     unstaged = launch.Launcher(replace(DEFAULT_TUNING, stage_channels_last=False))
     output, _ = poisoned_forward(unstaged, RoIPoolProblem(x, rois, 3, 3, 0.5, False))
     assert_same_bits(output.cpu(), expected)
-    (packed, staged, copy), *_ = unstaged._forward.values()
+    (packed, staged, copy, _), *_ = unstaged._forward.values()
     assert not staged and copy is None and packed.name.startswith(kernels.FORWARD_SMALL + "<")
 
 
@@ -275,8 +275,44 @@ def test_staged_forward_of_large_rois_and_row_gaps(dtype):
         assert_same_bits(output.cpu(), expected)
         if needs_argmax:
             assert torch.equal(argmax.cpu(), expected_argmax)
-    for packed, staged, copy in launcher._forward.values():
+    for packed, staged, copy, _ in launcher._forward.values():
         assert staged and packed.name.startswith(
             (kernels.FORWARD_CVEC + "<", kernels.FORWARD_CVEC_WIDE + "<")
         )
         assert copy.name == kernels.copy_name(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_inference_through_tables_of_maxima(dtype, layout):
+    """The launcher's tables of maxima (decision, build, cvec kernel reading them) on large ROIs
+    of a channels_last map and of the staged copy of an NCHW one, on a side stream with the
+    buffers' memory reused from call to call: bit for bit the reference's on tie-heavy inputs;
+    decided yes on the device (the default rule, large bins), and no with the threshold out of
+    reach (same bits, from the map)."""
+    from roi_ops.testing import tie_heavy_features
+
+    from roi_ops_cupy import launch
+
+    g = torch.Generator().manual_seed(47)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = tie_heavy_features((2, 64, 37, 45), 48, dtype).cuda().contiguous(memory_format=fmt)
+    rois_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    rois = _detection_rois(2, 400, 37, 45, 1.0, g, rois_dtype).cuda()
+    expected, _ = reference_roi_pool(x.cpu(), rois.cpu(), (7, 7), 1.0)
+    staging = layout == "contiguous"
+    base = replace(DEFAULT_TUNING, table_min_outputs=0, stage_channels_last=staging or None)
+    for tuning in (
+        base,
+        replace(base, max_tables=True),
+        replace(base, table_min_saved_reads=1e12),
+    ):
+        launcher = launch.Launcher(tuning)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                output, _ = poisoned_forward(launcher, RoIPoolProblem(x, rois, 7, 7, 1.0, False))
+        stream.synchronize()
+        assert_same_bits(output.cpu(), expected)
+        (_, staged, _, tables), *_ = launcher._forward.values()
+        assert staged == staging and tables is not None

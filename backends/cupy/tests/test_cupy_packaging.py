@@ -212,8 +212,20 @@ def test_kernel_names_and_modules():
     )
     name = kernels.group_rois_name(torch.float16)
     assert kernels.module_names(name) == kernels.group_rois_names()
+    # The tables of maxima: one module, a decision a rois dtype and a build a table dtype.
+    assert kernels.table_names() == (
+        *(f"roi_ops_table_decision<{t}>" for t in ("roi_half", "roi_bf16", "float", "double")),
+        *(f"roi_ops_max_tables<{t}>" for t in ("float", "roi_half", "roi_bf16")),
+    )
+    for name in (
+        kernels.max_tables_name(torch.float16),
+        kernels.table_decision_name(torch.float64),
+    ):
+        assert kernels.module_names(name) == kernels.table_names()
     assert (
-        len(set(kernels.all_names())) == len(kernels.all_names()) == 7 * 24 + 6 * 6 + 4 * 2 + 4 + 4
+        len(set(kernels.all_names()))
+        == len(kernels.all_names())
+        == 7 * 24 + 6 * 6 + 4 * 2 + 4 + 4 + 7
     )
 
 
@@ -372,18 +384,6 @@ def test_warm_kernels_names_one_kernel_of_every_module():
     assert [len(m) for m in modules] == sorted((len(m) for m in modules), reverse=True)
 
 
-def test_table_probe_finds_the_cvec_source_it_changes():
-    spec = importlib.util.spec_from_file_location(
-        "table_probe", PLUGIN_DIR / "tools" / "table_probe.py"
-    )
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    changed = probe.table_source(kernels.source())
-    assert changed.count("table_stride") == 3 and kernels.source().count("table_stride") == 0
-    with pytest.raises(ValueError, match="cvec source changed"):
-        probe.table_source(changed)
-
-
 def test_nvrtc_compiles_every_module_through_cupy():
     """The run-time build: CuPy's NVRTC path, every module, sm_80 and sm_90 (no GPU needed)."""
     reason = _nvrtc_reason()
@@ -406,5 +406,6 @@ def test_nvrtc_compiles_every_module_through_cupy():
         "print('compiled', 2 * len(modules))"
     )
     # A forward and a multi-level forward module per dtype pair, a backward and a multi-level
-    # backward module per dtype, the ROI grouping's module and the channels_last copy's.
-    assert out == f"compiled {2 * (2 * (len(kernels.FORWARD_PAIRS) + 4) + 2)}"
+    # backward module per dtype, the ROI grouping's module, the channels_last copy's and the
+    # tables of maxima's.
+    assert out == f"compiled {2 * (2 * (len(kernels.FORWARD_PAIRS) + 4) + 3)}"

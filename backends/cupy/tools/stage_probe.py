@@ -114,7 +114,7 @@ def probe(w, dtype, args) -> dict:
 
 def _copy_launch(launcher, w):
     """The packed copy launch the staged launcher planned for `x`."""
-    for _, staged, copy in launcher._forward.values():
+    for _, staged, copy, _ in launcher._forward.values():
         if staged and copy is not None:
             return copy
     raise RuntimeError(f"{w.name}: the staged launcher planned no copy")

@@ -1,230 +1,150 @@
-"""Tables of maxima for the cvec kernels' inference, measured before the backend builds any.
+"""GPU probe of the tables of maxima: the cvec inference with the tables as the rule decides,
+forced on and switched off, on every bench workload and both layouts, in one run.
 
-A bin of at least 2 x 2 elements can be pooled from a table of every position's 2 x 2 maximum
-(and one of at least 4 x 4 from a table of 4 x 4 maxima), reading a quarter (a sixteenth) of
-the elements, each square overlapping the last where a side is odd; a zero or NaN result is read
-again from the map (the kernel's existing reread: a table's max.NaN, as the scan's, may lose a
-zero's sign or a NaN's payload), so the output stays exact. This probe builds both tables with
-torch (an upper bound on a fused build kernel's time), places them after the map in one buffer
-(`[map | 2 x 2 | 4 x 4]`, N images each, so that the kernel finds them N * sN and 2 N * sN
-elements after its corner) and runs the cvec kernels compiled from the backend's source with
-`table_source`'s change, against the backend's own choice and torchvision, bit-checked against
-the plane kernel. Float32 and 16-bit channels_last inference only (the argmax is not helped: an
-entry does not say where in its square the maximum lies).
+Not a benchmark of record (that is ``python -m roi_ops bench``): this times the backend's
+launcher (preallocated outputs, no roi_ops dispatch) with three tunings (``rule``: the
+defaults; ``forced``: ``max_tables=True``, built and read wherever they can be; ``off``:
+``max_tables=False``), the tables' decision and build alone, and torchvision on the same input.
+Rounds alternate the calls; each figure is the median over rounds of a sample of `--inner`
+back-to-back calls between two CUDA events. The three tunings' outputs are checked bit for bit
+against each other on the workload's input and on a tie-heavy one. NCHW inputs go through the
+launcher as the backend gets them: staged (and then with tables) where the staging rule says
+so. Run on the GPU machine:
 
     python backends/cupy/tools/table_probe.py [--workload big-batch ...] [--dtype float32 ...]
-    python backends/cupy/tools/table_probe.py --emulate   # no GPU: exactness on the emulator
+        [--layout channels_last nchw] [--rounds 7] [--inner 10] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
-import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from roi_ops.backend import RoIPoolProblem
 from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
 
-from roi_ops_cupy import kernels
+from roi_ops_cupy import launch, planning
+from roi_ops_cupy.tuning import DEFAULT_TUNING
 
-# (anchor in the backend's source, its replacement): cvec_bin takes the distance from the map to
-# the 2 x 2 table (0: no tables, as small_cvec calls it), cvec_roi passes N * sN, and the
-# inference scan reads the table that the bin's sides allow.
-_CHANGES = (
-    (
-        "                                         CvecSlots slots) {\n  typedef Lanes<T> L;",
-        "                                         CvecSlots slots, long long table_stride = 0) {\n"
-        "  typedef Lanes<T> L;",
-    ),
-    (
-        "                                 values, indices, slots);\n          }",
-        "                                 values, indices, slots, num_images * sN);\n          }",
-    ),
-    (
-        "    for (int i = 0; i < bin_h; ++i) {\n"
-        "      const T* __restrict__ line = corner + i * sH;\n"
-        "#pragma unroll kInferUnroll\n"
-        "      for (int j = 0; j < bin_w; ++j) {\n"
-        "#pragma unroll\n"
-        "        for (int p = 0; p < P; ++p) {\n"
-        "          const roi_vec16 v = load_vec16(line + j * sW + offset[p]);",
-        "    const int s = table_stride == 0 ? 1\n"
-        "                  : bin_h >= 4 && bin_w >= 4 ? 4 : bin_h >= 2 && bin_w >= 2 ? 2 : 1;\n"
-        "    const T* __restrict__ table = corner + (s == 4 ? 2 : s == 2 ? 1 : 0) * table_stride;\n"
-        "    for (int i0 = 0; i0 < bin_h; i0 += s) {\n"
-        "      const T* __restrict__ line = table + (i0 < bin_h - s ? i0 : bin_h - s) * sH;\n"
-        "#pragma unroll kInferUnroll\n"
-        "      for (int j0 = 0; j0 < bin_w; j0 += s) {\n"
-        "        const int j = j0 < bin_w - s ? j0 : bin_w - s;\n"
-        "#pragma unroll\n"
-        "        for (int p = 0; p < P; ++p) {\n"
-        "          const roi_vec16 v = load_vec16(line + j * sW + offset[p]);",
-    ),
-)
+TUNINGS = {
+    "rule": DEFAULT_TUNING,
+    "forced": replace(DEFAULT_TUNING, max_tables=True),
+    "off": replace(DEFAULT_TUNING, max_tables=False),
+}
 
 
-def table_source(source: str) -> str:
-    """The backend's kernel source with the cvec kernels reading the tables after the map.
-
-    Raises:
-        ValueError: the source no longer has one of the places this changes.
-    """
-    for anchor, replacement in _CHANGES:
-        if source.count(anchor) != 1:
-            raise ValueError(f"table_source: the cvec source changed; not found once: {anchor!r}")
-        source = source.replace(anchor, replacement)
-    return source
+def _tables_of(launcher: launch.Launcher):
+    """The `_Tables` of the launcher's one planned forward (None: it queues none)."""
+    (_, _, _, tables), *_ = launcher._forward.values()
+    return tables
 
 
-def _pair_max(view: torch.Tensor, d: int) -> torch.Tensor:
-    """Each position's maximum with the positions d rows, d columns and both further (where they
-    exist; NaN-propagating): (images, H, W, C) in, the same out."""
-    rows = view.clone()
-    rows[:, :-d] = torch.maximum(view[:, :-d], view[:, d:])
-    out = rows.clone()
-    out[:, :, :-d] = torch.maximum(rows[:, :, :-d], rows[:, :, d:])
-    return out
-
-
-def with_tables(x: torch.Tensor) -> torch.Tensor:
-    """A (3N, C, H, W) dense channels_last buffer: x, its 2 x 2 maxima, its 4 x 4 maxima."""
-    n = x.shape[0]
-    buffer = torch.empty(
-        (3 * n, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
-    )
-    fill_tables(x, buffer)
-    return buffer
-
-
-def fill_tables(x: torch.Tensor, buffer: torch.Tensor) -> None:
-    """Write x and its tables into `buffer` (as `with_tables` lays them out)."""
-    n = x.shape[0]
-    view = buffer.permute(0, 2, 3, 1)  # (3N, H, W, C), dense
-    view[:n].copy_(x.permute(0, 2, 3, 1))
-    view[n : 2 * n].copy_(_pair_max(view[:n], 1))
-    view[2 * n :].copy_(_pair_max(view[n : 2 * n], 2))
-
-
-def _cases(device: torch.device, dtype: torch.dtype):
-    """Small channels_last problems with bins of every size class, normal and tie-heavy."""
-    g = torch.Generator().manual_seed(5)
-    for images, channels, height, width in ((2, 32, 23, 37), (1, 64, 40, 30)):
-        x = torch.randn(images, channels, height, width, generator=g)
-        ties = torch.randint(-2, 2, x.shape, generator=g).float()
-        ties[torch.rand(x.shape, generator=g) < 0.002] = float("nan")
-        for values in (x, ties):
-            rois = torch.tensor(
-                [[0, 0, 0, width - 1, height - 1], [images - 1, 2.5, 1, 19, 11], [0, 3, 4, 5, 6]],
-                dtype=torch.float32,
-            )
-            yield values.to(dtype).to(device).contiguous(memory_format=torch.channels_last), rois
-
-
-def emulate() -> int:
-    """Exactness on the CPU emulator: the table kernels against the plane kernel, bit for bit."""
+def probe(w, dtype: torch.dtype, layout: str, args) -> dict:
+    """One workload, dtype and layout: prints its row and returns it."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from emulator import build
-    from probe import bits
-    from roi_ops.device_info import CudaSizes
-
-    from roi_ops_cupy import planning
-    from roi_ops_cupy.tuning import CupyTuning
-
-    kernels.source = (lambda own: lambda: table_source(own()))(kernels.source)
-    emulator = build(Path(tempfile.mkdtemp(prefix="table-probe-")))
-    sizes = CudaSizes(4, 50 << 20, 227 * 1024)
-    plane = CupyTuning(forward_kernel=kernels.FORWARD_PLANE)
-    checked = 0
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for x, rois in _cases(torch.device("cpu"), dtype):
-            tabled = with_tables(x)[: x.shape[0]]
-            for size in (3, 7):
-                reference = torch.full((rois.shape[0], x.shape[1], size, size), 2.5, dtype=dtype)
-                problem = RoIPoolProblem(x, rois, size, size, 1.0, False)
-                emulator.launch(planning.plan_forward(problem, reference, None, sizes, plane))
-                problem = RoIPoolProblem(tabled, rois, size, size, 1.0, False)
-                for kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_CVEC_WIDE):
-                    out = torch.full_like(reference, 1.5)
-                    tuning = CupyTuning(forward_kernel=kernel)
-                    emulator.launch(planning.plan_forward(problem, out, None, sizes, tuning))
-                    if not torch.equal(bits(out), bits(reference)):
-                        print(f"table_probe: MISMATCH {kernel} {dtype} {tuple(x.shape)} {size}")
-                        return 1
-                    checked += 1
-    print(f"table_probe: {checked} emulated cases equal to the plane kernel")
-    return 0
-
-
-def measure(w, dtype: torch.dtype, variants: dict, args) -> int:
-    """One workload and dtype: prints its times; returns its bit mismatches (0 to 2)."""
-    from probe import bits, pipelined_ms, tie_heavy
+    from probe import tie_heavy
+    from stage_probe import sample_ms
 
     device = torch.device("cuda")
-    x = make_input(w, dtype, device, channels_last=True)
+    x = make_input(w, dtype, device, channels_last=layout == "channels_last")
     rois = make_rois(w, torch.float32 if dtype == torch.bfloat16 else dtype, device)
-    size, n = w.output_size, x.shape[0]
-    buffer = with_tables(x)
-    shape = (rois.shape[0], w.channels, size, size)
-    out = torch.empty(shape, dtype=dtype, device=device)
+    size = w.output_size
     problem = RoIPoolProblem(x, rois, size, size, w.spatial_scale, False)
-    tabled = RoIPoolProblem(buffer[:n], rois, size, size, w.spatial_scale, False)
-    auto_ms = pipelined_ms(variants["auto"].runner(problem, out, None), args.reps, args.inner)
-    tables_ms = pipelined_ms(variants["tables"].runner(tabled, out, None), args.reps, args.inner)
-    build_ms = pipelined_ms(lambda: fill_tables(x, buffer), args.reps, args.inner)
-    tv_ms = float("nan")
+    out = torch.empty(problem.output_shape, dtype=dtype, device=device)
+    launchers = {name: launch.Launcher(tuning) for name, tuning in TUNINGS.items()}
+    calls = {name: (lambda la=la: la.forward(problem, out, None)) for name, la in launchers.items()}
+    for fn in calls.values():  # plan, compile
+        fn()
+    tables = _tables_of(launchers["rule"]) or _tables_of(launchers["forced"])
+    decision = None
+    if tables is not None:
+        # The decision as the rule makes it (its own buffer), and the build alone.
+        flag = torch.zeros(4, dtype=torch.int32, device=device)
+        launch.run(x.get_device(), planning.plan_table_decision(problem, flag, DEFAULT_TUNING))
+        decision = int(flag[0])
+        stand_in = x.contiguous(memory_format=torch.channels_last)
+        calls["decide+build"] = lambda: tables.run(x.get_device(), stand_in, rois)
     if dtype != torch.bfloat16:
-        from torchvision.ops import roi_pool as tv
+        try:
+            from torchvision.ops import roi_pool as tv_roi_pool
 
-        rois_tv = rois.to(dtype)
-        tv_ms = pipelined_ms(lambda: tv(x, rois_tv, size, w.spatial_scale), args.reps, args.inner)
-    mismatches = 0
+            rois_tv = rois.to(dtype)
+            calls["torchvision"] = lambda: tv_roi_pool(x, rois_tv, size, w.spatial_scale)
+        except ImportError:
+            pass
+    same = True
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
     for values in (x, tie_heavy(x)):
-        fill_tables(values, buffer)
-        reference = torch.full_like(out, float("nan"))
-        plain = RoIPoolProblem(values, rois, size, size, w.spatial_scale, False)
-        variants["plane"].runner(plain, reference, None)()
-        result = torch.full_like(out, 1.5)
-        variants["tables"].runner(tabled, result, None)()
-        if not torch.equal(bits(result), bits(reference)):
-            mismatches += 1
-            print(f"MISMATCH {w.name} {dtype}")
-    total = tables_ms + build_ms
+        checked = RoIPoolProblem(values, rois, size, size, w.spatial_scale, False)
+        results = []
+        for launcher in launchers.values():
+            result = torch.full_like(out, float("nan"))
+            launcher.forward(checked, result, None)
+            results.append(result.view(bits))
+        same = same and all(torch.equal(results[0], r) for r in results[1:])
+    torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.rounds):
+        for name, fn in calls.items():
+            samples[name].append(sample_ms(fn, args.inner))
+    ms = {name: statistics.median(v) for name, v in samples.items()}
+    spread = {name: (max(v) - min(v)) / statistics.median(v) for name, v in samples.items()}
+    row = {
+        "workload": w.name,
+        "dtype": str(dtype)[6:],
+        "layout": layout,
+        "ms": ms,
+        "spread": spread,
+        "decision": decision,
+        "same_bits": same,
+    }
+    tv = ms.get("torchvision")
+    tv_cells = (
+        f" | tv {tv:.3f} tv/rule {tv / ms['rule']:.2f}x tv/off {tv / ms['off']:.2f}x" if tv else ""
+    )
+    build = f" decide+build {ms['decide+build']:.3f}" if "decide+build" in ms else ""
     print(
-        f"{w.name:10} {str(dtype)[6:]:8} tv {tv_ms:.3f}  auto {auto_ms:.3f}  tables {tables_ms:.3f}"
-        f" (+ build {build_ms:.3f} = {total:.3f})  auto/(tables+build) {auto_ms / total:.2f}x",
+        f"{w.name:10} {str(dtype)[6:]:8} {layout:13} off {ms['off']:.3f} rule {ms['rule']:.3f} "
+        f"({ms['off'] / ms['rule']:.2f}x) forced {ms['forced']:.3f} "
+        f"({ms['off'] / ms['forced']:.2f}x){build} decision {decision}{tv_cells} "
+        f"| spread {max(spread.values()):.0%} | bits {'same' if same else 'DIFFER'}",
         flush=True,
     )
-    return mismatches
+    return row
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--dtype", nargs="*", default=["float32", "float16"])
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--layout", nargs="*", default=["channels_last", "nchw"])
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--inner", type=int, default=10)
-    parser.add_argument("--emulate", action="store_true", help="no GPU: check exactness only")
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    if args.emulate:
-        return emulate()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from probe import VARIANTS, Variant
-
-    variants = {
-        "auto": Variant("auto", VARIANTS["auto"]),
-        "tables": Variant("tables", VARIANTS["auto"], table_source(kernels.source())),
-        "plane": Variant("plane", VARIANTS["plane"]),
-    }
-    print("ms: torchvision, the backend's choice, the table kernels alone, the tables' build")
-    mismatches = sum(
-        measure(WORKLOADS[name], getattr(torch, dtype), variants, args)
+    if not torch.cuda.is_available():
+        print("table_probe: needs a CUDA device", file=sys.stderr)
+        return 2
+    print(
+        f"table_probe on {torch.cuda.get_device_name()}: inference ms per call, medians of "
+        f"{args.rounds} rounds of {args.inner} calls; (x): off over the column's time"
+    )
+    rows = [
+        probe(WORKLOADS[name], getattr(torch, dtype), layout, args)
         for name in args.workload
         for dtype in args.dtype
-    )
-    print(f"bit checks: {mismatches} mismatches")
-    return 1 if mismatches else 0
+        for layout in args.layout
+    ]
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    differ = [f"{r['workload']} {r['dtype']} {r['layout']}" for r in rows if not r["same_bits"]]
+    print(f"bit checks: {len(differ)} differ {differ}")
+    return 1 if differ else 0
 
 
 if __name__ == "__main__":

@@ -197,15 +197,24 @@ __device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ cor
   }
 }
 
+// The side of the squares a bin of h x w elements reads from the tables of maxima
+// (max_tables.cu): 4 (4 x 4 table), 2 (2 x 2) or 1 (the map).
+__device__ __forceinline__ int table_side(int h, int w) {
+  return h >= 4 && w >= 4 ? 4 : h >= 2 && w >= 2 ? 2 : 1;
+}
+
 // One bin (corner: its first element of the thread's first channel; not empty; sH and sW
 // i64, or int where every offset within an image fits) for the thread's channels: every element
 // read once, as kVectors 16-byte vectors (`vectors`), in the contract's scan order. Writes each
-// channel's value and, with kArgmax, its argmax, at `slots`.
+// channel's value and, with kArgmax, its argmax, at `slots`. Inference with tables of maxima
+// (max_tables.cu; table2, table4: the tables' distance from the map in elements, 0 for none)
+// reads the table that the bin's sides allow instead, every element of the bin covered by the
+// squares read, each square inside the bin.
 template <class T, bool kArgmax, int P, class Out, class I>
 __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, CvecVectors vectors, I sH,
                                          I sW, int bin_h, int bin_w, int first_index, int w_int,
                                          Out* __restrict__ values, int* __restrict__ indices,
-                                         CvecSlots slots) {
+                                         CvecSlots slots, i64 table2 = 0, i64 table4 = 0) {
   typedef Lanes<T> L;
   constexpr int V = L::kCount;
   constexpr int kChannels = P * V;
@@ -222,10 +231,13 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, CvecVecto
 #pragma unroll
       for (int w = 0; w < 4; ++w) m[p][w] = PackedMax<T>::lowest();
     }
-    for (int i = 0; i < bin_h; ++i) {
-      const T* __restrict__ line = corner + i * sH;
+    const int s = table2 == 0 ? 1 : table_side(bin_h, bin_w);
+    const T* __restrict__ table = corner + (s == 4 ? table4 : s == 2 ? table2 : 0);
+    for (int i0 = 0; i0 < bin_h; i0 += s) {
+      const T* __restrict__ line = table + (i0 < bin_h - s ? i0 : bin_h - s) * sH;
 #pragma unroll kInferUnroll
-      for (int j = 0; j < bin_w; ++j) {
+      for (int j0 = 0; j0 < bin_w; j0 += s) {
+        const int j = j0 < bin_w - s ? j0 : bin_w - s;
 #pragma unroll
         for (int p = 0; p < P; ++p) {
           const roi_vec16 v = load_vec16(line + j * sW + offset[p]);
@@ -373,7 +385,8 @@ __device__ __forceinline__ int cvec_round_bins(int lanes, int nb, int capacity) 
 
 // The cvec kernel's work in block (k, channel blocks) of ROI k on one map (input, its sizes and
 // strides, spatial_scale; sC is 1). num_images: N, or 0 for a ROI that pools nothing (every
-// bin empty). Every thread of the block runs it (it has barriers).
+// bin empty); table2, table4: as cvec_bin's. Every thread of the block runs it (it has
+// barriers).
 //
 // A round pools the block's channels (channels_per_block = lanes * kChannels, fewer at the end)
 // for `bins` bins into a shared tile laid out as the output (channel by channel, bins
@@ -387,7 +400,8 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
                                          const i64 rs1, const double spatial_scale, const i64 PH,
                                          const i64 PW, const i64 channels_per_block,
                                          T* __restrict__ output, int* __restrict__ argmax,
-                                         const i64 k) {
+                                         const i64 k, const i64 table2 = 0,
+                                         const i64 table4 = 0) {
   typedef typename Rois<R>::G G;
   typedef typename TileBits<sizeof(T)>::type S;
   // A value's slot in the tile: its own bits, or with the argmax a 16-bit value in a 32-bit
@@ -461,7 +475,7 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
           } else {
             cvec_bin<T, kArgmax, P>(planes + (rows.x * sH_int + cols.x * sW_int), thread_vectors,
                                  sH_int, sW_int, bin_h, bin_w, rows.x * w_int + cols.x, w_int,
-                                 values, indices, slots);
+                                 values, indices, slots, table2, table4);
           }
         }
       }
@@ -499,14 +513,28 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
 
 namespace roi_ops_cuda {
 // The bodies of the cvec kernels (single map and levels) with P vectors a thread.
+// tables, table_decision: max_tables.cu's (null: none), read in inference where
+// table_decision[0] is 1.
 template <class T, class R, bool kArgmax, int P>
 __device__ __forceinline__ void cvec_map_kernel(ROI_OPS_MAP_PARAMETERS,
                                                 const i64 channels_per_block,
+                                                const T* __restrict__ tables,
+                                                const int* __restrict__ table_decision,
                                                 ROI_OPS_FORWARD_OUTPUTS) {
   (void)sC;  // 1
   const i64 k = blockIdx.x;
+  i64 table2 = 0, table4 = 0;
+  if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
+    if (tables != nullptr && table_decision[0] != 0) {
+      // The tables' distance from the map (another allocation of the same address space).
+      table2 = static_cast<i64>(reinterpret_cast<unsigned long long>(tables) -
+                                reinterpret_cast<unsigned long long>(input)) /
+               static_cast<i64>(sizeof(T));
+      table4 = table2 + N * sN;
+    }
+  }
   cvec_roi<T, R, kArgmax, P>(input, N, C, H, W, sN, sH, sW, rois + k * rs0, rs1, spatial_scale,
-                             PH, PW, channels_per_block, output, argmax, k);
+                             PH, PW, channels_per_block, output, argmax, k, table2, table4);
   report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
 }
 template <class T, class R, bool kArgmax, int P>
@@ -525,15 +553,17 @@ __device__ __forceinline__ void cvec_levels_kernel(ROI_OPS_LEVELS_PARAMETERS,
 
 // channels_per_block: CvecShape<T, kArgmax>::kChannels (the wide kernel: CvecWideShape's) times
 // a power of two <= kCvecThreads (threads per bin); C a multiple of Lanes<T>::kCount; the input
-// pointer and sN, sH, sW 16-byte aligned (sC == 1).
+// pointer and sN, sH, sW 16-byte aligned (sC == 1). tables, table_decision: null, or (inference,
+// the map dense channels_last) max_tables.cu's tables of this map and the decision to read them.
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
     roi_pool_forward_cvec(ROI_OPS_MAP_PARAMETERS, const i64 channels_per_block,
+                          const T* __restrict__ tables, const int* __restrict__ table_decision,
                           ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
   cvec_map_kernel<T, R, kArgmax, CvecShape<T, kArgmax>::kVectors>(
       input, N, C, H, W, sN, sC, sH, sW, rois, rs0, rs1, spatial_scale, PH, PW,
-      channels_per_block, output, argmax, bad_roi_log);
+      channels_per_block, tables, table_decision, output, argmax, bad_roi_log);
 }
 
 // ---- roi_pool_forward_cvec_wide<T, R, kArgmax>: the cvec kernel, four vectors a thread in
@@ -541,11 +571,12 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlo
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
     roi_pool_forward_cvec_wide(ROI_OPS_MAP_PARAMETERS, const i64 channels_per_block,
-                               ROI_OPS_FORWARD_OUTPUTS) {
+                               const T* __restrict__ tables,
+                               const int* __restrict__ table_decision, ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
   cvec_map_kernel<T, R, kArgmax, CvecWideShape<T, kArgmax>::kVectors>(
       input, N, C, H, W, sN, sC, sH, sW, rois, rs0, rs1, spatial_scale, PH, PW,
-      channels_per_block, output, argmax, bad_roi_log);
+      channels_per_block, tables, table_decision, output, argmax, bad_roi_log);
 }
 
 // ---- roi_pool_forward_cvec_levels<T, R, kArgmax>: the cvec kernel over pyramid levels --------
