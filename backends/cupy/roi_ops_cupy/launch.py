@@ -292,15 +292,16 @@ class _Tables:
         self.build = PackedLaunch(device, build, MAX_TABLES_TENSORS)
 
     def run(self, device: int, x: torch.Tensor, rois: torch.Tensor) -> tuple:
-        """(the tables, the decision) of map `x` as the forward launch takes them, their
-        launches queued on the current stream (the buffer is freed for reuse by later work on
-        that stream only, after these launches)."""
+        """(the buffer, the tables, the decision) of map `x`, the latter two as the forward
+        launch takes them, their launches queued on the current stream. Hold the buffer until
+        the forward is queued: torch may then hand its memory to later work on this stream
+        only, which runs after the forward."""
         buffer = torch.empty(self.elements, dtype=x.dtype, device=x.device)
         decision = _Address(buffer.data_ptr())
         tables = _Address(decision.address + self.skip)
         self.decide.launch(device, (rois, decision))
         self.build.launch(device, (x, decision, tables))
-        return tables, decision
+        return buffer, tables, decision
 
 
 class _BackwardPlan:
@@ -370,8 +371,11 @@ class Launcher:
             if tables is None:
                 packed.launch(device, (x, rois, output, argmax, log))
             else:
-                table, decision = tables.run(device, x, rois)
+                # The buffer is held until the forward is queued, so that no allocation in
+                # between is handed its memory.
+                buffer, table, decision = tables.run(device, x, rois)
                 packed.launch(device, (x, rois, output, argmax, log, table, decision))
+                del buffer
 
     @staticmethod
     def _stage(x: torch.Tensor, copy: PackedLaunch | None, device: int) -> torch.Tensor:

@@ -68,7 +68,7 @@ def probe(w, dtype: torch.dtype, layout: str, args) -> dict:
         launch.run(x.get_device(), planning.plan_table_decision(problem, flag, DEFAULT_TUNING))
         decision = int(flag[0])
         stand_in = x.contiguous(memory_format=torch.channels_last)
-        calls["decide+build"] = lambda: tables.run(x.get_device(), stand_in, rois)
+        calls["decide+build"] = lambda: tables.run(x.get_device(), stand_in, rois)[0]
     if dtype != torch.bfloat16:
         try:
             from torchvision.ops import roi_pool as tv_roi_pool
