@@ -98,7 +98,8 @@ for stage in $stages; do
     sanitize)
       for tool in memcheck racecheck; do
         timeout 400 compute-sanitizer --tool "$tool" --error-exitcode 9 \
-          "$PYTHON" backends/cupy/tools/sanitize.py --backend cupy cupy-planes cupy-planes-grouped triton 2>&1 \
+          "$PYTHON" backends/cupy/tools/sanitize.py --backend cupy cupy-planes cupy-planes-grouped \
+          cupy-tables triton 2>&1 \
           | tee "$RESULTS/sanitize-$tool.log" | grep -E "SUMMARY|sanitize cases|Error" | tail -5
         [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       done

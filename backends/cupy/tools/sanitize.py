@@ -3,7 +3,8 @@
     compute-sanitizer --tool memcheck python backends/cupy/tools/sanitize.py --backend cupy triton
 
 `cupy-planes` runs the cupy backend with its planes backward forced (the cases are too small for
-it to be chosen), through a `Launcher` with another `CupyTuning`.
+it to be chosen), `cupy-tables` with the tables of maxima built and read in every inference that
+can read them, each through a `Launcher` with another `CupyTuning`.
 
 Each case is also compared with the scalar reference, so a silent wrong result fails too.
 """
@@ -77,25 +78,34 @@ def cases(device: str) -> list[RoiPoolCase]:
 
 
 @contextlib.contextmanager
-def planes_backward(grouped: bool = False):
-    """The cupy backend with its planes backward (scanning or, `grouped`, reading the grouping
-    launch's lists) forced wherever it can run."""
-    from roi_ops_cupy import kernels, launch
+def tuned(**changes):
+    """The cupy backend planning with its default tuning so changed (a forced choice)."""
+    from roi_ops_cupy import launch
     from roi_ops_cupy.tuning import DEFAULT_TUNING
 
     default = launch.DEFAULT_LAUNCHER
-    kernel = kernels.BACKWARD_PLANES_GROUPED if grouped else kernels.BACKWARD_PLANES
-    launch.DEFAULT_LAUNCHER = launch.Launcher(replace(DEFAULT_TUNING, backward_kernel=kernel))
+    launch.DEFAULT_LAUNCHER = launch.Launcher(replace(DEFAULT_TUNING, **changes))
     try:
         yield
     finally:
         launch.DEFAULT_LAUNCHER = default
 
 
-# Pseudo-backends: a backend run with a forced kernel choice.
+def _kernel(name: str) -> str:
+    from roi_ops_cupy import kernels
+
+    return getattr(kernels, name)
+
+
+# Pseudo-backends: a backend run with a forced choice (the planes backward scanning or reading
+# the grouping launch's lists; the tables of maxima).
 FORCED = {
-    "cupy-planes": ("cupy", planes_backward),
-    "cupy-planes-grouped": ("cupy", lambda: planes_backward(grouped=True)),
+    "cupy-planes": ("cupy", lambda: tuned(backward_kernel=_kernel("BACKWARD_PLANES"))),
+    "cupy-planes-grouped": (
+        "cupy",
+        lambda: tuned(backward_kernel=_kernel("BACKWARD_PLANES_GROUPED")),
+    ),
+    "cupy-tables": ("cupy", lambda: tuned(max_tables=True)),
 }
 
 
