@@ -30,7 +30,7 @@ from roi_ops.backend import (
     RoIPoolProblem,
     accumulate_dtype,
 )
-from roi_ops.device_info import cuda_sizes
+from roi_ops.device_info import CudaSizes, cuda_sizes
 
 from . import kernels, planning
 from .tuning import DEFAULT_TUNING, CupyTuning
@@ -278,7 +278,7 @@ class _Tables:
 
     __slots__ = ("decide", "build", "elements", "skip")
 
-    def __init__(self, device: int, problem: RoIPoolProblem, sizes, tuning: CupyTuning):
+    def __init__(self, device: int, problem: RoIPoolProblem, sizes: CudaSizes, tuning: CupyTuning):
         x = problem.input
         self.elements = planning.table_buffer_elements(x)
         self.skip = planning.CVEC_BYTES  # the decision's bytes before the tables
