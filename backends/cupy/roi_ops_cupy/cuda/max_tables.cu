@@ -179,8 +179,8 @@ __device__ __forceinline__ void max_tables_item(const T* __restrict__ input, i64
 // ---- roi_ops_max_tables<T>: the 2 x 2 and 4 x 4 tables of a dense channels_last map ----------
 // Does nothing unless decision[0] is 1; its grid is a few blocks an SM
 // (planning.plan_max_tables), so that a call without tables pays little for it, its threads
-// striding over the work items (max_tables_item). Every max is max.NaN (PackedMax: the cvec kernel's inference). Only where
-// max.NaN exists (sm_80+); float32, float16 and bfloat16.
+// striding over the work items (max_tables_item). Every max is max.NaN (PackedMax: the cvec
+// kernel's inference). Only where max.NaN exists (sm_80+); float32, float16 and bfloat16.
 template <class T>
 __global__ void __launch_bounds__(roi_ops_cuda::kTableThreads, roi_ops_cuda::kTableBlocksPerSM)
     roi_ops_max_tables(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
