@@ -3,8 +3,9 @@ forced on and switched off, on every bench workload and both layouts, in one run
 
 Not a benchmark of record (that is ``python -m roi_ops bench``): this times the backend's
 launcher (preallocated outputs, no roi_ops dispatch) with three tunings (``rule``: the
-defaults; ``forced``: ``max_tables=True``, built and read wherever they can be; ``off``:
-``max_tables=False``), the tables' decision and build alone, and torchvision on the same input.
+planning's and the device's decision, ``max_tables=None``; ``forced``: ``max_tables=True``,
+built and read wherever they can be; ``off``: ``max_tables=False``), the tables' decision and
+build alone, and torchvision on the same input.
 Rounds alternate the calls; each figure is the median over rounds of a sample of `--inner`
 back-to-back calls between two CUDA events. The three tunings' outputs are checked bit for bit
 against each other on the workload's input and on a tie-heavy one. NCHW inputs go through the
@@ -32,7 +33,7 @@ from roi_ops_cupy import launch, planning
 from roi_ops_cupy.tuning import DEFAULT_TUNING
 
 TUNINGS = {
-    "rule": DEFAULT_TUNING,
+    "rule": replace(DEFAULT_TUNING, max_tables=None),
     "forced": replace(DEFAULT_TUNING, max_tables=True),
     "off": replace(DEFAULT_TUNING, max_tables=False),
 }
@@ -65,7 +66,7 @@ def probe(w, dtype: torch.dtype, layout: str, args) -> dict:
     if tables is not None:
         # The decision as the rule makes it (its own buffer), and the build alone.
         flag = torch.zeros(4, dtype=torch.int32, device=device)
-        launch.run(x.get_device(), planning.plan_table_decision(problem, flag, DEFAULT_TUNING))
+        launch.run(x.get_device(), planning.plan_table_decision(problem, flag, TUNINGS["rule"]))
         decision = int(flag[0])
         stand_in = x.contiguous(memory_format=torch.channels_last)
         calls["decide+build"] = lambda: tables.run(x.get_device(), stand_in, rois)[0]
