@@ -294,7 +294,7 @@ def test_single_level_inference_through_tables_of_maxima(backend, layout, decide
 
     from roi_ops_cupy.tuning import DEFAULT_TUNING
 
-    tuning = replace(DEFAULT_TUNING, table_min_outputs=0, stage_channels_last=True)
+    tuning = replace(DEFAULT_TUNING, max_tables=None, table_min_outputs=0, stage_channels_last=True)
     if not decided:
         tuning = replace(tuning, table_min_saved_reads=1e12)
     backend.launcher = launch_module.Launcher(tuning)

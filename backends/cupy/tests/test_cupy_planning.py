@@ -552,14 +552,17 @@ def test_tables_of_maxima_in_cvec_inference_of_dense_channels_last_maps():
     rois = torch.tensor([[0, 0.0, 0.0, 39.0, 39.0]] * 300)
     l2 = sizes(132, 50 * 2**20)
     inference = _problem(x, rois, 7, needs_argmax=False)  # 300 * 64 * 49 outputs: 940,800
-    few = CupyTuning(table_min_outputs=900_000)
+    few = CupyTuning(max_tables=None, table_min_outputs=900_000)
     assert planning.uses_max_tables(inference, False, l2, True, few)
-    assert not planning.uses_max_tables(inference, False, l2, True)  # fewer than 2^22
+    assert not planning.uses_max_tables(inference, False, l2, True)  # off by default
+    rule = CupyTuning(max_tables=None)
+    assert not planning.uses_max_tables(inference, False, l2, True, rule)  # fewer than 2^22
     assert not planning.uses_max_tables(inference, True, l2, True, few)  # the argmax
     assert not planning.uses_max_tables(inference, False, l2, False, few)  # no max.NaN
     assert not planning.uses_max_tables(inference, False, l2, True, CupyTuning(max_tables=False))
     assert planning.uses_max_tables(inference, False, l2, True, CupyTuning(max_tables=True))
-    small = CupyTuning(table_min_outputs=0, table_max_bytes=2 * x.numel() * 4 - 1)
+    over = 2 * x.numel() * 4 - 1
+    small = CupyTuning(max_tables=None, table_min_outputs=0, table_max_bytes=over)
     assert not planning.uses_max_tables(inference, False, l2, True, small)
     for other in (x.double(), x[:, :, :, :39], x.contiguous()):  # float64, not dense, NCHW
         problem = _problem(other, rois, 7, needs_argmax=False)
