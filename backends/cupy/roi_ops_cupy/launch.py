@@ -276,12 +276,11 @@ class _Tables:
     the build's launches, planned once on stand-ins; `run` allocates each call's buffer (the
     decision's int32, then the tables: `planning.table_buffer_elements`) and queues both."""
 
-    __slots__ = ("decide", "build", "elements", "skip")
+    __slots__ = ("decide", "build", "elements")
 
     def __init__(self, device: int, problem: RoIPoolProblem, sizes: CudaSizes, tuning: CupyTuning):
         x = problem.input
         self.elements = planning.table_buffer_elements(x)
-        self.skip = planning.CVEC_BYTES  # the decision's bytes before the tables
         decision = torch.empty(1, dtype=torch.int32, device="meta")
         tables = torch.empty(self.elements, dtype=x.dtype, device="meta")
         stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
@@ -298,7 +297,7 @@ class _Tables:
         only, which runs after the forward."""
         buffer = torch.empty(self.elements, dtype=x.dtype, device=x.device)
         decision = _Address(buffer.data_ptr())
-        tables = _Address(decision.address + self.skip)
+        tables = _Address(decision.address + planning.CVEC_BYTES)  # after the decision's bytes
         self.decide.launch(device, (rois, decision))
         self.build.launch(device, (x, decision, tables))
         return buffer, tables, decision

@@ -37,6 +37,30 @@ def sample_ms(fn, inner: int) -> float:
     return time_calls(fn, cuda, 0.0, warmup=0, min_reps=1, max_reps=1, queue=inner).median
 
 
+def torchvision_call(x: torch.Tensor, rois: torch.Tensor, size: int, scale: float):
+    """torchvision's roi_pool on `x` as a call, or None (bfloat16, or no torchvision)."""
+    if x.dtype == torch.bfloat16:
+        return None
+    try:
+        from torchvision.ops import roi_pool as tv_roi_pool
+    except ImportError:
+        return None
+    rois_tv = rois.to(x.dtype)
+    return lambda: tv_roi_pool(x, rois_tv, size, scale)
+
+
+def time_rounds(calls: dict, rounds: int, inner: int) -> tuple[dict, dict]:
+    """(median ms, spread: (max - min) / median) of each call over `rounds` rounds that
+    alternate the calls, a sample of `inner` back-to-back calls each."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            samples[name].append(sample_ms(fn, inner))
+    ms = {name: statistics.median(v) for name, v in samples.items()}
+    spread = {name: (max(v) - min(v)) / statistics.median(v) for name, v in samples.items()}
+    return ms, spread
+
+
 def probe(w, dtype, args) -> dict:
     device = torch.device("cuda")
     x = make_input(w, dtype, device)
@@ -56,14 +80,9 @@ def probe(w, dtype, args) -> dict:
             problem = RoIPoolProblem(x, rois, size, size, w.spatial_scale, needs)
             buffer = arg if needs else None
             calls[f"{name} {mode}"] = lambda la=launcher, p=problem, b=buffer: la.forward(p, out, b)
-    if dtype != torch.bfloat16:
-        try:
-            from torchvision.ops import roi_pool as tv_roi_pool
-
-            rois_tv = rois.to(dtype)
-            calls["torchvision"] = lambda: tv_roi_pool(x, rois_tv, size, w.spatial_scale)
-        except ImportError:
-            pass
+    tv_call = torchvision_call(x, rois, size, w.spatial_scale)
+    if tv_call is not None:
+        calls["torchvision"] = tv_call
     # Bits: staged against unstaged, both modes.
     results = {}
     for name in ("staged", "nchw"):
@@ -80,12 +99,7 @@ def probe(w, dtype, args) -> dict:
     for fn in calls.values():  # warm-up: compile, plan, allocate
         fn()
     torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(args.rounds):
-        for name, fn in calls.items():
-            samples[name].append(sample_ms(fn, args.inner))
-    ms = {name: statistics.median(v) for name, v in samples.items()}
-    spread = {name: (max(v) - min(v)) / statistics.median(v) for name, v in samples.items()}
+    ms, spread = time_rounds(calls, args.rounds, args.inner)
     input_bytes = x.numel() * x.element_size()
     row = {
         "workload": w.name,

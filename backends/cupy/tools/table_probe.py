@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -48,8 +47,8 @@ def _tables_of(launcher: launch.Launcher):
 def probe(w, dtype: torch.dtype, layout: str, args) -> dict:
     """One workload, dtype and layout: prints its row and returns it."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from probe import tie_heavy
-    from stage_probe import sample_ms
+    from probe import bits, tie_heavy
+    from stage_probe import time_rounds, torchvision_call
 
     device = torch.device("cuda")
     x = make_input(w, dtype, device, channels_last=layout == "channels_last")
@@ -70,31 +69,20 @@ def probe(w, dtype: torch.dtype, layout: str, args) -> dict:
         decision = int(flag[0])
         stand_in = x.contiguous(memory_format=torch.channels_last)
         calls["decide+build"] = lambda: tables.run(x.get_device(), stand_in, rois)[0]
-    if dtype != torch.bfloat16:
-        try:
-            from torchvision.ops import roi_pool as tv_roi_pool
-
-            rois_tv = rois.to(dtype)
-            calls["torchvision"] = lambda: tv_roi_pool(x, rois_tv, size, w.spatial_scale)
-        except ImportError:
-            pass
+    tv_call = torchvision_call(x, rois, size, w.spatial_scale)
+    if tv_call is not None:
+        calls["torchvision"] = tv_call
     same = True
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
     for values in (x, tie_heavy(x)):
         checked = RoIPoolProblem(values, rois, size, size, w.spatial_scale, False)
         results = []
         for launcher in launchers.values():
             result = torch.full_like(out, float("nan"))
             launcher.forward(checked, result, None)
-            results.append(result.view(bits))
+            results.append(bits(result))
         same = same and all(torch.equal(results[0], r) for r in results[1:])
     torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(args.rounds):
-        for name, fn in calls.items():
-            samples[name].append(sample_ms(fn, args.inner))
-    ms = {name: statistics.median(v) for name, v in samples.items()}
-    spread = {name: (max(v) - min(v)) / statistics.median(v) for name, v in samples.items()}
+    ms, spread = time_rounds(calls, args.rounds, args.inner)
     row = {
         "workload": w.name,
         "dtype": str(dtype)[6:],
