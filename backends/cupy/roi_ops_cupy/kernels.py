@@ -97,11 +97,13 @@ COPY_POSITIONS = 64  # kCopyPositions: positions (h * W + w) a block of the copy
 
 
 # The cvec inference's tables of maxima (cuda/max_tables.cu; one NVRTC module, every dtype):
-# the decision (one block of TABLE_DECISION_THREADS threads, every rois dtype), then the build
-# (blocks of TABLE_THREADS threads, each thread TABLE_ROWS rows of one 16-byte channel vector).
-TABLE_DECISION = "roi_ops_table_decision"
+# the count of the reads they save (at most TABLE_SAVINGS_BLOCKS blocks of TABLE_SAVINGS_THREADS
+# threads, every rois dtype), then the decision and build (blocks of TABLE_THREADS threads, each
+# thread TABLE_ROWS rows of one 16-byte channel vector).
+TABLE_SAVINGS = "roi_ops_table_savings"
 MAX_TABLES = "roi_ops_max_tables"
-TABLE_DECISION_THREADS = 1024
+TABLE_SAVINGS_THREADS = 256
+TABLE_SAVINGS_BLOCKS = 64
 TABLE_THREADS = 256
 TABLE_ROWS = 16
 # The input dtypes with tables (the cvec inference's max.NaN reduction).
@@ -208,9 +210,9 @@ def copy_names() -> tuple[str, ...]:
     return tuple(copy_name(dtype) for dtype in C_TYPES)
 
 
-def table_decision_name(rois_dtype: torch.dtype) -> str:
-    """The name expression of the tables' decision for rois of `rois_dtype`."""
-    return f"{TABLE_DECISION}<{C_TYPES[rois_dtype]}>"
+def table_savings_name(rois_dtype: torch.dtype) -> str:
+    """The name expression of the tables' count of saved reads for rois of `rois_dtype`."""
+    return f"{TABLE_SAVINGS}<{C_TYPES[rois_dtype]}>"
 
 
 def max_tables_name(dtype: torch.dtype) -> str:
@@ -220,9 +222,9 @@ def max_tables_name(dtype: torch.dtype) -> str:
 
 @functools.cache
 def table_names() -> tuple[str, ...]:
-    """Every instantiation of the tables' decision and build (one NVRTC module)."""
-    decisions = tuple(table_decision_name(dtype) for dtype in C_TYPES)
-    return decisions + tuple(max_tables_name(dtype) for dtype in TABLE_DTYPES)
+    """Every instantiation of the tables' count and build (one NVRTC module)."""
+    counts = tuple(table_savings_name(dtype) for dtype in C_TYPES)
+    return counts + tuple(max_tables_name(dtype) for dtype in TABLE_DTYPES)
 
 
 def group_rois_name(rois_dtype: torch.dtype) -> str:
@@ -244,7 +246,7 @@ def module_names(name: str) -> tuple[str, ...]:
         return copy_names()
     if kernel == GROUP_ROIS:
         return group_rois_names()
-    if kernel in (TABLE_DECISION, MAX_TABLES):
+    if kernel in (TABLE_SAVINGS, MAX_TABLES):
         return table_names()
     first = types[arguments[0]]
     levels = kernel.endswith(LEVELS_SUFFIX)

@@ -47,9 +47,10 @@ FORWARD_TENSORS = ("input", "rois", "output", "argmax", "bad_roi_log")
 BACKWARD_TENSORS = ("grad_output", "argmax", "rois", "grad_input")
 PLANES_GROUPED_TENSORS = ("grad_output", "argmax", "groups", "grad_input")
 COPY_TENSORS = ("input", "output")  # the staged forward's channels_last copy
-# A forward whose cvec kernel reads the tables of maxima, the tables' decision and their build.
+# A forward whose cvec kernel reads the tables of maxima, the count of the reads they save and
+# the tables' decision and build.
 FORWARD_TABLES_TENSORS = (*FORWARD_TENSORS, "tables", "table_decision")
-TABLE_DECISION_TENSORS = ("rois", "decision")
+TABLE_SAVINGS_TENSORS = ("rois", "decision")
 MAX_TABLES_TENSORS = ("input", "decision", "tables")
 _CHANNELS_LAST = torch.channels_last
 # The same for the multi-level launches of L levels: then each level's map (gradient).
@@ -272,22 +273,20 @@ class _Address:
 
 
 class _Tables:
-    """The tables of maxima of a forward key (`planning.uses_max_tables`): the decision's and
-    the build's launches, planned once on stand-ins; `run` allocates each call's buffer (the
-    decision's int32, then the tables: `planning.table_buffer_elements`) and queues both."""
+    """The tables of maxima of a forward key (`planning.uses_max_tables`): the count's and the
+    build's launches, planned once on stand-ins; `run` allocates each call's buffer (the
+    decision's bytes, then the tables: `planning.table_buffer_elements`) and queues both."""
 
-    __slots__ = ("decide", "build", "elements")
+    __slots__ = ("count", "build", "elements")
 
     def __init__(self, device: int, problem: RoIPoolProblem, sizes: CudaSizes, tuning: CupyTuning):
         x = problem.input
         self.elements = planning.table_buffer_elements(x)
-        decision = torch.empty(1, dtype=torch.int32, device="meta")
+        decision = torch.empty(planning.TABLE_HEAD_BYTES // 4, dtype=torch.int32, device="meta")
         tables = torch.empty(self.elements, dtype=x.dtype, device="meta")
-        stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
-        stand_in = stand_in.contiguous(memory_format=_CHANNELS_LAST)
-        decide = planning.plan_table_decision(problem, decision, tuning)
-        build = planning.plan_max_tables(stand_in, decision, tables, sizes)
-        self.decide = PackedLaunch(device, decide, TABLE_DECISION_TENSORS)
+        count = planning.plan_table_savings(problem, decision)
+        build = planning.plan_max_tables(problem, decision, tables, sizes, tuning)
+        self.count = PackedLaunch(device, count, TABLE_SAVINGS_TENSORS)
         self.build = PackedLaunch(device, build, MAX_TABLES_TENSORS)
 
     def run(self, device: int, x: torch.Tensor, rois: torch.Tensor) -> tuple:
@@ -297,8 +296,8 @@ class _Tables:
         only, which runs after the forward."""
         buffer = torch.empty(self.elements, dtype=x.dtype, device=x.device)
         decision = _Address(buffer.data_ptr())
-        tables = _Address(decision.address + planning.CVEC_BYTES)  # after the decision's bytes
-        self.decide.launch(device, (rois, decision))
+        tables = _Address(decision.address + planning.TABLE_HEAD_BYTES)
+        self.count.launch(device, (rois, decision))
         self.build.launch(device, (x, decision, tables))
         return buffer, tables, decision
 

@@ -34,6 +34,9 @@ DEFAULT_SHARED_LIMIT = 48 * 1024  # what every CUDA device gives a block without
 MAX_GRID_Y = 65535
 INT32_LIMIT = 2**31
 TABLE_BLOCKS_PER_SM = 3  # the tables' build: its blocks an SM (kTableBlocksPerSM), all resident
+# The tables' buffer starts with the decision's bytes: its int32, then from byte 16 a long long
+# count for each block of the count of saved reads (cuda/max_tables.cu).
+TABLE_HEAD_BYTES = CVEC_BYTES + 8 * kernels.TABLE_SAVINGS_BLOCKS
 UNIT_GEOMETRY_BYTES = 16  # the unit kernel's shared ROI geometry (UnitGeometry) before its edges
 # The unit kernel's PH + PW edges fit the shared memory every device gives a block, since PH + PW
 # <= PH * PW + 1.
@@ -145,11 +148,13 @@ def uses_max_tables(
 
     Inference (`argmax` False) on the cvec kernels, float32, float16 or bfloat16, with the map
     dense channels_last (the tables share its strides) on a device with max.NaN (`max_nan`:
-    sm_80 and later), at least ``tuning.table_min_outputs`` outputs (below, the two launches
-    cost more host time than the tables can save) and tables of at most
-    ``tuning.table_max_bytes``. Whether the tables are then built and read is decided on the
-    device from the ROIs (`plan_table_decision`). ``tuning.max_tables`` forces the tables
-    (True: wherever they can be read, decided yes on the device) or switches them off (False).
+    sm_80 and later), a map that does not fit in L2 (the reads the tables save are then
+    memory's: within L2 the build cost more than they saved on every workload measured,
+    tools/NOTES.md), at least ``tuning.table_min_outputs`` outputs (below, the two launches cost
+    more host time than the tables can save) and tables of at most ``tuning.table_max_bytes``.
+    Whether the tables are then built and read is decided on the device from the ROIs
+    (`plan_max_tables`). ``tuning.max_tables`` forces the tables (True: wherever they can be
+    read, built whatever the count) or switches them off (False).
     """
     input = problem.input
     if tuning.max_tables is False or argmax or not max_nan:
@@ -165,29 +170,36 @@ def uses_max_tables(
     if tuning.max_tables:
         return True
     outputs = problem.num_rois * input.shape[1] * bins
-    return outputs >= tuning.table_min_outputs and 2 * _dense_bytes(input) <= tuning.table_max_bytes
+    map_bytes = _dense_bytes(input)
+    return (
+        map_bytes > sizes.l2_bytes
+        and outputs >= tuning.table_min_outputs
+        and 2 * map_bytes <= tuning.table_max_bytes
+    )
 
 
 def table_buffer_elements(input: torch.Tensor) -> int:
-    """Elements of `input`'s dtype in the tables' buffer: 16 bytes for the decision's int32,
-    then the 2 x 2 and the 4 x 4 table, each of the map's size."""
-    return CVEC_BYTES // input.element_size() + 2 * input.numel()
+    """Elements of `input`'s dtype in the tables' buffer: TABLE_HEAD_BYTES for the decision and
+    the counts, then the 2 x 2 and the 4 x 4 table, each of the map's size."""
+    return TABLE_HEAD_BYTES // input.element_size() + 2 * input.numel()
 
 
-def plan_table_decision(
-    problem: RoIPoolProblem, decision: torch.Tensor, tuning: CupyTuning = DEFAULT_TUNING
-) -> Launch:
-    """The decision's launch: one block writes decision[0] = 1 when the element reads that the
-    tables would save over the problem's bins reach ``tuning.table_min_saved_reads`` per map
-    position (0 when ``tuning.max_tables`` forces them), else 0.
+def table_savings_blocks(num_rois: int) -> int:
+    """Blocks of the count of saved reads for `num_rois` ROIs (at least one)."""
+    blocks = math.ceil(num_rois / kernels.TABLE_SAVINGS_THREADS)
+    return max(1, min(blocks, kernels.TABLE_SAVINGS_BLOCKS))
+
+
+def plan_table_savings(problem: RoIPoolProblem, decision: torch.Tensor) -> Launch:
+    """The count's launch: `table_savings_blocks` blocks, each writing into the decision's
+    bytes the element reads that the tables would save over its share of the problem's bins.
 
     Args:
         problem: the forward (its input as the cvec kernel reads it).
-        decision: an int32 tensor of at least one element on the input's device.
+        decision: int32, TABLE_HEAD_BYTES on the input's device, 16-byte aligned.
     """
     input, rois = problem.input, problem.rois
     n, _, h, w = input.shape
-    threshold = 0.0 if tuning.max_tables else tuning.table_min_saved_reads
     args = (
         pointer("rois", rois),
         integer("rs0", rois.stride(0)),
@@ -197,33 +209,45 @@ def plan_table_decision(
         real("spatial_scale", problem.spatial_scale),
         integer("PH", problem.pooled_height),
         integer("PW", problem.pooled_width),
-        real("min_saved_per_position", threshold),
         pointer("decision", decision),
     )
-    name = kernels.table_decision_name(rois.dtype)
-    return Launch(name, (1, 1, 1), (kernels.TABLE_DECISION_THREADS, 1, 1), 0, args)
+    grid = (table_savings_blocks(problem.num_rois), 1, 1)
+    name = kernels.table_savings_name(rois.dtype)
+    return Launch(name, grid, (kernels.TABLE_SAVINGS_THREADS, 1, 1), 0, args)
 
 
 def plan_max_tables(
-    input: torch.Tensor, decision: torch.Tensor, tables: torch.Tensor, sizes: CudaSizes
+    problem: RoIPoolProblem,
+    decision: torch.Tensor,
+    tables: torch.Tensor,
+    sizes: CudaSizes,
+    tuning: CupyTuning = DEFAULT_TUNING,
 ) -> Launch:
-    """The tables' build: `tables` (the 2 x 2 table, then the 4 x 4 one, each of `input`'s
-    numel) from `input`, when decision[0] is 1; at most TABLE_BLOCKS_PER_SM blocks an SM, their
-    threads striding over the work items (a thread's rows of one channel vector).
+    """The tables' decision and build: sums `plan_table_savings`' counts, writes decision[0] =
+    1 when they reach ``tuning.table_min_saved_reads`` per map position (always when
+    ``tuning.max_tables`` forces the tables), else 0, and on a yes builds `tables` (the 2 x 2
+    table, then the 4 x 4 one, each of the input's numel) from the problem's input; at most
+    TABLE_BLOCKS_PER_SM blocks an SM, their threads striding over the work items (a thread's
+    rows of one channel vector).
 
     Args:
-        input: (N, C, H, W) dense channels_last of a dtype in `kernels.TABLE_DTYPES`, C * itemsize
-            a multiple of 16.
-        decision: int32, written by `plan_table_decision`'s launch before this one runs.
+        problem: the forward; its input (N, C, H, W) dense channels_last of a dtype in
+            `kernels.TABLE_DTYPES`, C * itemsize a multiple of 16.
+        decision: int32, TABLE_HEAD_BYTES, the counts written by `plan_table_savings`' launch
+            before this one runs.
         tables: 2 * input.numel() elements of input's dtype, 16-byte aligned.
         sizes: the device's (its SM count).
     """
+    input = problem.input
     n, c, h, w = input.shape
     vectors = c * input.element_size() // CVEC_BYTES
     threads = n * math.ceil(h / kernels.TABLE_ROWS) * w * vectors
+    threshold = 0.0 if tuning.max_tables else tuning.table_min_saved_reads
     args = (
         pointer("input", input),
         *(integer(name, v) for name, v in zip("NCHW", (n, c, h, w), strict=True)),
+        integer("counts", table_savings_blocks(problem.num_rois)),
+        real("min_saved_per_position", threshold),
         pointer("decision", decision),
         pointer("tables", tables),
     )
@@ -507,7 +531,7 @@ def plan_forward(
         sizes: the device's SM count and L2 size (an L2 of 0: inputs count as not cached).
         tuning: the planning constants.
         tables, table_decision: None, or where `uses_max_tables` says so the buffers of
-            `plan_max_tables` (the tables after the decision's int32), passed to the cvec
+            `plan_max_tables` (the tables after the decision's bytes), passed to the cvec
             kernels (which read them in inference when the decision is 1); other kernels take
             none.
     """

@@ -60,9 +60,8 @@ class CupyTuning:
             memory (the break-even, measured on fpn-p2, is in tools/NOTES.md).
         max_tables: None, or whether single-map inference on the cvec kernels queues the
             tables of maxima (True: wherever they can be read, always built; False: never);
-            None: `planning.uses_max_tables` decides, and the device from the ROIs. False
-            until a GPU has timed the rule against no tables (tools/NOTES.md, "Tables of
-            maxima"): the rule rests on an H100 probe's estimates only.
+            None: `planning.uses_max_tables` decides, and the device from the ROIs
+            (tools/NOTES.md, "Tables of maxima").
         table_min_saved_reads: the tables are built and read when the element reads they save
             (one channel, every bin of every ROI) are at least this many per map position: a
             build costs about a pass over the map (the break-even in tools/NOTES.md).
@@ -98,7 +97,7 @@ class CupyTuning:
     stage_channels_last: bool | None = None
     stage_min_reads: float = 2.0
     stage_min_reads_16bit_beyond_l2: float = 0.4
-    max_tables: bool | None = False
+    max_tables: bool | None = None
     table_min_saved_reads: float = 20.0
     table_min_outputs: int = 1 << 22
     table_max_bytes: int = 2 << 30

@@ -126,16 +126,17 @@ class CudaRunner:
 
 def build_tables(runner, problem: RoIPoolProblem, tuning: CupyTuning = DEFAULT_TUNING):
     """The tables of maxima of `problem`'s input (dense channels_last) as the launcher queues
-    them: the decision (forced yes unless `tuning` says otherwise), then the build into a
-    poisoned (NaN) buffer inside a guard; returns (tables, decision) on the runner's device."""
+    them: the count of saved reads into poisoned decision bytes, then the decision (forced yes
+    unless `tuning` says otherwise) and the build into a poisoned (NaN) buffer inside a guard;
+    returns (tables, decision) on the runner's device."""
     x = problem.input
     device = runner.device
-    decision = torch.full((4,), -7, dtype=torch.int32, device=device)
+    decision = torch.full((planning.TABLE_HEAD_BYTES // 4,), -7, dtype=torch.int32, device=device)
     tables, buffer = guarded((2 * x.numel(),), (1,), x.dtype, device, -7.0)
     tables.fill_(math.nan)
-    runner.launch(planning.plan_table_decision(problem, decision, tuning))
+    runner.launch(planning.plan_table_savings(problem, decision))
     # One SM: a grid of TABLE_BLOCKS_PER_SM blocks, whose threads stride over the work.
-    runner.launch(planning.plan_max_tables(x, decision, tables, sizes()))
+    runner.launch(planning.plan_max_tables(problem, decision, tables, sizes(), tuning))
     check_guards(buffer, -7.0)
     return tables, decision
 

@@ -480,9 +480,12 @@ def test_tables_of_maxima_on_zeros_nans_and_ties(runner, dtype, layout):
 
 
 @pytest.mark.parametrize("rois_dtype", [torch.float32, torch.float64, torch.float16])
-def test_table_decision_counts_the_reads_the_tables_save(runner, rois_dtype):
-    # The decision's count against one from the reference geometry (every bin: its elements less
-    # the table entries it reads): yes at exactly the count per map position, no just above it.
+def test_table_count_and_decision_from_the_reads_the_tables_save(runner, rois_dtype):
+    # The count's blocks sum to the count from the reference geometry (every bin: its elements
+    # less the table entries it reads) with every block striding (more ROIs than its most
+    # blocks' threads); the build decides yes just below that count per map position, no just
+    # above, from the counts of the count's blocks only (the other bytes stay poisoned).
+    from cupy_harness import build_tables
     from roi_ops.backend import RoIPoolProblem
     from roi_ops.testing.reference import roi_bins
 
@@ -495,7 +498,11 @@ def test_table_decision_counts_the_reads_the_tables_save(runner, rois_dtype):
     sides = torch.exp(torch.rand(k, 2, generator=g) * 4)
     batch = torch.randint(-1, n + 1, (k, 1), generator=g).float()
     rois = torch.cat([batch, corners, corners + sides], dim=1).to(rois_dtype)
-    x = torch.empty((n, 8, h, w), dtype=torch.float32, device="meta")
+    copies = 1 + kernels.TABLE_SAVINGS_BLOCKS * kernels.TABLE_SAVINGS_THREADS // k
+    many = rois.repeat(copies, 1).to(runner.device)
+    x = wide(tie_heavy_features((n, 4, h, w), 3, torch.float32))
+    x = x.to(runner.device).contiguous(memory_format=torch.channels_last)
+    blocks = kernels.TABLE_SAVINGS_BLOCKS
     for size in [(7, 7), (3, 5), (14, 14)]:
         saved = 0
         for row in rois.double().tolist():
@@ -508,12 +515,18 @@ def test_table_decision_counts_the_reads_the_tables_save(runner, rois_dtype):
                     s = 4 if bh >= 4 and bw >= 4 else 2 if bh >= 2 and bw >= 2 else 1
                     saved += bh * bw - -(-bh // s) * -(-bw // s)
         assert saved > 0
-        problem = RoIPoolProblem(x, rois.to(runner.device), *size, 0.5, False)
-        for threshold, expected in ((saved / (n * h * w), 1), ((saved + 1) / (n * h * w), 0)):
-            decision = torch.full((4,), -7, dtype=torch.int32, device=runner.device)
-            tuning = CupyTuning(table_min_saved_reads=threshold)
-            runner.launch(planning.plan_table_decision(problem, decision, tuning))
-            assert decision.cpu().tolist() == [expected, -7, -7, -7]
+        saved *= copies
+        problem = RoIPoolProblem(x, many, *size, 0.5, False)
+        assert planning.table_savings_blocks(problem.num_rois) == blocks
+        positions = n * h * w
+        for threshold, expected in ((saved - 0.5, 1), (saved + 0.5, 0)):
+            tuning = CupyTuning(table_min_saved_reads=threshold / positions)
+            _, decision = build_tables(runner, problem, tuning)
+            head = decision.cpu()
+            assert head[0] == expected and head[1:4].tolist() == [-7, -7, -7]
+            counts = head[4 : 4 + 2 * blocks].view(torch.int64)
+            assert int(counts.sum()) == saved
+            assert head[4 + 2 * blocks :].tolist() == [-7] * (len(head) - 4 - 2 * blocks)
 
 
 @pytest.mark.parametrize("dtype", _MASKED, ids=["float32", "float16", "bfloat16"])
@@ -530,12 +543,13 @@ def test_tables_are_neither_built_nor_read_when_the_decision_says_no(runner, dty
     placed = place_input(x, "channels_last_cvec", runner.device)
     rois_d = rois.to(runner.device)
     problem = RoIPoolProblem(placed, rois_d, 3, 3, 1.0, False)
-    decision = torch.full((4,), -7, dtype=torch.int32, device=runner.device)
+    decision = torch.full((planning.TABLE_HEAD_BYTES // 4,), -7, dtype=torch.int32)
+    decision = decision.to(runner.device)
     tables, _ = guarded((2 * x.numel(),), (1,), dtype, runner.device, math.nan)
     never = CupyTuning(table_min_saved_reads=1e9)
-    runner.launch(planning.plan_table_decision(problem, decision, never))
+    runner.launch(planning.plan_table_savings(problem, decision))
+    runner.launch(planning.plan_max_tables(problem, decision, tables, sizes(), never))
     assert int(decision[0]) == 0
-    runner.launch(planning.plan_max_tables(placed, decision, tables, sizes()))
     assert bool(tables.isnan().all())
     output, _, _, _ = poisoned_outputs(problem.output_shape, dtype, runner.device, False)
     tuning = CupyTuning(forward_kernel=kernels.FORWARD_CVEC)

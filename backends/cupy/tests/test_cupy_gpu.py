@@ -284,15 +284,18 @@ def test_staged_forward_of_large_rois_and_row_gaps(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
-def test_inference_through_tables_of_maxima(dtype, layout):
+def test_inference_through_tables_of_maxima(dtype, layout, monkeypatch):
     """The launcher's tables of maxima (decision, build, cvec kernel reading them) on large ROIs
     of a channels_last map and of the staged copy of an NCHW one, on a side stream with the
     buffers' memory reused from call to call: bit for bit the reference's on tie-heavy inputs;
-    decided yes on the device (the rule, large bins), and no with the threshold out of
-    reach (same bits, from the map)."""
+    decided yes on the device (the rule, large bins; an L2 of 0 so that the small map counts as
+    beyond it), and no with the threshold out of reach (same bits, from the map)."""
     from roi_ops.testing import tie_heavy_features
 
     from roi_ops_cupy import launch
+
+    real_sizes = launch.cuda_sizes
+    monkeypatch.setattr(launch, "cuda_sizes", lambda d: real_sizes(d)._replace(l2_bytes=0))
 
     g = torch.Generator().manual_seed(47)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format

@@ -284,17 +284,18 @@ def test_single_level_planes_backward_through_the_launcher(backend, kernel):
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("decided", [True, False], ids=["decided-yes", "decided-no"])
-def test_single_level_inference_through_tables_of_maxima(backend, layout, decided):
+def test_single_level_inference_through_tables_of_maxima(backend, layout, decided, monkeypatch):
     """`roi_ops.roi_pool` inference on one map through the launcher with the tables of maxima
-    (channels_last, and an NCHW map staged): the decision and the build queued before the cvec
-    kernel, one buffer a call (the decision's int32, then the tables); outputs equal the torch
+    (channels_last, and an NCHW map staged): the count and the build queued before the cvec
+    kernel, one buffer a call (the decision's bytes, then the tables); outputs equal the torch
     backend's whether the device decides to build the tables or not (three calls, tie-heavy
-    maps: the cached plan takes each call's tensors)."""
+    maps: the cached plan takes each call's tensors; an L2 smaller than the map)."""
     from roi_ops.testing import tie_heavy_features
 
     from roi_ops_cupy.tuning import DEFAULT_TUNING
 
-    tuning = replace(DEFAULT_TUNING, max_tables=None, table_min_outputs=0, stage_channels_last=True)
+    monkeypatch.setattr(launch_module, "cuda_sizes", lambda device: sizes(4, 2**16))
+    tuning = replace(DEFAULT_TUNING, table_min_outputs=0, stage_channels_last=True)
     if not decided:
         tuning = replace(tuning, table_min_saved_reads=1e12)
     backend.launcher = launch_module.Launcher(tuning)
@@ -307,7 +308,7 @@ def test_single_level_inference_through_tables_of_maxima(backend, layout, decide
         expected = roi_ops.roi_pool(x, rois, (7, 7), 1 / 2, backend="torch")
         assert_same_bits(out, expected)
     built = EmulatedPackedLaunch.built
-    assert "roi_ops_table_decision<float>" in built and "roi_ops_max_tables<float>" in built
+    assert "roi_ops_table_savings<float>" in built and "roi_ops_max_tables<float>" in built
     assert any(name.startswith("roi_pool_forward_cvec") for name in built)
     (_, staged, _, tables), *_ = backend.launcher._forward.values()
     assert staged == (layout == "contiguous") and tables is not None

@@ -212,14 +212,14 @@ def test_kernel_names_and_modules():
     )
     name = kernels.group_rois_name(torch.float16)
     assert kernels.module_names(name) == kernels.group_rois_names()
-    # The tables of maxima: one module, a decision a rois dtype and a build a table dtype.
+    # The tables of maxima: one module, a count a rois dtype and a build a table dtype.
     assert kernels.table_names() == (
-        *(f"roi_ops_table_decision<{t}>" for t in ("roi_half", "roi_bf16", "float", "double")),
+        *(f"roi_ops_table_savings<{t}>" for t in ("roi_half", "roi_bf16", "float", "double")),
         *(f"roi_ops_max_tables<{t}>" for t in ("float", "roi_half", "roi_bf16")),
     )
     for name in (
         kernels.max_tables_name(torch.float16),
-        kernels.table_decision_name(torch.float64),
+        kernels.table_savings_name(torch.float64),
     ):
         assert kernels.module_names(name) == kernels.table_names()
     assert (

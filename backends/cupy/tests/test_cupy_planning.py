@@ -545,54 +545,65 @@ def test_many_reads_stage_beyond_l2_and_16_bit_inference():
 
 def test_tables_of_maxima_in_cvec_inference_of_dense_channels_last_maps():
     """`uses_max_tables`: inference on the cvec kernels (float32, float16, bfloat16), the map
-    dense channels_last, a device with max.NaN, enough outputs; the plans of the decision and
-    the build; the cvec plans pass the tables (null unless given), and no other kernel takes
-    them."""
-    x = torch.ones(2, 64, 40, 40).contiguous(memory_format=torch.channels_last)
+    dense channels_last and beyond L2, a device with max.NaN, enough outputs; the plans of the
+    count and the build; the cvec plans pass the tables (null unless given), and no other kernel
+    takes them."""
+    x = torch.ones(2, 64, 40, 40).contiguous(memory_format=torch.channels_last)  # 819,200 B
     rois = torch.tensor([[0, 0.0, 0.0, 39.0, 39.0]] * 300)
-    l2 = sizes(132, 50 * 2**20)
+    l2 = sizes(132, 2**19)
     inference = _problem(x, rois, 7, needs_argmax=False)  # 300 * 64 * 49 outputs: 940,800
-    few = CupyTuning(max_tables=None, table_min_outputs=900_000)
-    assert planning.uses_max_tables(inference, False, l2, True, few)
-    assert not planning.uses_max_tables(inference, False, l2, True)  # off by default
-    rule = CupyTuning(max_tables=None)
-    assert not planning.uses_max_tables(inference, False, l2, True, rule)  # fewer than 2^22
+    few = CupyTuning(table_min_outputs=900_000)
+    assert planning.uses_max_tables(inference, False, l2, True, few)  # the rule, by default
+    assert not planning.uses_max_tables(inference, False, sizes(132, 2**20), True, few)  # in L2
+    assert not planning.uses_max_tables(inference, False, l2, True)  # fewer than 2^22 outputs
     assert not planning.uses_max_tables(inference, True, l2, True, few)  # the argmax
     assert not planning.uses_max_tables(inference, False, l2, False, few)  # no max.NaN
-    assert not planning.uses_max_tables(inference, False, l2, True, CupyTuning(max_tables=False))
-    assert planning.uses_max_tables(inference, False, l2, True, CupyTuning(max_tables=True))
+    off = CupyTuning(max_tables=False, table_min_outputs=0)
+    assert not planning.uses_max_tables(inference, False, l2, True, off)
+    forced = CupyTuning(max_tables=True)
+    assert planning.uses_max_tables(inference, False, sizes(132, 50 * 2**20), True, forced)
     over = 2 * x.numel() * 4 - 1
     small = CupyTuning(max_tables=None, table_min_outputs=0, table_max_bytes=over)
     assert not planning.uses_max_tables(inference, False, l2, True, small)
     for other in (x.double(), x[:, :, :, :39], x.contiguous()):  # float64, not dense, NCHW
         problem = _problem(other, rois, 7, needs_argmax=False)
-        assert not planning.uses_max_tables(problem, False, l2, True, CupyTuning(max_tables=True))
+        assert not planning.uses_max_tables(problem, False, l2, True, forced)
     for dtype in (torch.float16, torch.bfloat16):
         problem = _problem(x.to(dtype), rois.to(torch.float32), 7, needs_argmax=False)
-        assert planning.uses_max_tables(problem, False, l2, True, few)
-    assert planning.table_buffer_elements(x) == 4 + 2 * x.numel()
-    assert planning.table_buffer_elements(x.half()) == 8 + 2 * x.numel()
-    decision = torch.zeros(4, dtype=torch.int32)
+        assert planning.uses_max_tables(problem, False, sizes(132, 2**18), True, few)
+    head = planning.TABLE_HEAD_BYTES
+    assert head % 16 == 0 and head >= 16 + 8 * kernels.TABLE_SAVINGS_BLOCKS
+    assert planning.table_buffer_elements(x) == head // 4 + 2 * x.numel()
+    assert planning.table_buffer_elements(x.half()) == head // 2 + 2 * x.numel()
+    decision = torch.zeros(head // 4, dtype=torch.int32)
     tables = torch.zeros(2 * x.numel())
-    plan = planning.plan_table_decision(inference, decision, few)
-    assert plan.name == "roi_ops_table_decision<float>" and plan.grid == (1, 1, 1)
-    assert plan.block == (kernels.TABLE_DECISION_THREADS, 1, 1)
-    assert plan.value("min_saved_per_position") == few.table_min_saved_reads
+    plan = planning.plan_table_savings(inference, decision)
+    assert plan.name == "roi_ops_table_savings<float>" and plan.grid == (2, 1, 1)  # 300 ROIs
+    assert plan.block == (kernels.TABLE_SAVINGS_THREADS, 1, 1)
     assert plan.value("decision") == decision.data_ptr()
-    forced = planning.plan_table_decision(inference, decision, CupyTuning(max_tables=True))
-    assert forced.value("min_saved_per_position") == 0.0
-    build = planning.plan_max_tables(x, decision, tables, l2)
+    assert [planning.table_savings_blocks(k) for k in (0, 1, 256, 257, 10**6)] == [1, 1, 1, 2, 64]
+    build = planning.plan_max_tables(inference, decision, tables, l2, few)
     threads = 2 * math.ceil(40 / kernels.TABLE_ROWS) * 40 * (64 // 4)
     assert build.name == "roi_ops_max_tables<float>"
     assert build.grid == (math.ceil(threads / kernels.TABLE_THREADS), 1, 1)
-    few_sms = planning.plan_max_tables(x, decision, tables, sizes(1))
+    assert build.value("counts") == 2
+    assert build.value("min_saved_per_position") == few.table_min_saved_reads
+    assert (
+        planning.plan_max_tables(inference, decision, tables, l2, forced).value(
+            "min_saved_per_position"
+        )
+        == 0.0
+    )
+    few_sms = planning.plan_max_tables(inference, decision, tables, sizes(1))
     assert few_sms.grid == (planning.TABLE_BLOCKS_PER_SM, 1, 1)
     assert build.value("tables") == tables.data_ptr()
+    assert build.value("decision") == decision.data_ptr()
     out, _ = _outputs(inference)
-    plan = planning.plan_forward(inference, out, None, l2, few, tables, decision)
+    for cached in (l2, sizes(132, 50 * 2**20)):  # the cvec kernel, and its wide twin in L2
+        plan = planning.plan_forward(inference, out, None, cached, few, tables, decision)
+        assert plan.value("tables") == tables.data_ptr()
+        assert plan.value("table_decision") == decision.data_ptr()
     assert plan.name.startswith(kernels.FORWARD_CVEC_WIDE + "<")
-    assert plan.value("tables") == tables.data_ptr()
-    assert plan.value("table_decision") == decision.data_ptr()
     assert planning.plan_forward(inference, out, None, l2).value("tables") == 0
     plane_only = CupyTuning(forward_kernel=kernels.FORWARD_PLANE)
     plane = planning.plan_forward(inference, out, None, l2, plane_only)

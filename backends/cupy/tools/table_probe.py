@@ -3,9 +3,10 @@ forced on and switched off, on every bench workload and both layouts, in one run
 
 Not a benchmark of record (that is ``python -m roi_ops bench``): this times the backend's
 launcher (preallocated outputs, no roi_ops dispatch) with three tunings (``rule``: the
-planning's and the device's decision, ``max_tables=None``; ``forced``: ``max_tables=True``,
-built and read wherever they can be; ``off``: ``max_tables=False``), the tables' decision and
-build alone, and torchvision on the same input.
+planning's and the device's decision, the default; ``forced``: ``max_tables=True``, built and
+read wherever they can be; ``off``: ``max_tables=False``), the tables' count and build alone
+(with the device's decision, shown also where the host's rule queues no tables), and
+torchvision on the same input.
 Rounds alternate the calls; each figure is the median over rounds of a sample of `--inner`
 back-to-back calls between two CUDA events. The three tunings' outputs are checked bit for bit
 against each other on the workload's input and on a tie-heavy one. NCHW inputs go through the
@@ -32,7 +33,7 @@ from roi_ops_cupy import launch, planning
 from roi_ops_cupy.tuning import DEFAULT_TUNING
 
 TUNINGS = {
-    "rule": replace(DEFAULT_TUNING, max_tables=None),
+    "rule": DEFAULT_TUNING,
     "forced": replace(DEFAULT_TUNING, max_tables=True),
     "off": replace(DEFAULT_TUNING, max_tables=False),
 }
@@ -60,15 +61,20 @@ def probe(w, dtype: torch.dtype, layout: str, args) -> dict:
     calls = {name: (lambda la=la: la.forward(problem, out, None)) for name, la in launchers.items()}
     for fn in calls.values():  # plan, compile
         fn()
-    tables = _tables_of(launchers["rule"]) or _tables_of(launchers["forced"])
     decision = None
-    if tables is not None:
-        # The decision as the rule makes it (its own buffer), and the build alone.
-        flag = torch.zeros(4, dtype=torch.int32, device=device)
-        launch.run(x.get_device(), planning.plan_table_decision(problem, flag, TUNINGS["rule"]))
-        decision = int(flag[0])
+    queued = _tables_of(launchers["rule"]) is not None  # the host's half of the rule
+    if _tables_of(launchers["forced"]) is not None:  # the cvec kernel can read tables here
+        # The device's half of the rule on the map as the kernel reads it (its own buffer), and
+        # the count and build alone.
+        device_index = x.get_device()
         stand_in = x.contiguous(memory_format=torch.channels_last)
-        calls["decide+build"] = lambda: tables.run(x.get_device(), stand_in, rois)[0]
+        staged = RoIPoolProblem(stand_in, rois, size, size, w.spatial_scale, False)
+        sizes = launch.cuda_sizes(device_index)
+        counted = launch._Tables(device_index, staged, sizes, TUNINGS["rule"])
+        head = counted.run(device_index, stand_in, rois)[0]
+        head = head[: planning.TABLE_HEAD_BYTES // head.element_size()]
+        decision = int(head.view(torch.int32)[0])
+        calls["count+build"] = lambda: counted.run(device_index, stand_in, rois)[0]
     tv_call = torchvision_call(x, rois, size, w.spatial_scale)
     if tv_call is not None:
         calls["torchvision"] = tv_call
@@ -89,6 +95,7 @@ def probe(w, dtype: torch.dtype, layout: str, args) -> dict:
         "layout": layout,
         "ms": ms,
         "spread": spread,
+        "queued": queued,
         "decision": decision,
         "same_bits": same,
     }
@@ -96,11 +103,12 @@ def probe(w, dtype: torch.dtype, layout: str, args) -> dict:
     tv_cells = (
         f" | tv {tv:.3f} tv/rule {tv / ms['rule']:.2f}x tv/off {tv / ms['off']:.2f}x" if tv else ""
     )
-    build = f" decide+build {ms['decide+build']:.3f}" if "decide+build" in ms else ""
+    build = f" count+build {ms['count+build']:.3f}" if "count+build" in ms else ""
     print(
         f"{w.name:10} {str(dtype)[6:]:8} {layout:13} off {ms['off']:.3f} rule {ms['rule']:.3f} "
         f"({ms['off'] / ms['rule']:.2f}x) forced {ms['forced']:.3f} "
-        f"({ms['off'] / ms['forced']:.2f}x){build} decision {decision}{tv_cells} "
+        f"({ms['off'] / ms['forced']:.2f}x){build} queued {'yes' if queued else 'no'} "
+        f"decision {decision}{tv_cells} "
         f"| spread {max(spread.values()):.0%} | bits {'same' if same else 'DIFFER'}",
         flush=True,
     )

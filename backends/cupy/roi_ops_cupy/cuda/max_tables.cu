@@ -8,14 +8,17 @@
 // stay exact.
 //
 // The tables pay when the reads they save outweigh their build (a pass over the map), which the
-// ROIs' bin sizes decide and the host does not know without a sync: roi_ops_table_decision counts
-// on the device the element reads that the tables would save and writes the decision, which the
-// build and the cvec kernel read (planning.uses_max_tables).
+// ROIs' bin sizes decide and the host does not know without a sync: roi_ops_table_savings counts
+// on the device the element reads that the tables would save, and the build compares the count
+// with its cost, builds or not, and writes the decision that the cvec kernel reads
+// (planning.uses_max_tables). The decision's bytes (planning.TABLE_HEAD_BYTES): the decision's
+// int32, then from byte 16 one long long count for each block of roi_ops_table_savings.
 namespace roi_ops_cuda {
-constexpr int kTableDecisionThreads = 1024;  // kernels.TABLE_DECISION_THREADS
-constexpr int kTableThreads = 256;           // kernels.TABLE_THREADS
-constexpr int kTableRows = 16;               // kernels.TABLE_ROWS: rows of one table thread
-constexpr int kTableBlocksPerSM = 3;         // planning.TABLE_BLOCKS_PER_SM
+constexpr int kTableSavingsThreads = 256;  // kernels.TABLE_SAVINGS_THREADS
+constexpr int kTableSavingsBlocks = 64;    // kernels.TABLE_SAVINGS_BLOCKS: the count's most
+constexpr int kTableThreads = 256;         // kernels.TABLE_THREADS
+constexpr int kTableRows = 16;             // kernels.TABLE_ROWS: rows of one table thread
+constexpr int kTableBlocksPerSM = 3;       // planning.TABLE_BLOCKS_PER_SM
 
 // One axis of a ROI's bins: for each class of span (the side a span alone allows: 1, 2 or 4,
 // index 0, 1, 2) and each side s up to it, the sum of ceil(span / s) over the class's spans.
@@ -74,34 +77,32 @@ __device__ __forceinline__ long long roi_saved_reads(const RoiGeometry<G>& g, i6
 }
 }  // namespace roi_ops_cuda
 
-// ---- roi_ops_table_decision<R>: whether the tables pay for one call --------------------------
-// One block of kTableDecisionThreads threads: decision[0] = 1 when the element reads that the
-// tables save, summed over the K ROIs (exact bins of the contract's geometry, one channel),
-// reach min_saved_per_position * N * H * W (the build's cost in the same unit), else 0.
+// ---- roi_ops_table_savings<R>: the element reads the tables would save -----------------------
+// Blocks of kTableSavingsThreads threads (at most kTableSavingsBlocks), striding over the K ROIs:
+// block b writes its count (the decision's bytes, above), the element reads that the tables save
+// over its ROIs' bins (exact bins of the contract's geometry, one channel). Integers: the sum is
+// exact in any order.
 template <class R>
-__global__ void __launch_bounds__(roi_ops_cuda::kTableDecisionThreads)
-    roi_ops_table_decision(const R* __restrict__ rois, const i64 rs0, const i64 rs1, const i64 K,
-                           const i64 N, const i64 H, const i64 W, const double spatial_scale,
-                           const i64 PH, const i64 PW, const double min_saved_per_position,
-                           int* __restrict__ decision) {
+__global__ void __launch_bounds__(roi_ops_cuda::kTableSavingsThreads, 1)
+    roi_ops_table_savings(const R* __restrict__ rois, const i64 rs0, const i64 rs1, const i64 K,
+                          const i64 N, const i64 H, const i64 W, const double spatial_scale,
+                          const i64 PH, const i64 PW, int* __restrict__ decision) {
   using namespace roi_ops_cuda;
-  __shared__ double partial[kTableDecisionThreads];
+  __shared__ long long partial[kTableSavingsThreads];
   const int tid = static_cast<int>(threadIdx.x);
-  double saved = 0.0;
-  for (i64 k = tid; k < K; k += kTableDecisionThreads) {
+  long long saved = 0;
+  const i64 stride = static_cast<i64>(gridDim.x) * kTableSavingsThreads;
+  for (i64 k = static_cast<i64>(blockIdx.x) * kTableSavingsThreads + tid; k < K; k += stride) {
     const auto g = roi_geometry<R>(rois + k * rs0, rs1, N, spatial_scale, PH, PW);
-    saved += static_cast<double>(roi_saved_reads(g, H, W, PH, PW));
+    saved += roi_saved_reads(g, H, W, PH, PW);
   }
   partial[tid] = saved;
   __syncthreads();
-  for (int half = kTableDecisionThreads / 2; half > 0; half /= 2) {
+  for (int half = kTableSavingsThreads / 2; half > 0; half /= 2) {
     if (tid < half) partial[tid] += partial[tid + half];
     __syncthreads();
   }
-  if (tid == 0) {
-    const double positions = static_cast<double>(N) * static_cast<double>(H * W);
-    decision[0] = partial[0] >= min_saved_per_position * positions ? 1 : 0;
-  }
+  if (tid == 0) reinterpret_cast<long long*>(decision + 4)[blockIdx.x] = partial[0];
 }
 
 namespace roi_ops_cuda {
@@ -177,17 +178,37 @@ __device__ __forceinline__ void max_tables_item(const T* __restrict__ input, i64
 }  // namespace roi_ops_cuda
 
 // ---- roi_ops_max_tables<T>: the 2 x 2 and 4 x 4 tables of a dense channels_last map ----------
-// Does nothing unless decision[0] is 1; its grid is a few blocks an SM
-// (planning.plan_max_tables), so that a call without tables pays little for it, its threads
-// striding over the work items (max_tables_item). Every max is max.NaN (PackedMax: the cvec
-// kernel's inference). Only where max.NaN exists (sm_80+); float32, float16 and bfloat16.
+// Every block sums the `counts` blocks' counts of roi_ops_table_savings (the same integers: every
+// block decides alike) and builds only when they reach min_saved_per_position * N * H * W (the
+// build's cost in the same unit); block 0 writes the decision (1 or 0) for the cvec kernel. Its
+// grid is a few blocks an SM (planning.plan_max_tables), so that a call without tables pays
+// little for it, its threads striding over the work items (max_tables_item). Every max is
+// max.NaN (PackedMax: the cvec kernel's inference). Only where max.NaN exists (sm_80+); float32,
+// float16 and bfloat16.
 template <class T>
 __global__ void __launch_bounds__(roi_ops_cuda::kTableThreads, roi_ops_cuda::kTableBlocksPerSM)
     roi_ops_max_tables(const T* __restrict__ input, const i64 N, const i64 C, const i64 H,
-                       const i64 W, const int* __restrict__ decision, T* __restrict__ tables) {
+                       const i64 W, const i64 counts, const double min_saved_per_position,
+                       int* __restrict__ decision, T* __restrict__ tables) {
   using namespace roi_ops_cuda;
 #ifdef ROI_OPS_MAX_NAN
-  if (decision[0] == 0) return;
+  __shared__ long long partial[kTableSavingsBlocks];
+  __shared__ int yes;
+  const int tid = static_cast<int>(threadIdx.x);
+  const long long* __restrict__ saved = reinterpret_cast<const long long*>(decision + 4);
+  if (tid < kTableSavingsBlocks) partial[tid] = tid < counts ? saved[tid] : 0;
+  __syncthreads();
+  for (int half = kTableSavingsBlocks / 2; half > 0; half /= 2) {
+    if (tid < half) partial[tid] += partial[tid + half];
+    __syncthreads();
+  }
+  if (tid == 0) {
+    const double positions = static_cast<double>(N) * static_cast<double>(H * W);
+    yes = static_cast<double>(partial[0]) >= min_saved_per_position * positions ? 1 : 0;
+    if (blockIdx.x == 0) decision[0] = yes;
+  }
+  __syncthreads();
+  if (yes == 0) return;
   const i64 vectors = C / (16 / static_cast<i64>(sizeof(T)));  // 16-byte channel vectors
   const i64 chunks = (H + kTableRows - 1) / kTableRows;
   const i64 items = N * chunks * W * vectors;
@@ -196,6 +217,7 @@ __global__ void __launch_bounds__(roi_ops_cuda::kTableThreads, roi_ops_cuda::kTa
     max_tables_item<T>(input, N, C, H, W, vectors, chunks, t, tables);
   }
 #else
-  (void)input, (void)N, (void)C, (void)H, (void)W, (void)decision, (void)tables;
+  (void)input, (void)N, (void)C, (void)H, (void)W, (void)counts, (void)min_saved_per_position;
+  (void)decision, (void)tables;
 #endif
 }
