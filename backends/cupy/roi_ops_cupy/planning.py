@@ -149,7 +149,7 @@ def uses_max_tables(
     Inference (`argmax` False) on the cvec kernels, float32, float16 or bfloat16, with the map
     dense channels_last (the tables share its strides) on a device with max.NaN (`max_nan`:
     sm_80 and later), a map that does not fit in L2 (the reads the tables save are then
-    memory's: within L2 the build cost more than they saved on every workload measured,
+    memory's: within L2 the build cost more than they saved on every bench workload but one,
     tools/NOTES.md), at least ``tuning.table_min_outputs`` outputs (below, the two launches cost
     more host time than the tables can save) and tables of at most ``tuning.table_max_bytes``.
     Whether the tables are then built and read is decided on the device from the ROIs
