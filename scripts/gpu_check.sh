@@ -114,13 +114,9 @@ for stage in $stages; do
         | tee "$RESULTS/probe.log" | grep -v Warning
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
-    tables)  # the inference through the tables of maxima, on and off (tools/table_probe.py),
-      # then the whole call at default settings against no tables (tools/table_defaults.py)
+    tables)  # the inference through the tables of maxima, on and off (tools/table_probe.py)
       timeout ${TABLES_TIMEOUT:-400} "$PYTHON" backends/cupy/tools/table_probe.py ${TABLES_ARGS:-} 2>&1 \
         | tee "$RESULTS/tables.txt" | grep -v Warning
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-      timeout 150 "$PYTHON" backends/cupy/tools/table_defaults.py 2>&1 \
-        | tee "$RESULTS/table-defaults.txt" | grep -v Warning
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     ncu)

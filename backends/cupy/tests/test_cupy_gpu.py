@@ -304,9 +304,7 @@ def test_inference_through_tables_of_maxima(dtype, layout, monkeypatch):
     rois = _detection_rois(2, 400, 37, 45, 1.0, g, rois_dtype).cuda()
     expected, _ = reference_roi_pool(x.cpu(), rois.cpu(), (7, 7), 1.0)
     staging = layout == "contiguous"
-    base = replace(
-        DEFAULT_TUNING, max_tables=None, table_min_outputs=0, stage_channels_last=staging or None
-    )
+    base = replace(DEFAULT_TUNING, table_min_outputs=0, stage_channels_last=staging or None)
     for tuning in (
         base,
         replace(base, max_tables=True),

@@ -563,7 +563,7 @@ def test_tables_of_maxima_in_cvec_inference_of_dense_channels_last_maps():
     forced = CupyTuning(max_tables=True)
     assert planning.uses_max_tables(inference, False, sizes(132, 50 * 2**20), True, forced)
     over = 2 * x.numel() * 4 - 1
-    small = CupyTuning(max_tables=None, table_min_outputs=0, table_max_bytes=over)
+    small = CupyTuning(table_min_outputs=0, table_max_bytes=over)
     assert not planning.uses_max_tables(inference, False, l2, True, small)
     for other in (x.double(), x[:, :, :, :39], x.contiguous()):  # float64, not dense, NCHW
         problem = _problem(other, rois, 7, needs_argmax=False)

@@ -5,8 +5,9 @@ Not a benchmark of record (that is ``python -m roi_ops bench``): this times the 
 launcher (preallocated outputs, no roi_ops dispatch) with three tunings (``rule``: the
 planning's and the device's decision, the default; ``forced``: ``max_tables=True``, built and
 read wherever they can be; ``off``: ``max_tables=False``), the tables' count and build alone
-(with the device's decision, shown also where the host's rule queues no tables), and
-torchvision on the same input.
+(with the device's decision, shown also where the host's rule queues no tables), the whole
+``roi_ops.roi_pool`` call as a user makes it with the rule (the default launcher) and with
+``off`` (swapped in for the call), and torchvision on the same input.
 Rounds alternate the calls; each figure is the median over rounds of a sample of `--inner`
 back-to-back calls between two CUDA events. The three tunings' outputs are checked bit for bit
 against each other on the workload's input and on a tie-heavy one. NCHW inputs go through the
@@ -25,6 +26,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import roi_ops
 import torch
 from roi_ops.backend import RoIPoolProblem
 from roi_ops.bench.workloads import WORKLOADS, make_input, make_rois
@@ -45,6 +47,21 @@ def _tables_of(launcher: launch.Launcher):
     return tables
 
 
+def _through_roi_pool(launcher: launch.Launcher, x, rois, w):
+    """`roi_ops.roi_pool` inference on the CuPy backend with `launcher` as its default one."""
+
+    def call():
+        default = launch.DEFAULT_LAUNCHER
+        launch.DEFAULT_LAUNCHER = launcher
+        try:
+            with torch.no_grad():
+                roi_ops.roi_pool(x, rois, w.output_size, w.spatial_scale, backend="cupy")
+        finally:
+            launch.DEFAULT_LAUNCHER = default
+
+    return call
+
+
 def probe(w, dtype: torch.dtype, layout: str, args) -> dict:
     """One workload, dtype and layout: prints its row and returns it."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,6 +76,8 @@ def probe(w, dtype: torch.dtype, layout: str, args) -> dict:
     out = torch.empty(problem.output_shape, dtype=dtype, device=device)
     launchers = {name: launch.Launcher(tuning) for name, tuning in TUNINGS.items()}
     calls = {name: (lambda la=la: la.forward(problem, out, None)) for name, la in launchers.items()}
+    for name in ("rule", "off"):
+        calls[f"roi_pool {name}"] = _through_roi_pool(launchers[name], x, rois, w)
     for fn in calls.values():  # plan, compile
         fn()
     decision = None
@@ -104,11 +123,13 @@ def probe(w, dtype: torch.dtype, layout: str, args) -> dict:
         f" | tv {tv:.3f} tv/rule {tv / ms['rule']:.2f}x tv/off {tv / ms['off']:.2f}x" if tv else ""
     )
     build = f" count+build {ms['count+build']:.3f}" if "count+build" in ms else ""
+    call = ms["roi_pool off"] / ms["roi_pool rule"]
     print(
         f"{w.name:10} {str(dtype)[6:]:8} {layout:13} off {ms['off']:.3f} rule {ms['rule']:.3f} "
         f"({ms['off'] / ms['rule']:.2f}x) forced {ms['forced']:.3f} "
         f"({ms['off'] / ms['forced']:.2f}x){build} queued {'yes' if queued else 'no'} "
-        f"decision {decision}{tv_cells} "
+        f"decision {decision} | roi_pool rule {ms['roi_pool rule']:.3f} off "
+        f"{ms['roi_pool off']:.3f} ({call:.2f}x){tv_cells} "
         f"| spread {max(spread.values()):.0%} | bits {'same' if same else 'DIFFER'}",
         flush=True,
     )
