@@ -368,15 +368,7 @@ def stages_channels_last(
     input = problem.input
     if tuning.stage_channels_last is False or tuning.forward_kernel is not None:
         return False
-    if uses_channel_kernel(input, tuning) or input.stride(3) != 1:
-        return False
-    channels = input.shape[1]
-    if (
-        channels < tuning.chan_min_channels
-        or channels * input.element_size() % CVEC_BYTES != 0
-        or math.ceil(channels / kernels.copy_channels(input.dtype)) > MAX_GRID_Y
-        or not copy_fits_int32(input)
-    ):
+    if not _can_stage(input, tuning):
         return False
     if tuning.stage_channels_last:
         return True
@@ -384,13 +376,60 @@ def stages_channels_last(
     cached = _dense_bytes(input) <= sizes.l2_bytes
     if forward_kernel(input, bins, tuning) == kernels.FORWARD_SMALL:
         return cached
-    outputs = problem.rois.shape[0] * channels * bins
+    outputs = problem.rois.shape[0] * input.shape[1] * bins
     min_reads = tuning.stage_min_reads
     if not cached and input.element_size() == 2:
         min_reads = tuning.stage_min_reads_16bit_beyond_l2
     if outputs < min_reads * input.numel():
         return False
     return not cached or input.element_size() <= 4
+
+
+def _can_stage(input: torch.Tensor, tuning: CupyTuning) -> bool:
+    """Whether the copy kernel can stage `input` for the channel-vector kernels: a unit W stride
+    (not already channel-adjacent), at least ``tuning.chan_min_channels`` channels in 16-byte
+    vectors, and the copy's grid and 32-bit offsets within their limits."""
+    if uses_channel_kernel(input, tuning) or input.stride(3) != 1:
+        return False
+    channels = input.shape[1]
+    return (
+        channels >= tuning.chan_min_channels
+        and channels * input.element_size() % CVEC_BYTES == 0
+        and math.ceil(channels / kernels.copy_channels(input.dtype)) <= MAX_GRID_Y
+        and copy_fits_int32(input)
+    )
+
+
+def stages_levels(
+    problem: MultiScaleRoIPoolProblem, tuning: CupyTuning = DEFAULT_TUNING
+) -> tuple[bool, ...]:
+    """Which levels of the multi-level forward `problem` run on channels_last copies made by
+    the copy kernel (`plan_copy_channels_last`), pooled by the cvec kernel's body, while the
+    others are pooled in place by the unit kernel's (one fused launch,
+    `forward_levels_kernels`); shapes and dtypes only, no device sync.
+
+    Only pyramids whose every level takes the unit kernel, and only levels the copy can stage
+    (`stages_channels_last`'s conditions). The host does not know how many ROIs a level gets
+    (their levels are computed on the device), so a level is staged when the call's outputs
+    are at least ``tuning.stage_level_min_reads`` times the level's elements: its copy is then
+    a bounded share of the call's work even if no ROI lands on it, and the coarse levels, whose
+    windows each cover many ROIs' bins, are the ones staged. ``tuning.stage_channels_last``
+    True stages every level that can be, False none; a forced forward kernel never stages.
+    """
+    features = problem.features
+    never = (False,) * len(features)
+    if tuning.stage_channels_last is False or tuning.forward_kernel is not None:
+        return never
+    bins = problem.pooled_height * problem.pooled_width
+    if any(forward_kernel(x, bins, tuning) != kernels.FORWARD_UNIT for x in features):
+        return never
+    outputs = problem.rois.shape[0] * features[0].shape[1] * bins
+    return tuple(
+        x.numel() > 0
+        and _can_stage(x, tuning)
+        and (tuning.stage_channels_last or outputs >= tuning.stage_level_min_reads * x.numel())
+        for x in features
+    )
 
 
 def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch | None:
@@ -652,20 +691,24 @@ def level_maps(features: Sequence[torch.Tensor], spatial_scales: Sequence[float]
     return tuple(words)
 
 
-def forward_levels_kernel(
+def forward_levels_kernels(
     features: Sequence[torch.Tensor], bins: int, tuning: CupyTuning = DEFAULT_TUNING
-) -> str:
-    """The forward kernel family that pools every level of a multi-level call: the one that
-    `forward_kernel` picks for each level when they agree (they do for levels of one layout:
-    the choice reads the layout, the alignment, C and `bins`, and H and W only to keep an image
-    of 2^31 elements or more from the cvec kernel); otherwise chan when every level has its
-    channels adjacent, else plane (both read any strides)."""
+) -> tuple[str, ...]:
+    """The forward kernel families that pool the levels of a multi-level call, one fused
+    launch each: the one that `forward_kernel` picks for each level when they agree (they do
+    for levels of one layout: the choice reads the layout, the alignment, C and `bins`, and H
+    and W only to keep an image of 2^31 elements or more from the cvec kernel); unit then cvec
+    when some levels take unit and the others cvec (an NCHW pyramid whose coarse levels the
+    launcher staged, `stages_levels`), each launch pooling its levels' ROIs; otherwise chan
+    when every level has its channels adjacent, else plane (both read any strides)."""
     chosen = {forward_kernel(x, bins, tuning) for x in features}
     if len(chosen) == 1:
-        return chosen.pop()
+        return (chosen.pop(),)
+    if chosen == {kernels.FORWARD_UNIT, kernels.FORWARD_CVEC}:
+        return (kernels.FORWARD_UNIT, kernels.FORWARD_CVEC)
     if all(uses_channel_kernel(x, tuning) for x in features):
-        return kernels.FORWARD_CHAN
-    return kernels.FORWARD_PLANE
+        return (kernels.FORWARD_CHAN,)
+    return (kernels.FORWARD_PLANE,)
 
 
 def plan_forward_levels(
@@ -674,16 +717,18 @@ def plan_forward_levels(
     argmax: torch.Tensor | None,
     sizes: CudaSizes,
     tuning: CupyTuning = DEFAULT_TUNING,
-) -> Launch | None:
-    """The fused forward launch of a multi-level call (one launch for every level); None when
-    there is nothing to do. Needs no ROI's level: the grid and blocks are those of the
-    single-level kernel over all K ROIs (the unit kernel's block size as if every level's input
-    were one, cached in L2 only when all of them fit together, else
-    ``tuning.unit_block_elements_levels``).
+) -> tuple[Launch, ...]:
+    """The fused forward launches of a multi-level call: one for every level, or (a pyramid of
+    NCHW and channels_last levels, `forward_levels_kernels`) one of the unit kernel for the
+    NCHW levels and the ROIs with no level, then one of the cvec kernel for the others, each
+    leaving the other's ROIs alone (their ``pooled_levels``); empty when there is nothing to
+    do. Needs no ROI's level: the grid and blocks are those of the single-level kernel over all
+    K ROIs (the unit kernel's block size as if every level's input were one, cached in L2 only
+    when all of them fit together, else ``tuning.unit_block_elements_levels``).
 
     Args:
         problem: the validated call (at most kernels.MAX_LEVELS levels, any strides; its
-            ``levels`` (K,) int64 and ``bad_roi_log`` go to the kernel).
+            ``levels`` (K,) int64 and ``bad_roi_log`` go to the kernels).
         output, argmax, sizes, tuning: as for `plan_forward`.
     """
     features, rois, levels = problem.features, problem.rois, problem.levels
@@ -692,16 +737,12 @@ def plan_forward_levels(
     num_rois = rois.shape[0]
     log = problem.bad_roi_log
     if num_rois == 0 or (output.numel() == 0 and log is None):
-        return None
+        return ()
     if len(features) > kernels.MAX_LEVELS:
         raise ValueError(
             f"features: the fused kernels take at most {kernels.MAX_LEVELS} levels, got "
             f"{len(features)}"
         )
-    kernel = forward_levels_kernel(features, ph * pw, tuning)
-    name = kernels.forward_name(
-        kernels.levels_kernel(kernel), first.dtype, rois.dtype, argmax is not None
-    )
     head = (
         *level_maps(features, problem.spatial_scales),
         integer("L", len(features)),
@@ -717,12 +758,29 @@ def plan_forward_levels(
     )
     tail = (pointer("output", output), pointer("argmax", argmax), pointer("bad_roi_log", log))
     input_bytes = sum(_dense_bytes(x) for x in features)
-    grid, block, shared_mem, extra = _forward_shape(
-        kernel, first, input_bytes, num_rois, ph, pw, argmax, sizes, tuning, levels=True
-    )
-    args = (*head, *extra, *tail)
-    table = kernels.MAX_LEVELS * len(LEVEL_MAP_FIELDS)
-    return Launch(name, grid, block, shared_mem, args, (table,) + (1,) * (len(args) - table))
+    families = forward_levels_kernels(features, ph * pw, tuning)
+    launches = []
+    for kernel in families:
+        name = kernels.forward_name(
+            kernels.levels_kernel(kernel), first.dtype, rois.dtype, argmax is not None
+        )
+        grid, block, shared_mem, extra = _forward_shape(
+            kernel, first, input_bytes, num_rois, ph, pw, argmax, sizes, tuning, levels=True
+        )
+        if kernel in kernels.POOLED_LEVELS_KERNELS:
+            pooled = (1 << kernels.MAX_LEVELS) | ((1 << len(features)) - 1)  # all, and none
+            if len(families) > 1:  # the first pools the ROIs with no level
+                pooled = sum(
+                    1 << level
+                    for level, x in enumerate(features)
+                    if forward_kernel(x, ph * pw, tuning) == kernel
+                ) | (1 << kernels.MAX_LEVELS if kernel == families[0] else 0)
+            extra += (integer("pooled_levels", pooled),)
+        args = (*head, *extra, *tail)
+        table = kernels.MAX_LEVELS * len(LEVEL_MAP_FIELDS)
+        words = (table,) + (1,) * (len(args) - table)
+        launches.append(Launch(name, grid, block, shared_mem, args, words))
+    return tuple(launches)
 
 
 def small_rois_per_block(

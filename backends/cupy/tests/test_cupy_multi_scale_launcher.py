@@ -312,3 +312,37 @@ def test_single_level_inference_through_tables_of_maxima(backend, layout, decide
     assert any(name.startswith("roi_pool_forward_cvec") for name in built)
     (_, staged, _, tables), *_ = backend.launcher._forward.values()
     assert staged == (layout == "contiguous") and tables is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_nchw_pyramid_stages_its_coarse_levels(backend, dtype):
+    """An NCHW pyramid whose levels take the unit kernel: the levels with few elements beside
+    the call's outputs (`planning.stages_levels`; here the two coarsest) are copied
+    channels_last, then a launch of the unit kernel pools the others in place and one of the
+    cvec kernel the copies (two calls: the cached plan stages each call's level). Outputs,
+    inference and gradients equal the torch backend's."""
+    from roi_ops_cupy.tuning import DEFAULT_TUNING
+
+    tuning = replace(DEFAULT_TUNING, small_roi_outputs=0, stage_level_min_reads=1.0)
+    backend.launcher = launch_module.Launcher(tuning)
+    rois = _boxes(torch.float32, count=40, seed=20)
+    for seed in (21, 22):
+        features = _pyramid(dtype, "contiguous", 24, seed=seed)
+        out = _pool(features, rois, backend.name)
+        expected = _pool(features, rois, "torch")
+        assert_same_bits(out.detach(), expected.detach())
+        with torch.no_grad():
+            assert_same_bits(_pool(features, rois, backend.name), expected.detach())
+        grad = torch.randint(-3, 4, out.shape, generator=torch.Generator().manual_seed(seed))
+        grads = torch.autograd.grad(out, features, grad.to(dtype))
+        wanted = torch.autograd.grad(expected, features, grad.to(dtype))
+        assert all(torch.equal(a, b) for a, b in zip(grads, wanted, strict=True))
+        assert all(g.is_contiguous() for g in grads)
+    staged = [copy is not None for _, copies in backend.launcher._forward_levels.values()
+              for copy in copies]  # fmt: skip
+    assert staged == [False, False, True, True] * 2  # with and without the argmax
+    built = EmulatedPackedLaunch.built
+    assert built.count(launch_module.kernels.copy_name(dtype)) == 4  # two levels, two plans
+    for launches, _ in backend.launcher._forward_levels.values():
+        names = [launch.plan.name[: launch.plan.name.index("<")] for launch in launches]
+        assert names == ["roi_pool_forward_unit_levels", "roi_pool_forward_cvec_levels"]
