@@ -76,10 +76,6 @@ FORWARD_KERNELS = (
 # ROI's pyramid level (a table of at most MAX_LEVELS maps passed by value).
 LEVELS_SUFFIX = "_levels"
 MAX_LEVELS = 8  # kMaxLevels in cuda/common.cuh
-# The fused kernels that pool only the levels a launch names (their pooled_levels argument): a
-# pyramid whose levels take the unit kernel (NCHW, pooled in place) and the cvec kernel (the
-# NCHW levels the launcher stages channels_last) runs one launch of each.
-POOLED_LEVELS_KERNELS = (FORWARD_UNIT, FORWARD_CVEC, FORWARD_CVEC_WIDE)
 BACKWARD_ATOMIC = "roi_pool_backward_atomic"
 BACKWARD_PLANES = "roi_pool_backward_planes"
 # The planes kernel reading each image's ROIs from GROUP_ROIS' list (takes no rois).

@@ -8,9 +8,8 @@ tensor's device and torch's current stream, through cuLaunchKernel (CuPy's drive
 A `Launcher` plans with one `CupyTuning` and caches a packed launch per problem key (shapes,
 strides, dtypes, output size, which optional buffers are given): a call then only writes its
 tensors' pointers into the packed arguments and launches. Multi-level calls work the same way,
-with one fused launch per direction for every pyramid level (in the forward of an NCHW pyramid
-whose coarse levels are staged channels_last, one for the NCHW levels and one for the staged
-ones, after their copies). The backend uses `DEFAULT_LAUNCHER`.
+with one fused launch per direction for every pyramid level (after the levels' copies where an
+NCHW pyramid is staged channels_last). The backend uses `DEFAULT_LAUNCHER`.
 """
 
 from __future__ import annotations
@@ -345,7 +344,7 @@ class Launcher:
         # (forward launch, staged, copy launch, tables)
         self._forward: dict[tuple, tuple] = {}
         self._backward: dict[tuple, _BackwardPlan] = {}
-        # (forward launches, each level's copy launch or None where it is not staged)
+        # (forward launch, each level's copy launch where the pyramid is staged, else empty)
         self._forward_levels: dict[tuple, tuple] = {}
         self._backward_levels: dict[tuple, _BackwardLevelsPlan] = {}
 
@@ -491,9 +490,9 @@ class Launcher:
     def forward_multi_scale(
         self, problem: MultiScaleRoIPoolProblem, output: torch.Tensor, argmax: torch.Tensor | None
     ) -> None:
-        """Fill `output` and, unless None, `argmax` for every ROI of every level in one fused
-        launch (or, with staged levels, `planning.stages_levels`, their copies and two), and
-        record invalid ROIs in ``problem.bad_roi_log`` unless it is None (see
+        """Fill `output` and, unless None, `argmax` for every ROI of every level in one launch
+        (after a copy of each level where the pyramid is staged, `planning.stages_pyramid`),
+        and record invalid ROIs in ``problem.bad_roi_log`` unless it is None (see
         `roi_ops.Backend.forward_multi_scale`). Reads no ROI's level on the host."""
         features, rois, levels = problem.features, problem.rois, problem.levels
         log = problem.bad_roi_log
@@ -511,45 +510,39 @@ class Launcher:
         except KeyError:
             make = lambda: self._plan_forward_levels(problem, output, argmax, device)  # noqa: E731
             packed, copies = self._cache(self._forward_levels, key, make)
-        if copies:
-            features = tuple(
-                x if copy is None else self._stage(x, copy, device)
-                for x, copy in zip(features, copies)  # noqa: B905
-            )
-        for launch in packed:
-            launch.launch(device, (rois, levels, output, argmax, log, *features))
+        if packed is not None:
+            if copies:
+                features = tuple(
+                    self._stage(x, copy, device)
+                    for x, copy in zip(features, copies)  # noqa: B905
+                )
+            packed.launch(device, (rois, levels, output, argmax, log, *features))
 
     def _plan_forward_levels(self, problem, output, argmax, device) -> tuple:
-        """(the packed fused launches of a forward key, none when there is nothing to do, and
-        each level's packed copy launch where it is staged (`planning.stages_levels`), else
-        None; empty when no level is); planned on channels_last stand-ins of the staged
-        levels."""
+        """(the packed fused launch of a forward key, or None when there is nothing to do, and
+        each level's packed copy launch where the pyramid is staged (`planning.stages_pyramid`),
+        else empty); planned on channels_last stand-ins of the staged levels."""
         sizes = cuda_sizes(device)
-        staged = planning.stages_levels(problem, self.tuning)
         copies = ()
-        if any(staged):
+        if planning.stages_pyramid(problem, sizes, self.tuning):
             features, copies = [], []
-            for x, stage in zip(problem.features, staged, strict=True):
-                copy = None
-                if stage:  # not empty: the copy kernel copies it
-                    stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
-                    stand_in = stand_in.contiguous(memory_format=_CHANNELS_LAST)
-                    copy_plan = planning.plan_copy_channels_last(x, stand_in)
-                    copy = PackedLaunch(device, copy_plan, COPY_TENSORS)
-                    x = stand_in
-                features.append(x)
-                copies.append(copy)
+            for x in problem.features:  # none empty: the copy kernel copies each
+                stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
+                stand_in = stand_in.contiguous(memory_format=_CHANNELS_LAST)
+                copy_plan = planning.plan_copy_channels_last(x, stand_in)
+                copies.append(PackedLaunch(device, copy_plan, COPY_TENSORS))
+                features.append(stand_in)
             problem = MultiScaleRoIPoolProblem(
                 features, problem.rois, problem.levels, problem.pooled_height,
                 problem.pooled_width, problem.spatial_scales, problem.needs_argmax,
                 problem.bad_roi_log,
             )  # fmt: skip
             copies = tuple(copies)
-        plans = planning.plan_forward_levels(problem, output, argmax, sizes, self.tuning)
-        if not plans:
-            return (), ()
+        plan = planning.plan_forward_levels(problem, output, argmax, sizes, self.tuning)
+        if plan is None:
+            return None, ()
         names = FORWARD_LEVELS_TENSORS + planning.level_names("input", problem.num_levels)
-        return tuple(PackedLaunch(device, plan, names) for plan in plans), copies
+        return PackedLaunch(device, plan, names), copies
 
     def backward_multi_scale(self, problem: MultiScaleRoIPoolBackwardProblem) -> list[torch.Tensor]:
         """The L gradients of a fused forward, by one launch: of the planes kernel that sums each

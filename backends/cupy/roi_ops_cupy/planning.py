@@ -377,12 +377,7 @@ def stages_channels_last(
     if forward_kernel(input, bins, tuning) == kernels.FORWARD_SMALL:
         return cached
     outputs = problem.rois.shape[0] * input.shape[1] * bins
-    min_reads = tuning.stage_min_reads
-    if not cached and input.element_size() == 2:
-        min_reads = tuning.stage_min_reads_16bit_beyond_l2
-    if outputs < min_reads * input.numel():
-        return False
-    return not cached or input.element_size() <= 4
+    return _stages_by_reads(outputs, (input,), sizes, tuning)
 
 
 def _can_stage(input: torch.Tensor, tuning: CupyTuning) -> bool:
@@ -400,36 +395,54 @@ def _can_stage(input: torch.Tensor, tuning: CupyTuning) -> bool:
     )
 
 
-def stages_levels(
-    problem: MultiScaleRoIPoolProblem, tuning: CupyTuning = DEFAULT_TUNING
-) -> tuple[bool, ...]:
-    """Which levels of the multi-level forward `problem` run on channels_last copies made by
-    the copy kernel (`plan_copy_channels_last`), pooled by the cvec kernel's body, while the
-    others are pooled in place by the unit kernel's (one fused launch,
-    `forward_levels_kernels`); shapes and dtypes only, no device sync.
+def _stages_by_reads(
+    outputs: int, maps: Sequence[torch.Tensor], sizes: CudaSizes, tuning: CupyTuning
+) -> bool:
+    """The staging rule outside the small kernels' regime, for `outputs` pooled from `maps`
+    (one input, or a pyramid's levels, of one dtype) counted together: at least
+    ``tuning.stage_min_reads`` outputs an element (``stage_min_reads_16bit_beyond_l2`` for
+    16-bit maps beyond L2), and not float64 maps in L2."""
+    itemsize = maps[0].element_size()
+    cached = sum(_dense_bytes(x) for x in maps) <= sizes.l2_bytes
+    min_reads = tuning.stage_min_reads
+    if not cached and itemsize == 2:
+        min_reads = tuning.stage_min_reads_16bit_beyond_l2
+    if outputs < min_reads * sum(x.numel() for x in maps):
+        return False
+    return not cached or itemsize <= 4
 
-    Only pyramids whose every level takes the unit kernel, and only levels the copy can stage
-    (`stages_channels_last`'s conditions). The host does not know how many ROIs a level gets
-    (their levels are computed on the device), so a level is staged when the call's outputs
-    are at least ``tuning.stage_level_min_reads`` times the level's elements: its copy is then
-    a bounded share of the call's work even if no ROI lands on it, and the coarse levels, whose
-    windows each cover many ROIs' bins, are the ones staged. ``tuning.stage_channels_last``
-    True stages every level that can be, False none; a forced forward kernel never stages.
+
+def stages_pyramid(
+    problem: MultiScaleRoIPoolProblem, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
+) -> bool:
+    """Whether the multi-level forward `problem` of an NCHW pyramid (every level taking the
+    unit kernel) runs on channels_last copies of all its levels, made by the copy kernel
+    (`plan_copy_channels_last`) and pooled by the cvec kernel over levels in one launch;
+    shapes and dtypes only, no device sync.
+
+    `stages_channels_last`'s rule with the pyramid as one map (its elements and bytes summed):
+    the host does not know how many ROIs each level gets (their levels are computed on the
+    device). Staging only some levels would take a launch for each kernel, each with a block
+    for every ROI; those blocks of the other launch's ROIs cost more than the coarse levels'
+    copies saved (tools/NOTES.md, the fused multi-level kernels). Only where the copy can
+    stage every level; ``tuning.stage_channels_last`` forces the choice there (True) or
+    switches staging off (False); a forced forward kernel never stages.
     """
     features = problem.features
-    never = (False,) * len(features)
     if tuning.stage_channels_last is False or tuning.forward_kernel is not None:
-        return never
+        return False
     bins = problem.pooled_height * problem.pooled_width
-    if any(forward_kernel(x, bins, tuning) != kernels.FORWARD_UNIT for x in features):
-        return never
-    outputs = problem.rois.shape[0] * features[0].shape[1] * bins
-    return tuple(
+    if not all(
         x.numel() > 0
         and _can_stage(x, tuning)
-        and (tuning.stage_channels_last or outputs >= tuning.stage_level_min_reads * x.numel())
+        and forward_kernel(x, bins, tuning) == kernels.FORWARD_UNIT
         for x in features
-    )
+    ):
+        return False
+    if tuning.stage_channels_last:
+        return True
+    outputs = problem.rois.shape[0] * features[0].shape[1] * bins
+    return _stages_by_reads(outputs, features, sizes, tuning)
 
 
 def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch | None:
@@ -691,24 +704,20 @@ def level_maps(features: Sequence[torch.Tensor], spatial_scales: Sequence[float]
     return tuple(words)
 
 
-def forward_levels_kernels(
+def forward_levels_kernel(
     features: Sequence[torch.Tensor], bins: int, tuning: CupyTuning = DEFAULT_TUNING
-) -> tuple[str, ...]:
-    """The forward kernel families that pool the levels of a multi-level call, one fused
-    launch each: the one that `forward_kernel` picks for each level when they agree (they do
-    for levels of one layout: the choice reads the layout, the alignment, C and `bins`, and H
-    and W only to keep an image of 2^31 elements or more from the cvec kernel); unit then cvec
-    when some levels take unit and the others cvec (an NCHW pyramid whose coarse levels the
-    launcher staged, `stages_levels`), each launch pooling its levels' ROIs; otherwise chan
-    when every level has its channels adjacent, else plane (both read any strides)."""
+) -> str:
+    """The forward kernel family that pools every level of a multi-level call: the one that
+    `forward_kernel` picks for each level when they agree (they do for levels of one layout:
+    the choice reads the layout, the alignment, C and `bins`, and H and W only to keep an image
+    of 2^31 elements or more from the cvec kernel); otherwise chan when every level has its
+    channels adjacent, else plane (both read any strides)."""
     chosen = {forward_kernel(x, bins, tuning) for x in features}
     if len(chosen) == 1:
-        return (chosen.pop(),)
-    if chosen == {kernels.FORWARD_UNIT, kernels.FORWARD_CVEC}:
-        return (kernels.FORWARD_UNIT, kernels.FORWARD_CVEC)
+        return chosen.pop()
     if all(uses_channel_kernel(x, tuning) for x in features):
-        return (kernels.FORWARD_CHAN,)
-    return (kernels.FORWARD_PLANE,)
+        return kernels.FORWARD_CHAN
+    return kernels.FORWARD_PLANE
 
 
 def plan_forward_levels(
@@ -717,18 +726,16 @@ def plan_forward_levels(
     argmax: torch.Tensor | None,
     sizes: CudaSizes,
     tuning: CupyTuning = DEFAULT_TUNING,
-) -> tuple[Launch, ...]:
-    """The fused forward launches of a multi-level call: one for every level, or (a pyramid of
-    NCHW and channels_last levels, `forward_levels_kernels`) one of the unit kernel for the
-    NCHW levels and the ROIs with no level, then one of the cvec kernel for the others, each
-    leaving the other's ROIs alone (their ``pooled_levels``); empty when there is nothing to
-    do. Needs no ROI's level: the grid and blocks are those of the single-level kernel over all
-    K ROIs (the unit kernel's block size as if every level's input were one, cached in L2 only
-    when all of them fit together, else ``tuning.unit_block_elements_levels``).
+) -> Launch | None:
+    """The fused forward launch of a multi-level call (one launch for every level); None when
+    there is nothing to do. Needs no ROI's level: the grid and blocks are those of the
+    single-level kernel over all K ROIs (the unit kernel's block size as if every level's input
+    were one, cached in L2 only when all of them fit together, else
+    ``tuning.unit_block_elements_levels``).
 
     Args:
         problem: the validated call (at most kernels.MAX_LEVELS levels, any strides; its
-            ``levels`` (K,) int64 and ``bad_roi_log`` go to the kernels).
+            ``levels`` (K,) int64 and ``bad_roi_log`` go to the kernel).
         output, argmax, sizes, tuning: as for `plan_forward`.
     """
     features, rois, levels = problem.features, problem.rois, problem.levels
@@ -737,12 +744,16 @@ def plan_forward_levels(
     num_rois = rois.shape[0]
     log = problem.bad_roi_log
     if num_rois == 0 or (output.numel() == 0 and log is None):
-        return ()
+        return None
     if len(features) > kernels.MAX_LEVELS:
         raise ValueError(
             f"features: the fused kernels take at most {kernels.MAX_LEVELS} levels, got "
             f"{len(features)}"
         )
+    kernel = forward_levels_kernel(features, ph * pw, tuning)
+    name = kernels.forward_name(
+        kernels.levels_kernel(kernel), first.dtype, rois.dtype, argmax is not None
+    )
     head = (
         *level_maps(features, problem.spatial_scales),
         integer("L", len(features)),
@@ -758,29 +769,12 @@ def plan_forward_levels(
     )
     tail = (pointer("output", output), pointer("argmax", argmax), pointer("bad_roi_log", log))
     input_bytes = sum(_dense_bytes(x) for x in features)
-    families = forward_levels_kernels(features, ph * pw, tuning)
-    launches = []
-    for kernel in families:
-        name = kernels.forward_name(
-            kernels.levels_kernel(kernel), first.dtype, rois.dtype, argmax is not None
-        )
-        grid, block, shared_mem, extra = _forward_shape(
-            kernel, first, input_bytes, num_rois, ph, pw, argmax, sizes, tuning, levels=True
-        )
-        if kernel in kernels.POOLED_LEVELS_KERNELS:
-            pooled = (1 << kernels.MAX_LEVELS) | ((1 << len(features)) - 1)  # all, and none
-            if len(families) > 1:  # the first pools the ROIs with no level
-                pooled = sum(
-                    1 << level
-                    for level, x in enumerate(features)
-                    if forward_kernel(x, ph * pw, tuning) == kernel
-                ) | (1 << kernels.MAX_LEVELS if kernel == families[0] else 0)
-            extra += (integer("pooled_levels", pooled),)
-        args = (*head, *extra, *tail)
-        table = kernels.MAX_LEVELS * len(LEVEL_MAP_FIELDS)
-        words = (table,) + (1,) * (len(args) - table)
-        launches.append(Launch(name, grid, block, shared_mem, args, words))
-    return tuple(launches)
+    grid, block, shared_mem, extra = _forward_shape(
+        kernel, first, input_bytes, num_rois, ph, pw, argmax, sizes, tuning, levels=True
+    )
+    args = (*head, *extra, *tail)
+    table = kernels.MAX_LEVELS * len(LEVEL_MAP_FIELDS)
+    return Launch(name, grid, block, shared_mem, args, (table,) + (1,) * (len(args) - table))
 
 
 def small_rois_per_block(

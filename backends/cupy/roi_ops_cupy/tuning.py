@@ -52,16 +52,13 @@ class CupyTuning:
         small_block_elements: outputs per block of the small kernel (whole ROIs).
         stage_channels_last: None, or whether a forward of an NCHW-like input (unit W
             stride, 16-byte channel vectors when copied) pools a channels_last copy of it with
-            the channel-vector kernels (of a pyramid: each level that can be copied); None:
-            `planning.stages_channels_last` (`planning.stages_levels`) decides.
+            the channel-vector kernels (of a pyramid: every level); None:
+            `planning.stages_channels_last` (`planning.stages_pyramid`) decides.
         stage_min_reads: outside the small kernels' regime, a forward is staged only when its
             outputs are at least this many times its input's elements.
         stage_min_reads_16bit_beyond_l2: `stage_min_reads` for 16-bit inputs that do not fit
             in L2, whose copy reads two positions a load and whose NCHW windows are re-read from
             memory (the break-even, measured on fpn-p2, is in tools/NOTES.md).
-        stage_level_min_reads: a level of a multi-level forward whose levels all take the unit
-            kernel is staged (`planning.stages_levels`) when the call's outputs are at least
-            this many times the level's elements.
         max_tables: None, or whether single-map inference on the cvec kernels queues the
             tables of maxima (True: wherever they can be read, always built; False: never);
             None: `planning.uses_max_tables` decides, and the device from the ROIs
@@ -101,7 +98,6 @@ class CupyTuning:
     stage_channels_last: bool | None = None
     stage_min_reads: float = 2.0
     stage_min_reads_16bit_beyond_l2: float = 0.4
-    stage_level_min_reads: float = 8.0
     max_tables: bool | None = None
     table_min_saved_reads: float = 20.0
     table_min_outputs: int = 1 << 22

@@ -34,20 +34,13 @@ NUM_IMAGES = 2
 # The levels of a 256 x 352 image.
 MAP_SIZES = ((64, 88), (32, 44), (16, 22), (8, 11))
 PAIRS = list(kernels.FORWARD_PAIRS)
-# A pyramid of NCHW and channels_last levels (as the launcher stages the coarse levels of an
-# NCHW one): the first MIXED_NCHW_LEVELS levels NCHW, the others channels_last; a launch of the
-# unit kernel over levels pools the first and the ROIs with no level, then one of the cvec
-# kernel the others.
-MIXED = "mixed_unit_cvec"
-MIXED_NCHW_LEVELS = 2
-FUSED_LAYOUTS = [*LAYOUTS, MIXED]
 PAIR_IDS = [f"{str(t)[6:]}-{str(r)[6:]}" for t, r in PAIRS]
 
 
 def _features(dtype: torch.dtype, layout: str, seed: int = 0) -> list[torch.Tensor]:
     """The levels, finest first, of ties-heavy values (NaN, -inf, signed zeros among them); 24
-    channels for the layouts with channels_last levels (channel-lane kernels), 3 otherwise."""
-    channels = 24 if layout.startswith(("channels_last", MIXED)) else 3
+    channels for the channels_last layouts (channel-lane kernels), 3 otherwise."""
+    channels = 24 if layout.startswith("channels_last") else 3
     levels = []
     for level, (height, width) in enumerate(MAP_SIZES):
         x = tie_heavy_features((NUM_IMAGES, channels, height, width), seed + level, dtype)
@@ -106,14 +99,7 @@ def run_forward_levels(
     if layout in _LAYOUT_KERNELS and tuning.forward_kernel is None:
         tuning = replace(tuning, forward_kernel=_LAYOUT_KERNELS[layout])
     device = runner.device
-    layouts = [layout] * len(features)
-    if layout == MIXED:  # no small kernels, so that the levels take unit and cvec
-        tuning = replace(tuning, small_roi_outputs=0)
-        layouts = [
-            "contiguous_unit" if level < MIXED_NCHW_LEVELS else "channels_last_cvec"
-            for level in range(len(features))
-        ]
-    placed = [place_input(x, where, device) for x, where in zip(features, layouts, strict=True)]
+    placed = [place_input(x, layout, device) for x in features]
     problem = MultiScaleRoIPoolProblem(
         placed, rois.to(device), levels.to(device), *size, SCALES, needs_argmax, log
     )
@@ -121,24 +107,17 @@ def run_forward_levels(
         problem.output_shape, features[0].dtype, device, needs_argmax
     )
     grid_y = options.pop("grid_y", None)
-    launches = planning.plan_forward_levels(problem, output, argmax, sizes(**options), tuning)
-    if layout == MIXED:
-        unit, cvec = (
-            kernels.levels_kernel(k) for k in (kernels.FORWARD_UNIT, kernels.FORWARD_CVEC)
-        )
-        assert [launch.name[: launch.name.index("<")] for launch in launches] == [unit, cvec]
-        assert launches[1].value("pooled_levels") == (1 << 4) - (1 << MIXED_NCHW_LEVELS)
-    for launch in launches:
-        if grid_y is not None:  # fewer block rows than channel blocks: the kernels loop
-            assert launch.grid[1] > grid_y
-            launch = replace(launch, grid=(launch.grid[0], grid_y, 1))
-        runner.launch(launch)
+    launch = planning.plan_forward_levels(problem, output, argmax, sizes(**options), tuning)
+    if grid_y is not None:  # fewer block rows than channel blocks: the kernels loop
+        assert launch.grid[1] > grid_y
+        launch = replace(launch, grid=(launch.grid[0], grid_y, 1))
+    runner.launch(launch)
     check_guards(out_buf, -7.0)
     check_guards(arg_buf, -7)
     return output.cpu(), (argmax.cpu() if needs_argmax else None)
 
 
-@pytest.mark.parametrize("layout", FUSED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
 def test_fused_forward_is_roi_pool_per_level(runner, pair, layout):
     dtype, rois_dtype = pair
@@ -167,10 +146,9 @@ def test_fused_forward_is_roi_pool_per_level(runner, pair, layout):
         assert torch.equal(log.cpu(), expected_log)
 
 
-@pytest.mark.parametrize("layout", ["contiguous_unit", "channels_last_cvec", "strided", MIXED])
+@pytest.mark.parametrize("layout", ["contiguous_unit", "channels_last_cvec", "strided"])
 def test_channel_blocks_loop(runner, layout):
-    """72 channels in blocks of a few: grid rows fewer than channel blocks, and enough of them
-    (of the mixed kernel: each body's own channel blocks over the same rows)."""
+    """72 channels in blocks of a few: grid rows fewer than channel blocks, and enough of them."""
     g = torch.Generator().manual_seed(12)
     features = [torch.randn(NUM_IMAGES, 72, h, w, generator=g) for h, w in MAP_SIZES]
     rois = _rois(torch.float32, count=12, seed=13)

@@ -315,15 +315,14 @@ def test_single_level_inference_through_tables_of_maxima(backend, layout, decide
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-def test_nchw_pyramid_stages_its_coarse_levels(backend, dtype):
-    """An NCHW pyramid whose levels take the unit kernel: the levels with few elements beside
-    the call's outputs (`planning.stages_levels`; here the two coarsest) are copied
-    channels_last, then a launch of the unit kernel pools the others in place and one of the
-    cvec kernel the copies (two calls: the cached plan stages each call's level). Outputs,
-    inference and gradients equal the torch backend's."""
+def test_staged_nchw_pyramid_equals_the_torch_backend(backend, dtype):
+    """An NCHW pyramid staged (`planning.stages_pyramid`, forced here): each level copied
+    channels_last by the copy kernel, then one launch of the cvec kernel over levels (two calls:
+    the cached plan stages each call's levels). Outputs, inference and gradients (NCHW, as the
+    levels) equal the torch backend's."""
     from roi_ops_cupy.tuning import DEFAULT_TUNING
 
-    tuning = replace(DEFAULT_TUNING, small_roi_outputs=0, stage_level_min_reads=1.0)
+    tuning = replace(DEFAULT_TUNING, small_roi_outputs=0, stage_channels_last=True)
     backend.launcher = launch_module.Launcher(tuning)
     rois = _boxes(torch.float32, count=40, seed=20)
     for seed in (21, 22):
@@ -337,12 +336,9 @@ def test_nchw_pyramid_stages_its_coarse_levels(backend, dtype):
         grads = torch.autograd.grad(out, features, grad.to(dtype))
         wanted = torch.autograd.grad(expected, features, grad.to(dtype))
         assert all(torch.equal(a, b) for a, b in zip(grads, wanted, strict=True))
-        assert all(g.is_contiguous() for g in grads)
-    staged = [copy is not None for _, copies in backend.launcher._forward_levels.values()
-              for copy in copies]  # fmt: skip
-    assert staged == [False, False, True, True] * 2  # with and without the argmax
-    built = EmulatedPackedLaunch.built
-    assert built.count(launch_module.kernels.copy_name(dtype)) == 4  # two levels, two plans
-    for launches, _ in backend.launcher._forward_levels.values():
-        names = [launch.plan.name[: launch.plan.name.index("<")] for launch in launches]
-        assert names == ["roi_pool_forward_unit_levels", "roi_pool_forward_cvec_levels"]
+        assert all(g.is_contiguous() and bool(g.ne(0).any()) for g in wanted)
+    plans = list(backend.launcher._forward_levels.values())
+    assert len(plans) == 2  # with and without the argmax
+    for packed, copies in plans:
+        assert packed.plan.name.startswith("roi_pool_forward_cvec_levels<")
+        assert [copy.plan.name for copy in copies] == [launch_module.kernels.copy_name(dtype)] * 4

@@ -312,7 +312,7 @@ def test_launch_arguments_are_named_as_the_kernel_parameters():
         problem = MultiScaleRoIPoolProblem(features, rois, levels, 3, 3, (0.5, 0.25), True)
         out = torch.empty(problem.output_shape)
         tuning = CupyTuning(forward_kernel=kernel)
-        (launch,) = planning.plan_forward_levels(problem, out, out.int(), sizes, tuning)
+        launch = planning.plan_forward_levels(problem, out, out.int(), sizes, tuning)
         assert launch.name.startswith(kernel + "_levels<"), (kernel, launch.name)
         table = kernels.MAX_LEVELS * len(planning.LEVEL_MAP_FIELDS)
         parameters = _parameters(kernels.levels_kernel(kernel))

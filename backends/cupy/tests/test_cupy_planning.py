@@ -141,8 +141,8 @@ def test_fused_unit_plan_streams_larger_channel_blocks(dtype):
     problem = MultiScaleRoIPoolProblem(features, rois, levels, 7, 7, (1.0, 0.5), True)
     out = torch.empty(problem.output_shape, dtype=dtype)
     arg = torch.empty(problem.output_shape, dtype=torch.int32)
-    (streamed,) = planning.plan_forward_levels(problem, out, arg, sizes(1, l2_bytes=2**10))
-    (cached,) = planning.plan_forward_levels(problem, out, arg, sizes(1, l2_bytes=2**30))
+    streamed = planning.plan_forward_levels(problem, out, arg, sizes(1, l2_bytes=2**10))
+    cached = planning.plan_forward_levels(problem, out, arg, sizes(1, l2_bytes=2**30))
     assert streamed.name.startswith(kernels.levels_kernel(kernels.FORWARD_UNIT))
     assert streamed.value("channels_per_block") == (80 if dtype == torch.float32 else 160)
     assert cached.value("channels_per_block") == 160
@@ -188,7 +188,7 @@ def test_cvec_kernel_only_where_an_image_has_32_bit_offsets():
     assert planning.forward_kernel(fits, 196) == kernels.FORWARD_CVEC  # 3136 outputs a ROI
     assert planning.forward_kernel(beyond, 196) == kernels.FORWARD_CHAN
     levels = [fits[:, :, :8, :8], beyond]
-    assert planning.forward_levels_kernels(levels, 196) == (kernels.FORWARD_CHAN,)
+    assert planning.forward_levels_kernel(levels, 196) == kernels.FORWARD_CHAN
 
 
 def test_cvec_wide_in_float32_inference_on_maps_in_l2():
@@ -549,67 +549,41 @@ def _fpn_multi(dtype=torch.float32, num_rois=8000):
     features = [torch.empty(8, 256, h, w, dtype=dtype, device="meta") for h, w in shapes]
     rois = torch.empty(num_rois, 5, device="meta")
     levels = torch.empty(num_rois, dtype=torch.int64, device="meta")
-    return MultiScaleRoIPoolProblem(
-        features, rois, levels, 7, 7, (1 / 4, 1 / 8, 1 / 16, 1 / 32), True
-    )
+    scales = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+    return MultiScaleRoIPoolProblem(features, rois, levels, 7, 7, scales, True)
 
 
-def test_nchw_pyramids_stage_the_levels_small_beside_the_outputs():
-    # fpn-multi: 100 M outputs against 111, 28, 7 and 1.7 M elements a level: P4 and P5.
-    for dtype in (torch.float32, torch.float16):
-        assert planning.stages_levels(_fpn_multi(dtype)) == (False, False, True, True)
-    assert planning.stages_levels(_fpn_multi(num_rois=2000)) == (False, False, False, True)
-    fewer = replace(DEFAULT_TUNING, stage_level_min_reads=2.0)
-    assert planning.stages_levels(_fpn_multi(), fewer) == (False, True, True, True)
+def test_nchw_pyramids_stage_as_one_map():
+    h100 = sizes(132, 50 * 2**20, 227 * 1024)
+    # fpn-multi: 100 M outputs from 148 M elements (0.68 an element), beyond L2: 16-bit levels
+    # are staged (from 0.4), float32 ones not (from 2).
+    for dtype in (torch.float16, torch.bfloat16):
+        assert planning.stages_pyramid(_fpn_multi(dtype), h100) is True
+        assert not planning.stages_pyramid(_fpn_multi(dtype, num_rois=4000), h100)  # 0.34
+    assert not planning.stages_pyramid(_fpn_multi(), h100)
+    fewer = replace(DEFAULT_TUNING, stage_min_reads=0.5)
+    assert planning.stages_pyramid(_fpn_multi(), h100, fewer)
+    # In L2 (here a 1 GB one): 16 and 32 bits from stage_min_reads outputs an element.
+    l2 = sizes(132, 2**30, 227 * 1024)
+    assert not planning.stages_pyramid(_fpn_multi(torch.float16), l2)
+    assert planning.stages_pyramid(_fpn_multi(torch.float16, num_rois=24000), l2)
     on = replace(DEFAULT_TUNING, stage_channels_last=True)
-    assert planning.stages_levels(_fpn_multi(num_rois=1), on) == (True,) * 4
+    assert planning.stages_pyramid(_fpn_multi(num_rois=1), h100, on)
     for never in (
         replace(DEFAULT_TUNING, stage_channels_last=False),
         replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_UNIT),
         replace(DEFAULT_TUNING, small_roi_outputs=2**20),  # the small kernel's regime
     ):
-        assert planning.stages_levels(_fpn_multi(), never) == (False,) * 4
-    problem = _fpn_multi()
-    cl = [x.contiguous(memory_format=torch.channels_last) for x in problem.features]
-    channels_last = MultiScaleRoIPoolProblem(cl, problem.rois, problem.levels, 7, 7, (1,) * 4, True)
-    assert planning.stages_levels(channels_last) == (False,) * 4
-    odd = [x[:, :20].half() for x in problem.features]  # 40-byte channel vectors
-    unaligned = MultiScaleRoIPoolProblem(odd, problem.rois, problem.levels, 7, 7, (1,) * 4, True)
-    assert planning.stages_levels(unaligned) == (False,) * 4
-
-
-@pytest.mark.parametrize("argmax", [True, False], ids=["argmax", "inference"])
-def test_pyramid_of_nchw_and_channels_last_levels_takes_a_launch_of_each_kernel(argmax):
-    problem = _fpn_multi()
-    features = list(problem.features)
-    features[2:] = [x.contiguous(memory_format=torch.channels_last) for x in features[2:]]
-    staged = MultiScaleRoIPoolProblem(
-        features, problem.rois, problem.levels, 7, 7, problem.spatial_scales, argmax
-    )
-    out = torch.empty(staged.output_shape, device="meta")
-    arg = torch.empty(staged.output_shape, dtype=torch.int32, device="meta") if argmax else None
-    h100 = sizes(132, 50 * 2**20, 227 * 1024)
-    unit, cvec = planning.plan_forward_levels(staged, out, arg, h100)
-    assert unit.name.startswith(kernels.levels_kernel(kernels.FORWARD_UNIT) + "<float, float, ")
-    assert cvec.name.startswith(kernels.levels_kernel(kernels.FORWARD_CVEC) + "<float, float, ")
-    # The unit launch pools levels 0 and 1 and the ROIs with no level (bit MAX_LEVELS), the
-    # cvec launch levels 2 and 3.
-    assert unit.value("pooled_levels") == 0b11 | 1 << kernels.MAX_LEVELS
-    assert cvec.value("pooled_levels") == 0b1100
-    # Each as its kernel plans a pyramid of its own layout (every level and none).
-    (all_unit,) = planning.plan_forward_levels(problem, out, arg, h100)
-    cl = [x.contiguous(memory_format=torch.channels_last) for x in problem.features]
-    channels_last = MultiScaleRoIPoolProblem(
-        cl, problem.rois, problem.levels, 7, 7, problem.spatial_scales, argmax
-    )
-    (all_cvec,) = planning.plan_forward_levels(channels_last, out, arg, h100)
-    for split, whole in ((unit, all_unit), (cvec, all_cvec)):
-        assert whole.value("pooled_levels") == 0b1111 | 1 << kernels.MAX_LEVELS
-        assert (split.name, split.grid, split.block, split.shared_mem) == (
-            whole.name, whole.grid, whole.block, whole.shared_mem,
-        )  # fmt: skip
-        assert split.value("channels_per_block") == whole.value("channels_per_block")
-    assert all_unit.grid[0] == all_cvec.grid[0] == 8000
+        assert not planning.stages_pyramid(_fpn_multi(torch.float16), h100, never)
+    problem = _fpn_multi(torch.float16)
+    for levels in (
+        [x.contiguous(memory_format=torch.channels_last) for x in problem.features],
+        [x[:, :20] for x in problem.features],  # 40-byte channel vectors
+        [*problem.features[:3], problem.features[3][:, :, :0]],  # an empty level
+        [*problem.features[:3], problem.features[3][..., ::2]],  # no unit W stride
+    ):
+        other = MultiScaleRoIPoolProblem(levels, problem.rois, problem.levels, 7, 7, (1,) * 4, True)
+        assert not planning.stages_pyramid(other, h100, on)
 
 
 def test_tables_of_maxima_in_cvec_inference_of_dense_channels_last_maps():

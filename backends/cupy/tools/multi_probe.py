@@ -7,16 +7,16 @@ Not a benchmark of record (that is ``python -m roi_ops bench --workload fpn-mult
 whole calls against the per-level loops over torchvision and roi_ops.roi_pool). On the GPU:
 
     python backends/cupy/tools/multi_probe.py [--dtype float32 float16] [--layout nchw ...]
-        [--ab OTHER/cuda] [--stage-level-min-reads 2 1000]
+        [--ab OTHER/cuda] [--staging]
 
 Prints milliseconds per call (medians of `--reps` samples of `--inner` back-to-back calls) and
 the level-by-level time over the fused one (above 1: the fused launch is faster). ``--ab DIR``
 also times the fused forward compiled from the kernel files in DIR (another checkout's
 ``roi_ops_cupy/cuda``, with the same kernel arguments), in rounds alternating with this tree's,
 after checking that both give the same bits: an A/B of a kernel change in one run.
-``--stage-level-min-reads V ...`` times the fused forward (its copies included) with each value
-of ``CupyTuning.stage_level_min_reads`` (which levels of an NCHW pyramid are staged; a large
-value stages none), in rounds alternating with the default's, after checking the bits. The backward
+``--staging`` times the fused forward (the copies included) with an NCHW pyramid staged
+channels_last and not (``CupyTuning.stage_channels_last`` True and False), in rounds
+alternating with the default's, after checking the bits. The backward
 columns include allocating and zero-filling the gradients (and rounding the 16-bit ones), as a
 call does; level by level, each level takes the kernel the single-level backward picks.
 """
@@ -65,7 +65,7 @@ def probe(
     device="cuda",
     kernels: tuple[str, ...] = (),
     ab_source: str | None = None,
-    stage_rules: tuple[float, ...] = (),
+    staging: bool = False,
 ) -> dict[str, float]:
     """Times of one dtype and layout, of the fused forward with each forward kernel of
     `kernels` forced (``fwd fused NAME``), and with `ab_source`'s kernels (``fwd fused ab``,
@@ -112,8 +112,8 @@ def probe(
         )
     if ab_source is not None:
         times.update(ab_forward(problem, out, arg, ab_source, fused, device, reps, inner))
-    if stage_rules:
-        times.update(staged_forward(problem, out, arg, stage_rules, fused, device, reps, inner))
+    if staging:
+        times.update(staged_forward(problem, out, arg, fused, device, reps, inner))
 
     g = torch.Generator().manual_seed(3)
     grad = torch.randint(-3, 4, out.shape, generator=g).to(dtype).to(device)  # exact sums
@@ -159,23 +159,23 @@ def ab_forward(problem, out, arg, source: str, fused, device, reps: int, inner: 
     return {"fwd fused tree": statistics.median(tree), "fwd fused ab": statistics.median(ab)}
 
 
-def staged_forward(problem, out, arg, rules, fused, device, reps: int, inner: int):
-    """The fused forward with each ``stage_level_min_reads`` of `rules` against the default's
-    (`fused`, which last wrote `out` and `arg`): the same bits, then the median of five rounds
-    each, alternating (``fwd staged default``, ``fwd staged V``)."""
+def staged_forward(problem, out, arg, fused, device, reps: int, inner: int):
+    """The fused forward staged and not (``stage_channels_last`` True and False) against the
+    default's (`fused`, which last wrote `out` and `arg`): the same bits, then the median of
+    five rounds each, alternating (``fwd staging default``, ``... on``, ``... off``)."""
     launchers = {}
-    for rule in rules:
-        launcher = launch.Launcher(replace(DEFAULT_TUNING, stage_level_min_reads=rule))
+    for name, stage in (("on", True), ("off", False)):
+        launcher = launch.Launcher(replace(DEFAULT_TUNING, stage_channels_last=stage))
         other_out, other_arg = torch.full_like(out, 1.5), torch.full_like(arg, -7)
         launcher.forward_multi_scale(problem, other_out, other_arg)
         torch.cuda.synchronize()
-        assert _same_bits(other_out, out) and torch.equal(other_arg, arg), rule
-        launchers[f"fwd staged {rule:g}"] = launcher
+        assert _same_bits(other_out, out) and torch.equal(other_arg, arg), name
+        launchers[f"fwd staging {name}"] = launcher
     samples = max(3, reps // 5)
-    rounds: dict[str, list[float]] = {"fwd staged default": []}
+    rounds: dict[str, list[float]] = {"fwd staging default": []}
     rounds.update({name: [] for name in launchers})
     for _ in range(5):
-        rounds["fwd staged default"].append(pipelined_ms(fused, device, samples, inner))
+        rounds["fwd staging default"].append(pipelined_ms(fused, device, samples, inner))
         for name, launcher in launchers.items():
             rounds[name].append(
                 pipelined_ms(
@@ -197,9 +197,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kernel", nargs="*", default=[], help="forced fused forward kernels")
     parser.add_argument("--ab", default=None, help="another cuda/ folder: its fused forward")
     parser.add_argument(
-        "--stage-level-min-reads", type=float, nargs="*", default=[],
-        help="CupyTuning.stage_level_min_reads values to time the fused forward with",
-    )  # fmt: skip
+        "--staging", action="store_true", help="the fused forward with staging on and off"
+    )
     args = parser.parse_args(argv)
     ab_source = folder_source(args.ab) if args.ab else None
     if not torch.cuda.is_available():
@@ -217,7 +216,7 @@ def main(argv: list[str]) -> int:
                 args.inner,
                 kernels=args.kernel,
                 ab_source=ab_source,
-                stage_rules=tuple(args.stage_level_min_reads),
+                staging=args.staging,
             )
             print(
                 f"{dtype_name:9s} {layout:13s} {t['fwd fused']:9.3f} {t['fwd levels']:11.3f} "
@@ -227,8 +226,8 @@ def main(argv: list[str]) -> int:
             for name in args.kernel:
                 print(f"  fused forward, {name} forced: {t[f'fwd fused {name}']:.3f} ms")
             for name, value in t.items():
-                if name.startswith("fwd staged"):
-                    ratio = value / t["fwd staged default"]
+                if name.startswith("fwd staging"):
+                    ratio = value / t["fwd staging default"]
                     print(f"  fused forward, {name[4:]}: {value:.3f} ms ({ratio:.3f})")
             if ab_source is not None:
                 tree, ab = t["fwd fused tree"], t["fwd fused ab"]

@@ -540,11 +540,9 @@ __device__ __forceinline__ void cvec_map_kernel(ROI_OPS_MAP_PARAMETERS,
 template <class T, class R, bool kArgmax, int P>
 __device__ __forceinline__ void cvec_levels_kernel(ROI_OPS_LEVELS_PARAMETERS,
                                                    const i64 channels_per_block,
-                                                   const i64 pooled_levels,
                                                    ROI_OPS_FORWARD_OUTPUTS) {
   const i64 k = blockIdx.x;
   const int level = roi_level(levels, ls0, k, L);
-  if (!pools_level(pooled_levels, level)) return;  // the whole block: another launch's ROI
   const LevelMap<T>& map = maps.level[level < 0 ? 0 : level];
   cvec_roi<T, R, kArgmax, P>(map.input, level < 0 ? 0 : N, C, map.H, map.W, map.sN, map.sH,
                              map.sW, rois + k * rs0, rs1, map.spatial_scale, PH, PW,
@@ -583,28 +581,26 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlo
 
 // ---- roi_pool_forward_cvec_levels<T, R, kArgmax>: the cvec kernel over pyramid levels --------
 // Block (k, channel blocks) pools ROI k from the map of its level (common.cuh: LevelMaps); a ROI
-// with no level pools nothing. Every level the launch pools is one the cvec kernel can read.
-// Arguments: the L maps, the (K,) int64 levels (row stride ls0), then as the cvec kernel's
-// without the map's and the tables, then pooled_levels (levels.cuh: pools_level; the ROIs of
-// other levels are left to another launch). roi_pool_forward_cvec_wide_levels: likewise with
-// CvecWideShape.
+// with no level pools nothing. Every level is one the cvec kernel can read. Arguments: the L
+// maps, the (K,) int64 levels (row stride ls0), then as the cvec kernel's without the map's.
+// roi_pool_forward_cvec_wide_levels: likewise with CvecWideShape.
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads,
                                   roi_ops_cuda::CvecLevelsBlocksPerSM<T>::value)
     roi_pool_forward_cvec_levels(ROI_OPS_LEVELS_PARAMETERS, const i64 channels_per_block,
-                                 const i64 pooled_levels, ROI_OPS_FORWARD_OUTPUTS) {
+                                 ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
   cvec_levels_kernel<T, R, kArgmax, CvecShape<T, kArgmax>::kVectors>(
-      maps, L, levels, ls0, N, C, rois, rs0, rs1, PH, PW, channels_per_block, pooled_levels,
-      output, argmax, bad_roi_log);
+      maps, L, levels, ls0, N, C, rois, rs0, rs1, PH, PW, channels_per_block, output, argmax,
+      bad_roi_log);
 }
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads,
                                   roi_ops_cuda::CvecLevelsBlocksPerSM<T>::value)
     roi_pool_forward_cvec_wide_levels(ROI_OPS_LEVELS_PARAMETERS, const i64 channels_per_block,
-                                      const i64 pooled_levels, ROI_OPS_FORWARD_OUTPUTS) {
+                                      ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
   cvec_levels_kernel<T, R, kArgmax, CvecWideShape<T, kArgmax>::kVectors>(
-      maps, L, levels, ls0, N, C, rois, rs0, rs1, PH, PW, channels_per_block, pooled_levels,
-      output, argmax, bad_roi_log);
+      maps, L, levels, ls0, N, C, rois, rs0, rs1, PH, PW, channels_per_block, output, argmax,
+      bad_roi_log);
 }

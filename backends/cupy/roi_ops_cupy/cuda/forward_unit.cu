@@ -335,18 +335,15 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kUnitBlo
 
 // ---- roi_pool_forward_unit_levels<T, R, kArgmax>: the unit kernel over pyramid levels --------
 // Block (k, channel blocks) pools ROI k from the map of its level (common.cuh: LevelMaps); a ROI
-// with no level pools nothing. Every level the launch pools has a unit W stride. Arguments: the
-// L maps, the (K,) int64 levels (row stride ls0), then as the unit kernel's without the map's,
-// then pooled_levels (levels.cuh: pools_level; the ROIs of other levels are left to another
-// launch).
+// with no level pools nothing. Every level has a unit W stride. Arguments: the L maps, the
+// (K,) int64 levels (row stride ls0), then as the unit kernel's without the map's.
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kUnitBlocksPerSM)
     roi_pool_forward_unit_levels(ROI_OPS_LEVELS_PARAMETERS, const i64 channels_per_block,
-                                 const i64 pooled_levels, ROI_OPS_FORWARD_OUTPUTS) {
+                                 ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
   const i64 k = blockIdx.x;
   const int level = roi_level(levels, ls0, k, L);
-  if (!pools_level(pooled_levels, level)) return;  // the whole block: another launch's ROI
   const LevelMap<T>& map = maps.level[level < 0 ? 0 : level];
   if (!unit_roi<T, R, kArgmax>(map.input, level < 0 ? 0 : N, C, map.H, map.W, map.sN, map.sC,
                                map.sH, rois + k * rs0, rs1, map.spatial_scale, PH, PW,

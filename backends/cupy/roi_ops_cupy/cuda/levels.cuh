@@ -51,13 +51,4 @@ __device__ __forceinline__ int roi_level(const i64* __restrict__ levels, i64 ls0
   const i64 level = levels[k * ls0];
   return level >= 0 && level < L ? static_cast<int>(level) : -1;
 }
-
-// Whether a launch of the unit or cvec kernels over levels pools a ROI of `level` (-1: none):
-// bit `level` of its pooled_levels, or bit kMaxLevels for a ROI with no level. A pyramid whose
-// levels take both kernels (the NCHW levels pooled in place, the staged ones channels_last)
-// runs a launch of each, every block of the other launch's ROIs leaving at once; together
-// they pool every ROI once.
-__device__ __forceinline__ bool pools_level(i64 pooled_levels, int level) {
-  return ((pooled_levels >> (level < 0 ? kMaxLevels : level)) & 1) != 0;
-}
 }  // namespace roi_ops_cuda
