@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, backend report, GPU tests, GPU (and 16-core CPU)
 # benchmarks. Stages: install info tests bench bitcheck tvbattery tprobe hostbudget benchsync
-# benchcl cpubench sanitize soak probe multi tables ncu (default: install info tests bench). Example: bash
-# scripts/gpu_check.sh install info tests
+# benchcl cpubench sanitize soak probe multi tables ncu (default: install info tests bench).
+# Example: bash scripts/gpu_check.sh install info tests
 # Logs and JSON go to $RESULTS (default ./gpu-out), and after every stage into one archive,
 # $OUT/gpu-check.tgz, when OUT is set: the device tool brings back at most 8 files from $OUT,
 # and a call cut by its time limit still brings back the stages it finished.

@@ -137,6 +137,17 @@ def probe(
     return times
 
 
+def alternating(calls: dict, device, reps: int, inner: int) -> dict[str, float]:
+    """The median of five rounds of each of `calls` (name: a call), timed in turn in every
+    round, so that the machine's drift falls on all of them alike."""
+    samples = max(3, reps // 5)
+    rounds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(5):
+        for name, call in calls.items():
+            rounds[name].append(pipelined_ms(call, device, samples, inner))
+    return {name: statistics.median(values) for name, values in rounds.items()}
+
+
 def ab_forward(problem, out, arg, source: str, fused, device, reps: int, inner: int):
     """The fused forward compiled from `source` against this tree's (`fused`, which last
     wrote `out` and `arg`): the same bits, then the median of five alternating rounds each."""
@@ -146,46 +157,25 @@ def ab_forward(problem, out, arg, source: str, fused, device, reps: int, inner: 
         other.forward_multi_scale(problem, other_out, other_arg)
     torch.cuda.synchronize()
     assert _same_bits(other_out, out) and torch.equal(other_arg, arg), "ab"
-    rounds, samples = 5, max(3, reps // 5)
-    tree, ab = [], []
-    for _ in range(rounds):
-        tree.append(pipelined_ms(fused, device, samples, inner))
-        with compiled_from(source, cache):
-            ab.append(
-                pipelined_ms(
-                    lambda: other.forward_multi_scale(problem, out, arg), device, samples, inner
-                )
-            )
-    return {"fwd fused tree": statistics.median(tree), "fwd fused ab": statistics.median(ab)}
+    # Its cached plan holds the kernel compiled from `source` (kept alive in `cache`).
+    from_source = lambda: other.forward_multi_scale(problem, out, arg)  # noqa: E731
+    calls = {"fwd fused tree": fused, "fwd fused ab": from_source}
+    return alternating(calls, device, reps, inner)
 
 
 def staged_forward(problem, out, arg, fused, device, reps: int, inner: int):
     """The fused forward staged and not (``stage_channels_last`` True and False) against the
     default's (`fused`, which last wrote `out` and `arg`): the same bits, then the median of
-    five rounds each, alternating (``fwd staging default``, ``... on``, ``... off``)."""
-    launchers = {}
+    five alternating rounds each (``fwd staging default``, ``... on``, ``... off``)."""
+    calls = {"fwd staging default": fused}
     for name, stage in (("on", True), ("off", False)):
         launcher = launch.Launcher(replace(DEFAULT_TUNING, stage_channels_last=stage))
         other_out, other_arg = torch.full_like(out, 1.5), torch.full_like(arg, -7)
         launcher.forward_multi_scale(problem, other_out, other_arg)
         torch.cuda.synchronize()
         assert _same_bits(other_out, out) and torch.equal(other_arg, arg), name
-        launchers[f"fwd staging {name}"] = launcher
-    samples = max(3, reps // 5)
-    rounds: dict[str, list[float]] = {"fwd staging default": []}
-    rounds.update({name: [] for name in launchers})
-    for _ in range(5):
-        rounds["fwd staging default"].append(pipelined_ms(fused, device, samples, inner))
-        for name, launcher in launchers.items():
-            rounds[name].append(
-                pipelined_ms(
-                    lambda lr=launcher: lr.forward_multi_scale(problem, out, arg),
-                    device,
-                    samples,
-                    inner,
-                )  # fmt: skip
-            )
-    return {name: statistics.median(values) for name, values in rounds.items()}
+        calls[f"fwd staging {name}"] = lambda lr=launcher: lr.forward_multi_scale(problem, out, arg)
+    return alternating(calls, device, reps, inner)
 
 
 def main(argv: list[str]) -> int:
