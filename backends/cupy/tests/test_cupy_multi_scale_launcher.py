@@ -319,14 +319,21 @@ def test_staged_nchw_pyramid_equals_the_torch_backend(backend, dtype):
     """An NCHW pyramid staged (`planning.stages_pyramid`, forced here): each level copied
     channels_last by the copy kernel, then one launch of the cvec kernel over levels (two calls:
     the cached plan stages each call's levels). Outputs, inference and gradients (NCHW, as the
-    levels) equal the torch backend's."""
+    levels) equal the torch backend's, on tie-heavy levels (NaN, -inf, signed zeros)."""
+    from roi_ops.testing import tie_heavy_features
+
     from roi_ops_cupy.tuning import DEFAULT_TUNING
 
     tuning = replace(DEFAULT_TUNING, small_roi_outputs=0, stage_channels_last=True)
     backend.launcher = launch_module.Launcher(tuning)
     rois = _boxes(torch.float32, count=40, seed=20)
     for seed in (21, 22):
-        features = _pyramid(dtype, "contiguous", 24, seed=seed)
+        features = [
+            tie_heavy_features((NUM_IMAGES, 24, 48 >> i, 64 >> i), seed + i, dtype).requires_grad_(
+                True
+            )
+            for i in range(len(SCALES))
+        ]
         out = _pool(features, rois, backend.name)
         expected = _pool(features, rois, "torch")
         assert_same_bits(out.detach(), expected.detach())
