@@ -386,6 +386,17 @@ class Launcher:
         copy.launch(device, (x, staged))
         return staged
 
+    @staticmethod
+    def _plan_stage(x: torch.Tensor, device: int) -> tuple:
+        """(a dense channels_last stand-in of `x` on the meta device, to plan the forward on,
+        and the packed launch of the copy kernel that makes the copy, or None for an empty `x`,
+        which torch copies: `_stage`)."""
+        stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
+        stand_in = stand_in.contiguous(memory_format=_CHANNELS_LAST)
+        copy_plan = planning.plan_copy_channels_last(x, stand_in)
+        copy = None if copy_plan is None else PackedLaunch(device, copy_plan, COPY_TENSORS)
+        return stand_in, copy
+
     def _plan_forward(self, problem, output, argmax, device) -> tuple:
         """(the packed launch of a forward key, whether it reads a channels_last copy of the
         input (`planning.stages_channels_last`; planned on a stand-in with its strides), the
@@ -397,11 +408,7 @@ class Launcher:
         staged = planning.stages_channels_last(problem, sizes, self.tuning)
         copy = None
         if staged:
-            stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
-            stand_in = stand_in.contiguous(memory_format=torch.channels_last)
-            copy_plan = planning.plan_copy_channels_last(x, stand_in)
-            if copy_plan is not None:  # None: an empty input, which torch copies
-                copy = PackedLaunch(device, copy_plan, COPY_TENSORS)
+            stand_in, copy = self._plan_stage(x, device)
             problem = RoIPoolProblem(
                 stand_in, problem.rois, problem.pooled_height, problem.pooled_width,
                 problem.spatial_scale, problem.needs_argmax, problem.bad_roi_log,
@@ -525,19 +532,14 @@ class Launcher:
         sizes = cuda_sizes(device)
         copies = ()
         if planning.stages_pyramid(problem, sizes, self.tuning):
-            features, copies = [], []
-            for x in problem.features:  # none empty: the copy kernel copies each
-                stand_in = torch.empty(x.shape, dtype=x.dtype, device="meta")
-                stand_in = stand_in.contiguous(memory_format=_CHANNELS_LAST)
-                copy_plan = planning.plan_copy_channels_last(x, stand_in)
-                copies.append(PackedLaunch(device, copy_plan, COPY_TENSORS))
-                features.append(stand_in)
+            staged = [self._plan_stage(x, device) for x in problem.features]
+            stand_ins = [stand_in for stand_in, _ in staged]
+            copies = tuple(copy for _, copy in staged)  # none empty: each is the copy kernel's
             problem = MultiScaleRoIPoolProblem(
-                features, problem.rois, problem.levels, problem.pooled_height,
+                stand_ins, problem.rois, problem.levels, problem.pooled_height,
                 problem.pooled_width, problem.spatial_scales, problem.needs_argmax,
                 problem.bad_roi_log,
             )  # fmt: skip
-            copies = tuple(copies)
         plan = planning.plan_forward_levels(problem, output, argmax, sizes, self.tuning)
         if plan is None:
             return None, ()

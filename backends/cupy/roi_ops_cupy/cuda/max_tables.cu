@@ -15,7 +15,7 @@
 // int32, then from byte 16 one long long count for each block of roi_ops_table_savings.
 namespace roi_ops_cuda {
 constexpr int kTableSavingsThreads = 256;  // kernels.TABLE_SAVINGS_THREADS
-constexpr int kTableSavingsBlocks = 64;    // kernels.TABLE_SAVINGS_BLOCKS: the count's most
+constexpr int kTableSavingsBlocks = 64;    // kernels.TABLE_SAVINGS_BLOCKS: the count's blocks
 constexpr int kTableThreads = 256;         // kernels.TABLE_THREADS
 constexpr int kTableRows = 16;             // kernels.TABLE_ROWS: rows of one table thread
 constexpr int kTableBlocksPerSM = 3;       // planning.TABLE_BLOCKS_PER_SM
