@@ -23,7 +23,7 @@ THREADS = 256  # the forward kernels' largest block (kThreads in cuda/common.cuh
 CHAN_LANES = 32  # channels per block of the chan kernel (kChanLanes)
 UNIT_CHANNELS = 4  # channels per thread and step of the unit kernel (kUnitChannels)
 CVEC_BYTES = 16  # the cvec kernel loads 16 aligned bytes of channels at a time
-CVEC_THREADS = 8  # most threads per bin in a block of the cvec kernels (any count up to it)
+CVEC_THREADS = 8  # most threads per bin in a block of the cvec kernel (kCvecThreads)
 CVEC_TILE_BYTES = 32768  # the cvec kernel's tile of one round's outputs (kCvecTileBytes)
 # The forward kernels count a block's channels in 32-bit integers (a few thousand in practice).
 MAX_CHANNELS_PER_BLOCK = 2**24
@@ -538,40 +538,20 @@ def cvec_channels_per_block(
     wide: bool = False,
 ) -> int:
     """The cvec kernel's channels per block (`wide`: its wide twin's): a thread's channels times
-    its threads per bin (lanes), 1 to CVEC_THREADS.
-
-    First a power of two: as many lanes as the channels need, halved until the block's outputs
-    fit its tile in one round (one lane when none does: the kernel then pools in rounds of bins)
-    and the GPU gets ``tuning.min_blocks_per_sm`` blocks an SM. Then, unless `wide` (the wide
-    kernel takes powers of two only: cuda/forward_cvec.cu, cvec_lane) or
-    ``tuning.cvec_power_of_two_lanes``, any count of lanes that also fits the tile and leaves
-    that many blocks replaces it where it takes fewer block passes: a block of THREADS threads
-    runs ``ceil(bins / (THREADS // lanes))`` passes over its bins, and a pass holds all its
-    threads whether they have a bin or not (49 bins: 8 lanes take two passes, the second of
-    136 threads; 5 lanes one pass of 245, in more blocks of fewer channels).
-    """
+    a power of two of threads per bin, at most CVEC_THREADS (fewer when C has fewer channels,
+    when the block's outputs would not fit its tile in one round, or when the GPU would get too
+    few blocks)."""
     per_thread = cvec_thread_channels(dtype, argmax, wide)
     capacity = cvec_tile_outputs(dtype, argmax)
-    enough = tuning.min_blocks_per_sm * multiprocessors
-
-    def blocks(lanes: int) -> int:
-        return num_rois * math.ceil(channels / (lanes * per_thread))
-
-    def block_passes(lanes: int) -> int:
-        return blocks(lanes) * math.ceil(bins / (THREADS // lanes))
-
     threads = 1
     while threads < CVEC_THREADS and threads * per_thread < channels:
         threads *= 2
     while threads > 1 and threads * per_thread * bins > capacity:
         threads //= 2
-    while threads > 1 and blocks(threads) < enough:
+    while threads > 1 and num_rois * math.ceil(channels / (threads * per_thread)) < (
+        tuning.min_blocks_per_sm * multiprocessors
+    ):
         threads //= 2
-    if not (wide or tuning.cvec_power_of_two_lanes):
-        for lanes in range(2, CVEC_THREADS + 1):
-            fits = (lanes - 1) * per_thread < channels and lanes * per_thread * bins <= capacity
-            if fits and blocks(lanes) >= enough and block_passes(lanes) < block_passes(threads):
-                threads = lanes
     return threads * per_thread
 
 

@@ -71,9 +71,6 @@ class CupyTuning:
         cvec_wide: None, or whether a single-map forward for which the cvec kernel is chosen
             runs its wide twin (four vectors a thread in float32 inference) instead; None:
             `planning.cvec_wide` decides.
-        cvec_power_of_two_lanes: the cvec kernels' threads a bin only a power of two (the
-            choice before any count of lanes from 1 to `planning.CVEC_THREADS` could fill the
-            block's passes; `planning.cvec_channels_per_block`).
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC`, `kernels.BACKWARD_PLANES` or
@@ -106,7 +103,6 @@ class CupyTuning:
     table_min_outputs: int = 1 << 22
     table_max_bytes: int = 2 << 30
     cvec_wide: bool | None = None
-    cvec_power_of_two_lanes: bool = False
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

@@ -34,7 +34,7 @@ from roi_ops.testing import (
     tie_heavy_features,
 )
 
-from roi_ops_cupy import kernels, planning
+from roi_ops_cupy import kernels
 from roi_ops_cupy.planning import plan_copy_channels_last
 from roi_ops_cupy.tuning import DEFAULT_TUNING, CupyTuning
 
@@ -112,35 +112,6 @@ def test_cvec_outputs_off_16_byte_boundaries(runner, dtype, shift, layout):
             assert_same_bits(output, reference[0])
             if needs_argmax:
                 assert torch.equal(argmax, reference[1])
-
-
-@pytest.mark.parametrize("lanes", range(1, planning.CVEC_THREADS + 1))
-@pytest.mark.parametrize("layout", ["channels_last_cvec", "channels_last_cvec_wide"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_cvec_any_count_of_threads_a_bin(runner, dtype, layout, lanes, monkeypatch):
-    # The cvec kernels with every count of threads a bin from 1 to 8, not only the powers of
-    # two (the plan picks 5 for 49 bins): the threads beyond a block's last whole group idle;
-    # 72 to 200 bins take several passes of the block (with the argmax 100 bins two passes of 3
-    # or 5 threads a bin, 72 of 6 or 7); 11 vectors of channels leave the last lanes of a block
-    # some or none of theirs, and a second block one vector (or, four vectors a thread, lanes
-    # with three, two or one of theirs). Where the lanes' outputs would not fit the tile, one
-    # lane (in rounds of bins where even that does not). The wide kernel (float32 inference)
-    # takes powers of two only: the largest not above `lanes`.
-    def forced(num_rois, channels, bins, dtype, argmax, multiprocessors, tuning, wide=False):
-        per_thread = planning.cvec_thread_channels(dtype, argmax, wide)
-        count = 1 << (lanes.bit_length() - 1) if wide else lanes
-        fits = count * per_thread * bins <= planning.cvec_tile_outputs(dtype, argmax)
-        return (count if fits else 1) * per_thread
-
-    monkeypatch.setattr(planning, "cvec_channels_per_block", forced)
-    vector = 16 // dtype.itemsize
-    x = tie_heavy_features((2, 11 * vector, 12, 40), 23, dtype)
-    rois = torch.tensor(
-        [[0, 3.0, 1.0, 5.0, 10.0], [1, 7.0, 0.0, 13.0, 11.0], [1, -20.0, -3.0, 50.0, 30.0]],
-        dtype=rois_dtype_for(dtype),
-    )
-    for size in [(7, 7), (8, 9), (10, 10), (14, 14), (5, 40)]:
-        check(runner, x, rois, size, 1.0, layout=layout)
 
 
 @pytest.mark.parametrize(

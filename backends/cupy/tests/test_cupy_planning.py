@@ -155,10 +155,8 @@ def test_cvec_tile_size_matches_the_kernel():
 
 
 def test_cvec_blocks_fit_their_tile_in_one_round():
-    # mask-14's 196 bins: 64 channels of float16 values fit the 32 KiB tile (80, five threads a
-    # bin, in as many block passes: the power of two stays); float32 values take 40 (five
-    # threads: four passes in 7 blocks, where 4 threads take four in 8), and with the argmax 16
-    # (float16 values then sit in 32-bit slots).
+    # mask-14's 196 bins: 64 channels of float16 values fit the 32 KiB tile; float32 values
+    # take 32 channels, and with the argmax 16 (float16 values then sit in 32-bit slots).
     capacity = planning.cvec_tile_outputs
     assert capacity(torch.float16, False) == 16384 and capacity(torch.float32, False) == 8192
     assert capacity(torch.float32, True) == capacity(torch.float16, True) == 4096
@@ -167,7 +165,7 @@ def test_cvec_blocks_fit_their_tile_in_one_round():
     tuning = DEFAULT_TUNING
     for dtype, argmax, expected in [
         (torch.float16, False, 64),
-        (torch.float32, False, 40),
+        (torch.float32, False, 32),
         (torch.float32, True, 16),
         (torch.float16, True, 16),
         (torch.float64, True, 8),
@@ -175,32 +173,9 @@ def test_cvec_blocks_fit_their_tile_in_one_round():
         channels = per_block(4096, 256, 196, dtype, argmax, 132, tuning)
         assert channels == expected, (dtype, argmax)
         assert channels * 196 <= capacity(dtype, argmax)
-    assert per_block(4096, 256, 49, torch.float32, True, 132, tuning) == 40  # 49 bins: 5 threads
+    assert per_block(4096, 256, 49, torch.float32, True, 132, tuning) == 64  # 49 bins: 8 threads
     # One vector's bins beyond the tile: one thread a bin, the kernel pools in rounds of bins.
     assert per_block(4, 256, 4200, torch.float32, True, 132, tuning) == 8
-
-
-def test_cvec_threads_a_bin_fill_the_block():
-    # 49 bins: 8 threads a bin take two passes of a 256-thread block (392 (bin, thread)
-    # pairs), 5 one pass (245) in more blocks of fewer channels; where that saves no block
-    # passes (C = 256 with 16 channels a thread: four blocks either way) the power of two stays.
-    per_block = planning.cvec_channels_per_block
-    tuning = DEFAULT_TUNING
-    old = replace(tuning, cvec_power_of_two_lanes=True)
-    for dtype, argmax, wide, channels, expected, before in [
-        (torch.float32, True, False, 1024, 40, 64),
-        (torch.float32, False, True, 1024, 128, 128),  # the wide kernel: powers of two
-        (torch.float16, True, False, 256, 40, 64),
-        (torch.float16, False, False, 256, 128, 128),
-        (torch.float32, False, True, 256, 128, 128),
-    ]:
-        assert per_block(4096, channels, 49, dtype, argmax, 132, old, wide) == before
-        assert per_block(4096, channels, 49, dtype, argmax, 132, tuning, wide) == expected
-    # Too few blocks for 5 threads a bin (four ROIs of 40 channels, one SM: 4 blocks, against 8
-    # of 4 threads; 3 threads take as many block passes as 4).
-    assert per_block(4, 40, 49, torch.float32, True, 1, tuning) == 32
-    # 196 bins: the tile holds 2 threads of 8 float32 channels with the argmax, not 3.
-    assert per_block(4096, 256, 196, torch.float32, True, 132, tuning) == 16
 
 
 def test_cvec_kernel_only_where_an_image_has_32_bit_offsets():
@@ -265,16 +240,14 @@ def test_plane_cvec_and_chan_plans():
     aligned = _problem(last, needs_argmax=False)
     cvec = planning.plan_forward(aligned, out, None, sizes(1))
     assert cvec.name == "roi_pool_forward_cvec<float, float, false>"
-    # 8 threads of 8 channels per bin give 3 x 1 blocks, fewer than 8 per SM: halved twice, to
-    # 3 x 4 blocks of one pass; 3 threads a bin give 3 x 3, enough and fewer block passes.
-    assert cvec.block == (256, 1, 1) and cvec.grid == (3, 3, 1)
-    assert cvec.value("channels_per_block") == 24
+    # 8 threads of 8 channels per bin give 3 x 1 blocks, fewer than 8 per SM: halved twice.
+    assert cvec.block == (256, 1, 1) and cvec.grid == (3, 4, 1)
+    assert cvec.value("channels_per_block") == 16
     assert cvec.shared_mem == 0 and cvec.value("argmax") == 0
     assert planning.plan_forward(aligned, out, None, sizes(132)).value("channels_per_block") == 8
     wide = _problem(torch.ones(2, 1000, 3, 3).to(memory_format=torch.channels_last), None, 7)
     out_wide, _ = _outputs(wide)
-    # 1000 channels: 8 threads a bin (64 channels) take two passes over 49 bins, 5 one.
-    assert planning.plan_forward(wide, out_wide, None, sizes(1)).value("channels_per_block") == 40
+    assert planning.plan_forward(wide, out_wide, None, sizes(1)).value("channels_per_block") == 64
     shifted = torch.empty(2 * 64 * 10 * 10 + 1)[1:].as_strided(last.shape, last.stride())
     unaligned = _problem(shifted, needs_argmax=False)
     chan = planning.plan_forward(unaligned, out, None, sizes(132))

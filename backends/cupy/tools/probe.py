@@ -53,7 +53,6 @@ VARIANTS: dict[str, CupyTuning] = {
     ),
     "cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC),
     "cvec_wide": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC_WIDE),
-    "pow2-lanes": replace(DEFAULT_TUNING, cvec_power_of_two_lanes=True),
     "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
     "small": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL),
     "small_cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL_CVEC),

@@ -14,6 +14,8 @@
 // tile holds every bin, as the launch plan arranges) and copied out in 16-byte pieces: a few
 // instructions a piece instead of an output offset and a store for every element.
 namespace roi_ops_cuda {
+constexpr int kCvecThreads = 8;  // most threads per bin (launch plan: a power of two)
+static_assert(kThreads % kCvecThreads == 0, "a block holds whole groups of a bin's threads");
 constexpr int kCvecTileBytes = 32768;  // planning.CVEC_TILE_BYTES: one round's outputs
 constexpr int kCvecEdges = 128;  // PH + PW up to this: the block caches its bin edges
 constexpr int kCvecBlocksPerSM = 4;
@@ -381,18 +383,6 @@ __device__ __forceinline__ int cvec_round_bins(int lanes, int nb, int capacity) 
   return lanes * kChannels * nb <= capacity ? nb : capacity / (lanes * kChannels);
 }
 
-// Thread t's lane and group of lanes (the bin it starts at) with `lanes` threads a bin: any
-// count for one or two vectors a thread; a power of two for four, the wide kernel's (the plan
-// gives it powers of two): with a remainder and a quotient it spilled at 64 registers.
-template <int P>
-__device__ __forceinline__ int cvec_lane(int t, int lanes) {
-  return P == 4 ? t & (lanes - 1) : t % lanes;
-}
-template <int P>
-__device__ __forceinline__ int cvec_group(int t, int lanes) {
-  return P == 4 ? t >> (__ffs(lanes) - 1) : t / lanes;
-}
-
 // The cvec kernel's work in block (k, channel blocks) of ROI k on one map (input, its sizes and
 // strides, spatial_scale; sC is 1). num_images: N, or 0 for a ROI that pools nothing (every
 // bin empty); table2, table4: as cvec_bin's. Every thread of the block runs it (it has
@@ -402,11 +392,7 @@ __device__ __forceinline__ int cvec_group(int t, int lanes) {
 // for `bins` bins into a shared tile laid out as the output (channel by channel, bins
 // contiguous), then copies the tile out, in 16-byte pieces when the round has every bin. Lane l
 // of a bin holds channels l * kCount, ... and (two or four vectors) each next `lanes * kCount`
-// channels on, so that a warp's first vectors are adjacent. `lanes` (threads a bin, at most
-// planning.CVEC_THREADS) need not divide the block: the threads beyond its last whole group
-// of lanes idle, and the plan picks `lanes` so that the block's passes over the bins keep most
-// threads busy (49 bins: 5 lanes, one pass of 245 threads, where 8 lanes take two passes, the
-// second of 136).
+// channels on, so that a warp's first vectors are adjacent.
 template <class T, class R, bool kArgmax, int P>
 __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 num_images,
                                          const i64 C, const i64 H, const i64 W, const i64 sN,
@@ -440,13 +426,12 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
   // Offsets within an image: < 2^31 (the launch plan checks it for this kernel).
   const int sH_int = static_cast<int>(sH), sW_int = static_cast<int>(sW);
-  const int lanes = static_cast<int>(channels_per_block) / kChannels;
+  const int lanes = static_cast<int>(channels_per_block) / kChannels;  // a power of two
   const int round_bins = cvec_round_bins<kChannels>(lanes, nb, kCapacity);
-  const int bin_step = cvec_group<P>(kThreads, lanes);  // bins a pass: whole groups of lanes
-  const int lane = cvec_lane<P>(tid, lanes);
-  const int group = cvec_group<P>(tid, lanes);
-  // The threads beyond the last whole group idle: a first bin that no round reaches.
-  const int first_bin = P == 4 || group < bin_step ? group : 0x7fffffff;
+  const int lane_bits = __ffs(lanes) - 1;
+  const int lane = tid & (lanes - 1);
+  const int first_bin = tid >> lane_bits;
+  const int bin_step = kThreads >> lane_bits;
   const T* __restrict__ image = input + (valid ? g.batch : 0) * sN;
   for (i64 c0 = static_cast<i64>(blockIdx.y) * channels_per_block; c0 < C;
        c0 += static_cast<i64>(gridDim.y) * channels_per_block) {
@@ -458,8 +443,8 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
     const bool has_vector = lane < vectors;
     // The thread's vectors that exist (lane + p * lanes < vectors); for two, written as a
     // compare, which kept float64's inference at 64 registers without spilling.
-    const int present = P <= 2 ? 1 + (lane < vectors - lanes)
-                               : cvec_group<P>(vectors - lane + lanes - 1, lanes);
+    const int present =
+        P <= 2 ? 1 + (lane < vectors - lanes) : (vectors - lane + lanes - 1) >> lane_bits;
     const CvecVectors thread_vectors = CvecVectors::of(V * lanes, present);
     const T* __restrict__ planes = image + c0 + lane * V;
     // One round: bins q0 .. q0 + bins - 1 of the block's channels.
@@ -567,10 +552,9 @@ __device__ __forceinline__ void cvec_levels_kernel(ROI_OPS_LEVELS_PARAMETERS,
 }  // namespace roi_ops_cuda
 
 // channels_per_block: CvecShape<T, kArgmax>::kChannels (the wide kernel: CvecWideShape's) times
-// the threads a bin (planning.cvec_channels_per_block); C a multiple of Lanes<T>::kCount; the
-// input pointer and sN, sH, sW 16-byte aligned (sC == 1). tables, table_decision: null, or
-// (inference, the map dense channels_last) max_tables.cu's tables of this map and the decision
-// to read them.
+// a power of two <= kCvecThreads (threads per bin); C a multiple of Lanes<T>::kCount; the input
+// pointer and sN, sH, sW 16-byte aligned (sC == 1). tables, table_decision: null, or (inference,
+// the map dense channels_last) max_tables.cu's tables of this map and the decision to read them.
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
     roi_pool_forward_cvec(ROI_OPS_MAP_PARAMETERS, const i64 channels_per_block,
