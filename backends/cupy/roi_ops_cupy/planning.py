@@ -99,7 +99,7 @@ def cvec_thread_channels(dtype: torch.dtype, argmax: bool, wide: bool = False) -
     types with the argmax (8 float32, 4 float64, 16 or with the argmax 8 16-bit channels); in
     the wide kernel (`wide`, CvecWideShape) four vectors in float32 inference (16 channels)."""
     lanes = cvec_lanes(dtype)
-    if wide and dtype.itemsize == 4 and not argmax:
+    if wide and dtype.itemsize == 4:
         return 4 * lanes
     return lanes if lanes == 8 and argmax else 2 * lanes
 
@@ -659,7 +659,8 @@ def _forward_shape(
             argmax is not None,
             multiprocessors,
             tuning,
-            wide=kernel == kernels.FORWARD_CVEC_WIDE,
+            # The multi-level wide kernel keeps two vectors with the argmax (four spill there).
+            wide=kernel == kernels.FORWARD_CVEC_WIDE and not (levels and argmax is not None),
         )
     else:
         target = tuning.block_elements

@@ -202,9 +202,9 @@ def test_cvec_wide_in_float32_inference_on_maps_in_l2():
         assert not planning.cvec_wide(fits.to(dtype), False, in_l2)
     assert planning.cvec_wide(fits, True, no_l2, CupyTuning(cvec_wide=True))
     assert not planning.cvec_wide(fits, False, in_l2, CupyTuning(cvec_wide=False))
-    # Four vectors a thread in float32 inference only.
+    # Four vectors a thread in float32, with the argmax too.
     assert [planning.cvec_thread_channels(d, False, wide=True) for d in DTYPES] == [16, 16, 16, 4]
-    assert [planning.cvec_thread_channels(d, True, wide=True) for d in DTYPES] == [8, 8, 8, 4]
+    assert [planning.cvec_thread_channels(d, True, wide=True) for d in DTYPES] == [8, 8, 16, 4]
     inference = _problem(fits, needs_argmax=False)
     out, arg = _outputs(inference)
     plan = planning.plan_forward(inference, out, None, in_l2)

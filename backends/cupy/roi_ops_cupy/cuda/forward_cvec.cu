@@ -118,8 +118,7 @@ struct CvecShape {
 // maps read from memory); else CvecShape's.
 template <class T, bool kArgmax>
 struct CvecWideShape {
-  static constexpr int kVectors =
-      sizeof(T) == 4 && !kArgmax ? 4 : CvecShape<T, kArgmax>::kVectors;
+  static constexpr int kVectors = sizeof(T) == 4 ? 4 : CvecShape<T, kArgmax>::kVectors;
   static constexpr int kChannels = kVectors * Lanes<T>::kCount;
 };
 
@@ -132,8 +131,10 @@ struct CvecVectors {
     return {stride | count << 8};
   }
   __device__ __forceinline__ int offset(int p) const {
-    return p < (bits >> 8) ? p * (bits & 255) : 0;
+    return p < count() ? p * stride() : 0;
   }
+  __device__ __forceinline__ int stride() const { return bits & 255; }
+  __device__ __forceinline__ int count() const { return bits >> 8; }
 };
 
 // Where cvec_bin writes a thread's channels: channel c of vector p (c < Lanes<T>::kCount) at
@@ -194,6 +195,60 @@ __device__ __forceinline__ void cvec_bin_packed_argmax(const T* __restrict__ cor
                                                Elem<T>::key_of(Lanes<T>::from_word(value)));
     value = static_cast<Out>(Lanes<T>::word(corner[ij.x * sH + ij.y * sW + c]));
     indices[c * slots.stride] = first_index + ij.x * w_int + ij.y;
+  }
+}
+
+// The argmax of a float32 thread of four vectors (16 channels; the wide kernel) in a bin of at
+// most kWideArgmaxSide rows and columns: each channel's position in the bin kept in one byte
+// (row << 4 | column), four channels a register, so that 16 channels' maxima and positions fit
+// beside the loads at 64 registers.
+constexpr int kWideArgmaxSide = 16;
+template <class T, class Out, class I>
+__device__ __forceinline__ void cvec_bin_wide_argmax(const T* __restrict__ corner,
+                                                     CvecVectors vectors, I sH, I sW,
+                                                     int bin_h, int bin_w, int first_index,
+                                                     int w_int, Out* __restrict__ values,
+                                                     int* __restrict__ indices, CvecSlots slots) {
+  typedef Lanes<T> L;
+  constexpr int V = L::kCount;
+  static_assert(sizeof(T) == 4 && V == 4, "float32, four channels a vector");
+  int offset[4];  // each vector's channels from the first's (indexed by constants only)
+#pragma unroll
+  for (int p = 0; p < 4; ++p) offset[p] = vectors.offset(p);
+  float best[4 * V];
+  unsigned int at[4];  // byte c of at[p]: channel p * V + c's position, row << 4 | column
+#pragma unroll
+  for (int c = 0; c < 4 * V; ++c) best[c] = Work<float>::lowest();
+#pragma unroll
+  for (int p = 0; p < 4; ++p) at[p] = 0u;  // the first element (a bin of -inf)
+  for (int i = 0; i < bin_h; ++i) {
+    const T* __restrict__ line = corner + i * sH;
+    const unsigned int row = static_cast<unsigned int>(i) << 4;
+#pragma unroll 1
+    for (int j = 0; j < bin_w; ++j) {
+      const unsigned int position = row | static_cast<unsigned int>(j);
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const roi_vec16 v = load_vec16(line + j * sW + offset[p]);
+#pragma unroll
+        for (int c = 0; c < V; ++c) {
+          const float x = __uint_as_float(v.w[c]);
+          if (replaces(x, best[p * V + c])) {
+            best[p * V + c] = x;
+            at[p] = (at[p] & ~(0xffu << (8 * c))) | (position << (8 * c));
+          }
+        }
+      }
+    }
+  }
+  int slot = 0;
+#pragma unroll
+  for (int c = 0; c < 4 * V; ++c) {
+    const unsigned int a = (at[c / V] >> (8 * (c % V))) & 0xffu;
+    if (c % V == 0) slot = (c / V) * slots.vector_channels * slots.stride;
+    values[slot] = static_cast<Out>(L::word(best[c]));
+    indices[slot] = first_index + static_cast<int>(a >> 4) * w_int + static_cast<int>(a & 15u);
+    slot += slots.stride;
   }
 }
 
@@ -272,6 +327,28 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, CvecVecto
       slot = static_cast<Out>(L::word(value));
     }
   } else {
+    if constexpr (kArgmax && P == 4) {  // float32 (CvecWideShape)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+      constexpr bool kBytePositions = false;  // they spill at 64 registers on sm_80
+#else
+      constexpr bool kBytePositions = true;
+#endif
+      if (kBytePositions && bin_h <= kWideArgmaxSide && bin_w <= kWideArgmaxSide) {
+        cvec_bin_wide_argmax<T>(corner, vectors, sH, sW, bin_h, bin_w, first_index, w_int, values,
+                                indices, slots);
+      } else {  // larger bins (and sm_80): two vectors at a time, as the cvec kernel
+#pragma unroll 1
+        for (int half = 0; half < 2; ++half) {
+          const int count = vectors.count() - 2 * half;
+          const int shift = 2 * half * slots.vector_channels * slots.stride;
+          cvec_bin<T, true, 2>(corner + vectors.offset(2 * half),
+                               CvecVectors::of(vectors.stride(), count > 0 ? count : 0), sH, sW,
+                               bin_h, bin_w, first_index, w_int, values + shift, indices + shift,
+                               slots);
+        }
+      }
+      return;
+    }
     if constexpr (kArgmax && PackedArgmax<T>::kEnabled) {
       if (bin_h <= PackedArgmax<T>::kMaxSide && bin_w <= PackedArgmax<T>::kMaxSide) {
         cvec_bin_packed_argmax<T>(corner, sH, sW, bin_h, bin_w, first_index, w_int, values,
@@ -600,7 +677,10 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads,
     roi_pool_forward_cvec_wide_levels(ROI_OPS_LEVELS_PARAMETERS, const i64 channels_per_block,
                                       ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
-  cvec_levels_kernel<T, R, kArgmax, CvecWideShape<T, kArgmax>::kVectors>(
+  // Two vectors with the argmax: four spill beside the table of levels at 64 registers.
+  constexpr int P =
+      kArgmax ? CvecShape<T, kArgmax>::kVectors : CvecWideShape<T, kArgmax>::kVectors;
+  cvec_levels_kernel<T, R, kArgmax, P>(
       maps, L, levels, ls0, N, C, rois, rs0, rs1, PH, PW, channels_per_block, output, argmax,
       bad_roi_log);
 }
