@@ -59,7 +59,7 @@ FORWARD_PLANE = "roi_pool_forward_plane"
 FORWARD_CHAN = "roi_pool_forward_chan"
 FORWARD_UNIT = "roi_pool_forward_unit"
 FORWARD_CVEC = "roi_pool_forward_cvec"
-# The cvec kernel with four vectors a thread in float32 inference (planning.cvec_wide).
+# The cvec kernel with four vectors a thread in float32 (planning.cvec_wide).
 FORWARD_CVEC_WIDE = "roi_pool_forward_cvec_wide"
 FORWARD_SMALL = "roi_pool_forward_small"
 FORWARD_SMALL_CVEC = "roi_pool_forward_small_cvec"

@@ -97,7 +97,7 @@ def cvec_lanes(dtype: torch.dtype) -> int:
 def cvec_thread_channels(dtype: torch.dtype, argmax: bool, wide: bool = False) -> int:
     """Channels of one cvec thread (CvecShape::kChannels): two vectors, but one for the 16-bit
     types with the argmax (8 float32, 4 float64, 16 or with the argmax 8 16-bit channels); in
-    the wide kernel (`wide`, CvecWideShape) four vectors in float32 inference (16 channels)."""
+    the wide kernel (`wide`, CvecWideShape) four vectors in float32 (16 channels)."""
     lanes = cvec_lanes(dtype)
     if wide and dtype.itemsize == 4:
         return 4 * lanes
@@ -108,16 +108,16 @@ def cvec_wide(
     input: torch.Tensor, argmax: bool, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
 ) -> bool:
     """Whether a forward that `forward_kernel` gives the cvec kernel runs its wide twin
-    (`kernels.FORWARD_CVEC_WIDE`: four channel vectors a thread in float32 inference): float32
-    inference on a map that fits in L2, where a thread's work per bin shared by 16 channels
-    instead of 8 pays, and not beyond it, where half the threads a bin leave fewer loads in
-    flight (measured: the choice table of tools/NOTES.md). ``tuning.cvec_wide`` forces the
-    choice (True: wherever the cvec kernel is chosen); a forced ``tuning.forward_kernel`` runs
-    as named."""
+    (`kernels.FORWARD_CVEC_WIDE`: four channel vectors a thread in float32): float32 inference
+    on a map that fits in L2, where a thread's work per bin shared by 16 channels instead of 8
+    pays, and not beyond it, where half the threads a bin leave fewer loads in flight; float32
+    with the argmax the other way round, beyond L2 only (measured: the choice table of
+    tools/NOTES.md). ``tuning.cvec_wide`` forces the choice (True: wherever the cvec kernel is
+    chosen); a forced ``tuning.forward_kernel`` runs as named."""
     if tuning.cvec_wide is not None:
         return tuning.cvec_wide
     cached = 0 < _dense_bytes(input) <= sizes.l2_bytes
-    return input.dtype == torch.float32 and not argmax and cached
+    return input.dtype == torch.float32 and argmax != cached
 
 
 def single_map_kernel(

@@ -69,7 +69,7 @@ class CupyTuning:
         table_min_outputs: calls with fewer outputs never queue the tables.
         table_max_bytes: nor calls whose tables (twice the map) would take more memory.
         cvec_wide: None, or whether a single-map forward for which the cvec kernel is chosen
-            runs its wide twin (four vectors a thread in float32 inference) instead; None:
+            runs its wide twin (four vectors a thread in float32) instead; None:
             `planning.cvec_wide` decides.
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).

@@ -127,8 +127,8 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     # ROIs cut by the border. cvec: 24 float16 channels leave the last of 4 threads per bin
     # empty with the argmax (8 channels a thread) and the second of 2 half its channels in
     # inference (16); 20 float32 (22 float64) channels leave one thread half its channels, and
-    # in cvec_wide's float32 inference one thread of four vectors and one of one (its three
-    # missing vectors re-read its first).
+    # in cvec_wide's float32 one thread of four vectors and one of one (its three missing
+    # vectors re-read its first).
     tuning = CupyTuning(forward_kernel=kernels.FORWARD_PLANE) if kernel == "plane" else None
     tuning = tuning or DEFAULT_TUNING
     layout = {

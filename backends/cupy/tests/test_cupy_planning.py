@@ -191,13 +191,14 @@ def test_cvec_kernel_only_where_an_image_has_32_bit_offsets():
     assert planning.forward_levels_kernel(levels, 196) == kernels.FORWARD_CHAN
 
 
-def test_cvec_wide_in_float32_inference_on_maps_in_l2():
+def test_cvec_wide_in_float32_inference_in_l2_and_forwards_beyond():
     fits = torch.ones(2, 64, 10, 10).contiguous(memory_format=torch.channels_last)  # 51 KB
     in_l2, no_l2 = sizes(1, 50 * 2**20), sizes(1, 32 * 2**10)
     assert planning.cvec_wide(fits, False, in_l2)
     assert not planning.cvec_wide(fits, False, no_l2)  # beyond L2
     assert not planning.cvec_wide(fits, False, sizes(1))  # no L2 known: not cached
-    assert not planning.cvec_wide(fits, True, in_l2)  # the argmax
+    assert not planning.cvec_wide(fits, True, in_l2)  # the argmax: beyond L2 only
+    assert planning.cvec_wide(fits, True, no_l2)
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         assert not planning.cvec_wide(fits.to(dtype), False, in_l2)
     assert planning.cvec_wide(fits, True, no_l2, CupyTuning(cvec_wide=True))
@@ -219,6 +220,9 @@ def test_cvec_wide_in_float32_inference_on_maps_in_l2():
     assert planning.plan_forward(forward, out, arg, in_l2).name.startswith(
         kernels.FORWARD_CVEC + "<"
     )
+    plan = planning.plan_forward(forward, out, arg, no_l2)
+    assert plan.name == "roi_pool_forward_cvec_wide<float, float, true>"
+    assert plan.value("channels_per_block") % 16 == 0
     # A forced kernel runs as named.
     forced = CupyTuning(forward_kernel=kernels.FORWARD_CVEC)
     plan = planning.plan_forward(inference, out, None, in_l2, forced)

@@ -5,8 +5,8 @@
 // thread keeps CvecShape<T, kArgmax>::kChannels channels (8 float32, 4 float64, 16 or with the
 // argmax 8 float16/bfloat16) and one bin at a time, and reads each element of the bin for all
 // its channels with one or two 16-byte loads (CvecShape). roi_pool_forward_cvec_wide is the same
-// kernel with four vectors (16 channels) a thread in float32 inference (CvecWideShape), for maps
-// that fit in L2 (planning.cvec_wide).
+// kernel with four vectors (16 channels) a thread in float32 (CvecWideShape): inference on maps
+// that fit in L2, forwards with the argmax on maps beyond it (planning.cvec_wide).
 // Inference reduces with max.NaN (packed f16x2/bf16x2 for the 16-bit types), the argmax through
 // masks (PackedArgmax) where it can, else with the unit kernel's compare and select. Results are
 // staged in a shared tile laid out as the
@@ -113,9 +113,9 @@ struct CvecShape {
   static constexpr int kVectors = sizeof(T) == 2 && kArgmax ? 1 : 2;
   static constexpr int kChannels = kVectors * Lanes<T>::kCount;  // a thread's channels
 };
-// The wide cvec kernel's: four vectors (16 channels) in float32 inference, where a thread's work
-// per bin shared by twice the channels pays on maps read from L2 (and costs loads in flight on
-// maps read from memory); else CvecShape's.
+// The wide cvec kernel's: four vectors (16 channels) in float32, where a thread's work per bin
+// shared by twice the channels pays (inference on maps read from L2, the argmax on maps read
+// from memory: planning.cvec_wide); else CvecShape's.
 template <class T, bool kArgmax>
 struct CvecWideShape {
   static constexpr int kVectors = sizeof(T) == 4 ? 4 : CvecShape<T, kArgmax>::kVectors;
@@ -644,7 +644,7 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlo
 }
 
 // ---- roi_pool_forward_cvec_wide<T, R, kArgmax>: the cvec kernel, four vectors a thread in
-// float32 inference (CvecWideShape); arguments as the cvec kernel's.
+// float32 (CvecWideShape); arguments as the cvec kernel's.
 template <class T, class R, bool kArgmax>
 __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlocksPerSM)
     roi_pool_forward_cvec_wide(ROI_OPS_MAP_PARAMETERS, const i64 channels_per_block,
