@@ -25,6 +25,10 @@ UNIT_CHANNELS = 4  # channels per thread and step of the unit kernel (kUnitChann
 CVEC_BYTES = 16  # the cvec kernel loads 16 aligned bytes of channels at a time
 CVEC_THREADS = 8  # most threads per bin in a block of the cvec kernel (kCvecThreads)
 CVEC_TILE_BYTES = 32768  # the cvec kernel's tile of one round's outputs (kCvecTileBytes)
+CVEC_BLOCKS_PER_SM = 4  # the cvec kernels' launch bounds (kCvecBlocksPerSM)
+# A cvec block's shared memory besides its tile: its bin edges (1 KiB), and the 1 KiB the
+# device reserves for each block.
+CVEC_OTHER_SHARED = 2048
 # The forward kernels count a block's channels in 32-bit integers (a few thousand in practice).
 MAX_CHANNELS_PER_BLOCK = 2**24
 SMALL_BIN_BYTES = 24  # one (ROI, bin) entry of the small kernels' table (SmallBin)
@@ -108,16 +112,21 @@ def cvec_wide(
     input: torch.Tensor, argmax: bool, sizes: CudaSizes, tuning: CupyTuning = DEFAULT_TUNING
 ) -> bool:
     """Whether a forward that `forward_kernel` gives the cvec kernel runs its wide twin
-    (`kernels.FORWARD_CVEC_WIDE`: four channel vectors a thread in float32): float32 inference
-    on a map that fits in L2, where a thread's work per bin shared by 16 channels instead of 8
-    pays, and not beyond it, where half the threads a bin leave fewer loads in flight; float32
-    with the argmax the other way round, beyond L2 only (measured: the choice table of
-    tools/NOTES.md). ``tuning.cvec_wide`` forces the choice (True: wherever the cvec kernel is
-    chosen); a forced ``tuning.forward_kernel`` runs as named."""
+    (`kernels.FORWARD_CVEC_WIDE`: four channel vectors a thread in float32), where a thread's
+    work per bin shared by 16 channels instead of 8 pays: float32 inference on a map that fits
+    in L2 (beyond it, half the threads a bin leave fewer loads in flight); float32 with the
+    argmax beyond L2, and in L2 where the large tile fits (`cvec_large_tile`: with the static
+    tile, half the lanes a bin lost). Measured: the choice table of tools/NOTES.md.
+    ``tuning.cvec_wide`` forces the choice (True: wherever the cvec kernel is chosen); a forced
+    ``tuning.forward_kernel`` runs as named."""
     if tuning.cvec_wide is not None:
         return tuning.cvec_wide
+    if input.dtype != torch.float32:
+        return False
     cached = 0 < _dense_bytes(input) <= sizes.l2_bytes
-    return input.dtype == torch.float32 and argmax != cached
+    if argmax:
+        return not cached or cvec_large_tile(sizes, tuning)
+    return cached
 
 
 def single_map_kernel(
@@ -519,12 +528,43 @@ def whole_unit_steps(per_block: int, bins: int, dtype: torch.dtype) -> int:
     return per_block // step * step if per_block >= step else per_block
 
 
-def cvec_tile_outputs(dtype: torch.dtype, argmax: bool) -> int:
-    """Outputs one round of the cvec kernel holds in its tile (kCapacity in forward_cvec.cu):
-    its values and argmax parts each a whole number of 16-byte pieces; with the argmax a
-    16-bit value takes a 32-bit slot."""
+def cvec_dynamic_tile(dtype: torch.dtype, argmax: bool, wide: bool) -> bool:
+    """Whether the cvec kernel (`wide`: its wide twin) keeps its tile in dynamic shared memory
+    (kDynamicTile in forward_cvec.cu): the wide kernel's float32 forwards with the argmax."""
+    return wide and argmax and dtype == torch.float32
+
+
+def cvec_large_tile(sizes: CudaSizes, tuning: CupyTuning) -> bool:
+    """Whether CVEC_BLOCKS_PER_SM blocks of ``tuning.cvec_wide_tile_bytes`` fit in one SM's
+    shared memory (one block's opt-in limit and its reserve)."""
+    per_sm = sizes.shared_per_block_optin + 1024
+    return CVEC_BLOCKS_PER_SM * (tuning.cvec_wide_tile_bytes + CVEC_OTHER_SHARED) <= per_sm
+
+
+def cvec_tile_bytes(
+    dtype: torch.dtype,
+    argmax: bool,
+    wide: bool,
+    input_bytes: int,
+    sizes: CudaSizes,
+    tuning: CupyTuning,
+) -> int:
+    """The cvec kernel's tile in bytes for a map of `input_bytes`: CVEC_TILE_BYTES, but where
+    `cvec_dynamic_tile` (the launch's dynamic shared memory) ``tuning.cvec_wide_tile_bytes`` on
+    a map in L2 when `cvec_large_tile`: eight lanes of 16 channels a bin on 7x7 bins. Beyond
+    L2, the static tile's four lanes ran faster (tools/NOTES.md)."""
+    cached = 0 < input_bytes <= sizes.l2_bytes
+    if cvec_dynamic_tile(dtype, argmax, wide) and cached and cvec_large_tile(sizes, tuning):
+        return tuning.cvec_wide_tile_bytes
+    return CVEC_TILE_BYTES
+
+
+def cvec_tile_outputs(dtype: torch.dtype, argmax: bool, tile_bytes: int = CVEC_TILE_BYTES) -> int:
+    """Outputs one round of the cvec kernel holds in its tile of `tile_bytes` (capacity in
+    forward_cvec.cu): its values and argmax parts each a whole number of 16-byte pieces; with
+    the argmax a 16-bit value takes a 32-bit slot."""
     slot = 4 if argmax and dtype.itemsize == 2 else dtype.itemsize
-    return CVEC_TILE_BYTES // (slot + (4 if argmax else 0)) // 8 * 8
+    return tile_bytes // (slot + (4 if argmax else 0)) // 8 * 8
 
 
 def cvec_channels_per_block(
@@ -536,13 +576,14 @@ def cvec_channels_per_block(
     multiprocessors: int,
     tuning: CupyTuning,
     wide: bool = False,
+    tile_bytes: int = CVEC_TILE_BYTES,
 ) -> int:
     """The cvec kernel's channels per block (`wide`: its wide twin's): a thread's channels times
     a power of two of threads per bin, at most CVEC_THREADS (fewer when C has fewer channels,
-    when the block's outputs would not fit its tile in one round, or when the GPU would get too
-    few blocks)."""
+    when the block's outputs would not fit its tile of `tile_bytes` in one round, or when the
+    GPU would get too few blocks)."""
     per_thread = cvec_thread_channels(dtype, argmax, wide)
-    capacity = cvec_tile_outputs(dtype, argmax)
+    capacity = cvec_tile_outputs(dtype, argmax, tile_bytes)
     threads = 1
     while threads < CVEC_THREADS and threads * per_thread < channels:
         threads *= 2
@@ -650,18 +691,17 @@ def _forward_shape(
         extra = (integer("cache_edges", int(cache_edges)),)
         shared_mem = 8 * (ph + pw) if cache_edges else 0
         return (num_rois, grid_y, 1), (CHAN_LANES, THREADS // CHAN_LANES, 1), shared_mem, extra
+    tile_bytes = 0  # a dynamic tile's
     if kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_CVEC_WIDE):
+        # The multi-level wide kernel keeps two vectors with the argmax (four spill there).
+        wide = kernel == kernels.FORWARD_CVEC_WIDE and not (levels and argmax is not None)
+        dtype, has_argmax = input.dtype, argmax is not None
+        tile = cvec_tile_bytes(dtype, has_argmax, wide, input_bytes, sizes, tuning)
         per_block = cvec_channels_per_block(
-            num_rois,
-            channels,
-            ph * pw,
-            input.dtype,
-            argmax is not None,
-            multiprocessors,
-            tuning,
-            # The multi-level wide kernel keeps two vectors with the argmax (four spill there).
-            wide=kernel == kernels.FORWARD_CVEC_WIDE and not (levels and argmax is not None),
+            num_rois, channels, ph * pw, dtype, has_argmax, multiprocessors, tuning, wide, tile
         )
+        if cvec_dynamic_tile(dtype, has_argmax, wide):
+            tile_bytes = tile
     else:
         target = tuning.block_elements
         if kernel == kernels.FORWARD_UNIT:
@@ -670,7 +710,9 @@ def _forward_shape(
         if kernel == kernels.FORWARD_UNIT:
             per_block = whole_unit_steps(per_block, ph * pw, input.dtype)
     extra = (integer("channels_per_block", per_block),)
-    shared_mem = UNIT_GEOMETRY_BYTES + 8 * (ph + pw) if kernel == kernels.FORWARD_UNIT else 0
+    shared_mem = tile_bytes
+    if kernel == kernels.FORWARD_UNIT:
+        shared_mem = UNIT_GEOMETRY_BYTES + 8 * (ph + pw)
     return (num_rois, _grid_y(channels, per_block), 1), (THREADS, 1, 1), shared_mem, extra
 
 

@@ -71,6 +71,10 @@ class CupyTuning:
         cvec_wide: None, or whether a single-map forward for which the cvec kernel is chosen
             runs its wide twin (four vectors a thread in float32) instead; None:
             `planning.cvec_wide` decides.
+        cvec_wide_tile_bytes: the wide kernel's tile in float32 with the argmax (dynamic shared
+            memory) on maps in L2, where four blocks of it fit an SM (else the static tile's
+            size, `planning.cvec_tile_bytes`): room for the outputs of eight 16-channel lanes on
+            7x7 bins.
         forward_kernel: None, or a forward kernel name (`kernels.FORWARD_KERNELS`) to run
             wherever it can run (plane and chan run on every layout).
         backward_kernel: None, or `kernels.BACKWARD_ATOMIC`, `kernels.BACKWARD_PLANES` or
@@ -103,6 +107,7 @@ class CupyTuning:
     table_min_outputs: int = 1 << 22
     table_max_bytes: int = 2 << 30
     cvec_wide: bool | None = None
+    cvec_wide_tile_bytes: int = 51200
     forward_kernel: str | None = None
     backward_kernel: str | None = None
     planes_threads: int | None = None

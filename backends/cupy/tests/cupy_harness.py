@@ -151,13 +151,15 @@ def run_forward(
     layout="contiguous",
     needs_argmax=True,
     multiprocessors=1,
+    l2_bytes=0,
     grid_y=None,
     tuning: CupyTuning = DEFAULT_TUNING,
     bad_roi_log=None,
     output_shift=0,
 ):
-    """The kernels on poisoned outputs (`output_shift` elements past a 16-byte boundary);
-    returns CPU (output, argmax or None)."""
+    """The kernels on poisoned outputs (`output_shift` elements past a 16-byte boundary),
+    planned for a device of `multiprocessors` SMs and `l2_bytes` of L2; returns CPU (output,
+    argmax or None)."""
     size = (size, size) if isinstance(size, int) else tuple(size)
     if layout in _LAYOUT_KERNELS and tuning.forward_kernel is None:
         tuning = replace(tuning, forward_kernel=_LAYOUT_KERNELS[layout])
@@ -175,7 +177,7 @@ def run_forward(
         tables, decision = build_tables(runner, problem, replace(tuning, max_tables=True))
         assert int(decision[0]) == 1
     launch = planning.plan_forward(
-        problem, output, argmax, sizes(multiprocessors), tuning, tables, decision
+        problem, output, argmax, sizes(multiprocessors, l2_bytes), tuning, tables, decision
     )
     if launch is not None:
         if grid_y is not None:  # fewer block rows than channel blocks: the kernels loop

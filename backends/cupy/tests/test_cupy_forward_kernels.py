@@ -93,6 +93,25 @@ def test_many_bins_are_staged_in_rounds(runner, layout):
     check(runner, x, rois, (30, 30), 1.0, layout=layout)
 
 
+@pytest.mark.parametrize("l2_bytes", [0, 1 << 30], ids=["static_tile", "large_tile"])
+def test_cvec_wide_argmax_in_either_tile(runner, l2_bytes):
+    # The wide kernel's float32 forward with the argmax keeps its tile in dynamic shared memory:
+    # the static tile's 32 KiB beyond L2, the large tile on a map in L2. 136 channels: blocks of
+    # eight lanes of 16 channels in the large tile (four in the static one) on 7x7 bins, the
+    # last block two vectors; 14x14 bins and 20x20 (rounds of bins in either tile).
+    x = tie_heavy_features((2, 136, 12, 40), 29, torch.float32)
+    rois = torch.tensor(
+        [
+            [0, 3.0, 1.0, 30.0, 10.0],
+            [1, -4.0, 0.0, 13.0, 11.0],
+            [1, 0.0, 0.0, 39.0, 11.0],
+            [0, 20.0, 5.0, 22.0, 6.0],
+        ]
+    )  # four ROIs of two channel blocks: the eight blocks the plan wants of one SM
+    for size in [(7, 7), (14, 14), (20, 20)]:
+        check(runner, x, rois, size, 1.0, layout="channels_last_cvec_wide", l2_bytes=l2_bytes)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shift", [1, 3], ids=lambda s: f"shift{s}")
 @pytest.mark.parametrize("layout", ["channels_last_cvec", "channels_last_cvec_wide"])

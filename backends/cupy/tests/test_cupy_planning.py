@@ -191,18 +191,38 @@ def test_cvec_kernel_only_where_an_image_has_32_bit_offsets():
     assert planning.forward_levels_kernel(levels, 196) == kernels.FORWARD_CHAN
 
 
-def test_cvec_wide_in_float32_inference_in_l2_and_forwards_beyond():
+def test_cvec_wide_in_float32_inference_in_l2_and_forwards_with_the_large_tile_in_l2():
     fits = torch.ones(2, 64, 10, 10).contiguous(memory_format=torch.channels_last)  # 51 KB
     in_l2, no_l2 = sizes(1, 50 * 2**20), sizes(1, 32 * 2**10)
+    small_shared = sizes(1, 50 * 2**20, 163 * 1024)  # an A100's: 4 large tiles do not fit
+    assert planning.cvec_large_tile(in_l2, DEFAULT_TUNING)
+    assert not planning.cvec_large_tile(small_shared, DEFAULT_TUNING)
     assert planning.cvec_wide(fits, False, in_l2)
     assert not planning.cvec_wide(fits, False, no_l2)  # beyond L2
     assert not planning.cvec_wide(fits, False, sizes(1))  # no L2 known: not cached
-    assert not planning.cvec_wide(fits, True, in_l2)  # the argmax: beyond L2 only
-    assert planning.cvec_wide(fits, True, no_l2)
+    assert planning.cvec_wide(fits, True, in_l2)  # the argmax: in L2 with the large tile,
+    assert not planning.cvec_wide(fits, True, small_shared)  # not with the static one
+    assert planning.cvec_wide(fits, True, no_l2)  # and beyond L2
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         assert not planning.cvec_wide(fits.to(dtype), False, in_l2)
-    assert planning.cvec_wide(fits, True, no_l2, CupyTuning(cvec_wide=True))
-    assert not planning.cvec_wide(fits, False, in_l2, CupyTuning(cvec_wide=False))
+        assert not planning.cvec_wide(fits.to(dtype), True, no_l2)
+    assert planning.cvec_wide(fits, False, no_l2, CupyTuning(cvec_wide=True))
+    assert not planning.cvec_wide(fits, True, in_l2, CupyTuning(cvec_wide=False))
+    # The large tile: the wide kernel's float32 forward with the argmax on a map in L2 only.
+    tile = planning.cvec_tile_bytes
+    large, static = DEFAULT_TUNING.cvec_wide_tile_bytes, planning.CVEC_TILE_BYTES
+    assert large > static
+    assert tile(torch.float32, True, True, 51200, in_l2, DEFAULT_TUNING) == large
+    assert tile(torch.float32, True, True, 51200, no_l2, DEFAULT_TUNING) == static
+    assert tile(torch.float32, True, True, 51200, small_shared, DEFAULT_TUNING) == static
+    assert tile(torch.float32, False, True, 51200, in_l2, DEFAULT_TUNING) == static
+    assert tile(torch.float32, True, False, 51200, in_l2, DEFAULT_TUNING) == static
+    assert tile(torch.float16, True, True, 51200, in_l2, DEFAULT_TUNING) == static
+    # 7x7 bins: eight lanes of 16 channels in the large tile, four in the static one.
+    assert planning.cvec_tile_outputs(torch.float32, True, large) >= 8 * 16 * 49
+    per_block = planning.cvec_channels_per_block
+    assert per_block(4096, 256, 49, torch.float32, True, 132, DEFAULT_TUNING, True, large) == 128
+    assert per_block(4096, 256, 49, torch.float32, True, 132, DEFAULT_TUNING, True) == 64
     # Four vectors a thread in float32, with the argmax too.
     assert [planning.cvec_thread_channels(d, False, wide=True) for d in DTYPES] == [16, 16, 16, 4]
     assert [planning.cvec_thread_channels(d, True, wide=True) for d in DTYPES] == [8, 8, 16, 4]
@@ -217,12 +237,14 @@ def test_cvec_wide_in_float32_inference_in_l2_and_forwards_beyond():
     )
     forward = _problem(fits)
     out, arg = _outputs(forward)
-    assert planning.plan_forward(forward, out, arg, in_l2).name.startswith(
-        kernels.FORWARD_CVEC + "<"
-    )
+    plan = planning.plan_forward(forward, out, arg, in_l2)
+    assert plan.name == "roi_pool_forward_cvec_wide<float, float, true>"
+    assert plan.shared_mem == large and plan.value("channels_per_block") % 16 == 0
     plan = planning.plan_forward(forward, out, arg, no_l2)
     assert plan.name == "roi_pool_forward_cvec_wide<float, float, true>"
-    assert plan.value("channels_per_block") % 16 == 0
+    assert plan.shared_mem == static
+    plan = planning.plan_forward(forward, out, arg, small_shared)
+    assert plan.name == "roi_pool_forward_cvec<float, float, true>" and plan.shared_mem == 0
     # A forced kernel runs as named.
     forced = CupyTuning(forward_kernel=kernels.FORWARD_CVEC)
     plan = planning.plan_forward(inference, out, None, in_l2, forced)

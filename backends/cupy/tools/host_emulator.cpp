@@ -118,6 +118,10 @@ inline A atomicMin(A* address, A value) {
 // The PTX primitives of cuda/common.cuh (its ROI_OPS_HOST_EMULATION block).
 namespace roi_ops_cuda {
 alignas(16) unsigned char roi_dynamic_shared[256 * 1024];
+unsigned long long launch_dynamic_shared = 0;  // the launch's shared_mem
+inline unsigned int dynamic_shared_bytes() {
+  return static_cast<unsigned int>(launch_dynamic_shared);
+}
 
 inline float half_to_float(unsigned short h) {
   const unsigned int sign = (h & 0x8000u) << 16;
@@ -313,6 +317,7 @@ extern "C" int roi_emulate(const char* name, unsigned int grid_x, unsigned int g
   }
   if (entry == nullptr) return -1;
   if (shared_mem > sizeof(roi_ops_cuda::roi_dynamic_shared)) return -2;
+  roi_ops_cuda::launch_dynamic_shared = shared_mem;
   const unsigned int threads = block_x * block_y;
   if (threads == 0 || threads > kMaxThreads) return -3;
   if (count != entry->arity) return -4;

@@ -53,6 +53,9 @@ VARIANTS: dict[str, CupyTuning] = {
     ),
     "cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC),
     "cvec_wide": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC_WIDE),
+    "cvec_wide_tile32": replace(
+        DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CVEC_WIDE, cvec_wide_tile_bytes=32768
+    ),
     "chan": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_CHAN),
     "small": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL),
     "small_cvec": replace(DEFAULT_TUNING, forward_kernel=kernels.FORWARD_SMALL_CVEC),

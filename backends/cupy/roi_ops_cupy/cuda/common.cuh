@@ -136,8 +136,13 @@ __device__ __forceinline__ i64 block_column() {
   return x;
 }
 
-// Every kernel's dynamic shared memory (the launch plan sizes it).
+// Every kernel's dynamic shared memory (the launch plan sizes it), and its size in bytes.
 extern __shared__ __align__(16) unsigned char roi_dynamic_shared[];
+__device__ __forceinline__ unsigned int dynamic_shared_bytes() {
+  unsigned int bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+  return bytes;
+}
 #endif  // ROI_OPS_HOST_EMULATION
 
 // ---- Shared constants and small helpers -------------------------------------------------------

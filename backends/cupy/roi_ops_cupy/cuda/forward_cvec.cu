@@ -6,7 +6,8 @@
 // argmax 8 float16/bfloat16) and one bin at a time, and reads each element of the bin for all
 // its channels with one or two 16-byte loads (CvecShape). roi_pool_forward_cvec_wide is the same
 // kernel with four vectors (16 channels) a thread in float32 (CvecWideShape): inference on maps
-// that fit in L2, forwards with the argmax on maps beyond it (planning.cvec_wide).
+// that fit in L2, forwards with the argmax (planning.cvec_wide), whose tile is dynamic shared
+// memory, larger on maps in L2 (planning.cvec_tile_bytes).
 // Inference reduces with max.NaN (packed f16x2/bf16x2 for the 16-bit types), the argmax through
 // masks (PackedArgmax) where it can, else with the unit kernel's compare and select. Results are
 // staged in a shared tile laid out as the
@@ -114,8 +115,8 @@ struct CvecShape {
   static constexpr int kChannels = kVectors * Lanes<T>::kCount;  // a thread's channels
 };
 // The wide cvec kernel's: four vectors (16 channels) in float32, where a thread's work per bin
-// shared by twice the channels pays (inference on maps read from L2, the argmax on maps read
-// from memory: planning.cvec_wide); else CvecShape's.
+// shared by twice the channels pays (inference on maps read from L2, the argmax:
+// planning.cvec_wide); else CvecShape's.
 template <class T, bool kArgmax>
 struct CvecWideShape {
   static constexpr int kVectors = sizeof(T) == 4 ? 4 : CvecShape<T, kArgmax>::kVectors;
@@ -470,7 +471,7 @@ __device__ __forceinline__ int cvec_round_bins(int lanes, int nb, int capacity) 
 // contiguous), then copies the tile out, in 16-byte pieces when the round has every bin. Lane l
 // of a bin holds channels l * kCount, ... and (two or four vectors) each next `lanes * kCount`
 // channels on, so that a warp's first vectors are adjacent.
-template <class T, class R, bool kArgmax, int P>
+template <class T, class R, bool kArgmax, int P, bool kDynamicTile = false>
 __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 num_images,
                                          const i64 C, const i64 H, const i64 W, const i64 sN,
                                          const i64 sH, const i64 sW, const R* __restrict__ row,
@@ -488,11 +489,22 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
   constexpr int kChannels = P * V;
   // The tile: values, then (kArgmax) as many argmax entries, each part a whole number of
   // 16-byte pieces; an output's value and argmax at the same index of their parts.
-  constexpr int kCapacity = (kCvecTileBytes / (sizeof(Slot) + (kArgmax ? 4 : 0))) / 8 * 8;
-  __shared__ roi_vec16 tile[kCvecTileBytes / 16];  // 16-byte pieces
+  // kDynamicTile: the tile is the launch's dynamic shared memory, of the size the launch plan
+  // gives (planning.cvec_tile_bytes), else a static kCvecTileBytes.
+  constexpr int kOutputBytes = sizeof(Slot) + (kArgmax ? 4 : 0);
+  roi_vec16* tile;  // 16-byte pieces
+  int capacity;
+  if constexpr (kDynamicTile) {
+    tile = reinterpret_cast<roi_vec16*>(roi_dynamic_shared);
+    capacity = static_cast<int>(dynamic_shared_bytes() / kOutputBytes) / 8 * 8;
+  } else {
+    __shared__ roi_vec16 static_tile[kCvecTileBytes / 16];
+    tile = static_tile;
+    capacity = kCvecTileBytes / kOutputBytes / 8 * 8;
+  }
   __shared__ int2 edges[kCvecEdges];
   Slot* const tile_value = reinterpret_cast<Slot*>(tile);
-  int* const tile_index = reinterpret_cast<int*>(tile_value + kCapacity);
+  int* const tile_index = reinterpret_cast<int*>(tile_value + capacity);
   const int tid = threadIdx.x;
   const RoiGeometry<G> g = roi_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW);
   const bool valid = g.batch >= 0;
@@ -504,7 +516,7 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
   // Offsets within an image: < 2^31 (the launch plan checks it for this kernel).
   const int sH_int = static_cast<int>(sH), sW_int = static_cast<int>(sW);
   const int lanes = static_cast<int>(channels_per_block) / kChannels;  // a power of two
-  const int round_bins = cvec_round_bins<kChannels>(lanes, nb, kCapacity);
+  const int round_bins = cvec_round_bins<kChannels>(lanes, nb, capacity);
   const int lane_bits = __ffs(lanes) - 1;
   const int lane = tid & (lanes - 1);
   const int first_bin = tid >> lane_bits;
@@ -592,7 +604,7 @@ namespace roi_ops_cuda {
 // The bodies of the cvec kernels (single map and levels) with P vectors a thread.
 // tables, table_decision: max_tables.cu's (null: none), read in inference where
 // table_decision[0] is 1.
-template <class T, class R, bool kArgmax, int P>
+template <class T, class R, bool kArgmax, int P, bool kDynamicTile = false>
 __device__ __forceinline__ void cvec_map_kernel(ROI_OPS_MAP_PARAMETERS,
                                                 const i64 channels_per_block,
                                                 const T* __restrict__ tables,
@@ -610,8 +622,9 @@ __device__ __forceinline__ void cvec_map_kernel(ROI_OPS_MAP_PARAMETERS,
       table4 = table2 + N * sN;
     }
   }
-  cvec_roi<T, R, kArgmax, P>(input, N, C, H, W, sN, sH, sW, rois + k * rs0, rs1, spatial_scale,
-                             PH, PW, channels_per_block, output, argmax, k, table2, table4);
+  cvec_roi<T, R, kArgmax, P, kDynamicTile>(input, N, C, H, W, sN, sH, sW, rois + k * rs0, rs1,
+                                           spatial_scale, PH, PW, channels_per_block, output,
+                                           argmax, k, table2, table4);
   report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
 }
 template <class T, class R, bool kArgmax, int P>
@@ -651,7 +664,10 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlo
                                const T* __restrict__ tables,
                                const int* __restrict__ table_decision, ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
-  cvec_map_kernel<T, R, kArgmax, CvecWideShape<T, kArgmax>::kVectors>(
+  // float32 with the argmax: a tile in dynamic shared memory, larger than the static one where
+  // four blocks of it fit an SM, so that 16-channel threads keep eight lanes a bin (7x7 bins).
+  constexpr bool kDynamicTile = kArgmax && sizeof(T) == 4;
+  cvec_map_kernel<T, R, kArgmax, CvecWideShape<T, kArgmax>::kVectors, kDynamicTile>(
       input, N, C, H, W, sN, sC, sH, sW, rois, rs0, rs1, spatial_scale, PH, PW,
       channels_per_block, tables, table_decision, output, argmax, bad_roi_log);
 }
