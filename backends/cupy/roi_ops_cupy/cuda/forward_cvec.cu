@@ -491,17 +491,13 @@ __device__ __forceinline__ void cvec_roi(const T* __restrict__ input, const i64 
   // 16-byte pieces; an output's value and argmax at the same index of their parts.
   // kDynamicTile: the tile is the launch's dynamic shared memory, of the size the launch plan
   // gives (planning.cvec_tile_bytes), else a static kCvecTileBytes.
-  constexpr int kOutputBytes = sizeof(Slot) + (kArgmax ? 4 : 0);
-  roi_vec16* tile;  // 16-byte pieces
-  int capacity;
-  if constexpr (kDynamicTile) {
-    tile = reinterpret_cast<roi_vec16*>(roi_dynamic_shared);
-    capacity = static_cast<int>(dynamic_shared_bytes() / kOutputBytes) / 8 * 8;
-  } else {
+  roi_vec16* tile = reinterpret_cast<roi_vec16*>(roi_dynamic_shared);  // 16-byte pieces
+  if constexpr (!kDynamicTile) {
     __shared__ roi_vec16 static_tile[kCvecTileBytes / 16];
     tile = static_tile;
-    capacity = kCvecTileBytes / kOutputBytes / 8 * 8;
   }
+  const unsigned int tile_bytes = kDynamicTile ? dynamic_shared_bytes() : kCvecTileBytes;
+  const int capacity = static_cast<int>(tile_bytes / (sizeof(Slot) + (kArgmax ? 4 : 0))) / 8 * 8;
   __shared__ int2 edges[kCvecEdges];
   Slot* const tile_value = reinterpret_cast<Slot*>(tile);
   int* const tile_index = reinterpret_cast<int*>(tile_value + capacity);
