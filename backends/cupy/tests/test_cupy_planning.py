@@ -152,6 +152,8 @@ def test_cvec_tile_size_matches_the_kernel():
     source = (Path(kernels.__file__).parent / "cuda" / "forward_cvec.cu").read_text()
     match = re.search(r"constexpr int kCvecTileBytes = (\d+);", source)
     assert match and int(match.group(1)) == planning.CVEC_TILE_BYTES
+    match = re.search(r"constexpr int kCvecBlocksPerSM = (\d+);", source)
+    assert match and int(match.group(1)) == planning.CVEC_BLOCKS_PER_SM
 
 
 def test_cvec_blocks_fit_their_tile_in_one_round():

@@ -660,8 +660,9 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kCvecBlo
                                const T* __restrict__ tables,
                                const int* __restrict__ table_decision, ROI_OPS_FORWARD_OUTPUTS) {
   using namespace roi_ops_cuda;
-  // float32 with the argmax: a tile in dynamic shared memory, larger than the static one where
-  // four blocks of it fit an SM, so that 16-channel threads keep eight lanes a bin (7x7 bins).
+  // float32 with the argmax (planning.cvec_dynamic_tile): the tile in dynamic shared memory,
+  // larger than the static one on maps in L2 where four blocks of it fit an SM, so that
+  // 16-channel threads keep eight lanes a bin (7x7 bins).
   constexpr bool kDynamicTile = kArgmax && sizeof(T) == 4;
   cvec_map_kernel<T, R, kArgmax, CvecWideShape<T, kArgmax>::kVectors, kDynamicTile>(
       input, N, C, H, W, sN, sC, sH, sW, rois, rs0, rs1, spatial_scale, PH, PW,
