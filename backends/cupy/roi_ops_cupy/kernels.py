@@ -32,7 +32,7 @@ SOURCE_FILES = (
     "backward_atomic.cu",
     "backward_planes.cu",
     "group_rois.cu",  # each (level, image)'s ROIs, for the planes backward over levels
-    "copy_channels_last.cu",  # the staged forward's copy
+    "copy_channels_last.cu",  # the staged forward's copy (forward_cvec.cu's TileBits)
     "max_tables.cu",  # the cvec inference's tables of maxima (forward_cvec.cu's PackedMax)
 )
 # --fmad=false: no contraction into FMA anywhere (the geometry also uses _rn intrinsics).

@@ -42,12 +42,9 @@ TABLE_BLOCKS_PER_SM = 3  # the tables' build: its blocks an SM (kTableBlocksPerS
 # count for each block of the count of saved reads (cuda/max_tables.cu).
 TABLE_HEAD_BYTES = CVEC_BYTES + 8 * kernels.TABLE_SAVINGS_BLOCKS
 UNIT_GEOMETRY_BYTES = 16  # the unit kernel's shared ROI geometry (UnitGeometry) before its edges
-UNIT_TILE_PAD = 64  # the unit tile's room for its two parts' 16-byte shifts (UnitTile::kPad)
-UNIT_BLOCKS_PER_SM = 4  # the unit kernels' launch bounds (kUnitBlocksPerSM)
-# PH * PW at most this: the unit kernel's PH + PW edges (PH + PW <= PH * PW + 1) and a tile of
-# one channel (float64 values and argmax: 12 bytes an output) fit the shared memory every device
-# gives a block.
-UNIT_MAX_BINS = (DEFAULT_SHARED_LIMIT - UNIT_GEOMETRY_BYTES - 8 - 15 - UNIT_TILE_PAD) // (8 + 12)
+# The unit kernel's PH + PW edges fit the shared memory every device gives a block, since PH + PW
+# <= PH * PW + 1.
+UNIT_MAX_BINS = (DEFAULT_SHARED_LIMIT - UNIT_GEOMETRY_BYTES) // 8 - 1
 
 
 def unsupported_reasons(problem: RoIPoolProblem) -> list[str]:
@@ -303,8 +300,7 @@ def _image_offsets_fit_int32(input: torch.Tensor) -> bool:
 
 def _can_run(kernel: str, input: torch.Tensor, bins: int) -> bool:
     if kernel == kernels.FORWARD_UNIT:
-        # A grid row a channel block, the tile holding a block's channels: C <= MAX_GRID_Y.
-        return input.stride(3) == 1 and bins <= UNIT_MAX_BINS and input.shape[1] <= MAX_GRID_Y
+        return input.stride(3) == 1 and bins <= UNIT_MAX_BINS
     if kernel == kernels.FORWARD_SMALL:
         unit = input.stride(3) == 1
     elif kernel in (kernels.FORWARD_CVEC, kernels.FORWARD_CVEC_WIDE):
@@ -532,32 +528,6 @@ def whole_unit_steps(per_block: int, bins: int, dtype: torch.dtype) -> int:
     return per_block // step * step if per_block >= step else per_block
 
 
-def unit_tile(
-    per_block: int,
-    ph: int,
-    pw: int,
-    dtype: torch.dtype,
-    argmax: bool,
-    sizes: CudaSizes,
-    tuning: CupyTuning,
-) -> tuple[int, int]:
-    """(channels per block, dynamic shared memory) of the unit kernel: its block's results go
-    through a shared tile (UnitTile in cuda/forward_unit.cu) after the ROI's geometry and edges,
-    all of the block's channels at once, so `per_block` is cut to what fits
-    ``tuning.unit_tile_bytes`` and UNIT_BLOCKS_PER_SM blocks' shared memory an SM (in whole
-    steps, `whole_unit_steps`), but never below one channel (UNIT_MAX_BINS: it fits). The kernel
-    reads the tile's size back from the launch's."""
-    bins = ph * pw
-    start = -(-(UNIT_GEOMETRY_BYTES + 8 * (ph + pw)) // 16) * 16
-    per_channel = bins * (dtype.itemsize + (4 if argmax else 0))
-    per_sm = sizes.shared_per_block_optin + 1024  # one block's opt-in and its reserve
-    room = per_sm // UNIT_BLOCKS_PER_SM - 1024 - start - UNIT_TILE_PAD
-    fit = min(tuning.unit_tile_bytes, room) // per_channel
-    if per_block > fit:
-        per_block = max(1, whole_unit_steps(fit, bins, dtype))
-    return per_block, start + per_block * per_channel + UNIT_TILE_PAD
-
-
 def cvec_dynamic_tile(dtype: torch.dtype, argmax: bool, wide: bool) -> bool:
     """Whether the cvec kernel (`wide`: its wide twin) keeps its tile in dynamic shared memory
     (kDynamicTile in forward_cvec.cu): the wide kernel's float32 forwards with the argmax."""
@@ -739,12 +709,10 @@ def _forward_shape(
         per_block = channels_per_block(num_rois, channels, ph * pw, multiprocessors, target, tuning)
         if kernel == kernels.FORWARD_UNIT:
             per_block = whole_unit_steps(per_block, ph * pw, input.dtype)
-            has_argmax = argmax is not None
-            per_block, tile_bytes = unit_tile(
-                per_block, ph, pw, input.dtype, has_argmax, sizes, tuning
-            )
     extra = (integer("channels_per_block", per_block),)
     shared_mem = tile_bytes
+    if kernel == kernels.FORWARD_UNIT:
+        shared_mem = UNIT_GEOMETRY_BYTES + 8 * (ph + pw)
     return (num_rois, _grid_y(channels, per_block), 1), (THREADS, 1, 1), shared_mem, extra
 
 

@@ -27,10 +27,6 @@ class CupyTuning:
             together do not fit in L2 (counted the same way): its blocks pool every level, most
             of them from levels far smaller than the finest, and larger channel blocks were
             faster there (docs/dev-log.md, fpn-multi).
-        unit_tile_bytes: the unit kernel's shared tile of its block's results (values and
-            argmax, in output order, copied out in 16-byte pieces), at most: it bounds the
-            block's channels (below the unit_block_elements_* targets where they want more),
-            though never below one channel.
         backward_block_elements_streamed: outputs per block of the atomic backward when
             grad_input does not fit in L2 (the planes being added into stay in L2).
         min_blocks_per_sm: channel blocks are halved until the grid has this many blocks per
@@ -93,7 +89,6 @@ class CupyTuning:
     unit_block_elements_cached: int = 8192
     unit_block_elements_streamed: int = 1024
     unit_block_elements_levels: int = 4096
-    unit_tile_bytes: int = 49152
     backward_block_elements_streamed: int = 512
     min_blocks_per_sm: int = 8
     chan_min_channels: int = 16

@@ -65,10 +65,7 @@ def test_channel_blocks_loop_and_uncached_edges(runner, layout):
     g = torch.Generator().manual_seed(11)
     x = torch.randn(2, 72, 9, 13, generator=g)
     rois = torch.tensor([[0, 0.0, 0.0, 12.0, 8.0], [1, 2.5, 1.5, 9.5, 7.0], [1, -3.0, 2.0, 30, 5]])
-    # Fewer grid rows than channel blocks: the kernels loop (the unit kernel has a row for
-    # every block, its plan's, and does not).
-    loops = None if layout == "contiguous_unit" else 1
-    check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=1, grid_y=loops)
+    check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=1, grid_y=1)
     check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64)
     uncached = CupyTuning(max_cached_edges=0)
     check(runner, x, rois, (3, 4), 1.0, layout=layout, multiprocessors=64, tuning=uncached)
@@ -117,14 +114,10 @@ def test_cvec_wide_argmax_in_either_tile(runner, l2_bytes):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shift", [1, 3], ids=lambda s: f"shift{s}")
-@pytest.mark.parametrize(
-    "layout", ["channels_last_cvec", "channels_last_cvec_wide", "contiguous_unit"]
-)
-def test_tile_outputs_off_16_byte_boundaries(runner, dtype, shift, layout):
+@pytest.mark.parametrize("layout", ["channels_last_cvec", "channels_last_cvec_wide"])
+def test_cvec_outputs_off_16_byte_boundaries(runner, dtype, shift, layout):
     # The cvec tile goes out in 16-byte pieces only to an aligned output: outputs a few elements
-    # off a boundary take single stores. The unit tile holds its results as far past a 16-byte
-    # boundary as the output's, and stores the partial pieces at either end of each block's run
-    # one element at a time (every element, guards around).
+    # off a boundary take single stores (every element, guards around).
     x = tie_heavy_features((2, 24, 12, 40), 5, dtype)
     rois = torch.tensor([[0, 3.0, 1.0, 30.0, 10.0], [1, -4.0, 0.0, 13.0, 11.0]])
     rois = rois.to(rois_dtype_for(dtype))
@@ -138,20 +131,6 @@ def test_tile_outputs_off_16_byte_boundaries(runner, dtype, shift, layout):
             assert_same_bits(output, reference[0])
             if needs_argmax:
                 assert torch.equal(argmax, reference[1])
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("tile_bytes", [1, 700, 3000], ids=lambda b: f"tile{b}")
-def test_unit_tile_bounds_the_block_channels(runner, dtype, tile_bytes):
-    # The unit kernel's tile holds all of its block's results: a small tile cuts the block to
-    # what fits, never below one channel (tile1: one channel a block, over the tile's size);
-    # 7 x 5 bins, 18 channels: 700 bytes hold two to five channels, 3000 bytes ten to twenty-one,
-    # in whole steps of four channels where more than a step fits, the last block partial.
-    x = tie_heavy_features((2, 18, 11, 23), 17, dtype)
-    rois = torch.tensor([[0, 1.0, 2.0, 20.0, 9.0], [1, -3.0, 0.0, 12.0, 6.0], [1, 5, 5, 5, 5]])
-    rois = rois.to(rois_dtype_for(dtype))
-    tuning = CupyTuning(unit_tile_bytes=tile_bytes)
-    check(runner, x, rois, (7, 5), 1.0, layout="contiguous_unit", multiprocessors=1, tuning=tuning)
 
 
 @pytest.mark.parametrize(
@@ -193,11 +172,8 @@ def test_kernels_on_ties_and_specials(runner, dtype, kernel):
     rois = torch.tensor(rows, dtype=torch.float64).to(rois_dtype)
     for size in [(7, 7), (5, 40), (3, 2), (12, 1), (12, 40), (14, 14)]:
         check(runner, x, rois, size, 1.0, layout=layout, multiprocessors=1, tuning=tuning)
-    # channel blocks loop (the unit kernel's plan has a grid row for every block)
-    loops = None if kernel == "unit" else 1
-    check(
-        runner, x, rois, (7, 7), 1.0, layout=layout, multiprocessors=64, grid_y=loops, tuning=tuning
-    )
+    # channel blocks loop
+    check(runner, x, rois, (7, 7), 1.0, layout=layout, multiprocessors=64, grid_y=1, tuning=tuning)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -154,9 +154,7 @@ def test_channel_blocks_loop(runner, layout):
     rois = _rois(torch.float32, count=12, seed=13)
     levels = _levels(rois)
     expected, expected_argmax = _per_level_reference(features, rois, levels, (2, 3))
-    # (the unit kernel's plan has a grid row for every channel block: it does not loop)
-    loops = [] if layout == "contiguous_unit" else [{"multiprocessors": 64, "grid_y": 1}]
-    for options in [*loops, {"multiprocessors": 64}]:
+    for options in ({"multiprocessors": 64, "grid_y": 1}, {"multiprocessors": 64}):
         output, argmax = run_forward_levels(
             runner, features, rois, levels, (2, 3), layout=layout, **options
         )

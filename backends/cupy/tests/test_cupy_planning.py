@@ -64,7 +64,7 @@ def test_forced_forward_kernels_only_where_they_run():
     last = x.contiguous(memory_format=torch.channels_last)
     assert planning.forward_kernel(last, 49, forced_unit) == kernels.FORWARD_SMALL_CVEC
     forced_small = CupyTuning(forward_kernel=kernels.FORWARD_SMALL)
-    assert planning.forward_kernel(x, 49 * 49, forced_small) == kernels.FORWARD_UNIT
+    assert planning.forward_kernel(x, 50 * 50, forced_small) == kernels.FORWARD_UNIT
 
 
 def test_small_plans_many_rois_per_block():
@@ -101,20 +101,13 @@ def test_unit_plan_sizes_channel_blocks_by_l2():
     out, arg = _outputs(problem)
     unit = planning.plan_forward(problem, out, arg, sizes(132))
     assert unit.name == "roi_pool_forward_unit<float, float, true>"
-    # The ROI's geometry (16 bytes) and its PH + PW = 14 bin edges, computed once per block,
-    # then from byte 128 the tile of the block's results (values and argmax) and its padding.
+    # The ROI's geometry (16 bytes) and its PH + PW = 14 bin edges, computed once per block.
+    assert unit.block == (256, 1, 1) and unit.shared_mem == 16 + 8 * 14
     per_block = unit.value("channels_per_block")
-    assert unit.block == (256, 1, 1) and unit.shared_mem == 128 + per_block * 49 * 8 + 64
     assert unit.grid == (3, math.ceil(64 / per_block), 1)
-    # More bins than a block's default shared memory holds edges and a float64 tile channel
-    # for: the plane kernel; so too more channels than the grid has rows (one a channel block).
+    # More bins than a block's default shared memory holds edges for: the plane kernel.
     assert planning.forward_kernel(x, planning.UNIT_MAX_BINS) == kernels.FORWARD_UNIT
     assert planning.forward_kernel(x, planning.UNIT_MAX_BINS + 1) == kernels.FORWARD_PLANE
-    edges = 16 + 8 * (planning.UNIT_MAX_BINS + 1)
-    assert -(-edges // 16) * 16 + 12 * planning.UNIT_MAX_BINS + 64 <= 48 * 1024
-    wide = torch.empty(1, planning.MAX_GRID_Y + 1, 3, 3)
-    assert planning.forward_kernel(wide[:, :-1], 4) == kernels.FORWARD_UNIT
-    assert planning.forward_kernel(wide, 4) == kernels.FORWARD_PLANE
     assert unit.value("argmax") == arg.data_ptr() and unit.value("bad_roi_log") == 0
     # Unit channel blocks hold whole steps: 4 channels (2 for float64) in each group of bins.
     assert planning.whole_unit_steps(41, 196, torch.float32) == 40
@@ -126,13 +119,8 @@ def test_unit_plan_sizes_channel_blocks_by_l2():
     out, arg = _outputs(big)
     cached = planning.plan_forward(big, out, arg, sizes(1, l2_bytes=2**30))
     streamed = planning.plan_forward(big, out, arg, sizes(1, l2_bytes=2**10))
-    # 8192 outputs would be 160 channels (5 groups of 49 bins); the 48 KiB tile of values and
-    # argmax (8 bytes an output) holds 125, 120 in whole steps.
-    assert cached.value("channels_per_block") == 120
+    assert cached.value("channels_per_block") == 160  # 8192 outputs: 5 groups of 49 bins
     assert streamed.value("channels_per_block") == 20  # 1024 outputs
-    inference = _problem(big.input, big.rois, needs_argmax=False)
-    inference_plan = planning.plan_forward(inference, out, None, sizes(1, l2_bytes=2**30))
-    assert inference_plan.value("channels_per_block") == 160  # 4 bytes an output: 250 fit
     tuned = replace(DEFAULT_TUNING, unit_block_elements_streamed=2048)
     assert planning.plan_forward(big, out, arg, sizes(1), tuned).value("channels_per_block") == 40
     # Streamed blocks hold the same bytes of planes whatever the dtype: 2048 float16 outputs.
@@ -157,44 +145,7 @@ def test_fused_unit_plan_streams_larger_channel_blocks(dtype):
     cached = planning.plan_forward_levels(problem, out, arg, sizes(1, l2_bytes=2**30))
     assert streamed.name.startswith(kernels.levels_kernel(kernels.FORWARD_UNIT))
     assert streamed.value("channels_per_block") == (80 if dtype == torch.float32 else 160)
-    # 8192 outputs, in the 48 KiB tile: float32 (8 bytes an output with the argmax) 120
-    # channels, float16 (6) 160.
-    assert cached.value("channels_per_block") == (120 if dtype == torch.float32 else 160)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
-@pytest.mark.parametrize("argmax", [True, False], ids=["argmax", "inference"])
-def test_unit_tile_holds_the_block_and_four_blocks_fit_an_sm(dtype, argmax):
-    output_bytes = dtype.itemsize + (4 if argmax else 0)
-    for shared, tile_bytes, bins in [
-        (227 * 1024, DEFAULT_TUNING.unit_tile_bytes, (7, 7)),
-        (163 * 1024, DEFAULT_TUNING.unit_tile_bytes, (14, 14)),  # an A100's opt-in: 40 KiB
-        (227 * 1024, 1, (7, 7)),  # never below one channel
-        (227 * 1024, 5000, (3, 5)),
-    ]:
-        tuning = replace(DEFAULT_TUNING, unit_tile_bytes=tile_bytes)
-        for per_block in (1, 7, 40, 160, 4096):
-            channels, shared_mem = planning.unit_tile(
-                per_block, *bins, dtype, argmax, sizes(1, shared=shared), tuning
-            )
-            ph, pw = bins
-            start = -(-(16 + 8 * (ph + pw)) // 16) * 16
-            assert shared_mem == start + channels * ph * pw * output_bytes + 64
-            assert 1 <= channels <= per_block
-            if channels > 1:
-                assert channels * ph * pw * output_bytes <= tile_bytes
-                assert 4 * (shared_mem + 1024) <= shared + 1024
-            if channels < per_block:  # cut: whole steps of the unit kernel
-                assert channels == planning.whole_unit_steps(channels, ph * pw, dtype)
-
-
-def test_unit_tile_constants_match_the_kernel():
-    source = (Path(kernels.__file__).parent / "cuda" / "forward_unit.cu").read_text()
-    match = re.search(r"constexpr int kUnitBlocksPerSM = (\d+);", source)
-    assert match and int(match.group(1)) == planning.UNIT_BLOCKS_PER_SM
-    # The tile's padding: the values' room rounded up from their bytes plus 16, the indices'
-    # 16-byte shift at most 12 bytes: 31 + 12 < UNIT_TILE_PAD.
-    assert "+ 31u) & ~15u" in source and planning.UNIT_TILE_PAD >= 31 + 12
+    assert cached.value("channels_per_block") == 160
 
 
 def test_cvec_tile_size_matches_the_kernel():

@@ -122,10 +122,6 @@ unsigned long long launch_dynamic_shared = 0;  // the launch's shared_mem
 inline unsigned int dynamic_shared_bytes() {
   return static_cast<unsigned int>(launch_dynamic_shared);
 }
-template <class B>
-inline void store_shared(unsigned int offset, B bits) {
-  std::memcpy(roi_dynamic_shared + offset, &bits, sizeof bits);
-}
 
 inline float half_to_float(unsigned short h) {
   const unsigned int sign = (h & 0x8000u) << 16;

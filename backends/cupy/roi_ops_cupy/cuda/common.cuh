@@ -143,38 +143,7 @@ __device__ __forceinline__ unsigned int dynamic_shared_bytes() {
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
   return bytes;
 }
-// A 2-, 4- or 8-byte store at byte `offset` of the dynamic shared memory, by a 32-bit shared
-// address (a generic pointer costs two registers).
-template <class B>
-__device__ __forceinline__ void store_shared(unsigned int offset, B bits) {
-  const unsigned int address =
-      static_cast<unsigned int>(__cvta_generic_to_shared(roi_dynamic_shared)) + offset;
-  if constexpr (sizeof(B) == 2) {
-    asm volatile("st.shared.b16 [%0], %1;" ::"r"(address), "h"(bits) : "memory");
-  } else if constexpr (sizeof(B) == 4) {
-    asm volatile("st.shared.b32 [%0], %1;" ::"r"(address), "r"(bits) : "memory");
-  } else {
-    asm volatile("st.shared.b64 [%0], %1;" ::"r"(address), "l"(bits) : "memory");
-  }
-}
 #endif  // ROI_OPS_HOST_EMULATION
-
-// An element's bits as the unsigned type of its size: what the unit and cvec kernels' tiles hold
-// (their outputs exactly as they are stored) and what the channels_last copy moves.
-template <int kBytes>
-struct TileBits;
-template <>
-struct TileBits<2> {
-  typedef unsigned short type;
-};
-template <>
-struct TileBits<4> {
-  typedef unsigned int type;
-};
-template <>
-struct TileBits<8> {
-  typedef unsigned long long type;
-};
 
 // ---- Shared constants and small helpers -------------------------------------------------------
 

@@ -406,6 +406,23 @@ __device__ __forceinline__ void cvec_bin(const T* __restrict__ corner, CvecVecto
   }
 }
 
+// An element's bits as the unsigned type of its size: what the cvec kernel's tile holds (its
+// outputs exactly as they are stored) and what the channels_last copy moves.
+template <int kBytes>
+struct TileBits;
+template <>
+struct TileBits<2> {
+  typedef unsigned short type;
+};
+template <>
+struct TileBits<4> {
+  typedef unsigned int type;
+};
+template <>
+struct TileBits<8> {
+  typedef unsigned long long type;
+};
+
 // Copies tile[0, count) to out[0, count) (slots of the elements' own size, or 16-bit elements
 // in 32-bit slots): in 16-byte pieces of `out` when it is 16-byte aligned (the tile is), else
 // one element at a time.

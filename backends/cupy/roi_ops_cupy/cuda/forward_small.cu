@@ -154,11 +154,11 @@ __device__ __forceinline__ void small_outputs(const SmallBin* __restrict__ table
     const T* __restrict__ plane = maps.corner(bin) + static_cast<i64>(at.c) * map.sC;
     if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
       unit_max_no_argmax<T, 1, false>(plane, 0, map.sH, 1, 1, bin.bin_h, bin.bin_w, empty,
-                                      OutputSlots<T>{out + e, nullptr, 0});
+                                      out + e, 0);
     } else {
       unit_max_compare<T, 1, kArgmax, false>(
           plane, 0, map.sH, 1, 1, bin.bin_h, bin.bin_w, empty, static_cast<int>(map.W),
-          bin.first_index, OutputSlots<T>{out + e, kArgmax ? arg + e : nullptr, 0});
+          bin.first_index, out + e, kArgmax ? arg + e : nullptr, 0);
     }
     at.advance();
   }

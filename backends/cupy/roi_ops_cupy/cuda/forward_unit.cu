@@ -60,43 +60,13 @@ __device__ __forceinline__ void unit_channel_pointers(const T* __restrict__ plan
   }
 }
 
-// Where a step's results go, channel by channel (`next`): straight to the output, evict-first
-// (OutputSlots: the first channel's value and index, channels `step` elements apart), or into
-// the unit kernel's tile (TileSlots: byte offsets in the dynamic shared memory, 32-bit).
-template <class T>
-struct OutputSlots {
-  T* __restrict__ out;
-  int* __restrict__ arg;
-  i64 step;
-  __device__ __forceinline__ void value(T v) const { store_result<T>(out, v); }
-  __device__ __forceinline__ void index(int i) const { store_result<int>(arg, i); }
-  __device__ __forceinline__ void next() {
-    out += step;
-    arg += step;
-  }
-};
-template <class T>
-struct TileSlots {
-  unsigned int values, indices, step;  // step: elements between channels
-  __device__ __forceinline__ void value(T v) const {
-    store_shared(values, reinterpret_cast<const typename TileBits<sizeof(T)>::type&>(v));
-  }
-  __device__ __forceinline__ void index(int i) const {
-    store_shared(indices, static_cast<unsigned int>(i));
-  }
-  __device__ __forceinline__ void next() {
-    values += step * static_cast<unsigned int>(sizeof(T));
-    indices += step * 4u;
-  }
-};
-
-// Compare and select per element, tracking the argmax (NaN rules in `replaces`); the results go
-// to `slots`.
-template <class T, int U, bool kArgmax, bool kSmall, class Slots>
+// Compare and select per element, tracking the argmax (NaN rules in `replaces`).
+template <class T, int U, bool kArgmax, bool kSmall>
 __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i64 in_step,
                                                  i64 sH, int remaining, int groups, int bin_h,
                                                  int bin_w, bool empty, int w_int,
-                                                 int first_index, Slots slots) {
+                                                 int first_index, T* __restrict__ out,
+                                                 int* __restrict__ arg, i64 out_step) {
   typedef typename Work<T>::V V;
   const T* __restrict__ p[U];
   bool exists[U];
@@ -162,18 +132,20 @@ __device__ __forceinline__ void unit_max_compare(const T* __restrict__ planes, i
         value = first_with_key<T>(planes + u * in_step, bin_h, bin_w, sH, 1,
                                   Elem<T>::key_of(value));
       }
-      slots.value(value);
-      if (kArgmax) slots.index(empty ? -1 : first_index + at[u]);
+      store_result<T>(out, value);
+      if (kArgmax) store_result<int>(arg, empty ? -1 : first_index + at[u]);
     }
-    slots.next();
+    out += out_step;
+    if (kArgmax) arg += out_step;
   }
 }
 
 // The unit kernel's inference step for U channels of one bin (see NaNMax).
-template <class T, int U, bool kSmall, class Slots>
+template <class T, int U, bool kSmall>
 __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes, i64 in_step,
                                                    i64 sH, int remaining, int groups, int bin_h,
-                                                   int bin_w, bool empty, Slots slots) {
+                                                   int bin_w, bool empty, T* __restrict__ out,
+                                                   i64 out_step) {
   typedef typename NaNMax<T>::V V;
   const T* __restrict__ p[U];
   bool exists[U];
@@ -217,56 +189,39 @@ __device__ __forceinline__ void unit_max_no_argmax(const T* __restrict__ planes,
   }
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    if (exists[u]) slots.value(NaNMax<T>::bits(empty ? V(0) : m[u]));
-    slots.next();
+    if (exists[u]) store_result<T>(out, NaNMax<T>::bits(empty ? V(0) : m[u]));
+    out += out_step;
   }
 }
 
-// The steps of one bin over `count` channels of a run (the thread's channels first_channel,
-// + groups, ... of it, U at a time): inputs from `planes` (the bin's first element in the
-// thread's first channel of the run), results into the tile from `slots` (its first channel's).
-// kSmall: the bin has at most 2 x 2 elements (and is not empty); separate instantiations keep
-// the two paths' registers apart.
+// Every channel block of one bin: the thread's channels first_channel, + groups, ... of each
+// block, U at a time. kSmall: the bin has at most 2 x 2 elements (and is not empty); separate
+// instantiations keep the two paths' registers apart.
 template <class T, int U, bool kArgmax, bool kSmall>
-__device__ __forceinline__ void unit_channels(const T* __restrict__ planes, TileSlots<T> slots,
-                                              int count, i64 in_step, i64 sH, int groups,
-                                              int first_channel, int bin_h, int bin_w, bool empty,
-                                              int w_int, int first_index) {
-  for (int cl = first_channel; cl < count; cl += U * groups) {
-    if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
-      unit_max_no_argmax<T, U, kSmall>(planes, in_step, sH, count - cl, groups, bin_h, bin_w,
-                                       empty, slots);
-    } else {
-      unit_max_compare<T, U, kArgmax, kSmall>(planes, in_step, sH, count - cl, groups, bin_h,
-                                              bin_w, empty, w_int, first_index, slots);
+__device__ __forceinline__ void unit_channels(
+    const T* __restrict__ input, T* __restrict__ output, int* __restrict__ argmax, i64 C,
+    i64 channels_per_block, i64 sC, i64 sH, i64 in_step, i64 out_step, i64 corner, i64 k,
+    unsigned int q, unsigned int bins, int groups, int first_channel, int bin_h, int bin_w,
+    bool empty, int w_int, int first_index) {
+  for (i64 c0 = blockIdx.y * channels_per_block; c0 < C; c0 += gridDim.y * channels_per_block) {
+    const int channels =
+        static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
+    // Offsets (not pointers: the bases stay in constant memory) of the thread's next channel.
+    i64 in_at = corner + (c0 + first_channel) * sC;
+    i64 out_at = (k * C + c0 + first_channel) * bins + q;
+    for (int cl = first_channel; cl < channels; cl += U * groups) {
+      if constexpr (!kArgmax && NaNMax<T>::kEnabled) {
+        unit_max_no_argmax<T, U, kSmall>(input + in_at, in_step, sH, channels - cl, groups,
+                                         bin_h, bin_w, empty, output + out_at, out_step);
+      } else {
+        unit_max_compare<T, U, kArgmax, kSmall>(
+            input + in_at, in_step, sH, channels - cl, groups, bin_h, bin_w, empty, w_int,
+            first_index, output + out_at, kArgmax ? argmax + out_at : nullptr, out_step);
+      }
+      in_at += U * in_step;
+      out_at += U * out_step;
     }
-    planes += U * in_step;
-    slots.values += U * slots.step * static_cast<unsigned int>(sizeof(T));
-    slots.indices += U * slots.step * 4u;
   }
-}
-
-// Copies a run of `count` results from a shared tile to `out` (any address of its element
-// size), evict-first: tile[shift + i] holds out[i], where shift is out's offset in elements past
-// a 16-byte boundary, so that the run's whole 16-byte pieces are one aligned vector each side;
-// the partial pieces at its two ends go an element at a time.
-template <class S>
-__device__ __forceinline__ void copy_run_out(const S* __restrict__ tile, int shift, int count,
-                                             S* __restrict__ out) {
-  constexpr int kVec = 16 / sizeof(S);
-  S* __restrict__ const base = out - shift;  // 16-byte aligned; written from base[shift] on
-  const int end = shift + count;
-  const int first = shift == 0 ? 0 : kVec;  // the first whole piece's tile position
-  const int last = end / kVec * kVec;       // the end of the whole pieces
-  for (int p = first + static_cast<int>(threadIdx.x) * kVec; p < last;
-       p += static_cast<int>(blockDim.x) * kVec) {
-    store_streaming(reinterpret_cast<roi_vec16*>(base + p),
-                    *reinterpret_cast<const roi_vec16*>(tile + p));
-  }
-  const int head = shift + static_cast<int>(threadIdx.x);  // fewer than kVec each end
-  if (head < (first < end ? first : end)) store_streaming(base + head, tile[head]);
-  const int tail = (last > first ? last : first) + static_cast<int>(threadIdx.x);
-  if (tail < end) store_streaming(base + tail, tile[tail]);
 }
 }  // namespace roi_ops_cuda
 
@@ -307,37 +262,11 @@ __device__ __forceinline__ const int2* unit_geometry(const R* __restrict__ row, 
   return edges;
 }
 
-// The unit kernel's tile: its block's results in output order, values then (kArgmax) indices,
-// in the dynamic shared memory after the geometry. Each part starts `shift` elements into its
-// 16-byte aligned room, shift being the output's offset past a 16-byte boundary, so that both
-// sides of every whole 16-byte piece are aligned (copy_run_out). The launch plan sizes it for
-// the block's channels (planning.unit_tile).
-template <class T>
-struct UnitTile {
-  // The values' byte offset in the dynamic shared memory.
-  static __device__ __forceinline__ unsigned int values(i64 PH, i64 PW) {
-    return (static_cast<unsigned int>(sizeof(UnitGeometry) + 8 * (PH + PW)) + 15u) & ~15u;
-  }
-  // The indices' byte offset, after `outputs` values and their shift (UNIT_TILE_PAD in all).
-  static __device__ __forceinline__ unsigned int indices(unsigned int values, int outputs) {
-    return values + ((static_cast<unsigned int>(outputs) * sizeof(T) + 31u) & ~15u);
-  }
-};
-
-// The offset in elements of `p` past a 16-byte boundary.
-template <class S>
-__device__ __forceinline__ int vector_shift(const S* p) {
-  return static_cast<int>(reinterpret_cast<unsigned long long>(p) % 16u / sizeof(S));
-}
-
-// The unit kernel's work in block (k, c) of ROI k on one map (input, its sizes and strides,
-// spatial_scale): channel block c, `channels_per_block` channels from c * channels_per_block
-// (the grid has a row for every block: C <= MAX_GRID_Y). num_images: N, or 0 for a ROI that pools
-// nothing (every bin empty). Each thread reduces its bins' channels into the tile, then the
-// block copies the results out in 16-byte pieces (a 4-byte store from each thread costs a 64-bit
-// address and a sector written in part). Every thread reaches the barriers.
+// The unit kernel's work in block (k, channel blocks) of ROI k on one map (input, its sizes
+// and strides, spatial_scale). num_images: N, or 0 for a ROI that pools nothing (every bin
+// empty). Returns false in a thread with nothing to do (no barrier follows).
 template <class T, class R, bool kArgmax>
-__device__ __forceinline__ void unit_roi(const T* __restrict__ input, const i64 num_images,
+__device__ __forceinline__ bool unit_roi(const T* __restrict__ input, const i64 num_images,
                                          const i64 C, const i64 H, const i64 W, const i64 sN,
                                          const i64 sC, const i64 sH, const R* __restrict__ row,
                                          const i64 rs1, const double spatial_scale, const i64 PH,
@@ -346,72 +275,44 @@ __device__ __forceinline__ void unit_roi(const T* __restrict__ input, const i64 
                                          const i64 k) {
   // float64 values and maxima take two registers each: half as many channels fit.
   constexpr int U = sizeof(T) == 8 ? kUnitChannels / 2 : kUnitChannels;
-  typedef typename TileBits<sizeof(T)>::type B;
-  typedef UnitTile<T> Tile;
   const int2* const edges =
       unit_geometry<R>(row, rs1, num_images, spatial_scale, PH, PW, H, W);
   const UnitLayout layout(PH, PW, threadIdx.x, blockDim.x, !kArgmax);
+  if (!layout.active) return false;
   const UnitGeometry* const shared = reinterpret_cast<const UnitGeometry*>(roi_dynamic_shared);
   const i64 batch = shared->batch;
   const i64 image = (batch >= 0 ? batch : 0) * sN;
   const int w_int = static_cast<int>(W);  // H * W < 2^31 (checked by roi_ops)
   const int groups = static_cast<int>(layout.stride);
   const int first_channel = static_cast<int>(layout.first_channel);
-  const int bins = static_cast<int>(layout.bins);
   // Between the channels a thread visits: `groups` channels apart.
   const i64 in_step = static_cast<i64>(groups) * sC;
-  const unsigned int out_step = static_cast<unsigned int>(groups * bins);
+  const i64 out_step = static_cast<i64>(groups) * layout.bins;
   // Bins at most one pixel long give every bin at most 2 x 2 elements (the exact test below
   // stays per bin); ROI-wide, so the block's threads agree on the path.
   const bool small_roi = shared->small_roi != 0;
-  const unsigned int values = Tile::values(PH, PW);
-  const i64 c0 = blockIdx.y * channels_per_block;  // < C
-  const int count = static_cast<int>(C - c0 < channels_per_block ? C - c0 : channels_per_block);
-  {
-    // This thread's first result in each part of the tile, in shared memory bytes.
-    const i64 out0 = (k * C + c0) * bins;
-    const unsigned int at = static_cast<unsigned int>(first_channel * bins);
-    const unsigned int value_at = values + (vector_shift(output + out0) + at) * sizeof(T);
-    const unsigned int index_at =
-        kArgmax ? Tile::indices(values, count * bins) + (vector_shift(argmax + out0) + at) * 4u
-                : 0u;
-    const T* __restrict__ const planes = input + (image + (c0 + first_channel) * sC);
-    for (unsigned int q = layout.first_bin; layout.active && q < layout.bins;
-         q += layout.bin_step) {
-      const unsigned int ph = q / static_cast<unsigned int>(PW);
-      const unsigned int pw = q - ph * static_cast<unsigned int>(PW);
-      const int2 rows = edges[ph];
-      const int2 cols = edges[PH + pw];
-      const int bin_h = rows.y - rows.x;
-      const int bin_w = cols.y - cols.x;
-      const bool empty = bin_h <= 0 || bin_w <= 0;
-      const bool small = small_roi && !empty && bin_h <= 2 && bin_w <= 2;
-      const T* __restrict__ const corner = planes + (rows.x * sH + cols.x);
-      const TileSlots<T> slots{value_at + q * static_cast<unsigned int>(sizeof(T)),
-                               index_at + q * 4u, out_step};
-      const int first_index = rows.x * w_int + cols.x;
-      if (small) {
-        unit_channels<T, U, kArgmax, true>(corner, slots, count, in_step, sH, groups,
-                                           first_channel, bin_h, bin_w, empty, w_int,
-                                           first_index);
-      } else {
-        unit_channels<T, U, kArgmax, false>(corner, slots, count, in_step, sH, groups,
-                                            first_channel, bin_h, bin_w, empty, w_int,
-                                            first_index);
-      }
+  for (unsigned int q = layout.first_bin; q < layout.bins; q += layout.bin_step) {
+    const unsigned int ph = q / static_cast<unsigned int>(PW);
+    const unsigned int pw = q - ph * static_cast<unsigned int>(PW);
+    const int2 rows = edges[ph];
+    const int2 cols = edges[PH + pw];
+    const int bin_h = rows.y - rows.x;
+    const int bin_w = cols.y - cols.x;
+    const bool empty = bin_h <= 0 || bin_w <= 0;
+    const bool small = small_roi && !empty && bin_h <= 2 && bin_w <= 2;
+    const i64 corner = image + rows.x * sH + cols.x;  // the bin's first element in plane 0
+    const int first_index = rows.x * w_int + cols.x;
+    if (small) {
+      unit_channels<T, U, kArgmax, true>(input, output, argmax, C, channels_per_block, sC, sH,
+                                         in_step, out_step, corner, k, q, layout.bins, groups,
+                                         first_channel, bin_h, bin_w, empty, w_int, first_index);
+    } else {
+      unit_channels<T, U, kArgmax, false>(input, output, argmax, C, channels_per_block, sC, sH,
+                                          in_step, out_step, corner, k, q, layout.bins, groups,
+                                          first_channel, bin_h, bin_w, empty, w_int, first_index);
     }
   }
-  // The results, copied out by the whole block (their offsets computed afresh).
-  const i64 out0 = (k * C + c0) * bins;
-  const int outputs = count * bins;
-  __syncthreads();
-  copy_run_out<B>(reinterpret_cast<const B*>(roi_dynamic_shared + values),
-                  vector_shift(output + out0), outputs, reinterpret_cast<B*>(output + out0));
-  if constexpr (kArgmax) {
-    copy_run_out<unsigned int>(
-        reinterpret_cast<const unsigned int*>(roi_dynamic_shared + Tile::indices(values, outputs)),
-        vector_shift(argmax + out0), outputs, reinterpret_cast<unsigned int*>(argmax + out0));
-  }
+  return true;
 }
 }  // namespace roi_ops_cuda
 
@@ -425,8 +326,10 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kUnitBlo
   using namespace roi_ops_cuda;
   (void)sW;  // 1: the launch plan picks this kernel only for a unit W stride
   const i64 k = blockIdx.x;
-  unit_roi<T, R, kArgmax>(input, N, C, H, W, sN, sC, sH, rois + k * rs0, rs1, spatial_scale, PH,
-                          PW, channels_per_block, output, argmax, k);
+  if (!unit_roi<T, R, kArgmax>(input, N, C, H, W, sN, sC, sH, rois + k * rs0, rs1, spatial_scale,
+                               PH, PW, channels_per_block, output, argmax, k)) {
+    return;
+  }
   report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
 }
 
@@ -442,8 +345,10 @@ __global__ void __launch_bounds__(roi_ops_cuda::kThreads, roi_ops_cuda::kUnitBlo
   const i64 k = blockIdx.x;
   const int level = roi_level(levels, ls0, k, L);
   const LevelMap<T>& map = maps.level[level < 0 ? 0 : level];
-  unit_roi<T, R, kArgmax>(map.input, level < 0 ? 0 : N, C, map.H, map.W, map.sN, map.sC, map.sH,
-                          rois + k * rs0, rs1, map.spatial_scale, PH, PW, channels_per_block,
-                          output, argmax, k);
+  if (!unit_roi<T, R, kArgmax>(map.input, level < 0 ? 0 : N, C, map.H, map.W, map.sN, map.sC,
+                               map.sH, rois + k * rs0, rs1, map.spatial_scale, PH, PW,
+                               channels_per_block, output, argmax, k)) {
+    return;
+  }
   report_bad_roi<R>(rois, rs0, rs1, N, bad_roi_log);
 }
