@@ -49,9 +49,17 @@ for stage in $stages; do
       # compile what they need themselves), so that fourteen workers do not each compile them.
       timeout ${WARM_TIMEOUT:-150} "$PYTHON" backends/cupy/tools/warm_kernels.py 2>&1 \
         | tee "$RESULTS/warm.log" | tail -2
-      timeout ${TEST_TIMEOUT:-420} "$PYTHON" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} \
+      # SIGINT at the limit: pytest then stops as on Ctrl-C, printing the counts so far, the
+      # slowest tests and the JUnit file, where SIGTERM leaves none of them.
+      timeout -s INT -k 30 ${TEST_TIMEOUT:-420} \
+        "$PYTHON" -m pytest -q -rs --durations=15 -p no:cacheprovider ${PYTEST_ARGS:-tests} \
         --junitxml="$RESULTS/junit.xml" 2>&1 | tee "$RESULTS/tests.log" | tail -40
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      rc=${PIPESTATUS[0]}
+      if [ "$rc" -eq 124 ]; then
+        echo "tests: stopped at TEST_TIMEOUT (${TEST_TIMEOUT:-420} s); the counts are of the tests" \
+          "run by then" | tee -a "$RESULTS/tests.log"
+      fi
+      [ "$rc" -eq 0 ] || status=1
       ;;
     tvbattery)  # the torchvision stage (oracle, RoIPool battery, drop-in patch) on this machine
       ROI_OPS_TV_PYTHON="$PYTHON" timeout ${TV_TIMEOUT:-300} bash scripts/test_torchvision.sh \
