@@ -405,6 +405,7 @@ COPY_SHAPES = [
     (1, 1, 6, 11),
     (1, 8, 33, 1),
     (2, 100, 6, 14),
+    (1, 40, 17, 19),  # several position tiles of an image, the last one partly filled
 ]
 # Where the input's rows are (dense planes with images a few elements apart, rows further apart:
 # the first columns of a wider map, or a packed NCHW tensor, 16-byte aligned or one element
