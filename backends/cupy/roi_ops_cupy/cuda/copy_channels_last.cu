@@ -16,7 +16,7 @@
 // and of the copy, fits 32 bits (the plan checks); the output is dense (N, H, W, C).
 namespace roi_ops_cuda {
 constexpr int kCopyRows = 8;
-constexpr int kCopyPositions = 64;
+constexpr int kCopyPositions = 128;
 template <class T>
 struct CopyTile {
   static constexpr int kChannels = 128 / sizeof(T);  // 128 bytes of a position's channels
@@ -60,16 +60,19 @@ __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
   const bool pairs = sizeof(T) == 2 && dense && HW % 2 == 0 && sC % 2 == 0 && sN % 2 == 0 &&
                      reinterpret_cast<unsigned long long>(input) % 4u == 0;
   if (pairs) {
-    const int x = 2 * threadIdx.x;  // positions x and x + 1 of the tile
-    if (p0 + x < HW) {  // and p0 + x + 1 (HW is even)
-      const unsigned int* __restrict__ words =
-          reinterpret_cast<const unsigned int*>(image + p0 + x);
 #pragma unroll
-      for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
-        if (c0 + r < C) {
-          const unsigned int both = words[r * sC / 2];
-          tile[x][(r + CopyTile<T>::turn(x)) % kChannels] = static_cast<B>(both);
-          tile[x + 1][(r + CopyTile<T>::turn(x + 1)) % kChannels] = static_cast<B>(both >> 16);
+    for (int x = 2 * threadIdx.x; x < kCopyPositions; x += 64) {  // positions x and x + 1
+      if (p0 + x < HW) {  // and p0 + x + 1 (HW is even)
+        const unsigned int* __restrict__ words =
+            reinterpret_cast<const unsigned int*>(image + p0 + x);
+#pragma unroll
+        for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
+          if (c0 + r < C) {
+            const unsigned int both = words[r * sC / 2];
+            tile[x][(r + CopyTile<T>::turn(x)) % kChannels] = static_cast<B>(both);
+            tile[x + 1][(r + CopyTile<T>::turn(x + 1)) % kChannels] =
+                static_cast<B>(both >> 16);
+          }
         }
       }
     }
