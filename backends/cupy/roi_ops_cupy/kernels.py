@@ -93,7 +93,7 @@ GROUP_THREADS = 1024
 # The staged forward's copy of an NCHW input to channels_last (one NVRTC module, every dtype).
 COPY_CHANNELS_LAST = "roi_ops_copy_channels_last"
 COPY_ROWS = 8  # kCopyRows: the copy's blocks are 32 x COPY_ROWS threads
-COPY_POSITIONS = 128  # kCopyPositions: positions (h * W + w) a block of the copy moves
+COPY_POSITIONS = 64  # kCopyPositions: positions (h * W + w) a block of the copy moves
 
 
 # The cvec inference's tables of maxima (cuda/max_tables.cu; one NVRTC module, every dtype):

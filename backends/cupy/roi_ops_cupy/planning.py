@@ -486,27 +486,24 @@ def plan_copy_channels_last(input: torch.Tensor, copy: torch.Tensor) -> Launch |
         return None
     n, c, h, w = input.shape
     position_tiles = math.ceil(h * w / kernels.COPY_POSITIONS)
-    channel_tiles = math.ceil(c / kernels.copy_channels(input.dtype))
     args = (
         pointer("input", input),
         *(integer(name, v) for name, v in zip("CHW", (c, h, w), strict=True)),
         *(integer(name, v) for name, v in zip(("sN", "sC", "sH"), input.stride()[:3], strict=True)),
         integer("position_tiles", position_tiles),
-        integer("channel_tiles", channel_tiles),
         pointer("output", copy),
     )
-    grid = (n * position_tiles * channel_tiles, 1, 1)
+    grid = (n * position_tiles, math.ceil(c / kernels.copy_channels(input.dtype)), 1)
     block = (32, kernels.COPY_ROWS, 1)
     return Launch(kernels.copy_name(input.dtype), grid, block, 0, args)
 
 
 def copy_fits_int32(input: torch.Tensor) -> bool:
     """Whether the channels_last copy kernel can copy `input`: every offset within an image, of
-    the input and of its dense copy (C * H * W elements), below 2^31, and the grid's blocks
-    (images by position tiles by channel tiles) within its limit."""
+    the input and of its dense copy (C * H * W elements), below 2^31, and the grid's images by
+    position tiles within its limit."""
     n, c, h, w = input.shape
-    channel_tiles = math.ceil(c / kernels.copy_channels(input.dtype))
-    tiles = n * math.ceil(h * w / kernels.COPY_POSITIONS) * channel_tiles
+    tiles = n * math.ceil(h * w / kernels.COPY_POSITIONS)
     return _image_offsets_fit_int32(input) and c * h * w < INT32_LIMIT and tiles < INT32_LIMIT
 
 

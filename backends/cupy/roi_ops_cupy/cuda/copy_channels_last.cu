@@ -10,13 +10,12 @@
 // both sides fall in distinct banks. Where C or the output's address does not allow 16-byte
 // stores, each thread writes its channels one at a time.
 //
-// Grid: x = N * position_tiles * channel_tiles (channel_tiles = ceil(C /
-// CopyTile<T>::kChannels)), the channel tiles of a position tile adjacent, so that the blocks
-// running together write whole positions' channels; block 32 x kCopyRows. Input strides in elements, sW == 1; every offset within an image, of the input
+// Grid: x = N * position_tiles (image-major), y = ceil(C / CopyTile<T>::kChannels); block
+// 32 x kCopyRows. Input strides in elements, sW == 1; every offset within an image, of the input
 // and of the copy, fits 32 bits (the plan checks); the output is dense (N, H, W, C).
 namespace roi_ops_cuda {
 constexpr int kCopyRows = 8;
-constexpr int kCopyPositions = 128;
+constexpr int kCopyPositions = 64;
 template <class T>
 struct CopyTile {
   static constexpr int kChannels = 128 / sizeof(T);  // 128 bytes of a position's channels
@@ -36,8 +35,7 @@ template <class T>
 __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
     roi_ops_copy_channels_last(const T* __restrict__ input, const i64 C64, const i64 H64,
                                const i64 W64, const i64 sN, const i64 sC64, const i64 sH64,
-                               const i64 position_tiles64, const i64 channel_tiles64,
-                               T* __restrict__ output) {
+                               const i64 position_tiles64, T* __restrict__ output) {
   using namespace roi_ops_cuda;
   typedef typename TileBits<sizeof(T)>::type B;
   constexpr int kChannels = CopyTile<T>::kChannels;
@@ -47,11 +45,9 @@ __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
   const int C = static_cast<int>(C64), W = static_cast<int>(W64), sC = static_cast<int>(sC64);
   const int sH = static_cast<int>(sH64), position_tiles = static_cast<int>(position_tiles64);
   const int HW = static_cast<int>(H64) * W;
-  const int channel_tiles = static_cast<int>(channel_tiles64);
-  const int at = static_cast<int>(blockIdx.x) / channel_tiles;  // n * position_tiles + p
-  const int c0 = (static_cast<int>(blockIdx.x) - at * channel_tiles) * kChannels;
-  const int n = at / position_tiles;
-  const int p0 = (at - n * position_tiles) * kCopyPositions;
+  const int n = static_cast<int>(blockIdx.x) / position_tiles;
+  const int p0 = (static_cast<int>(blockIdx.x) - n * position_tiles) * kCopyPositions;
+  const int c0 = static_cast<int>(blockIdx.y) * kChannels;
   const B* __restrict__ image = reinterpret_cast<const B*>(input) + n * sN + c0 * sC;
   const bool dense = sH == W;  // a position's offset is the position itself
   // 16-bit elements two positions a 32-bit load where they share a word of every channel's
@@ -60,19 +56,16 @@ __global__ void __launch_bounds__(32 * roi_ops_cuda::kCopyRows)
   const bool pairs = sizeof(T) == 2 && dense && HW % 2 == 0 && sC % 2 == 0 && sN % 2 == 0 &&
                      reinterpret_cast<unsigned long long>(input) % 4u == 0;
   if (pairs) {
+    const int x = 2 * threadIdx.x;  // positions x and x + 1 of the tile
+    if (p0 + x < HW) {  // and p0 + x + 1 (HW is even)
+      const unsigned int* __restrict__ words =
+          reinterpret_cast<const unsigned int*>(image + p0 + x);
 #pragma unroll
-    for (int x = 2 * threadIdx.x; x < kCopyPositions; x += 64) {  // positions x and x + 1
-      if (p0 + x < HW) {  // and p0 + x + 1 (HW is even)
-        const unsigned int* __restrict__ words =
-            reinterpret_cast<const unsigned int*>(image + p0 + x);
-#pragma unroll
-        for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
-          if (c0 + r < C) {
-            const unsigned int both = words[r * sC / 2];
-            tile[x][(r + CopyTile<T>::turn(x)) % kChannels] = static_cast<B>(both);
-            tile[x + 1][(r + CopyTile<T>::turn(x + 1)) % kChannels] =
-                static_cast<B>(both >> 16);
-          }
+      for (int r = threadIdx.y; r < kChannels; r += kCopyRows) {
+        if (c0 + r < C) {
+          const unsigned int both = words[r * sC / 2];
+          tile[x][(r + CopyTile<T>::turn(x)) % kChannels] = static_cast<B>(both);
+          tile[x + 1][(r + CopyTile<T>::turn(x + 1)) % kChannels] = static_cast<B>(both >> 16);
         }
       }
     }
