@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, backend report, GPU tests, GPU (and 16-core CPU)
 # benchmarks. Stages: install info tests bench bitcheck tvbattery tprobe hostbudget benchsync
-# benchcl cpubench sanitize soak probe multi copy tables ncu (default: install info tests bench).
+# benchcl cpubench sanitize soak probe multi tables ncu (default: install info tests bench).
 # Example: bash scripts/gpu_check.sh install info tests
 # Logs and JSON go to $RESULTS (default ./gpu-out), and after every stage into one archive,
 # $OUT/gpu-check.tgz, when OUT is set: the device tool brings back at most 8 files from $OUT,
@@ -125,11 +125,6 @@ for stage in $stages; do
     multi)  # the fused multi-level launches against level by level (tools/multi_probe.py)
       timeout ${MULTI_TIMEOUT:-300} "$PYTHON" backends/cupy/tools/multi_probe.py ${MULTI_ARGS:-} 2>&1 \
         | tee "$RESULTS/multi.txt" | grep -v Warning
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-      ;;
-    copy)  # the channels_last copy kernel against variants of it (tools/copy_probe.py)
-      timeout ${COPY_TIMEOUT:-150} "$PYTHON" backends/cupy/tools/copy_probe.py ${COPY_ARGS:-} 2>&1 \
-        | tee "$RESULTS/copy.txt" | grep -v Warning
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     tables)  # the inference through the tables of maxima, on and off (tools/table_probe.py)
