@@ -14,6 +14,7 @@ PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 stages=${*:-install info tests bench}
 status=0
+started=$SECONDS
 pack() {
   if [ -n "${OUT:-}" ]; then
     tar czf "$OUT/gpu-check.tgz.part" -C "$RESULTS" . &&
@@ -50,13 +51,20 @@ for stage in $stages; do
       timeout ${WARM_TIMEOUT:-150} "$PYTHON" backends/cupy/tools/warm_kernels.py 2>&1 \
         | tee "$RESULTS/warm.log" | tail -2
       # SIGINT at the limit: pytest then stops as on Ctrl-C, printing the counts so far, the
-      # slowest tests and the JUnit file, where SIGTERM leaves none of them.
-      timeout -s INT -k 30 ${TEST_TIMEOUT:-420} \
+      # slowest tests and the JUnit file, where SIGTERM leaves none of them. CALL_LIMIT (the
+      # call's seconds) cuts the limit to what the call has left, less 60 s for the archive.
+      limit=${TEST_TIMEOUT:-420}
+      if [ -n "${CALL_LIMIT:-}" ]; then
+        left=$((CALL_LIMIT - (SECONDS - started) - 60))
+        [ "$left" -lt "$limit" ] && limit=$left
+        [ "$limit" -lt 1 ] && limit=1
+      fi
+      timeout -s INT -k 30 "$limit" \
         "$PYTHON" -m pytest -q -rs --durations=15 -p no:cacheprovider ${PYTEST_ARGS:-tests} \
         --junitxml="$RESULTS/junit.xml" 2>&1 | tee "$RESULTS/tests.log" | tail -40
       rc=${PIPESTATUS[0]}
       if [ "$rc" -eq 124 ]; then
-        echo "tests: stopped at TEST_TIMEOUT (${TEST_TIMEOUT:-420} s); the counts are of the tests" \
+        echo "tests: stopped at their limit ($limit s); the counts are of the tests" \
           "run by then" | tee -a "$RESULTS/tests.log"
       fi
       [ "$rc" -eq 0 ] || status=1
