@@ -15,6 +15,17 @@ export PYTHONUNBUFFERED=1
 stages=${*:-install info tests bench}
 status=0
 started=$SECONDS
+# within SECONDS: SECONDS, or less where CALL_LIMIT (the call's own limit) leaves less, keeping
+# 60 s for the archive and a SIGINT's grace (at least 1).
+within() {
+  local limit=$1
+  if [ -n "${CALL_LIMIT:-}" ]; then
+    local left=$((CALL_LIMIT - (SECONDS - started) - 60))
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
+  [ "$limit" -lt 1 ] && limit=1
+  echo "$limit"
+}
 pack() {
   if [ -n "${OUT:-}" ]; then
     tar czf "$OUT/gpu-check.tgz.part" -C "$RESULTS" . &&
@@ -48,17 +59,11 @@ for stage in $stages; do
     tests)
       # Every NVRTC module compiled once into CuPy's cache first (not fatal: the workers would
       # compile what they need themselves), so that fourteen workers do not each compile them.
-      timeout ${WARM_TIMEOUT:-150} "$PYTHON" backends/cupy/tools/warm_kernels.py 2>&1 \
+      timeout "$(within ${WARM_TIMEOUT:-150})" "$PYTHON" backends/cupy/tools/warm_kernels.py 2>&1 \
         | tee "$RESULTS/warm.log" | tail -2
       # SIGINT at the limit: pytest then stops as on Ctrl-C, printing the counts so far, the
-      # slowest tests and the JUnit file, where SIGTERM leaves none of them. CALL_LIMIT (the
-      # call's seconds) cuts the limit to what the call has left, less 60 s for the archive.
-      limit=${TEST_TIMEOUT:-420}
-      if [ -n "${CALL_LIMIT:-}" ]; then
-        left=$((CALL_LIMIT - (SECONDS - started) - 60))
-        [ "$left" -lt "$limit" ] && limit=$left
-        [ "$limit" -lt 1 ] && limit=1
-      fi
+      # slowest tests and the JUnit file, where SIGTERM leaves none of them.
+      limit=$(within ${TEST_TIMEOUT:-420})
       timeout -s INT -k 30 "$limit" \
         "$PYTHON" -m pytest -q -rs --durations=15 -p no:cacheprovider ${PYTEST_ARGS:-tests} \
         --junitxml="$RESULTS/junit.xml" 2>&1 | tee "$RESULTS/tests.log" | tail -40
